@@ -1,0 +1,89 @@
+"""Building blocks: the monoscale refinement block and the dyadic transition operators."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hist_st.lattice import Coarsening, LevelIndex
+from hist_st.model.attention import DualPathAttention
+
+__all__ = ["RefineBlock", "Coarsen", "Uncoarsen"]
+
+
+class RefineBlock(nn.Module):
+    """Pre-LN monoscale refinement: ``X' = X + Proj(W-MSA(X) + MCA(X, Cb))``, ``X'' = X' + FFN(LN(X'))``.
+
+    The calibration tokens are updated in the same block from the same normalised inputs.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        window: int,
+        *,
+        positional: str = "rpb",
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        ffn_ratio: float = 4.0,
+        activation: str = "relu",
+        impl: str = "window",
+        has_tokens: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = DualPathAttention(dim, heads, window, positional, attn_dropout, impl, has_tokens)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * ffn_ratio)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.dropout = dropout
+        self.norm_tok = nn.LayerNorm(dim) if has_tokens else None
+
+    def forward(
+        self, x: torch.Tensor, level: LevelIndex, tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x [N, d]``, ``tokens [T, d]`` -> updated ``(x, tokens)``."""
+        t_in = self.norm_tok(tokens) if tokens is not None else None
+        a, t_upd = self.attn(self.norm1(x), level, t_in)
+        x = x + F.dropout(a, self.dropout, self.training)
+        x = x + F.dropout(self.fc2(self.act(self.fc1(self.norm2(x)))), self.dropout, self.training)
+        if tokens is not None:
+            tokens = tokens + t_upd
+        return x, tokens
+
+
+class Coarsen(nn.Module):
+    """Dyadic coarsening: ``x_parent = sum_slot m_slot W_slot x_child`` = Linear(4 d_in -> d) of the 4 slots.
+
+    Missing children contribute zero.
+    """
+
+    def __init__(self, dim_in: int, dim: int, norm: bool = True) -> None:
+        super().__init__()
+        self.dim_in = dim_in
+        self.linear = nn.Linear(4 * dim_in, dim, bias=False)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, down: Coarsening) -> torch.Tensor:
+        """``x [N_fine, d_in]`` -> ``[N_coarse, d]``."""
+        buf = x.new_zeros(down.coarse_coords.shape[0], 4, self.dim_in)
+        buf = buf.index_put((down.parent, down.slot), x)
+        return self.norm(self.linear(buf.flatten(1)))
+
+
+class Uncoarsen(nn.Module):
+    """Dyadic uncoarsening: Linear(d_in -> 4d), reshape into the 4 child slots, keep present children."""
+
+    def __init__(self, dim_in: int, dim: int, norm: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.linear = nn.Linear(dim_in, 4 * dim)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, down: Coarsening) -> torch.Tensor:
+        """``x [N_coarse, d_in]`` -> ``[N_fine, d]`` through the fine level's (parent, slot) map."""
+        z = self.linear(x).view(-1, 4, self.dim)
+        return self.norm(z[down.parent, down.slot])

@@ -1,0 +1,131 @@
+"""`HiSTConfig`: every architectural choice of the model, frozen and serialisable."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = ["HiSTConfig", "parse_levels"]
+
+POSITIONAL = ("rpb", "none", "rope", "alibi")
+SKIPS = ("concat", "additive", "none")
+FUSE = ("fuse-refine", "refine-fuse")
+TOKENS = ("learned", "max", "mean", "fixed")
+ATTN_IMPL = ("window", "neighbour", "dense")
+ACTIVATIONS = ("relu", "gelu")
+
+
+def parse_levels(levels: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Parse a level/block string such as ``"111-21"``.
+
+    The part before the dash gives the number of blocks at each encoder resolution (full, 1/2, 1/4,
+    ...); the part after gives the decoder's blocks from the second-deepest resolution back up to the
+    full one. ``"111-21"``: encoder 1 block at each of 3 resolutions; decoder 2 blocks at 1/2, 1 at full.
+
+    Returns:
+        ``(encoder_blocks, decoder_blocks)``; ``len(decoder) == len(encoder) - 1``.
+    """
+    enc, sep, dec = levels.partition("-")
+    if not enc.isdigit() or (dec and not dec.isdigit()):
+        raise ValueError(f"levels {levels!r}: expected digits such as '111-21'")
+    encoder = tuple(int(c) for c in enc)
+    decoder = tuple(int(c) for c in dec)
+    if len(decoder) != len(encoder) - 1:
+        raise ValueError(
+            f"levels {levels!r}: {len(encoder)} encoder resolutions need {len(encoder) - 1} decoder stages"
+        )
+    return encoder, decoder
+
+
+@dataclass(frozen=True)
+class HiSTConfig:
+    """Architecture of a HiST model (paper defaults; the authors' code behaviour as options).
+
+    Attributes:
+        in_dim: Patch-embedding width C.
+        n_genes: Number of predicted genes G.
+        levels: Blocks per level, ``"111-21"`` (see `parse_levels`).
+        dim: Model width d at every level.
+        heads: Attention heads.
+        window: Window half-size w (windows of side 2w).
+        dropout: Dropout after the input projection and on residual branches.
+        attn_dropout: Dropout on attention probabilities.
+        ffn_ratio: FFN hidden width / d.
+        activation: FFN activation, ``relu`` (authors) or ``gelu``.
+        tokens: Calibration tokens: ``("learned",)`` (paper: one shared learnable vector), any mix of
+            ``learned``/``max``/``mean``/``fixed`` (authors: ``("max", "mean", "fixed")``), or ``()``
+            for none.
+        token_transition: Pass calibration tokens through a Linear at each resolution change (authors).
+        positional: Positional term in window attention: ``rpb``, ``none``, ``rope``, ``alibi``.
+        skip: Decoder skip connection: ``concat`` (paper), ``additive``, ``none``.
+        fuse: ``fuse-refine`` (paper: concatenate, project, then refine) or ``refine-fuse`` (authors:
+            refine the upsampled features, then concatenate; the next linear layer takes 2d).
+        resample: Dyadic down/up-sampling; False keeps every stage at full resolution.
+        shifted: Include the shifted window partition.
+        coarsen_norm: LayerNorm after coarsening/uncoarsening linears (authors' code).
+        attn_impl: ``window`` (padded windows, log-sum-exp merge; fastest), ``neighbour`` (fixed-width
+            neighbour gather) or ``dense`` (N x N masked reference, for tests only).
+    """
+
+    in_dim: int
+    n_genes: int
+    levels: str = "111-21"
+    dim: int = 512
+    heads: int = 8
+    window: int = 3
+    dropout: float = 0.05
+    attn_dropout: float = 0.05
+    ffn_ratio: float = 4.0
+    activation: str = "relu"
+    tokens: tuple[str, ...] = ("learned",)
+    token_transition: bool = False
+    positional: str = "rpb"
+    skip: str = "concat"
+    fuse: str = "fuse-refine"
+    resample: bool = True
+    shifted: bool = True
+    coarsen_norm: bool = True
+    attn_impl: str = "window"
+
+    def __post_init__(self) -> None:
+        parse_levels(self.levels)
+        object.__setattr__(self, "tokens", tuple(self.tokens))
+        checks = {
+            "positional": (self.positional, POSITIONAL),
+            "skip": (self.skip, SKIPS),
+            "fuse": (self.fuse, FUSE),
+            "attn_impl": (self.attn_impl, ATTN_IMPL),
+            "activation": (self.activation, ACTIVATIONS),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"HiSTConfig.{name}={value!r}: choose one of {allowed}")
+        for tok in self.tokens:
+            if tok not in TOKENS:
+                raise ValueError(f"HiSTConfig.tokens: unknown token kind {tok!r}; choose from {TOKENS}")
+        if self.dim % self.heads:
+            raise ValueError(f"HiSTConfig: dim {self.dim} is not divisible by heads {self.heads}")
+        if self.positional == "rope" and (self.dim // self.heads) % 4:
+            raise ValueError("HiSTConfig: RoPE needs a head width divisible by 4")
+        if self.in_dim <= 0 or self.n_genes <= 0:
+            raise ValueError("HiSTConfig: in_dim and n_genes must be positive")
+
+    @property
+    def num_levels(self) -> int:
+        return len(parse_levels(self.levels)[0]) if self.resample else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tokens"] = list(self.tokens)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HiSTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"HiSTConfig: unknown keys {sorted(unknown)}")
+        d = dict(d)
+        if "tokens" in d:
+            d["tokens"] = tuple(d["tokens"])
+        return cls(**d)

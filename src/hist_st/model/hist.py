@@ -1,0 +1,187 @@
+"""HiST: the hierarchical sparse transformer (paper section 3.6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hist_st.lattice import LatticeBatch, build_batch
+from hist_st.model.blocks import Coarsen, RefineBlock, Uncoarsen
+from hist_st.model.config import HiSTConfig, parse_levels
+
+__all__ = ["HiST"]
+
+
+class HiST(nn.Module):
+    """Dyadic sparse encoder-decoder over one slide's lattice tokens.
+
+    Encoder: at each resolution, refinement blocks, cache the features, coarsen. Decoder: from the
+    second-deepest resolution up, uncoarsen, fuse with the cached encoder features (concatenate and
+    project, by default), refine. A linear head predicts log1p expression; its bias starts at the
+    training mean (`init_head_bias`).
+
+    Args:
+        cfg: The architecture.
+    """
+
+    def __init__(self, cfg: HiSTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        enc_blocks, dec_blocks = parse_levels(cfg.levels)
+        has_tokens = len(cfg.tokens) > 0
+        self.in_proj = nn.Linear(cfg.in_dim, d, bias=False)
+
+        def blocks(n: int) -> nn.ModuleList:
+            return nn.ModuleList(
+                RefineBlock(
+                    d,
+                    cfg.heads,
+                    cfg.window,
+                    positional=cfg.positional,
+                    dropout=cfg.dropout,
+                    attn_dropout=cfg.attn_dropout,
+                    ffn_ratio=cfg.ffn_ratio,
+                    activation=cfg.activation,
+                    impl=cfg.attn_impl,
+                    has_tokens=has_tokens,
+                )
+                for _ in range(n)
+            )
+
+        self.encoder = nn.ModuleList(blocks(n) for n in enc_blocks)
+        self.down = nn.ModuleList(Coarsen(d, d, cfg.coarsen_norm) for _ in enc_blocks[:-1])
+        # Width entering each decoder stage's uncoarsening: 2d after a refine-then-fuse concat.
+        wide = cfg.fuse == "refine-fuse" and cfg.skip == "concat"
+        up: list[nn.Module] = []
+        for i in range(len(dec_blocks)):
+            d_in = 2 * d if (wide and i > 0) else d
+            if cfg.resample:
+                up.append(Uncoarsen(d_in, d, cfg.coarsen_norm))
+            else:  # no spatial change: only a 2d -> d projection after a refine-then-fuse concat
+                up.append(nn.Linear(d_in, d, bias=False) if d_in != d else nn.Identity())
+        self.up = nn.ModuleList(up)
+        self.fuse = nn.ModuleList(
+            nn.Linear(2 * d, d, bias=False)
+            for _ in dec_blocks
+            if cfg.skip == "concat" and cfg.fuse == "fuse-refine"
+        )
+        self.decoder = nn.ModuleList(blocks(n) for n in dec_blocks)
+        out_dim = 2 * d if (wide and dec_blocks) else d
+        self.norm_out = nn.LayerNorm(out_dim)
+        self.head = nn.Linear(out_dim, cfg.n_genes)
+
+        # Calibration tokens.
+        self.n_learned = sum(t == "learned" for t in cfg.tokens)
+        self.token_init = nn.Parameter(torch.zeros(self.n_learned, d)) if self.n_learned else None
+        if "fixed" in cfg.tokens:
+            g = torch.Generator().manual_seed(0)
+            self.register_buffer("token_fixed", 0.02 * torch.randn(1, d, generator=g))
+        n_transitions = 2 * len(dec_blocks) if cfg.resample else 0
+        self.token_linear = (
+            nn.ModuleList(nn.Linear(d, d) for _ in range(n_transitions))
+            if cfg.token_transition and has_tokens
+            else None
+        )
+        self.apply(self._init_weights)
+        if self.token_init is not None:
+            nn.init.trunc_normal_(self.token_init, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_levels(self) -> int:
+        return self.cfg.num_levels
+
+    def make_batch(self, lattice: np.ndarray | torch.Tensor, feats: np.ndarray | torch.Tensor) -> LatticeBatch:
+        """Build the `LatticeBatch` this model needs (levels, window, shift) from sites and features."""
+        return build_batch(lattice, feats, self.num_levels, self.cfg.window, self.cfg.shifted)
+
+    @torch.no_grad()
+    def init_head_bias(self, mean_log1p: torch.Tensor | np.ndarray) -> None:
+        """Set the head bias to the training set's mean log1p expression ``[G]``."""
+        mean = torch.as_tensor(np.asarray(mean_log1p), dtype=self.head.bias.dtype)
+        if mean.shape != self.head.bias.shape:
+            raise ValueError(f"mean has shape {tuple(mean.shape)}, expected {tuple(self.head.bias.shape)}")
+        self.head.bias.copy_(mean)
+
+    def _initial_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        parts = []
+        for kind in self.cfg.tokens:
+            if kind == "max":
+                parts.append(x.amax(0, keepdim=True))
+            elif kind == "mean":
+                parts.append(x.mean(0, keepdim=True))
+            elif kind == "fixed":
+                parts.append(self.token_fixed.to(x.dtype))
+        if self.token_init is not None:
+            parts.insert(0, self.token_init.to(x.dtype))
+        return torch.cat(parts) if parts else None
+
+    def _transition(self, tokens: torch.Tensor | None, i: int) -> torch.Tensor | None:
+        if tokens is None or self.token_linear is None:
+            return tokens
+        return self.token_linear[i](tokens)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, batch: LatticeBatch, return_tokens: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Predict log1p expression.
+
+        Args:
+            batch: One slide (`make_batch`).
+            return_tokens: Also return the final calibration tokens ``[T, d]``.
+
+        Returns:
+            ``[N, G]`` log1p predictions (and the tokens).
+        """
+        cfg = self.cfg
+        if len(batch.levels) < self.num_levels:
+            raise ValueError(f"batch has {len(batch.levels)} levels; the model needs {self.num_levels}")
+        x = F.dropout(self.in_proj(batch.feats), cfg.dropout, self.training)  # [N, d]
+        tokens = self._initial_tokens(x)
+        level_of = (lambda i: i) if cfg.resample else (lambda i: 0)
+
+        cache = []
+        t_i = 0
+        for i, stage in enumerate(self.encoder):
+            level = batch.levels[level_of(i)]
+            for blk in stage:
+                x, tokens = blk(x, level, tokens)
+            cache.append(x)
+            if i < len(self.down):
+                if cfg.resample:
+                    x = self.down[i](x, level.down)
+                    tokens = self._transition(tokens, t_i)
+                    t_i += 1
+
+        n_enc = len(self.encoder)
+        for j, stage in enumerate(self.decoder):
+            li = n_enc - 2 - j  # resolution of this decoder stage
+            level = batch.levels[level_of(li)]
+            if cfg.resample:
+                x = self.up[j](x, batch.levels[li].down)
+                tokens = self._transition(tokens, t_i)
+                t_i += 1
+            else:
+                x = self.up[j](x)
+            enc = cache[li]
+            if cfg.skip == "additive":
+                x = x + enc
+            elif cfg.skip == "concat" and cfg.fuse == "fuse-refine":
+                x = self.fuse[j](torch.cat([x, enc], dim=-1))
+            for blk in stage:
+                x, tokens = blk(x, level, tokens)
+            if cfg.skip == "concat" and cfg.fuse == "refine-fuse":
+                x = torch.cat([x, enc], dim=-1)
+        y = self.head(self.norm_out(x))
+        return (y, tokens) if return_tokens else y
