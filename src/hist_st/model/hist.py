@@ -52,7 +52,7 @@ class HiST(nn.Module):
             )
 
         self.encoder = nn.ModuleList(blocks(n) for n in enc_blocks)
-        self.down = nn.ModuleList(Coarsen(d, d, cfg.coarsen_norm) for _ in enc_blocks[:-1])
+        self.down = nn.ModuleList(Coarsen(d, d, cfg.coarsen_norm) for _ in enc_blocks[:-1] if cfg.resample)
         # Width entering each decoder stage's uncoarsening: 2d after a refine-then-fuse concat.
         wide = cfg.fuse == "refine-fuse" and cfg.skip == "concat"
         up: list[nn.Module] = []
@@ -159,10 +159,9 @@ class HiST(nn.Module):
                 x, tokens = blk(x, level, tokens)
             cache.append(x)
             if i < len(self.down):
-                if cfg.resample:
-                    x = self.down[i](x, level.down)
-                    tokens = self._transition(tokens, t_i)
-                    t_i += 1
+                x = self.down[i](x, level.down)
+                tokens = self._transition(tokens, t_i)
+                t_i += 1
 
         n_enc = len(self.encoder)
         for j, stage in enumerate(self.decoder):

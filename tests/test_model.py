@@ -1,0 +1,133 @@
+"""HiST model: every configuration variant runs, trains and has the symmetries of the lattice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hist_st.lattice import to_lattice
+from hist_st.model import HiST, HiSTConfig, parse_levels
+
+VARIANTS = {
+    "paper": {},
+    "authors": {"tokens": ("max", "mean", "fixed"), "token_transition": True, "fuse": "refine-fuse"},
+    "rope": {"positional": "rope"},
+    "alibi": {"positional": "alibi"},
+    "no-positional": {"positional": "none"},
+    "additive-skip": {"skip": "additive"},
+    "no-skip": {"skip": "none"},
+    "no-resample": {"resample": False},
+    "no-resample-refine-fuse": {"resample": False, "fuse": "refine-fuse"},
+    "no-shift": {"shifted": False},
+    "no-token": {"tokens": ()},
+    "two-tokens-gelu": {"tokens": ("learned", "learned"), "activation": "gelu"},
+    "deep": {"levels": "1111-111"},
+    "neighbour-impl": {"attn_impl": "neighbour"},
+}
+
+
+def _slide(n: int = 300, extent: float = 30.0, seed: int = 0, c: int = 16):
+    rng = np.random.default_rng(seed)
+    lat = to_lattice(rng.uniform(0, extent, size=(n, 2)))
+    return lat, torch.as_tensor(rng.normal(size=(n, c)), dtype=torch.float32)
+
+
+def _model(**kw) -> HiST:
+    torch.manual_seed(0)
+    base = dict(in_dim=16, n_genes=7, dim=32, heads=4, dropout=0.0, attn_dropout=0.0)
+    return HiST(HiSTConfig(**{**base, **kw}))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_forward_backward(name: str) -> None:
+    model = _model(**VARIANTS[name])
+    lat, feats = _slide()
+    y = model(model.make_batch(lat, feats))
+    assert y.shape == (len(lat), 7) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    # The last block's token update only feeds `return_tokens` (the calibration-token analysis).
+    last = f"decoder.{len(model.decoder) - 1}.{len(model.decoder[-1]) - 1}.attn."
+    unused = {last + name for name in ("q_tok.weight", "q_tok.bias", "kv_tok.weight", "kv_tok.bias")}
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if n not in unused and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
+    assert not missing, f"parameters without a finite gradient: {missing}"
+
+
+def test_output_equivariant_to_row_permutation() -> None:
+    model = _model().eval()
+    lat, feats = _slide()
+    perm = torch.randperm(len(lat), generator=torch.Generator().manual_seed(1))
+    y = model(model.make_batch(lat, feats))
+    y_perm = model(model.make_batch(lat[perm.numpy()], feats[perm]))
+    torch.testing.assert_close(y_perm, y[perm], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positional", ["rpb", "alibi", "rope"])
+def test_output_invariant_to_lattice_shifts(positional: str) -> None:
+    model = _model(positional=positional).eval()
+    lat, feats = _slide()
+    n_levels = model.num_levels
+    step = 2**n_levels * 2 * model.cfg.window  # a shift that maps every level's windows onto windows
+    y = model(model.make_batch(lat, feats))
+    for shift in ([step, 0], [0, 2 * step], [3 * step, step]):
+        y2 = model(model.make_batch(lat + np.array(shift), feats))
+        torch.testing.assert_close(y2, y, rtol=1e-4, atol=1e-4)
+
+
+def test_non_aligned_shift_changes_windows() -> None:
+    model = _model().eval()
+    lat, feats = _slide()
+    y = model(model.make_batch(lat, feats))
+    y2 = model(model.make_batch(lat + np.array([1, 0]), feats))
+    assert not torch.allclose(y, y2)
+
+
+def test_head_bias_init_and_tokens() -> None:
+    model = _model()
+    mean = torch.linspace(0, 3, 7)
+    model.init_head_bias(mean)
+    torch.testing.assert_close(model.head.bias.detach(), mean)
+    lat, feats = _slide()
+    y, tokens = model(model.make_batch(lat, feats), return_tokens=True)
+    assert tokens.shape == (1, 32)
+    with pytest.raises(ValueError):
+        model.init_head_bias(torch.zeros(3))
+
+
+def test_config_round_trip_and_validation() -> None:
+    cfg = HiSTConfig(in_dim=8, n_genes=3, tokens=("max", "mean"), positional="alibi")
+    assert HiSTConfig.from_dict(cfg.to_dict()) == cfg
+    assert parse_levels("111-21") == ((1, 1, 1), (2, 1))
+    for bad in [{"levels": "11-21"}, {"positional": "sine"}, {"tokens": ("median",)}, {"dim": 30, "heads": 4}]:
+        with pytest.raises(ValueError):
+            HiSTConfig(in_dim=8, n_genes=3, **bad)
+    with pytest.raises(ValueError, match="unknown keys"):
+        HiSTConfig.from_dict({"in_dim": 8, "n_genes": 3, "width": 5})
+
+
+def test_single_spot_and_isolated_tokens() -> None:
+    model = _model().eval()
+    for lat in (np.array([[0, 0]]), np.array([[0, 0], [40, 40], [80, 3]])):
+        feats = torch.randn(len(lat), 16)
+        y = model(model.make_batch(lat, feats))
+        assert torch.isfinite(y).all()
+
+
+def test_loss_falls_when_fitting_a_slide() -> None:
+    model = _model()
+    lat, feats = _slide()
+    target = torch.tanh(feats[:, :7]) + 1.0
+    batch = model.make_batch(lat, feats)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = (model(batch) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
