@@ -83,3 +83,33 @@ def test_token_update_equals_unfolded_formula() -> None:
     p = torch.softmax(torch.einsum("thd,mhd->thm", q, kv[:, 0]) / np.sqrt(8), -1)
     expected = torch.einsum("thm,mhd->thd", p, kv[:, 1]).reshape(3, 32)
     torch.testing.assert_close(upd, expected)
+
+
+@pytest.mark.parametrize("p_drop", [0.0, 0.3])
+def test_window_attention_function_gradcheck(p_drop: float) -> None:
+    """The hand-written backward (recomputed logits, saved dropout masks) against finite differences."""
+    from hist_st.model.attention import WindowAttentionFn
+
+    level = _level(n=30, extent=8.0)
+    parts = (level.standard, level.shifted)
+    qkv = torch.randn(3, 2, level.num_tokens, 4, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(2, 121, dtype=torch.float64, requires_grad=True)
+
+    def fn(qkv, table):
+        torch.manual_seed(0)  # the same dropout masks in every evaluation
+        return WindowAttentionFn.apply(qkv, table, parts, 0.5, p_drop)
+
+    assert torch.autograd.gradcheck(fn, (qkv, table), eps=1e-6, atol=1e-5)
+
+
+def test_calibration_path_equals_unfolded_formula() -> None:
+    level = _level(n=50)
+    a = _attn("window", "rpb", True)
+    x = torch.randn(level.num_tokens, 32, dtype=torch.float64)
+    for t in (1, 3):
+        tok = torch.randn(t, 32, dtype=torch.float64)
+        q = a.qkv(x).view(-1, 3, 4, 8)[:, 0]
+        _, k, v = a.qkv(tok).view(-1, 3, 4, 8).unbind(1)
+        p = torch.softmax(torch.einsum("nhd,thd->nht", q, k) / np.sqrt(8), -1)
+        expected = torch.einsum("nht,thd->nhd", p, v).reshape(-1, 32)
+        torch.testing.assert_close(a._calibration(x, tok), expected)

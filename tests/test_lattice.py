@@ -90,7 +90,7 @@ def _partition_union(coords: np.ndarray, w: int, shifted: bool) -> list[set[int]
     seen = [0] * len(coords)
     for p in parts:
         for q in range(len(coords)):
-            row = p.mask[p.token_window[q], 0, p.token_slot[q]]
+            row = p.mask[p.token_window[q], p.token_slot[q]]
             keys = p.index[p.token_window[q]][torch.isfinite(row)].tolist()
             seen[q] += len(keys)
             out[q] |= set(keys)

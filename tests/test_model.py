@@ -131,3 +131,16 @@ def test_loss_falls_when_fitting_a_slide() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+@pytest.mark.parametrize("mode", ["ffn", "block"])
+def test_grad_checkpointing_gives_identical_gradients(mode: str) -> None:
+    lat, feats = _slide()
+    grads = []
+    for m in ("none", mode):
+        model = _model()
+        model.set_grad_checkpointing(m)
+        model(model.make_batch(lat, feats)).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -10,7 +10,7 @@ import sys
 from hist_st.errors import InputError
 
 # Modules under hist_st.cli that each define ``register(subparsers)``.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["data", "train", "demo", "bench", "experiments"]
 
 
 def build_parser() -> argparse.ArgumentParser:

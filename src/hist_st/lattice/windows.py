@@ -37,17 +37,19 @@ class WindowPartition:
     """One partition of a level's tokens into padded windows.
 
     Attributes:
-        index: ``[W, S]`` int64 token index per window slot; padding slots hold N (a zero row appended
-            to the features).
+        index: ``[W, S]`` int64 token index per window slot; padding slots hold N.
+        gather: ``[W, S]`` int64 like ``index`` with padding slots pointing at token 0 (masked keys), so
+            features are gathered without appending a padding row.
         token_window: ``[N]`` int64 window of each token.
         token_slot: ``[N]`` int64 slot of each token within its window.
         rel: ``[W, S, S]`` int64 flat relative-offset index (key - query) into the bias table.
-        mask: ``[W, 1, S, S]`` float additive mask: 0 where the query may attend the key, -inf elsewhere
+        mask: ``[W, S, S]`` float additive mask: 0 where the query may attend the key, -inf elsewhere
             (padding keys; in the shifted partition also keys already in the query's standard window).
         delta: ``[W, S, S, 2]`` int64 lattice offsets (key - query), used by ALiBi.
     """
 
     index: torch.Tensor
+    gather: torch.Tensor
     token_window: torch.Tensor
     token_slot: torch.Tensor
     rel: torch.Tensor
@@ -116,9 +118,10 @@ def window_partition(
     mask.masked_fill_(~allowed, float("-inf"))
     return WindowPartition(
         index=index,
+        gather=torch.where(valid, index, torch.zeros_like(index)),
         token_window=token_window,
         token_slot=token_slot,
         rel=rel,
-        mask=mask[:, None],
+        mask=mask,
         delta=delta,
     )

@@ -22,7 +22,111 @@ from torch import nn
 
 from hist_st.lattice import LevelIndex, WindowPartition, num_rel_offsets, rel_offset_index
 
-__all__ = ["DualPathAttention", "rope_2d"]
+__all__ = ["DualPathAttention", "WindowAttentionFn", "rope_2d"]
+
+
+def _window_logits(
+    q: torch.Tensor, k: torch.Tensor, table: torch.Tensor | None, part: WindowPartition, scale: float
+) -> torch.Tensor:
+    """Logits ``[H*W, S, S]`` of one partition from gathered ``q, k [H, W, S, Dh]``."""
+    h, w, size, dh = q.shape
+    bias = part.mask if table is None else table[:, part.rel] + part.mask  # [H|1, W, S, S]
+    bias = bias.to(q.dtype).expand(h, w, size, size).reshape(h * w, size, size)
+    return torch.baddbmm(bias, q.reshape(h * w, size, dh), k.reshape(h * w, size, dh).transpose(1, 2), alpha=scale)
+
+
+class WindowAttentionFn(torch.autograd.Function):
+    """Exact softmax attention over the union of window partitions, flash-attention style.
+
+    Forward computes each partition's un-normalised output, row max and row sum in padded windows and
+    merges them with a log-sum-exp. Only ``qkv``, the output and the log-sum-exp are saved (plus the
+    dropout keep-masks); backward recomputes the logits. This keeps a training step's memory close
+    to that of the token features alone, instead of several ``[H, W, S, S]`` tensors per partition.
+
+    Args (forward):
+        qkv: ``[3, H, N, Dh]`` queries, keys, values.
+        table: ``[H, R]`` additive logit table by relative offset, or None.
+        parts: The partitions (standard, then shifted), disjoint per query.
+        scale: Logit scale.
+        p_drop: Dropout on the attention probabilities.
+
+    Returns:
+        ``[H, N, Dh]``.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, table, parts, scale, p_drop):  # noqa: D102
+        h, n = qkv.shape[1], qkv.shape[2]
+        outs, maxes, sums, keeps = [], [], [], []
+        for part in parts:
+            q, k, v = qkv[:, :, part.gather].unbind(0)  # [H, W, S, Dh]
+            w, size, dh = q.shape[1], q.shape[2], q.shape[3]
+            s = _window_logits(q, k, table, part, scale)
+            m = s.amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows whose keys are all masked
+            e = torch.exp(s - m)
+            del s
+            sums.append(e.sum(dim=-1).view(h, w, size)[:, part.token_window, part.token_slot])
+            keep = None
+            if p_drop > 0:
+                keep = torch.rand_like(e) >= p_drop
+                e = e * keep / (1 - p_drop)
+            keeps.append(keep)
+            o = torch.bmm(e, v.reshape(h * w, size, dh)).view(h, w, size, dh)
+            outs.append(o[:, part.token_window, part.token_slot])  # [H, N, Dh]
+            maxes.append(m.view(h, w, size)[:, part.token_window, part.token_slot])
+        mx = maxes[0] if len(parts) == 1 else torch.maximum(*maxes)
+        out = torch.zeros_like(outs[0])
+        denom = torch.zeros_like(mx)
+        for o, m, l in zip(outs, maxes, sums):
+            a = torch.exp(m - mx)
+            out += a[..., None] * o
+            denom += a * l
+        out /= denom[..., None]
+        lse = mx + denom.log()  # [H, N]
+        ctx.save_for_backward(qkv, table if table is not None else qkv.new_empty(0), out, lse, *[
+            kp if kp is not None else qkv.new_empty(0, dtype=torch.bool) for kp in keeps
+        ])
+        ctx.parts, ctx.scale, ctx.p_drop, ctx.has_table = parts, scale, p_drop, table is not None
+        ctx.n = n
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # noqa: D102
+        qkv, table, out, lse, *keeps = ctx.saved_tensors
+        table = table if ctx.has_table else None
+        scale, p_drop = ctx.scale, ctx.p_drop
+        h = qkv.shape[1]
+        dout = dout.contiguous()
+        delta = (dout * out).sum(-1)  # [H, N]
+        dqkv = torch.zeros_like(qkv)
+        dtable = torch.zeros_like(table) if table is not None and ctx.needs_input_grad[1] else None
+        for part, keep in zip(ctx.parts, keeps):
+            q, k, v = qkv[:, :, part.gather].unbind(0)  # [H, W, S, Dh]
+            w, size, dh = q.shape[1], q.shape[2], q.shape[3]
+            valid = (part.index < ctx.n).to(qkv.dtype)  # [W, S] real query slots
+            s = _window_logits(q, k, table, part, scale)
+            p = torch.exp(s - lse[:, part.gather].reshape(h * w, size, 1))  # [H*W, S, S]
+            del s
+            do = (dout[:, part.gather] * valid[..., None]).reshape(h * w, size, dh)
+            dp = torch.bmm(do, v.reshape(h * w, size, dh).transpose(1, 2))
+            if p_drop > 0:
+                pd = p * keep / (1 - p_drop)
+                dp = dp * keep / (1 - p_drop)
+            else:
+                pd = p
+            dv = torch.bmm(pd.transpose(1, 2), do)
+            ds = p * (dp - (delta[:, part.gather] * valid).reshape(h * w, size, 1))
+            del p, dp, pd
+            dq = torch.bmm(ds, k.reshape(h * w, size, dh)) * scale
+            dk = torch.bmm(ds.transpose(1, 2), q.reshape(h * w, size, dh)) * scale
+            flat = part.gather.reshape(-1)
+            for i, g in enumerate((dq, dk, dv)):
+                dqkv[i].index_add_(1, flat, g.view(h, w * size, dh))
+            if dtable is not None:
+                dtable.index_add_(1, part.rel.reshape(-1), ds.view(h, -1))
+        return dqkv, dtable, None, None, None
+
 
 
 def _alibi_slopes(heads: int) -> torch.Tensor:
@@ -107,46 +211,18 @@ class DualPathAttention(nn.Module):
         return None
 
     # ------------------------------------------------------------------ local path, padded windows
-    def _partition(
-        self, qkv: torch.Tensor, part: WindowPartition, table: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Un-normalised attention in one partition, read back per token.
-
-        Returns:
-            ``o [N, H, Dh]`` (sum of exp-weighted values), ``m [N, H]`` (row max), ``l [N, H]`` (sum of
-            exp weights before dropout).
-        """
-        qkv = torch.cat([qkv, qkv.new_zeros(1, *qkv.shape[1:])])[part.index]  # [W, S, 3, H, Dh]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [W, H, S, Dh] each
-        s = torch.matmul(q * self.scale, k.transpose(-1, -2))  # [W, H, S, S]
-        if table is not None:
-            s = s + table.t()[part.rel].permute(0, 3, 1, 2)
-        s = s + part.mask
-        m = s.amax(dim=-1, keepdim=True).detach()
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with every key masked
-        e = torch.exp(s - m)
-        l = e.sum(dim=-1)  # [W, H, S]
-        if self.training and self.attn_dropout > 0:
-            e = F.dropout(e, self.attn_dropout)
-        o = torch.matmul(e, v)  # [W, H, S, Dh]
-        tw, ts = part.token_window, part.token_slot
-        return o[tw, :, ts], m[tw, :, ts, 0], l[tw, :, ts]
-
     def _local_window(self, qkv: torch.Tensor, level: LevelIndex) -> torch.Tensor:
-        table = self._bias_table()
-        o1, m1, l1 = self._partition(qkv, level.standard, table)
-        if level.shifted is None:
-            return o1 / l1[..., None]
-        o2, m2, l2 = self._partition(qkv, level.shifted, table)
-        mx = torch.maximum(m1, m2)
-        a1, a2 = torch.exp(m1 - mx), torch.exp(m2 - mx)
-        return (a1[..., None] * o1 + a2[..., None] * o2) / (a1 * l1 + a2 * l2)[..., None]
+        """``qkv [N, 3, H, Dh]`` -> ``[N, H, Dh]`` over the union of both partitions."""
+        parts = (level.standard,) if level.shifted is None else (level.standard, level.shifted)
+        p_drop = self.attn_dropout if self.training else 0.0
+        out = WindowAttentionFn.apply(qkv.permute(1, 2, 0, 3).contiguous(), self._bias_table(), parts, self.scale, p_drop)
+        return out.transpose(0, 1)  # [N, H, Dh]
 
     # ------------------------------------------------------------------ local path, neighbour list
     def _local_neighbour(self, qkv: torch.Tensor, level: LevelIndex) -> torch.Tensor:
         parts = [level.standard] + ([level.shifted] if level.shifted is not None else [])
         nbr = torch.cat([p.index[p.token_window] for p in parts], dim=1)  # [N, K]
-        mask = torch.cat([p.mask[p.token_window, 0, p.token_slot] for p in parts], dim=1)  # [N, K]
+        mask = torch.cat([p.mask[p.token_window, p.token_slot] for p in parts], dim=1)  # [N, K]
         rel = torch.cat([p.rel[p.token_window, p.token_slot] for p in parts], dim=1)  # [N, K]
         q, k, v = qkv.unbind(1)  # [N, H, Dh]
         zero = k.new_zeros(1, *k.shape[1:])
@@ -199,7 +275,6 @@ class DualPathAttention(nn.Module):
         n, d = x.shape
         h, dh = self.heads, self.head_dim
         qkv = self.qkv(x).view(n, 3, h, dh)
-        q_global = qkv[:, 0]  # MCA has no positional term
         if self.positional == "rope":
             q, k, v = qkv.unbind(1)
             qkv = torch.stack([rope_2d(q, level.coords), rope_2d(k, level.coords), v], dim=1)
@@ -212,12 +287,27 @@ class DualPathAttention(nn.Module):
         out = local.reshape(n, d)
         update = None
         if tokens is not None:
-            # MCA: separate softmax over the calibration tokens (no positional term).
-            tq, tk, tv = self.qkv(tokens).view(-1, 3, h, dh).unbind(1)  # [T, H, Dh]
-            p = torch.softmax(torch.einsum("nhd,thd->nht", q_global * self.scale, tk), dim=-1)
-            out = out + torch.einsum("nht,thd->nhd", p, tv).reshape(n, d)
+            out = out + self._calibration(x, tokens)
             update = self._token_update(x, tokens)
         return self.proj(out), update
+
+    def _calibration(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """MCA: ``Attn(X Wq, Cb Wk, Cb Wv)`` with its own softmax over the T tokens, no positional term.
+
+        The logits ``(x Wq_h + bq_h) . k_h = x . (Wq_h^T k_h) + bq_h . k_h`` are computed without forming
+        the queries, so nothing of size N is saved beyond ``x``. With one token the softmax is 1.
+        """
+        n, d = x.shape
+        h, dh = self.heads, self.head_dim
+        _, tk, tv = self.qkv(tokens).view(-1, 3, h, dh).unbind(1)  # [T, H, Dh]
+        if tokens.shape[0] == 1:
+            return tv.reshape(1, d).expand(n, d)
+        wq = self.qkv.weight[:d].view(h, dh, d)
+        bq = self.qkv.bias[:d].view(h, dh)
+        tk = tk * self.scale
+        u = torch.einsum("thc,hcd->thd", tk, wq)  # [T, H, d]
+        s = torch.einsum("nd,thd->nht", x, u) + torch.einsum("thc,hc->ht", tk, bq)  # [N, H, T]
+        return torch.einsum("nht,thd->nhd", torch.softmax(s, dim=-1), tv).reshape(n, d)
 
     def _token_update(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``Attn(Cb Wq, [X; Cb] Wk, [X; Cb] Wv)`` folded so it costs O(N d H T), not O(N d^2).

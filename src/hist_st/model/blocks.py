@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hist_st.lattice import Coarsening, LevelIndex
 from hist_st.model.attention import DualPathAttention
@@ -16,7 +17,11 @@ class RefineBlock(nn.Module):
     """Pre-LN monoscale refinement: ``X' = X + Proj(W-MSA(X) + MCA(X, Cb))``, ``X'' = X' + FFN(LN(X'))``.
 
     The calibration tokens are updated in the same block from the same normalised inputs.
+    ``checkpoint`` trades compute for memory in training: ``"ffn"`` recomputes the FFN hidden layer in
+    backward, ``"block"`` the whole block; ``"none"`` keeps every activation.
     """
+
+    checkpoint: str = "none"
 
     def __init__(
         self,
@@ -46,10 +51,24 @@ class RefineBlock(nn.Module):
         self, x: torch.Tensor, level: LevelIndex, tokens: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x [N, d]``, ``tokens [T, d]`` -> updated ``(x, tokens)``."""
+        if self.checkpoint == "block" and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, level, tokens, use_reentrant=False)
+        return self._forward(x, level, tokens)
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm2(x))))
+
+    def _forward(
+        self, x: torch.Tensor, level: LevelIndex, tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         t_in = self.norm_tok(tokens) if tokens is not None else None
         a, t_upd = self.attn(self.norm1(x), level, t_in)
         x = x + F.dropout(a, self.dropout, self.training)
-        x = x + F.dropout(self.fc2(self.act(self.fc1(self.norm2(x)))), self.dropout, self.training)
+        if self.checkpoint == "ffn" and self.training and torch.is_grad_enabled():
+            f = checkpoint(self._ffn, x, use_reentrant=False)
+        else:
+            f = self._ffn(x)
+        x = x + F.dropout(f, self.dropout, self.training)
         if tokens is not None:
             tokens = tokens + t_upd
         return x, tokens

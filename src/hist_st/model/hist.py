@@ -97,6 +97,14 @@ class HiST(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ helpers
+    def set_grad_checkpointing(self, mode: str = "ffn") -> None:
+        """Recompute activations in backward to save memory: ``none``, ``ffn`` or ``block``."""
+        if mode not in ("none", "ffn", "block"):
+            raise ValueError(f"grad checkpointing {mode!r}: choose none, ffn or block")
+        for m in self.modules():
+            if isinstance(m, RefineBlock):
+                m.checkpoint = mode
+
     @property
     def num_levels(self) -> int:
         return self.cfg.num_levels

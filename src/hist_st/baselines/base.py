@@ -1,0 +1,203 @@
+"""The one interface every baseline implements, its registry, and the helpers they share.
+
+Every baseline is trained and evaluated exactly like HiST: on the same slides, the same genes (picked by
+name from each slide's own gene order), the same targets (``log1p`` of raw counts, no library-size
+normalisation; SPEC 2) and the same patch embeddings (``slide.embeddings[embedding_key]``).
+
+```python
+from hist_st.baselines import get_baseline
+model = get_baseline("ridge").fit(train_slides, genes, embedding_key="efficientnet_lite0", seed=0)
+pred = model.predict(test_slide)            # float32 [N, G], log1p space, columns in `genes` order
+```
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from hist_st.errors import InputError
+from hist_st.slide import Slide
+
+__all__ = [
+    "Baseline",
+    "register",
+    "get_baseline",
+    "list_baselines",
+    "log1p_targets",
+    "slide_embeddings",
+    "seed_everything",
+]
+
+_REGISTRY: dict[str, type[Baseline]] = {}
+
+
+def register(name: str) -> Callable[[type[Baseline]], type[Baseline]]:
+    """Class decorator: make ``cls`` available as ``get_baseline(name)``."""
+
+    def deco(cls: type[Baseline]) -> type[Baseline]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"baseline {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_baselines() -> list[str]:
+    """Names accepted by `get_baseline`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_baseline(name: str, **options: Any) -> Baseline:
+    """Build the baseline registered as ``name`` with its published defaults overridden by ``options``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones) or unknown option.
+    """
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(list_baselines())}") from None
+    return cls(**options)
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed Python, NumPy and torch (when imported) and return a NumPy generator for local use."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    return np.random.default_rng(seed)
+
+
+def _gene_columns(slide: Slide, genes: Sequence[str]) -> np.ndarray:
+    index = {str(g): i for i, g in enumerate(slide.genes)}
+    missing = [g for g in genes if str(g) not in index]
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise InputError(f"slide {slide.slide_id!r}", f"{len(missing)} selected gene(s) are absent: {shown}")
+    return np.fromiter((index[str(g)] for g in genes), dtype=np.int64, count=len(genes))
+
+
+def log1p_targets(slide: Slide, genes: Sequence[str]) -> np.ndarray:
+    """The training target of every method: ``log1p`` of the slide's raw counts of ``genes``.
+
+    Args:
+        slide: A slide with counts.
+        genes: Gene symbols, looked up by name in ``slide.genes`` (the slide's own column order is ignored).
+
+    Returns:
+        float32 ``[N, G]``, columns in ``genes`` order.
+    """
+    if slide.counts is None:
+        raise InputError(f"slide {slide.slide_id!r}", "has no counts; a training slide needs expression")
+    cols = _gene_columns(slide, genes)
+    counts = slide.counts[:, cols]
+    dense = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+    return np.log1p(np.asarray(dense, dtype=np.float64)).astype(np.float32)
+
+
+def slide_embeddings(slide: Slide, key: str) -> np.ndarray:
+    """``slide.embeddings[key]`` as float32 ``[N, C]``; `InputError` naming the slide when absent."""
+    if key not in slide.embeddings:
+        have = ", ".join(sorted(slide.embeddings)) or "none"
+        raise InputError(f"slide {slide.slide_id!r}", f"embedding {key!r} is missing (has: {have})")
+    return np.asarray(slide.embeddings[key], dtype=np.float32)
+
+
+class Baseline(ABC):
+    """A comparison method with the common ``fit`` / ``predict`` interface.
+
+    Subclasses take their hyper-parameters as keyword arguments whose defaults are the published ones
+    (documented, with the source, in each class docstring) and record them in `options`.
+
+    Attributes:
+        name: Registry name (set by `register`).
+        uses_embeddings: Whether the method reads ``slide.embeddings[embedding_key]``.
+        uses_patches: Whether the method reads raw image patches (see `hist_st.baselines.stnet`).
+        genes_: Genes fitted on, in output column order (after `fit`).
+        embedding_key_: Embedding key fitted on (after `fit`).
+    """
+
+    name: ClassVar[str] = "baseline"
+    uses_embeddings: ClassVar[bool] = True
+    uses_patches: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        self.options: dict[str, Any] = dict(options)
+        self.genes_: list[str] | None = None
+        self.embedding_key_: str | None = None
+        self.history_: list[float] = []  # training loss per epoch (or step), for the methods that have one
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}({opts})"
+
+    def fit(
+        self, train_slides: Sequence[Slide], genes: Sequence[str], embedding_key: str, seed: int = 0
+    ) -> Baseline:
+        """Train on ``train_slides``.
+
+        Args:
+            train_slides: Training slides (with counts; with ``embeddings[embedding_key]`` where used).
+            genes: Target genes, picked by name from every slide.
+            embedding_key: Which patch embedding to use.
+            seed: Seeds every random choice of the fit.
+
+        Returns:
+            ``self``.
+        """
+        if len(train_slides) == 0:
+            raise ValueError("fit needs at least one training slide")
+        if len(genes) == 0:
+            raise ValueError("fit needs at least one gene")
+        self.genes_ = [str(g) for g in genes]
+        self.embedding_key_ = embedding_key
+        self.history_ = []
+        rng = seed_everything(seed)
+        self._fit(list(train_slides), rng, seed)
+        return self
+
+    def predict(self, slide: Slide) -> np.ndarray:
+        """Predict ``log1p`` expression of the fitted genes at every spot of ``slide``.
+
+        Returns:
+            float32 ``[N, G]``, columns in the order of the ``genes`` given to `fit`.
+        """
+        if self.genes_ is None:
+            raise RuntimeError(f"{type(self).__name__}.predict called before fit")
+        out = np.asarray(self._predict(slide), dtype=np.float32)
+        expected = (slide.n_spots, len(self.genes_))
+        if out.shape != expected:  # pragma: no cover - guards subclass bugs
+            raise RuntimeError(f"{self.name} predicted shape {out.shape}, expected {expected}")
+        return out
+
+    # -- subclass hooks -----------------------------------------------------------------------------
+    @abstractmethod
+    def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None: ...
+
+    @abstractmethod
+    def _predict(self, slide: Slide) -> np.ndarray: ...
+
+    # -- shared helpers -----------------------------------------------------------------------------
+    def _xy(self, slides: Sequence[Slide]) -> tuple[np.ndarray, np.ndarray]:
+        """Stack embeddings ``[sum N, C]`` and log1p targets ``[sum N, G]`` of ``slides``."""
+        assert self.genes_ is not None and self.embedding_key_ is not None
+        x = np.concatenate([slide_embeddings(s, self.embedding_key_) for s in slides], axis=0)
+        y = np.concatenate([log1p_targets(s, self.genes_) for s in slides], axis=0)
+        return x, y
+
+    def _x(self, slide: Slide) -> np.ndarray:
+        assert self.embedding_key_ is not None
+        return slide_embeddings(slide, self.embedding_key_)

@@ -1,0 +1,195 @@
+"""Per-spot baselines on frozen patch embeddings: the gene-mean floor, HEST's ridge probe, an MLP."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hist_st.baselines.base import Baseline, log1p_targets, register
+from hist_st.slide import Slide
+
+__all__ = ["MeanBaseline", "RidgeBaseline", "MLPBaseline"]
+
+
+@register("mean")
+class MeanBaseline(Baseline):
+    """Each gene's mean training ``log1p`` expression, predicted at every spot: the floor of every table.
+
+    On small cohorts the pooled metric (SPEC 3) is mostly explained by the differences between gene means,
+    so every table shows this row. The mean is over all training spots pooled (not a mean of slide means).
+    It has no options and ignores embeddings.
+    """
+
+    uses_embeddings = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean_: np.ndarray | None = None
+
+    def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
+        assert self.genes_ is not None
+        total = np.zeros(len(self.genes_), dtype=np.float64)
+        n = 0
+        for s in slides:
+            y = log1p_targets(s, self.genes_).astype(np.float64)
+            total += y.sum(axis=0)
+            n += y.shape[0]
+        self.mean_ = (total / n).astype(np.float32)
+
+    def _predict(self, slide: Slide) -> np.ndarray:
+        assert self.mean_ is not None
+        return np.broadcast_to(self.mean_, (slide.n_spots, self.mean_.shape[0])).copy()
+
+
+@register("ridge")
+class RidgeBaseline(Baseline):
+    """HEST-Benchmark's linear probe: StandardScaler -> PCA(256) -> Ridge without intercept.
+
+    Follows ``mahmoodlab/HEST`` ``src/hest/bench/benchmark.py`` and ``trainer.py::train_test_reg``
+    (Jaume et al., NeurIPS 2024 Datasets & Benchmarks) exactly:
+
+    - ``Pipeline([StandardScaler(), PCA(n_components=256, random_state=seed)])`` fitted on the training
+      spots (here capped at ``min(n_samples, n_features)`` so tiny cohorts still run; HEST would fail);
+    - ``Ridge(solver="lsqr", alpha=100 / (n_features * n_genes), fit_intercept=False, max_iter=1000,
+      random_state=seed)`` where ``n_features = X_train.shape[1]`` *after* PCA (HEST passes the PCA output
+      to ``train_test_reg``), i.e. ``alpha = 100 / (256 * G)`` in the usual case;
+    - targets are the raw ``log1p`` values, **not centred**.
+
+    Consequence of following HEST exactly: the PCA scores of the training spots have zero mean and the
+    model has no intercept, so predictions have (about) zero mean per gene. HEST only reports per-gene
+    Pearson, which ignores that offset; R2 and the pooled protocol (``relu(expm1(pred))``) will be very
+    poor for this row. ``center_targets=True`` (not HEST) subtracts the training gene means before the
+    fit and adds them back at prediction, the fair variant for R2 / pooled tables; report which was used.
+
+    Args:
+        n_components: PCA components (HEST: 256).
+        alpha: Ridge penalty; None applies HEST's rule ``100 / (n_features * n_genes)``.
+        center_targets: False (HEST) or True (add back the training gene means).
+        max_iter: lsqr iterations (HEST: 1000).
+    """
+
+    def __init__(
+        self,
+        n_components: int = 256,
+        alpha: float | None = None,
+        center_targets: bool = False,
+        max_iter: int = 1000,
+    ) -> None:
+        super().__init__(
+            n_components=n_components, alpha=alpha, center_targets=center_targets, max_iter=max_iter
+        )
+        self.n_components = n_components
+        self.alpha = alpha
+        self.center_targets = center_targets
+        self.max_iter = max_iter
+        self.pipe_ = None
+        self.reg_ = None
+        self.y_mean_: np.ndarray | None = None
+        self.alpha_: float | None = None
+
+    def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
+        from sklearn.decomposition import PCA
+        from sklearn.linear_model import Ridge
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        x, y = self._xy(slides)
+        k = int(min(self.n_components, x.shape[0], x.shape[1]))
+        self.pipe_ = Pipeline([("scaler", StandardScaler()), ("PCA", PCA(n_components=k, random_state=seed))])
+        z = self.pipe_.fit_transform(x)
+        self.y_mean_ = y.mean(axis=0) if self.center_targets else np.zeros(y.shape[1], dtype=np.float32)
+        # HEST: alpha = 100 / (X_train.shape[1] * y_train.shape[1]) with X_train the PCA scores.
+        self.alpha_ = float(self.alpha) if self.alpha is not None else 100.0 / (z.shape[1] * y.shape[1])
+        self.reg_ = Ridge(
+            solver="lsqr", alpha=self.alpha_, random_state=seed, fit_intercept=False, max_iter=self.max_iter
+        )
+        self.reg_.fit(z, y - self.y_mean_)
+
+    def _predict(self, slide: Slide) -> np.ndarray:
+        assert self.pipe_ is not None and self.reg_ is not None and self.y_mean_ is not None
+        return self.reg_.predict(self.pipe_.transform(self._x(slide))) + self.y_mean_
+
+
+@register("mlp")
+class MLPBaseline(Baseline):
+    """Per-spot MLP on frozen embeddings (the paper's "UNI" row: position-independent regression).
+
+    The HiST paper does not give the head's hyper-parameters; these are ours, fixed before any result and
+    never selected on test slides: inputs standardised with training statistics; ``Linear(C, 256) - GELU
+    - Dropout(0.1) - Linear(256, G)`` with the output bias initialised to the training gene means; MSE
+    on ``log1p`` targets; AdamW (lr 1e-3, weight decay 1e-4), batch 256, a fixed 50 epochs, the model
+    of the final epoch is used (no early stopping).
+
+    Args:
+        hidden: Hidden width. dropout: Dropout after the activation. lr, weight_decay: AdamW.
+        epochs: Fixed number of epochs. batch_size: Spots per step. device: torch device string.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 256,
+        dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        epochs: int = 50,
+        batch_size: int = 256,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(
+            hidden=hidden,
+            dropout=dropout,
+            lr=lr,
+            weight_decay=weight_decay,
+            epochs=epochs,
+            batch_size=batch_size,
+            device=device,
+        )
+        self.hidden, self.dropout, self.lr, self.weight_decay = hidden, dropout, lr, weight_decay
+        self.epochs, self.batch_size, self.device = epochs, batch_size, device
+        self.net_ = None
+        self.x_mean_: np.ndarray | None = None
+        self.x_std_: np.ndarray | None = None
+
+    def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
+        import torch
+        from torch import nn
+
+        x, y = self._xy(slides)
+        self.x_mean_ = x.mean(axis=0)
+        self.x_std_ = x.std(axis=0) + 1e-6
+        xt = torch.from_numpy((x - self.x_mean_) / self.x_std_).float()
+        yt = torch.from_numpy(y).float()
+        net = nn.Sequential(
+            nn.Linear(x.shape[1], self.hidden),
+            nn.GELU(),
+            nn.Dropout(self.dropout),
+            nn.Linear(self.hidden, y.shape[1]),
+        )
+        with torch.no_grad():
+            net[-1].bias.copy_(yt.mean(dim=0))
+        net.to(self.device)
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        n = xt.shape[0]
+        for _ in range(self.epochs):
+            net.train()
+            perm = torch.randperm(n, generator=gen)
+            total = 0.0
+            for i in range(0, n, self.batch_size):
+                idx = perm[i : i + self.batch_size]
+                xb, yb = xt[idx].to(self.device), yt[idx].to(self.device)
+                loss = torch.nn.functional.mse_loss(net(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            self.history_.append(total / n)
+        self.net_ = net.eval()
+
+    def _predict(self, slide: Slide) -> np.ndarray:
+        import torch
+
+        assert self.net_ is not None and self.x_mean_ is not None and self.x_std_ is not None
+        x = torch.from_numpy((self._x(slide) - self.x_mean_) / self.x_std_).float().to(self.device)
+        with torch.no_grad():
+            out = torch.cat([self.net_(x[i : i + 4096]) for i in range(0, x.shape[0], 4096)], dim=0)
+        return out.cpu().numpy()

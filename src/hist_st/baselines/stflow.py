@@ -1,0 +1,470 @@
+"""STFlow: whole-slide flow matching over gene expression (Huang et al., ICML 2025, arXiv 2506.05361).
+
+Follows the authors' code (``stflow/flow/interpolant.py``, ``stflow/flow/noise.py``,
+``stflow/model/denoiser.py``, ``stflow/model/transformer.py``, ``stflow/model/fa.py``,
+``stflow/app/flow/train.py`` and ``test.py``; read from public copies of the repository):
+
+- state: the slide's ``[N, G]`` log1p expression matrix. Prior: ``log1p`` of a zero-inflated negative
+  binomial sample; the authors' default is one fixed ZINB for every gene (``total_count=1, logits=0.1,
+  zi_logits=0``); ``prior="zinb-per-gene"`` (not STFlow's default) fits a ZINB per gene on the training
+  spots by maximum likelihood instead.
+- training: per crop, ``t ~ U(0, 1)``, ``x_t = (1 - t) x0 + t x1``; the denoiser predicts ``x1`` (clean
+  expression) with an MSE loss; Adam lr 5e-4, gradient clipping 1.0, 100 epochs, 10 random sub-slide
+  crops per slide per epoch, 2 crops per step.
+- sampling: ``ts = linspace(0.01, 1, n_steps)``; for each consecutive pair the denoiser predicts ``x1``
+  from ``x_t``; ``x <- x + (t2 - t1) (x1_hat - x)``; the last prediction is returned (``n_steps - 1``
+  denoiser evaluations; 5 steps by default).
+- denoiser: image features ``Linear(C, 128)`` plus a sinusoidal time embedding (MLP to 128); 4 blocks,
+  each: attention over the k = 8 nearest spots (self excluded) whose logits come from an MLP on
+  ``[q_i, k_j, edge_ij, x_j - x_i]`` per head (the neighbour's expression difference enters every
+  attention logit, so cost grows with G), values and edge features aggregated, an MLP, and a gene head
+  ``Linear-GELU-LayerNorm-Dropout-Linear`` predicting ``x1``; the block's prediction is the next block's
+  expression input; the output is the mean of the 4 blocks' predictions. Hidden 128, pairwise hidden 128,
+  4 heads, dropout 0.2, attention dropout 0.2, SwiGLU MLPs (timm ``SwiGLUPacked`` with LayerNorm).
+- E(2) invariance by frame averaging (``fa.py``): for each spot, its neighbours' relative positions are
+  centred, their 2x2 covariance's eigenvectors give a frame, and the 4 sign choices of the two axes give 4
+  frames; the projected positions (plus the distance) pass through the edge MLP and are averaged over the
+  4 frames, so edge features are invariant to rotations and reflections of the slide (exactly, except
+  for neighbourhoods whose covariance has equal eigenvalues, e.g. a full square-lattice ring, where the
+  frame is not unique; the authors' method shares this limitation).
+
+Stated differences: coordinates are divided by the slide's median nearest-neighbour distance (STFlow
+feeds raw pixel offsets; this makes the edge MLP's input scale technology independent); the crop sampler
+(STFlow's ``patch_distribution="uniform"``, whose source we could not read) is implemented as the
+``round(r N)`` spots nearest a random centre spot with ``r ~ U(0, 1)`` (at least k + 1 spots); STFlow
+selects the epoch by validation Pearson (the test slides when no validation split exists); here the
+final epoch is used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hist_st.baselines.base import Baseline, log1p_targets, register
+from hist_st.slide import Slide
+
+__all__ = ["STFlowBaseline", "STFlowDenoiser", "knn_graph", "fit_zinb_per_gene", "sample_zinb"]
+
+
+# --------------------------------------------------------------------------------------------------
+# graph and prior
+# --------------------------------------------------------------------------------------------------
+def _nn_scale(xy: np.ndarray) -> float:
+    from scipy.spatial import cKDTree
+
+    if len(xy) < 2:
+        return 1.0
+    d, _ = cKDTree(xy).query(xy, k=2)
+    s = float(np.median(d[:, 1]))
+    return s if s > 0 else 1.0
+
+
+def knn_graph(xy: np.ndarray, k: int) -> np.ndarray:
+    """Indices ``[N, k']`` of each spot's ``k' = min(k, N - 1)`` nearest other spots (self excluded)."""
+    from scipy.spatial import cKDTree
+
+    n = len(xy)
+    kk = max(1, min(k, n - 1))
+    if n == 1:
+        return np.zeros((1, 1), dtype=np.int64)
+    _, idx = cKDTree(xy).query(xy, k=kk + 1)
+    idx = np.asarray(idx).reshape(n, kk + 1)
+    # Drop self (column 0 unless coordinates tie): stable-sort the own index to the end of each row.
+    order = np.argsort(idx == np.arange(n)[:, None], axis=1, kind="stable")
+    out = np.take_along_axis(idx, order, axis=1)[:, :kk].astype(np.int64)
+    return out
+
+
+def sample_zinb(
+    shape: tuple[int, ...], total_count, logits, zi_logits, rng: np.random.Generator
+) -> torch.Tensor:
+    """Draw ZINB counts ``[*shape]`` float32 with `torch.distributions` conventions.
+
+    ``NegativeBinomial(total_count=r, logits=l)`` has mean ``r * exp(l)``; zeros are inflated with
+    probability ``sigmoid(zi_logits)``. Parameters are scalars or arrays broadcastable to ``shape`` (per gene
+    on the last axis). Sampled with NumPy (``p = sigmoid(-l)`` in NumPy's convention) from ``rng``.
+    """
+    r = np.broadcast_to(np.asarray(total_count, dtype=np.float64), shape)
+    lg = np.broadcast_to(np.asarray(logits, dtype=np.float64), shape)
+    zi = np.broadcast_to(np.asarray(zi_logits, dtype=np.float64), shape)
+    counts = rng.negative_binomial(r, 1.0 / (1.0 + np.exp(lg)))
+    zero = rng.random(shape) < 1.0 / (1.0 + np.exp(-zi))
+    counts[zero] = 0
+    return torch.from_numpy(counts.astype(np.float32))
+
+
+def fit_zinb_per_gene(counts: np.ndarray, steps: int = 300, lr: float = 0.05) -> dict[str, np.ndarray]:
+    """Maximum-likelihood ZINB per gene (columns of raw ``counts`` ``[N, G]``), vectorised over genes.
+
+    Returns:
+        ``{"total_count", "logits", "zi_logits"}``, each float32 ``[G]`` in `torch.distributions` conventions.
+    """
+    x = torch.from_numpy(np.asarray(counts, dtype=np.float32))
+    mean = x.mean(0).clamp_min(1e-3)
+    log_r = torch.zeros(x.shape[1], requires_grad=True)
+    log_mu = torch.log(mean).clone().requires_grad_(True)
+    zi = torch.full((x.shape[1],), -2.0, requires_grad=True)
+    opt = torch.optim.Adam([log_r, log_mu, zi], lr=lr)
+    is_zero = x == 0
+    for _ in range(steps):
+        r = log_r.exp()
+        # NB log-pmf with mean exp(log_mu) and dispersion r.
+        log_nb = (
+            torch.lgamma(x + r)
+            - torch.lgamma(r)
+            - torch.lgamma(x + 1)
+            + r * (log_r - torch.logaddexp(log_r, log_mu))
+            + x * (log_mu - torch.logaddexp(log_r, log_mu))
+        )
+        log_pi, log_1mpi = F.logsigmoid(zi), F.logsigmoid(-zi)
+        ll = torch.where(is_zero, torch.logaddexp(log_pi, log_1mpi + log_nb), log_1mpi + log_nb)
+        loss = -ll.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return {
+            "total_count": log_r.exp().numpy().astype(np.float32),
+            "logits": (log_mu - log_r).numpy().astype(np.float32),  # mean = r * exp(logits)
+            "zi_logits": zi.numpy().astype(np.float32),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# denoiser
+# --------------------------------------------------------------------------------------------------
+def _mlp(in_dim: int, hidden: int, out_dim: int, act: str, drop: float) -> nn.Module:
+    from timm.layers import Mlp, SwiGLUPacked
+
+    if act == "swiglu":
+        return SwiGLUPacked(
+            in_features=in_dim,
+            hidden_features=hidden,
+            out_features=out_dim,
+            drop=drop,
+            norm_layer=nn.LayerNorm,
+        )
+    acts = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
+    return Mlp(
+        in_features=in_dim,
+        hidden_features=hidden,
+        out_features=out_dim,
+        act_layer=acts[act],
+        drop=drop,
+        norm_layer=nn.LayerNorm,
+    )
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of ``t`` (256 frequencies) followed by ``Linear - SiLU - Linear``."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t.float()[..., None] * freqs
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+def frame_average_edges(rel: torch.Tensor) -> torch.Tensor:
+    """Project neighbour offsets into their 4 PCA frames (``stflow/model/fa.py``).
+
+    Args:
+        rel: ``[N, K, 2]`` offsets of each spot's neighbours.
+
+    Returns:
+        ``[N, 4, K, 2]``: the centred offsets expressed in each of the 4 sign-flipped eigenframes.
+    """
+    x = rel - rel.mean(dim=1, keepdim=True)  # [N, K, 2]
+    cov = torch.bmm(x.transpose(1, 2), x).detach()  # [N, 2, 2]
+    _, vecs = torch.linalg.eigh(cov)  # [N, 2, 2], columns = eigenvectors
+    signs = torch.tensor([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]], dtype=x.dtype, device=x.device)
+    frames = vecs.unsqueeze(1) * signs[None, :, None, :]  # [N, 4, 2, 2]: column j scaled by sign j
+    return torch.einsum("nkj,nfji->nfki", x, frames)
+
+
+class FrameAttention(nn.Module):
+    """STFlow's local attention over the kNN graph with frame-averaged edge features."""
+
+    def __init__(
+        self, d_model: int, d_edge: int, n_genes: int, n_heads: int, act: str, drop: float, attn_drop: float
+    ) -> None:
+        super().__init__()
+        assert d_model % n_heads == 0 and d_edge % n_heads == 0
+        self.h, self.dh, self.de = n_heads, d_model // n_heads, d_edge // n_heads
+        self.qkv = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, 3 * d_model))
+        self.mlp_attn = _mlp(2 * self.dh + self.de + n_genes, d_model, 1, act, drop)
+        self.edge_trans = _mlp(2 + 1, d_edge, d_edge, act, drop)
+        self.w_out = _mlp(d_model + d_edge, d_model, d_model, act, drop)
+        self.attn_drop = nn.Dropout(attn_drop)
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor
+    ) -> torch.Tensor:
+        """x: ``[N, G]`` expression state; h: ``[N, D]`` tokens; coords ``[N, 2]``; nbr ``[N, K]`` -> ``[N, D]``."""
+        n, k = nbr.shape
+        q, kk, v = (t.view(n, self.h, -1) for t in self.qkv(h).chunk(3, dim=-1))  # each [N, H, dh]
+        rel = coords[nbr] - coords[:, None]  # [N, K, 2]
+        dist = rel.norm(dim=-1, keepdim=True)  # [N, K, 1]
+        proj = frame_average_edges(rel)  # [N, 4, K, 2]
+        edge_in = torch.cat([proj, dist[:, None].expand(n, 4, k, 1)], dim=-1)
+        edge = self.edge_trans(edge_in).mean(dim=1)  # [N, K, E] averaged over the 4 frames
+        edge_h = edge.view(n, k, self.h, self.de)
+        gdiff = (x[nbr] - x[:, None])[:, :, None, :].expand(n, k, self.h, x.shape[1])  # [N, K, H, G]
+        msg = torch.cat([q[:, None].expand(n, k, self.h, self.dh), kk[nbr], edge_h, gdiff], dim=-1)
+        logits = self.mlp_attn(msg).squeeze(-1)  # [N, K, H]
+        attn = self.attn_drop(torch.softmax(logits.transpose(1, 2), dim=-1))  # [N, H, K]
+        ctx = torch.einsum("nhk,nkhd->nhd", attn, v[nbr]).reshape(n, -1)
+        ectx = torch.einsum("nhk,nkhd->nhd", attn, edge_h).reshape(n, -1)
+        return self.w_out(torch.cat([ctx, ectx], dim=-1))
+
+
+class STFlowBlock(nn.Module):
+    def __init__(
+        self, d_model: int, d_edge: int, n_genes: int, n_heads: int, act: str, drop: float, attn_drop: float
+    ) -> None:
+        super().__init__()
+        self.attn = FrameAttention(d_model, d_edge, n_genes, n_heads, act, drop, attn_drop)
+        self.mlp = _mlp(d_model, 4 * d_model, d_model, act, drop)
+        self.gene_head = nn.Sequential(
+            nn.Linear(d_model, d_model),
+            nn.GELU(),
+            nn.LayerNorm(d_model),
+            nn.Dropout(drop),
+            nn.Linear(d_model, n_genes),
+            nn.Dropout(drop),
+        )
+
+    def forward(self, x, h, coords, nbr):
+        h = h + self.attn(x, h, coords, nbr)
+        h = h + self.mlp(h)
+        return self.gene_head(h), h
+
+
+class STFlowDenoiser(nn.Module):
+    """Predicts clean ``log1p`` expression ``[N, G]`` from a noisy state, features, coordinates and ``t``."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_genes: int,
+        hidden: int = 128,
+        pair_hidden: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        dropout: float = 0.2,
+        attn_dropout: float = 0.2,
+        activation: str = "swiglu",
+    ) -> None:
+        super().__init__()
+        self.image_transform = nn.Linear(in_dim, hidden)
+        self.time_embed = TimestepEmbedder(hidden)
+        self.blocks = nn.ModuleList(
+            STFlowBlock(hidden, pair_hidden, n_genes, n_heads, activation, dropout, attn_dropout)
+            for _ in range(n_layers)
+        )
+
+    def forward(
+        self, x_t: torch.Tensor, feats: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """x_t ``[N, G]``, feats ``[N, C]``, coords ``[N, 2]``, nbr ``[N, K]``, t scalar tensor -> ``[N, G]``."""
+        h = self.image_transform(feats) + self.time_embed(t.reshape(1))  # [N, D]
+        x = x_t
+        preds = []
+        for blk in self.blocks:
+            x, h = blk(x, h, coords, nbr)
+            preds.append(x)
+        return torch.stack(preds).mean(dim=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# baseline
+# --------------------------------------------------------------------------------------------------
+@register("stflow")
+class STFlowBaseline(Baseline):
+    """STFlow (see the module docstring for the method, its sources and the stated differences).
+
+    Args:
+        n_neighbors: k of the kNN graph (8). hidden, pair_hidden, n_layers, n_heads: denoiser (128, 128, 4, 4).
+        dropout, attn_dropout, activation: (0.2, 0.2, "swiglu").
+        n_steps: Sampling time points (5, i.e. 4 denoiser evaluations).
+        prior: ``"zinb"`` (STFlow's fixed ZINB) or ``"zinb-per-gene"`` (fitted on the training spots).
+        zinb_total_count, zinb_logits, zinb_zi_logits: The fixed prior (1, 0.1, 0).
+        lr, clip_norm, epochs, crops_per_slide, crops_per_step: Training (5e-4, 1.0, 100, 10, 2).
+        max_steps: Stop after this many optimiser steps (None = all epochs).
+        device: torch device string.
+    """
+
+    def __init__(
+        self,
+        n_neighbors: int = 8,
+        hidden: int = 128,
+        pair_hidden: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        dropout: float = 0.2,
+        attn_dropout: float = 0.2,
+        activation: str = "swiglu",
+        n_steps: int = 5,
+        prior: str = "zinb",
+        zinb_total_count: float = 1.0,
+        zinb_logits: float = 0.1,
+        zinb_zi_logits: float = 0.0,
+        lr: float = 5e-4,
+        clip_norm: float = 1.0,
+        epochs: int = 100,
+        crops_per_slide: int = 10,
+        crops_per_step: int = 2,
+        max_steps: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if prior not in ("zinb", "zinb-per-gene"):
+            raise ValueError(f"prior must be 'zinb' or 'zinb-per-gene', got {prior!r}")
+        if n_steps < 2:
+            raise ValueError("n_steps must be >= 2 (n_steps - 1 denoiser evaluations)")
+        opts = dict(
+            n_neighbors=n_neighbors,
+            hidden=hidden,
+            pair_hidden=pair_hidden,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            activation=activation,
+            n_steps=n_steps,
+            prior=prior,
+            zinb_total_count=zinb_total_count,
+            zinb_logits=zinb_logits,
+            zinb_zi_logits=zinb_zi_logits,
+            lr=lr,
+            clip_norm=clip_norm,
+            epochs=epochs,
+            crops_per_slide=crops_per_slide,
+            crops_per_step=crops_per_step,
+            max_steps=max_steps,
+            device=device,
+        )
+        super().__init__(**opts)
+        for key, val in opts.items():
+            setattr(self, key, val)
+        self.model_: STFlowDenoiser | None = None
+        self.prior_params_: dict[str, Any] | None = None
+        self.seed_: int = 0
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _slide_arrays(self, slide: Slide) -> tuple[torch.Tensor, torch.Tensor]:
+        xy = np.asarray(slide.spatial, dtype=np.float64)
+        xy = (xy - xy.mean(axis=0)) / _nn_scale(xy)
+        return torch.from_numpy(self._x(slide)).float(), torch.from_numpy(xy).float()
+
+    def _prior(self, shape: tuple[int, int], rng: np.random.Generator) -> torch.Tensor:
+        """``log1p`` of a ZINB draw ``[*shape]`` (the flow's source distribution)."""
+        assert self.prior_params_ is not None
+        p = self.prior_params_
+        return torch.log1p(sample_zinb(shape, p["total_count"], p["logits"], p["zi_logits"], rng))
+
+    def _crop(self, xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        n = len(xy)
+        m = int(max(min(n, self.n_neighbors + 1), round(rng.uniform(0.0, 1.0) * n)))
+        if m >= n:
+            return np.arange(n)
+        centre = xy[rng.integers(n)]
+        return np.argsort(((xy - centre) ** 2).sum(axis=1), kind="stable")[:m]
+
+    # -- fit / predict -------------------------------------------------------------------------------
+    def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
+        assert self.genes_ is not None
+        self.seed_ = seed
+        gen = torch.Generator().manual_seed(seed)
+        data = []
+        for s in slides:
+            feats, xy = self._slide_arrays(s)
+            data.append((feats, xy, torch.from_numpy(log1p_targets(s, self.genes_))))
+        if self.prior == "zinb-per-gene":
+            raw = np.expm1(np.concatenate([d[2].numpy() for d in data]).astype(np.float64)).round()
+            self.prior_params_ = fit_zinb_per_gene(raw)
+        else:
+            self.prior_params_ = {
+                "total_count": self.zinb_total_count,
+                "logits": self.zinb_logits,
+                "zi_logits": self.zinb_zi_logits,
+            }
+        model = STFlowDenoiser(
+            data[0][0].shape[1],
+            len(self.genes_),
+            self.hidden,
+            self.pair_hidden,
+            self.n_layers,
+            self.n_heads,
+            self.dropout,
+            self.attn_dropout,
+            self.activation,
+        ).to(self.device)
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+        step, done = 0, False
+        for _ in range(self.epochs):
+            model.train()
+            # One epoch = crops_per_slide random crops of every slide, in random order (STFlow's sample_times).
+            items = [i for i in range(len(data)) for _ in range(self.crops_per_slide)]
+            order = rng.permutation(len(items))
+            total, count = 0.0, 0
+            for b in range(0, len(order), self.crops_per_step):
+                sq_sum, n_el = 0.0, 0
+                for j in order[b : b + self.crops_per_step]:
+                    feats, xy, y = data[items[j]]
+                    idx = self._crop(xy.numpy(), rng)
+                    sel = torch.from_numpy(idx)
+                    f, c, x1 = feats[sel].to(self.device), xy[sel].to(self.device), y[sel].to(self.device)
+                    nbr = torch.from_numpy(knn_graph(c.cpu().numpy(), self.n_neighbors)).to(self.device)
+                    t = torch.rand((), generator=gen)
+                    x0 = self._prior(tuple(x1.shape), rng).to(self.device)
+                    xt = (1 - t) * x0 + t * x1
+                    pred = model(xt, f, c, nbr, t.to(self.device))
+                    sq_sum = sq_sum + ((pred - x1) ** 2).sum()
+                    n_el += x1.numel()
+                # MSE over all spots and genes of the step's crops (STFlow pads the crops and masks).
+                loss = sq_sum / n_el
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_norm)
+                opt.step()
+                total += float(loss.detach())
+                count += 1
+                step += 1
+                if self.max_steps is not None and step >= self.max_steps:
+                    done = True
+                    break
+            self.history_.append(total / max(count, 1))
+            if done:
+                break
+        self.model_ = model.eval()
+
+    @torch.no_grad()
+    def _predict(self, slide: Slide) -> np.ndarray:
+        assert self.model_ is not None and self.genes_ is not None
+        feats, xy = self._slide_arrays(slide)
+        feats, xy = feats.to(self.device), xy.to(self.device)
+        nbr = torch.from_numpy(knn_graph(xy.cpu().numpy(), self.n_neighbors)).to(self.device)
+        x = self._prior((slide.n_spots, len(self.genes_)), np.random.default_rng(self.seed_ + 1)).to(
+            self.device
+        )
+        ts = torch.linspace(0.01, 1.0, self.n_steps)
+        pred = x
+        for i in range(self.n_steps - 1):
+            t1, t2 = ts[i], ts[i + 1]
+            pred = self.model_(x, feats, xy, nbr, t1.to(self.device))
+            if i < self.n_steps - 2:
+                x = x + (t2 - t1) * (pred - x)
+        return pred.cpu().numpy()

@@ -1,0 +1,304 @@
+"""`hist-st bench speed`: train-step and inference time, peak memory and FLOP/s of HiST (paper Fig. 3).
+
+Each measurement runs in a fresh subprocess so that its peak memory (CPU RSS from ``getrusage``, or
+CUDA allocated/reserved) belongs to that setting alone. Every subprocess also times a dense fp32
+matmul, so the model's achieved FLOP/s can be read against what the machine delivers at that moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SpeedSettings", "measure", "run_speed_bench", "plot_speed"]
+
+DEFAULT_SPOTS = (500, 2000, 5000, 20000, 100000)
+DEFAULT_GENES = (250, 1000, 2000, 4000)
+
+
+@dataclass
+class SpeedSettings:
+    """One measurement: a slide of ``spots`` tokens, ``genes`` outputs, in ``mode`` train or infer."""
+
+    spots: int
+    genes: int
+    mode: str  # "train" | "infer"
+    in_dim: int = 1024
+    threads: int = 2
+    repeats: int = 3
+    device: str = "cpu"
+    grid: str = "hex"
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+def _matmul_gflops(device: str, size: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * size**3 / statistics.median(times[1:]) / 1e9
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _slide(spots: int, grid: str, seed: int):
+    from hist_st.data.synthetic import make_slide
+    from hist_st.lattice import continuous_coords, to_lattice
+
+    slide = make_slide("bench", n_spots=spots, grid=grid, seed=seed, n_genes=8, embed_dim=4)
+    lattice = to_lattice(continuous_coords(slide))
+    return lattice, len(lattice)
+
+
+def measure(s: SpeedSettings) -> dict[str, Any]:
+    """Run one setting in this process and return its timings, memory and FLOPs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hist_st.model import HiST, HiSTConfig
+
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    dev = s.device
+    lattice, n = _slide(s.spots, s.grid, s.seed)
+    feats = torch.randn(n, s.in_dim, device=dev)
+    target = torch.randn(n, s.genes, device=dev)
+    model = HiST(HiSTConfig(in_dim=s.in_dim, n_genes=s.genes, **s.model)).to(dev)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.startswith("cuda") else _null()
+    gflops_matmul = _matmul_gflops(dev)
+
+    t = time.perf_counter()
+    batch = model.make_batch(lattice, feats)
+    build_s = time.perf_counter() - t
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(batch)
+    fwd_flops = counter.get_total_flops()
+
+    if dev.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times, build_times = [], []
+    if s.mode == "train":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+        for _ in range(s.repeats + 1):
+            _sync(dev)
+            t0 = time.perf_counter()
+            batch = model.make_batch(lattice, feats)  # indices are rebuilt per step (augmented lattice)
+            t1 = time.perf_counter()
+            with amp:
+                loss = torch.nn.functional.mse_loss(model(batch).float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+            build_times.append(t1 - t0)
+        flops = 3 * fwd_flops  # forward + backward (2x forward)
+    else:
+        model.eval()
+        with torch.inference_mode():
+            for _ in range(s.repeats + 1):
+                _sync(dev)
+                t0 = time.perf_counter()
+                batch = model.make_batch(lattice, feats)
+                t1 = time.perf_counter()
+                with amp:
+                    model(batch).float()
+                _sync(dev)
+                times.append(time.perf_counter() - t0)
+                build_times.append(t1 - t0)
+        flops = fwd_flops
+    sec = statistics.median(times[1:])
+    out: dict[str, Any] = {
+        **{k: v for k, v in asdict(s).items() if k != "model"},
+        "model": s.model,
+        "seconds": sec,
+        "seconds_all": times[1:],
+        "index_build_seconds": statistics.median(build_times[1:]),
+        "first_build_seconds": build_s,
+        "tokens_per_level": [lv.num_tokens for lv in batch.levels],
+        "gflop": flops / 1e9,
+        "achieved_gflops": flops / sec / 1e9,
+        "matmul_gflops": gflops_matmul,
+        "fraction_of_matmul": flops / sec / 1e9 / gflops_matmul,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }
+    if dev.startswith("cuda"):
+        out["cuda_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        out["cuda_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _run_worker(s: SpeedSettings, timeout: float) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(s.threads), MKL_NUM_THREADS=str(s.threads))
+    cmd = [sys.executable, "-m", "hist_st.bench.speed", json.dumps(asdict(s))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**asdict(s), "error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**asdict(s), "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_speed_bench(
+    out_dir: str | Path,
+    spots: tuple[int, ...] = DEFAULT_SPOTS,
+    genes: tuple[int, ...] = DEFAULT_GENES,
+    grid_mode: str = "sweep",
+    modes: tuple[str, ...] = ("infer", "train"),
+    max_train_spots: int = 20000,
+    base_spots: int = 5000,
+    base_genes: int = 2000,
+    json_lines: bool = False,
+    timeout: float = 900.0,
+    **settings: Any,
+) -> list[dict[str, Any]]:
+    """Measure every setting and write ``speed.json`` and the Figure-3 plots into ``out_dir``.
+
+    Args:
+        out_dir: Output folder.
+        spots: Slide sizes N.
+        genes: Gene counts G.
+        grid_mode: ``sweep`` (N at ``base_genes``, and G at ``base_spots``) or ``full`` (every pair).
+        modes: ``infer`` and/or ``train``.
+        max_train_spots: Largest N for train steps.
+        json_lines: Print one JSON line per setting instead of a table row.
+        timeout: Seconds allowed per setting.
+        **settings: Passed to `SpeedSettings` (threads, device, repeats, in_dim, grid, model, ...).
+
+    Returns:
+        One result dict per setting.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if grid_mode == "full":
+        pairs = [(n, g) for n in spots for g in genes]
+    else:
+        pairs = [(n, base_genes) for n in spots] + [(base_spots, g) for g in genes if g != base_genes]
+    jobs = [
+        SpeedSettings(spots=n, genes=g, mode=m, **settings)
+        for n, g in pairs
+        for m in modes
+        if not (m == "train" and n > max_train_spots)
+    ]
+    results = []
+    bar = tqdm(jobs, desc="bench speed", disable=json_lines, file=sys.stderr)
+    for job in bar:
+        bar.set_postfix(N=job.spots, G=job.genes, mode=job.mode)
+        r = _run_worker(job, timeout)
+        results.append(r)
+        if json_lines:
+            print(json.dumps(r), flush=True)
+        else:
+            tqdm.write(format_row(r), file=sys.stdout)
+    payload = {"results": results, "environment": environment()}
+    (out_dir / "speed.json").write_text(json.dumps(payload, indent=2))
+    plot_speed(results, out_dir)
+    return results
+
+
+def format_row(r: dict[str, Any]) -> str:
+    head = f"N={r['spots']:>6} G={r['genes']:>4} {r['mode']:>5}"
+    if "error" in r:
+        return f"{head}  ERROR {r['error']}"
+    mem = f"RSS {r['peak_rss_gb']:.2f} GB"
+    if "cuda_reserved_gb" in r:
+        mem += f", CUDA alloc {r['cuda_allocated_gb']:.2f} / reserved {r['cuda_reserved_gb']:.2f} GB"
+    return (
+        f"{head}  {r['seconds']:.3f} s (index build {r['index_build_seconds']:.3f} s)  {mem}  "
+        f"{r['gflop']:.1f} GFLOP -> {r['achieved_gflops']:.0f} GFLOP/s = "
+        f"{100 * r['fraction_of_matmul']:.0f}% of dense fp32 matmul ({r['matmul_gflops']:.0f} GFLOP/s)"
+    )
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def plot_speed(results: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Log-log time and memory against spots and against genes (paper Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    paths = []
+    for axis, fixed in (("spots", "genes"), ("genes", "spots")):
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+        for mode in ("infer", "train"):
+            rows = [r for r in ok if r["mode"] == mode]
+            if not rows:
+                continue
+            # the most common value of the other axis is the sweep's fixed value
+            vals = [r[fixed] for r in rows]
+            keep = max(set(vals), key=vals.count)
+            rows = sorted((r for r in rows if r[fixed] == keep), key=lambda r: r[axis])
+            if len(rows) < 2:
+                continue
+            x = [r[axis] for r in rows]
+            ax_t.plot(x, [r["seconds"] for r in rows], "o-", label=f"{mode} ({fixed}={keep})")
+            mem = [r.get("cuda_reserved_gb", r["peak_rss_gb"]) for r in rows]
+            ax_m.plot(x, mem, "o-", label=f"{mode} ({fixed}={keep})")
+        for ax, ylabel in ((ax_t, "seconds per slide"), (ax_m, "peak memory (GB)")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(axis)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"HiST time and memory vs {axis}")
+        fig.tight_layout()
+        path = Path(out_dir) / f"speed_vs_{axis}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":  # worker entry point: one setting, JSON on the last stdout line
+    print(json.dumps(measure(SpeedSettings(**json.loads(sys.argv[1])))))

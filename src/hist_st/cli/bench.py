@@ -1,0 +1,142 @@
+"""``hist-st bench``: the benchmark command group (``accuracy``, ``efficiency``; the lead's ``speed``).
+
+Each subcommand is registered by a function ``register_<name>(bench_subparsers)`` listed in
+`BENCH_COMMANDS`; the work is done by `hist_st.experiments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hist_st.cli.bench_speed import register_speed
+from hist_st.errors import InputError
+
+
+def _methods(value: str) -> list[str]:
+    return [m.strip() for m in value.split(",") if m.strip()]
+
+
+def parse_baseline_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["stflow.epochs=50", "bleep.top_k=50"]`` -> ``{"stflow": {"epochs": 50}, "bleep": {"top_k": 50}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        name, dot, opt = key.partition(".")
+        if not sep or not dot or not name or not opt:
+            raise InputError("--baseline-option", f"{item!r} is not of the form METHOD.KEY=VALUE (e.g. stflow.epochs=50)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise InputError("--baseline-option", f"{item!r}: cannot parse the value ({exc})") from exc
+        out.setdefault(name.strip(), {})[opt.strip()] = value
+    return out
+
+
+def add_experiment_args(p: argparse.ArgumentParser, *, genes: bool = True) -> None:
+    """Options shared by the experiment commands: genes, folds, seed, HiST config and overrides."""
+    if genes:
+        p.add_argument("--genes", default="hvg:2000", help="gene set: hvg:N (top N HVGs) or he:N (N most expressed)")
+    p.add_argument("--folds", type=int, default=4, help="number of folds, by slide (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="fold and training seed (default 0)")
+    p.add_argument("--config", type=Path, default=None, help="HiST TrainConfig YAML")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="HiST config overrides, e.g. epochs=100 model.dim=256")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    from hist_st.experiments.accuracy import run_accuracy
+
+    res = run_accuracy(
+        args.cohort, args.out, methods=_methods(args.methods), genes=args.genes, folds=args.folds, seed=args.seed,
+        config=args.config, overrides=args.overrides, group_by=args.group_by,
+        baseline_options=parse_baseline_options(args.baseline_option), write_predictions=not args.no_predictions,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(res["table"])
+    print(f"results in {res['out_dir']} (accuracy.json, table.md, per_gene.csv, per-fold metrics.json)")
+    return 0
+
+
+def register_accuracy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("accuracy", help="Table 2: every method on identical folds, both metric protocols",
+                       description="Cross-validate HiST and baselines on the same folds/genes/targets/embeddings; "
+                       "writes accuracy.json, table.md, per_gene.csv and per-fold JSON.")  # fmt: skip
+    p.add_argument("--cohort", required=True, action="append", type=Path, help="prepared cohort (repeatable)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--methods", default="hist,mean,ridge,mlp,bleep,stnet,stflow", help="comma-separated methods")
+    p.add_argument("--group-by", default=None, help="fold by a group column (e.g. patient) instead of by slide")
+    p.add_argument("--baseline-option", action="append", metavar="METHOD.KEY=VALUE",
+                   help="baseline option, e.g. stflow.epochs=50 (repeatable)")  # fmt: skip
+    p.add_argument("--no-predictions", action="store_true", help="do not write HiST's test predictions")
+    add_experiment_args(p)
+    p.set_defaults(func=cmd_accuracy)
+
+
+def _ints(value: str) -> list[int]:
+    return [int(v) for v in value.split(",") if v.strip()]
+
+
+def cmd_efficiency(args: argparse.Namespace) -> int:
+    from hist_st.experiments.efficiency import run_efficiency, run_scaling
+
+    methods = _methods(args.methods)
+    opts = parse_baseline_options(args.baseline_option)
+    if not args.no_table:
+        res = run_efficiency(
+            args.out, cohort=args.cohort, methods=methods, genes=args.genes, folds=args.folds, seed=args.seed,
+            epochs=args.epochs, n_spots=args.spots, n_genes=args.n_genes, overrides=args.overrides,
+            baseline_options=opts, device=args.device, threads=args.threads, timeout=args.timeout,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        print(res["header"])
+        print(res["table"])
+    if args.scaling:
+        sc = run_scaling(
+            Path(args.out) / "scaling", methods=methods, spots=_ints(args.scaling_spots),
+            genes_list=_ints(args.scaling_genes), fixed_genes=args.fixed_genes, fixed_spots=args.fixed_spots,
+            epochs=args.epochs, seed=args.seed, overrides=args.overrides, baseline_options=opts, device=args.device,
+            threads=args.threads, timeout=args.timeout, progress=not args.no_progress,
+        )  # fmt: skip
+        print(f"Figure 3: {sc['figure']}")
+    return 0
+
+
+def register_efficiency(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("efficiency", help="Table 1 (time, peak memory per method) and Figure 3 (scaling)",
+                       description="Each method is timed in its own process on the same slides: a prepared "
+                       "cohort's fold-0 split (--cohort) or synthetic slides. --scaling adds Figure 3.")  # fmt: skip
+    p.add_argument("--cohort", type=Path, default=None, help="prepared cohort (default: synthetic slides)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--methods", default="hist,mean,ridge,mlp,bleep,stnet,stflow", help="comma-separated methods")
+    p.add_argument("--epochs", type=int, default=2, help="epochs timed for methods with epochs (default 2)")
+    p.add_argument("--spots", type=int, default=2000, help="spots per synthetic slide for Table 1 (default 2000)")
+    p.add_argument("--n-genes", type=int, default=2000, help="genes of the synthetic slides for Table 1 (default 2000)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = default)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per method and size before giving up")
+    p.add_argument("--baseline-option", action="append", metavar="METHOD.KEY=VALUE", help="baseline option (repeatable)")
+    p.add_argument("--no-table", action="store_true", help="skip Table 1 (e.g. only --scaling)")
+    p.add_argument("--scaling", action="store_true", help="also produce Figure 3 on synthetic slides")
+    p.add_argument("--scaling-spots", default="250,500,1000,2000,4000", help="spots per slide along the spots axis")
+    p.add_argument("--scaling-genes", default="50,250,1000,2000", help="genes along the genes axis")
+    p.add_argument("--fixed-genes", type=int, default=250, help="genes while spots vary (default 250)")
+    p.add_argument("--fixed-spots", type=int, default=1000, help="spots while genes vary (default 1000)")
+    add_experiment_args(p)
+    p.set_defaults(func=cmd_efficiency)
+
+
+# Subcommands of ``hist-st bench``. The lead adds ``register_speed`` (``hist-st bench speed``) HERE:
+# define ``register_speed(sub)`` (or import it) and append it to this list.
+BENCH_COMMANDS = [register_accuracy, register_efficiency, register_speed]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks: accuracy (Table 2), efficiency (Table 1, Figure 3)",
+                              description="Benchmark commands; see `hist-st bench COMMAND --help`.")  # fmt: skip
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
+    for fn in BENCH_COMMANDS:
+        fn(sub)

@@ -1,0 +1,63 @@
+"""``hist-st bench speed``: HiST time, memory and FLOP/s against spots and genes (paper Figure 3)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in value.split(",") if v.strip())
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    from hist_st.bench.speed import DEFAULT_GENES, DEFAULT_SPOTS, run_speed_bench
+
+    model = {}
+    for item in args.model or []:
+        key, _, raw = item.partition("=")
+        model[key] = yaml.safe_load(raw)
+    run_speed_bench(
+        args.out,
+        spots=args.spots or DEFAULT_SPOTS,
+        genes=args.genes or DEFAULT_GENES,
+        grid_mode=args.grid_mode,
+        modes=tuple(args.modes.split(",")),
+        max_train_spots=args.max_train_spots,
+        json_lines=args.json,
+        threads=args.threads,
+        device=args.device,
+        repeats=args.repeats,
+        in_dim=args.in_dim,
+        grid=args.lattice,
+        model=model,
+    )
+    print(f"results in {args.out}/speed.json, plots speed_vs_spots.png and speed_vs_genes.png")
+    return 0
+
+
+def register_speed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "speed",
+        help="train-step / inference time, peak memory and FLOP/s vs spots and genes",
+        description="Each setting runs in a fresh subprocess (so its peak memory is its own) and times a "
+        "dense fp32 matmul beside the model, reporting the model's achieved fraction of it.",
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/bench-speed"), help="output folder")
+    p.add_argument("--spots", type=_ints, default=None, help="spots N (default 500,2000,5000,20000,100000)")
+    p.add_argument("--genes", type=_ints, default=None, help="genes G (default 250,1000,2000,4000)")
+    p.add_argument("--grid-mode", choices=["sweep", "full"], default="sweep",
+                   help="sweep: N at G=2000 and G at N=5000; full: every (N, G) pair")  # fmt: skip
+    p.add_argument("--modes", default="infer,train", help="infer and/or train")
+    p.add_argument("--max-train-spots", type=int, default=20000, help="largest N for train steps")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median)")
+    p.add_argument("--in-dim", type=int, default=1024, help="input embedding width (default 1024)")
+    p.add_argument("--lattice", choices=["square", "hex"], default="square",
+                   help="synthetic slide geometry: square (dense legacy-ST lattice) or hex (Visium, 55 um unit)")  # fmt: skip
+    p.add_argument("--model", action="append", metavar="KEY=VALUE", help="HiSTConfig override, e.g. dim=256")
+    p.add_argument("--json", action="store_true", help="print one JSON line per setting")
+    p.set_defaults(func=cmd_speed)

@@ -1,0 +1,137 @@
+"""``hist-st prepare``: turn raw slides (her2st, HEST-1k, Space Ranger, AnnData) into a prepared cohort."""
+
+from __future__ import annotations
+
+import argparse
+
+from hist_st.errors import InputError
+
+FORMATS = ("her2st", "hest", "spaceranger", "anndata")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        help="read slides, cut patches, embed them and harmonise genes into a cohort folder",
+        description=(
+            "Prepare a cohort: one <slide>.h5ad per slide plus cohort.json. Resumable: finished slides are "
+            "skipped; embeddings are cached per slide and encoder."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--format", required=True, choices=FORMATS, help="input layout")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="her2st/hest: the data folder; spaceranger: outs/ folder(s); anndata: .h5ad file(s); "
+        "or one CSV/TSV sample table (columns path, image, slide_id, patient, um_per_px)",
+    )
+    p.add_argument(
+        "--image",
+        nargs="+",
+        default=None,
+        help="full-resolution image(s), one per --input (spaceranger/anndata)",
+    )
+    p.add_argument(
+        "--slide-id", nargs="+", default=None, help="slide id(s), one per --input (spaceranger/anndata)"
+    )
+    p.add_argument(
+        "--patient", nargs="+", default=None, help="patient id(s), one per --input (spaceranger/anndata)"
+    )
+    p.add_argument(
+        "--sections", nargs="+", default=None, help="her2st section ids / HEST sample ids to include"
+    )
+    p.add_argument("--um-per-px", type=float, default=None, help="override microns per pixel (anndata)")
+    p.add_argument("--out", required=True, help="output cohort folder")
+    p.add_argument("--encoder", default="efficientnet-lite0", help="efficientnet-lite0, uni, or timm:<name>")
+    p.add_argument("--weights", default=None, help="encoder weights file (uni, timm:<name>)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--patch-px", type=int, default=224, help="patch side in pixels")
+    p.add_argument("--patch-um-per-px", type=float, default=0.5, help="patch resolution (um per pixel)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--stain-norm", choices=("none", "macenko"), default="none", help="stain normalisation (torchstain)"
+    )
+    p.add_argument(
+        "--stain-reference", default=None, help="reference H&E image for --stain-norm (default: torchstain's)"
+    )
+    p.add_argument("--gene-mapping", default=None, help="CSV/TSV of Ensembl id -> gene symbol")
+    p.add_argument("--hvg-scope", choices=("dataset", "train-only"), default="dataset")
+    p.add_argument(
+        "--train-slides", nargs="+", default=None, help="training slide ids for --hvg-scope train-only"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="re-prepare slides that are already done")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def _per_input(values, n: int, name: str) -> list:
+    if values is None:
+        return [None] * n
+    if len(values) != n:
+        raise InputError(f"--{name}", f"give one value per --input ({n}), got {len(values)}")
+    return list(values)
+
+
+def build_sources(args) -> list:
+    from pathlib import Path
+
+    from hist_st import prepare as P
+
+    inputs = args.input
+    if args.format == "her2st":
+        if len(inputs) != 1:
+            raise InputError("--input", "give one her2st folder")
+        return P.sources_from_her2st(inputs[0], args.sections)
+    if args.format == "hest":
+        if len(inputs) != 1:
+            raise InputError("--input", "give one HEST-1k folder")
+        return P.sources_from_hest(inputs[0], args.sections)
+    if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".csv", ".tsv", ".txt"):
+        return P.sources_from_table(inputs[0], args.format)
+    images = _per_input(args.image, len(inputs), "image")
+    ids = _per_input(args.slide_id, len(inputs), "slide-id")
+    patients = _per_input(args.patient, len(inputs), "patient")
+    if args.format == "spaceranger":
+        return [
+            P.source_from_spaceranger(i, im, s, pt) for i, im, s, pt in zip(inputs, images, ids, patients)
+        ]
+    return [
+        P.source_from_anndata(i, im, s, pt, args.um_per_px)
+        for i, im, s, pt in zip(inputs, images, ids, patients)
+    ]
+
+
+def run(args) -> int:
+    import sys
+
+    from hist_st.prepare import prepare_cohort
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sources = build_sources(args)
+    report = prepare_cohort(
+        sources,
+        args.out,
+        encoder=args.encoder,
+        weights=args.weights,
+        device=args.device,
+        patch_px=args.patch_px,
+        patch_um_per_px=args.patch_um_per_px,
+        batch_size=args.batch_size,
+        stain_norm=args.stain_norm,
+        stain_reference=args.stain_reference,
+        gene_mapping=args.gene_mapping,
+        hvg_scope=args.hvg_scope,
+        train_slides=args.train_slides,
+        progress=not args.no_progress,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    print(report.summary())
+    if report.failed and not (report.prepared or report.skipped_done):
+        return 1
+    return 0 if not report.failed else 3

@@ -1,0 +1,156 @@
+"""``hist-st ablate``, ``stain``, ``tokens``, ``plot genes`` and ``report``: thin wrappers over
+`hist_st.experiments`."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from hist_st.cli.bench import add_experiment_args, parse_baseline_options
+
+
+def _list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from hist_st.experiments.ablation import ABLATIONS, run_ablation
+
+    if args.list:
+        for a in ABLATIONS.values():
+            print(f"{a.name:14s} {a.group or '-'}: {a.label}")
+        return 0
+    if args.cohort is None or args.out is None:
+        raise SystemExit("hist-st ablate: --cohort and --out are required (or --list)")
+    res = run_ablation(
+        args.cohort, args.out, names=_list(args.configs), genes=args.genes, folds=args.folds, seed=args.seed,
+        config=args.config, overrides=args.overrides, group_by=args.group_by, skip_done=not args.force,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(res["table"])
+    print(f"results in {res['out_dir']}")
+    return 0
+
+
+def cmd_stain(args: argparse.Namespace) -> int:
+    from hist_st.experiments.stain import run_stain
+
+    res = run_stain(
+        args.plain, args.macenko, args.out, rows=_list(args.rows) or ("macenko-only", "token-only", "both", "neither"),
+        prepare_args=shlex.split(args.prepare) if args.prepare else None, genes=args.genes, folds=args.folds,
+        seed=args.seed, config=args.config, overrides=args.overrides, skip_done=not args.force,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(res["table"])
+    print(f"results in {res['out_dir']}")
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from hist_st.experiments.tokens import run_token_analysis
+
+    res = run_token_analysis(args.run, args.cohort, args.out, group_by=_list(args.group_by) or ["patient"],
+                             source=args.source)  # fmt: skip
+    print(res["table"])
+    print("figures: " + ", ".join(res["figures"]))
+    return 0
+
+
+def cmd_plot_genes(args: argparse.Namespace) -> int:
+    from hist_st.experiments.figures import plot_genes
+
+    out = args.out or Path(args.pred).with_suffix("").as_posix() + "_genes.png"
+    path = plot_genes(args.pred, _list(args.genes) or [], out, truth=args.truth)
+    print(path)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hist_st.experiments.report import build_report
+
+    command = "hist-st " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    path = build_report(
+        args.name or Path(args.cohort).resolve().name, args.cohort, docs_dir=args.docs, runs_dir=args.runs, methods=_list(args.methods),
+        gene_sets=_list(args.gene_sets), folds=args.folds, seed=args.seed, config=args.config,
+        overrides=args.overrides, baseline_options=parse_baseline_options(args.baseline_option),
+        ablations=_list(args.ablations) if args.ablations != "none" else [], efficiency=not args.no_efficiency,
+        efficiency_epochs=args.efficiency_epochs, scaling=args.scaling, macenko=args.macenko,
+        token_groups=_list(args.token_groups), device=args.device, command=command, force=args.force,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(path)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ablate", help="Table 3: component ablations of HiST on the same folds",
+                              description="Cross-validate each named ablation config (see --list) on identical "
+                              "folds and genes; writes table.md with fold std and the paper's direction.")  # fmt: skip
+    p.add_argument("--cohort", type=Path, default=None, help="prepared cohort")
+    p.add_argument("--out", type=Path, default=None, help="output folder")
+    p.add_argument("--configs", default=None, help="comma-separated ablation names (default: all; see --list)")
+    p.add_argument("--group-by", default=None, help="fold by a group column instead of by slide")
+    p.add_argument("--force", action="store_true", help="rerun ablations whose results exist")
+    p.add_argument("--list", action="store_true", help="list the ablation names and exit")
+    add_experiment_args(p)
+    p.set_defaults(func=cmd_ablate)
+
+    p = subparsers.add_parser("stain", help="Table 5: calibration token vs Macenko stain normalisation",
+                              description="Cross-validate token-only / Macenko-only / both (and neither) on the "
+                              "same folds and genes. Give two prepared cohorts, or --prepare to make them.")  # fmt: skip
+    p.add_argument("--plain", required=True, type=Path, help="cohort prepared without stain normalisation")
+    p.add_argument("--macenko", required=True, type=Path, help="the same slides prepared with --stain-norm macenko")
+    p.add_argument("--prepare", default=None,
+                   help="hist-st prepare arguments (quoted, without --out/--stain-norm) to prepare both cohorts first")  # fmt: skip
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--rows", default=None, help="rows to run: macenko-only,token-only,both,neither (default all)")
+    p.add_argument("--force", action="store_true", help="rerun rows whose results exist")
+    add_experiment_args(p)
+    p.set_defaults(func=cmd_stain)
+
+    p = subparsers.add_parser("tokens", help="Table 6 / Figure 4: calibration-token analysis of a CV run",
+                              description="Export each slide's final calibration token from the fold models of a "
+                              "cv / bench accuracy run and measure how well it separates groups.")  # fmt: skip
+    p.add_argument("--run", required=True, type=Path, help="cross-validation run directory (splits.json, fold_<i>/model.pt)")
+    p.add_argument("--cohort", required=True, type=Path, help="the prepared cohort of that run")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--group-by", default="patient", help="comma-separated metadata columns (patient, technology, ...)")
+    p.add_argument("--source", default="test", help="'test' (held-out fold model per slide) or 'fold:<i>'")
+    p.set_defaults(func=cmd_tokens)
+
+    p = subparsers.add_parser("plot", help="figures (plot genes: H&E, measured and predicted expression)")
+    psub = p.add_subparsers(dest="plot_command", required=True, metavar="FIGURE")
+    g = psub.add_parser("genes", help="H&E, measured and predicted log-expression side by side per gene")
+    g.add_argument("--pred", required=True, type=Path, help="prediction file (.h5ad with layers['predicted'])")
+    g.add_argument("--genes", required=True, help="comma-separated genes")
+    g.add_argument("--truth", type=Path, default=None, help="prepared slide with the measured counts (if not in --pred)")
+    g.add_argument("--out", type=Path, default=None, help="PNG path (default: next to --pred)")
+    g.set_defaults(func=cmd_plot_genes)
+
+    p = subparsers.add_parser("report", help="run every experiment on a cohort and write docs/results/<name>.md",
+                              usage="hist-st report --cohort DIR [--name NAME] [options] [KEY=VALUE ...]",
+                              description="Tables 1, 2, 3 (and 5), the token analysis and figures in one Markdown "
+                              "file that quotes this command; finished steps are reused unless --force.")  # fmt: skip
+    # The name is an option, not a positional: argparse cannot take a positional before options and trailing
+    # KEY=VALUE overrides after them.
+    p.add_argument("--name", default=None, help="report name, e.g. her2st (default: the cohort folder's name)")
+    p.add_argument("--cohort", required=True, type=Path, help="prepared cohort")
+    p.add_argument("--docs", type=Path, default=Path("docs/results"), help="Markdown folder (default docs/results)")
+    p.add_argument("--runs", type=Path, default=None, help="run folder (default runs/report-<name>)")
+    p.add_argument("--methods", default="hist,mean,ridge,mlp,bleep,stnet,stflow", help="comma-separated methods")
+    p.add_argument("--gene-sets", default="hvg:2000,he:250", help="comma-separated gene sets for Table 2")
+    p.add_argument("--ablations", default=None, help="comma-separated ablations (default all; 'none' to skip)")
+    p.add_argument("--no-efficiency", action="store_true", help="skip Table 1")
+    p.add_argument("--efficiency-epochs", type=int, default=2, help="epochs timed per method for Table 1")
+    p.add_argument("--scaling", action="store_true", help="also produce Figure 3 (synthetic slides)")
+    p.add_argument("--macenko", type=Path, default=None, help="Macenko-normalised copy of the cohort (Table 5)")
+    p.add_argument("--token-groups", default="patient", help="metadata columns for the token analysis")
+    p.add_argument("--device", default="auto", help="device for the efficiency table")
+    p.add_argument("--baseline-option", action="append", metavar="METHOD.KEY=VALUE", help="baseline option (repeatable)")
+    p.add_argument("--force", action="store_true", help="recompute steps whose results exist")
+    add_experiment_args(p, genes=False)
+    p.set_defaults(func=cmd_report)

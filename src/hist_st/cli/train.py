@@ -1,0 +1,132 @@
+"""``hist-st train``, ``hist-st cv`` and ``hist-st predict``: thin wrappers over `hist_st.train`.
+
+Configuration: ``--config run.yaml`` and trailing ``key=value`` overrides (``epochs=20 model.dim=256
+augment.variant=authors genes.n_top=250``). Multi-process data parallel: launch with torchrun, e.g.
+``torchrun --nproc_per_node 2 -m hist_st.cli.train --slides cohort/ --out runs/a`` (this module run as a
+script is ``hist-st train``), or ``torchrun --nproc_per_node 2 "$(which hist-st)" train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hist_st.errors import InputError
+
+
+def _ids(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    p = Path(value)
+    if p.is_file():
+        items = [line.strip() for line in p.read_text().splitlines()]
+    else:
+        items = [v.strip() for v in value.split(",")]
+    items = [v for v in items if v]
+    if not items:
+        raise InputError(value, "empty slide id list")
+    return items
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="YAML file with TrainConfig keys")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=20 model.dim=256")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _cfg(args: argparse.Namespace):
+    from hist_st.train.config import load_config
+
+    overrides = list(args.overrides)
+    if args.no_progress:
+        overrides.append("progress=false")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hist_st.train.loop import CHECKPOINT, train
+
+    cfg = _cfg(args)
+    resume = args.resume_from
+    if resume is None and args.resume:
+        resume = Path(args.out) / CHECKPOINT
+    result = train(cfg, args.slides, slide_ids=_ids(args.ids), out_dir=args.out, resume=resume)
+    if result.checkpoint is not None:  # master process only
+        last = result.history[-1] if result.history else {}
+        print(f"trained on {len(result.slide_ids)} slides, {len(result.bundle.genes)} genes; "
+              f"final loss {last.get('loss', float('nan')):.4f}; checkpoint: {result.checkpoint}")  # fmt: skip
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from hist_st.train.cv import run_cv
+
+    cfg = _cfg(args)
+    baselines = [b for b in (args.baselines or "").split(",") if b]
+    summary = run_cv(
+        cfg, args.slides, args.out, k=args.folds, group_by=args.group_by, folds=args.splits,
+        slide_ids=_ids(args.ids), baselines=baselines, write_predictions=not args.no_predictions,
+        mc_samples=args.mc_samples, progress=cfg.progress,
+    )  # fmt: skip
+    print(summary["table"])
+    print(f"results in {summary['out_dir']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hist_st.train.checkpoint import load_bundle
+    from hist_st.train.distributed import resolve_device
+    from hist_st.train.predict import predict_folder
+
+    bundle = load_bundle(args.model, device=resolve_device(args.device))
+    paths = predict_folder(bundle, args.slides, args.out, slide_ids=_ids(args.ids), mc_samples=args.mc_samples,
+                           seed=args.seed, progress=not args.no_progress)  # fmt: skip
+    print(json.dumps({"predicted": len(paths), "genes": len(bundle.genes), "out": str(args.out)}))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train HiST on a folder of prepared slides",
+                              description="Train HiST on prepared slides; writes OUT/model.pt (restorable).")  # fmt: skip
+    p.add_argument("--slides", required=True, type=Path, help="folder of prepared slides (<id>.h5ad)")
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--ids", default=None, help="comma-separated slide ids, or a file with one per line")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt")
+    p.add_argument("--resume-from", type=Path, default=None, help="continue from this checkpoint")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("cv", help="k-fold cross-validation (HiST and baselines, both protocols)",
+                              description="Cross-validate on prepared slides; folds by slide or by a group column.")  # fmt: skip
+    p.add_argument("--slides", required=True, type=Path, help="folder of prepared slides")
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--folds", type=int, default=4, help="number of folds (default 4)")
+    p.add_argument("--group-by", default=None, help="group column, e.g. patient (default: folds by slide)")
+    p.add_argument("--splits", type=Path, default=None, help="use the folds of this splits.json")
+    p.add_argument("--ids", default=None, help="restrict to these slide ids (comma list or file)")
+    p.add_argument("--baselines", default="", help="comma-separated baselines on the same folds, e.g. ridge,mean")
+    p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout passes for predicted_std (default 0)")
+    p.add_argument("--no-predictions", action="store_true", help="do not write prediction files")
+    _common(p)
+    p.set_defaults(func=cmd_cv)
+
+    p = subparsers.add_parser("predict", help="predict prepared slides with a trained model",
+                              description="Write OUT/<id>.h5ad with layers['predicted'] (counts).")  # fmt: skip
+    p.add_argument("--model", required=True, type=Path, help="checkpoint (model.pt) or its run directory")
+    p.add_argument("--slides", required=True, type=Path, help="folder of prepared slides")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--ids", default=None, help="only these slide ids (comma list or file)")
+    p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout passes; adds layers['predicted_std']")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_predict)
+
+
+if __name__ == "__main__":  # torchrun -m hist_st.cli.train ...  ==  hist-st train ...
+    import sys
+
+    from hist_st.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,238 @@
+"""Table 3: component ablations of HiST as named configs, all on the same folds and genes.
+
+Each ablation changes one factor of the full model (`TrainConfig` defaults plus the user's overrides):
+
+==================  ===========================================================================
+name                change
+==================  ===========================================================================
+full                nothing (RPB positional terms, concat skips, all augmentations, one token)
+aug-none            ``augment.enabled = False``
+aug-mirror          mirror only (no shear, rotation or spot dropout)
+aug-shear           shear only
+aug-rotate          rotation only
+aug-drop            spot dropout only
+pos-none            ``model.positional = "none"``
+pos-rope            ``model.positional = "rope"``
+pos-alibi           ``model.positional = "alibi"``
+skip-none           ``model.skip = "none"``
+skip-additive       ``model.skip = "additive"``
+no-resample         ``model.resample = False`` (no dyadic down/up-sampling)
+no-shift            ``model.shifted = False`` (no shifted windows)
+no-token            ``model.tokens = ()`` (no calibration token)
+==================  ===========================================================================
+
+```python
+from hist_st.experiments import run_ablation
+res = run_ablation("cohorts/her2st", "runs/ablate", overrides=["epochs=100"], genes="he:250")
+print(res["table"])
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hist_st.errors import InputError
+
+__all__ = ["Ablation", "ABLATIONS", "PAPER_TABLE3", "ablation_config", "run_ablation", "format_ablation_table"]
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One row of Table 3.
+
+    Attributes:
+        name: Registry name (``aug-none``...).
+        group: Table block (``Coordinate augmentation``...).
+        label: Row label.
+        apply: ``TrainConfig -> TrainConfig`` that changes one factor.
+    """
+
+    name: str
+    group: str
+    label: str
+    apply: Callable[[Any], Any]
+
+
+def _model(**kw: Any) -> Callable[[Any], Any]:
+    return lambda cfg: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **kw))
+
+
+def _augment(**kw: Any) -> Callable[[Any], Any]:
+    return lambda cfg: dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, **kw))
+
+
+_ONLY = {"mirror": False, "shear": False, "rotate": False, "dropout": 0.0}
+
+
+def _only(which: str) -> Callable[[Any], Any]:
+    def apply(cfg: Any) -> Any:
+        kw: dict[str, Any] = dict(_ONLY, enabled=True)
+        if which == "dropout":
+            kw["dropout"] = cfg.augment.dropout  # the variant's default (None) or the user's value
+        else:
+            kw[which] = True
+        return dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, **kw))
+
+    return apply
+
+
+_ROWS = [
+    Ablation("full", "", "Full model", lambda cfg: cfg),
+    Ablation("aug-none", "Coordinate augmentation", "None", _augment(enabled=False)),
+    Ablation("aug-mirror", "Coordinate augmentation", "Random mirror only", _only("mirror")),
+    Ablation("aug-shear", "Coordinate augmentation", "Random shear only", _only("shear")),
+    Ablation("aug-rotate", "Coordinate augmentation", "Random rotate only", _only("rotate")),
+    Ablation("aug-drop", "Coordinate augmentation", "Random drop only", _only("dropout")),
+    Ablation("pos-none", "Positional terms", "None", _model(positional="none")),
+    Ablation("pos-rope", "Positional terms", "RoPE", _model(positional="rope")),
+    Ablation("pos-alibi", "Positional terms", "ALiBi", _model(positional="alibi")),
+    Ablation("skip-none", "Skip connections", "None", _model(skip="none")),
+    Ablation("skip-additive", "Skip connections", "Additive", _model(skip="additive")),
+    Ablation("no-resample", "Downsample-upsample", "None", _model(resample=False)),
+    Ablation("no-shift", "Sparse window partition", "No shifted windows", _model(shifted=False)),
+    Ablation("no-token", "Slide calibration token", "None", _model(tokens=())),
+]
+#: Every Table 3 row by name, in the paper's order.
+ABLATIONS: dict[str, Ablation] = {a.name: a for a in _ROWS}
+
+#: The paper's Table 3 (Brain, NCBI GEO): name -> (pooled R2, pooled PCC) means.
+PAPER_TABLE3: dict[str, tuple[float, float]] = {
+    "full": (0.228, 0.542), "aug-none": (0.149, 0.500), "aug-mirror": (0.153, 0.503),
+    "aug-shear": (0.156, 0.504), "aug-rotate": (0.176, 0.508), "aug-drop": (0.184, 0.526),
+    "pos-none": (0.131, 0.521), "pos-rope": (0.153, 0.522), "pos-alibi": (0.132, 0.522),
+    "skip-none": (0.197, 0.527), "skip-additive": (0.213, 0.536), "no-resample": (0.213, 0.517),
+    "no-shift": (0.217, 0.531), "no-token": (0.185, 0.509),
+}  # fmt: skip
+
+
+def ablation_config(cfg: Any, name: str) -> Any:
+    """The `TrainConfig` of ablation ``name`` derived from the full-model ``cfg``.
+
+    Raises:
+        InputError: Unknown name (the message lists the known ones).
+    """
+    if name not in ABLATIONS:
+        raise InputError("--configs", f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
+    return ABLATIONS[name].apply(cfg)
+
+
+def _fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3) -> str:
+    """Markdown Table 3: rows grouped by component, both protocols with fold std, the change in pooled R2
+    and per-gene PCC against the full model, and the paper's direction (Brain) for comparison.
+
+    Args:
+        summaries: Ablation name -> `summarise_folds` result (JSON-loaded is fine).
+    """
+    lines = [
+        "| Setting | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | Δ pooled R2 | Δ per-gene PCC "
+        "| paper R2 / PCC (Brain) | same direction as paper (pooled R2) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    full = summaries.get("full")
+    group = None
+    for name, abl in ABLATIONS.items():
+        if name not in summaries:
+            continue
+        s = summaries[name]
+        if abl.group and abl.group != group:
+            group = abl.group
+            lines.append(f"| *{group}* | | | | | | | | |")
+        cells = [_fmt(s["pooled"]["r2"], digits), _fmt(s["pooled"]["pcc"], digits),
+                 _fmt(s["per_gene"]["pcc"], digits), _fmt(s["per_gene"]["r2"], digits)]  # fmt: skip
+        d_r2 = d_pcc = "—"
+        agree = "—"
+        if full is not None and name != "full":
+            dr2 = s["pooled"]["r2"]["mean"] - full["pooled"]["r2"]["mean"]
+            dpcc = s["per_gene"]["pcc"]["mean"] - full["per_gene"]["pcc"]["mean"]
+            d_r2, d_pcc = f"{dr2:+.{digits}f}", f"{dpcc:+.{digits}f}"
+            paper_d = PAPER_TABLE3[name][0] - PAPER_TABLE3["full"][0]
+            agree = "flat" if abs(dr2) < 5e-4 else ("yes" if (dr2 < 0) == (paper_d < 0) else "no")
+        paper = PAPER_TABLE3.get(name)
+        paper_s = f"{paper[0]:.3f} / {paper[1]:.3f}" if paper else "—"
+        label = abl.label if name != "full" else "**Full model** (RPB, concat skips, all augmentations, 1 token)"
+        lines.append(f"| {label} `{name}` | " + " | ".join([*cells, d_r2, d_pcc, paper_s, agree]) + " |")
+    return "\n".join(lines)
+
+
+def run_ablation(
+    cohort: str | Path,
+    out_dir: str | Path,
+    *,
+    names: Sequence[str] | None = None,
+    genes: str = "hvg:2000",
+    folds: int = 4,
+    seed: int = 0,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    cfg: Any = None,
+    group_by: str | None = None,
+    skip_done: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train and cross-validate every ablation on identical folds and genes.
+
+    Args:
+        cohort: Prepared cohort folder.
+        out_dir: Output: ``<name>/`` run_cv directories, ``splits.json``, ``ablation.json``, ``table.md``.
+        names: Ablations to run (default all, `ABLATIONS` order); ``full`` is always added.
+        genes, folds, seed, config, overrides, cfg, group_by, progress: As in `run_accuracy`.
+        skip_done: Reuse an ablation whose ``<name>/metrics.json`` already exists.
+
+    Returns:
+        ``{"summaries": {name: summarise_folds(...)}, "table": str, "out_dir": str}``.
+    """
+    from hist_st.experiments.accuracy import build_config, parse_gene_spec, read_json, write_json
+    from hist_st.train.cv import run_cv, slide_groups
+    from hist_st.train.data import load_slides, read_manifest, select_genes
+    from hist_st.train.folds import make_folds, save_folds
+
+    names = list(names) if names else list(ABLATIONS)
+    if "full" not in names:
+        names.insert(0, "full")
+    for n in names:
+        if n not in ABLATIONS:
+            raise InputError("--configs", f"unknown ablation {n!r}; choose from {', '.join(ABLATIONS)}")
+    if cfg is None:
+        cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
+    else:
+        cfg = dataclasses.replace(cfg, seed=int(seed), genes=parse_gene_spec(genes))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slides = load_slides(cohort)
+    manifest = read_manifest(cohort)
+    groups = slide_groups(slides, group_by, manifest) if group_by else None
+    fold_list = make_folds([s.slide_id for s in slides], folds, cfg.seed, groups)
+    splits = save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, group_by=group_by,
+                        slides_dir=str(cohort))  # fmt: skip
+    # One gene list for every row (dataset scope: chosen once from the manifest ranking).
+    gene_list = select_genes(slides, cfg.genes, manifest)
+    cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
+    del slides
+    summaries: dict[str, Any] = {}
+    for name in [n for n in ABLATIONS if n in names]:
+        run_dir = out / name
+        if skip_done and (run_dir / "metrics.json").is_file():
+            summaries[name] = read_json(run_dir / "metrics.json")["methods"]["HiST"]
+            continue
+        res = run_cv(ablation_config(cfg, name), cohort, run_dir, folds=splits, write_predictions=False,
+                     progress=progress)  # fmt: skip
+        summaries[name] = res["methods"]["HiST"]
+    summaries = read_json(write_json(summaries, out / "ablation.json"))
+    table = format_ablation_table(summaries)
+    (out / "table.md").write_text(
+        f"Ablations (Table 3) on {Path(cohort).name}: {folds}-fold, seed {seed}, {len(gene_list)} genes "
+        f"({genes}); mean ± std over folds. Δ columns: ablation minus full model. The paper's column is its "
+        "Brain (NCBI GEO) Table 3, for direction only.\n\n" + table + "\n"
+    )
+    return {"summaries": summaries, "table": table, "out_dir": str(out), "n_genes": len(gene_list)}

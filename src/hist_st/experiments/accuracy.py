@@ -1,0 +1,378 @@
+"""Table 2: every method on identical folds, genes, targets and embeddings, both metric protocols.
+
+```python
+from hist_st.experiments import run_accuracy
+res = run_accuracy(["cohorts/her2st"], "runs/acc", methods=["hist", "ridge", "mean"], genes="he:250",
+                   folds=4, seed=0, overrides=["epochs=100"])
+print(res["table"])
+```
+
+HiST and the baselines go through `hist_st.train.cv.run_cv` (one call per cohort), so they share the
+folds (saved as ``splits.json``), the gene list (``genes.txt``), the log1p targets and the embedding.
+When ``hist`` is not among the methods, the baselines run on the same deterministic folds without it.
+
+Run directory layout (``OUT``)::
+
+    accuracy.json                 per cohort, per method: fold summaries (mean, std, values), seconds
+    table.md                      one Markdown table per cohort, both protocols labelled
+    per_gene.csv                  cohort, method, gene, per-gene PCC/R2 mean over folds and per fold
+    <cohort>/                     the `run_cv` run directory (splits.json, genes.txt, fold_<i>/metrics.json,
+                                  fold_<i>/model.pt and predictions for HiST)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hist_st.errors import InputError
+
+__all__ = [
+    "METHODS",
+    "DISPLAY",
+    "parse_gene_spec",
+    "gene_spec_label",
+    "build_config",
+    "run_accuracy",
+    "write_json",
+    "read_json",
+    "per_gene_rows",
+]
+
+#: Method names accepted by the experiment commands (``hist`` plus the registered baselines).
+METHODS = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow")
+#: Name used for each method in tables (run_cv reports HiST as "HiST").
+DISPLAY = {"hist": "HiST", "mean": "mean", "ridge": "ridge", "mlp": "mlp", "bleep": "bleep", "stnet": "stnet",
+           "stflow": "stflow"}  # fmt: skip
+_RANKINGS = {"hvg": "hvg", "he": "highly_expressed", "highly_expressed": "highly_expressed"}
+
+
+def parse_gene_spec(spec: str) -> Any:
+    """``"hvg:2000"`` / ``"he:250"`` / ``"highly_expressed:250"`` -> `hist_st.train.GeneConfig` (scope dataset).
+
+    Raises:
+        InputError: On an unknown ranking or a non-positive count.
+    """
+    from hist_st.train.config import GeneConfig
+
+    ranking, _, n = str(spec).partition(":")
+    ranking = ranking.strip().lower()
+    if ranking not in _RANKINGS:
+        raise InputError("--genes", f"unknown gene ranking {ranking!r} in {spec!r}; use hvg:N or he:N")
+    try:
+        n_top = int(n) if n else 2000
+    except ValueError:
+        raise InputError("--genes", f"{spec!r}: the gene count must be an integer") from None
+    if n_top < 1:
+        raise InputError("--genes", f"{spec!r}: the gene count must be positive")
+    return GeneConfig(n_top=n_top, ranking=_RANKINGS[ranking])
+
+
+def gene_spec_label(spec: str) -> str:
+    """File-name-safe label of a gene spec: ``"hvg:2000"`` -> ``"hvg2000"``."""
+    g = parse_gene_spec(spec)
+    return f"{'hvg' if g.ranking == 'hvg' else 'he'}{g.n_top}"
+
+
+def build_config(
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    seed: int | None = None,
+    genes: str | None = None,
+    progress: bool | None = None,
+) -> Any:
+    """The HiST `TrainConfig` of an experiment: YAML + ``key=value`` overrides, then seed/genes/progress.
+
+    Args:
+        config: Optional YAML file of `TrainConfig` keys.
+        overrides: ``["epochs=100", "model.dim=256"]``.
+        seed: Overrides ``cfg.seed`` (also the fold seed) when given.
+        genes: A gene spec (`parse_gene_spec`) that replaces ``cfg.genes`` when given.
+        progress: Overrides ``cfg.progress`` when given.
+    """
+    from hist_st.train.config import load_config
+
+    cfg = load_config(config, list(overrides))
+    changes: dict[str, Any] = {}
+    if seed is not None:
+        changes["seed"] = int(seed)
+    if genes is not None:
+        changes["genes"] = parse_gene_spec(genes)
+    if progress is not None:
+        changes["progress"] = bool(progress)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if np.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as JSON atomically (NaN/inf become null; numpy values become Python values)."""
+    from hist_st.slide import atomic_path
+
+    final, tmp = atomic_path(path)
+    try:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=1))
+        tmp.replace(final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; `InputError` naming it when missing or invalid."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "file not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(p, f"not valid JSON ({exc})") from exc
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    from hist_st.baselines import list_baselines
+
+    known = {"hist", *list_baselines()}
+    out = []
+    for m in methods:
+        m = str(m).strip().lower()
+        if not m:
+            continue
+        if m not in known:
+            raise InputError("--methods", f"unknown method {m!r}; choose from {', '.join(sorted(known))}")
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise InputError("--methods", "no method given")
+    return out
+
+
+def _cohort_names(cohorts: Sequence[str | Path]) -> list[str]:
+    names: list[str] = []
+    for c in cohorts:
+        base = Path(c).resolve().name or "cohort"
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def _cv_baselines_only(
+    cfg: Any,
+    cohort: Path,
+    out: Path,
+    *,
+    k: int,
+    group_by: str | None,
+    baselines: Sequence[str],
+    baseline_options: Mapping[str, Mapping[str, Any]],
+    progress: bool,
+) -> dict[str, Any]:
+    """Baselines without HiST on the folds/genes `run_cv` would use (same functions, same seed)."""
+    from tqdm.auto import tqdm
+
+    from hist_st.baselines import get_baseline
+    from hist_st.metrics import evaluate_fold, summarise_folds
+    from hist_st.train.cv import fold_json, slide_groups
+    from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
+    from hist_st.train.folds import make_folds, save_folds
+
+    out.mkdir(parents=True, exist_ok=True)
+    slides = load_slides(cohort)
+    by_id = {s.slide_id: s for s in slides}
+    manifest = read_manifest(cohort)
+    groups = slide_groups(slides, group_by, manifest) if group_by else None
+    fold_list = make_folds(sorted(by_id), k, cfg.seed, groups)
+    save_folds(fold_list, out / "splits.json", k=k, seed=cfg.seed, group_by=group_by, slides_dir=str(cohort))
+    emb = embedding_key(slides, cfg.embedding)
+    genes = select_genes(slides, cfg.genes, manifest)
+    (out / "genes.txt").write_text("\n".join(genes) + "\n")
+    per_method: dict[str, list[dict[str, Any]]] = {b: [] for b in baselines}
+    seconds = {b: 0.0 for b in baselines}
+    for f in tqdm(fold_list, desc="cv folds", unit="fold", disable=not progress):
+        train_slides = [by_id[s] for s in f["train"]]
+        test_slides = [by_id[s] for s in f["test"]]
+        truths = {s.slide_id: gene_counts(s, genes) for s in test_slides}
+        fold_metrics = {}
+        for name in baselines:
+            t0 = time.perf_counter()
+            model = get_baseline(name, **dict(baseline_options.get(name, {})))
+            model.fit(train_slides, genes, embedding_key=emb, seed=cfg.seed)
+            preds = {s.slide_id: model.predict(s) for s in test_slides}
+            seconds[name] += time.perf_counter() - t0
+            fold_metrics[name] = evaluate_fold(preds, truths)
+            per_method[name].append(fold_metrics[name])
+        write_json({"fold": f["fold"], "train": f["train"], "test": f["test"], "n_genes": len(genes),
+                    "metrics": {m: fold_json(v, genes) for m, v in fold_metrics.items()}},
+                   out / f"fold_{f['fold']}" / "metrics.json")  # fmt: skip
+    return {"methods": {m: summarise_folds(v) for m, v in per_method.items()}, "seconds": seconds,
+            "genes": genes, "embedding": emb, "out_dir": str(out)}  # fmt: skip
+
+
+def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Per-gene PCC/R2 of every method in a `run_cv` directory: mean over folds plus each fold's value.
+
+    Reads ``fold_<i>/metrics.json``. Genes constant in a fold's test set have no value for that fold.
+
+    Returns:
+        One dict per (method, gene): ``method``, ``gene``, ``pcc_mean``, ``r2_mean``, ``n_folds``
+        (folds in which the gene was evaluated) and ``pcc_fold<i>`` / ``r2_fold<i>``.
+    """
+    run_dir = Path(run_dir)
+    folds = sorted(run_dir.glob("fold_*/metrics.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    table: dict[tuple[str, str], dict[str, Any]] = {}
+    gene_order: dict[str, int] = {}
+    for path in folds:
+        rec = read_json(path)
+        i = int(rec["fold"])
+        for method, m in rec["metrics"].items():
+            pg = m["per_gene"]
+            pcc, r2 = pg.get("pcc_per_gene", {}), pg.get("r2_per_gene", {})
+            for gene in pcc:
+                gene_order.setdefault(gene, len(gene_order))
+                row = table.setdefault((method, gene), {"method": method, "gene": gene})
+                row[f"pcc_fold{i}"] = pcc.get(gene)
+                row[f"r2_fold{i}"] = r2.get(gene)
+    rows = []
+    for _, row in sorted(table.items(), key=lambda kv: (kv[0][0], gene_order[kv[0][1]])):
+        p = [v for k, v in row.items() if k.startswith("pcc_fold") and v is not None]
+        r = [v for k, v in row.items() if k.startswith("r2_fold") and v is not None]
+        row["pcc_mean"] = float(np.mean(p)) if p else None
+        row["r2_mean"] = float(np.mean(r)) if r else None
+        row["n_folds"] = len(p)
+        rows.append(row)
+    return rows
+
+
+def _write_per_gene_csv(rows_by_cohort: Mapping[str, list[dict[str, Any]]], path: Path) -> Path:
+    fold_cols: list[str] = []
+    for rows in rows_by_cohort.values():
+        for row in rows:
+            for k in row:
+                if k.startswith(("pcc_fold", "r2_fold")) and k not in fold_cols:
+                    fold_cols.append(k)
+    fold_cols.sort(key=lambda c: (int(c.split("fold")[1]), c))
+    cols = ["cohort", "method", "gene", "pcc_mean", "r2_mean", "n_folds", *fold_cols]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for cohort, rows in rows_by_cohort.items():
+            for row in rows:
+                w.writerow({"cohort": cohort, **{k: ("" if v is None else v) for k, v in row.items()}})
+    return path
+
+
+def run_accuracy(
+    cohorts: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    methods: Sequence[str] = ("hist", "mean", "ridge"),
+    genes: str = "hvg:2000",
+    folds: int = 4,
+    seed: int = 0,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    cfg: Any = None,
+    group_by: str | None = None,
+    baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
+    write_predictions: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run Table 2 on one or more prepared cohorts.
+
+    Args:
+        cohorts: Prepared cohort folders (``<slide>.h5ad`` + ``cohort.json``).
+        out_dir: Output folder (layout in the module docstring).
+        methods: ``hist`` and/or baseline names (`hist_st.baselines.list_baselines`).
+        genes: Gene spec, ``hvg:N`` or ``he:N`` (highly expressed), from each cohort's manifest ranking.
+        folds: Number of folds (by slide unless ``group_by``).
+        seed: Fold seed and every method's training seed.
+        config, overrides: HiST `TrainConfig` YAML and ``key=value`` overrides (ignored when ``cfg``).
+        cfg: A ready `TrainConfig` (its ``seed``/``genes`` are replaced by ``seed``/``genes``).
+        group_by: Group column for folds (e.g. ``patient``); None = by slide (the paper).
+        baseline_options: Per-baseline keyword options, e.g. ``{"stflow": {"epochs": 50}}``.
+        write_predictions: Write HiST's test predictions (needed by ``hist-st plot genes``).
+        progress: Progress bars.
+
+    Returns:
+        ``{"cohorts": {name: {"methods": {display name: summarise_folds(...)}, "seconds": {...},
+        "run_dir": str, "n_genes": int}}, "table": str, "out_dir": str, "genes": spec, "methods": [...]}``.
+    """
+    from hist_st.metrics import format_table
+    from hist_st.train.cv import run_cv
+
+    methods = _check_methods(methods)
+    if not cohorts:
+        raise InputError("--cohort", "give at least one prepared cohort folder")
+    if cfg is None:
+        cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
+    else:
+        cfg = dataclasses.replace(cfg, seed=int(seed), genes=parse_gene_spec(genes))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    baseline_options = dict(baseline_options or {})
+    baselines = [m for m in methods if m != "hist"]
+    results: dict[str, Any] = {}
+    tables = []
+    per_gene: dict[str, list[dict[str, Any]]] = {}
+    for name, cohort in zip(_cohort_names(cohorts), cohorts):
+        cohort = Path(cohort)
+        run_dir = out / name
+        t0 = time.perf_counter()
+        if "hist" in methods:
+            res = run_cv(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=baselines,
+                         baseline_options=baseline_options, write_predictions=write_predictions,
+                         progress=progress)  # fmt: skip
+        else:
+            res = _cv_baselines_only(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=baselines,
+                                     baseline_options=baseline_options, progress=progress)  # fmt: skip
+        ordered = {}
+        for m in methods:  # run_cv names HiST "HiST"; keep the user's method order
+            key = "HiST" if m == "hist" else m
+            ordered[DISPLAY.get(m, m)] = res["methods"][key]
+        seconds = {DISPLAY.get(m, m): float(res["seconds"]["HiST" if m == "hist" else m]) for m in methods}
+        genes_file = run_dir / "genes.txt"
+        n_genes = len(genes_file.read_text().split()) if genes_file.is_file() else None
+        results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
+                         "n_genes": n_genes, "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+        tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, seed {seed})\n\n" + format_table(ordered))
+        per_gene[name] = per_gene_rows(run_dir)
+    table = (
+        "Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' metric); "
+        "per-gene = log1p Pearson/R2 per gene over all test spots (HEST-Benchmark). Mean ± std over folds "
+        "(ddof 0).\n\n" + "\n\n".join(tables) + "\n"
+    )
+    (out / "table.md").write_text(table)
+    _write_per_gene_csv(per_gene, out / "per_gene.csv")
+    from hist_st.train.config import config_to_dict
+
+    summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,
+               "folds": folds, "seed": seed, "group_by": group_by, "config": config_to_dict(cfg),
+               "baseline_options": baseline_options}  # fmt: skip
+    write_json(summary, out / "accuracy.json")
+    return summary

@@ -1,0 +1,275 @@
+"""One command that reproduces the paper's tables on a cohort and writes ``docs/results/<name>.md``.
+
+Steps (each skipped when its results already exist under ``runs_dir``, unless ``force``):
+
+1. Table 2 (`run_accuracy`) for each gene set;
+2. Table 1 (`run_efficiency`) on fold 0 of the cohort, and optionally Figure 3 (`run_scaling`);
+3. Table 3 (`run_ablation`) on the first gene set;
+4. Table 5 (`run_stain`) when a Macenko-normalised copy of the cohort is given;
+5. Table 6 and Figure 4 (`run_token_analysis`) from the first gene set's HiST fold models;
+6. a gene figure (`plot_genes`) for a test slide of fold 0.
+
+The Markdown quotes the exact command, the package versions, the device and the time of each step, and
+states for each goal whether it is met and by how much it is missed. Figures are copied beside it into
+``docs/results/<name>/``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hist_st.errors import InputError
+
+__all__ = ["build_report", "goal_lines"]
+
+
+def _mean(summary: Mapping[str, Any], proto: str, key: str) -> float | None:
+    v = summary.get(proto, {}).get(key, {}).get("mean")
+    return None if v is None else float(v)
+
+
+def goal_lines(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """For one accuracy table: is HiST at or above every other method on per-gene and pooled PCC?
+
+    Args:
+        methods: Display name -> fold summary (as in ``accuracy.json``).
+
+    Returns:
+        Markdown bullet lines, one per (baseline, metric), saying "met" with the margin or "missed by".
+    """
+    hist = methods.get("HiST")
+    if hist is None:
+        return ["- HiST was not run."]
+    out = []
+    for name, s in methods.items():
+        if name == "HiST":
+            continue
+        for proto, key, label in (("per_gene", "pcc", "mean per-gene PCC"), ("pooled", "pcc", "pooled PCC")):
+            h, b = _mean(hist, proto, key), _mean(s, proto, key)
+            if h is None or b is None:
+                out.append(f"- HiST vs {name}, {label}: n/a")
+                continue
+            d = h - b
+            verdict = f"**met** (+{d:.3f})" if d >= 0 else f"**missed by {-d:.3f}**"
+            out.append(f"- HiST {h:.3f} vs {name} {b:.3f} on {label}: {verdict}")
+    return out
+
+
+def _copy(src: str | Path, dest_dir: Path, name: str | None = None) -> str:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / (name or Path(src).name)
+    shutil.copyfile(src, dest)
+    return dest.name
+
+
+def _top_genes(run_dir: Path, n: int = 3) -> list[str]:
+    """The HiST genes with the highest mean per-gene PCC (for display), from the fold metrics."""
+    from hist_st.experiments.accuracy import per_gene_rows
+
+    rows = [r for r in per_gene_rows(run_dir) if r["method"] == "HiST" and r["pcc_mean"] is not None]
+    rows.sort(key=lambda r: -r["pcc_mean"])
+    return [r["gene"] for r in rows[:n]]
+
+
+def build_report(
+    name: str,
+    cohort: str | Path,
+    *,
+    docs_dir: str | Path = "docs/results",
+    runs_dir: str | Path | None = None,
+    methods: Sequence[str] = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow"),
+    gene_sets: Sequence[str] = ("hvg:2000", "he:250"),
+    folds: int = 4,
+    seed: int = 0,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
+    ablations: Sequence[str] | None = None,
+    efficiency: bool = True,
+    efficiency_epochs: int = 2,
+    scaling: bool = False,
+    scaling_options: Mapping[str, Any] | None = None,
+    macenko: str | Path | None = None,
+    token_groups: Sequence[str] = ("patient",),
+    device: str = "auto",
+    command: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Run every experiment on ``cohort`` and write ``docs_dir/<name>.md`` (see the module docstring).
+
+    Args:
+        name: Report name (file stem).
+        cohort: Prepared cohort folder.
+        docs_dir: Where the Markdown and its figure folder go.
+        runs_dir: Where the experiment run directories go (default ``runs/report-<name>``).
+        methods: Methods of Tables 1 and 2.
+        gene_sets: Gene specs of Table 2 (the first is used by Tables 1, 3, 5, 6).
+        folds, seed, config, overrides, baseline_options: As in `run_accuracy`.
+        ablations: Table 3 rows (default all; ``[]`` skips Table 3).
+        efficiency: Produce Table 1. ``efficiency_epochs``: epochs timed per method.
+        scaling: Also produce Figure 3 (synthetic slides); ``scaling_options`` go to `run_scaling`.
+        macenko: The Macenko-normalised copy of the cohort, for Table 5 (skipped when None).
+        token_groups: Metadata columns for the token analysis.
+        device: Device for the efficiency measurements.
+        command: The command line quoted in the report.
+        force: Recompute steps whose results exist.
+
+    Returns:
+        The Markdown path.
+    """
+    from hist_st.experiments.ablation import run_ablation
+    from hist_st.experiments.accuracy import gene_spec_label, read_json, run_accuracy
+    from hist_st.experiments.efficiency import run_efficiency, run_scaling
+    from hist_st.experiments.figures import plot_genes
+    from hist_st.experiments.stain import run_stain
+    from hist_st.experiments.tokens import run_token_analysis
+    from hist_st.train.checkpoint import package_versions
+
+    if not gene_sets:
+        raise InputError("--genes", "give at least one gene set")
+    cohort = Path(cohort)
+    runs = Path(runs_dir) if runs_dir is not None else Path("runs") / f"report-{name}"
+    docs = Path(docs_dir)
+    fig_dir = docs / name
+    runs.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    md: list[str] = []
+
+    def step(label: str, done: Path, fn: Any) -> Any:
+        t0 = time.perf_counter()
+        res = read_json(done) if (done.is_file() and not force) else fn()
+        timings[label] = time.perf_counter() - t0
+        return res
+
+    # 1. Table 2 ----------------------------------------------------------------------------------------
+    acc: dict[str, Any] = {}
+    for spec in gene_sets:
+        d = runs / f"accuracy-{gene_spec_label(spec)}"
+        acc[spec] = step(
+            f"Table 2 ({spec})", d / "accuracy.json",
+            lambda d=d, spec=spec: run_accuracy([cohort], d, methods=methods, genes=spec, folds=folds, seed=seed,
+                                                config=config, overrides=overrides,
+                                                baseline_options=baseline_options, progress=progress),
+        )  # fmt: skip
+    first = gene_sets[0]
+    cohort_key = next(iter(acc[first]["cohorts"]))
+    first_run = Path(acc[first]["cohorts"][cohort_key]["run_dir"])
+
+    # 2. Table 1 / Figure 3 --------------------------------------------------------------------------------
+    eff = sca = None
+    if efficiency:
+        eff = step("Table 1", runs / "efficiency" / "efficiency.json",
+                   lambda: run_efficiency(runs / "efficiency", cohort=cohort, methods=methods, genes=first,
+                                          folds=folds, seed=seed, epochs=efficiency_epochs, overrides=overrides,
+                                          baseline_options=baseline_options, device=device, progress=progress))  # fmt: skip
+    if scaling:
+        sca = step("Figure 3", runs / "scaling" / "scaling.json",
+                   lambda: run_scaling(runs / "scaling", methods=methods, overrides=overrides, seed=seed,
+                                       baseline_options=baseline_options, device=device, progress=progress,
+                                       **dict(scaling_options or {})))  # fmt: skip
+
+    # 3. Table 3 -------------------------------------------------------------------------------------------
+    abl = None
+    if ablations is None or len(ablations) > 0:
+        abl = step("Table 3", runs / "ablation" / "ablation.json.done",
+                   lambda: run_ablation(cohort, runs / "ablation", names=ablations, genes=first, folds=folds,
+                                        seed=seed, config=config, overrides=overrides, skip_done=not force,
+                                        progress=progress))  # fmt: skip
+
+    # 4. Table 5 -------------------------------------------------------------------------------------------
+    stn = None
+    if macenko is not None:
+        stn = step("Table 5", runs / "stain" / "stain.json.done",
+                   lambda: run_stain(cohort, macenko, runs / "stain", genes=first, folds=folds, seed=seed,
+                                     config=config, overrides=overrides, skip_done=not force, progress=progress))  # fmt: skip
+
+    # 5. Table 6 / Figure 4 ----------------------------------------------------------------------------------
+    tok = None
+    if "hist" in methods:
+        tok = step("Table 6", runs / "tokens" / "token_metrics.json.done",
+                   lambda: run_token_analysis(first_run, cohort, runs / "tokens", group_by=token_groups))  # fmt: skip
+
+    # 6. gene figure ---------------------------------------------------------------------------------------
+    gene_fig = None
+    pred_files = sorted((first_run / "fold_0" / "predictions").glob("*.h5ad"))
+    if pred_files:
+        genes = _top_genes(first_run, 3)
+        if genes:
+            t0 = time.perf_counter()
+            truth = cohort / f"{pred_files[0].stem}.h5ad"
+            gene_fig = plot_genes(pred_files[0], genes, runs / "genes.png",
+                                  truth=truth if truth.is_file() else None)  # fmt: skip
+            timings["gene figure"] = time.perf_counter() - t0
+
+    # Markdown ---------------------------------------------------------------------------------------------
+    versions = package_versions()
+    md.append(f"# HiST results: {name}\n")
+    md.append("Generated by:\n\n```\n" + (command or f"hist-st report --name {name} --cohort {cohort}") + "\n```\n")
+    md.append(f"Date: {_dt.datetime.now().isoformat(timespec='seconds')}. Cohort: `{cohort}`. Runs: `{runs}`. "
+              f"Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")  # fmt: skip
+    md.append("Step times (this invocation; reused steps take ~0 s): "
+              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".\n")  # fmt: skip
+    md.append("## Table 2: accuracy\n")
+    md.append("Protocols: **pooled** = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
+              "metric, dominated by between-gene mean differences); **per-gene** = log1p Pearson/R2 per gene over "
+              f"all test spots (HEST-Benchmark). Mean ± std over {folds} folds by slide (seed {seed}); every method "
+              "on the same folds, genes, targets and embeddings. HiST is evaluated at its final epoch; nothing "
+              "is tuned on test folds.\n")  # fmt: skip
+    for spec in gene_sets:
+        a = acc[spec]
+        for cname, c in a["cohorts"].items():
+            md.append(f"### {cname}, genes {spec} ({c.get('n_genes')} genes)\n")
+            from hist_st.metrics import format_table
+
+            md.append(format_table(c["methods"]) + "\n")
+            md.append("Goals (HiST at or above every baseline):\n\n" + "\n".join(goal_lines(c["methods"])) + "\n")
+            secs = c.get("seconds", {})
+            if secs:
+                md.append("Wall time over all folds (train + predict): "
+                          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items()) + ".\n")  # fmt: skip
+            md.append(f"Per-fold JSON: `{c['run_dir']}/fold_<i>/metrics.json`; per-gene CSV: "
+                      f"`{Path(c['run_dir']).parent / 'per_gene.csv'}`.\n")  # fmt: skip
+    if eff is not None:
+        md.append("## Table 1: efficiency\n")
+        md.append(eff["header"] + "\n")
+        md.append(eff["table"] + "\n")
+        recs = {r["method"]: r for r in eff["records"] if "error" not in r}
+        if "hist" in recs and "stflow" in recs:
+            sp = recs["stflow"]["infer_s_per_slide"] / max(recs["hist"]["infer_s_per_slide"], 1e-12)
+            md.append(f"HiST inference is **{sp:.1f}x** faster than STFlow per slide "
+                      f"({'meets' if sp >= 10 else 'misses'} the 10x goal) at {recs['hist']['n_genes']} genes.\n")  # fmt: skip
+    if sca is not None:
+        md.append("## Figure 3: scaling\n")
+        md.append(f"Synthetic slides on {sca['device']}: spots varied at {sca['fixed_genes']} genes, genes varied at "
+                  f"{sca['fixed_spots']} spots; {sca['epochs']} epoch(s); log-log axes.\n")  # fmt: skip
+        md.append(f"![Figure 3]({name}/{_copy(sca['figure'], fig_dir, 'scaling.png')})\n")
+    if abl is not None:
+        md.append("## Table 3: ablations\n")
+        md.append((runs / "ablation" / "table.md").read_text() + "\n")
+    if stn is not None:
+        md.append("## Table 5: calibration token vs Macenko stain normalisation\n")
+        md.append((runs / "stain" / "table.md").read_text() + "\n")
+    if tok is not None:
+        md.append("## Table 6 and Figure 4: calibration-token analysis\n")
+        md.append((runs / "tokens" / "tokens.md").read_text() + "\n")
+        for f in sorted((runs / "tokens").glob("token_pca_*.png")):
+            md.append(f"![{f.stem}]({name}/{_copy(f, fig_dir)})\n")
+    if gene_fig is not None:
+        md.append("## Gene maps (appendix C)\n")
+        md.append(f"Slide `{pred_files[0].stem}` (test slide of fold 0), genes with the highest HiST per-gene PCC "
+                  f"(chosen after evaluation, for display only): H&E, measured and predicted log1p counts.\n")  # fmt: skip
+        md.append(f"![genes]({name}/{_copy(gene_fig, fig_dir, 'genes.png')})\n")
+    curves = first_run / "loss_curves.png"
+    if curves.is_file():
+        md.append(f"HiST training loss per fold: ![loss]({name}/{_copy(curves, fig_dir, 'loss_curves.png')})\n")
+    docs.mkdir(parents=True, exist_ok=True)
+    path = docs / f"{name}.md"
+    path.write_text("\n".join(md))
+    return path
+

@@ -1,0 +1,148 @@
+"""Table 5: calibration token vs Macenko stain normalisation, from one call.
+
+Needs the same slides prepared twice, without and with ``--stain-norm macenko`` (only the embeddings
+differ). `run_stain` can call ``hist-st prepare`` for both when given its arguments. Rows, all on the
+same folds and the same genes:
+
+- ``token-only``: HiST (calibration token) on the plain cohort (the paper's default);
+- ``macenko-only``: HiST without the calibration token on the Macenko cohort;
+- ``both``: HiST with the token on the Macenko cohort;
+- ``neither``: HiST without the token on the plain cohort (reference row, not in the paper's table).
+
+```python
+from hist_st.experiments import run_stain
+run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", overrides=["epochs=100"], genes="he:250")
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hist_st.errors import InputError
+
+__all__ = ["STAIN_ROWS", "PAPER_TABLE5", "prepare_pair", "run_stain"]
+
+#: name -> (label, cohort: "plain"/"macenko", calibration token on?)
+STAIN_ROWS: dict[str, tuple[str, str, bool]] = {
+    "macenko-only": ("Stain normalisation only (no calibration token)", "macenko", False),
+    "token-only": ("Calibration token only (default)", "plain", True),
+    "both": ("Both stain normalisation and calibration token", "macenko", True),
+    "neither": ("Neither (reference)", "plain", False),
+}
+#: The paper's Table 5 (Brain): name -> (pooled R2, pooled PCC).
+PAPER_TABLE5 = {"macenko-only": (0.20, 0.51), "token-only": (0.23, 0.54), "both": (0.25, 0.56)}
+
+
+def prepare_pair(prepare_args: Sequence[str], plain: str | Path, macenko: str | Path) -> None:
+    """Run ``hist-st prepare PREPARE_ARGS --out PLAIN`` and the same with ``--stain-norm macenko --out MACENKO``.
+
+    ``prepare`` is resumable, so finished slides are skipped on a rerun.
+
+    Raises:
+        InputError: When either preparation fails.
+    """
+    from hist_st.cli import main
+
+    args = list(prepare_args)
+    if any(a in ("--out", "--stain-norm") or a.startswith(("--out=", "--stain-norm=")) for a in args):
+        raise InputError("--prepare", "give the prepare arguments without --out and --stain-norm")
+    for out, extra in ((plain, ["--stain-norm", "none"]), (macenko, ["--stain-norm", "macenko"])):
+        rc = main(["prepare", *args, *extra, "--out", str(out)])
+        if rc not in (0, None):
+            raise InputError(out, f"hist-st prepare exited with status {rc}")
+
+
+def run_stain(
+    plain: str | Path,
+    macenko: str | Path,
+    out_dir: str | Path,
+    *,
+    rows: Sequence[str] = ("macenko-only", "token-only", "both", "neither"),
+    prepare_args: Sequence[str] | None = None,
+    genes: str = "hvg:2000",
+    folds: int = 4,
+    seed: int = 0,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    cfg: Any = None,
+    skip_done: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Cross-validate the Table 5 rows on identical folds and genes.
+
+    Args:
+        plain: Cohort prepared without stain normalisation.
+        macenko: The same slides prepared with ``--stain-norm macenko``.
+        out_dir: Output: ``<row>/`` run directories, ``splits.json``, ``stain.json``, ``table.md``.
+        rows: Rows to run (`STAIN_ROWS`).
+        prepare_args: When given, prepare both cohorts first (`prepare_pair`).
+        genes, folds, seed, config, overrides, cfg, progress: As in `run_accuracy`.
+        skip_done: Reuse rows whose ``metrics.json`` exists.
+
+    Returns:
+        ``{"summaries": {row: summarise_folds(...)}, "table": str, "out_dir": str}``.
+    """
+    from hist_st.experiments.accuracy import build_config, parse_gene_spec, read_json, write_json
+    from hist_st.train.cv import run_cv
+    from hist_st.train.data import list_slides, load_slides, read_manifest, select_genes
+    from hist_st.train.folds import make_folds, save_folds
+
+    if prepare_args:
+        prepare_pair(prepare_args, plain, macenko)
+    for r in rows:
+        if r not in STAIN_ROWS:
+            raise InputError("--rows", f"unknown row {r!r}; choose from {', '.join(STAIN_ROWS)}")
+    ids_plain = sorted(p.stem for p in list_slides(plain))
+    ids_mac = sorted(p.stem for p in list_slides(macenko))
+    if ids_plain != ids_mac:
+        diff = sorted(set(ids_plain) ^ set(ids_mac))
+        raise InputError(macenko, f"the two cohorts hold different slides (e.g. {diff[:5]})")
+    if cfg is None:
+        cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
+    else:
+        cfg = dataclasses.replace(cfg, seed=int(seed), genes=parse_gene_spec(genes))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = save_folds(make_folds(ids_plain, folds, cfg.seed), out / "splits.json", k=folds, seed=cfg.seed,
+                        slides_dir=str(plain))  # fmt: skip
+    gene_list = select_genes(load_slides(plain), cfg.genes, read_manifest(plain))
+    cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
+    summaries: dict[str, Any] = {}
+    for name in [r for r in STAIN_ROWS if r in rows]:
+        _, which, token = STAIN_ROWS[name]
+        run_dir = out / name
+        if skip_done and (run_dir / "metrics.json").is_file():
+            summaries[name] = read_json(run_dir / "metrics.json")["methods"]["HiST"]
+            continue
+        row_cfg = cfg if token else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
+        res = run_cv(row_cfg, plain if which == "plain" else macenko, run_dir, folds=splits,
+                     write_predictions=False, progress=progress)  # fmt: skip
+        summaries[name] = res["methods"]["HiST"]
+    summaries = read_json(write_json(summaries, out / "stain.json"))
+    table = format_stain_table(summaries)
+    (out / "table.md").write_text(
+        f"Calibration token vs Macenko stain normalisation (Table 5): {folds}-fold, seed {seed}, "
+        f"{len(gene_list)} genes ({genes}); mean ± std over folds. Paper column: Brain (NCBI GEO).\n\n" + table + "\n"
+    )
+    return {"summaries": summaries, "table": table, "out_dir": str(out)}
+
+
+def format_stain_table(summaries: dict[str, Any], digits: int = 3) -> str:
+    """Markdown Table 5 with both protocols and the paper's values."""
+    from hist_st.experiments.ablation import _fmt
+
+    lines = ["| Setting | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | paper R2 / PCC (Brain) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, (label, _, _) in STAIN_ROWS.items():
+        if name not in summaries:
+            continue
+        s = summaries[name]
+        paper = PAPER_TABLE5.get(name)
+        cells = [_fmt(s["pooled"]["r2"], digits), _fmt(s["pooled"]["pcc"], digits), _fmt(s["per_gene"]["pcc"], digits),
+                 _fmt(s["per_gene"]["r2"], digits), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "—"]  # fmt: skip
+        lines.append(f"| {label} `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

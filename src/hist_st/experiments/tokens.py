@@ -1,0 +1,287 @@
+"""Calibration-token analysis (the paper's Table 6 and Figure 4).
+
+The final calibration token of each slide is read from the trained fold models of a cross-validation
+run (``hist-st cv`` / ``hist-st bench accuracy``): every slide goes through the fold model that held it
+out (``source="test"``, the default), or every slide through one fold's model (``source="fold:0"``,
+so all tokens live in one model's space). Discriminability across groups (patient, technology, any
+metadata column) is measured by:
+
+- 1-NN same-group accuracy: the cosine-nearest other slide belongs to the same group (leave-one-out);
+- nearest-centroid accuracy: leave-one-out, group centroids of the remaining slides, cosine distance;
+- mean within-group and between-group cosine distance over slide pairs;
+- chance levels of both accuracies (expected accuracy of a random neighbour / the majority group).
+
+```python
+from hist_st.experiments import export_tokens, token_metrics
+tok = export_tokens("runs/acc/her2st", "cohorts/her2st")          # {"slide_ids", "tokens" [S, D], ...}
+token_metrics(tok["tokens"], groups)
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hist_st.errors import InputError
+
+__all__ = ["slide_token", "export_tokens", "token_metrics", "cosine_distances", "run_token_analysis"]
+
+
+@torch.no_grad()
+def slide_token(bundle: Any, slide: Any) -> np.ndarray:
+    """The final calibration tokens of ``slide`` under a trained model, flattened: float32 ``[T * d]``.
+
+    The slide goes through the model exactly as in `hist_st.train.predict.predict_log1p` (same features,
+    standardisation, lattice unit; eval mode, no augmentation).
+
+    Raises:
+        InputError: The model has no calibration token, or the slide lacks the model's embedding.
+    """
+    from hist_st.lattice import continuous_coords, to_lattice
+    from hist_st.train.predict import lattice_unit_for
+
+    if bundle.embedding not in slide.embeddings:
+        raise InputError(f"slide {slide.slide_id!r}", f"has no embedding {bundle.embedding!r}")
+    feats = torch.from_numpy(np.asarray(slide.embeddings[bundle.embedding], dtype=np.float32))
+    if bundle.feature_mean is not None:
+        feats = (feats - bundle.feature_mean.cpu()) / bundle.feature_std.cpu()
+    lat = to_lattice(continuous_coords(slide, lattice_unit_for(bundle, slide)), source=f"slide {slide.slide_id!r}")
+    model = bundle.model
+    was_training = model.training
+    model.eval()
+    try:
+        batch = model.make_batch(torch.from_numpy(lat), feats).to(bundle.device)
+        _, tokens = model(batch, return_tokens=True)
+    finally:
+        model.train(was_training)
+    if tokens is None:
+        raise InputError("model", "this model has no calibration token (model.tokens = ())")
+    return tokens.float().reshape(-1).cpu().numpy()
+
+
+def export_tokens(
+    run_dir: str | Path,
+    cohort: str | Path,
+    *,
+    source: str = "test",
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Final calibration token of every slide from the fold models of a `run_cv` directory.
+
+    Args:
+        run_dir: A cross-validation run directory (``splits.json``, ``fold_<i>/model.pt``).
+        cohort: The prepared cohort the run was trained on.
+        source: ``"test"`` (each slide through the fold model that held it out) or ``"fold:<i>"`` (every
+            slide through fold ``i``'s model).
+        out: Optional ``.npz`` path; also writes a CSV beside it (slide id, fold, token values).
+
+    Returns:
+        ``{"slide_ids": [S], "tokens": float32 [S, D], "fold": int [S], "source": str}``.
+    """
+    from hist_st.train.checkpoint import load_bundle
+    from hist_st.train.data import load_slides
+    from hist_st.train.folds import load_folds
+
+    run_dir = Path(run_dir)
+    folds = load_folds(run_dir / "splits.json")
+    slides = {s.slide_id: s for s in load_slides(cohort)}
+
+    def bundle_of(i: int) -> Any:
+        path = run_dir / f"fold_{i}" / "model.pt"
+        if not path.is_file():
+            raise InputError(path, "fold model not found (was the run made with HiST?)")
+        return load_bundle(path)
+
+    pairs: list[tuple[str, int]] = []
+    if source == "test":
+        for f in folds:
+            pairs.extend((sid, int(f["fold"])) for sid in f["test"])
+    elif source.startswith("fold:"):
+        i = int(source.split(":", 1)[1])
+        pairs = [(sid, i) for sid in sorted({s for f in folds for s in f["test"]})]
+    else:
+        raise InputError("--source", f"use 'test' or 'fold:<i>', got {source!r}")
+    missing = [sid for sid, _ in pairs if sid not in slides]
+    if missing:
+        raise InputError(cohort, f"slides of the run are missing from the cohort: {missing[:5]}")
+    pairs.sort()
+    ids, fold_of, vecs = [], [], []
+    bundles: dict[int, Any] = {}
+    for sid, i in pairs:
+        if i not in bundles:
+            bundles[i] = bundle_of(i)
+        vecs.append(slide_token(bundles[i], slides[sid]))
+        ids.append(sid)
+        fold_of.append(i)
+    result = {"slide_ids": ids, "tokens": np.stack(vecs).astype(np.float32), "fold": np.asarray(fold_of),
+              "source": source}  # fmt: skip
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, slide_ids=np.asarray(ids), tokens=result["tokens"], fold=result["fold"], source=source)
+        with open(out.with_suffix(".csv"), "w") as fh:
+            d = result["tokens"].shape[1]
+            fh.write("slide_id,fold," + ",".join(f"t{j}" for j in range(d)) + "\n")
+            for sid, i, v in zip(ids, fold_of, result["tokens"]):
+                fh.write(f"{sid},{i}," + ",".join(f"{x:.6g}" for x in v) + "\n")
+    return result
+
+
+def cosine_distances(x: np.ndarray) -> np.ndarray:
+    """Pairwise cosine distance ``1 - cos`` of the rows of ``x`` ``[S, D]`` -> ``[S, S]`` (float64)."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norm == 0).any():
+        raise ValueError("a token vector is all zeros; cosine distance is undefined")
+    u = x / norm
+    d = 1.0 - u @ u.T
+    np.fill_diagonal(d, 0.0)
+    return np.clip(d, 0.0, 2.0)
+
+
+def token_metrics(tokens: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
+    """Discriminability of per-slide tokens across groups (Table 6).
+
+    Args:
+        tokens: ``[S, D]`` one vector per slide.
+        groups: ``[S]`` group label of each slide.
+
+    Returns:
+        ``one_nn_acc`` (leave-one-out 1-NN same-group accuracy, cosine), ``centroid_acc`` (leave-one-out
+        nearest-centroid accuracy; centroids are group means of the other slides, a group left empty by the
+        held-out slide is not a candidate), ``within_cos`` / ``between_cos`` (mean cosine distance over
+        slide pairs of the same / different groups; NaN when there are no such pairs), ``chance_1nn``
+        (mean over slides of (same-group others) / (S - 1)), ``chance_majority`` (largest group / S),
+        ``n_slides``, ``n_groups``, ``group_sizes`` and ``n_singletons`` (slides alone in their group, which
+        no leave-one-out rule can place correctly).
+
+    Raises:
+        ValueError: Fewer than 2 slides, or shapes that disagree.
+    """
+    x = np.asarray(tokens, dtype=np.float64)
+    g = np.asarray([str(v) for v in groups])
+    s = x.shape[0]
+    if x.ndim != 2 or s != len(g):
+        raise ValueError(f"tokens {x.shape} and {len(g)} group labels disagree")
+    if s < 2:
+        raise ValueError("need at least 2 slides")
+    d = cosine_distances(x)
+    same = g[:, None] == g[None, :]
+    off = ~np.eye(s, dtype=bool)
+    dn = np.where(off, d, np.inf)
+    nn = dn.argmin(axis=1)
+    one_nn = float(np.mean(g[nn] == g))
+    labels = np.unique(g)
+    correct = []
+    for i in range(s):
+        keep = np.arange(s) != i
+        best, best_d = None, np.inf
+        for lab in labels:
+            members = keep & (g == lab)
+            if not members.any():
+                continue
+            c = x[members].mean(axis=0)
+            nc = np.linalg.norm(c)
+            dist = 1.0 - float(x[i] @ c) / (np.linalg.norm(x[i]) * nc) if nc > 0 else np.inf
+            if dist < best_d:
+                best, best_d = lab, dist
+        correct.append(best == g[i])
+    iu = np.triu_indices(s, k=1)
+    pair_d, pair_same = d[iu], same[iu]
+    within = float(pair_d[pair_same].mean()) if pair_same.any() else float("nan")
+    between = float(pair_d[~pair_same].mean()) if (~pair_same).any() else float("nan")
+    counts = {lab: int((g == lab).sum()) for lab in labels}
+    chance_1nn = float(np.mean([(counts[v] - 1) / (s - 1) for v in g]))
+    return {
+        "one_nn_acc": one_nn,
+        "centroid_acc": float(np.mean(correct)),
+        "within_cos": within,
+        "between_cos": between,
+        "chance_1nn": chance_1nn,
+        "chance_majority": max(counts.values()) / s,
+        "n_slides": int(s),
+        "n_groups": len(labels),
+        "group_sizes": counts,
+        "n_singletons": int(sum(1 for v in g if counts[v] == 1)),
+    }
+
+
+def _groups_for(cohort: str | Path, slide_ids: Sequence[str], column: str) -> list[str]:
+    from hist_st.train.cv import slide_groups
+    from hist_st.train.data import load_slides, read_manifest
+
+    slides = load_slides(cohort, list(slide_ids))
+    manifest = read_manifest(cohort)
+    if column == "slide":
+        return list(slide_ids)
+    if column == "technology":
+        return [s.technology for s in slides]
+    mapping = slide_groups(slides, column, manifest)
+    return [mapping[sid] for sid in slide_ids]
+
+
+def run_token_analysis(
+    run_dir: str | Path,
+    cohort: str | Path,
+    out_dir: str | Path,
+    *,
+    group_by: Sequence[str] = ("patient",),
+    source: str = "test",
+) -> dict[str, Any]:
+    """Export tokens, score them against each grouping and draw the PCA plots.
+
+    Args:
+        run_dir: Cross-validation run directory with fold models.
+        cohort: Its prepared cohort.
+        out_dir: Output: ``tokens.npz``/``tokens.csv``, ``token_metrics.json``, ``tokens.md``,
+            ``token_pca_<column>.png``.
+        group_by: Metadata columns: ``patient``, ``technology``, a ``cohort.json`` mapping, or a key of
+            ``slide.meta``.
+        source: See `export_tokens`.
+
+    Returns:
+        ``{"metrics": {column: token_metrics(...)}, "table": str, "figures": [paths], "n_slides": S}``.
+    """
+    from hist_st.experiments.accuracy import write_json
+    from hist_st.experiments.figures import plot_token_pca
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = export_tokens(run_dir, cohort, source=source, out=out / "tokens.npz")
+    metrics: dict[str, Any] = {}
+    figures = []
+    for col in group_by:
+        groups = _groups_for(cohort, tok["slide_ids"], col)
+        metrics[col] = token_metrics(tok["tokens"], groups)
+        figures.append(str(plot_token_pca(tok["tokens"], groups, out / f"token_pca_{col}.png",
+                                          labels=tok["slide_ids"], title=f"calibration token PCA by {col}")))  # fmt: skip
+    table = format_token_table(metrics)
+    write_json({"metrics": metrics, "source": source, "run_dir": str(run_dir), "slide_ids": tok["slide_ids"]},
+               out / "token_metrics.json")  # fmt: skip
+    (out / "tokens.md").write_text(
+        f"Calibration-token discriminability (Table 6), tokens from {source!r} models of {run_dir}; "
+        "cosine distance; leave-one-out.\n\n" + table + "\n"
+    )
+    return {"metrics": metrics, "table": table, "figures": figures, "n_slides": len(tok["slide_ids"])}
+
+
+def format_token_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown Table 6, one row per grouping column (with chance levels)."""
+    lines = [
+        "| Grouping | slides / groups | 1-NN same-group (chance) | Nearest-centroid acc (majority) "
+        "| Within cos. dist | Between cos. dist |",
+        "|---|---|---|---|---|---|",
+    ]
+    for col, m in metrics.items():
+        lines.append(
+            f"| {col} | {m['n_slides']} / {m['n_groups']} | {m['one_nn_acc']:.3f} ({m['chance_1nn']:.3f}) | "
+            f"{m['centroid_acc']:.3f} ({m['chance_majority']:.3f}) | {m['within_cos']:.3f} | {m['between_cos']:.3f} |"
+        )
+    notes = [f"{col}: {m['n_singletons']} of {m['n_slides']} slides are alone in their group and cannot be matched"
+             for col, m in metrics.items() if m.get("n_singletons")]  # fmt: skip
+    return "\n".join(lines) + ("\n\n" + "; ".join(notes) + "." if notes else "")

@@ -1,0 +1,131 @@
+"""Helpers shared by the readers: count checks and resolution derivation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from hist_st.errors import InputError
+
+
+def check_counts(counts: sp.spmatrix | np.ndarray, source: str | Path) -> sp.csr_matrix:
+    """Return ``counts`` as CSR float32 after checking they are finite, non-negative integers."""
+    m = sp.csr_matrix(counts)
+    data = m.data
+    if data.size:
+        if not np.all(np.isfinite(data)):
+            raise InputError(source, "counts contain NaN or infinite values")
+        if (data < 0).any():
+            raise InputError(
+                source, f"counts contain {int((data < 0).sum())} negative values; raw counts expected"
+            )
+        frac = np.abs(data - np.round(data))
+        if (frac > 1e-4).any():
+            raise InputError(
+                source,
+                f"{int((frac > 1e-4).sum())} counts are not integers (normalised or log data?); raw counts expected",
+            )
+    return sp.csr_matrix(m, dtype=np.float32)
+
+
+def derive_um_per_px(
+    array_xy: np.ndarray, pixel_xy: np.ndarray, um_per_array_unit: float, source
+) -> tuple[float, str]:
+    """Microns per pixel from the pixel spacing of array positions.
+
+    Fits ``pixel = a * array + b`` per axis (least squares over all spots) and returns
+    ``um_per_array_unit / mean(|a_x|, |a_y|)`` and a sentence saying how it was derived.
+
+    Args:
+        array_xy: ``[N, 2]`` array (grid) x, y positions (may be sub-grid corrected, float).
+        pixel_xy: ``[N, 2]`` pixel x, y centres.
+        um_per_array_unit: Microns between neighbouring array positions (legacy ST: 200).
+    """
+    array_xy = np.asarray(array_xy, dtype=np.float64)
+    pixel_xy = np.asarray(pixel_xy, dtype=np.float64)
+    slopes = []
+    for k in range(2):
+        a = array_xy[:, k]
+        if np.ptp(a) <= 0:
+            continue
+        slope = np.polyfit(a, pixel_xy[:, k], 1)[0]
+        slopes.append(abs(slope))
+    if not slopes or min(slopes) <= 0:
+        raise InputError(source, "cannot derive um per pixel: spots do not span two array positions")
+    if len(slopes) == 2 and abs(slopes[0] - slopes[1]) / max(slopes) > 0.1:
+        raise InputError(
+            source,
+            f"inconsistent pixel spacing of array positions along x ({slopes[0]:.1f} px) and y ({slopes[1]:.1f} px)",
+        )
+    px_per_unit = float(np.mean(slopes))
+    upp = um_per_array_unit / px_per_unit
+    how = (
+        f"derived from the pixel spacing of neighbouring array positions: {px_per_unit:.2f} px per "
+        f"{um_per_array_unit:g} um (least-squares fit of pixel vs array coordinates)"
+    )
+    return upp, how
+
+
+def attach_lattice(slide) -> None:
+    """Set ``slide.lattice`` with `hist_st.lattice.to_lattice(continuous_coords(slide))`."""
+    from hist_st.lattice import continuous_coords, to_lattice
+
+    slide.lattice = np.asarray(to_lattice(continuous_coords(slide)), dtype=np.int64)
+
+
+# Visium: neighbouring spots in a row are 2 array columns and 100 um apart; rows are 100*sqrt(3)/2 um apart.
+VISIUM_PITCH_UM = 100.0
+VISIUM_SPOT_UM = 55.0
+VISIUM_SCALEFACTOR_SPOT_UM = 65.0  # Space Ranger's spot_diameter_fullres spans a theoretical 65 um spot
+
+
+def derive_hex_um_per_px(
+    array_rc: np.ndarray, pixel_xy: np.ndarray, pitch_um: float, source
+) -> tuple[float, str]:
+    """Microns per pixel of a Visium-like hexagonal array from an affine fit of pixels on array (row, col).
+
+    One array-column step is half the pitch (pitch_um / 2) along a row.
+    """
+    rc = np.asarray(array_rc, dtype=np.float64)
+    xy = np.asarray(pixel_xy, dtype=np.float64)
+    if len(np.unique(rc[:, 1])) < 2 or len(np.unique(rc[:, 0])) < 2:
+        raise InputError(source, "cannot derive um per pixel: spots do not span two array rows and columns")
+    design = np.column_stack([rc[:, 1], rc[:, 0], np.ones(len(rc))])
+    coef, *_ = np.linalg.lstsq(design, xy, rcond=None)  # [3, 2]
+    px_per_col = float(np.hypot(*coef[0]))
+    upp = (pitch_um / 2.0) / px_per_col
+    how = (
+        f"derived from the pixel spacing of neighbouring array positions: {2 * px_per_col:.2f} px per "
+        f"{pitch_um:g} um (affine fit of pixel vs array coordinates)"
+    )
+    return upp, how
+
+
+def nn_distance_px(xy: np.ndarray) -> float:
+    """Median nearest-neighbour distance between spot centres (pixels)."""
+    from scipy.spatial import cKDTree
+
+    if len(xy) < 2:
+        raise InputError(None, "need at least two spots to measure their spacing")
+    d, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(d[:, 1]))
+
+
+TECHNOLOGY_ALIASES = {
+    "visium": "visium",
+    "visium hd": "visium-hd",
+    "visium-hd": "visium-hd",
+    "spatial transcriptomics": "st",
+    "st": "st",
+    "legacy st": "st",
+    "xenium": "xenium",
+}
+TECHNOLOGY_PITCH_UM = {"visium": 100.0, "st": 200.0}
+
+
+def normalise_technology(name: str | None) -> str:
+    if not name:
+        return "unknown"
+    return TECHNOLOGY_ALIASES.get(str(name).strip().lower(), str(name).strip().lower())

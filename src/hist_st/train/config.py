@@ -1,0 +1,405 @@
+"""Training configuration: frozen dataclasses, YAML loading and ``key=value`` overrides.
+
+One `TrainConfig` is handed to every part of training (`hist_st.train.loop.train`, cross-validation,
+the checkpoint). Defaults are the paper's (SPEC section 2): 100 epochs, AdamW lr 1e-4, weight decay
+1e-4, cosine annealing to 0, one slide per step, coordinate augmentation with a cosine strength schedule.
+
+Example:
+    >>> cfg = load_config(None, ["epochs=5", "model.dim=32", "augment.variant=authors"])
+    >>> cfg.model.dim
+    32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hist_st.errors import InputError
+
+__all__ = [
+    "AugmentConfig",
+    "GeneConfig",
+    "TrainConfig",
+    "default_model_config",
+    "load_config",
+    "config_to_dict",
+    "config_from_dict",
+    "apply_overrides",
+    "save_config",
+]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Coordinate-only augmentation (SPEC 2), applied to continuous lattice-unit coordinates.
+
+    ``variant="paper"`` (default): mirror (each axis with p = 0.5), shear up to ``shear_deg`` degrees,
+    rotation by a random right angle plus up to ``rotate_deg`` degrees, spot dropout with base probability
+    ``dropout``; a cosine strength schedule decays from ``strength_start`` to ``strength_end`` over
+    training and scales the dropout probability (and, with ``schedule_geometry``, the shear and rotation
+    magnitudes too).
+
+    ``variant="authors"``: the authors' released code: each transform applied with probability
+    ``p_transform`` = 0.75, shear factor uniform in +-tan(30 deg), rotation uniform in [0, 360), keep 25%
+    of the spots (dropout 0.75) scaled by the same schedule. Their schedule never reached the DataLoader
+    workers, so 75% dropout lasted the whole run; ``schedule="constant"`` reproduces that behaviour.
+
+    Attributes:
+        enabled: Apply augmentation at all (the "no coordinate augmentation" ablation sets False).
+        variant: ``"paper"`` or ``"authors"``; fills the fields left at None below.
+        schedule: ``"cosine"`` (strength decays) or ``"constant"`` (strength stays ``strength_start``).
+        strength_start: Strength at epoch 0.
+        strength_end: Strength at the last epoch.
+        mirror: Enable random mirroring.
+        shear: Enable random shear.
+        rotate: Enable random rotation.
+        shear_deg: Maximum shear angle (degrees); None = variant default (15 paper, 30 authors).
+        rotate_deg: Max deviation from a right angle (degrees); None = variant default (30 paper; the
+            authors' variant rotates uniformly and ignores it).
+        dropout: Base spot-dropout probability; None = variant default (0.2 paper, 0.75 authors).
+        p_transform: Probability of applying each geometric transform; None = variant default (1.0 paper,
+            0.75 authors).
+        schedule_geometry: Also scale shear and rotation-deviation magnitudes by the strength.
+        min_spots: Never drop below this many spots (small slides keep enough support).
+    """
+
+    enabled: bool = True
+    variant: str = "paper"
+    schedule: str = "cosine"
+    strength_start: float = 1.0
+    strength_end: float = 0.2
+    mirror: bool = True
+    shear: bool = True
+    rotate: bool = True
+    shear_deg: float | None = None
+    rotate_deg: float | None = None
+    dropout: float | None = None
+    p_transform: float | None = None
+    schedule_geometry: bool = False
+    min_spots: int = 16
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("paper", "authors"):
+            raise InputError("config", f"augment.variant must be 'paper' or 'authors', got {self.variant!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise InputError("config", f"augment.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        for name in ("dropout", "p_transform"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise InputError("config", f"augment.{name} must lie in [0, 1], got {v}")
+
+    def resolved(self) -> AugmentConfig:
+        """A copy with every None field replaced by the variant's default."""
+        if self.variant == "paper":
+            d = {"shear_deg": 15.0, "rotate_deg": 30.0, "dropout": 0.2, "p_transform": 1.0}
+        else:
+            d = {"shear_deg": 30.0, "rotate_deg": 180.0, "dropout": 0.75, "p_transform": 0.75}
+        return dataclasses.replace(self, **{k: v if getattr(self, k) is None else getattr(self, k) for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class GeneConfig:
+    """Which genes are predicted.
+
+    Attributes:
+        n_top: Number of genes (the paper: 2,000 HVGs).
+        ranking: ``"hvg"`` (scanpy seurat flavour on normalize_total(1e4)+log1p, by normalised
+            dispersion) or ``"highly_expressed"`` (mean raw count).
+        scope: ``"dataset"`` (the ranking in the cohort's ``cohort.json``, computed over all slides, the
+            paper's pipeline) or ``"train-only"`` (recomputed on the training slides of each run/fold).
+        genes: An explicit gene list; overrides ranking and scope when given.
+    """
+
+    n_top: int = 2000
+    ranking: str = "hvg"
+    scope: str = "dataset"
+    genes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.ranking not in ("hvg", "highly_expressed"):
+            raise InputError("config", f"genes.ranking must be 'hvg' or 'highly_expressed', got {self.ranking!r}")
+        if self.scope not in ("dataset", "train-only"):
+            raise InputError("config", f"genes.scope must be 'dataset' or 'train-only', got {self.scope!r}")
+        if self.n_top < 1:
+            raise InputError("config", f"genes.n_top must be >= 1, got {self.n_top}")
+
+
+def default_model_config() -> Any:
+    """The model's default `HiSTConfig` (paper sizes as placeholders).
+
+    ``in_dim`` and ``n_genes`` are always overwritten from the data (embedding width, selected genes) when
+    a run starts; the run directory's saved config holds the values actually used.
+    """
+    from hist_st.model.config import HiSTConfig
+
+    return HiSTConfig(in_dim=1024, n_genes=2000)
+
+
+def _model_config_type() -> type:
+    from hist_st.model.config import HiSTConfig
+
+    return HiSTConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (paper defaults, SPEC section 2).
+
+    Attributes:
+        epochs: Passes over the training slides.
+        lr: Peak AdamW learning rate; cosine annealing to 0 over all optimiser steps.
+        weight_decay: AdamW weight decay, applied only to parameters with >= 2 dimensions.
+        betas: AdamW betas.
+        slides_per_step: Slides per optimiser step per process (the paper: 1).
+        seed: Seeds model init, slide order, augmentation and dropout.
+        embedding: Embedding key (``obsm['X_<embedding>']``); None = the only one present.
+        genes: Gene selection.
+        augment: Coordinate augmentation.
+        model: The model's `HiSTConfig` (``in_dim``/``n_genes`` are filled from the data).
+        standardise_features: Standardise embeddings with the training slides' mean/std (stored with the
+            model); the paper feeds raw embeddings (False).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        num_workers: DataLoader workers building augmented lattice batches (0 = main process).
+        checkpoint_every: Save a restorable checkpoint every this many epochs (and always at the end).
+        progress: Show tqdm progress bars.
+        threads: torch CPU threads (0 = leave torch's default).
+    """
+
+    epochs: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    slides_per_step: int = 1
+    seed: int = 0
+    embedding: str | None = None
+    genes: GeneConfig = field(default_factory=GeneConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: Any = field(default_factory=default_model_config)
+    standardise_features: bool = False
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    checkpoint_every: int = 1
+    progress: bool = True
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise InputError("config", f"epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise InputError("config", f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise InputError("config", f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.slides_per_step < 1:
+            raise InputError("config", f"slides_per_step must be >= 1, got {self.slides_per_step}")
+        if self.checkpoint_every < 1:
+            raise InputError("config", f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# dict <-> dataclass, YAML, overrides
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Recursively convert (nested, frozen) dataclasses to plain dicts/lists of primitives."""
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {str(k): config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # unresolved forward references: fall back to raw annotations
+        return {f.name: f.type for f in fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp`` (dataclasses, tuples, optionals, primitives)."""
+    if tp is Any or tp is None:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except (TypeError, ValueError, InputError) as exc:
+                errors.append(str(exc))
+        raise InputError("config", f"{where}: cannot interpret {value!r} as {tp}")
+    if is_dataclass(tp):
+        if is_dataclass(value):
+            return value
+        if not isinstance(value, dict):
+            raise InputError("config", f"{where}: expected a mapping, got {value!r}")
+        if tp is _model_config_type():  # partial model sections start from the default architecture
+            value = {**config_to_dict(default_model_config()), **value}
+        return _from_dict(tp, value, where)
+    if origin is tuple:
+        if value is None:
+            raise InputError("config", f"{where}: expected a list, got None")
+        if isinstance(value, str):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if args and len(args) != len(value):
+            raise InputError("config", f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args or [Any] * len(value)))
+    if origin in (list, typing.List):  # noqa: UP006
+        return [_coerce(v, args[0] if args else Any, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise InputError("config", f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise InputError("config", f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError) as exc:
+            raise InputError("config", f"{where}: expected an integer, got {value!r}") from exc
+    if tp is float:
+        if isinstance(value, bool):
+            raise InputError("config", f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError) as exc:
+            raise InputError("config", f"{where}: expected a number, got {value!r}") from exc
+    if tp is str:
+        if value is None or isinstance(value, (dict, list)):
+            raise InputError("config", f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if isinstance(tp, type) and tp.__module__ == "typing":
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        try:
+            return tp(value)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError("config", f"{where}: cannot interpret {value!r} as {tp.__name__}") from exc
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    valid = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise InputError(
+            "config", f"unknown key(s) {', '.join((where + '.' if where else '') + u for u in unknown)}; "
+            f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(valid))}"
+        )
+    hints = _field_types(cls)
+    if cls is TrainConfig:
+        hints["model"] = _model_config_type()
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints.get(name, Any), f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError("config", f"{where or cls.__name__}: {exc}") from exc
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a `TrainConfig` from a (possibly partial) nested dict; missing keys take defaults.
+
+    Raises:
+        InputError: On unknown keys or values of the wrong type, naming the key.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError("config", f"expected a mapping at the top level, got {type(data).__name__}")
+    return _from_dict(TrainConfig, data)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise InputError("config", f"override {dotted!r}: {k!r} is not a section")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict, in place, and return it."""
+    for item in overrides or ():
+        if "=" not in item:
+            raise InputError("config", f"override {item!r} is not of the form key=value (e.g. epochs=10)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise InputError("config", f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else None
+        except yaml.YAMLError as exc:
+            raise InputError("config", f"override {item!r}: cannot parse value ({exc})") from exc
+        _set_path(data, key, value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load a `TrainConfig` from a YAML file (or defaults when None) and apply ``key=value`` overrides.
+
+    Args:
+        path: YAML file with any subset of the `TrainConfig` keys (nested sections as mappings).
+        overrides: ``["epochs=10", "model.dim=64", "augment.variant=authors"]``.
+
+    Returns:
+        The resolved frozen `TrainConfig`.
+
+    Raises:
+        InputError: Missing/unreadable file, unknown keys, badly typed values.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(p, "config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise InputError(p, f"not valid YAML ({exc})") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise InputError(p, "the config must be a YAML mapping of keys to values")
+        data = loaded
+    apply_overrides(data, list(overrides))
+    return config_from_dict(data)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically); `load_config` reads it back to an equal config."""
+    from hist_st.slide import atomic_path
+
+    final, tmp = atomic_path(path)
+    try:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        tmp.replace(final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final

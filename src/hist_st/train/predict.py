@@ -1,0 +1,182 @@
+"""Prediction with a trained model: `Slide` in, `Slide` with ``predicted`` counts out.
+
+```python
+from hist_st.train import load_bundle, predict_slide
+bundle = load_bundle("runs/exp1/model.pt")
+out = predict_slide(bundle, slide, mc_samples=20)     # out.predicted, out.predicted_std [N, G]
+```
+
+`predict_slide` needs only the slide's spot coordinates and its embedding ``obsm['X_<bundle.embedding>']``
+(counts are optional), so an H&E-only slide whose embeddings were just computed from the image goes
+through the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from hist_st.errors import InputError
+from hist_st.slide import Slide, write_prepared
+from hist_st.train.checkpoint import ModelBundle
+
+__all__ = ["predict_log1p", "predict_slide", "predict_folder", "lattice_unit_for"]
+
+
+def lattice_unit_for(bundle: ModelBundle, slide: Slide) -> float | None:
+    """Lattice unit (um) for ``slide``: the model's unit for its technology, else the slide's own."""
+    if slide.technology in bundle.lattice_unit_um:
+        return float(bundle.lattice_unit_um[slide.technology])
+    if slide.lattice_unit_um is not None:
+        return float(slide.lattice_unit_um)
+    return bundle.unit_for(slide.technology)
+
+
+@torch.no_grad()
+def predict_log1p(
+    bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Log1p-space predictions for every spot of ``slide`` (no augmentation).
+
+    Args:
+        bundle: Trained model bundle.
+        slide: The slide (needs coordinates and ``bundle.embedding``).
+        mc_samples: 0: one deterministic pass (dropout off). K > 0: K passes with dropout on
+            (Monte Carlo dropout); the mean of the K log1p predictions is returned, plus the std of
+            the K count-space predictions ``relu(expm1(.))``.
+        seed: Seed of the MC-dropout passes (the global torch RNG is restored afterwards).
+
+    Returns:
+        ``(mean_log1p [N, G] float32, count_std [N, G] float32 or None)``.
+    """
+    from hist_st.lattice import continuous_coords, to_lattice
+
+    if mc_samples < 0:
+        raise InputError("predict", f"mc_samples must be >= 0, got {mc_samples}")
+    if bundle.embedding not in slide.embeddings:
+        raise InputError(
+            f"slide {slide.slide_id!r}",
+            f"has no embedding {bundle.embedding!r} (obsm['X_{bundle.embedding}']) that the model reads; "
+            f"available: {sorted(slide.embeddings) or 'none'}",
+        )
+    feats = torch.from_numpy(np.asarray(slide.embeddings[bundle.embedding], dtype=np.float32))
+    in_dim = getattr(getattr(bundle.model, "cfg", None), "in_dim", None) or getattr(
+        getattr(bundle.model, "config", None), "in_dim", None
+    )
+    if in_dim is not None and feats.shape[1] != in_dim:
+        raise InputError(
+            f"slide {slide.slide_id!r}",
+            f"embedding {bundle.embedding!r} has width {feats.shape[1]}, the model expects {in_dim}",
+        )
+    if bundle.feature_mean is not None:
+        feats = (feats - bundle.feature_mean.cpu()) / bundle.feature_std.cpu()
+    xy = continuous_coords(slide, lattice_unit_for(bundle, slide))
+    lat = to_lattice(xy, source=f"slide {slide.slide_id!r}")
+    model = bundle.model
+    device = bundle.device
+    batch = model.make_batch(torch.from_numpy(lat), feats).to(device)
+    amp = bundle.amp
+
+    def run() -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            return model(batch).float()
+
+    was_training = model.training
+    try:
+        if mc_samples == 0:
+            model.eval()
+            return run().cpu().numpy(), None
+        cpu_state = torch.get_rng_state()
+        cuda_state = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+        torch.manual_seed(seed)
+        model.train()
+        total = None
+        samples = []
+        for _ in range(mc_samples):
+            y = run()
+            total = y if total is None else total + y
+            samples.append(torch.relu(torch.expm1(y)).cpu())
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+        mean = (total / mc_samples).cpu().numpy()
+        std = torch.stack(samples).std(0, unbiased=False).numpy()
+        return mean, std
+    finally:
+        model.train(was_training)
+
+
+def predict_slide(bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, seed: int = 0) -> Slide:
+    """Predict ``slide`` and return a new `Slide` holding the predictions.
+
+    Returns:
+        A `Slide` with ``genes = bundle.genes``, ``predicted = relu(expm1(mean log1p))`` ``[N, G]``
+        float32, ``predicted_std`` (MC dropout, count space) when ``mc_samples > 0``, the measured counts
+        of those genes when the input slide has them all (else None), the same coordinates, embeddings and
+        metadata, and ``meta['prediction']`` recording the model's genes/embedding/unit/mc_samples.
+    """
+    mean, std = predict_log1p(bundle, slide, mc_samples=mc_samples, seed=seed)
+    counts = None
+    if slide.counts is not None:
+        pos = {str(g): i for i, g in enumerate(slide.genes)}
+        if all(g in pos for g in bundle.genes):
+            counts = sp.csr_matrix(slide.counts)[:, [pos[g] for g in bundle.genes]].astype(np.float32)
+    meta = dict(slide.meta)
+    meta["prediction"] = {
+        "embedding": bundle.embedding,
+        "lattice_unit_um": lattice_unit_for(bundle, slide),
+        "mc_samples": int(mc_samples),
+        "space": "counts = relu(expm1(log1p prediction))",
+    }
+    return Slide(
+        slide_id=slide.slide_id,
+        spatial=slide.spatial,
+        barcodes=slide.barcodes,
+        genes=np.asarray(bundle.genes, dtype=object),
+        counts=counts,
+        array_coords=slide.array_coords,
+        lattice=slide.lattice,
+        embeddings=dict(slide.embeddings),
+        um_per_px=slide.um_per_px,
+        spot_pitch_um=slide.spot_pitch_um,
+        lattice_unit_um=slide.lattice_unit_um,
+        technology=slide.technology,
+        patient=slide.patient,
+        image=slide.image,
+        thumbnail=slide.thumbnail,
+        thumbnail_scale=slide.thumbnail_scale,
+        patch_outside=slide.patch_outside,
+        predicted=np.maximum(np.expm1(mean), 0.0).astype(np.float32),
+        predicted_std=std.astype(np.float32) if std is not None else None,
+        meta=meta,
+    )
+
+
+def predict_folder(
+    bundle: ModelBundle,
+    slides_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    slide_ids: Sequence[str] | None = None,
+    mc_samples: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[Path]:
+    """Predict every prepared slide of ``slides_dir`` and write ``out_dir/<slide_id>.h5ad``."""
+    from tqdm.auto import tqdm
+
+    from hist_st.slide import read_prepared
+    from hist_st.train.data import list_slides
+
+    paths = list_slides(slides_dir, slide_ids)
+    out = Path(out_dir)
+    written = []
+    for path in tqdm(paths, desc="predict", unit="slide", disable=not progress, leave=False):
+        slide = read_prepared(path)
+        pred = predict_slide(bundle, slide, mc_samples=mc_samples, seed=seed)
+        written.append(write_prepared(pred, out / f"{slide.slide_id}.h5ad"))
+    return written

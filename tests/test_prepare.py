@@ -1,0 +1,160 @@
+"""`hist-st prepare` end to end: synthetic her2st-layout cohort, resume, cache, failures; real her2st."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hist_st.cli import main
+from hist_st.encoders import Encoder, register_encoder
+from hist_st.prepare import prepare_cohort, sources_from_her2st
+from hist_st.slide import read_prepared
+
+SMALL = dict(patch_px=32, patch_um_per_px=3.5, thumbnail_size=64, progress=False, log=None)
+TINY = dict(SMALL, encoder="test-tiny")
+
+
+@register_encoder("test-tiny")
+def _tiny(weights=None, device=None) -> Encoder:
+    """A fixed random 8-d encoder that keeps the pipeline tests fast (the real one runs in one test)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 4, 4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    ).eval()
+    return Encoder("test-tiny", model, 8, 32, weights_id="seed0")
+
+
+def _section(root, section, genes, image=True, seed=0, n_x=5, n_y=4, px=40.0):
+    rng = np.random.default_rng(seed)
+    (root / "ST-cnts").mkdir(parents=True, exist_ok=True)
+    (root / "ST-spotfiles").mkdir(parents=True, exist_ok=True)
+    rows, sel = [], ["x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected"]
+    for x in range(1, 1 + n_x):
+        for y in range(1, 1 + n_y):
+            sel.append(f"{x}\t{y}\t{x}\t{y}\t{x * px:.2f}\t{y * px:.2f}\t1")
+            rows.append(f"{x}x{y}\t" + "\t".join(str(v) for v in rng.poisson(4, len(genes))))
+    (root / "ST-spotfiles" / f"{section}_selection.tsv").write_text("\n".join(sel) + "\n")
+    with gzip.open(root / "ST-cnts" / f"{section}.tsv.gz", "wt") as fh:
+        fh.write("\t" + "\t".join(genes) + "\n" + "\n".join(rows) + "\n")
+    if image:
+        from PIL import Image
+
+        folder = root / "ST-imgs" / section[0] / section
+        folder.mkdir(parents=True, exist_ok=True)
+        img = rng.integers(100, 230, size=(int((n_y + 1) * px), int((n_x + 1) * px), 3), dtype=np.uint8)
+        Image.fromarray(img).save(folder / "he.png")
+
+
+@pytest.fixture()
+def cohort(tmp_path):
+    root = tmp_path / "raw"
+    _section(root, "A1", ["GRCh38_G1", "G2", "G3", "G4", "G5"], seed=1)
+    _section(root, "A2", ["G1", "G2", "G3", "G4", "G6"], seed=2)
+    _section(root, "B1", ["G1", "G2", "G3", "G4"], seed=3, image=False)
+    return root
+
+
+def test_prepare_resume_cache(cohort, tmp_path):
+    out = tmp_path / "prep"
+    rep = prepare_cohort(sources_from_her2st(cohort), out, **SMALL)
+    assert sorted(rep.prepared) == ["A1", "A2"] and rep.skipped_no_image == ["B1"] and not rep.failed
+    man = json.loads((out / "cohort.json").read_text())
+    assert man["slide_ids"] == ["A1", "A2"]
+    assert man["genes"] == ["G1", "G2", "G3", "G4"]  # prefix stripped, shared set
+    assert sorted(man["hvg"]) == sorted(man["genes"]) and sorted(man["highly_expressed"]) == sorted(
+        man["genes"]
+    )
+    assert man["embedding_dims"] == {"efficientnet-lite0": 1280} and man["technology"] == "st"
+    assert man["lattice_unit_um"] == 200 and man["skipped"] == {"B1": "no image"}
+    s = read_prepared(out / "A1.h5ad")
+    assert s.genes.tolist() == ["G1", "G2", "G3", "G4"] and s.n_spots == 20
+    assert s.lattice is not None and s.lattice.min() == 0 and s.lattice.max() == 4
+    assert s.embeddings["efficientnet-lite0"].shape == (20, 1280)
+    assert s.um_per_px == pytest.approx(5.0) and s.thumbnail.shape[2] == 3
+    assert s.patch_outside.dtype == bool and s.patch_outside.sum() == 0
+    # resume: nothing redone
+    rep2 = prepare_cohort(sources_from_her2st(cohort), out, **SMALL)
+    assert rep2.prepared == [] and sorted(rep2.skipped_done) == ["A1", "A2"]
+    # a lost slide file is rebuilt from the embedding cache, identical embeddings
+    emb = s.embeddings["efficientnet-lite0"]
+    (out / "A1.h5ad").unlink()
+    rep3 = prepare_cohort(sources_from_her2st(cohort), out, **SMALL)
+    assert (
+        rep3.prepared == ["A1"] and rep3.timings.get("cached_slides") == 1 and "patches" not in rep3.timings
+    )
+    np.testing.assert_array_equal(read_prepared(out / "A1.h5ad").embeddings["efficientnet-lite0"], emb)
+
+
+def test_failing_slide_does_not_corrupt(cohort, tmp_path):
+    out = tmp_path / "prep"
+    prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, **TINY)
+    before = (out / "A1.h5ad").read_bytes()
+    img = next((cohort / "ST-imgs" / "A" / "A2").iterdir())
+    img.write_bytes(img.read_bytes()[:200])  # truncated image
+    rep = prepare_cohort(sources_from_her2st(cohort), out, **TINY)
+    assert "A2" in rep.failed and "he.png" in rep.failed["A2"]
+    assert (out / "A1.h5ad").read_bytes() == before
+    assert not (out / "A2.h5ad").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert json.loads((out / "cohort.json").read_text())["slide_ids"] == ["A1"]
+
+
+def test_cli_prepare(cohort, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(
+        [
+            "prepare",
+            "--format",
+            "her2st",
+            "--input",
+            str(cohort),
+            "--out",
+            str(out),
+            "--patch-px",
+            "32",
+            "--patch-um-per-px",
+            "3.5",
+            "--no-progress",
+            "--encoder",
+            "test-tiny",
+            "--sections",
+            "A1",
+            "A2",
+            "--hvg-scope",
+            "train-only",
+            "--train-slides",
+            "A1",
+        ]
+    )
+    assert rc == 0
+    assert "prepared 2 slide(s)" in capsys.readouterr().out
+    man = json.loads((out / "cohort.json").read_text())
+    assert (
+        man["hvg_scope"] == "train-only"
+        and man["hvg_train_slides"] == ["A1"]
+        and len(man["hvg_dataset"]) == 4
+    )
+    assert main(["prepare", "--format", "her2st", "--input", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+def test_macenko_stain_norm(cohort, tmp_path):
+    out = tmp_path / "stain"
+    rep = prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, stain_norm="macenko", **TINY)
+    assert rep.prepared == ["A1"]
+    assert json.loads((out / "cohort.json").read_text())["stain_norm"].startswith("macenko")
+
+
+@pytest.mark.slow
+def test_real_her2st_prepare(her2st_dir, tmp_path):
+    t0 = time.perf_counter()
+    rep = prepare_cohort(sources_from_her2st(her2st_dir, ["C5"]), tmp_path / "real", progress=False, log=None)
+    assert rep.prepared == ["C5"], rep.failed
+    s = read_prepared(tmp_path / "real" / "C5.h5ad")
+    assert s.n_spots == 181 and s.embeddings["efficientnet-lite0"].shape == (181, 1280)
+    assert len(np.unique(s.lattice, axis=0)) == 181
+    assert time.perf_counter() - t0 < 120

@@ -1,0 +1,77 @@
+"""`hist-st train / predict / cv` end to end on a tiny cohort, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hist_st.cli import main
+from hist_st.slide import read_prepared
+from hist_st.train.toy import write_toy_cohort
+
+TINY = ["model.dim=32", "model.heads=4", "genes.n_top=6", "epochs=1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return write_toy_cohort(tmp_path_factory.mktemp("toy"), n_slides=4, n_spots=90, n_genes=10, dim=16)
+
+
+def test_train_then_predict(cohort, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--slides", str(cohort), "--out", str(run), "--ids", "toy00,toy01", *TINY]) == 0
+    assert "checkpoint" in capsys.readouterr().out
+    assert {"model.pt", "config.yaml", "genes.txt", "history.json"} <= {p.name for p in run.iterdir()}
+    assert main(["train", "--slides", str(cohort), "--out", str(run), "--resume", *TINY]) == 0  # already done
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(run / "model.pt"), "--slides", str(cohort), "--out", str(out),
+                 "--ids", "toy02", "--mc-samples", "2", "--no-progress"]) == 0  # fmt: skip
+    pred = read_prepared(out / "toy02.h5ad")
+    genes = (run / "genes.txt").read_text().split()
+    assert list(pred.genes) == genes
+    assert pred.predicted.shape == (pred.n_spots, len(genes)) and np.all(pred.predicted >= 0)
+    assert pred.predicted_std.shape == pred.predicted.shape
+
+
+def test_cv_end_to_end(cohort, tmp_path, capsys):
+    out = tmp_path / "cv"
+    code = main(["cv", "--slides", str(cohort), "--out", str(out), "--folds", "2", "--group-by", "patient",
+                 "--baselines", "ridge,mean", *TINY])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "pooled R2" in printed and "per-gene PCC" in printed and "ridge" in printed
+    for name in ("splits.json", "metrics.json", "table.md", "loss_curves.png", "config.yaml", "genes.txt",
+                 "versions.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["group_by"] == "patient" and len(splits["folds"]) == 2
+    for f in splits["folds"]:
+        fold = json.loads((out / f"fold_{f['fold']}" / "metrics.json").read_text())
+        assert set(fold["metrics"]) == {"HiST", "ridge", "mean"}
+        for sid in f["test"]:
+            assert read_prepared(out / f"fold_{f['fold']}" / "predictions" / f"{sid}.h5ad").predicted is not None
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary["methods"]["HiST"]) >= {"pooled", "per_gene"}
+    # the same folds again, from the saved file
+    assert main(["cv", "--slides", str(cohort), "--out", str(tmp_path / "cv2"), "--splits", str(out / "splits.json"),
+                 "--no-predictions", *TINY]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "cv2" / "splits.json").read_text())["folds"] == splits["folds"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--slides", "{missing}", "--out", "{tmp}/r"], "slide folder not found"),
+        (["train", "--slides", "{cohort}", "--out", "{tmp}/r", "epochz=3"], "unknown key"),
+        (["train", "--slides", "{cohort}", "--out", "{tmp}/r", "--ids", "toy00,nope"], "no prepared slide file"),
+        (["predict", "--model", "{tmp}/none.pt", "--slides", "{cohort}", "--out", "{tmp}/p"], "checkpoint not found"),
+        (["cv", "--slides", "{cohort}", "--out", "{tmp}/c", "--folds", "9"], "needs at least 9 slides"),
+    ],
+)
+def test_cli_errors_are_clear(cohort, tmp_path, capsys, argv, message):
+    argv = [a.format(missing=tmp_path / "missing", tmp=tmp_path, cohort=cohort) for a in argv]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

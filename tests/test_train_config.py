@@ -1,0 +1,50 @@
+"""TrainConfig: paper defaults, YAML + key=value overrides, clear errors, round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from hist_st.errors import InputError
+from hist_st.train.config import TrainConfig, config_to_dict, load_config, save_config
+
+
+def test_paper_defaults():
+    cfg = TrainConfig()
+    assert (cfg.epochs, cfg.lr, cfg.weight_decay, cfg.slides_per_step) == (100, 1e-4, 1e-4, 1)
+    assert cfg.genes.n_top == 2000 and cfg.genes.ranking == "hvg" and cfg.genes.scope == "dataset"
+    a = cfg.augment.resolved()
+    assert (a.shear_deg, a.rotate_deg, a.dropout, a.strength_start, a.strength_end) == (15, 30, 0.2, 1.0, 0.2)
+    assert cfg.model.levels == "111-21" and cfg.model.dim == 512 and cfg.model.heads == 8
+    b = TrainConfig().augment.__class__(variant="authors").resolved()
+    assert (b.p_transform, b.dropout, b.shear_deg) == (0.75, 0.75, 30.0)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 7\nmodel:\n  dim: 64\n  heads: 4\naugment:\n  variant: authors\n")
+    cfg = load_config(path, ["lr=0.001", "model.levels=11-1", "genes.scope=train-only", "model.tokens=[max,mean]"])
+    assert cfg.epochs == 7 and cfg.lr == 1e-3
+    assert cfg.model.dim == 64 and cfg.model.levels == "11-1" and cfg.model.tokens == ("max", "mean")
+    assert cfg.augment.variant == "authors" and cfg.genes.scope == "train-only"
+    out = save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(out) == cfg
+    assert config_to_dict(cfg)["model"]["dim"] == 64
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(InputError, match="unknown key.*epoch"):
+        load_config(None, ["epoch=3"])
+    with pytest.raises(InputError, match="valid keys under model"):
+        load_config(None, ["model.width=3"])
+    with pytest.raises(InputError, match="expected an integer"):
+        load_config(None, ["epochs=many"])
+    with pytest.raises(InputError, match="key=value"):
+        load_config(None, ["epochs"])
+    with pytest.raises(InputError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(InputError, match="ranking"):
+        load_config(None, ["genes.ranking=random"])
+    with pytest.raises(InputError, match="divisible"):
+        load_config(None, ["model.dim=30", "model.heads=4"])
+    with pytest.raises(InputError, match="epochs must be"):
+        load_config(None, ["epochs=0"])
