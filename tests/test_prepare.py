@@ -88,6 +88,10 @@ def test_prepare_resume_cache(cohort, tmp_path):
         rep3.prepared == ["A1"] and rep3.timings.get("cached_slides") == 1 and "patches" not in rep3.timings
     )
     np.testing.assert_array_equal(read_prepared(out / "A1.h5ad").embeddings["efficientnet-lite0"], emb)
+    # a corrupt (e.g. foreign or half-copied) slide file is not taken as done
+    (out / "A2.h5ad").write_bytes(b"garbage")
+    rep4 = prepare_cohort(sources_from_her2st(cohort), out, **SMALL)
+    assert rep4.prepared == ["A2"] and read_prepared(out / "A2.h5ad").n_spots == 20
 
 
 def test_failing_slide_does_not_corrupt(cohort, tmp_path):
@@ -149,7 +153,6 @@ def test_macenko_stain_norm(cohort, tmp_path):
     assert json.loads((out / "cohort.json").read_text())["stain_norm"].startswith("macenko")
 
 
-@pytest.mark.slow
 def test_real_her2st_prepare(her2st_dir, tmp_path):
     t0 = time.perf_counter()
     rep = prepare_cohort(sources_from_her2st(her2st_dir, ["C5"]), tmp_path / "real", progress=False, log=None)
@@ -158,3 +161,24 @@ def test_real_her2st_prepare(her2st_dir, tmp_path):
     assert s.n_spots == 181 and s.embeddings["efficientnet-lite0"].shape == (181, 1280)
     assert len(np.unique(s.lattice, axis=0)) == 181
     assert time.perf_counter() - t0 < 120
+
+
+def test_spots_outside_image_fail_cleanly(tmp_path):
+    import anndata as ad
+    import scipy.sparse as sp
+    from PIL import Image
+
+    from hist_st.prepare import source_from_anndata
+
+    a = ad.AnnData(X=sp.csr_matrix(np.ones((4, 2), np.float32)))
+    a.var_names = ["A", "B"]
+    a.obsm["spatial"] = np.array([[1000.0, 1000], [1100, 1000], [1000, 1100], [1100, 1100]])
+    a.write_h5ad(tmp_path / "s.h5ad")
+    Image.fromarray(np.full((100, 100, 3), 200, np.uint8)).save(tmp_path / "he.png")
+    rep = prepare_cohort(
+        [source_from_anndata(tmp_path / "s.h5ad", tmp_path / "he.png", um_per_px=1.0)],
+        tmp_path / "out",
+        **TINY,
+    )
+    assert "no spot centre lies inside the image" in rep.failed["s"] and "he.png" in rep.failed["s"]
+    assert rep.manifest is None and not (tmp_path / "out" / "s.h5ad").exists()

@@ -95,3 +95,29 @@ def test_real_her2st_pseudo_spots_cover_real_spots(her2st_dir):
     d_ps, _ = cKDTree(real.spatial).query(ps.spatial)
     assert (d_real < tol).mean() > 0.95  # the tissue the real spots cover is covered
     assert (d_ps < tol).mean() > 0.9  # and little beyond it
+
+
+def test_pseudo_spots_embedded(tmp_path):
+    from hist_st.encoders import ENCODERS, Encoder
+    from hist_st.prepare import embed_he_slide
+    from hist_st.slide import read_prepared, write_prepared
+
+    def tiny(weights=None, device=None):
+        import torch
+
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 8, 8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        )
+        return Encoder("tiny-tissue", m.eval(), 4, 32)
+
+    ENCODERS["tiny-tissue"] = tiny
+    try:
+        path, _ = _tissue_image(tmp_path)
+        s = pseudo_spot_grid(path, pitch_um=40.0, lattice="hex", thumbnail_size=400)
+        embed_he_slide(s, encoder="tiny-tissue", patch_px=32, patch_um_per_px=2.0, progress=False)
+        assert s.embeddings["tiny-tissue"].shape == (s.n_spots, 4) and s.patch_outside.shape == (s.n_spots,)
+        back = read_prepared(write_prepared(s, tmp_path / "he.h5ad"))
+        assert back.counts is None and back.technology == "he-only" and back.lattice is not None
+    finally:
+        ENCODERS.pop("tiny-tissue", None)

@@ -44,6 +44,7 @@ __all__ = [
     "source_from_anndata",
     "sources_from_table",
     "embed_slide",
+    "embed_he_slide",
     "macenko_normaliser",
     "CACHE_DIR",
 ]
@@ -397,6 +398,54 @@ def embed_slide(
     if not np.all(np.isfinite(emb)):
         raise InputError(f"slide {slide.slide_id!r}", "the encoder produced NaN/inf embeddings")
     return emb, outside
+
+
+def embed_he_slide(
+    slide: Slide,
+    *,
+    encoder: str = "efficientnet-lite0",
+    weights: str | Path | None = None,
+    device: str | None = None,
+    patch_px: int = 224,
+    patch_um_per_px: float = 0.5,
+    batch_size: int = 32,
+    stain_norm: str | None = None,
+    progress: bool = True,
+) -> Slide:
+    """Embed the spots of a slide that has an image (e.g. from `hist_st.tissue.pseudo_spot_grid`), in place.
+
+    Sets ``slide.embeddings[encoder]`` and ``slide.patch_outside`` and returns the slide; for
+    ``hist-st predict --image``. Use the encoder and patch geometry the model was trained with.
+    """
+    from hist_st.encoders import get_encoder
+
+    if not slide.image:
+        raise InputError(f"slide {slide.slide_id!r}", "the slide has no image to cut patches from")
+    enc = get_encoder(encoder, weights, device)
+    transform = macenko_normaliser() if stain_norm == "macenko" else None
+    with open_image(slide.image) as image:
+        upp = slide.um_per_px or image.um_per_px
+        if upp is None:
+            raise InputError(slide.image, "no um per pixel in the image or the slide; give it explicitly")
+        slide.um_per_px = upp
+        emb, outside = embed_slide(
+            slide,
+            image,
+            enc,
+            PatchParams(patch_px, patch_um_per_px),
+            batch_size=batch_size,
+            transform=transform,
+            progress=progress,
+        )
+    slide.embeddings[enc.name] = emb
+    slide.patch_outside = outside
+    slide.meta.update(
+        patch={"size_px": patch_px, "um_per_px": patch_um_per_px},
+        encoder=enc.name,
+        encoder_weights=enc.weights_id,
+        stain_norm=stain_norm,
+    )
+    return slide
 
 
 def _cache_path(

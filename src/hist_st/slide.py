@@ -193,6 +193,7 @@ def slide_to_anndata(slide: Slide):
         "lattice_unit_um": float(slide.lattice_unit_um) if slide.lattice_unit_um is not None else float("nan"),
         "image": slide.image or "",
         "meta_json": json.dumps(slide.meta, default=str),
+        "has_counts": slide.counts is not None,
     }
     adata.uns["hist_st"] = info
     scalefactors: dict[str, float] = {"tissue_hires_scalef": float(slide.thumbnail_scale or 1.0)}
@@ -230,7 +231,8 @@ def anndata_to_slide(adata, source: str | Path | None = None) -> Slide:
     info = dict(adata.uns.get("hist_st", {}))
     slide_id = str(info.get("slide_id") or (Path(source).stem if source else "slide"))
     counts = None
-    if adata.X is not None and "predicted" not in adata.layers:
+    has_counts = bool(info.get("has_counts", "predicted" not in adata.layers))
+    if adata.X is not None and has_counts:
         counts = sp.csr_matrix(adata.X, dtype=np.float32)
     embeddings = {k[2:]: np.asarray(v, dtype=np.float32) for k, v in adata.obsm.items() if k.startswith("X_")}
     thumb, scale = None, None

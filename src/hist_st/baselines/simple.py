@@ -54,16 +54,17 @@ class RidgeBaseline(Baseline):
       to ``train_test_reg``), i.e. ``alpha = 100 / (256 * G)`` in the usual case;
     - targets are the raw ``log1p`` values, **not centred**.
 
-    Consequence of following HEST exactly: the PCA scores of the training spots have zero mean and the
-    model has no intercept, so predictions have (about) zero mean per gene. HEST only reports per-gene
-    Pearson, which ignores that offset; R2 and the pooled protocol (``relu(expm1(pred))``) will be very
-    poor for this row. ``center_targets=True`` (not HEST) subtracts the training gene means before the
-    fit and adds them back at prediction, the fair variant for R2 / pooled tables; report which was used.
+    Followed exactly, HEST's probe has no intercept on zero-mean PCA scores, so its predictions have
+    (about) zero mean per gene: per-gene Pearson (all HEST reports) ignores that offset, but R2 and the
+    pooled protocol (``relu(expm1(pred))``) become meaningless. hist-st therefore defaults to
+    ``center_targets=True``: the training gene means are subtracted before the fit and added back at
+    prediction (an intercept). Per-gene Pearson is identical either way; ``center_targets=False`` is
+    HEST verbatim.
 
     Args:
         n_components: PCA components (HEST: 256).
         alpha: Ridge penalty; None applies HEST's rule ``100 / (n_features * n_genes)``.
-        center_targets: False (HEST) or True (add back the training gene means).
+        center_targets: True (default: add back the training gene means) or False (HEST verbatim).
         max_iter: lsqr iterations (HEST: 1000).
     """
 
@@ -71,7 +72,7 @@ class RidgeBaseline(Baseline):
         self,
         n_components: int = 256,
         alpha: float | None = None,
-        center_targets: bool = False,
+        center_targets: bool = True,
         max_iter: int = 1000,
     ) -> None:
         super().__init__(

@@ -42,6 +42,7 @@ class WindowPartition:
             features are gathered without appending a padding row.
         token_window: ``[N]`` int64 window of each token.
         token_slot: ``[N]`` int64 slot of each token within its window.
+        token_flat: ``[N]`` int64 ``token_window * S + token_slot``, the token's row in ``[W * S]``.
         rel: ``[W, S, S]`` int64 flat relative-offset index (key - query) into the bias table.
         mask: ``[W, S, S]`` float additive mask: 0 where the query may attend the key, -inf elsewhere
             (padding keys; in the shifted partition also keys already in the query's standard window).
@@ -52,6 +53,7 @@ class WindowPartition:
     gather: torch.Tensor
     token_window: torch.Tensor
     token_slot: torch.Tensor
+    token_flat: torch.Tensor
     rel: torch.Tensor
     mask: torch.Tensor
     delta: torch.Tensor
@@ -121,6 +123,7 @@ def window_partition(
         gather=torch.where(valid, index, torch.zeros_like(index)),
         token_window=token_window,
         token_slot=token_slot,
+        token_flat=token_window * size + token_slot,
         rel=rel,
         mask=mask,
         delta=delta,

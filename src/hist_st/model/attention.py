@@ -35,6 +35,13 @@ def _window_logits(
     return torch.baddbmm(bias, q.reshape(h * w, size, dh), k.reshape(h * w, size, dh).transpose(1, 2), alpha=scale)
 
 
+def _gather_windows(qkv: torch.Tensor, part: WindowPartition) -> tuple[torch.Tensor, ...]:
+    """``qkv [3, H, N, Dh]`` -> q, k, v ``[H, W, S, Dh]`` in the partition's padded window layout."""
+    three, h, _, dh = qkv.shape
+    w, size = part.gather.shape
+    return qkv.index_select(2, part.gather.reshape(-1)).view(three, h, w, size, dh).unbind(0)
+
+
 class WindowAttentionFn(torch.autograd.Function):
     """Exact softmax attention over the union of window partitions, flash-attention style.
 
@@ -59,22 +66,22 @@ class WindowAttentionFn(torch.autograd.Function):
         h, n = qkv.shape[1], qkv.shape[2]
         outs, maxes, sums, keeps = [], [], [], []
         for part in parts:
-            q, k, v = qkv[:, :, part.gather].unbind(0)  # [H, W, S, Dh]
+            q, k, v = _gather_windows(qkv, part)  # [H, W, S, Dh]
             w, size, dh = q.shape[1], q.shape[2], q.shape[3]
             s = _window_logits(q, k, table, part, scale)
             m = s.amax(dim=-1, keepdim=True)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows whose keys are all masked
             e = torch.exp(s - m)
             del s
-            sums.append(e.sum(dim=-1).view(h, w, size)[:, part.token_window, part.token_slot])
+            sums.append(e.sum(dim=-1).view(h, w * size).index_select(1, part.token_flat))
             keep = None
             if p_drop > 0:
                 keep = torch.rand_like(e) >= p_drop
                 e = e * keep / (1 - p_drop)
             keeps.append(keep)
             o = torch.bmm(e, v.reshape(h * w, size, dh)).view(h, w, size, dh)
-            outs.append(o[:, part.token_window, part.token_slot])  # [H, N, Dh]
-            maxes.append(m.view(h, w, size)[:, part.token_window, part.token_slot])
+            outs.append(o.view(h, w * size, dh).index_select(1, part.token_flat))  # [H, N, Dh]
+            maxes.append(m.view(h, w * size).index_select(1, part.token_flat))
         mx = maxes[0] if len(parts) == 1 else torch.maximum(*maxes)
         out = torch.zeros_like(outs[0])
         denom = torch.zeros_like(mx)
@@ -102,13 +109,14 @@ class WindowAttentionFn(torch.autograd.Function):
         dqkv = torch.zeros_like(qkv)
         dtable = torch.zeros_like(table) if table is not None and ctx.needs_input_grad[1] else None
         for part, keep in zip(ctx.parts, keeps):
-            q, k, v = qkv[:, :, part.gather].unbind(0)  # [H, W, S, Dh]
+            q, k, v = _gather_windows(qkv, part)  # [H, W, S, Dh]
             w, size, dh = q.shape[1], q.shape[2], q.shape[3]
             valid = (part.index < ctx.n).to(qkv.dtype)  # [W, S] real query slots
             s = _window_logits(q, k, table, part, scale)
-            p = torch.exp(s - lse[:, part.gather].reshape(h * w, size, 1))  # [H*W, S, S]
+            flat = part.gather.reshape(-1)
+            p = torch.exp(s - lse.index_select(1, flat).view(h * w, size, 1))  # [H*W, S, S]
             del s
-            do = (dout[:, part.gather] * valid[..., None]).reshape(h * w, size, dh)
+            do = (dout.index_select(1, flat).view(h, w, size, dh) * valid[..., None]).view(h * w, size, dh)
             dp = torch.bmm(do, v.reshape(h * w, size, dh).transpose(1, 2))
             if p_drop > 0:
                 pd = p * keep / (1 - p_drop)
@@ -116,11 +124,10 @@ class WindowAttentionFn(torch.autograd.Function):
             else:
                 pd = p
             dv = torch.bmm(pd.transpose(1, 2), do)
-            ds = p * (dp - (delta[:, part.gather] * valid).reshape(h * w, size, 1))
+            ds = p * (dp - (delta.index_select(1, flat).view(h, w, size) * valid).view(h * w, size, 1))
             del p, dp, pd
             dq = torch.bmm(ds, k.reshape(h * w, size, dh)) * scale
             dk = torch.bmm(ds.transpose(1, 2), q.reshape(h * w, size, dh)) * scale
-            flat = part.gather.reshape(-1)
             for i, g in enumerate((dq, dk, dv)):
                 dqkv[i].index_add_(1, flat, g.view(h, w * size, dh))
             if dtable is not None:
