@@ -59,9 +59,17 @@ def cohort(tmp_path):
     return root
 
 
+def test_prepare_default_encoder(cohort, tmp_path):
+    rep = prepare_cohort(sources_from_her2st(cohort, ["A1"]), tmp_path / "prep", **SMALL)
+    assert rep.prepared == ["A1"], rep.failed
+    s = read_prepared(tmp_path / "prep" / "A1.h5ad")
+    assert s.embeddings["efficientnet-lite0"].shape == (20, 1280)
+    assert np.isfinite(s.embeddings["efficientnet-lite0"]).all()
+
+
 def test_prepare_resume_cache(cohort, tmp_path):
     out = tmp_path / "prep"
-    rep = prepare_cohort(sources_from_her2st(cohort), out, **SMALL)
+    rep = prepare_cohort(sources_from_her2st(cohort), out, **TINY)
     assert sorted(rep.prepared) == ["A1", "A2"] and rep.skipped_no_image == ["B1"] and not rep.failed
     man = json.loads((out / "cohort.json").read_text())
     assert man["slide_ids"] == ["A1", "A2"]
@@ -69,28 +77,28 @@ def test_prepare_resume_cache(cohort, tmp_path):
     assert sorted(man["hvg"]) == sorted(man["genes"]) and sorted(man["highly_expressed"]) == sorted(
         man["genes"]
     )
-    assert man["embedding_dims"] == {"efficientnet-lite0": 1280} and man["technology"] == "st"
+    assert man["embedding_dims"] == {"test-tiny": 8} and man["technology"] == "st"
     assert man["lattice_unit_um"] == 200 and man["skipped"] == {"B1": "no image"}
     s = read_prepared(out / "A1.h5ad")
     assert s.genes.tolist() == ["G1", "G2", "G3", "G4"] and s.n_spots == 20
     assert s.lattice is not None and s.lattice.min() == 0 and s.lattice.max() == 4
-    assert s.embeddings["efficientnet-lite0"].shape == (20, 1280)
+    assert s.embeddings["test-tiny"].shape == (20, 8)
     assert s.um_per_px == pytest.approx(5.0) and s.thumbnail.shape[2] == 3
     assert s.patch_outside.dtype == bool and s.patch_outside.sum() == 0
     # resume: nothing redone
-    rep2 = prepare_cohort(sources_from_her2st(cohort), out, **SMALL)
+    rep2 = prepare_cohort(sources_from_her2st(cohort), out, **TINY)
     assert rep2.prepared == [] and sorted(rep2.skipped_done) == ["A1", "A2"]
     # a lost slide file is rebuilt from the embedding cache, identical embeddings
-    emb = s.embeddings["efficientnet-lite0"]
+    emb = s.embeddings["test-tiny"]
     (out / "A1.h5ad").unlink()
-    rep3 = prepare_cohort(sources_from_her2st(cohort), out, **SMALL)
+    rep3 = prepare_cohort(sources_from_her2st(cohort), out, **TINY)
     assert (
         rep3.prepared == ["A1"] and rep3.timings.get("cached_slides") == 1 and "patches" not in rep3.timings
     )
-    np.testing.assert_array_equal(read_prepared(out / "A1.h5ad").embeddings["efficientnet-lite0"], emb)
+    np.testing.assert_array_equal(read_prepared(out / "A1.h5ad").embeddings["test-tiny"], emb)
     # a corrupt (e.g. foreign or half-copied) slide file is not taken as done
     (out / "A2.h5ad").write_bytes(b"garbage")
-    rep4 = prepare_cohort(sources_from_her2st(cohort), out, **SMALL)
+    rep4 = prepare_cohort(sources_from_her2st(cohort), out, **TINY)
     assert rep4.prepared == ["A2"] and read_prepared(out / "A2.h5ad").n_spots == 20
 
 
@@ -153,6 +161,7 @@ def test_macenko_stain_norm(cohort, tmp_path):
     assert json.loads((out / "cohort.json").read_text())["stain_norm"].startswith("macenko")
 
 
+@pytest.mark.slow
 def test_real_her2st_prepare(her2st_dir, tmp_path):
     t0 = time.perf_counter()
     rep = prepare_cohort(sources_from_her2st(her2st_dir, ["C5"]), tmp_path / "real", progress=False, log=None)

@@ -104,7 +104,9 @@ class Encoder:
                     warnings.simplefilter("ignore")
                     s = self.input_size
                     gen = torch.Generator().manual_seed(0)
-                    probe = torch.randn(2, 3, s, s, generator=gen).contiguous(memory_format=torch.channels_last)
+                    probe = torch.randn(2, 3, s, s, generator=gen).contiguous(
+                        memory_format=torch.channels_last
+                    )
                     check = torch.randn(3, 3, s, s, generator=gen)
                     import copy
 
@@ -369,11 +371,21 @@ def get_encoder(
         InputError: Unknown encoder, or weights that cannot be found or do not fit.
     """
     weights = str(weights) if weights else None
+    key = (name, weights, str(device), id(ENCODERS.get(name)))
+    if key in _LOADED:
+        return _LOADED[key]
     if name.startswith("timm:"):
-        return _timm_encoder(name, weights, device)
-    if name not in ENCODERS:
+        enc = _timm_encoder(name, weights, device)
+    elif name not in ENCODERS:
         raise InputError(name, f"unknown encoder; choose one of {', '.join(list_encoders())}")
-    return ENCODERS[name](weights=weights, device=device)
+    else:
+        enc = ENCODERS[name](weights=weights, device=device)
+    _LOADED[key] = enc
+    return enc
+
+
+# Encoders are frozen (eval mode, inference only), so one instance per (name, weights, device) is shared.
+_LOADED: dict[tuple, Encoder] = {}
 
 
 def encode_batches(

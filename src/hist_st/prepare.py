@@ -520,6 +520,7 @@ def prepare_slide(
     image = None
     try:
         if slide.image:
+            slide.image = str(Path(slide.image).resolve())
             image = open_image(slide.image)
             if slide.um_per_px is None:
                 slide.um_per_px = image.um_per_px
