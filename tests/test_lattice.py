@@ -72,7 +72,7 @@ def _brute_force_union(coords: np.ndarray, w: int, shifted: bool) -> list[set[in
             b = (j + origin) // side
             members.setdefault((origin, a, b), set()).add(idx)
     out = []
-    for idx, (i, j) in enumerate(coords):
+    for i, j in coords:
         nb: set[int] = set()
         for origin in ([0, w] if shifted else [0]):
             nb |= members[(origin, (i + origin) // side, (j + origin) // side)]

@@ -10,7 +10,6 @@ slides involved; rank genes by dispersion (highly variable genes, scanpy ``seura
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from hist_st.errors import InputError
-from hist_st.slide import Slide, atomic_path
+from hist_st.slide import Slide
 
 __all__ = [
     "clean_gene_names",
@@ -257,14 +256,9 @@ def rank_highly_expressed(mats: Sequence[sp.spmatrix], genes: Sequence[str]) -> 
 
 def write_cohort_manifest(out_dir: str | Path, manifest: dict) -> Path:
     """Write ``cohort.json`` atomically into ``out_dir``."""
-    final, tmp = atomic_path(Path(out_dir) / MANIFEST_NAME)
-    try:
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
+    from hist_st.jsonio import write_json
+
+    return write_json(manifest, Path(out_dir) / MANIFEST_NAME)
 
 
 def read_cohort_manifest(out_dir: str | Path) -> dict:

@@ -79,7 +79,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from hist_st.train.distributed import resolve_device
     from hist_st.train.predict import predict_folder
 
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    image_only = ("um_per_px", "genes", "reference", "weights")
+    if args.image is None:
+        given = [f"--{k.replace('_', '-')}" for k in image_only if getattr(args, k) is not None]
+        if given:
+            raise InputError(" ".join(given), "only apply with --image")
     bundle = load_bundle(args.model, device=resolve_device(args.device))
+    if args.image is not None:
+        from hist_st.predict_image import predict_image
+
+        if args.ids is not None:
+            raise InputError("--ids", "only applies with --slides")
+        genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+        summary = predict_image(
+            bundle, args.image, args.out, um_per_px=args.um_per_px, genes_to_plot=genes,
+            mc_samples=args.mc_samples, encoder_weights=args.weights, device=str(bundle.device),
+            reference=args.reference, seed=args.seed, progress=not args.no_progress,
+        )  # fmt: skip
+        brief = {k: summary[k] for k in ("slide_id", "n_pseudo_spots", "um_per_px", "h5ad", "genes_plotted")}
+        ref = summary.get("reference")
+        if ref:
+            corr = ref.get("correlation") or {}
+            brief["reference"] = {
+                "coverage": ref["coverage"], "precision": ref["precision"],
+                "match_distance_um": ref["match_distance_um"],
+                "mean_gene_pearson": corr.get("mean_gene_pearson"), "pooled_pearson": corr.get("pooled_pearson"),
+            }  # fmt: skip
+        brief["total_s"] = summary["timings_s"]["total_s"]
+        print(json.dumps(brief))
+        return 0
     paths = predict_folder(bundle, args.slides, args.out, slide_ids=_ids(args.ids), mc_samples=args.mc_samples,
                            seed=args.seed, progress=not args.no_progress)  # fmt: skip
     print(json.dumps({"predicted": len(paths), "genes": len(bundle.genes), "out": str(args.out)}))
@@ -111,15 +143,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=cmd_cv)
 
-    p = subparsers.add_parser("predict", help="predict prepared slides with a trained model",
-                              description="Write OUT/<id>.h5ad with layers['predicted'] (counts).")  # fmt: skip
+    p = subparsers.add_parser("predict", help="predict prepared slides, or an H&E image alone, with a trained model",
+                              description="With --slides: write OUT/<id>.h5ad with layers['predicted'] (counts). "
+                              "With --image: detect tissue, lay pseudo-spots at the model's training pitch and "
+                              "lattice, embed patches with the model's encoder, predict; write OUT/<slide>.h5ad, "
+                              "gene heatmap PNGs and OUT/summary.json.")  # fmt: skip
     p.add_argument("--model", required=True, type=Path, help="checkpoint (model.pt) or its run directory")
-    p.add_argument("--slides", required=True, type=Path, help="folder of prepared slides")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--slides", type=Path, help="folder of prepared slides")
+    src.add_argument("--image", type=Path, help="an H&E image (JPEG/PNG/TIFF/SVS/...) with no expression data")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--ids", default=None, help="only these slide ids (comma list or file)")
+    p.add_argument("--ids", default=None, help="only these slide ids (comma list or file; with --slides)")
+    p.add_argument("--um-per-px", type=float, default=None,
+                   help="microns per full-resolution pixel of --image (default: from the file's metadata)")  # fmt: skip
+    p.add_argument("--genes", default=None, help="comma-separated genes to draw (default: top 4 by predicted variance)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="prepared .h5ad of the same section with measured expression: adds coverage and "
+                        "correlation to summary.json")  # fmt: skip
+    p.add_argument("--weights", type=Path, default=None, help="patch-encoder weights file (e.g. for uni)")
     p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout passes; adds layers['predicted_std']")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_predict)
 

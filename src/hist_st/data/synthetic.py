@@ -30,9 +30,6 @@ calibration can undo. Nothing here is tuned towards any method.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +39,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from hist_st.harmonise import rank_highly_expressed, rank_hvg, write_cohort_manifest
+from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.slide import Slide, write_prepared
 
 __all__ = ["GRIDS", "CohortParams", "cohort_params", "make_slide", "make_cohort", "ENCODER"]
@@ -360,47 +359,8 @@ def make_slide(
             "acquisition_shift": float(acquisition_shift),
         },
     )
-    slide.lattice = _lattice_sites(slide)
+    slide.lattice = to_lattice(continuous_coords(slide))
     return slide.validate()
-
-
-def _lattice_sites(slide: Slide) -> np.ndarray | None:
-    """Integer lattice sites from `hist_st.lattice`, or None while that module is unavailable."""
-    try:
-        from hist_st.lattice import continuous_coords, to_lattice
-    except ImportError:
-        return None
-    return to_lattice(continuous_coords(slide))
-
-
-def _rankings(counts: list[sp.csr_matrix], genes: np.ndarray) -> tuple[list[str], list[str]]:
-    """HVG ranking (scanpy ``seurat`` on normalize_total(1e4) + log1p) and mean-count ranking."""
-    import anndata as ad
-    import scanpy as sc
-
-    x = sp.vstack(counts, format="csr")
-    mean = np.asarray(x.mean(axis=0)).ravel()
-    highly_expressed = [str(genes[j]) for j in np.argsort(-mean, kind="stable")]
-    adata = ad.AnnData(X=x.copy())
-    adata.var_names = [str(g) for g in genes]
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=len(genes))
-    disp = adata.var["dispersions_norm"].to_numpy(dtype=np.float64)
-    disp = np.where(np.isfinite(disp), disp, -np.inf)
-    hvg = [str(genes[j]) for j in np.argsort(-disp, kind="stable")]
-    return hvg, highly_expressed
-
-
-def _write_json_atomic(obj: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def make_cohort(
@@ -474,7 +434,7 @@ def make_cohort(
                 "spot_pitch_um": slide.spot_pitch_um,
             }
         )
-    hvg, high = _rankings(counts, params.genes)
+    hvg, high = rank_hvg(counts, params.genes), rank_highly_expressed(counts, params.genes)
     manifest = {
         "format": "hist-st-cohort",
         "version": 1,
@@ -485,6 +445,7 @@ def make_cohort(
         "genes": [str(g) for g in params.genes],
         "hvg": hvg,
         "hvg_method": "scanpy highly_variable_genes flavor='seurat' on normalize_total(1e4)+log1p, all slides",
+        "highly_expressed_method": "mean log1p(normalize_total(1e4)), all slides",
         "highly_expressed": high,
         "encoders": [ENCODER],
         "embedding_dims": {ENCODER: int(embed_dim)},
@@ -501,6 +462,4 @@ def make_cohort(
             **{k: v for k, v in slide_kwargs.items() if isinstance(v, int | float | str)},
         },
     }
-    path = out / "cohort.json"
-    _write_json_atomic(manifest, path)
-    return path
+    return write_cohort_manifest(out, manifest)

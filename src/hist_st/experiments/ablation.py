@@ -192,7 +192,8 @@ def run_ablation(
     Returns:
         ``{"summaries": {name: summarise_folds(...)}, "table": str, "out_dir": str}``.
     """
-    from hist_st.experiments.accuracy import build_config, parse_gene_spec, read_json, write_json
+    from hist_st.experiments.accuracy import build_config, parse_gene_spec
+    from hist_st.jsonio import read_json, write_json
     from hist_st.train.cv import run_cv, slide_groups
     from hist_st.train.data import load_slides, read_manifest, select_genes
     from hist_st.train.folds import make_folds, save_folds

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.jsonio import read_json, write_json
 
 __all__ = [
     "METHODS",
@@ -41,8 +41,6 @@ __all__ = [
     "gene_spec_label",
     "build_config",
     "run_accuracy",
-    "write_json",
-    "read_json",
     "per_gene_rows",
 ]
 
@@ -109,48 +107,6 @@ def build_config(
     if progress is not None:
         changes["progress"] = bool(progress)
     return dataclasses.replace(cfg, **changes) if changes else cfg
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if np.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` as JSON atomically (NaN/inf become null; numpy values become Python values)."""
-    from hist_st.slide import atomic_path
-
-    final, tmp = atomic_path(path)
-    try:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=1))
-        tmp.replace(final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
-
-
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file; `InputError` naming it when missing or invalid."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "file not found")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(p, f"not valid JSON ({exc})") from exc
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:

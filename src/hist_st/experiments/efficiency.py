@@ -342,7 +342,7 @@ def run_efficiency(
     """
     from tqdm.auto import tqdm
 
-    from hist_st.experiments.accuracy import write_json
+    from hist_st.jsonio import write_json
 
     methods = _methods(methods)
     device = _resolve_device(device)
@@ -411,8 +411,8 @@ def run_scaling(
     """
     from tqdm.auto import tqdm
 
-    from hist_st.experiments.accuracy import write_json
     from hist_st.experiments.figures import plot_scaling
+    from hist_st.jsonio import write_json
 
     methods = _methods(methods)
     device = _resolve_device(device)

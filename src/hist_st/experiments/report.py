@@ -124,11 +124,12 @@ def build_report(
         The Markdown path.
     """
     from hist_st.experiments.ablation import run_ablation
-    from hist_st.experiments.accuracy import gene_spec_label, read_json, run_accuracy
+    from hist_st.experiments.accuracy import gene_spec_label, run_accuracy
     from hist_st.experiments.efficiency import run_efficiency, run_scaling
     from hist_st.experiments.figures import plot_genes
     from hist_st.experiments.stain import run_stain
     from hist_st.experiments.tokens import run_token_analysis
+    from hist_st.jsonio import read_json
     from hist_st.train.checkpoint import package_versions
 
     if not gene_sets:

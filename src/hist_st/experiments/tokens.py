@@ -247,8 +247,8 @@ def run_token_analysis(
     Returns:
         ``{"metrics": {column: token_metrics(...)}, "table": str, "figures": [paths], "n_slides": S}``.
     """
-    from hist_st.experiments.accuracy import write_json
     from hist_st.experiments.figures import plot_token_pca
+    from hist_st.jsonio import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,6 @@ Three exact implementations of the local path share the same parameters:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,10 +83,10 @@ class WindowAttentionFn(torch.autograd.Function):
         mx = maxes[0] if len(parts) == 1 else torch.maximum(*maxes)
         out = torch.zeros_like(outs[0])
         denom = torch.zeros_like(mx)
-        for o, m, l in zip(outs, maxes, sums):
+        for o, m, row_sum in zip(outs, maxes, sums):
             a = torch.exp(m - mx)
             out += a[..., None] * o
-            denom += a * l
+            denom += a * row_sum
         out /= denom[..., None]
         lse = mx + denom.log()  # [H, N]
         ctx.save_for_backward(qkv, table if table is not None else qkv.new_empty(0), out, lse, *[

@@ -9,7 +9,12 @@ reads it. Contents (``format = "hist-st-checkpoint"``, ``version = 1``):
 - ``rng``: Python, NumPy, torch (and CUDA) generator states at the end of that epoch;
 - ``config``: the resolved `TrainConfig` as a dict; ``genes``: predicted genes in output order;
   ``embedding``: the embedding key the model reads;
-- ``lattice``: ``{"unit_um": {technology: um}, "spot_pitch_um": {technology: um}, "technologies": [...]}``;
+- ``lattice``: ``{"unit_um": {technology: um}, "spot_pitch_um": {technology: um}, "technologies": [...],
+  "lattice_type": {technology: "hex" | "square"}}`` (``lattice_type`` is filled from the technologies by
+  `save_checkpoint` when the payload lacks it);
+- ``inputs`` (optional, `training_inputs`): how the training embeddings were made: ``encoder`` (registry
+  name), ``encoder_weights``, ``patch`` (``{"size_px", "um_per_px"}``), ``stain_norm``; needed to embed a new
+  H&E image the same way (`hist_st.predict_image`);
 - ``norm``: ``{"target_mean": [G] tensor, "feature_mean"/"feature_std": [C] tensors or None,
   "standardise_features": bool}``;
 - ``history``: per-epoch records (loss, lr, strength, ...); ``versions``: package versions.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +45,54 @@ __all__ = [
     "load_checkpoint",
     "load_bundle",
     "package_versions",
+    "lattice_type_for",
+    "training_inputs",
 ]
 
 FORMAT = "hist-st-checkpoint"
 VERSION = 1
+
+#: Spot lattice type per technology: Visium spots sit on a hexagonal grid, legacy ST spots and
+#: Visium HD bins on a square one.
+LATTICE_TYPE = {"visium": "hex", "synthetic-hex": "hex", "st": "square", "visium-hd": "square"}
+
+
+def lattice_type_for(technology: str) -> str | None:
+    """``"hex"`` or ``"square"`` for a technology name, None when unknown."""
+    t = str(technology).lower()
+    if t in LATTICE_TYPE:
+        return LATTICE_TYPE[t]
+    if "hex" in t:
+        return "hex"
+    if "square" in t:
+        return "square"
+    return None
+
+
+def training_inputs(slides: Sequence[Any]) -> dict[str, Any]:
+    """How the embeddings of training ``slides`` were made (read from their ``meta``), for the checkpoint.
+
+    Args:
+        slides: Prepared `Slide` records (``meta`` holds ``encoder``, ``encoder_weights``, ``patch``,
+            ``stain_norm`` as written by `hist_st.prepare`).
+
+    Returns:
+        ``{"encoder", "encoder_weights", "patch", "stain_norm"}``: the value shared by all slides, or None
+        where slides disagree or do not record it.
+    """
+
+    def shared(key: str) -> Any:
+        vals = [s.meta.get(key) for s in slides]
+        first = vals[0] if vals else None
+        return first if all(v == first for v in vals) else None
+
+    patch = shared("patch")
+    return {
+        "encoder": shared("encoder"),
+        "encoder_weights": shared("encoder_weights"),
+        "patch": dict(patch) if isinstance(patch, dict) else None,
+        "stain_norm": shared("stain_norm"),
+    }
 
 
 def package_versions() -> dict[str, str]:
@@ -97,6 +147,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     from hist_st.slide import atomic_path
 
     final, tmp = atomic_path(path)
+    lat = payload.get("lattice")
+    if isinstance(lat, dict) and "lattice_type" not in lat:
+        types = {str(t): lattice_type_for(t) for t in lat.get("technologies", [])}
+        payload = {**payload, "lattice": {**lat, "lattice_type": {t: v for t, v in types.items() if v}}}
     try:
         torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
         os.replace(tmp, final)
@@ -140,6 +194,9 @@ class ModelBundle:
         config: The resolved training config as a dict.
         device: Device the model lives on.
         meta: The remaining checkpoint fields (epoch, history, versions).
+        lattice_type: Spot lattice type (``"hex"``/``"square"``) by technology.
+        inputs: How the training embeddings were made (`training_inputs`); empty for checkpoints that
+            do not record it.
     """
 
     model: torch.nn.Module
@@ -153,6 +210,8 @@ class ModelBundle:
     config: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     meta: dict[str, Any] = field(default_factory=dict)
+    lattice_type: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def amp(self) -> bool:
@@ -178,6 +237,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
     model.to(device).eval()
     norm = ckpt.get("norm", {})
     lat = ckpt.get("lattice", {})
+    types = {str(t): lattice_type_for(t) for t in lat.get("technologies", [])}
+    types = {t: v for t, v in types.items() if v}
+    types.update({str(k): str(v) for k, v in lat.get("lattice_type", {}).items()})
     return ModelBundle(
         model=model,
         genes=[str(g) for g in ckpt["genes"]],
@@ -189,5 +251,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
         feature_std=norm.get("feature_std") if norm.get("standardise_features") else None,
         config=dict(ckpt.get("config", {})),
         device=device,
-        meta={k: ckpt[k] for k in ("epoch", "step", "history", "versions") if k in ckpt},
+        meta={k: ckpt[k] for k in ("epoch", "step", "history", "versions", "slides") if k in ckpt},
+        lattice_type=types,
+        inputs=dict(ckpt.get("inputs") or {}),
     )

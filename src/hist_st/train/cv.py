@@ -25,15 +25,13 @@ HiST is evaluated at the final epoch (no model selection on test slides).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from hist_st.errors import InputError
+from hist_st.jsonio import to_jsonable, write_json
 from hist_st.slide import Slide, write_prepared
 from hist_st.train.checkpoint import package_versions
 from hist_st.train.config import TrainConfig, save_config
@@ -63,24 +61,9 @@ def slide_groups(slides: Sequence[Slide], group_by: str, manifest: Mapping[str, 
     return out
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if np.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def fold_json(result: Mapping[str, Any], genes: Sequence[str]) -> dict[str, Any]:
     """`evaluate_fold` output made JSON-friendly, per-gene arrays keyed by gene name."""
-    out = _jsonable(dict(result))
+    out = to_jsonable(dict(result))
     pg = out.get("per_gene", {})
     for key in ("pcc_per_gene", "r2_per_gene"):
         if isinstance(pg.get(key), list) and len(pg[key]) == len(genes):
@@ -88,18 +71,6 @@ def fold_json(result: Mapping[str, Any], genes: Sequence[str]) -> dict[str, Any]
     if isinstance(pg.get("excluded_genes"), list):
         pg["excluded_genes"] = [genes[i] for i in pg["excluded_genes"] if 0 <= i < len(genes)]
     return out
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    from hist_st.slide import atomic_path
-
-    final, tmp = atomic_path(path)
-    try:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=1))
-        tmp.replace(final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
@@ -207,7 +178,7 @@ def run_cv(
         if dataset_genes is not None:
             (out / "genes.txt").write_text("\n".join(dataset_genes) + "\n")
         save_config(cfg, out / "config.yaml")
-        _write_json(package_versions(), out / "versions.json")
+        write_json(package_versions(), out / "versions.json")
 
     baseline_options = dict(baseline_options or {})
     methods = [HIST, *baselines]
@@ -254,7 +225,7 @@ def run_cv(
             per_method[m].append(fold_metrics[m])
         record = {"fold": i, "train": list(f["train"]), "test": list(f["test"]), "n_genes": len(genes),
                   "metrics": {m: fold_json(fold_metrics[m], genes) for m in methods}}  # fmt: skip
-        _write_json(record, fdir / "metrics.json")
+        write_json(record, fdir / "metrics.json")
         fold_records.append(
             {"fold": i, **{m: {"pooled": fold_metrics[m]["pooled"], "per_gene_pcc": fold_metrics[m]["per_gene"]["pcc"]}
                           for m in methods}}  # fmt: skip
@@ -268,7 +239,7 @@ def run_cv(
                 "seconds": {}, "histories": {}, "embedding": emb}  # fmt: skip
     summaries = {m: summarise_folds(per_method[m]) for m in methods}
     table = format_table(summaries)
-    _write_json(
+    write_json(
         {"methods": summaries, "folds": fold_records, "seconds": seconds, "embedding": emb,
          "group_by": group_by, "k": len(fold_list), "n_genes": len(dataset_genes) if dataset_genes else None},
         out / "metrics.json",

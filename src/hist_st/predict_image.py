@@ -1,0 +1,477 @@
+"""Prediction on an H&E image alone (``hist-st predict --image``).
+
+```python
+from hist_st.train import load_bundle
+from hist_st.predict_image import predict_image
+bundle = load_bundle("runs/her2st/model.pt")
+summary = predict_image(bundle, "C5.jpg", "out/", um_per_px=1.0, mc_samples=10)
+```
+
+Steps: tissue detection on a thumbnail (`hist_st.tissue.detect_tissue`); a pseudo-spot grid over the tissue
+at the model's training spot pitch and lattice type (`hist_st.tissue.pseudo_spot_grid`); patches and
+embeddings with the model's encoder and patch geometry (`hist_st.prepare.embed_he_slide`); HiST
+(`hist_st.train.predict.predict_slide`, optional Monte Carlo dropout). Outputs in ``out_dir``:
+
+- ``<slide>.h5ad``: a prepared-slide file (`hist_st.slide` contract) with ``layers['predicted']`` (counts
+  ``relu(expm1(.))``), ``layers['predicted_std']`` with MC dropout, ``obsm['spatial']`` (image pixels),
+  ``obsm['array']``/``obsm['lattice']``, the embeddings, and the thumbnail in ``uns['spatial']`` so
+  ``scanpy.pl.spatial`` plots it;
+- ``<slide>_<gene>.png``: log1p predicted expression of each chosen gene over the thumbnail (with the MC
+  standard deviation beside it when drawn);
+- ``summary.json``: parameters, where each came from, spot counts, timings and, with ``reference``, the
+  agreement with the measured spots of the same section.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hist_st.errors import InputError
+from hist_st.slide import Slide
+
+__all__ = [
+    "predict_image",
+    "compare_to_reference",
+    "plot_predicted_genes",
+    "model_grid",
+    "MATCH_PITCH_FRACTION",
+]
+
+#: A pseudo-spot and a measured spot match when their centres are closer than this fraction of the pitch.
+MATCH_PITCH_FRACTION = 0.75
+
+#: Patch geometry `hist-st prepare` uses by default; assumed for checkpoints that do not record theirs.
+_DEFAULT_PATCH = {"size_px": 224, "um_per_px": 0.5}
+
+
+def model_grid(bundle: Any) -> dict[str, Any]:
+    """The spot grid and embedding recipe a model was trained with.
+
+    Args:
+        bundle: A `hist_st.train.checkpoint.ModelBundle`.
+
+    Returns:
+        ``{"technology", "pitch_um", "lattice", "lattice_unit_um", "encoder", "encoder_weights", "patch",
+        "stain_norm", "sources"}``; ``sources`` says for each entry whether the checkpoint recorded it or
+        how it was derived.
+
+    Raises:
+        InputError: the checkpoint records no spot pitch, or several technologies with different grids.
+    """
+    from hist_st.train.checkpoint import lattice_type_for
+
+    src = "model checkpoint"
+    pitches = dict(bundle.spot_pitch_um)
+    if not pitches:
+        raise InputError(
+            src, "records no training spot pitch (lattice.spot_pitch_um); retrain with this hist-st"
+        )
+    techs = sorted(pitches)
+    if len(techs) > 1:
+        grids = {(pitches[t], bundle.lattice_type.get(t) or lattice_type_for(t)) for t in techs}
+        if len(grids) > 1:
+            raise InputError(
+                src, f"was trained on technologies with different spot grids {techs}; cannot pick one"
+            )
+    tech = techs[0]
+    sources: dict[str, str] = {"pitch_um": "checkpoint", "technology": "checkpoint"}
+    lattice = bundle.lattice_type.get(tech)
+    sources["lattice"] = "checkpoint"
+    if lattice is None:
+        lattice = lattice_type_for(tech)
+        sources["lattice"] = f"derived from technology {tech!r}"
+    if lattice is None:
+        raise InputError(src, f"records no lattice type for technology {tech!r} (hex or square)")
+    unit = bundle.lattice_unit_um.get(tech, bundle.unit_for(tech))
+    sources["lattice_unit_um"] = "checkpoint" if unit is not None else "default of the grid"
+    inputs = dict(bundle.inputs or {})
+    encoder = inputs.get("encoder")
+    sources["encoder"] = "checkpoint"
+    if not encoder:
+        encoder = bundle.embedding
+        sources["encoder"] = "the model's embedding key"
+    from hist_st.encoders import ENCODERS
+
+    if encoder not in ENCODERS and encoder.startswith("timm-"):
+        encoder = "timm:" + encoder[len("timm-") :]  # the embedding key of timm:<name> is timm-<name>
+    patch = inputs.get("patch")
+    sources["patch"] = "checkpoint"
+    if not patch:
+        patch = dict(_DEFAULT_PATCH)
+        sources["patch"] = "hist-st prepare default (the checkpoint does not record its patch geometry)"
+    stain = inputs.get("stain_norm")
+    return {
+        "technology": tech,
+        "pitch_um": float(pitches[tech]),
+        "lattice": lattice,
+        "lattice_unit_um": float(unit) if unit is not None else None,
+        "encoder": encoder,
+        "encoder_weights": inputs.get("encoder_weights"),
+        "patch": {"size_px": int(patch["size_px"]), "um_per_px": float(patch["um_per_px"])},
+        "stain_norm": stain if stain and stain != "none" else None,
+        "sources": sources,
+    }
+
+
+def _resolve_um_per_px(
+    image_path: Path, um_per_px: float | None, reference: Slide | None
+) -> tuple[float, str]:
+    from hist_st.wsi import open_image
+
+    if um_per_px is not None:
+        if not np.isfinite(um_per_px) or um_per_px <= 0:
+            raise InputError("--um-per-px", f"must be a positive number, got {um_per_px}")
+        return float(um_per_px), "given by the user"
+    with open_image(image_path) as img:
+        upp = img.um_per_px
+    if upp is not None and np.isfinite(upp) and upp > 0:
+        return float(upp), "recorded in the image file"
+    if reference is not None and reference.um_per_px:
+        return float(reference.um_per_px), f"from the reference slide {reference.slide_id!r} (same section)"
+    raise InputError(
+        image_path,
+        "the image records no resolution (no TIFF resolution tags, OME/Aperio metadata or openslide mpp); "
+        "pass --um-per-px (microns per full-resolution pixel)",
+    )
+
+
+def _pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r per column of ``a``, ``b`` ``[N, G]``; NaN where either column is constant."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a * b).sum(0) / den
+    r[den == 0] = np.nan
+    return r
+
+
+def _pooled(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel(), b.ravel()
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _corr_record(pred_log1p: np.ndarray, meas_log1p: np.ndarray) -> dict[str, Any]:
+    r = _pearson_columns(pred_log1p.astype(np.float64), meas_log1p.astype(np.float64))
+    ok = np.isfinite(r)
+    return {
+        "n_pairs": int(pred_log1p.shape[0]),
+        "mean_gene_pearson": float(np.mean(r[ok])) if ok.any() else float("nan"),
+        "median_gene_pearson": float(np.median(r[ok])) if ok.any() else float("nan"),
+        "n_genes_correlated": int(ok.sum()),
+        "n_genes_constant": int((~ok).sum()),
+        "pooled_pearson": _pooled(pred_log1p.astype(np.float64), meas_log1p.astype(np.float64)),
+        "_per_gene": r,
+    }
+
+
+def compare_to_reference(
+    pred: Slide, reference: Slide, *, pitch_um: float, bundle: Any | None = None
+) -> dict[str, Any]:
+    """Agreement of pseudo-spot predictions with the measured spots of the same section.
+
+    Both slides must be in the same image pixel frame (the reference prepared from the same H&E image).
+
+    Args:
+        pred: The prediction `Slide` (``predicted`` ``[M, G]``, ``spatial`` ``[M, 2]`` px).
+        reference: The measured `Slide` (raw counts, ``spatial`` ``[N, 2]`` px in the same image).
+        pitch_um: Spot pitch; spots match within ``MATCH_PITCH_FRACTION * pitch_um``.
+        bundle: The model; when given and the reference holds its embedding, the model's predictions at
+            the measured spots are scored too (what the image-only path loses to the grid).
+
+    Returns:
+        A JSON-able dict: ``match_distance_um``/``_px``, ``coverage`` (fraction of measured spots with a
+        pseudo-spot within the distance), ``precision`` (fraction of pseudo-spots with a measured spot within
+        it), ``correlation`` (pseudo-spots paired with their nearest measured spot within the distance:
+        mean per-gene and pooled Pearson of log1p prediction vs log1p measured counts), ``per_gene`` and,
+        with ``bundle``, ``at_measured_spots``.
+    """
+    from scipy.spatial import cKDTree
+
+    from hist_st.train.data import log1p_counts
+
+    if reference.counts is None:
+        raise InputError(f"reference {reference.slide_id!r}", "holds no measured counts")
+    if pred.predicted is None:
+        raise InputError(f"slide {pred.slide_id!r}", "holds no predictions")
+    upp = float(pred.um_per_px)
+    ref_upp = reference.um_per_px
+    if ref_upp and abs(ref_upp - upp) / upp > 0.05:
+        raise InputError(
+            f"reference {reference.slide_id!r}",
+            f"has {ref_upp:.4g} um/px but the image is read at {upp:.4g} um/px; they are not the same image frame",
+        )
+    dist_um = MATCH_PITCH_FRACTION * float(pitch_um)
+    tol_px = dist_um / upp
+    ref_xy = np.asarray(reference.spatial, dtype=np.float64)
+    ps_xy = np.asarray(pred.spatial, dtype=np.float64)
+    d_ref, _ = cKDTree(ps_xy).query(ref_xy)
+    d_ps, nearest = cKDTree(ref_xy).query(ps_xy)
+    matched = d_ps < tol_px
+    ref_genes = {str(g) for g in reference.genes}
+    genes = [str(g) for g in pred.genes if str(g) in ref_genes]
+    out: dict[str, Any] = {
+        "reference": reference.slide_id,
+        "match_distance_um": dist_um,
+        "match_distance_px": float(tol_px),
+        "match_rule": f"centres closer than {MATCH_PITCH_FRACTION:g} x pitch ({dist_um:g} um)",
+        "n_measured_spots": int(len(ref_xy)),
+        "n_pseudo_spots": int(len(ps_xy)),
+        "coverage": float((d_ref < tol_px).mean()),
+        "precision": float(matched.mean()),
+        "median_offset_um": float(np.median(d_ps[matched]) * upp) if matched.any() else float("nan"),
+        "n_genes_compared": len(genes),
+    }
+    if not genes or not matched.any():
+        out["correlation"] = None
+        return out
+    col = {str(g): i for i, g in enumerate(pred.genes)}
+    pred_log = np.log1p(np.asarray(pred.predicted, dtype=np.float64)[:, [col[g] for g in genes]])
+    meas_log = log1p_counts(reference, genes)
+    corr = _corr_record(pred_log[matched], meas_log[nearest[matched]])
+    per_gene = corr.pop("_per_gene")
+    corr["pairs"] = "each pseudo-spot within the match distance, paired with its nearest measured spot"
+    out["correlation"] = corr
+    order = np.argsort(-np.nan_to_num(per_gene, nan=-2.0))
+    out["per_gene"] = {genes[i]: (float(per_gene[i]) if np.isfinite(per_gene[i]) else None) for i in order}
+    if bundle is not None and bundle.embedding in reference.embeddings:
+        from hist_st.train.predict import predict_log1p
+
+        y, _ = predict_log1p(bundle, reference)
+        pos = {str(g): i for i, g in enumerate(bundle.genes)}
+        at = _corr_record(y[:, [pos[g] for g in genes]], meas_log)
+        at.pop("_per_gene")
+        at["pairs"] = "the model run on the measured spots themselves (their own patches and layout)"
+        out["at_measured_spots"] = at
+    return out
+
+
+def plot_predicted_genes(
+    slide: Slide, genes: Sequence[str], out_dir: str | Path, *, dpi: int = 110
+) -> list[Path]:
+    """One PNG per gene: log1p predicted expression over the thumbnail (and the MC std when present).
+
+    Returns:
+        The PNG paths, ``out_dir/<slide>_<gene>.png``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if slide.predicted is None:
+        raise InputError(f"slide {slide.slide_id!r}", "holds no predictions")
+    pos = {str(g): i for i, g in enumerate(slide.genes)}
+    missing = [g for g in genes if g not in pos]
+    if missing:
+        raise InputError("--genes", f"not among the model's genes: {missing[:5]}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scale = float(slide.thumbnail_scale or 1.0)
+    xy = np.asarray(slide.spatial) * scale
+    thumb = slide.thumbnail
+    if thumb is not None:
+        h, w = thumb.shape[:2]
+    else:
+        w, h = xy.max(0) + 1
+    pitch_thumb = (slide.spot_pitch_um or 100.0) / float(slide.um_per_px or 1.0) * scale
+    fig_w = 6.0
+    # marker area in points^2 so that a spot is about 0.9 pitch wide on the figure
+    size = (0.9 * pitch_thumb * fig_w * 72 / max(w, 1)) ** 2
+    written = []
+    for g in genes:
+        panels = [("predicted log1p", np.log1p(slide.predicted[:, pos[g]]), "viridis")]
+        if slide.predicted_std is not None:
+            panels.append(("MC-dropout std (counts)", slide.predicted_std[:, pos[g]], "magma"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(fig_w * len(panels), fig_w * h / max(w, 1) + 0.6),
+                                 squeeze=False)  # fmt: skip
+        for ax, (title, val, cmap) in zip(axes[0], panels, strict=True):
+            if thumb is not None:
+                ax.imshow(thumb)
+            sc = ax.scatter(xy[:, 0], xy[:, 1], c=val, s=size, cmap=cmap, alpha=0.8, linewidths=0)
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)
+            ax.set_axis_off()
+            ax.set_title(f"{slide.slide_id} {g}: {title}", fontsize=9)
+            fig.colorbar(sc, ax=ax, fraction=0.035, pad=0.01)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in g)
+        path = out_dir / f"{slide.slide_id}_{safe}.png"
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def predict_image(
+    bundle: Any,
+    image_path: str | Path,
+    out_dir: str | Path,
+    *,
+    um_per_px: float | None = None,
+    genes_to_plot: Sequence[str] | None = None,
+    mc_samples: int = 0,
+    encoder_weights: str | Path | None = None,
+    device: str = "cpu",
+    reference: str | Path | Slide | None = None,
+    slide_id: str | None = None,
+    n_plot: int = 4,
+    seed: int = 0,
+    batch_size: int = 32,
+    thumbnail_size: int = 1024,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Predict expression on an H&E image that was never sequenced.
+
+    Args:
+        bundle: A trained `hist_st.train.checkpoint.ModelBundle` (`load_bundle`).
+        image_path: The H&E image (any format `hist_st.wsi.open_image` reads).
+        out_dir: Output folder (created).
+        um_per_px: Microns per full-resolution pixel; default: recorded in the image file, else the
+            reference slide's (same section), else `InputError`.
+        genes_to_plot: Genes to draw; default: the ``n_plot`` genes with the highest variance of log1p
+            prediction across pseudo-spots.
+        mc_samples: Monte Carlo dropout passes (0: one deterministic pass); K > 0 adds ``predicted_std``.
+        encoder_weights: Weights file of the patch encoder (when the encoder needs one, e.g. ``uni``).
+        device: Device for the encoder (the model stays on the bundle's device).
+        reference: The prepared ``.h5ad`` (or `Slide`) of the same section with measured expression; adds
+            coverage and correlation to the summary.
+        slide_id: Output name; default: the image file stem.
+        n_plot: Number of genes drawn by default.
+        seed: Seed of the MC dropout passes.
+        batch_size: Patches per encoder batch.
+        thumbnail_size: Longer side of the thumbnail used for tissue detection and the plots.
+        progress: Show progress bars.
+
+    Returns:
+        The summary dict also written to ``out_dir/summary.json``: ``slide_id``, ``image``, ``h5ad``,
+        ``heatmaps``, ``grid`` (technology, pitch, lattice, unit, encoder, patch, and their sources),
+        ``um_per_px`` and its source, ``n_pseudo_spots``, ``tissue_fraction``, ``n_patch_outside``,
+        ``genes_plotted``, ``mc_samples``, ``timings_s`` and, with ``reference``, ``reference``
+        (see `compare_to_reference`).
+
+    Raises:
+        InputError: unreadable image, no resolution, no tissue, or a model without a recorded grid.
+    """
+    from hist_st.prepare import embed_he_slide
+    from hist_st.slide import read_prepared, write_prepared
+    from hist_st.tissue import detect_tissue, pseudo_spot_grid
+    from hist_st.train.predict import predict_slide
+    from hist_st.wsi import open_image
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    image_path = Path(image_path)
+    if not image_path.is_file():
+        raise InputError(image_path, "image not found")
+    if mc_samples < 0:
+        raise InputError("--mc-samples", f"must be >= 0, got {mc_samples}")
+    ref = None
+    if reference is not None:
+        ref = reference if isinstance(reference, Slide) else read_prepared(reference)
+    grid = model_grid(bundle)
+    upp, upp_source = _resolve_um_per_px(image_path, um_per_px, ref)
+
+    t0 = time.perf_counter()
+    with open_image(image_path, um_per_px=upp) as img:
+        mask = detect_tissue(img, max_size=thumbnail_size)
+        timings["tissue_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        slide = pseudo_spot_grid(
+            img,
+            pitch_um=grid["pitch_um"],
+            lattice=grid["lattice"],
+            lattice_unit_um=grid["lattice_unit_um"],
+            um_per_px=upp,
+            mask=mask,
+            slide_id=slide_id,
+            thumbnail_size=thumbnail_size,
+        )
+        image_size = [int(img.width), int(img.height)]
+    slide.meta["um_per_px_source"] = upp_source
+    timings["grid_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    embed_he_slide(
+        slide,
+        encoder=grid["encoder"],
+        weights=encoder_weights,
+        device=device,
+        patch_px=grid["patch"]["size_px"],
+        patch_um_per_px=grid["patch"]["um_per_px"],
+        batch_size=batch_size,
+        stain_norm=grid["stain_norm"],
+        progress=progress,
+    )
+    timings["embed_s"] = time.perf_counter() - t0
+    if bundle.embedding not in slide.embeddings:
+        raise InputError(
+            f"encoder {grid['encoder']!r}",
+            f"produced embedding {sorted(slide.embeddings)} but the model reads {bundle.embedding!r}",
+        )
+
+    t0 = time.perf_counter()
+    pred = predict_slide(bundle, slide, mc_samples=mc_samples, seed=seed)
+    timings["predict_s"] = time.perf_counter() - t0
+    pred.meta["prediction"].update(source_image=str(image_path), grid=grid)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    h5ad = write_prepared(pred, out / f"{pred.slide_id}.h5ad")
+    if genes_to_plot:
+        genes = [str(g) for g in genes_to_plot]
+    else:
+        var = np.log1p(pred.predicted).var(0)
+        genes = [pred.genes[i] for i in np.argsort(-var)[: max(0, n_plot)]]
+    pngs = plot_predicted_genes(pred, genes, out)
+    timings["write_s"] = time.perf_counter() - t0
+
+    summary: dict[str, Any] = {
+        "slide_id": pred.slide_id,
+        "image": str(image_path.resolve()),
+        "image_size_px": image_size,
+        "h5ad": str(h5ad),
+        "heatmaps": [str(p) for p in pngs],
+        "genes_plotted": list(genes),
+        "grid": grid,
+        "um_per_px": upp,
+        "um_per_px_source": upp_source,
+        "n_pseudo_spots": int(pred.n_spots),
+        "tissue_fraction": float(mask.fraction),
+        "n_patch_outside": int(np.asarray(pred.patch_outside).sum()) if pred.patch_outside is not None else 0,
+        "n_genes": len(pred.genes),
+        "embedding": bundle.embedding,
+        "mc_samples": int(mc_samples),
+    }
+    if ref is not None:
+        t0 = time.perf_counter()
+        summary["reference"] = compare_to_reference(pred, ref, pitch_um=grid["pitch_um"], bundle=bundle)
+        timings["reference_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    timings["patches_per_s"] = pred.n_spots / timings["embed_s"] if timings["embed_s"] > 0 else float("nan")
+    summary["timings_s"] = timings
+    summary = _jsonable(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
