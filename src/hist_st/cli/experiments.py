@@ -77,7 +77,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         args.name or Path(args.cohort).resolve().name, args.cohort, docs_dir=args.docs, runs_dir=args.runs, methods=_list(args.methods),
         gene_sets=_list(args.gene_sets), folds=args.folds, seed=args.seed, config=args.config,
         overrides=args.overrides, baseline_options=parse_baseline_options(args.baseline_option),
-        ablations=_list(args.ablations) if args.ablations != "none" else [], efficiency=not args.no_efficiency,
+        ablations=_list(args.ablations) if args.ablations != "none" else [], ablation_epochs=args.ablation_epochs,
+        efficiency=not args.no_efficiency,
         efficiency_epochs=args.efficiency_epochs, scaling=args.scaling, macenko=args.macenko,
         token_groups=_list(args.token_groups), device=args.device, command=command, force=args.force,
         progress=not args.no_progress,
@@ -144,6 +145,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default="hist,mean,ridge,mlp,bleep,stnet,stflow", help="comma-separated methods")
     p.add_argument("--gene-sets", default="hvg:2000,he:250", help="comma-separated gene sets for Table 2")
     p.add_argument("--ablations", default=None, help="comma-separated ablations (default all; 'none' to skip)")
+    p.add_argument("--ablation-epochs", type=int, default=None, help="epochs of every Table 3 row (default: as Table 2)")
     p.add_argument("--no-efficiency", action="store_true", help="skip Table 1")
     p.add_argument("--efficiency-epochs", type=int, default=2, help="epochs timed per method for Table 1")
     p.add_argument("--scaling", action="store_true", help="also produce Figure 3 (synthetic slides)")

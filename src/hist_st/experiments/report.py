@@ -90,6 +90,7 @@ def build_report(
     overrides: Sequence[str] = (),
     baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
     ablations: Sequence[str] | None = None,
+    ablation_epochs: int | None = None,
     efficiency: bool = True,
     efficiency_epochs: int = 2,
     scaling: bool = False,
@@ -112,6 +113,7 @@ def build_report(
         gene_sets: Gene specs of Table 2 (the first is used by Tables 1, 3, 5, 6).
         folds, seed, config, overrides, baseline_options: As in `run_accuracy`.
         ablations: Table 3 rows (default all; ``[]`` skips Table 3).
+        ablation_epochs: Epochs of every Table 3 row (default: the same as Table 2). The report states it.
         efficiency: Produce Table 1. ``efficiency_epochs``: epochs timed per method.
         scaling: Also produce Figure 3 (synthetic slides); ``scaling_options`` go to `run_scaling`.
         macenko: The Macenko-normalised copy of the cohort, for Table 5 (skipped when None).
@@ -177,10 +179,11 @@ def build_report(
 
     # 3. Table 3 -------------------------------------------------------------------------------------------
     abl = None
+    ablation_overrides = list(overrides) + ([f"epochs={ablation_epochs}"] if ablation_epochs else [])
     if ablations is None or len(ablations) > 0:
         abl = step("Table 3", runs / "ablation" / "ablation.json.done",
                    lambda: run_ablation(cohort, runs / "ablation", names=ablations, genes=first, folds=folds,
-                                        seed=seed, config=config, overrides=overrides, skip_done=not force,
+                                        seed=seed, config=config, overrides=ablation_overrides, skip_done=not force,
                                         progress=progress))  # fmt: skip
 
     # 4. Table 5 -------------------------------------------------------------------------------------------
@@ -252,6 +255,8 @@ def build_report(
         md.append(f"![Figure 3]({name}/{_copy(sca['figure'], fig_dir, 'scaling.png')})\n")
     if abl is not None:
         md.append("## Table 3: ablations\n")
+        if ablation_epochs:
+            md.append(f"Every row of this table trains for {ablation_epochs} epochs (Table 2: the configured epochs).\n")
         md.append((runs / "ablation" / "table.md").read_text() + "\n")
     if stn is not None:
         md.append("## Table 5: calibration token vs Macenko stain normalisation\n")
