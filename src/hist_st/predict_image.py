@@ -24,7 +24,6 @@ embeddings with the model's encoder and patch geometry (`hist_st.prepare.embed_h
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.jsonio import to_jsonable, write_json
 from hist_st.slide import Slide
 
 __all__ = [
@@ -310,20 +310,6 @@ def plot_predicted_genes(
     return written
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def predict_image(
     bundle: Any,
     image_path: str | Path,
@@ -472,6 +458,6 @@ def predict_image(
     timings["total_s"] = time.perf_counter() - t_start
     timings["patches_per_s"] = pred.n_spots / timings["embed_s"] if timings["embed_s"] > 0 else float("nan")
     summary["timings_s"] = timings
-    summary = _jsonable(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary = to_jsonable(summary)
+    write_json(summary, out / "summary.json")
     return summary

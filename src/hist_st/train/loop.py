@@ -38,6 +38,7 @@ from hist_st.train.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    training_inputs,
 )
 from hist_st.train.config import TrainConfig, config_from_dict, config_to_dict, save_config
 from hist_st.train.data import (
@@ -279,6 +280,8 @@ def train(
         save_config(cfg, out / "config.yaml")
         (out / "genes.txt").write_text("\n".join(genes) + "\n")
 
+    inputs_rec = training_inputs(train_slides)  # encoder, weights, patch and stain settings (for --image)
+
     def payload(epoch: int) -> dict[str, Any]:
         return {
             "model": model.state_dict(),
@@ -292,6 +295,7 @@ def train(
             "genes": list(genes),
             "embedding": emb,
             "lattice": lattice_rec,
+            "inputs": inputs_rec,
             "norm": {
                 "target_mean": target_mean.clone(),
                 "feature_mean": feature_mean.clone(),
