@@ -163,6 +163,8 @@ class TrainConfig:
         genes: Gene selection.
         augment: Coordinate augmentation.
         model: The model's `HiSTConfig` (``in_dim``/``n_genes`` are filled from the data).
+        grad_checkpointing: ``"none"``, ``"ffn"`` or ``"block"``: recompute activations in backward to
+            save memory on large slides (`HiST.set_grad_checkpointing`).
         standardise_features: Standardise embeddings with the training slides' mean/std (stored with the
             model); the paper feeds raw embeddings (False).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
@@ -183,6 +185,7 @@ class TrainConfig:
     genes: GeneConfig = field(default_factory=GeneConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: Any = field(default_factory=default_model_config)
+    grad_checkpointing: str = "none"
     standardise_features: bool = False
     device: str = "auto"
     amp: bool = True
@@ -202,6 +205,8 @@ class TrainConfig:
             raise InputError("config", f"slides_per_step must be >= 1, got {self.slides_per_step}")
         if self.checkpoint_every < 1:
             raise InputError("config", f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.grad_checkpointing not in ("none", "ffn", "block"):
+            raise InputError("config", f"grad_checkpointing must be none, ffn or block, got {self.grad_checkpointing!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

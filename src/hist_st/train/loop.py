@@ -257,6 +257,7 @@ def train(
 
     # --- model, optimiser, schedule -----------------------------------------------------------------
     model = HiST(model_cfg)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.init_head_bias(target_mean)
     model.to(device)
     broadcast_parameters(model, info)
