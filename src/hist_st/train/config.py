@@ -190,7 +190,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     num_workers: int = 0
-    checkpoint_every: int = 1
+    checkpoint_every: int = 10
     progress: bool = True
     threads: int = 0
 
