@@ -144,3 +144,16 @@ def test_grad_checkpointing_gives_identical_gradients(mode: str) -> None:
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_inference_path_matches_training_path() -> None:
+    """No-grad inference (chunked FFN, in-place activation) gives the autograd path's output."""
+    model = _model().eval()
+    lat, feats = _slide()
+    batch = model.make_batch(lat, feats)
+    y = model(batch)
+    for m in model.modules():
+        if hasattr(m, "ffn_chunk"):
+            m.ffn_chunk = 37  # several uneven chunks
+    with torch.inference_mode():
+        torch.testing.assert_close(model(batch), y.detach(), rtol=1e-5, atol=1e-5)

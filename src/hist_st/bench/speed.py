@@ -75,6 +75,8 @@ def _slide(spots: int, grid: str, seed: int):
 def measure(s: SpeedSettings) -> dict[str, Any]:
     """Run one setting in this process and return its timings, memory and FLOPs."""
     import torch
+
+    import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # the library alone
     from torch.utils.flop_counter import FlopCounterMode
 
     from hist_st.model import HiST, HiSTConfig
@@ -144,6 +146,7 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
         "matmul_gflops": gflops_matmul,
         "fraction_of_matmul": flops / sec / 1e9 / gflops_matmul,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "import_rss_gb": import_rss,
     }
     if dev.startswith("cuda"):
         out["cuda_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -236,7 +239,7 @@ def format_row(r: dict[str, Any]) -> str:
     head = f"N={r['spots']:>6} G={r['genes']:>4} {r['mode']:>5}"
     if "error" in r:
         return f"{head}  ERROR {r['error']}"
-    mem = f"RSS {r['peak_rss_gb']:.2f} GB"
+    mem = f"RSS {r['peak_rss_gb']:.2f} GB ({r['peak_rss_gb'] - r.get('import_rss_gb', 0):.2f} over import torch)"
     if "cuda_reserved_gb" in r:
         mem += f", CUDA alloc {r['cuda_allocated_gb']:.2f} / reserved {r['cuda_reserved_gb']:.2f} GB"
     return (

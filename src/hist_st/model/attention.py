@@ -217,10 +217,10 @@ class DualPathAttention(nn.Module):
 
     # ------------------------------------------------------------------ local path, padded windows
     def _local_window(self, qkv: torch.Tensor, level: LevelIndex) -> torch.Tensor:
-        """``qkv [N, 3, H, Dh]`` -> ``[N, H, Dh]`` over the union of both partitions."""
+        """``qkv [3, H, N, Dh]`` -> ``[N, H, Dh]`` over the union of both partitions."""
         parts = (level.standard,) if level.shifted is None else (level.standard, level.shifted)
         p_drop = self.attn_dropout if self.training else 0.0
-        out = WindowAttentionFn.apply(qkv.permute(1, 2, 0, 3).contiguous(), self._bias_table(), parts, self.scale, p_drop)
+        out = WindowAttentionFn.apply(qkv, self._bias_table(), parts, self.scale, p_drop)
         return out.transpose(0, 1)  # [N, H, Dh]
 
     # ------------------------------------------------------------------ local path, neighbour list
@@ -284,7 +284,9 @@ class DualPathAttention(nn.Module):
             q, k, v = qkv.unbind(1)
             qkv = torch.stack([rope_2d(q, level.coords), rope_2d(k, level.coords), v], dim=1)
         if self.impl == "window":
-            local = self._local_window(qkv, level)
+            qkv_t = qkv.permute(1, 2, 0, 3).contiguous()  # [3, H, N, Dh]
+            del qkv  # free the [N, 3, H, Dh] layout before the windows are gathered
+            local = self._local_window(qkv_t, level)
         elif self.impl == "neighbour":
             local = self._local_neighbour(qkv, level)
         else:

@@ -22,6 +22,7 @@ class RefineBlock(nn.Module):
     """
 
     checkpoint: str = "none"
+    ffn_chunk: int = 8192
 
     def __init__(
         self,
@@ -56,7 +57,15 @@ class RefineBlock(nn.Module):
         return self._forward(x, level, tokens)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm2(x))))
+        if torch.is_grad_enabled():
+            return self.fc2(self.act(self.fc1(self.norm2(x))))
+        # Inference: token chunks with an in-place activation keep the [N, 4d] hidden layer small.
+        out = torch.empty_like(x)
+        for i in range(0, x.shape[0], self.ffn_chunk):
+            h = self.fc1(self.norm2(x[i : i + self.ffn_chunk]))
+            h = torch.relu_(h) if isinstance(self.act, nn.ReLU) else self.act(h)
+            out[i : i + self.ffn_chunk] = self.fc2(h)
+        return out
 
     def _forward(
         self, x: torch.Tensor, level: LevelIndex, tokens: torch.Tensor | None
