@@ -36,8 +36,9 @@ class SpeedSettings:
     threads: int = 2
     repeats: int = 3
     device: str = "cpu"
-    grid: str = "hex"
+    grid: str = "square"
     seed: int = 0
+    grad_checkpointing: str = "none"
     model: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,6 +89,7 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
     feats = torch.randn(n, s.in_dim, device=dev)
     target = torch.randn(n, s.genes, device=dev)
     model = HiST(HiSTConfig(in_dim=s.in_dim, n_genes=s.genes, **s.model)).to(dev)
+    model.set_grad_checkpointing(s.grad_checkpointing)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.startswith("cuda") else _null()
     gflops_matmul = _matmul_gflops(dev)
 

@@ -32,6 +32,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         in_dim=args.in_dim,
         grid=args.lattice,
+        grad_checkpointing=args.grad_checkpointing,
         model=model,
     )
     print(f"results in {args.out}/speed.json, plots speed_vs_spots.png and speed_vs_genes.png")
@@ -59,5 +60,7 @@ def register_speed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lattice", choices=["square", "hex"], default="square",
                    help="synthetic slide geometry: square (dense legacy-ST lattice) or hex (Visium, 55 um unit)")  # fmt: skip
     p.add_argument("--model", action="append", metavar="KEY=VALUE", help="HiSTConfig override, e.g. dim=256")
+    p.add_argument("--grad-checkpointing", choices=["none", "ffn", "block"], default="none",
+                   help="recompute activations in backward (train steps): less memory, more time")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON line per setting")
     p.set_defaults(func=cmd_speed)
