@@ -197,7 +197,8 @@ def run_speed_bench(
         out_dir: Output folder.
         spots: Slide sizes N.
         genes: Gene counts G.
-        grid_mode: ``sweep`` (N at ``base_genes``, and G at ``base_spots``) or ``full`` (every pair).
+        grid_mode: ``sweep`` (N at ``base_genes``, and G at ``base_spots``; a base that is not among the
+            swept values is replaced by the largest one) or ``full`` (every pair).
         modes: ``infer`` and/or ``train``.
         max_train_spots: Largest N for train steps.
         json_lines: Print one JSON line per setting instead of a table row.
@@ -213,7 +214,9 @@ def run_speed_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     if grid_mode == "full":
         pairs = [(n, g) for n in spots for g in genes]
-    else:
+    else:  # spots at the base gene count, then genes at the base spot count (bases must be swept values)
+        base_genes = base_genes if base_genes in genes else max(genes)
+        base_spots = base_spots if base_spots in spots else max(spots)
         pairs = [(n, base_genes) for n in spots] + [(base_spots, g) for g in genes if g != base_genes]
     jobs = [
         SpeedSettings(spots=n, genes=g, mode=m, **settings)
