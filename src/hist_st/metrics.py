@@ -220,11 +220,15 @@ def summarise_folds(folds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _fmt(stat: Mapping[str, float], digits: int) -> str:
-    mean, std = stat["mean"], stat["std"]
-    if not np.isfinite(mean):
-        return "n/a"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+def _fmt(stat: Mapping[str, float | None], digits: int) -> str:
+    """``mean ± std``; diverged values (R2 of exploding predictions) print as bounds, not 200-digit numbers."""
+    mean, std = stat.get("mean"), stat.get("std")
+    if mean is None or not np.isfinite(mean):
+        return "n/a (non-finite)"
+    if mean < -999:
+        return "< -999"
+    spread = "> 999" if std is None or not np.isfinite(std) or std > 999 else f"{std:.{digits}f}"
+    return f"{mean:.{digits}f} ± {spread}"
 
 
 def format_table(rows: Mapping[str, Mapping[str, Any]], digits: int = 3) -> str:
