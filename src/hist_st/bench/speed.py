@@ -7,6 +7,7 @@ matmul, so the model's achieved FLOP/s can be read against what the machine deli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -90,7 +91,7 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
     target = torch.randn(n, s.genes, device=dev)
     model = HiST(HiSTConfig(in_dim=s.in_dim, n_genes=s.genes, **s.model)).to(dev)
     model.set_grad_checkpointing(s.grad_checkpointing)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.startswith("cuda") else _null()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.startswith("cuda") else contextlib.nullcontext()
     gflops_matmul = _matmul_gflops(dev)
 
     t = time.perf_counter()
@@ -155,14 +156,6 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
         out["cuda_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
         out["gpu"] = torch.cuda.get_device_name()
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _run_worker(s: SpeedSettings, timeout: float) -> dict[str, Any]:

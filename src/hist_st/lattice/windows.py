@@ -46,7 +46,6 @@ class WindowPartition:
         rel: ``[W, S, S]`` int64 flat relative-offset index (key - query) into the bias table.
         mask: ``[W, S, S]`` float additive mask: 0 where the query may attend the key, -inf elsewhere
             (padding keys; in the shifted partition also keys already in the query's standard window).
-        delta: ``[W, S, S, 2]`` int64 lattice offsets (key - query), used by ALiBi.
     """
 
     index: torch.Tensor
@@ -56,7 +55,6 @@ class WindowPartition:
     token_flat: torch.Tensor
     rel: torch.Tensor
     mask: torch.Tensor
-    delta: torch.Tensor
 
     @property
     def num_windows(self) -> int:
@@ -126,5 +124,4 @@ def window_partition(
         token_flat=token_window * size + token_slot,
         rel=rel,
         mask=mask,
-        delta=delta,
     )
