@@ -77,3 +77,106 @@ def test_efficiency_measure_in_process():
         assert r["train_rss_peak_gb"] > 0 and r["n_genes"] == 10
     table = format_efficiency_table(recs + [{"method": "stflow", "error": "timeout"}])
     assert "| hist |" in table and "failed: timeout" in table
+
+
+def test_accuracy_adds_methods_without_retraining(tmp_path):
+    """A second run with one more method keeps HiST and mean (same config/folds/genes) and runs only ridge;
+    changing a baseline option or the HiST config reruns that method, and --force reruns all."""
+    from hist_st.experiments.accuracy import run_accuracy
+
+    cohort = tmp_path / "cohort"
+    make_cohort(cohort, n_slides=4, n_spots=(60, 90), n_genes=16, embed_dim=8, seed=3)
+    out = tmp_path / "acc"
+    kw = dict(genes="he:12", folds=2, seed=5, progress=False)
+    first = run_accuracy([cohort], out, methods=["hist", "mean"], overrides=TINY, **kw)
+    model = out / "cohort" / "fold_0" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+    second = run_accuracy([cohort], out, methods=["hist", "mean", "ridge"], overrides=TINY, **kw)
+    assert model.stat().st_mtime_ns == stamp  # HiST not retrained
+    m1, m2 = first["cohorts"]["cohort"]["methods"], second["cohorts"]["cohort"]["methods"]
+    assert list(m2) == ["HiST", "mean", "ridge"]
+    assert m2["HiST"] == m1["HiST"] and m2["mean"] == m1["mean"]
+    for i in range(2):
+        fold = json.loads((out / "cohort" / f"fold_{i}" / "metrics.json").read_text())
+        assert set(fold["metrics"]) == {"HiST", "mean", "ridge"}
+    top = json.loads((out / "cohort" / "metrics.json").read_text())
+    assert set(top["methods"]) == {"HiST", "mean", "ridge"}
+
+    # a different ridge option reruns ridge only; the result must match a fresh ridge-only run
+    third = run_accuracy([cohort], out, methods=["hist", "mean", "ridge"], overrides=TINY,
+                         baseline_options={"ridge": {"n_components": 4}}, **kw)
+    assert model.stat().st_mtime_ns == stamp
+    fresh = run_accuracy([cohort], tmp_path / "fresh", methods=["ridge"],
+                         baseline_options={"ridge": {"n_components": 4}}, overrides=TINY, **kw)
+    assert third["cohorts"]["cohort"]["methods"]["ridge"] == fresh["cohorts"]["cohort"]["methods"]["ridge"]
+    assert third["cohorts"]["cohort"]["methods"]["ridge"] != m2["ridge"]
+
+    # another HiST config retrains HiST
+    run_accuracy([cohort], out, methods=["hist", "mean"], overrides=[*TINY, "epochs=3"], **kw)
+    assert model.stat().st_mtime_ns != stamp
+
+
+def test_ablation_and_stain_rows_reuse_identical_runs(tmp_path):
+    """Table 3's full row and Table 5's token-only row come from Table 2's HiST run only when the config,
+    cohort, folds and genes are identical; otherwise they are trained."""
+    from hist_st.experiments.ablation import run_ablation
+    from hist_st.experiments.accuracy import build_config, run_accuracy
+    from hist_st.experiments.reuse import same_run
+    from hist_st.experiments.stain import run_stain
+
+    cohort = tmp_path / "cohort"
+    make_cohort(cohort, n_slides=4, n_spots=(60, 90), n_genes=16, embed_dim=8, seed=3)
+    kw = dict(genes="he:12", folds=2, seed=5, progress=False)
+    acc = run_accuracy([cohort], tmp_path / "acc", methods=["hist"], overrides=TINY, **kw)
+    hist_run = tmp_path / "acc" / "cohort"
+    hist = acc["cohorts"]["cohort"]["methods"]["HiST"]
+
+    abl = run_ablation(cohort, tmp_path / "abl", names=["full"], overrides=TINY, equivalent={"full": hist_run}, **kw)
+    assert abl["summaries"]["full"] == hist
+    assert json.loads((tmp_path / "abl" / "reused.json").read_text()) == {"full": str(hist_run)}
+    assert not (tmp_path / "abl" / "full").exists()
+
+    # one more epoch: not the same run, so the row is trained
+    run_ablation(cohort, tmp_path / "abl3", names=["full"], overrides=[*TINY, "epochs=3"],
+             equivalent={"full": hist_run}, **kw)
+    assert json.loads((tmp_path / "abl3" / "reused.json").read_text()) == {}
+    assert (tmp_path / "abl3" / "full" / "metrics.json").is_file()
+    splits = json.loads((hist_run / "splits.json").read_text())["folds"]
+    genes = (hist_run / "genes.txt").read_text().split()
+    assert same_run(hist_run, build_config(None, TINY, seed=5, genes="he:12"), splits, genes, cohort)
+    assert not same_run(hist_run, build_config(None, [*TINY, "epochs=3"], seed=5, genes="he:12"), splits, genes, cohort)
+    assert not same_run(hist_run, build_config(None, TINY, seed=5, genes="he:12"), splits[::-1][:1], genes, cohort)
+    assert not same_run(hist_run, build_config(None, TINY, seed=5, genes="he:12"), splits, genes[:-1], cohort)
+
+    # Table 5's token-only row on the same cohort is Table 2's run; the Macenko cohort row is trained
+    st = run_stain(cohort, cohort, tmp_path / "stain", rows=["token-only", "both"], overrides=TINY,
+                   equivalent={"token-only": hist_run, "both": hist_run}, **kw)
+    assert st["summaries"]["token-only"] == hist
+    reused = json.loads((tmp_path / "stain" / "reused.json").read_text())
+    assert set(reused) == {"token-only", "both"}  # the "Macenko" cohort here is the same folder
+    assert "reused from runs with the same config" in (tmp_path / "stain" / "table.md").read_text()
+
+
+def test_report_end_to_end_and_rerun_adds_a_method(tmp_path):
+    """`hist-st report` writes every table it was asked for, with figures beside the Markdown; a second
+    call with one more method trains only that method and reuses Table 3's full row from Table 2."""
+    cohort = tmp_path / "cohort"
+    make_cohort(cohort, n_slides=4, n_spots=(60, 90), n_genes=16, embed_dim=8, seed=3)
+    args = ["report", "--cohort", str(cohort), "--name", "tiny", "--docs", str(tmp_path / "docs"), "--runs",
+            str(tmp_path / "runs"), "--gene-sets", "he:12", "--folds", "2", "--seed", "5", "--ablations",
+            "no-token", "--no-efficiency", "--macenko", str(cohort), "--token-groups", "patient", "--no-progress",
+            *TINY]  # fmt: skip
+    assert main([*args, "--methods", "hist,mean"]) == 0
+    md = (tmp_path / "docs" / "tiny.md").read_text()
+    for heading in ("## Table 2", "## Table 3", "## Table 5", "## Table 6", "## Gene maps"):
+        assert heading in md
+    assert "| HiST |" in md and "| mean |" in md and "`no-token`" in md
+    assert "`full` from" in md  # Table 3's full model is Table 2's HiST run
+    for png in ("genes.png", "token_pca_patient.png", "loss_curves.png"):
+        assert (tmp_path / "docs" / "tiny" / png).read_bytes()[:4] == b"\x89PNG"
+    model = tmp_path / "runs" / "accuracy-he12" / "cohort" / "fold_0" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+    assert main([*args, "--methods", "hist,mean,ridge", "--baseline-option", "ridge.n_components=4"]) == 0
+    assert model.stat().st_mtime_ns == stamp
+    md = (tmp_path / "docs" / "tiny.md").read_text()
+    assert "| ridge |" in md and "ridge: n_components=4" in md

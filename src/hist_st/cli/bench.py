@@ -54,7 +54,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         args.cohort, args.out, methods=_methods(args.methods), genes=args.genes, folds=args.folds, seed=args.seed,
         config=args.config, overrides=args.overrides, group_by=args.group_by,
         baseline_options=parse_baseline_options(args.baseline_option), write_predictions=not args.no_predictions,
-        progress=not args.no_progress,
+        progress=not args.no_progress, reuse=not args.force,
     )  # fmt: skip
     print(res["table"])
     print(f"results in {res['out_dir']} (accuracy.json, table.md, per_gene.csv, per-fold metrics.json)")
@@ -72,6 +72,9 @@ def register_accuracy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-option", action="append", metavar="METHOD.KEY=VALUE",
                    help="baseline option, e.g. stflow.epochs=50 (repeatable)")  # fmt: skip
     p.add_argument("--no-predictions", action="store_true", help="do not write HiST's test predictions")
+    p.add_argument("--force", action="store_true",
+                   help="rerun every method (default: keep methods of an earlier run in --out that used the same "
+                   "config, folds, genes and options)")  # fmt: skip
     add_experiment_args(p)
     p.set_defaults(func=cmd_accuracy)
 

@@ -31,7 +31,7 @@ print(res["table"])
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,7 @@ def run_ablation(
     cfg: Any = None,
     group_by: str | None = None,
     skip_done: bool = True,
+    equivalent: Mapping[str, str | Path] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train and cross-validate every ablation on identical folds and genes.
@@ -188,11 +189,15 @@ def run_ablation(
         names: Ablations to run (default all, `ABLATIONS` order); ``full`` is always added.
         genes, folds, seed, config, overrides, cfg, group_by, progress: As in `run_accuracy`.
         skip_done: Reuse an ablation whose ``<name>/metrics.json`` already exists.
+        equivalent: Row name -> an existing `run_cv` directory to take that row from when it was trained
+            with the same config, cohort, folds and genes (`hist_st.experiments.reuse.same_run`), e.g. the
+            full model from Table 2's HiST run. Reused rows are listed in ``reused.json`` and under the table.
 
     Returns:
         ``{"summaries": {name: summarise_folds(...)}, "table": str, "out_dir": str}``.
     """
     from hist_st.experiments.accuracy import build_config, parse_gene_spec
+    from hist_st.experiments.reuse import reused_note, same_run
     from hist_st.jsonio import read_json, write_json
     from hist_st.train.cv import run_cv, slide_groups
     from hist_st.train.data import load_slides, read_manifest, select_genes
@@ -221,19 +226,25 @@ def run_ablation(
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
     del slides
     summaries: dict[str, Any] = {}
+    reused: dict[str, str] = {}
     for name in [n for n in ABLATIONS if n in names]:
         run_dir = out / name
+        row_cfg = ablation_config(cfg, name)
         if skip_done and (run_dir / "metrics.json").is_file():
             summaries[name] = read_json(run_dir / "metrics.json")["methods"]["HiST"]
             continue
-        res = run_cv(ablation_config(cfg, name), cohort, run_dir, folds=splits, write_predictions=False,
-                     progress=progress)  # fmt: skip
+        src = (equivalent or {}).get(name)
+        if src is not None and same_run(src, row_cfg, fold_list, gene_list, cohort):
+            summaries[name], reused[name] = read_json(Path(src) / "metrics.json")["methods"]["HiST"], str(src)
+            continue
+        res = run_cv(row_cfg, cohort, run_dir, folds=splits, write_predictions=False, progress=progress)
         summaries[name] = res["methods"]["HiST"]
     summaries = read_json(write_json(summaries, out / "ablation.json"))
+    write_json(reused, out / "reused.json")
     table = format_ablation_table(summaries)
     (out / "table.md").write_text(
         f"Ablations (Table 3) on {Path(cohort).name}: {folds}-fold, seed {seed}, {len(gene_list)} genes "
         f"({genes}); mean ± std over folds. Δ columns: ablation minus full model. The paper's column is its "
-        "Brain (NCBI GEO) Table 3, for direction only.\n\n" + table + "\n"
+        "Brain (NCBI GEO) Table 3, for direction only.\n\n" + table + "\n" + reused_note(reused)
     )
     return {"summaries": summaries, "table": table, "out_dir": str(out), "n_genes": len(gene_list)}

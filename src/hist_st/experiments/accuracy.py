@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.experiments.reuse import merge_runs, reusable_methods
 from hist_st.jsonio import read_json, write_json
 
 __all__ = [
@@ -190,6 +191,53 @@ def _cv_baselines_only(
             "genes": genes, "embedding": emb, "out_dir": str(out)}  # fmt: skip
 
 
+def _reusable(
+    prior: Mapping[str, Any] | None,
+    name: str,
+    run_dir: Path,
+    cfg: Any,
+    methods: Sequence[str],
+    settings: Mapping[str, Any],
+    baseline_options: Mapping[str, Mapping[str, Any]],
+    cohort: Path,
+    k: int,
+    group_by: str | None,
+) -> list[str]:
+    """The methods of ``prior`` (an earlier ``accuracy.json``) that `run_accuracy` may keep."""
+    from hist_st.train.cv import slide_groups
+    from hist_st.train.data import load_slides, read_manifest, select_genes
+    from hist_st.train.folds import make_folds
+
+    if not prior or name not in prior.get("cohorts", {}):
+        return []
+    if not (cfg.genes.scope == "dataset" or cfg.genes.genes):
+        return []  # genes chosen per fold: nothing recorded to compare
+    slides = load_slides(cohort)
+    manifest = read_manifest(cohort)
+    groups = slide_groups(slides, group_by, manifest) if group_by else None
+    fold_list = make_folds(sorted(s.slide_id for s in slides), k, cfg.seed, groups)
+    genes = select_genes(slides, cfg.genes, manifest)
+    return reusable_methods(prior, name, run_dir, cfg=cfg, methods=methods, settings=settings,
+                            baseline_options=baseline_options, folds=fold_list, genes=genes, cohort=cohort)  # fmt: skip
+
+
+def _kept_results(
+    prior: Mapping[str, Any] | None, name: str, run_dir: Path, keep: Sequence[str]
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """The summaries, seconds and per-fold metrics of the kept methods, read before anything is rewritten."""
+    if not keep or prior is None:
+        return {"methods": {}, "seconds": {}}, {}
+    rec = prior["cohorts"][name]
+    keys = {m: "HiST" if m == "hist" else m for m in keep}
+    kept = {"methods": {keys[m]: rec["methods"][DISPLAY.get(m, m)] for m in keep},
+            "seconds": {keys[m]: rec.get("seconds", {}).get(DISPLAY.get(m, m), 0.0) for m in keep}}  # fmt: skip
+    kept_folds = {}
+    for path in run_dir.glob("fold_*/metrics.json"):
+        metrics = read_json(path)["metrics"]
+        kept_folds[int(path.parent.name.split("_")[1])] = {keys[m]: metrics[keys[m]] for m in keep}
+    return kept, kept_folds
+
+
 def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     """Per-gene PCC/R2 of every method in a `run_cv` directory: mean over folds plus each fold's value.
 
@@ -258,6 +306,7 @@ def run_accuracy(
     baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
     write_predictions: bool = True,
     progress: bool = True,
+    reuse: bool = True,
 ) -> dict[str, Any]:
     """Run Table 2 on one or more prepared cohorts.
 
@@ -274,6 +323,9 @@ def run_accuracy(
         baseline_options: Per-baseline keyword options, e.g. ``{"stflow": {"epochs": 50}}``.
         write_predictions: Write HiST's test predictions (needed by ``hist-st plot genes``).
         progress: Progress bars.
+        reuse: Keep the methods of an earlier run in ``out_dir`` that were trained with the same settings,
+            folds, genes and options (`hist_st.experiments.reuse`) and run only the others, so a method
+            can be added to a finished table without retraining the rest.
 
     Returns:
         ``{"cohorts": {name: {"methods": {display name: summarise_folds(...)}, "seconds": {...},
@@ -292,21 +344,31 @@ def run_accuracy(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     baseline_options = dict(baseline_options or {})
-    baselines = [m for m in methods if m != "hist"]
     results: dict[str, Any] = {}
     tables = []
     per_gene: dict[str, list[dict[str, Any]]] = {}
+    prior = read_json(out / "accuracy.json") if reuse and (out / "accuracy.json").is_file() else None
+    settings = {"genes": genes, "folds": folds, "seed": seed, "group_by": group_by}
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort = Path(cohort)
         run_dir = out / name
         t0 = time.perf_counter()
-        if "hist" in methods:
-            res = run_cv(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=baselines,
+        keep = _reusable(prior, name, run_dir, cfg, methods, settings, baseline_options, cohort, folds, group_by)
+        kept, kept_folds = _kept_results(prior, name, run_dir, keep)
+        todo = [m for m in methods if m not in keep]
+        todo_baselines = [m for m in todo if m != "hist"]
+        res: dict[str, Any] = {"methods": {}, "seconds": {}}
+        if "hist" in todo:
+            res = run_cv(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=todo_baselines,
                          baseline_options=baseline_options, write_predictions=write_predictions,
                          progress=progress)  # fmt: skip
-        else:
-            res = _cv_baselines_only(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=baselines,
+        elif todo_baselines:
+            res = _cv_baselines_only(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=todo_baselines,
                                      baseline_options=baseline_options, progress=progress)  # fmt: skip
+        if keep:
+            res = {key: {**kept[key], **res[key]} for key in ("methods", "seconds")}
+            if todo:
+                merge_runs(run_dir, res, kept_folds)
         ordered = {}
         for m in methods:  # run_cv names HiST "HiST"; keep the user's method order
             key = "HiST" if m == "hist" else m

@@ -371,14 +371,16 @@ def run_efficiency(
     table = format_efficiency_table(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    header = (f"Efficiency (Table 1) on {dev}. Data: {where}. {epochs} training epoch(s) per method with epochs; "
+    header = (f"Efficiency (Table 1) on {dev}. Data: {where}. {epochs} training epoch(s) per method with epochs "
+              "(unless a baseline option sets its epochs); "
               "train time per slide per epoch, inference time per slide (after one warm-up slide); memory "
               + ("CUDA peak allocated/reserved" if device.startswith("cuda") else "resident set size (RSS) of "
                  "a separate process per method; ΔRSS = peak minus RSS before the fit/predict")
               + "; GB/1k = per 1,000 spots of the largest training slide.")  # fmt: skip
     (out / "table.md").write_text(header + "\n\n" + table + "\n")
     result = {"records": records, "table": table, "device": dev, "where": where, "epochs": epochs,
-              "out_dir": str(out), "header": header}  # fmt: skip
+              "out_dir": str(out), "header": header, "methods": list(methods), "overrides": list(overrides),
+              "baseline_options": {m: dict(v) for m, v in (baseline_options or {}).items()}}  # fmt: skip
     write_json(result, out / "efficiency.json")
     return result
 

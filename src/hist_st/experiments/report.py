@@ -131,7 +131,7 @@ def build_report(
     from hist_st.experiments.figures import plot_genes
     from hist_st.experiments.stain import run_stain
     from hist_st.experiments.tokens import run_token_analysis
-    from hist_st.jsonio import read_json
+    from hist_st.jsonio import read_json, to_jsonable
     from hist_st.train.checkpoint import package_versions
 
     if not gene_sets:
@@ -144,9 +144,13 @@ def build_report(
     timings: dict[str, float] = {}
     md: list[str] = []
 
-    def step(label: str, done: Path, fn: Any) -> Any:
+    def step(label: str, done: Path, fn: Any, same: Mapping[str, Any] | None = None) -> Any:
+        """Run ``fn`` unless ``done`` exists and records the same settings (``same``)."""
         t0 = time.perf_counter()
-        res = read_json(done) if (done.is_file() and not force) else fn()
+        prior = read_json(done) if (done.is_file() and not force) else None
+        if prior is not None and same and to_jsonable({k: prior.get(k) for k in same}) != to_jsonable(same):
+            prior = None
+        res = prior if prior is not None else fn()
         timings[label] = time.perf_counter() - t0
         return res
 
@@ -154,12 +158,11 @@ def build_report(
     acc: dict[str, Any] = {}
     for spec in gene_sets:
         d = runs / f"accuracy-{gene_spec_label(spec)}"
-        acc[spec] = step(
-            f"Table 2 ({spec})", d / "accuracy.json",
-            lambda d=d, spec=spec: run_accuracy([cohort], d, methods=methods, genes=spec, folds=folds, seed=seed,
-                                                config=config, overrides=overrides,
-                                                baseline_options=baseline_options, progress=progress),
-        )  # fmt: skip
+        t0 = time.perf_counter()  # reuses the methods already run with the same settings (unless force)
+        acc[spec] = run_accuracy([cohort], d, methods=methods, genes=spec, folds=folds, seed=seed, config=config,
+                                 overrides=overrides, baseline_options=baseline_options, progress=progress,
+                                 reuse=not force)  # fmt: skip
+        timings[f"Table 2 ({spec})"] = time.perf_counter() - t0
     first = gene_sets[0]
     cohort_key = next(iter(acc[first]["cohorts"]))
     first_run = Path(acc[first]["cohorts"][cohort_key]["run_dir"])
@@ -170,7 +173,9 @@ def build_report(
         eff = step("Table 1", runs / "efficiency" / "efficiency.json",
                    lambda: run_efficiency(runs / "efficiency", cohort=cohort, methods=methods, genes=first,
                                           folds=folds, seed=seed, epochs=efficiency_epochs, overrides=overrides,
-                                          baseline_options=baseline_options, device=device, progress=progress))  # fmt: skip
+                                          baseline_options=baseline_options, device=device, progress=progress),
+                   same={"methods": list(methods), "epochs": efficiency_epochs, "overrides": list(overrides),
+                         "baseline_options": dict(baseline_options or {})})  # fmt: skip
     if scaling:
         sca = step("Figure 3", runs / "scaling" / "scaling.json",
                    lambda: run_scaling(runs / "scaling", methods=methods, overrides=overrides, seed=seed,
@@ -184,14 +189,17 @@ def build_report(
         abl = step("Table 3", runs / "ablation" / "ablation.json.done",
                    lambda: run_ablation(cohort, runs / "ablation", names=ablations, genes=first, folds=folds,
                                         seed=seed, config=config, overrides=ablation_overrides, skip_done=not force,
-                                        progress=progress))  # fmt: skip
+                                        equivalent=None if force else {"full": first_run}, progress=progress))  # fmt: skip
 
     # 4. Table 5 -------------------------------------------------------------------------------------------
     stn = None
     if macenko is not None:
         stn = step("Table 5", runs / "stain" / "stain.json.done",
                    lambda: run_stain(cohort, macenko, runs / "stain", genes=first, folds=folds, seed=seed,
-                                     config=config, overrides=overrides, skip_done=not force, progress=progress))  # fmt: skip
+                                     config=config, overrides=overrides, skip_done=not force,
+                                     equivalent=None if force else {"token-only": first_run,
+                                                                    "neither": runs / "ablation" / "no-token"},
+                                     progress=progress))  # fmt: skip
 
     # 5. Table 6 / Figure 4 ----------------------------------------------------------------------------------
     tok = None
@@ -225,6 +233,10 @@ def build_report(
               f"all test spots (HEST-Benchmark). Mean ± std over {folds} folds by slide (seed {seed}); every method "
               "on the same folds, genes, targets and embeddings. HiST is evaluated at its final epoch; nothing "
               "is tuned on test folds.\n")  # fmt: skip
+    if baseline_options:
+        opts = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for m, o in baseline_options.items())
+        md.append(f"Baseline options given on the command line (every other setting is the method's published "
+                  f"default, see `hist_st.baselines`): {opts}.\n")  # fmt: skip
     for spec in gene_sets:
         a = acc[spec]
         for cname, c in a["cohorts"].items():

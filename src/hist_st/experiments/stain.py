@@ -18,7 +18,7 @@ run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", overrides=["
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ def run_stain(
     overrides: Sequence[str] = (),
     cfg: Any = None,
     skip_done: bool = True,
+    equivalent: Mapping[str, str | Path] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Cross-validate the Table 5 rows on identical folds and genes.
@@ -82,11 +83,15 @@ def run_stain(
         prepare_args: When given, prepare both cohorts first (`prepare_pair`).
         genes, folds, seed, config, overrides, cfg, progress: As in `run_accuracy`.
         skip_done: Reuse rows whose ``metrics.json`` exists.
+        equivalent: Row -> an existing `run_cv` directory to take the row from when it was trained with the
+            same config, cohort, folds and genes (`hist_st.experiments.reuse.same_run`): ``token-only`` is
+            Table 2's HiST run, ``neither`` Table 3's ``no-token`` row. Listed in ``reused.json``.
 
     Returns:
         ``{"summaries": {row: summarise_folds(...)}, "table": str, "out_dir": str}``.
     """
     from hist_st.experiments.accuracy import build_config, parse_gene_spec
+    from hist_st.experiments.reuse import reused_note, same_run
     from hist_st.jsonio import read_json, write_json
     from hist_st.train.cv import run_cv
     from hist_st.train.data import list_slides, load_slides, read_manifest, select_genes
@@ -108,11 +113,12 @@ def run_stain(
         cfg = dataclasses.replace(cfg, seed=int(seed), genes=parse_gene_spec(genes))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    splits = save_folds(make_folds(ids_plain, folds, cfg.seed), out / "splits.json", k=folds, seed=cfg.seed,
-                        slides_dir=str(plain))  # fmt: skip
+    fold_list = make_folds(ids_plain, folds, cfg.seed)
+    splits = save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, slides_dir=str(plain))
     gene_list = select_genes(load_slides(plain), cfg.genes, read_manifest(plain))
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
     summaries: dict[str, Any] = {}
+    reused: dict[str, str] = {}
     for name in [r for r in STAIN_ROWS if r in rows]:
         _, which, token = STAIN_ROWS[name]
         run_dir = out / name
@@ -120,14 +126,20 @@ def run_stain(
             summaries[name] = read_json(run_dir / "metrics.json")["methods"]["HiST"]
             continue
         row_cfg = cfg if token else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
-        res = run_cv(row_cfg, plain if which == "plain" else macenko, run_dir, folds=splits,
-                     write_predictions=False, progress=progress)  # fmt: skip
+        row_cohort = plain if which == "plain" else macenko
+        src = (equivalent or {}).get(name)
+        if src is not None and same_run(src, row_cfg, fold_list, gene_list, row_cohort):
+            summaries[name], reused[name] = read_json(Path(src) / "metrics.json")["methods"]["HiST"], str(src)
+            continue
+        res = run_cv(row_cfg, row_cohort, run_dir, folds=splits, write_predictions=False, progress=progress)
         summaries[name] = res["methods"]["HiST"]
     summaries = read_json(write_json(summaries, out / "stain.json"))
+    write_json(reused, out / "reused.json")
     table = format_stain_table(summaries)
     (out / "table.md").write_text(
         f"Calibration token vs Macenko stain normalisation (Table 5): {folds}-fold, seed {seed}, "
-        f"{len(gene_list)} genes ({genes}); mean ± std over folds. Paper column: Brain (NCBI GEO).\n\n" + table + "\n"
+        f"{len(gene_list)} genes ({genes}); mean ± std over folds. Paper column: Brain (NCBI GEO).\n\n" + table
+        + "\n" + reused_note(reused)
     )
     return {"summaries": summaries, "table": table, "out_dir": str(out)}
 
