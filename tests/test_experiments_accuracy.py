@@ -180,3 +180,22 @@ def test_report_end_to_end_and_rerun_adds_a_method(tmp_path):
     assert model.stat().st_mtime_ns == stamp
     md = (tmp_path / "docs" / "tiny.md").read_text()
     assert "| ridge |" in md and "ridge: n_components=4" in md
+
+
+def test_scaling_figure_records_and_skips_after_timeout(tmp_path):
+    """Figure 3 on synthetic slides: one worker process per (method, size); a method that fails at one size
+    is not run at larger sizes of that axis; the settings are recorded so a report can tell stale results."""
+    from hist_st.experiments.efficiency import run_scaling
+
+    res = run_scaling(tmp_path, methods=["hist"], spots=[40, 80], genes_list=[6], fixed_genes=6,
+                      fixed_spots=40, overrides=TINY[1:], device="cpu", timeout=120, progress=False)  # fmt: skip
+    ok = [r for r in res["records"] if "error" not in r]
+    assert {(r["axis"], r["target_spots"], r["n_genes"]) for r in ok} == {("spots", 40, 6), ("spots", 80, 6),
+                                                                         ("genes", 40, 6)}
+    assert all(r["infer_s_per_slide"] > 0 for r in ok)
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    assert res["options"] == {"spots": [40, 80], "genes_list": [6], "timeout": 120}
+
+    res = run_scaling(tmp_path / "t", methods=["hist"], spots=[40, 80], genes_list=[], fixed_genes=6,
+                      overrides=TINY[1:], device="cpu", timeout=0.01, progress=False)  # fmt: skip
+    assert len(res["records"]) == 1 and "error" in res["records"][0]  # 80 spots not attempted

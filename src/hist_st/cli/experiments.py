@@ -80,6 +80,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         ablations=_list(args.ablations) if args.ablations != "none" else [], ablation_epochs=args.ablation_epochs,
         efficiency=not args.no_efficiency,
         efficiency_epochs=args.efficiency_epochs, scaling=args.scaling, macenko=args.macenko,
+        scaling_options={"spots": [int(v) for v in _list(args.scaling_spots)],
+                         "genes_list": [int(v) for v in _list(args.scaling_genes)], "timeout": args.scaling_timeout},
         token_groups=_list(args.token_groups), device=args.device, command=command, force=args.force,
         progress=not args.no_progress,
     )  # fmt: skip
@@ -149,6 +151,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-efficiency", action="store_true", help="skip Table 1")
     p.add_argument("--efficiency-epochs", type=int, default=2, help="epochs timed per method for Table 1")
     p.add_argument("--scaling", action="store_true", help="also produce Figure 3 (synthetic slides)")
+    p.add_argument("--scaling-spots", default="250,500,1000,2000,4000", help="Figure 3: spots per slide")
+    p.add_argument("--scaling-genes", default="50,250,1000,2000", help="Figure 3: genes (at 1,000 spots)")
+    p.add_argument("--scaling-timeout", type=float, default=1800.0,
+                   help="Figure 3: seconds per method and size; a method that times out is not run at larger sizes")
     p.add_argument("--macenko", type=Path, default=None, help="Macenko-normalised copy of the cohort (Table 5)")
     p.add_argument("--token-groups", default="patient", help="metadata columns for the token analysis")
     p.add_argument("--device", default="auto", help="device for the efficiency table")

@@ -445,7 +445,10 @@ def run_scaling(
     fig = plot_scaling(records, out / "scaling.png")
     names = [r.get("device_name") for r in records if r.get("device_name")]
     result = {"records": records, "figure": str(fig), "out_dir": str(out), "device": names[0] if names else device,
-              "epochs": epochs, "fixed_genes": fixed_genes, "fixed_spots": fixed_spots}  # fmt: skip
+              "epochs": epochs, "fixed_genes": fixed_genes, "fixed_spots": fixed_spots, "methods": list(methods),
+              "overrides": list(overrides), "baseline_options": {m: dict(v) for m, v in (baseline_options or {}).items()},
+              "options": {"spots": [int(n) for n in spots], "genes_list": [int(g) for g in genes_list],
+                          "timeout": timeout}}  # fmt: skip
     write_json(result, out / "scaling.json")
     return result
 

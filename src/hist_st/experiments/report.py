@@ -180,7 +180,9 @@ def build_report(
         sca = step("Figure 3", runs / "scaling" / "scaling.json",
                    lambda: run_scaling(runs / "scaling", methods=methods, overrides=overrides, seed=seed,
                                        baseline_options=baseline_options, device=device, progress=progress,
-                                       **dict(scaling_options or {})))  # fmt: skip
+                                       **dict(scaling_options or {})),
+                   same={"methods": list(methods), "overrides": list(overrides),
+                         "baseline_options": dict(baseline_options or {}), "options": dict(scaling_options or {})})  # fmt: skip
 
     # 3. Table 3 -------------------------------------------------------------------------------------------
     abl = None
