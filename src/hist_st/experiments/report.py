@@ -76,6 +76,15 @@ def _top_genes(run_dir: Path, n: int = 3) -> list[str]:
     return [r["gene"] for r in rows[:n]]
 
 
+def _rows_minutes(run_dir: Path) -> tuple[float, int]:
+    """Total recorded HiST train + predict minutes over the row run directories under ``run_dir``, and the
+    number of rows (reused rows were trained elsewhere and are not counted)."""
+    from hist_st.jsonio import read_json
+
+    secs = [read_json(p).get("seconds", {}).get("HiST", 0.0) for p in sorted(run_dir.glob("*/metrics.json"))]
+    return sum(secs) / 60, len(secs)
+
+
 def build_report(
     name: str,
     cohort: str | Path,
@@ -272,9 +281,13 @@ def build_report(
         if ablation_epochs:
             md.append(f"Every row of this table trains for {ablation_epochs} epochs (Table 2: the configured epochs).\n")
         md.append((runs / "ablation" / "table.md").read_text() + "\n")
+        mins, n = _rows_minutes(runs / "ablation")
+        md.append(f"Compute: {n} rows trained here, {mins:.0f} min of recorded train + predict wall time in all.\n")
     if stn is not None:
         md.append("## Table 5: calibration token vs Macenko stain normalisation\n")
         md.append((runs / "stain" / "table.md").read_text() + "\n")
+        mins, n = _rows_minutes(runs / "stain")
+        md.append(f"Compute: {n} rows trained here, {mins:.0f} min of recorded train + predict wall time in all.\n")
     if tok is not None:
         md.append("## Table 6 and Figure 4: calibration-token analysis\n")
         md.append((runs / "tokens" / "tokens.md").read_text() + "\n")
