@@ -135,7 +135,7 @@ def build_report(
         The Markdown path.
     """
     from hist_st.experiments.ablation import run_ablation
-    from hist_st.experiments.accuracy import gene_spec_label, run_accuracy
+    from hist_st.experiments.accuracy import build_config, gene_spec_label, run_accuracy
     from hist_st.experiments.efficiency import run_efficiency, run_scaling
     from hist_st.experiments.figures import plot_genes
     from hist_st.experiments.stain import run_stain
@@ -178,19 +178,22 @@ def build_report(
 
     # 2. Table 1 / Figure 3 --------------------------------------------------------------------------------
     eff = sca = None
+    threads = int(build_config(config, overrides).threads)  # every method's worker uses HiST's thread count
     if efficiency:
         eff = step("Table 1", runs / "efficiency" / "efficiency.json",
                    lambda: run_efficiency(runs / "efficiency", cohort=cohort, methods=methods, genes=first,
                                           folds=folds, seed=seed, epochs=efficiency_epochs, overrides=overrides,
-                                          baseline_options=baseline_options, device=device, progress=progress),
+                                          baseline_options=baseline_options, device=device, threads=threads,
+                                          progress=progress),
                    same={"methods": list(methods), "epochs": efficiency_epochs, "overrides": list(overrides),
-                         "baseline_options": dict(baseline_options or {})})  # fmt: skip
+                         "baseline_options": dict(baseline_options or {}), "threads": threads})  # fmt: skip
     if scaling:
         sca = step("Figure 3", runs / "scaling" / "scaling.json",
                    lambda: run_scaling(runs / "scaling", methods=methods, overrides=overrides, seed=seed,
-                                       baseline_options=baseline_options, device=device, progress=progress,
-                                       **dict(scaling_options or {})),
-                   same={"methods": list(methods), "overrides": list(overrides),
+                                       baseline_options=baseline_options, device=device, threads=threads,
+                                       progress=progress, **dict(scaling_options or {})),
+                   same={"methods": list(methods), "overrides": list(overrides), "threads": threads,
+                         "epochs": int((scaling_options or {}).get("epochs", 1)),
                          "baseline_options": dict(baseline_options or {}), "options": dict(scaling_options or {})})  # fmt: skip
 
     # 3. Table 3 -------------------------------------------------------------------------------------------
