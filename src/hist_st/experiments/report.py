@@ -278,6 +278,11 @@ def build_report(
         md.append("## Figure 3: scaling\n")
         md.append(f"Synthetic slides on {sca['device']}: spots varied at {sca['fixed_genes']} genes, genes varied at "
                   f"{sca['fixed_spots']} spots; {sca['epochs']} epoch(s); log-log axes.\n")  # fmt: skip
+        failed = [f"{r['method']} ({r['axis']} axis, {r.get('n_spots')} spots, {r['n_genes']} genes: {r['error']})"
+                  for r in sca["records"] if "error" in r]  # fmt: skip
+        if failed:
+            md.append("Not on the figure (failed or over the time limit; larger sizes of that axis were not tried): "
+                      + "; ".join(failed) + ".\n")  # fmt: skip
         md.append(f"![Figure 3]({name}/{_copy(sca['figure'], fig_dir, 'scaling.png')})\n")
     if abl is not None:
         md.append("## Table 3: ablations\n")
