@@ -47,6 +47,18 @@ __all__ = ["measure", "run_worker", "run_efficiency", "run_scaling", "format_eff
 GB = 1024.0**3
 
 
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``), so that a phase's RSS increase counts its
+    own allocations rather than being hidden by memory an earlier phase freed but the allocator kept."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS deltas may undercount reused memory
+        pass
+
+
 class _RSSSampler:
     """Peak resident set size of this process while the context is open (psutil, every ``interval`` s)."""
 
@@ -66,6 +78,7 @@ class _RSSSampler:
 
     def __enter__(self) -> _RSSSampler:
         gc.collect()
+        _release_free_memory()
         self.before = self.proc.memory_info().rss
         self.peak = self.before
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -182,7 +182,7 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
     for c, (axis, phase) in enumerate(cols):
         xkey = "n_spots" if axis == "spots" else "n_genes"
         for r, (key, ylabel) in enumerate(((f"{phase}_s_per_slide", f"{phase} s/slide"),
-                                           (f"{phase}_mem_gb", f"{phase} peak memory (GB)"))):  # fmt: skip
+                                           (f"{phase}_mem_gb", f"{phase} memory GB (CPU: ΔRSS)"))):  # fmt: skip
             ax = axes[r, c]
             for m in methods:
                 pts = sorted((rec[xkey], rec[key]) for rec in records if rec["method"] == m and rec["axis"] == axis
@@ -192,6 +192,10 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
                     ax.plot(xs, ys, marker="o", lw=1.5, color=colour[m], label=m)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            xs_all = sorted({rec[xkey] for rec in records if rec["axis"] == axis and "error" not in rec})
+            if xs_all:  # label the measured sizes only (log-axis minor labels collide)
+                ax.set_xticks(xs_all, [str(x) for x in xs_all])
+                ax.xaxis.set_minor_formatter(plt.NullFormatter())
             ax.set_xlabel("spots per slide" if axis == "spots" else "genes")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{phase} / {axis}")
