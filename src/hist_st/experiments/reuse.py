@@ -105,7 +105,7 @@ def reusable_methods(
         return []
     if not (same_folds(run_dir, folds, cohort) and _same_genes(run_dir, genes)):
         return []
-    done = prior.get("cohorts", {}).get(cohort_name, {}).get("methods", {})
+    done = rec.get("methods", {})
     old_options = prior.get("baseline_options", {}) or {}
     out = []
     for m in methods:
