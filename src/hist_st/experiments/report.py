@@ -178,7 +178,8 @@ def build_report(
 
     # 2. Table 1 / Figure 3 --------------------------------------------------------------------------------
     eff = sca = None
-    threads = int(build_config(config, overrides).threads)  # every method's worker uses HiST's thread count
+    base_cfg = build_config(config, overrides)
+    threads = int(base_cfg.threads)  # every method's worker uses HiST's thread count
     if efficiency:
         eff = step("Table 1", runs / "efficiency" / "efficiency.json",
                    lambda: run_efficiency(runs / "efficiency", cohort=cohort, methods=methods, genes=first,
@@ -256,6 +257,8 @@ def build_report(
               f"all test spots (HEST-Benchmark). Mean ± std over {folds} folds by slide (seed {seed}); every method "
               "on the same folds, genes, targets and embeddings. HiST is evaluated at its final epoch; nothing "
               "is tuned on test folds.\n")  # fmt: skip
+    md.append(f"HiST: {base_cfg.epochs} epochs, AdamW lr {base_cfg.lr:g}, weight decay {base_cfg.weight_decay:g}, "
+              f"{base_cfg.slides_per_step} slide per step, configuration in each run's `config.yaml`.\n")  # fmt: skip
     if baseline_options:
         opts = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for m, o in baseline_options.items())
         md.append(f"Baseline options given on the command line (every other setting is the method's published "
@@ -295,8 +298,8 @@ def build_report(
         md.append(f"![Figure 3]({name}/{_copy(sca['figure'], fig_dir, 'scaling.png')})\n")
     if abl is not None:
         md.append("## Table 3: ablations\n")
-        if ablation_epochs:
-            md.append(f"Every row of this table trains for {ablation_epochs} epochs (Table 2: the configured epochs).\n")
+        md.append(f"Every row of this table trains for {ablation_epochs or base_cfg.epochs} epochs "
+                  f"(Table 2: {base_cfg.epochs}).\n")  # fmt: skip
         md.append((runs / "ablation" / "table.md").read_text() + "\n")
         mins, n = _rows_minutes(runs / "ablation")
         md.append(f"Compute: {n} rows trained here, {mins:.0f} min of recorded train + predict wall time in all.\n")
