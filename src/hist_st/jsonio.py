@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.slide import atomic_path
+from hist_st.slide import atomic_write
 
 __all__ = ["to_jsonable", "write_json", "read_json"]
 
@@ -36,14 +36,9 @@ def to_jsonable(obj: Any) -> Any:
 
 def write_json(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` as indented JSON atomically (temporary name, then rename); returns the path."""
-    final, tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(to_jsonable(obj), indent=1))
-        tmp.replace(final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
+    return Path(path)
 
 
 def read_json(path: str | Path) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from hist_st.harmonise import (
     shared_genes,
     write_cohort_manifest,
 )
-from hist_st.slide import Slide, atomic_path, read_prepared, write_prepared
+from hist_st.slide import Slide, atomic_write, read_prepared, write_prepared
 from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image
 
 __all__ = [
@@ -466,14 +465,8 @@ def _cache_path(
 
 
 def _save_npz_atomic(path: Path, **arrays) -> None:
-    final, tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def _prepared_key(src: SlideSource, encoder_key: str, params: PatchParams, stain: str | None) -> str:

@@ -24,9 +24,11 @@ Prepared-slide contract (one ``.h5ad`` per slide):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,8 @@ import scipy.sparse as sp
 
 from hist_st.errors import InputError
 
-__all__ = ["Slide", "read_prepared", "write_prepared", "slide_to_anndata", "anndata_to_slide", "atomic_path"]
+__all__ = ["Slide", "read_prepared", "write_prepared", "slide_to_anndata", "anndata_to_slide", "atomic_path",
+           "atomic_write"]
 
 # Default lattice unit per technology (um). Legacy ST spots sit 200 um apart on a square grid, Visium
 # spots 100 um apart on a hexagonal grid; the authors map Visium with the 55 um spot diameter (SPEC 1).
@@ -160,6 +163,21 @@ def atomic_path(path: str | Path) -> tuple[Path, Path]:
     return final, Path(tmp)
 
 
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, on error remove it.
+
+    Whatever was at ``path`` before stays intact until the new file is complete.
+    """
+    final, tmp = atomic_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def slide_to_anndata(slide: Slide):
     """Build the prepared-slide AnnData of ``slide`` (see the module docstring for the keys)."""
     import anndata as ad
@@ -278,14 +296,9 @@ def write_prepared(slide: Slide, path: str | Path) -> Path:
         The final path. A failure leaves any existing file at ``path`` untouched.
     """
     slide.validate(path)
-    final, tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         slide_to_anndata(slide).write_h5ad(tmp, compression="gzip")
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
+    return Path(path)
 
 
 def read_prepared(path: str | Path) -> Slide:

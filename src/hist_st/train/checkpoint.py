@@ -24,7 +24,6 @@ Files are written atomically (temporary name in the same folder, then rename).
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -144,20 +143,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (see the module docstring) atomically; return the final path."""
-    from hist_st.slide import atomic_path
+    from hist_st.slide import atomic_write
 
-    final, tmp = atomic_path(path)
     lat = payload.get("lattice")
     if isinstance(lat, dict) and "lattice_type" not in lat:
         types = {str(t): lattice_type_for(t) for t in lat.get("technologies", [])}
         payload = {**payload, "lattice": {**lat, "lattice_type": {t: v for t, v in types.items() if v}}}
-    try:
+    with atomic_write(path) as tmp:
         torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

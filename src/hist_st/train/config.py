@@ -398,13 +398,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically); `load_config` reads it back to an equal config."""
-    from hist_st.slide import atomic_path
+    from hist_st.slide import atomic_write
 
-    final, tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        tmp.replace(final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
+    return Path(path)

@@ -76,16 +76,11 @@ def make_folds(
 
 def save_folds(folds: Sequence[Mapping[str, Any]], path: str | Path, **meta: Any) -> Path:
     """Write the folds (and how they were made: ``k``, ``seed``, ``group_by``...) as JSON."""
-    from hist_st.slide import atomic_path
+    from hist_st.slide import atomic_write
 
-    final, tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps({**meta, "folds": list(folds)}, indent=2))
-        tmp.replace(final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
+    return Path(path)
 
 
 def load_folds(path: str | Path) -> list[dict[str, list[str]]]:
