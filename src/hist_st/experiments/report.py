@@ -153,10 +153,11 @@ def build_report(
     timings: dict[str, float] = {}
     md: list[str] = []
 
-    def step(label: str, done: Path, fn: Any, same: Mapping[str, Any] | None = None) -> Any:
-        """Run ``fn`` unless ``done`` exists and records the same settings (``same``)."""
+    def step(label: str, fn: Any, done: Path | None = None, same: Mapping[str, Any] | None = None) -> Any:
+        """Time ``fn``; skip it when ``done`` exists and records the same settings (``same``). Steps without
+        ``done`` decide themselves what to reuse (per method or per row)."""
         t0 = time.perf_counter()
-        prior = read_json(done) if (done.is_file() and not force) else None
+        prior = read_json(done) if (done is not None and done.is_file() and not force) else None
         if prior is not None and same and to_jsonable({k: prior.get(k) for k in same}) != to_jsonable(same):
             prior = None
         res = prior if prior is not None else fn()
@@ -167,11 +168,11 @@ def build_report(
     acc: dict[str, Any] = {}
     for spec in gene_sets:
         d = runs / f"accuracy-{gene_spec_label(spec)}"
-        t0 = time.perf_counter()  # reuses the methods already run with the same settings (unless force)
-        acc[spec] = run_accuracy([cohort], d, methods=methods, genes=spec, folds=folds, seed=seed, config=config,
-                                 overrides=overrides, baseline_options=baseline_options, progress=progress,
-                                 reuse=not force)  # fmt: skip
-        timings[f"Table 2 ({spec})"] = time.perf_counter() - t0
+        acc[spec] = step(f"Table 2 ({spec})",
+                         lambda d=d, spec=spec: run_accuracy([cohort], d, methods=methods, genes=spec, folds=folds,
+                                                             seed=seed, config=config, overrides=overrides,
+                                                             baseline_options=baseline_options, progress=progress,
+                                                             reuse=not force))  # fmt: skip
     first = gene_sets[0]
     cohort_key = next(iter(acc[first]["cohorts"]))
     first_run = Path(acc[first]["cohorts"][cohort_key]["run_dir"])
@@ -181,18 +182,20 @@ def build_report(
     base_cfg = build_config(config, overrides)
     threads = int(base_cfg.threads)  # every method's worker uses HiST's thread count
     if efficiency:
-        eff = step("Table 1", runs / "efficiency" / "efficiency.json",
+        eff = step("Table 1",
                    lambda: run_efficiency(runs / "efficiency", cohort=cohort, methods=methods, genes=first,
                                           folds=folds, seed=seed, epochs=efficiency_epochs, overrides=overrides,
                                           baseline_options=baseline_options, device=device, threads=threads,
                                           progress=progress),
+                   done=runs / "efficiency" / "efficiency.json",
                    same={"methods": list(methods), "epochs": efficiency_epochs, "overrides": list(overrides),
                          "baseline_options": dict(baseline_options or {}), "threads": threads})  # fmt: skip
     if scaling:
-        sca = step("Figure 3", runs / "scaling" / "scaling.json",
+        sca = step("Figure 3",
                    lambda: run_scaling(runs / "scaling", methods=methods, overrides=overrides, seed=seed,
                                        baseline_options=baseline_options, device=device, threads=threads,
                                        progress=progress, **dict(scaling_options or {})),
+                   done=runs / "scaling" / "scaling.json",
                    same={"methods": list(methods), "overrides": list(overrides), "threads": threads,
                          "epochs": int((scaling_options or {}).get("epochs", 1)),
                          "baseline_options": dict(baseline_options or {}), "options": dict(scaling_options or {})})  # fmt: skip
@@ -201,7 +204,7 @@ def build_report(
     abl = None
     ablation_overrides = list(overrides) + ([f"epochs={ablation_epochs}"] if ablation_epochs else [])
     if ablations is None or len(ablations) > 0:
-        abl = step("Table 3", runs / "ablation" / "ablation.json.done",
+        abl = step("Table 3",
                    lambda: run_ablation(cohort, runs / "ablation", names=ablations, genes=first, folds=folds,
                                         seed=seed, config=config, overrides=ablation_overrides, skip_done=not force,
                                         equivalent=None if force else {"full": first_run}, progress=progress))  # fmt: skip
@@ -209,7 +212,7 @@ def build_report(
     # 4. Table 5 -------------------------------------------------------------------------------------------
     stn = None
     if macenko is not None:
-        stn = step("Table 5", runs / "stain" / "stain.json.done",
+        stn = step("Table 5",
                    lambda: run_stain(cohort, macenko, runs / "stain", genes=first, folds=folds, seed=seed,
                                      config=config, overrides=overrides, skip_done=not force,
                                      equivalent=None if force else {"token-only": first_run,
@@ -219,7 +222,7 @@ def build_report(
     # 5. Table 6 / Figure 4 ----------------------------------------------------------------------------------
     tok = None
     if "hist" in methods:
-        tok = step("Table 6", runs / "tokens" / "token_metrics.json.done",
+        tok = step("Table 6",
                    lambda: run_token_analysis(first_run, cohort, runs / "tokens", group_by=token_groups))  # fmt: skip
 
     # 6. gene figure ---------------------------------------------------------------------------------------
@@ -228,11 +231,9 @@ def build_report(
     if pred_files:
         genes = _top_genes(first_run, 3)
         if genes:
-            t0 = time.perf_counter()
             truth = cohort / f"{pred_files[0].stem}.h5ad"
-            gene_fig = plot_genes(pred_files[0], genes, runs / "genes.png",
-                                  truth=truth if truth.is_file() else None)  # fmt: skip
-            timings["gene figure"] = time.perf_counter() - t0
+            gene_fig = step("gene figure", lambda: plot_genes(pred_files[0], genes, runs / "genes.png",
+                                                             truth=truth if truth.is_file() else None))  # fmt: skip
 
     # Markdown ---------------------------------------------------------------------------------------------
     versions = package_versions()
