@@ -240,3 +240,46 @@ def test_learnable_signal_beats_mean():
     pred = get_baseline("ridge", center_targets=False).fit(train, GENES, EMB).predict(test)
     pcc = np.mean([np.corrcoef(pred[:, j], y[:, j])[0, 1] for j in range(len(GENES))])
     assert pcc > 0.5
+
+
+@pytest.mark.parametrize("name", ["mlp", "bleep", "stflow", "stnet"])
+def test_device_auto_is_cuda_when_available(name):
+    """The default ``device="auto"`` resolves like HiST's (CUDA when available); an explicit device is kept
+    and an unavailable one is refused."""
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert get_baseline(name).device == expected
+    assert get_baseline(name, device="cpu").device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            get_baseline(name, device="cuda")
+
+
+@pytest.mark.parametrize("alpha", [0.3, 2.5])
+def test_standard_gamma_matches_scipy(alpha):
+    """The seeded on-device Gamma sampler against scipy's Gamma CDF (Kolmogorov-Smirnov)."""
+    from scipy import stats
+
+    from hist_st.baselines.stflow import standard_gamma
+
+    gen = torch.Generator().manual_seed(0)
+    x = standard_gamma(torch.full((20000,), alpha), gen).numpy()
+    assert stats.kstest(x, stats.gamma(alpha).cdf).pvalue > 1e-3
+    again = standard_gamma(torch.full((20000,), alpha), torch.Generator().manual_seed(0)).numpy()
+    np.testing.assert_array_equal(x, again)
+
+
+def test_sample_zinb_matches_the_zinb_pmf():
+    """ZINB draws (torch conventions: mean r * exp(l), zeros inflated with sigmoid(zi)) against scipy's
+    negative binomial mixed with a point mass at 0."""
+    from scipy import stats
+
+    from hist_st.baselines.stflow import sample_zinb
+
+    r, lg, zi, n = 1.5, 0.7, -1.0, 100000
+    x = sample_zinb((n,), r, lg, zi, torch.Generator().manual_seed(1)).numpy()
+    pi = 1.0 / (1.0 + np.exp(-zi))
+    nb = stats.nbinom(r, 1.0 / (1.0 + np.exp(lg)))
+    for k in range(6):
+        p = pi * (k == 0) + (1 - pi) * nb.pmf(k)
+        assert abs((x == k).mean() - p) < 4 * np.sqrt(p * (1 - p) / n) + 1e-4
+    assert abs(x.mean() - (1 - pi) * nb.mean()) < 0.03

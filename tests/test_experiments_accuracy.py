@@ -10,6 +10,7 @@ import numpy as np
 
 from hist_st.cli import main
 from hist_st.data.synthetic import make_cohort
+from hist_st.experiments.efficiency import format_efficiency_table
 
 TINY = ["epochs=2", "model.dim=16", "model.heads=2", "model.levels=11-1", "progress=false"]
 
@@ -111,6 +112,13 @@ def test_accuracy_adds_methods_without_retraining(tmp_path):
     assert third["cohorts"]["cohort"]["methods"]["ridge"] == fresh["cohorts"]["cohort"]["methods"]["ridge"]
     assert third["cohorts"]["cohort"]["methods"]["ridge"] != m2["ridge"]
 
+    # --rerun trains a kept method again (here to the same numbers) and keeps the others
+    mean_json = out / "cohort" / "metrics.json"
+    rerun = run_accuracy([cohort], out, methods=["hist", "mean", "ridge"], overrides=TINY, rerun=["mean"],
+                         baseline_options={"ridge": {"n_components": 4}}, **kw)  # fmt: skip
+    assert model.stat().st_mtime_ns == stamp and mean_json.is_file()
+    assert rerun["cohorts"]["cohort"]["methods"] == third["cohorts"]["cohort"]["methods"]
+
     # another HiST config retrains HiST
     run_accuracy([cohort], out, methods=["hist", "mean"], overrides=[*TINY, "epochs=3"], **kw)
     assert model.stat().st_mtime_ns != stamp
@@ -176,10 +184,31 @@ def test_report_end_to_end_and_rerun_adds_a_method(tmp_path):
         assert (tmp_path / "docs" / "tiny" / png).read_bytes()[:4] == b"\x89PNG"
     model = tmp_path / "runs" / "accuracy-he12" / "cohort" / "fold_0" / "model.pt"
     stamp = model.stat().st_mtime_ns
-    assert main([*args, "--methods", "hist,mean,ridge", "--baseline-option", "ridge.n_components=4"]) == 0
+    # A Table 1 measured elsewhere (say on a GPU) is shown with its own device and command.
+    gpu = tmp_path / "gpu-eff"
+    gpu.mkdir()
+    rec = {"method": "hist", "device": "cuda", "max_train_spots": 1000, "train_s_per_slide": 0.01,
+           "infer_s_per_slide": 0.002, "train_alloc_gb": 1.0, "train_reserved_gb": 2.0, "infer_reserved_gb": 0.5,
+           "n_genes": 12}  # fmt: skip
+    (gpu / "efficiency.json").write_text(json.dumps({
+        "records": [rec], "table": format_efficiency_table([rec]), "device": "Test GPU (CUDA)",
+        "header": "Efficiency (Table 1) on Test GPU (CUDA).", "command": "hist-st bench efficiency --device cuda"}))
+    assert main([*args, "--methods", "hist,mean,ridge", "--baseline-option", "ridge.n_components=4",
+                 "--efficiency-also", str(gpu)]) == 0  # fmt: skip
     assert model.stat().st_mtime_ns == stamp
     md = (tmp_path / "docs" / "tiny.md").read_text()
     assert "| ridge |" in md and "ridge: n_components=4" in md
+    assert "### Table 1 on Test GPU (CUDA)" in md and "`hist-st bench efficiency --device cuda`" in md
+    assert "| hist | 0.010 | 0.002 | 1.00 (1.00) | 2.00 (2.00) | 0.50 |" in md
+
+
+def test_table1_reuse_ignores_the_epochs_option():
+    """Table 1 times its own epochs, so a baseline's ``epochs`` option does not make it stale."""
+    from hist_st.experiments.report import _timing_options
+
+    opts = {"stflow": {"epochs": 5}, "stnet": {"epochs": 1, "tta": False}}
+    assert _timing_options(opts) == {"stnet": {"tta": False}}
+    assert _timing_options(None) == {} == _timing_options({"stflow": {"epochs": 100}})
 
 
 def test_scaling_figure_records_and_skips_after_timeout(tmp_path):

@@ -57,6 +57,27 @@ def test_variant_forward_backward(name: str) -> None:
     assert not missing, f"parameters without a finite gradient: {missing}"
 
 
+
+AUTOCAST_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", AUTOCAST_DEVICES)
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_trains_under_bfloat16_autocast(name: str, device: str) -> None:
+    """A CUDA training step runs under bfloat16 autocast (``TrainConfig.amp``): every variant must run,
+    give finite gradients and stay close to its float32 output (here under the CPU's autocast too)."""
+    model = _model(**VARIANTS[name]).to(device)
+    lat, feats = _slide()
+    batch = model.make_batch(lat, feats).to(device)
+    y32 = model(batch)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y16 = model(batch)
+    y16.float().square().mean().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    scale = y32.abs().max().item()
+    assert (y16.float() - y32).abs().max().item() < 0.05 * scale + 0.05
+
+
 def test_output_equivariant_to_row_permutation() -> None:
     model = _model().eval()
     lat, feats = _slide()

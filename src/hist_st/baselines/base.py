@@ -32,6 +32,7 @@ __all__ = [
     "log1p_targets",
     "slide_embeddings",
     "seed_everything",
+    "torch_device",
 ]
 
 _REGISTRY: dict[str, type[Baseline]] = {}
@@ -106,6 +107,17 @@ def log1p_targets(slide: Slide, genes: Sequence[str]) -> np.ndarray:
     counts = slide.counts[:, cols]
     dense = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
     return np.log1p(np.asarray(dense, dtype=np.float64)).astype(np.float32)
+
+
+def torch_device(name: str) -> Any:
+    """A baseline's ``device`` option as a `torch.device`: ``auto`` is CUDA when available, else the CPU.
+
+    The option stays ``auto`` in `Baseline.options`, so results from a GPU and a CPU run of the same
+    method compare as the same settings (`hist_st.experiments.reuse`).
+    """
+    from hist_st.train.distributed import resolve_device
+
+    return resolve_device(str(name))
 
 
 def slide_embeddings(slide: Slide, key: str) -> np.ndarray:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hist_st.baselines.base import Baseline, register
+from hist_st.baselines.base import Baseline, register, torch_device
 from hist_st.slide import Slide
 
 __all__ = ["BLEEPBaseline", "ProjectionHead", "bleep_loss"]
@@ -73,7 +73,7 @@ class BLEEPBaseline(Baseline):
         proj_dim, dropout, temperature: Model (256, 0.1, 1.0).
         lr, weight_decay, batch_size, epochs: Training.
         top_k: Training spots averaged per query (50).
-        device: torch device string.
+        device: ``auto`` (CUDA when available, else CPU) or a torch device string.
     """
 
     def __init__(
@@ -86,7 +86,7 @@ class BLEEPBaseline(Baseline):
         batch_size: int = 256,
         epochs: int = 150,
         top_k: int = 50,
-        device: str = "cpu",
+        device: str = "auto",
     ) -> None:
         super().__init__(
             proj_dim=proj_dim,
@@ -101,7 +101,7 @@ class BLEEPBaseline(Baseline):
         )
         self.proj_dim, self.dropout, self.temperature = proj_dim, dropout, temperature
         self.lr, self.weight_decay, self.batch_size, self.epochs = lr, weight_decay, batch_size, epochs
-        self.top_k, self.device = top_k, device
+        self.top_k, self.device = top_k, torch_device(device)
         self.img_head_ = None
         self.spot_head_ = None
         self.bank_y_: np.ndarray | None = None  # [M, G] log1p expression of the training spots

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hist_st.baselines.base import Baseline, log1p_targets, register
+from hist_st.baselines.base import Baseline, log1p_targets, register, torch_device
 from hist_st.slide import Slide
 
 __all__ = ["MeanBaseline", "RidgeBaseline", "MLPBaseline"]
@@ -122,7 +122,7 @@ class MLPBaseline(Baseline):
 
     Args:
         hidden: Hidden width. dropout: Dropout after the activation. lr, weight_decay: AdamW.
-        epochs: Fixed number of epochs. batch_size: Spots per step. device: torch device string.
+        epochs: Fixed number of epochs. batch_size: Spots per step. device: ``auto`` (CUDA when available) or a torch device string.
     """
 
     def __init__(
@@ -133,7 +133,7 @@ class MLPBaseline(Baseline):
         weight_decay: float = 1e-4,
         epochs: int = 50,
         batch_size: int = 256,
-        device: str = "cpu",
+        device: str = "auto",
     ) -> None:
         super().__init__(
             hidden=hidden,
@@ -145,7 +145,7 @@ class MLPBaseline(Baseline):
             device=device,
         )
         self.hidden, self.dropout, self.lr, self.weight_decay = hidden, dropout, lr, weight_decay
-        self.epochs, self.batch_size, self.device = epochs, batch_size, device
+        self.epochs, self.batch_size, self.device = epochs, batch_size, torch_device(device)
         self.net_ = None
         self.x_mean_: np.ndarray | None = None
         self.x_std_: np.ndarray | None = None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hist_st.baselines.base import Baseline, log1p_targets, register
+from hist_st.baselines.base import Baseline, log1p_targets, register, torch_device
 from hist_st.errors import InputError
 from hist_st.slide import Slide
 
@@ -146,7 +146,7 @@ class STNetBaseline(Baseline):
         lr, momentum, weight_decay, batch_size, epochs: SGD training (ST-Net defaults above).
         max_steps: Stop after this many optimiser steps (None = all epochs).
         tta: 8-fold dihedral test-time averaging.
-        device: torch device string.
+        device: ``auto`` (CUDA when available, else CPU) or a torch device string.
     """
 
     uses_embeddings = False
@@ -165,7 +165,7 @@ class STNetBaseline(Baseline):
         epochs: int = 50,
         max_steps: int | None = None,
         tta: bool = True,
-        device: str = "cpu",
+        device: str = "auto",
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -188,7 +188,7 @@ class STNetBaseline(Baseline):
             epochs,
             max_steps,
             tta,
-            device,
+            torch_device(device),
         )
         self.model_ = None
         self.norm_: tuple[np.ndarray, np.ndarray] | None = None

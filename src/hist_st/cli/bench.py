@@ -7,6 +7,8 @@ Each subcommand is registered by a function ``register_<name>(bench_subparsers)`
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         args.cohort, args.out, methods=_methods(args.methods), genes=args.genes, folds=args.folds, seed=args.seed,
         config=args.config, overrides=args.overrides, group_by=args.group_by,
         baseline_options=parse_baseline_options(args.baseline_option), write_predictions=not args.no_predictions,
-        progress=not args.no_progress, reuse=not args.force,
+        progress=not args.no_progress, reuse=not args.force, rerun=_methods(args.rerun or ""),
     )  # fmt: skip
     print(res["table"])
     print(f"results in {res['out_dir']} (accuracy.json, table.md, per_gene.csv, per-fold metrics.json)")
@@ -75,6 +77,8 @@ def register_accuracy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="rerun every method (default: keep methods of an earlier run in --out that used the same "
                    "config, folds, genes and options)")  # fmt: skip
+    p.add_argument("--rerun", default=None, metavar="METHODS",
+                   help="comma-separated methods to train again although an earlier run could be kept")  # fmt: skip
     add_experiment_args(p)
     p.set_defaults(func=cmd_accuracy)
 
@@ -93,7 +97,7 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
             args.out, cohort=args.cohort, methods=methods, genes=args.genes, folds=args.folds, seed=args.seed,
             epochs=args.epochs, n_spots=args.spots, n_genes=args.n_genes, overrides=args.overrides,
             baseline_options=opts, device=args.device, threads=args.threads, timeout=args.timeout,
-            progress=not args.no_progress,
+            progress=not args.no_progress, command="hist-st " + shlex.join(sys.argv[1:]),
         )  # fmt: skip
         print(res["header"])
         print(res["table"])

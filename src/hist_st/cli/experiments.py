@@ -79,7 +79,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         overrides=args.overrides, baseline_options=parse_baseline_options(args.baseline_option),
         ablations=_list(args.ablations) if args.ablations != "none" else [], ablation_epochs=args.ablation_epochs,
         efficiency=not args.no_efficiency,
-        efficiency_epochs=args.efficiency_epochs, scaling=args.scaling, macenko=args.macenko,
+        efficiency_epochs=args.efficiency_epochs, efficiency_also=args.efficiency_also or [],
+        scaling=args.scaling, macenko=args.macenko,
         scaling_options={"spots": [int(v) for v in _list(args.scaling_spots)],
                          "genes_list": [int(v) for v in _list(args.scaling_genes)], "timeout": args.scaling_timeout},
         token_groups=_list(args.token_groups), device=args.device, command=command, force=args.force,
@@ -150,6 +151,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ablation-epochs", type=int, default=None, help="epochs of every Table 3 row (default: as Table 2)")
     p.add_argument("--no-efficiency", action="store_true", help="skip Table 1")
     p.add_argument("--efficiency-epochs", type=int, default=2, help="epochs timed per method for Table 1")
+    p.add_argument("--efficiency-also", action="append", type=Path, metavar="DIR",
+                   help="a `hist-st bench efficiency` output folder measured elsewhere (e.g. on a GPU) to show under "
+                   "Table 1 (repeatable)")  # fmt: skip
     p.add_argument("--scaling", action="store_true", help="also produce Figure 3 (synthetic slides)")
     p.add_argument("--scaling-spots", default="250,500,1000,2000,4000", help="Figure 3: spots per slide")
     p.add_argument("--scaling-genes", default="50,250,1000,2000", help="Figure 3: genes (at 1,000 spots)")

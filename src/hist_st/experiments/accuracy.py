@@ -307,6 +307,7 @@ def run_accuracy(
     write_predictions: bool = True,
     progress: bool = True,
     reuse: bool = True,
+    rerun: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run Table 2 on one or more prepared cohorts.
 
@@ -326,6 +327,8 @@ def run_accuracy(
         reuse: Keep the methods of an earlier run in ``out_dir`` that were trained with the same settings,
             folds, genes and options (`hist_st.experiments.reuse`) and run only the others, so a method
             can be added to a finished table without retraining the rest.
+        rerun: Methods to train again even when ``reuse`` could keep them (e.g. after a code change that
+            alters a baseline's results); the other methods are still kept.
 
     Returns:
         ``{"cohorts": {name: {"methods": {display name: summarise_folds(...)}, "seconds": {...},
@@ -349,11 +352,13 @@ def run_accuracy(
     per_gene: dict[str, list[dict[str, Any]]] = {}
     prior = read_json(out / "accuracy.json") if reuse and (out / "accuracy.json").is_file() else None
     settings = {"genes": genes, "folds": folds, "seed": seed, "group_by": group_by}
+    again = set(_check_methods(rerun)) if rerun else set()
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort = Path(cohort)
         run_dir = out / name
         t0 = time.perf_counter()
         keep = _reusable(prior, name, run_dir, cfg, methods, settings, baseline_options, cohort, folds, group_by)
+        keep = [m for m in keep if m not in again]
         kept, kept_folds = _kept_results(prior, name, run_dir, keep)
         todo = [m for m in methods if m not in keep]
         todo_baselines = [m for m in todo if m != "hist"]

@@ -334,6 +334,7 @@ def run_efficiency(
     threads: int = 0,
     timeout: float | None = 3600.0,
     progress: bool = True,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Table 1: every method on the same training and test slides, each in its own process.
 
@@ -349,6 +350,7 @@ def run_efficiency(
         device: ``auto``, ``cpu`` or ``cuda``.
         threads: torch threads in each worker (0 = default).
         timeout: Seconds per method before it is recorded as a timeout.
+        command: The command line, recorded in ``efficiency.json``.
 
     Returns:
         ``{"records": [...], "table": str, "device": str, "out_dir": str}``.
@@ -392,7 +394,7 @@ def run_efficiency(
     (out / "table.md").write_text(header + "\n\n" + table + "\n")
     result = {"records": records, "table": table, "device": dev, "where": where, "epochs": epochs,
               "out_dir": str(out), "header": header, "methods": list(methods), "overrides": list(overrides),
-              "threads": threads,
+              "threads": threads, "command": command,
               "baseline_options": {m: dict(v) for m, v in (baseline_options or {}).items()}}  # fmt: skip
     write_json(result, out / "efficiency.json")
     return result

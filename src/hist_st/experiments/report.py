@@ -85,6 +85,24 @@ def _rows_minutes(run_dir: Path) -> tuple[float, int]:
     return sum(secs) / 60, len(secs)
 
 
+def _efficiency_lines(eff: Mapping[str, Any]) -> list[str]:
+    """Markdown of one `run_efficiency` result: its header, table and HiST's inference speed-up over STFlow."""
+    lines = [eff["header"] + "\n", eff["table"] + "\n"]
+    recs = {r["method"]: r for r in eff["records"] if "error" not in r}
+    if "hist" in recs and "stflow" in recs:
+        sp = recs["stflow"]["infer_s_per_slide"] / max(recs["hist"]["infer_s_per_slide"], 1e-12)
+        lines.append(f"HiST inference is **{sp:.1f}x** faster than STFlow per slide "
+                     f"({'meets' if sp >= 10 else 'misses'} the 10x goal) at {recs['hist']['n_genes']} genes.\n")  # fmt: skip
+    return lines
+
+
+def _timing_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Baseline options that change Tables 1 / Figure 3: all but ``epochs``, which the timed epochs
+    override (time is reported per epoch)."""
+    out = {m: {k: v for k, v in dict(o).items() if k != "epochs"} for m, o in dict(options or {}).items()}
+    return {m: o for m, o in out.items() if o}
+
+
 def build_report(
     name: str,
     cohort: str | Path,
@@ -102,6 +120,7 @@ def build_report(
     ablation_epochs: int | None = None,
     efficiency: bool = True,
     efficiency_epochs: int = 2,
+    efficiency_also: Sequence[str | Path] = (),
     scaling: bool = False,
     scaling_options: Mapping[str, Any] | None = None,
     macenko: str | Path | None = None,
@@ -124,6 +143,8 @@ def build_report(
         ablations: Table 3 rows (default all; ``[]`` skips Table 3).
         ablation_epochs: Epochs of every Table 3 row (default: the same as Table 2). The report states it.
         efficiency: Produce Table 1. ``efficiency_epochs``: epochs timed per method.
+        efficiency_also: `run_efficiency` output folders measured elsewhere (e.g. on a GPU machine), shown
+            under Table 1 with their own device and header.
         scaling: Also produce Figure 3 (synthetic slides); ``scaling_options`` go to `run_scaling`.
         macenko: The Macenko-normalised copy of the cohort, for Table 5 (skipped when None).
         token_groups: Metadata columns for the token analysis.
@@ -158,8 +179,12 @@ def build_report(
         ``done`` decide themselves what to reuse (per method or per row)."""
         t0 = time.perf_counter()
         prior = read_json(done) if (done is not None and done.is_file() and not force) else None
-        if prior is not None and same and to_jsonable({k: prior.get(k) for k in same}) != to_jsonable(same):
-            prior = None
+        if prior is not None and same:
+            got = {k: prior.get(k) for k in same}
+            if "baseline_options" in got:
+                got["baseline_options"] = _timing_options(got["baseline_options"])
+            if to_jsonable(got) != to_jsonable(same):
+                prior = None
         res = prior if prior is not None else fn()
         timings[label] = time.perf_counter() - t0
         return res
@@ -189,7 +214,7 @@ def build_report(
                                           progress=progress),
                    done=runs / "efficiency" / "efficiency.json",
                    same={"methods": list(methods), "epochs": efficiency_epochs, "overrides": list(overrides),
-                         "baseline_options": dict(baseline_options or {}), "threads": threads})  # fmt: skip
+                         "baseline_options": _timing_options(baseline_options), "threads": threads})  # fmt: skip
     if scaling:
         sca = step("Figure 3",
                    lambda: run_scaling(runs / "scaling", methods=methods, overrides=overrides, seed=seed,
@@ -198,7 +223,7 @@ def build_report(
                    done=runs / "scaling" / "scaling.json",
                    same={"methods": list(methods), "overrides": list(overrides), "threads": threads,
                          "epochs": int((scaling_options or {}).get("epochs", 1)),
-                         "baseline_options": dict(baseline_options or {}), "options": dict(scaling_options or {})})  # fmt: skip
+                         "baseline_options": _timing_options(baseline_options), "options": dict(scaling_options or {})})  # fmt: skip
 
     # 3. Table 3 -------------------------------------------------------------------------------------------
     abl = None
@@ -278,15 +303,16 @@ def build_report(
                           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items()) + ".\n")  # fmt: skip
             md.append(f"Per-fold JSON: `{c['run_dir']}/fold_<i>/metrics.json`; per-gene CSV: "
                       f"`{Path(c['run_dir']).parent / 'per_gene.csv'}`.\n")  # fmt: skip
-    if eff is not None:
+    if eff is not None or efficiency_also:
         md.append("## Table 1: efficiency\n")
-        md.append(eff["header"] + "\n")
-        md.append(eff["table"] + "\n")
-        recs = {r["method"]: r for r in eff["records"] if "error" not in r}
-        if "hist" in recs and "stflow" in recs:
-            sp = recs["stflow"]["infer_s_per_slide"] / max(recs["hist"]["infer_s_per_slide"], 1e-12)
-            md.append(f"HiST inference is **{sp:.1f}x** faster than STFlow per slide "
-                      f"({'meets' if sp >= 10 else 'misses'} the 10x goal) at {recs['hist']['n_genes']} genes.\n")  # fmt: skip
+    if eff is not None:
+        md.extend(_efficiency_lines(eff))
+    for d in efficiency_also:
+        other = read_json(Path(d) / "efficiency.json")
+        md.append(f"### Table 1 on {other['device']}\n")
+        how = f"`{other['command']}`" if other.get("command") else "`hist-st bench efficiency`"
+        md.append(f"Measured separately, not by this report's command: {how} (results in `{d}`).\n")
+        md.extend(_efficiency_lines(other))
     if sca is not None:
         md.append("## Figure 3: scaling\n")
         md.append(f"Synthetic slides on {sca['device']}: spots varied at {sca['fixed_genes']} genes, genes varied at "

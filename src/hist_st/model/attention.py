@@ -220,8 +220,15 @@ class DualPathAttention(nn.Module):
         """``qkv [3, H, N, Dh]`` -> ``[N, H, Dh]`` over the union of both partitions."""
         parts = (level.standard,) if level.shifted is None else (level.standard, level.shifted)
         p_drop = self.attn_dropout if self.training else 0.0
-        out = WindowAttentionFn.apply(qkv, self._bias_table(), parts, self.scale, p_drop)
-        return out.transpose(0, 1)  # [N, H, Dh]
+        table = self._bias_table()
+        # Float32 under autocast: the hand-written backward mixes the saved log-sum-exp, the recomputed
+        # logits and the float32 bias table, so it must not see bfloat16 operands.
+        dtype = torch.promote_types(qkv.dtype, torch.float32)
+        with torch.autocast(device_type=qkv.device.type, enabled=False):
+            out = WindowAttentionFn.apply(
+                qkv.to(dtype), None if table is None else table.to(dtype), parts, self.scale, p_drop
+            )
+        return out.to(qkv.dtype).transpose(0, 1)  # [N, H, Dh]
 
     # ------------------------------------------------------------------ local path, neighbour list
     def _local_neighbour(self, qkv: torch.Tensor, level: LevelIndex) -> torch.Tensor:
