@@ -80,6 +80,12 @@ def test_efficiency_measure_in_process():
     assert "| hist |" in table and "failed: timeout" in table
 
 
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_accuracy_adds_methods_without_retraining(tmp_path):
     """A second run with one more method keeps HiST and mean (same config/folds/genes) and runs only ridge;
     changing a baseline option or the HiST config reruns that method, and --force reruns all."""
@@ -96,6 +102,9 @@ def test_accuracy_adds_methods_without_retraining(tmp_path):
     assert model.stat().st_mtime_ns == stamp  # HiST not retrained
     m1, m2 = first["cohorts"]["cohort"]["methods"], second["cohorts"]["cohort"]["methods"]
     assert list(m2) == ["HiST", "mean", "ridge"]
+    devices = second["cohorts"]["cohort"]["devices"]  # what trained each row; kept rows keep theirs
+    assert set(devices) == {"HiST", "mean", "ridge"} and devices["HiST"] == first["cohorts"]["cohort"]["devices"]["HiST"]
+    assert all(d.startswith("CPU") for d in devices.values()) or torch_cuda()
     assert m2["HiST"] == m1["HiST"] and m2["mean"] == m1["mean"]
     for i in range(2):
         fold = json.loads((out / "cohort" / f"fold_{i}" / "metrics.json").read_text())
@@ -198,6 +207,7 @@ def test_report_end_to_end_and_rerun_adds_a_method(tmp_path):
     assert model.stat().st_mtime_ns == stamp
     md = (tmp_path / "docs" / "tiny.md").read_text()
     assert "| ridge |" in md and "ridge: n_components=4" in md
+    assert "Trained on: HiST, mean, ridge: CPU" in md or torch_cuda()
     assert "### Table 1 on Test GPU (CUDA)" in md and "`hist-st bench efficiency --device cuda`" in md
     assert "| hist | 0.010 | 0.002 | 1.00 (1.00) | 2.00 (2.00) | 0.50 |" in md
 

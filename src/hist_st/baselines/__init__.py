@@ -14,6 +14,7 @@ its published defaults and their source, and every deviation.
 
 from hist_st.baselines.base import (
     Baseline,
+    baseline_option_names,
     get_baseline,
     list_baselines,
     log1p_targets,
@@ -29,6 +30,7 @@ from hist_st.baselines.stnet import PatchSource, STNetBaseline, image_patch_sour
 __all__ = [
     "Baseline",
     "get_baseline",
+    "baseline_option_names",
     "list_baselines",
     "register",
     "log1p_targets",

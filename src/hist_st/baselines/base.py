@@ -13,6 +13,7 @@ pred = model.predict(test_slide)            # float32 [N, G], log1p space, colum
 
 from __future__ import annotations
 
+import inspect
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ __all__ = [
     "Baseline",
     "register",
     "get_baseline",
+    "baseline_option_names",
     "list_baselines",
     "log1p_targets",
     "slide_embeddings",
@@ -62,11 +64,19 @@ def get_baseline(name: str, **options: Any) -> Baseline:
     Raises:
         ValueError: unknown name (the message lists the known ones) or unknown option.
     """
+    return _baseline_class(name)(**options)
+
+
+def baseline_option_names(name: str) -> set[str]:
+    """The keyword options the baseline registered as ``name`` takes (e.g. whether it has ``epochs``)."""
+    return {k for k in inspect.signature(_baseline_class(name).__init__).parameters if k != "self"}
+
+
+def _baseline_class(name: str) -> type[Baseline]:
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(list_baselines())}") from None
-    return cls(**options)
 
 
 def seed_everything(seed: int) -> np.random.Generator:

@@ -221,6 +221,21 @@ def _reusable(
                             baseline_options=baseline_options, folds=fold_list, genes=genes, cohort=cohort)  # fmt: skip
 
 
+def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping[str, Any]]) -> str:
+    """The device a method trained on in this process (HiST: ``cfg.device``; baselines: their ``device``
+    option; methods without one run on the CPU), by name, for the record of what computed each row."""
+    from hist_st.baselines import baseline_option_names
+    from hist_st.experiments.efficiency import device_name
+    from hist_st.train.distributed import resolve_device
+
+    if method == "hist":
+        pref = str(cfg.device)
+    else:
+        opts = dict(baseline_options.get(method, {}))
+        pref = str(opts.get("device", "auto")) if "device" in baseline_option_names(method) else "cpu"
+    return device_name(str(resolve_device(pref)))
+
+
 def _kept_results(
     prior: Mapping[str, Any] | None, name: str, run_dir: Path, keep: Sequence[str]
 ) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
@@ -332,7 +347,8 @@ def run_accuracy(
 
     Returns:
         ``{"cohorts": {name: {"methods": {display name: summarise_folds(...)}, "seconds": {...},
-        "run_dir": str, "n_genes": int}}, "table": str, "out_dir": str, "genes": spec, "methods": [...]}``.
+        "devices": {display name: device that trained it}, "run_dir": str, "n_genes": int}}, "table": str,
+        "out_dir": str, "genes": spec, "methods": [...]}``.
     """
     from hist_st.metrics import format_table
     from hist_st.train.cv import run_cv
@@ -379,10 +395,13 @@ def run_accuracy(
             key = "HiST" if m == "hist" else m
             ordered[DISPLAY.get(m, m)] = res["methods"][key]
         seconds = {DISPLAY.get(m, m): float(res["seconds"]["HiST" if m == "hist" else m]) for m in methods}
+        old_devices = (prior or {}).get("cohorts", {}).get(name, {}).get("devices", {}) if keep else {}
+        devices = {DISPLAY.get(m, m): (old_devices.get(DISPLAY.get(m, m)) if m in keep
+                                       else _method_device(m, cfg, baseline_options)) for m in methods}  # fmt: skip
         genes_file = run_dir / "genes.txt"
         n_genes = len(genes_file.read_text().split()) if genes_file.is_file() else None
         results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
-                         "n_genes": n_genes, "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+                         "n_genes": n_genes, "devices": devices, "wall_seconds": time.perf_counter() - t0}  # fmt: skip
         tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, seed {seed})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)
     table = (

@@ -26,7 +26,6 @@ fig3 = run_scaling("runs/scaling", methods=["hist", "ridge"], spots=(500, 1000, 
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import os
 import subprocess
@@ -197,11 +196,10 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         def predict(model: Any, slide: Any) -> np.ndarray:
             return predict_log1p(model, slide)[0]
     else:
-        from hist_st.baselines import get_baseline
+        from hist_st.baselines import baseline_option_names, get_baseline
 
         opts = dict(spec.get("baseline_options", {}) or {})
-        probe = get_baseline(method, **opts)
-        params = inspect.signature(type(probe).__init__).parameters
+        params = baseline_option_names(method)
         if "epochs" in params:  # the timed epochs, whatever the accuracy runs used (time is per epoch)
             opts["epochs"] = epochs
         if "device" in params:
@@ -209,7 +207,6 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         if method == "stnet" and "synthetic" in spec["data"]:
             opts.setdefault("patches", synthetic_patch_source())
         passes = int(opts.get("epochs", 1)) if "epochs" in params else 1
-        del probe
 
         def fit() -> Any:
             return get_baseline(method, **opts).fit(train, genes, embedding_key=emb, seed=seed)

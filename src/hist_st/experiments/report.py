@@ -301,6 +301,11 @@ def build_report(
             if secs:
                 md.append("Wall time over all folds (train + predict): "
                           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items()) + ".\n")  # fmt: skip
+            by_device: dict[str, list[str]] = {}
+            for method, dev in c.get("devices", {}).items():
+                by_device.setdefault(dev or "not recorded", []).append(method)
+            if by_device:
+                md.append("Trained on: " + "; ".join(f"{', '.join(ms)}: {d}" for d, ms in by_device.items()) + ".\n")
             md.append(f"Per-fold JSON: `{c['run_dir']}/fold_<i>/metrics.json`; per-gene CSV: "
                       f"`{Path(c['run_dir']).parent / 'per_gene.csv'}`.\n")  # fmt: skip
     if eff is not None or efficiency_also:
