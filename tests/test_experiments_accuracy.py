@@ -214,7 +214,7 @@ def test_report_end_to_end_and_rerun_adds_a_method(tmp_path):
 
 def test_table1_reuse_ignores_the_epochs_option():
     """Table 1 times its own epochs, so a baseline's ``epochs`` option does not make it stale."""
-    from hist_st.experiments.report import _timing_options
+    from hist_st.experiments.efficiency import timed_options as _timing_options
 
     opts = {"stflow": {"epochs": 5}, "stnet": {"epochs": 1, "tta": False}}
     assert _timing_options(opts) == {"stnet": {"tta": False}}

@@ -96,13 +96,6 @@ def _efficiency_lines(eff: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _timing_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
-    """Baseline options that change Tables 1 / Figure 3: all but ``epochs``, which the timed epochs
-    override (time is reported per epoch)."""
-    out = {m: {k: v for k, v in dict(o).items() if k != "epochs"} for m, o in dict(options or {}).items()}
-    return {m: o for m, o in out.items() if o}
-
-
 def build_report(
     name: str,
     cohort: str | Path,
@@ -157,7 +150,7 @@ def build_report(
     """
     from hist_st.experiments.ablation import run_ablation
     from hist_st.experiments.accuracy import build_config, gene_spec_label, run_accuracy
-    from hist_st.experiments.efficiency import run_efficiency, run_scaling
+    from hist_st.experiments.efficiency import run_efficiency, run_scaling, timed_options
     from hist_st.experiments.figures import plot_genes
     from hist_st.experiments.stain import run_stain
     from hist_st.experiments.tokens import run_token_analysis
@@ -179,12 +172,8 @@ def build_report(
         ``done`` decide themselves what to reuse (per method or per row)."""
         t0 = time.perf_counter()
         prior = read_json(done) if (done is not None and done.is_file() and not force) else None
-        if prior is not None and same:
-            got = {k: prior.get(k) for k in same}
-            if "baseline_options" in got:
-                got["baseline_options"] = _timing_options(got["baseline_options"])
-            if to_jsonable(got) != to_jsonable(same):
-                prior = None
+        if prior is not None and same and to_jsonable({k: prior.get(k) for k in same}) != to_jsonable(same):
+            prior = None
         res = prior if prior is not None else fn()
         timings[label] = time.perf_counter() - t0
         return res
@@ -214,7 +203,7 @@ def build_report(
                                           progress=progress),
                    done=runs / "efficiency" / "efficiency.json",
                    same={"methods": list(methods), "epochs": efficiency_epochs, "overrides": list(overrides),
-                         "baseline_options": _timing_options(baseline_options), "threads": threads})  # fmt: skip
+                         "baseline_options": timed_options(baseline_options), "threads": threads})  # fmt: skip
     if scaling:
         sca = step("Figure 3",
                    lambda: run_scaling(runs / "scaling", methods=methods, overrides=overrides, seed=seed,
@@ -223,7 +212,7 @@ def build_report(
                    done=runs / "scaling" / "scaling.json",
                    same={"methods": list(methods), "overrides": list(overrides), "threads": threads,
                          "epochs": int((scaling_options or {}).get("epochs", 1)),
-                         "baseline_options": _timing_options(baseline_options), "options": dict(scaling_options or {})})  # fmt: skip
+                         "baseline_options": timed_options(baseline_options), "options": dict(scaling_options or {})})  # fmt: skip
 
     # 3. Table 3 -------------------------------------------------------------------------------------------
     abl = None
