@@ -7,9 +7,11 @@ import csv
 import json
 
 import numpy as np
+import pytest
 
 from hist_st.cli import main
 from hist_st.data.synthetic import make_cohort
+from hist_st.errors import InputError
 from hist_st.experiments.efficiency import format_efficiency_table
 
 TINY = ["epochs=2", "model.dim=16", "model.heads=2", "model.levels=11-1", "progress=false"]
@@ -133,6 +135,59 @@ def test_accuracy_adds_methods_without_retraining(tmp_path):
     assert model.stat().st_mtime_ns != stamp
 
 
+def test_accuracy_copies_identical_methods_from_other_runs(tmp_path):
+    """--reuse-from copies a method computed by a separate run with the same cohort, folds, genes and options
+    (per-fold metrics, per-gene CSV, device, source), replaces a stale row of that method, and ignores runs
+    that differ in options or genes."""
+    from hist_st.experiments.accuracy import run_accuracy
+
+    cohort = tmp_path / "cohort"
+    make_cohort(cohort, n_slides=4, n_spots=(60, 90), n_genes=16, embed_dim=8, seed=3)
+    kw = dict(genes="he:12", folds=2, seed=5, progress=False, overrides=TINY)
+    ridge4 = {"ridge": {"n_components": 4}}
+    alone = run_accuracy([cohort], tmp_path / "ridge4", methods=["ridge"], baseline_options=ridge4, **kw)
+    run_accuracy([cohort], tmp_path / "ridge-he10", methods=["ridge"], baseline_options=ridge4,
+                 **{**kw, "genes": "he:10"})  # fmt: skip
+    reference = run_accuracy([cohort], tmp_path / "ref", methods=["mean", "ridge"], baseline_options=ridge4, **kw)
+
+    # a fresh folder: mean is trained, ridge copied (the he:10 run does not match and is skipped)
+    out = tmp_path / "acc"
+    res = run_accuracy([cohort], out, methods=["mean", "ridge"], baseline_options=ridge4,
+                       reuse_from=[tmp_path / "ridge-he10", tmp_path / "ridge4"], **kw)  # fmt: skip
+    c = res["cohorts"]["cohort"]
+    assert c["reused_from"] == {"ridge": str(tmp_path / "ridge4")}
+    assert c["methods"] == reference["cohorts"]["cohort"]["methods"]
+    assert c["methods"]["ridge"] == alone["cohorts"]["cohort"]["methods"]["ridge"]
+    assert c["devices"]["ridge"] == alone["cohorts"]["cohort"]["devices"]["ridge"]
+    for f in ("splits.json", "genes.txt"):
+        assert (out / "cohort" / f).read_text() == (tmp_path / "ref" / "cohort" / f).read_text()
+    for i in range(2):
+        got = json.loads((out / "cohort" / f"fold_{i}" / "metrics.json").read_text())
+        want = json.loads((tmp_path / "ref" / "cohort" / f"fold_{i}" / "metrics.json").read_text())
+        assert got == want
+    assert (out / "per_gene.csv").read_text() == (tmp_path / "ref" / "per_gene.csv").read_text()
+
+    # a stale ridge row (other options) in the output folder is replaced by the matching copy, mean kept
+    stale = tmp_path / "stale"
+    run_accuracy([cohort], stale, methods=["mean", "ridge"], **kw)
+    mean_stamp = (stale / "cohort" / "fold_0" / "metrics.json").read_text()
+    res = run_accuracy([cohort], stale, methods=["mean", "ridge"], baseline_options=ridge4,
+                       reuse_from=[tmp_path / "ridge4"], **kw)  # fmt: skip
+    assert res["cohorts"]["cohort"]["methods"] == reference["cohorts"]["cohort"]["methods"]
+    fold = json.loads((stale / "cohort" / "fold_0" / "metrics.json").read_text())
+    assert fold["metrics"]["mean"] == json.loads(mean_stamp)["metrics"]["mean"]
+    assert fold == json.loads((tmp_path / "ref" / "cohort" / "fold_0" / "metrics.json").read_text())
+    # the copy is remembered: a later run without --reuse-from keeps ridge and still names its source
+    again = run_accuracy([cohort], stale, methods=["mean", "ridge"], baseline_options=ridge4, **kw)
+    assert again["cohorts"]["cohort"]["reused_from"] == {"ridge": str(tmp_path / "ridge4")}
+    # other options than the source's: ridge is trained, nothing copied
+    res = run_accuracy([cohort], tmp_path / "acc2", methods=["ridge"], reuse_from=[tmp_path / "ridge4"], **kw)
+    assert res["cohorts"]["cohort"]["reused_from"] == {}
+    assert res["cohorts"]["cohort"]["methods"]["ridge"] != alone["cohorts"]["cohort"]["methods"]["ridge"]
+    with pytest.raises(InputError, match="no accuracy.json"):
+        run_accuracy([cohort], tmp_path / "acc3", methods=["ridge"], reuse_from=[cohort], **kw)
+
+
 def test_ablation_and_stain_rows_reuse_identical_runs(tmp_path):
     """Table 3's full row and Table 5's token-only row come from Table 2's HiST run only when the config,
     cohort, folds and genes are identical; otherwise they are trained."""
@@ -202,11 +257,21 @@ def test_report_end_to_end_and_rerun_adds_a_method(tmp_path):
     (gpu / "efficiency.json").write_text(json.dumps({
         "records": [rec], "table": format_efficiency_table([rec]), "device": "Test GPU (CUDA)",
         "header": "Efficiency (Table 1) on Test GPU (CUDA).", "command": "hist-st bench efficiency --device cuda"}))
+    # ridge computed separately (same folds, genes, options) is copied in; a run on other genes is not used
+    separate = ["bench", "accuracy", "--cohort", str(cohort), "--methods", "ridge", "--folds", "2", "--seed", "5",
+                "--baseline-option", "ridge.n_components=4", "--no-progress"]  # fmt: skip
+    assert main([*separate, "--out", str(tmp_path / "ridge"), "--genes", "he:12"]) == 0
+    assert main([*separate, "--out", str(tmp_path / "ridge10"), "--genes", "he:10"]) == 0
     assert main([*args, "--methods", "hist,mean,ridge", "--baseline-option", "ridge.n_components=4",
-                 "--efficiency-also", str(gpu)]) == 0  # fmt: skip
+                 "--efficiency-also", str(gpu), "--reuse-from", str(tmp_path / "ridge10"),
+                 "--reuse-from", str(tmp_path / "ridge")]) == 0  # fmt: skip
     assert model.stat().st_mtime_ns == stamp
     md = (tmp_path / "docs" / "tiny.md").read_text()
     assert "| ridge |" in md and "ridge: n_components=4" in md
+    assert f"Row `ridge` copied from a separate run with the same cohort, folds, genes and options, not trained " \
+           f"by this command: `{tmp_path / 'ridge'}`, made by `hist-st " in md  # (the command line: pytest's here)
+    assert f"Not used by Table 2 (no method there with the same cohort, folds, genes and options): " \
+           f"`{tmp_path / 'ridge10'}`." in md
     assert "Trained on: HiST, mean, ridge: CPU" in md or torch_cuda()
     assert "### Table 1 on Test GPU (CUDA)" in md and "`hist-st bench efficiency --device cuda`" in md
     assert "| hist | 0.010 | 0.002 | 1.00 (1.00) | 2.00 (2.00) | 0.50 |" in md
@@ -221,6 +286,23 @@ def test_table1_reuse_ignores_the_epochs_option():
     assert _timing_options(None) == {} == _timing_options({"stflow": {"epochs": 100}})
 
 
+def test_efficiency_on_a_cohort_records_what_it_measured(tmp_path):
+    """Table 1 on a prepared cohort times fold 0's slides and records the cohort, genes, folds and seed, so a
+    report does not reuse it for another gene set or split."""
+    from hist_st.experiments.efficiency import efficiency_inputs, run_efficiency
+
+    cohort = tmp_path / "cohort"
+    make_cohort(cohort, n_slides=4, n_spots=(60, 90), n_genes=16, embed_dim=8, seed=3)
+    res = run_efficiency(tmp_path / "t1", cohort=cohort, methods=["mean"], genes="he:12", folds=2, seed=5,
+                         epochs=1, device="cpu", threads=1, progress=False)  # fmt: skip
+    (rec,) = res["records"]
+    assert "error" not in rec and rec["n_genes"] == 12 and rec["n_test_slides"] == 2
+    assert res["inputs"] == efficiency_inputs(cohort, "he:12", 2, 5) != efficiency_inputs(cohort, "he:12", 2, 6)
+    assert res["inputs"]["cohort"] == str(cohort.resolve())
+    saved = json.loads((tmp_path / "t1" / "efficiency.json").read_text())
+    assert saved["inputs"] == res["inputs"]
+
+
 def test_scaling_figure_records_and_skips_after_timeout(tmp_path):
     """Figure 3 on synthetic slides: one worker process per (method, size); a method that fails at one size
     is not run at larger sizes of that axis; the settings are recorded so a report can tell stale results."""
@@ -233,7 +315,7 @@ def test_scaling_figure_records_and_skips_after_timeout(tmp_path):
                                                                          ("genes", 40, 6)}
     assert all(r["infer_s_per_slide"] > 0 for r in ok)
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
-    assert res["options"] == {"spots": [40, 80], "genes_list": [6], "timeout": 120}
+    assert res["options"] == {"spots": [40, 80], "genes_list": [6], "timeout": 120} and res["seed"] == 0
 
     res = run_scaling(tmp_path / "t", methods=["hist"], spots=[40, 80], genes_list=[], fixed_genes=6,
                       overrides=TINY[1:], device="cpu", timeout=0.01, progress=False)  # fmt: skip

@@ -57,6 +57,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         config=args.config, overrides=args.overrides, group_by=args.group_by,
         baseline_options=parse_baseline_options(args.baseline_option), write_predictions=not args.no_predictions,
         progress=not args.no_progress, reuse=not args.force, rerun=_methods(args.rerun or ""),
+        reuse_from=args.reuse_from or [], command="hist-st " + shlex.join(sys.argv[1:]),
     )  # fmt: skip
     print(res["table"])
     print(f"results in {res['out_dir']} (accuracy.json, table.md, per_gene.csv, per-fold metrics.json)")
@@ -79,6 +80,10 @@ def register_accuracy(sub: argparse._SubParsersAction) -> None:
                    "config, folds, genes and options)")  # fmt: skip
     p.add_argument("--rerun", default=None, metavar="METHODS",
                    help="comma-separated methods to train again although an earlier run could be kept")  # fmt: skip
+    p.add_argument("--reuse-from", action="append", type=Path, metavar="DIR",
+                   help="another `bench accuracy` output folder (e.g. one method run separately or on a GPU) "
+                   "whose methods are copied in when they used the same cohort, folds, genes and options "
+                   "(repeatable)")  # fmt: skip
     add_experiment_args(p)
     p.set_defaults(func=cmd_accuracy)
 

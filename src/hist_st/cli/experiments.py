@@ -80,6 +80,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         ablations=_list(args.ablations) if args.ablations != "none" else [], ablation_epochs=args.ablation_epochs,
         efficiency=not args.no_efficiency,
         efficiency_epochs=args.efficiency_epochs, efficiency_also=args.efficiency_also or [],
+        reuse_from=args.reuse_from or [],
         scaling=args.scaling, macenko=args.macenko,
         scaling_options={"spots": [int(v) for v in _list(args.scaling_spots)],
                          "genes_list": [int(v) for v in _list(args.scaling_genes)], "timeout": args.scaling_timeout},
@@ -154,6 +155,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--efficiency-also", action="append", type=Path, metavar="DIR",
                    help="a `hist-st bench efficiency` output folder measured elsewhere (e.g. on a GPU) to show under "
                    "Table 1 (repeatable)")  # fmt: skip
+    p.add_argument("--reuse-from", action="append", type=Path, metavar="DIR",
+                   help="a `hist-st bench accuracy` output folder whose methods Table 2 copies in when they used "
+                   "the same cohort, folds, genes and options, e.g. a slow baseline run separately (repeatable)")  # fmt: skip
     p.add_argument("--scaling", action="store_true", help="also produce Figure 3 (synthetic slides)")
     p.add_argument("--scaling-spots", default="250,500,1000,2000,4000", help="Figure 3: spots per slide")
     p.add_argument("--scaling-genes", default="50,250,1000,2000", help="Figure 3: genes (at 1,000 spots)")

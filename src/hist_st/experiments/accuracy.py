@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -239,17 +241,56 @@ def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping
 def _kept_results(
     prior: Mapping[str, Any] | None, name: str, run_dir: Path, keep: Sequence[str]
 ) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """The summaries, seconds and per-fold metrics of the kept methods, read before anything is rewritten."""
+    """The summaries, seconds, devices and per-fold metric records of the kept methods, read before anything
+    is rewritten."""
     if not keep or prior is None:
-        return {"methods": {}, "seconds": {}}, {}
+        return {"methods": {}, "seconds": {}, "devices": {}, "reused_from": {}}, {}
     rec = prior["cohorts"][name]
     keys = {m: "HiST" if m == "hist" else m for m in keep}
-    kept = {"methods": {keys[m]: rec["methods"][DISPLAY.get(m, m)] for m in keep},
-            "seconds": {keys[m]: rec.get("seconds", {}).get(DISPLAY.get(m, m), 0.0) for m in keep}}  # fmt: skip
+    shown = {m: DISPLAY.get(m, m) for m in keep}
+    kept = {"methods": {keys[m]: rec["methods"][shown[m]] for m in keep},
+            "seconds": {keys[m]: rec.get("seconds", {}).get(shown[m], 0.0) for m in keep},
+            "devices": {shown[m]: rec.get("devices", {}).get(shown[m]) for m in keep},
+            "reused_from": {shown[m]: rec["reused_from"][shown[m]]
+                            for m in keep if shown[m] in rec.get("reused_from", {})}}  # fmt: skip
     kept_folds = {}
     for path in run_dir.glob("fold_*/metrics.json"):
-        metrics = read_json(path)["metrics"]
-        kept_folds[int(path.parent.name.split("_")[1])] = {keys[m]: metrics[keys[m]] for m in keep}
+        fold = read_json(path)
+        fold["metrics"] = {keys[m]: fold["metrics"][keys[m]] for m in keep}
+        kept_folds[int(path.parent.name.split("_")[1])] = fold
+    return kept, kept_folds
+
+
+def _add_folds(into: dict[int, dict[str, Any]], folds: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Add per-fold metric records of more methods to ``into`` (fold index -> record), in place."""
+    for i, fold in folds.items():
+        rec = into.setdefault(i, {**fold, "metrics": {}})
+        into[i] = {**rec, "metrics": {**rec["metrics"], **fold["metrics"]}}
+    return into
+
+
+def _kept_elsewhere(
+    sources: Sequence[Path], name: str, methods: Sequence[str], reusable: Any
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """The methods that other accuracy runs (``sources``, first match wins) computed identically: their
+    results as `_kept_results` gives them, with ``reused_from`` naming the source of each."""
+    kept: dict[str, Any] = {"methods": {}, "seconds": {}, "devices": {}, "reused_from": {}}
+    kept_folds: dict[int, dict[str, Any]] = {}
+    left = list(methods)
+    for src in sources:
+        if not left:
+            break
+        path = src / "accuracy.json"
+        if not path.is_file():
+            raise InputError(src, "not a `hist-st bench accuracy` output folder (no accuracy.json)")
+        prior = read_json(path)
+        take = reusable(prior, run_dir=src / name, methods=left)
+        got, got_folds = _kept_results(prior, name, src / name, take)
+        got["reused_from"] = {DISPLAY.get(m, m): str(src) for m in take}
+        for key in kept:
+            kept[key].update(got[key])
+        _add_folds(kept_folds, got_folds)
+        left = [m for m in left if m not in take]
     return kept, kept_folds
 
 
@@ -323,6 +364,8 @@ def run_accuracy(
     progress: bool = True,
     reuse: bool = True,
     rerun: Sequence[str] = (),
+    reuse_from: Sequence[str | Path] = (),
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Run Table 2 on one or more prepared cohorts.
 
@@ -344,10 +387,16 @@ def run_accuracy(
             can be added to a finished table without retraining the rest.
         rerun: Methods to train again even when ``reuse`` could keep them (e.g. after a code change that
             alters a baseline's results); the other methods are still kept.
+        reuse_from: Other `run_accuracy` output folders (e.g. one slow baseline run on its own, or on a GPU
+            machine) whose methods are copied in instead of trained when they were computed with the same
+            settings, cohort, folds, genes and options, checked as for ``reuse``. Each copied row names its
+            source in ``reused_from``. Not used for methods in ``rerun`` or when ``reuse`` is False.
+        command: The command line that made this run, recorded in ``accuracy.json``.
 
     Returns:
         ``{"cohorts": {name: {"methods": {display name: summarise_folds(...)}, "seconds": {...},
-        "devices": {display name: device that trained it}, "run_dir": str, "n_genes": int}}, "table": str,
+        "devices": {display name: device that trained it}, "reused_from": {display name: source folder},
+        "run_dir": str, "n_genes": int}}, "table": str,
         "out_dir": str, "genes": spec, "methods": [...]}``.
     """
     from hist_st.metrics import format_table
@@ -373,9 +422,21 @@ def run_accuracy(
         cohort = Path(cohort)
         run_dir = out / name
         t0 = time.perf_counter()
-        keep = _reusable(prior, name, run_dir, cfg, methods, settings, baseline_options, cohort, folds, group_by)
-        keep = [m for m in keep if m not in again]
+        reusable = functools.partial(_reusable, name=name, cfg=cfg, settings=settings, cohort=cohort, k=folds,
+                                     baseline_options=baseline_options, group_by=group_by)  # fmt: skip
+        keep = [m for m in reusable(prior, run_dir=run_dir, methods=methods) if m not in again]
         kept, kept_folds = _kept_results(prior, name, run_dir, keep)
+        sources = [Path(s) for s in reuse_from] if reuse else []
+        left = [m for m in methods if m not in keep and m not in again]
+        other, other_folds = _kept_elsewhere(sources, name, left, reusable)
+        copied = [m for m in methods if DISPLAY.get(m, m) in other["reused_from"]]
+        if copied:
+            for f in ("splits.json", "genes.txt"):  # identical in the source (checked); needed by a fresh out
+                if not (run_dir / f).is_file():
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(Path(other["reused_from"][DISPLAY.get(copied[0], copied[0])]) / name / f,
+                                    run_dir / f)
+        keep = keep + copied
         todo = [m for m in methods if m not in keep]
         todo_baselines = [m for m in todo if m != "hist"]
         res: dict[str, Any] = {"methods": {}, "seconds": {}}
@@ -387,21 +448,23 @@ def run_accuracy(
             res = _cv_baselines_only(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=todo_baselines,
                                      baseline_options=baseline_options, progress=progress)  # fmt: skip
         if keep:
-            res = {key: {**kept[key], **res[key]} for key in ("methods", "seconds")}
-            if todo:
-                merge_runs(run_dir, res, kept_folds)
+            res = {key: {**kept[key], **other[key], **res[key]} for key in ("methods", "seconds")}
+            if todo or copied:
+                merge_runs(run_dir, res, _add_folds(dict(kept_folds), other_folds))
         ordered = {}
         for m in methods:  # run_cv names HiST "HiST"; keep the user's method order
             key = "HiST" if m == "hist" else m
             ordered[DISPLAY.get(m, m)] = res["methods"][key]
         seconds = {DISPLAY.get(m, m): float(res["seconds"]["HiST" if m == "hist" else m]) for m in methods}
-        old_devices = (prior or {}).get("cohorts", {}).get(name, {}).get("devices", {}) if keep else {}
-        devices = {DISPLAY.get(m, m): (old_devices.get(DISPLAY.get(m, m)) if m in keep
+        known_devices = {**kept["devices"], **other["devices"]}
+        devices = {DISPLAY.get(m, m): (known_devices.get(DISPLAY.get(m, m)) if m in keep
                                        else _method_device(m, cfg, baseline_options)) for m in methods}  # fmt: skip
+        reused_from = {**kept["reused_from"], **other["reused_from"]}
         genes_file = run_dir / "genes.txt"
         n_genes = len(genes_file.read_text().split()) if genes_file.is_file() else None
         results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
-                         "n_genes": n_genes, "devices": devices, "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+                         "n_genes": n_genes, "devices": devices, "reused_from": reused_from,
+                         "wall_seconds": time.perf_counter() - t0}  # fmt: skip
         tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, seed {seed})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)
     table = (
@@ -415,6 +478,6 @@ def run_accuracy(
 
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,
                "folds": folds, "seed": seed, "group_by": group_by, "config": config_to_dict(cfg),
-               "baseline_options": baseline_options}  # fmt: skip
+               "baseline_options": baseline_options, "command": command}  # fmt: skip
     write_json(summary, out / "accuracy.json")
     return summary

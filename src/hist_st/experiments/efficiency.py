@@ -42,7 +42,7 @@ import numpy as np
 from hist_st.errors import InputError
 
 __all__ = ["measure", "run_worker", "run_efficiency", "run_scaling", "format_efficiency_table", "device_name",
-           "timed_options"]
+           "timed_options", "efficiency_inputs"]
 
 GB = 1024.0**3
 
@@ -123,6 +123,14 @@ def timed_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, 
     timed epochs (time is reported per epoch). Recorded in ``efficiency.json`` / ``scaling.json``."""
     out = {m: {k: v for k, v in dict(o).items() if k != "epochs"} for m, o in dict(options or {}).items()}
     return {m: o for m, o in out.items() if o}
+
+
+def efficiency_inputs(cohort: str | Path | None, genes: str, folds: int, seed: int) -> dict[str, Any]:
+    """What Table 1 was measured on (recorded in ``efficiency.json`` as ``inputs``): the cohort folder and
+    the gene set, fold count and seed that pick its fold-0 slides and genes; None for synthetic slides."""
+    if cohort is None:
+        return {"cohort": None, "seed": int(seed)}
+    return {"cohort": str(Path(cohort).resolve()), "genes": str(genes), "folds": int(folds), "seed": int(seed)}
 
 
 def synthetic_patch_source(size_px: int = 32) -> Any:
@@ -399,8 +407,8 @@ def run_efficiency(
     (out / "table.md").write_text(header + "\n\n" + table + "\n")
     result = {"records": records, "table": table, "device": dev, "where": where, "epochs": epochs,
               "out_dir": str(out), "header": header, "methods": list(methods), "overrides": list(overrides),
-              "threads": threads, "command": command,
-              "baseline_options": timed_options(baseline_options)}  # fmt: skip
+              "threads": threads, "command": command, "baseline_options": timed_options(baseline_options),
+              "inputs": efficiency_inputs(cohort, genes, folds, seed)}  # fmt: skip
     write_json(result, out / "efficiency.json")
     return result
 
@@ -466,7 +474,7 @@ def run_scaling(
     names = [r.get("device_name") for r in records if r.get("device_name")]
     result = {"records": records, "figure": str(fig), "out_dir": str(out), "device": names[0] if names else device,
               "epochs": epochs, "fixed_genes": fixed_genes, "fixed_spots": fixed_spots, "methods": list(methods),
-              "overrides": list(overrides), "threads": threads,
+              "overrides": list(overrides), "threads": threads, "seed": seed,
               "baseline_options": timed_options(baseline_options),
               "options": {"spots": [int(n) for n in spots], "genes_list": [int(g) for g in genes_list],
                           "timeout": timeout}}  # fmt: skip

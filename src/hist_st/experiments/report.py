@@ -114,6 +114,7 @@ def build_report(
     efficiency: bool = True,
     efficiency_epochs: int = 2,
     efficiency_also: Sequence[str | Path] = (),
+    reuse_from: Sequence[str | Path] = (),
     scaling: bool = False,
     scaling_options: Mapping[str, Any] | None = None,
     macenko: str | Path | None = None,
@@ -138,6 +139,8 @@ def build_report(
         efficiency: Produce Table 1. ``efficiency_epochs``: epochs timed per method.
         efficiency_also: `run_efficiency` output folders measured elsewhere (e.g. on a GPU machine), shown
             under Table 1 with their own device and header.
+        reuse_from: `run_accuracy` output folders whose identically computed methods Table 2 copies in
+            (``run_accuracy(reuse_from=...)``); the report names the source of each copied row.
         scaling: Also produce Figure 3 (synthetic slides); ``scaling_options`` go to `run_scaling`.
         macenko: The Macenko-normalised copy of the cohort, for Table 5 (skipped when None).
         token_groups: Metadata columns for the token analysis.
@@ -150,7 +153,7 @@ def build_report(
     """
     from hist_st.experiments.ablation import run_ablation
     from hist_st.experiments.accuracy import build_config, gene_spec_label, run_accuracy
-    from hist_st.experiments.efficiency import run_efficiency, run_scaling, timed_options
+    from hist_st.experiments.efficiency import efficiency_inputs, run_efficiency, run_scaling, timed_options
     from hist_st.experiments.figures import plot_genes
     from hist_st.experiments.stain import run_stain
     from hist_st.experiments.tokens import run_token_analysis
@@ -186,7 +189,8 @@ def build_report(
                          lambda d=d, spec=spec: run_accuracy([cohort], d, methods=methods, genes=spec, folds=folds,
                                                              seed=seed, config=config, overrides=overrides,
                                                              baseline_options=baseline_options, progress=progress,
-                                                             reuse=not force))  # fmt: skip
+                                                             reuse=not force, reuse_from=reuse_from,
+                                                             command=command))  # fmt: skip
     first = gene_sets[0]
     cohort_key = next(iter(acc[first]["cohorts"]))
     first_run = Path(acc[first]["cohorts"][cohort_key]["run_dir"])
@@ -203,14 +207,15 @@ def build_report(
                                           progress=progress),
                    done=runs / "efficiency" / "efficiency.json",
                    same={"methods": list(methods), "epochs": efficiency_epochs, "overrides": list(overrides),
-                         "baseline_options": timed_options(baseline_options), "threads": threads})  # fmt: skip
+                         "baseline_options": timed_options(baseline_options), "threads": threads,
+                         "inputs": efficiency_inputs(cohort, first, folds, seed)})  # fmt: skip
     if scaling:
         sca = step("Figure 3",
                    lambda: run_scaling(runs / "scaling", methods=methods, overrides=overrides, seed=seed,
                                        baseline_options=baseline_options, device=device, threads=threads,
                                        progress=progress, **dict(scaling_options or {})),
                    done=runs / "scaling" / "scaling.json",
-                   same={"methods": list(methods), "overrides": list(overrides), "threads": threads,
+                   same={"methods": list(methods), "overrides": list(overrides), "threads": threads, "seed": seed,
                          "epochs": int((scaling_options or {}).get("epochs", 1)),
                          "baseline_options": timed_options(baseline_options), "options": dict(scaling_options or {})})  # fmt: skip
 
@@ -274,6 +279,11 @@ def build_report(
               "is tuned on test folds.\n")  # fmt: skip
     md.append(f"HiST: {base_cfg.epochs} epochs, AdamW lr {base_cfg.lr:g}, weight decay {base_cfg.weight_decay:g}, "
               f"{base_cfg.slides_per_step} slide per step, configuration in each run's `config.yaml`.\n")  # fmt: skip
+    used = {src for a in acc.values() for c in a["cohorts"].values() for src in c.get("reused_from", {}).values()}
+    unused = [str(Path(d)) for d in reuse_from if str(Path(d)) not in used]
+    if unused:
+        md.append("Not used by Table 2 (no method there with the same cohort, folds, genes and options): "
+                  + ", ".join(f"`{d}`" for d in unused) + ".\n")  # fmt: skip
     if baseline_options:
         opts = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for m, o in baseline_options.items())
         md.append(f"Baseline options given on the command line (every other setting is the method's published "
@@ -295,6 +305,12 @@ def build_report(
                 by_device.setdefault(dev or "not recorded", []).append(method)
             if by_device:
                 md.append("Trained on: " + "; ".join(f"{', '.join(ms)}: {d}" for d, ms in by_device.items()) + ".\n")
+            for method, src in c.get("reused_from", {}).items():
+                src_rec = Path(src) / "accuracy.json"
+                how = read_json(src_rec).get("command") if src_rec.is_file() else None
+                md.append(f"Row `{method}` copied from a separate run with the same cohort, folds, genes and "
+                          f"options, not trained by this command: `{src}`"
+                          + (f", made by `{how}`" if how else "") + ".\n")  # fmt: skip
             md.append(f"Per-fold JSON: `{c['run_dir']}/fold_<i>/metrics.json`; per-gene CSV: "
                       f"`{Path(c['run_dir']).parent / 'per_gene.csv'}`.\n")  # fmt: skip
     if eff is not None or efficiency_also:

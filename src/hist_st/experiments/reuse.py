@@ -5,7 +5,9 @@ A cross-validation run directory (written by `hist_st.train.cv.run_cv`) records 
 a new one only when all three are the same; otherwise the experiment trains again. Two uses:
 
 - `run_accuracy` adds methods to an existing Table 2 without retraining the methods already there
-  (`reusable_methods`), and merges the new per-fold metrics into the same files (`merge_runs`);
+  (`reusable_methods`), and merges the new per-fold metrics into the same files (`merge_runs`); it also
+  takes methods from other accuracy runs of the same cohort, folds, genes and options (``reuse_from``),
+  e.g. one slow baseline run on its own or on a GPU machine;
 - Table 5 takes its "calibration token only" row from Table 2's HiST run and its "neither" row from
   Table 3's ``no-token`` row when they were trained identically (`same_run`).
 """
@@ -119,20 +121,24 @@ def reusable_methods(
 
 
 def merge_runs(run_dir: str | Path, merged: Mapping[str, Any], kept_folds: Mapping[int, Mapping[str, Any]]) -> None:
-    """Put the kept methods' results back into a run directory that was just (partly) rewritten.
+    """Put kept methods' results into a run directory that was just (partly) rewritten, or that another run
+    directory's methods are copied into.
 
     Args:
         run_dir: The `run_cv` directory.
         merged: ``{"methods": {name: summary}, "seconds": {name: s}}`` of every method, kept and new;
             written into ``run_dir/metrics.json``.
-        kept_folds: fold index -> ``{name: fold metrics JSON}`` of the kept methods, written back into
-            ``fold_<i>/metrics.json`` beside the new ones.
+        kept_folds: fold index -> that fold's ``metrics.json`` record (``fold``, ``train``, ``test``,
+            ``n_genes``) whose ``metrics`` hold only the kept methods. They are written into
+            ``fold_<i>/metrics.json`` beside the methods already there, replacing older entries of the same
+            name; a missing file is created from the record.
     """
     run_dir = Path(run_dir)
-    for i, metrics in kept_folds.items():
+    for i, kept in kept_folds.items():
         path = run_dir / f"fold_{i}" / "metrics.json"
-        rec = read_json(path)
-        rec["metrics"] = {**metrics, **rec["metrics"]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rec = read_json(path) if path.is_file() else {**kept, "metrics": {}}
+        rec["metrics"] = {**rec["metrics"], **kept["metrics"]}
         write_json(rec, path)
     top = run_dir / "metrics.json"
     rec = read_json(top) if top.is_file() else {}
