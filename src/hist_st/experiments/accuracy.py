@@ -430,12 +430,12 @@ def run_accuracy(
         left = [m for m in methods if m not in keep and m not in again]
         other, other_folds = _kept_elsewhere(sources, name, left, reusable)
         copied = [m for m in methods if DISPLAY.get(m, m) in other["reused_from"]]
-        if copied:
-            for f in ("splits.json", "genes.txt"):  # identical in the source (checked); needed by a fresh out
+        if copied:  # a fresh output folder needs the folds and genes, identical in the source (checked)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            source_run = Path(other["reused_from"][DISPLAY.get(copied[0], copied[0])]) / name
+            for f in ("splits.json", "genes.txt"):
                 if not (run_dir / f).is_file():
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(Path(other["reused_from"][DISPLAY.get(copied[0], copied[0])]) / name / f,
-                                    run_dir / f)
+                    shutil.copyfile(source_run / f, run_dir / f)
         keep = keep + copied
         todo = [m for m in methods if m not in keep]
         todo_baselines = [m for m in todo if m != "hist"]
