@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,19 @@ def _cv_baselines_only(
             "genes": genes, "embedding": emb, "out_dir": str(out)}  # fmt: skip
 
 
+def _folds_and_genes(cohort: Path, cfg: Any, k: int, group_by: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The folds and genes `run_cv` would use on ``cohort`` (same functions, same seed)."""
+    from hist_st.train.cv import slide_groups
+    from hist_st.train.data import load_slides, read_manifest, select_genes
+    from hist_st.train.folds import make_folds
+
+    slides = load_slides(cohort)
+    manifest = read_manifest(cohort)
+    groups = slide_groups(slides, group_by, manifest) if group_by else None
+    fold_list = make_folds(sorted(s.slide_id for s in slides), k, cfg.seed, groups)
+    return fold_list, select_genes(slides, cfg.genes, manifest)
+
+
 def _reusable(
     prior: Mapping[str, Any] | None,
     name: str,
@@ -202,23 +215,15 @@ def _reusable(
     settings: Mapping[str, Any],
     baseline_options: Mapping[str, Mapping[str, Any]],
     cohort: Path,
-    k: int,
-    group_by: str | None,
+    plan: Callable[[], tuple[list[dict[str, Any]], list[str]]],
 ) -> list[str]:
-    """The methods of ``prior`` (an earlier ``accuracy.json``) that `run_accuracy` may keep."""
-    from hist_st.train.cv import slide_groups
-    from hist_st.train.data import load_slides, read_manifest, select_genes
-    from hist_st.train.folds import make_folds
-
+    """The methods of ``prior`` (an earlier ``accuracy.json``) that `run_accuracy` may keep; ``plan()`` gives
+    the folds and genes of this run (`_folds_and_genes`, computed once per cohort)."""
     if not prior or name not in prior.get("cohorts", {}):
         return []
     if not (cfg.genes.scope == "dataset" or cfg.genes.genes):
         return []  # genes chosen per fold: nothing recorded to compare
-    slides = load_slides(cohort)
-    manifest = read_manifest(cohort)
-    groups = slide_groups(slides, group_by, manifest) if group_by else None
-    fold_list = make_folds(sorted(s.slide_id for s in slides), k, cfg.seed, groups)
-    genes = select_genes(slides, cfg.genes, manifest)
+    fold_list, genes = plan()
     return reusable_methods(prior, name, run_dir, cfg=cfg, methods=methods, settings=settings,
                             baseline_options=baseline_options, folds=fold_list, genes=genes, cohort=cohort)  # fmt: skip
 
@@ -422,8 +427,9 @@ def run_accuracy(
         cohort = Path(cohort)
         run_dir = out / name
         t0 = time.perf_counter()
-        reusable = functools.partial(_reusable, name=name, cfg=cfg, settings=settings, cohort=cohort, k=folds,
-                                     baseline_options=baseline_options, group_by=group_by)  # fmt: skip
+        plan = functools.cache(functools.partial(_folds_and_genes, cohort, cfg, folds, group_by))
+        reusable = functools.partial(_reusable, name=name, cfg=cfg, settings=settings, cohort=cohort, plan=plan,
+                                     baseline_options=baseline_options)  # fmt: skip
         keep = [m for m in reusable(prior, run_dir=run_dir, methods=methods) if m not in again]
         kept, kept_folds = _kept_results(prior, name, run_dir, keep)
         sources = [Path(s) for s in reuse_from] if reuse else []
