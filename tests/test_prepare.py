@@ -12,6 +12,7 @@ import torch
 
 from hist_st.cli import main
 from hist_st.encoders import Encoder, register_encoder
+from hist_st.errors import InputError
 from hist_st.prepare import prepare_cohort, sources_from_her2st
 from hist_st.slide import read_prepared
 
@@ -69,7 +70,7 @@ def test_prepare_default_encoder(cohort, tmp_path):
 
 def test_prepare_resume_cache(cohort, tmp_path):
     out = tmp_path / "prep"
-    rep = prepare_cohort(sources_from_her2st(cohort), out, **TINY)
+    rep = prepare_cohort(sources_from_her2st(cohort), out, allow_missing_image=True, **TINY)
     assert sorted(rep.prepared) == ["A1", "A2"] and rep.skipped_no_image == ["B1"] and not rep.failed
     man = json.loads((out / "cohort.json").read_text())
     assert man["slide_ids"] == ["A1", "A2"]
@@ -86,20 +87,26 @@ def test_prepare_resume_cache(cohort, tmp_path):
     assert s.um_per_px == pytest.approx(5.0) and s.thumbnail.shape[2] == 3
     assert s.patch_outside.dtype == bool and s.patch_outside.sum() == 0
     # resume: nothing redone
-    rep2 = prepare_cohort(sources_from_her2st(cohort), out, **TINY)
+    rep2 = prepare_cohort(sources_from_her2st(cohort), out, allow_missing_image=True, **TINY)
     assert rep2.prepared == [] and sorted(rep2.skipped_done) == ["A1", "A2"]
     # a lost slide file is rebuilt from the embedding cache, identical embeddings
     emb = s.embeddings["test-tiny"]
     (out / "A1.h5ad").unlink()
-    rep3 = prepare_cohort(sources_from_her2st(cohort), out, **TINY)
+    rep3 = prepare_cohort(sources_from_her2st(cohort), out, allow_missing_image=True, **TINY)
     assert (
         rep3.prepared == ["A1"] and rep3.timings.get("cached_slides") == 1 and "patches" not in rep3.timings
     )
     np.testing.assert_array_equal(read_prepared(out / "A1.h5ad").embeddings["test-tiny"], emb)
     # a corrupt (e.g. foreign or half-copied) slide file is not taken as done
     (out / "A2.h5ad").write_bytes(b"garbage")
-    rep4 = prepare_cohort(sources_from_her2st(cohort), out, **TINY)
+    rep4 = prepare_cohort(sources_from_her2st(cohort), out, allow_missing_image=True, **TINY)
     assert rep4.prepared == ["A2"] and read_prepared(out / "A2.h5ad").n_spots == 20
+
+
+def test_slide_without_image_is_refused_unless_allowed(cohort, tmp_path):
+    with pytest.raises(InputError, match=r"1 slide\(s\) have no H&E image: B1.*--allow-missing-image"):
+        prepare_cohort(sources_from_her2st(cohort), tmp_path / "prep", **TINY)
+    assert not (tmp_path / "prep" / "A1.h5ad").exists()  # refused before any work
 
 
 def test_failing_slide_does_not_corrupt(cohort, tmp_path):
@@ -108,7 +115,7 @@ def test_failing_slide_does_not_corrupt(cohort, tmp_path):
     before = (out / "A1.h5ad").read_bytes()
     img = next((cohort / "ST-imgs" / "A" / "A2").iterdir())
     img.write_bytes(img.read_bytes()[:200])  # truncated image
-    rep = prepare_cohort(sources_from_her2st(cohort), out, **TINY)
+    rep = prepare_cohort(sources_from_her2st(cohort), out, allow_missing_image=True, **TINY)
     assert "A2" in rep.failed and "he.png" in rep.failed["A2"]
     assert (out / "A1.h5ad").read_bytes() == before
     assert not (out / "A2.h5ad").exists()
@@ -189,5 +196,5 @@ def test_spots_outside_image_fail_cleanly(tmp_path):
         tmp_path / "out",
         **TINY,
     )
-    assert "no spot centre lies inside the image" in rep.failed["s"] and "he.png" in rep.failed["s"]
+    assert "4 of 4 spot centres lie outside the image" in rep.failed["s"] and "he.png" in rep.failed["s"]
     assert rep.manifest is None and not (tmp_path / "out" / "s.h5ad").exists()

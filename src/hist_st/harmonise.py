@@ -156,6 +156,8 @@ def sum_duplicate_barcodes(slide: Slide) -> Slide:
         if arr is not None:
             setattr(slide, name, np.asarray(arr)[keep])
     slide.embeddings = {k: v[keep] for k, v in slide.embeddings.items()}
+    if slide.obs is not None:
+        slide.obs = slide.obs.iloc[keep]
     slide.meta["duplicate_barcodes_summed"] = int(len(bc) - len(uniq))
     return slide
 
@@ -174,7 +176,12 @@ def harmonise_slide(
         return slide
     n_before = len(slide.genes)
     genes = map_gene_ids(slide.genes, symbols, mapping)
+    if slide.var is not None:  # annotations of the first occurrence of each (mapped) gene
+        _, first = np.unique(np.asarray(genes, dtype=object), return_index=True)
+        slide.var = slide.var.iloc[np.sort(first)]
     slide.counts, slide.genes = sum_duplicate_genes(slide.counts, genes)
+    if slide.var is not None:
+        slide.var = slide.var.set_axis([str(g) for g in slide.genes], axis=0)
     slide.meta["genes_before_harmonisation"] = int(n_before)
     slide.meta["duplicate_genes_summed"] = int(n_before - len(slide.genes))
     return sum_duplicate_barcodes(slide)
@@ -202,6 +209,8 @@ def restrict_genes(slide: Slide, genes: Sequence[str]) -> Slide:
     cols = np.asarray([index[g] for g in genes], dtype=np.int64)
     if slide.counts is not None:
         slide.counts = sp.csr_matrix(slide.counts[:, cols])
+    if slide.var is not None:
+        slide.var = slide.var.iloc[cols]
     slide.genes = np.asarray(list(genes), dtype=object)
     return slide
 

@@ -53,6 +53,10 @@ HEST_PATCH_FIELD_UM = 112.0  # HEST-1k stored patches: 224 px at 0.5 um/px
 PREPARE_VERSION = 1
 
 
+class MissingImageError(InputError):
+    """The slide has no H&E image (skipped with ``allow_missing_image``, an error otherwise)."""
+
+
 @dataclass
 class SlideSource:
     """A slide to prepare: an id, a loader returning its `Slide`, and its image (None: no image).
@@ -64,6 +68,8 @@ class SlideSource:
         patient: Patient id.
         stored_patches: Optional HEST ``patches/<id>.h5`` (224 px at 0.5 um/px, matched by barcode).
         fingerprint: Identifies the inputs (paths, sizes, mtimes): a change re-prepares the slide.
+        image_in_source: The reader may find an image itself when ``image`` is None (Space Ranger
+            ``spatial/`` images, AnnData ``uns['spatial']`` images).
     """
 
     slide_id: str
@@ -72,6 +78,7 @@ class SlideSource:
     patient: str | None = None
     stored_patches: Path | None = None
     fingerprint: str = ""
+    image_in_source: bool = False
 
 
 @dataclass
@@ -83,6 +90,7 @@ class PrepareReport:
     skipped_done: list[str] = field(default_factory=list)
     skipped_no_image: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    warnings: dict[str, list[str]] = field(default_factory=dict)
     manifest: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -96,6 +104,9 @@ class PrepareReport:
             lines.append("no image (skipped): " + ", ".join(self.skipped_no_image))
         for sid, err in self.failed.items():
             lines.append(f"FAILED {sid}: {err}")
+        for sid, msgs in self.warnings.items():
+            for m in msgs:
+                lines.append(f"WARNING {sid}: {m}")
         n = t.get("patches", 0)
         if n:
             lines.append(
@@ -128,8 +139,13 @@ def _hash(*parts: object) -> str:
 
 
 # --------------------------------------------------------------------------------------------- sources
-def sources_from_her2st(root: str | Path, sections: Sequence[str] | None = None) -> list[SlideSource]:
-    """One source per section of a her2st-layout folder (``sections`` restricts the ids)."""
+def sources_from_her2st(
+    root: str | Path, sections: Sequence[str] | None = None, um_per_px: float | None = None
+) -> list[SlideSource]:
+    """One source per section of a her2st-layout folder (``sections`` restricts the ids).
+
+    ``um_per_px`` overrides the resolution derived from the spot spacing (200 um pitch).
+    """
     from hist_st.io.legacy_st import find_her2st_sections, read_her2st_section
 
     out = []
@@ -139,10 +155,10 @@ def sources_from_her2st(root: str | Path, sections: Sequence[str] | None = None)
         out.append(
             SlideSource(
                 sec.slide_id,
-                (lambda s=sec: read_her2st_section(s)),
+                (lambda s=sec: read_her2st_section(s, um_per_px=um_per_px)),
                 sec.image,
                 sec.patient,
-                fingerprint=_hash(_file_sig(sec.counts), _file_sig(sec.spots), _file_sig(sec.image)),
+                fingerprint=_hash(_file_sig(sec.counts), _file_sig(sec.spots), _file_sig(sec.image), um_per_px),
             )
         )
     if sections:
@@ -176,20 +192,33 @@ def sources_from_hest(root: str | Path, ids: Sequence[str] | None = None) -> lis
 
 
 def source_from_spaceranger(
-    outs: str | Path, image: str | Path | None, slide_id: str | None = None, patient: str | None = None
+    outs: str | Path,
+    image: str | Path | None,
+    slide_id: str | None = None,
+    patient: str | None = None,
+    um_per_px: float | None = None,
+    image_scale: float | None = None,
 ) -> SlideSource:
-    """A Space Ranger ``outs/`` folder plus its full-resolution image."""
+    """A Space Ranger ``outs/`` folder plus its image (full resolution, hires or lowres; None: the folder's own).
+
+    See `hist_st.io.spaceranger.read_spaceranger` for how the image and its scale are chosen.
+    """
     from hist_st.io.spaceranger import read_spaceranger
 
     outs = Path(outs)
     sid = slide_id or (outs.parent.name if outs.name == "outs" else outs.name)
     img = Path(image) if image else None
+    spatial = outs / "spatial"
+    sigs = [_file_sig(p) for p in sorted(spatial.glob("*"))] if spatial.is_dir() else []
     return SlideSource(
         sid,
-        lambda: read_spaceranger(outs, img, slide_id=sid, patient=patient),
+        lambda: read_spaceranger(
+            outs, img, slide_id=sid, patient=patient, um_per_px=um_per_px, image_scale=image_scale
+        ),
         img,
         patient,
-        fingerprint=_hash(_file_sig(outs), _file_sig(img)),
+        fingerprint=_hash(_file_sig(outs), _file_sig(img), sigs, um_per_px, image_scale),
+        image_in_source=True,
     )
 
 
@@ -201,8 +230,9 @@ def source_from_anndata(
     um_per_px: float | None = None,
     spot_pitch_um: float | None = None,
     technology: str | None = None,
+    image_scale: float | None = None,
 ) -> SlideSource:
-    """Any AnnData ``.h5ad`` with ``obsm['spatial']`` plus an image."""
+    """Any AnnData ``.h5ad`` with ``obsm['spatial']`` plus an image (None: the images in ``uns['spatial']``)."""
     from hist_st.io.anndata_reader import read_anndata
 
     path = Path(path)
@@ -218,15 +248,18 @@ def source_from_anndata(
             um_per_px=um_per_px,
             spot_pitch_um=spot_pitch_um,
             technology=technology,
+            image_scale=image_scale,
         ),
         img,
         patient,
-        fingerprint=_hash(_file_sig(path), _file_sig(img), um_per_px, spot_pitch_um),
+        fingerprint=_hash(_file_sig(path), _file_sig(img), um_per_px, spot_pitch_um, image_scale),
+        image_in_source=True,
     )
 
 
 def sources_from_table(table: str | Path, fmt: str) -> list[SlideSource]:
-    """Sources from a CSV/TSV with columns ``path`` and optional ``image, slide_id, patient, um_per_px``."""
+    """Sources from a CSV/TSV with columns ``path`` and optional ``image, slide_id, patient, um_per_px,
+    image_scale``."""
     import pandas as pd
 
     table = Path(table)
@@ -245,11 +278,15 @@ def sources_from_table(table: str | Path, fmt: str) -> list[SlideSource]:
         image = (base / row["image"]) if row.get("image") else None
         sid = row.get("slide_id") or None
         patient = row.get("patient") or None
-        if fmt == "spaceranger":
-            out.append(source_from_spaceranger(path, image, sid, patient))
-        elif fmt == "anndata":
+        try:
             upp = float(row["um_per_px"]) if row.get("um_per_px") else None
-            out.append(source_from_anndata(path, image, sid, patient, upp))
+            scale = float(row["image_scale"]) if row.get("image_scale") else None
+        except ValueError as exc:
+            raise InputError(table, f"row {sid or row['path']!r}: um_per_px/image_scale must be numbers ({exc})") from exc
+        if fmt == "spaceranger":
+            out.append(source_from_spaceranger(path, image, sid, patient, upp, scale))
+        elif fmt == "anndata":
+            out.append(source_from_anndata(path, image, sid, patient, upp, image_scale=scale))
         else:
             raise InputError(table, f"sample tables are for spaceranger/anndata inputs, not {fmt!r}")
     return out
@@ -499,11 +536,17 @@ def prepare_slide(
     thumbnail_size: int = 1024,
     progress: bool = True,
     timings: dict | None = None,
+    warnings: list[str] | None = None,
 ) -> Path:
-    """Prepare one slide and write ``<out_dir>/<slide_id>.h5ad`` atomically; returns its path."""
+    """Prepare one slide and write ``<out_dir>/<slide_id>.h5ad`` atomically; returns its path.
+
+    ``warnings`` (when given) receives the slide's warnings (e.g. patches enlarged from a low-resolution
+    image); they are also recorded in the slide's ``meta['warnings']``.
+    """
     from hist_st.io._util import attach_lattice
 
     timings = timings if timings is not None else {}
+    warnings = warnings if warnings is not None else []
     slide = src.load()
     slide.slide_id = src.slide_id
     if src.patient and not slide.patient:
@@ -513,19 +556,29 @@ def prepare_slide(
     image = None
     try:
         if slide.image:
-            slide.image = str(Path(slide.image).resolve())
-            image = open_image(slide.image)
+            if "#" not in slide.image:
+                slide.image = str(Path(slide.image).resolve())
+            image = open_image(slide.image, scale=slide.image_scale)
             if slide.um_per_px is None:
-                slide.um_per_px = image.um_per_px
+                slide.um_per_px = _recorded_um_per_px(image)
                 slide.meta["um_per_px_source"] = "recorded in the image file"
             if slide.um_per_px is None:
                 raise InputError(
                     slide.image, "no um per pixel in the image or the slide metadata; pass --um-per-px"
                 )
+            image.um_per_px = slide.um_per_px
             _check_spots_inside(slide, image)
-            t0 = time.perf_counter()
-            slide.thumbnail, slide.thumbnail_scale = image.thumbnail(thumbnail_size)
-            timings["thumbnail_s"] = timings.get("thumbnail_s", 0.0) + time.perf_counter() - t0
+            _record_image_resolution(slide, image, params, warnings)
+            if not slide.spatial_images:  # Visium keeps its original hires/lowres images instead
+                t0 = time.perf_counter()
+                slide.thumbnail, slide.thumbnail_scale = image.thumbnail(thumbnail_size)
+                timings["thumbnail_s"] = timings.get("thumbnail_s", 0.0) + time.perf_counter() - t0
+        elif src.stored_patches is None:
+            raise MissingImageError(
+                f"slide {slide.slide_id!r}",
+                "has no H&E image to cut patches from: give --image (full resolution, or a Space Ranger "
+                "hires/lowres image), or --allow-missing-image to skip such slides",
+            )
         if slide.um_per_px is None:
             raise InputError(
                 f"slide {slide.slide_id!r}", "no um per pixel known (no image resolution); pass --um-per-px"
@@ -573,8 +626,39 @@ def prepare_slide(
         encoder=encoder.name,
         encoder_weights=encoder.weights_id,
         n_patch_outside=int(outside.sum()),
+        warnings=list(warnings),
     )
     return write_prepared(slide, out_dir / f"{slide.slide_id}.h5ad")
+
+
+#: Patches enlarged more than this from the image's real pixels are flagged (they hold no finer detail).
+MAX_PATCH_UPSAMPLING = 2.0
+
+
+def _recorded_um_per_px(image: SlideImage) -> float | None:
+    """Full-resolution um/px recorded in the file (a scaled copy's own um/px times its scale)."""
+    inner = getattr(image, "inner", None)
+    if inner is not None:
+        return inner.um_per_px * image.scale if inner.um_per_px else None
+    return image.um_per_px
+
+
+def _record_image_resolution(slide: Slide, image: SlideImage, params: PatchParams, warnings: list[str]) -> None:
+    """Record the real resolution behind the patches; warn when patches are enlarged > 2x from it."""
+    source = float(image.source_um_per_px)
+    up = source / params.um_per_px
+    slide.meta.update(
+        image_scale=float(slide.image_scale or 1.0),
+        source_um_per_px=source,
+        patch_upsampling=up,
+    )
+    if up > MAX_PATCH_UPSAMPLING:
+        warnings.append(
+            f"patches are enlarged {up:.1f}x: the image has {source:.2f} um/px "
+            f"({Path(str(image.path)).name}, scale {slide.image_scale or 1.0:g} of full resolution) but patches "
+            f"are cut at {params.um_per_px:g} um/px; they hold no detail finer than {source:.1f} um, so "
+            "embeddings and predictions are coarse. Use the full-resolution image when you have it."
+        )
 
 
 def _fill_pitch(slide: Slide) -> None:
@@ -589,20 +673,25 @@ def _fill_pitch(slide: Slide) -> None:
 
 
 def _check_spots_inside(slide: Slide, image: SlideImage) -> None:
+    """Every spot centre must lie inside the image (in full-resolution pixels); name the ones that do not."""
     xy = slide.spatial
     inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < image.width) & (xy[:, 1] < image.height)
-    if not inside.any():
-        raise InputError(
-            image.path,
-            f"no spot centre lies inside the image ({image.width} x {image.height} px); wrong image or coordinates "
-            "in another resolution (hires/lowres instead of full resolution?)",
-        )
-    if (~inside).mean() > 0.5:
-        raise InputError(
-            image.path,
-            f"{int((~inside).sum())} of {len(xy)} spot centres lie outside the image; wrong image?",
-        )
-    slide.meta["spot_centres_outside_image"] = int((~inside).sum())
+    if inside.all():
+        slide.meta["spot_centres_outside_image"] = 0
+        return
+    bad = np.flatnonzero(~inside)
+    first = ", ".join(f"{slide.barcodes[i]} at ({xy[i, 0]:.0f}, {xy[i, 1]:.0f})" for i in bad[:3])
+    hint = (
+        "wrong image, or positions in another resolution (a hires/lowres image needs its scale factor: "
+        "--image-scale)"
+        if not inside.any() or (~inside).mean() > 0.5
+        else "the image is cropped, or those positions are wrong"
+    )
+    raise InputError(
+        image.path,
+        f"{len(bad)} of {len(xy)} spot centres lie outside the image ({image.width} x {image.height} "
+        f"full-resolution px): {first}; {hint}",
+    )
 
 
 # --------------------------------------------------------------------------------------------- cohort
@@ -623,6 +712,7 @@ def prepare_cohort(
     train_slides: Sequence[str] | None = None,
     thumbnail_size: int = 1024,
     overwrite: bool = False,
+    allow_missing_image: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> PrepareReport:
@@ -639,9 +729,14 @@ def prepare_cohort(
         hvg_scope: ``"dataset"`` (all slides, as in the paper) or ``"train-only"`` (needs ``train_slides``);
             the all-slide ranking is always stored too (``hvg_dataset``).
         overwrite: Re-prepare slides that are already done.
+        allow_missing_image: Skip slides without an H&E image (and say so) instead of refusing them.
 
     Returns:
-        A `PrepareReport`.
+        A `PrepareReport`; its ``warnings`` (e.g. patches enlarged from a low-resolution image) are also
+        printed through ``log`` and recorded in ``cohort.json``.
+
+    Raises:
+        InputError: bad options, or slides without an image and ``allow_missing_image`` not set.
     """
     import torch
 
@@ -676,8 +771,16 @@ def prepare_cohort(
     timings: dict[str, float] = {"threads": float(torch.get_num_threads())}
 
     todo = []
+    no_image = [s.slide_id for s in sources if s.image is None and s.stored_patches is None and not s.image_in_source]
+    if no_image and not allow_missing_image:
+        raise InputError(
+            out,
+            f"{len(no_image)} slide(s) have no H&E image: {', '.join(no_image[:10])}"
+            f"{' ...' if len(no_image) > 10 else ''}; choose the slides with images (--sections, --input) or pass "
+            "--allow-missing-image to prepare the others and skip these",
+        )
     for src in sources:
-        if src.image is None and src.stored_patches is None:
+        if src.slide_id in no_image:
             report.skipped_no_image.append(src.slide_id)
             continue
         dest = out / f"{src.slide_id}.h5ad"
@@ -703,6 +806,8 @@ def prepare_cohort(
     for src in todo:
         if bar is not None:
             bar.set_postfix_str(src.slide_id)
+        slide_warnings: list[str] = []
+        report.warnings[src.slide_id] = slide_warnings
         try:
             prepare_slide(
                 src,
@@ -716,8 +821,14 @@ def prepare_cohort(
                 thumbnail_size=thumbnail_size,
                 progress=progress,
                 timings=timings,
+                warnings=slide_warnings,
             )
             report.prepared.append(src.slide_id)
+        except MissingImageError as exc:
+            if allow_missing_image:
+                report.skipped_no_image.append(src.slide_id)
+            else:
+                report.failed[src.slide_id] = str(exc)
         except InputError as exc:
             report.failed[src.slide_id] = str(exc)
         except Exception as exc:  # report any failure of one slide; the others go on
@@ -726,6 +837,10 @@ def prepare_cohort(
             bar.update(1)
     if bar is not None:
         bar.close()
+    report.warnings = {k: v for k, v in report.warnings.items() if v}
+    for sid, msgs in report.warnings.items():
+        for m in msgs:
+            say(f"WARNING {sid}: {m}")
     done = [s for s in sources if s.slide_id in set(report.prepared) | set(report.skipped_done)]
     if done:
         t0 = time.perf_counter()
@@ -810,6 +925,10 @@ def finalise_cohort(
                 "n_patch_outside": int(np.asarray(s.patch_outside).sum())
                 if s.patch_outside is not None
                 else 0,
+                "image_scale": s.meta.get("image_scale"),
+                "source_um_per_px": s.meta.get("source_um_per_px"),
+                "patch_upsampling": s.meta.get("patch_upsampling"),
+                "warnings": list(s.meta.get("warnings", [])),
             }
             for sid, s in slides.items()
         ],
@@ -830,5 +949,6 @@ def finalise_cohort(
         "patch": params.as_dict(),
         "stain_norm": stain_norm,
         "skipped": skipped,
+        "warnings": {sid: list(s.meta["warnings"]) for sid, s in slides.items() if s.meta.get("warnings")},
     }
     return write_cohort_manifest(out, manifest)

@@ -8,7 +8,9 @@ back with `read_prepared`.
 Prepared-slide contract (one ``.h5ad`` per slide):
 
 - ``X``: raw counts, ``scipy.sparse.csr_matrix`` float32 [N, G] (absent for H&E-only slides);
-- ``obs_names``: spot barcodes; ``var_names``: gene symbols;
+- ``obs_names``: spot barcodes; ``var_names``: gene symbols; every obs/var column the input had
+  (Space Ranger: obs ``in_tissue``, ``array_row``, ``array_col``; var ``gene_ids``, ``feature_types``,
+  ``genome``, as ``scanpy.read_visium`` writes them) is kept;
 - ``obsm['spatial']``: float64 [N, 2] spot centres (x, y) in full-resolution image pixels;
 - ``obsm['array']``: int64 [N, 2] (row, col) array coordinates, when the technology has them;
 - ``obsm['lattice']``: int64 [N, 2] collision-free integer lattice sites (`hist_st.lattice.to_lattice`);
@@ -16,10 +18,21 @@ Prepared-slide contract (one ``.h5ad`` per slide):
 - ``obs['patch_outside']``: bool, the spot's patch reached outside the image and was padded;
 - ``uns['hist_st']``: slide id, patient, technology, um per pixel, spot pitch (um), lattice unit (um),
   image path, free-form metadata;
-- ``uns['spatial'][slide_id]``: ``images`` (optional ``hires`` thumbnail) and ``scalefactors``, so
-  ``scanpy.pl.spatial`` / squidpy plot the slide directly;
-- ``layers['predicted']`` (prediction files only): predicted counts ``relu(expm1(y_hat))`` [N, G], and
-  ``layers['predicted_std']`` when Monte Carlo samples were drawn.
+- ``uns['spatial'][library_id]``: ``images`` and ``scalefactors`` as 10x defines them (Visium: the original
+  ``hires``/``lowres`` images and ``tissue_hires_scalef``, ``tissue_lowres_scalef``, ``spot_diameter_fullres``,
+  ``fiducial_diameter_fullres``), so ``scanpy.pl.spatial`` / squidpy plot a prepared Visium slide exactly
+  like ``scanpy.read_visium`` of the same folder; other slides carry hist-st's thumbnail as ``hires``
+  (or under ``hist_st_thumbnail`` with ``tissue_hist_st_thumbnail_scalef`` when an original ``hires``
+  exists) and ``spot_diameter_fullres`` (half the pitch: the ST/Visium spot-to-pitch ratio);
+- ``obsp['spatial_connectivities']``/``obsp['spatial_distances']`` + ``uns['spatial_neighbors']``: the
+  spot grid's neighbour graph (6 neighbours on hexagonal grids, 4 on square ones) in squidpy's layout, so
+  ``squidpy.gr`` functions use the right grid without calling ``spatial_neighbors``;
+  ``uns['hist_st']['grid']`` says ``"hex"`` or ``"square"``.
+
+Prediction files (``uns['hist_st']['kind'] == "prediction"``; never read as prepared slides):
+``X`` = predicted counts ``relu(expm1(y_hat))`` float32 [N, G], ``layers['log1p']`` = ``log1p(X)``,
+``layers['mc_std']`` = Monte Carlo dropout std of the counts (when drawn), ``layers['measured_counts']``
+= the measured counts of the same genes (when the input had them).
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from hist_st.errors import InputError
@@ -69,6 +83,13 @@ class Slide:
         patch_outside: Optional bool ``[N]``: the spot's patch reached outside the image.
         predicted: Optional predicted counts ``[N, G]`` float32; ``predicted_std`` its MC std.
         meta: Free-form metadata (JSON-serialisable).
+        obs: Optional per-spot annotations the input carried (rows aligned with ``barcodes``).
+        var: Optional per-gene annotations the input carried (rows aligned with ``genes``).
+        library_id: The library id of ``uns['spatial']`` (Visium: the sample's own; default ``slide_id``).
+        spatial_images: Original images by 10x key (``hires``, ``lowres``), uint8 ``[h, w, 3]``.
+        scalefactors: 10x scale factors as 10x defines them (``tissue_<key>_scalef``, ``spot_diameter_fullres``,
+            ``fiducial_diameter_fullres``).
+        image_scale: ``image`` pixels per full-resolution pixel (1.0: the image is the full-resolution one).
     """
 
     slide_id: str
@@ -91,6 +112,42 @@ class Slide:
     predicted: np.ndarray | None = None
     predicted_std: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    obs: pd.DataFrame | None = None
+    var: pd.DataFrame | None = None
+    library_id: str | None = None
+    spatial_images: dict[str, np.ndarray] = field(default_factory=dict)
+    scalefactors: dict[str, float] = field(default_factory=dict)
+    image_scale: float | None = None
+
+    @property
+    def is_prediction(self) -> bool:
+        """True for a prediction file's slide (``predicted`` set): never a prepared training slide."""
+        return self.predicted is not None
+
+    @property
+    def grid(self) -> str | None:
+        """``"hex"`` or ``"square"``: the spot grid (from the technology or the pseudo-spot record)."""
+        ps = self.meta.get("pseudo_spots") if isinstance(self.meta, dict) else None
+        if isinstance(ps, dict) and ps.get("lattice") in ("hex", "square"):
+            return str(ps["lattice"])
+        if isinstance(self.meta, dict) and self.meta.get("grid") in ("hex", "square"):
+            return str(self.meta["grid"])
+        return {"visium": "hex", "st": "square", "synthetic-hex": "hex"}.get(self.technology)
+
+    def plot_image(self) -> tuple[np.ndarray | None, float]:
+        """The best image to draw spots on and its scale (image px per full-resolution px).
+
+        hist-st's thumbnail when present, else the original ``hires`` image unless it is blank, else
+        ``lowres``; ``(None, 1.0)`` without any image.
+        """
+        if self.thumbnail is not None:
+            return self.thumbnail, float(self.thumbnail_scale or 1.0)
+        for key in ("hires", "lowres"):
+            img = self.spatial_images.get(key)
+            sf = self.scalefactors.get(f"tissue_{key}_scalef")
+            if img is not None and sf and float(np.asarray(img).std()) > 1.0:
+                return np.asarray(img), float(sf)
+        return None, 1.0
 
     @property
     def n_spots(self) -> int:
@@ -126,6 +183,10 @@ class Slide:
             raise InputError(src, f"{len(self.barcodes)} barcodes but {n} spot coordinates")
         if len(set(map(str, self.barcodes))) != n:
             raise InputError(src, "spot barcodes are not unique")
+        if self.obs is not None and len(self.obs) != n:
+            raise InputError(src, f"obs annotations have {len(self.obs)} rows but the slide has {n} spots")
+        if self.var is not None and len(self.var) != len(self.genes):
+            raise InputError(src, f"var annotations have {len(self.var)} rows but the slide has {len(self.genes)} genes")
         for name in ("array_coords", "lattice", "patch_outside", "predicted", "predicted_std"):
             arr = getattr(self, name)
             if arr is not None and len(arr) != n:
@@ -178,22 +239,78 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def slide_to_anndata(slide: Slide):
-    """Build the prepared-slide AnnData of ``slide`` (see the module docstring for the keys)."""
-    import anndata as ad
-    import pandas as pd
+THUMBNAIL_KEY = "hist_st_thumbnail"  # image key of hist-st's thumbnail when an original ``hires`` exists
 
-    n = slide.n_spots
-    obs = pd.DataFrame(index=pd.Index([str(b) for b in slide.barcodes], name="barcode"))
+
+def _frame_for_h5ad(df: pd.DataFrame, index: list[str], name: str) -> pd.DataFrame:
+    """A copy of ``df`` on ``index`` whose object columns are strings (h5ad cannot store mixed objects)."""
+    out = pd.DataFrame(index=pd.Index(index, name=name))
+    for col in df.columns:
+        v = df[col]
+        if v.dtype == object:
+            v = v.astype(str)
+        out[str(col)] = v.to_numpy()
+    return out
+
+
+def neighbour_graph(slide: Slide) -> tuple[sp.csr_matrix, sp.csr_matrix, int] | None:
+    """The spot grid's neighbour graph from array coordinates, in squidpy's ``spatial_neighbors`` layout.
+
+    Hexagonal grids (Visium array coordinates: columns step by 2 along a row) link ``(r, c +- 2)`` and
+    ``(r +- 1, c +- 1)``: 6 neighbours; square grids link ``(r +- 1, c)`` and ``(r, c +- 1)``: 4 neighbours.
+
+    Returns:
+        ``(connectivities [N, N] 0/1, distances [N, N] in full-resolution px, neighbours per spot)`` or None
+        when the slide has no array coordinates or no known grid.
+    """
+    grid = slide.grid
+    if slide.array_coords is None or grid not in ("hex", "square"):
+        return None
+    rc = np.asarray(slide.array_coords, dtype=np.int64)
+    steps = [(0, 2), (0, -2), (1, 1), (1, -1), (-1, 1), (-1, -1)] if grid == "hex" else [
+        (0, 1), (0, -1), (1, 0), (-1, 0)]
+    index = {(int(r), int(c)): i for i, (r, c) in enumerate(rc)}
+    rows, cols = [], []
+    for i, (r, c) in enumerate(rc):
+        for dr, dc in steps:
+            j = index.get((int(r) + dr, int(c) + dc))
+            if j is not None and j != i:
+                rows.append(i)
+                cols.append(j)
+    n = len(rc)
+    rows_a, cols_a = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    conn = sp.csr_matrix((np.ones(len(rows_a), np.float32), (rows_a, cols_a)), shape=(n, n))
+    xy = np.asarray(slide.spatial, dtype=np.float64)
+    d = np.sqrt(((xy[rows_a] - xy[cols_a]) ** 2).sum(1)) if len(rows_a) else np.zeros(0)
+    dist = sp.csr_matrix((d.astype(np.float32), (rows_a, cols_a)), shape=(n, n))
+    return conn, dist, len(steps)
+
+
+def slide_to_anndata(slide: Slide):
+    """Build the prepared-slide (or prediction) AnnData of ``slide`` (see the module docstring for the keys)."""
+    import anndata as ad
+
+    barcodes = [str(b) for b in slide.barcodes]
+    genes = [str(g) for g in slide.genes]
+    obs = _frame_for_h5ad(slide.obs, barcodes, "barcode") if slide.obs is not None else pd.DataFrame(
+        index=pd.Index(barcodes, name="barcode"))
     if slide.patch_outside is not None:
         obs["patch_outside"] = np.asarray(slide.patch_outside, dtype=bool)
-    var = pd.DataFrame(index=pd.Index([str(g) for g in slide.genes], name="gene"))
-    x = None
-    if slide.counts is not None:
+    var = _frame_for_h5ad(slide.var, genes, "gene") if slide.var is not None else pd.DataFrame(
+        index=pd.Index(genes, name="gene"))
+    layers: dict[str, Any] = {}
+    if slide.predicted is not None:
+        x = np.asarray(slide.predicted, dtype=np.float32)
+        layers["log1p"] = np.log1p(x)
+        if slide.predicted_std is not None:
+            layers["mc_std"] = np.asarray(slide.predicted_std, dtype=np.float32)
+        if slide.counts is not None:
+            layers["measured_counts"] = sp.csr_matrix(slide.counts, dtype=np.float32)
+    elif slide.counts is not None:
         x = sp.csr_matrix(slide.counts, dtype=np.float32)
-    elif slide.predicted is not None:
-        x = sp.csr_matrix((n, len(slide.genes)), dtype=np.float32)
-    adata = ad.AnnData(X=x, obs=obs, var=var)
+    else:
+        x = None
+    adata = ad.AnnData(X=x, obs=obs, var=var, layers=layers or None)
     adata.obsm["spatial"] = np.asarray(slide.spatial, dtype=np.float64)
     if slide.array_coords is not None:
         adata.obsm["array"] = np.asarray(slide.array_coords, dtype=np.int64)
@@ -201,32 +318,48 @@ def slide_to_anndata(slide: Slide):
         adata.obsm["lattice"] = np.asarray(slide.lattice, dtype=np.int64)
     for key, emb in slide.embeddings.items():
         adata.obsm[f"X_{key}"] = np.asarray(emb, dtype=np.float32)
-    if slide.predicted is not None:
-        adata.layers["predicted"] = np.asarray(slide.predicted, dtype=np.float32)
-    if slide.predicted_std is not None:
-        adata.layers["predicted_std"] = np.asarray(slide.predicted_std, dtype=np.float32)
-    info = {
+    library = slide.library_id or slide.slide_id
+    images = {k: np.asarray(v, dtype=np.uint8) for k, v in slide.spatial_images.items()}
+    scalefactors = {k: float(v) for k, v in slide.scalefactors.items() if v is not None}
+    thumbnail_key = ""
+    if slide.thumbnail is not None:
+        thumbnail_key = "hires" if "hires" not in images else THUMBNAIL_KEY
+        images[thumbnail_key] = np.asarray(slide.thumbnail, dtype=np.uint8)
+        scalefactors[f"tissue_{thumbnail_key}_scalef"] = float(slide.thumbnail_scale or 1.0)
+    if "spot_diameter_fullres" not in scalefactors:
+        if slide.um_per_px and slide.spot_pitch_um:
+            # half the pitch (the ST/Visium spot-to-pitch ratio), in full-resolution px
+            scalefactors["spot_diameter_fullres"] = float(0.5 * slide.spot_pitch_um / slide.um_per_px)
+        else:
+            scalefactors["spot_diameter_fullres"] = float(_nearest_neighbour_distance(slide.spatial) * 0.5)
+    adata.uns["spatial"] = {library: {"images": images, "scalefactors": scalefactors, "metadata": {}}}
+    graph = neighbour_graph(slide)
+    if graph is not None:
+        conn, dist, k = graph
+        adata.obsp["spatial_connectivities"] = conn
+        adata.obsp["spatial_distances"] = dist
+        adata.uns["spatial_neighbors"] = {
+            "connectivities_key": "spatial_connectivities",
+            "distances_key": "spatial_distances",
+            "params": {"n_neighbors": k, "coord_type": "grid", "radius": "none", "transform": "none",
+                       "source": f"hist-st: {slide.grid} spot grid from array coordinates"},
+        }
+    adata.uns["hist_st"] = {
+        "kind": "prediction" if slide.predicted is not None else "prepared",
         "slide_id": slide.slide_id,
+        "library_id": library,
         "patient": slide.patient if slide.patient is not None else "",
         "technology": slide.technology,
+        "grid": slide.grid or "",
         "um_per_px": float(slide.um_per_px) if slide.um_per_px is not None else float("nan"),
         "spot_pitch_um": float(slide.spot_pitch_um) if slide.spot_pitch_um is not None else float("nan"),
         "lattice_unit_um": float(slide.lattice_unit_um) if slide.lattice_unit_um is not None else float("nan"),
         "image": slide.image or "",
+        "image_scale": float(slide.image_scale) if slide.image_scale is not None else float("nan"),
+        "thumbnail_key": thumbnail_key,
         "meta_json": json.dumps(slide.meta, default=str),
         "has_counts": slide.counts is not None,
     }
-    adata.uns["hist_st"] = info
-    scalefactors: dict[str, float] = {"tissue_hires_scalef": float(slide.thumbnail_scale or 1.0)}
-    if slide.um_per_px and slide.spot_pitch_um:
-        # Spot diameter for plotting: half the pitch (the ST/Visium spot-to-pitch ratio), in full-res px.
-        scalefactors["spot_diameter_fullres"] = float(0.5 * slide.spot_pitch_um / slide.um_per_px)
-    else:
-        scalefactors["spot_diameter_fullres"] = float(_nearest_neighbour_distance(slide.spatial) * 0.5)
-    images = {}
-    if slide.thumbnail is not None:
-        images["hires"] = np.asarray(slide.thumbnail, dtype=np.uint8)
-    adata.uns["spatial"] = {slide.slide_id: {"images": images, "scalefactors": scalefactors, "metadata": {}}}
     return adata
 
 
@@ -244,24 +377,50 @@ def _nan_to_none(v: Any) -> float | None:
     return None if np.isnan(v) else v
 
 
+def _dense(m) -> np.ndarray:
+    return np.asarray(m.toarray() if sp.issparse(m) else m, dtype=np.float32)
+
+
 def anndata_to_slide(adata, source: str | Path | None = None) -> Slide:
-    """Read a `Slide` back from a prepared-slide AnnData; raise `InputError` naming ``source``."""
+    """Read a `Slide` back from a prepared-slide or prediction AnnData; raise `InputError` naming ``source``."""
     src = source if source is not None else "AnnData"
     if "spatial" not in adata.obsm:
         raise InputError(src, "obsm['spatial'] (spot x, y pixel coordinates) is missing")
     info = dict(adata.uns.get("hist_st", {}))
     slide_id = str(info.get("slide_id") or (Path(source).stem if source else "slide"))
-    counts = None
-    has_counts = bool(info.get("has_counts", "predicted" not in adata.layers))
-    if adata.X is not None and has_counts:
+    kind = str(info.get("kind", ""))
+    legacy_prediction = "predicted" in adata.layers
+    is_prediction = kind == "prediction" or legacy_prediction
+    counts, predicted, predicted_std = None, None, None
+    if is_prediction:
+        if legacy_prediction:  # files of hist-st < 0.2: predictions in a layer, zeros or counts in X
+            predicted = _dense(adata.layers["predicted"])
+            predicted_std = _dense(adata.layers["predicted_std"]) if "predicted_std" in adata.layers else None
+            if adata.X is not None and bool(info.get("has_counts", False)):
+                counts = sp.csr_matrix(adata.X, dtype=np.float32)
+        else:
+            predicted = _dense(adata.X)
+            predicted_std = _dense(adata.layers["mc_std"]) if "mc_std" in adata.layers else None
+            if "measured_counts" in adata.layers:
+                counts = sp.csr_matrix(adata.layers["measured_counts"], dtype=np.float32)
+    elif adata.X is not None and bool(info.get("has_counts", True)):
         counts = sp.csr_matrix(adata.X, dtype=np.float32)
     embeddings = {k[2:]: np.asarray(v, dtype=np.float32) for k, v in adata.obsm.items() if k.startswith("X_")}
+    spatial_uns = adata.uns.get("spatial", {})
+    library = str(info.get("library_id") or slide_id)
+    if library not in spatial_uns and len(spatial_uns) == 1:
+        library = next(iter(spatial_uns))
+    lib = spatial_uns.get(library, {})
+    images = {str(k): np.asarray(v) for k, v in lib.get("images", {}).items()}
+    scalefactors = {str(k): float(v) for k, v in lib.get("scalefactors", {}).items()}
+    thumb_key = str(info.get("thumbnail_key", "hires" if "kind" not in info else ""))
     thumb, scale = None, None
-    spatial_uns = adata.uns.get("spatial", {}).get(slide_id, {})
-    if "hires" in spatial_uns.get("images", {}):
-        thumb = np.asarray(spatial_uns["images"]["hires"])
-        scale = float(spatial_uns.get("scalefactors", {}).get("tissue_hires_scalef", 1.0))
+    if thumb_key and thumb_key in images:
+        thumb = images.pop(thumb_key)
+        scale = float(scalefactors.pop(f"tissue_{thumb_key}_scalef", 1.0))
+    obs_cols = [c for c in adata.obs.columns if c != "patch_outside"]
     meta_json = info.get("meta_json", "{}")
+    image_scale = _nan_to_none(info.get("image_scale", float("nan")))
     slide = Slide(
         slide_id=slide_id,
         spatial=np.asarray(adata.obsm["spatial"], dtype=np.float64),
@@ -280,11 +439,15 @@ def anndata_to_slide(adata, source: str | Path | None = None) -> Slide:
         thumbnail=thumb,
         thumbnail_scale=scale,
         patch_outside=np.asarray(adata.obs["patch_outside"], dtype=bool) if "patch_outside" in adata.obs else None,
-        predicted=np.asarray(adata.layers["predicted"], dtype=np.float32) if "predicted" in adata.layers else None,
-        predicted_std=(
-            np.asarray(adata.layers["predicted_std"], dtype=np.float32) if "predicted_std" in adata.layers else None
-        ),
+        predicted=predicted,
+        predicted_std=predicted_std,
         meta=json.loads(meta_json) if isinstance(meta_json, str) else {},
+        obs=adata.obs[obs_cols].copy() if obs_cols else None,
+        var=adata.var.copy() if len(adata.var.columns) else None,
+        library_id=library if library != slide_id else None,
+        spatial_images=images,
+        scalefactors=scalefactors,
+        image_scale=image_scale,
     )
     return slide.validate(src)
 

@@ -1,11 +1,18 @@
 """Whole-slide and plain images: region reading and spot-centred patch extraction.
 
-Three back ends share one interface (`SlideImage`):
+Four back ends share one interface (`SlideImage`):
 
 - `TiffImage`: pyramidal TIFF / OME-TIFF / plain TIFF through tifffile, reading only the tiles (or strips)
   that a region touches, at the pyramid level the region needs (never the full-resolution image);
 - `OpenSlideImage`: SVS, NDPI, MRXS and the other vendor formats through openslide-python;
-- `PillowImage`: JPEG / PNG (and anything else Pillow decodes), decoded once into memory.
+- `PillowImage`: JPEG / PNG (and anything else Pillow decodes), decoded once into memory;
+- `ArrayImage`: an RGB array already in memory, e.g. an image stored in an AnnData's ``uns['spatial']``
+  (`open_image` reads ``"file.h5ad#uns/spatial/<library>/images/<key>"``).
+
+`ScaledImage` presents a downscaled image (a Visium ``tissue_hires_image.png`` / ``tissue_lowres_image.png``,
+whose scale factor 10x records in ``scalefactors_json.json``) in full-resolution pixel coordinates, so spot
+positions in full-resolution pixels index it directly; `SlideImage.source_um_per_px` is then the real
+resolution behind the pixels.
 
 `extract_patches` / `iter_patch_batches` cut square patches centred on spot centres at a target
 resolution (default 224 px at 0.5 um/px = 112 um), resampled from the slide's own um/px with an
@@ -28,6 +35,8 @@ from hist_st.errors import InputError
 __all__ = [
     "SlideImage",
     "PillowImage",
+    "ArrayImage",
+    "ScaledImage",
     "TiffImage",
     "OpenSlideImage",
     "open_image",
@@ -35,6 +44,7 @@ __all__ = [
     "extract_patches",
     "iter_patch_batches",
     "patch_field_px",
+    "as_rgb_uint8",
     "PAD_VALUE",
 ]
 
@@ -81,6 +91,13 @@ class SlideImage:
     def read_level(self, lx: int, ly: int, w: int, h: int, level: int = 0) -> np.ndarray:
         """Like `read_region`, with the top-left corner ``(lx, ly)`` in pixels of ``level``."""
         raise NotImplementedError
+
+    @property
+    def source_um_per_px(self) -> float | None:
+        """Microns per pixel of the finest pixels the file really holds (its level 0)."""
+        if self.um_per_px is None:
+            return None
+        return float(self.um_per_px) * float(self.level_downsamples[0])
 
     def best_level(self, downsample: float) -> int:
         """The coarsest level whose downsample does not exceed ``downsample`` (never upsample a level)."""
@@ -143,31 +160,15 @@ def _to_rgb(a: np.ndarray) -> np.ndarray:
     return a
 
 
-class PillowImage(SlideImage):
-    """A JPEG/PNG/... image decoded once into memory (these formats have no random tile access)."""
+class ArrayImage(SlideImage):
+    """An RGB image held in memory as a uint8 ``[h, w, 3]`` array (one level)."""
 
-    def __init__(self, path: str | Path, um_per_px: float | None = None) -> None:
-        from PIL import Image
-
+    def __init__(self, array: np.ndarray, path: str | Path, um_per_px: float | None = None) -> None:
         self.path = Path(path)
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # histology images are legitimately huge
-        try:
-            with Image.open(self.path) as im:
-                im.load()
-                dpi = im.info.get("dpi")
-                self._arr = _to_rgb(np.asarray(im.convert("RGB") if im.mode not in ("RGB",) else im))
-        except Exception as exc:
-            raise InputError(
-                self.path, f"cannot decode the image ({type(exc).__name__}: {exc}); is it truncated?"
-            ) from exc
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
+        self._arr = _to_rgb(np.asarray(array))
         self.height, self.width = self._arr.shape[:2]
         self.level_downsamples = [1.0]
         self.um_per_px = um_per_px
-        if self.um_per_px is None and dpi and dpi[0] and float(dpi[0]) > 1000:  # a real scan, not 72/96 dpi
-            self.um_per_px = 25400.0 / float(dpi[0])
 
     @property
     def array(self) -> np.ndarray:
@@ -183,6 +184,91 @@ class PillowImage(SlideImage):
 
     def close(self) -> None:
         self._arr = np.zeros((0, 0, 3), np.uint8)
+
+
+class PillowImage(ArrayImage):
+    """A JPEG/PNG/... image decoded once into memory (these formats have no random tile access)."""
+
+    def __init__(self, path: str | Path, um_per_px: float | None = None) -> None:
+        from PIL import Image
+
+        path = Path(path)
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # histology images are legitimately huge
+        try:
+            with Image.open(path) as im:
+                im.load()
+                dpi = im.info.get("dpi")
+                arr = np.asarray(im.convert("RGB") if im.mode not in ("RGB",) else im)
+        except Exception as exc:
+            raise InputError(path, f"cannot decode the image ({type(exc).__name__}: {exc}); is it truncated?") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+        super().__init__(arr, path, um_per_px)
+        if self.um_per_px is None and dpi and dpi[0] and float(dpi[0]) > 1000:  # a real scan, not 72/96 dpi
+            self.um_per_px = 25400.0 / float(dpi[0])
+
+
+H5AD_IMAGE_SEP = "#"
+
+
+def read_h5ad_image(ref: str | Path) -> np.ndarray:
+    """Read an image stored inside an ``.h5ad`` file: ``"file.h5ad#uns/spatial/<lib>/images/<key>"``.
+
+    Returns:
+        uint8 ``[h, w, 3]`` RGB (float images in [0, 1], as scanpy stores them, are scaled to 0-255).
+    """
+    import h5py
+
+    path, _, key = str(ref).partition(H5AD_IMAGE_SEP)
+    try:
+        with h5py.File(path, "r") as f:
+            arr = np.asarray(f[key][()])
+    except Exception as exc:
+        raise InputError(path, f"cannot read the image {key!r} ({type(exc).__name__}: {exc})") from exc
+    if arr.ndim not in (2, 3) or min(arr.shape[:2]) < 2:
+        raise InputError(path, f"{key!r} is not an image (shape {arr.shape})")
+    return as_rgb_uint8(arr)
+
+
+def as_rgb_uint8(arr: np.ndarray) -> np.ndarray:
+    """Any image array (uint8/uint16, or float in [0, 1] as scanpy stores them) as uint8 RGB ``[h, w, 3]``."""
+    arr = np.asarray(arr)
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = np.nan_to_num(arr.astype(np.float32))
+        arr = np.clip(arr * (255.0 if arr.max(initial=0) <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+    return _to_rgb(arr)
+
+
+class ScaledImage(SlideImage):
+    """A downscaled image presented in full-resolution pixel coordinates.
+
+    Args:
+        inner: The image file's own `SlideImage` (e.g. a Visium lowres PNG).
+        scale: Image pixels per full-resolution pixel (10x ``tissue_lowres_scalef`` / ``tissue_hires_scalef``).
+        um_per_px: Microns per full-resolution pixel (the frame the spot positions use).
+
+    ``width``/``height`` are the full-resolution extent the image covers; its level ``i`` has downsample
+    ``inner.level_downsamples[i] / scale``, so `extract_patches` reads it like a pyramid level coarser than
+    the patch (and enlarges: `source_um_per_px` says by how much).
+    """
+
+    def __init__(self, inner: SlideImage, scale: float, um_per_px: float | None = None) -> None:
+        if not (np.isfinite(scale) and scale > 0):
+            raise InputError(inner.path, f"invalid image scale factor {scale!r}")
+        self.inner = inner
+        self.scale = float(scale)
+        self.path = inner.path
+        self.width = max(1, int(round(inner.width / self.scale)))
+        self.height = max(1, int(round(inner.height / self.scale)))
+        self.level_downsamples = [d / self.scale for d in inner.level_downsamples]
+        self.um_per_px = um_per_px
+
+    def read_level(self, lx: int, ly: int, w: int, h: int, level: int = 0) -> np.ndarray:
+        return self.inner.read_level(lx, ly, w, h, level)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _tiff_um_per_px(tif, page) -> float | None:
@@ -340,16 +426,23 @@ class OpenSlideImage(SlideImage):
         self._os.close()
 
 
-def open_image(path: str | Path, um_per_px: float | None = None) -> SlideImage:
+def open_image(path: str | Path, um_per_px: float | None = None, *, scale: float | None = None) -> SlideImage:
     """Open ``path`` with the right back end (by suffix, then by content for TIFF-like files).
 
     Args:
-        path: Image file.
-        um_per_px: Overrides the resolution recorded in the file.
+        path: Image file, or ``"file.h5ad#uns/spatial/<lib>/images/<key>"`` for an image inside an AnnData.
+        um_per_px: Microns per full-resolution pixel; overrides the resolution recorded in the file.
+        scale: Image pixels per full-resolution pixel when the file is a downscaled copy (Visium
+            hires/lowres); the returned image then works in full-resolution coordinates (`ScaledImage`).
 
     Raises:
         InputError: The file is missing, unreadable or truncated.
     """
+    if scale is not None and abs(float(scale) - 1.0) > 1e-9:
+        inner = open_image(path)
+        return ScaledImage(inner, float(scale), um_per_px)
+    if H5AD_IMAGE_SEP in str(path) and str(path).split(H5AD_IMAGE_SEP)[0].endswith(".h5ad"):
+        return ArrayImage(read_h5ad_image(path), str(path), um_per_px)
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "image file not found")

@@ -31,7 +31,21 @@ def register(subparsers) -> None:
         "--image",
         nargs="+",
         default=None,
-        help="full-resolution image(s), one per --input (spaceranger/anndata)",
+        help="H&E image(s), one per --input (spaceranger/anndata): full resolution, or a Space Ranger "
+        "tissue_hires/lowres image (scale from scalefactors_json.json or --image-scale). Default: the "
+        "folder's own hires (else lowres) image, or the images in the AnnData's uns['spatial']",
+    )
+    p.add_argument(
+        "--image-scale",
+        nargs="+",
+        type=float,
+        default=None,
+        help="image pixels per full-resolution pixel, one per --input (overrides the detected scale)",
+    )
+    p.add_argument(
+        "--allow-missing-image",
+        action="store_true",
+        help="skip slides without an H&E image (default: refuse them)",
     )
     p.add_argument(
         "--slide-id", nargs="+", default=None, help="slide id(s), one per --input (spaceranger/anndata)"
@@ -42,7 +56,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "--sections", nargs="+", default=None, help="her2st section ids / HEST sample ids to include"
     )
-    p.add_argument("--um-per-px", type=float, default=None, help="override microns per pixel (anndata)")
+    p.add_argument(
+        "--um-per-px",
+        type=float,
+        default=None,
+        help="microns per full-resolution pixel; overrides the value derived from the spot spacing or "
+        "recorded in the image (her2st, spaceranger, anndata; HEST records it per sample)",
+    )
     p.add_argument("--out", required=True, help="output cohort folder")
     p.add_argument("--encoder", default="efficientnet-lite0", help="efficientnet-lite0, uni, or timm:<name>")
     p.add_argument("--weights", default=None, help="encoder weights file (uni, timm:<name>)")
@@ -81,26 +101,44 @@ def build_sources(args) -> list:
     from hist_st import prepare as P
 
     inputs = args.input
+    upp = args.um_per_px
+    if upp is not None and not (upp > 0 and upp < float("inf")):
+        raise InputError("--um-per-px", f"must be a positive number, got {upp}")
+    if args.format in ("her2st", "hest"):
+        for name in ("image", "image_scale", "slide_id", "patient"):
+            if getattr(args, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise InputError(flag, f"is not used by --format {args.format} (the folder names its images and ids)")
     if args.format == "her2st":
         if len(inputs) != 1:
             raise InputError("--input", "give one her2st folder")
-        return P.sources_from_her2st(inputs[0], args.sections)
+        return P.sources_from_her2st(inputs[0], args.sections, um_per_px=upp)
     if args.format == "hest":
         if len(inputs) != 1:
             raise InputError("--input", "give one HEST-1k folder")
+        if upp is not None:
+            raise InputError(
+                "--um-per-px", "HEST-1k records each sample's resolution (pixel_size_um_estimated); it is not overridden"
+            )
         return P.sources_from_hest(inputs[0], args.sections)
     if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".csv", ".tsv", ".txt"):
+        for name in ("image", "image_scale", "slide_id", "patient", "um_per_px"):
+            if getattr(args, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise InputError(flag, f"give it as a column of the sample table {inputs[0]}, not on the command line")
         return P.sources_from_table(inputs[0], args.format)
     images = _per_input(args.image, len(inputs), "image")
+    scales = _per_input(args.image_scale, len(inputs), "image-scale")
     ids = _per_input(args.slide_id, len(inputs), "slide-id")
     patients = _per_input(args.patient, len(inputs), "patient")
     if args.format == "spaceranger":
         return [
-            P.source_from_spaceranger(i, im, s, pt) for i, im, s, pt in zip(inputs, images, ids, patients)
+            P.source_from_spaceranger(i, im, s, pt, upp, sc)
+            for i, im, s, pt, sc in zip(inputs, images, ids, patients, scales)
         ]
     return [
-        P.source_from_anndata(i, im, s, pt, args.um_per_px)
-        for i, im, s, pt in zip(inputs, images, ids, patients)
+        P.source_from_anndata(i, im, s, pt, upp, image_scale=sc)
+        for i, im, s, pt, sc in zip(inputs, images, ids, patients, scales)
     ]
 
 
@@ -128,6 +166,8 @@ def run(args) -> int:
         gene_mapping=args.gene_mapping,
         hvg_scope=args.hvg_scope,
         train_slides=args.train_slides,
+        allow_missing_image=args.allow_missing_image,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
         log=lambda s: print(s, file=sys.stderr),
     )

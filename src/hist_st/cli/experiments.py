@@ -61,10 +61,10 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_genes(args: argparse.Namespace) -> int:
-    from hist_st.experiments.figures import plot_genes
+    from hist_st.pl import plot_genes
 
     out = args.out or Path(args.pred).with_suffix("").as_posix() + "_genes.png"
-    path = plot_genes(args.pred, _list(args.genes) or [], out, truth=args.truth)
+    path = plot_genes(args.pred, _list(args.genes) or [], out, truth=args.truth, values=args.values)
     print(path)
     return 0
 
@@ -129,10 +129,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("plot", help="figures (plot genes: H&E, measured and predicted expression)")
     psub = p.add_subparsers(dest="plot_command", required=True, metavar="FIGURE")
-    g = psub.add_parser("genes", help="H&E, measured and predicted log-expression side by side per gene")
-    g.add_argument("--pred", required=True, type=Path, help="prediction file (.h5ad with layers['predicted'])")
+    g = psub.add_parser("genes", help="expression maps over the H&E: measured (when known), predicted, MC std")
+    g.add_argument("--pred", required=True, type=Path, help="prediction file (hist-st predict / cv output)")
     g.add_argument("--genes", required=True, help="comma-separated genes")
-    g.add_argument("--truth", type=Path, default=None, help="prepared slide with the measured counts (if not in --pred)")
+    g.add_argument("--truth", type=Path, default=None, help="prepared slide with the measured counts (optional)")
+    g.add_argument("--values", default="normalised", choices=("normalised", "log1p", "counts"),
+                   help="normalised: log1p of counts per 10k over the model's genes (library size removed)")  # fmt: skip
     g.add_argument("--out", type=Path, default=None, help="PNG path (default: next to --pred)")
     g.set_defaults(func=cmd_plot_genes)
 

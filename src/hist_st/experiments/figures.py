@@ -1,4 +1,5 @@
-"""Figures: gene maps (appendix C), calibration-token PCA (Figure 4), scaling curves (Figure 3).
+"""Figures: gene maps (appendix C, `hist_st.pl.plot_genes`), calibration-token PCA (Figure 4), scaling
+curves (Figure 3).
 
 ```python
 from hist_st.experiments import plot_genes
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hist_st.errors import InputError
+from hist_st.pl import plot_genes
 
 __all__ = ["plot_genes", "plot_token_pca", "plot_scaling"]
 
@@ -34,100 +35,6 @@ def _save(fig: Any, path: str | Path) -> Path:
     fig.savefig(path, bbox_inches="tight")
     _plt().close(fig)
     return path
-
-
-def plot_genes(
-    pred: str | Path | Any,
-    genes: Sequence[str],
-    out: str | Path,
-    *,
-    truth: str | Path | Any | None = None,
-    spot_size: float | None = None,
-    dpi: int = 120,
-) -> Path:
-    """H&E thumbnail, measured and predicted log-expression side by side, one row per gene.
-
-    Args:
-        pred: A prediction file (prepared-slide ``.h5ad`` with ``layers['predicted']``, as written by
-            ``hist-st predict`` / ``hist-st cv``) or a `Slide` with ``predicted``.
-        genes: Genes to draw (must be among the predicted genes).
-        out: PNG path.
-        truth: The measured slide (prepared ``.h5ad`` or `Slide`) when ``pred`` carries no counts.
-        spot_size: Marker size (points^2); default from the number of spots.
-        dpi: Resolution.
-
-    Returns:
-        The PNG path. Measured and predicted panels of a gene share one colour scale (log1p counts).
-
-    Raises:
-        InputError: Missing genes, no predictions, or no measured counts.
-    """
-    import scipy.sparse as sp
-
-    from hist_st.slide import Slide, read_prepared
-
-    slide = pred if isinstance(pred, Slide) else read_prepared(pred)
-    if slide.predicted is None:
-        raise InputError(pred if not isinstance(pred, Slide) else slide.slide_id, "holds no predictions (layers['predicted'])")
-    pos = {str(g): i for i, g in enumerate(slide.genes)}
-    missing = [g for g in genes if g not in pos]
-    if missing:
-        raise InputError("--genes", f"not among the predicted genes: {missing[:5]}")
-    meas = slide
-    if truth is None and slide.counts is None and not isinstance(pred, Slide):
-        # read_prepared leaves counts out of prediction files; `predict_slide` stores them in X when known.
-        import anndata as ad
-
-        x = ad.read_h5ad(pred).X
-        if x is not None and sp.csr_matrix(x).nnz > 0:
-            meas = Slide(slide.slide_id, slide.spatial, slide.barcodes, genes=slide.genes, counts=sp.csr_matrix(x))
-    if truth is not None:
-        meas = truth if isinstance(truth, Slide) else read_prepared(truth)
-        if [str(b) for b in meas.barcodes] != [str(b) for b in slide.barcodes]:
-            raise InputError("--truth", "its spots differ from the prediction file's spots")
-    tpos = {str(g): i for i, g in enumerate(meas.genes)}
-    if meas.counts is None or any(g not in tpos for g in genes):
-        raise InputError("--truth", "no measured counts for these genes; pass the prepared slide with --truth")
-
-    plt = _plt()
-    xy = np.asarray(slide.spatial, dtype=np.float64)
-    thumb, scale = slide.thumbnail, slide.thumbnail_scale
-    if thumb is None and meas.thumbnail is not None:
-        thumb, scale = meas.thumbnail, meas.thumbnail_scale
-    has_he = thumb is not None
-    ncol = 3 if has_he else 2
-    fig, axes = plt.subplots(len(genes), ncol, figsize=(3.6 * ncol, 3.4 * len(genes)), dpi=dpi, squeeze=False)
-    pts = xy * (scale if has_he and scale else 1.0)
-    size = spot_size if spot_size is not None else float(np.clip(12000.0 / max(len(xy), 1), 2.0, 60.0))
-    counts = sp.csr_matrix(meas.counts)
-    for r, gene in enumerate(genes):
-        y_true = np.log1p(np.asarray(counts[:, tpos[gene]].todense()).ravel())
-        y_pred = np.log1p(np.asarray(slide.predicted[:, pos[gene]], dtype=np.float64))
-        vmin = float(min(y_true.min(), y_pred.min()))
-        vmax = float(max(np.percentile(y_true, 99), np.percentile(y_pred, 99), vmin + 1e-6))
-        r_pcc = np.corrcoef(y_true, y_pred)[0, 1] if y_true.std() > 0 and y_pred.std() > 0 else float("nan")
-        panels = []
-        if has_he:
-            ax = axes[r, 0]
-            ax.imshow(thumb)
-            ax.set_title(f"{slide.slide_id}: H&E")
-            panels.append(ax)
-        for j, (vals, title) in enumerate(((y_true, f"{gene} measured"), (y_pred, f"{gene} predicted (r={r_pcc:.2f})"))):
-            ax = axes[r, j + (1 if has_he else 0)]
-            if has_he:
-                ax.imshow(thumb, alpha=0.35)
-            sc = ax.scatter(pts[:, 0], pts[:, 1], c=vals, s=size, cmap="viridis", vmin=vmin, vmax=vmax, linewidths=0)
-            if not has_he:
-                ax.invert_yaxis()
-            ax.set_title(title)
-            panels.append(ax)
-        fig.colorbar(sc, ax=axes[r, -1], fraction=0.046, pad=0.02, label="log1p counts")
-        for ax in panels:
-            ax.set_aspect("equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    return _save(fig, out)
 
 
 def plot_token_pca(

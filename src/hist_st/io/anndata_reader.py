@@ -1,4 +1,10 @@
-"""Any AnnData ``.h5ad`` with ``obsm['spatial']`` (x, y full-resolution pixels) plus an H&E image."""
+"""Any AnnData ``.h5ad`` with ``obsm['spatial']`` (x, y full-resolution pixels) plus an H&E image.
+
+The image is the user's (full resolution, or a hires/lowres copy through the scale factors in
+``uns['spatial']``), else the ``hires`` (unless blank) or ``lowres`` image that ``scanpy.read_visium`` stored
+in ``uns['spatial'][library]['images']``, read through its ``tissue_<key>_scalef``. obs/var columns, the
+library id, the scale factors and the stored images are kept.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ from hist_st.io._util import (
     derive_um_per_px,
     normalise_technology,
 )
+from hist_st.io.spaceranger import is_blank, resolve_image_scale
 from hist_st.slide import DEFAULT_LATTICE_UNIT_UM, Slide
+from hist_st.wsi import H5AD_IMAGE_SEP, as_rgb_uint8
 
 __all__ = ["read_anndata", "anndata_to_raw_slide"]
 
@@ -45,26 +53,32 @@ def anndata_to_raw_slide(
     spot_pitch_um: float | None = None,
     technology: str | None = None,
     symbol_column: str | None = None,
+    image_scale: float | None = None,
 ) -> Slide:
     """Build a `Slide` from an in-memory AnnData of raw counts (see `read_anndata`)."""
     from hist_st.harmonise import harmonise_slide
 
+    image_scale_given = image_scale
     if "spatial" not in adata.obsm:
         raise InputError(source, "obsm['spatial'] (spot x, y in full-resolution pixels) is missing")
     spatial = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
     counts, where = _counts_matrix(adata, source)
     obs = adata.obs
+    src_path = Path(str(source))
     tech = normalise_technology(technology or adata.uns.get("hist_st", {}).get("technology"))
     array = None
     if "array_row" in obs and "array_col" in obs:
         array = np.column_stack([obs["array_row"].to_numpy(), obs["array_col"].to_numpy()]).astype(np.int64)
     meta: dict = {"source": str(source), "counts_from": where}
-    sf = {}
+    sf: dict = {}
+    images: dict = {}
+    library_id = None
     lib = adata.uns.get("spatial", {})
     if isinstance(lib, dict) and lib:
-        first = next(iter(lib.values()))
+        library_id, first = next(iter(lib.items()))
         if isinstance(first, dict):
-            sf = dict(first.get("scalefactors", {}))
+            sf = {k: float(v) for k, v in dict(first.get("scalefactors", {})).items() if _is_number(v)}
+            images = {str(k): np.asarray(v) for k, v in dict(first.get("images", {})).items()}
     if tech == "unknown" and array is not None and sf.get("spot_diameter_fullres"):
         tech = "visium"
     pitch = spot_pitch_um or TECHNOLOGY_PITCH_UM.get(tech)
@@ -78,6 +92,18 @@ def anndata_to_raw_slide(
         um_per_px = VISIUM_SCALEFACTOR_SPOT_UM / float(sf["spot_diameter_fullres"])
         meta["um_per_px_source"] = "from uns['spatial'] spot_diameter_fullres (65 um)"
     # else: left None; `hist-st prepare` takes it from the image file or fails with a clear message
+    image_scale = None
+    if image is not None:
+        image, image_scale, meta["image_scale_source"] = resolve_image_scale(
+            image, sf, spatial, None, image_scale_given)
+    elif images and src_path.suffix == ".h5ad" and src_path.is_file():
+        for key in ("hires", "lowres"):
+            scalef = sf.get(f"tissue_{key}_scalef")
+            if key in images and scalef and not is_blank(images[key]):
+                image = f"{src_path}{H5AD_IMAGE_SEP}uns/spatial/{library_id}/images/{key}"
+                image_scale = float(scalef)
+                meta["image_scale_source"] = f"uns['spatial'][{library_id!r}]['images'][{key!r}] at tissue_{key}_scalef = {scalef:g}"
+                break
     symbols = None
     for col in ([symbol_column] if symbol_column else []) + [
         "gene_symbols",
@@ -88,6 +114,7 @@ def anndata_to_raw_slide(
         if col and col in adata.var.columns:
             symbols = adata.var[col].astype(str).to_numpy()
             break
+    obs_keep = obs.drop(columns=[c for c in ("patch_outside",) if c in obs.columns])
     slide = Slide(
         slide_id=slide_id or Path(str(source)).stem,
         spatial=spatial,
@@ -101,9 +128,23 @@ def anndata_to_raw_slide(
         technology=tech,
         patient=patient,
         image=str(image) if image else None,
+        image_scale=image_scale if image else None,
         meta=meta,
+        obs=obs_keep.copy() if len(obs_keep.columns) else None,
+        var=adata.var.copy() if len(adata.var.columns) else None,
+        library_id=str(library_id) if library_id is not None else None,
+        spatial_images={k: as_rgb_uint8(v) for k, v in images.items() if k in ("hires", "lowres")},
+        scalefactors=sf,
     )
     return harmonise_slide(slide, symbols=symbols)
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def read_anndata(
@@ -116,6 +157,7 @@ def read_anndata(
     spot_pitch_um: float | None = None,
     technology: str | None = None,
     symbol_column: str | None = None,
+    image_scale: float | None = None,
 ) -> Slide:
     """Read an AnnData ``.h5ad`` of raw counts with ``obsm['spatial']`` plus its image.
 
@@ -145,4 +187,5 @@ def read_anndata(
         spot_pitch_um=spot_pitch_um,
         technology=technology,
         symbol_column=symbol_column,
+        image_scale=image_scale,
     )

@@ -3,8 +3,12 @@
 Reads the filtered matrix (``filtered_feature_bc_matrix.h5``, HDF5 v3 or v2, or the MEX triplet
 ``filtered_feature_bc_matrix/{matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz|genes.tsv}``), the spot
 positions (``spatial/tissue_positions.csv`` with header, Space Ranger >= 2.0, or
-``spatial/tissue_positions_list.csv`` without) and ``spatial/scalefactors_json.json``; the full-resolution
-image is supplied separately.
+``spatial/tissue_positions_list.csv`` without), ``spatial/scalefactors_json.json`` and the images in
+``spatial/``. The H&E image behind the patches is the full-resolution image when the user has it, else
+(as in most deposited data) ``tissue_hires_image.png`` or ``tissue_lowres_image.png`` through its 10x scale
+factor (`resolve_image_scale`). What ``scanpy.read_visium`` keeps is kept: obs ``in_tissue``,
+``array_row``, ``array_col``; var ``gene_ids``, ``feature_types``, ``genome``; the library id; the 10x
+scale factors and the original hires/lowres images.
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ from hist_st.io._util import (
 )
 from hist_st.slide import Slide
 
-__all__ = ["read_spaceranger", "read_10x_h5", "read_10x_mex", "read_tissue_positions", "POSITION_COLUMNS"]
+__all__ = [
+    "read_spaceranger",
+    "read_10x_h5",
+    "read_10x_mex",
+    "read_tissue_positions",
+    "read_scalefactors",
+    "resolve_image_scale",
+    "spatial_images",
+    "POSITION_COLUMNS",
+]
 
 POSITION_COLUMNS = [
     "barcode",
@@ -45,29 +58,48 @@ def _s(a) -> np.ndarray:
     )
 
 
-def read_10x_h5(path: str | Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
+def _features(ids, names, ftype=None, genome=None) -> pd.DataFrame:
+    n = len(ids)
+    return pd.DataFrame(
+        {
+            "gene_ids": np.asarray(ids, dtype=object),
+            "gene_symbols": np.asarray(names, dtype=object),
+            "feature_types": np.asarray(ftype if ftype is not None else ["Gene Expression"] * n, dtype=object),
+            "genome": np.asarray(genome if genome is not None else [""] * n, dtype=object),
+        }
+    )
+
+
+def read_10x_h5(path: str | Path) -> tuple[sp.csr_matrix, np.ndarray, pd.DataFrame, str | None]:
     """Read a 10x HDF5 feature-barcode matrix (v3 ``matrix/`` or v2 ``<genome>/`` layout).
 
     Returns:
-        ``(counts CSR [N, G], barcodes [N], gene ids [G], gene symbols [G])``, gene-expression features only.
+        ``(counts CSR [N, G], barcodes [N], features, library_id)``: gene-expression features only;
+        ``features`` has one row per gene with ``gene_ids``, ``gene_symbols``, ``feature_types``, ``genome``;
+        ``library_id`` is the file's ``library_ids`` attribute (None when absent).
     """
     import h5py
 
     path = Path(path)
+    library_id = None
     try:
         with h5py.File(path, "r") as f:
+            libs = f.attrs.get("library_ids")
+            if libs is not None and len(np.atleast_1d(libs)):
+                library_id = str(_s(np.atleast_1d(libs))[0])
             if "matrix" in f:
                 g = f["matrix"]
                 feats = g["features"]
                 ids, names = _s(feats["id"][:]), _s(feats["name"][:])
                 ftype = _s(feats["feature_type"][:]) if "feature_type" in feats else None
+                genome = _s(feats["genome"][:]) if "genome" in feats else None
             else:
                 keys = list(f.keys())
                 if not keys:
                     raise InputError(path, "empty HDF5 file")
                 g = f[keys[0]]
                 ids, names = _s(g["genes"][:]), _s(g["gene_names"][:])
-                ftype = None
+                ftype, genome = None, [keys[0]] * len(ids)
             data, indices, indptr = g["data"][:], g["indices"][:], g["indptr"][:]
             n_genes, n_bc = (int(v) for v in g["shape"][:])
             barcodes = _s(g["barcodes"][:])
@@ -80,11 +112,12 @@ def read_10x_h5(path: str | Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray
     m = sp.csr_matrix(
         (data, indices, indptr), shape=(n_bc, n_genes)
     )  # CSC genes x barcodes == CSR transposed
+    feats = _features(ids, names, ftype, genome)
     if ftype is not None:
         keep = ftype == "Gene Expression"
         if keep.any() and not keep.all():
-            m, ids, names = m[:, np.flatnonzero(keep)], ids[keep], names[keep]
-    return check_counts(m, path), barcodes, ids, names
+            m, feats = m[:, np.flatnonzero(keep)], feats[keep].reset_index(drop=True)
+    return check_counts(m, path), barcodes, feats, library_id
 
 
 def _open_text(path: Path):
@@ -98,8 +131,12 @@ def _first(folder: Path, *names: str) -> Path | None:
     return None
 
 
-def read_10x_mex(folder: str | Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
-    """Read a 10x MEX triplet folder (``matrix.mtx[.gz]``, ``barcodes.tsv[.gz]``, ``features.tsv[.gz]``/``genes.tsv``)."""
+def read_10x_mex(folder: str | Path) -> tuple[sp.csr_matrix, np.ndarray, pd.DataFrame, None]:
+    """Read a 10x MEX triplet folder (``matrix.mtx[.gz]``, ``barcodes.tsv[.gz]``, ``features.tsv[.gz]``/``genes.tsv``).
+
+    Returns:
+        As `read_10x_h5` (MEX files record no library id: None).
+    """
     import scipy.io
 
     folder = Path(folder)
@@ -130,10 +167,11 @@ def read_10x_mex(folder: str | Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndar
             mtx, f"matrix shape {m.shape} does not match {len(ids)} features x {len(barcodes)} barcodes"
         )
     m = sp.csr_matrix(m.T)
+    feats = _features(ids, names, ftype)
     keep = ftype == "Gene Expression"
     if keep.any() and not keep.all():
-        m, ids, names = m[:, np.flatnonzero(keep)], ids[keep], names[keep]
-    return check_counts(m, mtx), barcodes, ids, names
+        m, feats = m[:, np.flatnonzero(keep)], feats[keep].reset_index(drop=True)
+    return check_counts(m, mtx), barcodes, feats, None
 
 
 def read_tissue_positions(spatial_dir: str | Path) -> pd.DataFrame:
@@ -161,6 +199,132 @@ def read_tissue_positions(spatial_dir: str | Path) -> pd.DataFrame:
     return df.set_index("barcode")
 
 
+IMAGE_KEYS = ("hires", "lowres")
+
+
+def read_scalefactors(spatial_dir: str | Path) -> dict[str, float]:
+    """``scalefactors_json.json`` of a Space Ranger ``spatial/`` folder ({} when absent)."""
+    path = Path(spatial_dir) / "scalefactors_json.json"
+    if not path.is_file():
+        return {}
+    try:
+        sf = json.loads(path.read_text())
+    except Exception as exc:
+        raise InputError(path, f"cannot parse the scale factors ({exc})") from exc
+    if not isinstance(sf, dict):
+        raise InputError(path, "expected a JSON object of scale factors")
+    out = {}
+    for k, v in sf.items():
+        try:
+            out[str(k)] = float(v)
+        except (TypeError, ValueError):
+            continue  # e.g. regist_target_img_scalef: null
+    return out
+
+
+def _image_file(spatial_dir: Path, key: str) -> Path | None:
+    return _first(spatial_dir, f"tissue_{key}_image.png", f"tissue_{key}_image.jpg", f"tissue_{key}_image.tif")
+
+
+def spatial_images(spatial_dir: str | Path) -> dict[str, np.ndarray]:
+    """The ``tissue_hires_image`` / ``tissue_lowres_image`` of ``spatial/`` as uint8 RGB arrays by 10x key."""
+    from hist_st.wsi import PillowImage
+
+    out = {}
+    for key in IMAGE_KEYS:
+        path = _image_file(Path(spatial_dir), key)
+        if path is not None:
+            img = PillowImage(path)
+            out[key] = img.array.copy()
+            img.close()
+    return out
+
+
+def is_blank(image: np.ndarray) -> bool:
+    """True for an image without content (one colour, e.g. the all-black hires image of some deposits)."""
+    a = np.asarray(image, dtype=np.float32)
+    if np.issubdtype(np.asarray(image).dtype, np.floating) and a.size and float(np.nanmax(a)) <= 1.0:
+        a = a * 255.0  # scanpy stores images as floats in [0, 1]
+    return float(a.std()) < 1.0
+
+
+def resolve_image_scale(
+    image: str | Path | None,
+    scalefactors: dict[str, float],
+    spatial_px: np.ndarray,
+    spatial_dir: str | Path | None,
+    image_scale: float | None = None,
+) -> tuple[Path | None, float, str]:
+    """Which image the patches come from, and its pixels per full-resolution pixel.
+
+    Args:
+        image: The user's image (full resolution, hires or lowres), or None to use ``spatial/``'s own
+            hires image (unless blank) else its lowres image.
+        scalefactors: 10x scale factors (``tissue_hires_scalef``, ``tissue_lowres_scalef``).
+        spatial_px: Spot centres ``[N, 2]`` in full-resolution pixels.
+        spatial_dir: The ``spatial/`` folder (None: no Space Ranger folder, e.g. an AnnData input).
+        image_scale: An explicit scale (image px per full-resolution px) given by the user.
+
+    Returns:
+        ``(image path or None, scale, how the scale was found)``.
+
+    Raises:
+        InputError: the image is neither full resolution nor a scaled copy the scale factors describe.
+    """
+    from hist_st.wsi import open_image
+
+    spatial_dir = Path(spatial_dir) if spatial_dir is not None else None
+    if image is None:
+        if spatial_dir is None:
+            return None, 1.0, "no image"
+        for key in IMAGE_KEYS:
+            path = _image_file(spatial_dir, key)
+            sf = scalefactors.get(f"tissue_{key}_scalef")
+            if path is None or not sf:
+                continue
+            with open_image(path) as img:
+                blank = is_blank(img.array)
+            if blank:
+                continue
+            return path, float(sf), f"{path.name} at tissue_{key}_scalef = {sf:g} (no full-resolution image given)"
+        return None, 1.0, "no image"
+    image = Path(image)
+    if image_scale is not None:
+        if not (np.isfinite(image_scale) and image_scale > 0):
+            raise InputError("--image-scale", f"must be a positive number, got {image_scale}")
+        return image, float(image_scale), "given by the user (--image-scale)"
+    for key in IMAGE_KEYS:
+        own = _image_file(spatial_dir, key) if spatial_dir is not None else None
+        sf = scalefactors.get(f"tissue_{key}_scalef")
+        if own is not None and sf and own.resolve() == image.resolve():
+            return image, float(sf), f"the Space Ranger {key} image: tissue_{key}_scalef = {sf:g}"
+    if not any(scalefactors.get(f"tissue_{k}_scalef") for k in IMAGE_KEYS):
+        return image, 1.0, "full resolution (no hires/lowres scale factors to consider)"
+    with open_image(image) as img:
+        w, h = img.width, img.height
+    xy = np.asarray(spatial_px, dtype=np.float64)
+    lo, hi = xy.min(0), xy.max(0)
+    candidates = [(1.0, "full resolution (spot positions fit the image)")] + [
+        (float(scalefactors[f"tissue_{k}_scalef"]), f"a {k} image: tissue_{k}_scalef = {scalefactors[f'tissue_{k}_scalef']:g}")
+        for k in IMAGE_KEYS
+        if scalefactors.get(f"tissue_{k}_scalef")
+    ]
+    for scale, how in candidates:
+        x0, y0 = lo * scale
+        x1, y1 = hi * scale
+        fits = x0 >= -1 and y0 >= -1 and x1 <= w + 1 and y1 <= h + 1
+        fills = scale == 1.0 or (x1 - x0) >= 0.2 * w or (y1 - y0) >= 0.2 * h
+        if fits and fills:
+            return image, scale, how + " (from its size, " + f"{w} x {h} px)"
+    raise InputError(
+        image,
+        f"the spot positions (full-resolution x {lo[0]:.0f}-{hi[0]:.0f}, y {lo[1]:.0f}-{hi[1]:.0f} px) fit this "
+        f"{w} x {h} px image neither at full resolution nor at the hires/lowres scale factors "
+        f"{({k: v for k, v in scalefactors.items() if k.startswith('tissue_')})}; give the right image or its "
+        "scale with --image-scale",
+    )
+
+
 def read_spaceranger(
     outs: str | Path,
     image: str | Path | None = None,
@@ -168,22 +332,28 @@ def read_spaceranger(
     slide_id: str | None = None,
     patient: str | None = None,
     um_per_px: float | None = None,
+    image_scale: float | None = None,
     in_tissue_only: bool = True,
 ) -> Slide:
     """Read a Space Ranger ``outs/`` folder.
 
     Args:
         outs: The ``outs/`` folder.
-        image: The full-resolution H&E image the pixel positions refer to.
-        um_per_px: Overrides the derived resolution.
+        image: The H&E image: full resolution, or a hires/lowres copy (its scale comes from
+            ``scalefactors_json.json`` or ``image_scale``). None: ``spatial/``'s hires image, else lowres.
+        um_per_px: Microns per full-resolution pixel; overrides the value derived from the spot spacing.
+        image_scale: Image pixels per full-resolution pixel of ``image`` (overrides the detection).
         in_tissue_only: Keep only spots flagged ``in_tissue``.
 
     Returns:
         A Visium `Slide` (pitch 100 um, lattice unit 55 um), gene ids harmonised to symbols, spatial =
-        (pxl_col, pxl_row) full-resolution pixels, array coords = (array_row, array_col).
+        (pxl_col, pxl_row) full-resolution pixels, array coords = (array_row, array_col), ``image`` and
+        ``image_scale`` (the image the patches come from), obs/var/library id/scale factors/images as
+        ``scanpy.read_visium`` keeps them.
 
     Raises:
-        InputError: missing or unreadable matrix/positions, barcodes that do not match.
+        InputError: missing or unreadable matrix/positions, barcodes that do not match, an image that fits
+            neither at full resolution nor at a 10x scale factor.
     """
     from hist_st.harmonise import harmonise_slide
 
@@ -193,20 +363,21 @@ def read_spaceranger(
     h5 = _first(outs, "filtered_feature_bc_matrix.h5")
     mex = outs / "filtered_feature_bc_matrix"
     if h5 is not None:
-        counts, barcodes, ids, names = read_10x_h5(h5)
+        counts, barcodes, feats, library_id = read_10x_h5(h5)
         mpath = h5
     elif mex.is_dir():
-        counts, barcodes, ids, names = read_10x_mex(mex)
+        counts, barcodes, feats, library_id = read_10x_mex(mex)
         mpath = mex
     else:
         raise InputError(outs, "no filtered_feature_bc_matrix.h5 or filtered_feature_bc_matrix/ folder")
-    pos = read_tissue_positions(outs / "spatial")
+    spatial_dir = outs / "spatial"
+    pos = read_tissue_positions(spatial_dir)
     if in_tissue_only:
         pos = pos[pos["in_tissue"].astype(int) == 1]
     missing = [b for b in barcodes if b not in pos.index]
     if len(missing) == len(barcodes):
         raise InputError(
-            mpath, f"no matrix barcode matches the positions in {outs / 'spatial'} (first: {missing[:2]})"
+            mpath, f"no matrix barcode matches the positions in {spatial_dir} (first: {missing[:2]})"
         )
     if missing and not in_tissue_only:
         raise InputError(mpath, f"{len(missing)} matrix barcodes have no position (first: {missing[:2]})")
@@ -216,13 +387,8 @@ def read_spaceranger(
     spatial = p[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
     array = p[["array_row", "array_col"]].to_numpy(np.int64)
     meta: dict = {"outs": str(outs), "matrix": str(mpath), "barcodes_not_in_tissue": int((~keep).sum())}
-    sf_path = outs / "spatial" / "scalefactors_json.json"
-    sf = {}
-    if sf_path.is_file():
-        try:
-            sf = json.loads(sf_path.read_text())
-        except Exception as exc:
-            raise InputError(sf_path, f"cannot parse ({exc})") from exc
+    sf_path = spatial_dir / "scalefactors_json.json"
+    sf = read_scalefactors(spatial_dir)
     if um_per_px is None:
         try:
             um_per_px, how = derive_hex_um_per_px(array, spatial, VISIUM_PITCH_UM, outs)
@@ -244,13 +410,25 @@ def read_spaceranger(
                 )
         meta["um_per_px_source"] = how
     else:
+        if not (np.isfinite(um_per_px) and um_per_px > 0):
+            raise InputError("--um-per-px", f"must be a positive number, got {um_per_px}")
         meta["um_per_px_source"] = "given by the user"
-    meta["scalefactors"] = sf
+    image_path, scale, scale_how = resolve_image_scale(image, sf, spatial, spatial_dir, image_scale)
+    meta["image_scale_source"] = scale_how
+    obs = pd.DataFrame(
+        {
+            "in_tissue": p["in_tissue"].astype(np.int64).to_numpy(),
+            "array_row": p["array_row"].astype(np.int64).to_numpy(),
+            "array_col": p["array_col"].astype(np.int64).to_numpy(),
+        },
+        index=pd.Index(list(barcodes)),
+    )
+    sid = slide_id or (outs.parent.name if outs.name == "outs" else outs.name)
     slide = Slide(
-        slide_id=slide_id or (outs.parent.name if outs.name == "outs" else outs.name),
+        slide_id=sid,
         spatial=spatial,
         barcodes=barcodes,
-        genes=ids,
+        genes=feats["gene_ids"].to_numpy(dtype=object),
         counts=counts,
         array_coords=array,
         um_per_px=float(um_per_px),
@@ -258,7 +436,13 @@ def read_spaceranger(
         lattice_unit_um=VISIUM_SPOT_UM,
         technology="visium",
         patient=patient,
-        image=str(image) if image else None,
+        image=str(image_path) if image_path else None,
+        image_scale=scale if image_path else None,
         meta=meta,
+        obs=obs,
+        var=feats[["gene_ids", "feature_types", "genome"]].copy(),
+        library_id=library_id or sid,
+        spatial_images=spatial_images(spatial_dir),
+        scalefactors=sf,
     )
-    return harmonise_slide(slide, symbols=names)
+    return harmonise_slide(slide, symbols=feats["gene_symbols"].to_numpy(dtype=object))

@@ -153,6 +153,11 @@ def predict_slide(bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, see
         predicted=np.maximum(np.expm1(mean), 0.0).astype(np.float32),
         predicted_std=std.astype(np.float32) if std is not None else None,
         meta=meta,
+        obs=slide.obs,
+        library_id=slide.library_id,
+        spatial_images=dict(slide.spatial_images),
+        scalefactors=dict(slide.scalefactors),
+        image_scale=slide.image_scale,
     )
 
 

@@ -1,0 +1,233 @@
+"""Expression maps a pathologist can read: spots of their real size over the H&E, library-size normalised.
+
+Raw predicted counts mostly show library size (how much RNA a spot yields), so every gene's map looks
+alike. Maps therefore default to ``log1p`` of counts per 10,000 over the model's genes (scanpy's
+``normalize_total(target_sum=1e4)`` + ``log1p``), and each figure says which values it shows.
+
+```python
+from hist_st.pl import plot_genes
+plot_genes("runs/pred/C5.h5ad", ["ERBB2", "IGKC"], "C5_maps.png")                 # measured vs predicted
+plot_genes("runs/pred_he/slide.h5ad", ["ERBB2"], "maps.png", values="log1p")       # image-only prediction
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from hist_st.errors import InputError
+from hist_st.slide import Slide, read_prepared
+
+__all__ = ["VALUES", "normalise_counts", "gene_values", "spot_diameter_px", "map_agreement", "plot_genes"]
+
+#: What a map shows: library-size-normalised log expression (default), log1p counts, or counts.
+VALUES = {
+    "normalised": "log1p(counts per 10k over the model's genes)",
+    "log1p": "log1p(counts)",
+    "counts": "counts",
+}
+
+
+def normalise_counts(counts: np.ndarray | sp.spmatrix, target_sum: float = 1e4) -> np.ndarray:
+    """``log1p(counts / spot total * target_sum)`` per spot, as scanpy's ``normalize_total`` + ``log1p``.
+
+    Args:
+        counts: ``[N, G]`` counts (dense or sparse). Spots whose total is 0 stay 0.
+
+    Returns:
+        float64 ``[N, G]``.
+    """
+    x = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64)
+    total = x.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x = np.where(total > 0, x / total * target_sum, 0.0)
+    return np.log1p(x)
+
+
+def gene_values(counts: np.ndarray | sp.spmatrix, columns: Sequence[int], values: str = "normalised") -> np.ndarray:
+    """The map values of ``columns`` of ``counts`` ``[N, G]`` (normalised over all G genes); ``[N, len(columns)]``."""
+    if values not in VALUES:
+        raise InputError("--values", f"unknown values {values!r}; use {', '.join(VALUES)}")
+    cols = list(columns)
+    if values == "normalised":
+        return normalise_counts(counts)[:, cols]
+    x = counts[:, cols]
+    x = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+    return np.log1p(x) if values == "log1p" else x
+
+
+def spot_diameter_px(slide: Slide) -> float:
+    """Spot diameter in full-resolution pixels: 10x's ``spot_diameter_fullres`` when known, else half the pitch."""
+    d = slide.scalefactors.get("spot_diameter_fullres")
+    if d:
+        return float(d)
+    if slide.spot_pitch_um and slide.um_per_px:
+        return 0.5 * float(slide.spot_pitch_um) / float(slide.um_per_px)
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(slide.spatial, dtype=np.float64)
+    if len(xy) < 2:
+        return 1.0
+    dist, _ = cKDTree(xy).query(xy, k=2)
+    return 0.5 * float(np.median(dist[:, 1]))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def map_agreement(pred: Slide, genes: Sequence[str], values: str = "normalised") -> dict[str, Any]:
+    """How well predicted maps follow the measured ones, and whether different genes' maps differ.
+
+    Args:
+        pred: A prediction `Slide` holding the measured counts of the same spots (``counts``).
+        genes: Genes to compare.
+
+    Returns:
+        ``{"values", "per_gene": {gene: Pearson r of predicted vs measured map}, "between_genes":
+        {"measured": [[r]], "predicted": [[r]]}}`` (between-gene matrices in the order of ``genes``).
+    """
+    if pred.predicted is None or pred.counts is None:
+        raise InputError(f"slide {pred.slide_id!r}", "needs predictions and the measured counts of the same spots")
+    cols = _columns(pred, genes)
+    p = gene_values(pred.predicted, cols, values)
+    m = gene_values(sp.csr_matrix(pred.counts), cols, values)
+    return {
+        "values": VALUES[values],
+        "per_gene": {g: _pearson(p[:, j], m[:, j]) for j, g in enumerate(genes)},
+        "between_genes": {
+            "measured": [[_pearson(m[:, i], m[:, j]) for j in range(len(genes))] for i in range(len(genes))],
+            "predicted": [[_pearson(p[:, i], p[:, j]) for j in range(len(genes))] for i in range(len(genes))],
+        },
+    }
+
+
+def _columns(slide: Slide, genes: Sequence[str]) -> list[int]:
+    pos = {str(g): i for i, g in enumerate(slide.genes)}
+    missing = [g for g in genes if g not in pos]
+    if missing:
+        raise InputError("--genes", f"not among the slide's {len(pos)} genes: {missing[:5]}")
+    return [pos[g] for g in genes]
+
+
+def _load(x: str | Path | Slide) -> Slide:
+    return x if isinstance(x, Slide) else read_prepared(x)
+
+
+def _spots(ax, xy: np.ndarray, diameter: float, vals: np.ndarray, cmap: str, vmin: float, vmax: float):
+    """Spots as circles of their real diameter (data units), coloured by ``vals``."""
+    from matplotlib.collections import EllipseCollection
+
+    coll = EllipseCollection(
+        np.full(len(xy), diameter), np.full(len(xy), diameter), np.zeros(len(xy)), units="xy",
+        offsets=xy, offset_transform=ax.transData, cmap=cmap, alpha=0.85, linewidths=0,
+    )  # fmt: skip
+    coll.set_array(np.asarray(vals, dtype=np.float64))
+    coll.set_clim(vmin, vmax)
+    ax.add_collection(coll)
+    return coll
+
+
+def plot_genes(
+    pred: str | Path | Slide,
+    genes: Sequence[str],
+    out: str | Path,
+    *,
+    truth: str | Path | Slide | None = None,
+    values: str = "normalised",
+    dpi: int = 120,
+) -> Path:
+    """One row per gene: measured (when known), predicted and MC-dropout std maps over the H&E.
+
+    Args:
+        pred: A prediction file (``hist-st predict`` / ``cv`` output) or a prediction `Slide`.
+        genes: Genes to draw (checked first).
+        out: PNG path.
+        truth: The measured slide (prepared ``.h5ad`` or `Slide`) when ``pred`` carries no measured counts.
+        values: ``"normalised"`` (default: log1p of counts per 10k over the model's genes), ``"log1p"``
+            or ``"counts"``; the colour bar says which.
+        dpi: Resolution.
+
+    Returns:
+        The PNG path. Measured and predicted panels of a gene share one colour scale; the predicted
+        panel's title gives its Pearson r with the measured map.
+
+    Raises:
+        InputError: genes not predicted, no predictions, spots of ``truth`` differ from ``pred``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if values not in VALUES:
+        raise InputError("--values", f"unknown values {values!r}; use {', '.join(VALUES)}")
+    slide = _load(pred)
+    if slide.predicted is None:
+        raise InputError(pred if not isinstance(pred, Slide) else slide.slide_id, "holds no predictions")
+    cols = _columns(slide, genes)
+    measured = None
+    if truth is not None:
+        meas = _load(truth)
+        if [str(b) for b in meas.barcodes] != [str(b) for b in slide.barcodes]:
+            raise InputError("--truth", "its spots differ from the prediction file's spots")
+        tpos = {str(g): i for i, g in enumerate(meas.genes)}
+        if meas.counts is None or any(str(g) not in tpos for g in slide.genes):
+            raise InputError("--truth", "holds no measured counts for every predicted gene")
+        measured = gene_values(sp.csr_matrix(meas.counts)[:, [tpos[str(g)] for g in slide.genes]], cols, values)
+    elif slide.counts is not None:
+        measured = gene_values(sp.csr_matrix(slide.counts), cols, values)
+    predicted = gene_values(slide.predicted, cols, values)
+    std = np.asarray(slide.predicted_std, dtype=np.float64)[:, cols] if slide.predicted_std is not None else None
+
+    image, scale = slide.plot_image()
+    xy = np.asarray(slide.spatial, dtype=np.float64) * scale
+    diameter = spot_diameter_px(slide) * scale
+    if image is not None:
+        h, w = image.shape[:2]
+    else:
+        w, h = (xy.max(0) + diameter).tolist()
+    panels = (["measured"] if measured is not None else []) + ["predicted"] + (["std"] if std is not None else [])
+    aspect = h / max(w, 1)
+    fig, axes = plt.subplots(len(genes), len(panels), figsize=(4.2 * len(panels), 4.2 * aspect * len(genes) + 0.4),
+                             dpi=dpi, squeeze=False)  # fmt: skip
+    label = VALUES[values]
+    for r, gene in enumerate(genes):
+        vals = {"predicted": predicted[:, r]}
+        if measured is not None:
+            vals["measured"] = measured[:, r]
+        both = np.concatenate(list(vals.values()))
+        vmin, vmax = float(np.percentile(both, 1)), float(np.percentile(both, 99))
+        vmax = max(vmax, vmin + 1e-6)
+        for c, kind in enumerate(panels):
+            ax = axes[r, c]
+            if image is not None:
+                ax.imshow(image)
+            if kind == "std":
+                sd = std[:, r]
+                coll = _spots(ax, xy, diameter, sd, "magma", float(sd.min()), float(max(sd.max(), sd.min() + 1e-6)))
+                title, cbar = f"{gene}: MC-dropout std", "std of predicted counts"
+            else:
+                coll = _spots(ax, xy, diameter, vals[kind], "viridis", vmin, vmax)
+                title, cbar = f"{gene}: {kind}", label
+                if kind == "predicted" and measured is not None:
+                    title += f" (r = {_pearson(vals['predicted'], vals['measured']):.2f})"
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)
+            ax.set_aspect("equal")
+            ax.set_axis_off()
+            ax.set_title(f"{slide.slide_id} {title}", fontsize=9)
+            fig.colorbar(coll, ax=ax, fraction=0.04, pad=0.01).set_label(cbar, fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+    return out
