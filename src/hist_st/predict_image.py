@@ -12,12 +12,13 @@ at the model's training spot pitch and lattice type (`hist_st.tissue.pseudo_spot
 embeddings with the model's encoder and patch geometry (`hist_st.prepare.embed_he_slide`); HiST
 (`hist_st.train.predict.predict_slide`, optional Monte Carlo dropout). Outputs in ``out_dir``:
 
-- ``<slide>.h5ad``: a prepared-slide file (`hist_st.slide` contract) with ``layers['predicted']`` (counts
-  ``relu(expm1(.))``), ``layers['predicted_std']`` with MC dropout, ``obsm['spatial']`` (image pixels),
-  ``obsm['array']``/``obsm['lattice']``, the embeddings, and the thumbnail in ``uns['spatial']`` so
-  ``scanpy.pl.spatial`` plots it;
-- ``<slide>_<gene>.png``: log1p predicted expression of each chosen gene over the thumbnail (with the MC
-  standard deviation beside it when drawn);
+- ``<slide>.h5ad``: a prediction file (`hist_st.slide` contract): ``X`` = predicted counts
+  ``relu(expm1(.))``, ``layers['log1p']``, ``layers['mc_std']`` with MC dropout, obs with the pseudo-spot
+  geometry (``array_row``, ``array_col``, ``pxl_col_in_fullres``, ``pxl_row_in_fullres``, ``in_tissue``),
+  ``obsm['spatial']`` (image pixels), the embeddings, the neighbour graph and the thumbnail in
+  ``uns['spatial']``, so ``scanpy.pl.spatial(adata, color=gene)`` plots it;
+- ``<slide>_<gene>.png``: the gene's library-size-normalised predicted expression (log1p counts per 10k
+  over the model's genes) over the H&E, with the MC standard deviation beside it when drawn;
 - ``summary.json``: parameters, where each came from, spot counts, timings and, with ``reference``, the
   agreement with the measured spots of the same section.
 """
@@ -38,8 +39,8 @@ from hist_st.slide import Slide
 __all__ = [
     "predict_image",
     "compare_to_reference",
-    "plot_predicted_genes",
     "model_grid",
+    "image_resolution",
     "MATCH_PITCH_FRACTION",
 ]
 
@@ -119,6 +120,26 @@ def model_grid(bundle: Any) -> dict[str, Any]:
     }
 
 
+def _spaceranger_um_per_px(image_path: Path) -> tuple[float, str] | None:
+    """um/px of a Space Ranger ``tissue_hires/lowres_image`` from the ``scalefactors_json.json`` beside it."""
+    from hist_st.io._util import VISIUM_SCALEFACTOR_SPOT_UM
+    from hist_st.io.spaceranger import read_scalefactors
+
+    name = image_path.name.lower()
+    key = "hires" if name.startswith("tissue_hires_image") else "lowres" if name.startswith("tissue_lowres_image") else None
+    if key is None:
+        return None
+    sf = read_scalefactors(image_path.parent)
+    d, scalef = sf.get("spot_diameter_fullres"), sf.get(f"tissue_{key}_scalef")
+    if not d or not scalef:
+        return None
+    upp = VISIUM_SCALEFACTOR_SPOT_UM / float(d) / float(scalef)
+    return upp, (
+        f"Space Ranger scale factors beside the image: {VISIUM_SCALEFACTOR_SPOT_UM:g} um / spot_diameter_fullres "
+        f"{d:g} px / tissue_{key}_scalef {scalef:g}"
+    )
+
+
 def _resolve_um_per_px(
     image_path: Path, um_per_px: float | None, reference: Slide | None
 ) -> tuple[float, str]:
@@ -132,13 +153,31 @@ def _resolve_um_per_px(
         upp = img.um_per_px
     if upp is not None and np.isfinite(upp) and upp > 0:
         return float(upp), "recorded in the image file"
+    visium = _spaceranger_um_per_px(image_path)
+    if visium is not None:
+        return visium
     if reference is not None and reference.um_per_px:
         return float(reference.um_per_px), f"from the reference slide {reference.slide_id!r} (same section)"
     raise InputError(
         image_path,
-        "the image records no resolution (no TIFF resolution tags, OME/Aperio metadata or openslide mpp); "
-        "pass --um-per-px (microns per full-resolution pixel)",
+        "the image records no resolution (no TIFF resolution tags, OME/Aperio metadata or openslide mpp, no "
+        "Space Ranger scalefactors_json.json beside it); pass --um-per-px (microns per pixel of this image)",
     )
+
+
+def image_resolution(um_per_px: float, patch_um_per_px: float) -> dict[str, Any]:
+    """How much patches are enlarged from the image's pixels, and a warning when it is more than 2x."""
+    from hist_st.prepare import MAX_PATCH_UPSAMPLING
+
+    up = float(um_per_px) / float(patch_um_per_px)
+    out: dict[str, Any] = {"source_um_per_px": float(um_per_px), "patch_upsampling": up, "warning": None}
+    if up > MAX_PATCH_UPSAMPLING:
+        out["warning"] = (
+            f"patches are enlarged {up:.1f}x: the image has {um_per_px:.2f} um/px but the model's patches are "
+            f"{patch_um_per_px:g} um/px, so they hold no detail finer than {um_per_px:.1f} um and the "
+            "predictions are coarse; use a higher-resolution image when you have one"
+        )
+    return out
 
 
 def _pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -254,62 +293,6 @@ def compare_to_reference(
     return out
 
 
-def plot_predicted_genes(
-    slide: Slide, genes: Sequence[str], out_dir: str | Path, *, dpi: int = 110
-) -> list[Path]:
-    """One PNG per gene: log1p predicted expression over the thumbnail (and the MC std when present).
-
-    Returns:
-        The PNG paths, ``out_dir/<slide>_<gene>.png``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if slide.predicted is None:
-        raise InputError(f"slide {slide.slide_id!r}", "holds no predictions")
-    pos = {str(g): i for i, g in enumerate(slide.genes)}
-    missing = [g for g in genes if g not in pos]
-    if missing:
-        raise InputError("--genes", f"not among the model's genes: {missing[:5]}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scale = float(slide.thumbnail_scale or 1.0)
-    xy = np.asarray(slide.spatial) * scale
-    thumb = slide.thumbnail
-    if thumb is not None:
-        h, w = thumb.shape[:2]
-    else:
-        w, h = xy.max(0) + 1
-    pitch_thumb = (slide.spot_pitch_um or 100.0) / float(slide.um_per_px or 1.0) * scale
-    fig_w = 6.0
-    # marker area in points^2 so that a spot is about 0.9 pitch wide on the figure
-    size = (0.9 * pitch_thumb * fig_w * 72 / max(w, 1)) ** 2
-    written = []
-    for g in genes:
-        panels = [("predicted log1p", np.log1p(slide.predicted[:, pos[g]]), "viridis")]
-        if slide.predicted_std is not None:
-            panels.append(("MC-dropout std (counts)", slide.predicted_std[:, pos[g]], "magma"))
-        fig, axes = plt.subplots(1, len(panels), figsize=(fig_w * len(panels), fig_w * h / max(w, 1) + 0.6),
-                                 squeeze=False)  # fmt: skip
-        for ax, (title, val, cmap) in zip(axes[0], panels, strict=True):
-            if thumb is not None:
-                ax.imshow(thumb)
-            sc = ax.scatter(xy[:, 0], xy[:, 1], c=val, s=size, cmap=cmap, alpha=0.8, linewidths=0)
-            ax.set_xlim(0, w)
-            ax.set_ylim(h, 0)
-            ax.set_axis_off()
-            ax.set_title(f"{slide.slide_id} {g}: {title}", fontsize=9)
-            fig.colorbar(sc, ax=ax, fraction=0.035, pad=0.01)
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in g)
-        path = out_dir / f"{slide.slide_id}_{safe}.png"
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
 def predict_image(
     bundle: Any,
     image_path: str | Path,
@@ -326,7 +309,9 @@ def predict_image(
     seed: int = 0,
     batch_size: int = 32,
     thumbnail_size: int = 1024,
+    values: str = "normalised",
     progress: bool = False,
+    log: Any = None,
 ) -> dict[str, Any]:
     """Predict expression on an H&E image that was never sequenced.
 
@@ -341,14 +326,17 @@ def predict_image(
         mc_samples: Monte Carlo dropout passes (0: one deterministic pass); K > 0 adds ``predicted_std``.
         encoder_weights: Weights file of the patch encoder (when the encoder needs one, e.g. ``uni``).
         device: Device for the encoder (the model stays on the bundle's device).
-        reference: The prepared ``.h5ad`` (or `Slide`) of the same section with measured expression; adds
-            coverage and correlation to the summary.
+        reference: The prepared ``.h5ad`` (or `Slide`) of the same section with measured expression; the
+            pseudo-spot grid takes its phase (pseudo-spots on the measured spots), and the summary gets
+            coverage and correlation.
         slide_id: Output name; default: the image file stem.
         n_plot: Number of genes drawn by default.
         seed: Seed of the MC dropout passes.
         batch_size: Patches per encoder batch.
         thumbnail_size: Longer side of the thumbnail used for tissue detection and the plots.
+        values: What the maps show (`hist_st.pl.VALUES`; default library-size-normalised log expression).
         progress: Show progress bars.
+        log: Callable receiving warnings (default: none; they are always in the summary).
 
     Returns:
         The summary dict also written to ``out_dir/summary.json``: ``slide_id``, ``image``, ``h5ad``,
@@ -360,9 +348,10 @@ def predict_image(
     Raises:
         InputError: unreadable image, no resolution, no tissue, or a model without a recorded grid.
     """
+    from hist_st.pl import VALUES, plot_genes
     from hist_st.prepare import embed_he_slide
     from hist_st.slide import read_prepared, write_prepared
-    from hist_st.tissue import detect_tissue, pseudo_spot_grid
+    from hist_st.tissue import detect_tissue, grid_phase, pseudo_spot_grid
     from hist_st.train.predict import predict_slide
     from hist_st.wsi import open_image
 
@@ -373,11 +362,25 @@ def predict_image(
         raise InputError(image_path, "image not found")
     if mc_samples < 0:
         raise InputError("--mc-samples", f"must be >= 0, got {mc_samples}")
+    if values not in VALUES:
+        raise InputError("--values", f"unknown values {values!r}; use {', '.join(VALUES)}")
+    model_genes = {str(g) for g in bundle.genes}
+    if genes_to_plot:
+        missing = [str(g) for g in genes_to_plot if str(g) not in model_genes]
+        if missing:
+            raise InputError("--genes", f"not among the model's {len(model_genes)} genes: {missing[:5]}")
     ref = None
     if reference is not None:
         ref = reference if isinstance(reference, Slide) else read_prepared(reference)
     grid = model_grid(bundle)
     upp, upp_source = _resolve_um_per_px(image_path, um_per_px, ref)
+    with open_image(image_path, um_per_px=upp) as img:
+        resolution = image_resolution(img.source_um_per_px, grid["patch"]["um_per_px"])
+    warnings = [resolution["warning"]] if resolution["warning"] else []
+    for w in warnings:
+        if log is not None:
+            log(f"WARNING: {w}")
+    origin = grid_phase(ref.spatial, grid["pitch_um"] / upp, grid["lattice"]) if ref is not None else None
 
     t0 = time.perf_counter()
     with open_image(image_path, um_per_px=upp) as img:
@@ -393,6 +396,7 @@ def predict_image(
             mask=mask,
             slide_id=slide_id,
             thumbnail_size=thumbnail_size,
+            origin=origin,
         )
         image_size = [int(img.width), int(img.height)]
     slide.meta["um_per_px_source"] = upp_source
@@ -428,10 +432,15 @@ def predict_image(
     h5ad = write_prepared(pred, out / f"{pred.slide_id}.h5ad")
     if genes_to_plot:
         genes = [str(g) for g in genes_to_plot]
-    else:
-        var = np.log1p(pred.predicted).var(0)
-        genes = [pred.genes[i] for i in np.argsort(-var)[: max(0, n_plot)]]
-    pngs = plot_predicted_genes(pred, genes, out)
+    else:  # the most variable genes of the normalised map (not of library size)
+        from hist_st.pl import normalise_counts
+
+        var = normalise_counts(pred.predicted).var(0)
+        genes = [str(pred.genes[i]) for i in np.argsort(-var)[: max(0, n_plot)]]
+    pngs = []
+    for g in genes:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in g)
+        pngs.append(plot_genes(pred, [g], out / f"{pred.slide_id}_{safe}.png", values=values))
     timings["write_s"] = time.perf_counter() - t0
 
     summary: dict[str, Any] = {
@@ -440,12 +449,17 @@ def predict_image(
         "image_size_px": image_size,
         "h5ad": str(h5ad),
         "heatmaps": [str(p) for p in pngs],
+        "heatmap_values": VALUES[values],
         "genes_plotted": list(genes),
+        "warnings": warnings,
+        **{k: resolution[k] for k in ("source_um_per_px", "patch_upsampling")},
         "grid": grid,
         "um_per_px": upp,
         "um_per_px_source": upp_source,
         "n_pseudo_spots": int(pred.n_spots),
         "tissue_fraction": float(mask.fraction),
+        "fiducial_dots_removed": int(mask.n_fiducials),
+        "grid_origin_px": list(origin) if origin is not None else None,
         "n_patch_outside": int(np.asarray(pred.patch_outside).sum()) if pred.patch_outside is not None else 0,
         "n_genes": len(pred.genes),
         "embedding": bundle.embedding,

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from hist_st.errors import InputError
 from hist_st.slide import Slide
 from hist_st.wsi import SlideImage, open_image
 
-__all__ = ["TissueMask", "detect_tissue", "remove_fiducials", "pseudo_spot_grid", "grid_points"]
+__all__ = ["TissueMask", "detect_tissue", "remove_fiducials", "pseudo_spot_grid", "grid_points", "grid_phase"]
 
 
 @dataclass
@@ -232,7 +233,7 @@ def remove_fiducials(mask: np.ndarray, min_dots: int = 12) -> tuple[np.ndarray, 
 
 
 def grid_points(
-    width: float, height: float, pitch_px: float, lattice: str = "hex"
+    width: float, height: float, pitch_px: float, lattice: str = "hex", origin: tuple[float, float] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grid of spot centres covering ``[0, width) x [0, height)``.
 
@@ -240,31 +241,58 @@ def grid_points(
         pitch_px: Centre-to-centre distance of neighbouring spots (pixels).
         lattice: ``"hex"`` (rows ``pitch * sqrt(3) / 2`` apart, odd rows shifted by half a pitch; array
             columns step by 2 as in Visium) or ``"square"``.
+        origin: A point the grid must pass through (its phase, e.g. a measured spot of the same section);
+            default: the first spot half a pitch from the top-left corner.
 
     Returns:
-        ``(xy float64 [M, 2], array (row, col) int64 [M, 2])``.
+        ``(xy float64 [M, 2], array (row, col) int64 [M, 2])``; array coordinates count from the top-left
+        grid point inside the image.
     """
     if pitch_px <= 0:
         raise ValueError("pitch must be positive")
-    if lattice == "hex":
-        dy = pitch_px * np.sqrt(3) / 2
-        rows = np.arange(int(np.floor((height - pitch_px / 2) / dy)) + 1)
-        pts, rc = [], []
-        for r in rows:
-            off = pitch_px / 2 if r % 2 else 0.0
-            cols = np.arange(int(np.floor((width - pitch_px / 2 - off) / pitch_px)) + 1)
-            x = pitch_px / 2 + off + cols * pitch_px
-            pts.append(np.column_stack([x, np.full(len(x), pitch_px / 2 + r * dy)]))
-            rc.append(np.column_stack([np.full(len(x), r), 2 * cols + (r % 2)]))
-        return np.concatenate(pts), np.concatenate(rc).astype(np.int64)
-    if lattice == "square":
-        nx = int(np.floor((width - pitch_px / 2) / pitch_px)) + 1
-        ny = int(np.floor((height - pitch_px / 2) / pitch_px)) + 1
-        cols, rows = np.meshgrid(np.arange(nx), np.arange(ny))
-        rc = np.column_stack([rows.ravel(), cols.ravel()]).astype(np.int64)
-        xy = pitch_px / 2 + rc[:, ::-1].astype(np.float64) * pitch_px
-        return xy, rc
-    raise InputError("lattice", f"unknown lattice {lattice!r}; use hex or square")
+    if lattice not in ("hex", "square"):
+        raise InputError("lattice", f"unknown lattice {lattice!r}; use hex or square")
+    dy = pitch_px * np.sqrt(3) / 2 if lattice == "hex" else pitch_px
+    ox, oy = origin if origin is not None else (pitch_px / 2, pitch_px / 2)
+    r0 = int(np.ceil(-oy / dy))  # first row index (relative to the origin's row) inside the image
+    r1 = int(np.floor((height - 1e-9 - oy) / dy))
+    pts, rc = [], []
+    for r in range(r0, r1 + 1):
+        off = pitch_px / 2 if (lattice == "hex" and r % 2) else 0.0
+        c0 = int(np.ceil((0 - ox - off) / pitch_px))
+        c1 = int(np.floor((width - 1e-9 - ox - off) / pitch_px))
+        cols = np.arange(c0, c1 + 1)
+        if not len(cols):
+            continue
+        x = ox + off + cols * pitch_px
+        pts.append(np.column_stack([x, np.full(len(x), oy + r * dy)]))
+        half_steps = np.rint((x - ox) / (pitch_px / 2)).astype(np.int64) if lattice == "hex" else cols
+        rc.append(np.column_stack([np.full(len(x), r - r0), half_steps]))
+    if not pts:
+        return np.zeros((0, 2)), np.zeros((0, 2), np.int64)
+    rc_all = np.concatenate(rc).astype(np.int64)
+    step = 2 if lattice == "hex" else 1  # hex: keep each column's parity (neighbours differ by 1 across rows)
+    rc_all[:, 1] -= (rc_all[:, 1].min() // step) * step
+    return np.concatenate(pts), rc_all
+
+
+def grid_phase(reference_xy: np.ndarray, pitch_px: float, lattice: str) -> tuple[float, float]:
+    """A grid origin that puts the pseudo-spots on the measured spots of a reference section.
+
+    The reference spot nearest the median position anchors the grid; the mean residual of all reference
+    spots from their nearest grid point then refines it (spots deviate from a perfect grid by a few px).
+    """
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(reference_xy, dtype=np.float64)
+    anchor = xy[np.argmin(((xy - np.median(xy, 0)) ** 2).sum(1))]
+    lo, hi = xy.min(0) - 2 * pitch_px, xy.max(0) + 2 * pitch_px
+    pts, _ = grid_points(hi[0] - lo[0], hi[1] - lo[1], pitch_px, lattice, origin=tuple(anchor - lo))
+    d, j = cKDTree(pts + lo).query(xy)
+    near = d < 0.5 * pitch_px
+    if near.any():
+        anchor = anchor + np.mean(xy[near] - (pts + lo)[j[near]], axis=0)
+    return float(anchor[0]), float(anchor[1])
 
 
 def pseudo_spot_grid(
@@ -277,6 +305,7 @@ def pseudo_spot_grid(
     mask: TissueMask | None = None,
     slide_id: str | None = None,
     thumbnail_size: int = 1024,
+    origin: tuple[float, float] | None = None,
 ) -> Slide:
     """An H&E-only `Slide` whose spots form a grid over the detected tissue.
 
@@ -288,6 +317,7 @@ def pseudo_spot_grid(
             as Visium's 55 um for 100 um; the pitch for square).
         um_per_px: Image resolution; default: recorded in the image file.
         mask: A precomputed `TissueMask` (default: `detect_tissue` on the image).
+        origin: Grid phase: a point the grid passes through (`grid_phase` of a reference section).
 
     Returns:
         A `Slide` with ``counts=None``, technology ``"he-only"``, spatial grid centres on tissue, array
@@ -305,7 +335,7 @@ def pseudo_spot_grid(
         if mask is None:
             mask = detect_tissue(img, max_size=thumbnail_size)
         pitch_px = pitch_um / upp
-        xy, rc = grid_points(img.width, img.height, pitch_px, lattice)
+        xy, rc = grid_points(img.width, img.height, pitch_px, lattice, origin=origin)
         on = mask.contains(xy)
         if not on.any():
             raise InputError(img.path, "empty tissue: no pseudo-spot falls on detected tissue")
@@ -327,12 +357,19 @@ def pseudo_spot_grid(
             image=str(img.path),
             thumbnail=mask.thumbnail,
             thumbnail_scale=mask.scale,
+            obs=pd.DataFrame(
+                {"in_tissue": np.ones(len(rc), np.int64), "array_row": rc[:, 0], "array_col": rc[:, 1],
+                 "pxl_col_in_fullres": xy[:, 0], "pxl_row_in_fullres": xy[:, 1]},
+                index=pd.Index([f"ps_{r}_{c}" for r, c in rc]),
+            ),  # fmt: skip
             meta={
                 "pseudo_spots": {
                     "lattice": lattice,
                     "pitch_um": float(pitch_um),
+                    "origin_px": list(origin) if origin is not None else None,
                     "tissue_fraction": mask.fraction,
                     "tissue_threshold": mask.threshold,
+                    "fiducial_dots_removed": int(mask.n_fiducials),
                 },
                 "um_per_px_source": "given by the user"
                 if um_per_px is not None

@@ -115,7 +115,8 @@ class SlideImage:
         """
         from PIL import Image
 
-        scale = min(1.0, max_size / max(self.width, self.height))
+        # never larger than the pixels the file holds (a scaled copy's level 0 is coarser than full resolution)
+        scale = min(1.0 / self.level_downsamples[0], max_size / max(self.width, self.height))
         level = self.best_level(1.0 / scale)
         d = self.level_downsamples[level]
         lw, lh = int(math.ceil(self.width / d)), int(math.ceil(self.height / d))

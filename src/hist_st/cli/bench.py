@@ -141,13 +141,33 @@ def register_efficiency(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_efficiency)
 
 
-# Subcommands of ``hist-st bench``. The lead adds ``register_speed`` (``hist-st bench speed``) HERE:
-# define ``register_speed(sub)`` (or import it) and append it to this list.
-BENCH_COMMANDS = [register_accuracy, register_efficiency, register_speed]
+def cmd_tissue(args: argparse.Namespace) -> int:
+    from hist_st.bench.tissue import run_tissue_bench, tissue_markdown
+
+    if args.her2st is None and not args.spaceranger:
+        raise InputError("hist-st bench tissue", "give --her2st DIR and/or --spaceranger OUTS ...")
+    res = run_tissue_bench(her2st=args.her2st, spaceranger=args.spaceranger or [], out=args.out)
+    print(tissue_markdown(res))
+    print(f"results: {args.out / 'tissue.json'}")
+    return 0
+
+
+def register_tissue(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tissue", help="tissue detection vs her2st / Space Ranger labels; fiducials; non-tissue images",
+                       description="Recall of labelled tissue spots, calls on glass and out-of-tissue spots, "
+                       "pseudo-spots outside the Visium capture area (fiducial frame), refusal of noise/blank/photos.")  # fmt: skip
+    p.add_argument("--her2st", type=Path, default=None, help="her2st-layout folder (sections with images)")
+    p.add_argument("--spaceranger", nargs="*", type=Path, default=None, help="Space Ranger outs/ folder(s)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-tissue"), help="output folder (tissue.json)")
+    p.set_defaults(func=cmd_tissue)
+
+
+# Subcommands of ``hist-st bench``: each ``register_<name>(sub)`` adds one.
+BENCH_COMMANDS = [register_accuracy, register_efficiency, register_speed, register_tissue]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks: accuracy (Table 2), efficiency (Table 1, Figure 3)",
+    p = subparsers.add_parser("bench", help="benchmarks: accuracy (Table 2), efficiency (Table 1, Figure 3), speed, tissue",
                               description="Benchmark commands; see `hist-st bench COMMAND --help`.")  # fmt: skip
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     for fn in BENCH_COMMANDS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from hist_st.errors import InputError
@@ -98,9 +99,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         summary = predict_image(
             bundle, args.image, args.out, um_per_px=args.um_per_px, genes_to_plot=genes,
             mc_samples=args.mc_samples, encoder_weights=args.weights, device=str(bundle.device),
-            reference=args.reference, seed=args.seed, progress=not args.no_progress,
+            reference=args.reference, seed=args.seed, progress=not args.no_progress, values=args.values,
+            log=lambda m: print(m, file=sys.stderr),
         )  # fmt: skip
-        brief = {k: summary[k] for k in ("slide_id", "n_pseudo_spots", "um_per_px", "h5ad", "genes_plotted")}
+        brief = {k: summary[k] for k in ("slide_id", "n_pseudo_spots", "um_per_px", "h5ad", "genes_plotted",
+                                         "warnings")}  # fmt: skip
         ref = summary.get("reference")
         if ref:
             corr = ref.get("correlation") or {}
@@ -112,8 +115,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         brief["total_s"] = summary["timings_s"]["total_s"]
         print(json.dumps(brief))
         return 0
+    if args.values != "normalised":
+        raise InputError("--values", "only applies with --image (use hist-st plot genes --values for files)")
     paths = predict_folder(bundle, args.slides, args.out, slide_ids=_ids(args.ids), mc_samples=args.mc_samples,
-                           seed=args.seed, progress=not args.no_progress)  # fmt: skip
+                           seed=args.seed, progress=not args.no_progress,
+                           log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     print(json.dumps({"predicted": len(paths), "genes": len(bundle.genes), "out": str(args.out)}))
     return 0
 
@@ -152,6 +158,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--slides", type=Path, help="folder of prepared slides")
     src.add_argument("--image", type=Path, help="an H&E image (JPEG/PNG/TIFF/SVS/...) with no expression data")
+    p.add_argument("--values", default="normalised", choices=("normalised", "log1p", "counts"),
+                   help="--image maps: normalised = log1p of counts per 10k over the model's genes")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--ids", default=None, help="only these slide ids (comma list or file; with --slides)")
     p.add_argument("--um-per-px", type=float, default=None,

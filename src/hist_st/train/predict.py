@@ -24,7 +24,7 @@ from hist_st.errors import InputError
 from hist_st.slide import Slide, write_prepared
 from hist_st.train.checkpoint import ModelBundle
 
-__all__ = ["predict_log1p", "predict_slide", "predict_folder", "lattice_unit_for"]
+__all__ = ["predict_log1p", "predict_slide", "predict_folder", "lattice_unit_for", "check_gene_overlap"]
 
 
 def lattice_unit_for(bundle: ModelBundle, slide: Slide) -> float | None:
@@ -161,6 +161,30 @@ def predict_slide(bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, see
     )
 
 
+def check_gene_overlap(bundle: ModelBundle, slide: Slide, source: str | Path | None = None) -> str | None:
+    """Refuse a slide that shares no gene with the model; return a warning when it shares under half.
+
+    Slides without measured genes (H&E only) pass.
+    """
+    if not len(slide.genes):
+        return None
+    have = {str(g) for g in slide.genes}
+    shared = sum(str(g) in have for g in bundle.genes)
+    src = source or f"slide {slide.slide_id!r}"
+    if shared == 0:
+        raise InputError(
+            src,
+            f"shares none of the model's {len(bundle.genes)} genes (e.g. {', '.join(map(str, bundle.genes[:3]))}) "
+            f"with its {len(have)} measured genes (e.g. {', '.join(sorted(have)[:3])}); another species or panel?",
+        )
+    if shared < 0.5 * len(bundle.genes):
+        return (
+            f"{src}: only {shared} of the model's {len(bundle.genes)} genes were measured on this slide; "
+            "comparisons with its measured expression cover those genes only"
+        )
+    return None
+
+
 def predict_folder(
     bundle: ModelBundle,
     slides_dir: str | Path,
@@ -170,8 +194,13 @@ def predict_folder(
     mc_samples: int = 0,
     seed: int = 0,
     progress: bool = True,
+    log=None,
 ) -> list[Path]:
-    """Predict every prepared slide of ``slides_dir`` and write ``out_dir/<slide_id>.h5ad``."""
+    """Predict every prepared slide of ``slides_dir`` and write ``out_dir/<slide_id>.h5ad``.
+
+    A slide with measured genes must share genes with the model (`check_gene_overlap`): none is an
+    error (another species or panel?), under half a warning through ``log``.
+    """
     from tqdm.auto import tqdm
 
     from hist_st.slide import read_prepared
@@ -182,6 +211,9 @@ def predict_folder(
     written = []
     for path in tqdm(paths, desc="predict", unit="slide", disable=not progress, leave=False):
         slide = read_prepared(path)
+        warning = check_gene_overlap(bundle, slide, path)
+        if warning and log is not None:
+            log(f"WARNING: {warning}")
         pred = predict_slide(bundle, slide, mc_samples=mc_samples, seed=seed)
         written.append(write_prepared(pred, out / f"{slide.slide_id}.h5ad"))
     return written
