@@ -130,9 +130,16 @@ def test_predict_image_end_to_end(setup, tmp_path):
     n = a.n_obs
     assert n == summary["n_pseudo_spots"]
     assert list(a.var_names) == bundle.genes
-    pred, std = a.layers["predicted"], a.layers["predicted_std"]
+    assert a.uns["hist_st"]["kind"] == "prediction"
+    pred, std = np.asarray(a.X), a.layers["mc_std"]  # X holds the predicted counts (scanpy plots them)
     assert pred.shape == std.shape == (n, len(bundle.genes))
     assert np.isfinite(pred).all() and (pred >= 0).all() and (std >= 0).all() and std.max() > 0
+    np.testing.assert_allclose(a.layers["log1p"], np.log1p(pred), rtol=1e-6)
+    assert {"array_row", "array_col", "in_tissue"} <= set(a.obs.columns)
+    assert summary["heatmap_values"].startswith("log1p(counts per 10k")
+    # the hex grid's neighbour graph is stored for squidpy: interior spots have 6 neighbours
+    deg = np.asarray(a.obsp["spatial_connectivities"].sum(1)).ravel()
+    assert deg.max() == 6 and np.median(deg) == 6 and a.uns["spatial_neighbors"]["params"]["n_neighbors"] == 6
     # pseudo-spots lie on the disc, as many as a hex grid at the pitch puts there
     xy = a.obsm["spatial"]
     r = np.hypot(xy[:, 0] - CENTRE[0], xy[:, 1] - CENTRE[1])
@@ -162,8 +169,9 @@ def test_missing_resolution_and_bad_genes(setup, tmp_path):
     nores = _image(tmp_path / "img", resolution=False)
     with pytest.raises(InputError, match="--um-per-px"):
         predict_image(bundle, nores, tmp_path / "out")
-    with pytest.raises(InputError, match="not among the model's genes"):
+    with pytest.raises(InputError, match=r"--genes: not among the model's 6 genes: \['NOPE'\]"):
         predict_image(bundle, nores, tmp_path / "out", um_per_px=UPP, genes_to_plot=["NOPE"])
+    assert not (tmp_path / "out").exists()  # checked before any work or output
     with pytest.raises(InputError, match="image not found"):
         predict_image(bundle, tmp_path / "missing.jpg", tmp_path / "out", um_per_px=UPP)
 
