@@ -33,6 +33,15 @@ def test_train_then_predict(cohort, tmp_path, capsys):
     assert list(pred.genes) == genes
     assert pred.predicted.shape == (pred.n_spots, len(genes)) and np.all(pred.predicted >= 0)
     assert pred.predicted_std.shape == pred.predicted.shape
+    assert pred.counts is not None  # the measured counts travel with the predictions (layers['measured_counts'])
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run / "model.pt"), "--slides", str(cohort), "--out", str(out),
+                 "--ids", "toy03", "--genes", ",".join(genes[:2]), "--no-progress"]) == 0  # fmt: skip
+    maps = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["maps"]
+    assert maps == [str(out / "toy03_maps.png")] and (out / "toy03_maps.png").stat().st_size > 1000
+    assert main(["predict", "--model", str(run / "model.pt"), "--slides", str(cohort), "--out", str(out),
+                 "--genes", "NOPE", "--no-progress"]) == 2  # fmt: skip
+    assert "not among the model's" in capsys.readouterr().err
 
 
 def test_cv_end_to_end(cohort, tmp_path, capsys):

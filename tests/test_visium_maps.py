@@ -205,3 +205,21 @@ def test_read_spaceranger_rejects_bad_um_per_px(tmp_path):
         pytest.skip(f"real Visium folder absent: {HEART}")
     with pytest.raises(InputError, match="--um-per-px"):
         read_spaceranger(HEART / "outs", um_per_px=-1.0)
+
+
+@needs_heart
+def test_anndata_from_read_visium_uses_its_images(tmp_path):
+    """`--format anndata` on `sc.read_visium` output cuts the same patches from uns['spatial'] as the folder."""
+    import scanpy as sc
+
+    from hist_st.prepare import prepare_cohort, source_from_anndata, source_from_spaceranger
+
+    sc.read_visium(HEART / "outs").write_h5ad(tmp_path / "rv.h5ad")
+    kw = dict(encoder="test-tiny-visium", patch_px=32, progress=False, log=None)
+    a = prepare_cohort([source_from_anndata(tmp_path / "rv.h5ad", None, slide_id="s")], tmp_path / "A", **kw)
+    b = prepare_cohort([source_from_spaceranger(HEART / "outs", None, slide_id="s")], tmp_path / "B", **kw)
+    assert a.prepared == b.prepared == ["s"]
+    sa, sb = read_prepared(tmp_path / "A" / "s.h5ad"), read_prepared(tmp_path / "B" / "s.h5ad")
+    assert sa.meta["image_scale_source"].startswith("uns['spatial']") and "lowres" in sa.meta["image_scale_source"]
+    order = [list(sb.barcodes).index(x) for x in sa.barcodes]
+    np.testing.assert_allclose(sa.embeddings["test-tiny-visium"], sb.embeddings["test-tiny-visium"][order], atol=1e-5)

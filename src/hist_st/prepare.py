@@ -715,6 +715,7 @@ def prepare_cohort(
     allow_missing_image: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    dist_info=None,
 ) -> PrepareReport:
     """Prepare a cohort of slides into ``out_dir`` (one ``.h5ad`` per slide plus ``cohort.json``).
 
@@ -730,6 +731,10 @@ def prepare_cohort(
             the all-slide ranking is always stored too (``hvg_dataset``).
         overwrite: Re-prepare slides that are already done.
         allow_missing_image: Skip slides without an H&E image (and say so) instead of refusing them.
+        dist_info: A `hist_st.train.distributed.DistInfo` when run under torchrun (default: joined from the
+            environment): the slides to prepare are shared round-robin over the ranks, each slide written
+            atomically by one rank (resumable as in one process); after a barrier, rank 0 builds the cohort
+            manifest and every rank returns the merged report.
 
     Returns:
         A `PrepareReport`; its ``warnings`` (e.g. patches enlarged from a low-resolution image) are also
@@ -742,6 +747,11 @@ def prepare_cohort(
 
     from hist_st.encoders import get_encoder
     from hist_st.harmonise import load_gene_mapping
+    from hist_st.train.distributed import init_distributed, resolve_device
+
+    info = dist_info if dist_info is not None else init_distributed(device or "auto")
+    if info.enabled and (device in (None, "auto", "cuda")):
+        device = str(resolve_device(device or "auto", info))  # one GPU per rank
 
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -798,11 +808,13 @@ def prepare_cohort(
         )
     if report.skipped_done:
         say(f"{len(report.skipped_done)} slide(s) already prepared: {', '.join(report.skipped_done)}")
+    if info.enabled:
+        todo = todo[info.rank :: info.world_size]
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="slides", unit="slide")
+        bar = tqdm(total=len(todo), desc=f"slides (rank {info.rank})" if info.enabled else "slides", unit="slide")
     for src in todo:
         if bar is not None:
             bar.set_postfix_str(src.slide_id)
@@ -841,8 +853,10 @@ def prepare_cohort(
     for sid, msgs in report.warnings.items():
         for m in msgs:
             say(f"WARNING {sid}: {m}")
+    if info.enabled:
+        _merge_rank_reports(report, timings)
     done = [s for s in sources if s.slide_id in set(report.prepared) | set(report.skipped_done)]
-    if done:
+    if done and info.is_master:
         t0 = time.perf_counter()
         report.manifest = finalise_cohort(
             out,
@@ -856,9 +870,30 @@ def prepare_cohort(
             skipped={s: "no image" for s in report.skipped_no_image} | report.failed,
         )
         timings["cohort_s"] = time.perf_counter() - t0
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()  # the manifest exists when any rank returns
+        report.manifest = out / "cohort.json" if done else None
     timings["total_s"] = time.perf_counter() - t_start
     report.timings = timings
     return report
+
+
+def _merge_rank_reports(report: PrepareReport, timings: dict[str, float]) -> None:
+    """Every rank's prepared/failed/warnings and summed timings, in place (after a barrier)."""
+    import torch.distributed as dist
+
+    mine = (report.prepared, report.failed, report.warnings, report.skipped_no_image, timings)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    report.prepared = [s for p in parts for s in p[0]]
+    report.failed = {k: v for p in parts for k, v in p[1].items()}
+    report.warnings = {k: v for p in parts for k, v in p[2].items()}
+    report.skipped_no_image = sorted({s for p in parts for s in p[3]})
+    for key in ("extract_s", "encode_s", "patches", "cached_slides", "thumbnail_s"):
+        if any(key in p[4] for p in parts):
+            timings[key] = sum(p[4].get(key, 0.0) for p in parts)
 
 
 def finalise_cohort(

@@ -171,7 +171,10 @@ def run(args) -> int:
         progress=not args.no_progress,
         log=lambda s: print(s, file=sys.stderr),
     )
-    print(report.summary())
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the merged report
+        print(report.summary())
     if report.failed and not (report.prepared or report.skipped_done):
         return 1
     return 0 if not report.failed else 3

@@ -84,7 +84,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    image_only = ("um_per_px", "genes", "reference", "weights")
+    image_only = ("um_per_px", "reference", "weights")
     if args.image is None:
         given = [f"--{k.replace('_', '-')}" for k in image_only if getattr(args, k) is not None]
         if given:
@@ -115,12 +115,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         brief["total_s"] = summary["timings_s"]["total_s"]
         print(json.dumps(brief))
         return 0
-    if args.values != "normalised":
-        raise InputError("--values", "only applies with --image (use hist-st plot genes --values for files)")
+    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
+    missing = [g for g in genes if g not in set(map(str, bundle.genes))]
+    if missing:
+        raise InputError("--genes", f"not among the model's {len(bundle.genes)} genes: {missing[:5]}")
     paths = predict_folder(bundle, args.slides, args.out, slide_ids=_ids(args.ids), mc_samples=args.mc_samples,
                            seed=args.seed, progress=not args.no_progress,
                            log=lambda m: print(m, file=sys.stderr))  # fmt: skip
-    print(json.dumps({"predicted": len(paths), "genes": len(bundle.genes), "out": str(args.out)}))
+    maps = []
+    if genes:
+        from hist_st.pl import plot_genes
+
+        maps = [str(plot_genes(p, genes, Path(p).with_name(f"{Path(p).stem}_maps.png"), values=args.values))
+                for p in paths]  # fmt: skip
+    print(json.dumps({"predicted": len(paths), "genes": len(bundle.genes), "out": str(args.out), "maps": maps}))
     return 0
 
 
@@ -159,12 +167,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--slides", type=Path, help="folder of prepared slides")
     src.add_argument("--image", type=Path, help="an H&E image (JPEG/PNG/TIFF/SVS/...) with no expression data")
     p.add_argument("--values", default="normalised", choices=("normalised", "log1p", "counts"),
-                   help="--image maps: normalised = log1p of counts per 10k over the model's genes")  # fmt: skip
+                   help="what maps show: normalised = log1p of counts per 10k over the model's genes")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--ids", default=None, help="only these slide ids (comma list or file; with --slides)")
     p.add_argument("--um-per-px", type=float, default=None,
                    help="microns per full-resolution pixel of --image (default: from the file's metadata)")  # fmt: skip
-    p.add_argument("--genes", default=None, help="comma-separated genes to draw (default: top 4 by predicted variance)")
+    p.add_argument("--genes", default=None, help="comma-separated genes to map (--image default: the 4 most variable "
+                   "normalised genes; --slides: maps only when given, measured beside predicted when known)")  # fmt: skip
     p.add_argument("--reference", type=Path, default=None,
                    help="prepared .h5ad of the same section with measured expression: adds coverage and "
                         "correlation to summary.json")  # fmt: skip

@@ -243,6 +243,8 @@ def spatial_images(spatial_dir: str | Path) -> dict[str, np.ndarray]:
 def is_blank(image: np.ndarray) -> bool:
     """True for an image without content (one colour, e.g. the all-black hires image of some deposits)."""
     a = np.asarray(image, dtype=np.float32)
+    if a.ndim == 3:
+        a = a[..., :3]  # an alpha channel is not content
     if np.issubdtype(np.asarray(image).dtype, np.floating) and a.size and float(np.nanmax(a)) <= 1.0:
         a = a * 255.0  # scanpy stores images as floats in [0, 1]
     return float(a.std()) < 1.0

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# GPU benchmark for a lent device (issue 15): one prepared run, under 8 minutes on one H200.
+#
+#   bash scripts/gpu_bench.sh [OUT]        # OUT defaults to $OUT (device tool) or runs/gpu-bench
+#
+# Needs: python3 with torch (CUDA), numpy, scipy, matplotlib, pyyaml; hist-st from this checkout
+# (PYTHONPATH=src, nothing is installed). Missing Python packages can be carried as wheels (.whl/) and
+# are installed into /tmp/site first. Produces, per setting, steady-state step time (one warm-up, then
+# the median of --repeats synchronised steps), peak allocated/reserved CUDA memory and FLOP/s beside a
+# bf16/fp32 matmul of the same process, for N = 500 ... 1,000,000 spots (inference) and up to 100,000
+# (training), 2,000 genes, 1,024-d input: `hist-st bench speed --device cuda`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-runs/gpu-bench}}"
+mkdir -p "$OUT_DIR"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; } \
+  2>&1 | tee "$OUT_DIR/device.txt"
+# 1. Inference across slide sizes (Figure 3 on the GPU), then training steps.
+timeout 300 python3 -m hist_st.cli bench speed --device cuda --out "$OUT_DIR/speed-infer" --modes infer \
+  --spots 500,2000,5000,20000,100000,300000,1000000 --genes 2000 --repeats 10 2>&1 | tee "$OUT_DIR/infer.log"
+timeout 200 python3 -m hist_st.cli bench speed --device cuda --out "$OUT_DIR/speed-train" --modes train \
+  --spots 500,2000,5000,20000,100000 --genes 2000 --max-train-spots 100000 --repeats 10 2>&1 | tee "$OUT_DIR/train.log"
+echo "done: $OUT_DIR"
