@@ -83,28 +83,59 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def map_agreement(pred: Slide, genes: Sequence[str], values: str = "normalised") -> dict[str, Any]:
+def _measured(slide: Slide, truth: Slide | None) -> sp.csr_matrix | None:
+    """Measured counts of ``slide``'s genes and spots: its own, or ``truth``'s (same spots, every gene)."""
+    if truth is None:
+        return sp.csr_matrix(slide.counts) if slide.counts is not None else None
+    if [str(b) for b in truth.barcodes] != [str(b) for b in slide.barcodes]:
+        raise InputError("--truth", "its spots differ from the prediction file's spots")
+    tpos = {str(g): i for i, g in enumerate(truth.genes)}
+    if truth.counts is None or any(str(g) not in tpos for g in slide.genes):
+        raise InputError("--truth", "holds no measured counts for every predicted gene")
+    return sp.csr_matrix(truth.counts)[:, [tpos[str(g)] for g in slide.genes]]
+
+
+def _pc1_share(x: np.ndarray) -> float:
+    """Share of the total variance of ``x`` ``[N, G]`` on its first principal component."""
+    x = x - x.mean(0)
+    s = np.linalg.svd(x, compute_uv=False)
+    return float(s[0] ** 2 / max((s**2).sum(), 1e-30))
+
+
+def map_agreement(
+    pred: Slide, genes: Sequence[str], values: str = "normalised", truth: Slide | None = None
+) -> dict[str, Any]:
     """How well predicted maps follow the measured ones, and whether different genes' maps differ.
 
     Args:
-        pred: A prediction `Slide` holding the measured counts of the same spots (``counts``).
+        pred: A prediction `Slide` (with the measured counts of the same spots, or give ``truth``).
         genes: Genes to compare.
+        values: Map values (`VALUES`).
+        truth: The measured slide when ``pred`` carries no counts.
 
     Returns:
         ``{"values", "per_gene": {gene: Pearson r of predicted vs measured map}, "between_genes":
-        {"measured": [[r]], "predicted": [[r]]}}`` (between-gene matrices in the order of ``genes``).
+        {"measured": [[r]], "predicted": [[r]]}, "pc1_share": {"measured", "predicted"}}`` (between-gene
+        matrices in the order of ``genes``; PC1 share of the variance over all the model's genes: near 1
+        when one pattern, e.g. library size, dominates every map).
     """
-    if pred.predicted is None or pred.counts is None:
+    measured = _measured(pred, truth)
+    if pred.predicted is None or measured is None:
         raise InputError(f"slide {pred.slide_id!r}", "needs predictions and the measured counts of the same spots")
     cols = _columns(pred, genes)
     p = gene_values(pred.predicted, cols, values)
-    m = gene_values(sp.csr_matrix(pred.counts), cols, values)
+    m = gene_values(measured, cols, values)
+    every = list(range(len(pred.genes)))
     return {
         "values": VALUES[values],
         "per_gene": {g: _pearson(p[:, j], m[:, j]) for j, g in enumerate(genes)},
         "between_genes": {
             "measured": [[_pearson(m[:, i], m[:, j]) for j in range(len(genes))] for i in range(len(genes))],
             "predicted": [[_pearson(p[:, i], p[:, j]) for j in range(len(genes))] for i in range(len(genes))],
+        },
+        "pc1_share": {
+            "measured": _pc1_share(gene_values(measured, every, values)),
+            "predicted": _pc1_share(gene_values(pred.predicted, every, values)),
         },
     }
 
@@ -173,17 +204,8 @@ def plot_genes(
     if slide.predicted is None:
         raise InputError(pred if not isinstance(pred, Slide) else slide.slide_id, "holds no predictions")
     cols = _columns(slide, genes)
-    measured = None
-    if truth is not None:
-        meas = _load(truth)
-        if [str(b) for b in meas.barcodes] != [str(b) for b in slide.barcodes]:
-            raise InputError("--truth", "its spots differ from the prediction file's spots")
-        tpos = {str(g): i for i, g in enumerate(meas.genes)}
-        if meas.counts is None or any(str(g) not in tpos for g in slide.genes):
-            raise InputError("--truth", "holds no measured counts for every predicted gene")
-        measured = gene_values(sp.csr_matrix(meas.counts)[:, [tpos[str(g)] for g in slide.genes]], cols, values)
-    elif slide.counts is not None:
-        measured = gene_values(sp.csr_matrix(slide.counts), cols, values)
+    counts = _measured(slide, _load(truth) if truth is not None else None)
+    measured = gene_values(counts, cols, values) if counts is not None else None
     predicted = gene_values(slide.predicted, cols, values)
     std = np.asarray(slide.predicted_std, dtype=np.float64)[:, cols] if slide.predicted_std is not None else None
 

@@ -61,10 +61,18 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_genes(args: argparse.Namespace) -> int:
-    from hist_st.pl import plot_genes
+    import json
 
+    from hist_st.pl import map_agreement, plot_genes
+    from hist_st.slide import read_prepared
+
+    genes = _list(args.genes) or []
     out = args.out or Path(args.pred).with_suffix("").as_posix() + "_genes.png"
-    path = plot_genes(args.pred, _list(args.genes) or [], out, truth=args.truth, values=args.values)
+    pred = read_prepared(args.pred)
+    truth = read_prepared(args.truth) if args.truth else None
+    path = plot_genes(pred, genes, out, truth=truth, values=args.values)
+    if truth is not None or pred.counts is not None:  # how the maps compare with the measured ones
+        print(json.dumps(map_agreement(pred, genes, args.values, truth=truth), indent=1))
     print(path)
     return 0
 

@@ -353,7 +353,8 @@ def build_report(
     if gene_fig is not None:
         md.append("## Gene maps (appendix C)\n")
         md.append(f"Slide `{pred_files[0].stem}` (test slide of fold 0), genes with the highest HiST per-gene PCC "
-                  f"(chosen after evaluation, for display only): H&E, measured and predicted log1p counts.\n")  # fmt: skip
+                  f"(chosen after evaluation, for display only): measured and predicted expression over the H&E, "
+                  f"library-size normalised (log1p of counts per 10k over the predicted genes).\n")  # fmt: skip
         md.append(f"![genes]({name}/{_copy(gene_fig, fig_dir, 'genes.png')})\n")
     curves = first_run / "loss_curves.png"
     if curves.is_file():

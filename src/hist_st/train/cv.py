@@ -14,7 +14,7 @@ Run directory layout::
     genes.txt              genes (scope 'dataset'); per fold under fold_<i>/genes.txt for 'train-only'
     versions.json          package versions
     fold_<i>/              model.pt, history.json, config.yaml, genes.txt
-    fold_<i>/predictions/  <slide_id>.h5ad with layers['predicted'] (prepared-slide format)
+    fold_<i>/predictions/  <slide_id>.h5ad prediction files (X = predicted counts, layers['log1p'], measured counts)
     fold_<i>/metrics.json  per-method fold metrics (both protocols, per slide, per gene)
     metrics.json           per-method summaries over folds (mean, std, values) + per-fold numbers
     table.md               Table-2 style comparison, both protocols labelled
