@@ -22,7 +22,9 @@ import numpy as np
 
 from hist_st.errors import InputError
 from hist_st.harmonise import (
+    HEST_BENCH_METHOD,
     harmonise_slide,
+    rank_hest_bench,
     rank_highly_expressed,
     rank_hvg,
     read_cohort_manifest,
@@ -900,6 +902,8 @@ def finalise_cohort(
         "hvg_method": "scanpy highly_variable_genes flavor=seurat on normalize_total(1e4)+log1p, by dispersions_norm",
         "highly_expressed": he,
         "highly_expressed_method": "mean of normalize_total(1e4)+log1p over spots",
+        "hest-bench": rank_hest_bench(list(mats.values()), genes),
+        "hest-bench_method": HEST_BENCH_METHOD,
         "encoders": sorted(embedding_dims),
         "embedding_dims": embedding_dims,
         "technology": techs[0] if len(techs) == 1 else techs,

@@ -29,6 +29,7 @@ __all__ = [
     "find_hest_samples",
     "read_hest",
     "read_patch_index",
+    "read_hest_bench_splits",
     "hest_patch_centres",
     "hest_patient",
     "meta_value",
@@ -203,6 +204,53 @@ def _attr(v):
     if isinstance(v, np.ndarray):
         return v.tolist()
     return v
+
+
+def read_hest_bench_splits(folder: str | Path) -> list[dict]:
+    """HEST-Benchmark's fixed patient-level folds: ``splits/train_<i>.csv`` + ``test_<i>.csv``.
+
+    Each CSV lists one sample per row in a ``sample_id`` column (HEST-Benchmark task folders, e.g.
+    ``bench_data/IDC/splits``). The folds are returned as `hist_st.train.folds.make_folds` returns them,
+    so ``hist-st cv --splits <folder>`` evaluates on exactly HEST-Benchmark's splits.
+
+    Args:
+        folder: The ``splits`` folder, or a task folder that contains one.
+
+    Returns:
+        ``[{"fold": i, "train": [...], "test": [...]}]``, ids sorted, folds in index order.
+
+    Raises:
+        InputError: no ``train_<i>.csv``/``test_<i>.csv`` pair, a CSV without ``sample_id``, a sample in
+            both train and test of a fold.
+    """
+    import pandas as pd
+
+    folder = Path(folder)
+    if (folder / "splits").is_dir():
+        folder = folder / "splits"
+    pairs = []
+    for train in sorted(folder.glob("train_*.csv")):
+        idx = train.stem.split("_", 1)[1]
+        if not idx.isdigit():
+            continue
+        test = folder / f"test_{idx}.csv"
+        if not test.is_file():
+            raise InputError(test, f"missing: {train.name} has no matching test split")
+        pairs.append((int(idx), train, test))
+    if not pairs:
+        raise InputError(folder, "no HEST-Benchmark splits (train_<i>.csv and test_<i>.csv) found")
+    folds = []
+    for i, (_idx, train, test) in enumerate(sorted(pairs)):
+        lists = []
+        for path in (train, test):
+            df = pd.read_csv(path, dtype=str)
+            if "sample_id" not in df.columns:
+                raise InputError(path, f"has no 'sample_id' column (columns: {list(df.columns)})")
+            lists.append(sorted(df["sample_id"].dropna().astype(str).str.strip()))
+        if set(lists[0]) & set(lists[1]):
+            raise InputError(test, f"samples in both train and test: {sorted(set(lists[0]) & set(lists[1]))[:5]}")
+        folds.append({"fold": i, "train": lists[0], "test": lists[1], "source": f"HEST-Benchmark {train.name}/{test.name}"})
+    return folds
 
 
 def hest_patch_centres(

@@ -5,7 +5,8 @@ sample really has is not always the one its metadata or technology name suggests
 128 um while the metadata says 2 um; legacy ST printed at 110 um instead of 200 um; Xenium pseudo-spots
 with no spacing at all). `measure_grid` reads the grid from the spot centres themselves:
 
-- **pitch**: the median length of the vectors between nearest neighbours;
+- **pitch**: the median length of the neighbour vectors near the shortest common step (seeded by the
+  10th percentile of nearest-neighbour distances, so sparse subsets of a grid measure right too);
 - **kind**: ``"hex"`` when the neighbour directions repeat every 60 degrees, ``"square"`` every 90
   (six-fold vs four-fold circular concentration), ``"irregular"`` when neither is clear;
 - **angle**: the direction of the grid's first axis in the image (degrees);
@@ -31,6 +32,8 @@ __all__ = ["GridGeometry", "Adjacency", "measure_grid", "grid_coords", "neighbou
 
 #: Neighbour vectors whose length is within this fraction of the pitch count as grid steps.
 STEP_TOLERANCE = 0.25
+#: Quantile of the nearest-neighbour distances that seeds the pitch.
+PITCH_QUANTILE = 0.1
 #: Minimum circular concentration of neighbour directions to call a grid hex or square.
 MIN_ORDER = 0.5
 _SQRT3_2 = float(np.sqrt(3.0) / 2.0)
@@ -149,9 +152,12 @@ def measure_grid(spatial_px: np.ndarray, um_per_px: float, *, source: str | None
     d1 = dist[:, 1]
     if not np.all(d1 > 0):
         raise InputError(source, f"{int((d1 <= 0).sum())} spots share their centre with another spot")
-    pitch0 = float(np.median(d1))
+    # The shortest grid step: a low quantile of the nearest-neighbour distances (robust to a few
+    # misplaced spots, and right for sparse subsets of a grid, whose median neighbour is farther away).
+    d_lo = float(np.quantile(d1, PITCH_QUANTILE))
     vec = um[idx[:, 1:]] - um[:, None, :]  # [N, k-1, 2]
     length = dist[:, 1:]
+    pitch0 = float(np.median(length[np.abs(length - d_lo) <= STEP_TOLERANCE * d_lo]))
     step = np.abs(length - pitch0) <= STEP_TOLERANCE * pitch0
     v = vec[step]
     pitch = float(np.median(length[step]))
