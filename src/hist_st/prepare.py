@@ -340,7 +340,8 @@ def _use_stored_patches(slide: Slide, path: Path, params: PatchParams, *, has_ws
             f"spot centres; the patches were cut at another size or resolution than {how} says",
         )
     slide.meta["stored_patches"] = {"field_um": field, "field_from": how, "size_px": index.size_px}
-    if abs(field - params.field_um) > STORED_FIELD_TOLERANCE * params.field_um:
+    # HEST rounds corners to whole pixels: allow 2 WSI pixels besides the relative tolerance
+    if abs(field - params.field_um) > max(STORED_FIELD_TOLERANCE * params.field_um, 2.0 * slide.um_per_px):
         if not has_wsi:
             raise InputError(
                 path,

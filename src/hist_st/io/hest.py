@@ -152,14 +152,17 @@ class HestPatchIndex:
         """Side of the stored patches in microns and how it was found.
 
         From the size attributes when present, else from the coords: each top-left corner sits half a
-        patch before its spot centre (``centres_px``: the matching spot centres ``[M, 2]``).
+        patch before its spot centre (``centres_px``: the matching spot centres ``[M, 2]``), to within
+        the pixel HEST truncates.
         """
         upp = self.pixel_size_um or um_per_px
         if self.size_src_px is not None:
             return self.size_src_px * upp, f"size attributes ({self.size_src_px:g} WSI px at {upp:g} um/px)"
         if centres_px is None or len(centres_px) == 0:
             raise InputError(self.path, "records no patch size and no spot matches it; cannot tell its field of view")
-        half = float(np.median(np.asarray(centres_px, dtype=np.float64) - self.coords))
+        # HEST truncates corners to whole pixels (int(centre - size // 2)): centre - corner lies in
+        # [size // 2, size // 2 + 1), whose midpoint is removed
+        half = float(np.median(np.asarray(centres_px, dtype=np.float64) - self.coords)) - 0.5
         return 2.0 * half * um_per_px, "coords relative to the spot centres (no size attribute stored)"
 
 
