@@ -254,7 +254,7 @@ def run_cv(
     )  # fmt: skip
     (out / "table.md").write_text(
         "Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
-        "metric); per-gene = log1p Pearson/R2 per gene over all test spots (HEST-Benchmark). "
+        "metric); per-gene = log1p Pearson/R2 per gene over all test spots (HEST metric). "
         f"Mean ± std over {len(fold_list)} folds.\n\n" + table + "\n"
     )
     plot_loss_curves(histories, out / "loss_curves.png")
