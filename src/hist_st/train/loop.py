@@ -154,11 +154,16 @@ def _iterate(dataset: AugmentedSlides, keys: Sequence[Any], num_workers: int):
 def _technology_records(slides: Sequence[Slide], cfg_unit: dict[str, float]) -> dict[str, Any]:
     units: dict[str, float] = {}
     pitch: dict[str, float] = {}
+    measured: dict[str, list[float]] = {}
     for s in slides:
         if s.lattice_unit_um is not None:
             units.setdefault(s.technology, float(s.lattice_unit_um))
         if s.spot_pitch_um is not None:
             pitch.setdefault(s.technology, float(s.spot_pitch_um))
+        if (s.meta.get("grid") or {}).get("pitch_um") and s.lattice_unit_um == s.spot_pitch_um:
+            measured.setdefault(s.technology, []).append(float(s.meta["grid"]["pitch_um"]))
+    for tech, values in measured.items():  # measured grids: the median pitch of the training slides
+        units[tech] = pitch[tech] = float(np.median(values))
     units.update(cfg_unit)
     kinds = {}
     for s in slides:  # measured grid type (hist_st.lattice.geometry) wins over the technology's
