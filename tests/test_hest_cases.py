@@ -360,3 +360,39 @@ def test_hest_bench_splits_folder(tmp_path):
     (split / "test_1.csv").unlink()
     with pytest.raises(InputError, match="no matching test split"):
         load_folds(split)
+
+
+def test_cv_on_hest_samples_by_patient_and_with_hest_bench_protocol(tmp_path):
+    """End to end: prepare HEST samples, then CV by (dataset, patient) and on HEST-Benchmark's genes + splits."""
+    import pandas as pd
+
+    from hist_st.train import load_config
+    from hist_st.train.cv import run_cv
+
+    root = tmp_path / "hest"
+    spec = {"A1": ("Patient 1", "Dataset A"), "A2": ("Patient 1", "Dataset A"), "B1": ("Patient 1", "Dataset B"),
+            "N1": (float("nan"), "Dataset B"), "N2": (float("nan"), "Dataset C")}  # fmt: skip
+    for i, (sid, (patient, dataset)) in enumerate(spec.items()):
+        write_sample(root, sid, patient=patient, dataset=dataset, rows=3, cols=4, seed=i)
+    rep, _ = prepare(root, tmp_path / "cohort")
+    assert sorted(rep.prepared) == sorted(spec), rep.failed
+    cfg = load_config(None, ["model.dim=16", "model.heads=2", "progress=false", "epochs=1", "genes.n_top=4"])
+    res = run_cv(cfg, tmp_path / "cohort", tmp_path / "cv_patient", k=2, group_by="patient", progress=False)
+    saved = json.loads((tmp_path / "cv_patient" / "splits.json").read_text())["folds"]
+    assert sorted(s for f in saved for s in f.get("unknown_group", [])) == ["N1", "N2"]
+    for f in saved:
+        assert {"A1", "A2"} <= set(f["test"]) or not {"A1", "A2"} & set(f["test"])
+    assert len(res["folds"]) == 2
+    # HEST-Benchmark protocol: its gene set from cohort.json and its fixed splits folder
+    split = tmp_path / "bench" / "splits"
+    split.mkdir(parents=True)
+    for i, test in enumerate([["A1", "A2", "N1"], ["B1", "N2"]]):
+        pd.DataFrame({"sample_id": [s for s in spec if s not in test]}).to_csv(split / f"train_{i}.csv", index=False)
+        pd.DataFrame({"sample_id": test}).to_csv(split / f"test_{i}.csv", index=False)
+    cfg = load_config(None, ["model.dim=16", "model.heads=2", "progress=false", "epochs=1", "genes.ranking=hest-bench"])
+    run_cv(cfg, tmp_path / "cohort", tmp_path / "cv_bench", folds=tmp_path / "bench", progress=False)
+    manifest = json.loads((tmp_path / "cohort" / "cohort.json").read_text())
+    genes = (tmp_path / "cv_bench" / "genes.txt").read_text().split()
+    assert genes == manifest["hest-bench"] and genes == sorted(genes) and 0 < len(genes) <= 50
+    saved = json.loads((tmp_path / "cv_bench" / "splits.json").read_text())["folds"]
+    assert [f["test"] for f in saved] == [["A1", "A2", "N1"], ["B1", "N2"]]
