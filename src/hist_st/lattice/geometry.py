@@ -8,7 +8,8 @@ with no spacing at all). `measure_grid` reads the grid from the spot centres the
 - **pitch**: the median length of the neighbour vectors near the shortest common step (seeded by the
   10th percentile of nearest-neighbour distances, so sparse subsets of a grid measure right too);
 - **kind**: ``"hex"`` when the neighbour directions repeat every 60 degrees, ``"square"`` every 90
-  (six-fold vs four-fold circular concentration), ``"irregular"`` when neither is clear;
+  (six-fold vs four-fold circular concentration), ``"irregular"`` when neither is clear (or fewer than
+  `MIN_STEPS` neighbour steps were found);
 - **angle**: the direction of the grid's first axis in the image (degrees);
 - **phase**: where the grid's rows and columns fall, so that spots map to integer sites exactly.
 
@@ -32,6 +33,8 @@ __all__ = ["GridGeometry", "Adjacency", "measure_grid", "grid_coords", "neighbou
 
 #: Neighbour vectors whose length is within this fraction of the pitch count as grid steps.
 STEP_TOLERANCE = 0.25
+#: Fewest neighbour steps (each pair counts twice) from which a grid type is called.
+MIN_STEPS = 6
 #: Quantile of the nearest-neighbour distances that seeds the pitch.
 PITCH_QUANTILE = 0.1
 #: Minimum circular concentration of neighbour directions to call a grid hex or square.
@@ -154,7 +157,7 @@ def measure_grid(spatial_px: np.ndarray, um_per_px: float, *, source: str | None
         raise InputError(source, f"{int((d1 <= 0).sum())} spots share their centre with another spot")
     # The shortest grid step: a low quantile of the nearest-neighbour distances (robust to a few
     # misplaced spots, and right for sparse subsets of a grid, whose median neighbour is farther away).
-    d_lo = float(np.quantile(d1, PITCH_QUANTILE))
+    d_lo = float(np.quantile(d1, PITCH_QUANTILE, method="lower"))
     vec = um[idx[:, 1:]] - um[:, None, :]  # [N, k-1, 2]
     length = dist[:, 1:]
     pitch0 = float(np.median(length[np.abs(length - d_lo) <= STEP_TOLERANCE * d_lo]))
@@ -165,7 +168,7 @@ def measure_grid(spatial_px: np.ndarray, um_per_px: float, *, source: str | None
     z6 = np.exp(6j * theta).mean()
     z4 = np.exp(4j * theta).mean()
     r6, r4 = float(abs(z6)), float(abs(z4))
-    if max(r6, r4) < MIN_ORDER:
+    if max(r6, r4) < MIN_ORDER or int(step.sum()) < MIN_STEPS:
         return GridGeometry(pitch, "irregular", 0.0, pitch, (0.0, 0.0), max(r6, r4), len(um), int(step.sum()))
     if r6 >= r4:
         kind, angle, row = "hex", float(np.rad2deg(np.angle(z6)) / 6.0), pitch * _SQRT3_2
