@@ -162,6 +162,8 @@ def test_partial_patch_file_keeps_spots_with_a_patch(tmp_path):
     assert any("6 of 30 spots have no stored patch" in str(w.message) for w in caught)
     assert s.counts.shape == (24, len(GENES)) and s.embeddings["test-tiny-cases"].shape == (24, 4)
     assert s.meta["grid"]["kind"] == "hex" and s.meta["neighbour_adjacency"]["share"] == 1.0
+    entry = json.loads((tmp_path / "out" / "cohort.json").read_text())["slides"][0]
+    assert entry["grid_kind"] == "hex" and entry["neighbour_adjacency"] == 1.0 and entry["n_spots"] == 24
     bundle = train_one(tmp_path / "out", tmp_path / "run")
     assert bundle.lattice_type == {"visium": "hex"}
 
