@@ -97,7 +97,7 @@ def test_continuous_coords_follows_measured_grid():
     s = Slide("s", px, np.array([f"b{i}" for i in range(len(px))], dtype=object), um_per_px=0.5,
               spot_pitch_um=100.0, lattice_unit_um=55.0, technology="visium")  # fmt: skip
     attach_lattice(s)
-    assert s.meta["grid"]["kind"] == "hex" and s.lattice_unit_um == pytest.approx(100.0, rel=1e-3)
+    assert s.meta["spot_grid"]["kind"] == "hex" and s.lattice_unit_um == pytest.approx(100.0, rel=1e-3)
     assert s.meta["neighbour_adjacency"]["share"] == 1.0 and s.meta["grid_check"]["agrees"]
     # a model trained with the authors' 55 um unit still gets its own (plain scaled) map
     np.testing.assert_allclose(continuous_coords(s, 55.0), (px - px.min(0)) * 0.5 / 55.0)
@@ -113,8 +113,8 @@ def test_her2st_sections_keep_every_neighbour_adjacent():
     for sec in [s for s in find_her2st_sections(HER2ST) if s.slide_id in ("A1", "B4", "C2", "H3")]:
         s = read_her2st_section(sec)
         attach_lattice(s)
-        assert s.meta["grid"]["kind"] == "square", sec.slide_id
-        assert s.meta["grid"]["pitch_um"] == pytest.approx(200.0, rel=0.02)
+        assert s.meta["spot_grid"]["kind"] == "square", sec.slide_id
+        assert s.meta["spot_grid"]["pitch_um"] == pytest.approx(200.0, rel=0.02)
         assert s.meta["neighbour_adjacency"]["share"] == 1.0
 
 
@@ -125,6 +125,6 @@ def test_visium_heart_is_a_100um_hex_grid():
 
     s = read_spaceranger(VISIUM, None)
     attach_lattice(s)
-    g = s.meta["grid"]
+    g = s.meta["spot_grid"]
     assert g["kind"] == "hex" and g["pitch_um"] == pytest.approx(100.0, rel=0.02)
     assert s.meta["neighbour_adjacency"]["share"] == 1.0

@@ -144,7 +144,7 @@ def train_one(cohort, out):
 def legacy_adjacency(slide, unit_um: float) -> float:
     """Neighbour adjacency of the old mapping: spots scaled by a fixed per-technology unit."""
     lat = to_lattice(slide.spatial * slide.um_per_px / unit_um)
-    return neighbour_adjacency(slide.spatial, lat, slide.meta["grid"]["pitch_um"] / slide.um_per_px).share
+    return neighbour_adjacency(slide.spatial, lat, slide.meta["spot_grid"]["pitch_um"] / slide.um_per_px).share
 
 
 # ------------------------------------------------------------------------------------- 1. partial patches
@@ -161,7 +161,7 @@ def test_partial_patch_file_keeps_spots_with_a_patch(tmp_path):
     assert s.meta["spots_without_stored_patch"]["dropped"] == 6
     assert any("6 of 30 spots have no stored patch" in str(w.message) for w in caught)
     assert s.counts.shape == (24, len(GENES)) and s.embeddings["test-tiny-cases"].shape == (24, 4)
-    assert s.meta["grid"]["kind"] == "hex" and s.meta["neighbour_adjacency"]["share"] == 1.0
+    assert s.meta["spot_grid"]["kind"] == "hex" and s.meta["neighbour_adjacency"]["share"] == 1.0
     entry = json.loads((tmp_path / "out" / "cohort.json").read_text())["slides"][0]
     assert entry["grid_kind"] == "hex" and entry["neighbour_adjacency"] == 1.0 and entry["n_spots"] == 24
     bundle = train_one(tmp_path / "out", tmp_path / "run")
@@ -180,7 +180,7 @@ def test_visium_hd_bins_at_128um_with_spacing_2_in_metadata(tmp_path):
     s = read_prepared(tmp_path / "out" / "HD1.h5ad")
     assert s.technology == "visium-hd"
     assert s.lattice_unit_um == pytest.approx(128.0, rel=1e-3) and s.spot_pitch_um == pytest.approx(128.0, rel=1e-3)
-    assert s.meta["grid"]["kind"] == "square" and s.meta["neighbour_adjacency"]["share"] == 1.0
+    assert s.meta["spot_grid"]["kind"] == "square" and s.meta["neighbour_adjacency"]["share"] == 1.0
     assert s.meta["grid_check"]["declared_pitch_um"] == 2.0 and not s.meta["grid_check"]["agrees"]
     assert any(w.category is GridWarning and "2 um declared" in str(w.message) for w in caught)
     assert legacy_adjacency(s, 8.0) == 0.0  # the old 8 um unit: bins 16 sites apart
@@ -203,7 +203,7 @@ def test_xenium_pseudo_spots_with_nan_spacing(tmp_path):
     rep, caught = prepare(tmp_path / "hest", tmp_path / "out")
     assert rep.prepared == ["XE1"], rep.failed
     s = read_prepared(tmp_path / "out" / "XE1.h5ad")
-    assert s.lattice_unit_um == pytest.approx(100.0, rel=1e-3) and s.meta["grid"]["kind"] == "square"
+    assert s.lattice_unit_um == pytest.approx(100.0, rel=1e-3) and s.meta["spot_grid"]["kind"] == "square"
     assert s.meta["neighbour_adjacency"]["share"] == 1.0
     assert not any(w.category is GridWarning for w in caught)
     bundle = train_one(tmp_path / "out", tmp_path / "run")

@@ -888,7 +888,7 @@ def finalise_cohort(
                 "um_per_px": s.um_per_px,
                 "spot_pitch_um": s.spot_pitch_um,
                 "lattice_unit_um": s.lattice_unit_um,
-                "grid_kind": (s.meta.get("grid") or {}).get("kind"),
+                "grid_kind": (s.meta.get("spot_grid") or {}).get("kind"),
                 "neighbour_adjacency": (s.meta.get("neighbour_adjacency") or {}).get("share"),
                 "n_patch_outside": int(np.asarray(s.patch_outside).sum())
                 if s.patch_outside is not None

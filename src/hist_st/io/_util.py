@@ -74,7 +74,7 @@ def attach_lattice(slide) -> None:
     """Measure the slide's spot grid and set ``slide.lattice`` from it.
 
     The grid (pitch, hex/square, rotation; `hist_st.lattice.geometry.measure_grid`) is measured from the
-    spot centres and stored in ``slide.meta['grid']``; ``slide.spot_pitch_um`` becomes the measured pitch
+    spot centres and stored in ``slide.meta['spot_grid']``; ``slide.spot_pitch_um`` becomes the measured pitch
     (the declared one is kept in ``meta['grid_check']``). The lattice unit becomes the measured pitch
     too, so that `hist_st.lattice.continuous_coords` maps every neighbour pair to adjacent sites, unless
     the caller chose another unit on purpose (a unit that is neither the technology default nor the
@@ -97,7 +97,7 @@ def attach_lattice(slide) -> None:
             ref is not None and np.isclose(unit, ref, rtol=1e-6)
             for ref in (DEFAULT_LATTICE_UNIT_UM.get(slide.technology), check["declared_pitch_um"])
         )
-        slide.meta["grid"] = geom.as_dict()
+        slide.meta["spot_grid"] = geom.as_dict()
         slide.meta["grid_check"] = check
         slide.spot_pitch_um = geom.pitch_um
         if chosen:

@@ -117,7 +117,7 @@ def _resolve_collisions(x: np.ndarray, site: np.ndarray) -> np.ndarray:
 def continuous_coords(slide: Slide, unit_um: float | None = None) -> np.ndarray:
     """Spot centres of ``slide`` in lattice units.
 
-    When the slide carries a measured grid (``slide.meta['grid']``, written by
+    When the slide carries a measured grid (``slide.meta['spot_grid']``, written by
     `hist_st.io._util.attach_lattice`) and the lattice unit is that grid's pitch, the grid's own map is
     used (`hist_st.lattice.geometry.grid_coords`: rotated upright, hex rows in offset coordinates), so
     every neighbour pair lands on adjacent sites (a unit within `GRID_UNIT_RTOL` of the pitch, e.g. the
@@ -136,7 +136,8 @@ def continuous_coords(slide: Slide, unit_um: float | None = None) -> np.ndarray:
 
     unit = unit_um if unit_um is not None else slide.lattice_unit_um
     spatial = np.asarray(slide.spatial, dtype=np.float64)
-    grid = slide.meta.get("grid") if isinstance(slide.meta, dict) else None
+    grid = slide.meta.get("spot_grid") if isinstance(slide.meta, dict) else None
+    grid = grid if isinstance(grid, dict) else None
     if grid and slide.um_per_px is not None and (unit is None or np.isclose(unit, grid["pitch_um"], rtol=GRID_UNIT_RTOL)):
         return grid_coords(spatial, slide.um_per_px, GridGeometry.from_dict(grid))
     if unit is not None and slide.um_per_px is not None:

@@ -69,7 +69,7 @@ class GridGeometry:
     n_steps: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (what prepared slides store in ``meta['grid']``)."""
+        """JSON-friendly dict (what prepared slides store in ``meta['spot_grid']``)."""
         d = asdict(self)
         d["phase"] = [float(p) for p in self.phase]
         return d

@@ -160,14 +160,14 @@ def _technology_records(slides: Sequence[Slide], cfg_unit: dict[str, float]) -> 
             units.setdefault(s.technology, float(s.lattice_unit_um))
         if s.spot_pitch_um is not None:
             pitch.setdefault(s.technology, float(s.spot_pitch_um))
-        if (s.meta.get("grid") or {}).get("pitch_um") and s.lattice_unit_um == s.spot_pitch_um:
-            measured.setdefault(s.technology, []).append(float(s.meta["grid"]["pitch_um"]))
+        if (s.meta.get("spot_grid") or {}).get("pitch_um") and s.lattice_unit_um == s.spot_pitch_um:
+            measured.setdefault(s.technology, []).append(float(s.meta["spot_grid"]["pitch_um"]))
     for tech, values in measured.items():  # measured grids: the median pitch of the training slides
         units[tech] = pitch[tech] = float(np.median(values))
     units.update(cfg_unit)
     kinds = {}
     for s in slides:  # measured grid type (hist_st.lattice.geometry) wins over the technology's
-        kind = (s.meta.get("grid") or {}).get("kind")
+        kind = (s.meta.get("spot_grid") or {}).get("kind")
         if kind in ("hex", "square"):
             kinds.setdefault(s.technology, kind)
     out = {"unit_um": units, "spot_pitch_um": pitch, "technologies": sorted({s.technology for s in slides})}
