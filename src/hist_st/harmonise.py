@@ -31,6 +31,8 @@ __all__ = [
     "restrict_genes",
     "rank_hvg",
     "rank_highly_expressed",
+    "rank_hest_bench",
+    "HEST_BENCH_METHOD",
     "write_cohort_manifest",
     "read_cohort_manifest",
     "MANIFEST_NAME",
@@ -261,6 +263,56 @@ def rank_highly_expressed(mats: Sequence[sp.spmatrix], genes: Sequence[str]) -> 
     mean = np.asarray(x.mean(axis=0)).ravel()
     order = np.lexsort((np.arange(len(genes)), -mean))
     return [genes[i] for i in order]
+
+
+HEST_BENCH_METHOD = (
+    "HEST-Benchmark get_k_genes(criteria='var'): genes detected in >= ceil(10% of spots) of every slide, "
+    "names containing BLANK or Control dropped, scanpy highly_variable_genes(flavor='seurat', n_top_genes=k) "
+    "on log1p of the stacked raw counts (no normalize_total), kept in sorted gene-name order"
+)
+
+
+def rank_hest_bench(mats: Sequence[sp.spmatrix], genes: Sequence[str], k: int = 50) -> list[str]:
+    """HEST-Benchmark's gene set: its ``get_k_genes(adata_list, k, criteria="var")``, step by step.
+
+    1. per slide, keep genes with a non-zero count in at least ``ceil(0.1 * n_spots)`` spots, and
+       intersect over slides (sorted, as ``np.intersect1d`` does);
+    2. drop names containing ``"BLANK"`` or ``"Control"`` (Xenium probes);
+    3. stack the raw counts of every slide (float32), ``log1p`` (no library-size normalisation);
+    4. scanpy ``highly_variable_genes(n_top_genes=k)`` (flavour ``seurat``) and keep the selected genes in
+       the sorted order of step 1 (HEST takes ``var_names[highly_variable][:k]``, not ranked order).
+
+    Args:
+        mats: Raw count matrices ``[N_i, G]`` over the same ``genes``, one per slide of the task.
+        genes: ``[G]`` gene names.
+        k: Number of genes (HEST-Benchmark: 50).
+
+    Returns:
+        Up to ``k`` gene names in sorted order.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    genes = np.asarray(list(map(str, genes)), dtype=object)
+    if len(genes) == 0 or not mats:
+        return []
+    keep = np.ones(len(genes), dtype=bool)
+    for m in mats:
+        m = sp.csr_matrix(m)
+        detected = np.asarray((m > 0).sum(axis=0)).ravel()
+        keep &= detected >= np.ceil(0.1 * m.shape[0])
+    order = np.argsort(genes[keep].astype(str), kind="stable")
+    cols = np.flatnonzero(keep)[order]
+    cols = np.asarray([c for c in cols if "BLANK" not in genes[c] and "Control" not in genes[c]], dtype=np.int64)
+    if len(cols) == 0:
+        return []
+    x = sp.csr_matrix(sp.vstack([sp.csr_matrix(m)[:, cols] for m in mats]), dtype=np.float32)
+    x.data = np.log1p(x.data)
+    adata = ad.AnnData(X=x)
+    adata.var_names = [str(g) for g in genes[cols]]
+    adata.uns["log1p"] = {"base": None}
+    sc.pp.highly_variable_genes(adata, n_top_genes=min(k, len(cols)), flavor="seurat")
+    return [str(g) for g in adata.var_names[adata.var["highly_variable"].to_numpy()][:k]]
 
 
 def write_cohort_manifest(out_dir: str | Path, manifest: dict) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ import numpy as np
 
 from hist_st.errors import InputError
 from hist_st.harmonise import (
+    HEST_BENCH_METHOD,
     harmonise_slide,
+    rank_hest_bench,
     rank_highly_expressed,
     rank_hvg,
     read_cohort_manifest,
@@ -49,8 +52,11 @@ __all__ = [
 ]
 
 CACHE_DIR = ".hist_st_cache"
-HEST_PATCH_FIELD_UM = 112.0  # HEST-1k stored patches: 224 px at 0.5 um/px
+HEST_PATCH_FIELD_UM = 112.0  # HEST-1k stored patches: 224 px at 0.5 um/px (checked per file)
 PREPARE_VERSION = 1
+#: Version of the lattice geometry in prepared slides (2: measured grid, `hist_st.io._util.attach_lattice`);
+#: part of the prepared key only, so embedding caches stay valid.
+LATTICE_VERSION = 2
 
 
 class MissingImageError(InputError):
@@ -331,6 +337,87 @@ def macenko_normaliser(reference: str | Path | None = None) -> Callable[[np.ndar
 
 
 # --------------------------------------------------------------------------------------------- embed
+#: Stored and asked patch fields of view may differ by this fraction (HEST rounds the size to pixels).
+STORED_FIELD_TOLERANCE = 0.02
+
+
+def _use_stored_patches(slide: Slide, path: Path, params: PatchParams, *, has_wsi: bool) -> Path | None:
+    """Check a HEST patch file against ``slide`` and decide how its patches are used (in place).
+
+    The field of view comes from the file's size attributes (or, without them, from where the corners
+    sit relative to the spot centres) and must match ``params.field_um``; otherwise patches are cut from
+    the WSI, or the slide is refused when there is none. Every stored corner must sit half a patch before
+    its spot centre (a file cut at another size or resolution would be mis-scaled). Spots without a stored
+    patch (HEST keeps only patches with >= 15% tissue) are dropped, as HEST-Benchmark does (by barcode),
+    and the number is recorded in ``slide.meta['spots_without_stored_patch']``.
+
+    Returns:
+        ``path`` when the stored patches are used, None when patches are to be cut from the WSI.
+
+    Raises:
+        InputError: no spot has a stored patch; corners off the spot centres; another field of view
+            and no WSI.
+    """
+    from hist_st.io.hest import read_patch_index
+
+    index = read_patch_index(path)
+    pos = {str(b): i for i, b in enumerate(index.barcodes)}
+    rows = np.asarray([pos.get(str(b), -1) for b in slide.barcodes], dtype=np.int64)
+    have = rows >= 0
+    if not have.any():
+        raise InputError(path, f"none of the {slide.n_spots} spots of the sample has a stored patch (barcodes differ)")
+    centres = np.asarray(slide.spatial, dtype=np.float64)[have]
+    field, how = index.field_um(slide.um_per_px, centres)
+    half_px = field / slide.um_per_px / 2.0
+    off = np.abs(centres - half_px - index.coords[rows[have]]).max()
+    if off > max(2.0, 0.05 * 2 * half_px):
+        raise InputError(
+            path,
+            f"stored patch corners are up to {off:.1f} px away from half a patch ({half_px:.1f} px) before their "
+            f"spot centres; the patches were cut at another size or resolution than {how} says",
+        )
+    slide.meta["stored_patches"] = {"field_um": field, "field_from": how, "size_px": index.size_px}
+    # HEST rounds corners to whole pixels: allow 2 WSI pixels besides the relative tolerance
+    if abs(field - params.field_um) > max(STORED_FIELD_TOLERANCE * params.field_um, 2.0 * slide.um_per_px):
+        if not has_wsi:
+            raise InputError(
+                path,
+                f"stored patches cover {field:.1f} um ({how}) but {params.field_um:g} um were asked "
+                "and there is no WSI to cut them from",
+            )
+        slide.meta["patches_from_wsi_because"] = f"stored patches cover {field:.1f} um, {params.field_um:g} um asked"
+        return None
+    n_missing = int((~have).sum())
+    if n_missing:
+        _keep_spots(slide, have)
+        slide.meta["spots_without_stored_patch"] = {
+            "dropped": n_missing,
+            "kept": int(have.sum()),
+            "why": "HEST stores patches only for spots with >= 15% tissue; spots without one are dropped, "
+            "as HEST-Benchmark does (matched by barcode)",
+        }
+        warnings.warn(
+            f"slide {slide.slide_id!r}: {n_missing} of {len(have)} spots have no stored patch in {path} "
+            "(HEST keeps patches with >= 15% tissue); they are dropped, as in HEST-Benchmark",
+            stacklevel=2,
+        )
+    return path
+
+
+def _keep_spots(slide: Slide, keep: np.ndarray) -> None:
+    """Restrict every per-spot field of ``slide`` to the spots where ``keep`` is True (in place)."""
+    idx = np.flatnonzero(keep)
+    slide.spatial = np.asarray(slide.spatial)[idx]
+    slide.barcodes = np.asarray(slide.barcodes)[idx]
+    if slide.counts is not None:
+        slide.counts = slide.counts[idx]
+    for name in ("array_coords", "lattice", "patch_outside", "predicted", "predicted_std"):
+        arr = getattr(slide, name)
+        if arr is not None:
+            setattr(slide, name, np.asarray(arr)[idx])
+    slide.embeddings = {k: np.asarray(v)[idx] for k, v in slide.embeddings.items()}
+
+
 def _read_stored_patches(path: Path, barcodes: np.ndarray) -> np.ndarray:
     import h5py
 
@@ -507,7 +594,7 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
 
 
 def _prepared_key(src: SlideSource, encoder_key: str, params: PatchParams, stain: str | None) -> str:
-    return _hash(PREPARE_VERSION, src.fingerprint, encoder_key, params.as_dict(), stain)
+    return _hash(PREPARE_VERSION, LATTICE_VERSION, src.fingerprint, encoder_key, params.as_dict(), stain)
 
 
 def _existing_key(path: Path) -> str | None:
@@ -585,14 +672,8 @@ def prepare_slide(
             )
         _fill_pitch(slide)
         stored = src.stored_patches
-        if stored is not None and abs(params.field_um - HEST_PATCH_FIELD_UM) > 1e-6:
-            if image is None:
-                raise InputError(
-                    stored,
-                    f"stored patches cover {HEST_PATCH_FIELD_UM:g} um but {params.field_um:g} um were asked "
-                    "and there is no WSI to cut them from",
-                )
-            stored = None
+        if stored is not None:
+            stored = _use_stored_patches(slide, stored, params, has_wsi=image is not None)
         if stored is not None:
             slide.meta["patches_from"] = str(stored)
         cache = _cache_path(out_dir, slide, src, encoder, params, stain_norm)
@@ -957,6 +1038,8 @@ def finalise_cohort(
                 "um_per_px": s.um_per_px,
                 "spot_pitch_um": s.spot_pitch_um,
                 "lattice_unit_um": s.lattice_unit_um,
+                "grid_kind": (s.meta.get("spot_grid") or {}).get("kind"),
+                "neighbour_adjacency": (s.meta.get("neighbour_adjacency") or {}).get("share"),
                 "n_patch_outside": int(np.asarray(s.patch_outside).sum())
                 if s.patch_outside is not None
                 else 0,
@@ -976,6 +1059,8 @@ def finalise_cohort(
         "hvg_method": "scanpy highly_variable_genes flavor=seurat on normalize_total(1e4)+log1p, by dispersions_norm",
         "highly_expressed": he,
         "highly_expressed_method": "mean of normalize_total(1e4)+log1p over spots",
+        "hest-bench": rank_hest_bench(list(mats.values()), genes),
+        "hest-bench_method": HEST_BENCH_METHOD,
         "encoders": sorted(embedding_dims),
         "embedding_dims": embedding_dims,
         "technology": techs[0] if len(techs) == 1 else techs,

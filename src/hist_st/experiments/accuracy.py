@@ -475,7 +475,7 @@ def run_accuracy(
         per_gene[name] = per_gene_rows(run_dir)
     table = (
         "Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' metric); "
-        "per-gene = log1p Pearson/R2 per gene over all test spots (HEST-Benchmark). Mean ± std over folds "
+        "per-gene = log1p Pearson/R2 per gene over all test spots (HEST metric). Mean ± std over folds "
         "(ddof 0).\n\n" + "\n\n".join(tables) + "\n"
     )
     (out / "table.md").write_text(table)

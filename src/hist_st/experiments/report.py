@@ -274,7 +274,7 @@ def build_report(
     md.append("## Table 2: accuracy\n")
     md.append("Protocols: **pooled** = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
               "metric, dominated by between-gene mean differences); **per-gene** = log1p Pearson/R2 per gene over "
-              f"all test spots (HEST-Benchmark). Mean ± std over {folds} folds by slide (seed {seed}); every method "
+              f"all test spots (HEST metric). Mean ± std over {folds} folds by slide (seed {seed}); every method "
               "on the same folds, genes, targets and embeddings. HiST is evaluated at its final epoch; nothing "
               "is tuned on test folds.\n")  # fmt: skip
     md.append(f"HiST: {base_cfg.epochs} epochs, AdamW lr {base_cfg.lr:g}, weight decay {base_cfg.weight_decay:g}, "

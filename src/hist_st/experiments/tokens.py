@@ -222,7 +222,8 @@ def _groups_for(cohort: str | Path, slide_ids: Sequence[str], column: str) -> li
     if column == "technology":
         return [s.technology for s in slides]
     mapping = slide_groups(slides, column, manifest)
-    return [mapping[sid] for sid in slide_ids]
+    # an unknown patient (None) is a group of its own, never one shared "None" group
+    return [mapping[sid] if mapping[sid] is not None else f"{sid} (unknown {column})" for sid in slide_ids]
 
 
 def run_token_analysis(

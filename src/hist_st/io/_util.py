@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +71,98 @@ def derive_um_per_px(
 
 
 def attach_lattice(slide) -> None:
-    """Set ``slide.lattice`` with `hist_st.lattice.to_lattice(continuous_coords(slide))`."""
-    from hist_st.lattice import continuous_coords, to_lattice
+    """Measure the slide's spot grid and set ``slide.lattice`` from it.
 
+    The grid (pitch, hex/square, rotation; `hist_st.lattice.geometry.measure_grid`) is measured from the
+    spot centres and stored in ``slide.meta['spot_grid']``; ``slide.spot_pitch_um`` becomes the measured pitch
+    (the declared one is kept in ``meta['grid_check']``). The lattice unit becomes the measured pitch
+    too, so that `hist_st.lattice.continuous_coords` maps every neighbour pair to adjacent sites, unless
+    the caller chose another unit on purpose (a unit that is neither the technology default nor the
+    declared pitch is kept, e.g. a model's training unit for pseudo-spots). A warning is issued when
+    the measurement disagrees with the declared pitch or the technology's grid type (`grid_check`).
+    ``meta['neighbour_adjacency']`` records the share of true neighbour pairs adjacent on the lattice.
+    Without um per pixel or with fewer than 3 spots, the slide's own unit is used as before.
+    """
+    from hist_st.lattice import continuous_coords, to_lattice
+    from hist_st.lattice.geometry import measure_grid, neighbour_adjacency
+    from hist_st.slide import DEFAULT_LATTICE_UNIT_UM
+
+    source = f"slide {slide.slide_id!r}"
+    geom = None
+    if slide.um_per_px is not None and slide.n_spots >= 3:
+        geom = measure_grid(slide.spatial, slide.um_per_px, source=source)
+        check = grid_check(geom, slide.technology, _finite(slide.spot_pitch_um), source=source)
+        unit = _finite(slide.lattice_unit_um)
+        chosen = unit is not None and not any(
+            ref is not None and np.isclose(unit, ref, rtol=1e-6)
+            for ref in (DEFAULT_LATTICE_UNIT_UM.get(slide.technology), check["declared_pitch_um"])
+        )
+        slide.meta["spot_grid"] = geom.as_dict()
+        slide.meta["grid_check"] = check
+        slide.spot_pitch_um = geom.pitch_um
+        if chosen:
+            slide.meta["lattice_unit_source"] = f"kept as given ({unit:g} um)"
+        else:
+            slide.lattice_unit_um = geom.pitch_um
+            slide.meta["lattice_unit_source"] = f"measured {geom.kind} grid pitch"
+        if check["warning"]:
+            warnings.warn(check["warning"], GridWarning, stacklevel=2)
     slide.lattice = np.asarray(to_lattice(continuous_coords(slide)), dtype=np.int64)
+    if geom is not None:
+        adj = neighbour_adjacency(slide.spatial, slide.lattice, geom.pitch_um / slide.um_per_px)
+        slide.meta["neighbour_adjacency"] = asdict(adj)
+
+
+class GridWarning(UserWarning):
+    """A sample's measured spot grid disagrees with its metadata or technology."""
+
+
+def _finite(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) and f > 0 else None
+
+
+def grid_check(
+    geometry, technology: str, declared_pitch_um: float | None, *, source: str | None = None
+) -> dict:
+    """Compare a measured grid with the declared pitch and the technology's grid type.
+
+    Args:
+        geometry: The measured `hist_st.lattice.geometry.GridGeometry`.
+        technology: Normalised technology name (`normalise_technology`).
+        declared_pitch_um: Pitch from the sample's metadata (or the technology default), None if unknown.
+        source: Name used in the warning.
+
+    Returns:
+        ``{"declared_pitch_um", "declared_kind", "measured_pitch_um", "measured_kind", "agrees",
+        "warning"}``; ``warning`` is None when they agree (pitch within `PITCH_TOLERANCE`, same kind).
+    """
+    declared_pitch = declared_pitch_um if declared_pitch_um is not None else TECHNOLOGY_PITCH_UM.get(technology)
+    declared_kind = TECHNOLOGY_GRID.get(technology)
+    problems = []
+    if declared_pitch is not None and abs(geometry.pitch_um - declared_pitch) > PITCH_TOLERANCE * declared_pitch:
+        problems.append(f"spot pitch {declared_pitch:g} um declared")
+    if declared_kind is not None and geometry.kind != declared_kind:
+        problems.append(f"a {declared_kind} grid expected for {technology}")
+    warning = None
+    if problems:
+        warning = (
+            f"{source + ': ' if source else ''}the spots form a {geometry.kind} grid with a "
+            f"{geometry.pitch_um:.1f} um pitch (measured on {geometry.n_spots} spots), but "
+            + " and ".join(problems)
+            + "; using the measured grid"
+        )
+    return {
+        "declared_pitch_um": declared_pitch,
+        "declared_kind": declared_kind,
+        "measured_pitch_um": geometry.pitch_um,
+        "measured_kind": geometry.kind,
+        "agrees": not problems,
+        "warning": warning,
+    }
 
 
 # Visium: neighbouring spots in a row are 2 array columns and 100 um apart; rows are 100*sqrt(3)/2 um apart.
@@ -122,7 +212,13 @@ TECHNOLOGY_ALIASES = {
     "legacy st": "st",
     "xenium": "xenium",
 }
+#: Nominal spot pitch per technology (um): a cross-check for the measured grid, never a substitute for it.
 TECHNOLOGY_PITCH_UM = {"visium": 100.0, "st": 200.0}
+#: Grid type per technology: Visium spots are hexagonally packed; legacy ST spots, Visium HD bins and
+#: HEST's Xenium pseudo-spots sit on square grids.
+TECHNOLOGY_GRID = {"visium": "hex", "st": "square", "visium-hd": "square", "xenium": "square"}
+#: Relative difference between measured and declared pitch above which `grid_check` warns.
+PITCH_TOLERANCE = 0.1
 
 
 def normalise_technology(name: str | None) -> str:

@@ -1,7 +1,15 @@
 """HEST-1k samples: ``st/<id>.h5ad``, ``patches/<id>.h5``, ``metadata/<id>.json``, ``wsis/<id>.tif``.
 
 Stored patches (224 px at 0.5 um/px, ``coords`` = top-left corners in full-resolution pixels) are used
-when present, matched to spots by barcode; otherwise patches are cut from the WSI.
+when present, matched to spots by barcode; otherwise patches are cut from the WSI. HEST stores a patch
+only for spots whose patch is at least 15% tissue: `read_patch_index` says which spots have one, and
+the size attributes HEST's writer stores with the patches (``patch_size_src``/``patch_size`` in WSI
+pixels, ``patch_size_target``, ``downsample``, ``pixel_size``) give the field of view, checked against
+the spot centres.
+
+Patients: HEST writes a blank patient as NaN and reuses names such as "Patient 1" across datasets, so
+a sample's patient is ``"<dataset_title> / <patient>"`` (HEST-Benchmark groups by both), and None when
+blank (`hest_patient`).
 """
 
 from __future__ import annotations
@@ -15,7 +23,17 @@ import numpy as np
 from hist_st.errors import InputError
 from hist_st.io._util import TECHNOLOGY_PITCH_UM, normalise_technology
 
-__all__ = ["HestSample", "find_hest_samples", "read_hest", "hest_patch_centres"]
+__all__ = [
+    "HestSample",
+    "HestPatchIndex",
+    "find_hest_samples",
+    "read_hest",
+    "read_patch_index",
+    "read_hest_bench_splits",
+    "hest_patch_centres",
+    "hest_patient",
+    "meta_value",
+]
 
 WSI_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".svs", ".ndpi", ".mrxs", ".jpg", ".png")
 
@@ -64,21 +82,178 @@ def find_hest_samples(root: str | Path) -> list[HestSample]:
         meta_p = meta_p if meta_p.is_file() else None
         patches = root / "patches" / f"{sid}.h5"
         meta = _read_meta(meta_p)
-        patient = meta.get("patient")
         out.append(
             HestSample(
-                sid,
-                root,
-                st,
-                meta_p,
-                patches if patches.is_file() else None,
-                _find_wsi(root, sid),
-                str(patient) if patient not in (None, "", "nan") else None,
+                sid, root, st, meta_p, patches if patches.is_file() else None, _find_wsi(root, sid), hest_patient(meta)
             )
         )
     if not out:
         raise InputError(st_dir, "no <id>.h5ad sample found")
     return out
+
+
+def meta_value(meta: dict, key: str):
+    """``meta[key]``, or None when absent, blank, or NaN (HEST writes missing values as NaN)."""
+    v = meta.get(key)
+    if v is None:
+        return None
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    if isinstance(v, str) and v.strip().lower() in ("", "nan", "none", "null", "n/a", "na"):
+        return None
+    return v
+
+
+def hest_patient(meta: dict) -> str | None:
+    """The patient group of a HEST sample: ``"<dataset_title> / <patient>"``; None when the patient is blank.
+
+    HEST writes a blank patient as float NaN, and names such as "Patient 1" recur across datasets, so
+    the patient alone would merge unrelated samples; HEST-Benchmark groups by (dataset, patient).
+    """
+    patient = meta_value(meta, "patient")
+    if patient is None:
+        return None
+    dataset = meta_value(meta, "dataset_title")
+    return f"{dataset} / {patient}" if dataset is not None else str(patient)
+
+
+def _positive(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) and f > 0 else None
+
+
+@dataclass
+class HestPatchIndex:
+    """What a HEST ``patches/<id>.h5`` holds, without its images.
+
+    Attributes:
+        path: The file.
+        barcodes: ``[M]`` barcodes of the stored patches (M <= spots: HEST skips patches < 15% tissue).
+        coords: ``[M, 2]`` top-left corners (x, y) in full-resolution WSI pixels.
+        size_px: Stored patch side in pixels (``img`` shape).
+        size_src_px: Patch side in WSI pixels from the attributes (``patch_size_src`` or ``patch_size``,
+            else ``patch_size_target * downsample``), None when the file records none.
+        pixel_size_um: The ``pixel_size`` attribute (um per WSI pixel), None when absent.
+        attrs: All attributes stored with ``img`` and ``coords``.
+    """
+
+    path: Path
+    barcodes: np.ndarray
+    coords: np.ndarray
+    size_px: int
+    size_src_px: float | None
+    pixel_size_um: float | None
+    attrs: dict
+
+    def field_um(self, um_per_px: float, centres_px: np.ndarray | None = None) -> tuple[float, str]:
+        """Side of the stored patches in microns and how it was found.
+
+        From the size attributes when present, else from the coords: each top-left corner sits half a
+        patch before its spot centre (``centres_px``: the matching spot centres ``[M, 2]``), to within
+        the pixel HEST truncates.
+        """
+        upp = self.pixel_size_um or um_per_px
+        if self.size_src_px is not None:
+            return self.size_src_px * upp, f"size attributes ({self.size_src_px:g} WSI px at {upp:g} um/px)"
+        if centres_px is None or len(centres_px) == 0:
+            raise InputError(self.path, "records no patch size and no spot matches it; cannot tell its field of view")
+        # HEST truncates corners to whole pixels (int(centre - size // 2)): centre - corner lies in
+        # [size // 2, size // 2 + 1), whose midpoint is removed
+        half = float(np.median(np.asarray(centres_px, dtype=np.float64) - self.coords)) - 0.5
+        return 2.0 * half * um_per_px, "coords relative to the spot centres (no size attribute stored)"
+
+
+def read_patch_index(path: str | Path) -> HestPatchIndex:
+    """Read barcodes, corners and size attributes of a HEST patch file (not its images).
+
+    Raises:
+        InputError: unreadable file, missing ``img``/``coords``/``barcode``, mismatched lengths.
+    """
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            for key in ("img", "coords", "barcode"):
+                if key not in f:
+                    raise InputError(path, f"no '{key}' dataset (not a HEST patch file?)")
+            attrs = {**{k: _attr(v) for k, v in f["coords"].attrs.items()}, **{k: _attr(v) for k, v in f["img"].attrs.items()}}
+            shape = f["img"].shape
+            coords = np.asarray(f["coords"][:], dtype=np.float64).reshape(-1, 2)
+            raw = np.asarray(f["barcode"][:]).reshape(-1)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(path, f"cannot read stored patches ({type(exc).__name__}: {exc})") from exc
+    barcodes = np.asarray([b.decode() if isinstance(b, bytes) else str(b) for b in raw], dtype=object)
+    if not (len(barcodes) == len(coords) == shape[0]):
+        raise InputError(path, f"{shape[0]} images, {len(coords)} coords and {len(barcodes)} barcodes differ in number")
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+        raise InputError(path, f"img has shape {tuple(shape)}; expected [N, size, size, 3]")
+    src = _positive(attrs.get("patch_size_src")) or _positive(attrs.get("patch_size"))
+    if src is None and _positive(attrs.get("patch_size_target")) and _positive(attrs.get("downsample")):
+        src = float(attrs["patch_size_target"]) * float(attrs["downsample"])
+    return HestPatchIndex(path, barcodes, coords, int(shape[1]), src, _positive(attrs.get("pixel_size")), attrs)
+
+
+def _attr(v):
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def read_hest_bench_splits(folder: str | Path) -> list[dict]:
+    """HEST-Benchmark's fixed patient-level folds: ``splits/train_<i>.csv`` + ``test_<i>.csv``.
+
+    Each CSV lists one sample per row in a ``sample_id`` column (HEST-Benchmark task folders, e.g.
+    ``bench_data/IDC/splits``). The folds are returned as `hist_st.train.folds.make_folds` returns them,
+    so ``hist-st cv --splits <folder>`` evaluates on exactly HEST-Benchmark's splits.
+
+    Args:
+        folder: The ``splits`` folder, or a task folder that contains one.
+
+    Returns:
+        ``[{"fold": i, "train": [...], "test": [...]}]``, ids sorted, folds in index order.
+
+    Raises:
+        InputError: no ``train_<i>.csv``/``test_<i>.csv`` pair, a CSV without ``sample_id``, a sample in
+            both train and test of a fold.
+    """
+    import pandas as pd
+
+    folder = Path(folder)
+    if (folder / "splits").is_dir():
+        folder = folder / "splits"
+    pairs = []
+    for train in sorted(folder.glob("train_*.csv")):
+        idx = train.stem.split("_", 1)[1]
+        if not idx.isdigit():
+            continue
+        test = folder / f"test_{idx}.csv"
+        if not test.is_file():
+            raise InputError(test, f"missing: {train.name} has no matching test split")
+        pairs.append((int(idx), train, test))
+    if not pairs:
+        raise InputError(folder, "no HEST-Benchmark splits (train_<i>.csv and test_<i>.csv) found")
+    folds = []
+    for i, (_idx, train, test) in enumerate(sorted(pairs)):
+        lists = []
+        for path in (train, test):
+            df = pd.read_csv(path, dtype=str)
+            if "sample_id" not in df.columns:
+                raise InputError(path, f"has no 'sample_id' column (columns: {list(df.columns)})")
+            lists.append(sorted(df["sample_id"].dropna().astype(str).str.strip()))
+        if set(lists[0]) & set(lists[1]):
+            raise InputError(test, f"samples in both train and test: {sorted(set(lists[0]) & set(lists[1]))[:5]}")
+        folds.append({"fold": i, "train": lists[0], "test": lists[1], "source": f"HEST-Benchmark {train.name}/{test.name}"})
+    return folds
 
 
 def hest_patch_centres(
@@ -92,9 +267,10 @@ def hest_patch_centres(
 def read_hest(root: str | Path, sample_id: str, *, patient: str | None = None):
     """Read one HEST-1k sample into a `Slide`.
 
-    um/px from ``pixel_size_um_estimated``; spot pitch from ``inter_spot_dist``; technology from
-    ``st_technology``. ``slide.image`` is the WSI (None when absent); ``meta['hest_patches']`` the stored
-    patches file.
+    um/px from ``pixel_size_um_estimated``; declared spot pitch from ``inter_spot_dist`` (NaN, as HEST
+    writes it for Xenium, counts as unknown: the grid is measured from the spots by `hist-st prepare`);
+    technology from ``st_technology``; patient from `hest_patient`. ``slide.image`` is the WSI (None
+    when absent); ``meta['hest_patches']`` the stored patches file.
 
     Raises:
         InputError: unreadable files, missing resolution.
@@ -105,25 +281,29 @@ def read_hest(root: str | Path, sample_id: str, *, patient: str | None = None):
     st = root / "st" / f"{sample_id}.h5ad"
     meta_p = root / "metadata" / f"{sample_id}.json"
     meta = _read_meta(meta_p if meta_p.is_file() else None)
-    upp = meta.get("pixel_size_um_estimated")
-    tech = normalise_technology(meta.get("st_technology"))
-    pitch = meta.get("inter_spot_dist") or TECHNOLOGY_PITCH_UM.get(tech)
+    upp = _positive(meta_value(meta, "pixel_size_um_estimated"))
+    tech = normalise_technology(meta_value(meta, "st_technology"))
+    pitch = _positive(meta_value(meta, "inter_spot_dist")) or TECHNOLOGY_PITCH_UM.get(tech)
     wsi = _find_wsi(root, sample_id)
+    group = patient or hest_patient(meta)
     slide = read_anndata(
         st,
         wsi,
         slide_id=sample_id,
-        patient=patient or meta.get("patient"),
+        patient=group,
         technology=tech,
-        um_per_px=float(upp) if upp else None,
-        spot_pitch_um=float(pitch) if pitch else None,
+        um_per_px=upp,
+        spot_pitch_um=pitch,
     )
     if upp:
         slide.meta["um_per_px_source"] = "HEST metadata pixel_size_um_estimated"
     patches = root / "patches" / f"{sample_id}.h5"
     slide.meta.update(
-        hest_metadata={k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None},
+        hest_metadata={
+            k: meta_value(meta, k) for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None
+        },
         hest_patches=str(patches) if patches.is_file() else None,
+        patient_group="(dataset_title, patient)" if group and not patient else ("given" if patient else "unknown"),
     )
     if slide.patient is not None:
         slide.patient = str(slide.patient)

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = ["to_lattice", "continuous_coords"]
 
+#: A lattice unit this close (relative) to a slide's measured pitch selects the slide's measured grid map.
+GRID_UNIT_RTOL = 0.1
+
 
 def _check_coords(coords: np.ndarray, source: str | Path | None) -> np.ndarray:
     coords = np.asarray(coords, dtype=np.float64)
@@ -112,18 +115,31 @@ def _resolve_collisions(x: np.ndarray, site: np.ndarray) -> np.ndarray:
 
 
 def continuous_coords(slide: Slide, unit_um: float | None = None) -> np.ndarray:
-    """Spot centres of ``slide`` in lattice units: ``(p - min p) * um_per_px / unit_um``.
+    """Spot centres of ``slide`` in lattice units.
+
+    When the slide carries a measured grid (``slide.meta['spot_grid']``, written by
+    `hist_st.io._util.attach_lattice`) and the lattice unit is that grid's pitch, the grid's own map is
+    used (`hist_st.lattice.geometry.grid_coords`: rotated upright, hex rows in offset coordinates), so
+    every neighbour pair lands on adjacent sites (a unit within `GRID_UNIT_RTOL` of the pitch, e.g. the
+    pitch another slide of the same technology measured, counts as the pitch). Otherwise ``(p - min p) * um_per_px / unit_um``.
 
     Args:
         slide: The slide; needs ``um_per_px`` and a lattice unit (``unit_um`` or
             ``slide.lattice_unit_um``), or else array coordinates, used as they are.
-        unit_um: Lattice unit in microns, overriding the slide's.
+        unit_um: Lattice unit in microns, overriding the slide's (a unit other than the measured pitch,
+            e.g. a model trained with the authors' 55 um Visium unit, gives the plain scaled map).
 
     Returns:
         Float64 ``[N, 2]`` (x, y) coordinates in lattice units, minimum 0 on both axes.
     """
+    from hist_st.lattice.geometry import GridGeometry, grid_coords
+
     unit = unit_um if unit_um is not None else slide.lattice_unit_um
     spatial = np.asarray(slide.spatial, dtype=np.float64)
+    grid = slide.meta.get("spot_grid") if isinstance(slide.meta, dict) else None
+    grid = grid if isinstance(grid, dict) else None
+    if grid and slide.um_per_px is not None and (unit is None or np.isclose(unit, grid["pitch_um"], rtol=GRID_UNIT_RTOL)):
+        return grid_coords(spatial, slide.um_per_px, GridGeometry.from_dict(grid))
     if unit is not None and slide.um_per_px is not None:
         xy = spatial * (slide.um_per_px / unit)
     elif slide.array_coords is not None:

@@ -111,7 +111,8 @@ class GeneConfig:
     Attributes:
         n_top: Number of genes (the paper: 2,000 HVGs).
         ranking: ``"hvg"`` (scanpy seurat flavour on normalize_total(1e4)+log1p, by normalised
-            dispersion) or ``"highly_expressed"`` (mean raw count).
+            dispersion), ``"highly_expressed"`` (mean raw count) or ``"hest-bench"`` (HEST-Benchmark's 50
+            genes, `hist_st.harmonise.rank_hest_bench`; at most 50 whatever ``n_top``).
         scope: ``"dataset"`` (the ranking in the cohort's ``cohort.json``, computed over all slides, the
             paper's pipeline) or ``"train-only"`` (recomputed on the training slides of each run/fold).
         genes: An explicit gene list; overrides ranking and scope when given.
@@ -123,8 +124,10 @@ class GeneConfig:
     genes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.ranking not in ("hvg", "highly_expressed"):
-            raise InputError("config", f"genes.ranking must be 'hvg' or 'highly_expressed', got {self.ranking!r}")
+        if self.ranking not in ("hvg", "highly_expressed", "hest-bench"):
+            raise InputError(
+                "config", f"genes.ranking must be 'hvg', 'highly_expressed' or 'hest-bench', got {self.ranking!r}"
+            )
         if self.scope not in ("dataset", "train-only"):
             raise InputError("config", f"genes.scope must be 'dataset' or 'train-only', got {self.scope!r}")
         if self.n_top < 1:

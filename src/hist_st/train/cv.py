@@ -43,10 +43,15 @@ __all__ = ["run_cv", "slide_groups", "fold_json", "plot_loss_curves"]
 HIST = "HiST"
 
 
-def slide_groups(slides: Sequence[Slide], group_by: str, manifest: Mapping[str, Any] | None = None) -> dict[str, str]:
+def slide_groups(
+    slides: Sequence[Slide], group_by: str, manifest: Mapping[str, Any] | None = None
+) -> dict[str, str | None]:
     """Slide id -> group for ``group_by``: ``patient`` (the slide's patient), a manifest mapping
-    (``manifest[group_by][slide_id]``), or a key of ``slide.meta``."""
-    out: dict[str, str] = {}
+    (``manifest[group_by][slide_id]``), or a key of ``slide.meta``.
+
+    A slide whose patient is unknown (blank in HEST, written as NaN) maps to None: `make_folds` gives it
+    a group of its own and the folds name it. Other group columns must have a value for every slide."""
+    out: dict[str, str | None] = {}
     for s in slides:
         value = None
         if group_by == "patient":
@@ -55,7 +60,10 @@ def slide_groups(slides: Sequence[Slide], group_by: str, manifest: Mapping[str, 
             value = manifest[group_by].get(s.slide_id)
         if value is None:
             value = s.meta.get(group_by)
-        if value is None or value == "":
+        if value is None or value == "" or (isinstance(value, float) and value != value):
+            if group_by == "patient":
+                out[s.slide_id] = None
+                continue
             raise InputError(f"slide {s.slide_id!r}", f"has no value for the group column {group_by!r}")
         out[s.slide_id] = str(value)
     return out
@@ -246,7 +254,7 @@ def run_cv(
     )  # fmt: skip
     (out / "table.md").write_text(
         "Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
-        "metric); per-gene = log1p Pearson/R2 per gene over all test spots (HEST-Benchmark). "
+        "metric); per-gene = log1p Pearson/R2 per gene over all test spots (HEST metric). "
         f"Mean ± std over {len(fold_list)} folds.\n\n" + table + "\n"
     )
     plot_loss_curves(histories, out / "loss_curves.png")

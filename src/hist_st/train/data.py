@@ -117,7 +117,7 @@ def rank_genes(slides: Sequence[Slide], ranking: str = "hvg") -> list[str]:
     stacked spots, by normalised dispersion (SPEC 2); ``highly_expressed``: mean normalised log
     expression (`hist_st.harmonise.rank_hvg` / `rank_highly_expressed`).
     """
-    from hist_st.harmonise import rank_highly_expressed, rank_hvg
+    from hist_st.harmonise import rank_hest_bench, rank_highly_expressed, rank_hvg
 
     genes = _shared_genes(slides)
     mats = [sp.csr_matrix(s.counts)[:, _gene_index(s, genes)] for s in slides]
@@ -125,7 +125,9 @@ def rank_genes(slides: Sequence[Slide], ranking: str = "hvg") -> list[str]:
         return rank_hvg(mats, genes)
     if ranking == "highly_expressed":
         return rank_highly_expressed(mats, genes)
-    raise InputError("config", f"unknown gene ranking {ranking!r} (use 'hvg' or 'highly_expressed')")
+    if ranking == "hest-bench":
+        return rank_hest_bench(mats, genes)
+    raise InputError("config", f"unknown gene ranking {ranking!r} (use 'hvg', 'highly_expressed' or 'hest-bench')")
 
 
 def select_genes(

@@ -26,17 +26,19 @@ def make_folds(
     By slide (``groups`` None): the sorted ids are shuffled with ``seed`` and dealt into ``k`` folds of
     near-equal size (the paper's 4-fold CV). By group: the sorted group names are shuffled with ``seed``
     and each group, largest first, goes whole to the fold with the fewest slides so far (ties: lowest
-    fold index); no group is split across folds.
+    fold index); no group is split across folds. A slide whose group is unknown (None or "", e.g. a
+    HEST sample with a blank patient) is a group of its own, and the folds say so.
 
     Args:
         slide_ids: Slide ids (any order; duplicates are an error).
         k: Number of folds (2 <= k <= number of slides or groups).
         seed: Shuffle seed.
-        groups: Slide id -> group (e.g. patient); every slide needs one.
+        groups: Slide id -> group (e.g. patient, or None when unknown); every slide needs an entry.
 
     Returns:
         ``k`` dicts ``{"fold": i, "train": [...], "test": [...]}``, ids sorted; test sets are disjoint
-        and cover every slide.
+        and cover every slide. With groups, a fold whose test slides include slides of unknown group
+        also has ``"unknown_group": [...]`` (those slides, each its own group).
 
     Raises:
         InputError: Too few slides/groups for ``k``, duplicate ids, slides without a group.
@@ -53,12 +55,14 @@ def make_folds(
         order = [ids[i] for i in rng.permutation(len(ids))]
         tests = [sorted(order[i::k]) for i in range(k)]
     else:
-        missing = [s for s in ids if s not in groups or groups[s] in (None, "")]
+        missing = [s for s in ids if s not in groups]
         if missing:
             raise InputError("folds", f"slide(s) without a group: {missing[:5]}")
+        unknown = {s for s in ids if groups[s] is None or str(groups[s]).strip() in ("", "nan")}
         members: dict[str, list[str]] = {}
         for s in ids:
-            members.setdefault(str(groups[s]), []).append(s)
+            # "\0" cannot occur in a group name, so an unknown-group slide never joins a named group
+            members.setdefault(f"\0{s}" if s in unknown else str(groups[s]), []).append(s)
         names = sorted(members)
         if len(names) < k:
             raise InputError("folds", f"{k}-fold CV by group needs at least {k} groups, got {len(names)}")
@@ -69,6 +73,12 @@ def make_folds(
             j = min(range(k), key=lambda i: (len(tests[i]), i))
             tests[j].extend(members[g])
         tests = [sorted(t) for t in tests]
+        if unknown:
+            return [
+                {"fold": i, "train": sorted(s for s in ids if s not in set(t)), "test": t}
+                | ({"unknown_group": [s for s in t if s in unknown]} if any(s in unknown for s in t) else {})
+                for i, t in enumerate(tests)
+            ]
     return [
         {"fold": i, "train": sorted(s for s in ids if s not in set(t)), "test": t} for i, t in enumerate(tests)
     ]
@@ -84,8 +94,13 @@ def save_folds(folds: Sequence[Mapping[str, Any]], path: str | Path, **meta: Any
 
 
 def load_folds(path: str | Path) -> list[dict[str, list[str]]]:
-    """Read folds written by `save_folds` (or a bare JSON list of ``{"train", "test"}``)."""
+    """Read folds written by `save_folds` (or a bare JSON list of ``{"train", "test"}``), or HEST-Benchmark's
+    fixed patient-level splits from a folder (`hist_st.io.hest.read_hest_bench_splits`)."""
     p = Path(path)
+    if p.is_dir():
+        from hist_st.io.hest import read_hest_bench_splits
+
+        return read_hest_bench_splits(p)
     if not p.is_file():
         raise InputError(p, "folds file not found")
     data = json.loads(p.read_text())

@@ -33,6 +33,7 @@ from hist_st.slide import Slide
 from hist_st.train.augment import dropout_probability, schedule_strength
 from hist_st.train.checkpoint import (
     ModelBundle,
+    lattice_type_for,
     load_checkpoint,
     package_versions,
     rng_state,
@@ -153,13 +154,27 @@ def _iterate(dataset: AugmentedSlides, keys: Sequence[Any], num_workers: int):
 def _technology_records(slides: Sequence[Slide], cfg_unit: dict[str, float]) -> dict[str, Any]:
     units: dict[str, float] = {}
     pitch: dict[str, float] = {}
+    measured: dict[str, list[float]] = {}
     for s in slides:
         if s.lattice_unit_um is not None:
             units.setdefault(s.technology, float(s.lattice_unit_um))
         if s.spot_pitch_um is not None:
             pitch.setdefault(s.technology, float(s.spot_pitch_um))
+        if (s.meta.get("spot_grid") or {}).get("pitch_um") and s.lattice_unit_um == s.spot_pitch_um:
+            measured.setdefault(s.technology, []).append(float(s.meta["spot_grid"]["pitch_um"]))
+    for tech, values in measured.items():  # measured grids: the median pitch of the training slides
+        units[tech] = pitch[tech] = float(np.median(values))
     units.update(cfg_unit)
-    return {"unit_um": units, "spot_pitch_um": pitch, "technologies": sorted({s.technology for s in slides})}
+    kinds = {}
+    for s in slides:  # measured grid type (hist_st.lattice.geometry) wins over the technology's
+        kind = (s.meta.get("spot_grid") or {}).get("kind")
+        if kind in ("hex", "square"):
+            kinds.setdefault(s.technology, kind)
+    out = {"unit_um": units, "spot_pitch_um": pitch, "technologies": sorted({s.technology for s in slides})}
+    if kinds:
+        types = {str(t): lattice_type_for(t) for t in out["technologies"]}
+        out["lattice_type"] = {t: v for t, v in {**types, **kinds}.items() if v}
+    return out
 
 
 def _resolve_slides(
@@ -363,6 +378,7 @@ def train(
         embedding=emb,
         lattice_unit_um=dict(lattice_rec["unit_um"]),
         spot_pitch_um=dict(lattice_rec["spot_pitch_um"]),
+        lattice_type=dict(lattice_rec.get("lattice_type") or {}),
         target_mean=target_mean,
         feature_mean=feature_mean if cfg.standardise_features else None,
         feature_std=feature_std if cfg.standardise_features else None,
