@@ -150,16 +150,9 @@ def sum_duplicate_barcodes(slide: Slide) -> Slide:
     row = rank[inverse]
     keep = first[order]
     agg = sp.csr_matrix((np.ones(len(bc), np.float32), (row, np.arange(len(bc)))), shape=(len(uniq), len(bc)))
-    slide.counts = sp.csr_matrix(agg @ slide.counts) if slide.counts is not None else None
-    slide.barcodes = bc[keep]
-    slide.spatial = slide.spatial[keep]
-    for name in ("array_coords", "lattice", "patch_outside"):
-        arr = getattr(slide, name)
-        if arr is not None:
-            setattr(slide, name, np.asarray(arr)[keep])
-    slide.embeddings = {k: v[keep] for k, v in slide.embeddings.items()}
-    if slide.obs is not None:
-        slide.obs = slide.obs.iloc[keep]
+    counts = sp.csr_matrix(agg @ slide.counts) if slide.counts is not None else None
+    slide.take_spots(keep)
+    slide.counts = counts
     slide.meta["duplicate_barcodes_summed"] = int(len(bc) - len(uniq))
     return slide
 

@@ -212,10 +212,12 @@ def plot_genes(
     image, scale = slide.plot_image()
     xy = np.asarray(slide.spatial, dtype=np.float64) * scale
     diameter = spot_diameter_px(slide) * scale
+    # the view: the spots and a margin of two spot diameters (the tissue, not the whole slide)
+    x0, y0 = np.maximum(xy.min(0) - 2 * diameter, 0.0)
+    x1, y1 = xy.max(0) + 2 * diameter
     if image is not None:
-        h, w = image.shape[:2]
-    else:
-        w, h = (xy.max(0) + diameter).tolist()
+        x1, y1 = min(x1, image.shape[1]), min(y1, image.shape[0])
+    w, h = x1 - x0, y1 - y0
     panels = (["measured"] if measured is not None else []) + ["predicted"] + (["std"] if std is not None else [])
     aspect = h / max(w, 1)
     fig, axes = plt.subplots(len(genes), len(panels), figsize=(4.2 * len(panels), 4.2 * aspect * len(genes) + 0.4),
@@ -241,8 +243,8 @@ def plot_genes(
                 title, cbar = f"{gene}: {kind}", label
                 if kind == "predicted" and measured is not None:
                     title += f" (r = {_pearson(vals['predicted'], vals['measured']):.2f})"
-            ax.set_xlim(0, w)
-            ax.set_ylim(h, 0)
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y1, y0)
             ax.set_aspect("equal")
             ax.set_axis_off()
             ax.set_title(f"{slide.slide_id} {title}", fontsize=9)

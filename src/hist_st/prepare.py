@@ -389,7 +389,7 @@ def _use_stored_patches(slide: Slide, path: Path, params: PatchParams, *, has_ws
         return None
     n_missing = int((~have).sum())
     if n_missing:
-        _keep_spots(slide, have)
+        slide.take_spots(have)
         slide.meta["spots_without_stored_patch"] = {
             "dropped": n_missing,
             "kept": int(have.sum()),
@@ -402,20 +402,6 @@ def _use_stored_patches(slide: Slide, path: Path, params: PatchParams, *, has_ws
             stacklevel=2,
         )
     return path
-
-
-def _keep_spots(slide: Slide, keep: np.ndarray) -> None:
-    """Restrict every per-spot field of ``slide`` to the spots where ``keep`` is True (in place)."""
-    idx = np.flatnonzero(keep)
-    slide.spatial = np.asarray(slide.spatial)[idx]
-    slide.barcodes = np.asarray(slide.barcodes)[idx]
-    if slide.counts is not None:
-        slide.counts = slide.counts[idx]
-    for name in ("array_coords", "lattice", "patch_outside", "predicted", "predicted_std"):
-        arr = getattr(slide, name)
-        if arr is not None:
-            setattr(slide, name, np.asarray(arr)[idx])
-    slide.embeddings = {k: np.asarray(v)[idx] for k, v in slide.embeddings.items()}
 
 
 def _read_stored_patches(path: Path, barcodes: np.ndarray) -> np.ndarray:
@@ -700,6 +686,9 @@ def prepare_slide(
     slide.embeddings[encoder.name] = emb
     slide.patch_outside = outside
     attach_lattice(slide)
+    grid_warning = (slide.meta.get("grid_check") or {}).get("warning")
+    if grid_warning:
+        warnings.append(grid_warning)
     slide.meta.update(
         prepare_key=_prepared_key(src, encoder.cache_key, params, stain_norm),
         patch=params.as_dict(),

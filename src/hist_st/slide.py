@@ -119,6 +119,25 @@ class Slide:
     scalefactors: dict[str, float] = field(default_factory=dict)
     image_scale: float | None = None
 
+    #: Per-spot array fields (rows aligned with ``barcodes``), besides ``spatial``, ``counts``, ``embeddings``, ``obs``.
+    SPOT_FIELDS = ("array_coords", "lattice", "patch_outside", "predicted", "predicted_std")
+
+    def take_spots(self, index: np.ndarray) -> Slide:
+        """Keep the spots ``index`` (int positions or a bool mask), in that order, in every per-spot field."""
+        idx = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index, dtype=np.int64)
+        self.spatial = np.asarray(self.spatial)[idx]
+        self.barcodes = np.asarray(self.barcodes)[idx]
+        if self.counts is not None:
+            self.counts = sp.csr_matrix(self.counts)[idx]
+        for name in self.SPOT_FIELDS:
+            arr = getattr(self, name)
+            if arr is not None:
+                setattr(self, name, np.asarray(arr)[idx])
+        self.embeddings = {k: np.asarray(v)[idx] for k, v in self.embeddings.items()}
+        if self.obs is not None:
+            self.obs = self.obs.iloc[idx]
+        return self
+
     @property
     def is_prediction(self) -> bool:
         """True for a prediction file's slide (``predicted`` set): never a prepared training slide."""
@@ -126,10 +145,13 @@ class Slide:
 
     @property
     def grid(self) -> str | None:
-        """``"hex"`` or ``"square"``: the spot grid (from the technology or the pseudo-spot record)."""
+        """``"hex"`` or ``"square"``: the spot grid (pseudo-spot record, measured grid, else the technology)."""
         ps = self.meta.get("pseudo_spots") if isinstance(self.meta, dict) else None
         if isinstance(ps, dict) and ps.get("lattice") in ("hex", "square"):
             return str(ps["lattice"])
+        measured = self.meta.get("spot_grid") if isinstance(self.meta, dict) else None
+        if isinstance(measured, dict) and measured.get("kind") in ("hex", "square"):
+            return str(measured["kind"])  # `hist_st.lattice.geometry.measure_grid` of the spots
         if isinstance(self.meta, dict) and self.meta.get("grid") in ("hex", "square"):
             return str(self.meta["grid"])
         return {"visium": "hex", "st": "square", "synthetic-hex": "hex"}.get(self.technology)
@@ -187,7 +209,7 @@ class Slide:
             raise InputError(src, f"obs annotations have {len(self.obs)} rows but the slide has {n} spots")
         if self.var is not None and len(self.var) != len(self.genes):
             raise InputError(src, f"var annotations have {len(self.var)} rows but the slide has {len(self.genes)} genes")
-        for name in ("array_coords", "lattice", "patch_outside", "predicted", "predicted_std"):
+        for name in self.SPOT_FIELDS:
             arr = getattr(self, name)
             if arr is not None and len(arr) != n:
                 raise InputError(src, f"{name} has {len(arr)} rows but the slide has {n} spots")
