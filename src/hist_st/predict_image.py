@@ -167,17 +167,13 @@ def _resolve_um_per_px(
 
 def image_resolution(um_per_px: float, patch_um_per_px: float) -> dict[str, Any]:
     """How much patches are enlarged from the image's pixels, and a warning when it is more than 2x."""
-    from hist_st.prepare import MAX_PATCH_UPSAMPLING
+    from hist_st.wsi import upsampling_warning
 
-    up = float(um_per_px) / float(patch_um_per_px)
-    out: dict[str, Any] = {"source_um_per_px": float(um_per_px), "patch_upsampling": up, "warning": None}
-    if up > MAX_PATCH_UPSAMPLING:
-        out["warning"] = (
-            f"patches are enlarged {up:.1f}x: the image has {um_per_px:.2f} um/px but the model's patches are "
-            f"{patch_um_per_px:g} um/px, so they hold no detail finer than {um_per_px:.1f} um and the "
-            "predictions are coarse; use a higher-resolution image when you have one"
-        )
-    return out
+    return {
+        "source_um_per_px": float(um_per_px),
+        "patch_upsampling": float(um_per_px) / float(patch_um_per_px),
+        "warning": upsampling_warning(um_per_px, patch_um_per_px),
+    }
 
 
 def _pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:

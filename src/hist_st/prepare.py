@@ -33,7 +33,7 @@ from hist_st.harmonise import (
     write_cohort_manifest,
 )
 from hist_st.slide import Slide, atomic_write, read_prepared, write_prepared
-from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image
+from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image, upsampling_warning
 
 __all__ = [
     "SlideSource",
@@ -701,10 +701,6 @@ def prepare_slide(
     return write_prepared(slide, out_dir / f"{slide.slide_id}.h5ad")
 
 
-#: Patches enlarged more than this from the image's real pixels are flagged (they hold no finer detail).
-MAX_PATCH_UPSAMPLING = 2.0
-
-
 def _recorded_um_per_px(image: SlideImage) -> float | None:
     """Full-resolution um/px recorded in the file (a scaled copy's own um/px times its scale)."""
     inner = getattr(image, "inner", None)
@@ -716,19 +712,15 @@ def _recorded_um_per_px(image: SlideImage) -> float | None:
 def _record_image_resolution(slide: Slide, image: SlideImage, params: PatchParams, warnings: list[str]) -> None:
     """Record the real resolution behind the patches; warn when patches are enlarged > 2x from it."""
     source = float(image.source_um_per_px)
-    up = source / params.um_per_px
     slide.meta.update(
         image_scale=float(slide.image_scale or 1.0),
         source_um_per_px=source,
-        patch_upsampling=up,
+        patch_upsampling=source / params.um_per_px,
     )
-    if up > MAX_PATCH_UPSAMPLING:
-        warnings.append(
-            f"patches are enlarged {up:.1f}x: the image has {source:.2f} um/px "
-            f"({Path(str(image.path)).name}, scale {slide.image_scale or 1.0:g} of full resolution) but patches "
-            f"are cut at {params.um_per_px:g} um/px; they hold no detail finer than {source:.1f} um, so "
-            "embeddings and predictions are coarse. Use the full-resolution image when you have it."
-        )
+    what = f"the image ({Path(str(image.path)).name}, scale {slide.image_scale or 1.0:g} of full resolution)"
+    warning = upsampling_warning(source, params.um_per_px, what)
+    if warning:
+        warnings.append(warning)
 
 
 def _fill_pitch(slide: Slide) -> None:

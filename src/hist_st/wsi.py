@@ -45,6 +45,8 @@ __all__ = [
     "iter_patch_batches",
     "patch_field_px",
     "as_rgb_uint8",
+    "upsampling_warning",
+    "MAX_PATCH_UPSAMPLING",
     "PAD_VALUE",
 ]
 
@@ -479,6 +481,22 @@ class PatchParams:
 
     def __repr__(self) -> str:
         return f"PatchParams(size_px={self.size_px}, um_per_px={self.um_per_px})"
+
+
+#: Patches enlarged more than this from the image's real pixels are flagged (they hold no finer detail).
+MAX_PATCH_UPSAMPLING = 2.0
+
+
+def upsampling_warning(source_um_per_px: float, patch_um_per_px: float, image: str = "the image") -> str | None:
+    """A warning when patches at ``patch_um_per_px`` are enlarged > `MAX_PATCH_UPSAMPLING` from the image's pixels."""
+    up = float(source_um_per_px) / float(patch_um_per_px)
+    if up <= MAX_PATCH_UPSAMPLING:
+        return None
+    return (
+        f"patches are enlarged {up:.1f}x: {image} has {source_um_per_px:.2f} um/px but patches are cut at "
+        f"{patch_um_per_px:g} um/px; they hold no detail finer than {source_um_per_px:.1f} um, so embeddings and "
+        "predictions are coarse. Use the full-resolution image when you have it."
+    )
 
 
 def patch_field_px(slide_um_per_px: float, params: PatchParams) -> float:
