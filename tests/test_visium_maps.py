@@ -119,15 +119,35 @@ def test_prediction_file_is_scanpy_plottable_without_measured_data(tmp_path):
         plot_genes(path, ["NOPE"], tmp_path / "x.png")
 
 
-def test_grid_phase_puts_pseudo_spots_on_reference_spots():
-    xy, _ = grid_points(3000, 2000, 100.0, "hex", origin=(137.0, 61.0))
-    ref = xy[::5] + np.random.default_rng(4).normal(0, 1.5, (len(xy[::5]), 2))
-    origin = grid_phase(ref, 100.0, "hex")
-    ps, _ = grid_points(3000, 2000, 100.0, "hex", origin=origin)
+@pytest.mark.parametrize("lattice,angle", [("hex", 0.0), ("hex", 7.0), ("square", -4.0)])
+def test_grid_phase_puts_pseudo_spots_on_reference_spots(lattice, angle):
     from scipy.spatial import cKDTree
 
-    d, _ = cKDTree(ps).query(ref)
+    xy, _ = grid_points(3000, 2000, 100.0, lattice, origin=(137.0, 61.0), angle_deg=angle)
+    ref = xy[300:700] + np.random.default_rng(4).normal(0, 1.5, xy[300:700].shape)  # a part of the grid
+    origin, got = grid_phase(ref, 100.0, lattice)
+    assert got == pytest.approx(angle, abs=0.5)
+    ps, _ = grid_points(3000, 2000, 100.0, lattice, origin=origin, angle_deg=got)
+    inner = ref[(ref > 10).all(1) & (ref[:, 0] < 2990) & (ref[:, 1] < 1990)]  # grid points exist inside only
+    d, _ = cKDTree(ps).query(inner)
     assert np.median(d) < 3.0 and d.max() < 8.0
+    assert len(ps) == pytest.approx(len(xy), rel=0.02)  # the rotated grid still covers the whole image
+
+
+def test_grid_points_neighbours_are_grid_steps():
+    """Array coordinates of a rotated grid: the graph's neighbours are exactly the points one pitch apart."""
+    from scipy.spatial import cKDTree
+
+    from hist_st.slide import neighbour_graph
+
+    for lattice in ("hex", "square"):
+        xy, rc = grid_points(900, 700, 50.0, lattice, angle_deg=12.0)
+        s = Slide("g", xy, np.arange(len(xy)).astype(str).astype(object), array_coords=rc,
+                  meta={"pseudo_spots": {"lattice": lattice}})  # fmt: skip
+        conn, _, _ = neighbour_graph(s)
+        pairs = cKDTree(xy).query_pairs(50.0 * 1.05, output_type="ndarray")
+        brute = {(int(i), int(j)) for i, j in pairs} | {(int(j), int(i)) for i, j in pairs}
+        assert set(zip(*conn.nonzero(), strict=True)) == brute
 
 
 def test_fiducial_dots_are_removed_tissue_kept():

@@ -376,7 +376,7 @@ def predict_image(
     for w in warnings:
         if log is not None:
             log(f"WARNING: {w}")
-    origin = grid_phase(ref.spatial, grid["pitch_um"] / upp, grid["lattice"]) if ref is not None else None
+    origin, angle = grid_phase(ref.spatial, grid["pitch_um"] / upp, grid["lattice"]) if ref is not None else (None, 0.0)
 
     t0 = time.perf_counter()
     with open_image(image_path, um_per_px=upp) as img:
@@ -393,6 +393,7 @@ def predict_image(
             slide_id=slide_id,
             thumbnail_size=thumbnail_size,
             origin=origin,
+            angle_deg=angle,
         )
         image_size = [int(img.width), int(img.height)]
     slide.meta["um_per_px_source"] = upp_source
@@ -456,6 +457,7 @@ def predict_image(
         "tissue_fraction": float(mask.fraction),
         "fiducial_dots_removed": int(mask.n_fiducials),
         "grid_origin_px": list(origin) if origin is not None else None,
+        "grid_angle_deg": angle,
         "n_patch_outside": int(np.asarray(pred.patch_outside).sum()) if pred.patch_outside is not None else 0,
         "n_genes": len(pred.genes),
         "embedding": bundle.embedding,

@@ -237,8 +237,20 @@ def remove_fiducials(mask: np.ndarray, min_dots: int = 12) -> tuple[np.ndarray, 
     return mask & ~remove, len(dots)
 
 
+def _rotate(xy: np.ndarray, angle_deg: float) -> np.ndarray:
+    """Rotate points ``[N, 2]`` counter-clockwise (in x, y) by ``angle_deg``."""
+    a = np.deg2rad(angle_deg)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    return np.asarray(xy, dtype=np.float64) @ rot.T
+
+
 def grid_points(
-    width: float, height: float, pitch_px: float, lattice: str = "hex", origin: tuple[float, float] | None = None
+    width: float,
+    height: float,
+    pitch_px: float,
+    lattice: str = "hex",
+    origin: tuple[float, float] | None = None,
+    angle_deg: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grid of spot centres covering ``[0, width) x [0, height)``.
 
@@ -248,56 +260,73 @@ def grid_points(
             columns step by 2 as in Visium) or ``"square"``.
         origin: A point the grid must pass through (its phase, e.g. a measured spot of the same section);
             default: the first spot half a pitch from the top-left corner.
+        angle_deg: Direction of the grid's rows in the image (degrees; 0 = horizontal rows).
 
     Returns:
-        ``(xy float64 [M, 2], array (row, col) int64 [M, 2])``; array coordinates count from the top-left
-        grid point inside the image.
+        ``(xy float64 [M, 2], array (row, col) int64 [M, 2])``; array coordinates count from the first grid
+        row and column inside the image.
     """
     if pitch_px <= 0:
         raise ValueError("pitch must be positive")
     if lattice not in ("hex", "square"):
         raise InputError("lattice", f"unknown lattice {lattice!r}; use hex or square")
     dy = pitch_px * np.sqrt(3) / 2 if lattice == "hex" else pitch_px
-    ox, oy = origin if origin is not None else (pitch_px / 2, pitch_px / 2)
-    r0 = int(np.ceil(-oy / dy))  # first row index (relative to the origin's row) inside the image
-    r1 = int(np.floor((height - 1e-9 - oy) / dy))
-    pts, rc = [], []
-    for r in range(r0, r1 + 1):
+    o = np.asarray(origin if origin is not None else (pitch_px / 2, pitch_px / 2), dtype=np.float64)
+    corners = _rotate(np.array([[0.0, 0.0], [width, 0.0], [0.0, height], [width, height]]) - o, -angle_deg)
+    (umin, vmin), (umax, vmax) = corners.min(0), corners.max(0)
+    uv, rc = [], []
+    for r in range(int(np.ceil(vmin / dy)), int(np.floor(vmax / dy)) + 1):
         off = pitch_px / 2 if (lattice == "hex" and r % 2) else 0.0
-        c0 = int(np.ceil((0 - ox - off) / pitch_px))
-        c1 = int(np.floor((width - 1e-9 - ox - off) / pitch_px))
-        cols = np.arange(c0, c1 + 1)
-        if not len(cols):
-            continue
-        x = ox + off + cols * pitch_px
-        pts.append(np.column_stack([x, np.full(len(x), oy + r * dy)]))
-        half_steps = np.rint((x - ox) / (pitch_px / 2)).astype(np.int64) if lattice == "hex" else cols
-        rc.append(np.column_stack([np.full(len(x), r - r0), half_steps]))
-    if not pts:
+        cols = np.arange(int(np.ceil((umin - off) / pitch_px)), int(np.floor((umax - off) / pitch_px)) + 1)
+        u = off + cols * pitch_px
+        uv.append(np.column_stack([u, np.full(len(u), r * dy)]))
+        steps = np.rint(u / (pitch_px / 2)).astype(np.int64) if lattice == "hex" else cols
+        rc.append(np.column_stack([np.full(len(u), r), steps]))
+    if not uv:
         return np.zeros((0, 2)), np.zeros((0, 2), np.int64)
+    xy = _rotate(np.concatenate(uv), angle_deg) + o
     rc_all = np.concatenate(rc).astype(np.int64)
+    inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < width) & (xy[:, 1] < height)
+    xy, rc_all = xy[inside], rc_all[inside]
+    if not len(xy):
+        return np.zeros((0, 2)), np.zeros((0, 2), np.int64)
+    rc_all[:, 0] -= rc_all[:, 0].min()
     step = 2 if lattice == "hex" else 1  # hex: keep each column's parity (neighbours differ by 1 across rows)
     rc_all[:, 1] -= (rc_all[:, 1].min() // step) * step
-    return np.concatenate(pts), rc_all
+    return xy, rc_all
 
 
-def grid_phase(reference_xy: np.ndarray, pitch_px: float, lattice: str) -> tuple[float, float]:
-    """A grid origin that puts the pseudo-spots on the measured spots of a reference section.
+def grid_phase(
+    reference_xy: np.ndarray, pitch_px: float, lattice: str, angle_deg: float | None = None
+) -> tuple[tuple[float, float], float]:
+    """The origin and rotation that put a pseudo-spot grid on the measured spots of a reference section.
 
-    The reference spot nearest the median position anchors the grid; the mean residual of all reference
-    spots from their nearest grid point then refines it (spots deviate from a perfect grid by a few px).
+    The rotation is the reference's measured grid angle (`hist_st.lattice.geometry.measure_grid`) when it
+    forms a grid of the same kind, else 0. The reference spot nearest the median position anchors the grid;
+    the mean residual of all reference spots from their nearest grid point then refines it.
+
+    Returns:
+        ``((x, y) origin in px, angle in degrees)``.
     """
     from scipy.spatial import cKDTree
 
+    from hist_st.lattice.geometry import measure_grid
+
     xy = np.asarray(reference_xy, dtype=np.float64)
+    if angle_deg is None:
+        angle_deg = 0.0
+        if len(xy) >= 3:
+            geom = measure_grid(xy, 1.0)
+            if geom.kind == lattice:
+                angle_deg = float(geom.angle_deg)
     anchor = xy[np.argmin(((xy - np.median(xy, 0)) ** 2).sum(1))]
     lo, hi = xy.min(0) - 2 * pitch_px, xy.max(0) + 2 * pitch_px
-    pts, _ = grid_points(hi[0] - lo[0], hi[1] - lo[1], pitch_px, lattice, origin=tuple(anchor - lo))
+    pts, _ = grid_points(hi[0] - lo[0], hi[1] - lo[1], pitch_px, lattice, origin=tuple(anchor - lo), angle_deg=angle_deg)
     d, j = cKDTree(pts + lo).query(xy)
     near = d < 0.5 * pitch_px
     if near.any():
         anchor = anchor + np.mean(xy[near] - (pts + lo)[j[near]], axis=0)
-    return float(anchor[0]), float(anchor[1])
+    return (float(anchor[0]), float(anchor[1])), float(angle_deg)
 
 
 def pseudo_spot_grid(
@@ -311,6 +340,7 @@ def pseudo_spot_grid(
     slide_id: str | None = None,
     thumbnail_size: int = 1024,
     origin: tuple[float, float] | None = None,
+    angle_deg: float = 0.0,
 ) -> Slide:
     """An H&E-only `Slide` whose spots form a grid over the detected tissue.
 
@@ -323,6 +353,7 @@ def pseudo_spot_grid(
         um_per_px: Image resolution; default: recorded in the image file.
         mask: A precomputed `TissueMask` (default: `detect_tissue` on the image).
         origin: Grid phase: a point the grid passes through (`grid_phase` of a reference section).
+        angle_deg: Direction of the grid's rows (degrees; `grid_phase` of a reference section).
 
     Returns:
         A `Slide` with ``counts=None``, technology ``"he-only"``, spatial grid centres on tissue, array
@@ -340,7 +371,7 @@ def pseudo_spot_grid(
         if mask is None:
             mask = detect_tissue(img, max_size=thumbnail_size)
         pitch_px = pitch_um / upp
-        xy, rc = grid_points(img.width, img.height, pitch_px, lattice, origin=origin)
+        xy, rc = grid_points(img.width, img.height, pitch_px, lattice, origin=origin, angle_deg=angle_deg)
         on = mask.contains(xy)
         if not on.any():
             raise InputError(img.path, "empty tissue: no pseudo-spot falls on detected tissue")
@@ -372,6 +403,7 @@ def pseudo_spot_grid(
                     "lattice": lattice,
                     "pitch_um": float(pitch_um),
                     "origin_px": list(origin) if origin is not None else None,
+                    "angle_deg": float(angle_deg),
                     "tissue_fraction": mask.fraction,
                     "tissue_threshold": mask.threshold,
                     "fiducial_dots_removed": int(mask.n_fiducials),
