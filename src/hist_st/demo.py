@@ -51,7 +51,10 @@ METHOD_NAMES = {"HiST": "HiST", "ridge": "Ridge probe (per spot)", "mean": "Gene
 def plot_heatmap(
     slide: Any, genes: list[str], preds: dict[str, np.ndarray], gene_index: dict[str, int], path: str | Path
 ) -> Path:
-    """Spatial maps of measured and predicted log1p expression, one column per gene.
+    """Spatial maps of measured and predicted expression, library-size normalised, one column per gene.
+
+    Values are log1p of counts per 10k over the predicted genes (`hist_st.pl.normalise_counts`), so the maps
+    show each gene's pattern rather than how much RNA a spot yields.
 
     Args:
         slide: The test `Slide` (coordinates and counts).
@@ -65,10 +68,13 @@ def plot_heatmap(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from hist_st.pl import normalise_counts
     from hist_st.train.data import log1p_counts
 
-    measured = log1p_counts(slide, genes)
-    rows = [("measured", measured)] + [(m, p[:, [gene_index[g] for g in genes]]) for m, p in preds.items()]
+    every = sorted(gene_index, key=gene_index.get)
+    cols = [gene_index[g] for g in genes]
+    measured = normalise_counts(np.expm1(log1p_counts(slide, every)))[:, cols]
+    rows = [("measured", measured)] + [(m, normalise_counts(np.expm1(p))[:, cols]) for m, p in preds.items()]
     xy = np.asarray(slide.spatial)
     fig, axes = plt.subplots(len(rows), len(genes), figsize=(2.6 * len(genes), 2.5 * len(rows)), dpi=110,
                              squeeze=False)  # fmt: skip
@@ -91,8 +97,8 @@ def plot_heatmap(
                 r = np.corrcoef(mat[:, j], measured[:, j])[0, 1]
                 ax.text(0.02, 0.02, f"r={r:.2f}", transform=ax.transAxes, fontsize=7, color="k",
                         bbox={"fc": "white", "alpha": 0.7, "lw": 0})  # fmt: skip
-    fig.suptitle(f"log1p expression on test slide {slide.slide_id} (each map on its own 1-99% colour scale; "
-                 "r = Pearson with measured)", fontsize=10)  # fmt: skip
+    fig.suptitle(f"log1p(counts per 10k over the predicted genes) on test slide {slide.slide_id} (each map on its "
+                 "own 1-99% colour scale; r = Pearson with measured)", fontsize=10)  # fmt: skip
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
