@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from hist_st.harmonise import (
     shared_genes,
     write_cohort_manifest,
 )
-from hist_st.slide import Slide, atomic_write, read_prepared, write_prepared
+from hist_st.slide import Slide, atomic_write, read_prepared, refuse_prediction, write_prepared
 from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image
 
 __all__ = [
@@ -469,19 +470,50 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
         np.savez(fh, **arrays)
 
 
+def _load_cache(path: Path, n_spots: int, timings: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """Embeddings ``[N, C]`` and patch-outside flags ``[N]`` from a cache file, or None when absent.
+
+    A damaged cache file (unreadable, missing arrays, wrong shapes, non-finite values) is reported with a
+    warning naming it, deleted, and None is returned so the slide is embedded again.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            emb, outside = np.asarray(z["emb"]), np.asarray(z["outside"], dtype=bool)
+        if emb.ndim != 2 or emb.shape[0] != n_spots or outside.shape != (n_spots,):
+            raise ValueError(f"arrays of shape {emb.shape} and {outside.shape} for {n_spots} spots")
+        if not np.isfinite(emb).all():
+            raise ValueError("non-finite embeddings")
+        return emb, outside
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and shape errors alike mean "rebuild"
+        warnings.warn(
+            f"{path}: damaged embedding cache ({type(exc).__name__}: {exc}); deleted, embedding the slide again",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        path.unlink(missing_ok=True)
+        timings["cache_rebuilt"] = timings.get("cache_rebuilt", 0) + 1
+        return None
+
+
 def _prepared_key(src: SlideSource, encoder_key: str, params: PatchParams, stain: str | None) -> str:
     return _hash(PREPARE_VERSION, src.fingerprint, encoder_key, params.as_dict(), stain)
 
 
 def _existing_key(path: Path) -> str | None:
-    """The ``prepare_key`` recorded in a prepared slide, read cheaply with h5py (None if absent/corrupt)."""
+    """The ``prepare_key`` recorded in a prepared slide, read cheaply with h5py (None if absent/corrupt).
+
+    A prediction file (``meta['prediction']``) is never a finished prepared slide, even when an older
+    hist-st copied the key into it: None, so the slide is prepared again.
+    """
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
             raw = f["uns/hist_st/meta_json"][()]
         meta = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
-        return meta.get("prepare_key")
+        return None if "prediction" in meta else meta.get("prepare_key")
     except Exception:
         return None
 
@@ -543,9 +575,9 @@ def prepare_slide(
         if stored is not None:
             slide.meta["patches_from"] = str(stored)
         cache = _cache_path(out_dir, slide, src, encoder, params, stain_norm)
-        if cache.is_file():
-            with np.load(cache) as z:
-                emb, outside = z["emb"], z["outside"]
+        cached = _load_cache(cache, slide.n_spots, timings)
+        if cached is not None:
+            emb, outside = cached
             timings["cached_slides"] = timings.get("cached_slides", 0) + 1
         else:
             emb, outside = embed_slide(
@@ -760,7 +792,7 @@ def finalise_cohort(
 ) -> Path:
     """Restrict prepared slides to their shared genes (rewriting those that change) and write ``cohort.json``."""
     out = Path(out_dir)
-    slides = {sid: read_prepared(out / f"{sid}.h5ad") for sid in slide_ids}
+    slides = {sid: refuse_prediction(read_prepared(out / f"{sid}.h5ad"), out / f"{sid}.h5ad") for sid in slide_ids}
     genes = shared_genes(s.genes for s in slides.values())
     if not genes:
         raise InputError(out, "the prepared slides share no gene")

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from hist_st.errors import InputError
-from hist_st.slide import Slide, read_prepared
+from hist_st.slide import Slide, read_prepared, refuse_prediction
 from hist_st.train.augment import augment_coords
 from hist_st.train.config import AugmentConfig, GeneConfig
 
@@ -70,10 +70,14 @@ def list_slides(folder: str | Path, slide_ids: Sequence[str] | None = None) -> l
 
 
 def load_slides(folder: str | Path, slide_ids: Sequence[str] | None = None) -> list[Slide]:
-    """Read (and validate) the prepared slides of ``folder``, sorted by slide id."""
+    """Read (and validate) the prepared slides of ``folder``, sorted by slide id.
+
+    Raises:
+        InputError: A file is unreadable or invalid, or is a prediction file (`hist_st.slide.is_prediction`).
+    """
     slides = []
     for path in list_slides(folder, slide_ids):
-        s = read_prepared(path)
+        s = refuse_prediction(read_prepared(path), path)
         if s.slide_id != path.stem:
             s.slide_id = path.stem  # the file stem is the id (contract); keep them in step
         slides.append(s)

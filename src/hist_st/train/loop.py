@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ from hist_st.errors import InputError
 from hist_st.slide import Slide
 from hist_st.train.augment import dropout_probability, schedule_strength
 from hist_st.train.checkpoint import (
+    MODEL_FILE,
+    RESUME_FILE,
     ModelBundle,
-    load_checkpoint,
+    load_resume_state,
     package_versions,
     rng_state,
     save_checkpoint,
@@ -60,10 +63,12 @@ from hist_st.train.distributed import (
     init_distributed,
     resolve_device,
 )
+from hist_st.train.resume import RUNTIME_KEYS, check_resume, flatten, record_accepted, resume_differences
 
 __all__ = ["TrainResult", "train", "seed_everything", "build_optimizer", "forward_loss", "param_groups"]
 
-CHECKPOINT = "model.pt"
+CHECKPOINT = MODEL_FILE
+RESUME = RESUME_FILE
 
 
 @dataclass
@@ -75,7 +80,8 @@ class TrainResult:
         history: One record per epoch: ``epoch`` (1-based), ``loss`` (mean training MSE over the epoch's
             steps and ranks), ``lr`` (at the epoch's end), ``strength``, ``dropout``, ``seconds``.
         step_losses: Every step's loss on this rank, in order (this run only).
-        checkpoint: Path of the last checkpoint written, or None.
+        checkpoint: Path of the last checkpoint written (``model.pt`` at the run's end, ``resume.pt``
+            before), or None.
         config: The resolved config (``model.in_dim`` / ``model.n_genes`` filled from the data).
     """
 
@@ -179,6 +185,49 @@ def _resolve_slides(
     return sorted(chosen, key=lambda s: s.slide_id), None
 
 
+def _save(out: Path, full: dict[str, Any], *, final: bool, finished: bool) -> Path:
+    """Write the resume state (``resume.pt``); when the run stops also the final model (``model.pt``, no
+    optimiser state). A run that finished all its epochs keeps no resume state. Returns the last file."""
+    if finished:
+        path = save_checkpoint(out / CHECKPOINT, full, kind="model")
+        (out / RESUME).unlink(missing_ok=True)
+        return path
+    path = save_checkpoint(out / RESUME, full, kind="resume")
+    return save_checkpoint(out / CHECKPOINT, full, kind="model") if final else path
+
+
+def _resumed_config(
+    requested: TrainConfig,
+    ckpt: dict[str, Any],
+    source: str | Path,
+    slide_ids: Sequence[str],
+    genes: Sequence[str] | None,
+    accept: bool,
+) -> tuple[TrainConfig, dict[str, str]]:
+    """The config a resumed run uses: the checkpoint's, plus ``requested``'s runtime keys and accepted changes.
+
+    Raises:
+        InputError: The request differs from the checkpoint (`hist_st.train.resume.check_resume`).
+    """
+    try:
+        saved = config_from_dict(dict(ckpt["config"]))
+    except (InputError, TypeError) as exc:
+        raise InputError(source, f"the checkpoint's config is invalid ({exc})") from None
+    saved_dict = config_to_dict(saved)
+    diffs = resume_differences(saved_dict, config_to_dict(requested), ckpt.get("slides"), slide_ids,
+                               [str(g) for g in ckpt["genes"]], genes)  # fmt: skip
+    accepted = check_resume(diffs, source, accept)
+    new = flatten(config_to_dict(requested))
+    for key in [*accepted, *RUNTIME_KEYS]:
+        if key in new:
+            node = saved_dict
+            *parents, leaf = key.split(".")
+            for k in parents:
+                node = node[k]
+            node[leaf] = new[key]
+    return config_from_dict(saved_dict), accepted
+
+
 def train(
     cfg: TrainConfig,
     slides: str | Path | Sequence[Slide],
@@ -192,6 +241,8 @@ def train(
     dist_info: DistInfo | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     desc: str = "train",
+    accept_changes: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a HiST model on prepared slides.
 
@@ -199,11 +250,15 @@ def train(
         cfg: The run's configuration.
         slides: A folder of prepared slides (``<id>.h5ad`` + optional ``cohort.json``) or `Slide` records.
         slide_ids: Train only on these slides (default: all).
-        out_dir: Run directory: ``config.yaml`` (resolved), ``genes.txt``, ``model.pt`` (restorable
-            checkpoint, rewritten every ``cfg.checkpoint_every`` epochs and at the end),
-            ``history.json``. None writes nothing.
-        resume: Checkpoint to continue from (its config, genes and architecture win; ``cfg.epochs`` may
-            extend the run only if it equals the checkpoint's).
+        out_dir: Run directory: ``config.yaml`` (resolved), ``genes.txt``, ``resume.pt`` (restorable
+            state, rewritten every ``cfg.checkpoint_every`` epochs; removed once all epochs are done),
+            ``model.pt`` (the final model without optimiser state, written when the run stops),
+            ``history.json``. None writes nothing. A folder that already holds a checkpoint is refused
+            unless ``resume`` or ``overwrite`` is given; a folder this call created is removed again when
+            the run fails before its first checkpoint.
+        resume: Resume state to continue from (``resume.pt``, a run folder, or an older full checkpoint).
+            The request (slides, ``genes``, ``cfg``) must match the checkpoint (`hist_st.train.resume`);
+            runtime keys (device, threads, workers, progress, checkpoint_every) come from ``cfg``.
         genes: Explicit gene list (e.g. chosen once for all CV folds); default from ``cfg.genes``.
         manifest: Cohort manifest for dataset-scope gene rankings (read from the folder when a path).
         stop_after_epoch: Stop after this many completed epochs (the schedule still spans
@@ -211,9 +266,17 @@ def train(
         dist_info: Process-group info; default: join torchrun's group when launched by torchrun.
         on_epoch: Called on every rank with each epoch's history record.
         desc: Progress-bar label.
+        accept_changes: Continue a resumed run despite acceptable differences (slides, augmentation,
+            seed, amp, gradient checkpointing); recorded in ``out_dir/accepted_changes.json`` and the
+            checkpoint.
+        overwrite: Replace the checkpoint of an earlier run in ``out_dir``.
 
     Returns:
         A `TrainResult`.
+
+    Raises:
+        InputError: Bad slides or genes, a resume request that differs from its checkpoint, an output
+            folder holding another run.
     """
     from hist_st.model import HiST
 
@@ -221,18 +284,24 @@ def train(
     device = resolve_device(cfg.device, info)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    ckpt = load_checkpoint(resume) if resume is not None else None
-    if ckpt is not None:
-        saved = config_from_dict(dict(ckpt["config"]))
-        if saved.epochs != cfg.epochs:
-            raise InputError(resume, f"checkpoint was trained for epochs={saved.epochs}; resume with the same value")
-        cfg = dataclasses.replace(saved, device=cfg.device, progress=cfg.progress, num_workers=cfg.num_workers,
-                                  threads=cfg.threads)  # fmt: skip
-        genes = [str(g) for g in ckpt["genes"]]
-    seed_everything(cfg.seed)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and resume is None and not overwrite:
+        earlier = [p for p in (out / CHECKPOINT, out / RESUME) if p.is_file()]
+        if earlier:
+            raise InputError(
+                earlier[0], "a checkpoint of an earlier run is already here; resume it (--resume) or choose "
+                "another --out folder (nothing was written)",
+            )  # fmt: skip
+    ckpt = load_resume_state(resume) if resume is not None else None
 
     # --- data -------------------------------------------------------------------------------------
     train_slides, folder_manifest = _resolve_slides(slides, slide_ids)
+    accepted: dict[str, str] = {}
+    if ckpt is not None:
+        cfg, accepted = _resumed_config(cfg, ckpt, resume, [s.slide_id for s in train_slides], genes,
+                                        accept_changes)  # fmt: skip
+        genes = [str(g) for g in ckpt["genes"]]
+    seed_everything(cfg.seed)
     manifest = manifest if manifest is not None else folder_manifest
     emb = str(ckpt["embedding"]) if ckpt is not None else embedding_key(train_slides, cfg.embedding)
     if genes is None:
@@ -266,20 +335,30 @@ def train(
     opt, sched = build_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     start_epoch, step = 0, 0
     history: list[dict[str, float]] = []
+    changes: list[dict[str, Any]] = []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
-        history = [dict(h) for h in ckpt.get("history", [])]
-        set_rng_state(ckpt["rng"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+            history = [dict(h) for h in ckpt.get("history", [])]
+            set_rng_state(ckpt["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(resume, f"the resume state cannot be restored ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None  # fmt: skip
+        changes = [dict(c) for c in ckpt.get("accepted_changes", [])]
+        if accepted:
+            changes.append({"resumed_after_epoch": start_epoch, "changes": dict(accepted)})
 
-    out = Path(out_dir) if out_dir is not None else None
     lattice_rec = _technology_records(train_slides, {})
+    created = out is not None and not out.exists()
     if out is not None and info.is_master:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         (out / "genes.txt").write_text("\n".join(genes) + "\n")
+        if accepted:
+            record_accepted(out, accepted, start_epoch)
 
     inputs_rec = training_inputs(train_slides)  # encoder, weights, patch and stain settings (for --image)
 
@@ -305,6 +384,7 @@ def train(
             },
             "history": history,
             "slides": [s.slide_id for s in train_slides],
+            "accepted_changes": changes,
             "world_size": info.world_size,
             "versions": package_versions(),
         }
@@ -317,41 +397,46 @@ def train(
     end_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
     bar = _progress(range(start_epoch, end_epoch), cfg.progress and info.is_master, desc, cfg.epochs, start_epoch)
     model.train()
-    for epoch in bar:
-        t0 = time.perf_counter()
-        strength = schedule_strength(epoch, cfg.epochs, cfg.augment)  # main process, from the epoch
-        keys = epoch_keys(len(data), epoch, cfg.seed, strength, info.rank, info.world_size)
-        losses = []
-        opt.zero_grad(set_to_none=True)
-        for i, item in enumerate(_iterate(dataset, keys, cfg.num_workers)):
-            loss = forward_loss(model, item, device, amp)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss on slide {item['slide_id']!r} at epoch {epoch + 1}")
-            (loss / cfg.slides_per_step).backward()
-            losses.append(float(loss.detach()))
-            if (i + 1) % cfg.slides_per_step == 0 or i + 1 == len(keys):
-                average_gradients(model.parameters(), info)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-        step_losses.extend(losses)
-        record = {
-            "epoch": epoch + 1,
-            "loss": all_reduce_mean(float(np.mean(losses)), info, device),
-            "lr": float(sched.get_last_lr()[0]),
-            "strength": strength,
-            "dropout": dropout_probability(strength, cfg.augment) if cfg.augment.enabled else 0.0,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        done = epoch + 1
-        if out is not None and info.is_master and (done % cfg.checkpoint_every == 0 or done == end_epoch):
-            last_ckpt = save_checkpoint(out / CHECKPOINT, payload(done))
+    try:
+        for epoch in bar:
+            t0 = time.perf_counter()
+            strength = schedule_strength(epoch, cfg.epochs, cfg.augment)  # main process, from the epoch
+            keys = epoch_keys(len(data), epoch, cfg.seed, strength, info.rank, info.world_size)
+            losses = []
+            opt.zero_grad(set_to_none=True)
+            for i, item in enumerate(_iterate(dataset, keys, cfg.num_workers)):
+                loss = forward_loss(model, item, device, amp)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss on slide {item['slide_id']!r} at epoch {epoch + 1}")
+                (loss / cfg.slides_per_step).backward()
+                losses.append(float(loss.detach()))
+                if (i + 1) % cfg.slides_per_step == 0 or i + 1 == len(keys):
+                    average_gradients(model.parameters(), info)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+            step_losses.extend(losses)
+            record = {
+                "epoch": epoch + 1,
+                "loss": all_reduce_mean(float(np.mean(losses)), info, device),
+                "lr": float(sched.get_last_lr()[0]),
+                "strength": strength,
+                "dropout": dropout_probability(strength, cfg.augment) if cfg.augment.enabled else 0.0,
+                "seconds": time.perf_counter() - t0,
+            }
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            done = epoch + 1
+            if out is not None and info.is_master and (done % cfg.checkpoint_every == 0 or done == end_epoch):
+                last_ckpt = _save(out, payload(done), final=done == end_epoch, finished=done == cfg.epochs)
+    except Exception:
+        if created and info.is_master and not any((out / n).is_file() for n in (CHECKPOINT, RESUME)):
+            shutil.rmtree(out, ignore_errors=True)  # a failed run leaves no half-written folder
+        raise
     if out is not None and info.is_master:
         import json
 
