@@ -30,7 +30,7 @@ from hist_st.harmonise import (
     shared_genes,
     write_cohort_manifest,
 )
-from hist_st.slide import Slide, atomic_write, read_prepared, refuse_prediction, write_prepared
+from hist_st.slide import Slide, atomic_write, read_cohort_slide, write_prepared
 from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image
 
 __all__ = [
@@ -792,7 +792,7 @@ def finalise_cohort(
 ) -> Path:
     """Restrict prepared slides to their shared genes (rewriting those that change) and write ``cohort.json``."""
     out = Path(out_dir)
-    slides = {sid: refuse_prediction(read_prepared(out / f"{sid}.h5ad"), out / f"{sid}.h5ad") for sid in slide_ids}
+    slides = {sid: read_cohort_slide(out / f"{sid}.h5ad") for sid in slide_ids}
     genes = shared_genes(s.genes for s in slides.values())
     if not genes:
         raise InputError(out, "the prepared slides share no gene")

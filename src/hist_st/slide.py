@@ -393,3 +393,18 @@ def refuse_prediction(slide: Slide, source: str | Path) -> Slide:
             "predictions); keep predictions out of cohort folders, or re-prepare this slide with `hist-st prepare`",
         )
     return slide
+
+
+def read_cohort_slide(path: str | Path) -> Slide:
+    """Read a prepared slide of a cohort folder (for training, preparing and predicting).
+
+    `read_prepared`, plus: any unexpected failure on a damaged file becomes an `InputError` naming the
+    file, and a prediction file is refused (`refuse_prediction`).
+    """
+    try:
+        slide = read_prepared(path)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a readable but damaged file fails in many ways
+        raise InputError(path, f"not a valid prepared slide ({type(exc).__name__}: {exc})") from None
+    return refuse_prediction(slide, path)

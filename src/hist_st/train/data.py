@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from hist_st.errors import InputError
-from hist_st.slide import Slide, read_prepared, refuse_prediction
+from hist_st.slide import Slide, read_cohort_slide
 from hist_st.train.augment import augment_coords
 from hist_st.train.config import AugmentConfig, GeneConfig
 
@@ -77,7 +77,7 @@ def load_slides(folder: str | Path, slide_ids: Sequence[str] | None = None) -> l
     """
     slides = []
     for path in list_slides(folder, slide_ids):
-        s = refuse_prediction(read_prepared(path), path)
+        s = read_cohort_slide(path)
         if s.slide_id != path.stem:
             s.slide_id = path.stem  # the file stem is the id (contract); keep them in step
         slides.append(s)

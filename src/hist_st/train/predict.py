@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from hist_st.errors import InputError
-from hist_st.slide import Slide, is_prediction, refuse_prediction, write_prepared
+from hist_st.slide import Slide, is_prediction, read_cohort_slide, write_prepared
 from hist_st.train.checkpoint import ModelBundle
 
 __all__ = ["predict_log1p", "predict_slide", "predict_folder", "lattice_unit_for", "check_outputs"]
@@ -124,7 +124,8 @@ def predict_slide(bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, see
         InputError: The predictions are not finite (a damaged model or embeddings); nothing is returned.
     """
     mean, std = predict_log1p(bundle, slide, mc_samples=mc_samples, seed=seed)
-    predicted = np.maximum(np.expm1(mean), 0.0).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        predicted = np.maximum(np.expm1(mean), 0.0).astype(np.float32)
     bad = int((~np.isfinite(predicted)).sum()) + (int((~np.isfinite(std)).sum()) if std is not None else 0)
     if bad:
         raise InputError(
@@ -188,7 +189,6 @@ def predict_folder(
     """
     from tqdm.auto import tqdm
 
-    from hist_st.slide import read_prepared
     from hist_st.train.data import list_slides
 
     paths = list_slides(slides_dir, slide_ids)
@@ -196,7 +196,7 @@ def predict_folder(
     check_outputs(paths, out)
     written = []
     for path in tqdm(paths, desc="predict", unit="slide", disable=not progress, leave=False):
-        slide = refuse_prediction(read_prepared(path), path)
+        slide = read_cohort_slide(path)
         pred = predict_slide(bundle, slide, mc_samples=mc_samples, seed=seed)
         written.append(write_prepared(pred, out / f"{slide.slide_id}.h5ad"))
     return written
