@@ -191,3 +191,22 @@ def test_spots_outside_image_fail_cleanly(tmp_path):
     )
     assert "no spot centre lies inside the image" in rep.failed["s"] and "he.png" in rep.failed["s"]
     assert rep.manifest is None and not (tmp_path / "out" / "s.h5ad").exists()
+
+
+def test_corrupt_embedding_cache_is_rebuilt_with_a_warning(cohort, tmp_path):
+    """Issue 11 case 5: a damaged cache file is named, deleted and rebuilt (also with overwrite)."""
+    out = tmp_path / "prep"
+    prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, **TINY)
+    emb = read_prepared(out / "A1.h5ad").embeddings["test-tiny"]
+    (cache,) = (out / ".hist_st_cache" / "A1").glob("*.npz")
+    for damage in (b"PK\x03\x04 not a zip", cache.read_bytes()[: len(cache.read_bytes()) // 2]):
+        cache.write_bytes(damage)
+        with pytest.warns(RuntimeWarning, match=f"{cache}: damaged embedding cache"):
+            rep = prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, overwrite=True, **TINY)
+        assert rep.prepared == ["A1"] and not rep.failed and rep.timings["cache_rebuilt"] == 1
+        np.testing.assert_array_equal(read_prepared(out / "A1.h5ad").embeddings["test-tiny"], emb)
+        assert cache.is_file()  # the rebuilt cache
+    np.savez(cache, emb=emb[:5], outside=np.zeros(5, bool))  # readable, but for another spot set
+    with pytest.warns(RuntimeWarning, match="damaged embedding cache"):
+        rep = prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, overwrite=True, **TINY)
+    assert rep.prepared == ["A1"]
