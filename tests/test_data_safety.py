@@ -337,3 +337,37 @@ def test_stale_temporaries_are_removed_and_failed_runs_leave_no_folder(cohort, t
     assert main(["cv", "--slides", str(cohort), "--out", str(out), "--folds", "2", "embedding=uni", *TINY]) == 2
     assert "has no embedding 'uni'" in _err(capsys)
     assert not out.exists()
+
+
+def test_background_checkpoint_is_a_snapshot_and_resumes_bit_identically(cohort, tmp_path):
+    """Issue 15 item 4: the resume state is written in the background from a snapshot; a run that dies
+    after it resumes to the same weights as an uninterrupted run."""
+    from hist_st.train import load_config, train
+    from hist_st.train.checkpoint import BackgroundWriter
+
+    writer = BackgroundWriter()
+    w = torch.ones(256, 256)
+    writer.submit(tmp_path / "snap.pt", {"model": {"w": w}, "model_config": {}, "genes": [], "embedding": "x"},
+                  kind="model")  # fmt: skip
+    w.zero_()  # training goes on and changes the weights in place
+    assert writer.wait() == tmp_path / "snap.pt"
+    assert torch.equal(load_checkpoint(tmp_path / "snap.pt")["model"]["w"], torch.ones(256, 256))
+
+    cfg = load_config(None, ["model.dim=16", "model.heads=2", "genes.n_top=6", "epochs=3", "progress=false",
+                             "checkpoint_every=1", "lr=1e-3"])  # fmt: skip
+    full = train(cfg, cohort)
+
+    def die(record):
+        if record["epoch"] == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, cohort, out_dir=tmp_path / "r", on_epoch=die)
+    assert torch.load(tmp_path / "r" / "resume.pt")["epoch"] == 1 and not (tmp_path / "r" / "model.pt").exists()
+    resumed = train(cfg, cohort, out_dir=tmp_path / "r", resume=tmp_path / "r")
+    for a, b in zip(resumed.bundle.model.state_dict().values(), full.bundle.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # a run that fails before its first checkpoint leaves no folder
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, cohort, out_dir=tmp_path / "r2", on_epoch=lambda r: die({"epoch": 2}))
+    assert not (tmp_path / "r2").exists()

@@ -30,8 +30,10 @@ finite before anything is written and again when a file is read.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import random
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,7 @@ __all__ = [
     "RESUME_FILE",
     "RESUME_ONLY_KEYS",
     "ModelBundle",
+    "BackgroundWriter",
     "content_hash",
     "model_payload",
     "load_resume_state",
@@ -235,6 +238,66 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], kind: str | None 
     with atomic_write(path) as tmp:
         torch.save(ckpt, tmp)
     return Path(path)
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of nested dicts/lists whose tensors are cloned to CPU, safe to write while training goes on."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_snapshot(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_snapshot(v) for v in value)
+    return copy.deepcopy(value)
+
+
+class BackgroundWriter:
+    """Write checkpoints in a background thread so training does not wait for the disk.
+
+    `submit` snapshots the payload (tensors cloned to CPU) on the caller's thread, then hashes and writes
+    it (`save_checkpoint`, atomic) in a worker thread; at most one write is in flight (a new `submit`
+    first waits for the previous one). `wait` returns the last path written and re-raises a failed
+    write's error. Example::
+
+        writer = BackgroundWriter()
+        writer.submit(out / "resume.pt", payload, kind="resume")   # returns at once
+        ...
+        writer.wait()                                              # before the process ends
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._last: Path | None = None
+
+    def submit(self, path: str | Path, payload: dict[str, Any], kind: str | None = None) -> None:
+        """Snapshot ``payload`` now and write it to ``path`` in the background."""
+        self.wait()
+        bad = _non_finite(payload.get("model"))
+        if bad:  # refuse on the caller's thread, before anything is queued
+            raise InputError(path, f"refusing to write a checkpoint whose weights are not finite ({', '.join(bad[:3])})")
+        snap = _snapshot(payload)
+
+        def work() -> None:
+            try:
+                self._last = save_checkpoint(path, snap, kind=kind)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=work, name="hist-st-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> Path | None:
+        """Block until the write in flight is done; return the last path written; re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return self._last
 
 
 def _read_error(exc: Exception) -> str:

@@ -15,6 +15,7 @@ training slides' mean log1p. Multi-process data parallel when launched by ``torc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -35,6 +36,7 @@ from hist_st.train.augment import dropout_probability, schedule_strength
 from hist_st.train.checkpoint import (
     MODEL_FILE,
     RESUME_FILE,
+    BackgroundWriter,
     ModelBundle,
     load_resume_state,
     package_versions,
@@ -185,15 +187,24 @@ def _resolve_slides(
     return sorted(chosen, key=lambda s: s.slide_id), None
 
 
-def _save(out: Path, full: dict[str, Any], *, final: bool, finished: bool) -> Path:
-    """Write the resume state (``resume.pt``); when the run stops also the final model (``model.pt``, no
-    optimiser state). A run that finished all its epochs keeps no resume state. Returns the last file."""
+def _save(out: Path, full: dict[str, Any], writer: BackgroundWriter, *, final: bool, finished: bool) -> Path:
+    """Save a checkpoint of the run in ``out``; returns the file that now holds the latest state.
+
+    Mid-run: the resume state (``resume.pt``) is written in the background (``writer``), so training goes
+    on while the disk works. When the run stops: the final model (``model.pt``, no optimiser state) is
+    written before returning, and the resume state too unless the run finished all its epochs (then an
+    older ``resume.pt`` is removed: nothing is left to resume).
+    """
+    if not final:
+        writer.submit(out / RESUME, full, kind="resume")
+        return out / RESUME
+    writer.wait()
+    if not finished:
+        save_checkpoint(out / RESUME, full, kind="resume")
+    path = save_checkpoint(out / CHECKPOINT, full, kind="model")
     if finished:
-        path = save_checkpoint(out / CHECKPOINT, full, kind="model")
         (out / RESUME).unlink(missing_ok=True)
-        return path
-    path = save_checkpoint(out / RESUME, full, kind="resume")
-    return save_checkpoint(out / CHECKPOINT, full, kind="model") if final else path
+    return path
 
 
 def _resumed_config(
@@ -396,6 +407,7 @@ def train(
     last_ckpt: Path | None = None
     end_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
     bar = _progress(range(start_epoch, end_epoch), cfg.progress and info.is_master, desc, cfg.epochs, start_epoch)
+    writer = BackgroundWriter()
     model.train()
     try:
         for epoch in bar:
@@ -432,8 +444,11 @@ def train(
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             done = epoch + 1
             if out is not None and info.is_master and (done % cfg.checkpoint_every == 0 or done == end_epoch):
-                last_ckpt = _save(out, payload(done), final=done == end_epoch, finished=done == cfg.epochs)
+                last_ckpt = _save(out, payload(done), writer, final=done == end_epoch, finished=done == cfg.epochs)
+        writer.wait()
     except Exception:
+        with contextlib.suppress(Exception):
+            writer.wait()
         if created and info.is_master and not any((out / n).is_file() for n in (CHECKPOINT, RESUME)):
             shutil.rmtree(out, ignore_errors=True)  # a failed run leaves no half-written folder
         raise
