@@ -210,3 +210,22 @@ def test_corrupt_embedding_cache_is_rebuilt_with_a_warning(cohort, tmp_path):
     with pytest.warns(RuntimeWarning, match="damaged embedding cache"):
         rep = prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, overwrite=True, **TINY)
     assert rep.prepared == ["A1"]
+
+
+def test_prepare_never_replaces_a_source_file(tmp_path):
+    """Issue 11: an input AnnData inside --out with the slide's own name is refused, not overwritten."""
+    from hist_st.prepare import SlideSource
+    from hist_st.slide import slide_to_anndata
+    from hist_st.train.toy import toy_slide
+
+    src = toy_slide("s1", 30)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    adata = slide_to_anndata(src)
+    del adata.uns["hist_st"]  # a plain AnnData from elsewhere, not written by hist-st
+    adata.write_h5ad(folder / "s1.h5ad")
+    before = (folder / "s1.h5ad").read_bytes()
+    source = SlideSource("s1", load=lambda: src, image=None, stored_patches=folder / "s1.h5ad")
+    rep = prepare_cohort([source], folder, **TINY)
+    assert "is not a hist-st prepared slide" in rep.failed["s1"] and rep.prepared == []
+    assert (folder / "s1.h5ad").read_bytes() == before

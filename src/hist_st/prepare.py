@@ -518,6 +518,22 @@ def _existing_key(path: Path) -> str | None:
         return None
 
 
+def _foreign_file(path: Path) -> bool:
+    """True when ``path`` is a readable HDF5/AnnData file that hist-st did not write (no ``uns/hist_st``).
+
+    Unreadable files (half-written or garbage outputs) are not foreign: preparing replaces them.
+    """
+    import h5py
+
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return "uns/hist_st" not in f
+    except Exception:  # noqa: BLE001 - not HDF5: a damaged output, not a source
+        return False
+
+
 def prepare_slide(
     src: SlideSource,
     out_dir: Path,
@@ -719,6 +735,11 @@ def prepare_cohort(
             and _existing_key(dest) == _prepared_key(src, enc.cache_key, params, stain_tag)
         ):
             report.skipped_done.append(src.slide_id)
+            continue
+        if _foreign_file(dest):  # never replace a source file (e.g. an input .h5ad inside --out)
+            report.failed[src.slide_id] = str(InputError(
+                dest, "exists and is not a hist-st prepared slide (an input file?); it is never replaced: "
+                "choose another --out folder or move the file"))  # fmt: skip
             continue
         todo.append(src)
     if report.skipped_no_image:
