@@ -84,13 +84,8 @@ def save_folds(folds: Sequence[Mapping[str, Any]], path: str | Path, **meta: Any
 
 
 def load_folds(path: str | Path) -> list[dict[str, list[str]]]:
-    """Read folds written by `save_folds` (or a bare JSON list of ``{"train", "test"}``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "folds file not found")
-    data = json.loads(p.read_text())
-    folds = data["folds"] if isinstance(data, dict) else data
-    for f in folds:
-        if "train" not in f or "test" not in f:
-            raise InputError(p, "each fold needs 'train' and 'test' slide lists")
-    return [dict(f, fold=f.get("fold", i)) for i, f in enumerate(folds)]
+    """Read folds written by `save_folds` (or a bare JSON list of ``{"train", "test"}``), validated by
+    `hist_st.train.splits.read_splits` (clear errors for malformed JSON, empty or overlapping lists...)."""
+    from hist_st.train.splits import read_splits
+
+    return read_splits(path)
