@@ -261,6 +261,9 @@ def test_her2st_misplaced_and_nan_spots(c2):
     _edit_spots(c2, lambda df: original.assign(pixel_y=original.pixel_y.where(original.index != i, np.nan)))
     with pytest.raises(InputError, match=rf"missing, non-numeric or infinite 'pixel_y' \(line\(s\) \[{i + 2}\]\)"):
         _read_c2(c2)
+    j = original.index[original["selected"] == 0][0]  # a spot outside the tissue is not used: no error
+    _edit_spots(c2, lambda df: original.assign(pixel_y=original.pixel_y.where(original.index != j, np.nan)))
+    assert _read_c2(c2).n_spots == 187
 
 
 def test_her2st_barcode_mismatch_counts_every_row(c2):

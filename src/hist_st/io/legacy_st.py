@@ -88,10 +88,10 @@ def read_legacy_st(
         raise InputError(counts_path, "the counts table is empty")
     if not all(np.issubdtype(t, np.number) for t in cnt.dtypes.unique()):
         raise InputError(counts_path, "the counts table has non-numeric entries")
-    spots = _check_spot_table(spots, spots_path)
+    spots = _check_spot_table(spots, spots_path, ("x", "y", "selected"))
     if "selected" in spots.columns:
         spots = spots[spots["selected"] == 1]
-    spots = spots.copy()
+    spots = _check_spot_table(spots, spots_path, ("pixel_x", "pixel_y", "new_x", "new_y"))  # spots in use only
     spots["x"] = spots["x"].round().astype(int)
     spots["y"] = spots["y"].round().astype(int)
     spots.index = spots["x"].astype(str) + "x" + spots["y"].astype(str)
@@ -152,16 +152,17 @@ def read_legacy_st(
     )
 
 
-def _check_spot_table(spots: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Numeric, finite ``x y pixel_x pixel_y`` (and ``new_x new_y selected``); errors name the file line."""
+def _check_spot_table(spots: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """A copy with ``columns`` (those present) numeric and finite; errors name the file line (the table's
+    row index is the file's row order, so line = index + 2)."""
     spots = spots.copy()
-    for col in ("x", "y", "pixel_x", "pixel_y", "new_x", "new_y", "selected"):
+    for col in columns:
         if col not in spots.columns:
             continue
         values = pd.to_numeric(spots[col], errors="coerce")
         bad = ~np.isfinite(values.to_numpy(dtype=np.float64))
         if bad.any():
-            lines = [int(i) + 2 for i in np.flatnonzero(bad)[:3]]  # line 1 is the header
+            lines = [int(i) + 2 for i in spots.index[bad][:3]]  # line 1 is the header
             raise InputError(
                 path, f"{int(bad.sum())} row(s) have a missing, non-numeric or infinite {col!r} (line(s) {lines})"
             )
