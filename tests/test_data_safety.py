@@ -261,8 +261,8 @@ def test_her2st_misplaced_and_nan_spots(c2):
     _edit_spots(c2, lambda df: original.assign(pixel_y=original.pixel_y.where(original.index != i, np.nan)))
     with pytest.raises(InputError, match=rf"missing, non-numeric or infinite 'pixel_y' \(line\(s\) \[{i + 2}\]\)"):
         _read_c2(c2)
-    j = original.index[original["selected"] == 0][0]  # a spot outside the tissue is not used: no error
-    _edit_spots(c2, lambda df: original.assign(pixel_y=original.pixel_y.where(original.index != j, np.nan)))
+    extra = original.iloc[[0]].assign(x=99, y=99, selected=0, pixel_y=np.nan)  # not under tissue: unused
+    _edit_spots(c2, lambda df: pd.concat([original, extra]))
     assert _read_c2(c2).n_spots == 187
 
 
