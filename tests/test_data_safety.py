@@ -125,7 +125,16 @@ def test_non_finite_weights_and_predictions_are_never_written(cohort, run, tmp_p
         bundle.model.head.bias.fill_(200.0)
     with pytest.raises(InputError, match="NaN or infinite"):
         predict_folder(bundle, cohort, tmp_path / "pred", progress=False)
-    assert not list(tmp_path.glob("pred/*.h5ad"))
+    assert not (tmp_path / "pred").exists()
+    # the last slide fails (absurd embeddings): the two before it are not left behind either
+    c = _copy(cohort, tmp_path / "c")
+    s = read_prepared(c / "toy02.h5ad")
+    s.embeddings["toy"] = s.embeddings["toy"] * np.float32(1e30)
+    write_prepared(s, c / "toy02.h5ad")
+    (tmp_path / "pred2").mkdir()
+    with pytest.raises(InputError, match="slide 'toy02'.*NaN or infinite"):
+        predict_folder(load_bundle(run), c, tmp_path / "pred2", progress=False)
+    assert list((tmp_path / "pred2").iterdir()) == []
 
 
 def test_unreadable_checkpoint_never_suggests_weights_only_false(tmp_path, capsys):

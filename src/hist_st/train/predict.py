@@ -13,6 +13,7 @@ through the same function.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import scipy.sparse as sp
 import torch
 
 from hist_st.errors import InputError
-from hist_st.slide import Slide, is_prediction, read_cohort_slide, write_prepared
+from hist_st.outputs import fresh_folder
+from hist_st.slide import Slide, atomic_path, is_prediction, read_cohort_slide, write_prepared
 from hist_st.train.checkpoint import ModelBundle
 
 __all__ = ["predict_log1p", "predict_slide", "predict_folder", "lattice_unit_for", "check_outputs"]
@@ -128,10 +130,12 @@ def predict_slide(bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, see
         predicted = np.maximum(np.expm1(mean), 0.0).astype(np.float32)
     bad = int((~np.isfinite(predicted)).sum()) + (int((~np.isfinite(std)).sum()) if std is not None else 0)
     if bad:
+        finite = mean[np.isfinite(mean)]
+        peak = f"; largest finite log1p prediction {finite.max():.3g}" if finite.size else ""
         raise InputError(
             f"slide {slide.slide_id!r}",
-            f"{bad} predicted value(s) are NaN or infinite (log1p predictions up to {np.nanmax(mean):.3g}); "
-            "the model or the slide's embeddings are damaged - nothing was written",
+            f"{bad} predicted value(s) are NaN or infinite{peak}; the model or the slide's embeddings are "
+            "damaged - nothing was written",
         )
     counts = None
     if slide.counts is not None:
@@ -182,6 +186,9 @@ def predict_folder(
 ) -> list[Path]:
     """Predict every prepared slide of ``slides_dir`` and write ``out_dir/<slide_id>.h5ad``.
 
+    All or nothing: predictions are written under temporary names and renamed once every slide has
+    succeeded; a failure removes them (and ``out_dir`` when this call created it).
+
     Raises:
         InputError: An output would replace a prepared slide (the input itself or another one already in
             ``out_dir``; only earlier prediction files are replaced), or an input is a prediction file.
@@ -194,12 +201,22 @@ def predict_folder(
     paths = list_slides(slides_dir, slide_ids)
     out = Path(out_dir)
     check_outputs(paths, out)
-    written = []
-    for path in tqdm(paths, desc="predict", unit="slide", disable=not progress, leave=False):
-        slide = read_cohort_slide(path)
-        pred = predict_slide(bundle, slide, mc_samples=mc_samples, seed=seed)
-        written.append(write_prepared(pred, out / f"{slide.slide_id}.h5ad"))
-    return written
+    staged: list[tuple[Path, Path]] = []  # (temporary, final): all slides or none reach their final names
+    with fresh_folder(out):
+        try:
+            for path in tqdm(paths, desc="predict", unit="slide", disable=not progress, leave=False):
+                slide = read_cohort_slide(path)
+                pred = predict_slide(bundle, slide, mc_samples=mc_samples, seed=seed)
+                final, tmp = atomic_path(out / f"{path.stem}.h5ad")
+                staged.append((tmp, final))
+                write_prepared(pred, tmp)
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    return [final for _, final in staged]
 
 
 def check_outputs(inputs: Sequence[Path], out_dir: Path) -> None:
