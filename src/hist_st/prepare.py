@@ -487,8 +487,9 @@ def _load_cache(path: Path, n_spots: int, timings: dict) -> tuple[np.ndarray, np
             raise ValueError("non-finite embeddings")
         return emb, outside
     except Exception as exc:  # noqa: BLE001 - zip, pickle and shape errors alike mean "rebuild"
+        reason = "not an .npz archive" if "pickle" in str(exc) else f"{type(exc).__name__}: {exc}"
         warnings.warn(
-            f"{path}: damaged embedding cache ({type(exc).__name__}: {exc}); deleted, embedding the slide again",
+            f"{path}: damaged embedding cache ({reason}); deleted, embedding the slide again",
             RuntimeWarning,
             stacklevel=3,
         )
