@@ -260,7 +260,8 @@ def train(
     Args:
         cfg: The run's configuration.
         slides: A folder of prepared slides (``<id>.h5ad`` + optional ``cohort.json``) or `Slide` records.
-        slide_ids: Train only on these slides (default: all).
+        slide_ids: Train only on these slides (default: all; when resuming from a folder, the
+            checkpoint's slides).
         out_dir: Run directory: ``config.yaml`` (resolved), ``genes.txt``, ``resume.pt`` (restorable
             state, rewritten every ``cfg.checkpoint_every`` epochs; removed once all epochs are done),
             ``model.pt`` (the final model without optimiser state, written when the run stops),
@@ -304,6 +305,8 @@ def train(
                 "another --out folder (nothing was written)",
             )  # fmt: skip
     ckpt = load_resume_state(resume) if resume is not None else None
+    if ckpt is not None and slide_ids is None and isinstance(slides, (str, Path)) and ckpt.get("slides"):
+        slide_ids = [str(s) for s in ckpt["slides"]]  # resuming a folder run: its slides unless told otherwise
 
     # --- data -------------------------------------------------------------------------------------
     train_slides, folder_manifest = _resolve_slides(slides, slide_ids)
