@@ -323,7 +323,10 @@ def test_splits_and_ids_are_validated_before_training(cohort, tmp_path, capsys):
      ("model.window=0", "model.window must be an integer >= 1, got 0"),
      ("model.dropout=1.5", "model.dropout must lie in [0, 1), got 1.5"),
      ("lr=nan", "lr must be a finite number > 0"),
-     ("augment.strength_end=3", "augment.strength_end must lie in [0, 1]")],
+     ("augment.strength_end=3", "augment.strength_end must lie in [0, 1]"),
+     ("betas=0.9", "betas: expected a list, got 0.9"),
+     ("device=banana", "unknown device 'banana'"),
+     ("lr=1e10", "training diverged: the loss became NaN or infinite")],
 )  # fmt: skip
 def test_config_values_are_validated_up_front(cohort, tmp_path, capsys, override, message):
     assert main(["train", "--slides", str(cohort), "--out", str(tmp_path / "r"), *TINY[:-1], override, "--no-progress"]) == 2

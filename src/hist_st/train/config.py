@@ -288,12 +288,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise InputError("config", f"{where}: expected a list, got None")
         if isinstance(value, str):
             value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise InputError("config", f"{where}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], where) for v in value)
         if args and len(args) != len(value):
             raise InputError("config", f"{where}: expected {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args or [Any] * len(value)))
     if origin in (list, typing.List):  # noqa: UP006
+        if not isinstance(value, (list, tuple)):
+            raise InputError("config", f"{where}: expected a list, got {value!r}")
         return [_coerce(v, args[0] if args else Any, where) for v in value]
     if tp is bool:
         if isinstance(value, bool):

@@ -422,7 +422,10 @@ def train(
             for i, item in enumerate(_iterate(dataset, keys, cfg.num_workers)):
                 loss = forward_loss(model, item, device, amp)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss on slide {item['slide_id']!r} at epoch {epoch + 1}")
+                    raise InputError(
+                        f"slide {item['slide_id']!r}", f"training diverged: the loss became NaN or infinite at "
+                        f"epoch {epoch + 1} (lr {cfg.lr:g}); lower lr, or check this slide's embeddings and counts",
+                    )  # fmt: skip
                 (loss / cfg.slides_per_step).backward()
                 losses.append(float(loss.detach()))
                 if (i + 1) % cfg.slides_per_step == 0 or i + 1 == len(keys):
