@@ -312,6 +312,9 @@ def test_splits_and_ids_are_validated_before_training(cohort, tmp_path, capsys):
     assert main(["cv", "--slides", str(cohort), "--out", str(tmp_path / "c"), "--splits", str(tmp_path / "bad.json"),
                  *TINY]) == 2  # fmt: skip
     assert "not valid JSON (line 1" in _err(capsys)
+    for extra, message in ((["--baselines", "nope"], "unknown baseline(s) nope"), (["--mc-samples", "-2"], "must be >= 0")):
+        assert main(["cv", "--slides", str(cohort), "--out", str(tmp_path / "c"), "--folds", "2", *extra, *TINY]) == 2
+        assert message in _err(capsys) and not (tmp_path / "c").exists()
     assert main(["train", "--slides", str(cohort), "--out", str(tmp_path / "t"), "--ids", "toy00,toy01,toy00", *TINY]) == 2
     assert "listed more than once: toy00" in _err(capsys) and not (tmp_path / "t").exists()
 

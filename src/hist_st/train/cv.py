@@ -138,11 +138,17 @@ def run_cv(
     """
     from tqdm.auto import tqdm
 
+    from hist_st.baselines import list_baselines
     from hist_st.metrics import evaluate_fold, format_table, summarise_folds
     from hist_st.train.distributed import init_distributed
     from hist_st.train.loop import train
     from hist_st.train.predict import predict_log1p, predict_slide
 
+    unknown = [b for b in baselines if b not in list_baselines()]
+    if unknown:
+        raise InputError("--baselines", f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(list_baselines())}")
+    if mc_samples < 0:
+        raise InputError("--mc-samples", f"must be >= 0, got {mc_samples}")
     # Under torchrun every rank trains each fold together; rank 0 alone predicts, scores and writes.
     info = init_distributed(cfg.device)
     master = info.is_master
