@@ -12,6 +12,7 @@ import torch
 
 from hist_st.cli import main
 from hist_st.encoders import Encoder, register_encoder
+from hist_st.errors import InputError
 from hist_st.prepare import prepare_cohort, sources_from_her2st
 from hist_st.slide import read_prepared
 
@@ -229,3 +230,10 @@ def test_prepare_never_replaces_a_source_file(tmp_path):
     rep = prepare_cohort([source], folder, **TINY)
     assert "is not a hist-st prepared slide" in rep.failed["s1"] and rep.prepared == []
     assert (folder / "s1.h5ad").read_bytes() == before
+
+
+@pytest.mark.parametrize("option, value", [("patch_px", 0), ("batch_size", 0), ("patch_um_per_px", float("nan"))])
+def test_prepare_options_checked_before_anything_is_created(cohort, tmp_path, option, value):
+    with pytest.raises(InputError, match="must be a positive number"):
+        prepare_cohort(sources_from_her2st(cohort, ["A1"]), tmp_path / "prep", **{**TINY, option: value})
+    assert not (tmp_path / "prep").exists()

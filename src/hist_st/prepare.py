@@ -699,9 +699,10 @@ def prepare_cohort(
 
     t_start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = PrepareReport(out)
     say = log or (lambda s: None)
+    for name, value in (("--patch-px", patch_px), ("--patch-um-per-px", patch_um_per_px), ("--batch-size", batch_size)):
+        if not (np.isfinite(value) and value > 0):  # checked before anything is created
+            raise InputError(name, f"must be a positive number, got {value}")
     if hvg_scope not in ("dataset", "train-only"):
         raise InputError("--hvg-scope", f"unknown scope {hvg_scope!r}; use dataset or train-only")
     if hvg_scope == "train-only" and not train_slides:
@@ -716,6 +717,8 @@ def prepare_cohort(
     mapping = load_gene_mapping(gene_mapping) if gene_mapping else None
     params = PatchParams(patch_px, patch_um_per_px)
     enc = get_encoder(encoder, weights, device)
+    out.mkdir(parents=True, exist_ok=True)  # every option is valid: from here on the cohort folder exists
+    report = PrepareReport(out)
     transform = macenko_normaliser(stain_reference) if stain_norm == "macenko" else None
     stain_tag = (
         None
