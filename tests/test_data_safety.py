@@ -389,3 +389,35 @@ def test_background_checkpoint_is_a_snapshot_and_resumes_bit_identically(cohort,
     with pytest.raises(RuntimeError, match="killed"):
         train(cfg, cohort, out_dir=tmp_path / "r2", on_epoch=lambda r: die({"epoch": 2}))
     assert not (tmp_path / "r2").exists()
+
+
+def test_kill_9_during_training_then_resume_is_bit_identical(cohort, tmp_path):
+    """kill -9 while `train` runs (possibly during a background checkpoint write), then `--resume`: the
+    final weights equal an uninterrupted run's, and no temporary file is left behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["model.dim=16", "model.heads=2", "genes.n_top=6", "epochs=8", "checkpoint_every=1", "threads=1",
+            "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def cli(out, *extra):
+        return [sys.executable, "-m", "hist_st.cli", "train", "--slides", str(cohort), "--out", str(out), *extra, *args]
+
+    subprocess.run(cli(tmp_path / "full"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cli(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "resume.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert torch.load(tmp_path / "killed" / "resume.pt")["epoch"] < 8
+    subprocess.run(cli(tmp_path / "killed", "--resume"), check=True, env=env, capture_output=True)
+    a, b = torch.load(tmp_path / "full" / "model.pt"), torch.load(tmp_path / "killed" / "model.pt")
+    assert a["epoch"] == b["epoch"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert not list((tmp_path / "killed").glob(".*.tmp")) and not (tmp_path / "killed" / "resume.pt").exists()
