@@ -160,12 +160,19 @@ def test_model_file_is_slim_and_hash_covers_both_files(cohort, tmp_path):
     assert (tmp_path / "r" / "model.pt").stat().st_size < (tmp_path / "r" / "resume.pt").stat().st_size
     for a, b in zip(model["model"].values(), resume["model"].values()):
         assert torch.equal(a, b)
-    # an older checkpoint holding both parts still loads for prediction and for resuming
+    # an older checkpoint holding both parts still loads for prediction and for resuming, also as the
+    # model.pt of an older run folder resumed with `train --resume`
     legacy = {k: v for k, v in resume.items() if k not in ("sha256", "kind")}
     torch.save(legacy, tmp_path / "old.pt")
     assert load_bundle(tmp_path / "old.pt").genes == [str(g) for g in model["genes"]]
     done = train(cfg, cohort, out_dir=tmp_path / "r2", resume=tmp_path / "old.pt")
     assert len(done.history) == 3 and not (tmp_path / "r2" / "resume.pt").exists()
+    old_run = tmp_path / "old_run"
+    old_run.mkdir()
+    torch.save(legacy, old_run / "model.pt")
+    argv = ["train", "--slides", str(cohort), "--out", str(old_run), "--resume", "--no-progress"]
+    assert main(argv) == 0
+    assert torch.load(old_run / "model.pt")["epoch"] == 3
 
 
 # --- 3. resume accepts a different run --------------------------------------------------------------

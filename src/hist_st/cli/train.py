@@ -93,7 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if done is not None:
             print(f"the run in {args.out} already finished all {done} epochs; nothing to resume")
             return 0
-        resume = Path(args.out) / RESUME
+        out = Path(args.out)  # its resume.pt; a folder of an older hist-st: its model.pt with optimiser state
+        resume = out / RESUME if (out / RESUME).is_file() else out
     base = dict(load_resume_state(resume)["config"]) if resume is not None else None
     cfg = _cfg(args, base)
     result = train(cfg, args.slides, slide_ids=_ids(args.ids), out_dir=args.out, resume=resume,

@@ -65,7 +65,14 @@ from hist_st.train.distributed import (
     init_distributed,
     resolve_device,
 )
-from hist_st.train.resume import RUNTIME_KEYS, check_resume, flatten, record_accepted, resume_differences
+from hist_st.train.resume import (
+    ACCEPTED_LOG,
+    RUNTIME_KEYS,
+    check_resume,
+    flatten,
+    record_accepted,
+    resume_differences,
+)
 
 __all__ = ["TrainResult", "train", "seed_everything", "build_optimizer", "forward_loss", "param_groups"]
 
@@ -373,6 +380,8 @@ def train(
         (out / "genes.txt").write_text("\n".join(genes) + "\n")
         if accepted:
             record_accepted(out, accepted, start_epoch)
+        elif ckpt is None:  # a new run (or --overwrite): no change log of an earlier run
+            (out / ACCEPTED_LOG).unlink(missing_ok=True)
 
     inputs_rec = training_inputs(train_slides)  # encoder, weights, patch and stain settings (for --image)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from hist_st.errors import InputError
 
-__all__ = ["RUNTIME_KEYS", "ACCEPTABLE", "flatten", "resume_differences", "check_resume", "record_accepted"]
+__all__ = ["RUNTIME_KEYS", "ACCEPTABLE", "ACCEPTED_LOG", "flatten", "resume_differences", "check_resume", "record_accepted"]
 
 #: Keys that never change what a run computes (where and how fast it runs, how often it saves).
 RUNTIME_KEYS = ("device", "progress", "num_workers", "threads", "checkpoint_every")
