@@ -428,3 +428,15 @@ def test_kill_9_during_training_then_resume_is_bit_identical(cohort, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     assert not list((tmp_path / "killed").glob(".*.tmp")) and not (tmp_path / "killed" / "resume.pt").exists()
+
+
+def test_cohort_manifest_is_validated(cohort, tmp_path, capsys):
+    c = _copy(cohort, tmp_path / "c")
+    manifest = json.loads((c / "cohort.json").read_text())
+    for bad, message in (({**manifest, "hvg": "G01"}, "'hvg' must be a list of gene names"),
+                         ({**manifest, "hvg": None}, "'hvg' must be a list of gene names"),
+                         ([1, 2], "must hold a JSON object")):  # fmt: skip
+        (c / "cohort.json").write_text(json.dumps(bad))
+        assert main(["train", "--slides", str(c), "--out", str(tmp_path / "r"), *TINY]) == 2
+        err = _err(capsys)
+        assert message in err and str(c / "cohort.json") in err and not (tmp_path / "r").exists()

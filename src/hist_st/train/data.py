@@ -84,15 +84,37 @@ def load_slides(folder: str | Path, slide_ids: Sequence[str] | None = None) -> l
     return slides
 
 
+#: Manifest keys holding gene lists (rankings best first, or the shared genes).
+GENE_LIST_KEYS = ("genes", "hvg", "hvg_dataset", "highly_expressed")
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    """The cohort manifest ``cohort.json`` of ``folder``, or None when absent."""
+    """The cohort manifest ``cohort.json`` of ``folder``, or None when absent.
+
+    Raises:
+        InputError: Not valid JSON, not an object, a gene list (`GENE_LIST_KEYS`) that is not a list of
+            unique gene names, or ``patients`` that is not a mapping.
+    """
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from exc
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, f"must hold a JSON object, got {type(data).__name__}")
+    for key in GENE_LIST_KEYS:
+        value = data.get(key)
+        if value is None and key not in data:
+            continue
+        if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
+            raise InputError(path, f"{key!r} must be a list of gene names, got {str(value)[:60]!r}")
+        if len(set(value)) != len(value):
+            raise InputError(path, f"{key!r} lists a gene more than once")
+    if "patients" in data and not isinstance(data["patients"], dict):
+        raise InputError(path, "'patients' must map slide ids to patients")
+    return data
 
 
 # ----------------------------------------------------------------------------------------------------
