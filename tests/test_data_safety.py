@@ -440,3 +440,19 @@ def test_cohort_manifest_is_validated(cohort, tmp_path, capsys):
         assert main(["train", "--slides", str(c), "--out", str(tmp_path / "r"), *TINY]) == 2
         err = _err(capsys)
         assert message in err and str(c / "cohort.json") in err and not (tmp_path / "r").exists()
+
+
+def test_resume_refuses_re_prepared_slides(cohort, tmp_path, capsys):
+    from hist_st.train import load_config, train
+
+    c = _copy(cohort, tmp_path / "c")
+    cfg = load_config(None, ["model.dim=16", "model.heads=2", "genes.n_top=6", "epochs=3", "progress=false"])
+    train(cfg, c, slide_ids=["toy00", "toy01"], out_dir=tmp_path / "r", stop_after_epoch=1)
+    s = read_prepared(c / "toy01.h5ad")
+    s.embeddings["toy"] = s.embeddings["toy"] + np.float32(0.01)  # same id, other embeddings
+    write_prepared(s, c / "toy01.h5ad")
+    argv = ["train", "--slides", str(c), "--out", str(tmp_path / "r"), "--resume", "--no-progress"]
+    assert main(argv) == 2
+    assert "slide data: changed since the checkpoint for [toy01]" in _err(capsys)
+    assert main([*argv, "--accept-changes"]) == 0
+    assert "slide data" in json.loads((tmp_path / "r" / "accepted_changes.json").read_text())[0]["changes"]

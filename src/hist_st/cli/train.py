@@ -175,7 +175,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume-from", type=Path, default=None,
                    help="continue from this resume state (resume.pt, a run folder or an older full checkpoint)")
     p.add_argument("--accept-changes", action="store_true",
-                   help="with --resume: continue although the slides, augmentation, seed, amp or gradient "
+                   help="with --resume: continue although the slides or their content, augmentation, seed, amp or gradient "
                         "checkpointing differ from the checkpoint (recorded in OUT/accepted_changes.json)")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoint of an earlier run in OUT")
     _common(p)

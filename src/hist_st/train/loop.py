@@ -68,7 +68,9 @@ from hist_st.train.distributed import (
 from hist_st.train.resume import (
     ACCEPTED_LOG,
     RUNTIME_KEYS,
+    changed_data,
     check_resume,
+    data_fingerprint,
     flatten,
     record_accepted,
     resume_differences,
@@ -329,6 +331,9 @@ def train(
         genes = select_genes(train_slides, cfg.genes, manifest)
     genes = [str(g) for g in genes]
     raw = [prepare_slide(s, genes, emb) for s in train_slides]
+    data_record = {d.slide_id: data_fingerprint(d.xy, d.features, d.target) for d in raw}
+    if ckpt is not None:  # same ids, other content (e.g. the cohort was re-prepared) is a different run too
+        accepted.update(check_resume(changed_data(ckpt.get("data"), data_record), resume, accept_changes))
     all_feats = torch.cat([d.features for d in raw]).double()
     feature_mean = all_feats.mean(0).float()
     feature_std = all_feats.std(0, unbiased=False).clamp_min(1e-6).float()
@@ -407,6 +412,7 @@ def train(
             },
             "history": history,
             "slides": [s.slide_id for s in train_slides],
+            "data": data_record,
             "accepted_changes": changes,
             "world_size": info.world_size,
             "versions": package_versions(),

@@ -18,14 +18,14 @@ from typing import Any
 
 from hist_st.errors import InputError
 
-__all__ = ["RUNTIME_KEYS", "ACCEPTABLE", "ACCEPTED_LOG", "flatten", "resume_differences", "check_resume", "record_accepted"]
+__all__ = ["RUNTIME_KEYS", "ACCEPTABLE", "ACCEPTED_LOG", "data_fingerprint", "changed_data", "flatten", "resume_differences", "check_resume", "record_accepted"]
 
 #: Keys that never change what a run computes (where and how fast it runs, how often it saves).
 RUNTIME_KEYS = ("device", "progress", "num_workers", "threads", "checkpoint_every")
 #: Keys filled from the data when a run starts (the request's placeholders are not compared).
 DATA_FILLED = ("model.in_dim", "model.n_genes")
 #: Differences ``--accept-changes`` may accept: key prefixes a resumed run can honour from the next epoch.
-ACCEPTABLE = ("slides", "augment.", "seed", "amp", "grad_checkpointing")
+ACCEPTABLE = ("slides", "slide data", "augment.", "seed", "amp", "grad_checkpointing")
 ACCEPTED_LOG = "accepted_changes.json"
 
 
@@ -39,6 +39,35 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def data_fingerprint(xy: Any, features: Any, target: Any) -> str:
+    """SHA-256 of what a slide contributes to training: coordinates ``[N, 2]``, features ``[N, C]`` and
+    log1p targets ``[N, G]`` (numpy arrays or tensors; ``target`` may be None)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for arr in (xy, features, target):
+        if arr is None:
+            h.update(b"none")
+            continue
+        a = np.ascontiguousarray(arr.detach().cpu().numpy() if hasattr(arr, "detach") else np.asarray(arr))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def changed_data(saved: Mapping[str, str] | None, now: Mapping[str, str]) -> dict[str, str]:
+    """``{"slide data": ...}`` naming the slides whose training data differ from the checkpoint's record
+    (re-prepared with other embeddings, counts or coordinates); empty when none (or nothing recorded)."""
+    if not saved:
+        return {}
+    changed = sorted(k for k, v in now.items() if k in saved and saved[k] != v)
+    if not changed:
+        return {}
+    return {"slide data": f"changed since the checkpoint for {_short(changed)} (re-prepared?)"}
 
 
 def _short(ids: Sequence[str]) -> str:
