@@ -237,3 +237,15 @@ def test_prepare_options_checked_before_anything_is_created(cohort, tmp_path, op
     with pytest.raises(InputError, match="must be a positive number"):
         prepare_cohort(sources_from_her2st(cohort, ["A1"]), tmp_path / "prep", **{**TINY, option: value})
     assert not (tmp_path / "prep").exists()
+
+
+def test_rerun_removes_temporaries_of_an_interrupted_run(cohort, tmp_path):
+    """A kill -9 mid-write leaves ``.<slide>.h5ad.<pid>-<token>-<random>.tmp``; the next run removes it even
+    when the slide itself is already done."""
+    out = tmp_path / "prep"
+    prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, **TINY)
+    stale = [out / ".A1.h5ad.abcd1234.tmp", out / f".A1.h5ad.{2**22 + 7}-0badc0de-zz99zz99.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a slide")
+    rep = prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, **TINY)
+    assert rep.skipped_done == ["A1"] and not any(p.exists() for p in stale)

@@ -30,7 +30,7 @@ from hist_st.harmonise import (
     shared_genes,
     write_cohort_manifest,
 )
-from hist_st.slide import Slide, atomic_write, read_cohort_slide, write_prepared
+from hist_st.slide import Slide, atomic_write, read_cohort_slide, remove_stale_temporaries, write_prepared
 from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image
 
 __all__ = [
@@ -733,6 +733,7 @@ def prepare_cohort(
             report.skipped_no_image.append(src.slide_id)
             continue
         dest = out / f"{src.slide_id}.h5ad"
+        remove_stale_temporaries(dest)  # left by an interrupted run, even when the slide itself is done
         if (
             not overwrite
             and dest.is_file()
