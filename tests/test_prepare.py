@@ -198,3 +198,60 @@ def test_spots_outside_image_fail_cleanly(tmp_path):
     )
     assert "4 of 4 spot centres lie outside the image" in rep.failed["s"] and "he.png" in rep.failed["s"]
     assert rep.manifest is None and not (tmp_path / "out" / "s.h5ad").exists()
+
+
+def test_corrupt_embedding_cache_is_rebuilt_with_a_warning(cohort, tmp_path):
+    """Issue 11 case 5: a damaged cache file is named, deleted and rebuilt (also with overwrite)."""
+    out = tmp_path / "prep"
+    prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, **TINY)
+    emb = read_prepared(out / "A1.h5ad").embeddings["test-tiny"]
+    (cache,) = (out / ".hist_st_cache" / "A1").glob("*.npz")
+    for damage in (b"PK\x03\x04 not a zip", cache.read_bytes()[: len(cache.read_bytes()) // 2]):
+        cache.write_bytes(damage)
+        with pytest.warns(RuntimeWarning, match=f"{cache}: damaged embedding cache"):
+            rep = prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, overwrite=True, **TINY)
+        assert rep.prepared == ["A1"] and not rep.failed and rep.timings["cache_rebuilt"] == 1
+        np.testing.assert_array_equal(read_prepared(out / "A1.h5ad").embeddings["test-tiny"], emb)
+        assert cache.is_file()  # the rebuilt cache
+    np.savez(cache, emb=emb[:5], outside=np.zeros(5, bool))  # readable, but for another spot set
+    with pytest.warns(RuntimeWarning, match="damaged embedding cache"):
+        rep = prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, overwrite=True, **TINY)
+    assert rep.prepared == ["A1"]
+
+
+def test_prepare_never_replaces_a_source_file(tmp_path):
+    """Issue 11: an input AnnData inside --out with the slide's own name is refused, not overwritten."""
+    from hist_st.prepare import SlideSource
+    from hist_st.slide import slide_to_anndata
+    from hist_st.train.toy import toy_slide
+
+    src = toy_slide("s1", 30)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    adata = slide_to_anndata(src)
+    del adata.uns["hist_st"]  # a plain AnnData from elsewhere, not written by hist-st
+    adata.write_h5ad(folder / "s1.h5ad")
+    before = (folder / "s1.h5ad").read_bytes()
+    source = SlideSource("s1", load=lambda: src, image=None, stored_patches=folder / "s1.h5ad")
+    rep = prepare_cohort([source], folder, **TINY)
+    assert "is not a hist-st prepared slide" in rep.failed["s1"] and rep.prepared == []
+    assert (folder / "s1.h5ad").read_bytes() == before
+
+
+@pytest.mark.parametrize("option, value", [("patch_px", 0), ("batch_size", 0), ("patch_um_per_px", float("nan"))])
+def test_prepare_options_checked_before_anything_is_created(cohort, tmp_path, option, value):
+    with pytest.raises(InputError, match="must be a positive number"):
+        prepare_cohort(sources_from_her2st(cohort, ["A1"]), tmp_path / "prep", **{**TINY, option: value})
+    assert not (tmp_path / "prep").exists()
+
+
+def test_rerun_removes_temporaries_of_an_interrupted_run(cohort, tmp_path):
+    """A kill -9 mid-write leaves ``.<slide>.h5ad.<pid>-<token>-<random>.tmp``; the next run removes it even
+    when the slide itself is already done."""
+    out = tmp_path / "prep"
+    prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, **TINY)
+    stale = [out / ".A1.h5ad.abcd1234.tmp", out / f".A1.h5ad.{2**22 + 7}-0badc0de-zz99zz99.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a slide")
+    rep = prepare_cohort(sources_from_her2st(cohort, ["A1"]), out, **TINY)
+    assert rep.skipped_done == ["A1"] and not any(p.exists() for p in stale)

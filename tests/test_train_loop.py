@@ -35,7 +35,8 @@ def test_resume_reproduces_uninterrupted_run(cohort, tmp_path):
     assert len(part.history) == 2
     n2 = len(part.step_losses)
     assert part.step_losses == full.step_losses[:n2]
-    resumed = train(cfg, cohort, out_dir=tmp_path / "part", resume=tmp_path / "part" / "model.pt")
+    assert (tmp_path / "part" / "resume.pt").is_file() and not (tmp_path / "full" / "resume.pt").exists()
+    resumed = train(cfg, cohort, out_dir=tmp_path / "part", resume=tmp_path / "part" / "resume.pt")
     assert resumed.step_losses == full.step_losses[n2:]  # exactly, not approximately
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     for a, b in zip(resumed.bundle.model.state_dict().values(), full.bundle.model.state_dict().values()):
@@ -46,9 +47,9 @@ def test_checkpoint_is_self_describing(cohort, tmp_path):
     cfg = load_config(None, TINY + ["epochs=1"])
     result = train(cfg, cohort, out_dir=tmp_path)
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)  # only tensors and primitives
-    for key in ("model", "optimizer", "scheduler", "epoch", "rng", "config", "genes", "embedding", "lattice",
-                "norm", "model_config"):  # fmt: skip
+    for key in ("model", "epoch", "config", "genes", "embedding", "lattice", "norm", "model_config", "sha256"):
         assert key in ckpt, key
+    assert ckpt["kind"] == "model" and not {"optimizer", "scheduler", "rng"} & set(ckpt)  # slim final model
     assert ckpt["epoch"] == 1 and ckpt["embedding"] == "toy"
     assert ckpt["lattice"]["unit_um"] == {"st": 100.0}
     assert ckpt["config"]["model"]["in_dim"] == 16 and ckpt["config"]["model"]["n_genes"] == 8

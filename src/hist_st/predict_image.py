@@ -346,7 +346,7 @@ def predict_image(
     """
     from hist_st.pl import VALUES, plot_genes
     from hist_st.prepare import embed_he_slide
-    from hist_st.slide import read_prepared, write_prepared
+    from hist_st.slide import is_prediction, read_prepared, write_prepared
     from hist_st.tissue import detect_tissue, grid_phase, pseudo_spot_grid
     from hist_st.train.predict import predict_slide
     from hist_st.wsi import open_image
@@ -365,6 +365,12 @@ def predict_image(
         missing = [str(g) for g in genes_to_plot if str(g) not in model_genes]
         if missing:
             raise InputError("--genes", f"not among the model's {len(model_genes)} genes: {missing[:5]}")
+    dest = Path(out_dir) / f"{slide_id or image_path.stem.split('.')[0]}.h5ad"
+    if dest.exists() and not is_prediction(dest):
+        raise InputError(
+            dest, f"already holds a prepared slide (not a prediction file); the prediction of {image_path} would "
+            "replace it: choose another --out folder",
+        )  # fmt: skip
     ref = None
     if reference is not None:
         ref = reference if isinstance(reference, Slide) else read_prepared(reference)

@@ -32,7 +32,7 @@ from hist_st.harmonise import (
     shared_genes,
     write_cohort_manifest,
 )
-from hist_st.slide import Slide, atomic_write, read_prepared, write_prepared
+from hist_st.slide import Slide, atomic_write, read_cohort_slide, remove_stale_temporaries, write_prepared
 from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image, upsampling_warning
 
 __all__ = [
@@ -579,21 +579,69 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
         np.savez(fh, **arrays)
 
 
+def _load_cache(path: Path, n_spots: int, timings: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """Embeddings ``[N, C]`` and patch-outside flags ``[N]`` from a cache file, or None when absent.
+
+    A damaged cache file (unreadable, missing arrays, wrong shapes, non-finite values) is reported with a
+    warning naming it, deleted, and None is returned so the slide is embedded again.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            emb, outside = np.asarray(z["emb"]), np.asarray(z["outside"], dtype=bool)
+        if emb.ndim != 2 or emb.shape[0] != n_spots or outside.shape != (n_spots,):
+            raise ValueError(f"arrays of shape {emb.shape} and {outside.shape} for {n_spots} spots")
+        if not np.isfinite(emb).all():
+            raise ValueError("non-finite embeddings")
+        return emb, outside
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and shape errors alike mean "rebuild"
+        reason = "not an .npz archive" if "pickle" in str(exc) else f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"{path}: damaged embedding cache ({reason}); deleted, embedding the slide again",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        path.unlink(missing_ok=True)
+        timings["cache_rebuilt"] = timings.get("cache_rebuilt", 0) + 1
+        return None
+
+
 def _prepared_key(src: SlideSource, encoder_key: str, params: PatchParams, stain: str | None) -> str:
     return _hash(PREPARE_VERSION, LATTICE_VERSION, src.fingerprint, encoder_key, params.as_dict(), stain)
 
 
 def _existing_key(path: Path) -> str | None:
-    """The ``prepare_key`` recorded in a prepared slide, read cheaply with h5py (None if absent/corrupt)."""
+    """The ``prepare_key`` recorded in a prepared slide, read cheaply with h5py (None if absent/corrupt).
+
+    A prediction file (``meta['prediction']``) is never a finished prepared slide, even when an older
+    hist-st copied the key into it: None, so the slide is prepared again.
+    """
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
             raw = f["uns/hist_st/meta_json"][()]
         meta = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
-        return meta.get("prepare_key")
+        return None if "prediction" in meta else meta.get("prepare_key")
     except Exception:
         return None
+
+
+def _foreign_file(path: Path) -> bool:
+    """True when ``path`` is a readable HDF5/AnnData file that hist-st did not write (no ``uns/hist_st``).
+
+    Unreadable files (half-written or garbage outputs) are not foreign: preparing replaces them.
+    """
+    import h5py
+
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return "uns/hist_st" not in f
+    except Exception:  # noqa: BLE001 - not HDF5: a damaged output, not a source
+        return False
 
 
 def prepare_slide(
@@ -663,9 +711,9 @@ def prepare_slide(
         if stored is not None:
             slide.meta["patches_from"] = str(stored)
         cache = _cache_path(out_dir, slide, src, encoder, params, stain_norm)
-        if cache.is_file():
-            with np.load(cache) as z:
-                emb, outside = z["emb"], z["outside"]
+        cached = _load_cache(cache, slide.n_spots, timings)
+        if cached is not None:
+            emb, outside = cached
             timings["cached_slides"] = timings.get("cached_slides", 0) + 1
         else:
             emb, outside = embed_slide(
@@ -817,9 +865,10 @@ def prepare_cohort(
 
     t_start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = PrepareReport(out)
     say = log or (lambda s: None)
+    for name, value in (("--patch-px", patch_px), ("--patch-um-per-px", patch_um_per_px), ("--batch-size", batch_size)):
+        if not (np.isfinite(value) and value > 0):  # checked before anything is created
+            raise InputError(name, f"must be a positive number, got {value}")
     if hvg_scope not in ("dataset", "train-only"):
         raise InputError("--hvg-scope", f"unknown scope {hvg_scope!r}; use dataset or train-only")
     if hvg_scope == "train-only" and not train_slides:
@@ -834,6 +883,8 @@ def prepare_cohort(
     mapping = load_gene_mapping(gene_mapping) if gene_mapping else None
     params = PatchParams(patch_px, patch_um_per_px)
     enc = get_encoder(encoder, weights, device)
+    out.mkdir(parents=True, exist_ok=True)  # every option is valid: from here on the cohort folder exists
+    report = PrepareReport(out)
     transform = macenko_normaliser(stain_reference) if stain_norm == "macenko" else None
     stain_tag = (
         None
@@ -856,12 +907,18 @@ def prepare_cohort(
             report.skipped_no_image.append(src.slide_id)
             continue
         dest = out / f"{src.slide_id}.h5ad"
+        remove_stale_temporaries(dest)  # left by an interrupted run, even when the slide itself is done
         if (
             not overwrite
             and dest.is_file()
             and _existing_key(dest) == _prepared_key(src, enc.cache_key, params, stain_tag)
         ):
             report.skipped_done.append(src.slide_id)
+            continue
+        if _foreign_file(dest):  # never replace a source file (e.g. an input .h5ad inside --out)
+            report.failed[src.slide_id] = str(InputError(
+                dest, "exists and is not a hist-st prepared slide (an input file?); it is never replaced: "
+                "choose another --out folder or move the file"))  # fmt: skip
             continue
         todo.append(src)
     if report.skipped_no_image:
@@ -972,7 +1029,7 @@ def finalise_cohort(
 ) -> Path:
     """Restrict prepared slides to their shared genes (rewriting those that change) and write ``cohort.json``."""
     out = Path(out_dir)
-    slides = {sid: read_prepared(out / f"{sid}.h5ad") for sid in slide_ids}
+    slides = {sid: read_cohort_slide(out / f"{sid}.h5ad") for sid in slide_ids}
     genes = shared_genes(s.genes for s in slides.values())
     if not genes:
         raise InputError(out, "the prepared slides share no gene")

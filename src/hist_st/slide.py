@@ -38,8 +38,10 @@ Prediction files (``uns['hist_st']['kind'] == "prediction"``; never read as prep
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -234,11 +236,58 @@ class Slide:
         return self
 
 
+#: Marks this process's temporary files: a temporary file whose pid is alive but whose token differs
+#: from ours comes from an earlier process that had the same pid (containers reuse small pids).
+_PROCESS_TOKEN = os.urandom(4).hex()
+_TEMP_NAME = re.compile(r"(\d+)-([0-9a-f]{8})-[a-z0-9_]+")
+_LEGACY_TEMP_NAME = re.compile(r"[a-z0-9_]{8}")
+
+
+def _writer_alive(pid: int, token: str) -> bool:
+    if pid == os.getpid():
+        return token == _PROCESS_TOKEN
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but not ours to signal: leave its files alone
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete temporary files of earlier, interrupted writes of ``path`` (e.g. after ``kill -9``).
+
+    A temporary file of ``path`` is ``.<name>.<pid>-<token>-<random>.tmp`` beside it; it is stale when
+    its writer process is gone (or is an earlier process with a reused pid). Files of older hist-st
+    versions (``.<name>.<random>.tmp``, no pid) are always stale. Returns the files removed.
+    """
+    final = Path(path)
+    removed = []
+    prefix = f".{final.name}."
+    for tmp in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        middle = tmp.name[len(prefix) : -len(".tmp")]
+        ours = _TEMP_NAME.fullmatch(middle)
+        if ours is None and _LEGACY_TEMP_NAME.fullmatch(middle) is None:
+            continue  # another file's temporary (``.<name>.<more>...``) or not one of ours
+        if ours is not None and _writer_alive(int(ours.group(1)), ours.group(2)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def atomic_path(path: str | Path) -> tuple[Path, Path]:
-    """Return ``(final, temporary)`` paths for a write-then-rename in the same directory."""
+    """Return ``(final, temporary)`` paths for a write-then-rename in the same directory.
+
+    Stale temporary files of earlier interrupted writes of the same ``path`` are removed first
+    (`remove_stale_temporaries`).
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    remove_stale_temporaries(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}-{_PROCESS_TOKEN}-", suffix=".tmp", dir=final.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -498,3 +547,54 @@ def read_prepared(path: str | Path) -> Slide:
     except Exception as exc:  # h5py/anndata raise many types for truncated or foreign files
         raise InputError(path, f"cannot read as an AnnData .h5ad file ({type(exc).__name__}: {exc})") from exc
     return anndata_to_slide(adata, path)
+
+
+def is_prediction(slide: Slide | str | Path) -> bool:
+    """True when ``slide`` (a `Slide` or a ``.h5ad`` path) is a prediction file, not a prepared slide.
+
+    Prediction files (`hist_st.train.predict.predict_slide`) carry ``uns['hist_st']['kind'] ==
+    "prediction"`` and ``meta['prediction']`` (older ones ``layers['predicted']``); a path is checked cheaply
+    without reading the matrices. An unreadable file is not a prediction file (its readers report it).
+    """
+    if isinstance(slide, Slide):
+        return slide.is_prediction or "prediction" in slide.meta
+    import h5py
+
+    try:
+        with h5py.File(slide, "r") as f:
+            if "layers/predicted" in f:
+                return True
+            kind = f["uns/hist_st/kind"][()] if "uns/hist_st/kind" in f else b""
+            if (kind.decode() if isinstance(kind, bytes) else str(kind)) == "prediction":
+                return True
+            raw = f["uns/hist_st/meta_json"][()]
+        meta = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except Exception:  # noqa: BLE001 - absent, truncated or foreign files are not prediction files
+        return False
+    return isinstance(meta, dict) and "prediction" in meta
+
+
+def refuse_prediction(slide: Slide, source: str | Path) -> Slide:
+    """Return ``slide``; raise `InputError` naming ``source`` when it is a prediction file."""
+    if is_prediction(slide):
+        raise InputError(
+            source,
+            "is a prediction file written by `hist-st predict`, not a prepared slide (its counts are "
+            "predictions); keep predictions out of cohort folders, or re-prepare this slide with `hist-st prepare`",
+        )
+    return slide
+
+
+def read_cohort_slide(path: str | Path) -> Slide:
+    """Read a prepared slide of a cohort folder (for training, preparing and predicting).
+
+    `read_prepared`, plus: any unexpected failure on a damaged file becomes an `InputError` naming the
+    file, and a prediction file is refused (`refuse_prediction`).
+    """
+    try:
+        slide = read_prepared(path)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a readable but damaged file fails in many ways
+        raise InputError(path, f"not a valid prepared slide ({type(exc).__name__}: {exc})") from None
+    return refuse_prediction(slide, path)

@@ -27,6 +27,9 @@ def _ids(value: str | None) -> list[str] | None:
     items = [v for v in items if v]
     if not items:
         raise InputError(value, "empty slide id list")
+    dup = sorted({v for v in items if items.count(v) > 1})
+    if dup:
+        raise InputError("--ids", f"slide id(s) listed more than once: {', '.join(dup)}")
     return items
 
 
@@ -36,23 +39,67 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _cfg(args: argparse.Namespace):
-    from hist_st.train.config import load_config
+def _cfg(args: argparse.Namespace, base: dict | None = None):
+    """The run's config: ``base`` (a resumed checkpoint's config) or the defaults, then --config, then overrides.
+
+    On resume only the keys the user gives change the checkpoint's config, so `train` compares exactly
+    what the user asked for.
+    """
+    from hist_st.train.config import apply_overrides, config_from_dict, load_config
 
     overrides = list(args.overrides)
     if args.no_progress:
         overrides.append("progress=false")
-    return load_config(args.config, overrides)
+    if base is None:
+        return load_config(args.config, overrides)
+    data = dict(base)
+    if args.config is not None:
+        import yaml
+
+        load_config(args.config)  # validates the file, naming it
+        _merge(data, yaml.safe_load(Path(args.config).read_text()) or {})
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def _merge(base: dict, given: dict) -> dict:
+    """Deep-update ``base`` with ``given`` (nested mappings merged key by key), in place."""
+    for k, v in given.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = _merge(dict(base[k]), v)
+        else:
+            base[k] = v
+    return base
+
+
+def _finished_run(out: Path) -> int | None:
+    """Epochs of a run in ``out`` that finished all of them (``model.pt`` and no ``resume.pt``), else None."""
+    from hist_st.train.checkpoint import MODEL_FILE, RESUME_FILE, load_checkpoint
+
+    if (out / RESUME_FILE).is_file() or not (out / MODEL_FILE).is_file():
+        return None
+    ckpt = load_checkpoint(out / MODEL_FILE)
+    epochs = ckpt.get("config", {}).get("epochs")
+    if "optimizer" in ckpt or epochs is None or int(ckpt.get("epoch", -1)) != int(epochs):
+        return None
+    return int(epochs)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hist_st.train.loop import CHECKPOINT, train
+    from hist_st.train.checkpoint import load_resume_state
+    from hist_st.train.loop import RESUME, train
 
-    cfg = _cfg(args)
     resume = args.resume_from
     if resume is None and args.resume:
-        resume = Path(args.out) / CHECKPOINT
-    result = train(cfg, args.slides, slide_ids=_ids(args.ids), out_dir=args.out, resume=resume)
+        done = _finished_run(Path(args.out))
+        if done is not None:
+            print(f"the run in {args.out} already finished all {done} epochs; nothing to resume")
+            return 0
+        out = Path(args.out)  # its resume.pt; a folder of an older hist-st: its model.pt with optimiser state
+        resume = out / RESUME if (out / RESUME).is_file() else out
+    base = dict(load_resume_state(resume)["config"]) if resume is not None else None
+    cfg = _cfg(args, base)
+    result = train(cfg, args.slides, slide_ids=_ids(args.ids), out_dir=args.out, resume=resume,
+                   accept_changes=args.accept_changes, overwrite=args.overwrite)  # fmt: skip
     if result.checkpoint is not None:  # master process only
         last = result.history[-1] if result.history else {}
         print(f"trained on {len(result.slide_ids)} slides, {len(result.bundle.genes)} genes; "
@@ -138,8 +185,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slides", required=True, type=Path, help="folder of prepared slides (<id>.h5ad)")
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--ids", default=None, help="comma-separated slide ids, or a file with one per line")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt")
-    p.add_argument("--resume-from", type=Path, default=None, help="continue from this checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT (from OUT/resume.pt)")
+    p.add_argument("--resume-from", type=Path, default=None,
+                   help="continue from this resume state (resume.pt, a run folder or an older full checkpoint)")
+    p.add_argument("--accept-changes", action="store_true",
+                   help="with --resume: continue although the slides or their content, augmentation, seed, amp or gradient "
+                        "checkpointing differ from the checkpoint (recorded in OUT/accepted_changes.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint of an earlier run in OUT")
     _common(p)
     p.set_defaults(func=cmd_train)
 

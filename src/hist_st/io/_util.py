@@ -32,8 +32,41 @@ def check_counts(counts: sp.spmatrix | np.ndarray, source: str | Path) -> sp.csr
     return sp.csr_matrix(m, dtype=np.float32)
 
 
+def misplaced_spots(array_xy: np.ndarray, pixel_xy: np.ndarray, tolerance: float = 0.5) -> np.ndarray:
+    """Indices of spots whose pixel centre lies more than ``tolerance`` array steps from where their array
+    position puts them, under a robust (Theil-Sen) line per axis that a few wild spots cannot drag.
+
+    Args:
+        array_xy: ``[N, 2]`` array positions.
+        pixel_xy: ``[N, 2]`` pixel centres.
+        tolerance: Allowed distance in array steps (0.5: half the pitch).
+
+    Returns:
+        Sorted int64 indices (empty when every spot fits).
+    """
+    from scipy.stats import theilslopes
+
+    array_xy = np.asarray(array_xy, dtype=np.float64)
+    pixel_xy = np.asarray(pixel_xy, dtype=np.float64)
+    bad = np.zeros(len(array_xy), dtype=bool)
+    for k in range(2):
+        a, p = array_xy[:, k], pixel_xy[:, k]
+        if len(a) < 3 or np.ptp(a) <= 0:
+            continue
+        slope, intercept, *_ = theilslopes(p, a)
+        if not np.isfinite(slope) or slope == 0:
+            continue
+        bad |= np.abs(p - (slope * a + intercept)) > tolerance * abs(slope)
+    return np.flatnonzero(bad)
+
+
 def derive_um_per_px(
-    array_xy: np.ndarray, pixel_xy: np.ndarray, um_per_array_unit: float, source
+    array_xy: np.ndarray,
+    pixel_xy: np.ndarray,
+    um_per_array_unit: float,
+    source,
+    labels=None,
+    check_placement: bool = False,
 ) -> tuple[float, str]:
     """Microns per pixel from the pixel spacing of array positions.
 
@@ -44,9 +77,29 @@ def derive_um_per_px(
         array_xy: ``[N, 2]`` array (grid) x, y positions (may be sub-grid corrected, float).
         pixel_xy: ``[N, 2]`` pixel x, y centres.
         um_per_array_unit: Microns between neighbouring array positions (legacy ST: 200).
+        labels: Spot names ``[N]`` for errors (default: row numbers).
+        check_placement: Refuse spots far from their array position (`misplaced_spots`); for arrays whose
+            axes follow the image axes (legacy ST).
+
+    Raises:
+        InputError: Non-finite coordinates, spots more than half a pitch from their array position
+            (`misplaced_spots`, named), too few positions, or inconsistent spacing along x and y.
     """
     array_xy = np.asarray(array_xy, dtype=np.float64)
     pixel_xy = np.asarray(pixel_xy, dtype=np.float64)
+    names = [str(v) for v in labels] if labels is not None else [f"row {i}" for i in range(len(array_xy))]
+    finite = np.isfinite(array_xy).all(axis=1) & np.isfinite(pixel_xy).all(axis=1)
+    if not finite.all():
+        first = [names[i] for i in np.flatnonzero(~finite)[:3]]
+        raise InputError(source, f"{int((~finite).sum())} spot(s) have NaN or infinite coordinates (first: {first})")
+    off = misplaced_spots(array_xy, pixel_xy) if check_placement else []
+    if len(off):
+        first = ", ".join(f"{names[i]} at pixel ({pixel_xy[i, 0]:.6g}, {pixel_xy[i, 1]:.6g})" for i in off[:3])
+        raise InputError(
+            source,
+            f"{len(off)} spot(s) lie more than half a spot pitch from where their array position puts them "
+            f"({first}); their pixel coordinates are wrong (outside the image?) - fix or drop those rows",
+        )
     slopes = []
     for k in range(2):
         a = array_xy[:, k]

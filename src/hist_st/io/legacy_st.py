@@ -88,19 +88,31 @@ def read_legacy_st(
         raise InputError(counts_path, "the counts table is empty")
     if not all(np.issubdtype(t, np.number) for t in cnt.dtypes.unique()):
         raise InputError(counts_path, "the counts table has non-numeric entries")
+    spots = _check_spot_table(spots, spots_path, ("x", "y", "selected"))
     if "selected" in spots.columns:
-        spots = spots[spots["selected"].astype(int) == 1]
-    spots = spots.copy()
+        spots = spots[spots["selected"] == 1]
+    spots = _check_spot_table(spots, spots_path, ("pixel_x", "pixel_y", "new_x", "new_y"))  # spots in use only
     spots["x"] = spots["x"].round().astype(int)
     spots["y"] = spots["y"].round().astype(int)
     spots.index = spots["x"].astype(str) + "x" + spots["y"].astype(str)
+    _check_duplicate_spots(spots, spots_path)
     spots = spots[~spots.index.duplicated()]
     cnt.index = cnt.index.astype(str).str.strip()
-    orphans = cnt.index.difference(spots.index)
-    if len(orphans):
+    repeated = sorted(set(cnt.index[cnt.index.duplicated()]))
+    if repeated:
+        raise InputError(counts_path, f"{len(repeated)} spot name(s) label more than one count row (first: {repeated[:3]})")
+    orphan = ~cnt.index.isin(spots.index)
+    if orphan.any():
+        first = list(cnt.index[orphan][:3])
+        if orphan.all():
+            raise InputError(
+                counts_path,
+                f"none of the {len(cnt)} count rows matches a selected spot of {spots_path.name} (count rows "
+                f"{first}, spots {list(spots.index[:3])}); the two files belong to different sections?",
+            )
         raise InputError(
             counts_path,
-            f"{len(orphans)} count rows have no selected spot in {spots_path.name} (first: {list(orphans[:3])})",
+            f"{int(orphan.sum())} of {len(cnt)} count rows have no selected spot in {spots_path.name} (first: {first})",
         )
     bc = [b for b in cnt.index]
     spots_in = spots.loc[bc]
@@ -118,7 +130,8 @@ def read_legacy_st(
         "spots_without_counts": n_no_counts,
     }
     if um_per_px is None:
-        um_per_px, how = derive_um_per_px(array_xy, pixel, ST_PITCH_UM, spots_path)
+        um_per_px, how = derive_um_per_px(array_xy, pixel, ST_PITCH_UM, spots_path, labels=[f"spot {b}" for b in bc],
+                                         check_placement=True)  # fmt: skip
         meta["um_per_px_source"] = how
     else:
         meta["um_per_px_source"] = "given by the user"
@@ -137,6 +150,39 @@ def read_legacy_st(
         image=str(image_path) if image_path else None,
         meta=meta,
     )
+
+
+def _check_spot_table(spots: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """A copy with ``columns`` (those present) numeric and finite; errors name the file line (the table's
+    row index is the file's row order, so line = index + 2)."""
+    spots = spots.copy()
+    for col in columns:
+        if col not in spots.columns:
+            continue
+        values = pd.to_numeric(spots[col], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(dtype=np.float64))
+        if bad.any():
+            lines = [int(i) + 2 for i in spots.index[bad][:3]]  # line 1 is the header
+            raise InputError(
+                path, f"{int(bad.sum())} row(s) have a missing, non-numeric or infinite {col!r} (line(s) {lines})"
+            )
+        spots[col] = values
+    return spots
+
+
+def _check_duplicate_spots(spots: pd.DataFrame, path: Path) -> None:
+    """Refuse two rows for one array position with different pixel centres (which one is right?)."""
+    dup = spots.index.duplicated(keep=False)
+    if not dup.any():
+        return
+    for name, rows in spots[dup].groupby(level=0, sort=True):
+        xy = rows[["pixel_x", "pixel_y"]].to_numpy(np.float64)
+        if (np.abs(xy - xy[0]) > 1e-6).any():
+            where = ", ".join(f"({a:.6g}, {b:.6g})" for a, b in xy[:3])
+            raise InputError(
+                path, f"spot {name} is listed {len(rows)} times with different pixel coordinates {where}; "
+                "keep one row per spot",
+            )  # fmt: skip
 
 
 def _find_image(root: Path, patient: str, section: str) -> Path | None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from hist_st.errors import InputError
 
 __all__ = ["HiSTConfig", "parse_levels"]
 
@@ -88,7 +92,11 @@ class HiSTConfig:
     attn_impl: str = "window"
 
     def __post_init__(self) -> None:
-        parse_levels(self.levels)
+        """Validate every field up front; `InputError` (a ValueError) names the key and its allowed values."""
+        try:
+            parse_levels(self.levels)
+        except (ValueError, AttributeError) as exc:
+            raise InputError("config", f"model.levels: {exc}") from None
         object.__setattr__(self, "tokens", tuple(self.tokens))
         checks = {
             "positional": (self.positional, POSITIONAL),
@@ -99,16 +107,25 @@ class HiSTConfig:
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
-                raise ValueError(f"HiSTConfig.{name}={value!r}: choose one of {allowed}")
+                raise InputError("config", f"model.{name}={value!r}: choose one of {', '.join(allowed)}")
         for tok in self.tokens:
             if tok not in TOKENS:
-                raise ValueError(f"HiSTConfig.tokens: unknown token kind {tok!r}; choose from {TOKENS}")
+                raise InputError("config", f"model.tokens: unknown token kind {tok!r}; choose from {', '.join(TOKENS)}")
+        for name in ("in_dim", "n_genes", "dim", "heads", "window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError("config", f"model.{name} must be an integer >= 1, got {value!r}")
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and 0.0 <= value < 1.0):
+                raise InputError("config", f"model.{name} must lie in [0, 1), got {value!r}")
+        if not (isinstance(self.ffn_ratio, numbers.Real) and math.isfinite(self.ffn_ratio)
+                and int(self.dim * self.ffn_ratio) >= 1):  # fmt: skip
+            raise InputError("config", f"model.ffn_ratio must be > 0 (hidden width >= 1), got {self.ffn_ratio!r}")
         if self.dim % self.heads:
-            raise ValueError(f"HiSTConfig: dim {self.dim} is not divisible by heads {self.heads}")
+            raise InputError("config", f"model.dim {self.dim} is not divisible by model.heads {self.heads}")
         if self.positional == "rope" and (self.dim // self.heads) % 4:
-            raise ValueError("HiSTConfig: RoPE needs a head width divisible by 4")
-        if self.in_dim <= 0 or self.n_genes <= 0:
-            raise ValueError("HiSTConfig: in_dim and n_genes must be positive")
+            raise InputError("config", "model.positional=rope needs a head width (dim / heads) divisible by 4")
 
     @property
     def num_levels(self) -> int:
@@ -124,7 +141,7 @@ class HiSTConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"HiSTConfig: unknown keys {sorted(unknown)}")
+            raise InputError("config", f"model: unknown keys {sorted(unknown)}")
         d = dict(d)
         if "tokens" in d:
             d["tokens"] = tuple(d["tokens"])

@@ -17,14 +17,23 @@ reads it. Contents (``format = "hist-st-checkpoint"``, ``version = 1``):
   H&E image the same way (`hist_st.predict_image`);
 - ``norm``: ``{"target_mean": [G] tensor, "feature_mean"/"feature_std": [C] tensors or None,
   "standardise_features": bool}``;
-- ``history``: per-epoch records (loss, lr, strength, ...); ``versions``: package versions.
+- ``history``: per-epoch records (loss, lr, strength, ...); ``versions``: package versions;
+- ``kind``: ``"model"`` (the final model file, ``model.pt``: everything above except ``optimizer``,
+  ``scheduler`` and ``rng``) or ``"resume"`` (``resume.pt``: everything, for ``train --resume``); older
+  checkpoints without ``kind`` hold both and serve both purposes;
+- ``sha256``: content hash of every other field (`content_hash`), checked by `load_checkpoint`, so a
+  flipped bit in the weights is refused instead of producing ``inf`` predictions.
 
-Files are written atomically (temporary name in the same folder, then rename).
+Files are written atomically (temporary name in the same folder, then rename). Weights are checked
+finite before anything is written and again when a file is read.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import random
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +46,14 @@ from hist_st.errors import InputError
 
 __all__ = [
     "FORMAT",
+    "MODEL_FILE",
+    "RESUME_FILE",
+    "RESUME_ONLY_KEYS",
     "ModelBundle",
+    "BackgroundWriter",
+    "content_hash",
+    "model_payload",
+    "load_resume_state",
     "rng_state",
     "set_rng_state",
     "save_checkpoint",
@@ -50,6 +66,14 @@ __all__ = [
 
 FORMAT = "hist-st-checkpoint"
 VERSION = 1
+MODEL_FILE = "model.pt"
+RESUME_FILE = "resume.pt"
+#: Fields only the resume state needs (the AdamW moments are about 2/3 of a full checkpoint).
+RESUME_ONLY_KEYS = ("optimizer", "scheduler", "rng")
+#: Fields every checkpoint needs to rebuild and run the model.
+MODEL_KEYS = ("model", "model_config", "genes", "embedding")
+#: Fields `train --resume` needs on top of `MODEL_KEYS`.
+RESUME_KEYS = (*MODEL_KEYS, *RESUME_ONLY_KEYS, "epoch", "step", "config", "norm")
 
 #: Spot lattice type per technology: Visium spots sit on a hexagonal grid, legacy ST spots and
 #: Visium HD bins on a square one.
@@ -141,34 +165,223 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (see the module docstring) atomically; return the final path."""
+def _hash_update(h: Any, value: Any) -> None:
+    """Feed a canonical byte form of ``value`` (nested dicts/lists of tensors and primitives) to ``h``."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        for k in sorted(value, key=str):
+            h.update(f"K{k!r}".encode())
+            _hash_update(h, value[k])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}".encode())
+        for v in value:
+            _hash_update(h, v)
+    elif isinstance(value, np.ndarray):
+        _hash_update(h, torch.from_numpy(np.ascontiguousarray(value)))
+    else:
+        h.update(f"V{type(value).__name__}:{value!r}".encode())
+
+
+def content_hash(ckpt: dict[str, Any]) -> str:
+    """SHA-256 of every field of a checkpoint except ``sha256`` itself (tensor bytes, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    _hash_update(h, {k: v for k, v in ckpt.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+def _non_finite(state: Any) -> list[str]:
+    """Names of floating-point tensors of a state dict that hold NaN or infinite values."""
+    if not isinstance(state, dict):
+        return []
+    return [
+        str(k) for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]  # fmt: skip
+
+
+def model_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """The final-model subset of a full (resume) payload: no optimiser, scheduler or RNG state."""
+    return {k: v for k, v in payload.items() if k not in RESUME_ONLY_KEYS and k not in ("sha256", "kind")}
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any], kind: str | None = None) -> Path:
+    """Write ``payload`` (see the module docstring) atomically with its content hash; return the final path.
+
+    Args:
+        path: Destination file.
+        payload: Checkpoint fields (``format``/``version``/``sha256`` are (re)set here).
+        kind: ``"model"`` (drop the resume-only fields), ``"resume"``, or None: ``"resume"`` when the payload
+            holds an optimiser state, else ``"model"``.
+
+    Raises:
+        InputError: The model weights hold NaN or infinite values (nothing is written).
+    """
     from hist_st.slide import atomic_write
 
-    lat = payload.get("lattice")
+    bad = _non_finite(payload.get("model"))
+    if bad:
+        raise InputError(path, f"refusing to write a checkpoint whose weights are not finite ({', '.join(bad[:3])})")
+    kind = kind or ("resume" if "optimizer" in payload else "model")
+    if kind not in ("model", "resume"):
+        raise ValueError(f"unknown checkpoint kind {kind!r}")
+    body = model_payload(payload) if kind == "model" else {k: v for k, v in payload.items() if k != "sha256"}
+    lat = body.get("lattice")
     if isinstance(lat, dict) and "lattice_type" not in lat:
         types = {str(t): lattice_type_for(t) for t in lat.get("technologies", [])}
-        payload = {**payload, "lattice": {**lat, "lattice_type": {t: v for t, v in types.items() if v}}}
+        body = {**body, "lattice": {**lat, "lattice_type": {t: v for t, v in types.items() if v}}}
+    ckpt = {**body, "format": FORMAT, "version": VERSION, "kind": kind}
+    ckpt["sha256"] = content_hash(ckpt)
     with atomic_write(path) as tmp:
-        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+        torch.save(ckpt, tmp)
     return Path(path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; raise `InputError` for missing or foreign files."""
+def _snapshot(value: Any) -> Any:
+    """A copy of nested dicts/lists whose tensors are cloned to CPU, safe to write while training goes on."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_snapshot(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_snapshot(v) for v in value)
+    return copy.deepcopy(value)
+
+
+class BackgroundWriter:
+    """Write checkpoints in a background thread so training does not wait for the disk.
+
+    `submit` snapshots the payload (tensors cloned to CPU) on the caller's thread, then hashes and writes
+    it (`save_checkpoint`, atomic) in a worker thread; at most one write is in flight (a new `submit`
+    first waits for the previous one). `wait` returns the last path written and re-raises a failed
+    write's error. Example::
+
+        writer = BackgroundWriter()
+        writer.submit(out / "resume.pt", payload, kind="resume")   # returns at once
+        ...
+        writer.wait()                                              # before the process ends
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._last: Path | None = None
+
+    def submit(self, path: str | Path, payload: dict[str, Any], kind: str | None = None) -> None:
+        """Snapshot ``payload`` now and write it to ``path`` in the background."""
+        self.wait()
+        bad = _non_finite(payload.get("model"))
+        if bad:  # refuse on the caller's thread, before anything is queued
+            raise InputError(path, f"refusing to write a checkpoint whose weights are not finite ({', '.join(bad[:3])})")
+        snap = _snapshot(payload)
+
+        def work() -> None:
+            try:
+                self._last = save_checkpoint(path, snap, kind=kind)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=work, name="hist-st-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> Path | None:
+        """Block until the write in flight is done; return the last path written; re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return self._last
+
+
+def _read_error(exc: Exception) -> str:
+    """A short reason for a failed ``torch.load`` (never torch's advice to drop ``weights_only``)."""
+    text = str(exc)
+    if "weights_only" in text or "Unsupported global" in text or type(exc).__name__ == "UnpicklingError":
+        return ("the file holds pickled objects other than tensors and plain values (possibly code); "
+                "hist-st reads checkpoints with weights_only=True and refuses such files")  # fmt: skip
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"the file is truncated, corrupt or not a checkpoint ({type(exc).__name__}: {first[:200]})"
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, require: Sequence[str] = MODEL_KEYS
+) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` and check it; raise `InputError` naming the file.
+
+    Args:
+        path: A checkpoint file, or a run folder (its ``model.pt``).
+        map_location: Where tensors are loaded.
+        require: Fields that must be present.
+
+    Checks: the format marker and version; the content hash (files that record one); the required
+    fields; finite model weights.
+    """
     p = Path(path)
     if p.is_dir():
-        p = p / "model.pt"
+        p = p / MODEL_FILE
     if not p.is_file():
         raise InputError(p, "checkpoint not found")
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors of many kinds
-        raise InputError(p, f"cannot read as a hist-st checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise InputError(p, f"cannot read as a hist-st checkpoint: {_read_error(exc)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(p, "not a hist-st checkpoint (missing format marker)")
-    if int(ckpt.get("version", 0)) > VERSION:
+    try:
+        version = int(ckpt.get("version", 0))
+    except (TypeError, ValueError):
+        raise InputError(p, f"not a hist-st checkpoint (version {ckpt.get('version')!r})") from None
+    if version > VERSION:
         raise InputError(p, f"checkpoint version {ckpt['version']} is newer than this hist-st supports ({VERSION})")
+    if "sha256" in ckpt and ckpt["sha256"] != content_hash(ckpt):
+        raise InputError(
+            p, "content hash mismatch: the file is corrupt or was modified after it was written; "
+            "use an intact copy or retrain"
+        )  # fmt: skip
+    missing = [k for k in require if k not in ckpt]
+    if missing:
+        raise InputError(p, f"checkpoint lacks field(s) {', '.join(missing)}")
+    bad = _non_finite(ckpt.get("model"))
+    if bad:
+        raise InputError(p, f"model weights hold NaN or infinite values ({', '.join(bad[:3])}); the file is corrupt")
+    return ckpt
+
+
+def load_resume_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read the resume state of a run: ``resume.pt`` (or an older checkpoint holding both parts).
+
+    Args:
+        path: A ``resume.pt`` file, a full checkpoint of an older hist-st, or a run folder (its
+            ``resume.pt``, else its ``model.pt`` when that still holds the optimiser state).
+
+    Raises:
+        InputError: No resume state (e.g. a final ``model.pt`` of a finished run), or a damaged file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if (p / RESUME_FILE).is_file():
+            p = p / RESUME_FILE
+        elif (p / MODEL_FILE).is_file():
+            p = p / MODEL_FILE
+        else:
+            raise InputError(p / RESUME_FILE, "checkpoint not found (no resume state in this run folder)")
+    ckpt = load_checkpoint(p, map_location, require=MODEL_KEYS)
+    if ckpt.get("kind") == "model" or "optimizer" not in ckpt:
+        epoch = ckpt.get("epoch")
+        raise InputError(
+            p, f"holds a final model (epoch {epoch}) without optimiser state; resume from the run's "
+            f"{RESUME_FILE} (a finished run keeps none: there is nothing left to train)"
+        )  # fmt: skip
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise InputError(p, f"resume state lacks field(s) {', '.join(missing)}")
     return ckpt
 
 
@@ -226,8 +439,12 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
 
     ckpt = load_checkpoint(path, map_location="cpu")
     device = torch.device(device) if not isinstance(device, torch.device) else device
-    model = HiST(HiSTConfig.from_dict(dict(ckpt["model_config"])))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = HiST(HiSTConfig.from_dict(dict(ckpt["model_config"])))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise InputError(path, f"the model in this checkpoint cannot be rebuilt ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None  # fmt: skip
     model.to(device).eval()
     norm = ckpt.get("norm", {})
     lat = ckpt.get("lattice", {})

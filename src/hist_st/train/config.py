@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -94,6 +95,14 @@ class AugmentConfig:
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise InputError("config", f"augment.{name} must lie in [0, 1], got {v}")
+        for name in ("strength_start", "strength_end"):
+            _check_range(f"augment.{name}", getattr(self, name), 0.0, 1.0)
+        if self.shear_deg is not None:
+            _check_range("augment.shear_deg", self.shear_deg, 0.0, 89.0)
+        if self.rotate_deg is not None:
+            _check_range("augment.rotate_deg", self.rotate_deg, 0.0, 180.0)
+        if self.min_spots < 1:
+            raise InputError("config", f"augment.min_spots must be >= 1, got {self.min_spots}")
 
     def resolved(self) -> AugmentConfig:
         """A copy with every None field replaced by the variant's default."""
@@ -132,6 +141,12 @@ class GeneConfig:
             raise InputError("config", f"genes.scope must be 'dataset' or 'train-only', got {self.scope!r}")
         if self.n_top < 1:
             raise InputError("config", f"genes.n_top must be >= 1, got {self.n_top}")
+        if self.genes is not None:
+            dup = sorted({g for g in self.genes if list(self.genes).count(g) > 1})
+            if dup:
+                raise InputError("config", f"genes.genes lists gene(s) more than once: {', '.join(map(str, dup[:5]))}")
+            if not self.genes:
+                raise InputError("config", "genes.genes is an empty list; give genes or leave it unset")
 
 
 def default_model_config() -> Any:
@@ -200,16 +215,27 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise InputError("config", f"epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0:
-            raise InputError("config", f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise InputError("config", f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError("config", f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InputError("config", f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                raise InputError("config", f"betas[{i}] must lie in [0, 1), got {b}")
+        for name in ("seed", "num_workers", "threads"):
+            if getattr(self, name) < 0:
+                raise InputError("config", f"{name} must be >= 0, got {getattr(self, name)}")
         if self.slides_per_step < 1:
             raise InputError("config", f"slides_per_step must be >= 1, got {self.slides_per_step}")
         if self.checkpoint_every < 1:
             raise InputError("config", f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.grad_checkpointing not in ("none", "ffn", "block"):
             raise InputError("config", f"grad_checkpointing must be none, ffn or block, got {self.grad_checkpointing!r}")
+
+
+def _check_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:  # also refuses NaN
+        raise InputError("config", f"{key} must lie in [{low:g}, {high:g}], got {value}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,12 +291,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise InputError("config", f"{where}: expected a list, got None")
         if isinstance(value, str):
             value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise InputError("config", f"{where}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], where) for v in value)
         if args and len(args) != len(value):
             raise InputError("config", f"{where}: expected {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args or [Any] * len(value)))
     if origin in (list, typing.List):  # noqa: UP006
+        if not isinstance(value, (list, tuple)):
+            raise InputError("config", f"{where}: expected a list, got {value!r}")
         return [_coerce(v, args[0] if args else Any, where) for v in value]
     if tp is bool:
         if isinstance(value, bool):

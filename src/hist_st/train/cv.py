@@ -32,11 +32,13 @@ from typing import Any
 
 from hist_st.errors import InputError
 from hist_st.jsonio import to_jsonable, write_json
+from hist_st.outputs import fresh_folder
 from hist_st.slide import Slide, write_prepared
 from hist_st.train.checkpoint import package_versions
 from hist_st.train.config import TrainConfig, save_config
 from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
-from hist_st.train.folds import load_folds, make_folds, save_folds
+from hist_st.train.folds import make_folds, save_folds
+from hist_st.train.splits import check_folds, read_splits
 
 __all__ = ["run_cv", "slide_groups", "fold_json", "plot_loss_curves"]
 
@@ -144,17 +146,21 @@ def run_cv(
     """
     from tqdm.auto import tqdm
 
+    from hist_st.baselines import list_baselines
     from hist_st.metrics import evaluate_fold, format_table, summarise_folds
     from hist_st.train.distributed import init_distributed
     from hist_st.train.loop import train
     from hist_st.train.predict import predict_log1p, predict_slide
 
+    unknown = [b for b in baselines if b not in list_baselines()]
+    if unknown:
+        raise InputError("--baselines", f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(list_baselines())}")
+    if mc_samples < 0:
+        raise InputError("--mc-samples", f"must be >= 0, got {mc_samples}")
     # Under torchrun every rank trains each fold together; rank 0 alone predicts, scores and writes.
     info = init_distributed(cfg.device)
     master = info.is_master
     out = Path(out_dir)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
     slides = load_slides(slides_dir, slide_ids)
     by_id = {s.slide_id: s for s in slides}
     manifest = read_manifest(slides_dir)
@@ -165,106 +171,103 @@ def run_cv(
         groups = slide_groups(slides, group_by, manifest) if group_by else None
         fold_list = make_folds(ids, k, cfg.seed, groups)
     elif isinstance(folds, (str, Path)):
-        fold_list = load_folds(folds)
+        fold_list = read_splits(folds, ids)
     else:
-        fold_list = [dict(f, fold=f.get("fold", i)) for i, f in enumerate(folds)]
-    for f in fold_list:
-        unknown = sorted((set(f["train"]) | set(f["test"])) - set(ids))
-        if unknown:
-            raise InputError("folds", f"fold {f['fold']} names slides not in {slides_dir}: {unknown[:5]}")
-        if set(f["train"]) & set(f["test"]):
-            raise InputError("folds", f"fold {f['fold']} has slides in both train and test")
-    if master:
-        save_folds(fold_list, out / "splits.json", k=len(fold_list), seed=cfg.seed, group_by=group_by,
-                   slides_dir=str(slides_dir))  # fmt: skip
+        fold_list = check_folds(list(folds), ids)
+    # Every input is checked: from here on the run writes; a failure removes a folder it created.
+    with fresh_folder(out, enabled=master):
+        if master:
+            save_folds(fold_list, out / "splits.json", k=len(fold_list), seed=cfg.seed, group_by=group_by,
+                       slides_dir=str(slides_dir))  # fmt: skip
 
-    emb = embedding_key(slides, cfg.embedding)
-    dataset_genes = None
-    if cfg.genes.scope == "dataset" or cfg.genes.genes:
-        dataset_genes = select_genes(slides, cfg.genes, manifest)
-    if master:
-        if dataset_genes is not None:
-            (out / "genes.txt").write_text("\n".join(dataset_genes) + "\n")
-        save_config(cfg, out / "config.yaml")
-        write_json(package_versions(), out / "versions.json")
+        emb = embedding_key(slides, cfg.embedding)
+        dataset_genes = None
+        if cfg.genes.scope == "dataset" or cfg.genes.genes:
+            dataset_genes = select_genes(slides, cfg.genes, manifest)
+        if master:
+            if dataset_genes is not None:
+                (out / "genes.txt").write_text("\n".join(dataset_genes) + "\n")
+            save_config(cfg, out / "config.yaml")
+            write_json(package_versions(), out / "versions.json")
 
-    baseline_options = dict(baseline_options or {})
-    methods = [HIST, *baselines]
-    per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    seconds: dict[str, float] = {m: 0.0 for m in methods}
-    histories: dict[str, list[dict[str, float]]] = {}
-    fold_records = []
-    bar = tqdm(fold_list, desc="cv folds", unit="fold", disable=not (progress and master))
-    for f in bar:
-        i = int(f["fold"])
-        fdir = out / f"fold_{i}"
-        train_slides = [by_id[s] for s in sorted(f["train"])]
-        test_slides = [by_id[s] for s in sorted(f["test"])]
-        genes = dataset_genes if dataset_genes is not None else select_genes(train_slides, cfg.genes, None)
-        truths = {s.slide_id: gene_counts(s, genes) for s in test_slides}
-        fold_metrics: dict[str, Any] = {}
-
-        t0 = time.perf_counter()
-        result = train(cfg, train_slides, out_dir=fdir, genes=genes, desc=f"fold {i}", dist_info=info)
-        if not master:
-            continue
-        preds = {}
-        for s in test_slides:
-            mean, _ = predict_log1p(result.bundle, s)
-            preds[s.slide_id] = mean
-            if write_predictions:
-                write_prepared(predict_slide(result.bundle, s, mc_samples=mc_samples, seed=cfg.seed),
-                               fdir / "predictions" / f"{s.slide_id}.h5ad")  # fmt: skip
-        seconds[HIST] += time.perf_counter() - t0
-        histories[f"fold {i}"] = result.history
-        fold_metrics[HIST] = evaluate_fold(preds, truths)
-
-        for name in baselines:
-            from hist_st.baselines import get_baseline
+        baseline_options = dict(baseline_options or {})
+        methods = [HIST, *baselines]
+        per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        seconds: dict[str, float] = {m: 0.0 for m in methods}
+        histories: dict[str, list[dict[str, float]]] = {}
+        fold_records = []
+        bar = tqdm(fold_list, desc="cv folds", unit="fold", disable=not (progress and master))
+        for f in bar:
+            i = int(f["fold"])
+            fdir = out / f"fold_{i}"
+            train_slides = [by_id[s] for s in sorted(f["train"])]
+            test_slides = [by_id[s] for s in sorted(f["test"])]
+            genes = dataset_genes if dataset_genes is not None else select_genes(train_slides, cfg.genes, None)
+            truths = {s.slide_id: gene_counts(s, genes) for s in test_slides}
+            fold_metrics: dict[str, Any] = {}
 
             t0 = time.perf_counter()
-            model = get_baseline(name, **dict(baseline_options.get(name, {})))
-            model.fit(train_slides, genes, embedding_key=emb, seed=cfg.seed)
-            bpreds = {s.slide_id: model.predict(s) for s in test_slides}
-            seconds[name] += time.perf_counter() - t0
-            fold_metrics[name] = evaluate_fold(bpreds, truths)
+            result = train(cfg, train_slides, out_dir=fdir, genes=genes, desc=f"fold {i}", dist_info=info,
+                           overwrite=True)  # a cv run replaces its own earlier folds
+            if not master:
+                continue
+            preds = {}
+            for s in test_slides:
+                mean, _ = predict_log1p(result.bundle, s)
+                preds[s.slide_id] = mean
+                if write_predictions:
+                    write_prepared(predict_slide(result.bundle, s, mc_samples=mc_samples, seed=cfg.seed),
+                                   fdir / "predictions" / f"{s.slide_id}.h5ad")  # fmt: skip
+            seconds[HIST] += time.perf_counter() - t0
+            histories[f"fold {i}"] = result.history
+            fold_metrics[HIST] = evaluate_fold(preds, truths)
 
-        for m in methods:
-            per_method[m].append(fold_metrics[m])
-        record = {"fold": i, "train": list(f["train"]), "test": list(f["test"]), "n_genes": len(genes),
-                  "metrics": {m: fold_json(fold_metrics[m], genes) for m in methods}}  # fmt: skip
-        write_json(record, fdir / "metrics.json")
-        fold_records.append(
-            {"fold": i, **{m: {"pooled": fold_metrics[m]["pooled"], "per_gene_pcc": fold_metrics[m]["per_gene"]["pcc"]}
-                          for m in methods}}  # fmt: skip
+            for name in baselines:
+                from hist_st.baselines import get_baseline
+
+                t0 = time.perf_counter()
+                model = get_baseline(name, **dict(baseline_options.get(name, {})))
+                model.fit(train_slides, genes, embedding_key=emb, seed=cfg.seed)
+                bpreds = {s.slide_id: model.predict(s) for s in test_slides}
+                seconds[name] += time.perf_counter() - t0
+                fold_metrics[name] = evaluate_fold(bpreds, truths)
+
+            for m in methods:
+                per_method[m].append(fold_metrics[m])
+            record = {"fold": i, "train": list(f["train"]), "test": list(f["test"]), "n_genes": len(genes),
+                      "metrics": {m: fold_json(fold_metrics[m], genes) for m in methods}}  # fmt: skip
+            write_json(record, fdir / "metrics.json")
+            fold_records.append(
+                {"fold": i, **{m: {"pooled": fold_metrics[m]["pooled"], "per_gene_pcc": fold_metrics[m]["per_gene"]["pcc"]}
+                              for m in methods}}  # fmt: skip
+            )
+            if hasattr(bar, "set_postfix"):
+                pg = fold_metrics[HIST]["per_gene"]["pcc"]
+                bar.set_postfix(hist_pooled_r2=f"{fold_metrics[HIST]['pooled']['r2']:.3f}", hist_pcc=f"{pg:.3f}")
+
+        if not master:
+            return {"methods": {}, "folds": [], "table": "", "genes": dataset_genes, "out_dir": str(out),
+                    "seconds": {}, "histories": {}, "embedding": emb}  # fmt: skip
+        summaries = {m: summarise_folds(per_method[m]) for m in methods}
+        table = format_table(summaries)
+        write_json(
+            {"methods": summaries, "folds": fold_records, "seconds": seconds, "embedding": emb,
+             "group_by": group_by, "k": len(fold_list), "n_genes": len(dataset_genes) if dataset_genes else None},
+            out / "metrics.json",
+        )  # fmt: skip
+        (out / "table.md").write_text(
+            "Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
+            "metric); per-gene = log1p Pearson/R2 per gene over all test spots (HEST metric). "
+            f"Mean ± std over {len(fold_list)} folds.\n\n" + table + "\n"
         )
-        if hasattr(bar, "set_postfix"):
-            pg = fold_metrics[HIST]["per_gene"]["pcc"]
-            bar.set_postfix(hist_pooled_r2=f"{fold_metrics[HIST]['pooled']['r2']:.3f}", hist_pcc=f"{pg:.3f}")
-
-    if not master:
-        return {"methods": {}, "folds": [], "table": "", "genes": dataset_genes, "out_dir": str(out),
-                "seconds": {}, "histories": {}, "embedding": emb}  # fmt: skip
-    summaries = {m: summarise_folds(per_method[m]) for m in methods}
-    table = format_table(summaries)
-    write_json(
-        {"methods": summaries, "folds": fold_records, "seconds": seconds, "embedding": emb,
-         "group_by": group_by, "k": len(fold_list), "n_genes": len(dataset_genes) if dataset_genes else None},
-        out / "metrics.json",
-    )  # fmt: skip
-    (out / "table.md").write_text(
-        "Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
-        "metric); per-gene = log1p Pearson/R2 per gene over all test spots (HEST metric). "
-        f"Mean ± std over {len(fold_list)} folds.\n\n" + table + "\n"
-    )
-    plot_loss_curves(histories, out / "loss_curves.png")
-    return {
-        "methods": summaries,
-        "folds": fold_records,
-        "table": table,
-        "genes": dataset_genes,
-        "out_dir": str(out),
-        "seconds": seconds,
-        "histories": histories,
-        "embedding": emb,
-    }
+        plot_loss_curves(histories, out / "loss_curves.png")
+        return {
+            "methods": summaries,
+            "folds": fold_records,
+            "table": table,
+            "genes": dataset_genes,
+            "out_dir": str(out),
+            "seconds": seconds,
+            "histories": histories,
+            "embedding": emb,
+        }

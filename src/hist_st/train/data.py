@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from hist_st.errors import InputError
-from hist_st.slide import Slide, read_prepared
+from hist_st.slide import Slide, read_cohort_slide
 from hist_st.train.augment import augment_coords
 from hist_st.train.config import AugmentConfig, GeneConfig
 
@@ -70,25 +70,51 @@ def list_slides(folder: str | Path, slide_ids: Sequence[str] | None = None) -> l
 
 
 def load_slides(folder: str | Path, slide_ids: Sequence[str] | None = None) -> list[Slide]:
-    """Read (and validate) the prepared slides of ``folder``, sorted by slide id."""
+    """Read (and validate) the prepared slides of ``folder``, sorted by slide id.
+
+    Raises:
+        InputError: A file is unreadable or invalid, or is a prediction file (`hist_st.slide.is_prediction`).
+    """
     slides = []
     for path in list_slides(folder, slide_ids):
-        s = read_prepared(path)
+        s = read_cohort_slide(path)
         if s.slide_id != path.stem:
             s.slide_id = path.stem  # the file stem is the id (contract); keep them in step
         slides.append(s)
     return slides
 
 
+#: Manifest keys holding gene lists (rankings best first, or the shared genes).
+GENE_LIST_KEYS = ("genes", "hvg", "hvg_dataset", "highly_expressed")
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    """The cohort manifest ``cohort.json`` of ``folder``, or None when absent."""
+    """The cohort manifest ``cohort.json`` of ``folder``, or None when absent.
+
+    Raises:
+        InputError: Not valid JSON, not an object, a gene list (`GENE_LIST_KEYS`) that is not a list of
+            unique gene names, or ``patients`` that is not a mapping.
+    """
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from exc
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, f"must hold a JSON object, got {type(data).__name__}")
+    for key in GENE_LIST_KEYS:
+        value = data.get(key)
+        if value is None and key not in data:
+            continue
+        if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
+            raise InputError(path, f"{key!r} must be a list of gene names, got {str(value)[:60]!r}")
+        if len(set(value)) != len(value):
+            raise InputError(path, f"{key!r} lists a gene more than once")
+    if "patients" in data and not isinstance(data["patients"], dict):
+        raise InputError(path, "'patients' must map slide ids to patients")
+    return data
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hist_st.errors import InputError
+
 __all__ = [
     "DistInfo",
     "init_distributed",
@@ -47,6 +49,10 @@ class DistInfo:
         return self.rank == 0
 
 
+class DeviceError(InputError, RuntimeError):
+    """An unknown or unavailable device: an `InputError` (exit code 2 in the CLI) and, as before, a RuntimeError."""
+
+
 def resolve_device(pref: str, info: DistInfo | None = None) -> torch.device:
     """``auto`` -> CUDA (this rank's GPU) when available, else CPU; explicit names are honoured."""
     info = info or DistInfo()
@@ -54,9 +60,15 @@ def resolve_device(pref: str, info: DistInfo | None = None) -> torch.device:
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda requested but CUDA is not available")
+            raise DeviceError("device", "device=cuda requested but CUDA is not available")
         return torch.device("cuda", info.local_rank % max(1, torch.cuda.device_count()))
-    return torch.device(pref)
+    try:
+        device = torch.device(pref)
+    except (RuntimeError, TypeError):
+        raise DeviceError("device", f"unknown device {pref!r}; use auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device", f"device={pref} requested but CUDA is not available")
+    return device
 
 
 def init_distributed(device_pref: str = "auto") -> DistInfo:

@@ -94,18 +94,14 @@ def save_folds(folds: Sequence[Mapping[str, Any]], path: str | Path, **meta: Any
 
 
 def load_folds(path: str | Path) -> list[dict[str, list[str]]]:
-    """Read folds written by `save_folds` (or a bare JSON list of ``{"train", "test"}``), or HEST-Benchmark's
-    fixed patient-level splits from a folder (`hist_st.io.hest.read_hest_bench_splits`)."""
+    """Read folds written by `save_folds` (or a bare JSON list of ``{"train", "test"}``), validated by
+    `hist_st.train.splits.read_splits` (clear errors for malformed JSON, empty or overlapping lists...), or
+    HEST-Benchmark's fixed patient-level splits from a folder (`hist_st.io.hest.read_hest_bench_splits`)."""
     p = Path(path)
     if p.is_dir():
         from hist_st.io.hest import read_hest_bench_splits
 
         return read_hest_bench_splits(p)
-    if not p.is_file():
-        raise InputError(p, "folds file not found")
-    data = json.loads(p.read_text())
-    folds = data["folds"] if isinstance(data, dict) else data
-    for f in folds:
-        if "train" not in f or "test" not in f:
-            raise InputError(p, "each fold needs 'train' and 'test' slide lists")
-    return [dict(f, fold=f.get("fold", i)) for i, f in enumerate(folds)]
+    from hist_st.train.splits import read_splits
+
+    return read_splits(p)

@@ -15,9 +15,11 @@ training slides' mean log1p. Multi-process data parallel when launched by ``torc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +34,12 @@ from hist_st.errors import InputError
 from hist_st.slide import Slide
 from hist_st.train.augment import dropout_probability, schedule_strength
 from hist_st.train.checkpoint import (
+    MODEL_FILE,
+    RESUME_FILE,
+    BackgroundWriter,
     ModelBundle,
     lattice_type_for,
-    load_checkpoint,
+    load_resume_state,
     package_versions,
     rng_state,
     save_checkpoint,
@@ -61,10 +66,21 @@ from hist_st.train.distributed import (
     init_distributed,
     resolve_device,
 )
+from hist_st.train.resume import (
+    ACCEPTED_LOG,
+    RUNTIME_KEYS,
+    changed_data,
+    check_resume,
+    data_fingerprint,
+    flatten,
+    record_accepted,
+    resume_differences,
+)
 
 __all__ = ["TrainResult", "train", "seed_everything", "build_optimizer", "forward_loss", "param_groups"]
 
-CHECKPOINT = "model.pt"
+CHECKPOINT = MODEL_FILE
+RESUME = RESUME_FILE
 
 
 @dataclass
@@ -76,7 +92,8 @@ class TrainResult:
         history: One record per epoch: ``epoch`` (1-based), ``loss`` (mean training MSE over the epoch's
             steps and ranks), ``lr`` (at the epoch's end), ``strength``, ``dropout``, ``seconds``.
         step_losses: Every step's loss on this rank, in order (this run only).
-        checkpoint: Path of the last checkpoint written, or None.
+        checkpoint: Path of the last checkpoint written (``model.pt`` at the run's end, ``resume.pt``
+            before), or None.
         config: The resolved config (``model.in_dim`` / ``model.n_genes`` filled from the data).
     """
 
@@ -194,6 +211,58 @@ def _resolve_slides(
     return sorted(chosen, key=lambda s: s.slide_id), None
 
 
+def _save(out: Path, full: dict[str, Any], writer: BackgroundWriter, *, final: bool, finished: bool) -> Path:
+    """Save a checkpoint of the run in ``out``; returns the file that now holds the latest state.
+
+    Mid-run: the resume state (``resume.pt``) is written in the background (``writer``), so training goes
+    on while the disk works. When the run stops: the final model (``model.pt``, no optimiser state) is
+    written before returning, and the resume state too unless the run finished all its epochs (then an
+    older ``resume.pt`` is removed: nothing is left to resume).
+    """
+    if not final:
+        writer.submit(out / RESUME, full, kind="resume")
+        return out / RESUME
+    writer.wait()
+    if not finished:
+        save_checkpoint(out / RESUME, full, kind="resume")
+    path = save_checkpoint(out / CHECKPOINT, full, kind="model")
+    if finished:
+        (out / RESUME).unlink(missing_ok=True)
+    return path
+
+
+def _resumed_config(
+    requested: TrainConfig,
+    ckpt: dict[str, Any],
+    source: str | Path,
+    slide_ids: Sequence[str],
+    genes: Sequence[str] | None,
+    accept: bool,
+) -> tuple[TrainConfig, dict[str, str]]:
+    """The config a resumed run uses: the checkpoint's, plus ``requested``'s runtime keys and accepted changes.
+
+    Raises:
+        InputError: The request differs from the checkpoint (`hist_st.train.resume.check_resume`).
+    """
+    try:
+        saved = config_from_dict(dict(ckpt["config"]))
+    except (InputError, TypeError) as exc:
+        raise InputError(source, f"the checkpoint's config is invalid ({exc})") from None
+    saved_dict = config_to_dict(saved)
+    diffs = resume_differences(saved_dict, config_to_dict(requested), ckpt.get("slides"), slide_ids,
+                               [str(g) for g in ckpt["genes"]], genes)  # fmt: skip
+    accepted = check_resume(diffs, source, accept)
+    new = flatten(config_to_dict(requested))
+    for key in [*accepted, *RUNTIME_KEYS]:
+        if key in new:
+            node = saved_dict
+            *parents, leaf = key.split(".")
+            for k in parents:
+                node = node[k]
+            node[leaf] = new[key]
+    return config_from_dict(saved_dict), accepted
+
+
 def train(
     cfg: TrainConfig,
     slides: str | Path | Sequence[Slide],
@@ -207,18 +276,25 @@ def train(
     dist_info: DistInfo | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     desc: str = "train",
+    accept_changes: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a HiST model on prepared slides.
 
     Args:
         cfg: The run's configuration.
         slides: A folder of prepared slides (``<id>.h5ad`` + optional ``cohort.json``) or `Slide` records.
-        slide_ids: Train only on these slides (default: all).
-        out_dir: Run directory: ``config.yaml`` (resolved), ``genes.txt``, ``model.pt`` (restorable
-            checkpoint, rewritten every ``cfg.checkpoint_every`` epochs and at the end),
-            ``history.json``. None writes nothing.
-        resume: Checkpoint to continue from (its config, genes and architecture win; ``cfg.epochs`` may
-            extend the run only if it equals the checkpoint's).
+        slide_ids: Train only on these slides (default: all; when resuming from a folder, the
+            checkpoint's slides).
+        out_dir: Run directory: ``config.yaml`` (resolved), ``genes.txt``, ``resume.pt`` (restorable
+            state, rewritten every ``cfg.checkpoint_every`` epochs; removed once all epochs are done),
+            ``model.pt`` (the final model without optimiser state, written when the run stops),
+            ``history.json``. None writes nothing. A folder that already holds a checkpoint is refused
+            unless ``resume`` or ``overwrite`` is given; a folder this call created is removed again when
+            the run fails before its first checkpoint.
+        resume: Resume state to continue from (``resume.pt``, a run folder, or an older full checkpoint).
+            The request (slides, ``genes``, ``cfg``) must match the checkpoint (`hist_st.train.resume`);
+            runtime keys (device, threads, workers, progress, checkpoint_every) come from ``cfg``.
         genes: Explicit gene list (e.g. chosen once for all CV folds); default from ``cfg.genes``.
         manifest: Cohort manifest for dataset-scope gene rankings (read from the folder when a path).
         stop_after_epoch: Stop after this many completed epochs (the schedule still spans
@@ -226,9 +302,17 @@ def train(
         dist_info: Process-group info; default: join torchrun's group when launched by torchrun.
         on_epoch: Called on every rank with each epoch's history record.
         desc: Progress-bar label.
+        accept_changes: Continue a resumed run despite acceptable differences (slides, augmentation,
+            seed, amp, gradient checkpointing); recorded in ``out_dir/accepted_changes.json`` and the
+            checkpoint.
+        overwrite: Replace the checkpoint of an earlier run in ``out_dir``.
 
     Returns:
         A `TrainResult`.
+
+    Raises:
+        InputError: Bad slides or genes, a resume request that differs from its checkpoint, an output
+            folder holding another run.
     """
     from hist_st.model import HiST
 
@@ -236,24 +320,35 @@ def train(
     device = resolve_device(cfg.device, info)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    ckpt = load_checkpoint(resume) if resume is not None else None
-    if ckpt is not None:
-        saved = config_from_dict(dict(ckpt["config"]))
-        if saved.epochs != cfg.epochs:
-            raise InputError(resume, f"checkpoint was trained for epochs={saved.epochs}; resume with the same value")
-        cfg = dataclasses.replace(saved, device=cfg.device, progress=cfg.progress, num_workers=cfg.num_workers,
-                                  threads=cfg.threads)  # fmt: skip
-        genes = [str(g) for g in ckpt["genes"]]
-    seed_everything(cfg.seed)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and resume is None and not overwrite:
+        earlier = [p for p in (out / CHECKPOINT, out / RESUME) if p.is_file()]
+        if earlier:
+            raise InputError(
+                earlier[0], "a checkpoint of an earlier run is already here; resume it (--resume) or choose "
+                "another --out folder (nothing was written)",
+            )  # fmt: skip
+    ckpt = load_resume_state(resume) if resume is not None else None
+    if ckpt is not None and slide_ids is None and isinstance(slides, (str, Path)) and ckpt.get("slides"):
+        slide_ids = [str(s) for s in ckpt["slides"]]  # resuming a folder run: its slides unless told otherwise
 
     # --- data -------------------------------------------------------------------------------------
     train_slides, folder_manifest = _resolve_slides(slides, slide_ids)
+    accepted: dict[str, str] = {}
+    if ckpt is not None:
+        cfg, accepted = _resumed_config(cfg, ckpt, resume, [s.slide_id for s in train_slides], genes,
+                                        accept_changes)  # fmt: skip
+        genes = [str(g) for g in ckpt["genes"]]
+    seed_everything(cfg.seed)
     manifest = manifest if manifest is not None else folder_manifest
     emb = str(ckpt["embedding"]) if ckpt is not None else embedding_key(train_slides, cfg.embedding)
     if genes is None:
         genes = select_genes(train_slides, cfg.genes, manifest)
     genes = [str(g) for g in genes]
     raw = [prepare_slide(s, genes, emb) for s in train_slides]
+    data_record = {d.slide_id: data_fingerprint(d.xy, d.features, d.target) for d in raw}
+    if ckpt is not None:  # same ids, other content (e.g. the cohort was re-prepared) is a different run too
+        accepted.update(check_resume(changed_data(ckpt.get("data"), data_record), resume, accept_changes))
     all_feats = torch.cat([d.features for d in raw]).double()
     feature_mean = all_feats.mean(0).float()
     feature_std = all_feats.std(0, unbiased=False).clamp_min(1e-6).float()
@@ -281,20 +376,32 @@ def train(
     opt, sched = build_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     start_epoch, step = 0, 0
     history: list[dict[str, float]] = []
+    changes: list[dict[str, Any]] = []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
-        history = [dict(h) for h in ckpt.get("history", [])]
-        set_rng_state(ckpt["rng"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+            history = [dict(h) for h in ckpt.get("history", [])]
+            set_rng_state(ckpt["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(resume, f"the resume state cannot be restored ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None  # fmt: skip
+        changes = [dict(c) for c in ckpt.get("accepted_changes", [])]
+        if accepted:
+            changes.append({"resumed_after_epoch": start_epoch, "changes": dict(accepted)})
 
-    out = Path(out_dir) if out_dir is not None else None
     lattice_rec = _technology_records(train_slides, {})
+    created = out is not None and not out.exists()
     if out is not None and info.is_master:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         (out / "genes.txt").write_text("\n".join(genes) + "\n")
+        if accepted:
+            record_accepted(out, accepted, start_epoch)
+        elif ckpt is None:  # a new run (or --overwrite): no change log of an earlier run
+            (out / ACCEPTED_LOG).unlink(missing_ok=True)
 
     inputs_rec = training_inputs(train_slides)  # encoder, weights, patch and stain settings (for --image)
 
@@ -320,6 +427,8 @@ def train(
             },
             "history": history,
             "slides": [s.slide_id for s in train_slides],
+            "data": data_record,
+            "accepted_changes": changes,
             "world_size": info.world_size,
             "versions": package_versions(),
         }
@@ -331,42 +440,54 @@ def train(
     last_ckpt: Path | None = None
     end_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
     bar = _progress(range(start_epoch, end_epoch), cfg.progress and info.is_master, desc, cfg.epochs, start_epoch)
+    writer = BackgroundWriter()
     model.train()
-    for epoch in bar:
-        t0 = time.perf_counter()
-        strength = schedule_strength(epoch, cfg.epochs, cfg.augment)  # main process, from the epoch
-        keys = epoch_keys(len(data), epoch, cfg.seed, strength, info.rank, info.world_size)
-        losses = []
-        opt.zero_grad(set_to_none=True)
-        for i, item in enumerate(_iterate(dataset, keys, cfg.num_workers)):
-            loss = forward_loss(model, item, device, amp)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss on slide {item['slide_id']!r} at epoch {epoch + 1}")
-            (loss / cfg.slides_per_step).backward()
-            losses.append(float(loss.detach()))
-            if (i + 1) % cfg.slides_per_step == 0 or i + 1 == len(keys):
-                average_gradients(model.parameters(), info)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-        step_losses.extend(losses)
-        record = {
-            "epoch": epoch + 1,
-            "loss": all_reduce_mean(float(np.mean(losses)), info, device),
-            "lr": float(sched.get_last_lr()[0]),
-            "strength": strength,
-            "dropout": dropout_probability(strength, cfg.augment) if cfg.augment.enabled else 0.0,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        done = epoch + 1
-        if out is not None and info.is_master and (done % cfg.checkpoint_every == 0 or done == end_epoch):
-            last_ckpt = save_checkpoint(out / CHECKPOINT, payload(done))
+    try:
+        for epoch in bar:
+            t0 = time.perf_counter()
+            strength = schedule_strength(epoch, cfg.epochs, cfg.augment)  # main process, from the epoch
+            keys = epoch_keys(len(data), epoch, cfg.seed, strength, info.rank, info.world_size)
+            losses = []
+            opt.zero_grad(set_to_none=True)
+            for i, item in enumerate(_iterate(dataset, keys, cfg.num_workers)):
+                loss = forward_loss(model, item, device, amp)
+                if not torch.isfinite(loss):
+                    raise InputError(
+                        f"slide {item['slide_id']!r}", f"training diverged: the loss became NaN or infinite at "
+                        f"epoch {epoch + 1} (lr {cfg.lr:g}); lower lr, or check this slide's embeddings and counts",
+                    )  # fmt: skip
+                (loss / cfg.slides_per_step).backward()
+                losses.append(float(loss.detach()))
+                if (i + 1) % cfg.slides_per_step == 0 or i + 1 == len(keys):
+                    average_gradients(model.parameters(), info)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+            step_losses.extend(losses)
+            record = {
+                "epoch": epoch + 1,
+                "loss": all_reduce_mean(float(np.mean(losses)), info, device),
+                "lr": float(sched.get_last_lr()[0]),
+                "strength": strength,
+                "dropout": dropout_probability(strength, cfg.augment) if cfg.augment.enabled else 0.0,
+                "seconds": time.perf_counter() - t0,
+            }
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            done = epoch + 1
+            if out is not None and info.is_master and (done % cfg.checkpoint_every == 0 or done == end_epoch):
+                last_ckpt = _save(out, payload(done), writer, final=done == end_epoch, finished=done == cfg.epochs)
+        writer.wait()
+    except Exception:
+        with contextlib.suppress(Exception):
+            writer.wait()
+        if created and info.is_master and not any((out / n).is_file() for n in (CHECKPOINT, RESUME)):
+            shutil.rmtree(out, ignore_errors=True)  # a failed run leaves no half-written folder
+        raise
     if out is not None and info.is_master:
         import json
 

@@ -13,6 +13,7 @@ through the same function.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,10 +22,12 @@ import scipy.sparse as sp
 import torch
 
 from hist_st.errors import InputError
-from hist_st.slide import Slide, write_prepared
+from hist_st.outputs import fresh_folder
+from hist_st.slide import Slide, atomic_path, is_prediction, read_cohort_slide, write_prepared
 from hist_st.train.checkpoint import ModelBundle
 
-__all__ = ["predict_log1p", "predict_slide", "predict_folder", "lattice_unit_for", "check_gene_overlap"]
+__all__ = ["predict_log1p", "predict_slide", "predict_folder", "lattice_unit_for", "check_outputs",
+           "check_gene_overlap"]
 
 
 def lattice_unit_for(bundle: ModelBundle, slide: Slide) -> float | None:
@@ -117,15 +120,31 @@ def predict_slide(bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, see
         A `Slide` with ``genes = bundle.genes``, ``predicted = relu(expm1(mean log1p))`` ``[N, G]``
         float32, ``predicted_std`` (MC dropout, count space) when ``mc_samples > 0``, the measured counts
         of those genes when the input slide has them all (else None), the same coordinates, embeddings and
-        metadata, and ``meta['prediction']`` recording the model's genes/embedding/unit/mc_samples.
+        metadata (less ``prepare_key``: a prediction file is never a finished prepared slide), and
+        ``meta['prediction']`` recording the model's genes/embedding/unit/mc_samples.
+
+    Raises:
+        InputError: The predictions are not finite (a damaged model or embeddings); nothing is returned.
     """
     mean, std = predict_log1p(bundle, slide, mc_samples=mc_samples, seed=seed)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        predicted = np.maximum(np.expm1(mean), 0.0).astype(np.float32)
+    bad = int((~np.isfinite(predicted)).sum()) + (int((~np.isfinite(std)).sum()) if std is not None else 0)
+    if bad:
+        finite = mean[np.isfinite(mean)]
+        peak = f"; largest finite log1p prediction {finite.max():.3g}" if finite.size else ""
+        raise InputError(
+            f"slide {slide.slide_id!r}",
+            f"{bad} predicted value(s) are NaN or infinite{peak}; the model or the slide's embeddings are "
+            "damaged - nothing was written",
+        )
     counts = None
     if slide.counts is not None:
         pos = {str(g): i for i, g in enumerate(slide.genes)}
         if all(g in pos for g in bundle.genes):
             counts = sp.csr_matrix(slide.counts)[:, [pos[g] for g in bundle.genes]].astype(np.float32)
     meta = dict(slide.meta)
+    meta.pop("prepare_key", None)
     meta["prediction"] = {
         "embedding": bundle.embedding,
         "lattice_unit_um": lattice_unit_for(bundle, slide),
@@ -150,7 +169,7 @@ def predict_slide(bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, see
         thumbnail=slide.thumbnail,
         thumbnail_scale=slide.thumbnail_scale,
         patch_outside=slide.patch_outside,
-        predicted=np.maximum(np.expm1(mean), 0.0).astype(np.float32),
+        predicted=predicted,
         predicted_std=std.astype(np.float32) if std is not None else None,
         meta=meta,
         obs=slide.obs,
@@ -199,21 +218,60 @@ def predict_folder(
     """Predict every prepared slide of ``slides_dir`` and write ``out_dir/<slide_id>.h5ad``.
 
     A slide with measured genes must share genes with the model (`check_gene_overlap`): none is an
-    error (another species or panel?), under half a warning through ``log``.
+    error (another species or panel?), under half a warning through ``log``. All or nothing: predictions
+    are written under temporary names and renamed once every slide has succeeded; a failure removes them
+    (and ``out_dir`` when this call created it).
+
+    Raises:
+        InputError: An output would replace a prepared slide (the input itself or another one already in
+            ``out_dir``; only earlier prediction files are replaced), or an input is a prediction file.
+            Checked for every slide before anything is written.
     """
     from tqdm.auto import tqdm
 
-    from hist_st.slide import read_prepared
     from hist_st.train.data import list_slides
 
     paths = list_slides(slides_dir, slide_ids)
     out = Path(out_dir)
-    written = []
-    for path in tqdm(paths, desc="predict", unit="slide", disable=not progress, leave=False):
-        slide = read_prepared(path)
-        warning = check_gene_overlap(bundle, slide, path)
-        if warning and log is not None:
-            log(f"WARNING: {warning}")
-        pred = predict_slide(bundle, slide, mc_samples=mc_samples, seed=seed)
-        written.append(write_prepared(pred, out / f"{slide.slide_id}.h5ad"))
-    return written
+    check_outputs(paths, out)
+    staged: list[tuple[Path, Path]] = []  # (temporary, final): all slides or none reach their final names
+    with fresh_folder(out):
+        try:
+            for path in tqdm(paths, desc="predict", unit="slide", disable=not progress, leave=False):
+                slide = read_cohort_slide(path)
+                warning = check_gene_overlap(bundle, slide, path)
+                if warning and log is not None:
+                    log(f"WARNING: {warning}")
+                pred = predict_slide(bundle, slide, mc_samples=mc_samples, seed=seed)
+                final, tmp = atomic_path(out / f"{path.stem}.h5ad")
+                staged.append((tmp, final))
+                write_prepared(pred, tmp)
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    return [final for _, final in staged]
+
+
+def check_outputs(inputs: Sequence[Path], out_dir: Path) -> None:
+    """Refuse, naming both paths, when a prediction of ``inputs`` would replace a prepared slide.
+
+    ``out_dir/<stem>.h5ad`` may replace an earlier prediction file; never the input itself, nor a
+    prepared slide already there.
+    """
+    for path in inputs:
+        dest = out_dir / f"{Path(path).stem}.h5ad"
+        if not dest.exists():
+            continue
+        if dest.resolve() == Path(path).resolve():
+            raise InputError(
+                dest, f"the prediction would overwrite the prepared slide it predicts ({path}); "
+                "predictions never replace inputs: choose another --out folder",
+            )  # fmt: skip
+        if not is_prediction(dest):
+            raise InputError(
+                dest, f"already holds a prepared slide (not a prediction file); the prediction of {path} would "
+                "replace it: choose another --out folder",
+            )  # fmt: skip
