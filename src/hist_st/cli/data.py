@@ -147,6 +147,8 @@ def run(args) -> int:
 
     from hist_st.prepare import prepare_cohort
 
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads", f"must be >= 1, got {args.threads}")
     if args.threads:
         import torch
 

@@ -97,11 +97,6 @@ def load_folds(path: str | Path) -> list[dict[str, list[str]]]:
     """Read folds written by `save_folds` (or a bare JSON list of ``{"train", "test"}``), validated by
     `hist_st.train.splits.read_splits` (clear errors for malformed JSON, empty or overlapping lists...), or
     HEST-Benchmark's fixed patient-level splits from a folder (`hist_st.io.hest.read_hest_bench_splits`)."""
-    p = Path(path)
-    if p.is_dir():
-        from hist_st.io.hest import read_hest_bench_splits
-
-        return read_hest_bench_splits(p)
     from hist_st.train.splits import read_splits
 
-    return read_splits(p)
+    return read_splits(path)

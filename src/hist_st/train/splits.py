@@ -26,7 +26,8 @@ def read_splits(path: str | Path, slide_ids: Sequence[str] | None = None) -> lis
     """Read and validate a splits file (`check_folds`).
 
     Args:
-        path: JSON file: ``{"folds": [...]}`` or a list of folds.
+        path: JSON file: ``{"folds": [...]}`` or a list of folds; or a folder of HEST-Benchmark's fixed
+            splits (``train_<i>.csv`` / ``test_<i>.csv``, `hist_st.io.hest.read_hest_bench_splits`).
         slide_ids: The slides available; every id a fold names must be among them (None: not checked).
 
     Returns:
@@ -36,6 +37,10 @@ def read_splits(path: str | Path, slide_ids: Sequence[str] | None = None) -> lis
         InputError: Naming the file, the fold and the problem.
     """
     p = Path(path)
+    if p.is_dir():
+        from hist_st.io.hest import read_hest_bench_splits
+
+        return check_folds(read_hest_bench_splits(p), slide_ids, p)
     if not p.is_file():
         raise InputError(p, "splits file not found")
     try:
