@@ -48,10 +48,10 @@ __all__ = [
 ]
 
 #: Method names accepted by the experiment commands (``hist`` plus the registered baselines).
-METHODS = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow")
+METHODS = ("hist", "mean", "ridge", "ridge-robust", "mlp", "bleep", "stnet", "stnet-lite0", "stflow")
 #: Name used for each method in tables (run_cv reports HiST as "HiST").
 DISPLAY = {"hist": "HiST", "mean": "mean", "ridge": "ridge", "mlp": "mlp", "bleep": "bleep", "stnet": "stnet",
-           "stflow": "stflow"}  # fmt: skip
+           "stflow": "stflow", "ridge-robust": "ridge-robust", "stnet-lite0": "stnet-lite0"}  # fmt: skip
 _RANKINGS = {"hvg": "hvg", "he": "highly_expressed", "highly_expressed": "highly_expressed"}
 
 
