@@ -56,7 +56,20 @@ def test_accuracy_seeds_end_to_end(tmp_path, capsys):
     stamp = model.stat().st_mtime_ns
     assert main(args) == 0
     assert model.stat().st_mtime_ns == stamp
+    # another HiST config on the same seeds and folds, paired with the first run
+    other = tmp_path / "acc-other"
+    args2 = [a if a != str(out) else str(other) for a in args]
+    args2 = [a for a in args2 if a != "hist,mean"]
+    args2.insert(args2.index("--methods") + 1, "hist")
+    assert main([*args2, "epochs=3", "--paired-with", str(out)]) == 0
+    rec2 = json.loads((other / "seeds.json").read_text())["cohorts"]["cohort"]
+    d = rec2["paired_with"][str(out)]["pooled PCC"]
+    mine = np.array(rec2["methods"]["HiST"]["pooled PCC"]["values"])
+    theirs = np.array(rec["cohorts"]["cohort"]["methods"]["HiST"]["pooled PCC"]["values"])
+    np.testing.assert_allclose(d["per_fold"], (mine - theirs).mean(0))
     capsys.readouterr()
+    assert main([*args2, "--seeds", "5", "--paired-with", str(out)]) == 2  # other seeds: refused
+    assert "trained with seeds [5, 6], this run with [5]" in capsys.readouterr().err
     assert main([*args[:-len(TINY) - 2], "--seeds", "1,x", *TINY]) == 2
     assert "--seeds: '1,x' is not a comma-separated list of integers" in capsys.readouterr().err
     with pytest.raises(InputError, match="repeated training seed"):

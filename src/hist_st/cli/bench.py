@@ -62,6 +62,8 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     from hist_st.experiments.accuracy import run_accuracy
 
     seeds = _seeds(args.seeds)
+    if args.paired_with and seeds is None:
+        raise InputError("--paired-with", "compares runs over training seeds: give --seeds too (e.g. --seeds 0,1,2)")
     if seeds is not None:
         from hist_st.experiments.seeds import run_accuracy_seeds
 
@@ -70,7 +72,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
             folds=args.folds, config=args.config, overrides=args.overrides, group_by=args.group_by,
             baseline_options=parse_baseline_options(args.baseline_option),
             write_predictions=not args.no_predictions, progress=not args.no_progress, reuse=not args.force,
-            rerun=_methods(args.rerun or ""), reuse_from=args.reuse_from or [],
+            rerun=_methods(args.rerun or ""), reuse_from=args.reuse_from or [], paired_with=args.paired_with or [],
             command="hist-st " + shlex.join(sys.argv[1:]),
         )  # fmt: skip
         print(res["table"])
@@ -112,6 +114,9 @@ def register_accuracy(sub: argparse._SubParsersAction) -> None:
                    help="training seeds, e.g. 0,1,2: every method is trained once per seed on the folds of --seed; "
                    "rows are means over seeds, with the seed spread and paired per-fold differences to HiST "
                    "(one bench accuracy folder per seed in OUT/seed_<s>)")  # fmt: skip
+    p.add_argument("--paired-with", action="append", type=Path, metavar="DIR",
+                   help="with --seeds: another --seeds output folder (same seeds and folds, e.g. HiST with another "
+                   "config); reports HiST here minus HiST there, paired per fold (repeatable)")  # fmt: skip
     add_experiment_args(p)
     p.set_defaults(func=cmd_accuracy)
 

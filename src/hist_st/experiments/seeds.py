@@ -115,6 +115,53 @@ def format_seed_tables(cohort: str, rec: Mapping[str, Any], reference: str | Non
     return "\n".join(lines) + "\n"
 
 
+def paired_with_runs(
+    rec: Mapping[str, Any], out: Path, name: str, others: Sequence[str | Path], method: str = "HiST"
+) -> dict[str, Any]:
+    """Paired differences of ``method`` in this seeds run (``rec``, cohort ``name``, folder ``out``) minus the
+    same method in other `run_accuracy_seeds` folders (e.g. a HiST ablation against the default).
+
+    The other run must hold the same training seeds and the same folds (``splits.json`` of each seed).
+
+    Raises:
+        InputError: When a folder is not a seeds run, lacks the cohort or method, or used other seeds/folds.
+    """
+    from hist_st.jsonio import read_json
+    from hist_st.train.folds import load_folds
+
+    def fold_sets(path: Path) -> list[tuple[frozenset[str], frozenset[str]]]:
+        return [(frozenset(f["train"]), frozenset(f["test"])) for f in load_folds(path)]
+
+    result: dict[str, Any] = {}
+    mine = {label: np.array(rec["methods"][method][label]["values"]) for _, _, label in METRICS}
+    for other in others:
+        other = Path(other)
+        if not (other / "seeds.json").is_file():
+            raise InputError(other, "not a `bench accuracy --seeds` folder (no seeds.json)")
+        o = read_json(other / "seeds.json")
+        orec = o.get("cohorts", {}).get(name)
+        if orec is None or method not in orec.get("methods", {}):
+            raise InputError(other, f"has no {method} results for cohort {name!r}")
+        if list(orec["seeds"]) != list(rec["seeds"]):
+            raise InputError(other, f"trained with seeds {orec['seeds']}, this run with {rec['seeds']}")
+        for s in rec["seeds"]:
+            if fold_sets(other / f"seed_{s}" / name / "splits.json") != fold_sets(out / f"seed_{s}" / name / "splits.json"):
+                raise InputError(other, f"seed {s} used other folds than this run")
+        theirs = {label: np.array(orec["methods"][method][label]["values"]) for _, _, label in METRICS}
+        result[str(other)] = {label: paired_differences(mine[label], theirs[label]) for label in mine}
+    return result
+
+
+def _paired_with_table(method: str, paired: Mapping[str, Any]) -> str:
+    head = "| Other run | " + " | ".join(label for _, _, label in METRICS) + " |"
+    lines = ["", f"Paired per-fold differences, {method} of this run minus {method} of another run (same seeds "
+             "and folds): mean ± std over folds of the seed-mean difference (seeds ± std over seeds; folds "
+             "where this run is at or above the other).", "", head, "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
+    for other, diffs in paired.items():
+        lines.append(f"| `{other}` | " + " | ".join(_diff_cell(diffs[label]) for _, _, label in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run_accuracy_seeds(
     cohorts: Sequence[str | Path],
     out_dir: str | Path,
@@ -124,6 +171,7 @@ def run_accuracy_seeds(
     methods: Sequence[str] = ("hist", "mean", "ridge"),
     reference: str | None = "hist",
     reuse_from: Sequence[str | Path] = (),
+    paired_with: Sequence[str | Path] = (),
     command: str | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
@@ -139,6 +187,8 @@ def run_accuracy_seeds(
             ignored when not among ``methods``).
         reuse_from: Other output folders to copy identical methods from: `run_accuracy` folders, or
             `run_accuracy_seeds` folders (their ``seed_<s>`` subfolder is used for seed ``s``).
+        paired_with: Other `run_accuracy_seeds` folders (same seeds and folds, e.g. HiST with another
+            config): paired differences of ``reference`` here minus ``reference`` there (`paired_with_runs`).
         command: The command line, recorded in ``seeds.json``.
         **kwargs: Passed to `run_accuracy` (genes, folds, config, overrides, baseline options, ...).
 
@@ -174,8 +224,12 @@ def run_accuracy_seeds(
                 if m != ref:
                     rec["paired"][m] = {label: paired_differences(_values(per_seed, ref, p, k), _values(per_seed, m, p, k))
                                         for p, k, label in METRICS}  # fmt: skip
+        table = format_seed_tables(name, rec, ref)
+        if paired_with and ref is not None:
+            rec["paired_with"] = paired_with_runs(rec, out, name, paired_with, ref)
+            table += _paired_with_table(ref, rec["paired_with"])
         cohorts_out[name] = rec
-        tables.append(format_seed_tables(name, rec, ref))
+        tables.append(table)
     table = "\n".join(tables)
     (out / "table.md").write_text(table)
     write_json({"cohorts": cohorts_out, "seeds": seeds, "fold_seed": seed, "methods": list(methods),
