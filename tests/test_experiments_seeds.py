@@ -68,8 +68,11 @@ def test_accuracy_seeds_end_to_end(tmp_path, capsys):
     theirs = np.array(rec["cohorts"]["cohort"]["methods"]["HiST"]["pooled PCC"]["values"])
     np.testing.assert_allclose(d["per_fold"], (mine - theirs).mean(0))
     capsys.readouterr()
-    assert main([*args2, "--seeds", "5", "--paired-with", str(out)]) == 2  # other seeds: refused
-    assert "trained with seeds [5, 6], this run with [5]" in capsys.readouterr().err
+    assert main([*args2, "epochs=3", "--seeds", "5", "--paired-with", str(out)]) == 0  # a subset of its seeds
+    one = json.loads((other / "seeds.json").read_text())["cohorts"]["cohort"]["paired_with"][str(out)]
+    np.testing.assert_allclose(one["pooled PCC"]["per_fold"], mine[0] - theirs[0])
+    assert main([*args2, "--seeds", "5,7", "--paired-with", str(out)]) == 2  # a seed the other lacks: refused
+    assert "trained with seeds [5, 6], lacks seed(s) [7] of this run" in capsys.readouterr().err
     assert main([*args[:-len(TINY) - 2], "--seeds", "1,x", *TINY]) == 2
     assert "--seeds: '1,x' is not a comma-separated list of integers" in capsys.readouterr().err
     with pytest.raises(InputError, match="repeated training seed"):

@@ -121,7 +121,8 @@ def paired_with_runs(
     """Paired differences of ``method`` in this seeds run (``rec``, cohort ``name``, folder ``out``) minus the
     same method in other `run_accuracy_seeds` folders (e.g. a HiST ablation against the default).
 
-    The other run must hold the same training seeds and the same folds (``splits.json`` of each seed).
+    The other run must hold every training seed of this run (it may hold more; only this run's seeds are
+    paired) and the same folds (``splits.json`` of each seed).
 
     Raises:
         InputError: When a folder is not a seeds run, lacks the cohort or method, or used other seeds/folds.
@@ -142,20 +143,22 @@ def paired_with_runs(
         orec = o.get("cohorts", {}).get(name)
         if orec is None or method not in orec.get("methods", {}):
             raise InputError(other, f"has no {method} results for cohort {name!r}")
-        if list(orec["seeds"]) != list(rec["seeds"]):
-            raise InputError(other, f"trained with seeds {orec['seeds']}, this run with {rec['seeds']}")
+        missing = [x for x in rec["seeds"] if x not in orec["seeds"]]
+        if missing:
+            raise InputError(other, f"trained with seeds {orec['seeds']}, lacks seed(s) {missing} of this run")
+        rows = [list(orec["seeds"]).index(x) for x in rec["seeds"]]
         for s in rec["seeds"]:
             if fold_sets(other / f"seed_{s}" / name / "splits.json") != fold_sets(out / f"seed_{s}" / name / "splits.json"):
                 raise InputError(other, f"seed {s} used other folds than this run")
-        theirs = {label: np.array(orec["methods"][method][label]["values"]) for _, _, label in METRICS}
+        theirs = {label: np.array(orec["methods"][method][label]["values"])[rows] for _, _, label in METRICS}
         result[str(other)] = {label: paired_differences(mine[label], theirs[label]) for label in mine}
     return result
 
 
 def _paired_with_table(method: str, paired: Mapping[str, Any]) -> str:
     head = "| Other run | " + " | ".join(label for _, _, label in METRICS) + " |"
-    lines = ["", f"Paired per-fold differences, {method} of this run minus {method} of another run (same seeds "
-             "and folds): mean ± std over folds of the seed-mean difference (seeds ± std over seeds; folds "
+    lines = ["", f"Paired per-fold differences, {method} of this run minus {method} of another run (this run's "
+             "seeds, same folds): mean ± std over folds of the seed-mean difference (seeds ± std over seeds; folds "
              "where this run is at or above the other).", "", head, "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
     for other, diffs in paired.items():
         lines.append(f"| `{other}` | " + " | ".join(_diff_cell(diffs[label]) for _, _, label in METRICS) + " |")
