@@ -102,14 +102,40 @@ def test_window_attention_function_gradcheck(p_drop: float) -> None:
     assert torch.autograd.gradcheck(fn, (qkv, table), eps=1e-6, atol=1e-5)
 
 
-def test_calibration_path_equals_unfolded_formula() -> None:
+@pytest.mark.parametrize("mca_proj", ["separate", "shared"])
+def test_calibration_path_equals_unfolded_formula(mca_proj: str) -> None:
     level = _level(n=50)
-    a = _attn("window", "rpb", True)
+    torch.manual_seed(0)
+    a = DualPathAttention(32, 4, 3, mca_proj=mca_proj).double().eval()
     x = torch.randn(level.num_tokens, 32, dtype=torch.float64)
     for t in (1, 3):
         tok = torch.randn(t, 32, dtype=torch.float64)
-        q = a.qkv(x).view(-1, 3, 4, 8)[:, 0]
-        _, k, v = a.qkv(tok).view(-1, 3, 4, 8).unbind(1)
+        if mca_proj == "shared":  # MCA reuses W-MSA's q/k/v
+            q = a.qkv(x).view(-1, 3, 4, 8)[:, 0]
+            _, k, v = a.qkv(tok).view(-1, 3, 4, 8).unbind(1)
+        else:  # MCA's own projections
+            q = a.q_mca(x).view(-1, 4, 8)
+            k, v = a.kv_mca(tok).view(-1, 2, 4, 8).unbind(1)
         p = torch.softmax(torch.einsum("nhd,thd->nht", q, k) / np.sqrt(8), -1)
         expected = torch.einsum("nht,thd->nhd", p, v).reshape(-1, 32)
         torch.testing.assert_close(a._calibration(x, tok), expected)
+
+
+def test_window_attention_finite_when_all_logits_are_very_negative() -> None:
+    """Issue 16, item 7: every query's shifted-window keys all lie in its standard window (its shifted row
+    is empty) and every logit is -200, below float32's exp range (about -88 around 0). The merge must
+    give those empty rows weight 0, not shift them by 0: the output is the plain mean of the values."""
+    from hist_st.model.attention import WindowAttentionFn
+
+    coords = np.array([[3, 3], [3, 4], [4, 5], [5, 5], [5, 3]])  # one standard and one shifted window
+    level = build_batch(coords, torch.zeros(len(coords), 1), num_levels=1, shifted=True).levels[0]
+    n = level.num_tokens
+    q = torch.full((2, n, 4), 10.0)
+    k = torch.full((2, n, 4), -10.0)  # q.k * 0.5 = -200 for every pair
+    v = torch.randn(2, n, 4)
+    qkv = torch.stack([q, k, v]).requires_grad_(True)
+    out = WindowAttentionFn.apply(qkv, None, (level.standard, level.shifted), 0.5, 0.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, v.mean(1, keepdim=True).expand_as(out))
+    out.sum().backward()
+    assert torch.isfinite(qkv.grad).all()

@@ -15,6 +15,7 @@ from hist_st.train.augment import (
     rotate,
     schedule_strength,
     shear,
+    transform_probability,
 )
 from hist_st.train.config import AugmentConfig
 
@@ -79,6 +80,29 @@ def test_dropout_rate_follows_schedule(epoch):
     dropped = 1 - len(keep) / len(xy)
     assert abs(dropped - p) < 4 * math.sqrt(p * (1 - p) / len(xy)) + 1e-3
     assert np.all(np.diff(keep) > 0)
+
+
+@pytest.mark.parametrize(
+    "kw, strength, expected",
+    [
+        ({}, 1.0, 1.0),  # paper: every transform at full strength...
+        ({}, 0.2, 0.2),  # ...and with probability 0.2 at the last epoch
+        ({"schedule_probability": False}, 0.2, 1.0),  # hist-st before issue 16: geometry never decays
+        ({"variant": "authors"}, 0.2, 0.15),  # authors' intended: 0.75 x strength
+        ({"variant": "authors"}, 1.0, 0.75),  # authors' effective (constant strength 1)
+    ],
+)
+def test_transform_probability_follows_the_schedule(kw, strength, expected):
+    """Issue 16, deviation 1: the strength scales each geometric transform's probability (paper text),
+    measured by how often a rotation-only augmentation moves the spots."""
+    cfg = AugmentConfig(mirror=False, shear=False, dropout=0.0, **kw)
+    assert transform_probability(strength, cfg) == pytest.approx(expected)
+    xy = _cloud(50)
+    trials = 2000
+    moved = sum(
+        not np.allclose(augment_coords(xy, np.random.default_rng(i), cfg, strength)[0], xy) for i in range(trials)
+    )
+    assert abs(moved / trials - expected) < 4 * math.sqrt(max(expected * (1 - expected), 1e-3) / trials)
 
 
 def test_disabled_is_identity_and_rng_determinism():

@@ -57,7 +57,11 @@ FAST = {
     "ridge": {},
     "mlp": {"epochs": 3},
     "bleep": {"epochs": 3, "top_k": 5},
-    "stnet": {"patches": _fake_patches(), "input_size": 32, "epochs": 1, "max_steps": 2, "batch_size": 16},
+    "ridge-robust": {},
+    # ST-Net's setting (ST-Net targets, epoch by inner CV) on the packaged CNN: DenseNet's weights are offline
+    "stnet": {"patches": _fake_patches(), "input_size": 32, "epochs": 2, "max_steps": 2, "batch_size": 16,
+              "backbone": "efficientnet_lite0"},
+    "stnet-lite0": {"patches": _fake_patches(), "input_size": 32, "epochs": 1, "max_steps": 2, "batch_size": 16},
     "stflow": {"epochs": 1, "crops_per_slide": 2, "hidden": 32, "pair_hidden": 32, "n_layers": 2},
 }
 
@@ -68,7 +72,7 @@ def cohort() -> tuple[list[Slide], Slide]:
 
 
 def test_registry_names():
-    assert set(list_baselines()) >= {"mean", "ridge", "mlp", "bleep", "stnet", "stflow"}
+    assert set(list_baselines()) >= {"mean", "ridge", "ridge-robust", "mlp", "bleep", "stnet", "stnet-lite0", "stflow"}
     with pytest.raises(ValueError, match="unknown baseline"):
         get_baseline("nope")
 
@@ -88,7 +92,7 @@ def test_synthetic_cohort_runs_every_baseline():
     slides = [synthetic.make_slide(f"s{i}", n_spots=40, n_genes=10, embed_dim=8, seed=i) for i in range(3)]
     genes = list(map(str, slides[0].genes[:6]))
     for name, opts in FAST.items():
-        if name == "stnet":
+        if name.startswith("stnet"):
             continue  # synthetic slides have no image; covered above with a patch source
         pred = get_baseline(name, **opts).fit(slides[:2], genes, synthetic.ENCODER, seed=0).predict(slides[2])
         assert pred.shape == (slides[2].n_spots, 6) and np.all(np.isfinite(pred))
@@ -205,7 +209,7 @@ def test_stflow_prior_and_sampling_are_seeded(cohort):
 def test_stnet_loss_decreases(cohort):
     train, test = cohort
     model = get_baseline(
-        "stnet", patches=_fake_patches(), input_size=32, lr=3e-4, batch_size=60, epochs=6, tta=True
+        "stnet-lite0", patches=_fake_patches(), input_size=32, lr=3e-4, batch_size=60, epochs=6, tta=True
     )
     model.fit(train[:1], GENES, EMB, seed=0)  # one full-slide batch per step: the loss curve is not noisy
     h = model.history_
@@ -215,12 +219,53 @@ def test_stnet_loss_decreases(cohort):
     assert model.predict(test).shape == (test.n_spots, len(GENES))
 
 
-def test_stnet_densenet_needs_weights(cohort):
+def test_stnet_densenet_needs_weights(cohort, tmp_path, monkeypatch):
+    """ST-Net's default DenseNet-121 loads torchvision's ImageNet weights (cache or download); offline and
+    uncached, the error names the cache path, the option to pass a file and the lighter variant."""
+    import torchvision
+
     train, _ = cohort
-    with pytest.raises(InputError, match="DenseNet-121 needs ImageNet weights"):
-        get_baseline("stnet", backbone="densenet121", patches=_fake_patches(), epochs=1).fit(
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(torchvision.models, "densenet121", offline)  # what torchvision raises offline
+    with pytest.raises(InputError, match="torchvision's ImageNet weights") as err:
+        get_baseline("stnet", patches=_fake_patches(), epochs=1).fit(train, GENES, EMB)
+    msg = str(err.value)
+    assert "densenet121-a639ec97.pth" in msg and "stnet.weights=" in msg and "stnet-lite0" in msg
+    with pytest.raises(InputError, match="weights file not found"):
+        get_baseline("stnet", weights=tmp_path / "none.pth", patches=_fake_patches(), epochs=1).fit(
             train, GENES, EMB
         )
+
+
+def test_stnet_targets_and_epoch_choice(cohort):
+    """ST-Net's targets log((1 + y) / (n + Z)) with n and Z over all the slide's genes; log1p(y) is the
+    target plus log(n + Z). Inner folds group training patients (else slides); the inner-CV epoch is the
+    argmin of the recorded held-out squared error, and the final model trains for that many epochs."""
+    from hist_st.baselines.stnet import inner_folds, stnet_targets
+
+    train, test = cohort
+    t, log_scale = stnet_targets(test, GENES)
+    dense = test.counts.toarray().astype(np.float64)
+    np.testing.assert_allclose(log_scale, np.log(dense.shape[1] + dense.sum(1)))
+    np.testing.assert_allclose(t + log_scale[:, None], log1p_targets(test, GENES), rtol=1e-5, atol=1e-5)
+    slides = [_slide(f"s{i}", n=8, seed=i) for i in range(5)]
+    for s, p in zip(slides, "ABABC"):
+        s.patient = p
+    assert inner_folds(slides, 4) == [[0, 2], [1, 3], [4]]  # patients A, B, C: 3 folds
+    for s in slides:
+        s.patient = "A"
+    assert inner_folds(slides, 2) == [[0, 2, 4], [1, 3]]  # one patient: slides take its place
+    m = get_baseline("stnet", backbone="efficientnet_lite0", patches=_fake_patches(), input_size=32, epochs=3,
+                     batch_size=30, lr=1e-4, tta=False)  # fmt: skip
+    m.fit(train, GENES, EMB, seed=0)
+    assert len(m.inner_sse_) == 3 and m.best_epoch_ == int(np.argmin(m.inner_sse_)) + 1
+    assert len(m.history_) == m.best_epoch_ * 4  # final model only: 120 spots, batch 30: 4 steps per epoch
+    pred = m.predict(test)
+    assert abs(float(pred.mean()) - float(log1p_targets(test, GENES).mean())) < 1.5
 
 
 def test_learnable_signal_beats_mean():
@@ -283,3 +328,62 @@ def test_sample_zinb_matches_the_zinb_pmf():
         p = pi * (k == 0) + (1 - pi) * nb.pmf(k)
         assert abs((x == k).mean() - p) < 4 * np.sqrt(p * (1 - p) / n) + 1e-4
     assert abs(x.mean() - (1 - pi) * nb.mean()) < 0.03
+
+
+def _with_flat_channel(s: Slide, spread: float) -> Slide:
+    """Copy of ``s`` whose embedding channel 0 is 0.5 plus noise of size ``spread``."""
+    import dataclasses
+
+    emb = s.embeddings[EMB].copy()
+    emb[:, 0] = 0.5 + spread * np.random.default_rng(len(s.slide_id)).normal(size=len(emb))
+    return dataclasses.replace(s, embeddings={EMB: emb})
+
+
+def test_mlp_feeds_raw_embeddings_and_ridge_robust_drops_flat_channels(cohort):
+    """Issue 16: a channel nearly constant in training (std 1e-6) but not on the test slide. Standardised
+    inputs turn it into z-scores of about 1e4 (the mlp's old default); raw inputs, like HiST's, do not.
+    ridge-robust equals HEST's pipeline fitted without that channel."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train, test = cohort
+    train = [_with_flat_channel(s, 1e-6) for s in train]
+    test = _with_flat_channel(test, 0.01)
+    y = log1p_targets(test, GENES)
+    raw = get_baseline("mlp", epochs=20).fit(train, GENES, EMB, seed=0).predict(test)
+    std = get_baseline("mlp", epochs=20, standardise=True).fit(train, GENES, EMB, seed=0).predict(test)
+    assert np.abs(raw - y).mean() < 0.5 * np.abs(std - y).mean()
+
+    model = get_baseline("ridge-robust").fit(train, GENES, EMB, seed=7)
+    np.testing.assert_array_equal(model.keep_, np.arange(1, 8))
+    x = np.concatenate([s.embeddings[EMB][:, 1:] for s in train])
+    yt = np.concatenate([log1p_targets(s, GENES) for s in train])
+    pipe = Pipeline([("scaler", StandardScaler()), ("PCA", PCA(n_components=7, random_state=7))])
+    z = pipe.fit_transform(x)
+    reg = Ridge(solver="lsqr", alpha=100 / (z.shape[1] * yt.shape[1]), random_state=7, fit_intercept=False,
+                max_iter=1000).fit(z, yt - yt.mean(0))  # fmt: skip
+    expected = reg.predict(pipe.transform(test.embeddings[EMB][:, 1:])) + yt.mean(0)
+    np.testing.assert_allclose(model.predict(test), expected, rtol=1e-4, atol=1e-4)
+    hest = get_baseline("ridge").fit(train, GENES, EMB, seed=7).predict(test)
+    assert np.abs(hest - y).mean() > 2 * np.abs(model.predict(test) - y).mean()  # why HEST's row is fragile
+
+
+def test_stflow_sampler_follows_the_straight_path():
+    """The official update x + dt (x1_hat - x) / (1 - t): with a denoiser that always predicts the same
+    x1, every state visited is the interpolant (1 - t) x0 + t x1 (without the 1 / (1 - t) it lags)."""
+    from hist_st.baselines.stflow import euler_sample
+
+    x0, x1 = torch.randn(5, 3), torch.randn(5, 3)
+    ts = torch.linspace(0.01, 1.0, 6)
+    seen = []
+
+    def denoise(x, t):
+        seen.append((x.clone(), float(t)))
+        return x1
+
+    euler_sample(denoise, (1 - ts[0]) * x0 + ts[0] * x1, ts)
+    assert len(seen) == 5
+    for x, t in seen:
+        torch.testing.assert_close(x, (1 - t) * x0 + t * x1)

@@ -158,3 +158,51 @@ def test_build_batch_levels_and_errors() -> None:
         build_batch(np.array([[0, -1], [0, 0]]), torch.zeros(2, 4), 1)
     with pytest.raises(InputError, match="features"):
         build_batch(np.array([[0, 1], [0, 0]]), torch.zeros(3, 4), 1)
+
+
+def _free_site_nearer(x: np.ndarray, lat: np.ndarray) -> list[tuple[int, float, float]]:
+    """Brute force: moved points for which a site left free is strictly nearer than the site they got.
+
+    ``x`` are the continuous coordinates (minimum 0 on both axes), ``lat`` what `to_lattice` returned.
+    """
+    rounded = np.rint(x).astype(np.int64)
+    shifts, counts = np.unique(rounded - lat, axis=0, return_counts=True)
+    shift = shifts[counts.argmax()]  # the translation to_lattice applied (most points keep their site)
+    occupied = {tuple(s) for s in (lat + shift).tolist()}
+    bad = []
+    for i in range(len(x)):
+        site = lat[i] + shift
+        d_got = float(((x[i] - site) ** 2).sum())
+        if (site == rounded[i]).all():
+            continue
+        r = int(np.ceil(np.sqrt(d_got))) + 1
+        base = np.floor(x[i]).astype(np.int64)
+        for a in range(base[0] - r, base[0] + r + 2):
+            for b in range(base[1] - r, base[1] + r + 2):
+                d = float(((x[i] - (a, b)) ** 2).sum())
+                if (a, b) not in occupied and d < d_got - 1e-9:
+                    bad.append((i, d_got**0.5, d**0.5))
+    return bad
+
+
+def test_collisions_take_the_nearest_free_site() -> None:
+    """Issue 16, item 8: a point pushed off its site goes to the nearest site still free (Euclidean), even
+    when that site lies outside the 3 x 3 box centred on floor(x). The last point loses (2, 1); the free
+    site (3, 1) is 1.02 from it, the only free site in the box, (0, 0), is 2.23 away."""
+    pts = np.array([[2.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 2.0], [2.0, 0.0], [2.0, 2.0], [0.0, 1.0],
+                    [0.0, 2.0], [0.0, -1.0], [1.98, 1.02]])  # fmt: skip
+    lat = to_lattice(pts)
+    np.testing.assert_array_equal(lat[-1] - lat[0], [1, 0])  # (3, 1) - (2, 1) before translation
+    assert not _free_site_nearer(pts, lat)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_free_site_is_nearer_than_the_one_taken(seed: int) -> None:
+    """Dense random clusters (many collisions, several rounds): checked against a brute-force search."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 20, size=(6, 2))
+    pts = (centres[rng.integers(6, size=300)] + rng.normal(scale=1.5, size=(300, 2)))
+    pts -= pts.min(0)
+    lat = to_lattice(pts)
+    assert len(np.unique(lat, axis=0)) == len(lat)
+    assert not _free_site_nearer(pts, lat)

@@ -24,6 +24,8 @@ VARIANTS = {
     "two-tokens-gelu": {"tokens": ("learned", "learned"), "activation": "gelu"},
     "deep": {"levels": "1111-111"},
     "neighbour-impl": {"attn_impl": "neighbour"},
+    "before-issue-16": {"head_norm": True, "mca_proj": "shared"},
+    "authors-token-path": {"tokens": ("max", "mean", "fixed"), "token_update": "block"},
 }
 
 
@@ -48,7 +50,10 @@ def test_variant_forward_backward(name: str) -> None:
     y.square().mean().backward()
     # The last block's token update only feeds `return_tokens` (the calibration-token analysis).
     last = f"decoder.{len(model.decoder) - 1}.{len(model.decoder[-1]) - 1}.attn."
-    unused = {last + name for name in ("q_tok.weight", "q_tok.bias", "kv_tok.weight", "kv_tok.bias")}
+    unused = {last + name for name in ("q_tok.weight", "q_tok.bias", "kv_tok.weight", "kv_tok.bias",
+                                       "proj_tok.weight", "proj_tok.bias")}  # fmt: skip
+    last_ffn = f"decoder.{len(model.decoder) - 1}.{len(model.decoder[-1]) - 1}.token_ffn."
+    unused |= {n for n, _ in model.named_parameters() if n.startswith(last_ffn)}
     missing = [
         n
         for n, p in model.named_parameters()
@@ -178,3 +183,55 @@ def test_inference_path_matches_training_path() -> None:
             m.ffn_chunk = 37  # several uneven chunks
     with torch.inference_mode():
         torch.testing.assert_close(model(batch), y.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_config_saved_before_issue_16_rebuilds_the_same_model() -> None:
+    """A model config saved without the options added in issue 16 describes the model of that time:
+    LayerNorm before the head, MCA sharing W-MSA's q/k/v, residual dropout equal to ``dropout``."""
+    new = HiSTConfig(in_dim=8, n_genes=3, dim=16, heads=2)
+    old = {k: v for k, v in new.to_dict().items() if k not in ("residual_dropout", "head_norm", "mca_proj",
+                                                                "token_update")}  # fmt: skip
+    legacy = HiSTConfig.from_dict(old)
+    assert (legacy.head_norm, legacy.mca_proj, legacy.token_update) == (True, "shared", "attn")
+    assert legacy.residual_dropout == legacy.dropout == 0.05
+    assert isinstance(HiST(legacy).norm_out, torch.nn.LayerNorm)
+    # Defaults (the paper's text): no head LayerNorm, no residual dropout, MCA with its own projections.
+    assert (new.head_norm, new.residual_dropout, new.mca_proj, new.token_update) == (False, 0.0, "separate", "attn")
+    model = HiST(new)
+    assert isinstance(model.norm_out, torch.nn.Identity)
+    attn = model.encoder[0][0].attn
+    assert attn.kv_mca is not None and attn.q_mca is None and attn.proj_tok is None  # one token: no query
+
+
+@pytest.mark.parametrize("device", AUTOCAST_DEVICES)
+def test_head_runs_in_float32_under_autocast(device: str) -> None:
+    """Issue 16, item 6: under bfloat16 autocast the head still computes in float32, so predictions are
+    not quantised to bfloat16's 8-bit mantissa (steps of 1/64-1/32 at log1p values 2-4)."""
+    model = _model().to(device)
+    model.init_head_bias(torch.linspace(2.0, 4.0, 7))
+    lat, feats = _slide(n=400)
+    batch = model.make_batch(lat, feats).to(device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = model(batch)
+    assert y.dtype == torch.float32
+    rounded = y.to(torch.bfloat16).float()
+    assert not torch.equal(rounded, y)  # values between bfloat16 steps exist
+    distinct = [len(torch.unique(y[:, g])) for g in range(y.shape[1])]
+    assert min(distinct) > 0.9 * len(lat)
+
+
+def test_residual_dropout_is_separate_from_input_dropout() -> None:
+    """``residual_dropout=0`` (default) with ``dropout>0``: in training mode the blocks are deterministic;
+    only the input projection's dropout is random."""
+    model = _model(dropout=0.5, residual_dropout=0.0).train()
+    lat, feats = _slide()
+    batch = model.make_batch(lat, feats)
+    x = model.in_proj(batch.feats)
+    level = batch.levels[0]
+    blk = model.encoder[0][0]
+    tok = model._initial_tokens(x)
+    a, _ = blk(x, level, tok)
+    b, _ = blk(x, level, tok)
+    torch.testing.assert_close(a, b)
+    noisy = _model(dropout=0.0, residual_dropout=0.5).train().encoder[0][0]
+    assert not torch.allclose(noisy(x, level, tok)[0], noisy(x, level, tok)[0])

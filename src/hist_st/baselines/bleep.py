@@ -36,8 +36,9 @@ class ProjectionHead(nn.Module):
 def bleep_loss(img_emb: torch.Tensor, spot_emb: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """BLEEP's CLIP-style loss with soft targets (``bowang-lab/BLEEP`` ``models.py::CLIPModel.forward``).
 
-    ``logits = spot @ img.T / T``; targets ``softmax((img @ img.T + spot @ spot.T) / 2 * T)`` (sic: BLEEP
-    multiplies by T here); mean over the batch of the two soft cross-entropies.
+    ``logits = spot @ img.T / T``; targets ``softmax((img @ img.T + spot @ spot.T) / 2 * T)``, written as in
+    BLEEP's code (which multiplies the similarities by T where the logits divide by it; at BLEEP's default
+    T = 1, used here, both are the same); mean over the batch of the two soft cross-entropies.
 
     Args:
         img_emb: ``[B, D]`` projected image embeddings. spot_emb: ``[B, D]`` projected expression.
@@ -57,7 +58,9 @@ class BLEEPBaseline(Baseline):
     inference notebook):
 
     - two projection heads to 256-d (``Linear - GELU - Linear - Dropout(0.1)`` + residual + LayerNorm), one
-      on the image features, one on the spot expression vector (here the ``log1p`` targets);
+      on the image features, one on the spot expression vector. BLEEP feeds harmony-corrected (batch
+      integrated) expression of its HVGs; here the ``log1p`` raw counts of the table's genes, the target
+      of every method (no batch correction, which would use the test slides' expression);
     - loss `bleep_loss` with temperature 1.0; AdamW lr 1e-3, weight decay 1e-3, batch 256;
     - inference: L2-normalise the projected query images and the projected expression of every training
       spot (the reference bank), take the top-k (k = 50) by cosine similarity and average those training

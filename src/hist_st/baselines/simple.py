@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from hist_st.baselines.base import Baseline, log1p_targets, register, torch_device
+from hist_st.errors import InputError
 from hist_st.slide import Slide
 
-__all__ = ["MeanBaseline", "RidgeBaseline", "MLPBaseline"]
+__all__ = ["MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline", "MLPBaseline"]
 
 
 @register("mean")
@@ -54,6 +55,13 @@ class RidgeBaseline(Baseline):
       to ``train_test_reg``), i.e. ``alpha = 100 / (256 * G)`` in the usual case;
     - targets are the raw ``log1p`` values, **not centred**.
 
+    HEST's StandardScaler makes the probe fragile on embeddings with nearly constant channels: a channel
+    whose training std is tiny (6.8e-6 for one EfficientNet-Lite0 channel on the her2st folds that hold
+    out B4) is scaled by its inverse, so a test slide's ordinary variation in that channel becomes a
+    z-score of 1e3-1e4 that dominates the PCA scores and the predictions (per-gene PCC collapses on that
+    fold). This row keeps HEST's code as it is; ``min_std`` (the labelled `RobustRidgeBaseline`,
+    ``ridge-robust``) drops such channels first.
+
     Followed exactly, HEST's probe has no intercept on zero-mean PCA scores, so its predictions have
     (about) zero mean per gene: per-gene Pearson (all HEST reports) ignores that offset, but R2 and the
     pooled protocol (``relu(expm1(pred))``) become meaningless. hist-st therefore defaults to
@@ -66,6 +74,8 @@ class RidgeBaseline(Baseline):
         alpha: Ridge penalty; None applies HEST's rule ``100 / (n_features * n_genes)``.
         center_targets: True (default: add back the training gene means) or False (HEST verbatim).
         max_iter: lsqr iterations (HEST: 1000).
+        min_std: Drop embedding channels whose training std is below this before the scaler (0 = keep
+            all, HEST).
     """
 
     def __init__(
@@ -74,10 +84,14 @@ class RidgeBaseline(Baseline):
         alpha: float | None = None,
         center_targets: bool = True,
         max_iter: int = 1000,
+        min_std: float = 0.0,
     ) -> None:
         super().__init__(
-            n_components=n_components, alpha=alpha, center_targets=center_targets, max_iter=max_iter
-        )
+            n_components=n_components, alpha=alpha, center_targets=center_targets, max_iter=max_iter,
+            min_std=min_std,
+        )  # fmt: skip
+        self.min_std = float(min_std)
+        self.keep_: np.ndarray | None = None
         self.n_components = n_components
         self.alpha = alpha
         self.center_targets = center_targets
@@ -94,6 +108,10 @@ class RidgeBaseline(Baseline):
         from sklearn.preprocessing import StandardScaler
 
         x, y = self._xy(slides)
+        self.keep_ = np.flatnonzero(x.std(axis=0) >= self.min_std) if self.min_std > 0 else np.arange(x.shape[1])
+        if len(self.keep_) == 0:
+            raise InputError("ridge", f"every embedding channel has training std < min_std={self.min_std}")
+        x = x[:, self.keep_]
         k = int(min(self.n_components, x.shape[0], x.shape[1]))
         self.pipe_ = Pipeline([("scaler", StandardScaler()), ("PCA", PCA(n_components=k, random_state=seed))])
         z = self.pipe_.fit_transform(x)
@@ -107,7 +125,25 @@ class RidgeBaseline(Baseline):
 
     def _predict(self, slide: Slide) -> np.ndarray:
         assert self.pipe_ is not None and self.reg_ is not None and self.y_mean_ is not None
-        return self.reg_.predict(self.pipe_.transform(self._x(slide))) + self.y_mean_
+        return self.reg_.predict(self.pipe_.transform(self._x(slide)[:, self.keep_])) + self.y_mean_
+
+
+@register("ridge-robust")
+class RobustRidgeBaseline(RidgeBaseline):
+    """`RidgeBaseline` (HEST's probe) after dropping embedding channels whose training std is below
+    ``min_std`` = 1e-3: a labelled variant, not HEST's code. Those channels are nearly constant on the
+    training slides, carry no usable signal, and HEST's StandardScaler turns their test-slide variation
+    into huge z-scores. Options as `RidgeBaseline`."""
+
+    def __init__(
+        self,
+        n_components: int = 256,
+        alpha: float | None = None,
+        center_targets: bool = True,
+        max_iter: int = 1000,
+        min_std: float = 1e-3,
+    ) -> None:
+        super().__init__(n_components, alpha, center_targets, max_iter, min_std)
 
 
 @register("mlp")
@@ -115,7 +151,9 @@ class MLPBaseline(Baseline):
     """Per-spot MLP on frozen embeddings (the paper's "UNI" row: position-independent regression).
 
     The HiST paper does not give the head's hyper-parameters; these are ours, fixed before any result and
-    never selected on test slides: inputs standardised with training statistics; ``Linear(C, 256) - GELU
+    never selected on test slides: the raw embeddings, as HiST is fed them (``standardise=True``
+    standardises them with training statistics instead, which blows up channels that are nearly constant
+    on the training slides: test z-scores of about 1e4 on her2st); ``Linear(C, 256) - GELU
     - Dropout(0.1) - Linear(256, G)`` with the output bias initialised to the training gene means; MSE
     on ``log1p`` targets; AdamW (lr 1e-3, weight decay 1e-4), batch 256, a fixed 50 epochs, the model
     of the final epoch is used (no early stopping).
@@ -123,6 +161,7 @@ class MLPBaseline(Baseline):
     Args:
         hidden: Hidden width. dropout: Dropout after the activation. lr, weight_decay: AdamW.
         epochs: Fixed number of epochs. batch_size: Spots per step. device: ``auto`` (CUDA when available) or a torch device string.
+        standardise: Standardise inputs with the training mean / std (default False: raw, like HiST).
     """
 
     def __init__(
@@ -134,6 +173,7 @@ class MLPBaseline(Baseline):
         epochs: int = 50,
         batch_size: int = 256,
         device: str = "auto",
+        standardise: bool = False,
     ) -> None:
         super().__init__(
             hidden=hidden,
@@ -143,7 +183,9 @@ class MLPBaseline(Baseline):
             epochs=epochs,
             batch_size=batch_size,
             device=device,
+            standardise=standardise,
         )
+        self.standardise = bool(standardise)
         self.hidden, self.dropout, self.lr, self.weight_decay = hidden, dropout, lr, weight_decay
         self.epochs, self.batch_size, self.device = epochs, batch_size, torch_device(device)
         self.net_ = None
@@ -155,8 +197,10 @@ class MLPBaseline(Baseline):
         from torch import nn
 
         x, y = self._xy(slides)
-        self.x_mean_ = x.mean(axis=0)
-        self.x_std_ = x.std(axis=0) + 1e-6
+        if self.standardise:
+            self.x_mean_, self.x_std_ = x.mean(axis=0), x.std(axis=0) + 1e-6
+        else:
+            self.x_mean_, self.x_std_ = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
         xt = torch.from_numpy((x - self.x_mean_) / self.x_std_).float()
         yt = torch.from_numpy(y).float()
         net = nn.Sequential(

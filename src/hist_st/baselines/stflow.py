@@ -12,8 +12,9 @@ Follows the authors' code (``stflow/flow/interpolant.py``, ``stflow/flow/noise.p
   expression) with an MSE loss; Adam lr 5e-4, gradient clipping 1.0, 100 epochs, 10 random sub-slide
   crops per slide per epoch, 2 crops per step.
 - sampling: ``ts = linspace(0.01, 1, n_steps)``; for each consecutive pair the denoiser predicts ``x1``
-  from ``x_t``; ``x <- x + (t2 - t1) (x1_hat - x)``; the last prediction is returned (``n_steps - 1``
-  denoiser evaluations; 5 steps by default).
+  from ``x_t``; ``x <- x + (t2 - t1) (x1_hat - x) / (1 - t1)`` (the official update, `euler_sample`;
+  hist-st before issue 16 dropped the ``1 / (1 - t1)`` factor); the last prediction is returned
+  (``n_steps - 1`` denoiser evaluations; 5 steps by default).
 - denoiser: image features ``Linear(C, 128)`` plus a sinusoidal time embedding (MLP to 128); 4 blocks,
   each: attention over the k = 8 nearest spots (self excluded) whose logits come from an MLP on
   ``[q_i, k_j, edge_ij, x_j - x_i]`` per head (the neighbour's expression difference enters every
@@ -31,14 +32,16 @@ Follows the authors' code (``stflow/flow/interpolant.py``, ``stflow/flow/noise.p
 Stated differences: coordinates are divided by the slide's median nearest-neighbour distance (STFlow
 feeds raw pixel offsets; this makes the edge MLP's input scale technology independent); the crop sampler
 (STFlow's ``patch_distribution="uniform"``, whose source we could not read) is implemented as the
-``round(r N)`` spots nearest a random centre spot with ``r ~ U(0, 1)`` (at least k + 1 spots); STFlow
-selects the epoch by validation Pearson (the test slides when no validation split exists); here the
-final epoch is used.
+``round(r N)`` spots nearest a random centre spot with ``r ~ U(0, 1)`` (at least k + 1 spots). The
+original code selects its epoch by Pearson on a validation split, which is the test slides when no
+validation split exists (as in a 4-fold CV by slide): model selection on the test slides. Here the
+final epoch is used, as for every method.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,6 +55,7 @@ from hist_st.slide import Slide
 __all__ = [
     "STFlowBaseline",
     "STFlowDenoiser",
+    "euler_sample",
     "knn_graph",
     "fit_zinb_per_gene",
     "sample_zinb",
@@ -499,10 +503,32 @@ class STFlowBaseline(Baseline):
         nbr = torch.from_numpy(knn_graph(xy.cpu().numpy(), self.n_neighbors)).to(self.device)
         x = self._prior((slide.n_spots, len(self.genes_)), self._generator(self.seed_ + 1))
         ts = torch.linspace(0.01, 1.0, self.n_steps)
-        pred = x
-        for i in range(self.n_steps - 1):
-            t1, t2 = ts[i], ts[i + 1]
-            pred = self.model_(x, feats, xy, nbr, t1.to(self.device))
-            if i < self.n_steps - 2:
-                x = x + (t2 - t1) * (pred - x)
+        pred = euler_sample(lambda xt, t: self.model_(xt, feats, xy, nbr, t.to(self.device)), x, ts)
         return pred.cpu().numpy()
+
+
+def euler_sample(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, ts: torch.Tensor
+) -> torch.Tensor:
+    """STFlow's sampler (the official ``x + dt * (x_hat - x) / (1 - t)`` update).
+
+    For each consecutive pair ``(t1, t2)`` of ``ts`` the denoiser predicts the clean state ``x1_hat`` from
+    ``x_t1``; the state moves along the straight path towards it, ``x <- x + (t2 - t1) (x1_hat - x) /
+    (1 - t1)`` (the velocity of ``x_t = (1 - t) x0 + t x1`` is ``(x1 - x_t) / (1 - t)``); the last
+    prediction is returned (``len(ts) - 1`` denoiser calls).
+
+    Args:
+        denoise: ``(x_t [N, G], t []) -> x1_hat [N, G]``.
+        x: ``[N, G]`` prior sample at ``ts[0]``.
+        ts: ``[S]`` increasing times, ``ts[-2] < 1``.
+
+    Returns:
+        ``[N, G]`` the final prediction of the clean state.
+    """
+    pred = x
+    for i in range(len(ts) - 1):
+        t1, t2 = ts[i], ts[i + 1]
+        pred = denoise(x, t1)
+        if i < len(ts) - 2:
+            x = x + (t2 - t1) * (pred - x) / (1 - t1)
+    return pred

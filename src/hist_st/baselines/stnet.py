@@ -12,7 +12,15 @@ from hist_st.baselines.base import Baseline, log1p_targets, register, torch_devi
 from hist_st.errors import InputError
 from hist_st.slide import Slide
 
-__all__ = ["STNetBaseline", "PatchSource", "image_patch_source", "dihedral8"]
+__all__ = [
+    "STNetBaseline",
+    "STNetLite0Baseline",
+    "PatchSource",
+    "image_patch_source",
+    "dihedral8",
+    "stnet_targets",
+    "inner_folds",
+]
 
 #: A callable returning uint8 patches ``[N, P, P, 3]`` centred on ``slide``'s spots, in spot order.
 PatchSource = Callable[[Slide], np.ndarray]
@@ -83,11 +91,7 @@ def _build_backbone(name: str, weights: str | Path | None):
         import torchvision
 
         if weights is None:
-            raise InputError(
-                "stnet",
-                "DenseNet-121 needs ImageNet weights: pass weights='/path/densenet121.pth' "
-                "(torchvision's densenet121-a639ec97.pth or a timm state dict); nothing is downloaded",
-            )
+            return _torchvision_densenet121()
         path = Path(weights)
         if not path.is_file():
             raise InputError(path, "DenseNet-121 weights file not found")
@@ -115,6 +119,67 @@ def _build_backbone(name: str, weights: str | Path | None):
     raise ValueError(f"unknown stnet backbone {name!r}; choose efficientnet_lite0 or densenet121")
 
 
+#: torchvision's ImageNet DenseNet-121 file (``DenseNet121_Weights.IMAGENET1K_V1``), as ST-Net uses it.
+DENSENET121_FILE = "densenet121-a639ec97.pth"
+
+
+def _torchvision_densenet121():
+    """torchvision's ImageNet DenseNet-121 (ST-Net's ``--pretrain``), from torch's cache or downloaded once.
+
+    Raises:
+        InputError: When the weights are neither cached nor downloadable (offline), saying what to do.
+    """
+    import torch
+    import torchvision
+    from torchvision.models import DenseNet121_Weights
+
+    try:
+        model = torchvision.models.densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1)
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / DENSENET121_FILE
+        raise InputError(
+            "stnet",
+            f"ST-Net's DenseNet-121 needs torchvision's ImageNet weights, which are not in {cache} and could not "
+            f"be downloaded ({type(exc).__name__}: {exc}). Run once with network access (torchvision caches "
+            f"the file there), copy {DENSENET121_FILE} to that path or pass "
+            f"--baseline-option stnet.weights=/path/{DENSENET121_FILE}; or use the lighter, labelled variant "
+            "--methods stnet-lite0 (EfficientNet-Lite0 with packaged weights)",
+        ) from None
+    n = model.classifier.in_features
+    model.classifier = torch.nn.Identity()
+    return model, int(n)
+
+
+def stnet_targets(slide: Slide, genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """ST-Net's targets ``log((1 + y) / (n + Z))`` and each spot's ``log(n + Z)``.
+
+    ``n`` is the number of genes the slide measures and ``Z`` the spot's total count over all of them
+    (``stnet/datasets/spatial.py``, ``norm="norm"``, ``gene_transform="log"``), so
+    ``log1p(y) = target + log(n + Z)``.
+
+    Returns:
+        ``(targets [N, G] float32, log_scale [N] float64)``.
+    """
+    if slide.counts is None:
+        raise InputError(f"slide {slide.slide_id!r}", "has no counts; a training slide needs expression")
+    total = np.asarray(slide.counts.sum(axis=1), dtype=np.float64).ravel()
+    log_scale = np.log(slide.counts.shape[1] + total)
+    return (log1p_targets(slide, genes) - log_scale[:, None]).astype(np.float32), log_scale
+
+
+def inner_folds(slides: list[Slide], k: int) -> list[list[int]]:
+    """ST-Net's inner folds for choosing the epoch: training patients sorted, patient ``i`` in fold
+    ``i mod k`` (``bin/cross_validate.py``). With fewer than 2 patients (e.g. every training slide from
+    one patient), slides take the patients' place. Returns the slide indices of each validation fold."""
+    patients = [s.patient if s.patient is not None else s.slide_id for s in slides]
+    units = sorted(set(patients))
+    if len(units) < 2:
+        patients, units = [s.slide_id for s in slides], sorted(s.slide_id for s in slides)
+    k = max(2, min(k, len(units)))
+    groups = [units[f::k] for f in range(k)]
+    return [[i for i, p in enumerate(patients) if p in g] for g in groups]
+
+
 @register("stnet")
 class STNetBaseline(Baseline):
     """ST-Net: end-to-end fine-tuning of an ImageNet CNN with a linear head on raw spot patches.
@@ -123,24 +188,36 @@ class STNetBaseline(Baseline):
     ``--model densenet121 --pretrain --lr 1e-6 --batch 32 --average --window 224``, 50 epochs;
     ``stnet/parser.py``: SGD, momentum 0.9, weight decay 0; ``stnet/cmd/run_spatial.py``):
 
-    - backbone: ImageNet-pretrained CNN; here EfficientNet-Lite0 with its packaged weights by default (the
-      same CNN that produces HiST's embeddings), DenseNet-121 (ST-Net's) when ``weights`` is given;
+    - backbone: ST-Net's DenseNet-121 with torchvision's ImageNet weights (cached by torch or downloaded
+      once; offline without the file, an `InputError` says what to do), or a given ``weights`` file;
+      ``backbone="efficientnet_lite0"`` (the CNN that makes HiST's embeddings, packaged weights) is the
+      lighter variant, registered and labelled as ``stnet-lite0``;
     - head: one linear layer, weights zeroed and bias set to the training mean expression (ST-Net does
       exactly this, so training starts from the `mean` baseline);
     - input: 224 px patches normalised by per-channel mean / std estimated on training patches; training
       augmentation: random horizontal / vertical flips and a random 90-degree rotation;
-    - loss: ``sum((pred - y) ** 2) / G`` summed over the batch (ST-Net's reduction), targets ``log1p`` counts
-      (ST-Net additionally normalised counts per spot; HiST's targets are used here);
-    - SGD, lr 1e-6, momentum 0.9, batch 32, 50 epochs, the final epoch's model (ST-Net logged test metrics
-      every epoch; nothing is selected on test slides here);
+    - loss: ``sum((pred - y) ** 2) / G`` summed over the batch (ST-Net's reduction); targets
+      ``log((1 + y) / (n + Z))`` (`stnet_targets`, ST-Net's), or ``targets="log1p"`` (HiST's). For the
+      tables, a ``stnet`` prediction is mapped back to ``log1p`` space by adding the training spots' mean
+      ``log(n + Z)``, since a test spot's total count is not known from its image;
+    - SGD, lr 1e-6, momentum 0.9, batch 32, 50 epochs; the epoch is chosen as ST-Net does
+      (``select_epoch="inner-cv"``, ``bin/cross_validate.py``): `inner_folds` over the training patients,
+      each trained for ``epochs`` epochs, the epoch with the lowest summed squared error on the held-out
+      training patients is kept, then one model is trained on all training slides for that many epochs
+      (constant-lr SGD, so this is ST-Net's checkpoint of that epoch). Nothing is selected on test slides;
+      ``select_epoch="final"`` keeps the last epoch;
     - ``tta=True``: average over the 8 dihedral transforms at test time (ST-Net's ``--average``).
 
     On CPU this is slow (a forward+backward of EfficientNet-Lite0 on 224 px is ~0.1 s per patch on 2
     cores); ``epochs`` / ``max_steps`` bound the cost and `fit_seconds_` records it.
 
     Args:
-        backbone: ``"efficientnet_lite0"`` or ``"densenet121"``.
-        weights: Backbone weights file (required for DenseNet-121; None = packaged EfficientNet-Lite0).
+        backbone: ``"densenet121"`` (ST-Net) or ``"efficientnet_lite0"``.
+        weights: Backbone weights file; None = torchvision's ImageNet DenseNet-121 / packaged
+            EfficientNet-Lite0.
+        targets: ``"stnet"`` (``log((1 + y) / (n + Z))``) or ``"log1p"``.
+        select_epoch: ``"inner-cv"`` (ST-Net) or ``"final"``.
+        n_inner_folds: Inner folds for ``inner-cv``.
         patches: `PatchSource`; None cuts them from ``slide.image`` (`image_patch_source`).
         input_size: Resize patches to this side before the CNN (224 = no resize for 224 px patches).
         lr, momentum, weight_decay, batch_size, epochs: SGD training (ST-Net defaults above).
@@ -154,7 +231,7 @@ class STNetBaseline(Baseline):
 
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
+        backbone: str = "densenet121",
         weights: str | Path | None = None,
         patches: PatchSource | None = None,
         input_size: int = 224,
@@ -166,10 +243,20 @@ class STNetBaseline(Baseline):
         max_steps: int | None = None,
         tta: bool = True,
         device: str = "auto",
+        targets: str = "stnet",
+        select_epoch: str = "inner-cv",
+        n_inner_folds: int = 4,
     ) -> None:
+        if targets not in ("stnet", "log1p"):
+            raise InputError("stnet", f"targets must be 'stnet' or 'log1p', got {targets!r}")
+        if select_epoch not in ("inner-cv", "final"):
+            raise InputError("stnet", f"select_epoch must be 'inner-cv' or 'final', got {select_epoch!r}")
         super().__init__(
             backbone=backbone,
             weights=str(weights) if weights else None,
+            targets=targets,
+            select_epoch=select_epoch,
+            n_inner_folds=n_inner_folds,
             input_size=input_size,
             lr=lr,
             momentum=momentum,
@@ -190,9 +277,13 @@ class STNetBaseline(Baseline):
             tta,
             torch_device(device),
         )
+        self.targets, self.select_epoch, self.n_inner_folds = targets, select_epoch, int(n_inner_folds)
         self.model_ = None
         self.norm_: tuple[np.ndarray, np.ndarray] | None = None
         self.fit_seconds_: float | None = None
+        self.log_scale_ = 0.0
+        self.best_epoch_: int | None = None
+        self.inner_sse_: list[float] = []
 
     def _get_patches(self, slide: Slide) -> np.ndarray:
         p = np.asarray(self.patches(slide))
@@ -222,13 +313,22 @@ class STNetBaseline(Baseline):
         std = torch.as_tensor(self.norm_[1], device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
-    def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
-        import torch
+    def _targets(self, slides: list[Slide]) -> tuple[np.ndarray, np.ndarray]:
+        """Training targets ``[N, G]`` and per-spot ``log(n + Z)`` ``[N]`` (zeros for ``log1p`` targets)."""
+        assert self.genes_ is not None
+        if self.targets == "log1p":
+            y = np.concatenate([log1p_targets(s, self.genes_) for s in slides], axis=0)
+            return y, np.zeros(len(y))
+        parts = [stnet_targets(s, self.genes_) for s in slides]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         t0 = time.perf_counter()
         assert self.genes_ is not None
-        imgs = np.concatenate([self._get_patches(s) for s in slides], axis=0)
-        y = np.concatenate([log1p_targets(s, self.genes_) for s in slides], axis=0)
+        imgs_by_slide = [self._get_patches(s) for s in slides]
+        imgs = np.concatenate(imgs_by_slide, axis=0)
+        y, log_scale = self._targets(slides)
+        self.log_scale_ = float(log_scale.mean())
         # ST-Net estimates the per-channel mean / std on (a dozen batches of) training patches.
         sample = (
             imgs[rng.choice(len(imgs), size=min(len(imgs), 384), replace=False)].astype(np.float64) / 255.0
@@ -237,7 +337,44 @@ class STNetBaseline(Baseline):
             sample.mean(axis=(0, 1, 2)).astype(np.float32),
             (sample.std(axis=(0, 1, 2)) + 1e-6).astype(np.float32),
         )
+        epochs = self.epochs
+        if self.select_epoch == "inner-cv" and len(slides) > 1:
+            epochs = self._inner_cv_epoch(imgs_by_slide, slides, seed)
+        self.best_epoch_ = epochs
+        self.model_ = self._train(imgs, y, rng, epochs)
+        self.fit_seconds_ = time.perf_counter() - t0
 
+    def _inner_cv_epoch(self, imgs_by_slide: list[np.ndarray], slides: list[Slide], seed: int) -> int:
+        """ST-Net's epoch choice: the epoch with the lowest summed squared error on held-out training
+        patients over `inner_folds` (each inner model trained for ``epochs`` epochs)."""
+        import torch
+
+        sse = np.zeros(self.epochs)
+        for f, val in enumerate(inner_folds(slides, self.n_inner_folds)):
+            train_i = [i for i in range(len(slides)) if i not in val]
+            y_tr, _ = self._targets([slides[i] for i in train_i])
+            y_val, _ = self._targets([slides[i] for i in val])
+            x_val = np.concatenate([imgs_by_slide[i] for i in val])
+
+            def on_epoch(epoch: int, model, y_val=y_val, x_val=x_val) -> None:
+                model.eval()
+                with torch.no_grad():
+                    pred = np.concatenate([self._forward(model, x_val[i : i + self.batch_size])
+                                           for i in range(0, len(x_val), self.batch_size)])  # fmt: skip
+                sse[epoch] += float(((pred - y_val) ** 2).sum())
+                model.train()
+
+            x_tr = np.concatenate([imgs_by_slide[i] for i in train_i])
+            self._train(x_tr, y_tr, np.random.default_rng([seed, f + 1]), self.epochs, on_epoch, record=False)
+        self.inner_sse_ = sse.tolist()
+        return int(np.argmin(sse)) + 1
+
+    def _train(self, imgs: np.ndarray, y: np.ndarray, rng: np.random.Generator, epochs: int, on_epoch=None,
+               record: bool = True):  # fmt: skip
+        """SGD fine-tuning of backbone + linear head on ``imgs [N, P, P, 3]`` uint8, targets ``y [N, G]``."""
+        import torch
+
+        assert self.genes_ is not None
         body, n_feat = _build_backbone(self.backbone, self.weights)
         head = torch.nn.Linear(n_feat, len(self.genes_))
         with torch.no_grad():
@@ -250,8 +387,7 @@ class STNetBaseline(Baseline):
         yt = torch.from_numpy(y)
         g = len(self.genes_)
         step = 0
-        done = False
-        for _ in range(self.epochs):
+        for epoch in range(epochs):
             model.train()
             perm = rng.permutation(len(imgs))
             for i in range(0, len(perm), self.batch_size):
@@ -265,28 +401,59 @@ class STNetBaseline(Baseline):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                # Per-spot value, comparable across batch sizes.
-                self.history_.append(float(loss.detach()) / len(idx))
+                if record:  # per-spot value, comparable across batch sizes
+                    self.history_.append(float(loss.detach()) / len(idx))
                 step += 1
                 if self.max_steps is not None and step >= self.max_steps:
-                    done = True
                     break
-            if done:
+            if on_epoch is not None:
+                on_epoch(epoch, model)
+            if self.max_steps is not None and step >= self.max_steps:
                 break
-        self.model_ = model.eval()
-        self.fit_seconds_ = time.perf_counter() - t0
+        return model.eval()
+
+    def _forward(self, model, patches_u8: np.ndarray) -> np.ndarray:
+        """Model output for uint8 patches (8-fold dihedral average with ``tta``), in target space."""
+        import torch
+
+        x = self._to_input(patches_u8)
+        out = torch.stack([model(v) for v in dihedral8(x)]).mean(dim=0) if self.tta else model(x)
+        return out.cpu().numpy()
 
     def _predict(self, slide: Slide) -> np.ndarray:
         import torch
 
         assert self.model_ is not None
         imgs = self._get_patches(slide)
-        outs = []
         with torch.no_grad():
-            for i in range(0, len(imgs), self.batch_size):
-                x = self._to_input(imgs[i : i + self.batch_size])
-                if self.tta:
-                    outs.append(torch.stack([self.model_(v) for v in dihedral8(x)]).mean(dim=0))
-                else:
-                    outs.append(self.model_(x))
-        return torch.cat(outs, dim=0).cpu().numpy()
+            out = np.concatenate([self._forward(self.model_, imgs[i : i + self.batch_size])
+                                  for i in range(0, len(imgs), self.batch_size)])  # fmt: skip
+        return (out + self.log_scale_).astype(np.float32)  # log1p space (0 for log1p targets)
+
+
+@register("stnet-lite0")
+class STNetLite0Baseline(STNetBaseline):
+    """The lighter, labelled ST-Net variant (not ST-Net's setting): EfficientNet-Lite0 with its packaged
+    ImageNet weights (the CNN behind HiST's embeddings), ``log1p`` targets, the final epoch. Options as
+    `STNetBaseline`."""
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        weights: str | Path | None = None,
+        patches: PatchSource | None = None,
+        input_size: int = 224,
+        lr: float = 1e-6,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        batch_size: int = 32,
+        epochs: int = 50,
+        max_steps: int | None = None,
+        tta: bool = True,
+        device: str = "auto",
+        targets: str = "log1p",
+        select_epoch: str = "final",
+        n_inner_folds: int = 4,
+    ) -> None:
+        super().__init__(backbone, weights, patches, input_size, lr, momentum, weight_decay, batch_size, epochs,
+                         max_steps, tta, device, targets, select_epoch, n_inner_folds)  # fmt: skip

@@ -49,9 +49,35 @@ def add_experiment_args(p: argparse.ArgumentParser, *, genes: bool = True) -> No
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _seeds(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise InputError("--seeds", f"{value!r} is not a comma-separated list of integers (e.g. 0,1,2)") from None
+
+
 def cmd_accuracy(args: argparse.Namespace) -> int:
     from hist_st.experiments.accuracy import run_accuracy
 
+    seeds = _seeds(args.seeds)
+    if args.paired_with and seeds is None:
+        raise InputError("--paired-with", "compares runs over training seeds: give --seeds too (e.g. --seeds 0,1,2)")
+    if seeds is not None:
+        from hist_st.experiments.seeds import run_accuracy_seeds
+
+        res = run_accuracy_seeds(
+            args.cohort, args.out, seeds=seeds, seed=args.seed, methods=_methods(args.methods), genes=args.genes,
+            folds=args.folds, config=args.config, overrides=args.overrides, group_by=args.group_by,
+            baseline_options=parse_baseline_options(args.baseline_option),
+            write_predictions=not args.no_predictions, progress=not args.no_progress, reuse=not args.force,
+            rerun=_methods(args.rerun or ""), reuse_from=args.reuse_from or [], paired_with=args.paired_with or [],
+            command="hist-st " + shlex.join(sys.argv[1:]),
+        )  # fmt: skip
+        print(res["table"])
+        print(f"results in {res['out_dir']} (seeds.json, table.md; one bench accuracy folder per seed: seed_<s>)")
+        return 0
     res = run_accuracy(
         args.cohort, args.out, methods=_methods(args.methods), genes=args.genes, folds=args.folds, seed=args.seed,
         config=args.config, overrides=args.overrides, group_by=args.group_by,
@@ -84,6 +110,13 @@ def register_accuracy(sub: argparse._SubParsersAction) -> None:
                    help="another `bench accuracy` output folder (e.g. one method run separately or on a GPU) "
                    "whose methods are copied in when they used the same cohort, folds, genes and options "
                    "(repeatable)")  # fmt: skip
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="training seeds, e.g. 0,1,2: every method is trained once per seed on the folds of --seed; "
+                   "rows are means over seeds, with the seed spread and paired per-fold differences to HiST "
+                   "(one bench accuracy folder per seed in OUT/seed_<s>)")  # fmt: skip
+    p.add_argument("--paired-with", action="append", type=Path, metavar="DIR",
+                   help="with --seeds: another --seeds output folder (same seeds and folds, e.g. HiST with another "
+                   "config); reports HiST here minus HiST there, paired per fold (repeatable)")  # fmt: skip
     add_experiment_args(p)
     p.set_defaults(func=cmd_accuracy)
 

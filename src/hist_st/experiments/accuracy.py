@@ -48,10 +48,10 @@ __all__ = [
 ]
 
 #: Method names accepted by the experiment commands (``hist`` plus the registered baselines).
-METHODS = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow")
+METHODS = ("hist", "mean", "ridge", "ridge-robust", "mlp", "bleep", "stnet", "stnet-lite0", "stflow")
 #: Name used for each method in tables (run_cv reports HiST as "HiST").
 DISPLAY = {"hist": "HiST", "mean": "mean", "ridge": "ridge", "mlp": "mlp", "bleep": "bleep", "stnet": "stnet",
-           "stflow": "stflow"}  # fmt: skip
+           "stflow": "stflow", "ridge-robust": "ridge-robust", "stnet-lite0": "stnet-lite0"}  # fmt: skip
 _RANKINGS = {"hvg": "hvg", "he": "highly_expressed", "highly_expressed": "highly_expressed"}
 
 
@@ -151,8 +151,10 @@ def _cv_baselines_only(
     baselines: Sequence[str],
     baseline_options: Mapping[str, Mapping[str, Any]],
     progress: bool,
+    fold_seed: int | None = None,
 ) -> dict[str, Any]:
-    """Baselines without HiST on the folds/genes `run_cv` would use (same functions, same seed)."""
+    """Baselines without HiST on the folds/genes `run_cv` would use (same functions, same seed); the folds
+    use ``fold_seed`` when given (else ``cfg.seed``), the baselines train with ``cfg.seed``."""
     from tqdm.auto import tqdm
 
     from hist_st.baselines import get_baseline
@@ -166,8 +168,9 @@ def _cv_baselines_only(
     by_id = {s.slide_id: s for s in slides}
     manifest = read_manifest(cohort)
     groups = slide_groups(slides, group_by, manifest) if group_by else None
-    fold_list = make_folds(sorted(by_id), k, cfg.seed, groups)
-    save_folds(fold_list, out / "splits.json", k=k, seed=cfg.seed, group_by=group_by, slides_dir=str(cohort))
+    f_seed = cfg.seed if fold_seed is None else fold_seed
+    fold_list = make_folds(sorted(by_id), k, f_seed, groups)
+    save_folds(fold_list, out / "splits.json", k=k, seed=f_seed, group_by=group_by, slides_dir=str(cohort))
     emb = embedding_key(slides, cfg.embedding)
     genes = select_genes(slides, cfg.genes, manifest)
     (out / "genes.txt").write_text("\n".join(genes) + "\n")
@@ -193,8 +196,11 @@ def _cv_baselines_only(
             "genes": genes, "embedding": emb, "out_dir": str(out)}  # fmt: skip
 
 
-def _folds_and_genes(cohort: Path, cfg: Any, k: int, group_by: str | None) -> tuple[list[dict[str, Any]], list[str]]:
-    """The folds and genes `run_cv` would use on ``cohort`` (same functions, same seed)."""
+def _folds_and_genes(
+    cohort: Path, cfg: Any, k: int, group_by: str | None, fold_seed: int | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The folds and genes `run_cv` would use on ``cohort`` (same functions; folds from ``fold_seed``, by
+    default ``cfg.seed``)."""
     from hist_st.train.cv import slide_groups
     from hist_st.train.data import load_slides, read_manifest, select_genes
     from hist_st.train.folds import make_folds
@@ -202,7 +208,8 @@ def _folds_and_genes(cohort: Path, cfg: Any, k: int, group_by: str | None) -> tu
     slides = load_slides(cohort)
     manifest = read_manifest(cohort)
     groups = slide_groups(slides, group_by, manifest) if group_by else None
-    fold_list = make_folds(sorted(s.slide_id for s in slides), k, cfg.seed, groups)
+    fold_list = make_folds(sorted(s.slide_id for s in slides), k, cfg.seed if fold_seed is None else fold_seed,
+                           groups)  # fmt: skip
     return fold_list, select_genes(slides, cfg.genes, manifest)
 
 
@@ -371,6 +378,7 @@ def run_accuracy(
     rerun: Sequence[str] = (),
     reuse_from: Sequence[str | Path] = (),
     command: str | None = None,
+    train_seed: int | None = None,
 ) -> dict[str, Any]:
     """Run Table 2 on one or more prepared cohorts.
 
@@ -380,7 +388,7 @@ def run_accuracy(
         methods: ``hist`` and/or baseline names (`hist_st.baselines.list_baselines`).
         genes: Gene spec, ``hvg:N`` or ``he:N`` (highly expressed), from each cohort's manifest ranking.
         folds: Number of folds (by slide unless ``group_by``).
-        seed: Fold seed and every method's training seed.
+        seed: Fold seed and, unless ``train_seed`` is given, every method's training seed.
         config, overrides: HiST `TrainConfig` YAML and ``key=value`` overrides (ignored when ``cfg``).
         cfg: A ready `TrainConfig` (its ``seed``/``genes`` are replaced by ``seed``/``genes``).
         group_by: Group column for folds (e.g. ``patient``); None = by slide (the paper).
@@ -397,6 +405,8 @@ def run_accuracy(
             settings, cohort, folds, genes and options, checked as for ``reuse``. Each copied row names its
             source in ``reused_from``. Not used for methods in ``rerun`` or when ``reuse`` is False.
         command: The command line that made this run, recorded in ``accuracy.json``.
+        train_seed: Every method's training seed when it differs from the fold seed (`run_accuracy_seeds`
+            repeats training with several seeds on the folds of one fold seed).
 
     Returns:
         ``{"cohorts": {name: {"methods": {display name: summarise_folds(...)}, "seconds": {...},
@@ -410,10 +420,12 @@ def run_accuracy(
     methods = _check_methods(methods)
     if not cohorts:
         raise InputError("--cohort", "give at least one prepared cohort folder")
+    t_seed = int(seed) if train_seed is None else int(train_seed)
     if cfg is None:
-        cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
+        cfg = build_config(config, overrides, seed=t_seed, genes=genes, progress=progress)
     else:
-        cfg = dataclasses.replace(cfg, seed=int(seed), genes=parse_gene_spec(genes))
+        cfg = dataclasses.replace(cfg, seed=t_seed, genes=parse_gene_spec(genes))
+    fold_seed = int(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     baseline_options = dict(baseline_options or {})
@@ -421,13 +433,16 @@ def run_accuracy(
     tables = []
     per_gene: dict[str, list[dict[str, Any]]] = {}
     prior = read_json(out / "accuracy.json") if reuse and (out / "accuracy.json").is_file() else None
-    settings = {"genes": genes, "folds": folds, "seed": seed, "group_by": group_by}
+    # train_seed is recorded only when it differs from the fold seed, so earlier runs stay comparable.
+    recorded_train_seed = None if t_seed == fold_seed else t_seed
+    settings = {"genes": genes, "folds": folds, "seed": seed, "group_by": group_by,
+                "train_seed": recorded_train_seed}  # fmt: skip
     again = set(_check_methods(rerun)) if rerun else set()
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort = Path(cohort)
         run_dir = out / name
         t0 = time.perf_counter()
-        plan = functools.cache(functools.partial(_folds_and_genes, cohort, cfg, folds, group_by))
+        plan = functools.cache(functools.partial(_folds_and_genes, cohort, cfg, folds, group_by, fold_seed))
         reusable = functools.partial(_reusable, name=name, cfg=cfg, settings=settings, cohort=cohort, plan=plan,
                                      baseline_options=baseline_options)  # fmt: skip
         keep = [m for m in reusable(prior, run_dir=run_dir, methods=methods) if m not in again]
@@ -449,10 +464,11 @@ def run_accuracy(
         if "hist" in todo:
             res = run_cv(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=todo_baselines,
                          baseline_options=baseline_options, write_predictions=write_predictions,
-                         progress=progress)  # fmt: skip
+                         progress=progress, folds=None if t_seed == fold_seed else plan()[0])  # fmt: skip
         elif todo_baselines:
             res = _cv_baselines_only(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=todo_baselines,
-                                     baseline_options=baseline_options, progress=progress)  # fmt: skip
+                                     baseline_options=baseline_options, progress=progress,
+                                     fold_seed=fold_seed)  # fmt: skip
         if keep:
             res = {key: {**kept[key], **other[key], **res[key]} for key in ("methods", "seconds")}
             if todo or copied:
@@ -471,7 +487,8 @@ def run_accuracy(
         results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
                          "n_genes": n_genes, "devices": devices, "reused_from": reused_from,
                          "wall_seconds": time.perf_counter() - t0}  # fmt: skip
-        tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, seed {seed})\n\n" + format_table(ordered))
+        seeds_label = f"seed {seed}" if recorded_train_seed is None else f"fold seed {seed}, training seed {t_seed}"
+        tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, {seeds_label})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)
     table = (
         "Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' metric); "
@@ -483,7 +500,8 @@ def run_accuracy(
     from hist_st.train.config import config_to_dict
 
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,
-               "folds": folds, "seed": seed, "group_by": group_by, "config": config_to_dict(cfg),
+               "folds": folds, "seed": seed, "train_seed": recorded_train_seed, "group_by": group_by,
+               "config": config_to_dict(cfg),
                "baseline_options": baseline_options, "command": command}  # fmt: skip
     write_json(summary, out / "accuracy.json")
     return summary

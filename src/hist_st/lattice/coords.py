@@ -47,8 +47,9 @@ def to_lattice(coords: np.ndarray, unit: float = 1.0, source: str | Path | None 
     """Map continuous coordinates to unique, non-negative int64 lattice sites.
 
     Each point goes to its nearest site ``round(p / unit)``; when several points share a site, the one
-    closest to it (ties: lowest row index) keeps it and the others move to the nearest free site,
-    nearest points first. The result is translated so that both minima are 0. A clean lattice (unique
+    closest to it (ties: lowest row index) keeps it and the others move, in rounds, to the site nearest
+    to them (Euclidean) among those still free; when several want the same site, the nearest wins and
+    the others try again. So no site left free is nearer to a moved point than the site it got. The result is translated so that both minima are 0. A clean lattice (unique
     non-negative integers with both minima 0) is returned unchanged, so the map is idempotent.
 
     Args:
@@ -90,7 +91,8 @@ def _resolve_collisions(x: np.ndarray, site: np.ndarray) -> np.ndarray:
     radius = 1
     while len(pending):
         off = _offsets(radius)
-        cand = np.floor(x[pending])[:, None, :].astype(np.int64) + off[None]  # [P, K, 2]
+        base = np.floor(x[pending])  # [P, 2]
+        cand = base.astype(np.int64)[:, None, :] + off[None]  # [P, K, 2]
         ckey = _keys(cand, lo, width)
         pos = np.searchsorted(occupied, ckey)
         taken = occupied[np.minimum(pos, len(occupied) - 1)] == ckey
@@ -98,7 +100,10 @@ def _resolve_collisions(x: np.ndarray, site: np.ndarray) -> np.ndarray:
         cdist[taken] = np.inf
         best = cdist.argmin(1)
         bdist = cdist[np.arange(len(pending)), best]
-        has = np.isfinite(bdist)
+        # The box [floor(x) - r, floor(x) + r] holds every site closer to x than r + 1 - max(frac(x)):
+        # a free site found in the box is the nearest free site only within that distance.
+        sure = (radius + 1 - (x[pending] - base).max(1)) ** 2
+        has = np.isfinite(bdist) & (bdist <= sure)
         if not has.any():
             radius *= 2
             continue

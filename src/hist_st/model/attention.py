@@ -67,9 +67,12 @@ class WindowAttentionFn(torch.autograd.Function):
             q, k, v = _gather_windows(qkv, part)  # [H, W, S, Dh]
             w, size, dh = q.shape[1], q.shape[2], q.shape[3]
             s = _window_logits(q, k, table, part, scale)
+            # A row whose keys are all masked (a query whose shifted-window keys all lie in its standard
+            # window) keeps max -inf, so it gets weight exp(-inf - mx) = 0 in the merge below; the
+            # standard window always holds the query itself, so mx is finite. Shifting by 0 there only
+            # keeps exp(-inf - m) from computing -inf + inf.
             m = s.amax(dim=-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows whose keys are all masked
-            e = torch.exp(s - m)
+            e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
             del s
             sums.append(e.sum(dim=-1).view(h, w * size).index_select(1, part.token_flat))
             keep = None
@@ -174,6 +177,12 @@ class DualPathAttention(nn.Module):
         attn_dropout: Dropout on attention probabilities.
         impl: ``window``, ``neighbour`` or ``dense``.
         has_tokens: Whether calibration tokens exist (adds the token-update projections).
+        mca_proj: ``separate`` (MCA has its own query and token key/value projections) or ``shared``
+            (MCA reuses W-MSA's q/k/v).
+        n_tokens: Number of calibration tokens; with one, MCA's softmax is 1 and its separate query
+            projection would be unused, so it is not created.
+        token_update: ``attn`` (paper: residual attention only) or ``block`` (authors: plus an output
+            projection; the token FFN lives in `hist_st.model.blocks.RefineBlock`).
     """
 
     def __init__(
@@ -185,6 +194,9 @@ class DualPathAttention(nn.Module):
         attn_dropout: float = 0.0,
         impl: str = "window",
         has_tokens: bool = True,
+        mca_proj: str = "separate",
+        token_update: str = "attn",
+        n_tokens: int = 2,
     ) -> None:
         super().__init__()
         self.heads, self.head_dim, self.window = heads, dim // heads, window
@@ -202,9 +214,14 @@ class DualPathAttention(nn.Module):
             dist = (r[:, None] ** 2 + r[None, :] ** 2).sqrt().flatten()  # [side*side]
             self.register_buffer("alibi", -_alibi_slopes(heads)[:, None] * dist[None], persistent=False)
         self.has_tokens = has_tokens
+        self.mca_separate = has_tokens and mca_proj == "separate"
+        if self.mca_separate:
+            self.q_mca = nn.Linear(dim, dim) if n_tokens > 1 else None
+            self.kv_mca = nn.Linear(dim, 2 * dim)
         if has_tokens:
             self.q_tok = nn.Linear(dim, dim)
             self.kv_tok = nn.Linear(dim, 2 * dim)
+        self.proj_tok = nn.Linear(dim, dim) if has_tokens and token_update == "block" else None
 
     # ------------------------------------------------------------------ positional table
     def _bias_table(self) -> torch.Tensor | None:
@@ -303,7 +320,18 @@ class DualPathAttention(nn.Module):
         if tokens is not None:
             out = out + self._calibration(x, tokens)
             update = self._token_update(x, tokens)
+            if self.proj_tok is not None:
+                update = self.proj_tok(update)
         return self.proj(out), update
+
+    def _mca_query(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """MCA's query weight ``[d, d]`` and bias ``[d]``."""
+        d = self.heads * self.head_dim
+        if self.mca_separate:
+            if self.q_mca is None:
+                raise RuntimeError("DualPathAttention was built for one calibration token (n_tokens=1)")
+            return self.q_mca.weight, self.q_mca.bias
+        return self.qkv.weight[:d], self.qkv.bias[:d]
 
     def _calibration(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """MCA: ``Attn(X Wq, Cb Wk, Cb Wv)`` with its own softmax over the T tokens, no positional term.
@@ -313,11 +341,12 @@ class DualPathAttention(nn.Module):
         """
         n, d = x.shape
         h, dh = self.heads, self.head_dim
-        _, tk, tv = self.qkv(tokens).view(-1, 3, h, dh).unbind(1)  # [T, H, Dh]
+        kv = self.kv_mca if self.mca_separate else self.qkv  # token keys/values: [T, 2 or 3, H, Dh]
+        tk, tv = kv(tokens).view(tokens.shape[0], -1, h, dh).unbind(1)[-2:]  # [T, H, Dh] each
         if tokens.shape[0] == 1:
             return tv.reshape(1, d).expand(n, d)
-        wq = self.qkv.weight[:d].view(h, dh, d)
-        bq = self.qkv.bias[:d].view(h, dh)
+        wq, bq = self._mca_query()
+        wq, bq = wq.view(h, dh, d), bq.view(h, dh)
         tk = tk * self.scale
         u = torch.einsum("thc,hcd->thd", tk, wq)  # [T, H, d]
         s = torch.einsum("nd,thd->nht", x, u) + torch.einsum("thc,hc->ht", tk, bq)  # [N, H, T]

@@ -16,7 +16,10 @@ __all__ = ["RefineBlock", "Coarsen", "Uncoarsen"]
 class RefineBlock(nn.Module):
     """Pre-LN monoscale refinement: ``X' = X + Proj(W-MSA(X) + MCA(X, Cb))``, ``X'' = X' + FFN(LN(X'))``.
 
-    The calibration tokens are updated in the same block from the same normalised inputs.
+    The calibration tokens are updated in the same block from the same normalised inputs:
+    ``Cb <- Cb + Attn(...)`` (paper), or with ``token_update="block"`` (authors' code) the attention
+    output goes through an output projection and is followed by ``Cb <- Cb + FFN(LN(Cb))``.
+    ``dropout`` is the residual-branch dropout (neither the paper nor the authors' code has one; 0).
     ``checkpoint`` trades compute for memory in training: ``"ffn"`` recomputes the FFN hidden layer in
     backward, ``"block"`` the whole block; ``"none"`` keeps every activation.
     """
@@ -37,16 +40,26 @@ class RefineBlock(nn.Module):
         activation: str = "relu",
         impl: str = "window",
         has_tokens: bool = True,
+        mca_proj: str = "separate",
+        token_update: str = "attn",
+        n_tokens: int = 1,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = DualPathAttention(dim, heads, window, positional, attn_dropout, impl, has_tokens)
+        self.attn = DualPathAttention(
+            dim, heads, window, positional, attn_dropout, impl, has_tokens, mca_proj, token_update, n_tokens
+        )
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * ffn_ratio)
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.act = nn.ReLU() if activation == "relu" else nn.GELU()
         self.dropout = dropout
         self.norm_tok = nn.LayerNorm(dim) if has_tokens else None
+        self.token_ffn = (
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), type(self.act)(), nn.Linear(hidden, dim))
+            if has_tokens and token_update == "block"
+            else None
+        )
 
     def forward(
         self, x: torch.Tensor, level: LevelIndex, tokens: torch.Tensor | None
@@ -80,6 +93,8 @@ class RefineBlock(nn.Module):
         x = x + F.dropout(f, self.dropout, self.training)
         if tokens is not None:
             tokens = tokens + t_upd
+            if self.token_ffn is not None:
+                tokens = tokens + self.token_ffn(tokens)
         return x, tokens
 
 

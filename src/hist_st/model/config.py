@@ -17,6 +17,12 @@ FUSE = ("fuse-refine", "refine-fuse")
 TOKENS = ("learned", "max", "mean", "fixed")
 ATTN_IMPL = ("window", "neighbour", "dense")
 ACTIVATIONS = ("relu", "gelu")
+MCA_PROJ = ("separate", "shared")
+TOKEN_UPDATE = ("attn", "block")
+
+#: Values of options added after a config could have been saved without them: a saved dict lacking the
+#: key describes a model built with this behaviour (issue 16 changed these defaults).
+LEGACY_VALUES: dict[str, Any] = {"head_norm": True, "mca_proj": "shared", "token_update": "attn"}
 
 
 def parse_levels(levels: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -52,7 +58,9 @@ class HiSTConfig:
         dim: Model width d at every level.
         heads: Attention heads.
         window: Window half-size w (windows of side 2w).
-        dropout: Dropout after the input projection and on residual branches.
+        dropout: Dropout after the input projection (paper code: 0.05).
+        residual_dropout: Dropout on both residual branches of every refinement block; neither the
+            paper nor the authors' code has it (default 0; hist-st before issue 16 used 0.05).
         attn_dropout: Dropout on attention probabilities.
         ffn_ratio: FFN hidden width / d.
         activation: FFN activation, ``relu`` (authors) or ``gelu``.
@@ -67,6 +75,14 @@ class HiSTConfig:
         resample: Dyadic down/up-sampling; False keeps every stage at full resolution.
         shifted: Include the shifted window partition.
         coarsen_norm: LayerNorm after coarsening/uncoarsening linears (authors' code).
+        head_norm: LayerNorm before the linear head; neither the paper ("a linear head") nor the
+            authors' code has it (default False; hist-st before issue 16: True).
+        mca_proj: Projections of MCA (tissue queries, calibration-token keys/values): ``separate`` (the
+            paper writes MCA with its own W_Q, W_K, W_V and is silent on sharing; the authors' code uses
+            separate ones) or ``shared`` (reuse W-MSA's q/k/v; hist-st before issue 16).
+        token_update: Calibration-token update: ``attn`` (the paper's equation
+            ``Cb <- Cb + Attn(Cb Wq, [X; Cb] Wk, [X; Cb] Wv)``) or ``block`` (the authors' code: the
+            attention output goes through an output projection, then a pre-LN FFN on the tokens).
         attn_impl: ``window`` (padded windows, log-sum-exp merge; fastest), ``neighbour`` (fixed-width
             neighbour gather) or ``dense`` (N x N masked reference, for tests only).
     """
@@ -78,6 +94,7 @@ class HiSTConfig:
     heads: int = 8
     window: int = 3
     dropout: float = 0.05
+    residual_dropout: float = 0.0
     attn_dropout: float = 0.05
     ffn_ratio: float = 4.0
     activation: str = "relu"
@@ -89,6 +106,9 @@ class HiSTConfig:
     resample: bool = True
     shifted: bool = True
     coarsen_norm: bool = True
+    head_norm: bool = False
+    mca_proj: str = "separate"
+    token_update: str = "attn"
     attn_impl: str = "window"
 
     def __post_init__(self) -> None:
@@ -104,6 +124,8 @@ class HiSTConfig:
             "fuse": (self.fuse, FUSE),
             "attn_impl": (self.attn_impl, ATTN_IMPL),
             "activation": (self.activation, ACTIVATIONS),
+            "mca_proj": (self.mca_proj, MCA_PROJ),
+            "token_update": (self.token_update, TOKEN_UPDATE),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -138,6 +160,12 @@ class HiSTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HiSTConfig:
+        """Rebuild from `to_dict`'s output. A dict saved before an option existed gets the value that
+        reproduces the model it described (`LEGACY_VALUES`; ``residual_dropout`` = its ``dropout``)."""
+        d = dict(d)
+        for key, value in LEGACY_VALUES.items():
+            d.setdefault(key, value)
+        d.setdefault("residual_dropout", d.get("dropout", 0.05))
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -41,12 +41,15 @@ class HiST(nn.Module):
                     cfg.heads,
                     cfg.window,
                     positional=cfg.positional,
-                    dropout=cfg.dropout,
+                    dropout=cfg.residual_dropout,
                     attn_dropout=cfg.attn_dropout,
                     ffn_ratio=cfg.ffn_ratio,
                     activation=cfg.activation,
                     impl=cfg.attn_impl,
                     has_tokens=has_tokens,
+                    mca_proj=cfg.mca_proj,
+                    token_update=cfg.token_update,
+                    n_tokens=len(cfg.tokens),
                 )
                 for _ in range(n)
             )
@@ -70,7 +73,7 @@ class HiST(nn.Module):
         )
         self.decoder = nn.ModuleList(blocks(n) for n in dec_blocks)
         out_dim = 2 * d if (wide and dec_blocks) else d
-        self.norm_out = nn.LayerNorm(out_dim)
+        self.norm_out = nn.LayerNorm(out_dim) if cfg.head_norm else nn.Identity()
         self.head = nn.Linear(out_dim, cfg.n_genes)
 
         # Calibration tokens.
@@ -190,5 +193,8 @@ class HiST(nn.Module):
                 x, tokens = blk(x, level, tokens)
             if cfg.skip == "concat" and cfg.fuse == "refine-fuse":
                 x = torch.cat([x, enc], dim=-1)
-        y = self.head(self.norm_out(x))
+        # Head in float32 even under autocast: bfloat16 log1p outputs would be quantised in steps of
+        # 0.016-0.031 (2^-6..2^-5 near typical values), a few dozen distinct values per gene.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = self.head(self.norm_out(x.float()))
         return (y, tokens) if return_tokens else y

@@ -19,7 +19,7 @@ import numpy as np
 
 from hist_st.train.config import AugmentConfig
 
-__all__ = ["schedule_strength", "dropout_probability", "augment_coords", "mirror", "shear", "rotate"]
+__all__ = ["schedule_strength", "dropout_probability", "transform_probability", "augment_coords", "mirror", "shear", "rotate"]
 
 
 def schedule_strength(epoch: int, epochs: int, cfg: AugmentConfig) -> float:
@@ -38,6 +38,14 @@ def dropout_probability(strength: float, cfg: AugmentConfig) -> float:
     """Spot-dropout probability at a given strength: base dropout x strength, clipped to [0, 1]."""
     cfg = cfg.resolved()
     return float(min(max(cfg.dropout * strength, 0.0), 1.0))
+
+
+def transform_probability(strength: float, cfg: AugmentConfig) -> float:
+    """Probability of applying each geometric transform (mirror, shear, rotate) at a given strength:
+    ``p_transform x strength`` with ``schedule_probability`` (the paper), else ``p_transform``."""
+    cfg = cfg.resolved()
+    p = cfg.p_transform * strength if cfg.schedule_probability else cfg.p_transform
+    return float(min(max(p, 0.0), 1.0))
 
 
 def mirror(xy: np.ndarray, axis: int) -> np.ndarray:
@@ -69,8 +77,9 @@ def augment_coords(
         xy: Continuous spot coordinates ``[N, 2]`` in lattice units.
         rng: The step's random generator (derive it from seed, epoch and slide for reproducibility).
         cfg: Augmentation settings (variant defaults are resolved here).
-        strength: Schedule strength from `schedule_strength` (scales dropout; with
-            ``cfg.schedule_geometry`` also the shear angle and the rotation deviation).
+        strength: Schedule strength from `schedule_strength` (scales dropout and, with
+            ``cfg.schedule_probability``, each transform's probability; with ``cfg.schedule_geometry``
+            also the shear angle and the rotation deviation).
 
     Returns:
         ``(xy_aug, keep)``: augmented coordinates of the kept spots ``[M, 2]`` float64, centroid of the
@@ -85,7 +94,7 @@ def augment_coords(
     centre = xy.mean(axis=0)
     z = xy - centre
     geo = strength if cfg.schedule_geometry else 1.0
-    p = cfg.p_transform
+    p = transform_probability(strength, cfg)
     if cfg.mirror and rng.random() < p:
         if cfg.variant == "paper":
             for axis in (0, 1):

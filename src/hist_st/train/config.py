@@ -44,13 +44,22 @@ class AugmentConfig:
     ``variant="paper"`` (default): mirror (each axis with p = 0.5), shear up to ``shear_deg`` degrees,
     rotation by a random right angle plus up to ``rotate_deg`` degrees, spot dropout with base probability
     ``dropout``; a cosine strength schedule decays from ``strength_start`` to ``strength_end`` over
-    training and scales the dropout probability (and, with ``schedule_geometry``, the shear and rotation
-    magnitudes too).
+    training and scales the dropout probability and each geometric transform's probability
+    (``schedule_probability``; with ``schedule_geometry`` also the shear and rotation magnitudes).
 
     ``variant="authors"``: the authors' released code: each transform applied with probability
     ``p_transform`` = 0.75, shear factor uniform in +-tan(30 deg), rotation uniform in [0, 360), keep 25%
     of the spots (dropout 0.75) scaled by the same schedule. Their schedule never reached the DataLoader
     workers, so 75% dropout lasted the whole run; ``schedule="constant"`` reproduces that behaviour.
+
+    The three schedules of issue 16 (paper text A.7: "coordinate augmentations with a cosine strength
+    schedule that decays from 1.0 to 0.2 ... spot dropout with base probability 0.2 (scaled by the same
+    schedule)"):
+
+    - paper (default): ``variant=paper schedule=cosine schedule_probability=true``;
+    - authors' intended: ``variant=authors schedule=cosine schedule_probability=true``;
+    - authors' effective (what their code ran): ``variant=authors schedule=constant``;
+    - hist-st before issue 16: ``schedule_probability=false`` (only the dropout follows the schedule).
 
     Attributes:
         enabled: Apply augmentation at all (the "no coordinate augmentation" ablation sets False).
@@ -67,6 +76,8 @@ class AugmentConfig:
         dropout: Base spot-dropout probability; None = variant default (0.2 paper, 0.75 authors).
         p_transform: Probability of applying each geometric transform; None = variant default (1.0 paper,
             0.75 authors).
+        schedule_probability: Scale each geometric transform's probability (``p_transform``) by the
+            strength, as the dropout probability is (paper text; the authors' code's mechanism).
         schedule_geometry: Also scale shear and rotation-deviation magnitudes by the strength.
         min_spots: Never drop below this many spots (small slides keep enough support).
     """
@@ -83,6 +94,7 @@ class AugmentConfig:
     rotate_deg: float | None = None
     dropout: float | None = None
     p_transform: float | None = None
+    schedule_probability: bool = True
     schedule_geometry: bool = False
     min_spots: int = 16
 

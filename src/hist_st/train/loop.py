@@ -139,12 +139,17 @@ def build_optimizer(
 def forward_loss(
     model: torch.nn.Module, item: dict[str, Any], device: torch.device, amp: bool
 ) -> torch.Tensor:
-    """MSE between the model's log1p predictions and the log1p targets of the step's kept spots."""
+    """MSE between the model's log1p predictions and the log1p targets of the step's kept spots.
+
+    Under bf16 autocast the backbone runs in bfloat16, but HiST's head runs in float32 (`HiST.forward`)
+    and the loss is computed here outside autocast in float32: bfloat16 log1p outputs would be quantised
+    in steps of 0.016-0.031 (issue 16).
+    """
     batch = item["batch"].to(device)
     target = item["target"].to(device, non_blocking=True)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         pred = model(batch)
-    return F.mse_loss(pred.float(), target)
+    return F.mse_loss(pred.float(), target.float())
 
 
 def _identity(x: Any) -> Any:
