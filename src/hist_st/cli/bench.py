@@ -195,8 +195,33 @@ def register_tissue(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_tissue)
 
 
+def cmd_uncertainty(args: argparse.Namespace) -> int:
+    from hist_st.experiments.uncertainty import run_uncertainty, uncertainty_markdown
+
+    if args.mc_samples < 2:
+        raise InputError("--mc-samples", f"must be >= 2 to estimate a spread, got {args.mc_samples}")
+    res = run_uncertainty(args.run, args.cohort, args.out, mc_samples=args.mc_samples, seed=args.seed)
+    print(uncertainty_markdown(res))
+    print(f"results: {args.out / 'uncertainty.json'}, {args.out / 'calibration.png'}")
+    return 0
+
+
+def register_uncertainty(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("uncertainty", help="calibration of MC-dropout and seed-ensemble std on held-out folds",
+                       description="Spearman(std, |error|), Gaussian interval coverage and confident-decile "
+                       "errors of MC dropout (first run) and of the ensemble of the runs' fold models.")  # fmt: skip
+    p.add_argument("--run", nargs="+", required=True, type=Path,
+                   help="cross-validation run folder(s) with splits.json and fold_<i>/model.pt; several runs "
+                   "with other seeds on the same folds form the ensemble")  # fmt: skip
+    p.add_argument("--cohort", required=True, type=Path, help="the prepared cohort of those runs")
+    p.add_argument("--out", type=Path, default=Path("runs/uncertainty"), help="output folder")
+    p.add_argument("--mc-samples", type=int, default=20, help="MC-dropout passes per slide")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")
+    p.set_defaults(func=cmd_uncertainty)
+
+
 # Subcommands of ``hist-st bench``: each ``register_<name>(sub)`` adds one.
-BENCH_COMMANDS = [register_accuracy, register_efficiency, register_speed, register_tissue]
+BENCH_COMMANDS = [register_accuracy, register_efficiency, register_speed, register_tissue, register_uncertainty]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

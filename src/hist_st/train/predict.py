@@ -26,7 +26,7 @@ from hist_st.outputs import fresh_folder
 from hist_st.slide import Slide, atomic_path, is_prediction, read_cohort_slide, write_prepared
 from hist_st.train.checkpoint import ModelBundle
 
-__all__ = ["predict_log1p", "predict_slide", "predict_folder", "lattice_unit_for", "check_outputs",
+__all__ = ["predict_log1p", "mc_log1p_samples", "predict_slide", "predict_folder", "lattice_unit_for", "check_outputs",
            "check_gene_overlap"]
 
 
@@ -41,7 +41,7 @@ def lattice_unit_for(bundle: ModelBundle, slide: Slide) -> float | None:
 
 @torch.no_grad()
 def predict_log1p(
-    bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, seed: int = 0
+    bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, seed: int = 0, log1p_samples: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Log1p-space predictions for every spot of ``slide`` (no augmentation).
 
@@ -52,6 +52,7 @@ def predict_log1p(
             (Monte Carlo dropout); the mean of the K log1p predictions is returned, plus the std of
             the K count-space predictions ``relu(expm1(.))``.
         seed: Seed of the MC-dropout passes (the global torch RNG is restored afterwards).
+        log1p_samples: With ``mc_samples``: return the K log1p passes themselves ``[K, N, G]`` (and None).
 
     Returns:
         ``(mean_log1p [N, G] float32, count_std [N, G] float32 or None)``.
@@ -102,15 +103,25 @@ def predict_log1p(
         for _ in range(mc_samples):
             y = run()
             total = y if total is None else total + y
-            samples.append(torch.relu(torch.expm1(y)).cpu())
+            samples.append(y.cpu() if log1p_samples else torch.relu(torch.expm1(y)).cpu())
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state_all(cuda_state)
+        if log1p_samples:
+            return torch.stack(samples).numpy(), None
         mean = (total / mc_samples).cpu().numpy()
         std = torch.stack(samples).std(0, unbiased=False).numpy()
         return mean, std
     finally:
         model.train(was_training)
+
+
+def mc_log1p_samples(bundle: ModelBundle, slide: Slide, mc_samples: int, *, seed: int = 0) -> np.ndarray:
+    """The ``mc_samples`` Monte Carlo dropout passes in log1p space, float32 ``[K, N, G]``."""
+    if mc_samples < 1:
+        raise InputError("mc_samples", f"must be >= 1, got {mc_samples}")
+    samples, _ = predict_log1p(bundle, slide, mc_samples=mc_samples, seed=seed, log1p_samples=True)
+    return samples
 
 
 def predict_slide(bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, seed: int = 0) -> Slide:

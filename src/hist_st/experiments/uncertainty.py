@@ -1,0 +1,196 @@
+"""Does a predicted standard deviation mean anything? Calibration of MC dropout and of a seed ensemble.
+
+```bash
+hist-st bench uncertainty --run runs/acc/seed_0/her2st runs/acc/seed_1/her2st runs/acc/seed_2/her2st \
+    --cohort cohorts/her2st --out runs/uncertainty --mc-samples 20
+```
+
+For every fold of cross-validation runs (`hist-st cv` / `bench accuracy` folders: ``splits.json`` and
+``fold_<i>/model.pt``), each held-out slide is predicted by
+
+- **MC dropout**: ``K`` passes of the first run's fold model with dropout on; mean and std of the passes;
+- **seed ensemble** (with two or more runs on the same folds and genes): one deterministic pass of each
+  run's fold model; mean and std across models (the reference the issue asks for).
+
+Both give, per spot and gene, a mean ``mu`` and a std ``sigma`` in log1p space, scored against the measured
+``y = log1p(counts)`` over all held-out spots and genes:
+
+- ``spearman``: rank correlation of ``sigma`` and the absolute error ``|y - mu|`` (pooled; and the mean of
+  the per-gene correlations);
+- ``coverage``: share of ``y`` inside the central interval ``mu +- z_p sigma`` of a Gaussian, for
+  ``p`` = 50% and 90% (and a curve over p, ``calibration.png``);
+- ``deciles``: mean absolute error of the 10% most and least confident entries (smallest/largest sigma).
+
+Each method is also scored **recalibrated**: ``sigma`` of fold ``i`` multiplied by the factor that makes the
+50% interval exact on the *other* folds' held-out entries (``median(|y - mu| / sigma) / z_0.75``), so no
+fold's own errors set its scale.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hist_st.errors import InputError
+from hist_st.jsonio import write_json
+from hist_st.slide import read_cohort_slide
+from hist_st.train.checkpoint import load_bundle
+from hist_st.train.data import log1p_counts
+from hist_st.train.predict import mc_log1p_samples, predict_log1p
+from hist_st.train.splits import read_splits
+
+__all__ = ["calibration", "run_uncertainty", "uncertainty_markdown", "LEVELS"]
+
+LEVELS = np.round(np.arange(0.05, 1.0, 0.05), 2)  # central-interval probabilities of the calibration curve
+
+
+def calibration(mu: np.ndarray, sigma: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Calibration of ``sigma`` for ``mu`` against ``y`` (arrays ``[N, G]``, log1p space).
+
+    Returns:
+        ``{"spearman", "spearman_per_gene_mean", "coverage_50", "coverage_90", "curve": {p: coverage},
+        "mae_most_confident_decile", "mae_least_confident_decile", "mean_sigma", "mae", "n"}``.
+    """
+    from scipy.stats import norm, spearmanr
+
+    err = np.abs(y - mu)
+    s, e = sigma.ravel(), err.ravel()
+    rho = float(spearmanr(s, e).statistic) if s.std() > 0 and e.std() > 0 else float("nan")
+    per_gene = [spearmanr(sigma[:, g], err[:, g]).statistic for g in range(err.shape[1])
+                if sigma[:, g].std() > 0 and err[:, g].std() > 0]  # fmt: skip
+    curve = {float(p): float((e <= norm.ppf(0.5 + p / 2) * s).mean()) for p in LEVELS}
+    order = np.argsort(s, kind="stable")
+    k = max(1, len(order) // 10)
+    return {
+        "spearman": rho,
+        "spearman_per_gene_mean": float(np.nanmean(per_gene)) if per_gene else float("nan"),
+        "coverage_50": float((e <= norm.ppf(0.75) * s).mean()),
+        "coverage_90": float((e <= norm.ppf(0.95) * s).mean()),
+        "curve": curve,
+        "mae_most_confident_decile": float(e[order[:k]].mean()),
+        "mae_least_confident_decile": float(e[order[-k:]].mean()),
+        "mean_sigma": float(s.mean()),
+        "mae": float(e.mean()),
+        "n": int(e.size),
+    }
+
+
+def _scale(folds: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+    """The factor on sigma that makes the central 50% interval exact on ``folds`` (mu, sigma, y)."""
+    from scipy.stats import norm
+
+    ratio = np.concatenate([(np.abs(y - mu) / np.maximum(sigma, 1e-12)).ravel() for mu, sigma, y in folds])
+    return float(np.median(ratio) / norm.ppf(0.75))
+
+
+def _genes(run: Path) -> list[str]:
+    path = run / "genes.txt"
+    if not path.is_file():
+        raise InputError(run, "has no genes.txt (a `hist-st cv` / `bench accuracy` run folder is expected)")
+    return path.read_text().split()
+
+
+def run_uncertainty(
+    runs: Sequence[str | Path], cohort: str | Path, out: str | Path, *, mc_samples: int = 20, seed: int = 0
+) -> dict[str, Any]:
+    """MC dropout (first run) and seed-ensemble (all runs) calibration on the held-out folds.
+
+    Raises:
+        InputError: a run without splits/genes/fold models, runs whose folds or genes differ.
+    """
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise InputError("--run", "give at least one cross-validation run folder")
+    cohort, out = Path(cohort), Path(out)
+    folds = read_splits(runs[0] / "splits.json")
+    genes = _genes(runs[0])
+    for r in runs[1:]:
+        other = read_splits(r / "splits.json")
+        if [(sorted(f["train"]), sorted(f["test"])) for f in other] != [(sorted(f["train"]), sorted(f["test"])) for f in folds]:
+            raise InputError(r, f"its folds differ from those of {runs[0]}; an ensemble needs the same folds")
+        if _genes(r) != genes:
+            raise InputError(r, f"its genes differ from those of {runs[0]}")
+    names = ["mc_dropout"] + (["ensemble"] if len(runs) > 1 else [])
+    per_fold: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {n: [] for n in names}
+    for f in folds:
+        acc: dict[str, dict[str, list[np.ndarray]]] = {n: {"mu": [], "sigma": [], "y": []} for n in names}
+        bundles = []
+        for r in runs:
+            path = r / f"fold_{f['fold']}" / "model.pt"
+            if not path.is_file():
+                raise InputError(path, "fold model not found (was the run made with models kept?)")
+            bundles.append(load_bundle(path))
+        for sid in sorted(f["test"]):
+            slide = read_cohort_slide(cohort / f"{sid}.h5ad")
+            y = log1p_counts(slide, genes)
+            samples = mc_log1p_samples(bundles[0], slide, mc_samples, seed=seed)
+            acc["mc_dropout"]["mu"].append(samples.mean(0))
+            acc["mc_dropout"]["sigma"].append(samples.std(0))
+            acc["mc_dropout"]["y"].append(y)
+            if len(bundles) > 1:
+                preds = np.stack([predict_log1p(b, slide)[0] for b in bundles])
+                acc["ensemble"]["mu"].append(preds.mean(0))
+                acc["ensemble"]["sigma"].append(preds.std(0))
+                acc["ensemble"]["y"].append(y)
+        for n in names:
+            per_fold[n].append(tuple(np.concatenate(acc[n][k]) for k in ("mu", "sigma", "y")))
+    methods: dict[str, Any] = {}
+    for n in names:
+        mu, sigma, y = (np.concatenate([f[k] for f in per_fold[n]]) for k in range(3))
+        methods[n] = calibration(mu, sigma, y)
+        if len(per_fold[n]) > 1:
+            scaled = [f[1] * _scale([g for j, g in enumerate(per_fold[n]) if j != i]) for i, f in enumerate(per_fold[n])]
+            methods[f"{n}_recalibrated"] = calibration(mu, np.concatenate(scaled), y)
+    result: dict[str, Any] = {
+        "runs": [str(r) for r in runs],
+        "cohort": str(cohort),
+        "mc_samples": mc_samples,
+        "n_genes": len(genes),
+        "methods": methods,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(result, out / "uncertainty.json")
+    _plot(result, out / "calibration.png")
+    (out / "uncertainty.md").write_text(uncertainty_markdown(result))
+    return result
+
+
+def _plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 1, figsize=(4.2, 4.0), dpi=120)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="calibrated")
+    for name, m in result["methods"].items():
+        ps = sorted(float(p) for p in m["curve"])
+        ax.plot(ps, [m["curve"][p] for p in ps], marker="o", ms=3, label=name.replace("_", " "))
+    ax.set_xlabel("nominal central-interval probability (Gaussian, log1p)")
+    ax.set_ylabel("observed coverage on held-out spots")
+    ax.set_title("uncertainty calibration", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def uncertainty_markdown(result: dict[str, Any]) -> str:
+    """The calibration numbers as a Markdown table."""
+    lines = [
+        "| method | Spearman(std, abs error) pooled / per-gene mean | coverage 50% | coverage 90% | "
+        "MAE most / least confident decile | mean std | MAE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in result["methods"].items():
+        lines.append(
+            f"| {name.replace('_', ' ')} | {m['spearman']:.3f} / {m['spearman_per_gene_mean']:.3f} | "
+            f"{m['coverage_50']:.3f} | {m['coverage_90']:.3f} | {m['mae_most_confident_decile']:.3f} / "
+            f"{m['mae_least_confident_decile']:.3f} | {m['mean_sigma']:.4f} | {m['mae']:.3f} |"
+        )
+    return "\n".join(lines) + "\n\n" + json.dumps({"runs": result["runs"], "mc_samples": result["mc_samples"]}) + "\n"
