@@ -170,12 +170,12 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
     for name, m in result["methods"].items():
         ps = sorted(float(p) for p in m["curve"])
         ax.plot(ps, [m["curve"][p] for p in ps], marker="o", ms=3, label=name.replace("_", " "))
-    ax.set_xlabel("nominal central-interval probability (Gaussian, log1p)")
+    ax.set_xlabel("nominal central-interval probability\n(Gaussian in log1p space)")
     ax.set_ylabel("observed coverage on held-out spots")
     ax.set_title("uncertainty calibration", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
