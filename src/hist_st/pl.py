@@ -37,12 +37,13 @@ def normalise_counts(counts: np.ndarray | sp.spmatrix, target_sum: float = 1e4) 
     """``log1p(counts / spot total * target_sum)`` per spot, as scanpy's ``normalize_total`` + ``log1p``.
 
     Args:
-        counts: ``[N, G]`` counts (dense or sparse). Spots whose total is 0 stay 0.
+        counts: ``[N, G]`` counts (dense or sparse); negative values (a regression's ``expm1`` of a
+            log1p prediction below 0) count as 0. Spots whose total is 0 stay 0.
 
     Returns:
         float64 ``[N, G]``.
     """
-    x = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64)
+    x = np.maximum(np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64), 0.0)
     total = x.sum(1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         x = np.where(total > 0, x / total * target_sum, 0.0)
