@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from hist_st.errors import InputError
+from hist_st.model.config import LEGACY_VALUES
 from hist_st.slide import Slide
 from hist_st.train.augment import dropout_probability, schedule_strength
 from hist_st.train.checkpoint import (
@@ -250,7 +251,11 @@ def _resumed_config(
         InputError: The request differs from the checkpoint (`hist_st.train.resume.check_resume`).
     """
     try:
-        saved = config_from_dict(dict(ckpt["config"]))
+        data = dict(ckpt["config"])
+        if isinstance(data.get("model"), dict):  # a checkpoint saved before an option existed: its old value
+            data["model"] = {**{k: v for k, v in LEGACY_VALUES.items() if k not in data["model"]},
+                             "residual_dropout": data["model"].get("dropout", 0.05), **data["model"]}  # fmt: skip
+        saved = config_from_dict(data)
     except (InputError, TypeError) as exc:
         raise InputError(source, f"the checkpoint's config is invalid ({exc})") from None
     saved_dict = config_to_dict(saved)
