@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -104,6 +105,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         last = result.history[-1] if result.history else {}
         print(f"trained on {len(result.slide_ids)} slides, {len(result.bundle.genes)} genes; "
               f"final loss {last.get('loss', float('nan')):.4f}; checkpoint: {result.checkpoint}")  # fmt: skip
+    elif resume is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"nothing to train: the run in {args.out} already finished its {cfg.epochs} epochs; "
+              f"model: {Path(args.out) / 'model.pt'}")  # fmt: skip
     return 0
 
 
