@@ -124,9 +124,9 @@ def map_agreement(
     if pred.predicted is None or measured is None:
         raise InputError(f"slide {pred.slide_id!r}", "needs predictions and the measured counts of the same spots")
     cols = _columns(pred, genes)
-    p = gene_values(pred.predicted, cols, values)
-    m = gene_values(measured, cols, values)
     every = list(range(len(pred.genes)))
+    p_all, m_all = gene_values(pred.predicted, every, values), gene_values(measured, every, values)
+    p, m = p_all[:, cols], m_all[:, cols]
     return {
         "values": VALUES[values],
         "per_gene": {g: _pearson(p[:, j], m[:, j]) for j, g in enumerate(genes)},
@@ -134,10 +134,7 @@ def map_agreement(
             "measured": [[_pearson(m[:, i], m[:, j]) for j in range(len(genes))] for i in range(len(genes))],
             "predicted": [[_pearson(p[:, i], p[:, j]) for j in range(len(genes))] for i in range(len(genes))],
         },
-        "pc1_share": {
-            "measured": _pc1_share(gene_values(measured, every, values)),
-            "predicted": _pc1_share(gene_values(pred.predicted, every, values)),
-        },
+        "pc1_share": {"measured": _pc1_share(m_all), "predicted": _pc1_share(p_all)},
     }
 
 

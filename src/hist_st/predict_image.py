@@ -122,21 +122,19 @@ def model_grid(bundle: Any) -> dict[str, Any]:
 
 def _spaceranger_um_per_px(image_path: Path) -> tuple[float, str] | None:
     """um/px of a Space Ranger ``tissue_hires/lowres_image`` from the ``scalefactors_json.json`` beside it."""
-    from hist_st.io._util import VISIUM_SCALEFACTOR_SPOT_UM
-    from hist_st.io.spaceranger import read_scalefactors
+    from hist_st.io.spaceranger import read_scalefactors, um_per_px_from_scalefactors
 
     name = image_path.name.lower()
-    key = "hires" if name.startswith("tissue_hires_image") else "lowres" if name.startswith("tissue_lowres_image") else None
+    key = next((k for k in ("hires", "lowres") if name.startswith(f"tissue_{k}_image")), None)
     if key is None:
         return None
     sf = read_scalefactors(image_path.parent)
-    d, scalef = sf.get("spot_diameter_fullres"), sf.get(f"tissue_{key}_scalef")
-    if not d or not scalef:
+    upp = um_per_px_from_scalefactors(sf, key)
+    if upp is None:
         return None
-    upp = VISIUM_SCALEFACTOR_SPOT_UM / float(d) / float(scalef)
     return upp, (
-        f"Space Ranger scale factors beside the image: {VISIUM_SCALEFACTOR_SPOT_UM:g} um / spot_diameter_fullres "
-        f"{d:g} px / tissue_{key}_scalef {scalef:g}"
+        f"Space Ranger scale factors beside the image: 65 um / spot_diameter_fullres "
+        f"{sf['spot_diameter_fullres']:g} px / tissue_{key}_scalef {sf[f'tissue_{key}_scalef']:g}"
     )
 
 
@@ -376,16 +374,15 @@ def predict_image(
         ref = reference if isinstance(reference, Slide) else read_prepared(reference)
     grid = model_grid(bundle)
     upp, upp_source = _resolve_um_per_px(image_path, um_per_px, ref)
-    with open_image(image_path, um_per_px=upp) as img:
-        resolution = image_resolution(img.source_um_per_px, grid["patch"]["um_per_px"])
-    warnings = [resolution["warning"]] if resolution["warning"] else []
-    for w in warnings:
-        if log is not None:
-            log(f"WARNING: {w}")
     origin, angle = grid_phase(ref.spatial, grid["pitch_um"] / upp, grid["lattice"]) if ref is not None else (None, 0.0)
 
     t0 = time.perf_counter()
     with open_image(image_path, um_per_px=upp) as img:
+        resolution = image_resolution(img.source_um_per_px, grid["patch"]["um_per_px"])
+        warnings = [resolution["warning"]] if resolution["warning"] else []
+        for w in warnings:
+            if log is not None:
+                log(f"WARNING: {w}")
         mask = detect_tissue(img, max_size=thumbnail_size)
         timings["tissue_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -45,6 +45,7 @@ __all__ = [
     "iter_patch_batches",
     "patch_field_px",
     "as_rgb_uint8",
+    "image_size",
     "upsampling_warning",
     "MAX_PATCH_UPSAMPLING",
     "PAD_VALUE",
@@ -461,6 +462,20 @@ def open_image(path: str | Path, um_per_px: float | None = None, *, scale: float
     if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return TiffImage(path, um_per_px)
     return PillowImage(path, um_per_px)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file, reading only its header where the format allows."""
+    from PIL import Image
+
+    if H5AD_IMAGE_SEP not in str(path) and Path(path).suffix.lower() not in OPENSLIDE_SUFFIXES:
+        try:
+            with Image.open(path) as im:  # lazy: the header, not the pixels
+                return int(im.size[0]), int(im.size[1])
+        except Exception:  # noqa: BLE001 - not a Pillow format: the back end reads its header
+            pass
+    with open_image(path) as img:
+        return int(img.width), int(img.height)
 
 
 class PatchParams:

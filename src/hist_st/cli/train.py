@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def _finished_run(out: Path) -> int | None:
         return None
     ckpt = load_checkpoint(out / MODEL_FILE)
     epochs = ckpt.get("config", {}).get("epochs")
-    if "optimizer" in ckpt or epochs is None or int(ckpt.get("epoch", -1)) != int(epochs):
+    if epochs is None or int(ckpt.get("epoch", -1)) != int(epochs):  # older runs kept the optimiser in it
         return None
     return int(epochs)
 
@@ -105,9 +104,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         last = result.history[-1] if result.history else {}
         print(f"trained on {len(result.slide_ids)} slides, {len(result.bundle.genes)} genes; "
               f"final loss {last.get('loss', float('nan')):.4f}; checkpoint: {result.checkpoint}")  # fmt: skip
-    elif resume is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(f"nothing to train: the run in {args.out} already finished its {cfg.epochs} epochs; "
-              f"model: {Path(args.out) / 'model.pt'}")  # fmt: skip
     return 0
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "read_10x_mex",
     "read_tissue_positions",
     "read_scalefactors",
+    "um_per_px_from_scalefactors",
     "resolve_image_scale",
     "spatial_images",
     "POSITION_COLUMNS",
@@ -222,6 +223,16 @@ def read_scalefactors(spatial_dir: str | Path) -> dict[str, float]:
     return out
 
 
+def um_per_px_from_scalefactors(scalefactors: dict[str, float], key: str | None = None) -> float | None:
+    """Microns per pixel from 10x's ``spot_diameter_fullres`` (a 65 um spot): of the full-resolution image,
+    or of the ``key`` (``hires``/``lowres``) image through its ``tissue_<key>_scalef``; None when unknown."""
+    d = scalefactors.get("spot_diameter_fullres")
+    scalef = scalefactors.get(f"tissue_{key}_scalef") if key else 1.0
+    if not d or not scalef:
+        return None
+    return VISIUM_SCALEFACTOR_SPOT_UM / float(d) / float(scalef)
+
+
 def _image_file(spatial_dir: Path, key: str) -> Path | None:
     return _first(spatial_dir, f"tissue_{key}_image.png", f"tissue_{key}_image.jpg", f"tissue_{key}_image.tif")
 
@@ -256,6 +267,7 @@ def resolve_image_scale(
     spatial_px: np.ndarray,
     spatial_dir: str | Path | None,
     image_scale: float | None = None,
+    images: dict[str, np.ndarray] | None = None,
 ) -> tuple[Path | None, float, str]:
     """Which image the patches come from, and its pixels per full-resolution pixel.
 
@@ -266,6 +278,8 @@ def resolve_image_scale(
         spatial_px: Spot centres ``[N, 2]`` in full-resolution pixels.
         spatial_dir: The ``spatial/`` folder (None: no Space Ranger folder, e.g. an AnnData input).
         image_scale: An explicit scale (image px per full-resolution px) given by the user.
+        images: ``spatial/``'s images already decoded (`spatial_images`), to tell a blank one without
+            decoding it again.
 
     Returns:
         ``(image path or None, scale, how the scale was found)``.
@@ -273,20 +287,17 @@ def resolve_image_scale(
     Raises:
         InputError: the image is neither full resolution nor a scaled copy the scale factors describe.
     """
-    from hist_st.wsi import open_image
+    from hist_st.wsi import image_size
 
     spatial_dir = Path(spatial_dir) if spatial_dir is not None else None
     if image is None:
         if spatial_dir is None:
             return None, 1.0, "no image"
+        images = images if images is not None else spatial_images(spatial_dir)
         for key in IMAGE_KEYS:
             path = _image_file(spatial_dir, key)
             sf = scalefactors.get(f"tissue_{key}_scalef")
-            if path is None or not sf:
-                continue
-            with open_image(path) as img:
-                blank = is_blank(img.array)
-            if blank:
+            if path is None or not sf or key not in images or is_blank(images[key]):
                 continue
             return path, float(sf), f"{path.name} at tissue_{key}_scalef = {sf:g} (no full-resolution image given)"
         return None, 1.0, "no image"
@@ -302,8 +313,7 @@ def resolve_image_scale(
             return image, float(sf), f"the Space Ranger {key} image: tissue_{key}_scalef = {sf:g}"
     if not any(scalefactors.get(f"tissue_{k}_scalef") for k in IMAGE_KEYS):
         return image, 1.0, "full resolution (no hires/lowres scale factors to consider)"
-    with open_image(image) as img:
-        w, h = img.width, img.height
+    w, h = image_size(image)
     xy = np.asarray(spatial_px, dtype=np.float64)
     lo, hi = xy.min(0), xy.max(0)
     candidates = [(1.0, "full resolution (spot positions fit the image)")] + [
@@ -395,14 +405,14 @@ def read_spaceranger(
         try:
             um_per_px, how = derive_hex_um_per_px(array, spatial, VISIUM_PITCH_UM, outs)
         except InputError:
-            d = sf.get("spot_diameter_fullres")
-            if not d:
+            um_per_px = um_per_px_from_scalefactors(sf)
+            if um_per_px is None:
                 raise InputError(
                     outs, "cannot derive um per pixel: too few spots and no spot_diameter_fullres"
                 ) from None
-            um_per_px, how = VISIUM_SCALEFACTOR_SPOT_UM / float(d), "from spot_diameter_fullres (65 um)"
-        if sf.get("spot_diameter_fullres"):
-            alt = VISIUM_SCALEFACTOR_SPOT_UM / float(sf["spot_diameter_fullres"])
+            how = "from spot_diameter_fullres (65 um)"
+        alt = um_per_px_from_scalefactors(sf)
+        if alt is not None:
             meta["um_per_px_from_scalefactors"] = alt
             if abs(alt - um_per_px) / um_per_px > 0.25:
                 raise InputError(
@@ -415,7 +425,8 @@ def read_spaceranger(
         if not (np.isfinite(um_per_px) and um_per_px > 0):
             raise InputError("--um-per-px", f"must be a positive number, got {um_per_px}")
         meta["um_per_px_source"] = "given by the user"
-    image_path, scale, scale_how = resolve_image_scale(image, sf, spatial, spatial_dir, image_scale)
+    images = spatial_images(spatial_dir)
+    image_path, scale, scale_how = resolve_image_scale(image, sf, spatial, spatial_dir, image_scale, images)
     meta["image_scale_source"] = scale_how
     obs = pd.DataFrame(
         {
@@ -444,7 +455,7 @@ def read_spaceranger(
         obs=obs,
         var=feats[["gene_ids", "feature_types", "genome"]].copy(),
         library_id=library_id or sid,
-        spatial_images=spatial_images(spatial_dir),
+        spatial_images=images,
         scalefactors=sf,
     )
     return harmonise_slide(slide, symbols=feats["gene_symbols"].to_numpy(dtype=object))
