@@ -260,7 +260,7 @@ def test_stnet_targets_and_epoch_choice(cohort):
         s.patient = "A"
     assert inner_folds(slides, 2) == [[0, 2, 4], [1, 3]]  # one patient: slides take its place
     m = get_baseline("stnet", backbone="efficientnet_lite0", patches=_fake_patches(), input_size=32, epochs=3,
-                     batch_size=30, lr=1e-4, tta=False)  # fmt: skip
+                     batch_size=30, lr=1e-4, tta=False)
     m.fit(train, GENES, EMB, seed=0)
     assert len(m.inner_sse_) == 3 and m.best_epoch_ == int(np.argmin(m.inner_sse_)) + 1
     assert len(m.history_) == m.best_epoch_ * 4  # final model only: 120 spots, batch 30: 4 steps per epoch
@@ -363,7 +363,7 @@ def test_mlp_feeds_raw_embeddings_and_ridge_robust_drops_flat_channels(cohort):
     pipe = Pipeline([("scaler", StandardScaler()), ("PCA", PCA(n_components=7, random_state=7))])
     z = pipe.fit_transform(x)
     reg = Ridge(solver="lsqr", alpha=100 / (z.shape[1] * yt.shape[1]), random_state=7, fit_intercept=False,
-                max_iter=1000).fit(z, yt - yt.mean(0))  # fmt: skip
+                max_iter=1000).fit(z, yt - yt.mean(0))
     expected = reg.predict(pipe.transform(test.embeddings[EMB][:, 1:])) + yt.mean(0)
     np.testing.assert_allclose(model.predict(test), expected, rtol=1e-4, atol=1e-4)
     hest = get_baseline("ridge").fit(train, GENES, EMB, seed=7).predict(test)

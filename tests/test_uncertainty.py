@@ -41,7 +41,7 @@ def test_uncertainty_end_to_end_on_a_toy_cv(tmp_path):
     for seed in (0, 1):
         cfg = load_config(None, [*TINY, f"seed={seed}"])
         run_cv(cfg, cohort, tmp_path / f"cv{seed}", k=2, folds=None if seed == 0 else tmp_path / "cv0" / "splits.json",
-               progress=False)  # fmt: skip
+               progress=False)
         runs.append(tmp_path / f"cv{seed}")
     res = run_uncertainty(runs, cohort, tmp_path / "u", mc_samples=4)
     assert set(res["methods"]) == {"mc_dropout", "mc_dropout_recalibrated", "ensemble", "ensemble_recalibrated"}

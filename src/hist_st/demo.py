@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from hist_st.metrics import pearson
+from hist_st.runtime import set_threads
+
 __all__ = ["DEMO_DEFAULTS", "run_demo", "plot_heatmap"]
 
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -77,14 +80,14 @@ def plot_heatmap(
     rows = [("measured", measured)] + [(m, normalise_counts(np.expm1(p))[:, cols]) for m, p in preds.items()]
     xy = np.asarray(slide.spatial)
     fig, axes = plt.subplots(len(rows), len(genes), figsize=(2.6 * len(genes), 2.5 * len(rows)), dpi=110,
-                             squeeze=False)  # fmt: skip
+                             squeeze=False)
     size = float(np.clip(8000.0 / max(1, len(xy)), 2.0, 30.0))
     for j, g in enumerate(genes):
         for i, (name, mat) in enumerate(rows):
             ax = axes[i, j]
             vmin, vmax = np.percentile(mat[:, j], [1, 99])  # each map on its own scale: the pattern matters
             ax.scatter(xy[:, 0], xy[:, 1], c=mat[:, j], s=size, cmap="viridis", vmin=vmin,
-                       vmax=max(vmax, vmin + 1e-6), linewidths=0, marker="s")  # fmt: skip
+                       vmax=max(vmax, vmin + 1e-6), linewidths=0, marker="s")
             ax.set_aspect("equal")
             ax.invert_yaxis()
             ax.set_xticks([])
@@ -93,12 +96,12 @@ def plot_heatmap(
                 ax.set_title(g, fontsize=9)
             if j == 0:
                 ax.set_ylabel(name, fontsize=9)
-            if name != "measured" and mat[:, j].std() > 0 and measured[:, j].std() > 0:
-                r = np.corrcoef(mat[:, j], measured[:, j])[0, 1]
+            r = pearson(mat[:, j], measured[:, j])
+            if name != "measured" and np.isfinite(r):
                 ax.text(0.02, 0.02, f"r={r:.2f}", transform=ax.transAxes, fontsize=7, color="k",
-                        bbox={"fc": "white", "alpha": 0.7, "lw": 0})  # fmt: skip
+                        bbox={"fc": "white", "alpha": 0.7, "lw": 0})
     fig.suptitle(f"log1p(counts per 10k over the predicted genes) on test slide {slide.slide_id} (each map on its "
-                 "own 1-99% colour scale; r = Pearson with measured)", fontsize=10)  # fmt: skip
+                 "own 1-99% colour scale; r = Pearson with measured)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -139,8 +142,7 @@ def run_demo(
     from hist_st.train.config import load_config
     from hist_st.train.cv import plot_loss_curves, run_cv
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     d = dict(DEMO_DEFAULTS)
     d.update({k: v for k, v in {"n_genes": n_genes, "n_top": n_top}.items() if v is not None})
     seed = d["seed"] if seed is None else seed
@@ -149,7 +151,7 @@ def run_demo(
     t_start = time.perf_counter()
     cohort = out / "cohort"
     make_cohort(cohort, n_slides=n_slides or d["n_slides"], n_spots=tuple(n_spots or d["n_spots"]),
-                n_genes=d["n_genes"], embed_dim=d["embed_dim"], seed=seed)  # fmt: skip
+                n_genes=d["n_genes"], embed_dim=d["embed_dim"], seed=seed)
     t_cohort = time.perf_counter() - t_start
     ov = list(d["overrides"]) + [f"genes.n_top={d['n_top']}", f"seed={seed}", f"progress={str(progress).lower()}"]
     if epochs is not None:
@@ -187,7 +189,7 @@ def run_demo(
     # the 4 most expressed of the predicted genes on this slide (a choice blind to every method's output)
     show = [genes[i] for i in np.argsort(-np.asarray(log1p_counts(slide, genes).mean(0)), kind="stable")[:4]]
     plot_heatmap(slide, show, {"HiST": hist_log1p, "ridge": ridge.predict(slide)},
-                 {g: i for i, g in enumerate(genes)}, out / "heatmap.png")  # fmt: skip
+                 {g: i for i, g in enumerate(genes)}, out / "heatmap.png")
 
     seconds = {"total": time.perf_counter() - t_start, "cohort": t_cohort, **summary["seconds"]}
     result = {

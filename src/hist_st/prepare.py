@@ -32,6 +32,7 @@ from hist_st.harmonise import (
     shared_genes,
     write_cohort_manifest,
 )
+from hist_st.runtime import resolve_device
 from hist_st.slide import Slide, atomic_write, read_cohort_slide, remove_stale_temporaries, write_prepared
 from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image, upsampling_warning
 
@@ -857,11 +858,11 @@ def prepare_cohort(
 
     from hist_st.encoders import get_encoder
     from hist_st.harmonise import load_gene_mapping
-    from hist_st.train.distributed import init_distributed, resolve_device
+    from hist_st.train.distributed import init_distributed
 
     info = dist_info if dist_info is not None else init_distributed(device or "auto")
     if info.enabled and (device in (None, "auto", "cuda")):
-        device = str(resolve_device(device or "auto", info))  # one GPU per rank
+        device = str(resolve_device(device or "auto", info.local_rank))  # one GPU per rank
 
     t_start = time.perf_counter()
     out = Path(out_dir)

@@ -397,7 +397,7 @@ def pseudo_spot_grid(
                 {"in_tissue": np.ones(len(rc), np.int64), "array_row": rc[:, 0], "array_col": rc[:, 1],
                  "pxl_col_in_fullres": xy[:, 0], "pxl_row_in_fullres": xy[:, 1]},
                 index=pd.Index([f"ps_{r}_{c}" for r, c in rc]),
-            ),  # fmt: skip
+            ),
             meta={
                 "pseudo_spots": {
                     "lattice": lattice,

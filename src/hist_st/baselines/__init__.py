@@ -19,7 +19,6 @@ from hist_st.baselines.base import (
     list_baselines,
     log1p_targets,
     register,
-    seed_everything,
     slide_embeddings,
 )
 from hist_st.baselines.bleep import BLEEPBaseline, bleep_loss
@@ -35,7 +34,6 @@ __all__ = [
     "register",
     "log1p_targets",
     "slide_embeddings",
-    "seed_everything",
     "MeanBaseline",
     "RidgeBaseline",
     "MLPBaseline",

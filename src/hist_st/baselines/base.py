@@ -14,7 +14,6 @@ pred = model.predict(test_slide)            # float32 [N, G], log1p space, colum
 from __future__ import annotations
 
 import inspect
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -23,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from hist_st.errors import InputError
+from hist_st.runtime import seed_everything
 from hist_st.slide import Slide
 
 __all__ = [
@@ -33,8 +33,6 @@ __all__ = [
     "list_baselines",
     "log1p_targets",
     "slide_embeddings",
-    "seed_everything",
-    "torch_device",
 ]
 
 _REGISTRY: dict[str, type[Baseline]] = {}
@@ -79,19 +77,6 @@ def _baseline_class(name: str) -> type[Baseline]:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(list_baselines())}") from None
 
 
-def seed_everything(seed: int) -> np.random.Generator:
-    """Seed Python, NumPy and torch (when imported) and return a NumPy generator for local use."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
-    return np.random.default_rng(seed)
-
-
 def _gene_columns(slide: Slide, genes: Sequence[str]) -> np.ndarray:
     index = {str(g): i for i, g in enumerate(slide.genes)}
     missing = [g for g in genes if str(g) not in index]
@@ -117,17 +102,6 @@ def log1p_targets(slide: Slide, genes: Sequence[str]) -> np.ndarray:
     counts = slide.counts[:, cols]
     dense = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
     return np.log1p(np.asarray(dense, dtype=np.float64)).astype(np.float32)
-
-
-def torch_device(name: str) -> Any:
-    """A baseline's ``device`` option as a `torch.device`: ``auto`` is CUDA when available, else the CPU.
-
-    The option stays ``auto`` in `Baseline.options`, so results from a GPU and a CPU run of the same
-    method compare as the same settings (`hist_st.experiments.reuse`).
-    """
-    from hist_st.train.distributed import resolve_device
-
-    return resolve_device(str(name))
 
 
 def slide_embeddings(slide: Slide, key: str) -> np.ndarray:

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hist_st.baselines.base import Baseline, log1p_targets, register, torch_device
+from hist_st.baselines.base import Baseline, log1p_targets, register
+from hist_st.runtime import resolve_device
 from hist_st.slide import Slide
 
 __all__ = [
@@ -397,7 +398,7 @@ class STFlowBaseline(Baseline):
         super().__init__(**opts)
         for key, val in opts.items():
             setattr(self, key, val)
-        self.device = torch_device(device)
+        self.device = resolve_device(device)
         self.model_: STFlowDenoiser | None = None
         self.prior_params_: dict[str, Any] | None = None
         self.seed_: int = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hist_st.errors import InputError
+from hist_st.runtime import set_threads
 
 FORMATS = ("her2st", "hest", "spaceranger", "anndata")
 
@@ -149,10 +150,7 @@ def run(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads", f"must be >= 1, got {args.threads}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     sources = build_sources(args)
     report = prepare_cohort(
         sources,

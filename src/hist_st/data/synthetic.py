@@ -419,7 +419,7 @@ def make_cohort(
         slide = make_slide(
             sid, sizes[i], g, slide_seeds[i], n_genes, embed_dim, patient,
             cohort_seed=seed, n_domains=n_domains, params=params, **slide_kwargs,
-        )  # fmt: skip
+        )
         write_prepared(slide, out / f"{sid}.h5ad")
         counts.append(slide.counts)
         entries.append(

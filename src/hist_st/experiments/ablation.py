@@ -107,7 +107,7 @@ PAPER_TABLE3: dict[str, tuple[float, float]] = {
     "pos-none": (0.131, 0.521), "pos-rope": (0.153, 0.522), "pos-alibi": (0.132, 0.522),
     "skip-none": (0.197, 0.527), "skip-additive": (0.213, 0.536), "no-resample": (0.213, 0.517),
     "no-shift": (0.217, 0.531), "no-token": (0.185, 0.509),
-}  # fmt: skip
+}
 
 
 def ablation_config(cfg: Any, name: str) -> Any:
@@ -149,7 +149,7 @@ def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3)
             group = abl.group
             lines.append(f"| *{group}* | | | | | | | | |")
         cells = [_fmt(s["pooled"]["r2"], digits), _fmt(s["pooled"]["pcc"], digits),
-                 _fmt(s["per_gene"]["pcc"], digits), _fmt(s["per_gene"]["r2"], digits)]  # fmt: skip
+                 _fmt(s["per_gene"]["pcc"], digits), _fmt(s["per_gene"]["r2"], digits)]
         d_r2 = d_pcc = "—"
         agree = "—"
         if full is not None and name != "full":
@@ -175,7 +175,6 @@ def run_ablation(
     seed: int = 0,
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
-    cfg: Any = None,
     group_by: str | None = None,
     skip_done: bool = True,
     equivalent: Mapping[str, str | Path] | None = None,
@@ -187,7 +186,7 @@ def run_ablation(
         cohort: Prepared cohort folder.
         out_dir: Output: ``<name>/`` run_cv directories, ``splits.json``, ``ablation.json``, ``table.md``.
         names: Ablations to run (default all, `ABLATIONS` order); ``full`` is always added.
-        genes, folds, seed, config, overrides, cfg, group_by, progress: As in `run_accuracy`.
+        genes, folds, seed, config, overrides, group_by, progress: As in `run_accuracy`.
         skip_done: Reuse an ablation whose ``<name>/metrics.json`` already exists.
         equivalent: Row name -> an existing `run_cv` directory to take that row from when it was trained
             with the same config, cohort, folds and genes (`hist_st.experiments.reuse.same_run`), e.g. the
@@ -196,7 +195,7 @@ def run_ablation(
     Returns:
         ``{"summaries": {name: summarise_folds(...)}, "table": str, "out_dir": str}``.
     """
-    from hist_st.experiments.accuracy import build_config, parse_gene_spec
+    from hist_st.experiments.accuracy import build_config
     from hist_st.experiments.reuse import reused_note, same_run
     from hist_st.jsonio import read_json, write_json
     from hist_st.train.cv import run_cv, slide_groups
@@ -209,10 +208,7 @@ def run_ablation(
     for n in names:
         if n not in ABLATIONS:
             raise InputError("--configs", f"unknown ablation {n!r}; choose from {', '.join(ABLATIONS)}")
-    if cfg is None:
-        cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
-    else:
-        cfg = dataclasses.replace(cfg, seed=int(seed), genes=parse_gene_spec(genes))
+    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slides = load_slides(cohort)
@@ -220,7 +216,7 @@ def run_ablation(
     groups = slide_groups(slides, group_by, manifest) if group_by else None
     fold_list = make_folds([s.slide_id for s in slides], folds, cfg.seed, groups)
     splits = save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, group_by=group_by,
-                        slides_dir=str(cohort))  # fmt: skip
+                        slides_dir=str(cohort))
     # One gene list for every row (dataset scope: chosen once from the manifest ranking).
     gene_list = select_genes(slides, cfg.genes, manifest)
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))

@@ -51,7 +51,7 @@ __all__ = [
 METHODS = ("hist", "mean", "ridge", "ridge-robust", "mlp", "bleep", "stnet", "stnet-lite0", "stflow")
 #: Name used for each method in tables (run_cv reports HiST as "HiST").
 DISPLAY = {"hist": "HiST", "mean": "mean", "ridge": "ridge", "mlp": "mlp", "bleep": "bleep", "stnet": "stnet",
-           "stflow": "stflow", "ridge-robust": "ridge-robust", "stnet-lite0": "stnet-lite0"}  # fmt: skip
+           "stflow": "stflow", "ridge-robust": "ridge-robust", "stnet-lite0": "stnet-lite0"}
 _RANKINGS = {"hvg": "hvg", "he": "highly_expressed", "highly_expressed": "highly_expressed"}
 
 
@@ -191,9 +191,9 @@ def _cv_baselines_only(
             per_method[name].append(fold_metrics[name])
         write_json({"fold": f["fold"], "train": f["train"], "test": f["test"], "n_genes": len(genes),
                     "metrics": {m: fold_json(v, genes) for m, v in fold_metrics.items()}},
-                   out / f"fold_{f['fold']}" / "metrics.json")  # fmt: skip
+                   out / f"fold_{f['fold']}" / "metrics.json")
     return {"methods": {m: summarise_folds(v) for m, v in per_method.items()}, "seconds": seconds,
-            "genes": genes, "embedding": emb, "out_dir": str(out)}  # fmt: skip
+            "genes": genes, "embedding": emb, "out_dir": str(out)}
 
 
 def _folds_and_genes(
@@ -209,7 +209,7 @@ def _folds_and_genes(
     manifest = read_manifest(cohort)
     groups = slide_groups(slides, group_by, manifest) if group_by else None
     fold_list = make_folds(sorted(s.slide_id for s in slides), k, cfg.seed if fold_seed is None else fold_seed,
-                           groups)  # fmt: skip
+                           groups)
     return fold_list, select_genes(slides, cfg.genes, manifest)
 
 
@@ -232,15 +232,14 @@ def _reusable(
         return []  # genes chosen per fold: nothing recorded to compare
     fold_list, genes = plan()
     return reusable_methods(prior, name, run_dir, cfg=cfg, methods=methods, settings=settings,
-                            baseline_options=baseline_options, folds=fold_list, genes=genes, cohort=cohort)  # fmt: skip
+                            baseline_options=baseline_options, folds=fold_list, genes=genes, cohort=cohort)
 
 
 def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping[str, Any]]) -> str:
     """The device a method trained on in this process (HiST: ``cfg.device``; baselines: their ``device``
     option; methods without one run on the CPU), by name, for the record of what computed each row."""
     from hist_st.baselines import baseline_option_names
-    from hist_st.experiments.efficiency import device_name
-    from hist_st.train.distributed import resolve_device
+    from hist_st.runtime import device_name, resolve_device
 
     if method == "hist":
         pref = str(cfg.device)
@@ -264,7 +263,7 @@ def _kept_results(
             "seconds": {keys[m]: rec.get("seconds", {}).get(shown[m], 0.0) for m in keep},
             "devices": {shown[m]: rec.get("devices", {}).get(shown[m]) for m in keep},
             "reused_from": {shown[m]: rec["reused_from"][shown[m]]
-                            for m in keep if shown[m] in rec.get("reused_from", {})}}  # fmt: skip
+                            for m in keep if shown[m] in rec.get("reused_from", {})}}
     kept_folds = {}
     for path in run_dir.glob("fold_*/metrics.json"):
         fold = read_json(path)
@@ -369,7 +368,6 @@ def run_accuracy(
     seed: int = 0,
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
-    cfg: Any = None,
     group_by: str | None = None,
     baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
     write_predictions: bool = True,
@@ -389,8 +387,7 @@ def run_accuracy(
         genes: Gene spec, ``hvg:N`` or ``he:N`` (highly expressed), from each cohort's manifest ranking.
         folds: Number of folds (by slide unless ``group_by``).
         seed: Fold seed and, unless ``train_seed`` is given, every method's training seed.
-        config, overrides: HiST `TrainConfig` YAML and ``key=value`` overrides (ignored when ``cfg``).
-        cfg: A ready `TrainConfig` (its ``seed``/``genes`` are replaced by ``seed``/``genes``).
+        config, overrides: HiST `TrainConfig` YAML and ``key=value`` overrides.
         group_by: Group column for folds (e.g. ``patient``); None = by slide (the paper).
         baseline_options: Per-baseline keyword options, e.g. ``{"stflow": {"epochs": 50}}``.
         write_predictions: Write HiST's test predictions (needed by ``hist-st plot genes``).
@@ -421,10 +418,7 @@ def run_accuracy(
     if not cohorts:
         raise InputError("--cohort", "give at least one prepared cohort folder")
     t_seed = int(seed) if train_seed is None else int(train_seed)
-    if cfg is None:
-        cfg = build_config(config, overrides, seed=t_seed, genes=genes, progress=progress)
-    else:
-        cfg = dataclasses.replace(cfg, seed=t_seed, genes=parse_gene_spec(genes))
+    cfg = build_config(config, overrides, seed=t_seed, genes=genes, progress=progress)
     fold_seed = int(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -436,7 +430,7 @@ def run_accuracy(
     # train_seed is recorded only when it differs from the fold seed, so earlier runs stay comparable.
     recorded_train_seed = None if t_seed == fold_seed else t_seed
     settings = {"genes": genes, "folds": folds, "seed": seed, "group_by": group_by,
-                "train_seed": recorded_train_seed}  # fmt: skip
+                "train_seed": recorded_train_seed}
     again = set(_check_methods(rerun)) if rerun else set()
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort = Path(cohort)
@@ -444,7 +438,7 @@ def run_accuracy(
         t0 = time.perf_counter()
         plan = functools.cache(functools.partial(_folds_and_genes, cohort, cfg, folds, group_by, fold_seed))
         reusable = functools.partial(_reusable, name=name, cfg=cfg, settings=settings, cohort=cohort, plan=plan,
-                                     baseline_options=baseline_options)  # fmt: skip
+                                     baseline_options=baseline_options)
         keep = [m for m in reusable(prior, run_dir=run_dir, methods=methods) if m not in again]
         kept, kept_folds = _kept_results(prior, name, run_dir, keep)
         sources = [Path(s) for s in reuse_from] if reuse else []
@@ -464,11 +458,11 @@ def run_accuracy(
         if "hist" in todo:
             res = run_cv(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=todo_baselines,
                          baseline_options=baseline_options, write_predictions=write_predictions,
-                         progress=progress, folds=None if t_seed == fold_seed else plan()[0])  # fmt: skip
+                         progress=progress, folds=None if t_seed == fold_seed else plan()[0])
         elif todo_baselines:
             res = _cv_baselines_only(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=todo_baselines,
                                      baseline_options=baseline_options, progress=progress,
-                                     fold_seed=fold_seed)  # fmt: skip
+                                     fold_seed=fold_seed)
         if keep:
             res = {key: {**kept[key], **other[key], **res[key]} for key in ("methods", "seconds")}
             if todo or copied:
@@ -480,13 +474,13 @@ def run_accuracy(
         seconds = {DISPLAY.get(m, m): float(res["seconds"]["HiST" if m == "hist" else m]) for m in methods}
         known_devices = {**kept["devices"], **other["devices"]}
         devices = {DISPLAY.get(m, m): (known_devices.get(DISPLAY.get(m, m)) if m in keep
-                                       else _method_device(m, cfg, baseline_options)) for m in methods}  # fmt: skip
+                                       else _method_device(m, cfg, baseline_options)) for m in methods}
         reused_from = {**kept["reused_from"], **other["reused_from"]}
         genes_file = run_dir / "genes.txt"
         n_genes = len(genes_file.read_text().split()) if genes_file.is_file() else None
         results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
                          "n_genes": n_genes, "devices": devices, "reused_from": reused_from,
-                         "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+                         "wall_seconds": time.perf_counter() - t0}
         seeds_label = f"seed {seed}" if recorded_train_seed is None else f"fold seed {seed}, training seed {t_seed}"
         tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, {seeds_label})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)
@@ -502,6 +496,6 @@ def run_accuracy(
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,
                "folds": folds, "seed": seed, "train_seed": recorded_train_seed, "group_by": group_by,
                "config": config_to_dict(cfg),
-               "baseline_options": baseline_options, "command": command}  # fmt: skip
+               "baseline_options": baseline_options, "command": command}
     write_json(summary, out / "accuracy.json")
     return summary

@@ -68,7 +68,6 @@ def run_stain(
     seed: int = 0,
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
-    cfg: Any = None,
     skip_done: bool = True,
     equivalent: Mapping[str, str | Path] | None = None,
     progress: bool = True,
@@ -81,7 +80,7 @@ def run_stain(
         out_dir: Output: ``<row>/`` run directories, ``splits.json``, ``stain.json``, ``table.md``.
         rows: Rows to run (`STAIN_ROWS`).
         prepare_args: When given, prepare both cohorts first (`prepare_pair`).
-        genes, folds, seed, config, overrides, cfg, progress: As in `run_accuracy`.
+        genes, folds, seed, config, overrides, progress: As in `run_accuracy`.
         skip_done: Reuse rows whose ``metrics.json`` exists.
         equivalent: Row -> an existing `run_cv` directory to take the row from when it was trained with the
             same config, cohort, folds and genes (`hist_st.experiments.reuse.same_run`): ``token-only`` is
@@ -90,7 +89,7 @@ def run_stain(
     Returns:
         ``{"summaries": {row: summarise_folds(...)}, "table": str, "out_dir": str}``.
     """
-    from hist_st.experiments.accuracy import build_config, parse_gene_spec
+    from hist_st.experiments.accuracy import build_config
     from hist_st.experiments.reuse import reused_note, same_run
     from hist_st.jsonio import read_json, write_json
     from hist_st.train.cv import run_cv
@@ -107,10 +106,7 @@ def run_stain(
     if ids_plain != ids_mac:
         diff = sorted(set(ids_plain) ^ set(ids_mac))
         raise InputError(macenko, f"the two cohorts hold different slides (e.g. {diff[:5]})")
-    if cfg is None:
-        cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
-    else:
-        cfg = dataclasses.replace(cfg, seed=int(seed), genes=parse_gene_spec(genes))
+    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fold_list = make_folds(ids_plain, folds, cfg.seed)
@@ -149,13 +145,13 @@ def format_stain_table(summaries: dict[str, Any], digits: int = 3) -> str:
     from hist_st.experiments.ablation import _fmt
 
     lines = ["| Setting | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | paper R2 / PCC (Brain) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|"]
     for name, (label, _, _) in STAIN_ROWS.items():
         if name not in summaries:
             continue
         s = summaries[name]
         paper = PAPER_TABLE5.get(name)
         cells = [_fmt(s["pooled"]["r2"], digits), _fmt(s["pooled"]["pcc"], digits), _fmt(s["per_gene"]["pcc"], digits),
-                 _fmt(s["per_gene"]["r2"], digits), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "—"]  # fmt: skip
+                 _fmt(s["per_gene"]["r2"], digits), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "—"]
         lines.append(f"| {label} `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -119,7 +119,7 @@ def export_tokens(
         ids.append(sid)
         fold_of.append(i)
     result = {"slide_ids": ids, "tokens": np.stack(vecs).astype(np.float32), "fold": np.asarray(fold_of),
-              "source": source}  # fmt: skip
+              "source": source}
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,10 +260,10 @@ def run_token_analysis(
         groups = _groups_for(cohort, tok["slide_ids"], col)
         metrics[col] = token_metrics(tok["tokens"], groups)
         figures.append(str(plot_token_pca(tok["tokens"], groups, out / f"token_pca_{col}.png",
-                                          labels=tok["slide_ids"], title=f"calibration token PCA by {col}")))  # fmt: skip
+                                          labels=tok["slide_ids"], title=f"calibration token PCA by {col}")))
     table = format_token_table(metrics)
     write_json({"metrics": metrics, "source": source, "run_dir": str(run_dir), "slide_ids": tok["slide_ids"]},
-               out / "token_metrics.json")  # fmt: skip
+               out / "token_metrics.json")
     (out / "tokens.md").write_text(
         f"Calibration-token discriminability (Table 6), tokens from {source!r} models of {run_dir}; "
         "cosine distance; leave-one-out.\n\n" + table + "\n"
@@ -284,5 +284,5 @@ def format_token_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
             f"{m['centroid_acc']:.3f} ({m['chance_majority']:.3f}) | {m['within_cos']:.3f} | {m['between_cos']:.3f} |"
         )
     notes = [f"{col}: {m['n_singletons']} of {m['n_slides']} slides are alone in their group and cannot be matched"
-             for col, m in metrics.items() if m.get("n_singletons")]  # fmt: skip
+             for col, m in metrics.items() if m.get("n_singletons")]
     return "\n".join(lines) + ("\n\n" + "; ".join(notes) + "." if notes else "")

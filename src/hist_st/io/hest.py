@@ -30,7 +30,6 @@ __all__ = [
     "read_hest",
     "read_patch_index",
     "read_hest_bench_splits",
-    "hest_patch_centres",
     "hest_patient",
     "meta_value",
 ]
@@ -254,14 +253,6 @@ def read_hest_bench_splits(folder: str | Path) -> list[dict]:
             raise InputError(test, f"samples in both train and test: {sorted(set(lists[0]) & set(lists[1]))[:5]}")
         folds.append({"fold": i, "train": lists[0], "test": lists[1], "source": f"HEST-Benchmark {train.name}/{test.name}"})
     return folds
-
-
-def hest_patch_centres(
-    coords: np.ndarray, um_per_px: float, patch_px: int = 224, patch_um_per_px: float = 0.5
-) -> np.ndarray:
-    """Centres (full-res pixels) of HEST patches from their top-left ``coords`` ``[N, 2]``."""
-    half = patch_px * patch_um_per_px / um_per_px / 2.0
-    return np.asarray(coords, dtype=np.float64) + half
 
 
 def read_hest(root: str | Path, sample_id: str, *, patient: str | None = None):

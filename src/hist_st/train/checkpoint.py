@@ -59,7 +59,6 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_bundle",
-    "package_versions",
     "lattice_type_for",
     "training_inputs",
 ]
@@ -116,20 +115,6 @@ def training_inputs(slides: Sequence[Any]) -> dict[str, Any]:
         "patch": dict(patch) if isinstance(patch, dict) else None,
         "stain_norm": shared("stain_norm"),
     }
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of hist-st and the packages that shape its numbers."""
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for name in ("hist-st", "torch", "numpy", "scipy", "anndata", "scanpy", "scikit-learn"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def rng_state() -> dict[str, Any]:
@@ -200,7 +185,7 @@ def _non_finite(state: Any) -> list[str]:
     return [
         str(k) for k, v in state.items()
         if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
-    ]  # fmt: skip
+    ]
 
 
 def model_payload(payload: dict[str, Any]) -> dict[str, Any]:
@@ -305,7 +290,7 @@ def _read_error(exc: Exception) -> str:
     text = str(exc)
     if "weights_only" in text or "Unsupported global" in text or type(exc).__name__ == "UnpicklingError":
         return ("the file holds pickled objects other than tensors and plain values (possibly code); "
-                "hist-st reads checkpoints with weights_only=True and refuses such files")  # fmt: skip
+                "hist-st reads checkpoints with weights_only=True and refuses such files")
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"the file is truncated, corrupt or not a checkpoint ({type(exc).__name__}: {first[:200]})"
 
@@ -344,7 +329,7 @@ def load_checkpoint(
         raise InputError(
             p, "content hash mismatch: the file is corrupt or was modified after it was written; "
             "use an intact copy or retrain"
-        )  # fmt: skip
+        )
     missing = [k for k in require if k not in ckpt]
     if missing:
         raise InputError(p, f"checkpoint lacks field(s) {', '.join(missing)}")
@@ -378,7 +363,7 @@ def load_resume_state(path: str | Path, map_location: str | torch.device = "cpu"
         raise InputError(
             p, f"holds a final model (epoch {epoch}) without optimiser state; resume from the run's "
             f"{RESUME_FILE} (a finished run keeps none: there is nothing left to train)"
-        )  # fmt: skip
+        )
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         raise InputError(p, f"resume state lacks field(s) {', '.join(missing)}")
@@ -444,7 +429,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise InputError(path, f"the model in this checkpoint cannot be rebuilt ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None  # fmt: skip
+                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
     model.to(device).eval()
     norm = ckpt.get("norm", {})
     lat = ckpt.get("lattice", {})

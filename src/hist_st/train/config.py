@@ -281,14 +281,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, where)
-            except (TypeError, ValueError, InputError) as exc:
-                errors.append(str(exc))
+            except (TypeError, ValueError, InputError):
+                continue
         raise InputError("config", f"{where}: cannot interpret {value!r} as {tp}")
     if is_dataclass(tp):
         if is_dataclass(value):

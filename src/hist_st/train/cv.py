@@ -33,8 +33,8 @@ from typing import Any
 from hist_st.errors import InputError
 from hist_st.jsonio import to_jsonable, write_json
 from hist_st.outputs import fresh_folder
+from hist_st.runtime import package_versions
 from hist_st.slide import Slide, write_prepared
-from hist_st.train.checkpoint import package_versions
 from hist_st.train.config import TrainConfig, save_config
 from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
 from hist_st.train.folds import make_folds, save_folds
@@ -178,7 +178,7 @@ def run_cv(
     with fresh_folder(out, enabled=master):
         if master:
             save_folds(fold_list, out / "splits.json", k=len(fold_list), seed=cfg.seed, group_by=group_by,
-                       slides_dir=str(slides_dir))  # fmt: skip
+                       slides_dir=str(slides_dir))
 
         emb = embedding_key(slides, cfg.embedding)
         dataset_genes = None
@@ -217,7 +217,7 @@ def run_cv(
                 preds[s.slide_id] = mean
                 if write_predictions:
                     write_prepared(predict_slide(result.bundle, s, mc_samples=mc_samples, seed=cfg.seed),
-                                   fdir / "predictions" / f"{s.slide_id}.h5ad")  # fmt: skip
+                                   fdir / "predictions" / f"{s.slide_id}.h5ad")
             seconds[HIST] += time.perf_counter() - t0
             histories[f"fold {i}"] = result.history
             fold_metrics[HIST] = evaluate_fold(preds, truths)
@@ -235,11 +235,11 @@ def run_cv(
             for m in methods:
                 per_method[m].append(fold_metrics[m])
             record = {"fold": i, "train": list(f["train"]), "test": list(f["test"]), "n_genes": len(genes),
-                      "metrics": {m: fold_json(fold_metrics[m], genes) for m in methods}}  # fmt: skip
+                      "metrics": {m: fold_json(fold_metrics[m], genes) for m in methods}}
             write_json(record, fdir / "metrics.json")
             fold_records.append(
                 {"fold": i, **{m: {"pooled": fold_metrics[m]["pooled"], "per_gene_pcc": fold_metrics[m]["per_gene"]["pcc"]}
-                              for m in methods}}  # fmt: skip
+                              for m in methods}}
             )
             if hasattr(bar, "set_postfix"):
                 pg = fold_metrics[HIST]["per_gene"]["pcc"]
@@ -247,14 +247,14 @@ def run_cv(
 
         if not master:
             return {"methods": {}, "folds": [], "table": "", "genes": dataset_genes, "out_dir": str(out),
-                    "seconds": {}, "histories": {}, "embedding": emb}  # fmt: skip
+                    "seconds": {}, "histories": {}, "embedding": emb}
         summaries = {m: summarise_folds(per_method[m]) for m in methods}
         table = format_table(summaries)
         write_json(
             {"methods": summaries, "folds": fold_records, "seconds": seconds, "embedding": emb,
              "group_by": group_by, "k": len(fold_list), "n_genes": len(dataset_genes) if dataset_genes else None},
             out / "metrics.json",
-        )  # fmt: skip
+        )
         (out / "table.md").write_text(
             "Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
             "metric); per-gene = log1p Pearson/R2 per gene over all test spots (HEST metric). "

@@ -280,9 +280,9 @@ def check_outputs(inputs: Sequence[Path], out_dir: Path) -> None:
             raise InputError(
                 dest, f"the prediction would overwrite the prepared slide it predicts ({path}); "
                 "predictions never replace inputs: choose another --out folder",
-            )  # fmt: skip
+            )
         if not is_prediction(dest):
             raise InputError(
                 dest, f"already holds a prepared slide (not a prediction file); the prediction of {path} would "
                 "replace it: choose another --out folder",
-            )  # fmt: skip
+            )

@@ -164,7 +164,7 @@ def record_accepted(out_dir: str | Path, diffs: Mapping[str, str], epoch: int) -
         if not isinstance(records, list):
             records = []
     records.append({"resumed_after_epoch": int(epoch), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "changes": dict(diffs)})  # fmt: skip
+                    "changes": dict(diffs)})
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(records, indent=1))
     return path

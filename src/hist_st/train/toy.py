@@ -55,7 +55,7 @@ def toy_slide(
 def write_toy_cohort(
     folder: str | Path, n_slides: int = 4, n_spots: int = 150, n_genes: int = 12, dim: int = 16, seed: int = 0,
     slides_per_patient: int = 2,
-) -> Path:  # fmt: skip
+) -> Path:
     """Write ``n_slides`` toy slides (``toy00.h5ad``...) and a ``cohort.json`` with gene rankings."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
