@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hist_st.cli.bench_speed import register_speed
 from hist_st.errors import InputError
+from hist_st.train.config import parse_override
 
 
 def _methods(value: str) -> list[str]:
@@ -27,15 +26,11 @@ def parse_baseline_options(items: list[str] | None) -> dict[str, dict[str, Any]]
     """``["stflow.epochs=50", "bleep.top_k=50"]`` -> ``{"stflow": {"epochs": 50}, "bleep": {"top_k": 50}}``."""
     out: dict[str, dict[str, Any]] = {}
     for item in items or []:
-        key, sep, raw = item.partition("=")
+        key, value = parse_override(item, "--baseline-option", "stflow.epochs=50")
         name, dot, opt = key.partition(".")
-        if not sep or not dot or not name or not opt:
+        if not dot:
             raise InputError("--baseline-option", f"{item!r} is not of the form METHOD.KEY=VALUE (e.g. stflow.epochs=50)")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise InputError("--baseline-option", f"{item!r}: cannot parse the value ({exc})") from exc
-        out.setdefault(name.strip(), {})[opt.strip()] = value
+        out.setdefault(name, {})[opt] = value
     return out
 
 

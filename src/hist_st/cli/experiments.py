@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from hist_st.cli.bench import add_experiment_args, parse_baseline_options
+from hist_st.errors import InputError
 
 
 def _list(value: str | None) -> list[str] | None:
@@ -25,7 +26,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             print(f"{a.name:14s} {a.group or '-'}: {a.label}")
         return 0
     if args.cohort is None or args.out is None:
-        raise SystemExit("hist-st ablate: --cohort and --out are required (or --list)")
+        raise InputError("--cohort/--out", "hist-st ablate needs both (or --list)")
     res = run_ablation(
         args.cohort, args.out, names=_list(args.configs), genes=args.genes, folds=args.folds, seed=args.seed,
         config=args.config, overrides=args.overrides, group_by=args.group_by, skip_done=not args.force,

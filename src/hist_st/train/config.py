@@ -16,6 +16,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
     "apply_overrides",
+    "parse_override",
+    "parse_overrides",
     "save_config",
 ]
 
@@ -392,19 +395,44 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def parse_override(item: str, option: str = "config", example: str = "epochs=10") -> tuple[str, Any]:
+    """One ``key.sub=value`` item -> ``("key.sub", value)``, the value parsed as YAML (empty: None).
+
+    The one parser of ``key=value`` items: HiST config overrides, ``--baseline-option``, ``bench speed
+    --model``.
+
+    Args:
+        item: The item as typed.
+        option: The option or file it came from, named in errors.
+        example: A well-formed item, shown in errors.
+
+    Raises:
+        InputError: No ``=``, an empty key or key part (``a..b``, ``.a``), or a value that is not YAML.
+    """
+    key, sep, raw = str(item).partition("=")
+    key = key.strip()
+    if not sep:
+        raise InputError(option, f"{item!r} is not of the form key=value (e.g. {example})")
+    if not key or not all(part.strip() for part in key.split(".")):
+        raise InputError(option, f"{item!r} has an empty key or key part (e.g. {example})")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError as exc:
+        raise InputError(option, f"{item!r}: cannot parse the value ({exc})") from exc
+    return ".".join(part.strip() for part in key.split(".")), value
+
+
+def parse_overrides(
+    items: Sequence[str] | None, option: str = "config", example: str = "epochs=10"
+) -> dict[str, Any]:
+    """`parse_override` of every item: ``{"key.sub": value}``, a later item winning over an earlier one."""
+    return dict(parse_override(item, option, example) for item in items or ())
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict, in place, and return it."""
+    """Apply ``key.sub=value`` overrides (`parse_override`) to a nested dict, in place, and return it."""
     for item in overrides or ():
-        if "=" not in item:
-            raise InputError("config", f"override {item!r} is not of the form key=value (e.g. epochs=10)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise InputError("config", f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() != "" else None
-        except yaml.YAMLError as exc:
-            raise InputError("config", f"override {item!r}: cannot parse value ({exc})") from exc
+        key, value = parse_override(item)
         _set_path(data, key, value)
     return data
 
