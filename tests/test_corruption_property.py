@@ -23,7 +23,7 @@ from hist_st.train.data import load_slides
 from hist_st.train.splits import read_splits
 from hist_st.train.toy import write_toy_cohort
 
-TINY = ["model.dim=16", "model.heads=2", "genes.n_top=6", "epochs=1", "--no-progress"]
+TINY = ["--genes", "hvg:6", "model.dim=16", "model.heads=2", "epochs=1", "--no-progress"]
 N_CASES = 10
 
 

@@ -19,7 +19,7 @@ from hist_st.slide import is_prediction, read_prepared, remove_stale_temporaries
 from hist_st.train.checkpoint import content_hash, load_bundle, load_checkpoint, save_checkpoint
 from hist_st.train.toy import toy_slide, write_toy_cohort
 
-TINY = ["model.dim=16", "model.heads=2", "genes.n_top=6", "epochs=2", "--no-progress"]
+TINY = ["--genes", "hvg:6", "model.dim=16", "model.heads=2", "epochs=2", "--no-progress"]
 
 
 def _sha(path) -> str:
@@ -406,7 +406,7 @@ def test_kill_9_during_training_then_resume_is_bit_identical(cohort, tmp_path):
     import sys
     import time
 
-    args = ["model.dim=16", "model.heads=2", "genes.n_top=6", "epochs=8", "checkpoint_every=1", "threads=1",
+    args = ["--genes", "hvg:6", "model.dim=16", "model.heads=2", "epochs=8", "checkpoint_every=1", "threads=1",
             "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 

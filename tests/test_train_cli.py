@@ -11,7 +11,7 @@ from hist_st.cli import main
 from hist_st.slide import read_prepared
 from hist_st.train.toy import write_toy_cohort
 
-TINY = ["model.dim=32", "model.heads=4", "genes.n_top=6", "epochs=1", "--no-progress"]
+TINY = ["--genes", "hvg:6", "model.dim=32", "model.heads=4", "epochs=1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,10 @@ def test_cv_end_to_end(cohort, tmp_path, capsys):
         (["train", "--slides", "{cohort}", "--out", "{tmp}/r", "--ids", "toy00,nope"], "no prepared slide file"),
         (["predict", "--model", "{tmp}/none.pt", "--slides", "{cohort}", "--out", "{tmp}/p"], "checkpoint not found"),
         (["cv", "--slides", "{cohort}", "--out", "{tmp}/c", "--folds", "9"], "needs at least 9 slides"),
+        (["cv", "--slides", "{cohort}", "--out", "{tmp}/c", "genes.n_top=250"], "use --genes hvg:250"),
+        (["train", "--slides", "{cohort}", "--out", "{tmp}/r", "genes.ranking=highly_expressed"], "use --genes he:2000"),
+        (["train", "--slides", "{cohort}", "--out", "{tmp}/r", "--genes", "top:5"], "unknown gene ranking 'top'"),
+        (["train", "--slides", "{cohort}", "--out", "{tmp}/r", "epochs"], "not of the form key=value"),
     ],
 )
 def test_cli_errors_are_clear(cohort, tmp_path, capsys, argv, message):

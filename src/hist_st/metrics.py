@@ -7,7 +7,7 @@
 - **per-gene** ("per-gene PCC (HEST metric)"): in log1p space, Pearson per gene over all concatenated
   test spots of a fold, averaged over genes; genes constant in the test set are excluded (and counted).
   Per-gene R2 is reported too. This is HEST-Benchmark's metric, not its protocol: only with its 50 genes
-  (``genes.ranking=hest-bench``) and its fixed patient-level splits (``--splits <task>/splits``) can the
+  (``--genes hest-bench:50``) and its fixed patient-level splits (``--splits <task>/splits``) can the
   numbers sit beside its published table, and even then HEST-Benchmark lets a constant gene's NaN into
   its mean where this module drops and counts it.
 

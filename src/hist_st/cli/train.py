@@ -1,7 +1,7 @@
 """``hist-st train``, ``hist-st cv`` and ``hist-st predict``: thin wrappers over `hist_st.train`.
 
-Configuration: ``--config run.yaml`` and trailing ``key=value`` overrides (``epochs=20 model.dim=256
-augment.variant=authors genes.n_top=250``). Multi-process data parallel: launch with torchrun, e.g.
+Configuration: ``--config run.yaml``, the gene set ``--genes he:250`` (as on every command) and trailing
+``key=value`` overrides (``epochs=20 model.dim=256 augment.variant=authors``). Multi-process data parallel: launch with torchrun, e.g.
 ``torchrun --nproc_per_node 2 -m hist_st.cli.train --slides cohort/ --out runs/a`` (this module run as a
 script is ``hist-st train``), or ``torchrun --nproc_per_node 2 "$(which hist-st)" train ...``.
 """
@@ -35,6 +35,8 @@ def _ids(value: str | None) -> list[str] | None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML file with TrainConfig keys")
+    p.add_argument("--genes", default=None,
+                   help="gene set: hvg:N (top N HVGs) or he:N (N most expressed); default: the config's (hvg:2000)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=20 model.dim=256")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -45,9 +47,9 @@ def _cfg(args: argparse.Namespace, base: dict | None = None):
     On resume only the keys the user gives change the checkpoint's config, so `train` compares exactly
     what the user asked for.
     """
-    from hist_st.train.config import apply_overrides, config_from_dict, load_config
+    from hist_st.train.config import apply_overrides, config_from_dict, load_config, with_gene_set
 
-    overrides = list(args.overrides)
+    overrides = with_gene_set(args.overrides, args.genes)
     if args.no_progress:
         overrides.append("progress=false")
     if base is None:

@@ -5,7 +5,7 @@
 """
 
 from hist_st.experiments.ablation import ABLATIONS, PAPER_TABLE3, Ablation, ablation_config, run_ablation
-from hist_st.experiments.accuracy import build_config, parse_gene_spec, per_gene_rows, run_accuracy
+from hist_st.experiments.accuracy import build_config, per_gene_rows, run_accuracy
 from hist_st.experiments.efficiency import format_efficiency_table, measure, run_efficiency, run_scaling
 from hist_st.experiments.figures import plot_genes, plot_scaling, plot_token_pca
 from hist_st.experiments.report import build_report
@@ -33,7 +33,6 @@ __all__ = [
     "format_efficiency_table",
     "format_token_table",
     "measure",
-    "parse_gene_spec",
     "per_gene_rows",
     "plot_genes",
     "plot_scaling",

@@ -40,8 +40,6 @@ from hist_st.jsonio import read_json, write_json
 __all__ = [
     "METHODS",
     "DISPLAY",
-    "parse_gene_spec",
-    "gene_spec_label",
     "build_config",
     "run_accuracy",
     "per_gene_rows",
@@ -52,34 +50,6 @@ METHODS = ("hist", "mean", "ridge", "ridge-robust", "mlp", "bleep", "stnet", "st
 #: Name used for each method in tables (run_cv reports HiST as "HiST").
 DISPLAY = {"hist": "HiST", "mean": "mean", "ridge": "ridge", "mlp": "mlp", "bleep": "bleep", "stnet": "stnet",
            "stflow": "stflow", "ridge-robust": "ridge-robust", "stnet-lite0": "stnet-lite0"}
-_RANKINGS = {"hvg": "hvg", "he": "highly_expressed", "highly_expressed": "highly_expressed"}
-
-
-def parse_gene_spec(spec: str) -> Any:
-    """``"hvg:2000"`` / ``"he:250"`` / ``"highly_expressed:250"`` -> `hist_st.train.GeneConfig` (scope dataset).
-
-    Raises:
-        InputError: On an unknown ranking or a non-positive count.
-    """
-    from hist_st.train.config import GeneConfig
-
-    ranking, _, n = str(spec).partition(":")
-    ranking = ranking.strip().lower()
-    if ranking not in _RANKINGS:
-        raise InputError("--genes", f"unknown gene ranking {ranking!r} in {spec!r}; use hvg:N or he:N")
-    try:
-        n_top = int(n) if n else 2000
-    except ValueError:
-        raise InputError("--genes", f"{spec!r}: the gene count must be an integer") from None
-    if n_top < 1:
-        raise InputError("--genes", f"{spec!r}: the gene count must be positive")
-    return GeneConfig(n_top=n_top, ranking=_RANKINGS[ranking])
-
-
-def gene_spec_label(spec: str) -> str:
-    """File-name-safe label of a gene spec: ``"hvg:2000"`` -> ``"hvg2000"``."""
-    g = parse_gene_spec(spec)
-    return f"{'hvg' if g.ranking == 'hvg' else 'he'}{g.n_top}"
 
 
 def build_config(
@@ -96,17 +66,15 @@ def build_config(
         config: Optional YAML file of `TrainConfig` keys.
         overrides: ``["epochs=100", "model.dim=256"]``.
         seed: Overrides ``cfg.seed`` (also the fold seed) when given.
-        genes: A gene spec (`parse_gene_spec`) that replaces ``cfg.genes`` when given.
+        genes: A gene-set spec (`hist_st.cohort.GeneSet`: ``hvg:2000``, ``he:250``) for ``cfg.genes``.
         progress: Overrides ``cfg.progress`` when given.
     """
-    from hist_st.train.config import load_config
+    from hist_st.train.config import load_config, with_gene_set
 
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, with_gene_set(overrides, genes))
     changes: dict[str, Any] = {}
     if seed is not None:
         changes["seed"] = int(seed)
-    if genes is not None:
-        changes["genes"] = parse_gene_spec(genes)
     if progress is not None:
         changes["progress"] = bool(progress)
     return dataclasses.replace(cfg, **changes) if changes else cfg

@@ -139,13 +139,13 @@ def _load_data(data: Mapping[str, Any]) -> tuple[list[Any], list[Any], list[str]
                              cohort_seed=seed, params=params) for i in range(n)]
         genes = [str(g) for g in slides[0].genes]
         return slides[: int(p["n_train"])], slides[int(p["n_train"]) :], genes, ENCODER
-    from hist_st.experiments.accuracy import parse_gene_spec
+    from hist_st.train.config import GeneConfig
     from hist_st.train.data import embedding_key, load_slides, read_manifest, select_genes
 
     cohort = data["cohort"]
     train = load_slides(cohort, data["train"])
     test = load_slides(cohort, data["test"])
-    genes = data.get("gene_list") or select_genes(train + test, parse_gene_spec(data["genes"]), read_manifest(cohort))
+    genes = data.get("gene_list") or select_genes(train + test, GeneConfig.from_spec(data["genes"]), read_manifest(cohort))
     return train, test, list(genes), embedding_key(train + test, data.get("embedding"))
 
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hist_st.cohort import CohortManifest, GeneSet
 from hist_st.errors import InputError
 
 __all__ = ["build_report"]
@@ -119,7 +120,7 @@ def build_report(
         The Markdown path.
     """
     from hist_st.experiments.ablation import run_ablation
-    from hist_st.experiments.accuracy import build_config, gene_spec_label, run_accuracy
+    from hist_st.experiments.accuracy import build_config, run_accuracy
     from hist_st.experiments.efficiency import efficiency_inputs, run_efficiency, run_scaling, timed_options
     from hist_st.experiments.figures import plot_genes
     from hist_st.experiments.stain import run_stain
@@ -151,7 +152,7 @@ def build_report(
     # 1. Table 2 ----------------------------------------------------------------------------------------
     acc: dict[str, Any] = {}
     for spec in gene_sets:
-        d = runs / f"accuracy-{gene_spec_label(spec)}"
+        d = runs / f"accuracy-{GeneSet.parse(spec).label}"
         acc[spec] = step(f"Table 2 ({spec})",
                          lambda d=d, spec=spec: run_accuracy([cohort], d, methods=methods, genes=spec, folds=folds,
                                                              seed=seed, config=config, overrides=overrides,
@@ -228,9 +229,8 @@ def build_report(
     md.append(f"Date: {_dt.datetime.now().isoformat(timespec='seconds')}. Cohort: `{cohort}`. Runs: `{runs}`. "
               f"Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")
     for label, path in (("Cohort", cohort), ("Macenko copy", macenko)):
-        man = Path(path) / "cohort.json" if path is not None else None
-        if man is not None and man.is_file():
-            m = read_json(man)
+        m = CohortManifest.read(path) if path is not None else None
+        if m is not None:
             patch = m.get("patch") or {}
             md.append(f"{label} `{path}`: {len(m.get('slide_ids', []))} slides ({', '.join(m.get('slide_ids', []))}), "
                       f"technology {m.get('technology')}, encoder(s) {', '.join(m.get('encoders', []))}, patches "

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from hist_st.cohort import GeneSet
 from hist_st.errors import InputError
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "apply_overrides",
     "parse_override",
     "parse_overrides",
+    "with_gene_set",
     "save_config",
 ]
 
@@ -162,6 +164,12 @@ class GeneConfig:
                 raise InputError("config", f"genes.genes lists gene(s) more than once: {', '.join(map(str, dup[:5]))}")
             if not self.genes:
                 raise InputError("config", "genes.genes is an empty list; give genes or leave it unset")
+
+    @classmethod
+    def from_spec(cls, spec: str, option: str = "--genes") -> GeneConfig:
+        """A gene-set spec (`hist_st.cohort.GeneSet`: ``hvg:2000``, ``he:250``) as a dataset-scope config."""
+        gs = GeneSet.parse(spec, option)
+        return cls(n_top=gs.n, ranking=gs.ranking)
 
 
 def default_model_config() -> Any:
@@ -427,6 +435,34 @@ def parse_overrides(
 ) -> dict[str, Any]:
     """`parse_override` of every item: ``{"key.sub": value}``, a later item winning over an earlier one."""
     return dict(parse_override(item, option, example) for item in items or ())
+
+
+#: Override keys of the gene set, spelled ``--genes RANKING:N`` on every command instead.
+_GENE_SET_KEYS = ("genes.n_top", "genes.ranking")
+
+
+def with_gene_set(overrides: Sequence[str], genes: str | None = None) -> list[str]:
+    """The user's ``key=value`` overrides followed by those of the gene-set spec ``genes`` (if given).
+
+    The gene set has one spelling on every command, ``--genes hvg:2000`` / ``--genes he:250``; the old
+    ``genes.n_top=N`` / ``genes.ranking=R`` overrides are refused with the new spelling (saved configs and
+    `load_config` still hold and read ``genes.n_top``).
+
+    Raises:
+        InputError: A ``genes.n_top`` or ``genes.ranking`` override; a bad spec.
+    """
+    given = parse_overrides(overrides)
+    old = {k: v for k, v in given.items() if k in _GENE_SET_KEYS}
+    if old:
+        ranking = {"highly_expressed": "he"}.get(str(old.get("genes.ranking", "hvg")), old.get("genes.ranking", "hvg"))
+        n = old.get("genes.n_top", 2000)
+        typed = " ".join(f"{k}={v}" for k, v in old.items())
+        raise InputError(typed, f"the gene set is spelled --genes RANKING:N on every command: use --genes {ranking}:{n}")
+    out = list(overrides)
+    if genes is not None:
+        gs = GeneSet.parse(genes)
+        out += [f"genes.n_top={gs.n}", f"genes.ranking={gs.ranking}"]
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
