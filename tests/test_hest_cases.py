@@ -233,7 +233,7 @@ def test_legacy_st_at_110um(tmp_path):
 
 # ------------------------------------------------------------------------------------- 5. patients
 def test_patients_are_dataset_and_patient_and_blanks_are_unknown(tmp_path):
-    from hist_st.train.cv import slide_groups
+    from hist_st.evaluate import slide_groups
     from hist_st.train.folds import make_folds
 
     root = tmp_path / "hest"
@@ -369,8 +369,8 @@ def test_cv_on_hest_samples_by_patient_and_with_hest_bench_protocol(tmp_path):
     """End to end: prepare HEST samples, then CV by (dataset, patient) and on HEST-Benchmark's genes + splits."""
     import pandas as pd
 
+    from hist_st.evaluate import cross_validate
     from hist_st.train import load_config
-    from hist_st.train.cv import run_cv
 
     root = tmp_path / "hest"
     spec = {"A1": ("Patient 1", "Dataset A"), "A2": ("Patient 1", "Dataset A"), "B1": ("Patient 1", "Dataset B"),
@@ -380,7 +380,7 @@ def test_cv_on_hest_samples_by_patient_and_with_hest_bench_protocol(tmp_path):
     rep, _ = prepare(root, tmp_path / "cohort")
     assert sorted(rep.prepared) == sorted(spec), rep.failed
     cfg = load_config(None, ["model.dim=16", "model.heads=2", "progress=false", "epochs=1", "genes.n_top=4"])
-    res = run_cv(cfg, tmp_path / "cohort", tmp_path / "cv_patient", k=2, group_by="patient", progress=False)
+    res = cross_validate(cfg, tmp_path / "cohort", tmp_path / "cv_patient", k=2, group_by="patient", progress=False)
     saved = json.loads((tmp_path / "cv_patient" / "splits.json").read_text())["folds"]
     assert sorted(s for f in saved for s in f.get("unknown_group", [])) == ["N1", "N2"]
     for f in saved:
@@ -393,7 +393,7 @@ def test_cv_on_hest_samples_by_patient_and_with_hest_bench_protocol(tmp_path):
         pd.DataFrame({"sample_id": [s for s in spec if s not in test]}).to_csv(split / f"train_{i}.csv", index=False)
         pd.DataFrame({"sample_id": test}).to_csv(split / f"test_{i}.csv", index=False)
     cfg = load_config(None, ["model.dim=16", "model.heads=2", "progress=false", "epochs=1", "genes.ranking=hest-bench"])
-    run_cv(cfg, tmp_path / "cohort", tmp_path / "cv_bench", folds=tmp_path / "bench", progress=False)
+    cross_validate(cfg, tmp_path / "cohort", tmp_path / "cv_bench", folds=tmp_path / "bench", progress=False)
     manifest = json.loads((tmp_path / "cohort" / "cohort.json").read_text())
     genes = (tmp_path / "cv_bench" / "genes.txt").read_text().split()
     assert genes == manifest["hest-bench"] and genes == sorted(genes) and 0 < len(genes) <= 50

@@ -12,7 +12,7 @@ demo stays under 5 minutes; every reduction is listed in `DEMO_DEFAULTS` and in 
   fewer epochs need a larger step), everything else as the paper (weight decay 1e-4, cosine to 0, one
   slide per step, coordinate augmentation with the cosine strength schedule).
 
-Outputs in ``--out``: ``cohort/`` (prepared slides + ``cohort.json``), ``cv/`` (the full `run_cv`
+Outputs in ``--out``: ``cohort/`` (prepared slides + ``cohort.json``), ``cv/`` (the full `cross_validate`
 run directory: splits, per-fold models, predictions and metrics), ``table.md`` (HiST, ridge and the
 gene-mean floor, both protocols), ``loss_curves.png``, ``heatmap.png`` (measured vs predicted
 expression of a few genes over one test slide) and ``demo.json`` (numbers and timings).
@@ -138,9 +138,9 @@ def run_demo(
     import torch
 
     from hist_st.data.synthetic import make_cohort
+    from hist_st.evaluate import cross_validate, plot_loss_curves
     from hist_st.metrics import format_table
     from hist_st.train.config import load_config
-    from hist_st.train.cv import plot_loss_curves, run_cv
 
     set_threads(threads)
     d = dict(DEMO_DEFAULTS)
@@ -159,7 +159,7 @@ def run_demo(
     ov += list(overrides or [])
     cfg = load_config(None, ov)
     k = folds or d["folds"]
-    summary = run_cv(cfg, cohort, out / "cv", k=k, baselines=["ridge", "mean"], progress=progress)
+    summary = cross_validate(cfg, cohort, out / "cv", k=k, baselines=["ridge", "mean"], progress=progress)
     rows = {METHOD_NAMES.get(m, m): s for m, s in summary["methods"].items()}
     table = format_table(rows)
     header = (
@@ -174,7 +174,7 @@ def run_demo(
     plot_loss_curves(summary["histories"], out / "loss_curves.png")
 
     # heatmap: fold 0's first test slide, its top ranked genes; HiST (from the saved prediction) and ridge
-    from hist_st.baselines import get_baseline
+    from hist_st.methods import get_method
     from hist_st.slide import read_prepared
     from hist_st.train.data import load_slides, log1p_counts
 
@@ -185,7 +185,7 @@ def run_demo(
     slide = read_prepared(cohort / f"{test_id}.h5ad")
     pred_slide = read_prepared(out / "cv" / "fold_0" / "predictions" / f"{test_id}.h5ad")
     hist_log1p = np.log1p(pred_slide.predicted)
-    ridge = get_baseline("ridge").fit(load_slides(cohort, f0["train"]), genes, summary["embedding"], seed=seed)
+    ridge = get_method("ridge").fit(load_slides(cohort, f0["train"]), genes, summary["embedding"], seed=seed)
     # the 4 most expressed of the predicted genes on this slide (a choice blind to every method's output)
     show = [genes[i] for i in np.argsort(-np.asarray(log1p_counts(slide, genes).mean(0)), kind="stable")[:4]]
     plot_heatmap(slide, show, {"HiST": hist_log1p, "ridge": ridge.predict(slide)},

@@ -37,12 +37,31 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_pair(prepare_args: list[str], plain: Path, macenko: Path) -> None:
+    """``hist-st prepare PREPARE_ARGS --out PLAIN`` and the same with ``--stain-norm macenko --out MACENKO``
+    (resumable: finished slides are skipped on a rerun).
+
+    Raises:
+        InputError: ``--out`` or ``--stain-norm`` among the arguments, or a preparation that fails.
+    """
+    from hist_st.cli import main
+
+    if any(a in ("--out", "--stain-norm") or a.startswith(("--out=", "--stain-norm=")) for a in prepare_args):
+        raise InputError("--prepare", "give the prepare arguments without --out and --stain-norm")
+    for out, extra in ((plain, ["--stain-norm", "none"]), (macenko, ["--stain-norm", "macenko"])):
+        rc = main(["prepare", *prepare_args, *extra, "--out", str(out)])
+        if rc not in (0, None):
+            raise InputError(out, f"hist-st prepare exited with status {rc}")
+
+
 def cmd_stain(args: argparse.Namespace) -> int:
     from hist_st.experiments.stain import run_stain
 
+    if args.prepare:
+        prepare_pair(shlex.split(args.prepare), args.plain, args.macenko)
     res = run_stain(
         args.plain, args.macenko, args.out, rows=_list(args.rows) or ("macenko-only", "token-only", "both", "neither"),
-        prepare_args=shlex.split(args.prepare) if args.prepare else None, genes=args.genes, folds=args.folds,
+        genes=args.genes, folds=args.folds,
         seed=args.seed, config=args.config, overrides=args.overrides, skip_done=not args.force,
         progress=not args.no_progress,
     )

@@ -110,11 +110,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from hist_st.train.cv import run_cv
+    from hist_st.evaluate import cross_validate
 
     cfg = _cfg(args)
     baselines = [b for b in (args.baselines or "").split(",") if b]
-    summary = run_cv(
+    summary = cross_validate(
         cfg, args.slides, args.out, k=args.folds, group_by=args.group_by, folds=args.splits,
         slide_ids=_ids(args.ids), baselines=baselines, write_predictions=not args.no_predictions,
         mc_samples=args.mc_samples, progress=cfg.progress,

@@ -9,7 +9,7 @@ from hist_st.experiments.accuracy import build_config, per_gene_rows, run_accura
 from hist_st.experiments.efficiency import format_efficiency_table, measure, run_efficiency, run_scaling
 from hist_st.experiments.figures import plot_genes, plot_scaling, plot_token_pca
 from hist_st.experiments.report import build_report
-from hist_st.experiments.stain import PAPER_TABLE5, STAIN_ROWS, prepare_pair, run_stain
+from hist_st.experiments.stain import PAPER_TABLE5, STAIN_ROWS, run_stain
 from hist_st.experiments.tokens import (
     cosine_distances,
     export_tokens,
@@ -37,7 +37,6 @@ __all__ = [
     "plot_genes",
     "plot_scaling",
     "plot_token_pca",
-    "prepare_pair",
     "run_ablation",
     "run_accuracy",
     "run_efficiency",

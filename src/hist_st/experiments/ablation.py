@@ -37,6 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
+from hist_st.evaluate import make_plan, run_cv
+from hist_st.experiments.accuracy import build_config
+from hist_st.experiments.reuse import reused_note, same_run
+from hist_st.jsonio import read_json, write_json
+from hist_st.methods import HiSTMethod
+from hist_st.train.distributed import init_distributed
+from hist_st.train.folds import save_folds
 
 __all__ = ["Ablation", "ABLATIONS", "PAPER_TABLE3", "ablation_config", "run_ablation", "format_ablation_table"]
 
@@ -195,13 +202,6 @@ def run_ablation(
     Returns:
         ``{"summaries": {name: summarise_folds(...)}, "table": str, "out_dir": str}``.
     """
-    from hist_st.experiments.accuracy import build_config
-    from hist_st.experiments.reuse import reused_note, same_run
-    from hist_st.jsonio import read_json, write_json
-    from hist_st.train.cv import run_cv, slide_groups
-    from hist_st.train.data import load_slides, read_manifest, select_genes
-    from hist_st.train.folds import make_folds, save_folds
-
     names = list(names) if names else list(ABLATIONS)
     if "full" not in names:
         names.insert(0, "full")
@@ -211,16 +211,12 @@ def run_ablation(
     cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    slides = load_slides(cohort)
-    manifest = read_manifest(cohort)
-    groups = slide_groups(slides, group_by, manifest) if group_by else None
-    fold_list = make_folds([s.slide_id for s in slides], folds, cfg.seed, groups)
-    splits = save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, group_by=group_by,
-                        slides_dir=str(cohort))
+    plan = make_plan(cohort, cfg.genes, k=folds, seed=cfg.seed, group_by=group_by, embedding=cfg.embedding)
+    fold_list, gene_list = plan.folds, plan.genes
+    save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, group_by=group_by, slides_dir=str(cohort))
     # One gene list for every row (dataset scope: chosen once from the manifest ranking).
-    gene_list = select_genes(slides, cfg.genes, manifest)
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
-    del slides
+    info = init_distributed(cfg.device)
     summaries: dict[str, Any] = {}
     reused: dict[str, str] = {}
     for name in [n for n in ABLATIONS if n in names]:
@@ -233,7 +229,8 @@ def run_ablation(
         if src is not None and same_run(src, row_cfg, fold_list, gene_list, cohort):
             summaries[name], reused[name] = read_json(Path(src) / "metrics.json")["methods"]["HiST"], str(src)
             continue
-        res = run_cv(row_cfg, cohort, run_dir, folds=splits, write_predictions=False, progress=progress)
+        res = run_cv(plan, [HiSTMethod(row_cfg, dist_info=info)], run_dir, seed=cfg.seed, write_predictions=False,
+                     dist_info=info, progress=progress)
         summaries[name] = res["methods"]["HiST"]
     summaries = read_json(write_json(summaries, out / "ablation.json"))
     write_json(reused, out / "reused.json")

@@ -7,9 +7,9 @@ res = run_accuracy(["cohorts/her2st"], "runs/acc", methods=["hist", "ridge", "me
 print(res["table"])
 ```
 
-HiST and the baselines go through `hist_st.train.cv.run_cv` (one call per cohort), so they share the
-folds (saved as ``splits.json``), the gene list (``genes.txt``), the log1p targets and the embedding.
-When ``hist`` is not among the methods, the baselines run on the same deterministic folds without it.
+Every method, HiST among them, goes through `hist_st.evaluate.run_cv` on one plan per cohort
+(`hist_st.evaluate.make_plan`), so they share the folds (saved as ``splits.json``), the gene list
+(``genes.txt``), the log1p targets and the embedding.
 
 Run directory layout (``OUT``)::
 
@@ -34,8 +34,14 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.evaluate import Plan, make_plan, run_cv
 from hist_st.experiments.reuse import merge_runs, reusable_methods
 from hist_st.jsonio import read_json, write_json
+from hist_st.methods import HiSTMethod, Method, get_method, list_methods, method_option_names
+from hist_st.metrics import format_table
+from hist_st.runtime import device_name, resolve_device
+from hist_st.train.config import TrainConfig, config_to_dict, load_config, with_gene_set
+from hist_st.train.distributed import DistInfo, init_distributed
 
 __all__ = [
     "METHODS",
@@ -69,8 +75,6 @@ def build_config(
         genes: A gene-set spec (`hist_st.cohort.GeneSet`: ``hvg:2000``, ``he:250``) for ``cfg.genes``.
         progress: Overrides ``cfg.progress`` when given.
     """
-    from hist_st.train.config import load_config, with_gene_set
-
     cfg = load_config(config, with_gene_set(overrides, genes))
     changes: dict[str, Any] = {}
     if seed is not None:
@@ -81,9 +85,7 @@ def build_config(
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
-    from hist_st.baselines import list_baselines
-
-    known = {"hist", *list_baselines()}
+    known = {"hist", *list_methods()}
     out = []
     for m in methods:
         m = str(m).strip().lower()
@@ -109,78 +111,6 @@ def _cohort_names(cohorts: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def _cv_baselines_only(
-    cfg: Any,
-    cohort: Path,
-    out: Path,
-    *,
-    k: int,
-    group_by: str | None,
-    baselines: Sequence[str],
-    baseline_options: Mapping[str, Mapping[str, Any]],
-    progress: bool,
-    fold_seed: int | None = None,
-) -> dict[str, Any]:
-    """Baselines without HiST on the folds/genes `run_cv` would use (same functions, same seed); the folds
-    use ``fold_seed`` when given (else ``cfg.seed``), the baselines train with ``cfg.seed``."""
-    from tqdm.auto import tqdm
-
-    from hist_st.baselines import get_baseline
-    from hist_st.metrics import evaluate_fold, summarise_folds
-    from hist_st.train.cv import fold_json, slide_groups
-    from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
-    from hist_st.train.folds import make_folds, save_folds
-
-    out.mkdir(parents=True, exist_ok=True)
-    slides = load_slides(cohort)
-    by_id = {s.slide_id: s for s in slides}
-    manifest = read_manifest(cohort)
-    groups = slide_groups(slides, group_by, manifest) if group_by else None
-    f_seed = cfg.seed if fold_seed is None else fold_seed
-    fold_list = make_folds(sorted(by_id), k, f_seed, groups)
-    save_folds(fold_list, out / "splits.json", k=k, seed=f_seed, group_by=group_by, slides_dir=str(cohort))
-    emb = embedding_key(slides, cfg.embedding)
-    genes = select_genes(slides, cfg.genes, manifest)
-    (out / "genes.txt").write_text("\n".join(genes) + "\n")
-    per_method: dict[str, list[dict[str, Any]]] = {b: [] for b in baselines}
-    seconds = {b: 0.0 for b in baselines}
-    for f in tqdm(fold_list, desc="cv folds", unit="fold", disable=not progress):
-        train_slides = [by_id[s] for s in f["train"]]
-        test_slides = [by_id[s] for s in f["test"]]
-        truths = {s.slide_id: gene_counts(s, genes) for s in test_slides}
-        fold_metrics = {}
-        for name in baselines:
-            t0 = time.perf_counter()
-            model = get_baseline(name, **dict(baseline_options.get(name, {})))
-            model.fit(train_slides, genes, embedding_key=emb, seed=cfg.seed)
-            preds = {s.slide_id: model.predict(s) for s in test_slides}
-            seconds[name] += time.perf_counter() - t0
-            fold_metrics[name] = evaluate_fold(preds, truths)
-            per_method[name].append(fold_metrics[name])
-        write_json({"fold": f["fold"], "train": f["train"], "test": f["test"], "n_genes": len(genes),
-                    "metrics": {m: fold_json(v, genes) for m, v in fold_metrics.items()}},
-                   out / f"fold_{f['fold']}" / "metrics.json")
-    return {"methods": {m: summarise_folds(v) for m, v in per_method.items()}, "seconds": seconds,
-            "genes": genes, "embedding": emb, "out_dir": str(out)}
-
-
-def _folds_and_genes(
-    cohort: Path, cfg: Any, k: int, group_by: str | None, fold_seed: int | None = None
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """The folds and genes `run_cv` would use on ``cohort`` (same functions; folds from ``fold_seed``, by
-    default ``cfg.seed``)."""
-    from hist_st.train.cv import slide_groups
-    from hist_st.train.data import load_slides, read_manifest, select_genes
-    from hist_st.train.folds import make_folds
-
-    slides = load_slides(cohort)
-    manifest = read_manifest(cohort)
-    groups = slide_groups(slides, group_by, manifest) if group_by else None
-    fold_list = make_folds(sorted(s.slide_id for s in slides), k, cfg.seed if fold_seed is None else fold_seed,
-                           groups)
-    return fold_list, select_genes(slides, cfg.genes, manifest)
-
-
 def _reusable(
     prior: Mapping[str, Any] | None,
     name: str,
@@ -190,30 +120,34 @@ def _reusable(
     settings: Mapping[str, Any],
     baseline_options: Mapping[str, Mapping[str, Any]],
     cohort: Path,
-    plan: Callable[[], tuple[list[dict[str, Any]], list[str]]],
+    plan: Callable[[], Plan],
 ) -> list[str]:
     """The methods of ``prior`` (an earlier ``accuracy.json``) that `run_accuracy` may keep; ``plan()`` gives
-    the folds and genes of this run (`_folds_and_genes`, computed once per cohort)."""
+    the folds and genes of this run (`hist_st.evaluate.make_plan`, computed once per cohort)."""
     if not prior or name not in prior.get("cohorts", {}):
         return []
     if not (cfg.genes.scope == "dataset" or cfg.genes.genes):
         return []  # genes chosen per fold: nothing recorded to compare
-    fold_list, genes = plan()
     return reusable_methods(prior, name, run_dir, cfg=cfg, methods=methods, settings=settings,
-                            baseline_options=baseline_options, folds=fold_list, genes=genes, cohort=cohort)
+                            baseline_options=baseline_options, folds=plan().folds, genes=plan().genes, cohort=cohort)
+
+
+def _method(name: str, cfg: TrainConfig, baseline_options: Mapping[str, Mapping[str, Any]],
+            info: DistInfo | None) -> Method:
+    """The method ``name``: HiST with ``cfg``, a baseline with its options."""
+    if name == "hist":
+        return HiSTMethod(cfg, dist_info=info)
+    return get_method(name, **dict(baseline_options.get(name, {})))
 
 
 def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping[str, Any]]) -> str:
     """The device a method trained on in this process (HiST: ``cfg.device``; baselines: their ``device``
     option; methods without one run on the CPU), by name, for the record of what computed each row."""
-    from hist_st.baselines import baseline_option_names
-    from hist_st.runtime import device_name, resolve_device
-
     if method == "hist":
         pref = str(cfg.device)
     else:
         opts = dict(baseline_options.get(method, {}))
-        pref = str(opts.get("device", "auto")) if "device" in baseline_option_names(method) else "cpu"
+        pref = str(opts.get("device", "auto")) if "device" in method_option_names(method) else "cpu"
     return device_name(str(resolve_device(pref)))
 
 
@@ -351,7 +285,7 @@ def run_accuracy(
     Args:
         cohorts: Prepared cohort folders (``<slide>.h5ad`` + ``cohort.json``).
         out_dir: Output folder (layout in the module docstring).
-        methods: ``hist`` and/or baseline names (`hist_st.baselines.list_baselines`).
+        methods: ``hist`` and/or baseline names (`hist_st.methods.list_methods`).
         genes: Gene spec, ``hvg:N`` or ``he:N`` (highly expressed), from each cohort's manifest ranking.
         folds: Number of folds (by slide unless ``group_by``).
         seed: Fold seed and, unless ``train_seed`` is given, every method's training seed.
@@ -379,9 +313,6 @@ def run_accuracy(
         "run_dir": str, "n_genes": int}}, "table": str,
         "out_dir": str, "genes": spec, "methods": [...]}``.
     """
-    from hist_st.metrics import format_table
-    from hist_st.train.cv import run_cv
-
     methods = _check_methods(methods)
     if not cohorts:
         raise InputError("--cohort", "give at least one prepared cohort folder")
@@ -404,7 +335,8 @@ def run_accuracy(
         cohort = Path(cohort)
         run_dir = out / name
         t0 = time.perf_counter()
-        plan = functools.cache(functools.partial(_folds_and_genes, cohort, cfg, folds, group_by, fold_seed))
+        plan = functools.cache(functools.partial(make_plan, cohort, cfg.genes, k=folds, seed=fold_seed,
+                                                 group_by=group_by, embedding=cfg.embedding))
         reusable = functools.partial(_reusable, name=name, cfg=cfg, settings=settings, cohort=cohort, plan=plan,
                                      baseline_options=baseline_options)
         keep = [m for m in reusable(prior, run_dir=run_dir, methods=methods) if m not in again]
@@ -421,16 +353,11 @@ def run_accuracy(
                     shutil.copyfile(source_run / f, run_dir / f)
         keep = keep + copied
         todo = [m for m in methods if m not in keep]
-        todo_baselines = [m for m in todo if m != "hist"]
         res: dict[str, Any] = {"methods": {}, "seconds": {}}
-        if "hist" in todo:
-            res = run_cv(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=todo_baselines,
-                         baseline_options=baseline_options, write_predictions=write_predictions,
-                         progress=progress, folds=None if t_seed == fold_seed else plan()[0])
-        elif todo_baselines:
-            res = _cv_baselines_only(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=todo_baselines,
-                                     baseline_options=baseline_options, progress=progress,
-                                     fold_seed=fold_seed)
+        if todo:
+            info = init_distributed(cfg.device) if "hist" in todo else None
+            res = run_cv(plan(), [_method(m, cfg, baseline_options, info) for m in todo], run_dir, seed=cfg.seed,
+                         write_predictions=write_predictions, dist_info=info, progress=progress)
         if keep:
             res = {key: {**kept[key], **other[key], **res[key]} for key in ("methods", "seconds")}
             if todo or copied:
@@ -459,8 +386,6 @@ def run_accuracy(
     )
     (out / "table.md").write_text(table)
     _write_per_gene_csv(per_gene, out / "per_gene.csv")
-    from hist_st.train.config import config_to_dict
-
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,
                "folds": folds, "seed": seed, "train_seed": recorded_train_seed, "group_by": group_by,
                "config": config_to_dict(cfg),

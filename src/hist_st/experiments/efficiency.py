@@ -114,7 +114,7 @@ def efficiency_inputs(cohort: str | Path | None, genes: str, folds: int, seed: i
 
 
 def synthetic_patch_source(size_px: int = 32) -> Any:
-    """A `hist_st.baselines.PatchSource` of random uint8 patches (seeded by slide id), for timing ST-Net on
+    """A `hist_st.methods.PatchSource` of random uint8 patches (seeded by slide id), for timing ST-Net on
     synthetic slides that have no H&E image; the network's cost does not depend on the pixel values."""
     import zlib
 
@@ -191,10 +191,10 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         def predict(model: Any, slide: Any) -> np.ndarray:
             return predict_log1p(model, slide)[0]
     else:
-        from hist_st.baselines import baseline_option_names, get_baseline
+        from hist_st.methods import get_method, method_option_names
 
         opts = dict(spec.get("baseline_options", {}) or {})
-        params = baseline_option_names(method)
+        params = method_option_names(method)
         if "epochs" in params:  # the timed epochs, whatever the accuracy runs used (time is per epoch)
             opts["epochs"] = epochs
         if "device" in params:
@@ -204,7 +204,7 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         passes = int(opts.get("epochs", 1)) if "epochs" in params else 1
 
         def fit() -> Any:
-            return get_baseline(method, **opts).fit(train, genes, embedding_key=emb, seed=seed)
+            return get_method(method, **opts).fit(train, genes, embedding_key=emb, seed=seed)
 
         def predict(model: Any, slide: Any) -> np.ndarray:
             return model.predict(slide)
@@ -413,6 +413,15 @@ def run_scaling(
     """Figure 3: time and memory against spots (genes fixed) and against genes (spots fixed), every method on
     the same synthetic slides and the same log-log axes. A method that fails or times out at one size is
     not run at larger sizes of that axis.
+
+    Args:
+        out_dir: Output folder.
+        methods: Methods to time (`hist_st.methods`).
+        spots, genes_list: Sizes along the spots axis and along the genes axis.
+        fixed_genes, fixed_spots: Genes while spots vary; spots while genes vary.
+        n_train, epochs, seed: Synthetic training slides, timed epochs and seed.
+        overrides, baseline_options: HiST config overrides and per-baseline options.
+        device, threads, timeout, progress: Where and how each worker process runs.
 
     Returns:
         ``{"records": [...], "figure": path, "out_dir": str}``; ``scaling.json`` and ``scaling.png`` in

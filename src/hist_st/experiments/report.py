@@ -253,8 +253,8 @@ def build_report(
                   + ", ".join(f"`{d}`" for d in unused) + ".\n")
     if baseline_options:
         opts = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for m, o in baseline_options.items())
-        md.append(f"Baseline options given on the command line (every other setting is the method's published "
-                  f"default, see `hist_st.baselines`): {opts}.\n")
+        md.append(f"Method options given on the command line (every other setting is the method's published "
+                  f"default, see `hist_st.methods`): {opts}.\n")
     for spec in gene_sets:
         a = acc[spec]
         for cname, c in a["cohorts"].items():

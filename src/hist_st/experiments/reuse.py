@@ -1,6 +1,6 @@
 """When may an experiment reuse an earlier run instead of training again?
 
-A cross-validation run directory (written by `hist_st.train.cv.run_cv`) records what made it:
+A cross-validation run directory (written by `hist_st.evaluate.run_cv`) records what made it:
 ``config.yaml``, ``splits.json`` (with the cohort folder) and ``genes.txt``. An earlier run stands in for
 a new one only when all three are the same; otherwise the experiment trains again. Two uses:
 
@@ -18,7 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hist_st.evaluate import PROTOCOLS
 from hist_st.jsonio import read_json, to_jsonable, write_json
+from hist_st.metrics import format_table
 
 __all__ = ["config_signature", "same_folds", "same_run", "reused_note", "reusable_methods", "merge_runs"]
 
@@ -144,4 +146,9 @@ def merge_runs(run_dir: str | Path, merged: Mapping[str, Any], kept_folds: Mappi
     rec = read_json(top) if top.is_file() else {}
     for key in ("methods", "seconds"):
         rec[key] = {**rec.get(key, {}), **merged[key]}
+    folds = sorted((read_json(p) for p in run_dir.glob("fold_*/metrics.json")), key=lambda f: int(f["fold"]))
+    rec["folds"] = [{"fold": f["fold"], **{m: {"pooled": v["pooled"], "per_gene_pcc": v["per_gene"]["pcc"]}
+                                           for m, v in f["metrics"].items()}} for f in folds]
     write_json(rec, top)
+    (run_dir / "table.md").write_text(f"{PROTOCOLS} Mean ± std over {len(folds)} folds.\n\n"
+                                      + format_table(rec["methods"]) + "\n")

@@ -212,7 +212,7 @@ def token_metrics(tokens: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
 
 
 def _groups_for(cohort: str | Path, slide_ids: Sequence[str], column: str) -> list[str]:
-    from hist_st.train.cv import slide_groups
+    from hist_st.evaluate import slide_groups
     from hist_st.train.data import load_slides, read_manifest
 
     slides = load_slides(cohort, list(slide_ids))

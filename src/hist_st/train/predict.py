@@ -233,6 +233,18 @@ def predict_folder(
     are written under temporary names and renamed once every slide has succeeded; a failure removes them
     (and ``out_dir`` when this call created it).
 
+    Args:
+        bundle: The trained model (`hist_st.train.checkpoint.load_bundle`).
+        slides_dir: Folder of prepared slides.
+        out_dir: Output folder of the prediction files.
+        slide_ids: Only these slides (default: all).
+        mc_samples, seed: MC-dropout passes for ``predicted_std`` and their seed.
+        progress: Show a progress bar.
+        log: Called with warnings (default: none shown).
+
+    Returns:
+        The written prediction files, in slide order.
+
     Raises:
         InputError: An output would replace a prepared slide (the input itself or another one already in
             ``out_dir``; only earlier prediction files are replaced), or an input is a prediction file.

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hist_st.baselines.base import Baseline, log1p_targets, register
+from hist_st.methods.base import Method, log1p_targets, register
 from hist_st.runtime import resolve_device
 from hist_st.slide import Slide
 
@@ -332,7 +332,7 @@ class STFlowDenoiser(nn.Module):
 # baseline
 # --------------------------------------------------------------------------------------------------
 @register("stflow")
-class STFlowBaseline(Baseline):
+class STFlowBaseline(Method):
     """STFlow (see the module docstring for the method, its sources and the stated differences).
 
     Args:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hist_st.baselines.base import Baseline, log1p_targets, register
 from hist_st.errors import InputError
+from hist_st.methods.base import Method, log1p_targets, register
 from hist_st.runtime import resolve_device
 from hist_st.slide import Slide
 
@@ -13,7 +13,7 @@ __all__ = ["MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline", "MLPBaseline"
 
 
 @register("mean")
-class MeanBaseline(Baseline):
+class MeanBaseline(Method):
     """Each gene's mean training ``log1p`` expression, predicted at every spot: the floor of every table.
 
     On small cohorts the pooled metric (SPEC 3) is mostly explained by the differences between gene means,
@@ -43,7 +43,7 @@ class MeanBaseline(Baseline):
 
 
 @register("ridge")
-class RidgeBaseline(Baseline):
+class RidgeBaseline(Method):
     """HEST-Benchmark's linear probe: StandardScaler -> PCA(256) -> Ridge without intercept.
 
     Follows ``mahmoodlab/HEST`` ``src/hest/bench/benchmark.py`` and ``trainer.py::train_test_reg``
@@ -148,7 +148,7 @@ class RobustRidgeBaseline(RidgeBaseline):
 
 
 @register("mlp")
-class MLPBaseline(Baseline):
+class MLPBaseline(Method):
     """Per-spot MLP on frozen embeddings (the paper's "UNI" row: position-independent regression).
 
     The HiST paper does not give the head's hyper-parameters; these are ours, fixed before any result and

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hist_st.baselines.base import Baseline, log1p_targets, register
 from hist_st.errors import InputError
+from hist_st.methods.base import Method, log1p_targets, register
 from hist_st.runtime import resolve_device
 from hist_st.slide import Slide
 
@@ -182,7 +182,7 @@ def inner_folds(slides: list[Slide], k: int) -> list[list[int]]:
 
 
 @register("stnet")
-class STNetBaseline(Baseline):
+class STNetBaseline(Method):
     """ST-Net: end-to-end fine-tuning of an ImageNet CNN with a linear head on raw spot patches.
 
     Published defaults, from ``bryanhe/ST-Net`` (README command for the main results:

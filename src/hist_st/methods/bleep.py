@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hist_st.baselines.base import Baseline, register
+from hist_st.methods.base import Method, register
 from hist_st.runtime import resolve_device
 from hist_st.slide import Slide
 
@@ -52,7 +52,7 @@ def bleep_loss(img_emb: torch.Tensor, spot_emb: torch.Tensor, temperature: float
 
 
 @register("bleep")
-class BLEEPBaseline(Baseline):
+class BLEEPBaseline(Method):
     """BLEEP on frozen patch embeddings: contrastive image / expression projections, top-k retrieval.
 
     Defaults from ``bowang-lab/BLEEP`` (``config.py``, ``modules.py``, ``models.py``, ``BLEEP_main.py``,
