@@ -27,8 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from hist_st.metrics import pearson
+from hist_st.data.synthetic import make_cohort
+from hist_st.evaluate import cross_validate, plot_loss_curves
+from hist_st.methods import get_method
+from hist_st.metrics import format_table, pearson
+from hist_st.pl import normalise_counts
 from hist_st.runtime import set_threads
+from hist_st.slide import read_prepared
+from hist_st.train.config import load_config
+from hist_st.train.data import load_slides, log1p_counts
 
 __all__ = ["DEMO_DEFAULTS", "run_demo", "plot_heatmap"]
 
@@ -71,8 +78,6 @@ def plot_heatmap(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hist_st.pl import normalise_counts
-    from hist_st.train.data import log1p_counts
 
     every = sorted(gene_index, key=gene_index.get)
     cols = [gene_index[g] for g in genes]
@@ -137,10 +142,6 @@ def run_demo(
     """
     import torch
 
-    from hist_st.data.synthetic import make_cohort
-    from hist_st.evaluate import cross_validate, plot_loss_curves
-    from hist_st.metrics import format_table
-    from hist_st.train.config import load_config
 
     set_threads(threads)
     d = dict(DEMO_DEFAULTS)
@@ -174,9 +175,6 @@ def run_demo(
     plot_loss_curves(summary["histories"], out / "loss_curves.png")
 
     # heatmap: fold 0's first test slide, its top ranked genes; HiST (from the saved prediction) and ridge
-    from hist_st.methods import get_method
-    from hist_st.slide import read_prepared
-    from hist_st.train.data import load_slides, log1p_counts
 
     splits = json.loads((out / "cv" / "splits.json").read_text())["folds"]
     f0 = splits[0]

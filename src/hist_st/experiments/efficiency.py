@@ -38,8 +38,18 @@ from typing import Any
 
 import numpy as np
 
+from hist_st.data.synthetic import ENCODER, cohort_params, make_slide
 from hist_st.errors import InputError
+from hist_st.experiments.accuracy import _check_methods, build_config
+from hist_st.experiments.figures import plot_scaling
+from hist_st.jsonio import write_json
+from hist_st.methods import get_method, method_option_names
 from hist_st.runtime import device_name, resolve_device, set_threads
+from hist_st.train.config import GeneConfig
+from hist_st.train.data import embedding_key, list_slides, load_slides, read_manifest, select_genes
+from hist_st.train.folds import make_folds
+from hist_st.train.loop import train as train_hist
+from hist_st.train.predict import predict_log1p
 
 __all__ = ["measure", "run_worker", "run_efficiency", "run_scaling", "format_efficiency_table",
            "timed_options", "efficiency_inputs"]
@@ -128,7 +138,6 @@ def synthetic_patch_source(size_px: int = 32) -> Any:
 def _load_data(data: Mapping[str, Any]) -> tuple[list[Any], list[Any], list[str], str]:
     """Training slides, test slides, genes and embedding key for a worker spec."""
     if "synthetic" in data:
-        from hist_st.data.synthetic import ENCODER, cohort_params, make_slide
 
         p = dict(data["synthetic"])
         n_genes, embed_dim, seed = int(p["n_genes"]), int(p.get("embed_dim", 64)), int(p.get("seed", 0))
@@ -139,8 +148,6 @@ def _load_data(data: Mapping[str, Any]) -> tuple[list[Any], list[Any], list[str]
                              cohort_seed=seed, params=params) for i in range(n)]
         genes = [str(g) for g in slides[0].genes]
         return slides[: int(p["n_train"])], slides[int(p["n_train"]) :], genes, ENCODER
-    from hist_st.train.config import GeneConfig
-    from hist_st.train.data import embedding_key, load_slides, read_manifest, select_genes
 
     cohort = data["cohort"]
     train = load_slides(cohort, data["train"])
@@ -177,9 +184,6 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
     }
 
     if method == "hist":
-        from hist_st.experiments.accuracy import build_config
-        from hist_st.train.loop import train as train_hist
-        from hist_st.train.predict import predict_log1p
 
         cfg = build_config(None, [*spec.get("overrides", []), f"epochs={epochs}", "progress=false",
                                   f"device={device}", f"embedding={emb}"], seed=seed)
@@ -191,7 +195,6 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         def predict(model: Any, slide: Any) -> np.ndarray:
             return predict_log1p(model, slide)[0]
     else:
-        from hist_st.methods import get_method, method_option_names
 
         opts = dict(spec.get("baseline_options", {}) or {})
         params = method_option_names(method)
@@ -302,7 +305,6 @@ def format_efficiency_table(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _methods(methods: Sequence[str]) -> list[str]:
-    from hist_st.experiments.accuracy import _check_methods
 
     return _check_methods(methods)
 
@@ -349,17 +351,13 @@ def run_efficiency(
     """
     from tqdm.auto import tqdm
 
-    from hist_st.jsonio import write_json
 
     methods = _methods(methods)
     device = _resolve_device(device)
     if cohort is not None:
-        from hist_st.train.data import list_slides
-        from hist_st.train.folds import make_folds
 
         ids = [p.stem for p in list_slides(cohort)]
         f0 = make_folds(ids, folds, seed)[0]
-        from hist_st.experiments.accuracy import build_config
 
         data: dict[str, Any] = {"cohort": str(cohort), "train": f0["train"], "test": f0["test"], "genes": genes,
                                 "embedding": build_config(None, overrides).embedding}
@@ -429,8 +427,6 @@ def run_scaling(
     """
     from tqdm.auto import tqdm
 
-    from hist_st.experiments.figures import plot_scaling
-    from hist_st.jsonio import write_json
 
     methods = _methods(methods)
     device = _resolve_device(device)

@@ -24,6 +24,15 @@ from typing import Any
 
 from hist_st.cohort import CohortManifest, GeneSet
 from hist_st.errors import InputError
+from hist_st.experiments.ablation import run_ablation
+from hist_st.experiments.accuracy import build_config, per_gene_rows, run_accuracy
+from hist_st.experiments.efficiency import efficiency_inputs, run_efficiency, run_scaling, timed_options
+from hist_st.experiments.figures import plot_genes
+from hist_st.experiments.stain import run_stain
+from hist_st.experiments.tokens import run_token_analysis
+from hist_st.jsonio import read_json, to_jsonable
+from hist_st.metrics import format_table
+from hist_st.runtime import package_versions
 
 __all__ = ["build_report"]
 
@@ -37,7 +46,6 @@ def _copy(src: str | Path, dest_dir: Path, name: str | None = None) -> str:
 
 def _top_genes(run_dir: Path, n: int = 3) -> list[str]:
     """The HiST genes with the highest mean per-gene PCC (for display), from the fold metrics."""
-    from hist_st.experiments.accuracy import per_gene_rows
 
     rows = [r for r in per_gene_rows(run_dir) if r["method"] == "HiST" and r["pcc_mean"] is not None]
     rows.sort(key=lambda r: -r["pcc_mean"])
@@ -47,7 +55,6 @@ def _top_genes(run_dir: Path, n: int = 3) -> list[str]:
 def _rows_minutes(run_dir: Path) -> tuple[float, int]:
     """Total recorded HiST train + predict minutes over the row run directories under ``run_dir``, and the
     number of rows (reused rows were trained elsewhere and are not counted)."""
-    from hist_st.jsonio import read_json
 
     secs = [read_json(p).get("seconds", {}).get("HiST", 0.0) for p in sorted(run_dir.glob("*/metrics.json"))]
     return sum(secs) / 60, len(secs)
@@ -119,14 +126,6 @@ def build_report(
     Returns:
         The Markdown path.
     """
-    from hist_st.experiments.ablation import run_ablation
-    from hist_st.experiments.accuracy import build_config, run_accuracy
-    from hist_st.experiments.efficiency import efficiency_inputs, run_efficiency, run_scaling, timed_options
-    from hist_st.experiments.figures import plot_genes
-    from hist_st.experiments.stain import run_stain
-    from hist_st.experiments.tokens import run_token_analysis
-    from hist_st.jsonio import read_json, to_jsonable
-    from hist_st.runtime import package_versions
 
     if not gene_sets:
         raise InputError("--genes", "give at least one gene set")
@@ -259,7 +258,6 @@ def build_report(
         a = acc[spec]
         for cname, c in a["cohorts"].items():
             md.append(f"### {cname}, genes {spec} ({c.get('n_genes')} genes)\n")
-            from hist_st.metrics import format_table
 
             md.append(format_table(c["methods"]) + "\n")
             secs = c.get("seconds", {})

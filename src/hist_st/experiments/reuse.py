@@ -21,6 +21,7 @@ from typing import Any
 from hist_st.evaluate import PROTOCOLS
 from hist_st.jsonio import read_json, to_jsonable, write_json
 from hist_st.metrics import format_table
+from hist_st.train.config import config_to_dict, load_config
 
 __all__ = ["config_signature", "same_folds", "same_run", "reused_note", "reusable_methods", "merge_runs"]
 
@@ -31,7 +32,6 @@ _COSMETIC = ("progress", "num_workers", "checkpoint_every")
 def config_signature(cfg: Any) -> dict[str, Any]:
     """A `TrainConfig` (or its dict) as a comparable dict, without cosmetic keys and the gene selection
     (genes are compared through ``genes.txt``)."""
-    from hist_st.train.config import config_to_dict
 
     d = dict(cfg) if isinstance(cfg, Mapping) else config_to_dict(cfg)
     for k in (*_COSMETIC, "genes"):
@@ -64,7 +64,6 @@ def same_run(
     run_dir: str | Path, cfg: Any, folds: Sequence[Mapping[str, Any]], genes: Sequence[str], cohort: str | Path
 ) -> bool:
     """True when ``run_dir`` is a finished `run_cv` run of ``cfg`` on ``cohort`` with these folds and genes."""
-    from hist_st.train.config import load_config
 
     run_dir = Path(run_dir)
     if not ((run_dir / "metrics.json").is_file() and (run_dir / "config.yaml").is_file()):

@@ -33,8 +33,10 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.jsonio import write_json
+from hist_st.experiments.accuracy import DISPLAY, run_accuracy
+from hist_st.jsonio import read_json, write_json
 from hist_st.metrics import STD_DDOF
+from hist_st.train.folds import load_folds
 
 __all__ = ["METRICS", "run_accuracy_seeds", "seed_summary", "paired_differences", "format_seed_tables"]
 
@@ -127,8 +129,6 @@ def paired_with_runs(
     Raises:
         InputError: When a folder is not a seeds run, lacks the cohort or method, or used other seeds/folds.
     """
-    from hist_st.jsonio import read_json
-    from hist_st.train.folds import load_folds
 
     def fold_sets(path: Path) -> list[tuple[frozenset[str], frozenset[str]]]:
         return [(frozenset(f["train"]), frozenset(f["test"])) for f in load_folds(path)]
@@ -199,7 +199,6 @@ def run_accuracy_seeds(
         ``{"cohorts": {name: {"seeds", "methods": {display: {label: seed_summary}}, "paired": {display:
         {label: paired_differences}}}}, "table": str, "out_dir": str, "runs": {seed: run_accuracy result}}``.
     """
-    from hist_st.experiments.accuracy import DISPLAY, run_accuracy
 
     seeds = [int(s) for s in seeds]
     if not seeds:

@@ -22,6 +22,7 @@ import numpy as np
 
 from hist_st.errors import InputError
 from hist_st.io._util import TECHNOLOGY_PITCH_UM, normalise_technology
+from hist_st.io.anndata_reader import read_anndata
 
 __all__ = [
     "HestSample",
@@ -266,7 +267,6 @@ def read_hest(root: str | Path, sample_id: str, *, patient: str | None = None):
     Raises:
         InputError: unreadable files, missing resolution.
     """
-    from hist_st.io.anndata_reader import read_anndata
 
     root = Path(root)
     st = root / "st" / f"{sample_id}.h5ad"

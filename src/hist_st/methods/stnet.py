@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from hist_st.encoders import efficientnet_lite0_model
 from hist_st.errors import InputError
 from hist_st.methods.base import Method, log1p_targets, register
 from hist_st.runtime import resolve_device
 from hist_st.slide import Slide
+from hist_st.wsi import PatchParams, extract_patches
 
 __all__ = [
     "STNetBaseline",
@@ -35,7 +37,6 @@ def image_patch_source(size_px: int = 224, um_per_px: float = 0.5) -> PatchSourc
     """
 
     def source(slide: Slide) -> np.ndarray:
-        from hist_st.wsi import PatchParams, extract_patches
 
         if not slide.image:
             raise InputError(
@@ -84,7 +85,6 @@ def _build_backbone(name: str, weights: str | Path | None):
     import torch
 
     if name == "efficientnet_lite0":
-        from hist_st.encoders import efficientnet_lite0_model
 
         model = efficientnet_lite0_model(weights)  # packaged ImageNet weights when weights is None
         return model, int(model.num_features)

@@ -43,6 +43,9 @@ import numpy as np
 import torch
 
 from hist_st.errors import InputError
+from hist_st.model import HiST
+from hist_st.model.config import HiSTConfig
+from hist_st.slide import atomic_write
 
 __all__ = [
     "FORMAT",
@@ -205,7 +208,6 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], kind: str | None 
     Raises:
         InputError: The model weights hold NaN or infinite values (nothing is written).
     """
-    from hist_st.slide import atomic_write
 
     bad = _non_finite(payload.get("model"))
     if bad:
@@ -419,8 +421,6 @@ class ModelBundle:
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
     """Rebuild the model described by a checkpoint and return a `ModelBundle` (model in eval mode)."""
-    from hist_st.model import HiST
-    from hist_st.model.config import HiSTConfig
 
     ckpt = load_checkpoint(path, map_location="cpu")
     device = torch.device(device) if not isinstance(device, torch.device) else device

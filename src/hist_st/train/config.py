@@ -25,6 +25,8 @@ import yaml
 
 from hist_st.cohort import GeneSet
 from hist_st.errors import InputError
+from hist_st.model.config import HiSTConfig
+from hist_st.slide import atomic_write
 
 __all__ = [
     "AugmentConfig",
@@ -178,13 +180,11 @@ def default_model_config() -> Any:
     ``in_dim`` and ``n_genes`` are always overwritten from the data (embedding width, selected genes) when
     a run starts; the run directory's saved config holds the values actually used.
     """
-    from hist_st.model.config import HiSTConfig
 
     return HiSTConfig(in_dim=1024, n_genes=2000)
 
 
 def _model_config_type() -> type:
-    from hist_st.model.config import HiSTConfig
 
     return HiSTConfig
 
@@ -506,7 +506,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically); `load_config` reads it back to an equal config."""
-    from hist_st.slide import atomic_write
 
     with atomic_write(path) as tmp:
         tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -19,6 +19,8 @@ import torch
 
 from hist_st.cohort import CohortManifest, read_manifest
 from hist_st.errors import InputError
+from hist_st.harmonise import rank_hest_bench, rank_highly_expressed, rank_hvg
+from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.slide import Slide, read_cohort_slide
 from hist_st.train.augment import augment_coords
 from hist_st.train.config import AugmentConfig, GeneConfig
@@ -109,7 +111,6 @@ def rank_genes(slides: Sequence[Slide], ranking: str = "hvg") -> list[str]:
     stacked spots, by normalised dispersion (SPEC 2); ``highly_expressed``: mean normalised log
     expression (`hist_st.harmonise.rank_hvg` / `rank_highly_expressed`).
     """
-    from hist_st.harmonise import rank_hest_bench, rank_highly_expressed, rank_hvg
 
     genes = _shared_genes(slides)
     mats = [sp.csr_matrix(s.counts)[:, _gene_index(s, genes)] for s in slides]
@@ -230,7 +231,6 @@ def prepare_slide(
     feature_std: np.ndarray | None = None,
 ) -> SlideData:
     """Turn a `Slide` into `SlideData` (coordinates in lattice units, features, log1p targets)."""
-    from hist_st.lattice import continuous_coords
 
     if embedding not in slide.embeddings:
         raise InputError(
@@ -304,7 +304,6 @@ class AugmentedSlides(torch.utils.data.Dataset):
         return len(self.slides)
 
     def __getitem__(self, key: StepKey) -> dict[str, Any]:
-        from hist_st.lattice import to_lattice
 
         s = self.slides[key.index]
         rng = np.random.default_rng([key.seed, key.epoch, key.index, 0xA06])

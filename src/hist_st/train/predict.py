@@ -22,9 +22,11 @@ import scipy.sparse as sp
 import torch
 
 from hist_st.errors import InputError
+from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.outputs import fresh_folder
 from hist_st.slide import Slide, atomic_path, is_prediction, read_cohort_slide, write_prepared
 from hist_st.train.checkpoint import ModelBundle
+from hist_st.train.data import list_slides
 
 __all__ = ["predict_log1p", "mc_log1p_samples", "predict_slide", "predict_folder", "lattice_unit_for", "check_outputs",
            "check_gene_overlap"]
@@ -57,7 +59,6 @@ def predict_log1p(
     Returns:
         ``(mean_log1p [N, G] float32, count_std [N, G] float32 or None)``.
     """
-    from hist_st.lattice import continuous_coords, to_lattice
 
     if mc_samples < 0:
         raise InputError("predict", f"mc_samples must be >= 0, got {mc_samples}")
@@ -252,7 +253,6 @@ def predict_folder(
     """
     from tqdm.auto import tqdm
 
-    from hist_st.train.data import list_slides
 
     paths = list_slides(slides_dir, slide_ids)
     out = Path(out_dir)

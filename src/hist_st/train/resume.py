@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
+from hist_st.slide import atomic_write
 
 __all__ = ["RUNTIME_KEYS", "ACCEPTABLE", "ACCEPTED_LOG", "data_fingerprint", "changed_data", "flatten", "resume_differences", "check_resume", "record_accepted"]
 
@@ -152,7 +153,6 @@ def check_resume(diffs: Mapping[str, str], source: str | Path, accept: bool) -> 
 
 def record_accepted(out_dir: str | Path, diffs: Mapping[str, str], epoch: int) -> Path:
     """Append the accepted differences to ``<out_dir>/accepted_changes.json`` (a list of records)."""
-    from hist_st.slide import atomic_write
 
     path = Path(out_dir) / ACCEPTED_LOG
     records: list[Any] = []
