@@ -37,11 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
-from hist_st.evaluate import make_plan, run_cv
+from hist_st.evaluate import make_plan
 from hist_st.experiments.accuracy import build_config
-from hist_st.experiments.reuse import reused_note, same_run
+from hist_st.experiments.reuse import hist_row, reused_note
 from hist_st.jsonio import read_json, write_json
-from hist_st.methods import HiSTMethod
 from hist_st.train.distributed import init_distributed
 from hist_st.train.folds import save_folds
 
@@ -222,16 +221,11 @@ def run_ablation(
     for name in [n for n in ABLATIONS if n in names]:
         run_dir = out / name
         row_cfg = ablation_config(cfg, name)
-        if skip_done and (run_dir / "metrics.json").is_file():
-            summaries[name] = read_json(run_dir / "metrics.json")["methods"]["HiST"]
-            continue
-        src = (equivalent or {}).get(name)
-        if src is not None and same_run(src, row_cfg, fold_list, gene_list, cohort):
-            summaries[name], reused[name] = read_json(Path(src) / "metrics.json")["methods"]["HiST"], str(src)
-            continue
-        res = run_cv(plan, [HiSTMethod(row_cfg, dist_info=info)], run_dir, seed=cfg.seed, write_predictions=False,
-                     dist_info=info, progress=progress)
-        summaries[name] = res["methods"]["HiST"]
+        summaries[name], src = hist_row(run_dir, row_cfg, lambda: plan, cohort=cohort, folds=fold_list,
+                                        genes=gene_list, skip_done=skip_done, source=(equivalent or {}).get(name),
+                                        dist_info=info, progress=progress)
+        if src is not None:
+            reused[name] = src
     summaries = read_json(write_json(summaries, out / "ablation.json"))
     write_json(reused, out / "reused.json")
     table = format_ablation_table(summaries)

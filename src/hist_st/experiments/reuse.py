@@ -14,16 +14,17 @@ a new one only when all three are the same; otherwise the experiment trains agai
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hist_st.evaluate import PROTOCOLS
+from hist_st.evaluate import PROTOCOLS, Plan, run_cv
 from hist_st.jsonio import read_json, to_jsonable, write_json
+from hist_st.methods import HiSTMethod
 from hist_st.metrics import format_table
 from hist_st.train.config import config_to_dict, load_config
 
-__all__ = ["config_signature", "same_folds", "same_run", "reused_note", "reusable_methods", "merge_runs"]
+__all__ = ["config_signature", "same_folds", "same_run", "reused_note", "reusable_methods", "merge_runs", "hist_row"]
 
 #: Config keys that change how a run is shown, not what it computes.
 _COSMETIC = ("progress", "num_workers", "checkpoint_every")
@@ -151,3 +152,41 @@ def merge_runs(run_dir: str | Path, merged: Mapping[str, Any], kept_folds: Mappi
     write_json(rec, top)
     (run_dir / "table.md").write_text(f"{PROTOCOLS} Mean ± std over {len(folds)} folds.\n\n"
                                       + format_table(rec["methods"]) + "\n")
+
+
+def hist_row(
+    run_dir: str | Path,
+    cfg: Any,
+    plan: Callable[[], Plan],
+    *,
+    cohort: str | Path,
+    folds: Sequence[Mapping[str, Any]],
+    genes: Sequence[str],
+    skip_done: bool = True,
+    source: str | Path | None = None,
+    dist_info: Any = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], str | None]:
+    """One HiST row of an experiment table (Table 3 or 5): its fold summary, trained only when needed.
+
+    Args:
+        run_dir: The row's cross-validation folder.
+        cfg: The row's `TrainConfig`.
+        plan: Gives the row's `Plan` (called only when the row is trained).
+        cohort, folds, genes: What the row is trained on, to compare with ``source``.
+        skip_done: Keep a row whose ``run_dir/metrics.json`` exists.
+        source: An existing `run_cv` folder to take the row from when it was trained identically (`same_run`).
+        dist_info, progress: As in `hist_st.evaluate.run_cv`.
+
+    Returns:
+        ``(summary, source)``: HiST's `summarise_folds` record, and the folder it was taken from (None when
+        this row's own folder holds it).
+    """
+    run_dir = Path(run_dir)
+    if skip_done and (run_dir / "metrics.json").is_file():
+        return read_json(run_dir / "metrics.json")["methods"]["HiST"], None
+    if source is not None and same_run(source, cfg, folds, genes, cohort):
+        return read_json(Path(source) / "metrics.json")["methods"]["HiST"], str(source)
+    res = run_cv(plan(), [HiSTMethod(cfg, dist_info=dist_info)], run_dir, seed=cfg.seed, write_predictions=False,
+                 dist_info=dist_info, progress=progress)
+    return res["methods"]["HiST"], None

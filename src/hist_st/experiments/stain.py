@@ -18,17 +18,17 @@ run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", overrides=["
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
-from hist_st.evaluate import make_plan, run_cv
+from hist_st.evaluate import Plan, make_plan
 from hist_st.experiments.ablation import _fmt
 from hist_st.experiments.accuracy import build_config
-from hist_st.experiments.reuse import reused_note, same_run
+from hist_st.experiments.reuse import hist_row, reused_note
 from hist_st.jsonio import read_json, write_json
-from hist_st.methods import HiSTMethod
 from hist_st.train.data import list_slides
 from hist_st.train.distributed import init_distributed
 from hist_st.train.folds import save_folds
@@ -93,25 +93,24 @@ def run_stain(
     save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, slides_dir=str(plain))
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
     info = init_distributed(cfg.device)
+
+    def plan_of(which: str) -> Plan:  # the Macenko copy: the same folds and genes, planned when first needed
+        if which not in plans:
+            plans[which] = make_plan(macenko, cfg.genes, folds=fold_list, embedding=cfg.embedding, seed=cfg.seed)
+        return plans[which]
+
     summaries: dict[str, Any] = {}
     reused: dict[str, str] = {}
     for name in [r for r in STAIN_ROWS if r in rows]:
         _, which, token = STAIN_ROWS[name]
         run_dir = out / name
-        if skip_done and (run_dir / "metrics.json").is_file():
-            summaries[name] = read_json(run_dir / "metrics.json")["methods"]["HiST"]
-            continue
         row_cfg = cfg if token else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
-        row_cohort = plain if which == "plain" else macenko
-        src = (equivalent or {}).get(name)
-        if src is not None and same_run(src, row_cfg, fold_list, gene_list, row_cohort):
-            summaries[name], reused[name] = read_json(Path(src) / "metrics.json")["methods"]["HiST"], str(src)
-            continue
-        if which not in plans:  # the Macenko copy: the same folds and genes
-            plans[which] = make_plan(macenko, cfg.genes, folds=fold_list, embedding=cfg.embedding, seed=cfg.seed)
-        res = run_cv(plans[which], [HiSTMethod(row_cfg, dist_info=info)], run_dir, seed=cfg.seed,
-                     write_predictions=False, dist_info=info, progress=progress)
-        summaries[name] = res["methods"]["HiST"]
+        summaries[name], src = hist_row(run_dir, row_cfg, functools.partial(plan_of, which),
+                                        cohort=plain if which == "plain" else macenko, folds=fold_list,
+                                        genes=gene_list, skip_done=skip_done, source=(equivalent or {}).get(name),
+                                        dist_info=info, progress=progress)
+        if src is not None:
+            reused[name] = src
     summaries = read_json(write_json(summaries, out / "stain.json"))
     write_json(reused, out / "reused.json")
     table = format_stain_table(summaries)
