@@ -39,8 +39,7 @@ from typing import Any
 from hist_st.errors import InputError
 from hist_st.evaluate import make_plan
 from hist_st.experiments.accuracy import build_config
-from hist_st.experiments.reuse import hist_row, reused_note
-from hist_st.jsonio import read_json, write_json
+from hist_st.experiments.reuse import hist_rows, reused_note
 from hist_st.train.distributed import init_distributed
 from hist_st.train.folds import save_folds
 
@@ -216,18 +215,9 @@ def run_ablation(
     # One gene list for every row (dataset scope: chosen once from the manifest ranking).
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
     info = init_distributed(cfg.device)
-    summaries: dict[str, Any] = {}
-    reused: dict[str, str] = {}
-    for name in [n for n in ABLATIONS if n in names]:
-        run_dir = out / name
-        row_cfg = ablation_config(cfg, name)
-        summaries[name], src = hist_row(run_dir, row_cfg, lambda: plan, cohort=cohort, folds=fold_list,
-                                        genes=gene_list, skip_done=skip_done, source=(equivalent or {}).get(name),
-                                        dist_info=info, progress=progress)
-        if src is not None:
-            reused[name] = src
-    summaries = read_json(write_json(summaries, out / "ablation.json"))
-    write_json(reused, out / "reused.json")
+    rows = {name: (ablation_config(cfg, name), lambda: plan, cohort) for name in ABLATIONS if name in names}
+    summaries, reused = hist_rows(out, rows, folds=fold_list, genes=gene_list, name="ablation", skip_done=skip_done,
+                                  equivalent=equivalent, dist_info=info, progress=progress)
     table = format_ablation_table(summaries)
     (out / "table.md").write_text(
         f"Ablations (Table 3) on {Path(cohort).name}: {folds}-fold, seed {seed}, {len(gene_list)} genes "

@@ -24,7 +24,7 @@ from hist_st.methods import HiSTMethod
 from hist_st.metrics import format_table
 from hist_st.train.config import config_to_dict, load_config
 
-__all__ = ["config_signature", "same_folds", "same_run", "reused_note", "reusable_methods", "merge_runs", "hist_row"]
+__all__ = ["config_signature", "same_folds", "same_run", "reused_note", "reusable_methods", "merge_runs", "hist_rows"]
 
 #: Config keys that change how a run is shown, not what it computes.
 _COSMETIC = ("progress", "num_workers", "checkpoint_every")
@@ -154,39 +154,47 @@ def merge_runs(run_dir: str | Path, merged: Mapping[str, Any], kept_folds: Mappi
                                       + format_table(rec["methods"]) + "\n")
 
 
-def hist_row(
-    run_dir: str | Path,
-    cfg: Any,
-    plan: Callable[[], Plan],
+def hist_rows(
+    out: str | Path,
+    rows: Mapping[str, tuple[Any, Callable[[], Plan], str | Path]],
     *,
-    cohort: str | Path,
     folds: Sequence[Mapping[str, Any]],
     genes: Sequence[str],
+    name: str,
     skip_done: bool = True,
-    source: str | Path | None = None,
+    equivalent: Mapping[str, str | Path] | None = None,
     dist_info: Any = None,
     progress: bool = True,
-) -> tuple[dict[str, Any], str | None]:
-    """One HiST row of an experiment table (Table 3 or 5): its fold summary, trained only when needed.
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The HiST rows of an experiment table (Table 3 or 5), each trained only when needed.
+
+    A row is kept when ``out/<row>/metrics.json`` exists (``skip_done``), taken from ``equivalent[row]`` when
+    that `run_cv` folder was trained identically (`same_run`), else trained: ``run_cv(plan, [HiST])``.
 
     Args:
-        run_dir: The row's cross-validation folder.
-        cfg: The row's `TrainConfig`.
-        plan: Gives the row's `Plan` (called only when the row is trained).
-        cohort, folds, genes: What the row is trained on, to compare with ``source``.
-        skip_done: Keep a row whose ``run_dir/metrics.json`` exists.
-        source: An existing `run_cv` folder to take the row from when it was trained identically (`same_run`).
-        dist_info, progress: As in `hist_st.evaluate.run_cv`.
+        out: The experiment folder: ``<row>/`` run folders, ``<name>.json`` (summaries), ``reused.json``.
+        rows: Row -> ``(TrainConfig, plan, cohort)``; ``plan()`` gives the row's `Plan` (called only when the
+            row is trained), ``cohort`` is compared with ``equivalent``'s.
+        folds, genes: The folds and genes every row shares.
+        name: File name of the summaries (``ablation``, ``stain``).
+        skip_done, equivalent, dist_info, progress: As above and in `hist_st.evaluate.run_cv`.
 
     Returns:
-        ``(summary, source)``: HiST's `summarise_folds` record, and the folder it was taken from (None when
-        this row's own folder holds it).
+        ``(summaries, reused)``: row -> HiST's `summarise_folds` record; row -> the folder it was taken from.
     """
-    run_dir = Path(run_dir)
-    if skip_done and (run_dir / "metrics.json").is_file():
-        return read_json(run_dir / "metrics.json")["methods"]["HiST"], None
-    if source is not None and same_run(source, cfg, folds, genes, cohort):
-        return read_json(Path(source) / "metrics.json")["methods"]["HiST"], str(source)
-    res = run_cv(plan(), [HiSTMethod(cfg, dist_info=dist_info)], run_dir, seed=cfg.seed, write_predictions=False,
-                 dist_info=dist_info, progress=progress)
-    return res["methods"]["HiST"], None
+    out = Path(out)
+    summaries: dict[str, Any] = {}
+    reused: dict[str, str] = {}
+    for row, (cfg, plan, cohort) in rows.items():
+        run_dir = out / row
+        source = (equivalent or {}).get(row)
+        if skip_done and (run_dir / "metrics.json").is_file():
+            summaries[row] = read_json(run_dir / "metrics.json")["methods"]["HiST"]
+        elif source is not None and same_run(source, cfg, folds, genes, cohort):
+            summaries[row], reused[row] = read_json(Path(source) / "metrics.json")["methods"]["HiST"], str(source)
+        else:
+            res = run_cv(plan(), [HiSTMethod(cfg, dist_info=dist_info)], run_dir, seed=cfg.seed,
+                         write_predictions=False, dist_info=dist_info, progress=progress)
+            summaries[row] = res["methods"]["HiST"]
+    write_json(reused, out / "reused.json")
+    return read_json(write_json(summaries, out / f"{name}.json")), reused

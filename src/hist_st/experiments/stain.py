@@ -27,8 +27,7 @@ from hist_st.errors import InputError
 from hist_st.evaluate import Plan, make_plan
 from hist_st.experiments.ablation import _fmt
 from hist_st.experiments.accuracy import build_config
-from hist_st.experiments.reuse import hist_row, reused_note
-from hist_st.jsonio import read_json, write_json
+from hist_st.experiments.reuse import hist_rows, reused_note
 from hist_st.train.data import list_slides
 from hist_st.train.distributed import init_distributed
 from hist_st.train.folds import save_folds
@@ -99,20 +98,12 @@ def run_stain(
             plans[which] = make_plan(macenko, cfg.genes, folds=fold_list, embedding=cfg.embedding, seed=cfg.seed)
         return plans[which]
 
-    summaries: dict[str, Any] = {}
-    reused: dict[str, str] = {}
-    for name in [r for r in STAIN_ROWS if r in rows]:
-        _, which, token = STAIN_ROWS[name]
-        run_dir = out / name
-        row_cfg = cfg if token else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
-        summaries[name], src = hist_row(run_dir, row_cfg, functools.partial(plan_of, which),
-                                        cohort=plain if which == "plain" else macenko, folds=fold_list,
-                                        genes=gene_list, skip_done=skip_done, source=(equivalent or {}).get(name),
-                                        dist_info=info, progress=progress)
-        if src is not None:
-            reused[name] = src
-    summaries = read_json(write_json(summaries, out / "stain.json"))
-    write_json(reused, out / "reused.json")
+    no_token = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
+    table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which),
+                         plain if which == "plain" else macenko) for name, (_, which, token) in STAIN_ROWS.items()
+                  if name in rows}
+    summaries, reused = hist_rows(out, table_rows, folds=fold_list, genes=gene_list, name="stain", skip_done=skip_done,
+                                  equivalent=equivalent, dist_info=info, progress=progress)
     table = format_stain_table(summaries)
     (out / "table.md").write_text(
         f"Calibration token vs Macenko stain normalisation (Table 5): {folds}-fold, seed {seed}, "
