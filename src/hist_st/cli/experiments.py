@@ -98,10 +98,10 @@ def cmd_plot_genes(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hist_st.experiments.report import build_report
+    from hist_st.experiments.report import ReportSpec, build_report
 
     command = "hist-st " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-    path = build_report(
+    path = build_report(ReportSpec(
         args.name or Path(args.cohort).resolve().name, args.cohort, docs_dir=args.docs, runs_dir=args.runs, methods=_list(args.methods),
         gene_sets=_list(args.gene_sets), folds=args.folds, seed=args.seed, config=args.config,
         overrides=args.overrides, baseline_options=parse_baseline_options(args.baseline_option),
@@ -114,7 +114,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                          "genes_list": [int(v) for v in _list(args.scaling_genes)], "timeout": args.scaling_timeout},
         token_groups=_list(args.token_groups), device=args.device, command=command, force=args.force,
         progress=not args.no_progress,
-    )
+    ))
     print(path)
     return 0
 

@@ -8,7 +8,7 @@ from hist_st.experiments.ablation import ABLATIONS, PAPER_TABLE3, Ablation, abla
 from hist_st.experiments.accuracy import build_config, per_gene_rows, run_accuracy
 from hist_st.experiments.efficiency import format_efficiency_table, measure, run_efficiency, run_scaling
 from hist_st.experiments.figures import plot_genes, plot_scaling, plot_token_pca
-from hist_st.experiments.report import build_report
+from hist_st.experiments.report import ReportSpec, build_report
 from hist_st.experiments.stain import PAPER_TABLE5, STAIN_ROWS, run_stain
 from hist_st.experiments.tokens import (
     cosine_distances,
@@ -24,6 +24,7 @@ __all__ = [
     "Ablation",
     "PAPER_TABLE3",
     "PAPER_TABLE5",
+    "ReportSpec",
     "STAIN_ROWS",
     "ablation_config",
     "build_config",

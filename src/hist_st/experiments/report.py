@@ -19,6 +19,7 @@ import datetime as _dt
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from hist_st.jsonio import read_json, to_jsonable
 from hist_st.metrics import format_table
 from hist_st.runtime import package_versions
 
-__all__ = ["build_report"]
+__all__ = ["ReportSpec", "build_report"]
 
 
 def _copy(src: str | Path, dest_dir: Path, name: str | None = None) -> str:
@@ -71,45 +72,19 @@ def _efficiency_lines(eff: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def build_report(
-    name: str,
-    cohort: str | Path,
-    *,
-    docs_dir: str | Path = "docs/results",
-    runs_dir: str | Path | None = None,
-    methods: Sequence[str] = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow"),
-    gene_sets: Sequence[str] = ("hvg:2000", "he:250"),
-    folds: int = 4,
-    seed: int = 0,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
-    ablations: Sequence[str] | None = None,
-    ablation_epochs: int | None = None,
-    efficiency: bool = True,
-    efficiency_epochs: int = 2,
-    efficiency_also: Sequence[str | Path] = (),
-    reuse_from: Sequence[str | Path] = (),
-    scaling: bool = False,
-    scaling_options: Mapping[str, Any] | None = None,
-    macenko: str | Path | None = None,
-    token_groups: Sequence[str] = ("patient",),
-    device: str = "auto",
-    command: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Run every experiment on ``cohort`` and write ``docs_dir/<name>.md`` (see the module docstring).
+@dataclass(frozen=True)
+class ReportSpec:
+    """Everything `build_report` runs, in one record.
 
-    Args:
+    Attributes:
         name: Report name (file stem).
         cohort: Prepared cohort folder.
         docs_dir: Where the Markdown and its figure folder go.
         runs_dir: Where the experiment run directories go (default ``runs/report-<name>``).
         methods: Methods of Tables 1 and 2.
-        gene_sets: Gene specs of Table 2 (the first is used by Tables 1, 3, 5, 6).
+        gene_sets: Gene-set specs of Table 2 (the first is used by Tables 1, 3, 5, 6).
         folds, seed, config, overrides, baseline_options: As in `run_accuracy`.
-        ablations: Table 3 rows (default all; ``[]`` skips Table 3).
+        ablations: Table 3 rows (None: all; ``()`` skips Table 3).
         ablation_epochs: Epochs of every Table 3 row (default: the same as Table 2). The report states it.
         efficiency: Produce Table 1. ``efficiency_epochs``: epochs timed per method.
         efficiency_also: `run_efficiency` output folders measured elsewhere (e.g. on a GPU machine), shown
@@ -122,11 +97,54 @@ def build_report(
         device: Device for the efficiency measurements.
         command: The command line quoted in the report.
         force: Recompute steps whose results exist.
+        progress: Progress bars.
+    """
+
+    name: str
+    cohort: str | Path
+    docs_dir: str | Path = "docs/results"
+    runs_dir: str | Path | None = None
+    methods: Sequence[str] = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow")
+    gene_sets: Sequence[str] = ("hvg:2000", "he:250")
+    folds: int = 4
+    seed: int = 0
+    config: str | Path | None = None
+    overrides: Sequence[str] = ()
+    baseline_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    ablations: Sequence[str] | None = None
+    ablation_epochs: int | None = None
+    efficiency: bool = True
+    efficiency_epochs: int = 2
+    efficiency_also: Sequence[str | Path] = ()
+    reuse_from: Sequence[str | Path] = ()
+    scaling: bool = False
+    scaling_options: Mapping[str, Any] = field(default_factory=dict)
+    macenko: str | Path | None = None
+    token_groups: Sequence[str] = ("patient",)
+    device: str = "auto"
+    command: str | None = None
+    force: bool = False
+    progress: bool = True
+
+
+def build_report(spec: ReportSpec) -> Path:
+    """Run every experiment of ``spec`` on its cohort and write ``docs_dir/<name>.md`` (see the module docstring).
+
+    Args:
+        spec: What to run and where (`ReportSpec`).
 
     Returns:
         The Markdown path.
     """
-
+    name, cohort, methods, gene_sets = spec.name, Path(spec.cohort), list(spec.methods), list(spec.gene_sets or ())
+    folds, seed, config, overrides, force = spec.folds, spec.seed, spec.config, list(spec.overrides), spec.force
+    baseline_options, device, progress = dict(spec.baseline_options or {}), spec.device, spec.progress
+    command = spec.command
+    ablations, ablation_epochs, macenko = spec.ablations, spec.ablation_epochs, spec.macenko
+    efficiency, efficiency_epochs, efficiency_also = spec.efficiency, spec.efficiency_epochs, spec.efficiency_also
+    scaling, scaling_options, reuse_from = spec.scaling, dict(spec.scaling_options or {}), spec.reuse_from
+    token_groups = spec.token_groups
+    docs_dir, runs_dir = spec.docs_dir, spec.runs_dir
     if not gene_sets:
         raise InputError("--genes", "give at least one gene set")
     cohort = Path(cohort)
