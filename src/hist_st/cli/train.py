@@ -42,62 +42,25 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _cfg(args: argparse.Namespace, base: dict | None = None):
-    """The run's config: ``base`` (a resumed checkpoint's config) or the defaults, then --config, then overrides.
-
-    On resume only the keys the user gives change the checkpoint's config, so `train` compares exactly
-    what the user asked for.
-    """
-    from hist_st.train.config import apply_overrides, config_from_dict, load_config, with_gene_set
+    from hist_st.train.config import run_config, with_gene_set
 
     overrides = with_gene_set(args.overrides, args.genes)
     if args.no_progress:
         overrides.append("progress=false")
-    if base is None:
-        return load_config(args.config, overrides)
-    data = dict(base)
-    if args.config is not None:
-        import yaml
-
-        load_config(args.config)  # validates the file, naming it
-        _merge(data, yaml.safe_load(Path(args.config).read_text()) or {})
-    return config_from_dict(apply_overrides(data, overrides))
-
-
-def _merge(base: dict, given: dict) -> dict:
-    """Deep-update ``base`` with ``given`` (nested mappings merged key by key), in place."""
-    for k, v in given.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = _merge(dict(base[k]), v)
-        else:
-            base[k] = v
-    return base
-
-
-def _finished_run(out: Path) -> int | None:
-    """Epochs of a run in ``out`` that finished all of them (``model.pt`` and no ``resume.pt``), else None."""
-    from hist_st.train.checkpoint import MODEL_FILE, RESUME_FILE, load_checkpoint
-
-    if (out / RESUME_FILE).is_file() or not (out / MODEL_FILE).is_file():
-        return None
-    ckpt = load_checkpoint(out / MODEL_FILE)
-    epochs = ckpt.get("config", {}).get("epochs")
-    if epochs is None or int(ckpt.get("epoch", -1)) != int(epochs):  # older runs kept the optimiser in it
-        return None
-    return int(epochs)
+    return run_config(args.config, overrides, base=base)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hist_st.train.checkpoint import load_resume_state
-    from hist_st.train.loop import RESUME, train
+    from hist_st.train.checkpoint import finished_epochs, load_resume_state, resume_source
+    from hist_st.train.loop import train
 
     resume = args.resume_from
     if resume is None and args.resume:
-        done = _finished_run(Path(args.out))
+        done = finished_epochs(args.out)
         if done is not None:
             print(f"the run in {args.out} already finished all {done} epochs; nothing to resume")
             return 0
-        out = Path(args.out)  # its resume.pt; a folder of an older hist-st: its model.pt with optimiser state
-        resume = out / RESUME if (out / RESUME).is_file() else out
+        resume = resume_source(args.out)
     base = dict(load_resume_state(resume)["config"]) if resume is not None else None
     cfg = _cfg(args, base)
     result = train(cfg, args.slides, slide_ids=_ids(args.ids), out_dir=args.out, resume=resume,

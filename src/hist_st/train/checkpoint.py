@@ -50,6 +50,8 @@ from hist_st.slide import atomic_write
 __all__ = [
     "FORMAT",
     "MODEL_FILE",
+    "finished_epochs",
+    "resume_source",
     "RESUME_FILE",
     "RESUME_ONLY_KEYS",
     "ModelBundle",
@@ -451,3 +453,22 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
         lattice_type=types,
         inputs=dict(ckpt.get("inputs") or {}),
     )
+
+
+def finished_epochs(run_dir: str | Path) -> int | None:
+    """Epochs of a run in ``run_dir`` that finished all of them (``model.pt`` and no ``resume.pt``), else None."""
+    run_dir = Path(run_dir)
+    if (run_dir / RESUME_FILE).is_file() or not (run_dir / MODEL_FILE).is_file():
+        return None
+    ckpt = load_checkpoint(run_dir / MODEL_FILE)
+    epochs = ckpt.get("config", {}).get("epochs")
+    if epochs is None or int(ckpt.get("epoch", -1)) != int(epochs):  # older runs kept the optimiser in it
+        return None
+    return int(epochs)
+
+
+def resume_source(run_dir: str | Path) -> Path:
+    """What ``train --resume`` continues from: ``run_dir/resume.pt``, or the folder itself (an older hist-st
+    kept the optimiser state in ``model.pt``)."""
+    run_dir = Path(run_dir)
+    return run_dir / RESUME_FILE if (run_dir / RESUME_FILE).is_file() else run_dir

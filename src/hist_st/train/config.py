@@ -16,7 +16,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = [
     "parse_override",
     "parse_overrides",
     "with_gene_set",
+    "run_config",
     "save_config",
 ]
 
@@ -502,6 +503,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = loaded
     apply_overrides(data, list(overrides))
     return config_from_dict(data)
+
+
+def run_config(
+    config: str | Path | None = None, overrides: Sequence[str] = (), *, base: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """The config of a run: ``base`` (a resumed checkpoint's config) or the defaults, then the YAML file
+    ``config``, then the ``key=value`` ``overrides``.
+
+    On resume only the keys the user gives change the checkpoint's config, so a resumed run compares
+    exactly what the user asked for (`hist_st.train.resume`).
+
+    Raises:
+        InputError: An unreadable file, unknown keys, badly typed values.
+    """
+    if base is None:
+        return load_config(config, list(overrides))
+    data = dict(base)
+    if config is not None:
+        load_config(config)  # validates the file, naming it
+        _merge(data, yaml.safe_load(Path(config).read_text()) or {})
+    return config_from_dict(apply_overrides(data, list(overrides)))
+
+
+def _merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-update ``base`` with ``given`` (nested mappings merged key by key), in place."""
+    for k, v in given.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = _merge(dict(base[k]), v)
+        else:
+            base[k] = v
+    return base
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
