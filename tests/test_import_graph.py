@@ -20,7 +20,7 @@ PKG = SRC / "hist_st"
 LAYERS = [
     "errors", "slide", "jsonio", "runtime", "outputs", "hist_st", "cohort", "wsi", "lattice", "model",
     "harmonise", "io", "tissue", "encoders", "metrics", "pl", "train", "methods", "data", "prepare",
-    "predict_image", "evaluate", "experiments", "bench", "demo", "cli",
+    "sources", "predict_image", "evaluate", "experiments", "bench", "demo", "cli",
 ]  # fmt: skip
 
 #: Modules whose internal imports may sit inside functions, and why. ``cli``: `hist-st --help` and argument
