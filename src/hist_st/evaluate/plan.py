@@ -100,7 +100,7 @@ def make_plan(
     group_by: str | None = None,
     folds: str | Path | Sequence[Mapping[str, Sequence[str]]] | None = None,
     slide_ids: Sequence[str] | None = None,
-    embedding: str = "auto",
+    embedding: str | None = None,
 ) -> Plan:
     """Load a cohort and plan its cross-validation.
 
@@ -112,7 +112,7 @@ def make_plan(
         group_by: None (folds by slide, the paper) or a group column such as ``patient``.
         folds: Explicit folds (a ``splits.json`` or a list of ``{"train", "test"}``) instead of making them.
         slide_ids: Restrict the cohort to these slides.
-        embedding: Embedding key, or ``auto`` (`hist_st.train.data.embedding_key`).
+        embedding: Embedding key; None: the only one every slide has (`hist_st.train.data.embedding_key`).
 
     Returns:
         The `Plan`: slides, folds, genes (per fold too) and embedding key.
