@@ -139,10 +139,10 @@ def test_strength_reaches_dataloader_workers():
     xy = np.stack(np.meshgrid(np.arange(50.0), np.arange(40.0)), -1).reshape(-1, 2)  # a clean lattice
     slide = SlideData("s", xy, torch.zeros(n, 3), torch.zeros(n, 2))
     ds = AugmentedSlides([slide], AugmentConfig(variant="authors", p_transform=0.0),
-                         lambda lat, feats: lat)  # fmt: skip
+                         lambda lat, feats: lat)
     keys = [StepKey(0, e, s, 0) for e, s in enumerate((1.0, 0.0))]
     loader = torch.utils.data.DataLoader(ds, sampler=KeySampler(keys), batch_size=None, num_workers=1,
-                                         collate_fn=lambda x: x)  # fmt: skip
+                                         collate_fn=lambda x: x)
     kept = [item["n_kept"] for item in loader]
     assert abs(kept[0] / n - 0.25) < 0.05  # strength 1: keep 25%
     assert kept[1] == n  # strength 0: no dropout

@@ -23,7 +23,7 @@ from hist_st.train.data import load_slides
 from hist_st.train.splits import read_splits
 from hist_st.train.toy import write_toy_cohort
 
-TINY = ["model.dim=16", "model.heads=2", "genes.n_top=6", "epochs=1", "--no-progress"]
+TINY = ["--genes", "hvg:6", "model.dim=16", "model.heads=2", "epochs=1", "--no-progress"]
 N_CASES = 10
 
 
@@ -50,7 +50,7 @@ def world(tmp_path_factory):
     assert main(["train", "--slides", str(cohort), "--out", str(run), "--ids", "toy00,toy01", *TINY]) == 0
     ref = root / "ref"
     assert main(["predict", "--model", str(run), "--slides", str(cohort), "--out", str(ref), "--ids", "toy02",
-                 "--no-progress"]) == 0  # fmt: skip
+                 "--no-progress"]) == 0
     return {"root": root, "cohort": cohort, "run": run, "ref": read_prepared(ref / "toy02.h5ad")}
 
 
@@ -60,7 +60,7 @@ def _same_slide(a, b) -> bool:
         and (a.counts != b.counts).nnz == 0 and list(a.barcodes) == list(b.barcodes)
         and all(np.array_equal(a.embeddings[k], b.embeddings[k]) for k in a.embeddings)
         and a.meta == b.meta and a.um_per_px == b.um_per_px
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("seed", range(N_CASES))
@@ -88,7 +88,7 @@ def test_corrupted_prepared_slide(world, tmp_path, capsys, seed):
 
 def _predict(world, model, out) -> int:
     return main(["predict", "--model", str(model), "--slides", str(world["cohort"]), "--out", str(out),
-                 "--ids", "toy02", "--no-progress"])  # fmt: skip
+                 "--ids", "toy02", "--no-progress"])
 
 
 @pytest.mark.parametrize("seed", range(N_CASES))
@@ -148,7 +148,7 @@ def test_corrupted_splits_file(tmp_path, seed):
     rng = np.random.default_rng([seed, 17])
     ids = ["a", "b", "c", "d"]
     valid = {"k": 2, "folds": [{"fold": 0, "train": ["a", "b"], "test": ["c", "d"]},
-                               {"fold": 1, "train": ["c", "d"], "test": ["a", "b"]}]}  # fmt: skip
+                               {"fold": 1, "train": ["c", "d"], "test": ["a", "b"]}]}
     path = tmp_path / "splits.json"
     if seed % 3 == 0:
         damaged, kind = corrupt_bytes(json.dumps(valid).encode(), rng)
@@ -169,7 +169,7 @@ def test_corrupted_splits_file(tmp_path, seed):
         assert len(set(f["train"])) == len(f["train"]) and len(set(f["test"])) == len(f["test"]), kind
     if "edit" in kind:
         assert sorted((f["fold"], f["train"], f["test"]) for f in folds) == [(0, ["a", "b"], ["c", "d"]),
-                                                                              (1, ["c", "d"], ["a", "b"])]  # fmt: skip
+                                                                              (1, ["c", "d"], ["a", "b"])]
 
 
 def test_corruption_sanity():

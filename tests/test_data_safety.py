@@ -19,7 +19,7 @@ from hist_st.slide import is_prediction, read_prepared, remove_stale_temporaries
 from hist_st.train.checkpoint import content_hash, load_bundle, load_checkpoint, save_checkpoint
 from hist_st.train.toy import toy_slide, write_toy_cohort
 
-TINY = ["model.dim=16", "model.heads=2", "genes.n_top=6", "epochs=2", "--no-progress"]
+TINY = ["--genes", "hvg:6", "model.dim=16", "model.heads=2", "epochs=2", "--no-progress"]
 
 
 def _sha(path) -> str:
@@ -206,7 +206,7 @@ def test_resume_refuses_other_slides_and_overrides(cohort, half_run, capsys):
 
 def test_resume_accepts_listed_changes_with_the_flag(cohort, half_run, capsys):
     argv = ["train", "--slides", str(cohort), "--out", str(half_run), "--resume", "--ids", "toy00,toy02",
-            "augment.dropout=0.1", "--no-progress"]  # fmt: skip
+            "augment.dropout=0.1", "--no-progress"]
     assert main(argv) == 2
     assert main([*argv, "--accept-changes"]) == 0
     ckpt = torch.load(half_run / "model.pt")
@@ -286,7 +286,7 @@ def test_her2st_barcode_mismatch_counts_every_row(c2):
     path = c2 / "ST-cnts" / "C2.tsv.gz"
     lines = gzip.open(path, "rt").read().splitlines()
     lines = [lines[0]] + ["99x99" + line[line.index("\t"):] if i % 2 else f"{90 + i}x{90 + i}" + line[line.index("\t"):]
-                          for i, line in enumerate(lines[1:])]  # fmt: skip
+                          for i, line in enumerate(lines[1:])]
     with gzip.open(path, "wt") as fh:
         fh.write("\n".join(lines) + "\n")
     with pytest.raises(InputError, match="more than one count row"):
@@ -317,7 +317,7 @@ def test_splits_and_ids_are_validated_before_training(cohort, tmp_path, capsys):
         assert not out.exists()
     (tmp_path / "bad.json").write_text('{"folds": [')
     assert main(["cv", "--slides", str(cohort), "--out", str(tmp_path / "c"), "--splits", str(tmp_path / "bad.json"),
-                 *TINY]) == 2  # fmt: skip
+                 *TINY]) == 2
     assert "not valid JSON (line 1" in _err(capsys)
     for extra, message in ((["--baselines", "nope"], "unknown baseline(s) nope"), (["--mc-samples", "-2"], "must be >= 0")):
         assert main(["cv", "--slides", str(cohort), "--out", str(tmp_path / "c"), "--folds", "2", *extra, *TINY]) == 2
@@ -337,7 +337,7 @@ def test_splits_and_ids_are_validated_before_training(cohort, tmp_path, capsys):
      ("betas=0.9", "betas: expected a list, got 0.9"),
      ("device=banana", "unknown device 'banana'"),
      ("lr=1e10", "training diverged: the loss became NaN or infinite")],
-)  # fmt: skip
+)
 def test_config_values_are_validated_up_front(cohort, tmp_path, capsys, override, message):
     assert main(["train", "--slides", str(cohort), "--out", str(tmp_path / "r"), *TINY[:-1], override, "--no-progress"]) == 2
     assert message in _err(capsys) and not (tmp_path / "r").exists()
@@ -373,13 +373,13 @@ def test_background_checkpoint_is_a_snapshot_and_resumes_bit_identically(cohort,
     writer = BackgroundWriter()
     w = torch.ones(256, 256)
     writer.submit(tmp_path / "snap.pt", {"model": {"w": w}, "model_config": {}, "genes": [], "embedding": "x"},
-                  kind="model")  # fmt: skip
+                  kind="model")
     w.zero_()  # training goes on and changes the weights in place
     assert writer.wait() == tmp_path / "snap.pt"
     assert torch.equal(load_checkpoint(tmp_path / "snap.pt")["model"]["w"], torch.ones(256, 256))
 
     cfg = load_config(None, ["model.dim=16", "model.heads=2", "genes.n_top=6", "epochs=3", "progress=false",
-                             "checkpoint_every=1", "lr=1e-3"])  # fmt: skip
+                             "checkpoint_every=1", "lr=1e-3"])
     full = train(cfg, cohort)
 
     def die(record):
@@ -406,8 +406,8 @@ def test_kill_9_during_training_then_resume_is_bit_identical(cohort, tmp_path):
     import sys
     import time
 
-    args = ["model.dim=16", "model.heads=2", "genes.n_top=6", "epochs=8", "checkpoint_every=1", "threads=1",
-            "--no-progress"]  # fmt: skip
+    args = ["--genes", "hvg:6", "model.dim=16", "model.heads=2", "epochs=8", "checkpoint_every=1", "threads=1",
+            "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 
     def cli(out, *extra):
@@ -435,7 +435,7 @@ def test_cohort_manifest_is_validated(cohort, tmp_path, capsys):
     manifest = json.loads((c / "cohort.json").read_text())
     for bad, message in (({**manifest, "hvg": "G01"}, "'hvg' must be a list of gene names"),
                          ({**manifest, "hvg": None}, "'hvg' must be a list of gene names"),
-                         ([1, 2], "must hold a JSON object")):  # fmt: skip
+                         ([1, 2], "must hold a JSON object")):
         (c / "cohort.json").write_text(json.dumps(bad))
         assert main(["train", "--slides", str(c), "--out", str(tmp_path / "r"), *TINY]) == 2
         err = _err(capsys)

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from hist_st.train.toy import write_toy_cohort
 
 OVERRIDES = ["model.dim=32", "model.heads=4", "model.dropout=0", "model.attn_dropout=0", "progress=false",
-             "genes.genes=[G00,G01,G02,G03,G04,G05]", "epochs=1", "lr=1e-3", "device=cpu"]  # fmt: skip
+             "genes.genes=[G00,G01,G02,G03,G04,G05]", "epochs=1", "lr=1e-3", "device=cpu"]
 
 
 def _free_port() -> int:
@@ -24,9 +24,9 @@ def _free_port() -> int:
 
 def _setup(cohort):
     from hist_st.model import HiST
+    from hist_st.runtime import seed_everything
     from hist_st.train import load_config
     from hist_st.train.data import AugmentedSlides, load_slides, prepare_slide, select_genes
-    from hist_st.train.loop import seed_everything
 
     cfg = load_config(None, OVERRIDES)
     slides = load_slides(cohort)

@@ -126,7 +126,7 @@ def test_accuracy_adds_methods_without_retraining(tmp_path):
     # --rerun trains a kept method again (here to the same numbers) and keeps the others
     mean_json = out / "cohort" / "metrics.json"
     rerun = run_accuracy([cohort], out, methods=["hist", "mean", "ridge"], overrides=TINY, rerun=["mean"],
-                         baseline_options={"ridge": {"n_components": 4}}, **kw)  # fmt: skip
+                         baseline_options={"ridge": {"n_components": 4}}, **kw)
     assert model.stat().st_mtime_ns == stamp and mean_json.is_file()
     assert rerun["cohorts"]["cohort"]["methods"] == third["cohorts"]["cohort"]["methods"]
 
@@ -147,13 +147,13 @@ def test_accuracy_copies_identical_methods_from_other_runs(tmp_path):
     ridge4 = {"ridge": {"n_components": 4}}
     alone = run_accuracy([cohort], tmp_path / "ridge4", methods=["ridge"], baseline_options=ridge4, **kw)
     run_accuracy([cohort], tmp_path / "ridge-he10", methods=["ridge"], baseline_options=ridge4,
-                 **{**kw, "genes": "he:10"})  # fmt: skip
+                 **{**kw, "genes": "he:10"})
     reference = run_accuracy([cohort], tmp_path / "ref", methods=["mean", "ridge"], baseline_options=ridge4, **kw)
 
     # a fresh folder: mean is trained, ridge copied (the he:10 run does not match and is skipped)
     out = tmp_path / "acc"
     res = run_accuracy([cohort], out, methods=["mean", "ridge"], baseline_options=ridge4,
-                       reuse_from=[tmp_path / "ridge-he10", tmp_path / "ridge4"], **kw)  # fmt: skip
+                       reuse_from=[tmp_path / "ridge-he10", tmp_path / "ridge4"], **kw)
     c = res["cohorts"]["cohort"]
     assert c["reused_from"] == {"ridge": str(tmp_path / "ridge4")}
     assert c["methods"] == reference["cohorts"]["cohort"]["methods"]
@@ -172,7 +172,7 @@ def test_accuracy_copies_identical_methods_from_other_runs(tmp_path):
     run_accuracy([cohort], stale, methods=["mean", "ridge"], **kw)
     mean_stamp = (stale / "cohort" / "fold_0" / "metrics.json").read_text()
     res = run_accuracy([cohort], stale, methods=["mean", "ridge"], baseline_options=ridge4,
-                       reuse_from=[tmp_path / "ridge4"], **kw)  # fmt: skip
+                       reuse_from=[tmp_path / "ridge4"], **kw)
     assert res["cohorts"]["cohort"]["methods"] == reference["cohorts"]["cohort"]["methods"]
     fold = json.loads((stale / "cohort" / "fold_0" / "metrics.json").read_text())
     assert fold["metrics"]["mean"] == json.loads(mean_stamp)["metrics"]["mean"]
@@ -237,7 +237,7 @@ def test_report_end_to_end_and_rerun_adds_a_method(tmp_path):
     args = ["report", "--cohort", str(cohort), "--name", "tiny", "--docs", str(tmp_path / "docs"), "--runs",
             str(tmp_path / "runs"), "--gene-sets", "he:12", "--folds", "2", "--seed", "5", "--ablations",
             "no-token", "--no-efficiency", "--macenko", str(cohort), "--token-groups", "patient", "--no-progress",
-            *TINY]  # fmt: skip
+            *TINY]
     assert main([*args, "--methods", "hist,mean"]) == 0
     md = (tmp_path / "docs" / "tiny.md").read_text()
     for heading in ("## Table 2", "## Table 3", "## Table 5", "## Table 6", "## Gene maps"):
@@ -253,18 +253,18 @@ def test_report_end_to_end_and_rerun_adds_a_method(tmp_path):
     gpu.mkdir()
     rec = {"method": "hist", "device": "cuda", "max_train_spots": 1000, "train_s_per_slide": 0.01,
            "infer_s_per_slide": 0.002, "train_alloc_gb": 1.0, "train_reserved_gb": 2.0, "infer_reserved_gb": 0.5,
-           "n_genes": 12}  # fmt: skip
+           "n_genes": 12}
     (gpu / "efficiency.json").write_text(json.dumps({
         "records": [rec], "table": format_efficiency_table([rec]), "device": "Test GPU (CUDA)",
         "header": "Efficiency (Table 1) on Test GPU (CUDA).", "command": "hist-st bench efficiency --device cuda"}))
     # ridge computed separately (same folds, genes, options) is copied in; a run on other genes is not used
     separate = ["bench", "accuracy", "--cohort", str(cohort), "--methods", "ridge", "--folds", "2", "--seed", "5",
-                "--baseline-option", "ridge.n_components=4", "--no-progress"]  # fmt: skip
+                "--baseline-option", "ridge.n_components=4", "--no-progress"]
     assert main([*separate, "--out", str(tmp_path / "ridge"), "--genes", "he:12"]) == 0
     assert main([*separate, "--out", str(tmp_path / "ridge10"), "--genes", "he:10"]) == 0
     assert main([*args, "--methods", "hist,mean,ridge", "--baseline-option", "ridge.n_components=4",
                  "--efficiency-also", str(gpu), "--reuse-from", str(tmp_path / "ridge10"),
-                 "--reuse-from", str(tmp_path / "ridge")]) == 0  # fmt: skip
+                 "--reuse-from", str(tmp_path / "ridge")]) == 0
     assert model.stat().st_mtime_ns == stamp
     md = (tmp_path / "docs" / "tiny.md").read_text()
     assert "| ridge |" in md and "ridge: n_components=4" in md
@@ -294,7 +294,7 @@ def test_efficiency_on_a_cohort_records_what_it_measured(tmp_path):
     cohort = tmp_path / "cohort"
     make_cohort(cohort, n_slides=4, n_spots=(60, 90), n_genes=16, embed_dim=8, seed=3)
     res = run_efficiency(tmp_path / "t1", cohort=cohort, methods=["mean"], genes="he:12", folds=2, seed=5,
-                         epochs=1, device="cpu", threads=1, progress=False)  # fmt: skip
+                         epochs=1, device="cpu", threads=1, progress=False)
     (rec,) = res["records"]
     assert "error" not in rec and rec["n_genes"] == 12 and rec["n_test_slides"] == 2
     assert res["inputs"] == efficiency_inputs(cohort, "he:12", 2, 5) != efficiency_inputs(cohort, "he:12", 2, 6)
@@ -309,7 +309,7 @@ def test_scaling_figure_records_and_skips_after_timeout(tmp_path):
     from hist_st.experiments.efficiency import run_scaling
 
     res = run_scaling(tmp_path, methods=["hist"], spots=[40, 80], genes_list=[6], fixed_genes=6,
-                      fixed_spots=40, overrides=TINY[1:], device="cpu", timeout=120, progress=False)  # fmt: skip
+                      fixed_spots=40, overrides=TINY[1:], device="cpu", timeout=120, progress=False)
     ok = [r for r in res["records"] if "error" not in r]
     assert {(r["axis"], r["target_spots"], r["n_genes"]) for r in ok} == {("spots", 40, 6), ("spots", 80, 6),
                                                                          ("genes", 40, 6)}
@@ -318,5 +318,5 @@ def test_scaling_figure_records_and_skips_after_timeout(tmp_path):
     assert res["options"] == {"spots": [40, 80], "genes_list": [6], "timeout": 120} and res["seed"] == 0
 
     res = run_scaling(tmp_path / "t", methods=["hist"], spots=[40, 80], genes_list=[], fixed_genes=6,
-                      overrides=TINY[1:], device="cpu", timeout=0.01, progress=False)  # fmt: skip
+                      overrides=TINY[1:], device="cpu", timeout=0.01, progress=False)
     assert len(res["records"]) == 1 and "error" in res["records"][0]  # 80 spots not attempted

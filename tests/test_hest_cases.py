@@ -102,7 +102,7 @@ def write_sample(
         h, w = int(xy[:, 1].max() + 200), int(xy[:, 0].max() + 200)
         img = rng.integers(100, 230, size=(h, w, 3), dtype=np.uint8)
         tifffile.imwrite(root / "wsis" / f"{sid}.tif", img, photometric="rgb", tile=(64, 64),
-                         resolution=(1e4 / upp, 1e4 / upp), resolutionunit="CENTIMETER")  # fmt: skip
+                         resolution=(1e4 / upp, 1e4 / upp), resolutionunit="CENTIMETER")
     return xy, bcs
 
 
@@ -128,7 +128,7 @@ def prepare(root, out, ids=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rep = prepare_cohort(sources_from_hest(root, ids), out, encoder="test-tiny-cases", thumbnail_size=64,
-                             progress=False, log=None)  # fmt: skip
+                             progress=False, log=None)
     return rep, [w for w in caught if issubclass(w.category, UserWarning)]
 
 
@@ -174,7 +174,7 @@ def test_visium_hd_bins_at_128um_with_spacing_2_in_metadata(tmp_path):
     from hist_st.slide import read_prepared
 
     write_sample(tmp_path / "hest", "HD1", kind="square", pitch_um=128.0, upp=4.0, technology="Visium HD",
-                 inter_spot_dist=2.0, spot_diameter=2.0, rows=6, cols=6)  # fmt: skip
+                 inter_spot_dist=2.0, spot_diameter=2.0, rows=6, cols=6)
     rep, caught = prepare(tmp_path / "hest", tmp_path / "out")
     assert rep.prepared == ["HD1"], rep.failed
     s = read_prepared(tmp_path / "out" / "HD1.h5ad")
@@ -197,7 +197,7 @@ def test_xenium_pseudo_spots_with_nan_spacing(tmp_path):
     from hist_st.slide import read_prepared
 
     write_sample(tmp_path / "hest", "XE1", kind="square", pitch_um=100.0, upp=2.0, technology="Xenium",
-                 inter_spot_dist=float("nan"), spot_diameter=float("nan"))  # fmt: skip
+                 inter_spot_dist=float("nan"), spot_diameter=float("nan"))
     s0 = read_hest(tmp_path / "hest", "XE1")
     assert s0.technology == "xenium" and s0.spot_pitch_um is None and s0.lattice_unit_um is None
     rep, caught = prepare(tmp_path / "hest", tmp_path / "out")
@@ -216,7 +216,7 @@ def test_legacy_st_at_110um(tmp_path):
     from hist_st.slide import read_prepared
 
     write_sample(tmp_path / "hest", "ST110", kind="square", pitch_um=110.0, upp=1.0, technology="Spatial Transcriptomics",
-                 inter_spot_dist=110.0, spot_diameter=55.0, rows=6, cols=6)  # fmt: skip
+                 inter_spot_dist=110.0, spot_diameter=55.0, rows=6, cols=6)
     rep, caught = prepare(tmp_path / "hest", tmp_path / "out")
     assert rep.prepared == ["ST110"], rep.failed
     s = read_prepared(tmp_path / "out" / "ST110.h5ad")
@@ -225,7 +225,7 @@ def test_legacy_st_at_110um(tmp_path):
     assert legacy_adjacency(s, 200.0) <= 0.6  # the old fixed 200 um unit (0.60 here; all 1.0 when measured)
     # the technology default (200 um) disagrees with a sample declared at 200 um but measured at 110 um
     write_sample(tmp_path / "hest2", "ST110b", kind="square", pitch_um=110.0, upp=1.0,
-                 technology="Spatial Transcriptomics", inter_spot_dist=float("nan"), rows=6, cols=6)  # fmt: skip
+                 technology="Spatial Transcriptomics", inter_spot_dist=float("nan"), rows=6, cols=6)
     _, caught2 = prepare(tmp_path / "hest2", tmp_path / "out2")
     assert any(w.category is GridWarning and "200 um declared" in str(w.message) for w in caught2)
     train_one(tmp_path / "out", tmp_path / "run")
@@ -233,7 +233,7 @@ def test_legacy_st_at_110um(tmp_path):
 
 # ------------------------------------------------------------------------------------- 5. patients
 def test_patients_are_dataset_and_patient_and_blanks_are_unknown(tmp_path):
-    from hist_st.train.cv import slide_groups
+    from hist_st.evaluate import slide_groups
     from hist_st.train.folds import make_folds
 
     root = tmp_path / "hest"
@@ -244,7 +244,7 @@ def test_patients_are_dataset_and_patient_and_blanks_are_unknown(tmp_path):
     write_sample(root, "N2", patient="nan", dataset="Dataset C", rows=3, cols=3)
     samples = {s.sample_id: s.patient for s in find_hest_samples(root)}
     assert samples == {"A1": "Dataset A / Patient 1", "A2": "Dataset A / Patient 1",
-                       "B1": "Dataset B / Patient 1", "N1": None, "N2": None}  # fmt: skip
+                       "B1": "Dataset B / Patient 1", "N1": None, "N2": None}
     slides = [read_hest(root, sid) for sid in samples]
     groups = slide_groups(slides, "patient")
     assert groups == samples
@@ -369,18 +369,18 @@ def test_cv_on_hest_samples_by_patient_and_with_hest_bench_protocol(tmp_path):
     """End to end: prepare HEST samples, then CV by (dataset, patient) and on HEST-Benchmark's genes + splits."""
     import pandas as pd
 
+    from hist_st.evaluate import cross_validate
     from hist_st.train import load_config
-    from hist_st.train.cv import run_cv
 
     root = tmp_path / "hest"
     spec = {"A1": ("Patient 1", "Dataset A"), "A2": ("Patient 1", "Dataset A"), "B1": ("Patient 1", "Dataset B"),
-            "N1": (float("nan"), "Dataset B"), "N2": (float("nan"), "Dataset C")}  # fmt: skip
+            "N1": (float("nan"), "Dataset B"), "N2": (float("nan"), "Dataset C")}
     for i, (sid, (patient, dataset)) in enumerate(spec.items()):
         write_sample(root, sid, patient=patient, dataset=dataset, rows=3, cols=4, seed=i)
     rep, _ = prepare(root, tmp_path / "cohort")
     assert sorted(rep.prepared) == sorted(spec), rep.failed
     cfg = load_config(None, ["model.dim=16", "model.heads=2", "progress=false", "epochs=1", "genes.n_top=4"])
-    res = run_cv(cfg, tmp_path / "cohort", tmp_path / "cv_patient", k=2, group_by="patient", progress=False)
+    res = cross_validate(cfg, tmp_path / "cohort", tmp_path / "cv_patient", k=2, group_by="patient", progress=False)
     saved = json.loads((tmp_path / "cv_patient" / "splits.json").read_text())["folds"]
     assert sorted(s for f in saved for s in f.get("unknown_group", [])) == ["N1", "N2"]
     for f in saved:
@@ -393,7 +393,7 @@ def test_cv_on_hest_samples_by_patient_and_with_hest_bench_protocol(tmp_path):
         pd.DataFrame({"sample_id": [s for s in spec if s not in test]}).to_csv(split / f"train_{i}.csv", index=False)
         pd.DataFrame({"sample_id": test}).to_csv(split / f"test_{i}.csv", index=False)
     cfg = load_config(None, ["model.dim=16", "model.heads=2", "progress=false", "epochs=1", "genes.ranking=hest-bench"])
-    run_cv(cfg, tmp_path / "cohort", tmp_path / "cv_bench", folds=tmp_path / "bench", progress=False)
+    cross_validate(cfg, tmp_path / "cohort", tmp_path / "cv_bench", folds=tmp_path / "bench", progress=False)
     manifest = json.loads((tmp_path / "cohort" / "cohort.json").read_text())
     genes = (tmp_path / "cv_bench" / "genes.txt").read_text().split()
     assert genes == manifest["hest-bench"] and genes == sorted(genes) and 0 < len(genes) <= 50

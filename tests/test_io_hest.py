@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from hist_st.errors import InputError
-from hist_st.io import find_hest_samples, hest_patch_centres, read_anndata, read_hest
+from hist_st.io import find_hest_samples, read_anndata, read_hest
 
 UPP = 1.0  # full-res um per px; patches: 224 px at 0.5 um/px = 112 px at full res
 
@@ -89,7 +89,6 @@ def test_read_hest(tmp_path):
     )
     assert s.image.endswith("TENX01.tif") and s.meta["hest_patches"].endswith("TENX01.h5")
     np.testing.assert_allclose(s.spatial, xy)
-    np.testing.assert_allclose(hest_patch_centres(xy - 56, UPP), xy)
     s.validate()
 
 

@@ -71,7 +71,7 @@ def _training_slide(path, slide_id, seed):
 
     s = pseudo_spot_grid(path, pitch_um=PITCH_UM, lattice="hex", lattice_unit_um=22.0, slide_id=slide_id)
     embed_he_slide(s, encoder="test-predimg", patch_px=PATCH["size_px"], patch_um_per_px=PATCH["um_per_px"],
-                   progress=False)  # fmt: skip
+                   progress=False)
     rng = np.random.default_rng(seed)
     right = (s.spatial[:, 0] > CENTRE[0]).astype(float)
     rate = np.exp(1.0 + np.outer(right, np.linspace(-1, 1, len(GENES))))
@@ -180,7 +180,7 @@ def test_cli_predict_image(setup, tmp_path, capsys):
     nores = _image(tmp_path / "img", resolution=False)
     out = tmp_path / "cli"
     argv = ["predict", "--image", str(nores), "--model", str(setup["model"]), "--out", str(out),
-            "--um-per-px", str(UPP), "--genes", "G0,G7", "--threads", "1", "--no-progress"]  # fmt: skip
+            "--um-per-px", str(UPP), "--genes", "G0,G7", "--threads", "1", "--no-progress"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["genes_plotted"] == ["G0", "G7"] and printed["um_per_px"] == UPP
@@ -188,7 +188,7 @@ def test_cli_predict_image(setup, tmp_path, capsys):
     assert (out / "he_nores_G7.png").is_file() and (out / "summary.json").is_file()
     with pytest.raises(SystemExit):  # --image and --slides are mutually exclusive
         main(["predict", "--image", str(nores), "--slides", str(tmp_path), "--model", str(setup["model"]),
-              "--out", str(out)])  # fmt: skip
+              "--out", str(out)])
     assert main(["predict", "--slides", str(tmp_path), "--model", str(setup["model"]), "--out", str(out),
-                 "--um-per-px", "1"]) != 0  # fmt: skip
+                 "--um-per-px", "1"]) != 0
     assert "--um-per-px" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from hist_st.cli import main
 from hist_st.slide import read_prepared
 from hist_st.train.toy import write_toy_cohort
 
-TINY = ["model.dim=32", "model.heads=4", "genes.n_top=6", "epochs=1", "--no-progress"]
+TINY = ["--genes", "hvg:6", "model.dim=32", "model.heads=4", "epochs=1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_train_then_predict(cohort, tmp_path, capsys):
     assert main(["train", "--slides", str(cohort), "--out", str(run), "--resume", *TINY]) == 0  # already done
     out = tmp_path / "pred"
     assert main(["predict", "--model", str(run / "model.pt"), "--slides", str(cohort), "--out", str(out),
-                 "--ids", "toy02", "--mc-samples", "2", "--no-progress"]) == 0  # fmt: skip
+                 "--ids", "toy02", "--mc-samples", "2", "--no-progress"]) == 0
     pred = read_prepared(out / "toy02.h5ad")
     genes = (run / "genes.txt").read_text().split()
     assert list(pred.genes) == genes
@@ -36,23 +36,23 @@ def test_train_then_predict(cohort, tmp_path, capsys):
     assert pred.counts is not None  # the measured counts travel with the predictions (layers['measured_counts'])
     capsys.readouterr()
     assert main(["predict", "--model", str(run / "model.pt"), "--slides", str(cohort), "--out", str(out),
-                 "--ids", "toy03", "--genes", ",".join(genes[:2]), "--no-progress"]) == 0  # fmt: skip
+                 "--ids", "toy03", "--genes", ",".join(genes[:2]), "--no-progress"]) == 0
     maps = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["maps"]
     assert maps == [str(out / "toy03_maps.png")] and (out / "toy03_maps.png").stat().st_size > 1000
     assert main(["predict", "--model", str(run / "model.pt"), "--slides", str(cohort), "--out", str(out),
-                 "--genes", "NOPE", "--no-progress"]) == 2  # fmt: skip
+                 "--genes", "NOPE", "--no-progress"]) == 2
     assert "not among the model's" in capsys.readouterr().err
 
 
 def test_cv_end_to_end(cohort, tmp_path, capsys):
     out = tmp_path / "cv"
     code = main(["cv", "--slides", str(cohort), "--out", str(out), "--folds", "2", "--group-by", "patient",
-                 "--baselines", "ridge,mean", *TINY])  # fmt: skip
+                 "--baselines", "ridge,mean", *TINY])
     assert code == 0
     printed = capsys.readouterr().out
     assert "pooled R2" in printed and "per-gene PCC" in printed and "ridge" in printed
     for name in ("splits.json", "metrics.json", "table.md", "loss_curves.png", "config.yaml", "genes.txt",
-                 "versions.json"):  # fmt: skip
+                 "versions.json"):
         assert (out / name).is_file(), name
     splits = json.loads((out / "splits.json").read_text())
     assert splits["group_by"] == "patient" and len(splits["folds"]) == 2
@@ -65,7 +65,7 @@ def test_cv_end_to_end(cohort, tmp_path, capsys):
     assert set(summary["methods"]["HiST"]) >= {"pooled", "per_gene"}
     # the same folds again, from the saved file
     assert main(["cv", "--slides", str(cohort), "--out", str(tmp_path / "cv2"), "--splits", str(out / "splits.json"),
-                 "--no-predictions", *TINY]) == 0  # fmt: skip
+                 "--no-predictions", *TINY]) == 0
     assert json.loads((tmp_path / "cv2" / "splits.json").read_text())["folds"] == splits["folds"]
 
 
@@ -77,6 +77,10 @@ def test_cv_end_to_end(cohort, tmp_path, capsys):
         (["train", "--slides", "{cohort}", "--out", "{tmp}/r", "--ids", "toy00,nope"], "no prepared slide file"),
         (["predict", "--model", "{tmp}/none.pt", "--slides", "{cohort}", "--out", "{tmp}/p"], "checkpoint not found"),
         (["cv", "--slides", "{cohort}", "--out", "{tmp}/c", "--folds", "9"], "needs at least 9 slides"),
+        (["cv", "--slides", "{cohort}", "--out", "{tmp}/c", "genes.n_top=250"], "use --genes hvg:250"),
+        (["train", "--slides", "{cohort}", "--out", "{tmp}/r", "genes.ranking=highly_expressed"], "use --genes he:2000"),
+        (["train", "--slides", "{cohort}", "--out", "{tmp}/r", "--genes", "top:5"], "unknown gene ranking 'top'"),
+        (["train", "--slides", "{cohort}", "--out", "{tmp}/r", "epochs"], "not of the form key=value"),
     ],
 )
 def test_cli_errors_are_clear(cohort, tmp_path, capsys, argv, message):

@@ -48,3 +48,37 @@ def test_config_errors(tmp_path):
         load_config(None, ["model.dim=30", "model.heads=4"])
     with pytest.raises(InputError, match="epochs must be"):
         load_config(None, ["epochs=0"])
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [("epochs", "not of the form key=value"), ("=3", "empty key"), ("model..dim=3", "empty key"),
+     (".dim=3", "empty key"), ("epochs=[1", "cannot parse the value")],
+)
+def test_one_override_parser_rejects_malformed_items(item, message):
+    """Every command's key=value items go through `parse_override`: config overrides, --baseline-option and
+    bench speed's --model alike refuse a malformed item, naming the option."""
+    from hist_st.cli.bench import parse_baseline_options
+    from hist_st.train.config import parse_override, parse_overrides
+
+    with pytest.raises(InputError, match=message) as info:
+        parse_override(item)
+    assert str(info.value).startswith("config: ")
+    with pytest.raises(InputError, match=f"--model: .*{message}"):
+        parse_overrides([item], "--model")
+    with pytest.raises(InputError, match="--baseline-option: "):
+        parse_baseline_options([f"stflow.{item}" if not item.startswith((".", "=")) else item])
+    with pytest.raises(InputError, match=message):
+        load_config(None, [item])
+
+
+def test_override_values_are_yaml():
+    from hist_st.cli.bench import parse_baseline_options
+    from hist_st.train.config import parse_overrides
+
+    assert parse_overrides(["dim=256", " model.tokens = [max, mean]", "name=", "x=1", "x=2"]) == {
+        "dim": 256, "model.tokens": ["max", "mean"], "name": None, "x": 2}
+    assert parse_baseline_options(["stflow.epochs=50", "bleep.top_k=5", "stflow.lr=0.001"]) == {
+        "stflow": {"epochs": 50, "lr": 1e-3}, "bleep": {"top_k": 5}}
+    with pytest.raises(InputError, match="METHOD.KEY=VALUE"):
+        parse_baseline_options(["epochs=50"])

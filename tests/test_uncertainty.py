@@ -33,15 +33,15 @@ def test_calibration_of_a_true_gaussian_std():
 
 
 def test_uncertainty_end_to_end_on_a_toy_cv(tmp_path):
+    from hist_st.evaluate import cross_validate
     from hist_st.train import load_config
-    from hist_st.train.cv import run_cv
 
     cohort = write_toy_cohort(tmp_path / "toy", n_slides=4, n_spots=80, n_genes=10, dim=16)
     runs = []
     for seed in (0, 1):
         cfg = load_config(None, [*TINY, f"seed={seed}"])
-        run_cv(cfg, cohort, tmp_path / f"cv{seed}", k=2, folds=None if seed == 0 else tmp_path / "cv0" / "splits.json",
-               progress=False)  # fmt: skip
+        cross_validate(cfg, cohort, tmp_path / f"cv{seed}", k=2, folds=None if seed == 0 else tmp_path / "cv0" / "splits.json",
+               progress=False)
         runs.append(tmp_path / f"cv{seed}")
     res = run_uncertainty(runs, cohort, tmp_path / "u", mc_samples=4)
     assert set(res["methods"]) == {"mc_dropout", "mc_dropout_recalibrated", "ensemble", "ensemble_recalibrated"}

@@ -85,7 +85,7 @@ def test_maps_remove_library_size():
     x = np.column_stack([lib * 0.1 * p, lib * 0.1 * (1 - p), lib * 0.8])
     slide = Slide("s", np.column_stack([np.arange(n) % 20, np.arange(n) // 20]) * 10.0 + 5,
                   np.array([f"b{i}" for i in range(n)], dtype=object), genes=np.array(["A", "B", "C"], dtype=object),
-                  counts=sp.csr_matrix(np.round(x).astype(np.float32)), predicted=x.astype(np.float32))  # fmt: skip
+                  counts=sp.csr_matrix(np.round(x).astype(np.float32)), predicted=x.astype(np.float32))
     raw = map_agreement(slide, ["A", "B"], "log1p")["between_genes"]["predicted"][0][1]
     norm = map_agreement(slide, ["A", "B"], "normalised")["between_genes"]["predicted"][0][1]
     assert raw > 0.3 and norm < -0.9
@@ -103,7 +103,7 @@ def test_prediction_file_is_scanpy_plottable_without_measured_data(tmp_path):
     slide = Slide("p", xy, np.array([f"s{i}" for i in range(len(xy))], dtype=object),
                   genes=np.array(list("ABCD"), dtype=object), array_coords=rc, um_per_px=2.0, spot_pitch_um=100.0,
                   technology="he-only", predicted=pred, thumbnail=np.full((400, 500, 3), 230, np.uint8),
-                  thumbnail_scale=1.0, meta={"pseudo_spots": {"lattice": "square"}})  # fmt: skip
+                  thumbnail_scale=1.0, meta={"pseudo_spots": {"lattice": "square"}})
     path = write_prepared(slide, tmp_path / "p.h5ad")
     a = ad.read_h5ad(path)
     assert a.uns["hist_st"]["kind"] == "prediction" and a.uns["hist_st"]["grid"] == "square"
@@ -143,7 +143,7 @@ def test_grid_points_neighbours_are_grid_steps():
     for lattice in ("hex", "square"):
         xy, rc = grid_points(900, 700, 50.0, lattice, angle_deg=12.0)
         s = Slide("g", xy, np.arange(len(xy)).astype(str).astype(object), array_coords=rc,
-                  meta={"pseudo_spots": {"lattice": lattice}})  # fmt: skip
+                  meta={"pseudo_spots": {"lattice": lattice}})
         conn, _, _ = neighbour_graph(s)
         pairs = cKDTree(xy).query_pairs(50.0 * 1.05, output_type="ndarray")
         brute = {(int(i), int(j)) for i, j in pairs} | {(int(j), int(i)) for i, j in pairs}
@@ -179,7 +179,7 @@ def test_prepare_visium_from_lowres_keeps_what_scanpy_reads(tmp_path):
 
     outs = HEART / "outs"
     rep = prepare_cohort([source_from_spaceranger(outs, None)], tmp_path / "C", encoder="test-tiny-visium",
-                         patch_px=32, progress=False, log=None)  # fmt: skip
+                         patch_px=32, progress=False, log=None)
     assert rep.prepared and not rep.failed
     (sid,) = rep.prepared
     assert "enlarged 32.3x" in rep.warnings[sid][0]

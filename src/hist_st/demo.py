@@ -12,7 +12,7 @@ demo stays under 5 minutes; every reduction is listed in `DEMO_DEFAULTS` and in 
   fewer epochs need a larger step), everything else as the paper (weight decay 1e-4, cosine to 0, one
   slide per step, coordinate augmentation with the cosine strength schedule).
 
-Outputs in ``--out``: ``cohort/`` (prepared slides + ``cohort.json``), ``cv/`` (the full `run_cv`
+Outputs in ``--out``: ``cohort/`` (prepared slides + ``cohort.json``), ``cv/`` (the full `cross_validate`
 run directory: splits, per-fold models, predictions and metrics), ``table.md`` (HiST, ridge and the
 gene-mean floor, both protocols), ``loss_curves.png``, ``heatmap.png`` (measured vs predicted
 expression of a few genes over one test slide) and ``demo.json`` (numbers and timings).
@@ -26,6 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hist_st.data.synthetic import make_cohort
+from hist_st.evaluate import cross_validate, plot_loss_curves
+from hist_st.methods import get_method
+from hist_st.metrics import format_table, pearson
+from hist_st.pl import normalise_counts
+from hist_st.runtime import set_threads
+from hist_st.slide import read_prepared
+from hist_st.train.config import load_config
+from hist_st.train.data import load_slides, log1p_counts
 
 __all__ = ["DEMO_DEFAULTS", "run_demo", "plot_heatmap"]
 
@@ -68,8 +78,6 @@ def plot_heatmap(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hist_st.pl import normalise_counts
-    from hist_st.train.data import log1p_counts
 
     every = sorted(gene_index, key=gene_index.get)
     cols = [gene_index[g] for g in genes]
@@ -77,14 +85,14 @@ def plot_heatmap(
     rows = [("measured", measured)] + [(m, normalise_counts(np.expm1(p))[:, cols]) for m, p in preds.items()]
     xy = np.asarray(slide.spatial)
     fig, axes = plt.subplots(len(rows), len(genes), figsize=(2.6 * len(genes), 2.5 * len(rows)), dpi=110,
-                             squeeze=False)  # fmt: skip
+                             squeeze=False)
     size = float(np.clip(8000.0 / max(1, len(xy)), 2.0, 30.0))
     for j, g in enumerate(genes):
         for i, (name, mat) in enumerate(rows):
             ax = axes[i, j]
             vmin, vmax = np.percentile(mat[:, j], [1, 99])  # each map on its own scale: the pattern matters
             ax.scatter(xy[:, 0], xy[:, 1], c=mat[:, j], s=size, cmap="viridis", vmin=vmin,
-                       vmax=max(vmax, vmin + 1e-6), linewidths=0, marker="s")  # fmt: skip
+                       vmax=max(vmax, vmin + 1e-6), linewidths=0, marker="s")
             ax.set_aspect("equal")
             ax.invert_yaxis()
             ax.set_xticks([])
@@ -93,12 +101,12 @@ def plot_heatmap(
                 ax.set_title(g, fontsize=9)
             if j == 0:
                 ax.set_ylabel(name, fontsize=9)
-            if name != "measured" and mat[:, j].std() > 0 and measured[:, j].std() > 0:
-                r = np.corrcoef(mat[:, j], measured[:, j])[0, 1]
+            r = pearson(mat[:, j], measured[:, j])
+            if name != "measured" and np.isfinite(r):
                 ax.text(0.02, 0.02, f"r={r:.2f}", transform=ax.transAxes, fontsize=7, color="k",
-                        bbox={"fc": "white", "alpha": 0.7, "lw": 0})  # fmt: skip
+                        bbox={"fc": "white", "alpha": 0.7, "lw": 0})
     fig.suptitle(f"log1p(counts per 10k over the predicted genes) on test slide {slide.slide_id} (each map on its "
-                 "own 1-99% colour scale; r = Pearson with measured)", fontsize=10)  # fmt: skip
+                 "own 1-99% colour scale; r = Pearson with measured)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -134,13 +142,8 @@ def run_demo(
     """
     import torch
 
-    from hist_st.data.synthetic import make_cohort
-    from hist_st.metrics import format_table
-    from hist_st.train.config import load_config
-    from hist_st.train.cv import plot_loss_curves, run_cv
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     d = dict(DEMO_DEFAULTS)
     d.update({k: v for k, v in {"n_genes": n_genes, "n_top": n_top}.items() if v is not None})
     seed = d["seed"] if seed is None else seed
@@ -149,7 +152,7 @@ def run_demo(
     t_start = time.perf_counter()
     cohort = out / "cohort"
     make_cohort(cohort, n_slides=n_slides or d["n_slides"], n_spots=tuple(n_spots or d["n_spots"]),
-                n_genes=d["n_genes"], embed_dim=d["embed_dim"], seed=seed)  # fmt: skip
+                n_genes=d["n_genes"], embed_dim=d["embed_dim"], seed=seed)
     t_cohort = time.perf_counter() - t_start
     ov = list(d["overrides"]) + [f"genes.n_top={d['n_top']}", f"seed={seed}", f"progress={str(progress).lower()}"]
     if epochs is not None:
@@ -157,7 +160,7 @@ def run_demo(
     ov += list(overrides or [])
     cfg = load_config(None, ov)
     k = folds or d["folds"]
-    summary = run_cv(cfg, cohort, out / "cv", k=k, baselines=["ridge", "mean"], progress=progress)
+    summary = cross_validate(cfg, cohort, out / "cv", k=k, baselines=["ridge", "mean"], progress=progress)
     rows = {METHOD_NAMES.get(m, m): s for m, s in summary["methods"].items()}
     table = format_table(rows)
     header = (
@@ -172,9 +175,6 @@ def run_demo(
     plot_loss_curves(summary["histories"], out / "loss_curves.png")
 
     # heatmap: fold 0's first test slide, its top ranked genes; HiST (from the saved prediction) and ridge
-    from hist_st.baselines import get_baseline
-    from hist_st.slide import read_prepared
-    from hist_st.train.data import load_slides, log1p_counts
 
     splits = json.loads((out / "cv" / "splits.json").read_text())["folds"]
     f0 = splits[0]
@@ -183,11 +183,11 @@ def run_demo(
     slide = read_prepared(cohort / f"{test_id}.h5ad")
     pred_slide = read_prepared(out / "cv" / "fold_0" / "predictions" / f"{test_id}.h5ad")
     hist_log1p = np.log1p(pred_slide.predicted)
-    ridge = get_baseline("ridge").fit(load_slides(cohort, f0["train"]), genes, summary["embedding"], seed=seed)
+    ridge = get_method("ridge").fit(load_slides(cohort, f0["train"]), genes, summary["embedding"], seed=seed)
     # the 4 most expressed of the predicted genes on this slide (a choice blind to every method's output)
     show = [genes[i] for i in np.argsort(-np.asarray(log1p_counts(slide, genes).mean(0)), kind="stable")[:4]]
     plot_heatmap(slide, show, {"HiST": hist_log1p, "ridge": ridge.predict(slide)},
-                 {g: i for i, g in enumerate(genes)}, out / "heatmap.png")  # fmt: skip
+                 {g: i for i, g in enumerate(genes)}, out / "heatmap.png")
 
     seconds = {"total": time.perf_counter() - t_start, "cohort": t_cohort, **summary["seconds"]}
     result = {

@@ -9,7 +9,6 @@ slides involved; rank genes by dispersion (highly variable genes, scanpy ``seura
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -33,12 +32,8 @@ __all__ = [
     "rank_highly_expressed",
     "rank_hest_bench",
     "HEST_BENCH_METHOD",
-    "write_cohort_manifest",
-    "read_cohort_manifest",
-    "MANIFEST_NAME",
 ]
 
-MANIFEST_NAME = "cohort.json"
 
 _PREFIX = re.compile(r"^(?:GRCh\d+|GRCm\d+|hg\d+|mm\d+|hs|Hs|human|mouse|HUMAN|MOUSE)[_\-.:]+", re.IGNORECASE)
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*[GTP]\d{6,})\.\d+$")
@@ -306,23 +301,3 @@ def rank_hest_bench(mats: Sequence[sp.spmatrix], genes: Sequence[str], k: int = 
     adata.uns["log1p"] = {"base": None}
     sc.pp.highly_variable_genes(adata, n_top_genes=min(k, len(cols)), flavor="seurat")
     return [str(g) for g in adata.var_names[adata.var["highly_variable"].to_numpy()][:k]]
-
-
-def write_cohort_manifest(out_dir: str | Path, manifest: dict) -> Path:
-    """Write ``cohort.json`` atomically into ``out_dir``."""
-    from hist_st.jsonio import write_json
-
-    return write_json(manifest, Path(out_dir) / MANIFEST_NAME)
-
-
-def read_cohort_manifest(out_dir: str | Path) -> dict:
-    """Read ``cohort.json`` from a cohort folder (or the file itself)."""
-    path = Path(out_dir)
-    if path.is_dir():
-        path = path / MANIFEST_NAME
-    if not path.is_file():
-        raise InputError(path, "cohort manifest not found (run `hist-st prepare` first)")
-    try:
-        return json.loads(path.read_text())
-    except Exception as exc:
-        raise InputError(path, f"cannot parse the cohort manifest ({exc})") from exc

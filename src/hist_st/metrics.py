@@ -7,7 +7,7 @@
 - **per-gene** ("per-gene PCC (HEST metric)"): in log1p space, Pearson per gene over all concatenated
   test spots of a fold, averaged over genes; genes constant in the test set are excluded (and counted).
   Per-gene R2 is reported too. This is HEST-Benchmark's metric, not its protocol: only with its 50 genes
-  (``genes.ranking=hest-bench``) and its fixed patient-level splits (``--splits <task>/splits``) can the
+  (``--genes hest-bench:50``) and its fixed patient-level splits (``--splits <task>/splits``) can the
   numbers sit beside its published table, and even then HEST-Benchmark lets a constant gene's NaN into
   its mean where this module drops and counts it.
 
@@ -26,6 +26,8 @@ import scipy.sparse as sp
 
 __all__ = [
     "STD_DDOF",
+    "pearson",
+    "pearson_columns",
     "pooled_metrics",
     "per_gene_metrics",
     "evaluate_fold",
@@ -61,14 +63,36 @@ def _check_pair(pred_log1p: Any, true_counts: Any) -> tuple[np.ndarray, np.ndarr
     return pred, true
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two 1-D vectors; NaN when either is constant."""
+def pearson(a: Any, b: Any) -> float:
+    """Pearson correlation of two arrays of the same size, flattened; NaN when either is constant."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
     a = a - a.mean()
     b = b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     if den == 0.0:
         return float("nan")
     return float(np.clip((a * b).sum() / den, -1.0, 1.0))
+
+
+def pearson_columns(a: Any, b: Any) -> np.ndarray:
+    """Pearson correlation of each column pair of ``a`` and ``b``.
+
+    Args:
+        a, b: ``[N, G]`` arrays.
+
+    Returns:
+        float64 ``[G]`` in [-1, 1]; NaN where either column is constant.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    den = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))  # [G]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.clip((a * b).sum(axis=0) / den, -1.0, 1.0)
+    r[den == 0] = np.nan
+    return r
 
 
 def pooled_metrics(pred_log1p: Any, true_counts: Any) -> dict[str, float]:
@@ -91,7 +115,7 @@ def pooled_metrics(pred_log1p: Any, true_counts: Any) -> dict[str, float]:
     pred, true = _check_pair(pred_log1p, true_counts)
     pred_counts = np.maximum(np.expm1(pred), 0.0).ravel()  # [N*G]
     true_flat = true.ravel()  # [N*G]
-    return {"r2": float(r2_score(true_flat, pred_counts)), "pcc": _pearson(pred_counts, true_flat)}
+    return {"r2": float(r2_score(true_flat, pred_counts)), "pcc": pearson(pred_counts, true_flat)}
 
 
 def per_gene_metrics(pred_log1p: Any, true_counts: Any) -> dict[str, Any]:
@@ -118,16 +142,13 @@ def per_gene_metrics(pred_log1p: Any, true_counts: Any) -> dict[str, Any]:
     pred, true = _check_pair(pred_log1p, true_counts)
     y = np.log1p(true)  # [N, G]
     yc = y - y.mean(axis=0)
-    pc = pred - pred.mean(axis=0)
     ss_true = (yc * yc).sum(axis=0)  # [G]
-    ss_pred = (pc * pc).sum(axis=0)  # [G]
     const_true = np.ptp(y, axis=0) == 0  # [G] exactly constant over the test spots
     const_pred = np.ptp(pred, axis=0) == 0  # [G]
     ok = ~const_true
+    pcc = pearson_columns(pred, y)
     with np.errstate(divide="ignore", invalid="ignore"):
-        pcc = (yc * pc).sum(axis=0) / np.sqrt(ss_true * ss_pred)
         r2 = 1.0 - ((y - pred) ** 2).sum(axis=0) / ss_true
-    pcc = np.clip(pcc, -1.0, 1.0)
     pcc[ok & const_pred] = 0.0
     pcc[~ok] = np.nan
     r2[~ok] = np.nan

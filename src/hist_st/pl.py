@@ -21,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from hist_st.errors import InputError
+from hist_st.metrics import pearson
 from hist_st.slide import Slide, read_prepared
 
 __all__ = ["VALUES", "normalise_counts", "gene_values", "spot_diameter_px", "map_agreement", "plot_genes"]
@@ -78,12 +79,6 @@ def spot_diameter_px(slide: Slide) -> float:
     return 0.5 * float(np.median(dist[:, 1]))
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def _measured(slide: Slide, truth: Slide | None) -> sp.csr_matrix | None:
     """Measured counts of ``slide``'s genes and spots: its own, or ``truth``'s (same spots, every gene)."""
     if truth is None:
@@ -129,10 +124,10 @@ def map_agreement(
     p, m = p_all[:, cols], m_all[:, cols]
     return {
         "values": VALUES[values],
-        "per_gene": {g: _pearson(p[:, j], m[:, j]) for j, g in enumerate(genes)},
+        "per_gene": {g: pearson(p[:, j], m[:, j]) for j, g in enumerate(genes)},
         "between_genes": {
-            "measured": [[_pearson(m[:, i], m[:, j]) for j in range(len(genes))] for i in range(len(genes))],
-            "predicted": [[_pearson(p[:, i], p[:, j]) for j in range(len(genes))] for i in range(len(genes))],
+            "measured": [[pearson(m[:, i], m[:, j]) for j in range(len(genes))] for i in range(len(genes))],
+            "predicted": [[pearson(p[:, i], p[:, j]) for j in range(len(genes))] for i in range(len(genes))],
         },
         "pc1_share": {"measured": _pc1_share(m_all), "predicted": _pc1_share(p_all)},
     }
@@ -157,7 +152,7 @@ def _spots(ax, xy: np.ndarray, diameter: float, vals: np.ndarray, cmap: str, vmi
     coll = EllipseCollection(
         np.full(len(xy), diameter), np.full(len(xy), diameter), np.zeros(len(xy)), units="xy",
         offsets=xy, offset_transform=ax.transData, cmap=cmap, alpha=0.85, linewidths=0,
-    )  # fmt: skip
+    )
     coll.set_array(np.asarray(vals, dtype=np.float64))
     coll.set_clim(vmin, vmax)
     ax.add_collection(coll)
@@ -219,7 +214,7 @@ def plot_genes(
     panels = (["measured"] if measured is not None else []) + ["predicted"] + (["std"] if std is not None else [])
     aspect = h / max(w, 1)
     fig, axes = plt.subplots(len(genes), len(panels), figsize=(4.2 * len(panels), 4.2 * aspect * len(genes) + 0.4),
-                             dpi=dpi, squeeze=False)  # fmt: skip
+                             dpi=dpi, squeeze=False)
     label = VALUES[values]
     for r, gene in enumerate(genes):
         vals = {"predicted": predicted[:, r]}
@@ -240,7 +235,7 @@ def plot_genes(
                 coll = _spots(ax, xy, diameter, vals[kind], "viridis", vmin, vmax)
                 title, cbar = f"{gene}: {kind}", label
                 if kind == "predicted" and measured is not None:
-                    title += f" (r = {_pearson(vals['predicted'], vals['measured']):.2f})"
+                    title += f" (r = {pearson(vals['predicted'], vals['measured']):.2f})"
             ax.set_xlim(x0, x1)
             ax.set_ylim(y1, y0)
             ax.set_aspect("equal")

@@ -34,6 +34,7 @@ import numpy as np
 
 from hist_st.errors import InputError
 from hist_st.jsonio import to_jsonable, write_json
+from hist_st.metrics import pearson, pearson_columns
 from hist_st.slide import Slide
 
 __all__ = [
@@ -174,26 +175,8 @@ def image_resolution(um_per_px: float, patch_um_per_px: float) -> dict[str, Any]
     }
 
 
-def _pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r per column of ``a``, ``b`` ``[N, G]``; NaN where either column is constant."""
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (a * b).sum(0) / den
-    r[den == 0] = np.nan
-    return r
-
-
-def _pooled(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel(), b.ravel()
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def _corr_record(pred_log1p: np.ndarray, meas_log1p: np.ndarray) -> dict[str, Any]:
-    r = _pearson_columns(pred_log1p.astype(np.float64), meas_log1p.astype(np.float64))
+    r = pearson_columns(pred_log1p.astype(np.float64), meas_log1p.astype(np.float64))
     ok = np.isfinite(r)
     return {
         "n_pairs": int(pred_log1p.shape[0]),
@@ -201,7 +184,7 @@ def _corr_record(pred_log1p: np.ndarray, meas_log1p: np.ndarray) -> dict[str, An
         "median_gene_pearson": float(np.median(r[ok])) if ok.any() else float("nan"),
         "n_genes_correlated": int(ok.sum()),
         "n_genes_constant": int((~ok).sum()),
-        "pooled_pearson": _pooled(pred_log1p.astype(np.float64), meas_log1p.astype(np.float64)),
+        "pooled_pearson": pearson(pred_log1p.astype(np.float64), meas_log1p.astype(np.float64)),
         "_per_gene": r,
     }
 
@@ -368,7 +351,7 @@ def predict_image(
         raise InputError(
             dest, f"already holds a prepared slide (not a prediction file); the prediction of {image_path} would "
             "replace it: choose another --out folder",
-        )  # fmt: skip
+        )
     ref = None
     if reference is not None:
         ref = reference if isinstance(reference, Slide) else read_prepared(reference)

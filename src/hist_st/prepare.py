@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hist_st.cohort import CohortManifest
 from hist_st.errors import InputError
 from hist_st.harmonise import (
     HEST_BENCH_METHOD,
@@ -27,11 +28,10 @@ from hist_st.harmonise import (
     rank_hest_bench,
     rank_highly_expressed,
     rank_hvg,
-    read_cohort_manifest,
     restrict_genes,
     shared_genes,
-    write_cohort_manifest,
 )
+from hist_st.runtime import resolve_device
 from hist_st.slide import Slide, atomic_write, read_cohort_slide, remove_stale_temporaries, write_prepared
 from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image, upsampling_warning
 
@@ -857,11 +857,11 @@ def prepare_cohort(
 
     from hist_st.encoders import get_encoder
     from hist_st.harmonise import load_gene_mapping
-    from hist_st.train.distributed import init_distributed, resolve_device
+    from hist_st.train.distributed import init_distributed
 
     info = dist_info if dist_info is not None else init_distributed(device or "auto")
     if info.enabled and (device in (None, "auto", "cuda")):
-        device = str(resolve_device(device or "auto", info))  # one GPU per rank
+        device = str(resolve_device(device or "auto", info.local_rank))  # one GPU per rank
 
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -1057,7 +1057,7 @@ def finalise_cohort(
     pitches = sorted({s.spot_pitch_um for s in slides.values() if s.spot_pitch_um})
     old_skipped = {}
     try:
-        old_skipped = read_cohort_manifest(out).get("skipped", {})
+        old_skipped = (CohortManifest.read(out) or {}).get("skipped", {})
     except InputError:
         pass
     skipped = {k: v for k, v in {**old_skipped, **(skipped or {})}.items() if k not in slides}
@@ -1109,4 +1109,4 @@ def finalise_cohort(
         "skipped": skipped,
         "warnings": {sid: list(s.meta["warnings"]) for sid, s in slides.items() if s.meta.get("warnings")},
     }
-    return write_cohort_manifest(out, manifest)
+    return CohortManifest.write(out, manifest)

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from hist_st.errors import InputError
+from hist_st.io._util import attach_lattice
+from hist_st.lattice.geometry import measure_grid
 from hist_st.slide import Slide
 from hist_st.wsi import SlideImage, open_image
 
@@ -310,7 +312,6 @@ def grid_phase(
     """
     from scipy.spatial import cKDTree
 
-    from hist_st.lattice.geometry import measure_grid
 
     xy = np.asarray(reference_xy, dtype=np.float64)
     if angle_deg is None:
@@ -397,7 +398,7 @@ def pseudo_spot_grid(
                 {"in_tissue": np.ones(len(rc), np.int64), "array_row": rc[:, 0], "array_col": rc[:, 1],
                  "pxl_col_in_fullres": xy[:, 0], "pxl_row_in_fullres": xy[:, 1]},
                 index=pd.Index([f"ps_{r}_{c}" for r, c in rc]),
-            ),  # fmt: skip
+            ),
             meta={
                 "pseudo_spots": {
                     "lattice": lattice,
@@ -416,7 +417,6 @@ def pseudo_spot_grid(
     finally:
         if own:
             img.close()
-    from hist_st.io._util import attach_lattice
 
     attach_lattice(slide)
     return slide.validate()

@@ -71,7 +71,7 @@ def bench_her2st(root: str | Path, sections: Sequence[str] | None = None) -> lis
             "slide": sec.slide_id, "image": str(sec.image), "tissue_spots": int(len(px)), "recall": recall,
             "glass_positions": int(len(glass)), "glass_called_tissue": float(called.mean()) if len(glass) else None,
             "tissue_fraction": mask.fraction,
-        })  # fmt: skip
+        })
     if not rows:
         raise InputError(root, "no her2st section with an image")
     return rows
@@ -116,7 +116,7 @@ def bench_spaceranger(outs: str | Path, image: str | Path | None = None) -> dict
         "left": int((o[:, 0] < lo[0]).sum()), "right": int((o[:, 0] > hi[0]).sum()),
         "top": int(((o[:, 1] < lo[1]) & (o[:, 0] >= lo[0]) & (o[:, 0] <= hi[0])).sum()),
         "bottom": int(((o[:, 1] > hi[1]) & (o[:, 0] >= lo[0]) & (o[:, 0] <= hi[0])).sum()),
-    }  # fmt: skip
+    }
     return {
         "sample": outs.parent.name if outs.name == "outs" else outs.name,
         "image": str(path), "image_scale": scale, "image_scale_source": how,
@@ -128,7 +128,7 @@ def bench_spaceranger(outs: str | Path, image: str | Path | None = None) -> dict
         "share_outside_capture_area": float(outside.mean()) if len(ps) else None,
         "outside_capture_area_by_side": sides,
         "tissue_fraction": mask.fraction,
-    }  # fmt: skip
+    }
 
 
 def bench_refusals() -> list[dict[str, Any]]:
@@ -171,16 +171,16 @@ def tissue_markdown(res: dict[str, Any]) -> str:
     lines = []
     if res.get("her2st"):
         lines += ["| her2st section | tissue spots | recall | glass positions | glass called tissue |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "|---|---|---|---|---|"]
         for r in res["her2st"]:
             g = r["glass_called_tissue"]
             lines.append(f"| {r['slide']} | {r['tissue_spots']} | {r['recall']:.3f} | {r['glass_positions']} | "
-                         f"{'n/a' if g is None else f'{g:.3f}'} |")  # fmt: skip
+                         f"{'n/a' if g is None else f'{g:.3f}'} |")
         lines.append("")
     if res.get("spaceranger"):
         lines += ["| Space Ranger sample | image | in_tissue spots | recall | out-of-tissue spots called tissue | "
                   "fiducial dots removed | pseudo-spots | outside capture area (left/right/top/bottom) |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "|---|---|---|---|---|---|---|---|"]
         for r in res["spaceranger"]:
             o = r["out_of_tissue_called_tissue"]
             lines.append(
@@ -188,7 +188,7 @@ def tissue_markdown(res: dict[str, Any]) -> str:
                 f"{r['recall']:.3f} | {'n/a (none listed)' if o is None else f'{o:.3f}'} | {r['fiducial_dots_removed']} | "
                 f"{r['pseudo_spots']} | {r['pseudo_spots_outside_capture_area']} ({r['share_outside_capture_area']:.1%}; "
                 f"{'/'.join(str(r['outside_capture_area_by_side'][k]) for k in ('left', 'right', 'top', 'bottom'))}) |"
-            )  # fmt: skip
+            )
         lines.append("")
     lines += ["| image without tissue | refused | message |", "|---|---|---|"]
     for r in res["refusals"]:

@@ -1,4 +1,5 @@
-"""``hist-st bench``: the benchmark command group (``accuracy``, ``efficiency``; the lead's ``speed``).
+"""``hist-st bench``: the benchmark command group (``accuracy``, ``efficiency``, ``speed``, ``tissue``,
+``uncertainty``).
 
 Each subcommand is registered by a function ``register_<name>(bench_subparsers)`` listed in
 `BENCH_COMMANDS`; the work is done by `hist_st.experiments`.
@@ -12,10 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hist_st.cli.bench_speed import register_speed
 from hist_st.errors import InputError
+from hist_st.train.config import parse_override
 
 
 def _methods(value: str) -> list[str]:
@@ -26,15 +26,11 @@ def parse_baseline_options(items: list[str] | None) -> dict[str, dict[str, Any]]
     """``["stflow.epochs=50", "bleep.top_k=50"]`` -> ``{"stflow": {"epochs": 50}, "bleep": {"top_k": 50}}``."""
     out: dict[str, dict[str, Any]] = {}
     for item in items or []:
-        key, sep, raw = item.partition("=")
+        key, value = parse_override(item, "--baseline-option", "stflow.epochs=50")
         name, dot, opt = key.partition(".")
-        if not sep or not dot or not name or not opt:
+        if not dot:
             raise InputError("--baseline-option", f"{item!r} is not of the form METHOD.KEY=VALUE (e.g. stflow.epochs=50)")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise InputError("--baseline-option", f"{item!r}: cannot parse the value ({exc})") from exc
-        out.setdefault(name.strip(), {})[opt.strip()] = value
+        out.setdefault(name, {})[opt] = value
     return out
 
 
@@ -74,7 +70,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
             write_predictions=not args.no_predictions, progress=not args.no_progress, reuse=not args.force,
             rerun=_methods(args.rerun or ""), reuse_from=args.reuse_from or [], paired_with=args.paired_with or [],
             command="hist-st " + shlex.join(sys.argv[1:]),
-        )  # fmt: skip
+        )
         print(res["table"])
         print(f"results in {res['out_dir']} (seeds.json, table.md; one bench accuracy folder per seed: seed_<s>)")
         return 0
@@ -84,7 +80,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         baseline_options=parse_baseline_options(args.baseline_option), write_predictions=not args.no_predictions,
         progress=not args.no_progress, reuse=not args.force, rerun=_methods(args.rerun or ""),
         reuse_from=args.reuse_from or [], command="hist-st " + shlex.join(sys.argv[1:]),
-    )  # fmt: skip
+    )
     print(res["table"])
     print(f"results in {res['out_dir']} (accuracy.json, table.md, per_gene.csv, per-fold metrics.json)")
     return 0
@@ -93,30 +89,30 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 def register_accuracy(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("accuracy", help="Table 2: every method on identical folds, both metric protocols",
                        description="Cross-validate HiST and baselines on the same folds/genes/targets/embeddings; "
-                       "writes accuracy.json, table.md, per_gene.csv and per-fold JSON.")  # fmt: skip
+                       "writes accuracy.json, table.md, per_gene.csv and per-fold JSON.")
     p.add_argument("--cohort", required=True, action="append", type=Path, help="prepared cohort (repeatable)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--methods", default="hist,mean,ridge,mlp,bleep,stnet,stflow", help="comma-separated methods")
     p.add_argument("--group-by", default=None, help="fold by a group column (e.g. patient) instead of by slide")
     p.add_argument("--baseline-option", action="append", metavar="METHOD.KEY=VALUE",
-                   help="baseline option, e.g. stflow.epochs=50 (repeatable)")  # fmt: skip
+                   help="baseline option, e.g. stflow.epochs=50 (repeatable)")
     p.add_argument("--no-predictions", action="store_true", help="do not write HiST's test predictions")
     p.add_argument("--force", action="store_true",
                    help="rerun every method (default: keep methods of an earlier run in --out that used the same "
-                   "config, folds, genes and options)")  # fmt: skip
+                   "config, folds, genes and options)")
     p.add_argument("--rerun", default=None, metavar="METHODS",
-                   help="comma-separated methods to train again although an earlier run could be kept")  # fmt: skip
+                   help="comma-separated methods to train again although an earlier run could be kept")
     p.add_argument("--reuse-from", action="append", type=Path, metavar="DIR",
                    help="another `bench accuracy` output folder (e.g. one method run separately or on a GPU) "
                    "whose methods are copied in when they used the same cohort, folds, genes and options "
-                   "(repeatable)")  # fmt: skip
+                   "(repeatable)")
     p.add_argument("--seeds", default=None, metavar="S1,S2,...",
                    help="training seeds, e.g. 0,1,2: every method is trained once per seed on the folds of --seed; "
                    "rows are means over seeds, with the seed spread and paired per-fold differences to HiST "
-                   "(one bench accuracy folder per seed in OUT/seed_<s>)")  # fmt: skip
+                   "(one bench accuracy folder per seed in OUT/seed_<s>)")
     p.add_argument("--paired-with", action="append", type=Path, metavar="DIR",
                    help="with --seeds: another --seeds output folder (same seeds and folds, e.g. HiST with another "
-                   "config); reports HiST here minus HiST there, paired per fold (repeatable)")  # fmt: skip
+                   "config); reports HiST here minus HiST there, paired per fold (repeatable)")
     add_experiment_args(p)
     p.set_defaults(func=cmd_accuracy)
 
@@ -136,7 +132,7 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
             epochs=args.epochs, n_spots=args.spots, n_genes=args.n_genes, overrides=args.overrides,
             baseline_options=opts, device=args.device, threads=args.threads, timeout=args.timeout,
             progress=not args.no_progress, command="hist-st " + shlex.join(sys.argv[1:]),
-        )  # fmt: skip
+        )
         print(res["header"])
         print(res["table"])
     if args.scaling:
@@ -145,7 +141,7 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
             genes_list=_ints(args.scaling_genes), fixed_genes=args.fixed_genes, fixed_spots=args.fixed_spots,
             epochs=args.epochs, seed=args.seed, overrides=args.overrides, baseline_options=opts, device=args.device,
             threads=args.threads, timeout=args.timeout, progress=not args.no_progress,
-        )  # fmt: skip
+        )
         print(f"Figure 3: {sc['figure']}")
     return 0
 
@@ -153,7 +149,7 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
 def register_efficiency(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("efficiency", help="Table 1 (time, peak memory per method) and Figure 3 (scaling)",
                        description="Each method is timed in its own process on the same slides: a prepared "
-                       "cohort's fold-0 split (--cohort) or synthetic slides. --scaling adds Figure 3.")  # fmt: skip
+                       "cohort's fold-0 split (--cohort) or synthetic slides. --scaling adds Figure 3.")
     p.add_argument("--cohort", type=Path, default=None, help="prepared cohort (default: synthetic slides)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--methods", default="hist,mean,ridge,mlp,bleep,stnet,stflow", help="comma-separated methods")
@@ -188,7 +184,7 @@ def cmd_tissue(args: argparse.Namespace) -> int:
 def register_tissue(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tissue", help="tissue detection vs her2st / Space Ranger labels; fiducials; non-tissue images",
                        description="Recall of labelled tissue spots, calls on glass and out-of-tissue spots, "
-                       "pseudo-spots outside the Visium capture area (fiducial frame), refusal of noise/blank/photos.")  # fmt: skip
+                       "pseudo-spots outside the Visium capture area (fiducial frame), refusal of noise/blank/photos.")
     p.add_argument("--her2st", type=Path, default=None, help="her2st-layout folder (sections with images)")
     p.add_argument("--spaceranger", nargs="*", type=Path, default=None, help="Space Ranger outs/ folder(s)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-tissue"), help="output folder (tissue.json)")
@@ -209,10 +205,10 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
 def register_uncertainty(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("uncertainty", help="calibration of MC-dropout and seed-ensemble std on held-out folds",
                        description="Spearman(std, |error|), Gaussian interval coverage and confident-decile "
-                       "errors of MC dropout (first run) and of the ensemble of the runs' fold models.")  # fmt: skip
+                       "errors of MC dropout (first run) and of the ensemble of the runs' fold models.")
     p.add_argument("--run", nargs="+", required=True, type=Path,
                    help="cross-validation run folder(s) with splits.json and fold_<i>/model.pt; several runs "
-                   "with other seeds on the same folds form the ensemble")  # fmt: skip
+                   "with other seeds on the same folds form the ensemble")
     p.add_argument("--cohort", required=True, type=Path, help="the prepared cohort of those runs")
     p.add_argument("--out", type=Path, default=Path("runs/uncertainty"), help="output folder")
     p.add_argument("--mc-samples", type=int, default=20, help="MC-dropout passes per slide")
@@ -226,7 +222,7 @@ BENCH_COMMANDS = [register_accuracy, register_efficiency, register_speed, regist
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="benchmarks: accuracy (Table 2), efficiency (Table 1, Figure 3), speed, tissue",
-                              description="Benchmark commands; see `hist-st bench COMMAND --help`.")  # fmt: skip
+                              description="Benchmark commands; see `hist-st bench COMMAND --help`.")
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     for fn in BENCH_COMMANDS:
         fn(sub)

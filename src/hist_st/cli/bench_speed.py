@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
+from hist_st.train.config import parse_overrides
 
 
 def _ints(value: str) -> tuple[int, ...]:
@@ -15,10 +15,7 @@ def _ints(value: str) -> tuple[int, ...]:
 def cmd_speed(args: argparse.Namespace) -> int:
     from hist_st.bench.speed import DEFAULT_GENES, DEFAULT_SPOTS, run_speed_bench
 
-    model = {}
-    for item in args.model or []:
-        key, _, raw = item.partition("=")
-        model[key] = yaml.safe_load(raw)
+    model = parse_overrides(args.model, "--model", "dim=256")
     run_speed_bench(
         args.out,
         spots=args.spots or DEFAULT_SPOTS,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from hist_st.errors import InputError
+from hist_st.runtime import set_threads
 
-FORMATS = ("her2st", "hest", "spaceranger", "anndata")
+FORMATS = ("her2st", "hest", "spaceranger", "anndata")  # hist_st.sources.FORMATS, without importing it
 
 
 def register(subparsers) -> None:
@@ -87,73 +88,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _per_input(values, n: int, name: str) -> list:
-    if values is None:
-        return [None] * n
-    if len(values) != n:
-        raise InputError(f"--{name}", f"give one value per --input ({n}), got {len(values)}")
-    return list(values)
-
-
-def build_sources(args) -> list:
-    from pathlib import Path
-
-    from hist_st import prepare as P
-
-    inputs = args.input
-    upp = args.um_per_px
-    if upp is not None and not (upp > 0 and upp < float("inf")):
-        raise InputError("--um-per-px", f"must be a positive number, got {upp}")
-    if args.format in ("her2st", "hest"):
-        for name in ("image", "image_scale", "slide_id", "patient"):
-            if getattr(args, name) is not None:
-                flag = "--" + name.replace("_", "-")
-                raise InputError(flag, f"is not used by --format {args.format} (the folder names its images and ids)")
-    if args.format == "her2st":
-        if len(inputs) != 1:
-            raise InputError("--input", "give one her2st folder")
-        return P.sources_from_her2st(inputs[0], args.sections, um_per_px=upp)
-    if args.format == "hest":
-        if len(inputs) != 1:
-            raise InputError("--input", "give one HEST-1k folder")
-        if upp is not None:
-            raise InputError(
-                "--um-per-px", "HEST-1k records each sample's resolution (pixel_size_um_estimated); it is not overridden"
-            )
-        return P.sources_from_hest(inputs[0], args.sections)
-    if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".csv", ".tsv", ".txt"):
-        for name in ("image", "image_scale", "slide_id", "patient", "um_per_px"):
-            if getattr(args, name) is not None:
-                flag = "--" + name.replace("_", "-")
-                raise InputError(flag, f"give it as a column of the sample table {inputs[0]}, not on the command line")
-        return P.sources_from_table(inputs[0], args.format)
-    images = _per_input(args.image, len(inputs), "image")
-    scales = _per_input(args.image_scale, len(inputs), "image-scale")
-    ids = _per_input(args.slide_id, len(inputs), "slide-id")
-    patients = _per_input(args.patient, len(inputs), "patient")
-    if args.format == "spaceranger":
-        return [
-            P.source_from_spaceranger(i, im, s, pt, upp, sc)
-            for i, im, s, pt, sc in zip(inputs, images, ids, patients, scales)
-        ]
-    return [
-        P.source_from_anndata(i, im, s, pt, upp, image_scale=sc)
-        for i, im, s, pt, sc in zip(inputs, images, ids, patients, scales)
-    ]
-
-
 def run(args) -> int:
     import sys
 
     from hist_st.prepare import prepare_cohort
+    from hist_st.sources import find_sources
 
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads", f"must be >= 1, got {args.threads}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    sources = build_sources(args)
+    set_threads(args.threads)
+    sources = find_sources(args.format, args.input, images=args.image, image_scales=args.image_scale,
+                           slide_ids=args.slide_id, patients=args.patient, um_per_px=args.um_per_px,
+                           sections=args.sections)
     report = prepare_cohort(
         sources,
         args.out,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from hist_st.cli.bench import add_experiment_args, parse_baseline_options
+from hist_st.errors import InputError
 
 
 def _list(value: str | None) -> list[str] | None:
@@ -25,26 +26,45 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             print(f"{a.name:14s} {a.group or '-'}: {a.label}")
         return 0
     if args.cohort is None or args.out is None:
-        raise SystemExit("hist-st ablate: --cohort and --out are required (or --list)")
+        raise InputError("--cohort/--out", "hist-st ablate needs both (or --list)")
     res = run_ablation(
         args.cohort, args.out, names=_list(args.configs), genes=args.genes, folds=args.folds, seed=args.seed,
         config=args.config, overrides=args.overrides, group_by=args.group_by, skip_done=not args.force,
         progress=not args.no_progress,
-    )  # fmt: skip
+    )
     print(res["table"])
     print(f"results in {res['out_dir']}")
     return 0
 
 
+def prepare_pair(prepare_args: list[str], plain: Path, macenko: Path) -> None:
+    """``hist-st prepare PREPARE_ARGS --out PLAIN`` and the same with ``--stain-norm macenko --out MACENKO``
+    (resumable: finished slides are skipped on a rerun).
+
+    Raises:
+        InputError: ``--out`` or ``--stain-norm`` among the arguments, or a preparation that fails.
+    """
+    from hist_st.cli import main
+
+    if any(a in ("--out", "--stain-norm") or a.startswith(("--out=", "--stain-norm=")) for a in prepare_args):
+        raise InputError("--prepare", "give the prepare arguments without --out and --stain-norm")
+    for out, extra in ((plain, ["--stain-norm", "none"]), (macenko, ["--stain-norm", "macenko"])):
+        rc = main(["prepare", *prepare_args, *extra, "--out", str(out)])
+        if rc not in (0, None):
+            raise InputError(out, f"hist-st prepare exited with status {rc}")
+
+
 def cmd_stain(args: argparse.Namespace) -> int:
     from hist_st.experiments.stain import run_stain
 
+    if args.prepare:
+        prepare_pair(shlex.split(args.prepare), args.plain, args.macenko)
     res = run_stain(
         args.plain, args.macenko, args.out, rows=_list(args.rows) or ("macenko-only", "token-only", "both", "neither"),
-        prepare_args=shlex.split(args.prepare) if args.prepare else None, genes=args.genes, folds=args.folds,
+        genes=args.genes, folds=args.folds,
         seed=args.seed, config=args.config, overrides=args.overrides, skip_done=not args.force,
         progress=not args.no_progress,
-    )  # fmt: skip
+    )
     print(res["table"])
     print(f"results in {res['out_dir']}")
     return 0
@@ -54,7 +74,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from hist_st.experiments.tokens import run_token_analysis
 
     res = run_token_analysis(args.run, args.cohort, args.out, group_by=_list(args.group_by) or ["patient"],
-                             source=args.source)  # fmt: skip
+                             source=args.source)
     print(res["table"])
     print("figures: " + ", ".join(res["figures"]))
     return 0
@@ -78,10 +98,10 @@ def cmd_plot_genes(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hist_st.experiments.report import build_report
+    from hist_st.experiments.report import ReportSpec, build_report
 
     command = "hist-st " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-    path = build_report(
+    path = build_report(ReportSpec(
         args.name or Path(args.cohort).resolve().name, args.cohort, docs_dir=args.docs, runs_dir=args.runs, methods=_list(args.methods),
         gene_sets=_list(args.gene_sets), folds=args.folds, seed=args.seed, config=args.config,
         overrides=args.overrides, baseline_options=parse_baseline_options(args.baseline_option),
@@ -94,7 +114,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                          "genes_list": [int(v) for v in _list(args.scaling_genes)], "timeout": args.scaling_timeout},
         token_groups=_list(args.token_groups), device=args.device, command=command, force=args.force,
         progress=not args.no_progress,
-    )  # fmt: skip
+    ))
     print(path)
     return 0
 
@@ -102,7 +122,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ablate", help="Table 3: component ablations of HiST on the same folds",
                               description="Cross-validate each named ablation config (see --list) on identical "
-                              "folds and genes; writes table.md with fold std and the paper's direction.")  # fmt: skip
+                              "folds and genes; writes table.md with fold std and the paper's direction.")
     p.add_argument("--cohort", type=Path, default=None, help="prepared cohort")
     p.add_argument("--out", type=Path, default=None, help="output folder")
     p.add_argument("--configs", default=None, help="comma-separated ablation names (default: all; see --list)")
@@ -114,11 +134,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("stain", help="Table 5: calibration token vs Macenko stain normalisation",
                               description="Cross-validate token-only / Macenko-only / both (and neither) on the "
-                              "same folds and genes. Give two prepared cohorts, or --prepare to make them.")  # fmt: skip
+                              "same folds and genes. Give two prepared cohorts, or --prepare to make them.")
     p.add_argument("--plain", required=True, type=Path, help="cohort prepared without stain normalisation")
     p.add_argument("--macenko", required=True, type=Path, help="the same slides prepared with --stain-norm macenko")
     p.add_argument("--prepare", default=None,
-                   help="hist-st prepare arguments (quoted, without --out/--stain-norm) to prepare both cohorts first")  # fmt: skip
+                   help="hist-st prepare arguments (quoted, without --out/--stain-norm) to prepare both cohorts first")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--rows", default=None, help="rows to run: macenko-only,token-only,both,neither (default all)")
     p.add_argument("--force", action="store_true", help="rerun rows whose results exist")
@@ -127,7 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("tokens", help="Table 6 / Figure 4: calibration-token analysis of a CV run",
                               description="Export each slide's final calibration token from the fold models of a "
-                              "cv / bench accuracy run and measure how well it separates groups.")  # fmt: skip
+                              "cv / bench accuracy run and measure how well it separates groups.")
     p.add_argument("--run", required=True, type=Path, help="cross-validation run directory (splits.json, fold_<i>/model.pt)")
     p.add_argument("--cohort", required=True, type=Path, help="the prepared cohort of that run")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -142,14 +162,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--genes", required=True, help="comma-separated genes")
     g.add_argument("--truth", type=Path, default=None, help="prepared slide with the measured counts (optional)")
     g.add_argument("--values", default="normalised", choices=("normalised", "log1p", "counts"),
-                   help="normalised: log1p of counts per 10k over the model's genes (library size removed)")  # fmt: skip
+                   help="normalised: log1p of counts per 10k over the model's genes (library size removed)")
     g.add_argument("--out", type=Path, default=None, help="PNG path (default: next to --pred)")
     g.set_defaults(func=cmd_plot_genes)
 
     p = subparsers.add_parser("report", help="run every experiment on a cohort and write docs/results/<name>.md",
                               usage="hist-st report --cohort DIR [--name NAME] [options] [KEY=VALUE ...]",
                               description="Tables 1, 2, 3 (and 5), the token analysis and figures in one Markdown "
-                              "file that quotes this command; finished steps are reused unless --force.")  # fmt: skip
+                              "file that quotes this command; finished steps are reused unless --force.")
     # The name is an option, not a positional: argparse cannot take a positional before options and trailing
     # KEY=VALUE overrides after them.
     p.add_argument("--name", default=None, help="report name, e.g. her2st (default: the cohort folder's name)")
@@ -164,10 +184,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--efficiency-epochs", type=int, default=2, help="epochs timed per method for Table 1")
     p.add_argument("--efficiency-also", action="append", type=Path, metavar="DIR",
                    help="a `hist-st bench efficiency` output folder measured elsewhere (e.g. on a GPU) to show under "
-                   "Table 1 (repeatable)")  # fmt: skip
+                   "Table 1 (repeatable)")
     p.add_argument("--reuse-from", action="append", type=Path, metavar="DIR",
                    help="a `hist-st bench accuracy` output folder whose methods Table 2 copies in when they used "
-                   "the same cohort, folds, genes and options, e.g. a slow baseline run separately (repeatable)")  # fmt: skip
+                   "the same cohort, folds, genes and options, e.g. a slow baseline run separately (repeatable)")
     p.add_argument("--scaling", action="store_true", help="also produce Figure 3 (synthetic slides)")
     p.add_argument("--scaling-spots", default="250,500,1000,2000,4000", help="Figure 3: spots per slide")
     p.add_argument("--scaling-genes", default="50,250,1000,2000", help="Figure 3: genes (at 1,000 spots)")

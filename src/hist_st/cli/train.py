@@ -1,7 +1,7 @@
 """``hist-st train``, ``hist-st cv`` and ``hist-st predict``: thin wrappers over `hist_st.train`.
 
-Configuration: ``--config run.yaml`` and trailing ``key=value`` overrides (``epochs=20 model.dim=256
-augment.variant=authors genes.n_top=250``). Multi-process data parallel: launch with torchrun, e.g.
+Configuration: ``--config run.yaml``, the gene set ``--genes he:250`` (as on every command) and trailing
+``key=value`` overrides (``epochs=20 model.dim=256 augment.variant=authors``). Multi-process data parallel: launch with torchrun, e.g.
 ``torchrun --nproc_per_node 2 -m hist_st.cli.train --slides cohort/ --out runs/a`` (this module run as a
 script is ``hist-st train``), or ``torchrun --nproc_per_node 2 "$(which hist-st)" train ...``.
 """
@@ -35,102 +35,64 @@ def _ids(value: str | None) -> list[str] | None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML file with TrainConfig keys")
+    p.add_argument("--genes", default=None,
+                   help="gene set: hvg:N (top N HVGs) or he:N (N most expressed); default: the config's (hvg:2000)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=20 model.dim=256")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _cfg(args: argparse.Namespace, base: dict | None = None):
-    """The run's config: ``base`` (a resumed checkpoint's config) or the defaults, then --config, then overrides.
+    from hist_st.train.config import run_config, with_gene_set
 
-    On resume only the keys the user gives change the checkpoint's config, so `train` compares exactly
-    what the user asked for.
-    """
-    from hist_st.train.config import apply_overrides, config_from_dict, load_config
-
-    overrides = list(args.overrides)
+    overrides = with_gene_set(args.overrides, args.genes)
     if args.no_progress:
         overrides.append("progress=false")
-    if base is None:
-        return load_config(args.config, overrides)
-    data = dict(base)
-    if args.config is not None:
-        import yaml
-
-        load_config(args.config)  # validates the file, naming it
-        _merge(data, yaml.safe_load(Path(args.config).read_text()) or {})
-    return config_from_dict(apply_overrides(data, overrides))
-
-
-def _merge(base: dict, given: dict) -> dict:
-    """Deep-update ``base`` with ``given`` (nested mappings merged key by key), in place."""
-    for k, v in given.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = _merge(dict(base[k]), v)
-        else:
-            base[k] = v
-    return base
-
-
-def _finished_run(out: Path) -> int | None:
-    """Epochs of a run in ``out`` that finished all of them (``model.pt`` and no ``resume.pt``), else None."""
-    from hist_st.train.checkpoint import MODEL_FILE, RESUME_FILE, load_checkpoint
-
-    if (out / RESUME_FILE).is_file() or not (out / MODEL_FILE).is_file():
-        return None
-    ckpt = load_checkpoint(out / MODEL_FILE)
-    epochs = ckpt.get("config", {}).get("epochs")
-    if epochs is None or int(ckpt.get("epoch", -1)) != int(epochs):  # older runs kept the optimiser in it
-        return None
-    return int(epochs)
+    return run_config(args.config, overrides, base=base)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hist_st.train.checkpoint import load_resume_state
-    from hist_st.train.loop import RESUME, train
+    from hist_st.train.checkpoint import finished_epochs, load_resume_state, resume_source
+    from hist_st.train.loop import train
 
     resume = args.resume_from
     if resume is None and args.resume:
-        done = _finished_run(Path(args.out))
+        done = finished_epochs(args.out)
         if done is not None:
             print(f"the run in {args.out} already finished all {done} epochs; nothing to resume")
             return 0
-        out = Path(args.out)  # its resume.pt; a folder of an older hist-st: its model.pt with optimiser state
-        resume = out / RESUME if (out / RESUME).is_file() else out
+        resume = resume_source(args.out)
     base = dict(load_resume_state(resume)["config"]) if resume is not None else None
     cfg = _cfg(args, base)
     result = train(cfg, args.slides, slide_ids=_ids(args.ids), out_dir=args.out, resume=resume,
-                   accept_changes=args.accept_changes, overwrite=args.overwrite)  # fmt: skip
+                   accept_changes=args.accept_changes, overwrite=args.overwrite)
     if result.checkpoint is not None:  # master process only
         last = result.history[-1] if result.history else {}
         print(f"trained on {len(result.slide_ids)} slides, {len(result.bundle.genes)} genes; "
-              f"final loss {last.get('loss', float('nan')):.4f}; checkpoint: {result.checkpoint}")  # fmt: skip
+              f"final loss {last.get('loss', float('nan')):.4f}; checkpoint: {result.checkpoint}")
     return 0
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from hist_st.train.cv import run_cv
+    from hist_st.evaluate import cross_validate
 
     cfg = _cfg(args)
     baselines = [b for b in (args.baselines or "").split(",") if b]
-    summary = run_cv(
+    summary = cross_validate(
         cfg, args.slides, args.out, k=args.folds, group_by=args.group_by, folds=args.splits,
         slide_ids=_ids(args.ids), baselines=baselines, write_predictions=not args.no_predictions,
         mc_samples=args.mc_samples, progress=cfg.progress,
-    )  # fmt: skip
+    )
     print(summary["table"])
     print(f"results in {summary['out_dir']}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from hist_st.runtime import resolve_device, set_threads
     from hist_st.train.checkpoint import load_bundle
-    from hist_st.train.distributed import resolve_device
     from hist_st.train.predict import predict_folder
 
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     image_only = ("um_per_px", "reference", "weights")
     if args.image is None:
         given = [f"--{k.replace('_', '-')}" for k in image_only if getattr(args, k) is not None]
@@ -148,9 +110,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             mc_samples=args.mc_samples, encoder_weights=args.weights, device=str(bundle.device),
             reference=args.reference, seed=args.seed, progress=not args.no_progress, values=args.values,
             log=lambda m: print(m, file=sys.stderr),
-        )  # fmt: skip
+        )
         brief = {k: summary[k] for k in ("slide_id", "n_pseudo_spots", "um_per_px", "h5ad", "genes_plotted",
-                                         "warnings")}  # fmt: skip
+                                         "warnings")}
         ref = summary.get("reference")
         if ref:
             corr = ref.get("correlation") or {}
@@ -158,7 +120,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 "coverage": ref["coverage"], "precision": ref["precision"],
                 "match_distance_um": ref["match_distance_um"],
                 "mean_gene_pearson": corr.get("mean_gene_pearson"), "pooled_pearson": corr.get("pooled_pearson"),
-            }  # fmt: skip
+            }
         brief["total_s"] = summary["timings_s"]["total_s"]
         print(json.dumps(brief))
         return 0
@@ -168,20 +130,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise InputError("--genes", f"not among the model's {len(bundle.genes)} genes: {missing[:5]}")
     paths = predict_folder(bundle, args.slides, args.out, slide_ids=_ids(args.ids), mc_samples=args.mc_samples,
                            seed=args.seed, progress=not args.no_progress,
-                           log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+                           log=lambda m: print(m, file=sys.stderr))
     maps = []
     if genes:
         from hist_st.pl import plot_genes
 
         maps = [str(plot_genes(p, genes, Path(p).with_name(f"{Path(p).stem}_maps.png"), values=args.values))
-                for p in paths]  # fmt: skip
+                for p in paths]
     print(json.dumps({"predicted": len(paths), "genes": len(bundle.genes), "out": str(args.out), "maps": maps}))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train HiST on a folder of prepared slides",
-                              description="Train HiST on prepared slides; writes OUT/model.pt (restorable).")  # fmt: skip
+                              description="Train HiST on prepared slides; writes OUT/model.pt (restorable).")
     p.add_argument("--slides", required=True, type=Path, help="folder of prepared slides (<id>.h5ad)")
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--ids", default=None, help="comma-separated slide ids, or a file with one per line")
@@ -196,7 +158,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("cv", help="k-fold cross-validation (HiST and baselines, both protocols)",
-                              description="Cross-validate on prepared slides; folds by slide or by a group column.")  # fmt: skip
+                              description="Cross-validate on prepared slides; folds by slide or by a group column.")
     p.add_argument("--slides", required=True, type=Path, help="folder of prepared slides")
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--folds", type=int, default=4, help="number of folds (default 4)")
@@ -213,22 +175,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="With --slides: write OUT/<id>.h5ad with layers['predicted'] (counts). "
                               "With --image: detect tissue, lay pseudo-spots at the model's training pitch and "
                               "lattice, embed patches with the model's encoder, predict; write OUT/<slide>.h5ad, "
-                              "gene heatmap PNGs and OUT/summary.json.")  # fmt: skip
+                              "gene heatmap PNGs and OUT/summary.json.")
     p.add_argument("--model", required=True, type=Path, help="checkpoint (model.pt) or its run directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--slides", type=Path, help="folder of prepared slides")
     src.add_argument("--image", type=Path, help="an H&E image (JPEG/PNG/TIFF/SVS/...) with no expression data")
     p.add_argument("--values", default="normalised", choices=("normalised", "log1p", "counts"),
-                   help="what maps show: normalised = log1p of counts per 10k over the model's genes")  # fmt: skip
+                   help="what maps show: normalised = log1p of counts per 10k over the model's genes")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--ids", default=None, help="only these slide ids (comma list or file; with --slides)")
     p.add_argument("--um-per-px", type=float, default=None,
-                   help="microns per full-resolution pixel of --image (default: from the file's metadata)")  # fmt: skip
+                   help="microns per full-resolution pixel of --image (default: from the file's metadata)")
     p.add_argument("--genes", default=None, help="comma-separated genes to map (--image default: the 4 most variable "
-                   "normalised genes; --slides: maps only when given, measured beside predicted when known)")  # fmt: skip
+                   "normalised genes; --slides: maps only when given, measured beside predicted when known)")
     p.add_argument("--reference", type=Path, default=None,
                    help="prepared .h5ad of the same section with measured expression: adds coverage and "
-                        "correlation to summary.json")  # fmt: skip
+                        "correlation to summary.json")
     p.add_argument("--weights", type=Path, default=None, help="patch-encoder weights file (e.g. for uni)")
     p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout passes; adds layers['predicted_std']")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")

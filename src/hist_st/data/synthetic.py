@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from hist_st.harmonise import rank_highly_expressed, rank_hvg, write_cohort_manifest
+from hist_st.cohort import CohortManifest
+from hist_st.harmonise import rank_highly_expressed, rank_hvg
 from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.slide import Slide, write_prepared
 
@@ -419,7 +420,7 @@ def make_cohort(
         slide = make_slide(
             sid, sizes[i], g, slide_seeds[i], n_genes, embed_dim, patient,
             cohort_seed=seed, n_domains=n_domains, params=params, **slide_kwargs,
-        )  # fmt: skip
+        )
         write_prepared(slide, out / f"{sid}.h5ad")
         counts.append(slide.counts)
         entries.append(
@@ -462,4 +463,4 @@ def make_cohort(
             **{k: v for k, v in slide_kwargs.items() if isinstance(v, int | float | str)},
         },
     }
-    return write_cohort_manifest(out, manifest)
+    return CohortManifest.write(out, manifest)

@@ -5,11 +5,11 @@
 """
 
 from hist_st.experiments.ablation import ABLATIONS, PAPER_TABLE3, Ablation, ablation_config, run_ablation
-from hist_st.experiments.accuracy import build_config, parse_gene_spec, per_gene_rows, run_accuracy
+from hist_st.experiments.accuracy import build_config, per_gene_rows, run_accuracy
 from hist_st.experiments.efficiency import format_efficiency_table, measure, run_efficiency, run_scaling
 from hist_st.experiments.figures import plot_genes, plot_scaling, plot_token_pca
-from hist_st.experiments.report import build_report, goal_lines
-from hist_st.experiments.stain import PAPER_TABLE5, STAIN_ROWS, prepare_pair, run_stain
+from hist_st.experiments.report import ReportSpec, build_report
+from hist_st.experiments.stain import PAPER_TABLE5, STAIN_ROWS, run_stain
 from hist_st.experiments.tokens import (
     cosine_distances,
     export_tokens,
@@ -24,6 +24,7 @@ __all__ = [
     "Ablation",
     "PAPER_TABLE3",
     "PAPER_TABLE5",
+    "ReportSpec",
     "STAIN_ROWS",
     "ablation_config",
     "build_config",
@@ -32,14 +33,11 @@ __all__ = [
     "export_tokens",
     "format_efficiency_table",
     "format_token_table",
-    "goal_lines",
     "measure",
-    "parse_gene_spec",
     "per_gene_rows",
     "plot_genes",
     "plot_scaling",
     "plot_token_pca",
-    "prepare_pair",
     "run_ablation",
     "run_accuracy",
     "run_efficiency",

@@ -37,6 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
+from hist_st.evaluate import make_plan
+from hist_st.experiments.accuracy import build_config
+from hist_st.experiments.reuse import hist_rows, reused_note
+from hist_st.train.distributed import init_distributed
+from hist_st.train.folds import save_folds
 
 __all__ = ["Ablation", "ABLATIONS", "PAPER_TABLE3", "ablation_config", "run_ablation", "format_ablation_table"]
 
@@ -107,7 +112,7 @@ PAPER_TABLE3: dict[str, tuple[float, float]] = {
     "pos-none": (0.131, 0.521), "pos-rope": (0.153, 0.522), "pos-alibi": (0.132, 0.522),
     "skip-none": (0.197, 0.527), "skip-additive": (0.213, 0.536), "no-resample": (0.213, 0.517),
     "no-shift": (0.217, 0.531), "no-token": (0.185, 0.509),
-}  # fmt: skip
+}
 
 
 def ablation_config(cfg: Any, name: str) -> Any:
@@ -149,7 +154,7 @@ def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3)
             group = abl.group
             lines.append(f"| *{group}* | | | | | | | | |")
         cells = [_fmt(s["pooled"]["r2"], digits), _fmt(s["pooled"]["pcc"], digits),
-                 _fmt(s["per_gene"]["pcc"], digits), _fmt(s["per_gene"]["r2"], digits)]  # fmt: skip
+                 _fmt(s["per_gene"]["pcc"], digits), _fmt(s["per_gene"]["r2"], digits)]
         d_r2 = d_pcc = "—"
         agree = "—"
         if full is not None and name != "full":
@@ -175,7 +180,6 @@ def run_ablation(
     seed: int = 0,
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
-    cfg: Any = None,
     group_by: str | None = None,
     skip_done: bool = True,
     equivalent: Mapping[str, str | Path] | None = None,
@@ -187,7 +191,7 @@ def run_ablation(
         cohort: Prepared cohort folder.
         out_dir: Output: ``<name>/`` run_cv directories, ``splits.json``, ``ablation.json``, ``table.md``.
         names: Ablations to run (default all, `ABLATIONS` order); ``full`` is always added.
-        genes, folds, seed, config, overrides, cfg, group_by, progress: As in `run_accuracy`.
+        genes, folds, seed, config, overrides, group_by, progress: As in `run_accuracy`.
         skip_done: Reuse an ablation whose ``<name>/metrics.json`` already exists.
         equivalent: Row name -> an existing `run_cv` directory to take that row from when it was trained
             with the same config, cohort, folds and genes (`hist_st.experiments.reuse.same_run`), e.g. the
@@ -196,51 +200,24 @@ def run_ablation(
     Returns:
         ``{"summaries": {name: summarise_folds(...)}, "table": str, "out_dir": str}``.
     """
-    from hist_st.experiments.accuracy import build_config, parse_gene_spec
-    from hist_st.experiments.reuse import reused_note, same_run
-    from hist_st.jsonio import read_json, write_json
-    from hist_st.train.cv import run_cv, slide_groups
-    from hist_st.train.data import load_slides, read_manifest, select_genes
-    from hist_st.train.folds import make_folds, save_folds
-
     names = list(names) if names else list(ABLATIONS)
     if "full" not in names:
         names.insert(0, "full")
     for n in names:
         if n not in ABLATIONS:
             raise InputError("--configs", f"unknown ablation {n!r}; choose from {', '.join(ABLATIONS)}")
-    if cfg is None:
-        cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
-    else:
-        cfg = dataclasses.replace(cfg, seed=int(seed), genes=parse_gene_spec(genes))
+    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    slides = load_slides(cohort)
-    manifest = read_manifest(cohort)
-    groups = slide_groups(slides, group_by, manifest) if group_by else None
-    fold_list = make_folds([s.slide_id for s in slides], folds, cfg.seed, groups)
-    splits = save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, group_by=group_by,
-                        slides_dir=str(cohort))  # fmt: skip
+    plan = make_plan(cohort, cfg.genes, k=folds, seed=cfg.seed, group_by=group_by, embedding=cfg.embedding)
+    fold_list, gene_list = plan.folds, plan.genes
+    save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, group_by=group_by, slides_dir=str(cohort))
     # One gene list for every row (dataset scope: chosen once from the manifest ranking).
-    gene_list = select_genes(slides, cfg.genes, manifest)
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
-    del slides
-    summaries: dict[str, Any] = {}
-    reused: dict[str, str] = {}
-    for name in [n for n in ABLATIONS if n in names]:
-        run_dir = out / name
-        row_cfg = ablation_config(cfg, name)
-        if skip_done and (run_dir / "metrics.json").is_file():
-            summaries[name] = read_json(run_dir / "metrics.json")["methods"]["HiST"]
-            continue
-        src = (equivalent or {}).get(name)
-        if src is not None and same_run(src, row_cfg, fold_list, gene_list, cohort):
-            summaries[name], reused[name] = read_json(Path(src) / "metrics.json")["methods"]["HiST"], str(src)
-            continue
-        res = run_cv(row_cfg, cohort, run_dir, folds=splits, write_predictions=False, progress=progress)
-        summaries[name] = res["methods"]["HiST"]
-    summaries = read_json(write_json(summaries, out / "ablation.json"))
-    write_json(reused, out / "reused.json")
+    info = init_distributed(cfg.device)
+    rows = {name: (ablation_config(cfg, name), lambda: plan, cohort) for name in ABLATIONS if name in names}
+    summaries, reused = hist_rows(out, rows, folds=fold_list, genes=gene_list, name="ablation", skip_done=skip_done,
+                                  equivalent=equivalent, dist_info=info, progress=progress)
     table = format_ablation_table(summaries)
     (out / "table.md").write_text(
         f"Ablations (Table 3) on {Path(cohort).name}: {folds}-fold, seed {seed}, {len(gene_list)} genes "

@@ -7,9 +7,9 @@ res = run_accuracy(["cohorts/her2st"], "runs/acc", methods=["hist", "ridge", "me
 print(res["table"])
 ```
 
-HiST and the baselines go through `hist_st.train.cv.run_cv` (one call per cohort), so they share the
-folds (saved as ``splits.json``), the gene list (``genes.txt``), the log1p targets and the embedding.
-When ``hist`` is not among the methods, the baselines run on the same deterministic folds without it.
+Every method, HiST among them, goes through `hist_st.evaluate.run_cv` on one plan per cohort
+(`hist_st.evaluate.make_plan`), so they share the folds (saved as ``splits.json``), the gene list
+(``genes.txt``), the log1p targets and the embedding.
 
 Run directory layout (``OUT``)::
 
@@ -34,14 +34,18 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.evaluate import Plan, make_plan, run_cv
 from hist_st.experiments.reuse import merge_runs, reusable_methods
 from hist_st.jsonio import read_json, write_json
+from hist_st.methods import HiSTMethod, Method, get_method, list_methods, method_option_names
+from hist_st.metrics import format_table
+from hist_st.runtime import device_name, resolve_device
+from hist_st.train.config import TrainConfig, config_to_dict, load_config, with_gene_set
+from hist_st.train.distributed import DistInfo, init_distributed
 
 __all__ = [
     "METHODS",
     "DISPLAY",
-    "parse_gene_spec",
-    "gene_spec_label",
     "build_config",
     "run_accuracy",
     "per_gene_rows",
@@ -51,35 +55,7 @@ __all__ = [
 METHODS = ("hist", "mean", "ridge", "ridge-robust", "mlp", "bleep", "stnet", "stnet-lite0", "stflow")
 #: Name used for each method in tables (run_cv reports HiST as "HiST").
 DISPLAY = {"hist": "HiST", "mean": "mean", "ridge": "ridge", "mlp": "mlp", "bleep": "bleep", "stnet": "stnet",
-           "stflow": "stflow", "ridge-robust": "ridge-robust", "stnet-lite0": "stnet-lite0"}  # fmt: skip
-_RANKINGS = {"hvg": "hvg", "he": "highly_expressed", "highly_expressed": "highly_expressed"}
-
-
-def parse_gene_spec(spec: str) -> Any:
-    """``"hvg:2000"`` / ``"he:250"`` / ``"highly_expressed:250"`` -> `hist_st.train.GeneConfig` (scope dataset).
-
-    Raises:
-        InputError: On an unknown ranking or a non-positive count.
-    """
-    from hist_st.train.config import GeneConfig
-
-    ranking, _, n = str(spec).partition(":")
-    ranking = ranking.strip().lower()
-    if ranking not in _RANKINGS:
-        raise InputError("--genes", f"unknown gene ranking {ranking!r} in {spec!r}; use hvg:N or he:N")
-    try:
-        n_top = int(n) if n else 2000
-    except ValueError:
-        raise InputError("--genes", f"{spec!r}: the gene count must be an integer") from None
-    if n_top < 1:
-        raise InputError("--genes", f"{spec!r}: the gene count must be positive")
-    return GeneConfig(n_top=n_top, ranking=_RANKINGS[ranking])
-
-
-def gene_spec_label(spec: str) -> str:
-    """File-name-safe label of a gene spec: ``"hvg:2000"`` -> ``"hvg2000"``."""
-    g = parse_gene_spec(spec)
-    return f"{'hvg' if g.ranking == 'hvg' else 'he'}{g.n_top}"
+           "stflow": "stflow", "ridge-robust": "ridge-robust", "stnet-lite0": "stnet-lite0"}
 
 
 def build_config(
@@ -96,26 +72,20 @@ def build_config(
         config: Optional YAML file of `TrainConfig` keys.
         overrides: ``["epochs=100", "model.dim=256"]``.
         seed: Overrides ``cfg.seed`` (also the fold seed) when given.
-        genes: A gene spec (`parse_gene_spec`) that replaces ``cfg.genes`` when given.
+        genes: A gene-set spec (`hist_st.cohort.GeneSet`: ``hvg:2000``, ``he:250``) for ``cfg.genes``.
         progress: Overrides ``cfg.progress`` when given.
     """
-    from hist_st.train.config import load_config
-
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, with_gene_set(overrides, genes))
     changes: dict[str, Any] = {}
     if seed is not None:
         changes["seed"] = int(seed)
-    if genes is not None:
-        changes["genes"] = parse_gene_spec(genes)
     if progress is not None:
         changes["progress"] = bool(progress)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
-    from hist_st.baselines import list_baselines
-
-    known = {"hist", *list_baselines()}
+    known = {"hist", *list_methods()}
     out = []
     for m in methods:
         m = str(m).strip().lower()
@@ -141,78 +111,6 @@ def _cohort_names(cohorts: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def _cv_baselines_only(
-    cfg: Any,
-    cohort: Path,
-    out: Path,
-    *,
-    k: int,
-    group_by: str | None,
-    baselines: Sequence[str],
-    baseline_options: Mapping[str, Mapping[str, Any]],
-    progress: bool,
-    fold_seed: int | None = None,
-) -> dict[str, Any]:
-    """Baselines without HiST on the folds/genes `run_cv` would use (same functions, same seed); the folds
-    use ``fold_seed`` when given (else ``cfg.seed``), the baselines train with ``cfg.seed``."""
-    from tqdm.auto import tqdm
-
-    from hist_st.baselines import get_baseline
-    from hist_st.metrics import evaluate_fold, summarise_folds
-    from hist_st.train.cv import fold_json, slide_groups
-    from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
-    from hist_st.train.folds import make_folds, save_folds
-
-    out.mkdir(parents=True, exist_ok=True)
-    slides = load_slides(cohort)
-    by_id = {s.slide_id: s for s in slides}
-    manifest = read_manifest(cohort)
-    groups = slide_groups(slides, group_by, manifest) if group_by else None
-    f_seed = cfg.seed if fold_seed is None else fold_seed
-    fold_list = make_folds(sorted(by_id), k, f_seed, groups)
-    save_folds(fold_list, out / "splits.json", k=k, seed=f_seed, group_by=group_by, slides_dir=str(cohort))
-    emb = embedding_key(slides, cfg.embedding)
-    genes = select_genes(slides, cfg.genes, manifest)
-    (out / "genes.txt").write_text("\n".join(genes) + "\n")
-    per_method: dict[str, list[dict[str, Any]]] = {b: [] for b in baselines}
-    seconds = {b: 0.0 for b in baselines}
-    for f in tqdm(fold_list, desc="cv folds", unit="fold", disable=not progress):
-        train_slides = [by_id[s] for s in f["train"]]
-        test_slides = [by_id[s] for s in f["test"]]
-        truths = {s.slide_id: gene_counts(s, genes) for s in test_slides}
-        fold_metrics = {}
-        for name in baselines:
-            t0 = time.perf_counter()
-            model = get_baseline(name, **dict(baseline_options.get(name, {})))
-            model.fit(train_slides, genes, embedding_key=emb, seed=cfg.seed)
-            preds = {s.slide_id: model.predict(s) for s in test_slides}
-            seconds[name] += time.perf_counter() - t0
-            fold_metrics[name] = evaluate_fold(preds, truths)
-            per_method[name].append(fold_metrics[name])
-        write_json({"fold": f["fold"], "train": f["train"], "test": f["test"], "n_genes": len(genes),
-                    "metrics": {m: fold_json(v, genes) for m, v in fold_metrics.items()}},
-                   out / f"fold_{f['fold']}" / "metrics.json")  # fmt: skip
-    return {"methods": {m: summarise_folds(v) for m, v in per_method.items()}, "seconds": seconds,
-            "genes": genes, "embedding": emb, "out_dir": str(out)}  # fmt: skip
-
-
-def _folds_and_genes(
-    cohort: Path, cfg: Any, k: int, group_by: str | None, fold_seed: int | None = None
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """The folds and genes `run_cv` would use on ``cohort`` (same functions; folds from ``fold_seed``, by
-    default ``cfg.seed``)."""
-    from hist_st.train.cv import slide_groups
-    from hist_st.train.data import load_slides, read_manifest, select_genes
-    from hist_st.train.folds import make_folds
-
-    slides = load_slides(cohort)
-    manifest = read_manifest(cohort)
-    groups = slide_groups(slides, group_by, manifest) if group_by else None
-    fold_list = make_folds(sorted(s.slide_id for s in slides), k, cfg.seed if fold_seed is None else fold_seed,
-                           groups)  # fmt: skip
-    return fold_list, select_genes(slides, cfg.genes, manifest)
-
-
 def _reusable(
     prior: Mapping[str, Any] | None,
     name: str,
@@ -222,31 +120,34 @@ def _reusable(
     settings: Mapping[str, Any],
     baseline_options: Mapping[str, Mapping[str, Any]],
     cohort: Path,
-    plan: Callable[[], tuple[list[dict[str, Any]], list[str]]],
+    plan: Callable[[], Plan],
 ) -> list[str]:
     """The methods of ``prior`` (an earlier ``accuracy.json``) that `run_accuracy` may keep; ``plan()`` gives
-    the folds and genes of this run (`_folds_and_genes`, computed once per cohort)."""
+    the folds and genes of this run (`hist_st.evaluate.make_plan`, computed once per cohort)."""
     if not prior or name not in prior.get("cohorts", {}):
         return []
     if not (cfg.genes.scope == "dataset" or cfg.genes.genes):
         return []  # genes chosen per fold: nothing recorded to compare
-    fold_list, genes = plan()
     return reusable_methods(prior, name, run_dir, cfg=cfg, methods=methods, settings=settings,
-                            baseline_options=baseline_options, folds=fold_list, genes=genes, cohort=cohort)  # fmt: skip
+                            baseline_options=baseline_options, folds=plan().folds, genes=plan().genes, cohort=cohort)
+
+
+def _method(name: str, cfg: TrainConfig, baseline_options: Mapping[str, Mapping[str, Any]],
+            info: DistInfo | None) -> Method:
+    """The method ``name``: HiST with ``cfg``, a baseline with its options."""
+    if name == "hist":
+        return HiSTMethod(cfg, dist_info=info)
+    return get_method(name, **dict(baseline_options.get(name, {})))
 
 
 def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping[str, Any]]) -> str:
     """The device a method trained on in this process (HiST: ``cfg.device``; baselines: their ``device``
     option; methods without one run on the CPU), by name, for the record of what computed each row."""
-    from hist_st.baselines import baseline_option_names
-    from hist_st.experiments.efficiency import device_name
-    from hist_st.train.distributed import resolve_device
-
     if method == "hist":
         pref = str(cfg.device)
     else:
         opts = dict(baseline_options.get(method, {}))
-        pref = str(opts.get("device", "auto")) if "device" in baseline_option_names(method) else "cpu"
+        pref = str(opts.get("device", "auto")) if "device" in method_option_names(method) else "cpu"
     return device_name(str(resolve_device(pref)))
 
 
@@ -264,7 +165,7 @@ def _kept_results(
             "seconds": {keys[m]: rec.get("seconds", {}).get(shown[m], 0.0) for m in keep},
             "devices": {shown[m]: rec.get("devices", {}).get(shown[m]) for m in keep},
             "reused_from": {shown[m]: rec["reused_from"][shown[m]]
-                            for m in keep if shown[m] in rec.get("reused_from", {})}}  # fmt: skip
+                            for m in keep if shown[m] in rec.get("reused_from", {})}}
     kept_folds = {}
     for path in run_dir.glob("fold_*/metrics.json"):
         fold = read_json(path)
@@ -369,7 +270,6 @@ def run_accuracy(
     seed: int = 0,
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
-    cfg: Any = None,
     group_by: str | None = None,
     baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
     write_predictions: bool = True,
@@ -385,12 +285,11 @@ def run_accuracy(
     Args:
         cohorts: Prepared cohort folders (``<slide>.h5ad`` + ``cohort.json``).
         out_dir: Output folder (layout in the module docstring).
-        methods: ``hist`` and/or baseline names (`hist_st.baselines.list_baselines`).
+        methods: ``hist`` and/or baseline names (`hist_st.methods.list_methods`).
         genes: Gene spec, ``hvg:N`` or ``he:N`` (highly expressed), from each cohort's manifest ranking.
         folds: Number of folds (by slide unless ``group_by``).
         seed: Fold seed and, unless ``train_seed`` is given, every method's training seed.
-        config, overrides: HiST `TrainConfig` YAML and ``key=value`` overrides (ignored when ``cfg``).
-        cfg: A ready `TrainConfig` (its ``seed``/``genes`` are replaced by ``seed``/``genes``).
+        config, overrides: HiST `TrainConfig` YAML and ``key=value`` overrides.
         group_by: Group column for folds (e.g. ``patient``); None = by slide (the paper).
         baseline_options: Per-baseline keyword options, e.g. ``{"stflow": {"epochs": 50}}``.
         write_predictions: Write HiST's test predictions (needed by ``hist-st plot genes``).
@@ -414,17 +313,11 @@ def run_accuracy(
         "run_dir": str, "n_genes": int}}, "table": str,
         "out_dir": str, "genes": spec, "methods": [...]}``.
     """
-    from hist_st.metrics import format_table
-    from hist_st.train.cv import run_cv
-
     methods = _check_methods(methods)
     if not cohorts:
         raise InputError("--cohort", "give at least one prepared cohort folder")
     t_seed = int(seed) if train_seed is None else int(train_seed)
-    if cfg is None:
-        cfg = build_config(config, overrides, seed=t_seed, genes=genes, progress=progress)
-    else:
-        cfg = dataclasses.replace(cfg, seed=t_seed, genes=parse_gene_spec(genes))
+    cfg = build_config(config, overrides, seed=t_seed, genes=genes, progress=progress)
     fold_seed = int(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -436,15 +329,16 @@ def run_accuracy(
     # train_seed is recorded only when it differs from the fold seed, so earlier runs stay comparable.
     recorded_train_seed = None if t_seed == fold_seed else t_seed
     settings = {"genes": genes, "folds": folds, "seed": seed, "group_by": group_by,
-                "train_seed": recorded_train_seed}  # fmt: skip
+                "train_seed": recorded_train_seed}
     again = set(_check_methods(rerun)) if rerun else set()
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort = Path(cohort)
         run_dir = out / name
         t0 = time.perf_counter()
-        plan = functools.cache(functools.partial(_folds_and_genes, cohort, cfg, folds, group_by, fold_seed))
+        plan = functools.cache(functools.partial(make_plan, cohort, cfg.genes, k=folds, seed=fold_seed,
+                                                 group_by=group_by, embedding=cfg.embedding))
         reusable = functools.partial(_reusable, name=name, cfg=cfg, settings=settings, cohort=cohort, plan=plan,
-                                     baseline_options=baseline_options)  # fmt: skip
+                                     baseline_options=baseline_options)
         keep = [m for m in reusable(prior, run_dir=run_dir, methods=methods) if m not in again]
         kept, kept_folds = _kept_results(prior, name, run_dir, keep)
         sources = [Path(s) for s in reuse_from] if reuse else []
@@ -459,16 +353,11 @@ def run_accuracy(
                     shutil.copyfile(source_run / f, run_dir / f)
         keep = keep + copied
         todo = [m for m in methods if m not in keep]
-        todo_baselines = [m for m in todo if m != "hist"]
         res: dict[str, Any] = {"methods": {}, "seconds": {}}
-        if "hist" in todo:
-            res = run_cv(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=todo_baselines,
-                         baseline_options=baseline_options, write_predictions=write_predictions,
-                         progress=progress, folds=None if t_seed == fold_seed else plan()[0])  # fmt: skip
-        elif todo_baselines:
-            res = _cv_baselines_only(cfg, cohort, run_dir, k=folds, group_by=group_by, baselines=todo_baselines,
-                                     baseline_options=baseline_options, progress=progress,
-                                     fold_seed=fold_seed)  # fmt: skip
+        if todo:
+            info = init_distributed(cfg.device) if "hist" in todo else None
+            res = run_cv(plan(), [_method(m, cfg, baseline_options, info) for m in todo], run_dir, seed=cfg.seed,
+                         write_predictions=write_predictions, dist_info=info, progress=progress)
         if keep:
             res = {key: {**kept[key], **other[key], **res[key]} for key in ("methods", "seconds")}
             if todo or copied:
@@ -480,13 +369,13 @@ def run_accuracy(
         seconds = {DISPLAY.get(m, m): float(res["seconds"]["HiST" if m == "hist" else m]) for m in methods}
         known_devices = {**kept["devices"], **other["devices"]}
         devices = {DISPLAY.get(m, m): (known_devices.get(DISPLAY.get(m, m)) if m in keep
-                                       else _method_device(m, cfg, baseline_options)) for m in methods}  # fmt: skip
+                                       else _method_device(m, cfg, baseline_options)) for m in methods}
         reused_from = {**kept["reused_from"], **other["reused_from"]}
         genes_file = run_dir / "genes.txt"
         n_genes = len(genes_file.read_text().split()) if genes_file.is_file() else None
         results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
                          "n_genes": n_genes, "devices": devices, "reused_from": reused_from,
-                         "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+                         "wall_seconds": time.perf_counter() - t0}
         seeds_label = f"seed {seed}" if recorded_train_seed is None else f"fold seed {seed}, training seed {t_seed}"
         tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, {seeds_label})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)
@@ -497,11 +386,9 @@ def run_accuracy(
     )
     (out / "table.md").write_text(table)
     _write_per_gene_csv(per_gene, out / "per_gene.csv")
-    from hist_st.train.config import config_to_dict
-
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,
                "folds": folds, "seed": seed, "train_seed": recorded_train_seed, "group_by": group_by,
                "config": config_to_dict(cfg),
-               "baseline_options": baseline_options, "command": command}  # fmt: skip
+               "baseline_options": baseline_options, "command": command}
     write_json(summary, out / "accuracy.json")
     return summary

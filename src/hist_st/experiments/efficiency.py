@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,9 +38,20 @@ from typing import Any
 
 import numpy as np
 
+from hist_st.data.synthetic import ENCODER, cohort_params, make_slide
 from hist_st.errors import InputError
+from hist_st.experiments.accuracy import _check_methods, build_config
+from hist_st.experiments.figures import plot_scaling
+from hist_st.jsonio import write_json
+from hist_st.methods import get_method, method_option_names
+from hist_st.runtime import device_name, resolve_device, set_threads
+from hist_st.train.config import GeneConfig
+from hist_st.train.data import embedding_key, list_slides, load_slides, read_manifest, select_genes
+from hist_st.train.folds import make_folds
+from hist_st.train.loop import train as train_hist
+from hist_st.train.predict import predict_log1p
 
-__all__ = ["measure", "run_worker", "run_efficiency", "run_scaling", "format_efficiency_table", "device_name",
+__all__ = ["measure", "run_worker", "run_efficiency", "run_scaling", "format_efficiency_table",
            "timed_options", "efficiency_inputs"]
 
 GB = 1024.0**3
@@ -92,30 +102,10 @@ class _RSSSampler:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def device_name(device: str) -> str:
-    """Human-readable device: the CUDA card's name, or the CPU model and core count."""
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(torch.device(device))} (CUDA)"
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"CPU {model or 'unknown'} ({os.cpu_count()} cores visible, {threads} torch threads)"
-
-
 def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    """``auto`` as the device type it stands for here (``cuda`` or ``cpu``); other names as given, checked."""
+    resolved = resolve_device(device)
+    return resolved.type if device == "auto" else device
 
 
 def timed_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -134,7 +124,7 @@ def efficiency_inputs(cohort: str | Path | None, genes: str, folds: int, seed: i
 
 
 def synthetic_patch_source(size_px: int = 32) -> Any:
-    """A `hist_st.baselines.PatchSource` of random uint8 patches (seeded by slide id), for timing ST-Net on
+    """A `hist_st.methods.PatchSource` of random uint8 patches (seeded by slide id), for timing ST-Net on
     synthetic slides that have no H&E image; the network's cost does not depend on the pixel values."""
     import zlib
 
@@ -148,7 +138,6 @@ def synthetic_patch_source(size_px: int = 32) -> Any:
 def _load_data(data: Mapping[str, Any]) -> tuple[list[Any], list[Any], list[str], str]:
     """Training slides, test slides, genes and embedding key for a worker spec."""
     if "synthetic" in data:
-        from hist_st.data.synthetic import ENCODER, cohort_params, make_slide
 
         p = dict(data["synthetic"])
         n_genes, embed_dim, seed = int(p["n_genes"]), int(p.get("embed_dim", 64)), int(p.get("seed", 0))
@@ -156,16 +145,14 @@ def _load_data(data: Mapping[str, Any]) -> tuple[list[Any], list[Any], list[str]
         grid = p.get("grid", "hex")
         n = int(p["n_train"]) + int(p["n_test"])
         slides = [make_slide(f"eff{i:02d}", int(p["n_spots"]), grid, seed + i, n_genes, embed_dim, f"P{i}",
-                             cohort_seed=seed, params=params) for i in range(n)]  # fmt: skip
+                             cohort_seed=seed, params=params) for i in range(n)]
         genes = [str(g) for g in slides[0].genes]
         return slides[: int(p["n_train"])], slides[int(p["n_train"]) :], genes, ENCODER
-    from hist_st.experiments.accuracy import parse_gene_spec
-    from hist_st.train.data import embedding_key, load_slides, read_manifest, select_genes
 
     cohort = data["cohort"]
     train = load_slides(cohort, data["train"])
     test = load_slides(cohort, data["test"])
-    genes = data.get("gene_list") or select_genes(train + test, parse_gene_spec(data["genes"]), read_manifest(cohort))
+    genes = data.get("gene_list") or select_genes(train + test, GeneConfig.from_spec(data["genes"]), read_manifest(cohort))
     return train, test, list(genes), embedding_key(train + test, data.get("embedding"))
 
 
@@ -182,8 +169,7 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    if int(spec.get("threads", 0)) > 0:
-        torch.set_num_threads(int(spec["threads"]))
+    set_threads(int(spec.get("threads", 0)))
     device = _resolve_device(str(spec.get("device", "auto")))
     cuda = device.startswith("cuda")
     method = str(spec["method"])
@@ -195,15 +181,12 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         "n_train_slides": len(train), "n_test_slides": len(test),
         "max_train_spots": max(s.n_spots for s in train), "n_spots": int(np.mean([s.n_spots for s in train + test])),
         "embedding": emb,
-    }  # fmt: skip
+    }
 
     if method == "hist":
-        from hist_st.experiments.accuracy import build_config
-        from hist_st.train.loop import train as train_hist
-        from hist_st.train.predict import predict_log1p
 
         cfg = build_config(None, [*spec.get("overrides", []), f"epochs={epochs}", "progress=false",
-                                  f"device={device}", f"embedding={emb}"], seed=seed)  # fmt: skip
+                                  f"device={device}", f"embedding={emb}"], seed=seed)
         passes = epochs
 
         def fit() -> Any:
@@ -212,10 +195,9 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         def predict(model: Any, slide: Any) -> np.ndarray:
             return predict_log1p(model, slide)[0]
     else:
-        from hist_st.baselines import baseline_option_names, get_baseline
 
         opts = dict(spec.get("baseline_options", {}) or {})
-        params = baseline_option_names(method)
+        params = method_option_names(method)
         if "epochs" in params:  # the timed epochs, whatever the accuracy runs used (time is per epoch)
             opts["epochs"] = epochs
         if "device" in params:
@@ -225,7 +207,7 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         passes = int(opts.get("epochs", 1)) if "epochs" in params else 1
 
         def fit() -> Any:
-            return get_baseline(method, **opts).fit(train, genes, embedding_key=emb, seed=seed)
+            return get_method(method, **opts).fit(train, genes, embedding_key=emb, seed=seed)
 
         def predict(model: Any, slide: Any) -> np.ndarray:
             return model.predict(slide)
@@ -243,10 +225,10 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         sync()
         fit_s = time.perf_counter() - t0
     rec.update(fit_s=fit_s, epochs=passes, train_s_per_slide=fit_s / (len(train) * passes),
-               train_rss_peak_gb=rss.peak / GB, train_rss_delta_gb=(rss.peak - rss.before) / GB)  # fmt: skip
+               train_rss_peak_gb=rss.peak / GB, train_rss_delta_gb=(rss.peak - rss.before) / GB)
     if cuda:
         rec.update(train_alloc_gb=torch.cuda.max_memory_allocated() / GB,
-                   train_reserved_gb=torch.cuda.max_memory_reserved() / GB)  # fmt: skip
+                   train_reserved_gb=torch.cuda.max_memory_reserved() / GB)
 
     predict(model, test[0])  # warm-up (not timed)
     sync()
@@ -261,10 +243,10 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         sync()
         infer_s = time.perf_counter() - t0
     rec.update(infer_s_per_slide=infer_s / len(test), infer_rss_peak_gb=rss.peak / GB,
-               infer_rss_delta_gb=(rss.peak - rss.before) / GB)  # fmt: skip
+               infer_rss_delta_gb=(rss.peak - rss.before) / GB)
     if cuda:
         rec.update(infer_alloc_gb=torch.cuda.max_memory_allocated() / GB,
-                   infer_reserved_gb=torch.cuda.max_memory_reserved() / GB)  # fmt: skip
+                   infer_reserved_gb=torch.cuda.max_memory_reserved() / GB)
         rec["train_mem_gb"], rec["infer_mem_gb"] = rec["train_reserved_gb"], rec["infer_reserved_gb"]
     else:
         rec["train_mem_gb"], rec["infer_mem_gb"] = rec["train_rss_delta_gb"], rec["infer_rss_delta_gb"]
@@ -314,16 +296,15 @@ def format_efficiency_table(records: Sequence[Mapping[str, Any]]) -> str:
         if cuda:
             mem = [f"{_fmt(r['train_alloc_gb'], 2)} ({_fmt(r['train_alloc_gb'] / k, 2)})",
                    f"{_fmt(r['train_reserved_gb'], 2)} ({_fmt(r['train_reserved_gb'] / k, 2)})",
-                   _fmt(r.get("infer_reserved_gb"), 2)]  # fmt: skip
+                   _fmt(r.get("infer_reserved_gb"), 2)]
         else:
             mem = [_fmt(r["train_rss_peak_gb"], 2), f"{_fmt(r['train_rss_delta_gb'], 3)} ({_fmt(r['train_mem_gb_per_1k'], 3)})",
-                   _fmt(r["infer_rss_delta_gb"], 3)]  # fmt: skip
+                   _fmt(r["infer_rss_delta_gb"], 3)]
         lines.append(f"| {r['method']} | {_fmt(r['train_s_per_slide'])} | {_fmt(r['infer_s_per_slide'])} | " + " | ".join(mem) + " |")
     return "\n".join(lines)
 
 
 def _methods(methods: Sequence[str]) -> list[str]:
-    from hist_st.experiments.accuracy import _check_methods
 
     return _check_methods(methods)
 
@@ -370,29 +351,25 @@ def run_efficiency(
     """
     from tqdm.auto import tqdm
 
-    from hist_st.jsonio import write_json
 
     methods = _methods(methods)
     device = _resolve_device(device)
     if cohort is not None:
-        from hist_st.train.data import list_slides
-        from hist_st.train.folds import make_folds
 
         ids = [p.stem for p in list_slides(cohort)]
         f0 = make_folds(ids, folds, seed)[0]
-        from hist_st.experiments.accuracy import build_config
 
         data: dict[str, Any] = {"cohort": str(cohort), "train": f0["train"], "test": f0["test"], "genes": genes,
-                                "embedding": build_config(None, overrides).embedding}  # fmt: skip
+                                "embedding": build_config(None, overrides).embedding}
         where = f"{Path(cohort).name}, fold 0 of {folds} (seed {seed}), genes {genes}"
     else:
         data = {"synthetic": {"n_train": n_train, "n_test": n_test, "n_spots": n_spots, "n_genes": n_genes,
-                              "embed_dim": 64, "seed": seed}}  # fmt: skip
+                              "embed_dim": 64, "seed": seed}}
         where = f"synthetic: {n_train} training + {n_test} test slides of ~{n_spots} spots, {n_genes} genes"
     records = []
     for m in tqdm(methods, desc="efficiency", unit="method", disable=not progress):
         spec = {"method": m, "data": data, "epochs": epochs, "overrides": list(overrides), "seed": seed,
-                "baseline_options": dict((baseline_options or {}).get(m, {})), "device": device, "threads": threads}  # fmt: skip
+                "baseline_options": dict((baseline_options or {}).get(m, {})), "device": device, "threads": threads}
         records.append(run_worker(spec, timeout))
     names = [r.get("device_name") for r in records if r.get("device_name")]
     dev = names[0] if names else device
@@ -403,12 +380,12 @@ def run_efficiency(
               "train time per slide per epoch, inference time per slide (after one warm-up slide); memory "
               + ("CUDA peak allocated/reserved" if device.startswith("cuda") else "resident set size (RSS) of "
                  "a separate process per method; ΔRSS = peak minus RSS before the fit/predict")
-              + "; GB/1k = per 1,000 spots of the largest training slide.")  # fmt: skip
+              + "; GB/1k = per 1,000 spots of the largest training slide.")
     (out / "table.md").write_text(header + "\n\n" + table + "\n")
     result = {"records": records, "table": table, "device": dev, "where": where, "epochs": epochs,
               "out_dir": str(out), "header": header, "methods": list(methods), "overrides": list(overrides),
               "threads": threads, "command": command, "baseline_options": timed_options(baseline_options),
-              "inputs": efficiency_inputs(cohort, genes, folds, seed)}  # fmt: skip
+              "inputs": efficiency_inputs(cohort, genes, folds, seed)}
     write_json(result, out / "efficiency.json")
     return result
 
@@ -435,14 +412,21 @@ def run_scaling(
     the same synthetic slides and the same log-log axes. A method that fails or times out at one size is
     not run at larger sizes of that axis.
 
+    Args:
+        out_dir: Output folder.
+        methods: Methods to time (`hist_st.methods`).
+        spots, genes_list: Sizes along the spots axis and along the genes axis.
+        fixed_genes, fixed_spots: Genes while spots vary; spots while genes vary.
+        n_train, epochs, seed: Synthetic training slides, timed epochs and seed.
+        overrides, baseline_options: HiST config overrides and per-baseline options.
+        device, threads, timeout, progress: Where and how each worker process runs.
+
     Returns:
         ``{"records": [...], "figure": path, "out_dir": str}``; ``scaling.json`` and ``scaling.png`` in
         ``out_dir``.
     """
     from tqdm.auto import tqdm
 
-    from hist_st.experiments.figures import plot_scaling
-    from hist_st.jsonio import write_json
 
     methods = _methods(methods)
     device = _resolve_device(device)
@@ -457,10 +441,10 @@ def run_scaling(
             if (m, axis) in failed:
                 continue
             data = {"synthetic": {"n_train": n_train, "n_test": 1, "n_spots": n, "n_genes": g, "embed_dim": 64,
-                                  "seed": seed}}  # fmt: skip
+                                  "seed": seed}}
             spec = {"method": m, "data": data, "epochs": epochs, "overrides": list(overrides), "seed": seed,
                     "baseline_options": dict((baseline_options or {}).get(m, {})), "device": device,
-                    "threads": threads}  # fmt: skip
+                    "threads": threads}
             rec = run_worker(spec, timeout)
             rec.update(axis=axis, target_spots=n, n_genes=g)
             rec.setdefault("n_spots", n)
@@ -477,7 +461,7 @@ def run_scaling(
               "overrides": list(overrides), "threads": threads, "seed": seed,
               "baseline_options": timed_options(baseline_options),
               "options": {"spots": [int(n) for n in spots], "genes_list": [int(g) for g in genes_list],
-                          "timeout": timeout}}  # fmt: skip
+                          "timeout": timeout}}
     write_json(result, out / "scaling.json")
     return result
 

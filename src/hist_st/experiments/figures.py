@@ -89,11 +89,11 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
     for c, (axis, phase) in enumerate(cols):
         xkey = "n_spots" if axis == "spots" else "n_genes"
         for r, (key, ylabel) in enumerate(((f"{phase}_s_per_slide", f"{phase} s/slide"),
-                                           (f"{phase}_mem_gb", f"{phase} memory GB (CPU: ΔRSS)"))):  # fmt: skip
+                                           (f"{phase}_mem_gb", f"{phase} memory GB (CPU: ΔRSS)"))):
             ax = axes[r, c]
             for m in methods:
                 pts = sorted((rec[xkey], rec[key]) for rec in records if rec["method"] == m and rec["axis"] == axis
-                             and rec.get(key) is not None and rec[key] > 0)  # fmt: skip
+                             and rec.get(key) is not None and rec[key] > 0)
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, marker="o", lw=1.5, color=colour[m], label=m)

@@ -9,9 +9,8 @@ Steps (each skipped when its results already exist under ``runs_dir``, unless ``
 5. Table 6 and Figure 4 (`run_token_analysis`) from the first gene set's HiST fold models;
 6. a gene figure (`plot_genes`) for a test slide of fold 0.
 
-The Markdown quotes the exact command, the package versions, the device and the time of each step, and
-states for each goal whether it is met and by how much it is missed. Figures are copied beside it into
-``docs/results/<name>/``.
+The Markdown quotes the exact command, the package versions, the device and the time of each step.
+Figures are copied beside it into ``docs/results/<name>/``.
 """
 
 from __future__ import annotations
@@ -20,44 +19,23 @@ import datetime as _dt
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hist_st.cohort import CohortManifest, GeneSet
 from hist_st.errors import InputError
+from hist_st.experiments.ablation import run_ablation
+from hist_st.experiments.accuracy import build_config, per_gene_rows, run_accuracy
+from hist_st.experiments.efficiency import efficiency_inputs, run_efficiency, run_scaling, timed_options
+from hist_st.experiments.figures import plot_genes
+from hist_st.experiments.stain import run_stain
+from hist_st.experiments.tokens import run_token_analysis
+from hist_st.jsonio import read_json, to_jsonable
+from hist_st.metrics import format_table
+from hist_st.runtime import package_versions
 
-__all__ = ["build_report", "goal_lines"]
-
-
-def _mean(summary: Mapping[str, Any], proto: str, key: str) -> float | None:
-    v = summary.get(proto, {}).get(key, {}).get("mean")
-    return None if v is None else float(v)
-
-
-def goal_lines(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """For one accuracy table: is HiST at or above every other method on per-gene and pooled PCC?
-
-    Args:
-        methods: Display name -> fold summary (as in ``accuracy.json``).
-
-    Returns:
-        Markdown bullet lines, one per (baseline, metric), saying "met" with the margin or "missed by".
-    """
-    hist = methods.get("HiST")
-    if hist is None:
-        return ["- HiST was not run."]
-    out = []
-    for name, s in methods.items():
-        if name == "HiST":
-            continue
-        for proto, key, label in (("per_gene", "pcc", "mean per-gene PCC"), ("pooled", "pcc", "pooled PCC")):
-            h, b = _mean(hist, proto, key), _mean(s, proto, key)
-            if h is None or b is None:
-                out.append(f"- HiST vs {name}, {label}: n/a")
-                continue
-            d = h - b
-            verdict = f"**met** (+{d:.3f})" if d >= 0 else f"**missed by {-d:.3f}**"
-            out.append(f"- HiST {h:.3f} vs {name} {b:.3f} on {label}: {verdict}")
-    return out
+__all__ = ["ReportSpec", "build_report"]
 
 
 def _copy(src: str | Path, dest_dir: Path, name: str | None = None) -> str:
@@ -69,7 +47,6 @@ def _copy(src: str | Path, dest_dir: Path, name: str | None = None) -> str:
 
 def _top_genes(run_dir: Path, n: int = 3) -> list[str]:
     """The HiST genes with the highest mean per-gene PCC (for display), from the fold metrics."""
-    from hist_st.experiments.accuracy import per_gene_rows
 
     rows = [r for r in per_gene_rows(run_dir) if r["method"] == "HiST" and r["pcc_mean"] is not None]
     rows.sort(key=lambda r: -r["pcc_mean"])
@@ -79,7 +56,6 @@ def _top_genes(run_dir: Path, n: int = 3) -> list[str]:
 def _rows_minutes(run_dir: Path) -> tuple[float, int]:
     """Total recorded HiST train + predict minutes over the row run directories under ``run_dir``, and the
     number of rows (reused rows were trained elsewhere and are not counted)."""
-    from hist_st.jsonio import read_json
 
     secs = [read_json(p).get("seconds", {}).get("HiST", 0.0) for p in sorted(run_dir.glob("*/metrics.json"))]
     return sum(secs) / 60, len(secs)
@@ -91,50 +67,24 @@ def _efficiency_lines(eff: Mapping[str, Any]) -> list[str]:
     recs = {r["method"]: r for r in eff["records"] if "error" not in r}
     if "hist" in recs and "stflow" in recs:
         sp = recs["stflow"]["infer_s_per_slide"] / max(recs["hist"]["infer_s_per_slide"], 1e-12)
-        lines.append(f"HiST inference is **{sp:.1f}x** faster than STFlow per slide "
-                     f"({'meets' if sp >= 10 else 'misses'} the 10x goal) at {recs['hist']['n_genes']} genes.\n")  # fmt: skip
+        lines.append(f"HiST inference is **{sp:.1f}x** faster than STFlow per slide at {recs['hist']['n_genes']} "
+                     "genes.\n")
     return lines
 
 
-def build_report(
-    name: str,
-    cohort: str | Path,
-    *,
-    docs_dir: str | Path = "docs/results",
-    runs_dir: str | Path | None = None,
-    methods: Sequence[str] = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow"),
-    gene_sets: Sequence[str] = ("hvg:2000", "he:250"),
-    folds: int = 4,
-    seed: int = 0,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
-    ablations: Sequence[str] | None = None,
-    ablation_epochs: int | None = None,
-    efficiency: bool = True,
-    efficiency_epochs: int = 2,
-    efficiency_also: Sequence[str | Path] = (),
-    reuse_from: Sequence[str | Path] = (),
-    scaling: bool = False,
-    scaling_options: Mapping[str, Any] | None = None,
-    macenko: str | Path | None = None,
-    token_groups: Sequence[str] = ("patient",),
-    device: str = "auto",
-    command: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Run every experiment on ``cohort`` and write ``docs_dir/<name>.md`` (see the module docstring).
+@dataclass(frozen=True)
+class ReportSpec:
+    """Everything `build_report` runs, in one record.
 
-    Args:
+    Attributes:
         name: Report name (file stem).
         cohort: Prepared cohort folder.
         docs_dir: Where the Markdown and its figure folder go.
         runs_dir: Where the experiment run directories go (default ``runs/report-<name>``).
         methods: Methods of Tables 1 and 2.
-        gene_sets: Gene specs of Table 2 (the first is used by Tables 1, 3, 5, 6).
+        gene_sets: Gene-set specs of Table 2 (the first is used by Tables 1, 3, 5, 6).
         folds, seed, config, overrides, baseline_options: As in `run_accuracy`.
-        ablations: Table 3 rows (default all; ``[]`` skips Table 3).
+        ablations: Table 3 rows (None: all; ``()`` skips Table 3).
         ablation_epochs: Epochs of every Table 3 row (default: the same as Table 2). The report states it.
         efficiency: Produce Table 1. ``efficiency_epochs``: epochs timed per method.
         efficiency_also: `run_efficiency` output folders measured elsewhere (e.g. on a GPU machine), shown
@@ -147,19 +97,54 @@ def build_report(
         device: Device for the efficiency measurements.
         command: The command line quoted in the report.
         force: Recompute steps whose results exist.
+        progress: Progress bars.
+    """
+
+    name: str
+    cohort: str | Path
+    docs_dir: str | Path = "docs/results"
+    runs_dir: str | Path | None = None
+    methods: Sequence[str] = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow")
+    gene_sets: Sequence[str] = ("hvg:2000", "he:250")
+    folds: int = 4
+    seed: int = 0
+    config: str | Path | None = None
+    overrides: Sequence[str] = ()
+    baseline_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    ablations: Sequence[str] | None = None
+    ablation_epochs: int | None = None
+    efficiency: bool = True
+    efficiency_epochs: int = 2
+    efficiency_also: Sequence[str | Path] = ()
+    reuse_from: Sequence[str | Path] = ()
+    scaling: bool = False
+    scaling_options: Mapping[str, Any] = field(default_factory=dict)
+    macenko: str | Path | None = None
+    token_groups: Sequence[str] = ("patient",)
+    device: str = "auto"
+    command: str | None = None
+    force: bool = False
+    progress: bool = True
+
+
+def build_report(spec: ReportSpec) -> Path:
+    """Run every experiment of ``spec`` on its cohort and write ``docs_dir/<name>.md`` (see the module docstring).
+
+    Args:
+        spec: What to run and where (`ReportSpec`).
 
     Returns:
         The Markdown path.
     """
-    from hist_st.experiments.ablation import run_ablation
-    from hist_st.experiments.accuracy import build_config, gene_spec_label, run_accuracy
-    from hist_st.experiments.efficiency import efficiency_inputs, run_efficiency, run_scaling, timed_options
-    from hist_st.experiments.figures import plot_genes
-    from hist_st.experiments.stain import run_stain
-    from hist_st.experiments.tokens import run_token_analysis
-    from hist_st.jsonio import read_json, to_jsonable
-    from hist_st.train.checkpoint import package_versions
-
+    name, cohort, methods, gene_sets = spec.name, Path(spec.cohort), list(spec.methods), list(spec.gene_sets or ())
+    folds, seed, config, overrides, force = spec.folds, spec.seed, spec.config, list(spec.overrides), spec.force
+    baseline_options, device, progress = dict(spec.baseline_options or {}), spec.device, spec.progress
+    command = spec.command
+    ablations, ablation_epochs, macenko = spec.ablations, spec.ablation_epochs, spec.macenko
+    efficiency, efficiency_epochs, efficiency_also = spec.efficiency, spec.efficiency_epochs, spec.efficiency_also
+    scaling, scaling_options, reuse_from = spec.scaling, dict(spec.scaling_options or {}), spec.reuse_from
+    token_groups = spec.token_groups
+    docs_dir, runs_dir = spec.docs_dir, spec.runs_dir
     if not gene_sets:
         raise InputError("--genes", "give at least one gene set")
     cohort = Path(cohort)
@@ -184,13 +169,13 @@ def build_report(
     # 1. Table 2 ----------------------------------------------------------------------------------------
     acc: dict[str, Any] = {}
     for spec in gene_sets:
-        d = runs / f"accuracy-{gene_spec_label(spec)}"
+        d = runs / f"accuracy-{GeneSet.parse(spec).label}"
         acc[spec] = step(f"Table 2 ({spec})",
                          lambda d=d, spec=spec: run_accuracy([cohort], d, methods=methods, genes=spec, folds=folds,
                                                              seed=seed, config=config, overrides=overrides,
                                                              baseline_options=baseline_options, progress=progress,
                                                              reuse=not force, reuse_from=reuse_from,
-                                                             command=command))  # fmt: skip
+                                                             command=command))
     first = gene_sets[0]
     cohort_key = next(iter(acc[first]["cohorts"]))
     first_run = Path(acc[first]["cohorts"][cohort_key]["run_dir"])
@@ -208,7 +193,7 @@ def build_report(
                    done=runs / "efficiency" / "efficiency.json",
                    same={"methods": list(methods), "epochs": efficiency_epochs, "overrides": list(overrides),
                          "baseline_options": timed_options(baseline_options), "threads": threads,
-                         "inputs": efficiency_inputs(cohort, first, folds, seed)})  # fmt: skip
+                         "inputs": efficiency_inputs(cohort, first, folds, seed)})
     if scaling:
         sca = step("Figure 3",
                    lambda: run_scaling(runs / "scaling", methods=methods, overrides=overrides, seed=seed,
@@ -217,7 +202,7 @@ def build_report(
                    done=runs / "scaling" / "scaling.json",
                    same={"methods": list(methods), "overrides": list(overrides), "threads": threads, "seed": seed,
                          "epochs": int((scaling_options or {}).get("epochs", 1)),
-                         "baseline_options": timed_options(baseline_options), "options": dict(scaling_options or {})})  # fmt: skip
+                         "baseline_options": timed_options(baseline_options), "options": dict(scaling_options or {})})
 
     # 3. Table 3 -------------------------------------------------------------------------------------------
     abl = None
@@ -226,7 +211,7 @@ def build_report(
         abl = step("Table 3",
                    lambda: run_ablation(cohort, runs / "ablation", names=ablations, genes=first, folds=folds,
                                         seed=seed, config=config, overrides=ablation_overrides, skip_done=not force,
-                                        equivalent=None if force else {"full": first_run}, progress=progress))  # fmt: skip
+                                        equivalent=None if force else {"full": first_run}, progress=progress))
 
     # 4. Table 5 -------------------------------------------------------------------------------------------
     stn = None
@@ -236,13 +221,13 @@ def build_report(
                                      config=config, overrides=overrides, skip_done=not force,
                                      equivalent=None if force else {"token-only": first_run,
                                                                     "neither": runs / "ablation" / "no-token"},
-                                     progress=progress))  # fmt: skip
+                                     progress=progress))
 
     # 5. Table 6 / Figure 4 ----------------------------------------------------------------------------------
     tok = None
     if "hist" in methods:
         tok = step("Table 6",
-                   lambda: run_token_analysis(first_run, cohort, runs / "tokens", group_by=token_groups))  # fmt: skip
+                   lambda: run_token_analysis(first_run, cohort, runs / "tokens", group_by=token_groups))
 
     # 6. gene figure ---------------------------------------------------------------------------------------
     gene_fig = None
@@ -252,54 +237,51 @@ def build_report(
         if genes:
             truth = cohort / f"{pred_files[0].stem}.h5ad"
             gene_fig = step("gene figure", lambda: plot_genes(pred_files[0], genes, runs / "genes.png",
-                                                             truth=truth if truth.is_file() else None))  # fmt: skip
+                                                             truth=truth if truth.is_file() else None))
 
     # Markdown ---------------------------------------------------------------------------------------------
     versions = package_versions()
     md.append(f"# HiST results: {name}\n")
     md.append("Generated by:\n\n```\n" + (command or f"hist-st report --name {name} --cohort {cohort}") + "\n```\n")
     md.append(f"Date: {_dt.datetime.now().isoformat(timespec='seconds')}. Cohort: `{cohort}`. Runs: `{runs}`. "
-              f"Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")  # fmt: skip
+              f"Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")
     for label, path in (("Cohort", cohort), ("Macenko copy", macenko)):
-        man = Path(path) / "cohort.json" if path is not None else None
-        if man is not None and man.is_file():
-            m = read_json(man)
+        m = CohortManifest.read(path) if path is not None else None
+        if m is not None:
             patch = m.get("patch") or {}
             md.append(f"{label} `{path}`: {len(m.get('slide_ids', []))} slides ({', '.join(m.get('slide_ids', []))}), "
                       f"technology {m.get('technology')}, encoder(s) {', '.join(m.get('encoders', []))}, patches "
                       f"{patch.get('size_px')} px at {patch.get('um_per_px')} um/px, stain normalisation "
-                      f"{m.get('stain_norm') or 'none'}.\n")  # fmt: skip
+                      f"{m.get('stain_norm') or 'none'}.\n")
     md.append("Step times (this invocation; reused steps take ~0 s): "
-              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".\n")  # fmt: skip
+              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".\n")
     md.append("## Table 2: accuracy\n")
     md.append("Protocols: **pooled** = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
               "metric, dominated by between-gene mean differences); **per-gene** = log1p Pearson/R2 per gene over "
               f"all test spots (HEST metric). Mean ± std over {folds} folds by slide (seed {seed}); every method "
               "on the same folds, genes, targets and embeddings. HiST is evaluated at its final epoch; nothing "
-              "is tuned on test folds.\n")  # fmt: skip
+              "is tuned on test folds.\n")
     md.append(f"HiST: {base_cfg.epochs} epochs, AdamW lr {base_cfg.lr:g}, weight decay {base_cfg.weight_decay:g}, "
-              f"{base_cfg.slides_per_step} slide per step, configuration in each run's `config.yaml`.\n")  # fmt: skip
+              f"{base_cfg.slides_per_step} slide per step, configuration in each run's `config.yaml`.\n")
     used = {src for a in acc.values() for c in a["cohorts"].values() for src in c.get("reused_from", {}).values()}
     unused = [str(Path(d)) for d in reuse_from if str(Path(d)) not in used]
     if unused:
         md.append("Not used by Table 2 (no method there with the same cohort, folds, genes and options): "
-                  + ", ".join(f"`{d}`" for d in unused) + ".\n")  # fmt: skip
+                  + ", ".join(f"`{d}`" for d in unused) + ".\n")
     if baseline_options:
         opts = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for m, o in baseline_options.items())
-        md.append(f"Baseline options given on the command line (every other setting is the method's published "
-                  f"default, see `hist_st.baselines`): {opts}.\n")  # fmt: skip
+        md.append(f"Method options given on the command line (every other setting is the method's published "
+                  f"default, see `hist_st.methods`): {opts}.\n")
     for spec in gene_sets:
         a = acc[spec]
         for cname, c in a["cohorts"].items():
             md.append(f"### {cname}, genes {spec} ({c.get('n_genes')} genes)\n")
-            from hist_st.metrics import format_table
 
             md.append(format_table(c["methods"]) + "\n")
-            md.append("Goals (HiST at or above every baseline):\n\n" + "\n".join(goal_lines(c["methods"])) + "\n")
             secs = c.get("seconds", {})
             if secs:
                 md.append("Wall time over all folds (train + predict): "
-                          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items()) + ".\n")  # fmt: skip
+                          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items()) + ".\n")
             by_device: dict[str, list[str]] = {}
             for method, dev in c.get("devices", {}).items():
                 by_device.setdefault(dev or "not recorded", []).append(method)
@@ -310,9 +292,9 @@ def build_report(
                 how = read_json(src_rec).get("command") if src_rec.is_file() else None
                 md.append(f"Row `{method}` copied from a separate run with the same cohort, folds, genes and "
                           f"options, not trained by this command: `{src}`"
-                          + (f", made by `{how}`" if how else "") + ".\n")  # fmt: skip
+                          + (f", made by `{how}`" if how else "") + ".\n")
             md.append(f"Per-fold JSON: `{c['run_dir']}/fold_<i>/metrics.json`; per-gene CSV: "
-                      f"`{Path(c['run_dir']).parent / 'per_gene.csv'}`.\n")  # fmt: skip
+                      f"`{Path(c['run_dir']).parent / 'per_gene.csv'}`.\n")
     if eff is not None or efficiency_also:
         md.append("## Table 1: efficiency\n")
     if eff is not None:
@@ -326,17 +308,17 @@ def build_report(
     if sca is not None:
         md.append("## Figure 3: scaling\n")
         md.append(f"Synthetic slides on {sca['device']}: spots varied at {sca['fixed_genes']} genes, genes varied at "
-                  f"{sca['fixed_spots']} spots; {sca['epochs']} epoch(s); log-log axes.\n")  # fmt: skip
+                  f"{sca['fixed_spots']} spots; {sca['epochs']} epoch(s); log-log axes.\n")
         failed = [f"{r['method']} ({r['axis']} axis, {r.get('n_spots')} spots, {r['n_genes']} genes: {r['error']})"
-                  for r in sca["records"] if "error" in r]  # fmt: skip
+                  for r in sca["records"] if "error" in r]
         if failed:
             md.append("Not on the figure (failed or over the time limit; larger sizes of that axis were not tried): "
-                      + "; ".join(failed) + ".\n")  # fmt: skip
+                      + "; ".join(failed) + ".\n")
         md.append(f"![Figure 3]({name}/{_copy(sca['figure'], fig_dir, 'scaling.png')})\n")
     if abl is not None:
         md.append("## Table 3: ablations\n")
         md.append(f"Every row of this table trains for {ablation_epochs or base_cfg.epochs} epochs "
-                  f"(Table 2: {base_cfg.epochs}).\n")  # fmt: skip
+                  f"(Table 2: {base_cfg.epochs}).\n")
         md.append((runs / "ablation" / "table.md").read_text() + "\n")
         mins, n = _rows_minutes(runs / "ablation")
         md.append(f"Compute: {n} rows trained here, {mins:.0f} min of recorded train + predict wall time in all.\n")
@@ -354,7 +336,7 @@ def build_report(
         md.append("## Gene maps (appendix C)\n")
         md.append(f"Slide `{pred_files[0].stem}` (test slide of fold 0), genes with the highest HiST per-gene PCC "
                   f"(chosen after evaluation, for display only): measured and predicted expression over the H&E, "
-                  f"library-size normalised (log1p of counts per 10k over the predicted genes).\n")  # fmt: skip
+                  f"library-size normalised (log1p of counts per 10k over the predicted genes).\n")
         md.append(f"![genes]({name}/{_copy(gene_fig, fig_dir, 'genes.png')})\n")
     curves = first_run / "loss_curves.png"
     if curves.is_file():

@@ -1,6 +1,6 @@
 """When may an experiment reuse an earlier run instead of training again?
 
-A cross-validation run directory (written by `hist_st.train.cv.run_cv`) records what made it:
+A cross-validation run directory (written by `hist_st.evaluate.run_cv`) records what made it:
 ``config.yaml``, ``splits.json`` (with the cohort folder) and ``genes.txt``. An earlier run stands in for
 a new one only when all three are the same; otherwise the experiment trains again. Two uses:
 
@@ -14,13 +14,17 @@ a new one only when all three are the same; otherwise the experiment trains agai
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hist_st.evaluate import PROTOCOLS, Plan, run_cv
 from hist_st.jsonio import read_json, to_jsonable, write_json
+from hist_st.methods import HiSTMethod
+from hist_st.metrics import format_table
+from hist_st.train.config import config_to_dict, load_config
 
-__all__ = ["config_signature", "same_folds", "same_run", "reused_note", "reusable_methods", "merge_runs"]
+__all__ = ["config_signature", "same_folds", "same_run", "reused_note", "reusable_methods", "merge_runs", "hist_rows"]
 
 #: Config keys that change how a run is shown, not what it computes.
 _COSMETIC = ("progress", "num_workers", "checkpoint_every")
@@ -29,7 +33,6 @@ _COSMETIC = ("progress", "num_workers", "checkpoint_every")
 def config_signature(cfg: Any) -> dict[str, Any]:
     """A `TrainConfig` (or its dict) as a comparable dict, without cosmetic keys and the gene selection
     (genes are compared through ``genes.txt``)."""
-    from hist_st.train.config import config_to_dict
 
     d = dict(cfg) if isinstance(cfg, Mapping) else config_to_dict(cfg)
     for k in (*_COSMETIC, "genes"):
@@ -62,7 +65,6 @@ def same_run(
     run_dir: str | Path, cfg: Any, folds: Sequence[Mapping[str, Any]], genes: Sequence[str], cohort: str | Path
 ) -> bool:
     """True when ``run_dir`` is a finished `run_cv` run of ``cfg`` on ``cohort`` with these folds and genes."""
-    from hist_st.train.config import load_config
 
     run_dir = Path(run_dir)
     if not ((run_dir / "metrics.json").is_file() and (run_dir / "config.yaml").is_file()):
@@ -144,4 +146,55 @@ def merge_runs(run_dir: str | Path, merged: Mapping[str, Any], kept_folds: Mappi
     rec = read_json(top) if top.is_file() else {}
     for key in ("methods", "seconds"):
         rec[key] = {**rec.get(key, {}), **merged[key]}
+    folds = sorted((read_json(p) for p in run_dir.glob("fold_*/metrics.json")), key=lambda f: int(f["fold"]))
+    rec["folds"] = [{"fold": f["fold"], **{m: {"pooled": v["pooled"], "per_gene_pcc": v["per_gene"]["pcc"]}
+                                           for m, v in f["metrics"].items()}} for f in folds]
     write_json(rec, top)
+    (run_dir / "table.md").write_text(f"{PROTOCOLS} Mean ± std over {len(folds)} folds.\n\n"
+                                      + format_table(rec["methods"]) + "\n")
+
+
+def hist_rows(
+    out: str | Path,
+    rows: Mapping[str, tuple[Any, Callable[[], Plan], str | Path]],
+    *,
+    folds: Sequence[Mapping[str, Any]],
+    genes: Sequence[str],
+    name: str,
+    skip_done: bool = True,
+    equivalent: Mapping[str, str | Path] | None = None,
+    dist_info: Any = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The HiST rows of an experiment table (Table 3 or 5), each trained only when needed.
+
+    A row is kept when ``out/<row>/metrics.json`` exists (``skip_done``), taken from ``equivalent[row]`` when
+    that `run_cv` folder was trained identically (`same_run`), else trained: ``run_cv(plan, [HiST])``.
+
+    Args:
+        out: The experiment folder: ``<row>/`` run folders, ``<name>.json`` (summaries), ``reused.json``.
+        rows: Row -> ``(TrainConfig, plan, cohort)``; ``plan()`` gives the row's `Plan` (called only when the
+            row is trained), ``cohort`` is compared with ``equivalent``'s.
+        folds, genes: The folds and genes every row shares.
+        name: File name of the summaries (``ablation``, ``stain``).
+        skip_done, equivalent, dist_info, progress: As above and in `hist_st.evaluate.run_cv`.
+
+    Returns:
+        ``(summaries, reused)``: row -> HiST's `summarise_folds` record; row -> the folder it was taken from.
+    """
+    out = Path(out)
+    summaries: dict[str, Any] = {}
+    reused: dict[str, str] = {}
+    for row, (cfg, plan, cohort) in rows.items():
+        run_dir = out / row
+        source = (equivalent or {}).get(row)
+        if skip_done and (run_dir / "metrics.json").is_file():
+            summaries[row] = read_json(run_dir / "metrics.json")["methods"]["HiST"]
+        elif source is not None and same_run(source, cfg, folds, genes, cohort):
+            summaries[row], reused[row] = read_json(Path(source) / "metrics.json")["methods"]["HiST"], str(source)
+        else:
+            res = run_cv(plan(), [HiSTMethod(cfg, dist_info=dist_info)], run_dir, seed=cfg.seed,
+                         write_predictions=False, dist_info=dist_info, progress=progress)
+            summaries[row] = res["methods"]["HiST"]
+    write_json(reused, out / "reused.json")
+    return read_json(write_json(summaries, out / f"{name}.json")), reused

@@ -33,14 +33,16 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.jsonio import write_json
+from hist_st.experiments.accuracy import DISPLAY, run_accuracy
+from hist_st.jsonio import read_json, write_json
 from hist_st.metrics import STD_DDOF
+from hist_st.train.folds import load_folds
 
 __all__ = ["METRICS", "run_accuracy_seeds", "seed_summary", "paired_differences", "format_seed_tables"]
 
 #: (protocol, key, column label) of the metrics summarised over seeds.
 METRICS = (("pooled", "r2", "pooled R2"), ("pooled", "pcc", "pooled PCC"), ("per_gene", "pcc", "per-gene PCC"),
-           ("per_gene", "r2", "per-gene R2"))  # fmt: skip
+           ("per_gene", "r2", "per-gene R2"))
 
 
 def _values(per_seed: Sequence[Mapping[str, Any]], method: str, proto: str, key: str) -> np.ndarray:
@@ -59,7 +61,7 @@ def seed_summary(values: np.ndarray) -> dict[str, Any]:
     seed_means = values.mean(1)
     return {"mean": float(fold_means.mean()), "std": float(fold_means.std(ddof=STD_DDOF)),
             "seed_std": float(seed_means.std(ddof=STD_DDOF)), "fold_means": fold_means.tolist(),
-            "seed_means": seed_means.tolist(), "values": values.tolist()}  # fmt: skip
+            "seed_means": seed_means.tolist(), "values": values.tolist()}
 
 
 def paired_differences(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
@@ -76,7 +78,7 @@ def paired_differences(reference: np.ndarray, other: np.ndarray) -> dict[str, An
     per_fold = d.mean(0)
     return {"mean": float(per_fold.mean()), "std": float(per_fold.std(ddof=STD_DDOF)),
             "seed_std": float(d.mean(1).std(ddof=STD_DDOF)), "per_fold": per_fold.tolist(),
-            "folds_ahead": int((per_fold >= 0).sum()), "n_folds": int(d.shape[1])}  # fmt: skip
+            "folds_ahead": int((per_fold >= 0).sum()), "n_folds": int(d.shape[1])}
 
 
 def _cell(stat: Mapping[str, Any]) -> str:
@@ -103,13 +105,13 @@ def format_seed_tables(cohort: str, rec: Mapping[str, Any], reference: str | Non
     sep = "|---" * (len(METRICS) + 1) + "|"
     lines = [f"### {cohort}: mean over training seeds {seeds}", "",
              "Cell: mean ± std over folds of the per-fold mean over seeds (seeds ± std over seeds of the "
-             "fold mean).", "", head, sep]  # fmt: skip
+             "fold mean).", "", head, sep]
     for method, stats in rec["methods"].items():
         lines.append(f"| {method} | " + " | ".join(_cell(stats[label]) for _, _, label in METRICS) + " |")
     if reference is not None and rec.get("paired"):
         lines += ["", f"Paired per-fold differences, {reference} minus method: mean ± std over folds of the "
                   "seed-mean difference (seeds ± std over seeds of the fold-mean difference; folds where "
-                  f"{reference} is at or above the method).", "", head, sep]  # fmt: skip
+                  f"{reference} is at or above the method).", "", head, sep]
         for method, diffs in rec["paired"].items():
             lines.append(f"| {method} | " + " | ".join(_diff_cell(diffs[label]) for _, _, label in METRICS) + " |")
     return "\n".join(lines) + "\n"
@@ -127,8 +129,6 @@ def paired_with_runs(
     Raises:
         InputError: When a folder is not a seeds run, lacks the cohort or method, or used other seeds/folds.
     """
-    from hist_st.jsonio import read_json
-    from hist_st.train.folds import load_folds
 
     def fold_sets(path: Path) -> list[tuple[frozenset[str], frozenset[str]]]:
         return [(frozenset(f["train"]), frozenset(f["test"])) for f in load_folds(path)]
@@ -159,7 +159,7 @@ def _paired_with_table(method: str, paired: Mapping[str, Any]) -> str:
     head = "| Other run | " + " | ".join(label for _, _, label in METRICS) + " |"
     lines = ["", f"Paired per-fold differences, {method} of this run minus {method} of another run (this run's "
              "seeds, same folds): mean ± std over folds of the seed-mean difference (seeds ± std over seeds; folds "
-             "where this run is at or above the other).", "", head, "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
+             "where this run is at or above the other).", "", head, "|---" * (len(METRICS) + 1) + "|"]
     for other, diffs in paired.items():
         lines.append(f"| `{other}` | " + " | ".join(_diff_cell(diffs[label]) for _, _, label in METRICS) + " |")
     return "\n".join(lines) + "\n"
@@ -199,7 +199,6 @@ def run_accuracy_seeds(
         ``{"cohorts": {name: {"seeds", "methods": {display: {label: seed_summary}}, "paired": {display:
         {label: paired_differences}}}}, "table": str, "out_dir": str, "runs": {seed: run_accuracy result}}``.
     """
-    from hist_st.experiments.accuracy import DISPLAY, run_accuracy
 
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -211,7 +210,7 @@ def run_accuracy_seeds(
     for s in seeds:
         sources = [Path(r) / f"seed_{s}" if (Path(r) / f"seed_{s}").is_dir() else Path(r) for r in reuse_from]
         runs[s] = run_accuracy(cohorts, out / f"seed_{s}", methods=methods, seed=seed, train_seed=s,
-                               reuse_from=sources, command=command, **kwargs)  # fmt: skip
+                               reuse_from=sources, command=command, **kwargs)
     first = runs[seeds[0]]
     ref = DISPLAY.get(reference, reference) if reference in first["methods"] else None
     cohorts_out: dict[str, Any] = {}
@@ -226,7 +225,7 @@ def run_accuracy_seeds(
             for m in shown:
                 if m != ref:
                     rec["paired"][m] = {label: paired_differences(_values(per_seed, ref, p, k), _values(per_seed, m, p, k))
-                                        for p, k, label in METRICS}  # fmt: skip
+                                        for p, k, label in METRICS}
         table = format_seed_tables(name, rec, ref)
         if paired_with and ref is not None:
             rec["paired_with"] = paired_with_runs(rec, out, name, paired_with, ref)
@@ -237,5 +236,5 @@ def run_accuracy_seeds(
     (out / "table.md").write_text(table)
     write_json({"cohorts": cohorts_out, "seeds": seeds, "fold_seed": seed, "methods": list(methods),
                 "reference": ref, "command": command,
-                "runs": {str(s): str(out / f"seed_{s}") for s in seeds}}, out / "seeds.json")  # fmt: skip
+                "runs": {str(s): str(out / f"seed_{s}") for s in seeds}}, out / "seeds.json")
     return {"cohorts": cohorts_out, "table": table, "out_dir": str(out), "runs": runs}

@@ -1,7 +1,7 @@
 """Table 5: calibration token vs Macenko stain normalisation, from one call.
 
 Needs the same slides prepared twice, without and with ``--stain-norm macenko`` (only the embeddings
-differ). `run_stain` can call ``hist-st prepare`` for both when given its arguments. Rows, all on the
+differ); ``hist-st stain --prepare ARGS`` prepares both first. Rows, all on the
 same folds and the same genes:
 
 - ``token-only``: HiST (calibration token) on the plain cohort (the paper's default);
@@ -18,13 +18,21 @@ run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", overrides=["
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
+from hist_st.evaluate import Plan, make_plan
+from hist_st.experiments.ablation import _fmt
+from hist_st.experiments.accuracy import build_config
+from hist_st.experiments.reuse import hist_rows, reused_note
+from hist_st.train.data import list_slides
+from hist_st.train.distributed import init_distributed
+from hist_st.train.folds import save_folds
 
-__all__ = ["STAIN_ROWS", "PAPER_TABLE5", "prepare_pair", "run_stain"]
+__all__ = ["STAIN_ROWS", "PAPER_TABLE5", "run_stain", "format_stain_table"]
 
 #: name -> (label, cohort: "plain"/"macenko", calibration token on?)
 STAIN_ROWS: dict[str, tuple[str, str, bool]] = {
@@ -37,38 +45,17 @@ STAIN_ROWS: dict[str, tuple[str, str, bool]] = {
 PAPER_TABLE5 = {"macenko-only": (0.20, 0.51), "token-only": (0.23, 0.54), "both": (0.25, 0.56)}
 
 
-def prepare_pair(prepare_args: Sequence[str], plain: str | Path, macenko: str | Path) -> None:
-    """Run ``hist-st prepare PREPARE_ARGS --out PLAIN`` and the same with ``--stain-norm macenko --out MACENKO``.
-
-    ``prepare`` is resumable, so finished slides are skipped on a rerun.
-
-    Raises:
-        InputError: When either preparation fails.
-    """
-    from hist_st.cli import main
-
-    args = list(prepare_args)
-    if any(a in ("--out", "--stain-norm") or a.startswith(("--out=", "--stain-norm=")) for a in args):
-        raise InputError("--prepare", "give the prepare arguments without --out and --stain-norm")
-    for out, extra in ((plain, ["--stain-norm", "none"]), (macenko, ["--stain-norm", "macenko"])):
-        rc = main(["prepare", *args, *extra, "--out", str(out)])
-        if rc not in (0, None):
-            raise InputError(out, f"hist-st prepare exited with status {rc}")
-
-
 def run_stain(
     plain: str | Path,
     macenko: str | Path,
     out_dir: str | Path,
     *,
     rows: Sequence[str] = ("macenko-only", "token-only", "both", "neither"),
-    prepare_args: Sequence[str] | None = None,
     genes: str = "hvg:2000",
     folds: int = 4,
     seed: int = 0,
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
-    cfg: Any = None,
     skip_done: bool = True,
     equivalent: Mapping[str, str | Path] | None = None,
     progress: bool = True,
@@ -80,8 +67,7 @@ def run_stain(
         macenko: The same slides prepared with ``--stain-norm macenko``.
         out_dir: Output: ``<row>/`` run directories, ``splits.json``, ``stain.json``, ``table.md``.
         rows: Rows to run (`STAIN_ROWS`).
-        prepare_args: When given, prepare both cohorts first (`prepare_pair`).
-        genes, folds, seed, config, overrides, cfg, progress: As in `run_accuracy`.
+        genes, folds, seed, config, overrides, progress: As in `run_accuracy`.
         skip_done: Reuse rows whose ``metrics.json`` exists.
         equivalent: Row -> an existing `run_cv` directory to take the row from when it was trained with the
             same config, cohort, folds and genes (`hist_st.experiments.reuse.same_run`): ``token-only`` is
@@ -90,15 +76,6 @@ def run_stain(
     Returns:
         ``{"summaries": {row: summarise_folds(...)}, "table": str, "out_dir": str}``.
     """
-    from hist_st.experiments.accuracy import build_config, parse_gene_spec
-    from hist_st.experiments.reuse import reused_note, same_run
-    from hist_st.jsonio import read_json, write_json
-    from hist_st.train.cv import run_cv
-    from hist_st.train.data import list_slides, load_slides, read_manifest, select_genes
-    from hist_st.train.folds import make_folds, save_folds
-
-    if prepare_args:
-        prepare_pair(prepare_args, plain, macenko)
     for r in rows:
         if r not in STAIN_ROWS:
             raise InputError("--rows", f"unknown row {r!r}; choose from {', '.join(STAIN_ROWS)}")
@@ -107,34 +84,26 @@ def run_stain(
     if ids_plain != ids_mac:
         diff = sorted(set(ids_plain) ^ set(ids_mac))
         raise InputError(macenko, f"the two cohorts hold different slides (e.g. {diff[:5]})")
-    if cfg is None:
-        cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
-    else:
-        cfg = dataclasses.replace(cfg, seed=int(seed), genes=parse_gene_spec(genes))
+    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fold_list = make_folds(ids_plain, folds, cfg.seed)
-    splits = save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, slides_dir=str(plain))
-    gene_list = select_genes(load_slides(plain), cfg.genes, read_manifest(plain))
+    plans = {"plain": make_plan(plain, cfg.genes, k=folds, seed=cfg.seed, embedding=cfg.embedding)}
+    fold_list, gene_list = plans["plain"].folds, plans["plain"].genes
+    save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, slides_dir=str(plain))
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
-    summaries: dict[str, Any] = {}
-    reused: dict[str, str] = {}
-    for name in [r for r in STAIN_ROWS if r in rows]:
-        _, which, token = STAIN_ROWS[name]
-        run_dir = out / name
-        if skip_done and (run_dir / "metrics.json").is_file():
-            summaries[name] = read_json(run_dir / "metrics.json")["methods"]["HiST"]
-            continue
-        row_cfg = cfg if token else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
-        row_cohort = plain if which == "plain" else macenko
-        src = (equivalent or {}).get(name)
-        if src is not None and same_run(src, row_cfg, fold_list, gene_list, row_cohort):
-            summaries[name], reused[name] = read_json(Path(src) / "metrics.json")["methods"]["HiST"], str(src)
-            continue
-        res = run_cv(row_cfg, row_cohort, run_dir, folds=splits, write_predictions=False, progress=progress)
-        summaries[name] = res["methods"]["HiST"]
-    summaries = read_json(write_json(summaries, out / "stain.json"))
-    write_json(reused, out / "reused.json")
+    info = init_distributed(cfg.device)
+
+    def plan_of(which: str) -> Plan:  # the Macenko copy: the same folds and genes, planned when first needed
+        if which not in plans:
+            plans[which] = make_plan(macenko, cfg.genes, folds=fold_list, embedding=cfg.embedding, seed=cfg.seed)
+        return plans[which]
+
+    no_token = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
+    table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which),
+                         plain if which == "plain" else macenko) for name, (_, which, token) in STAIN_ROWS.items()
+                  if name in rows}
+    summaries, reused = hist_rows(out, table_rows, folds=fold_list, genes=gene_list, name="stain", skip_done=skip_done,
+                                  equivalent=equivalent, dist_info=info, progress=progress)
     table = format_stain_table(summaries)
     (out / "table.md").write_text(
         f"Calibration token vs Macenko stain normalisation (Table 5): {folds}-fold, seed {seed}, "
@@ -146,16 +115,14 @@ def run_stain(
 
 def format_stain_table(summaries: dict[str, Any], digits: int = 3) -> str:
     """Markdown Table 5 with both protocols and the paper's values."""
-    from hist_st.experiments.ablation import _fmt
-
     lines = ["| Setting | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | paper R2 / PCC (Brain) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|"]
     for name, (label, _, _) in STAIN_ROWS.items():
         if name not in summaries:
             continue
         s = summaries[name]
         paper = PAPER_TABLE5.get(name)
         cells = [_fmt(s["pooled"]["r2"], digits), _fmt(s["pooled"]["pcc"], digits), _fmt(s["per_gene"]["pcc"], digits),
-                 _fmt(s["per_gene"]["r2"], digits), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "—"]  # fmt: skip
+                 _fmt(s["per_gene"]["r2"], digits), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "—"]
         lines.append(f"| {label} `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -28,6 +28,14 @@ import numpy as np
 import torch
 
 from hist_st.errors import InputError
+from hist_st.evaluate import slide_groups
+from hist_st.experiments.figures import plot_token_pca
+from hist_st.jsonio import write_json
+from hist_st.lattice import continuous_coords, to_lattice
+from hist_st.train.checkpoint import load_bundle
+from hist_st.train.data import load_slides, read_manifest
+from hist_st.train.folds import load_folds
+from hist_st.train.predict import lattice_unit_for
 
 __all__ = ["slide_token", "export_tokens", "token_metrics", "cosine_distances", "run_token_analysis"]
 
@@ -42,8 +50,6 @@ def slide_token(bundle: Any, slide: Any) -> np.ndarray:
     Raises:
         InputError: The model has no calibration token, or the slide lacks the model's embedding.
     """
-    from hist_st.lattice import continuous_coords, to_lattice
-    from hist_st.train.predict import lattice_unit_for
 
     if bundle.embedding not in slide.embeddings:
         raise InputError(f"slide {slide.slide_id!r}", f"has no embedding {bundle.embedding!r}")
@@ -83,9 +89,6 @@ def export_tokens(
     Returns:
         ``{"slide_ids": [S], "tokens": float32 [S, D], "fold": int [S], "source": str}``.
     """
-    from hist_st.train.checkpoint import load_bundle
-    from hist_st.train.data import load_slides
-    from hist_st.train.folds import load_folds
 
     run_dir = Path(run_dir)
     folds = load_folds(run_dir / "splits.json")
@@ -119,7 +122,7 @@ def export_tokens(
         ids.append(sid)
         fold_of.append(i)
     result = {"slide_ids": ids, "tokens": np.stack(vecs).astype(np.float32), "fold": np.asarray(fold_of),
-              "source": source}  # fmt: skip
+              "source": source}
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -212,8 +215,6 @@ def token_metrics(tokens: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
 
 
 def _groups_for(cohort: str | Path, slide_ids: Sequence[str], column: str) -> list[str]:
-    from hist_st.train.cv import slide_groups
-    from hist_st.train.data import load_slides, read_manifest
 
     slides = load_slides(cohort, list(slide_ids))
     manifest = read_manifest(cohort)
@@ -248,8 +249,6 @@ def run_token_analysis(
     Returns:
         ``{"metrics": {column: token_metrics(...)}, "table": str, "figures": [paths], "n_slides": S}``.
     """
-    from hist_st.experiments.figures import plot_token_pca
-    from hist_st.jsonio import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,10 +259,10 @@ def run_token_analysis(
         groups = _groups_for(cohort, tok["slide_ids"], col)
         metrics[col] = token_metrics(tok["tokens"], groups)
         figures.append(str(plot_token_pca(tok["tokens"], groups, out / f"token_pca_{col}.png",
-                                          labels=tok["slide_ids"], title=f"calibration token PCA by {col}")))  # fmt: skip
+                                          labels=tok["slide_ids"], title=f"calibration token PCA by {col}")))
     table = format_token_table(metrics)
     write_json({"metrics": metrics, "source": source, "run_dir": str(run_dir), "slide_ids": tok["slide_ids"]},
-               out / "token_metrics.json")  # fmt: skip
+               out / "token_metrics.json")
     (out / "tokens.md").write_text(
         f"Calibration-token discriminability (Table 6), tokens from {source!r} models of {run_dir}; "
         "cosine distance; leave-one-out.\n\n" + table + "\n"
@@ -284,5 +283,5 @@ def format_token_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
             f"{m['centroid_acc']:.3f} ({m['chance_majority']:.3f}) | {m['within_cos']:.3f} | {m['between_cos']:.3f} |"
         )
     notes = [f"{col}: {m['n_singletons']} of {m['n_slides']} slides are alone in their group and cannot be matched"
-             for col, m in metrics.items() if m.get("n_singletons")]  # fmt: skip
+             for col, m in metrics.items() if m.get("n_singletons")]
     return "\n".join(lines) + ("\n\n" + "; ".join(notes) + "." if notes else "")

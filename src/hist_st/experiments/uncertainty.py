@@ -61,7 +61,7 @@ def calibration(mu: np.ndarray, sigma: np.ndarray, y: np.ndarray) -> dict[str, A
     s, e = sigma.ravel(), err.ravel()
     rho = float(spearmanr(s, e).statistic) if s.std() > 0 and e.std() > 0 else float("nan")
     per_gene = [spearmanr(sigma[:, g], err[:, g]).statistic for g in range(err.shape[1])
-                if sigma[:, g].std() > 0 and err[:, g].std() > 0]  # fmt: skip
+                if sigma[:, g].std() > 0 and err[:, g].std() > 0]
     curve = {float(p): float((e <= norm.ppf(0.5 + p / 2) * s).mean()) for p in LEVELS}
     order = np.argsort(s, kind="stable")
     k = max(1, len(order) // 10)

@@ -7,7 +7,7 @@
 """
 
 from hist_st.io.anndata_reader import anndata_to_raw_slide, read_anndata
-from hist_st.io.hest import HestSample, find_hest_samples, hest_patch_centres, read_hest
+from hist_st.io.hest import HestSample, find_hest_samples, read_hest
 from hist_st.io.legacy_st import LegacySTSection, find_her2st_sections, read_her2st_section, read_legacy_st
 from hist_st.io.spaceranger import read_10x_h5, read_10x_mex, read_spaceranger, read_tissue_positions
 
@@ -17,7 +17,6 @@ __all__ = [
     "anndata_to_raw_slide",
     "find_hest_samples",
     "find_her2st_sections",
-    "hest_patch_centres",
     "read_10x_h5",
     "read_10x_mex",
     "read_anndata",

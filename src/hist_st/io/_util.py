@@ -10,6 +10,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from hist_st.errors import InputError
+from hist_st.lattice import continuous_coords, to_lattice
+from hist_st.lattice.geometry import measure_grid, neighbour_adjacency
+from hist_st.slide import DEFAULT_LATTICE_UNIT_UM
 
 
 def check_counts(counts: sp.spmatrix | np.ndarray, source: str | Path) -> sp.csr_matrix:
@@ -136,9 +139,6 @@ def attach_lattice(slide) -> None:
     ``meta['neighbour_adjacency']`` records the share of true neighbour pairs adjacent on the lattice.
     Without um per pixel or with fewer than 3 spots, the slide's own unit is used as before.
     """
-    from hist_st.lattice import continuous_coords, to_lattice
-    from hist_st.lattice.geometry import measure_grid, neighbour_adjacency
-    from hist_st.slide import DEFAULT_LATTICE_UNIT_UM
 
     source = f"slide {slide.slide_id!r}"
     geom = None

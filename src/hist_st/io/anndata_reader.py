@@ -14,6 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from hist_st.errors import InputError
+from hist_st.harmonise import harmonise_slide
 from hist_st.io._util import (
     TECHNOLOGY_PITCH_UM,
     VISIUM_SCALEFACTOR_SPOT_UM,
@@ -56,7 +57,6 @@ def anndata_to_raw_slide(
     image_scale: float | None = None,
 ) -> Slide:
     """Build a `Slide` from an in-memory AnnData of raw counts (see `read_anndata`)."""
-    from hist_st.harmonise import harmonise_slide
 
     image_scale_given = image_scale
     if "spatial" not in adata.obsm:

@@ -22,6 +22,7 @@ import numpy as np
 
 from hist_st.errors import InputError
 from hist_st.io._util import TECHNOLOGY_PITCH_UM, normalise_technology
+from hist_st.io.anndata_reader import read_anndata
 
 __all__ = [
     "HestSample",
@@ -30,7 +31,6 @@ __all__ = [
     "read_hest",
     "read_patch_index",
     "read_hest_bench_splits",
-    "hest_patch_centres",
     "hest_patient",
     "meta_value",
 ]
@@ -256,14 +256,6 @@ def read_hest_bench_splits(folder: str | Path) -> list[dict]:
     return folds
 
 
-def hest_patch_centres(
-    coords: np.ndarray, um_per_px: float, patch_px: int = 224, patch_um_per_px: float = 0.5
-) -> np.ndarray:
-    """Centres (full-res pixels) of HEST patches from their top-left ``coords`` ``[N, 2]``."""
-    half = patch_px * patch_um_per_px / um_per_px / 2.0
-    return np.asarray(coords, dtype=np.float64) + half
-
-
 def read_hest(root: str | Path, sample_id: str, *, patient: str | None = None):
     """Read one HEST-1k sample into a `Slide`.
 
@@ -275,7 +267,6 @@ def read_hest(root: str | Path, sample_id: str, *, patient: str | None = None):
     Raises:
         InputError: unreadable files, missing resolution.
     """
-    from hist_st.io.anndata_reader import read_anndata
 
     root = Path(root)
     st = root / "st" / f"{sample_id}.h5ad"

@@ -131,7 +131,7 @@ def read_legacy_st(
     }
     if um_per_px is None:
         um_per_px, how = derive_um_per_px(array_xy, pixel, ST_PITCH_UM, spots_path, labels=[f"spot {b}" for b in bc],
-                                         check_placement=True)  # fmt: skip
+                                         check_placement=True)
         meta["um_per_px_source"] = how
     else:
         meta["um_per_px_source"] = "given by the user"
@@ -182,7 +182,7 @@ def _check_duplicate_spots(spots: pd.DataFrame, path: Path) -> None:
             raise InputError(
                 path, f"spot {name} is listed {len(rows)} times with different pixel coordinates {where}; "
                 "keep one row per spot",
-            )  # fmt: skip
+            )
 
 
 def _find_image(root: Path, patient: str, section: str) -> Path | None:

@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from hist_st.errors import InputError
+from hist_st.harmonise import harmonise_slide
 from hist_st.io._util import (
     VISIUM_PITCH_UM,
     VISIUM_SCALEFACTOR_SPOT_UM,
@@ -30,6 +31,7 @@ from hist_st.io._util import (
     derive_hex_um_per_px,
 )
 from hist_st.slide import Slide
+from hist_st.wsi import PillowImage, image_size
 
 __all__ = [
     "read_spaceranger",
@@ -239,7 +241,6 @@ def _image_file(spatial_dir: Path, key: str) -> Path | None:
 
 def spatial_images(spatial_dir: str | Path) -> dict[str, np.ndarray]:
     """The ``tissue_hires_image`` / ``tissue_lowres_image`` of ``spatial/`` as uint8 RGB arrays by 10x key."""
-    from hist_st.wsi import PillowImage
 
     out = {}
     for key in IMAGE_KEYS:
@@ -287,7 +288,6 @@ def resolve_image_scale(
     Raises:
         InputError: the image is neither full resolution nor a scaled copy the scale factors describe.
     """
-    from hist_st.wsi import image_size
 
     spatial_dir = Path(spatial_dir) if spatial_dir is not None else None
     if image is None:
@@ -367,7 +367,6 @@ def read_spaceranger(
         InputError: missing or unreadable matrix/positions, barcodes that do not match, an image that fits
             neither at full resolution nor at a 10x scale factor.
     """
-    from hist_st.harmonise import harmonise_slide
 
     outs = Path(outs)
     if not outs.is_dir():

@@ -1,7 +1,7 @@
-"""Training, checkpoints, cross-validation and prediction for HiST (SPEC section 2).
+"""Training, checkpoints and prediction for HiST (SPEC section 2); cross-validation is `hist_st.evaluate`.
 
 ```python
-from hist_st.train import load_config, train, load_bundle, predict_slide, run_cv
+from hist_st.train import load_config, train, load_bundle, predict_slide
 cfg = load_config(None, ["epochs=20", "model.dim=64"])
 result = train(cfg, "cohort/", out_dir="runs/exp1")
 bundle = load_bundle("runs/exp1/model.pt")
@@ -21,7 +21,6 @@ from hist_st.train.config import (
     load_config,
     save_config,
 )
-from hist_st.train.cv import run_cv
 from hist_st.train.data import epoch_keys, load_slides, rank_genes, select_genes, shard_indices
 from hist_st.train.distributed import DistInfo, average_gradients, init_distributed
 from hist_st.train.folds import load_folds, make_folds, save_folds
@@ -54,7 +53,6 @@ __all__ = [
     "predict_log1p",
     "predict_slide",
     "rank_genes",
-    "run_cv",
     "save_checkpoint",
     "save_config",
     "save_folds",

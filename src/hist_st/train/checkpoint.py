@@ -43,10 +43,15 @@ import numpy as np
 import torch
 
 from hist_st.errors import InputError
+from hist_st.model import HiST
+from hist_st.model.config import HiSTConfig
+from hist_st.slide import atomic_write
 
 __all__ = [
     "FORMAT",
     "MODEL_FILE",
+    "finished_epochs",
+    "resume_source",
     "RESUME_FILE",
     "RESUME_ONLY_KEYS",
     "ModelBundle",
@@ -59,7 +64,6 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_bundle",
-    "package_versions",
     "lattice_type_for",
     "training_inputs",
 ]
@@ -116,20 +120,6 @@ def training_inputs(slides: Sequence[Any]) -> dict[str, Any]:
         "patch": dict(patch) if isinstance(patch, dict) else None,
         "stain_norm": shared("stain_norm"),
     }
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of hist-st and the packages that shape its numbers."""
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for name in ("hist-st", "torch", "numpy", "scipy", "anndata", "scanpy", "scikit-learn"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def rng_state() -> dict[str, Any]:
@@ -200,7 +190,7 @@ def _non_finite(state: Any) -> list[str]:
     return [
         str(k) for k, v in state.items()
         if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
-    ]  # fmt: skip
+    ]
 
 
 def model_payload(payload: dict[str, Any]) -> dict[str, Any]:
@@ -220,7 +210,6 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], kind: str | None 
     Raises:
         InputError: The model weights hold NaN or infinite values (nothing is written).
     """
-    from hist_st.slide import atomic_write
 
     bad = _non_finite(payload.get("model"))
     if bad:
@@ -305,7 +294,7 @@ def _read_error(exc: Exception) -> str:
     text = str(exc)
     if "weights_only" in text or "Unsupported global" in text or type(exc).__name__ == "UnpicklingError":
         return ("the file holds pickled objects other than tensors and plain values (possibly code); "
-                "hist-st reads checkpoints with weights_only=True and refuses such files")  # fmt: skip
+                "hist-st reads checkpoints with weights_only=True and refuses such files")
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"the file is truncated, corrupt or not a checkpoint ({type(exc).__name__}: {first[:200]})"
 
@@ -344,7 +333,7 @@ def load_checkpoint(
         raise InputError(
             p, "content hash mismatch: the file is corrupt or was modified after it was written; "
             "use an intact copy or retrain"
-        )  # fmt: skip
+        )
     missing = [k for k in require if k not in ckpt]
     if missing:
         raise InputError(p, f"checkpoint lacks field(s) {', '.join(missing)}")
@@ -378,7 +367,7 @@ def load_resume_state(path: str | Path, map_location: str | torch.device = "cpu"
         raise InputError(
             p, f"holds a final model (epoch {epoch}) without optimiser state; resume from the run's "
             f"{RESUME_FILE} (a finished run keeps none: there is nothing left to train)"
-        )  # fmt: skip
+        )
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         raise InputError(p, f"resume state lacks field(s) {', '.join(missing)}")
@@ -434,8 +423,6 @@ class ModelBundle:
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
     """Rebuild the model described by a checkpoint and return a `ModelBundle` (model in eval mode)."""
-    from hist_st.model import HiST
-    from hist_st.model.config import HiSTConfig
 
     ckpt = load_checkpoint(path, map_location="cpu")
     device = torch.device(device) if not isinstance(device, torch.device) else device
@@ -444,7 +431,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise InputError(path, f"the model in this checkpoint cannot be rebuilt ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None  # fmt: skip
+                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
     model.to(device).eval()
     norm = ckpt.get("norm", {})
     lat = ckpt.get("lattice", {})
@@ -466,3 +453,22 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
         lattice_type=types,
         inputs=dict(ckpt.get("inputs") or {}),
     )
+
+
+def finished_epochs(run_dir: str | Path) -> int | None:
+    """Epochs of a run in ``run_dir`` that finished all of them (``model.pt`` and no ``resume.pt``), else None."""
+    run_dir = Path(run_dir)
+    if (run_dir / RESUME_FILE).is_file() or not (run_dir / MODEL_FILE).is_file():
+        return None
+    ckpt = load_checkpoint(run_dir / MODEL_FILE)
+    epochs = ckpt.get("config", {}).get("epochs")
+    if epochs is None or int(ckpt.get("epoch", -1)) != int(epochs):  # older runs kept the optimiser in it
+        return None
+    return int(epochs)
+
+
+def resume_source(run_dir: str | Path) -> Path:
+    """What ``train --resume`` continues from: ``run_dir/resume.pt``, or the folder itself (an older hist-st
+    kept the optimiser state in ``model.pt``)."""
+    run_dir = Path(run_dir)
+    return run_dir / RESUME_FILE if (run_dir / RESUME_FILE).is_file() else run_dir

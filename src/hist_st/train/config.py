@@ -16,13 +16,17 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from hist_st.cohort import GeneSet
 from hist_st.errors import InputError
+from hist_st.model.config import HiSTConfig
+from hist_st.slide import atomic_write
 
 __all__ = [
     "AugmentConfig",
@@ -33,6 +37,10 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
     "apply_overrides",
+    "parse_override",
+    "parse_overrides",
+    "with_gene_set",
+    "run_config",
     "save_config",
 ]
 
@@ -160,6 +168,12 @@ class GeneConfig:
             if not self.genes:
                 raise InputError("config", "genes.genes is an empty list; give genes or leave it unset")
 
+    @classmethod
+    def from_spec(cls, spec: str, option: str = "--genes") -> GeneConfig:
+        """A gene-set spec (`hist_st.cohort.GeneSet`: ``hvg:2000``, ``he:250``) as a dataset-scope config."""
+        gs = GeneSet.parse(spec, option)
+        return cls(n_top=gs.n, ranking=gs.ranking)
+
 
 def default_model_config() -> Any:
     """The model's default `HiSTConfig` (paper sizes as placeholders).
@@ -167,13 +181,11 @@ def default_model_config() -> Any:
     ``in_dim`` and ``n_genes`` are always overwritten from the data (embedding width, selected genes) when
     a run starts; the run directory's saved config holds the values actually used.
     """
-    from hist_st.model.config import HiSTConfig
 
     return HiSTConfig(in_dim=1024, n_genes=2000)
 
 
 def _model_config_type() -> type:
-    from hist_st.model.config import HiSTConfig
 
     return HiSTConfig
 
@@ -281,14 +293,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, where)
-            except (TypeError, ValueError, InputError) as exc:
-                errors.append(str(exc))
+            except (TypeError, ValueError, InputError):
+                continue
         raise InputError("config", f"{where}: cannot interpret {value!r} as {tp}")
     if is_dataclass(tp):
         if is_dataclass(value):
@@ -393,19 +404,72 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def parse_override(item: str, option: str = "config", example: str = "epochs=10") -> tuple[str, Any]:
+    """One ``key.sub=value`` item -> ``("key.sub", value)``, the value parsed as YAML (empty: None).
+
+    The one parser of ``key=value`` items: HiST config overrides, ``--baseline-option``, ``bench speed
+    --model``.
+
+    Args:
+        item: The item as typed.
+        option: The option or file it came from, named in errors.
+        example: A well-formed item, shown in errors.
+
+    Raises:
+        InputError: No ``=``, an empty key or key part (``a..b``, ``.a``), or a value that is not YAML.
+    """
+    key, sep, raw = str(item).partition("=")
+    key = key.strip()
+    if not sep:
+        raise InputError(option, f"{item!r} is not of the form key=value (e.g. {example})")
+    if not key or not all(part.strip() for part in key.split(".")):
+        raise InputError(option, f"{item!r} has an empty key or key part (e.g. {example})")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError as exc:
+        raise InputError(option, f"{item!r}: cannot parse the value ({exc})") from exc
+    return ".".join(part.strip() for part in key.split(".")), value
+
+
+def parse_overrides(
+    items: Sequence[str] | None, option: str = "config", example: str = "epochs=10"
+) -> dict[str, Any]:
+    """`parse_override` of every item: ``{"key.sub": value}``, a later item winning over an earlier one."""
+    return dict(parse_override(item, option, example) for item in items or ())
+
+
+#: Override keys of the gene set, spelled ``--genes RANKING:N`` on every command instead.
+_GENE_SET_KEYS = ("genes.n_top", "genes.ranking")
+
+
+def with_gene_set(overrides: Sequence[str], genes: str | None = None) -> list[str]:
+    """The user's ``key=value`` overrides followed by those of the gene-set spec ``genes`` (if given).
+
+    The gene set has one spelling on every command, ``--genes hvg:2000`` / ``--genes he:250``; the old
+    ``genes.n_top=N`` / ``genes.ranking=R`` overrides are refused with the new spelling (saved configs and
+    `load_config` still hold and read ``genes.n_top``).
+
+    Raises:
+        InputError: A ``genes.n_top`` or ``genes.ranking`` override; a bad spec.
+    """
+    given = parse_overrides(overrides)
+    old = {k: v for k, v in given.items() if k in _GENE_SET_KEYS}
+    if old:
+        ranking = {"highly_expressed": "he"}.get(str(old.get("genes.ranking", "hvg")), old.get("genes.ranking", "hvg"))
+        n = old.get("genes.n_top", 2000)
+        typed = " ".join(f"{k}={v}" for k, v in old.items())
+        raise InputError(typed, f"the gene set is spelled --genes RANKING:N on every command: use --genes {ranking}:{n}")
+    out = list(overrides)
+    if genes is not None:
+        gs = GeneSet.parse(genes)
+        out += [f"genes.n_top={gs.n}", f"genes.ranking={gs.ranking}"]
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict, in place, and return it."""
+    """Apply ``key.sub=value`` overrides (`parse_override`) to a nested dict, in place, and return it."""
     for item in overrides or ():
-        if "=" not in item:
-            raise InputError("config", f"override {item!r} is not of the form key=value (e.g. epochs=10)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise InputError("config", f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() != "" else None
-        except yaml.YAMLError as exc:
-            raise InputError("config", f"override {item!r}: cannot parse value ({exc})") from exc
+        key, value = parse_override(item)
         _set_path(data, key, value)
     return data
 
@@ -441,9 +505,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_dict(data)
 
 
+def run_config(
+    config: str | Path | None = None, overrides: Sequence[str] = (), *, base: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """The config of a run: ``base`` (a resumed checkpoint's config) or the defaults, then the YAML file
+    ``config``, then the ``key=value`` ``overrides``.
+
+    On resume only the keys the user gives change the checkpoint's config, so a resumed run compares
+    exactly what the user asked for (`hist_st.train.resume`).
+
+    Raises:
+        InputError: An unreadable file, unknown keys, badly typed values.
+    """
+    if base is None:
+        return load_config(config, list(overrides))
+    data = dict(base)
+    if config is not None:
+        load_config(config)  # validates the file, naming it
+        _merge(data, yaml.safe_load(Path(config).read_text()) or {})
+    return config_from_dict(apply_overrides(data, list(overrides)))
+
+
+def _merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-update ``base`` with ``given`` (nested mappings merged key by key), in place."""
+    for k, v in given.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = _merge(dict(base[k]), v)
+        else:
+            base[k] = v
+    return base
+
+
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically); `load_config` reads it back to an equal config."""
-    from hist_st.slide import atomic_write
 
     with atomic_write(path) as tmp:
         tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

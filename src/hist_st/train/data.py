@@ -8,7 +8,6 @@ is a pure function of its key (reproducible on resume and across ranks).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from hist_st.cohort import CohortManifest, read_manifest
 from hist_st.errors import InputError
+from hist_st.harmonise import rank_hest_bench, rank_highly_expressed, rank_hvg
+from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.slide import Slide, read_cohort_slide
 from hist_st.train.augment import augment_coords
 from hist_st.train.config import AugmentConfig, GeneConfig
@@ -40,7 +42,6 @@ __all__ = [
     "gene_counts",
 ]
 
-MANIFEST = "cohort.json"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -84,39 +85,6 @@ def load_slides(folder: str | Path, slide_ids: Sequence[str] | None = None) -> l
     return slides
 
 
-#: Manifest keys holding gene lists (rankings best first, or the shared genes).
-GENE_LIST_KEYS = ("genes", "hvg", "hvg_dataset", "highly_expressed")
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    """The cohort manifest ``cohort.json`` of ``folder``, or None when absent.
-
-    Raises:
-        InputError: Not valid JSON, not an object, a gene list (`GENE_LIST_KEYS`) that is not a list of
-            unique gene names, or ``patients`` that is not a mapping.
-    """
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(path, f"must hold a JSON object, got {type(data).__name__}")
-    for key in GENE_LIST_KEYS:
-        value = data.get(key)
-        if value is None and key not in data:
-            continue
-        if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
-            raise InputError(path, f"{key!r} must be a list of gene names, got {str(value)[:60]!r}")
-        if len(set(value)) != len(value):
-            raise InputError(path, f"{key!r} lists a gene more than once")
-    if "patients" in data and not isinstance(data["patients"], dict):
-        raise InputError(path, "'patients' must map slide ids to patients")
-    return data
-
-
 # ----------------------------------------------------------------------------------------------------
 # genes
 
@@ -143,7 +111,6 @@ def rank_genes(slides: Sequence[Slide], ranking: str = "hvg") -> list[str]:
     stacked spots, by normalised dispersion (SPEC 2); ``highly_expressed``: mean normalised log
     expression (`hist_st.harmonise.rank_hvg` / `rank_highly_expressed`).
     """
-    from hist_st.harmonise import rank_hest_bench, rank_highly_expressed, rank_hvg
 
     genes = _shared_genes(slides)
     mats = [sp.csr_matrix(s.counts)[:, _gene_index(s, genes)] for s in slides]
@@ -157,7 +124,7 @@ def rank_genes(slides: Sequence[Slide], ranking: str = "hvg") -> list[str]:
 
 
 def select_genes(
-    slides: Sequence[Slide], cfg: GeneConfig, manifest: dict[str, Any] | None = None
+    slides: Sequence[Slide], cfg: GeneConfig, manifest: CohortManifest | None = None
 ) -> list[str]:
     """Genes to predict for a run trained on ``slides``.
 
@@ -178,9 +145,7 @@ def select_genes(
             raise InputError("config", f"genes.genes lists {len(missing)} gene(s) absent from the slides: {missing[:5]}")
         return list(cfg.genes)
     if cfg.scope == "dataset" and manifest is not None:
-        if cfg.ranking not in manifest:
-            raise InputError(MANIFEST, f"has no {cfg.ranking!r} gene ranking (keys: {sorted(manifest)})")
-        ranked = [str(g) for g in manifest[cfg.ranking] if str(g) in shared]
+        ranked = [g for g in manifest.ranking(cfg.ranking) if g in shared]
     else:
         ranked = rank_genes(slides, cfg.ranking)
     if not ranked:
@@ -266,7 +231,6 @@ def prepare_slide(
     feature_std: np.ndarray | None = None,
 ) -> SlideData:
     """Turn a `Slide` into `SlideData` (coordinates in lattice units, features, log1p targets)."""
-    from hist_st.lattice import continuous_coords
 
     if embedding not in slide.embeddings:
         raise InputError(
@@ -340,7 +304,6 @@ class AugmentedSlides(torch.utils.data.Dataset):
         return len(self.slides)
 
     def __getitem__(self, key: StepKey) -> dict[str, Any]:
-        from hist_st.lattice import to_lattice
 
         s = self.slides[key.index]
         rng = np.random.default_rng([key.seed, key.epoch, key.index, 0xA06])

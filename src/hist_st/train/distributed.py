@@ -18,16 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hist_st.errors import InputError
-
 __all__ = [
     "DistInfo",
     "init_distributed",
-    "cleanup_distributed",
     "average_gradients",
     "broadcast_parameters",
     "all_reduce_mean",
-    "resolve_device",
 ]
 
 
@@ -49,28 +45,6 @@ class DistInfo:
         return self.rank == 0
 
 
-class DeviceError(InputError, RuntimeError):
-    """An unknown or unavailable device: an `InputError` (exit code 2 in the CLI) and, as before, a RuntimeError."""
-
-
-def resolve_device(pref: str, info: DistInfo | None = None) -> torch.device:
-    """``auto`` -> CUDA (this rank's GPU) when available, else CPU; explicit names are honoured."""
-    info = info or DistInfo()
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError("device", "device=cuda requested but CUDA is not available")
-        return torch.device("cuda", info.local_rank % max(1, torch.cuda.device_count()))
-    try:
-        device = torch.device(pref)
-    except (RuntimeError, TypeError):
-        raise DeviceError("device", f"unknown device {pref!r}; use auto, cpu, cuda or cuda:<index>") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device", f"device={pref} requested but CUDA is not available")
-    return device
-
-
 def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
@@ -79,7 +53,7 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     """
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
-                        dist.get_backend())  # fmt: skip
+                        dist.get_backend())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -91,12 +65,6 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
         torch.cuda.set_device(local % max(1, torch.cuda.device_count()))
     dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return DistInfo(rank, world, local, backend)
-
-
-def cleanup_distributed(info: DistInfo) -> None:
-    """Destroy the process group if this module created one."""
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter], info: DistInfo) -> None:

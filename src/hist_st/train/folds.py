@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.slide import atomic_write
+from hist_st.train.splits import read_splits
 
 __all__ = ["make_folds", "save_folds", "load_folds"]
 
@@ -86,7 +88,6 @@ def make_folds(
 
 def save_folds(folds: Sequence[Mapping[str, Any]], path: str | Path, **meta: Any) -> Path:
     """Write the folds (and how they were made: ``k``, ``seed``, ``group_by``...) as JSON."""
-    from hist_st.slide import atomic_write
 
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps({**meta, "folds": list(folds)}, indent=2))
@@ -97,6 +98,5 @@ def load_folds(path: str | Path) -> list[dict[str, list[str]]]:
     """Read folds written by `save_folds` (or a bare JSON list of ``{"train", "test"}``), validated by
     `hist_st.train.splits.read_splits` (clear errors for malformed JSON, empty or overlapping lists...), or
     HEST-Benchmark's fixed patient-level splits from a folder (`hist_st.io.hest.read_hest_bench_splits`)."""
-    from hist_st.train.splits import read_splits
 
     return read_splits(path)

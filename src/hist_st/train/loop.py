@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 from hist_st.errors import InputError
 from hist_st.model.config import LEGACY_VALUES
+from hist_st.runtime import package_versions, resolve_device, seed_everything, set_threads
 from hist_st.slide import Slide
 from hist_st.train.augment import dropout_probability, schedule_strength
 from hist_st.train.checkpoint import (
@@ -41,7 +41,6 @@ from hist_st.train.checkpoint import (
     ModelBundle,
     lattice_type_for,
     load_resume_state,
-    package_versions,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -65,7 +64,6 @@ from hist_st.train.distributed import (
     average_gradients,
     broadcast_parameters,
     init_distributed,
-    resolve_device,
 )
 from hist_st.train.resume import (
     ACCEPTED_LOG,
@@ -78,7 +76,7 @@ from hist_st.train.resume import (
     resume_differences,
 )
 
-__all__ = ["TrainResult", "train", "seed_everything", "build_optimizer", "forward_loss", "param_groups"]
+__all__ = ["TrainResult", "train", "build_optimizer", "forward_loss", "param_groups"]
 
 CHECKPOINT = MODEL_FILE
 RESUME = RESUME_FILE
@@ -104,13 +102,6 @@ class TrainResult:
     checkpoint: Path | None
     config: TrainConfig
     slide_ids: list[str] = field(default_factory=list)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -174,7 +165,7 @@ def _iterate(dataset: AugmentedSlides, keys: Sequence[Any], num_workers: int):
     yield from loader
 
 
-def _technology_records(slides: Sequence[Slide], cfg_unit: dict[str, float]) -> dict[str, Any]:
+def _technology_records(slides: Sequence[Slide]) -> dict[str, Any]:
     units: dict[str, float] = {}
     pitch: dict[str, float] = {}
     measured: dict[str, list[float]] = {}
@@ -187,7 +178,6 @@ def _technology_records(slides: Sequence[Slide], cfg_unit: dict[str, float]) -> 
             measured.setdefault(s.technology, []).append(float(s.meta["spot_grid"]["pitch_um"]))
     for tech, values in measured.items():  # measured grids: the median pitch of the training slides
         units[tech] = pitch[tech] = float(np.median(values))
-    units.update(cfg_unit)
     kinds = {}
     for s in slides:  # measured grid type (hist_st.lattice.geometry) wins over the technology's
         kind = (s.meta.get("spot_grid") or {}).get("kind")
@@ -327,9 +317,8 @@ def train(
     from hist_st.model import HiST
 
     info = dist_info or init_distributed(cfg.device)
-    device = resolve_device(cfg.device, info)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device, info.local_rank)
+    set_threads(cfg.threads, "threads")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and resume is None and not overwrite:
         earlier = [p for p in (out / CHECKPOINT, out / RESUME) if p.is_file()]
@@ -402,7 +391,7 @@ def train(
         if accepted:
             changes.append({"resumed_after_epoch": start_epoch, "changes": dict(accepted)})
 
-    lattice_rec = _technology_records(train_slides, {})
+    lattice_rec = _technology_records(train_slides)
     created = out is not None and not out.exists()
     if out is not None and info.is_master:
         out.mkdir(parents=True, exist_ok=True)

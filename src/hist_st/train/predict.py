@@ -22,9 +22,11 @@ import scipy.sparse as sp
 import torch
 
 from hist_st.errors import InputError
+from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.outputs import fresh_folder
 from hist_st.slide import Slide, atomic_path, is_prediction, read_cohort_slide, write_prepared
 from hist_st.train.checkpoint import ModelBundle
+from hist_st.train.data import list_slides
 
 __all__ = ["predict_log1p", "mc_log1p_samples", "predict_slide", "predict_folder", "lattice_unit_for", "check_outputs",
            "check_gene_overlap"]
@@ -57,7 +59,6 @@ def predict_log1p(
     Returns:
         ``(mean_log1p [N, G] float32, count_std [N, G] float32 or None)``.
     """
-    from hist_st.lattice import continuous_coords, to_lattice
 
     if mc_samples < 0:
         raise InputError("predict", f"mc_samples must be >= 0, got {mc_samples}")
@@ -233,6 +234,18 @@ def predict_folder(
     are written under temporary names and renamed once every slide has succeeded; a failure removes them
     (and ``out_dir`` when this call created it).
 
+    Args:
+        bundle: The trained model (`hist_st.train.checkpoint.load_bundle`).
+        slides_dir: Folder of prepared slides.
+        out_dir: Output folder of the prediction files.
+        slide_ids: Only these slides (default: all).
+        mc_samples, seed: MC-dropout passes for ``predicted_std`` and their seed.
+        progress: Show a progress bar.
+        log: Called with warnings (default: none shown).
+
+    Returns:
+        The written prediction files, in slide order.
+
     Raises:
         InputError: An output would replace a prepared slide (the input itself or another one already in
             ``out_dir``; only earlier prediction files are replaced), or an input is a prediction file.
@@ -240,7 +253,6 @@ def predict_folder(
     """
     from tqdm.auto import tqdm
 
-    from hist_st.train.data import list_slides
 
     paths = list_slides(slides_dir, slide_ids)
     out = Path(out_dir)
@@ -280,9 +292,9 @@ def check_outputs(inputs: Sequence[Path], out_dir: Path) -> None:
             raise InputError(
                 dest, f"the prediction would overwrite the prepared slide it predicts ({path}); "
                 "predictions never replace inputs: choose another --out folder",
-            )  # fmt: skip
+            )
         if not is_prediction(dest):
             raise InputError(
                 dest, f"already holds a prepared slide (not a prediction file); the prediction of {path} would "
                 "replace it: choose another --out folder",
-            )  # fmt: skip
+            )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
+from hist_st.slide import atomic_write
 
 __all__ = ["RUNTIME_KEYS", "ACCEPTABLE", "ACCEPTED_LOG", "data_fingerprint", "changed_data", "flatten", "resume_differences", "check_resume", "record_accepted"]
 
@@ -152,7 +153,6 @@ def check_resume(diffs: Mapping[str, str], source: str | Path, accept: bool) -> 
 
 def record_accepted(out_dir: str | Path, diffs: Mapping[str, str], epoch: int) -> Path:
     """Append the accepted differences to ``<out_dir>/accepted_changes.json`` (a list of records)."""
-    from hist_st.slide import atomic_write
 
     path = Path(out_dir) / ACCEPTED_LOG
     records: list[Any] = []
@@ -164,7 +164,7 @@ def record_accepted(out_dir: str | Path, diffs: Mapping[str, str], epoch: int) -
         if not isinstance(records, list):
             records = []
     records.append({"resumed_after_epoch": int(epoch), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "changes": dict(diffs)})  # fmt: skip
+                    "changes": dict(diffs)})
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(records, indent=1))
     return path

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
+from hist_st.io.hest import read_hest_bench_splits
 
 __all__ = ["read_splits", "check_folds"]
 
@@ -38,7 +39,6 @@ def read_splits(path: str | Path, slide_ids: Sequence[str] | None = None) -> lis
     """
     p = Path(path)
     if p.is_dir():
-        from hist_st.io.hest import read_hest_bench_splits
 
         return check_folds(read_hest_bench_splits(p), slide_ids, p)
     if not p.is_file():

@@ -6,13 +6,14 @@ the training code a learnable signal on a handful of small slides, fast.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
+from hist_st.cohort import CohortManifest
 from hist_st.slide import Slide, write_prepared
+from hist_st.train.data import rank_genes
 
 __all__ = ["toy_slide", "write_toy_cohort"]
 
@@ -55,7 +56,7 @@ def toy_slide(
 def write_toy_cohort(
     folder: str | Path, n_slides: int = 4, n_spots: int = 150, n_genes: int = 12, dim: int = 16, seed: int = 0,
     slides_per_patient: int = 2,
-) -> Path:  # fmt: skip
+) -> Path:
     """Write ``n_slides`` toy slides (``toy00.h5ad``...) and a ``cohort.json`` with gene rankings."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,17 +65,13 @@ def write_toy_cohort(
         s = toy_slide(f"toy{i:02d}", n_spots + 10 * i, n_genes, dim, seed + i, patient=f"P{i // slides_per_patient}")
         write_prepared(s, out / f"{s.slide_id}.h5ad")
         slides.append(s)
-    x = sp.vstack([s.counts for s in slides]).toarray()
-    genes = [str(g) for g in slides[0].genes]
-    var = np.log1p(x).var(0)
-    mean = x.mean(0)
     manifest = {
         "slide_ids": [s.slide_id for s in slides],
         "patients": {s.slide_id: s.patient for s in slides},
-        "genes": genes,
-        "hvg": [genes[i] for i in np.lexsort((genes, -var))],
-        "highly_expressed": [genes[i] for i in np.lexsort((genes, -mean))],
+        "genes": [str(g) for g in slides[0].genes],
+        "hvg": rank_genes(slides, "hvg"),  # the rankings `hist-st prepare` writes (scanpy HVGs)
+        "highly_expressed": rank_genes(slides, "highly_expressed"),
         "encoders": ["toy"],
     }
-    (out / "cohort.json").write_text(json.dumps(manifest, indent=1))
+    CohortManifest.write(out, manifest)
     return out

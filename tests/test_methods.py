@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from hist_st.baselines import get_baseline, list_baselines, log1p_targets
 from hist_st.errors import InputError
+from hist_st.methods import get_method, list_methods, log1p_targets
 from hist_st.slide import Slide
 
 EMB = "emb"
@@ -72,15 +72,15 @@ def cohort() -> tuple[list[Slide], Slide]:
 
 
 def test_registry_names():
-    assert set(list_baselines()) >= {"mean", "ridge", "ridge-robust", "mlp", "bleep", "stnet", "stnet-lite0", "stflow"}
+    assert set(list_methods()) >= {"mean", "ridge", "ridge-robust", "mlp", "bleep", "stnet", "stnet-lite0", "stflow"}
     with pytest.raises(ValueError, match="unknown baseline"):
-        get_baseline("nope")
+        get_method("nope")
 
 
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_every_baseline_fits_and_predicts(name, cohort):
     train, test = cohort
-    model = get_baseline(name, **FAST[name]).fit(train, GENES, EMB, seed=0)
+    model = get_method(name, **FAST[name]).fit(train, GENES, EMB, seed=0)
     pred = model.predict(test)
     assert pred.shape == (test.n_spots, len(GENES))
     assert pred.dtype == np.float32
@@ -94,7 +94,7 @@ def test_synthetic_cohort_runs_every_baseline():
     for name, opts in FAST.items():
         if name.startswith("stnet"):
             continue  # synthetic slides have no image; covered above with a patch source
-        pred = get_baseline(name, **opts).fit(slides[:2], genes, synthetic.ENCODER, seed=0).predict(slides[2])
+        pred = get_method(name, **opts).fit(slides[:2], genes, synthetic.ENCODER, seed=0).predict(slides[2])
         assert pred.shape == (slides[2].n_spots, 6) and np.all(np.isfinite(pred))
 
 
@@ -110,7 +110,7 @@ def test_targets_pick_genes_by_name(cohort):
 
 def test_mean_is_training_mean(cohort):
     train, test = cohort
-    pred = get_baseline("mean").fit(train, GENES, EMB).predict(test)
+    pred = get_method("mean").fit(train, GENES, EMB).predict(test)
     expected = np.concatenate([log1p_targets(s, GENES) for s in train]).astype(np.float64).mean(axis=0)
     np.testing.assert_allclose(pred, np.broadcast_to(expected, pred.shape), rtol=1e-6, atol=1e-6)
 
@@ -122,7 +122,7 @@ def test_ridge_matches_hest_pipeline(cohort):
     from sklearn.preprocessing import StandardScaler
 
     train, test = cohort
-    model = get_baseline("ridge", center_targets=False).fit(train, GENES, EMB, seed=7)
+    model = get_method("ridge", center_targets=False).fit(train, GENES, EMB, seed=7)
     x = np.concatenate([s.embeddings[EMB] for s in train])
     y = np.concatenate([log1p_targets(s, GENES) for s in train])
     pipe = Pipeline([("scaler", StandardScaler()), ("PCA", PCA(n_components=8, random_state=7))])
@@ -138,12 +138,12 @@ def test_ridge_matches_hest_pipeline(cohort):
 def test_bleep_predicts_averages_of_training_spots(cohort):
     train, test = cohort
     y_train = np.concatenate([log1p_targets(s, GENES) for s in train])
-    model = get_baseline("bleep", epochs=2, top_k=3).fit(train, GENES, EMB, seed=0)
+    model = get_method("bleep", epochs=2, top_k=3).fit(train, GENES, EMB, seed=0)
     idx = model.neighbours(test)
     assert idx.shape == (test.n_spots, 3)
     np.testing.assert_allclose(model.predict(test), y_train[idx].mean(axis=1), rtol=1e-6)
     # k = 1: every prediction is an actual training spot's expression.
-    one = get_baseline("bleep", epochs=2, top_k=1).fit(train, GENES, EMB, seed=0).predict(test)
+    one = get_method("bleep", epochs=2, top_k=1).fit(train, GENES, EMB, seed=0).predict(test)
     dist = ((one[:, None, :] - y_train[None]) ** 2).sum(-1).min(axis=1)
     assert np.all(dist < 1e-10)
 
@@ -162,14 +162,14 @@ def test_bleep_identical_query_retrieves_its_own_spot():
         embeddings={EMB: emb},
     )
     genes = [f"g{i}" for i in range(n)]
-    model = get_baseline("bleep", epochs=300, top_k=1, dropout=0.0, batch_size=n).fit([s], genes, EMB, seed=0)
+    model = get_method("bleep", epochs=300, top_k=1, dropout=0.0, batch_size=n).fit([s], genes, EMB, seed=0)
     np.testing.assert_array_equal(model.neighbours(s)[:, 0], np.arange(n))
     np.testing.assert_allclose(model.predict(s), log1p_targets(s, genes), rtol=1e-6)
 
 
 def test_stflow_loss_decreases(cohort):
     train, _ = cohort
-    model = get_baseline(
+    model = get_method(
         "stflow", epochs=6, crops_per_slide=4, hidden=32, pair_hidden=32, n_layers=2, lr=2e-3
     )
     model.fit(train, GENES, EMB, seed=0)
@@ -178,7 +178,7 @@ def test_stflow_loss_decreases(cohort):
 
 
 def test_stflow_edges_are_e2_invariant():
-    from hist_st.baselines.stflow import STFlowDenoiser, knn_graph
+    from hist_st.methods.stflow import STFlowDenoiser, knn_graph
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -198,7 +198,7 @@ def test_stflow_edges_are_e2_invariant():
 
 def test_stflow_prior_and_sampling_are_seeded(cohort):
     train, test = cohort
-    m = get_baseline(
+    m = get_method(
         "stflow", epochs=1, crops_per_slide=1, hidden=16, pair_hidden=16, n_layers=1, prior="zinb-per-gene"
     )
     m.fit(train, GENES, EMB, seed=3)
@@ -208,7 +208,7 @@ def test_stflow_prior_and_sampling_are_seeded(cohort):
 
 def test_stnet_loss_decreases(cohort):
     train, test = cohort
-    model = get_baseline(
+    model = get_method(
         "stnet-lite0", patches=_fake_patches(), input_size=32, lr=3e-4, batch_size=60, epochs=6, tta=True
     )
     model.fit(train[:1], GENES, EMB, seed=0)  # one full-slide batch per step: the loss curve is not noisy
@@ -232,11 +232,11 @@ def test_stnet_densenet_needs_weights(cohort, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.models, "densenet121", offline)  # what torchvision raises offline
     with pytest.raises(InputError, match="torchvision's ImageNet weights") as err:
-        get_baseline("stnet", patches=_fake_patches(), epochs=1).fit(train, GENES, EMB)
+        get_method("stnet", patches=_fake_patches(), epochs=1).fit(train, GENES, EMB)
     msg = str(err.value)
     assert "densenet121-a639ec97.pth" in msg and "stnet.weights=" in msg and "stnet-lite0" in msg
     with pytest.raises(InputError, match="weights file not found"):
-        get_baseline("stnet", weights=tmp_path / "none.pth", patches=_fake_patches(), epochs=1).fit(
+        get_method("stnet", weights=tmp_path / "none.pth", patches=_fake_patches(), epochs=1).fit(
             train, GENES, EMB
         )
 
@@ -245,7 +245,7 @@ def test_stnet_targets_and_epoch_choice(cohort):
     """ST-Net's targets log((1 + y) / (n + Z)) with n and Z over all the slide's genes; log1p(y) is the
     target plus log(n + Z). Inner folds group training patients (else slides); the inner-CV epoch is the
     argmin of the recorded held-out squared error, and the final model trains for that many epochs."""
-    from hist_st.baselines.stnet import inner_folds, stnet_targets
+    from hist_st.methods.stnet import inner_folds, stnet_targets
 
     train, test = cohort
     t, log_scale = stnet_targets(test, GENES)
@@ -259,8 +259,8 @@ def test_stnet_targets_and_epoch_choice(cohort):
     for s in slides:
         s.patient = "A"
     assert inner_folds(slides, 2) == [[0, 2, 4], [1, 3]]  # one patient: slides take its place
-    m = get_baseline("stnet", backbone="efficientnet_lite0", patches=_fake_patches(), input_size=32, epochs=3,
-                     batch_size=30, lr=1e-4, tta=False)  # fmt: skip
+    m = get_method("stnet", backbone="efficientnet_lite0", patches=_fake_patches(), input_size=32, epochs=3,
+                     batch_size=30, lr=1e-4, tta=False)
     m.fit(train, GENES, EMB, seed=0)
     assert len(m.inner_sse_) == 3 and m.best_epoch_ == int(np.argmin(m.inner_sse_)) + 1
     assert len(m.history_) == m.best_epoch_ * 4  # final model only: 120 spots, batch 30: 4 steps per epoch
@@ -275,14 +275,14 @@ def test_learnable_signal_beats_mean():
 
     def mse(name, **opts):
         return float(
-            ((get_baseline(name, **opts).fit(train, GENES, EMB, seed=0).predict(test) - y) ** 2).mean()
+            ((get_method(name, **opts).fit(train, GENES, EMB, seed=0).predict(test) - y) ** 2).mean()
         )
 
     floor = mse("mean")
     assert mse("ridge", center_targets=True) < 0.7 * floor
     assert mse("mlp", epochs=30) < 0.7 * floor
     # HEST-exact ridge (no intercept, uncentred targets): per-gene Pearson is what HEST reports.
-    pred = get_baseline("ridge", center_targets=False).fit(train, GENES, EMB).predict(test)
+    pred = get_method("ridge", center_targets=False).fit(train, GENES, EMB).predict(test)
     pcc = np.mean([np.corrcoef(pred[:, j], y[:, j])[0, 1] for j in range(len(GENES))])
     assert pcc > 0.5
 
@@ -292,11 +292,11 @@ def test_device_auto_is_cuda_when_available(name):
     """The default ``device="auto"`` resolves like HiST's (CUDA when available); an explicit device is kept
     and an unavailable one is refused."""
     expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    assert get_baseline(name).device == expected
-    assert get_baseline(name, device="cpu").device == torch.device("cpu")
+    assert get_method(name).device == expected
+    assert get_method(name, device="cpu").device == torch.device("cpu")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
-            get_baseline(name, device="cuda")
+            get_method(name, device="cuda")
 
 
 @pytest.mark.parametrize("alpha", [0.3, 2.5])
@@ -304,7 +304,7 @@ def test_standard_gamma_matches_scipy(alpha):
     """The seeded on-device Gamma sampler against scipy's Gamma CDF (Kolmogorov-Smirnov)."""
     from scipy import stats
 
-    from hist_st.baselines.stflow import standard_gamma
+    from hist_st.methods.stflow import standard_gamma
 
     gen = torch.Generator().manual_seed(0)
     x = standard_gamma(torch.full((20000,), alpha), gen).numpy()
@@ -318,7 +318,7 @@ def test_sample_zinb_matches_the_zinb_pmf():
     negative binomial mixed with a point mass at 0."""
     from scipy import stats
 
-    from hist_st.baselines.stflow import sample_zinb
+    from hist_st.methods.stflow import sample_zinb
 
     r, lg, zi, n = 1.5, 0.7, -1.0, 100000
     x = sample_zinb((n,), r, lg, zi, torch.Generator().manual_seed(1)).numpy()
@@ -352,28 +352,28 @@ def test_mlp_feeds_raw_embeddings_and_ridge_robust_drops_flat_channels(cohort):
     train = [_with_flat_channel(s, 1e-6) for s in train]
     test = _with_flat_channel(test, 0.01)
     y = log1p_targets(test, GENES)
-    raw = get_baseline("mlp", epochs=20).fit(train, GENES, EMB, seed=0).predict(test)
-    std = get_baseline("mlp", epochs=20, standardise=True).fit(train, GENES, EMB, seed=0).predict(test)
+    raw = get_method("mlp", epochs=20).fit(train, GENES, EMB, seed=0).predict(test)
+    std = get_method("mlp", epochs=20, standardise=True).fit(train, GENES, EMB, seed=0).predict(test)
     assert np.abs(raw - y).mean() < 0.5 * np.abs(std - y).mean()
 
-    model = get_baseline("ridge-robust").fit(train, GENES, EMB, seed=7)
+    model = get_method("ridge-robust").fit(train, GENES, EMB, seed=7)
     np.testing.assert_array_equal(model.keep_, np.arange(1, 8))
     x = np.concatenate([s.embeddings[EMB][:, 1:] for s in train])
     yt = np.concatenate([log1p_targets(s, GENES) for s in train])
     pipe = Pipeline([("scaler", StandardScaler()), ("PCA", PCA(n_components=7, random_state=7))])
     z = pipe.fit_transform(x)
     reg = Ridge(solver="lsqr", alpha=100 / (z.shape[1] * yt.shape[1]), random_state=7, fit_intercept=False,
-                max_iter=1000).fit(z, yt - yt.mean(0))  # fmt: skip
+                max_iter=1000).fit(z, yt - yt.mean(0))
     expected = reg.predict(pipe.transform(test.embeddings[EMB][:, 1:])) + yt.mean(0)
     np.testing.assert_allclose(model.predict(test), expected, rtol=1e-4, atol=1e-4)
-    hest = get_baseline("ridge").fit(train, GENES, EMB, seed=7).predict(test)
+    hest = get_method("ridge").fit(train, GENES, EMB, seed=7).predict(test)
     assert np.abs(hest - y).mean() > 2 * np.abs(model.predict(test) - y).mean()  # why HEST's row is fragile
 
 
 def test_stflow_sampler_follows_the_straight_path():
     """The official update x + dt (x1_hat - x) / (1 - t): with a denoiser that always predicts the same
     x1, every state visited is the interpolant (1 - t) x0 + t x1 (without the 1 / (1 - t) it lags)."""
-    from hist_st.baselines.stflow import euler_sample
+    from hist_st.methods.stflow import euler_sample
 
     x0, x1 = torch.randn(5, 3), torch.randn(5, 3)
     ts = torch.linspace(0.01, 1.0, 6)

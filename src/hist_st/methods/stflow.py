@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hist_st.baselines.base import Baseline, log1p_targets, register, torch_device
+from hist_st.methods.base import Method, log1p_targets, register
+from hist_st.runtime import resolve_device
 from hist_st.slide import Slide
 
 __all__ = [
@@ -331,7 +332,7 @@ class STFlowDenoiser(nn.Module):
 # baseline
 # --------------------------------------------------------------------------------------------------
 @register("stflow")
-class STFlowBaseline(Baseline):
+class STFlowBaseline(Method):
     """STFlow (see the module docstring for the method, its sources and the stated differences).
 
     Args:
@@ -397,7 +398,7 @@ class STFlowBaseline(Baseline):
         super().__init__(**opts)
         for key, val in opts.items():
             setattr(self, key, val)
-        self.device = torch_device(device)
+        self.device = resolve_device(device)
         self.model_: STFlowDenoiser | None = None
         self.prior_params_: dict[str, Any] | None = None
         self.seed_: int = 0

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from hist_st.baselines.base import Baseline, log1p_targets, register, torch_device
 from hist_st.errors import InputError
+from hist_st.methods.base import Method, log1p_targets, register
+from hist_st.runtime import resolve_device
 from hist_st.slide import Slide
 
 __all__ = ["MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline", "MLPBaseline"]
 
 
 @register("mean")
-class MeanBaseline(Baseline):
+class MeanBaseline(Method):
     """Each gene's mean training ``log1p`` expression, predicted at every spot: the floor of every table.
 
     On small cohorts the pooled metric (SPEC 3) is mostly explained by the differences between gene means,
@@ -42,7 +43,7 @@ class MeanBaseline(Baseline):
 
 
 @register("ridge")
-class RidgeBaseline(Baseline):
+class RidgeBaseline(Method):
     """HEST-Benchmark's linear probe: StandardScaler -> PCA(256) -> Ridge without intercept.
 
     Follows ``mahmoodlab/HEST`` ``src/hest/bench/benchmark.py`` and ``trainer.py::train_test_reg``
@@ -89,7 +90,7 @@ class RidgeBaseline(Baseline):
         super().__init__(
             n_components=n_components, alpha=alpha, center_targets=center_targets, max_iter=max_iter,
             min_std=min_std,
-        )  # fmt: skip
+        )
         self.min_std = float(min_std)
         self.keep_: np.ndarray | None = None
         self.n_components = n_components
@@ -147,7 +148,7 @@ class RobustRidgeBaseline(RidgeBaseline):
 
 
 @register("mlp")
-class MLPBaseline(Baseline):
+class MLPBaseline(Method):
     """Per-spot MLP on frozen embeddings (the paper's "UNI" row: position-independent regression).
 
     The HiST paper does not give the head's hyper-parameters; these are ours, fixed before any result and
@@ -187,7 +188,7 @@ class MLPBaseline(Baseline):
         )
         self.standardise = bool(standardise)
         self.hidden, self.dropout, self.lr, self.weight_decay = hidden, dropout, lr, weight_decay
-        self.epochs, self.batch_size, self.device = epochs, batch_size, torch_device(device)
+        self.epochs, self.batch_size, self.device = epochs, batch_size, resolve_device(device)
         self.net_ = None
         self.x_mean_: np.ndarray | None = None
         self.x_std_: np.ndarray | None = None

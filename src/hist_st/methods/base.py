@@ -5,8 +5,8 @@ name from each slide's own gene order), the same targets (``log1p`` of raw count
 normalisation; SPEC 2) and the same patch embeddings (``slide.embeddings[embedding_key]``).
 
 ```python
-from hist_st.baselines import get_baseline
-model = get_baseline("ridge").fit(train_slides, genes, embedding_key="efficientnet_lite0", seed=0)
+from hist_st.methods import get_method
+model = get_method("ridge").fit(train_slides, genes, embedding_key="efficientnet_lite0", seed=0)
 pred = model.predict(test_slide)            # float32 [N, G], log1p space, columns in `genes` order
 ```
 """
@@ -14,36 +14,35 @@ pred = model.predict(test_slide)            # float32 [N, G], log1p space, colum
 from __future__ import annotations
 
 import inspect
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 
 from hist_st.errors import InputError
+from hist_st.runtime import seed_everything
 from hist_st.slide import Slide
 
 __all__ = [
-    "Baseline",
+    "Method",
     "register",
-    "get_baseline",
-    "baseline_option_names",
-    "list_baselines",
+    "get_method",
+    "method_option_names",
+    "list_methods",
     "log1p_targets",
     "slide_embeddings",
-    "seed_everything",
-    "torch_device",
 ]
 
-_REGISTRY: dict[str, type[Baseline]] = {}
+_REGISTRY: dict[str, type[Method]] = {}
 
 
-def register(name: str) -> Callable[[type[Baseline]], type[Baseline]]:
-    """Class decorator: make ``cls`` available as ``get_baseline(name)``."""
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make ``cls`` available as ``get_method(name)``."""
 
-    def deco(cls: type[Baseline]) -> type[Baseline]:
+    def deco(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"baseline {name!r} is registered twice")
         cls.name = name
@@ -53,43 +52,30 @@ def register(name: str) -> Callable[[type[Baseline]], type[Baseline]]:
     return deco
 
 
-def list_baselines() -> list[str]:
-    """Names accepted by `get_baseline`, sorted."""
+def list_methods() -> list[str]:
+    """Names accepted by `get_method`, sorted."""
     return sorted(_REGISTRY)
 
 
-def get_baseline(name: str, **options: Any) -> Baseline:
+def get_method(name: str, **options: Any) -> Method:
     """Build the baseline registered as ``name`` with its published defaults overridden by ``options``.
 
     Raises:
         ValueError: unknown name (the message lists the known ones) or unknown option.
     """
-    return _baseline_class(name)(**options)
+    return _method_class(name)(**options)
 
 
-def baseline_option_names(name: str) -> set[str]:
+def method_option_names(name: str) -> set[str]:
     """The keyword options the baseline registered as ``name`` takes (e.g. whether it has ``epochs``)."""
-    return {k for k in inspect.signature(_baseline_class(name).__init__).parameters if k != "self"}
+    return {k for k in inspect.signature(_method_class(name).__init__).parameters if k != "self"}
 
 
-def _baseline_class(name: str) -> type[Baseline]:
+def _method_class(name: str) -> type[Method]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(list_baselines())}") from None
-
-
-def seed_everything(seed: int) -> np.random.Generator:
-    """Seed Python, NumPy and torch (when imported) and return a NumPy generator for local use."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
-    return np.random.default_rng(seed)
+        raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(list_methods())}") from None
 
 
 def _gene_columns(slide: Slide, genes: Sequence[str]) -> np.ndarray:
@@ -119,17 +105,6 @@ def log1p_targets(slide: Slide, genes: Sequence[str]) -> np.ndarray:
     return np.log1p(np.asarray(dense, dtype=np.float64)).astype(np.float32)
 
 
-def torch_device(name: str) -> Any:
-    """A baseline's ``device`` option as a `torch.device`: ``auto`` is CUDA when available, else the CPU.
-
-    The option stays ``auto`` in `Baseline.options`, so results from a GPU and a CPU run of the same
-    method compare as the same settings (`hist_st.experiments.reuse`).
-    """
-    from hist_st.train.distributed import resolve_device
-
-    return resolve_device(str(name))
-
-
 def slide_embeddings(slide: Slide, key: str) -> np.ndarray:
     """``slide.embeddings[key]`` as float32 ``[N, C]``; `InputError` naming the slide when absent."""
     if key not in slide.embeddings:
@@ -138,37 +113,55 @@ def slide_embeddings(slide: Slide, key: str) -> np.ndarray:
     return np.asarray(slide.embeddings[key], dtype=np.float32)
 
 
-class Baseline(ABC):
-    """A comparison method with the common ``fit`` / ``predict`` interface.
+class Method(ABC):
+    """A method with the common ``fit`` / ``predict`` interface: HiST (`hist_st.methods.hist`) and every
+    baseline alike.
 
     Subclasses take their hyper-parameters as keyword arguments whose defaults are the published ones
     (documented, with the source, in each class docstring) and record them in `options`.
 
     Attributes:
         name: Registry name (set by `register`).
+        display_name: Name in tables (default: ``name``).
         uses_embeddings: Whether the method reads ``slide.embeddings[embedding_key]``.
-        uses_patches: Whether the method reads raw image patches (see `hist_st.baselines.stnet`).
+        uses_patches: Whether the method reads raw image patches (see `hist_st.methods.stnet`).
+        distributed: Whether every rank of a ``torchrun`` job trains it together (else rank 0 alone).
         genes_: Genes fitted on, in output column order (after `fit`).
         embedding_key_: Embedding key fitted on (after `fit`).
+        out_dir_: The folder `fit` may write its run into (None: nothing written).
     """
 
-    name: ClassVar[str] = "baseline"
+    name: ClassVar[str] = "method"
+    display_name: ClassVar[str | None] = None
     uses_embeddings: ClassVar[bool] = True
     uses_patches: ClassVar[bool] = False
+    distributed: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.options: dict[str, Any] = dict(options)
         self.genes_: list[str] | None = None
         self.embedding_key_: str | None = None
-        self.history_: list[float] = []  # training loss per epoch (or step), for the methods that have one
+        self.history_: list[Any] = []  # training loss per epoch (or step), for the methods that have one
+        self.out_dir_: Path | None = None
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({opts})"
 
+    @property
+    def label(self) -> str:
+        """The method's name in tables."""
+        return self.display_name or self.name
+
+    def save_settings(self, out_dir: Path) -> None:
+        """Write what defines this method's runs into a cross-validation folder (HiST: its config); the
+        baselines' options are recorded by the experiments."""
+        return None
+
     def fit(
-        self, train_slides: Sequence[Slide], genes: Sequence[str], embedding_key: str, seed: int = 0
-    ) -> Baseline:
+        self, train_slides: Sequence[Slide], genes: Sequence[str], embedding_key: str, seed: int = 0,
+        *, out_dir: str | Path | None = None,
+    ) -> Method:
         """Train on ``train_slides``.
 
         Args:
@@ -176,6 +169,7 @@ class Baseline(ABC):
             genes: Target genes, picked by name from every slide.
             embedding_key: Which patch embedding to use.
             seed: Seeds every random choice of the fit.
+            out_dir: A folder the method may write its run into (HiST: model, config, history).
 
         Returns:
             ``self``.
@@ -187,6 +181,7 @@ class Baseline(ABC):
         self.genes_ = [str(g) for g in genes]
         self.embedding_key_ = embedding_key
         self.history_ = []
+        self.out_dir_ = Path(out_dir) if out_dir is not None else None
         rng = seed_everything(seed)
         self._fit(list(train_slides), rng, seed)
         return self

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from hist_st.baselines.base import Baseline, log1p_targets, register, torch_device
+from hist_st.encoders import efficientnet_lite0_model
 from hist_st.errors import InputError
+from hist_st.methods.base import Method, log1p_targets, register
+from hist_st.runtime import resolve_device
 from hist_st.slide import Slide
+from hist_st.wsi import PatchParams, extract_patches
 
 __all__ = [
     "STNetBaseline",
@@ -34,7 +37,6 @@ def image_patch_source(size_px: int = 224, um_per_px: float = 0.5) -> PatchSourc
     """
 
     def source(slide: Slide) -> np.ndarray:
-        from hist_st.wsi import PatchParams, extract_patches
 
         if not slide.image:
             raise InputError(
@@ -83,7 +85,6 @@ def _build_backbone(name: str, weights: str | Path | None):
     import torch
 
     if name == "efficientnet_lite0":
-        from hist_st.encoders import efficientnet_lite0_model
 
         model = efficientnet_lite0_model(weights)  # packaged ImageNet weights when weights is None
         return model, int(model.num_features)
@@ -181,7 +182,7 @@ def inner_folds(slides: list[Slide], k: int) -> list[list[int]]:
 
 
 @register("stnet")
-class STNetBaseline(Baseline):
+class STNetBaseline(Method):
     """ST-Net: end-to-end fine-tuning of an ImageNet CNN with a linear head on raw spot patches.
 
     Published defaults, from ``bryanhe/ST-Net`` (README command for the main results:
@@ -275,7 +276,7 @@ class STNetBaseline(Baseline):
             epochs,
             max_steps,
             tta,
-            torch_device(device),
+            resolve_device(device),
         )
         self.targets, self.select_epoch, self.n_inner_folds = targets, select_epoch, int(n_inner_folds)
         self.model_ = None
@@ -360,7 +361,7 @@ class STNetBaseline(Baseline):
                 model.eval()
                 with torch.no_grad():
                     pred = np.concatenate([self._forward(model, x_val[i : i + self.batch_size])
-                                           for i in range(0, len(x_val), self.batch_size)])  # fmt: skip
+                                           for i in range(0, len(x_val), self.batch_size)])
                 sse[epoch] += float(((pred - y_val) ** 2).sum())
                 model.train()
 
@@ -370,7 +371,7 @@ class STNetBaseline(Baseline):
         return int(np.argmin(sse)) + 1
 
     def _train(self, imgs: np.ndarray, y: np.ndarray, rng: np.random.Generator, epochs: int, on_epoch=None,
-               record: bool = True):  # fmt: skip
+               record: bool = True):
         """SGD fine-tuning of backbone + linear head on ``imgs [N, P, P, 3]`` uint8, targets ``y [N, G]``."""
         import torch
 
@@ -427,7 +428,7 @@ class STNetBaseline(Baseline):
         imgs = self._get_patches(slide)
         with torch.no_grad():
             out = np.concatenate([self._forward(self.model_, imgs[i : i + self.batch_size])
-                                  for i in range(0, len(imgs), self.batch_size)])  # fmt: skip
+                                  for i in range(0, len(imgs), self.batch_size)])
         return (out + self.log_scale_).astype(np.float32)  # log1p space (0 for log1p targets)
 
 
@@ -456,4 +457,4 @@ class STNetLite0Baseline(STNetBaseline):
         n_inner_folds: int = 4,
     ) -> None:
         super().__init__(backbone, weights, patches, input_size, lr, momentum, weight_decay, batch_size, epochs,
-                         max_steps, tta, device, targets, select_epoch, n_inner_folds)  # fmt: skip
+                         max_steps, tta, device, targets, select_epoch, n_inner_folds)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hist_st.baselines.base import Baseline, register, torch_device
+from hist_st.methods.base import Method, register
+from hist_st.runtime import resolve_device
 from hist_st.slide import Slide
 
 __all__ = ["BLEEPBaseline", "ProjectionHead", "bleep_loss"]
@@ -51,7 +52,7 @@ def bleep_loss(img_emb: torch.Tensor, spot_emb: torch.Tensor, temperature: float
 
 
 @register("bleep")
-class BLEEPBaseline(Baseline):
+class BLEEPBaseline(Method):
     """BLEEP on frozen patch embeddings: contrastive image / expression projections, top-k retrieval.
 
     Defaults from ``bowang-lab/BLEEP`` (``config.py``, ``modules.py``, ``models.py``, ``BLEEP_main.py``,
@@ -104,7 +105,7 @@ class BLEEPBaseline(Baseline):
         )
         self.proj_dim, self.dropout, self.temperature = proj_dim, dropout, temperature
         self.lr, self.weight_decay, self.batch_size, self.epochs = lr, weight_decay, batch_size, epochs
-        self.top_k, self.device = top_k, torch_device(device)
+        self.top_k, self.device = top_k, resolve_device(device)
         self.img_head_ = None
         self.spot_head_ = None
         self.bank_y_: np.ndarray | None = None  # [M, G] log1p expression of the training spots

@@ -1,0 +1,30 @@
+"""Evaluation: a plan (slides, folds and genes computed once) and cross-validation of any methods on it.
+
+```python
+from hist_st.evaluate import make_plan, run_cv
+plan = make_plan("cohorts/her2st", GeneConfig.from_spec("he:250"), k=4, seed=0)
+summary = run_cv(plan, [HiSTMethod(cfg), get_method("ridge")], "runs/cv")
+```
+
+The metrics themselves (both protocols) are `hist_st.metrics`, re-exported here.
+"""
+
+from hist_st.evaluate.cv import PROTOCOLS, cross_validate, fold_json, plot_loss_curves, run_cv
+from hist_st.evaluate.plan import Plan, make_plan, slide_groups
+from hist_st.metrics import evaluate_fold, format_table, per_gene_metrics, pooled_metrics, summarise_folds
+
+__all__ = [
+    "PROTOCOLS",
+    "Plan",
+    "cross_validate",
+    "evaluate_fold",
+    "fold_json",
+    "format_table",
+    "make_plan",
+    "per_gene_metrics",
+    "plot_loss_curves",
+    "pooled_metrics",
+    "run_cv",
+    "slide_groups",
+    "summarise_folds",
+]

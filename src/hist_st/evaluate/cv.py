@@ -1,0 +1,234 @@
+"""K-fold cross-validation of any methods on one plan: identical folds, genes, targets and embedding.
+
+```python
+from hist_st.evaluate import make_plan, run_cv
+from hist_st.methods import HiSTMethod, get_method
+from hist_st.train.config import load_config
+cfg = load_config(None, ["epochs=20"])
+plan = make_plan("cohort/", cfg.genes, k=4, seed=cfg.seed)
+summary = run_cv(plan, [HiSTMethod(cfg), get_method("ridge")], "runs/cv", seed=cfg.seed)
+print(summary["table"])
+```
+
+Run directory layout::
+
+    config.yaml            HiST's resolved TrainConfig (when HiST is among the methods)
+    splits.json            the exact folds (and k, seed, group_by)
+    genes.txt              genes (scope 'dataset'); per fold under fold_<i>/genes.txt for 'train-only'
+    versions.json          package versions
+    fold_<i>/              HiST's model.pt, history.json, config.yaml, genes.txt
+    fold_<i>/predictions/  <slide_id>.h5ad prediction files (X = predicted counts, layers['log1p'], measured counts)
+    fold_<i>/metrics.json  per-method fold metrics (both protocols, per slide, per gene)
+    metrics.json           per-method summaries over folds (mean, std, values) + per-fold numbers
+    table.md               Table-2 style comparison, both protocols labelled
+    loss_curves.png        HiST's training loss per epoch, one line per fold
+
+HiST is evaluated at the final epoch (no model selection on test slides).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+from tqdm.auto import tqdm
+
+from hist_st.errors import InputError
+from hist_st.evaluate.plan import Plan, make_plan
+from hist_st.jsonio import to_jsonable, write_json
+from hist_st.methods.base import Method, get_method, list_methods
+from hist_st.methods.hist import HiSTMethod
+from hist_st.metrics import evaluate_fold, format_table, summarise_folds
+from hist_st.outputs import fresh_folder
+from hist_st.runtime import package_versions
+from hist_st.slide import write_prepared
+from hist_st.train.config import TrainConfig
+from hist_st.train.data import gene_counts
+from hist_st.train.distributed import DistInfo, init_distributed
+from hist_st.train.folds import save_folds
+
+__all__ = ["run_cv", "cross_validate", "fold_json", "plot_loss_curves", "PROTOCOLS"]
+
+#: The note above every table: what the two metric protocols are.
+PROTOCOLS = ("Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
+             "metric); per-gene = log1p Pearson/R2 per gene over all test spots (HEST metric).")
+
+
+def fold_json(result: Mapping[str, Any], genes: Sequence[str]) -> dict[str, Any]:
+    """`evaluate_fold` output made JSON-friendly, per-gene arrays keyed by gene name."""
+    out = to_jsonable(dict(result))
+    pg = out.get("per_gene", {})
+    for key in ("pcc_per_gene", "r2_per_gene"):
+        if isinstance(pg.get(key), list) and len(pg[key]) == len(genes):
+            pg[key] = dict(zip(genes, pg[key]))
+    if isinstance(pg.get("excluded_genes"), list):
+        pg["excluded_genes"] = [genes[i] for i in pg["excluded_genes"] if 0 <= i < len(genes)]
+    return out
+
+
+def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
+    """Training loss per epoch, one line per fold (log-scale y)."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, hist in histories.items():
+        if hist:
+            ax.plot([h["epoch"] for h in hist], [h["loss"] for h in hist], label=name, lw=1.5)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training MSE (log1p counts)")
+    ax.set_yscale("log")
+    ax.set_title("HiST training loss per fold")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_cv(
+    plan: Plan,
+    methods: Sequence[Method],
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    write_predictions: bool = True,
+    mc_samples: int = 0,
+    dist_info: DistInfo | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Cross-validate ``methods`` on the folds and genes of ``plan``.
+
+    Args:
+        plan: Slides, folds, genes and embedding (`hist_st.evaluate.make_plan`).
+        methods: Unfitted methods, each trained once per fold (in this order) on the fold's training slides.
+        out_dir: Run directory (layout in the module docstring); a failed run removes a folder it created.
+        seed: Every method's training seed.
+        write_predictions: Write the test predictions of the methods that make prediction files (HiST).
+        mc_samples: MC-dropout passes for those files' ``predicted_std`` (0: none).
+        dist_info: This process's place in a ``torchrun`` job: every rank trains the `Method.distributed`
+            methods together; rank 0 alone trains the others, predicts, scores and writes.
+        progress: Show a progress bar over folds.
+
+    Returns:
+        ``{"methods": {label: summarise_folds(...)}, "folds": [...], "table": str, "genes": [...] or None,
+        "out_dir": str, "seconds": {label: float}, "histories": {fold: [...]}, "embedding": str}``; on
+        ranks other than 0 the same keys, empty.
+    """
+    info = dist_info or DistInfo()
+    master = info.is_master
+    out = Path(out_dir)
+    labels = [m.label for m in methods]
+    with fresh_folder(out, enabled=master):
+        if master:
+            save_folds(plan.folds, out / "splits.json", k=plan.k, seed=plan.seed, group_by=plan.group_by,
+                       slides_dir=str(plan.cohort))
+            if plan.genes is not None:
+                (out / "genes.txt").write_text("\n".join(plan.genes) + "\n")
+            for m in methods:
+                m.save_settings(out)
+            write_json(package_versions(), out / "versions.json")
+        per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in labels}
+        seconds: dict[str, float] = {m: 0.0 for m in labels}
+        histories: dict[str, list[dict[str, float]]] = {}
+        fold_records = []
+        bar = tqdm(plan.folds, desc="cv folds", unit="fold", disable=not (progress and master))
+        for f in bar:
+            i = int(f["fold"])
+            fdir = out / f"fold_{i}"
+            train_slides, test_slides = plan.train_slides(f), plan.test_slides(f)
+            genes = plan.fold_genes[i]
+            truths = {s.slide_id: gene_counts(s, genes) for s in test_slides}
+            fold_metrics: dict[str, Any] = {}
+            for method, label in zip(methods, labels):
+                if not (master or method.distributed):
+                    continue
+                t0 = time.perf_counter()
+                method.fit(train_slides, genes, embedding_key=plan.embedding, seed=seed, out_dir=fdir)
+                if not master:
+                    continue
+                preds = {s.slide_id: method.predict(s) for s in test_slides}
+                if write_predictions and hasattr(method, "prediction"):
+                    for s in test_slides:
+                        write_prepared(method.prediction(s, mc_samples=mc_samples, seed=seed),
+                                       fdir / "predictions" / f"{s.slide_id}.h5ad")
+                seconds[label] += time.perf_counter() - t0
+                if method.history_ and isinstance(method.history_[0], Mapping):  # per-epoch records: HiST
+                    histories[f"fold {i}"] = method.history_
+                fold_metrics[label] = evaluate_fold(preds, truths)
+            if not master:
+                continue
+            for m in labels:
+                per_method[m].append(fold_metrics[m])
+            write_json({"fold": i, "train": list(f["train"]), "test": list(f["test"]), "n_genes": len(genes),
+                        "metrics": {m: fold_json(fold_metrics[m], genes) for m in labels}}, fdir / "metrics.json")
+            fold_records.append({"fold": i, **{m: {"pooled": fold_metrics[m]["pooled"],
+                                                   "per_gene_pcc": fold_metrics[m]["per_gene"]["pcc"]}
+                                               for m in labels}})
+            if hasattr(bar, "set_postfix") and labels:
+                first = fold_metrics[labels[0]]
+                bar.set_postfix(pooled_r2=f"{first['pooled']['r2']:.3f}", pcc=f"{first['per_gene']['pcc']:.3f}")
+
+        if not master:
+            return {"methods": {}, "folds": [], "table": "", "genes": plan.genes, "out_dir": str(out),
+                    "seconds": {}, "histories": {}, "embedding": plan.embedding}
+        summaries = {m: summarise_folds(per_method[m]) for m in labels}
+        table = format_table(summaries)
+        write_json({"methods": summaries, "folds": fold_records, "seconds": seconds, "embedding": plan.embedding,
+                    "group_by": plan.group_by, "k": plan.k, "n_genes": len(plan.genes) if plan.genes else None},
+                   out / "metrics.json")
+        (out / "table.md").write_text(f"{PROTOCOLS} Mean ± std over {plan.k} folds.\n\n" + table + "\n")
+        if histories:
+            plot_loss_curves(histories, out / "loss_curves.png")
+        return {"methods": summaries, "folds": fold_records, "table": table, "genes": plan.genes,
+                "out_dir": str(out), "seconds": seconds, "histories": histories, "embedding": plan.embedding}
+
+
+def cross_validate(
+    cfg: TrainConfig,
+    slides_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    k: int = 4,
+    group_by: str | None = None,
+    folds: str | Path | Sequence[Mapping[str, Sequence[str]]] | None = None,
+    slide_ids: Sequence[str] | None = None,
+    baselines: Sequence[str] = (),
+    baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
+    write_predictions: bool = True,
+    mc_samples: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``hist-st cv``: HiST with ``cfg`` and optional baselines on a folder of prepared slides.
+
+    Args:
+        cfg: HiST's training configuration; its ``seed`` makes the folds and trains every method, its
+            ``genes`` and ``embedding`` make the plan.
+        slides_dir, out_dir: Prepared cohort and run directory (`run_cv`).
+        k, group_by, folds, slide_ids: As in `hist_st.evaluate.make_plan`.
+        baselines: Names from `hist_st.methods` run on the same plan, e.g. ``["ridge", "mean"]``.
+        baseline_options: Per-baseline keyword options.
+        write_predictions, mc_samples, progress: As in `run_cv`.
+
+    Returns:
+        `run_cv`'s summary.
+    """
+    known = [m for m in list_methods() if m != HiSTMethod.name]
+    unknown = [b for b in baselines if b not in known]
+    if unknown:
+        raise InputError("--baselines", f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    if mc_samples < 0:
+        raise InputError("--mc-samples", f"must be >= 0, got {mc_samples}")
+    info = init_distributed(cfg.device)  # under torchrun every rank trains each fold together
+    plan = make_plan(slides_dir, cfg.genes, k=k, seed=cfg.seed, group_by=group_by, folds=folds,
+                     slide_ids=slide_ids, embedding=cfg.embedding)
+    options = dict(baseline_options or {})
+    methods = [HiSTMethod(cfg, dist_info=info), *(get_method(b, **dict(options.get(b, {}))) for b in baselines)]
+    return run_cv(plan, methods, out_dir, seed=cfg.seed, write_predictions=write_predictions, mc_samples=mc_samples,
+                  dist_info=info, progress=progress)

@@ -1,0 +1,144 @@
+"""What every method of an experiment shares, computed once: the slides, the folds and the genes.
+
+```python
+from hist_st.evaluate import make_plan
+from hist_st.train.config import GeneConfig
+plan = make_plan("cohorts/her2st", GeneConfig.from_spec("he:250"), k=4, seed=0)
+plan.folds[0]["test"], plan.genes[:5], plan.embedding
+```
+
+The folds come from `hist_st.train.folds.make_folds` (by slide, or by a group column such as ``patient``)
+or from a saved ``splits.json``; the genes from the cohort manifest's ranking (scope ``dataset``: one list
+for every fold) or from each fold's training slides (scope ``train-only``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hist_st.cohort import read_manifest
+from hist_st.errors import InputError
+from hist_st.slide import Slide
+from hist_st.train.config import GeneConfig
+from hist_st.train.data import embedding_key, load_slides, select_genes
+from hist_st.train.folds import make_folds
+from hist_st.train.splits import check_folds, read_splits
+
+__all__ = ["Plan", "make_plan", "slide_groups"]
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """The inputs every method of a cross-validation shares.
+
+    Attributes:
+        cohort: The prepared cohort folder.
+        slides: Slide id -> `Slide`, every slide of the run.
+        folds: ``[{"fold", "train", "test"}]``, ids sorted.
+        genes: The one gene list of every fold (scope ``dataset`` or an explicit list), else None.
+        fold_genes: Fold index -> its genes (equal to ``genes`` when that is given).
+        embedding: The patch-embedding key every method reads.
+        k: Number of folds.
+        seed: The seed the folds were made with.
+        group_by: The group column of the folds (None: by slide).
+    """
+
+    cohort: Path
+    slides: Mapping[str, Slide]
+    folds: list[dict[str, Any]]
+    genes: list[str] | None
+    fold_genes: Mapping[int, list[str]]
+    embedding: str
+    k: int
+    seed: int
+    group_by: str | None = None
+
+    def train_slides(self, fold: Mapping[str, Any]) -> list[Slide]:
+        """The fold's training slides, by sorted id."""
+        return [self.slides[s] for s in sorted(fold["train"])]
+
+    def test_slides(self, fold: Mapping[str, Any]) -> list[Slide]:
+        """The fold's test slides, by sorted id."""
+        return [self.slides[s] for s in sorted(fold["test"])]
+
+
+def slide_groups(
+    slides: Sequence[Slide], group_by: str, manifest: Mapping[str, Any] | None = None
+) -> dict[str, str | None]:
+    """Slide id -> group for ``group_by``: ``patient`` (the slide's patient), a manifest mapping
+    (``manifest[group_by][slide_id]``), or a key of ``slide.meta``.
+
+    A slide whose patient is unknown (blank in HEST, written as NaN) maps to None: `make_folds` gives it
+    a group of its own and the folds name it. Other group columns must have a value for every slide."""
+    out: dict[str, str | None] = {}
+    for s in slides:
+        value = None
+        if group_by == "patient":
+            value = s.patient
+        if value is None and manifest is not None and isinstance(manifest.get(group_by), Mapping):
+            value = manifest[group_by].get(s.slide_id)
+        if value is None:
+            value = s.meta.get(group_by)
+        if value is None or value == "" or (isinstance(value, float) and value != value):
+            if group_by == "patient":
+                out[s.slide_id] = None
+                continue
+            raise InputError(f"slide {s.slide_id!r}", f"has no value for the group column {group_by!r}")
+        out[s.slide_id] = str(value)
+    return out
+
+
+def make_plan(
+    cohort: str | Path,
+    genes: GeneConfig,
+    *,
+    k: int = 4,
+    seed: int = 0,
+    group_by: str | None = None,
+    folds: str | Path | Sequence[Mapping[str, Sequence[str]]] | None = None,
+    slide_ids: Sequence[str] | None = None,
+    embedding: str | None = None,
+) -> Plan:
+    """Load a cohort and plan its cross-validation.
+
+    Args:
+        cohort: Folder of prepared slides (+ optional ``cohort.json``).
+        genes: Which genes (`GeneConfig`; scope ``dataset`` picks them once from the manifest ranking).
+        k: Number of folds (ignored when ``folds`` is given).
+        seed: Seed of the folds.
+        group_by: None (folds by slide, the paper) or a group column such as ``patient``.
+        folds: Explicit folds (a ``splits.json`` or a list of ``{"train", "test"}``) instead of making them.
+        slide_ids: Restrict the cohort to these slides.
+        embedding: Embedding key; None: the only one every slide has (`hist_st.train.data.embedding_key`).
+
+    Returns:
+        The `Plan`: slides, folds, genes (per fold too) and embedding key.
+
+    Raises:
+        InputError: Unreadable slides or manifest, bad folds or group column, missing genes.
+    """
+    slides = load_slides(cohort, slide_ids)
+    by_id = {s.slide_id: s for s in slides}
+    manifest = read_manifest(cohort)
+    ids = sorted(by_id)
+    if folds is None:
+        groups = slide_groups(slides, group_by, manifest) if group_by else None
+        fold_list = make_folds(ids, k, seed, groups)
+    elif isinstance(folds, (str, Path)):
+        fold_list = read_splits(folds, ids)
+    else:
+        fold_list = check_folds(list(folds), ids)
+    emb = embedding_key(slides, embedding)
+    dataset_genes = None
+    if genes.scope == "dataset" or genes.genes:
+        dataset_genes = select_genes(slides, genes, manifest)
+    fold_genes = {
+        int(f["fold"]): dataset_genes if dataset_genes is not None
+        else select_genes([by_id[s] for s in sorted(f["train"])], genes, None)
+        for f in fold_list
+    }
+    return Plan(cohort=Path(cohort), slides=by_id, folds=fold_list, genes=dataset_genes, fold_genes=fold_genes,
+                embedding=emb, k=len(fold_list), seed=int(seed), group_by=group_by)
