@@ -1,0 +1,335 @@
+"""Super-resolution from coarse labels, measured against the real spots (issue 13).
+
+```bash
+hist-st bench superres --cohort cohorts/her2st --genes he:250 --out runs/superres
+```
+
+Every ``k x k`` block (default 2 x 2) of neighbouring spots of each prepared slide becomes one coarse spot
+(block = ``floor(lattice / k)``, counts summed, `hist_st.train.coarse.coarsen_slide`). On each fold by
+slide (`hist_st.train.folds.make_folds`, the report's folds for seed 0), four predictions of every
+held-out spot are scored against its measured counts:
+
+- ``superres``: HiST trained on the coarse labels only (``supervise=coarse<k>``): tokens are the spots
+  with their own patch embeddings, the loss compares their predictions summed per block with the block's
+  counts; it predicts every spot directly;
+- ``coarse_copy`` (reference a): HiST trained on the coarse spots themselves (token = mean of the block's
+  embeddings, lattice at the coarse pitch); each spot gets its block's predicted counts / members;
+- ``coarse_smooth`` (reference b): the same coarse predictions (counts per member) interpolated to the spot
+  centres with Gaussian weights in count space, ``sigma = sigma_fraction x coarse pitch``;
+- ``spot`` (reference c, the ceiling): HiST trained on the measured spots.
+
+Metrics are `hist_st.metrics.evaluate_fold` (pooled and per-gene, both protocols) of each fold's held-out
+spots; ``gap_closed[metric] = (superres - coarse_copy) / (spot - coarse_copy)`` on the means over folds
+(and the same for ``coarse_smooth``). ``coarse_level``: the block-level scores of the coarse model and of
+the super-resolution model's predictions summed per block, a check that fine maps did not cost accuracy
+at the resolution of the labels.
+
+Output folder: ``superres.json``, ``table.md``, ``maps_<slide>.png`` (measured spots, measured blocks and the
+four predictions for a held-out slide), ``fold_<i>/<model>/`` training runs and
+``fold_<i>/predictions/<slide>.npz`` (log1p predictions of each method, measured counts, spot and block
+coordinates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hist_st.errors import InputError
+from hist_st.jsonio import read_json, to_jsonable, write_json
+
+__all__ = ["METHODS", "REFERENCES", "gaussian_interpolate", "gap_closed", "run_superres", "superres_markdown"]
+
+#: Methods scored at the spot level, in table order.
+METHODS = ("coarse_copy", "coarse_smooth", "superres", "spot")
+REFERENCES = {
+    "coarse_copy": "(a) coarse model, block prediction / members copied to each spot",
+    "coarse_smooth": "(b) coarse model, Gaussian interpolation in count space",
+    "superres": "HiST super-resolution (trained on blocks, predicts spots)",
+    "spot": "(c) HiST trained on the spots (ceiling)",
+}
+_METRICS = (("per_gene", "pcc"), ("per_gene", "r2"), ("pooled", "pcc"), ("pooled", "r2"))
+
+
+def gaussian_interpolate(fine_xy: np.ndarray, coarse_xy: np.ndarray, values: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian-weighted average of coarse ``values`` at fine positions (Nadaraya-Watson).
+
+    Args:
+        fine_xy: Fine positions ``[N, 2]`` (any unit).
+        coarse_xy: Coarse positions ``[M, 2]`` (same unit).
+        values: Values at the coarse positions ``[M, G]`` (e.g. counts per member).
+        sigma: Gaussian width (same unit), > 0.
+
+    Returns:
+        ``[N, G]``: ``sum_j w_ij values_j / sum_j w_ij`` with ``w_ij = exp(-|x_i - c_j|^2 / (2 sigma^2))``.
+    """
+    if not sigma > 0:
+        raise InputError("sigma", f"must be > 0, got {sigma}")
+    d2 = ((np.asarray(fine_xy)[:, None, :] - np.asarray(coarse_xy)[None, :, :]) ** 2).sum(-1)  # [N, M]
+    w = np.exp(-(d2 - d2.min(1, keepdims=True)) / (2.0 * sigma**2))  # shifted per row: no underflow to 0/0
+    return (w @ np.asarray(values, dtype=np.float64)) / w.sum(1, keepdims=True)
+
+
+def gap_closed(value: float, low: float, high: float) -> float:
+    """``(value - low) / (high - low)``: share of the gap from a reference ``low`` to a ceiling ``high``."""
+    return float((value - low) / (high - low)) if high != low else float("nan")
+
+
+def _same_run(run: Path, key: dict[str, Any]) -> bool:
+    path = run / "superres_key.json"
+    return (run / "model.pt").is_file() and not (run / "resume.pt").is_file() and path.is_file() and \
+        read_json(path) == json.loads(json.dumps(to_jsonable(key)))  # fmt: skip
+
+
+def _fit(cfg: Any, slides: Sequence[Any], genes: list[str], run: Path, desc: str, reuse: bool) -> Any:
+    """Train (or, with ``reuse``, load the finished identical run in ``run``) and return its bundle."""
+    from hist_st.train.checkpoint import load_bundle
+    from hist_st.train.config import config_to_dict
+    from hist_st.train.loop import train
+
+    key = {"config": {k: v for k, v in config_to_dict(cfg).items() if k not in ("progress", "threads", "device",
+                                                                                 "num_workers")},
+           "slides": sorted(s.slide_id for s in slides), "genes": genes,
+           "n_spots": {s.slide_id: int(s.n_spots) for s in slides}}  # fmt: skip
+    if reuse and _same_run(run, key):
+        return load_bundle(run / "model.pt")
+    result = train(cfg, list(slides), genes=genes, out_dir=run, desc=desc, overwrite=True)
+    write_json(key, run / "superres_key.json")
+    return result.bundle
+
+
+def run_superres(
+    cohort: str | Path,
+    out: str | Path,
+    *,
+    genes: str = "he:250",
+    folds: int = 4,
+    seed: int = 0,
+    block: int = 2,
+    sigma_fraction: float = 0.5,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    plot_genes: Sequence[str] | None = None,
+    progress: bool = True,
+    reuse: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train the super-resolution model and the three references on every fold; score them on the spots.
+
+    Args:
+        cohort: Folder of prepared slides (spot level).
+        out: Output folder (layout in the module docstring).
+        genes: Gene spec (`hist_st.experiments.accuracy.parse_gene_spec`).
+        folds: Folds by slide.
+        seed: Fold and training seed.
+        block: Block side ``k`` in spots (2: 2 x 2 blocks).
+        sigma_fraction: Width of the Gaussian interpolation as a fraction of the coarse pitch.
+        config: HiST `TrainConfig` YAML; ``overrides``: ``key=value`` overrides (e.g. ``epochs=50``).
+        plot_genes: Genes of the map figure (default: the two with the highest spot-level variance of
+            normalised measured expression on the figure's slide).
+        progress: Progress bars.
+        reuse: Keep a fold's finished model when an earlier call trained it with the same config, slides
+            and genes (``fold_<i>/<model>/superres_key.json``).
+        command: The command line, recorded in the JSON.
+
+    Returns:
+        The dict written to ``superres.json``: ``methods`` (fold summaries), ``coarse_level``, ``gap_closed``,
+        ``folds``, ``genes``, settings.
+
+    Raises:
+        InputError: Bad gene spec, block, sigma, or slides without counts.
+    """
+    from hist_st.experiments.accuracy import build_config
+    from hist_st.metrics import evaluate_fold, summarise_folds
+    from hist_st.train.coarse import coarsen_slide
+    from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
+    from hist_st.train.folds import make_folds, save_folds
+    from hist_st.train.predict import predict_log1p
+
+    if block < 2:
+        raise InputError("--block", f"must be >= 2 (coarse spots of block x block spots), got {block}")
+    if not sigma_fraction > 0:
+        raise InputError("--sigma", f"must be > 0 (a fraction of the coarse pitch), got {sigma_fraction}")
+    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
+    cohort, out = Path(cohort), Path(out)
+    slides = load_slides(cohort)
+    by_id = {s.slide_id: s for s in slides}
+    gene_list = select_genes(slides, cfg.genes, read_manifest(cohort))
+    emb = embedding_key(slides, cfg.embedding)
+    cfg = dataclasses.replace(cfg, embedding=emb)
+    coarse = {s.slide_id: coarsen_slide(s, block, emb) for s in slides}
+    fold_list = make_folds(sorted(by_id), folds, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    save_folds(fold_list, out / "splits.json", k=len(fold_list), seed=cfg.seed, group_by=None, slides_dir=str(cohort))
+    (out / "genes.txt").write_text("\n".join(gene_list) + "\n")
+
+    per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    coarse_level: dict[str, list[dict[str, Any]]] = {"coarse_model": [], "superres_summed": []}
+    fold_records = []
+    for f in fold_list:
+        i = int(f["fold"])
+        fdir = out / f"fold_{i}"
+        train_fine = [by_id[s] for s in sorted(f["train"])]
+        train_coarse = [coarse[s][0] for s in sorted(f["train"])]
+        spot_cfg = dataclasses.replace(cfg, supervise="spot")
+        b_spot = _fit(spot_cfg, train_fine, gene_list, fdir / "spot", f"fold {i} spot", reuse)
+        b_sr = _fit(dataclasses.replace(cfg, supervise=f"coarse{block}"), train_fine, gene_list, fdir / "superres",
+                    f"fold {i} superres", reuse)  # fmt: skip
+        b_coarse = _fit(spot_cfg, train_coarse, gene_list, fdir / "coarse", f"fold {i} coarse", reuse)
+        preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
+        truths, coarse_truths = {}, {}
+        cl_preds: dict[str, dict[str, np.ndarray]] = {k: {} for k in coarse_level}
+        for sid in sorted(f["test"]):
+            fine, (cslide, groups) = by_id[sid], coarse[sid]
+            truth = gene_counts(fine, gene_list).toarray()
+            n_children = np.bincount(groups, minlength=cslide.n_spots)
+            c_counts = np.maximum(np.expm1(predict_log1p(b_coarse, cslide)[0].astype(np.float64)), 0.0)  # [M, G]
+            per_member = c_counts / n_children[:, None]
+            sigma_px = sigma_fraction * float(cslide.spot_pitch_um) / float(fine.um_per_px)
+            smooth = gaussian_interpolate(fine.spatial, cslide.spatial, per_member, sigma_px)
+            sr = predict_log1p(b_sr, fine)[0]
+            preds["coarse_copy"][sid] = np.log1p(per_member[groups]).astype(np.float32)
+            preds["coarse_smooth"][sid] = np.log1p(smooth).astype(np.float32)
+            preds["superres"][sid] = sr
+            preds["spot"][sid] = predict_log1p(b_spot, fine)[0]
+            truths[sid] = truth
+            coarse_truths[sid] = gene_counts(cslide, gene_list).toarray()
+            cl_preds["coarse_model"][sid] = np.log1p(c_counts)
+            summed = np.zeros_like(c_counts)
+            np.add.at(summed, groups, np.maximum(np.expm1(sr.astype(np.float64)), 0.0))
+            cl_preds["superres_summed"][sid] = np.log1p(summed)
+            (fdir / "predictions").mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(fdir / "predictions" / f"{sid}.npz", **{m: preds[m][sid] for m in METHODS},
+                                counts=truth, groups=groups, spatial=fine.spatial, coarse_spatial=cslide.spatial)  # fmt: skip
+        scores = {m: evaluate_fold(preds[m], truths) for m in METHODS}
+        cl_scores = {k: evaluate_fold(cl_preds[k], coarse_truths) for k in coarse_level}
+        for m in METHODS:
+            per_method[m].append(scores[m])
+        for k in coarse_level:
+            coarse_level[k].append(cl_scores[k])
+        fold_records.append({"fold": i, "test": sorted(f["test"]),
+                             **{m: {"pooled": scores[m]["pooled"], "per_gene_pcc": scores[m]["per_gene"]["pcc"],
+                                    "per_gene_r2": scores[m]["per_gene"]["r2"]} for m in METHODS}})  # fmt: skip
+
+    summaries = {m: summarise_folds(per_method[m]) for m in METHODS}
+    cl_summaries = {k: summarise_folds(v) for k, v in coarse_level.items()}
+    gaps: dict[str, dict[str, float]] = {}
+    for name in ("superres", "coarse_smooth"):
+        gaps[name] = {f"{proto}_{met}": gap_closed(summaries[name][proto][met]["mean"],
+                                                   summaries["coarse_copy"][proto][met]["mean"],
+                                                   summaries["spot"][proto][met]["mean"])
+                      for proto, met in _METRICS}  # fmt: skip
+    first = fold_list[0]
+    fig_slide = sorted(first["test"])[0]
+    figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], coarse[fig_slide][0], gene_list, plot_genes)
+    result: dict[str, Any] = {
+        "command": command,
+        "cohort": str(cohort),
+        "genes": genes,
+        "n_genes": len(gene_list),
+        "block": block,
+        "sigma_fraction": sigma_fraction,
+        "fine_pitch_um": {s.slide_id: s.spot_pitch_um for s in slides},
+        "coarse_pitch_um": {sid: c.spot_pitch_um for sid, (c, _) in coarse.items()},
+        "n_spots": {sid: int(s.n_spots) for sid, s in by_id.items()},
+        "n_coarse_spots": {sid: int(c.n_spots) for sid, (c, _) in coarse.items()},
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "folds": fold_records,
+        "methods": summaries,
+        "coarse_level": cl_summaries,
+        "gap_closed": gaps,
+        "figure": str(figure.name),
+        "figure_slide": fig_slide,
+    }
+    result = to_jsonable(result)
+    write_json(result, out / "superres.json")
+    (out / "table.md").write_text(superres_markdown(result))
+    return result
+
+
+def _fmt(s: dict[str, Any], proto: str, met: str) -> str:
+    v = s[proto][met]
+    return f"{v['mean']:.3f} ± {v['std']:.3f}"
+
+
+def superres_markdown(result: dict[str, Any]) -> str:
+    """The spot-level table (four methods, both protocols), the gap closed and the block-level check."""
+    heads = ["per-gene PCC", "per-gene R2", "pooled PCC", "pooled R2"]
+    lines = ["| method (scored on the measured spots) | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for m in METHODS:
+        s = result["methods"][m]
+        lines.append(f"| {REFERENCES[m]} | " + " | ".join(_fmt(s, p, k) for p, k in _METRICS) + " |")
+    lines += ["", "| gap closed (x - a) / (c - a) | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for name, g in result["gap_closed"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{g[f'{p}_{k}']:.2f}" for p, k in _METRICS) + " |")
+    lines += ["", "| block-level check (scored on the measured blocks) | " + " | ".join(heads) + " |",
+              "|---|" + "---|" * len(heads)]  # fmt: skip
+    names = {"coarse_model": "coarse model", "superres_summed": "super-resolution, spots summed per block"}
+    for k, s in result["coarse_level"].items():
+        lines.append(f"| {names.get(k, k)} | " + " | ".join(_fmt(s, p, m) for p, m in _METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_maps(out: Path, fold: int, fine: Any, cslide: Any, genes: list[str], plot_genes: Sequence[str] | None) -> Path:
+    """Measured spots, measured blocks and the four predictions of one held-out slide, normalised expression."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hist_st.pl import normalise_counts
+
+    data = np.load(out / f"fold_{fold}" / "predictions" / f"{fine.slide_id}.npz")
+    counts, groups = data["counts"].astype(np.float64), data["groups"]
+    n_children = np.bincount(groups)
+    block_counts = np.zeros((len(n_children), counts.shape[1]))
+    np.add.at(block_counts, groups, counts)
+    panels = {
+        "measured spots": normalise_counts(counts),
+        "measured 2x2 blocks\n(block / members)": normalise_counts((block_counts / n_children[:, None])[groups]),
+    }
+    for m in METHODS:
+        panels[REFERENCES[m].split(" (")[0].replace("HiST super-resolution", "super-resolution")] = \
+            normalise_counts(np.maximum(np.expm1(data[m].astype(np.float64)), 0.0))  # fmt: skip
+    if plot_genes:
+        missing = [g for g in plot_genes if g not in genes]
+        if missing:
+            raise InputError("--plot-genes", f"not among the run's genes: {missing}")
+        chosen = [genes.index(g) for g in plot_genes]
+    else:
+        chosen = list(np.argsort(-panels["measured spots"].var(0))[:2])
+    img, scale = fine.plot_image()
+    xy = np.asarray(fine.spatial) * scale
+    size = (float(fine.spot_pitch_um or 200.0) / float(fine.um_per_px or 1.0)) * scale
+    fig, axes = plt.subplots(len(chosen), len(panels), figsize=(2.6 * len(panels), 2.8 * len(chosen)), dpi=110,
+                             squeeze=False)  # fmt: skip
+    for r, g in enumerate(chosen):
+        lo, hi = np.percentile(panels["measured spots"][:, g], [1, 99])
+        for c, (name, values) in enumerate(panels.items()):
+            ax = axes[r, c]
+            if img is not None:
+                ax.imshow(img)
+            ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=(0.55 * size) ** 2 * 0.5, marker="s", cmap="viridis",
+                       vmin=lo, vmax=hi, alpha=0.85, linewidths=0)  # fmt: skip
+            pad = size
+            ax.set_xlim(xy[:, 0].min() - pad, xy[:, 0].max() + pad)
+            ax.set_ylim(xy[:, 1].max() + pad, xy[:, 1].min() - pad)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(genes[g], fontsize=9)
+    fig.suptitle(f"{fine.slide_id} (held out, fold {fold}): log1p counts per 10k over the {len(genes)} genes; "
+                 f"colour range = measured spots' 1-99th percentile", fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    path = out / f"maps_{fine.slide_id}.png"
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
