@@ -56,6 +56,8 @@ __all__ = [
     "coarse_slide_data",
     "CoarseAugmentedSlides",
     "coarsen_slide",
+    "coarsen_prediction",
+    "supervision_record",
 ]
 
 SUPERVISE_HELP = (
@@ -276,3 +278,44 @@ def coarsen_slide(slide: Slide, k: int, embedding: str | None = None) -> tuple[S
         warnings.simplefilter("ignore")
         attach_lattice(coarse)
     return coarse, groups
+
+
+def coarsen_prediction(pred: Slide, k: int) -> Slide:
+    """A prediction `Slide` summed over ``k x k`` blocks of its spots (the resolution of coarse labels).
+
+    Predicted counts are summed per block (`coarsen_slide`); the MC std is dropped (the std of a sum needs
+    the covariance of the passes, which is not kept). Measured counts, when present, are summed too.
+    """
+    base = dataclasses.replace(pred, counts=sp.csr_matrix(np.asarray(pred.predicted, dtype=np.float32)),
+                               predicted=None, predicted_std=None)  # fmt: skip
+    coarse, groups = coarsen_slide(base, k)
+    out = dataclasses.replace(coarse, predicted=np.asarray(coarse.counts.toarray(), dtype=np.float32), counts=None)
+    if pred.counts is not None:
+        total = sp.csr_matrix((np.ones(len(groups)), (groups, np.arange(len(groups)))), shape=(coarse.n_spots, len(groups)))
+        out.counts = sp.csr_matrix(total @ sp.csr_matrix(pred.counts)).astype(np.float32)
+    out.meta = dict(out.meta)
+    if isinstance(out.meta.get("prediction"), dict):
+        out.meta["prediction"] = {**out.meta["prediction"], "summed_over_blocks": k, "mc_samples": 0}
+    return out
+
+
+def supervision_record(config: dict[str, Any] | None, token_pitch_um: float | None) -> dict[str, Any]:
+    """What a model was supervised on, relative to its tokens (for prediction files and summaries).
+
+    Args:
+        config: The model's training config (`ModelBundle.config`).
+        token_pitch_um: Spot pitch of the tokens it was trained on (its training slides' spot pitch).
+
+    Returns:
+        ``{"supervise", "block", "token_pitch_um", "label_pitch_um", "note"}``.
+    """
+    supervise = str((config or {}).get("supervise", "spot"))
+    k = block_factor(supervise)
+    label = token_pitch_um * k if token_pitch_um else None
+    if k == 1:
+        note = "trained on labels at its token (spot) pitch: predictions are at the resolution it was supervised on"
+    else:
+        pitches = f" ({label:g} um pitch) with tokens at the spot pitch ({token_pitch_um:g} um)" if label else ""
+        note = (f"trained on labels of {k}x{k} blocks of spots{pitches}: predictions at the spot pitch are {k}x "
+                "finer than its labels")  # fmt: skip
+    return {"supervise": supervise, "block": k, "token_pitch_um": token_pitch_um, "label_pitch_um": label, "note": note}
