@@ -276,8 +276,17 @@ def superres_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Short panel titles of the map figure.
+_SHORT = {"coarse_copy": "(a) coarse copy", "coarse_smooth": "(b) Gaussian interpolation",
+          "superres": "super-resolution", "spot": "(c) trained on spots"}  # fmt: skip
+
+
 def _plot_maps(out: Path, fold: int, fine: Any, cslide: Any, genes: list[str], plot_genes: Sequence[str] | None) -> Path:
-    """Measured spots, measured blocks and the four predictions of one held-out slide, normalised expression."""
+    """Measured spots, measured blocks and the four predictions of one held-out slide, normalised expression.
+
+    Colour ranges are shared per row: one for the two measured panels, one for the four predictions
+    (1st-99th percentile of each group), so the predictions' smaller spread stays readable.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,45 +299,45 @@ def _plot_maps(out: Path, fold: int, fine: Any, cslide: Any, genes: list[str], p
     n_children = np.bincount(groups)
     block_counts = np.zeros((len(n_children), counts.shape[1]))
     np.add.at(block_counts, groups, counts)
-    panels = {
-        "measured spots": normalise_counts(counts),
-        "measured 2x2 blocks\n(block / members)": normalise_counts((block_counts / n_children[:, None])[groups]),
-    }
-    for m in METHODS:
-        panels[REFERENCES[m].split(" (")[0].replace("HiST super-resolution", "super-resolution")] = \
-            normalise_counts(np.maximum(np.expm1(data[m].astype(np.float64)), 0.0))  # fmt: skip
+    measured = {"measured spots": normalise_counts(counts),
+                "measured 2x2 blocks\n(block / members)": normalise_counts((block_counts / n_children[:, None])[groups])}  # fmt: skip
+    predicted = {_SHORT[m]: normalise_counts(np.maximum(np.expm1(data[m].astype(np.float64)), 0.0)) for m in METHODS}
     if plot_genes:
         missing = [g for g in plot_genes if g not in genes]
         if missing:
             raise InputError("--plot-genes", f"not among the run's genes: {missing}")
         chosen = [genes.index(g) for g in plot_genes]
     else:
-        chosen = list(np.argsort(-panels["measured spots"].var(0))[:2])
+        chosen = list(np.argsort(-measured["measured spots"].var(0))[:2])
     img, scale = fine.plot_image()
     xy = np.asarray(fine.spatial) * scale
-    size = (float(fine.spot_pitch_um or 200.0) / float(fine.um_per_px or 1.0)) * scale
-    fig, axes = plt.subplots(len(chosen), len(panels), figsize=(2.6 * len(panels), 2.8 * len(chosen)), dpi=110,
-                             squeeze=False)  # fmt: skip
+    pitch = (float(fine.spot_pitch_um or 200.0) / float(fine.um_per_px or 1.0)) * scale  # display px
+    n_cols = len(measured) + len(predicted)
+    fig, axes = plt.subplots(len(chosen), n_cols, figsize=(2.5 * n_cols, 2.6 * len(chosen)), dpi=120, squeeze=False)
     for r, g in enumerate(chosen):
-        lo, hi = np.percentile(panels["measured spots"][:, g], [1, 99])
-        for c, (name, values) in enumerate(panels.items()):
-            ax = axes[r, c]
-            if img is not None:
-                ax.imshow(img)
-            ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=(0.55 * size) ** 2 * 0.5, marker="s", cmap="viridis",
-                       vmin=lo, vmax=hi, alpha=0.85, linewidths=0)  # fmt: skip
-            pad = size
-            ax.set_xlim(xy[:, 0].min() - pad, xy[:, 0].max() + pad)
-            ax.set_ylim(xy[:, 1].max() + pad, xy[:, 1].min() - pad)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(name, fontsize=8)
-            if c == 0:
-                ax.set_ylabel(genes[g], fontsize=9)
-    fig.suptitle(f"{fine.slide_id} (held out, fold {fold}): log1p counts per 10k over the {len(genes)} genes; "
-                 f"colour range = measured spots' 1-99th percentile", fontsize=8)  # fmt: skip
-    fig.tight_layout()
+        for group, panels in ((0, measured), (len(measured), predicted)):
+            lo, hi = np.percentile(np.concatenate([v[:, g] for v in panels.values()]), [1, 99])
+            for j, (name, values) in enumerate(panels.items()):
+                ax = axes[r, group + j]
+                if img is not None:
+                    ax.imshow(img)
+                # marker size in points^2 for a dot of 0.85 x the pitch (the ST spot itself is 0.5 x)
+                dots = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=1, cmap="viridis", vmin=lo, vmax=hi,
+                                  linewidths=0)  # fmt: skip
+                ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
+                ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                fig.canvas.draw()
+                per_px = ax.get_window_extent().width / (2 * pitch + np.ptp(xy[:, 0]))  # screen px per image px
+                dots.set_sizes([(0.85 * pitch * per_px * 72.0 / fig.dpi) ** 2])
+                if r == 0:
+                    ax.set_title(name, fontsize=8)
+                if group + j == 0:
+                    ax.set_ylabel(genes[g], fontsize=9)
+            fig.colorbar(dots, ax=axes[r, group + len(panels) - 1], fraction=0.046, pad=0.02)
+    fig.suptitle(f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
+                 "colour range per row: measured panels / predicted panels (1st-99th percentile)", fontsize=8)  # fmt: skip
     path = out / f"maps_{fine.slide_id}.png"
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
