@@ -39,6 +39,7 @@ def test_superres_end_to_end_on_a_toy_cohort(tmp_path):
     res = run_superres(cohort, tmp_path / "sr", genes="he:5", folds=3, overrides=over, progress=False)
     assert set(res["methods"]) == set(METHODS) and len(res["folds"]) == 3
     assert set(res["gap_closed"]) == {"superres", "coarse_smooth"}
+    assert len(res["gap_closed_per_fold"]["superres"]["per_gene_pcc"]) == 3
     for sid, n in res["n_spots"].items():
         assert n / 4 <= res["n_coarse_spots"][sid] < n
         assert res["coarse_pitch_um"][sid] == pytest.approx(2 * res["fine_pitch_um"][sid], rel=0.02)
