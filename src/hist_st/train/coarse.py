@@ -163,12 +163,16 @@ def coarse_slide_data(slide: Slide, genes: Sequence[str], embedding: str, k: int
     """`SlideData` of a slide supervised on its ``k x k`` blocks of spots.
 
     Fine tokens are the slide's spots (coordinates and embeddings as `prepare_slide`); ``target`` holds the
-    blocks' ``log1p`` summed counts ``[M, G]`` and ``groups`` each spot's block ``[N]``.
+    blocks' ``log1p`` summed counts ``[M, G]`` and ``groups`` each spot's block ``[N]``. A sub-spot slide
+    (`hist_st.train.subspot.subspot_slide`, ``k x k`` tokens per measured spot) is grouped by its parent spots.
     """
     from hist_st.lattice import to_lattice
+    from hist_st.train.subspot import subspot_groups
 
     d = prepare_slide(slide, None, embedding)
-    groups, _ = block_groups(to_lattice(d.xy, source=f"slide {slide.slide_id!r}"), k)
+    groups = subspot_groups(slide, k)  # sub-spot tokens (`hist_st.train.subspot`): their parent spot
+    if groups is None:
+        groups, _ = block_groups(to_lattice(d.xy, source=f"slide {slide.slide_id!r}"), k)
     n_coarse = int(groups.max()) + 1
     target = torch.from_numpy(coarse_log1p(gene_counts(slide, genes), groups, n_coarse))
     return dataclasses.replace(d, target=target, groups=torch.from_numpy(groups))
