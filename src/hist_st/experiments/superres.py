@@ -43,7 +43,7 @@ import numpy as np
 from hist_st.errors import InputError
 from hist_st.jsonio import read_json, to_jsonable, write_json
 
-__all__ = ["METHODS", "REFERENCES", "gaussian_interpolate", "gap_closed", "run_superres", "superres_markdown"]
+__all__ = ["METHODS", "REFERENCES", "gaussian_interpolate", "gap_closed", "run_superres", "run_subspot", "superres_markdown"]
 
 #: Methods scored at the spot level, in table order.
 METHODS = ("coarse_copy", "coarse_smooth", "superres", "spot")
@@ -352,6 +352,135 @@ def _plot_maps(out: Path, fold: int, fine: Any, cslide: Any, genes: list[str], p
     fig.suptitle(f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
                  "colour range per row: measured panels / predicted panels (1st-99th percentile)", fontsize=8)  # fmt: skip
     path = out / f"maps_{fine.slide_id}.png"
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def run_subspot(
+    cohort: str | Path,
+    out: str | Path,
+    *,
+    genes: str = "he:250",
+    fold: int = 0,
+    folds: int = 4,
+    seed: int = 0,
+    factor: int = 2,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    plot_genes: Sequence[str] | None = None,
+    progress: bool = True,
+    reuse: bool = True,
+) -> dict[str, Any]:
+    """Sub-spot tokens on one fold: ``factor x factor`` patches per spot, supervised by the measured spots.
+
+    The model (``supervise=coarse<factor>`` on `hist_st.train.subspot.subspot_slide` slides) predicts at
+    ``pitch / factor``; its sub-spot predictions summed per spot are scored against the measured spots beside
+    HiST trained on the spots (``fold_<i>/spot``, shared with `run_superres` in the same ``out``). There is no
+    measurement below the spot, so this scores only what the spots can check; the maps show the rest.
+
+    Writes ``subspot_fold<i>.json`` and ``subspot_maps_<slide>.png``; sub-spot slides are cached in
+    ``subspots/<slide>.h5ad``.
+    """
+    from hist_st.experiments.accuracy import build_config
+    from hist_st.metrics import evaluate_fold, summarise_folds
+    from hist_st.slide import read_prepared, write_prepared
+    from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
+    from hist_st.train.folds import make_folds
+    from hist_st.train.predict import predict_log1p
+    from hist_st.train.subspot import subspot_slide
+
+    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
+    cohort, out = Path(cohort), Path(out)
+    slides = load_slides(cohort)
+    by_id = {s.slide_id: s for s in slides}
+    gene_list = select_genes(slides, cfg.genes, read_manifest(cohort))
+    cfg = dataclasses.replace(cfg, embedding=embedding_key(slides, cfg.embedding))
+    fold_list = make_folds(sorted(by_id), folds, cfg.seed)
+    if not 0 <= fold < len(fold_list):
+        raise InputError("--fold", f"must be in 0..{len(fold_list) - 1}, got {fold}")
+    f = fold_list[fold]
+    cache = out / "subspots"
+    cache.mkdir(parents=True, exist_ok=True)
+    subs = {}
+    for sid in sorted(by_id):
+        path = cache / f"{sid}.h5ad"
+        if reuse and path.is_file() and (read_prepared(path).meta.get("subspot") or {}).get("factor") == factor:
+            subs[sid] = read_prepared(path)
+        else:
+            subs[sid] = subspot_slide(by_id[sid], factor, progress=progress)
+            write_prepared(subs[sid], path)
+    fdir = out / f"fold_{fold}"
+    b_spot = _fit(dataclasses.replace(cfg, supervise="spot"), [by_id[s] for s in sorted(f["train"])], gene_list,
+                  fdir / "spot", f"fold {fold} spot", reuse)  # fmt: skip
+    b_sub = _fit(dataclasses.replace(cfg, supervise=f"coarse{factor}"), [subs[s] for s in sorted(f["train"])],
+                 gene_list, fdir / f"subspot{factor}", f"fold {fold} subspot", reuse)  # fmt: skip
+    preds: dict[str, dict[str, np.ndarray]] = {"spot": {}, "subspot_summed": {}}
+    truths, fine = {}, {}
+    for sid in sorted(f["test"]):
+        parent = np.asarray(subs[sid].obs["parent"], dtype=np.int64)
+        sub_log1p = predict_log1p(b_sub, subs[sid])[0]
+        summed = np.zeros((by_id[sid].n_spots, len(gene_list)))
+        np.add.at(summed, parent, np.maximum(np.expm1(sub_log1p.astype(np.float64)), 0.0))
+        preds["subspot_summed"][sid] = np.log1p(summed)
+        preds["spot"][sid] = predict_log1p(b_spot, by_id[sid])[0]
+        truths[sid] = gene_counts(by_id[sid], gene_list).toarray()
+        fine[sid] = sub_log1p
+    scores = {k: summarise_folds([evaluate_fold(v, truths)]) for k, v in preds.items()}
+    fig_slide = sorted(f["test"])[0]
+    figure = _plot_subspot(out, by_id[fig_slide], subs[fig_slide], preds["spot"][fig_slide], fine[fig_slide],
+                           truths[fig_slide], gene_list, plot_genes, fold)  # fmt: skip
+    result = to_jsonable({
+        "cohort": str(cohort), "genes": genes, "n_genes": len(gene_list), "fold": fold, "test": sorted(f["test"]),
+        "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": subs[fig_slide].spot_pitch_um,
+        "n_subspots": {s: int(subs[s].n_spots) for s in sorted(f["test"])}, "scores": scores, "figure": figure.name,
+    })  # fmt: skip
+    write_json(result, out / f"subspot_fold{fold}.json")
+    return result
+
+
+def _plot_subspot(out: Path, slide: Any, sub: Any, spot_pred: np.ndarray, sub_pred: np.ndarray, counts: np.ndarray,
+                  genes: list[str], plot_genes: Sequence[str] | None, fold: int) -> Path:  # fmt: skip
+    """Measured spots, HiST on the spots and the sub-spot model at ``pitch / factor`` for two genes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hist_st.pl import normalise_counts
+
+    panels = [("measured spots", slide.spatial, normalise_counts(counts), 1.0),
+              ("HiST trained on the spots", slide.spatial, normalise_counts(np.maximum(np.expm1(spot_pred), 0)), 1.0),
+              (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial,
+               normalise_counts(np.maximum(np.expm1(sub_pred), 0)), 1.0 / sub.meta["subspot"]["factor"])]  # fmt: skip
+    chosen = [genes.index(g) for g in plot_genes if g in genes] if plot_genes else \
+        list(np.argsort(-panels[0][2].var(0))[:2])  # fmt: skip
+    img, scale = slide.plot_image()
+    pitch = float(slide.spot_pitch_um or 200.0) / float(slide.um_per_px or 1.0) * scale
+    fig, axes = plt.subplots(len(chosen), 3, figsize=(8.4, 2.9 * len(chosen)), dpi=120, squeeze=False)
+    for r, g in enumerate(chosen):
+        for c, (name, xy_px, values, rel) in enumerate(panels):
+            ax = axes[r, c]
+            xy = np.asarray(xy_px) * scale
+            if img is not None:
+                ax.imshow(img)
+            lo, hi = np.percentile(values[:, g], [1, 99])
+            dots = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=1, cmap="viridis", vmin=lo, vmax=hi, linewidths=0)
+            ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
+            ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.canvas.draw()
+            per_px = ax.get_window_extent().width / (2 * pitch + np.ptp(xy[:, 0]))
+            dots.set_sizes([(0.85 * rel * pitch * per_px * 72.0 / fig.dpi) ** 2])
+            fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.02)
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(genes[g], fontsize=9)
+    fig.suptitle(f"{slide.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes), "
+                 "own colour range per panel", fontsize=8)  # fmt: skip
+    path = out / f"subspot_maps_{slide.slide_id}.png"
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
