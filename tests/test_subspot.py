@@ -58,6 +58,17 @@ def test_subspot_slide_splits_each_spot(slides):
     emb = sub.embeddings["test-predimg"]
     assert emb.shape == (sub.n_spots, 6) and len(np.unique(emb.round(5), axis=0)) > sub.n_spots // 2
     assert sub.spot_pitch_um == pytest.approx(PITCH / 2, rel=0.02) and sub.meta["subspot"]["factor"] == 2
+    # lattice: the sub-cells of the spot at site (n, m) sit on sites 2 (n, m) + {0, 1}^2, no collisions
+    from hist_st.lattice import continuous_coords, to_lattice
+    from hist_st.lattice.geometry import measure_grid
+
+    assert sub.meta["spot_grid"]["pitch_um"] == pytest.approx(measure_grid(s.spatial, s.um_per_px).pitch_um / 2)
+    xy = continuous_coords(sub)
+    assert np.abs(xy - np.rint(xy)).max() < 0.1
+    lat_sub, lat = to_lattice(xy), to_lattice(continuous_coords(s))
+    rel = lat_sub - 2 * lat[parent]
+    rel -= rel.min(0)
+    assert set(map(tuple, rel)) == {(0, 0), (0, 1), (1, 0), (1, 1)} and len(np.unique(lat_sub, axis=0)) == sub.n_spots
     # supervision groups the tokens by their parent spot, and the targets are the measured spots
     d = coarse_slide_data(sub, GENES, "test-predimg", 2)
     assert torch.equal(d.groups, torch.from_numpy(parent))

@@ -388,7 +388,7 @@ def run_subspot(
     from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
     from hist_st.train.folds import make_folds
     from hist_st.train.predict import predict_log1p
-    from hist_st.train.subspot import subspot_slide
+    from hist_st.train.subspot import set_subspot_grid, subspot_slide
 
     cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     cohort, out = Path(cohort), Path(out)
@@ -406,7 +406,7 @@ def run_subspot(
     for sid in sorted(by_id):
         path = cache / f"{sid}.h5ad"
         if reuse and path.is_file() and (read_prepared(path).meta.get("subspot") or {}).get("factor") == factor:
-            subs[sid] = read_prepared(path)
+            subs[sid] = set_subspot_grid(read_prepared(path), by_id[sid])
         else:
             subs[sid] = subspot_slide(by_id[sid], factor, progress=progress)
             write_prepared(subs[sid], path)

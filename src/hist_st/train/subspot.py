@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from hist_st.errors import InputError
 from hist_st.slide import Slide
 
-__all__ = ["subspot_offsets", "subspot_slide", "subspot_groups"]
+__all__ = ["subspot_offsets", "subspot_slide", "subspot_groups", "subspot_grid", "set_subspot_grid"]
 
 
 def subspot_offsets(factor: int, pitch: float, angle_deg: float) -> np.ndarray:
@@ -42,6 +42,36 @@ def subspot_offsets(factor: int, pitch: float, angle_deg: float) -> np.ndarray:
     a = np.deg2rad(angle_deg)
     rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     return grid @ rot.T
+
+
+def subspot_grid(parent: Any, factor: int) -> Any:
+    """The sub-spot grid of a measured square spot grid: pitch / factor, phase chosen so that the sub-cells
+    of the spot at site ``(n, m)`` land on sites ``factor * (n, m) + (i, j)``, ``0 <= i, j < factor``.
+
+    Measuring the sub-spots' own grid instead would not work: the gaps between neighbouring spots' sub-spots
+    vary with the spots' placement noise, so the measured pitch drifts and sites collide.
+    """
+    from hist_st.lattice.geometry import GridGeometry
+
+    shift = 0.5 - factor / 2.0
+    phase = tuple(float((factor * p + shift) % 1.0) for p in parent.phase)
+    return GridGeometry(pitch_um=parent.pitch_um / factor, kind="square", angle_deg=parent.angle_deg,
+                        row_spacing_um=parent.row_spacing_um / factor, phase=phase, order=parent.order,
+                        n_spots=parent.n_spots * factor**2, n_steps=parent.n_steps)  # fmt: skip
+
+
+def set_subspot_grid(sub: Slide, parent_slide: Slide) -> Slide:
+    """Give a sub-spot slide the grid derived from its parent slide's measured grid (`subspot_grid`), in place."""
+    from hist_st.lattice import continuous_coords, to_lattice
+    from hist_st.lattice.geometry import measure_grid
+
+    factor = int(sub.meta["subspot"]["factor"])
+    geom = subspot_grid(measure_grid(parent_slide.spatial, parent_slide.um_per_px, source=f"slide {parent_slide.slide_id!r}"),
+                        factor)  # fmt: skip
+    sub.meta["spot_grid"] = geom.as_dict()
+    sub.spot_pitch_um = sub.lattice_unit_um = geom.pitch_um
+    sub.lattice = np.asarray(to_lattice(continuous_coords(sub), source=f"slide {sub.slide_id!r}"), dtype=np.int64)
+    return sub
 
 
 def subspot_groups(slide: Slide, factor: int) -> np.ndarray | None:
@@ -79,9 +109,6 @@ def subspot_slide(
     Raises:
         InputError: factor < 2, no image, no counts, or a grid that is not square.
     """
-    import warnings
-
-    from hist_st.io._util import attach_lattice
     from hist_st.lattice.geometry import measure_grid
     from hist_st.prepare import embed_he_slide
 
@@ -130,7 +157,4 @@ def subspot_slide(
     embed_he_slide(sub, encoder=enc, weights=weights, device=device, patch_px=int(patch["size_px"]),
                    patch_um_per_px=float(patch["um_per_px"]), stain_norm=slide.meta.get("stain_norm"),
                    progress=progress)  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        attach_lattice(sub)
-    return sub
+    return set_subspot_grid(sub, slide)
