@@ -57,3 +57,16 @@ def test_superres_end_to_end_on_a_toy_cohort(tmp_path):
     assert (tmp_path / "sr" / "fold_0" / "spot" / "model.pt").stat().st_mtime_ns == stamp
     with pytest.raises(InputError, match="--block"):
         run_superres(cohort, tmp_path / "bad", block=1)
+
+
+def test_position_effect_sees_a_fixed_split_and_not_noise():
+    from hist_st.experiments.superres import position_effect
+
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(200), 4)
+    position = np.tile(np.arange(4), 200)
+    block_level = rng.normal(0, 1, (200, 5))[groups]
+    assert position_effect(block_level, position, groups) == pytest.approx(0.0, abs=1e-12)
+    noisy = block_level + rng.normal(0, 0.5, block_level.shape)
+    split = block_level + np.array([0.6, -0.6, 0.6, -0.6])[position][:, None]
+    assert position_effect(split, position, groups) > 5 * position_effect(noisy, position, groups)

@@ -264,6 +264,7 @@ def cmd_subspot(args: argparse.Namespace) -> int:
     for name, s in res["scores"].items():
         print(f"{name}: per-gene PCC {s['per_gene']['pcc']['mean']:.3f}, pooled PCC {s['pooled']['pcc']['mean']:.3f}, "
               f"pooled R2 {s['pooled']['r2']['mean']:.3f}")  # fmt: skip
+    print(f"within-spot position effect of the sub-spot map: {res['position_effect']:.3f}")
     print(f"results: {args.out / f'subspot_fold{args.fold}.json'}, {args.out / res['figure']}")
     return 0
 

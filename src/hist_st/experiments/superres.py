@@ -43,7 +43,8 @@ import numpy as np
 from hist_st.errors import InputError
 from hist_st.jsonio import read_json, to_jsonable, write_json
 
-__all__ = ["METHODS", "REFERENCES", "gaussian_interpolate", "gap_closed", "run_superres", "run_subspot", "superres_markdown"]
+__all__ = ["METHODS", "REFERENCES", "gaussian_interpolate", "gap_closed", "position_effect", "run_superres", "run_subspot",
+           "superres_markdown"]
 
 #: Methods scored at the spot level, in table order.
 METHODS = ("coarse_copy", "coarse_smooth", "superres", "spot")
@@ -73,6 +74,29 @@ def gaussian_interpolate(fine_xy: np.ndarray, coarse_xy: np.ndarray, values: np.
     d2 = ((np.asarray(fine_xy)[:, None, :] - np.asarray(coarse_xy)[None, :, :]) ** 2).sum(-1)  # [N, M]
     w = np.exp(-(d2 - d2.min(1, keepdims=True)) / (2.0 * sigma**2))  # shifted per row: no underflow to 0/0
     return (w @ np.asarray(values, dtype=np.float64)) / w.sum(1, keepdims=True)
+
+
+def position_effect(values: np.ndarray, position: np.ndarray, groups: np.ndarray) -> float:
+    """How much a map depends on where a spot sits inside its block (an artefact when supervision is by block).
+
+    For each gene, the deviation of each spot from its block's mean is averaged per within-block position;
+    the root mean square of those position means, averaged over genes and divided by the mean per-gene
+    std of ``values``. Measured maps give the noise floor (a few blocks' worth of averaging); a model that
+    learnt a fixed split of each block between its positions scores far above it.
+
+    Args:
+        values: ``[N, G]`` (e.g. log1p), for spots of complete blocks only.
+        position: ``[N]`` position of each spot inside its block (e.g. ``(row % k) * k + col % k``).
+        groups: ``[N]`` block of each spot.
+    """
+    _, g = np.unique(groups, return_inverse=True)
+    values = np.asarray(values, dtype=np.float64)
+    sums = np.zeros((g.max() + 1, values.shape[1]))
+    np.add.at(sums, g, values)
+    dev = values - (sums / np.bincount(g)[:, None])[g]
+    means = np.stack([dev[position == p].mean(0) for p in np.unique(position)])  # [P, G]
+    scale = values.std(0).mean()
+    return float(np.sqrt((means**2).mean(0)).mean() / scale) if scale > 0 else float("nan")
 
 
 def gap_closed(value: float, low: float, high: float) -> float:
@@ -145,6 +169,7 @@ def run_superres(
         InputError: Bad gene spec, block, sigma, or slides without counts.
     """
     from hist_st.experiments.accuracy import build_config
+    from hist_st.lattice import continuous_coords, to_lattice
     from hist_st.metrics import evaluate_fold, summarise_folds
     from hist_st.train.coarse import coarsen_slide
     from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
@@ -171,6 +196,7 @@ def run_superres(
     per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     coarse_level: dict[str, list[dict[str, Any]]] = {"coarse_model": [], "superres_summed": []}
     fold_records = []
+    artefact: dict[str, list[float]] = {m: [] for m in ("measured", "superres", "coarse_smooth", "spot")}
     for f in fold_list:
         i = int(f["fold"])
         fdir = out / f"fold_{i}"
@@ -183,6 +209,8 @@ def run_superres(
         b_coarse = _fit(spot_cfg, train_coarse, gene_list, fdir / "coarse", f"fold {i} coarse", reuse)
         preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
         truths, coarse_truths = {}, {}
+        full_rows: dict[str, list[np.ndarray]] = {m: [] for m in artefact}
+        full_pos, full_groups = [], []
         cl_preds: dict[str, dict[str, np.ndarray]] = {k: {} for k in coarse_level}
         for sid in sorted(f["test"]):
             fine, (cslide, groups) = by_id[sid], coarse[sid]
@@ -198,6 +226,13 @@ def run_superres(
             preds["superres"][sid] = sr
             preds["spot"][sid] = predict_log1p(b_spot, fine)[0]
             truths[sid] = truth
+            lat = to_lattice(continuous_coords(fine))
+            full = n_children[groups] == block * block
+            full_pos.append(((lat[:, 0] % block) * block + lat[:, 1] % block)[full])
+            full_groups.append(groups[full] + 10**6 * len(full_groups))  # blocks of different slides stay apart
+            for m, v in (("measured", np.log1p(truth)), ("superres", sr), ("coarse_smooth", preds["coarse_smooth"][sid]),
+                         ("spot", preds["spot"][sid])):  # fmt: skip
+                full_rows[m].append(np.asarray(v)[full])
             coarse_truths[sid] = gene_counts(cslide, gene_list).toarray()
             cl_preds["coarse_model"][sid] = np.log1p(c_counts)
             summed = np.zeros_like(c_counts)
@@ -206,6 +241,10 @@ def run_superres(
             (fdir / "predictions").mkdir(parents=True, exist_ok=True)
             np.savez_compressed(fdir / "predictions" / f"{sid}.npz", **{m: preds[m][sid] for m in METHODS},
                                 counts=truth, groups=groups, spatial=fine.spatial, coarse_spatial=cslide.spatial)  # fmt: skip
+        if full_pos:
+            pos_all, groups_all = np.concatenate(full_pos), np.concatenate(full_groups)
+            for m in artefact:
+                artefact[m].append(position_effect(np.concatenate(full_rows[m]), pos_all, groups_all))
         scores = {m: evaluate_fold(preds[m], truths) for m in METHODS}
         cl_scores = {k: evaluate_fold(cl_preds[k], coarse_truths) for k in coarse_level}
         for m in METHODS:
@@ -250,6 +289,7 @@ def run_superres(
         "coarse_level": cl_summaries,
         "gap_closed": gaps,
         "gap_closed_per_fold": fold_gaps,
+        "position_effect": {m: {"mean": float(np.mean(v)), "values": v} for m, v in artefact.items() if v},
         "figure": str(figure.name),
         "figure_slide": fig_slide,
     }
@@ -286,6 +326,9 @@ def superres_markdown(result: dict[str, Any]) -> str:
     names = {"coarse_model": "coarse model", "superres_summed": "super-resolution, spots summed per block"}
     for k, s in result["coarse_level"].items():
         lines.append(f"| {names.get(k, k)} | " + " | ".join(_fmt(s, p, m) for p, m in _METRICS) + " |")
+    if result.get("position_effect"):
+        lines += ["", "Within-block position effect (`position_effect`, complete blocks of the held-out slides; measured = "
+                  "noise floor): " + ", ".join(f"{m} {v['mean']:.3f}" for m, v in result["position_effect"].items())]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -427,6 +470,10 @@ def run_subspot(
         truths[sid] = gene_counts(by_id[sid], gene_list).toarray()
         fine[sid] = sub_log1p
     scores = {k: summarise_folds([evaluate_fold(v, truths)]) for k, v in preds.items()}
+    k2 = factor * factor
+    position = np.concatenate([np.arange(subs[s].n_spots) % k2 for s in sorted(f["test"])])
+    parents = np.concatenate([np.asarray(subs[s].obs["parent"]) + 10**6 * i for i, s in enumerate(sorted(f["test"]))])
+    artefact = position_effect(np.concatenate([fine[s] for s in sorted(f["test"])]), position, parents)
     fig_slide = sorted(f["test"])[0]
     figure = _plot_subspot(out, by_id[fig_slide], subs[fig_slide], preds["spot"][fig_slide], fine[fig_slide],
                            truths[fig_slide], gene_list, plot_genes, fold)  # fmt: skip
@@ -434,6 +481,7 @@ def run_subspot(
         "cohort": str(cohort), "genes": genes, "n_genes": len(gene_list), "fold": fold, "test": sorted(f["test"]),
         "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": subs[fig_slide].spot_pitch_um,
         "n_subspots": {s: int(subs[s].n_spots) for s in sorted(f["test"])}, "scores": scores, "figure": figure.name,
+        "position_effect": artefact,
     })  # fmt: skip
     write_json(result, out / f"subspot_fold{fold}.json")
     return result
