@@ -289,6 +289,7 @@ def predict_image(
     values: str = "normalised",
     progress: bool = False,
     log: Any = None,
+    map_resolution: str = "fine",
 ) -> dict[str, Any]:
     """Predict expression on an H&E image that was never sequenced.
 
@@ -314,6 +315,11 @@ def predict_image(
         values: What the maps show (`hist_st.pl.VALUES`; default library-size-normalised log expression).
         progress: Show progress bars.
         log: Callable receiving warnings (default: none; they are always in the summary).
+        map_resolution: ``"fine"``: one prediction per pseudo-spot at the model's token pitch (its training
+            slides' spot pitch; for a model trained with ``supervise=coarse<k>`` that is ``k`` times finer
+            than the labels it learnt from). ``"labels"``: those predictions summed over ``k x k`` blocks of
+            pseudo-spots, the resolution the model was supervised at (the same as ``"fine"`` for a
+            spot-supervised model). The summary's ``map_resolution`` records both pitches.
 
     Returns:
         The summary dict also written to ``out_dir/summary.json``: ``slide_id``, ``image``, ``h5ad``,
@@ -341,6 +347,9 @@ def predict_image(
         raise InputError("--mc-samples", f"must be >= 0, got {mc_samples}")
     if values not in VALUES:
         raise InputError("--values", f"unknown values {values!r}; use {', '.join(VALUES)}")
+    if map_resolution not in ("fine", "labels"):
+        raise InputError("--resolution", f"unknown resolution {map_resolution!r}; use fine (the model's token pitch) or "
+                         "labels (summed over the blocks the model was supervised on)")  # fmt: skip
     model_genes = {str(g) for g in bundle.genes}
     if genes_to_plot:
         missing = [str(g) for g in genes_to_plot if str(g) not in model_genes]
@@ -408,6 +417,20 @@ def predict_image(
     pred = predict_slide(bundle, slide, mc_samples=mc_samples, seed=seed)
     timings["predict_s"] = time.perf_counter() - t0
     pred.meta["prediction"].update(source_image=str(image_path), grid=grid)
+    from hist_st.train.coarse import coarsen_prediction, coarsen_slide, supervision_record
+
+    supervision = supervision_record(bundle.config, grid["pitch_um"])
+    block = supervision["block"] if map_resolution == "labels" else 1
+    n_pseudo = int(pred.n_spots)
+    n_outside = int(np.asarray(pred.patch_outside).sum()) if pred.patch_outside is not None else 0
+    if block > 1:
+        pred = coarsen_prediction(pred, block)
+        if ref is not None:
+            ref = coarsen_slide(ref, block)[0]
+    pred.meta["prediction"]["supervision"] = supervision
+    resolution_record = {"resolution": map_resolution, "pseudo_spot_pitch_um": grid["pitch_um"],
+                         "map_pitch_um": grid["pitch_um"] * block, "label_pitch_um": supervision["label_pitch_um"],
+                         "note": supervision["note"]}  # fmt: skip
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -439,22 +462,23 @@ def predict_image(
         "grid": grid,
         "um_per_px": upp,
         "um_per_px_source": upp_source,
-        "n_pseudo_spots": int(pred.n_spots),
+        "n_pseudo_spots": n_pseudo,
         "tissue_fraction": float(mask.fraction),
         "fiducial_dots_removed": int(mask.n_fiducials),
         "grid_origin_px": list(origin) if origin is not None else None,
         "grid_angle_deg": angle,
-        "n_patch_outside": int(np.asarray(pred.patch_outside).sum()) if pred.patch_outside is not None else 0,
+        "n_patch_outside": n_outside,
         "n_genes": len(pred.genes),
         "embedding": bundle.embedding,
         "mc_samples": int(mc_samples),
+        "map_resolution": resolution_record,
     }
     if ref is not None:
         t0 = time.perf_counter()
-        summary["reference"] = compare_to_reference(pred, ref, pitch_um=grid["pitch_um"], bundle=bundle)
+        summary["reference"] = compare_to_reference(pred, ref, pitch_um=grid["pitch_um"] * block, bundle=bundle)
         timings["reference_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
-    timings["patches_per_s"] = pred.n_spots / timings["embed_s"] if timings["embed_s"] > 0 else float("nan")
+    timings["patches_per_s"] = n_pseudo / timings["embed_s"] if timings["embed_s"] > 0 else float("nan")
     summary["timings_s"] = timings
     summary = to_jsonable(summary)
     write_json(summary, out / "summary.json")

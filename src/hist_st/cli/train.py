@@ -39,12 +39,18 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="gene set: hvg:N (top N HVGs) or he:N (N most expressed); default: the config's (hvg:2000)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=20 model.dim=256")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--supervise-at", default=None, metavar="spot|coarse<k>",
+                   help="where the labels are: spot (default) or coarse<k>, e.g. coarse2: each 2x2 block of "
+                   "neighbouring spots is one label (counts summed) and the model learns to predict every spot "
+                   "from it (super-resolution; the config key supervise)")
 
 
 def _cfg(args: argparse.Namespace, base: dict | None = None):
     from hist_st.train.config import run_config, with_gene_set
 
     overrides = with_gene_set(args.overrides, args.genes)
+    if getattr(args, "supervise_at", None):
+        overrides.append(f"supervise={args.supervise_at}")
     if args.no_progress:
         overrides.append("progress=false")
     return run_config(args.config, overrides, base=base)
@@ -93,7 +99,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from hist_st.train.predict import predict_folder
 
     set_threads(args.threads)
-    image_only = ("um_per_px", "reference", "weights")
+    image_only = ("um_per_px", "reference", "weights", "resolution")
     if args.image is None:
         given = [f"--{k.replace('_', '-')}" for k in image_only if getattr(args, k) is not None]
         if given:
@@ -109,7 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             bundle, args.image, args.out, um_per_px=args.um_per_px, genes_to_plot=genes,
             mc_samples=args.mc_samples, encoder_weights=args.weights, device=str(bundle.device),
             reference=args.reference, seed=args.seed, progress=not args.no_progress, values=args.values,
-            log=lambda m: print(m, file=sys.stderr),
+            log=lambda m: print(m, file=sys.stderr), map_resolution=args.resolution or "fine",
         )
         brief = {k: summary[k] for k in ("slide_id", "n_pseudo_spots", "um_per_px", "h5ad", "genes_plotted",
                                          "warnings")}
@@ -192,6 +198,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="prepared .h5ad of the same section with measured expression: adds coverage and "
                         "correlation to summary.json")
     p.add_argument("--weights", type=Path, default=None, help="patch-encoder weights file (e.g. for uni)")
+    p.add_argument("--resolution", default=None, choices=("fine", "labels"),
+                   help="with --image: fine (default) = one prediction per pseudo-spot at the model's token pitch "
+                   "(its training spot pitch; for a model trained with --supervise-at coarse<k>, k times finer than "
+                   "its labels); labels = those predictions summed over the k x k blocks it was supervised on")
     p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout passes; adds layers['predicted_std']")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

@@ -215,6 +215,9 @@ class TrainConfig:
         checkpoint_every: Save a restorable checkpoint every this many epochs (and always at the end).
         progress: Show tqdm progress bars.
         threads: torch CPU threads (0 = leave torch's default).
+        supervise: Where the labels are: ``"spot"`` (each spot's own counts, the paper) or ``"coarse<k>"``
+            (super-resolution training, `hist_st.train.coarse`: labels on ``k x k`` blocks of spots, counts
+            summed; the model still predicts every spot).
     """
 
     epochs: int = 100
@@ -235,6 +238,7 @@ class TrainConfig:
     checkpoint_every: int = 10
     progress: bool = True
     threads: int = 0
+    supervise: str = "spot"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -255,6 +259,9 @@ class TrainConfig:
             raise InputError("config", f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.grad_checkpointing not in ("none", "ffn", "block"):
             raise InputError("config", f"grad_checkpointing must be none, ffn or block, got {self.grad_checkpointing!r}")
+        from hist_st.train.coarse import block_factor
+
+        block_factor(self.supervise)  # raises InputError naming the accepted values
 
 
 def _check_range(key: str, value: float, low: float, high: float) -> None:

@@ -209,13 +209,17 @@ class SlideData:
         slide_id: Slide id.
         xy: Continuous spot coordinates in lattice units ``[N, 2]`` float64.
         features: Embeddings ``[N, C]`` float32 (standardised when the run asks for it).
-        target: ``log1p`` counts of the selected genes ``[N, G]`` float32, or None (H&E-only).
+        target: ``log1p`` counts of the selected genes ``[N, G]`` float32, or None (H&E-only); with
+            ``groups``, the coarse spots' ``log1p`` summed counts ``[M, G]``.
+        groups: Coarse supervision (`hist_st.train.coarse`): the coarse spot of each token ``[N]`` int64
+            (-1: none), or None (each token is its own labelled spot).
     """
 
     slide_id: str
     xy: np.ndarray
     features: torch.Tensor
     target: torch.Tensor | None
+    groups: torch.Tensor | None = None
 
     @property
     def n_spots(self) -> int:

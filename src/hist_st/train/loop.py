@@ -46,11 +46,11 @@ from hist_st.train.checkpoint import (
     set_rng_state,
     training_inputs,
 )
+from hist_st.train.coarse import CoarseAugmentedSlides, block_factor, coarse_head_bias, coarse_slide_data
 from hist_st.train.config import TrainConfig, config_from_dict, config_to_dict, save_config
 from hist_st.train.data import (
     AugmentedSlides,
     KeySampler,
-    SlideData,
     embedding_key,
     epoch_keys,
     load_slides,
@@ -133,6 +133,9 @@ def forward_loss(
 ) -> torch.Tensor:
     """MSE between the model's log1p predictions and the log1p targets of the step's kept spots.
 
+    An item with ``groups`` (coarse supervision, `hist_st.train.coarse`) compares the fine predictions
+    summed per coarse spot in count space with the coarse targets.
+
     Under bf16 autocast the backbone runs in bfloat16, but HiST's head runs in float32 (`HiST.forward`)
     and the loss is computed here outside autocast in float32: bfloat16 log1p outputs would be quantised
     in steps of 0.016-0.031 (issue 16).
@@ -141,6 +144,11 @@ def forward_loss(
     target = item["target"].to(device, non_blocking=True)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         pred = model(batch)
+    if item.get("groups") is not None:  # coarse supervision: fine predictions summed per coarse spot
+        from hist_st.train.coarse import coarse_transform
+
+        transform = coarse_transform(item["groups"].to(device), int(target.shape[0]))
+        return F.mse_loss(transform(pred.float()), target.float())
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -344,7 +352,9 @@ def train(
     if genes is None:
         genes = select_genes(train_slides, cfg.genes, manifest)
     genes = [str(g) for g in genes]
-    raw = [prepare_slide(s, genes, emb) for s in train_slides]
+    block = block_factor(cfg.supervise)
+    raw = [prepare_slide(s, genes, emb) if block == 1 else coarse_slide_data(s, genes, emb, block)
+           for s in train_slides]  # fmt: skip
     data_record = {d.slide_id: data_fingerprint(d.xy, d.features, d.target) for d in raw}
     if ckpt is not None:  # same ids, other content (e.g. the cohort was re-prepared) is a different run too
         accepted.update(check_resume(changed_data(ckpt.get("data"), data_record), resume, accept_changes))
@@ -352,13 +362,14 @@ def train(
     feature_mean = all_feats.mean(0).float()
     feature_std = all_feats.std(0, unbiased=False).clamp_min(1e-6).float()
     target_mean = torch.cat([d.target for d in raw]).double().mean(0).float()
+    if block > 1:  # a fine token carries about 1 / members of its coarse spot's counts
+        members = torch.cat([torch.bincount(d.groups[d.groups >= 0], minlength=len(d.target)) for d in raw])
+        target_mean = coarse_head_bias(torch.cat([d.target for d in raw]), members)
     if ckpt is not None:  # a resumed run keeps the statistics it started with
         norm = ckpt["norm"]
         feature_mean, feature_std, target_mean = norm["feature_mean"], norm["feature_std"], norm["target_mean"]
     if cfg.standardise_features:
-        data = [
-            SlideData(d.slide_id, d.xy, (d.features - feature_mean) / feature_std, d.target) for d in raw
-        ]
+        data = [dataclasses.replace(d, features=(d.features - feature_mean) / feature_std) for d in raw]
     else:
         data = raw
     model_cfg = dataclasses.replace(cfg.model, in_dim=int(raw[0].features.shape[1]), n_genes=len(genes))
@@ -433,7 +444,7 @@ def train(
         }
 
     # --- loop ----------------------------------------------------------------------------------------
-    dataset = AugmentedSlides(data, cfg.augment, model.make_batch)
+    dataset = (AugmentedSlides if block == 1 else CoarseAugmentedSlides)(data, cfg.augment, model.make_batch)
     amp = bool(cfg.amp) and device.type == "cuda"
     step_losses: list[float] = []
     last_ckpt: Path | None = None

@@ -163,6 +163,12 @@ def predict_slide(bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, see
         "mc_samples": int(mc_samples),
         "space": "counts = relu(expm1(log1p prediction))",
     }
+    if str((bundle.config or {}).get("supervise", "spot")) != "spot":  # super-resolution: say what "fine" means
+        from hist_st.train.coarse import supervision_record
+
+        pitches = dict(bundle.spot_pitch_um)  # an H&E-only slide: the only training technology's pitch
+        pitch = pitches.get(slide.technology, next(iter(pitches.values())) if len(pitches) == 1 else None)
+        meta["prediction"]["supervision"] = supervision_record(bundle.config, pitch)
     return Slide(
         slide_id=slide.slide_id,
         spatial=slide.spatial,

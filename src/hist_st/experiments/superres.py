@@ -1,0 +1,534 @@
+"""Super-resolution from coarse labels, measured against the real spots (issue 13).
+
+```bash
+hist-st bench superres --cohort cohorts/her2st --genes he:250 --out runs/superres
+```
+
+Every ``k x k`` block (default 2 x 2) of neighbouring spots of each prepared slide becomes one coarse spot
+(block = ``floor(lattice / k)``, counts summed, `hist_st.train.coarse.coarsen_slide`). On each fold by
+slide (`hist_st.train.folds.make_folds`, the report's folds for seed 0), four predictions of every
+held-out spot are scored against its measured counts:
+
+- ``superres``: HiST trained on the coarse labels only (``supervise=coarse<k>``): tokens are the spots
+  with their own patch embeddings, the loss compares their predictions summed per block with the block's
+  counts; it predicts every spot directly;
+- ``coarse_copy`` (reference a): HiST trained on the coarse spots themselves (token = mean of the block's
+  embeddings, lattice at the coarse pitch); each spot gets its block's predicted counts / members;
+- ``coarse_smooth`` (reference b): the same coarse predictions (counts per member) interpolated to the spot
+  centres with Gaussian weights in count space, ``sigma = sigma_fraction x coarse pitch``;
+- ``spot`` (reference c, the ceiling): HiST trained on the measured spots.
+
+Metrics are `hist_st.metrics.evaluate_fold` (pooled and per-gene, both protocols) of each fold's held-out
+spots; ``gap_closed[metric] = (superres - coarse_copy) / (spot - coarse_copy)`` on the means over folds
+(and the same for ``coarse_smooth``; ``gap_closed_per_fold``: the same ratio within each fold). ``coarse_level``: the block-level scores of the coarse model and of
+the super-resolution model's predictions summed per block, a check that fine maps did not cost accuracy
+at the resolution of the labels.
+
+Output folder: ``superres.json``, ``table.md``, ``maps_<slide>.png`` (measured spots, measured blocks and the
+four predictions for a held-out slide), ``fold_<i>/<model>/`` training runs and
+``fold_<i>/predictions/<slide>.npz`` (log1p predictions of each method, measured counts, spot and block
+coordinates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hist_st.errors import InputError
+from hist_st.jsonio import read_json, to_jsonable, write_json
+
+__all__ = ["METHODS", "REFERENCES", "gaussian_interpolate", "gap_closed", "position_effect", "run_superres", "run_subspot",
+           "superres_markdown"]
+
+#: Methods scored at the spot level, in table order.
+METHODS = ("coarse_copy", "coarse_smooth", "superres", "spot")
+REFERENCES = {
+    "coarse_copy": "(a) coarse model, block prediction / members copied to each spot",
+    "coarse_smooth": "(b) coarse model, Gaussian interpolation in count space",
+    "superres": "HiST super-resolution (trained on blocks, predicts spots)",
+    "spot": "(c) HiST trained on the spots (ceiling)",
+}
+_METRICS = (("per_gene", "pcc"), ("per_gene", "r2"), ("pooled", "pcc"), ("pooled", "r2"))
+
+
+def gaussian_interpolate(fine_xy: np.ndarray, coarse_xy: np.ndarray, values: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian-weighted average of coarse ``values`` at fine positions (Nadaraya-Watson).
+
+    Args:
+        fine_xy: Fine positions ``[N, 2]`` (any unit).
+        coarse_xy: Coarse positions ``[M, 2]`` (same unit).
+        values: Values at the coarse positions ``[M, G]`` (e.g. counts per member).
+        sigma: Gaussian width (same unit), > 0.
+
+    Returns:
+        ``[N, G]``: ``sum_j w_ij values_j / sum_j w_ij`` with ``w_ij = exp(-|x_i - c_j|^2 / (2 sigma^2))``.
+    """
+    if not sigma > 0:
+        raise InputError("sigma", f"must be > 0, got {sigma}")
+    d2 = ((np.asarray(fine_xy)[:, None, :] - np.asarray(coarse_xy)[None, :, :]) ** 2).sum(-1)  # [N, M]
+    w = np.exp(-(d2 - d2.min(1, keepdims=True)) / (2.0 * sigma**2))  # shifted per row: no underflow to 0/0
+    return (w @ np.asarray(values, dtype=np.float64)) / w.sum(1, keepdims=True)
+
+
+def position_effect(values: np.ndarray, position: np.ndarray, groups: np.ndarray) -> float:
+    """How much a map depends on where a spot sits inside its block (an artefact when supervision is by block).
+
+    For each gene, the deviation of each spot from its block's mean is averaged per within-block position;
+    the root mean square of those position means, averaged over genes and divided by the mean per-gene
+    std of ``values``. Measured maps give the noise floor (a few blocks' worth of averaging); a model that
+    learnt a fixed split of each block between its positions scores far above it.
+
+    Args:
+        values: ``[N, G]`` (e.g. log1p), for spots of complete blocks only.
+        position: ``[N]`` position of each spot inside its block (e.g. ``(row % k) * k + col % k``).
+        groups: ``[N]`` block of each spot.
+    """
+    _, g = np.unique(groups, return_inverse=True)
+    values = np.asarray(values, dtype=np.float64)
+    sums = np.zeros((g.max() + 1, values.shape[1]))
+    np.add.at(sums, g, values)
+    dev = values - (sums / np.bincount(g)[:, None])[g]
+    means = np.stack([dev[position == p].mean(0) for p in np.unique(position)])  # [P, G]
+    scale = values.std(0).mean()
+    return float(np.sqrt((means**2).mean(0)).mean() / scale) if scale > 0 else float("nan")
+
+
+def gap_closed(value: float, low: float, high: float) -> float:
+    """``(value - low) / (high - low)``: share of the gap from a reference ``low`` to a ceiling ``high``."""
+    return float((value - low) / (high - low)) if high != low else float("nan")
+
+
+def _same_run(run: Path, key: dict[str, Any]) -> bool:
+    path = run / "superres_key.json"
+    return (run / "model.pt").is_file() and not (run / "resume.pt").is_file() and path.is_file() and \
+        read_json(path) == json.loads(json.dumps(to_jsonable(key)))  # fmt: skip
+
+
+def _fit(cfg: Any, slides: Sequence[Any], genes: list[str], run: Path, desc: str, reuse: bool) -> Any:
+    """Train (or, with ``reuse``, load the finished identical run in ``run``) and return its bundle."""
+    from hist_st.train.checkpoint import load_bundle
+    from hist_st.train.config import config_to_dict
+    from hist_st.train.loop import train
+
+    key = {"config": {k: v for k, v in config_to_dict(cfg).items() if k not in ("progress", "threads", "device",
+                                                                                 "num_workers")},
+           "slides": sorted(s.slide_id for s in slides), "genes": genes,
+           "n_spots": {s.slide_id: int(s.n_spots) for s in slides}}  # fmt: skip
+    if reuse and _same_run(run, key):
+        return load_bundle(run / "model.pt")
+    result = train(cfg, list(slides), genes=genes, out_dir=run, desc=desc, overwrite=True)
+    write_json(key, run / "superres_key.json")
+    return result.bundle
+
+
+def run_superres(
+    cohort: str | Path,
+    out: str | Path,
+    *,
+    genes: str = "he:250",
+    folds: int = 4,
+    seed: int = 0,
+    block: int = 2,
+    sigma_fraction: float = 0.5,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    plot_genes: Sequence[str] | None = None,
+    progress: bool = True,
+    reuse: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train the super-resolution model and the three references on every fold; score them on the spots.
+
+    Args:
+        cohort: Folder of prepared slides (spot level).
+        out: Output folder (layout in the module docstring).
+        genes: Gene spec (`hist_st.experiments.accuracy.parse_gene_spec`).
+        folds: Folds by slide.
+        seed: Fold and training seed.
+        block: Block side ``k`` in spots (2: 2 x 2 blocks).
+        sigma_fraction: Width of the Gaussian interpolation as a fraction of the coarse pitch.
+        config: HiST `TrainConfig` YAML; ``overrides``: ``key=value`` overrides (e.g. ``epochs=50``).
+        plot_genes: Genes of the map figure (default: the two with the highest spot-level variance of
+            normalised measured expression on the figure's slide).
+        progress: Progress bars.
+        reuse: Keep a fold's finished model when an earlier call trained it with the same config, slides
+            and genes (``fold_<i>/<model>/superres_key.json``).
+        command: The command line, recorded in the JSON.
+
+    Returns:
+        The dict written to ``superres.json``: ``methods`` (fold summaries), ``coarse_level``, ``gap_closed``,
+        ``folds``, ``genes``, settings.
+
+    Raises:
+        InputError: Bad gene spec, block, sigma, or slides without counts.
+    """
+    from hist_st.experiments.accuracy import build_config
+    from hist_st.lattice import continuous_coords, to_lattice
+    from hist_st.metrics import evaluate_fold, summarise_folds
+    from hist_st.train.coarse import coarsen_slide
+    from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
+    from hist_st.train.folds import make_folds, save_folds
+    from hist_st.train.predict import predict_log1p
+
+    if block < 2:
+        raise InputError("--block", f"must be >= 2 (coarse spots of block x block spots), got {block}")
+    if not sigma_fraction > 0:
+        raise InputError("--sigma", f"must be > 0 (a fraction of the coarse pitch), got {sigma_fraction}")
+    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
+    cohort, out = Path(cohort), Path(out)
+    slides = load_slides(cohort)
+    by_id = {s.slide_id: s for s in slides}
+    gene_list = select_genes(slides, cfg.genes, read_manifest(cohort))
+    emb = embedding_key(slides, cfg.embedding)
+    cfg = dataclasses.replace(cfg, embedding=emb)
+    coarse = {s.slide_id: coarsen_slide(s, block, emb) for s in slides}
+    fold_list = make_folds(sorted(by_id), folds, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    save_folds(fold_list, out / "splits.json", k=len(fold_list), seed=cfg.seed, group_by=None, slides_dir=str(cohort))
+    (out / "genes.txt").write_text("\n".join(gene_list) + "\n")
+
+    per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    coarse_level: dict[str, list[dict[str, Any]]] = {"coarse_model": [], "superres_summed": []}
+    fold_records = []
+    artefact: dict[str, list[float]] = {m: [] for m in ("measured", "superres", "coarse_smooth", "spot")}
+    for f in fold_list:
+        i = int(f["fold"])
+        fdir = out / f"fold_{i}"
+        train_fine = [by_id[s] for s in sorted(f["train"])]
+        train_coarse = [coarse[s][0] for s in sorted(f["train"])]
+        spot_cfg = dataclasses.replace(cfg, supervise="spot")
+        b_spot = _fit(spot_cfg, train_fine, gene_list, fdir / "spot", f"fold {i} spot", reuse)
+        b_sr = _fit(dataclasses.replace(cfg, supervise=f"coarse{block}"), train_fine, gene_list, fdir / "superres",
+                    f"fold {i} superres", reuse)  # fmt: skip
+        b_coarse = _fit(spot_cfg, train_coarse, gene_list, fdir / "coarse", f"fold {i} coarse", reuse)
+        preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
+        truths, coarse_truths = {}, {}
+        full_rows: dict[str, list[np.ndarray]] = {m: [] for m in artefact}
+        full_pos, full_groups = [], []
+        cl_preds: dict[str, dict[str, np.ndarray]] = {k: {} for k in coarse_level}
+        for sid in sorted(f["test"]):
+            fine, (cslide, groups) = by_id[sid], coarse[sid]
+            truth = gene_counts(fine, gene_list).toarray()
+            n_children = np.bincount(groups, minlength=cslide.n_spots)
+            c_counts = np.maximum(np.expm1(predict_log1p(b_coarse, cslide)[0].astype(np.float64)), 0.0)  # [M, G]
+            per_member = c_counts / n_children[:, None]
+            sigma_px = sigma_fraction * float(cslide.spot_pitch_um) / float(fine.um_per_px)
+            smooth = gaussian_interpolate(fine.spatial, cslide.spatial, per_member, sigma_px)
+            sr = predict_log1p(b_sr, fine)[0]
+            preds["coarse_copy"][sid] = np.log1p(per_member[groups]).astype(np.float32)
+            preds["coarse_smooth"][sid] = np.log1p(smooth).astype(np.float32)
+            preds["superres"][sid] = sr
+            preds["spot"][sid] = predict_log1p(b_spot, fine)[0]
+            truths[sid] = truth
+            lat = to_lattice(continuous_coords(fine))
+            full = n_children[groups] == block * block
+            full_pos.append(((lat[:, 0] % block) * block + lat[:, 1] % block)[full])
+            full_groups.append(groups[full] + 10**6 * len(full_groups))  # blocks of different slides stay apart
+            for m, v in (("measured", np.log1p(truth)), ("superres", sr), ("coarse_smooth", preds["coarse_smooth"][sid]),
+                         ("spot", preds["spot"][sid])):  # fmt: skip
+                full_rows[m].append(np.asarray(v)[full])
+            coarse_truths[sid] = gene_counts(cslide, gene_list).toarray()
+            cl_preds["coarse_model"][sid] = np.log1p(c_counts)
+            summed = np.zeros_like(c_counts)
+            np.add.at(summed, groups, np.maximum(np.expm1(sr.astype(np.float64)), 0.0))
+            cl_preds["superres_summed"][sid] = np.log1p(summed)
+            (fdir / "predictions").mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(fdir / "predictions" / f"{sid}.npz", **{m: preds[m][sid] for m in METHODS},
+                                counts=truth, groups=groups, spatial=fine.spatial, coarse_spatial=cslide.spatial)  # fmt: skip
+        if full_pos:
+            pos_all, groups_all = np.concatenate(full_pos), np.concatenate(full_groups)
+            for m in artefact:
+                artefact[m].append(position_effect(np.concatenate(full_rows[m]), pos_all, groups_all))
+        scores = {m: evaluate_fold(preds[m], truths) for m in METHODS}
+        cl_scores = {k: evaluate_fold(cl_preds[k], coarse_truths) for k in coarse_level}
+        for m in METHODS:
+            per_method[m].append(scores[m])
+        for k in coarse_level:
+            coarse_level[k].append(cl_scores[k])
+        fold_records.append({"fold": i, "test": sorted(f["test"]),
+                             **{m: {"pooled": scores[m]["pooled"], "per_gene_pcc": scores[m]["per_gene"]["pcc"],
+                                    "per_gene_r2": scores[m]["per_gene"]["r2"]} for m in METHODS}})  # fmt: skip
+
+    summaries = {m: summarise_folds(per_method[m]) for m in METHODS}
+    cl_summaries = {k: summarise_folds(v) for k, v in coarse_level.items()}
+    gaps: dict[str, dict[str, float]] = {}
+    fold_gaps: dict[str, dict[str, list[float]]] = {}
+    for name in ("superres", "coarse_smooth"):
+        gaps[name] = {f"{proto}_{met}": gap_closed(summaries[name][proto][met]["mean"],
+                                                   summaries["coarse_copy"][proto][met]["mean"],
+                                                   summaries["spot"][proto][met]["mean"])
+                      for proto, met in _METRICS}  # fmt: skip
+        fold_gaps[name] = {f"{proto}_{met}": [gap_closed(*(summaries[m][proto][met]["values"][j]
+                                                           for m in (name, "coarse_copy", "spot")))
+                                              for j in range(len(fold_list))]
+                           for proto, met in _METRICS}  # fmt: skip
+    first = fold_list[0]
+    fig_slide = sorted(first["test"])[0]
+    figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], coarse[fig_slide][0], gene_list, plot_genes)
+    result: dict[str, Any] = {
+        "command": command,
+        "cohort": str(cohort),
+        "genes": genes,
+        "n_genes": len(gene_list),
+        "block": block,
+        "sigma_fraction": sigma_fraction,
+        "fine_pitch_um": {s.slide_id: s.spot_pitch_um for s in slides},
+        "coarse_pitch_um": {sid: c.spot_pitch_um for sid, (c, _) in coarse.items()},
+        "n_spots": {sid: int(s.n_spots) for sid, s in by_id.items()},
+        "n_coarse_spots": {sid: int(c.n_spots) for sid, (c, _) in coarse.items()},
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "folds": fold_records,
+        "methods": summaries,
+        "coarse_level": cl_summaries,
+        "gap_closed": gaps,
+        "gap_closed_per_fold": fold_gaps,
+        "position_effect": {m: {"mean": float(np.mean(v)), "values": v} for m, v in artefact.items() if v},
+        "figure": str(figure.name),
+        "figure_slide": fig_slide,
+    }
+    result = to_jsonable(result)
+    write_json(result, out / "superres.json")
+    (out / "table.md").write_text(superres_markdown(result))
+    return result
+
+
+def _fmt(s: dict[str, Any], proto: str, met: str) -> str:
+    v = s[proto][met]
+    return f"{v['mean']:.3f} ± {v['std']:.3f}"
+
+
+def superres_markdown(result: dict[str, Any]) -> str:
+    """The spot-level table (four methods, both protocols), the gap closed and the block-level check."""
+    heads = ["per-gene PCC", "per-gene R2", "pooled PCC", "pooled R2"]
+    lines = ["| method (scored on the measured spots) | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for m in METHODS:
+        s = result["methods"][m]
+        lines.append(f"| {REFERENCES[m]} | " + " | ".join(_fmt(s, p, k) for p, k in _METRICS) + " |")
+    lines += ["", "| gap closed (x - a) / (c - a) | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    per_fold = result.get("gap_closed_per_fold", {})
+    for name, g in result["gap_closed"].items():
+        cells = []
+        for p, k in _METRICS:
+            folds = per_fold.get(name, {}).get(f"{p}_{k}")
+            cells.append(f"{g[f'{p}_{k}']:.2f}" + (f" (folds {' / '.join(f'{v:.2f}' for v in folds)})" if folds else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Gap closed: on the means over folds, and per fold in brackets (a fold's own a, c and method).")
+    lines += ["", "| block-level check (scored on the measured blocks) | " + " | ".join(heads) + " |",
+              "|---|" + "---|" * len(heads)]  # fmt: skip
+    names = {"coarse_model": "coarse model", "superres_summed": "super-resolution, spots summed per block"}
+    for k, s in result["coarse_level"].items():
+        lines.append(f"| {names.get(k, k)} | " + " | ".join(_fmt(s, p, m) for p, m in _METRICS) + " |")
+    if result.get("position_effect"):
+        lines += ["", "Within-block position effect (`position_effect`, complete blocks of the held-out slides; measured = "
+                  "noise floor): " + ", ".join(f"{m} {v['mean']:.3f}" for m, v in result["position_effect"].items())]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+#: Short panel titles of the map figure.
+_SHORT = {"coarse_copy": "(a) coarse copy", "coarse_smooth": "(b) Gaussian interpolation",
+          "superres": "super-resolution", "spot": "(c) trained on spots"}  # fmt: skip
+
+
+def _plot_maps(out: Path, fold: int, fine: Any, cslide: Any, genes: list[str], plot_genes: Sequence[str] | None) -> Path:
+    """Measured spots, measured blocks and the four predictions of one held-out slide, normalised expression.
+
+    Colour ranges are shared per row: one for the two measured panels, one for the four predictions
+    (1st-99th percentile of each group), so the predictions' smaller spread stays readable.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hist_st.pl import normalise_counts
+
+    data = np.load(out / f"fold_{fold}" / "predictions" / f"{fine.slide_id}.npz")
+    counts, groups = data["counts"].astype(np.float64), data["groups"]
+    n_children = np.bincount(groups)
+    block_counts = np.zeros((len(n_children), counts.shape[1]))
+    np.add.at(block_counts, groups, counts)
+    measured = {"measured spots": normalise_counts(counts),
+                "measured 2x2 blocks\n(block / members)": normalise_counts((block_counts / n_children[:, None])[groups])}  # fmt: skip
+    predicted = {_SHORT[m]: normalise_counts(np.maximum(np.expm1(data[m].astype(np.float64)), 0.0)) for m in METHODS}
+    if plot_genes:
+        missing = [g for g in plot_genes if g not in genes]
+        if missing:
+            raise InputError("--plot-genes", f"not among the run's genes: {missing}")
+        chosen = [genes.index(g) for g in plot_genes]
+    else:
+        chosen = list(np.argsort(-measured["measured spots"].var(0))[:2])
+    img, scale = fine.plot_image()
+    xy = np.asarray(fine.spatial) * scale
+    pitch = (float(fine.spot_pitch_um or 200.0) / float(fine.um_per_px or 1.0)) * scale  # display px
+    n_cols = len(measured) + len(predicted)
+    fig, axes = plt.subplots(len(chosen), n_cols, figsize=(2.5 * n_cols, 2.6 * len(chosen)), dpi=120, squeeze=False)
+    for r, g in enumerate(chosen):
+        for group, panels in ((0, measured), (len(measured), predicted)):
+            lo, hi = np.percentile(np.concatenate([v[:, g] for v in panels.values()]), [1, 99])
+            for j, (name, values) in enumerate(panels.items()):
+                ax = axes[r, group + j]
+                if img is not None:
+                    ax.imshow(img)
+                # marker size in points^2 for a dot of 0.85 x the pitch (the ST spot itself is 0.5 x)
+                dots = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=1, cmap="viridis", vmin=lo, vmax=hi,
+                                  linewidths=0)  # fmt: skip
+                ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
+                ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                fig.canvas.draw()
+                per_px = ax.get_window_extent().width / (2 * pitch + np.ptp(xy[:, 0]))  # screen px per image px
+                dots.set_sizes([(0.85 * pitch * per_px * 72.0 / fig.dpi) ** 2])
+                if r == 0:
+                    ax.set_title(name, fontsize=8)
+                if group + j == 0:
+                    ax.set_ylabel(genes[g], fontsize=9)
+            fig.colorbar(dots, ax=axes[r, group + len(panels) - 1], fraction=0.046, pad=0.02)
+    fig.suptitle(f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
+                 "colour range per row: measured panels / predicted panels (1st-99th percentile)", fontsize=8)  # fmt: skip
+    path = out / f"maps_{fine.slide_id}.png"
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def run_subspot(
+    cohort: str | Path,
+    out: str | Path,
+    *,
+    genes: str = "he:250",
+    fold: int = 0,
+    folds: int = 4,
+    seed: int = 0,
+    factor: int = 2,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    plot_genes: Sequence[str] | None = None,
+    progress: bool = True,
+    reuse: bool = True,
+) -> dict[str, Any]:
+    """Sub-spot tokens on one fold: ``factor x factor`` patches per spot, supervised by the measured spots.
+
+    The model (``supervise=coarse<factor>`` on `hist_st.train.subspot.subspot_slide` slides) predicts at
+    ``pitch / factor``; its sub-spot predictions summed per spot are scored against the measured spots beside
+    HiST trained on the spots (``fold_<i>/spot``, shared with `run_superres` in the same ``out``). There is no
+    measurement below the spot, so this scores only what the spots can check; the maps show the rest.
+
+    Writes ``subspot_fold<i>.json`` and ``subspot_maps_<slide>.png``; sub-spot slides are cached in
+    ``subspots/<slide>.h5ad``.
+    """
+    from hist_st.experiments.accuracy import build_config
+    from hist_st.metrics import evaluate_fold, summarise_folds
+    from hist_st.slide import read_prepared, write_prepared
+    from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
+    from hist_st.train.folds import make_folds
+    from hist_st.train.predict import predict_log1p
+    from hist_st.train.subspot import set_subspot_grid, subspot_slide
+
+    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
+    cohort, out = Path(cohort), Path(out)
+    slides = load_slides(cohort)
+    by_id = {s.slide_id: s for s in slides}
+    gene_list = select_genes(slides, cfg.genes, read_manifest(cohort))
+    cfg = dataclasses.replace(cfg, embedding=embedding_key(slides, cfg.embedding))
+    fold_list = make_folds(sorted(by_id), folds, cfg.seed)
+    if not 0 <= fold < len(fold_list):
+        raise InputError("--fold", f"must be in 0..{len(fold_list) - 1}, got {fold}")
+    f = fold_list[fold]
+    cache = out / "subspots"
+    cache.mkdir(parents=True, exist_ok=True)
+    subs = {}
+    for sid in sorted(by_id):
+        path = cache / f"{sid}.h5ad"
+        if reuse and path.is_file() and (read_prepared(path).meta.get("subspot") or {}).get("factor") == factor:
+            subs[sid] = set_subspot_grid(read_prepared(path), by_id[sid])
+        else:
+            subs[sid] = subspot_slide(by_id[sid], factor, progress=progress)
+            write_prepared(subs[sid], path)
+    fdir = out / f"fold_{fold}"
+    b_spot = _fit(dataclasses.replace(cfg, supervise="spot"), [by_id[s] for s in sorted(f["train"])], gene_list,
+                  fdir / "spot", f"fold {fold} spot", reuse)  # fmt: skip
+    b_sub = _fit(dataclasses.replace(cfg, supervise=f"coarse{factor}"), [subs[s] for s in sorted(f["train"])],
+                 gene_list, fdir / f"subspot{factor}", f"fold {fold} subspot", reuse)  # fmt: skip
+    preds: dict[str, dict[str, np.ndarray]] = {"spot": {}, "subspot_summed": {}}
+    truths, fine = {}, {}
+    for sid in sorted(f["test"]):
+        parent = np.asarray(subs[sid].obs["parent"], dtype=np.int64)
+        sub_log1p = predict_log1p(b_sub, subs[sid])[0]
+        summed = np.zeros((by_id[sid].n_spots, len(gene_list)))
+        np.add.at(summed, parent, np.maximum(np.expm1(sub_log1p.astype(np.float64)), 0.0))
+        preds["subspot_summed"][sid] = np.log1p(summed)
+        preds["spot"][sid] = predict_log1p(b_spot, by_id[sid])[0]
+        truths[sid] = gene_counts(by_id[sid], gene_list).toarray()
+        fine[sid] = sub_log1p
+    scores = {k: summarise_folds([evaluate_fold(v, truths)]) for k, v in preds.items()}
+    k2 = factor * factor
+    position = np.concatenate([np.arange(subs[s].n_spots) % k2 for s in sorted(f["test"])])
+    parents = np.concatenate([np.asarray(subs[s].obs["parent"]) + 10**6 * i for i, s in enumerate(sorted(f["test"]))])
+    artefact = position_effect(np.concatenate([fine[s] for s in sorted(f["test"])]), position, parents)
+    fig_slide = sorted(f["test"])[0]
+    figure = _plot_subspot(out, by_id[fig_slide], subs[fig_slide], preds["spot"][fig_slide], fine[fig_slide],
+                           truths[fig_slide], gene_list, plot_genes, fold)  # fmt: skip
+    result = to_jsonable({
+        "cohort": str(cohort), "genes": genes, "n_genes": len(gene_list), "fold": fold, "test": sorted(f["test"]),
+        "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": subs[fig_slide].spot_pitch_um,
+        "n_subspots": {s: int(subs[s].n_spots) for s in sorted(f["test"])}, "scores": scores, "figure": figure.name,
+        "position_effect": artefact,
+    })  # fmt: skip
+    write_json(result, out / f"subspot_fold{fold}.json")
+    return result
+
+
+def _plot_subspot(out: Path, slide: Any, sub: Any, spot_pred: np.ndarray, sub_pred: np.ndarray, counts: np.ndarray,
+                  genes: list[str], plot_genes: Sequence[str] | None, fold: int) -> Path:  # fmt: skip
+    """Measured spots, HiST on the spots and the sub-spot model at ``pitch / factor`` for two genes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hist_st.pl import normalise_counts
+
+    panels = [("measured spots", slide.spatial, normalise_counts(counts), 1.0),
+              ("HiST trained on the spots", slide.spatial, normalise_counts(np.maximum(np.expm1(spot_pred), 0)), 1.0),
+              (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial,
+               normalise_counts(np.maximum(np.expm1(sub_pred), 0)), 1.0 / sub.meta["subspot"]["factor"])]  # fmt: skip
+    chosen = [genes.index(g) for g in plot_genes if g in genes] if plot_genes else \
+        list(np.argsort(-panels[0][2].var(0))[:2])  # fmt: skip
+    img, scale = slide.plot_image()
+    pitch = float(slide.spot_pitch_um or 200.0) / float(slide.um_per_px or 1.0) * scale
+    fig, axes = plt.subplots(len(chosen), 3, figsize=(8.4, 2.9 * len(chosen)), dpi=120, squeeze=False)
+    for r, g in enumerate(chosen):
+        for c, (name, xy_px, values, rel) in enumerate(panels):
+            ax = axes[r, c]
+            xy = np.asarray(xy_px) * scale
+            if img is not None:
+                ax.imshow(img)
+            lo, hi = np.percentile(values[:, g], [1, 99])
+            dots = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=1, cmap="viridis", vmin=lo, vmax=hi, linewidths=0)
+            ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
+            ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.canvas.draw()
+            per_px = ax.get_window_extent().width / (2 * pitch + np.ptp(xy[:, 0]))
+            dots.set_sizes([(0.85 * rel * pitch * per_px * 72.0 / fig.dpi) ** 2])
+            fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.02)
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(genes[g], fontsize=9)
+    fig.suptitle(f"{slide.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes), "
+                 "own colour range per panel", fontsize=8)  # fmt: skip
+    path = out / f"subspot_maps_{slide.slide_id}.png"
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
