@@ -32,7 +32,6 @@ gene columns (a gene-chunked head computes the same loss chunk by chunk).
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +42,7 @@ import torch
 from hist_st.errors import InputError
 from hist_st.slide import Slide
 from hist_st.train.augment import augment_coords, dropout_probability
+from hist_st.train.config import SUPERVISE_HELP, block_factor
 from hist_st.train.data import AugmentedSlides, SlideData, StepKey, gene_counts, prepare_slide
 
 __all__ = [
@@ -60,26 +60,8 @@ __all__ = [
     "supervision_record",
 ]
 
-SUPERVISE_HELP = (
-    "'spot' (labels on the slide's own spots) or 'coarse<k>', k >= 2 (labels on k x k blocks of neighbouring "
-    "spots, counts summed; the model still predicts every spot)"
-)
 #: ``log1p`` of a coarse sum is taken at no less than this value above -1 (a sum of negative counts).
 _FLOOR = -1.0 + 1e-6
-
-
-def block_factor(supervise: str) -> int:
-    """Block side ``k`` of a ``supervise`` mode: 1 for ``"spot"``, ``k`` for ``"coarse<k>"``.
-
-    Raises:
-        InputError: Any other value (names the option ``supervise``).
-    """
-    if supervise == "spot":
-        return 1
-    m = re.fullmatch(r"coarse(\d+)", str(supervise))
-    if m is None or int(m.group(1)) < 2:
-        raise InputError("config", f"supervise must be {SUPERVISE_HELP}; got {supervise!r}")
-    return int(m.group(1))
 
 
 def block_groups(lattice: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

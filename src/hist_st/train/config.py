@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -259,9 +260,26 @@ class TrainConfig:
             raise InputError("config", f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.grad_checkpointing not in ("none", "ffn", "block"):
             raise InputError("config", f"grad_checkpointing must be none, ffn or block, got {self.grad_checkpointing!r}")
-        from hist_st.train.coarse import block_factor
-
         block_factor(self.supervise)  # raises InputError naming the accepted values
+
+
+SUPERVISE_HELP = (
+    "'spot' (labels on the slide's own spots) or 'coarse<k>', k >= 2 (labels on k x k blocks of neighbouring "
+    "spots, counts summed; the model still predicts every spot)"
+)
+
+def block_factor(supervise: str) -> int:
+    """Block side ``k`` of a ``supervise`` mode: 1 for ``"spot"``, ``k`` for ``"coarse<k>"``.
+
+    Raises:
+        InputError: Any other value (names the option ``supervise``).
+    """
+    if supervise == "spot":
+        return 1
+    m = re.fullmatch(r"coarse(\d+)", str(supervise))
+    if m is None or int(m.group(1)) < 2:
+        raise InputError("config", f"supervise must be {SUPERVISE_HELP}; got {supervise!r}")
+    return int(m.group(1))
 
 
 def _check_range(key: str, value: float, low: float, high: float) -> None:
