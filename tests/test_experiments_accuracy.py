@@ -191,9 +191,9 @@ def test_accuracy_copies_identical_methods_from_other_runs(tmp_path):
 def test_ablation_and_stain_rows_reuse_identical_runs(tmp_path):
     """Table 3's full row and Table 5's token-only row come from Table 2's HiST run only when the config,
     cohort, folds and genes are identical; otherwise they are trained."""
+
     from hist_st.experiments.ablation import run_ablation
-    from hist_st.experiments.accuracy import build_config, run_accuracy
-    from hist_st.experiments.reuse import same_run
+    from hist_st.experiments.accuracy import run_accuracy
     from hist_st.experiments.stain import run_stain
 
     cohort = tmp_path / "cohort"
@@ -203,26 +203,27 @@ def test_ablation_and_stain_rows_reuse_identical_runs(tmp_path):
     hist_run = tmp_path / "acc" / "cohort"
     hist = acc["cohorts"]["cohort"]["methods"]["HiST"]
 
-    abl = run_ablation(cohort, tmp_path / "abl", names=["full"], overrides=TINY, equivalent={"full": hist_run}, **kw)
+    abl = run_ablation(cohort, tmp_path / "abl", names=["full"], overrides=TINY, reuse_from=[hist_run], **kw)
     assert abl["summaries"]["full"] == hist
     assert json.loads((tmp_path / "abl" / "reused.json").read_text()) == {"full": str(hist_run)}
-    assert not (tmp_path / "abl" / "full").exists()
+    assert not (tmp_path / "abl" / "full" / "fold_0" / "model.pt").exists()  # not trained
 
     # one more epoch: not the same run, so the row is trained
     run_ablation(cohort, tmp_path / "abl3", names=["full"], overrides=[*TINY, "epochs=3"],
-             equivalent={"full": hist_run}, **kw)
+             reuse_from=[hist_run], **kw)
     assert json.loads((tmp_path / "abl3" / "reused.json").read_text()) == {}
     assert (tmp_path / "abl3" / "full" / "metrics.json").is_file()
-    splits = json.loads((hist_run / "splits.json").read_text())["folds"]
-    genes = (hist_run / "genes.txt").read_text().split()
-    assert same_run(hist_run, build_config(None, TINY, seed=5, genes="he:12"), splits, genes, cohort)
-    assert not same_run(hist_run, build_config(None, [*TINY, "epochs=3"], seed=5, genes="he:12"), splits, genes, cohort)
-    assert not same_run(hist_run, build_config(None, TINY, seed=5, genes="he:12"), splits[::-1][:1], genes, cohort)
-    assert not same_run(hist_run, build_config(None, TINY, seed=5, genes="he:12"), splits, genes[:-1], cohort)
+    # other folds or genes than Table 2's: trained too
+    run_ablation(cohort, tmp_path / "abl-seed", names=["full"], overrides=TINY, reuse_from=[hist_run],
+                 **{**kw, "seed": 6})
+    run_ablation(cohort, tmp_path / "abl-genes", names=["full"], overrides=TINY, reuse_from=[hist_run],
+                 **{**kw, "genes": "he:11"})
+    for d in ("abl-seed", "abl-genes"):
+        assert json.loads((tmp_path / d / "reused.json").read_text()) == {}
 
     # Table 5's token-only row on the same cohort is Table 2's run; the Macenko cohort row is trained
     st = run_stain(cohort, cohort, tmp_path / "stain", rows=["token-only", "both"], overrides=TINY,
-                   equivalent={"token-only": hist_run, "both": hist_run}, **kw)
+                   reuse_from=[hist_run], **kw)
     assert st["summaries"]["token-only"] == hist
     reused = json.loads((tmp_path / "stain" / "reused.json").read_text())
     assert set(reused) == {"token-only", "both"}  # the "Macenko" cohort here is the same folder
@@ -279,17 +280,19 @@ def test_report_end_to_end_and_rerun_adds_a_method(tmp_path):
 
 def test_table1_reuse_ignores_the_epochs_option():
     """Table 1 times its own epochs, so a baseline's ``epochs`` option does not make it stale."""
-    from hist_st.experiments.efficiency import timed_options as _timing_options
+    from hist_st.experiments.efficiency import timing_key
 
-    opts = {"stflow": {"epochs": 5}, "stnet": {"epochs": 1, "tta": False}}
-    assert _timing_options(opts) == {"stnet": {"tta": False}}
-    assert _timing_options(None) == {} == _timing_options({"stflow": {"epochs": 100}})
+    def spec(**opts):
+        return {"method": "stnet", "data": {"cohort": "."}, "epochs": 1, "baseline_options": opts}
+
+    assert timing_key([spec(epochs=5, tta=False)]) == timing_key([spec(tta=False)]) != timing_key([spec()])
+    assert timing_key([spec()], timeout=1) != timing_key([spec()], timeout=2)
 
 
 def test_efficiency_on_a_cohort_records_what_it_measured(tmp_path):
     """Table 1 on a prepared cohort times fold 0's slides and records the cohort, genes, folds and seed, so a
     report does not reuse it for another gene set or split."""
-    from hist_st.experiments.efficiency import efficiency_inputs, run_efficiency
+    from hist_st.experiments.efficiency import run_efficiency
 
     cohort = tmp_path / "cohort"
     make_cohort(cohort, n_slides=4, n_spots=(60, 90), n_genes=16, embed_dim=8, seed=3)
@@ -297,10 +300,13 @@ def test_efficiency_on_a_cohort_records_what_it_measured(tmp_path):
                          epochs=1, device="cpu", threads=1, progress=False)
     (rec,) = res["records"]
     assert "error" not in rec and rec["n_genes"] == 12 and rec["n_test_slides"] == 2
-    assert res["inputs"] == efficiency_inputs(cohort, "he:12", 2, 5) != efficiency_inputs(cohort, "he:12", 2, 6)
-    assert res["inputs"]["cohort"] == str(cohort.resolve())
     saved = json.loads((tmp_path / "t1" / "efficiency.json").read_text())
-    assert saved["inputs"] == res["inputs"]
+    assert saved["key"] == res["key"]
+    kw = dict(cohort=cohort, methods=["mean"], genes="he:12", folds=2, epochs=1, device="cpu", threads=1,
+              progress=False, reuse=True)
+    assert run_efficiency(tmp_path / "t1", seed=5, **kw) == saved  # the same key: reused
+    other = run_efficiency(tmp_path / "t1", seed=6, **kw)  # another split: measured again
+    assert other["key"] != saved["key"]
 
 
 def test_scaling_figure_records_and_skips_after_timeout(tmp_path):

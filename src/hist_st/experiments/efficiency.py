@@ -40,9 +40,10 @@ import numpy as np
 
 from hist_st.data.synthetic import ENCODER, cohort_params, make_slide
 from hist_st.errors import InputError
+from hist_st.evaluate.cache import digest
 from hist_st.experiments.accuracy import _check_methods, build_config
 from hist_st.experiments.figures import plot_scaling
-from hist_st.jsonio import write_json
+from hist_st.jsonio import read_json, write_json
 from hist_st.methods import get_method, method_option_names
 from hist_st.runtime import device_name, resolve_device, set_threads
 from hist_st.train.config import GeneConfig
@@ -52,7 +53,7 @@ from hist_st.train.loop import train as train_hist
 from hist_st.train.predict import predict_log1p
 
 __all__ = ["measure", "run_worker", "run_efficiency", "run_scaling", "format_efficiency_table",
-           "timed_options", "efficiency_inputs"]
+           "timing_key"]
 
 GB = 1024.0**3
 
@@ -108,19 +109,27 @@ def _resolve_device(device: str) -> str:
     return resolved.type if device == "auto" else device
 
 
-def timed_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
-    """The baseline options that change a timing: all but ``epochs``, which `measure` replaces by the
-    timed epochs (time is reported per epoch). Recorded in ``efficiency.json`` / ``scaling.json``."""
-    out = {m: {k: v for k, v in dict(o).items() if k != "epochs"} for m, o in dict(options or {}).items()}
-    return {m: o for m, o in out.items() if o}
+def timing_key(specs: Sequence[Mapping[str, Any]], **settings: Any) -> str:
+    """What a set of worker ``specs`` measures, as a `hist_st.evaluate.cache.digest`: every spec with its
+    cohort path resolved and without baseline ``epochs`` options (`measure` times its own epochs, and time is
+    reported per epoch), plus ``settings`` (e.g. the timeout). Recorded as ``key`` in ``efficiency.json`` /
+    ``scaling.json``; a run with the same key reuses the file."""
+    timed = []
+    for spec in specs:
+        data = dict(spec["data"])
+        if "cohort" in data:
+            data["cohort"] = str(Path(data["cohort"]).resolve())
+        opts = {k: v for k, v in dict(spec.get("baseline_options", {})).items() if k != "epochs"}
+        timed.append({**spec, "data": data, "baseline_options": opts})
+    return digest({"specs": timed, **settings})
 
 
-def efficiency_inputs(cohort: str | Path | None, genes: str, folds: int, seed: int) -> dict[str, Any]:
-    """What Table 1 was measured on (recorded in ``efficiency.json`` as ``inputs``): the cohort folder and
-    the gene set, fold count and seed that pick its fold-0 slides and genes; None for synthetic slides."""
-    if cohort is None:
-        return {"cohort": None, "seed": int(seed)}
-    return {"cohort": str(Path(cohort).resolve()), "genes": str(genes), "folds": int(folds), "seed": int(seed)}
+def _reusable(path: Path, key: str, reuse: bool) -> dict[str, Any] | None:
+    """The result at ``path`` when ``reuse`` and it was measured with ``key``."""
+    if not (reuse and path.is_file()):
+        return None
+    prior = read_json(path)
+    return prior if prior.get("key") == key else None
 
 
 def synthetic_patch_source(size_px: int = 32) -> Any:
@@ -329,6 +338,7 @@ def run_efficiency(
     timeout: float | None = 3600.0,
     progress: bool = True,
     command: str | None = None,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Table 1: every method on the same training and test slides, each in its own process.
 
@@ -345,6 +355,7 @@ def run_efficiency(
         threads: torch threads in each worker (0 = default).
         timeout: Seconds per method before it is recorded as a timeout.
         command: The command line, recorded in ``efficiency.json``.
+        reuse: Return ``out_dir/efficiency.json`` instead of measuring when it records the same `timing_key`.
 
     Returns:
         ``{"records": [...], "table": str, "device": str, "out_dir": str}``.
@@ -366,15 +377,19 @@ def run_efficiency(
         data = {"synthetic": {"n_train": n_train, "n_test": n_test, "n_spots": n_spots, "n_genes": n_genes,
                               "embed_dim": 64, "seed": seed}}
         where = f"synthetic: {n_train} training + {n_test} test slides of ~{n_spots} spots, {n_genes} genes"
-    records = []
-    for m in tqdm(methods, desc="efficiency", unit="method", disable=not progress):
-        spec = {"method": m, "data": data, "epochs": epochs, "overrides": list(overrides), "seed": seed,
-                "baseline_options": dict((baseline_options or {}).get(m, {})), "device": device, "threads": threads}
-        records.append(run_worker(spec, timeout))
+    specs = [{"method": m, "data": data, "epochs": epochs, "overrides": list(overrides), "seed": seed,
+              "baseline_options": dict((baseline_options or {}).get(m, {})), "device": device, "threads": threads}
+             for m in methods]
+    out = Path(out_dir)
+    key = timing_key(specs, timeout=timeout)
+    prior = _reusable(out / "efficiency.json", key, reuse)
+    if prior is not None:
+        return prior
+    records = [run_worker(spec, timeout) for spec in tqdm(specs, desc="efficiency", unit="method",
+                                                           disable=not progress)]
     names = [r.get("device_name") for r in records if r.get("device_name")]
     dev = names[0] if names else device
     table = format_efficiency_table(records)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header = (f"Efficiency (Table 1) on {dev}. Data: {where}. {epochs} training epoch(s) per method with epochs; "
               "train time per slide per epoch, inference time per slide (after one warm-up slide); memory "
@@ -384,8 +399,7 @@ def run_efficiency(
     (out / "table.md").write_text(header + "\n\n" + table + "\n")
     result = {"records": records, "table": table, "device": dev, "where": where, "epochs": epochs,
               "out_dir": str(out), "header": header, "methods": list(methods), "overrides": list(overrides),
-              "threads": threads, "command": command, "baseline_options": timed_options(baseline_options),
-              "inputs": efficiency_inputs(cohort, genes, folds, seed)}
+              "threads": threads, "command": command, "key": key}
     write_json(result, out / "efficiency.json")
     return result
 
@@ -407,6 +421,7 @@ def run_scaling(
     threads: int = 0,
     timeout: float | None = 1800.0,
     progress: bool = True,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Figure 3: time and memory against spots (genes fixed) and against genes (spots fixed), every method on
     the same synthetic slides and the same log-log axes. A method that fails or times out at one size is
@@ -420,6 +435,7 @@ def run_scaling(
         n_train, epochs, seed: Synthetic training slides, timed epochs and seed.
         overrides, baseline_options: HiST config overrides and per-baseline options.
         device, threads, timeout, progress: Where and how each worker process runs.
+        reuse: Return ``out_dir/scaling.json`` instead of measuring when it records the same `timing_key`.
 
     Returns:
         ``{"records": [...], "figure": path, "out_dir": str}``; ``scaling.json`` and ``scaling.png`` in
@@ -432,6 +448,18 @@ def run_scaling(
     device = _resolve_device(device)
     jobs = [("spots", int(n), int(fixed_genes)) for n in sorted(spots)]
     jobs += [("genes", int(fixed_spots), int(g)) for g in sorted(genes_list)]
+
+    def spec_of(m: str, n: int, g: int) -> dict[str, Any]:
+        data = {"synthetic": {"n_train": n_train, "n_test": 1, "n_spots": n, "n_genes": g, "embed_dim": 64,
+                              "seed": seed}}
+        return {"method": m, "data": data, "epochs": epochs, "overrides": list(overrides), "seed": seed,
+                "baseline_options": dict((baseline_options or {}).get(m, {})), "device": device, "threads": threads}
+
+    out = Path(out_dir)
+    key = timing_key([spec_of(m, n, g) for _, n, g in jobs for m in methods], timeout=timeout)
+    prior = _reusable(out / "scaling.json", key, reuse)
+    if prior is not None:
+        return prior
     records: list[dict[str, Any]] = []
     failed: set[tuple[str, str]] = set()
     bar = tqdm(total=len(jobs) * len(methods), desc="scaling", unit="run", disable=not progress)
@@ -440,26 +468,19 @@ def run_scaling(
             bar.update(1)
             if (m, axis) in failed:
                 continue
-            data = {"synthetic": {"n_train": n_train, "n_test": 1, "n_spots": n, "n_genes": g, "embed_dim": 64,
-                                  "seed": seed}}
-            spec = {"method": m, "data": data, "epochs": epochs, "overrides": list(overrides), "seed": seed,
-                    "baseline_options": dict((baseline_options or {}).get(m, {})), "device": device,
-                    "threads": threads}
-            rec = run_worker(spec, timeout)
+            rec = run_worker(spec_of(m, n, g), timeout)
             rec.update(axis=axis, target_spots=n, n_genes=g)
             rec.setdefault("n_spots", n)
             if "error" in rec:
                 failed.add((m, axis))
             records.append(rec)
     bar.close()
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fig = plot_scaling(records, out / "scaling.png")
     names = [r.get("device_name") for r in records if r.get("device_name")]
     result = {"records": records, "figure": str(fig), "out_dir": str(out), "device": names[0] if names else device,
               "epochs": epochs, "fixed_genes": fixed_genes, "fixed_spots": fixed_spots, "methods": list(methods),
-              "overrides": list(overrides), "threads": threads, "seed": seed,
-              "baseline_options": timed_options(baseline_options),
+              "overrides": list(overrides), "threads": threads, "seed": seed, "key": key,
               "options": {"spots": [int(n) for n in spots], "genes_list": [int(g) for g in genes_list],
                           "timeout": timeout}}
     write_json(result, out / "scaling.json")

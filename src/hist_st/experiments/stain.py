@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
 from hist_st.evaluate import Plan, make_plan
-from hist_st.experiments.ablation import _fmt
+from hist_st.experiments.ablation import _fmt, hist_rows, reused_note
 from hist_st.experiments.accuracy import build_config
-from hist_st.experiments.reuse import hist_rows, reused_note
 from hist_st.train.data import list_slides
 from hist_st.train.distributed import init_distributed
 from hist_st.train.folds import save_folds
@@ -57,7 +56,7 @@ def run_stain(
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
     skip_done: bool = True,
-    equivalent: Mapping[str, str | Path] | None = None,
+    reuse_from: Sequence[str | Path] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Cross-validate the Table 5 rows on identical folds and genes.
@@ -68,10 +67,10 @@ def run_stain(
         out_dir: Output: ``<row>/`` run directories, ``splits.json``, ``stain.json``, ``table.md``.
         rows: Rows to run (`STAIN_ROWS`).
         genes, folds, seed, config, overrides, progress: As in `run_accuracy`.
-        skip_done: Reuse rows whose ``metrics.json`` exists.
-        equivalent: Row -> an existing `run_cv` directory to take the row from when it was trained with the
-            same config, cohort, folds and genes (`hist_st.experiments.reuse.same_run`): ``token-only`` is
-            Table 2's HiST run, ``neither`` Table 3's ``no-token`` row. Listed in ``reused.json``.
+        skip_done: Take each row's folds from the result cache when trained identically before
+            (`hist_st.evaluate.cache`); False: train every row again.
+        reuse_from: Other run folders whose caches are searched too: ``token-only`` may be Table 2's HiST
+            run, ``neither`` Table 3's ``no-token`` row. Rows taken from them are listed in ``reused.json``.
 
     Returns:
         ``{"summaries": {row: summarise_folds(...)}, "table": str, "out_dir": str}``.
@@ -99,11 +98,10 @@ def run_stain(
         return plans[which]
 
     no_token = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
-    table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which),
-                         plain if which == "plain" else macenko) for name, (_, which, token) in STAIN_ROWS.items()
-                  if name in rows}
-    summaries, reused = hist_rows(out, table_rows, folds=fold_list, genes=gene_list, name="stain", skip_done=skip_done,
-                                  equivalent=equivalent, dist_info=info, progress=progress)
+    table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which))
+                  for name, (_, which, token) in STAIN_ROWS.items() if name in rows}
+    summaries, reused = hist_rows(out, table_rows, name="stain", reuse=skip_done, reuse_from=reuse_from,
+                                  dist_info=info, progress=progress)
     table = format_stain_table(summaries)
     (out / "table.md").write_text(
         f"Calibration token vs Macenko stain normalisation (Table 5): {folds}-fold, seed {seed}, "
