@@ -134,26 +134,20 @@ def _ints(value: str) -> list[int]:
 
 
 def cmd_efficiency(args: argparse.Namespace) -> int:
-    from hist_st.experiments.efficiency import run_efficiency, run_scaling
+    from hist_st.experiments.efficiency import Workers, run_efficiency, run_scaling
 
-    methods = _methods(args.methods)
-    opts = parse_baseline_options(args.baseline_option)
+    workers = Workers(methods=_methods(args.methods), epochs=args.epochs, seed=args.seed, overrides=args.overrides,
+                      baseline_options=parse_baseline_options(args.baseline_option), device=args.device,
+                      threads=args.threads, timeout=args.timeout, progress=not args.no_progress)
     if not args.no_table:
-        res = run_efficiency(
-            args.out, cohort=args.cohort, methods=methods, genes=args.genes, folds=args.folds, seed=args.seed,
-            epochs=args.epochs, n_spots=args.spots, n_genes=args.n_genes, overrides=args.overrides,
-            baseline_options=opts, device=args.device, threads=args.threads, timeout=args.timeout,
-            progress=not args.no_progress, command="hist-st " + shlex.join(sys.argv[1:]),
-        )
+        res = run_efficiency(args.out, workers=workers, cohort=args.cohort, genes=args.genes, folds=args.folds,
+                             n_spots=args.spots, n_genes=args.n_genes, command="hist-st " + shlex.join(sys.argv[1:]))
         print(res["header"])
         print(res["table"])
     if args.scaling:
-        sc = run_scaling(
-            Path(args.out) / "scaling", methods=methods, spots=_ints(args.scaling_spots),
-            genes_list=_ints(args.scaling_genes), fixed_genes=args.fixed_genes, fixed_spots=args.fixed_spots,
-            epochs=args.epochs, seed=args.seed, overrides=args.overrides, baseline_options=opts, device=args.device,
-            threads=args.threads, timeout=args.timeout, progress=not args.no_progress,
-        )
+        sc = run_scaling(Path(args.out) / "scaling", workers=workers, spots=_ints(args.scaling_spots),
+                         genes_list=_ints(args.scaling_genes), fixed_genes=args.fixed_genes,
+                         fixed_spots=args.fixed_spots)
         print(f"Figure 3: {sc['figure']}")
     return 0
 

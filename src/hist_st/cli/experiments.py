@@ -7,6 +7,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from hist_st.cli.bench import add_command, add_experiment_args, parse_baseline_options
 from hist_st.errors import InputError
@@ -18,6 +19,14 @@ def _list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _setup(args: argparse.Namespace) -> Any:
+    """The `CVSetup` of ``add_experiment_args``' options (and ``--group-by`` where the command has it)."""
+    from hist_st.experiments.accuracy import CVSetup
+
+    return CVSetup(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config, overrides=args.overrides,
+                   group_by=getattr(args, "group_by", None), progress=not args.no_progress)
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from hist_st.experiments.ablation import ABLATIONS, run_ablation
 
@@ -27,11 +36,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         return 0
     if args.cohort is None or args.out is None:
         raise InputError("--cohort/--out", "hist-st ablate needs both (or --list)")
-    res = run_ablation(
-        args.cohort, args.out, names=_list(args.configs), genes=args.genes, folds=args.folds, seed=args.seed,
-        config=args.config, overrides=args.overrides, group_by=args.group_by, skip_done=not args.force,
-        progress=not args.no_progress,
-    )
+    res = run_ablation(args.cohort, args.out, setup=_setup(args), names=_list(args.configs), skip_done=not args.force)
     print(res["table"])
     print(f"results in {res['out_dir']}")
     return 0
@@ -59,12 +64,8 @@ def cmd_stain(args: argparse.Namespace) -> int:
 
     if args.prepare:
         prepare_pair(shlex.split(args.prepare), args.plain, args.macenko)
-    res = run_stain(
-        args.plain, args.macenko, args.out, rows=_list(args.rows) or ("macenko-only", "token-only", "both", "neither"),
-        genes=args.genes, folds=args.folds,
-        seed=args.seed, config=args.config, overrides=args.overrides, skip_done=not args.force,
-        progress=not args.no_progress,
-    )
+    res = run_stain(args.plain, args.macenko, args.out, setup=_setup(args), skip_done=not args.force,
+                    rows=_list(args.rows) or ("macenko-only", "token-only", "both", "neither"))
     print(res["table"])
     print(f"results in {res['out_dir']}")
     return 0

@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "METHODS",
     "DISPLAY",
     "build_config",
+    "CVSetup",
     "run_accuracy",
     "per_gene_rows",
 ]
@@ -80,6 +82,33 @@ def build_config(
     if progress is not None:
         changes["progress"] = bool(progress)
     return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+@dataclass(frozen=True)
+class CVSetup:
+    """What a cross-validated HiST experiment (Tables 3 and 5) is run with, besides its cohort and rows.
+
+    Attributes:
+        genes: Gene-set spec, ``hvg:N`` or ``he:N`` (`hist_st.cohort.GeneSet`).
+        folds: Number of folds (by slide unless ``group_by``).
+        seed: Fold and training seed.
+        config: HiST `TrainConfig` YAML (None: defaults).
+        overrides: ``key=value`` overrides of it, e.g. ``["epochs=100"]``.
+        group_by: Group column for folds (e.g. ``patient``); None = by slide (the paper).
+        progress: Progress bars.
+    """
+
+    genes: str = "hvg:2000"
+    folds: int = 4
+    seed: int = 0
+    config: str | Path | None = None
+    overrides: Sequence[str] = ()
+    group_by: str | None = None
+    progress: bool = True
+
+    def train_config(self) -> TrainConfig:
+        """HiST's `TrainConfig` (`build_config` of these settings)."""
+        return build_config(self.config, self.overrides, seed=self.seed, genes=self.genes, progress=self.progress)
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:

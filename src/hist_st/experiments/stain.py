@@ -11,7 +11,8 @@ same folds and the same genes:
 
 ```python
 from hist_st.experiments import run_stain
-run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", overrides=["epochs=100"], genes="he:250")
+from hist_st.experiments.accuracy import CVSetup
+run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", setup=CVSetup(genes="he:250", overrides=["epochs=100"]))
 ```
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 from hist_st.errors import InputError
 from hist_st.evaluate import Plan, make_plan
 from hist_st.experiments.ablation import _fmt, hist_rows, reused_note
-from hist_st.experiments.accuracy import build_config
+from hist_st.experiments.accuracy import CVSetup
 from hist_st.train.data import list_slides
 from hist_st.train.distributed import init_distributed
 from hist_st.train.folds import save_folds
@@ -49,15 +50,10 @@ def run_stain(
     macenko: str | Path,
     out_dir: str | Path,
     *,
+    setup: CVSetup | None = None,
     rows: Sequence[str] = ("macenko-only", "token-only", "both", "neither"),
-    genes: str = "hvg:2000",
-    folds: int = 4,
-    seed: int = 0,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
     skip_done: bool = True,
     reuse_from: Sequence[str | Path] = (),
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Cross-validate the Table 5 rows on identical folds and genes.
 
@@ -65,8 +61,8 @@ def run_stain(
         plain: Cohort prepared without stain normalisation.
         macenko: The same slides prepared with ``--stain-norm macenko``.
         out_dir: Output: ``<row>/`` run directories, ``splits.json``, ``stain.json``, ``table.md``.
+        setup: Gene set, folds, seed, HiST config and overrides, group column, progress (`CVSetup`).
         rows: Rows to run (`STAIN_ROWS`).
-        genes, folds, seed, config, overrides, progress: As in `run_accuracy`.
         skip_done: Take each row's folds from the result cache when trained identically before
             (`hist_st.evaluate.cache`); False: train every row again.
         reuse_from: Other run folders whose caches are searched too: ``token-only`` may be Table 2's HiST
@@ -83,12 +79,15 @@ def run_stain(
     if ids_plain != ids_mac:
         diff = sorted(set(ids_plain) ^ set(ids_mac))
         raise InputError(macenko, f"the two cohorts hold different slides (e.g. {diff[:5]})")
-    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
+    setup = setup or CVSetup()
+    cfg = setup.train_config()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plans = {"plain": make_plan(plain, cfg.genes, k=folds, seed=cfg.seed, embedding=cfg.embedding)}
+    plans = {"plain": make_plan(plain, cfg.genes, k=setup.folds, seed=cfg.seed, group_by=setup.group_by,
+                                embedding=cfg.embedding)}
     fold_list, gene_list = plans["plain"].folds, plans["plain"].genes
-    save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, slides_dir=str(plain))
+    save_folds(fold_list, out / "splits.json", k=setup.folds, seed=cfg.seed, group_by=setup.group_by,
+               slides_dir=str(plain))
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
     info = init_distributed(cfg.device)
 
@@ -101,11 +100,11 @@ def run_stain(
     table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which))
                   for name, (_, which, token) in STAIN_ROWS.items() if name in rows}
     summaries, reused = hist_rows(out, table_rows, name="stain", reuse=skip_done, reuse_from=reuse_from,
-                                  dist_info=info, progress=progress)
+                                  dist_info=info, progress=setup.progress)
     table = format_stain_table(summaries)
     (out / "table.md").write_text(
-        f"Calibration token vs Macenko stain normalisation (Table 5): {folds}-fold, seed {seed}, "
-        f"{len(gene_list)} genes ({genes}); mean ± std over folds. Paper column: Brain (NCBI GEO).\n\n" + table
+        f"Calibration token vs Macenko stain normalisation (Table 5): {setup.folds}-fold, seed {setup.seed}, "
+        f"{len(gene_list)} genes ({setup.genes}); mean ± std over folds. Paper column: Brain (NCBI GEO).\n\n" + table
         + "\n" + reused_note(reused)
     )
     return {"summaries": summaries, "table": table, "out_dir": str(out)}
