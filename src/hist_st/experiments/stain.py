@@ -61,7 +61,8 @@ def run_stain(
         plain: Cohort prepared without stain normalisation.
         macenko: The same slides prepared with ``--stain-norm macenko``.
         out_dir: Output: ``<row>/`` run directories, ``splits.json``, ``stain.json``, ``table.md``.
-        setup: Gene set, folds, seed, HiST config and overrides, group column, progress (`CVSetup`).
+        setup: Gene set, folds, seed, HiST config and overrides, progress (`CVSetup`; folds by slide, so
+            ``group_by`` must be None).
         rows: Rows to run (`STAIN_ROWS`).
         skip_done: Take each row's folds from the result cache when trained identically before
             (`hist_st.evaluate.cache`); False: train every row again.
@@ -80,14 +81,14 @@ def run_stain(
         diff = sorted(set(ids_plain) ^ set(ids_mac))
         raise InputError(macenko, f"the two cohorts hold different slides (e.g. {diff[:5]})")
     setup = setup or CVSetup()
+    if setup.group_by is not None:
+        raise InputError("group_by", "Table 5 folds by slide; run it without a group column")
     cfg = setup.train_config()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plans = {"plain": make_plan(plain, cfg.genes, k=setup.folds, seed=cfg.seed, group_by=setup.group_by,
-                                embedding=cfg.embedding)}
+    plans = {"plain": make_plan(plain, cfg.genes, k=setup.folds, seed=cfg.seed, embedding=cfg.embedding)}
     fold_list, gene_list = plans["plain"].folds, plans["plain"].genes
-    save_folds(fold_list, out / "splits.json", k=setup.folds, seed=cfg.seed, group_by=setup.group_by,
-               slides_dir=str(plain))
+    save_folds(fold_list, out / "splits.json", k=setup.folds, seed=cfg.seed, slides_dir=str(plain))
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
     info = init_distributed(cfg.device)
 
