@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -69,6 +70,16 @@ def test_identical_settings_hit_and_changed_keys_miss(cohort, tmp_path):
     assert fits == 2  # default options differ from n_components=4
     fits, res = _run(plan, tmp_path / "copy", n_components=4, cache=ResultCache([out]))
     assert fits == 0 and res["reused"] == {"ridge": str(out)} and res["methods"] == first["methods"]
+
+
+def test_a_copied_cohort_hits(cohort, tmp_path):
+    """The cohort fingerprint is the slides' content, not their path or mtime: a copy elsewhere hits."""
+    plan = make_plan(cohort, GeneConfig.from_spec("hvg:5"), k=2, seed=1)
+    _, first = _run(plan, tmp_path / "cv")
+    copy = shutil.copytree(cohort, tmp_path / "elsewhere")
+    fits, res = _run(make_plan(copy, GeneConfig.from_spec("hvg:5"), k=2, seed=1), tmp_path / "cv2",
+                     cache=ResultCache([tmp_path / "cv"]))
+    assert fits == 0 and res["methods"] == first["methods"] and res["reused"] == {"ridge": str(tmp_path / "cv")}
 
 
 def test_corrupted_or_partial_entries_are_ignored_with_a_warning(cohort, tmp_path):
