@@ -4,6 +4,7 @@ and the efficiency measurement in-process."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -191,9 +192,9 @@ def test_accuracy_copies_identical_methods_from_other_runs(tmp_path):
 def test_ablation_and_stain_rows_reuse_identical_runs(tmp_path):
     """Table 3's full row and Table 5's token-only row come from Table 2's HiST run only when the config,
     cohort, folds and genes are identical; otherwise they are trained."""
+
     from hist_st.experiments.ablation import run_ablation
-    from hist_st.experiments.accuracy import build_config, run_accuracy
-    from hist_st.experiments.reuse import same_run
+    from hist_st.experiments.accuracy import CVSetup, run_accuracy
     from hist_st.experiments.stain import run_stain
 
     cohort = tmp_path / "cohort"
@@ -203,26 +204,27 @@ def test_ablation_and_stain_rows_reuse_identical_runs(tmp_path):
     hist_run = tmp_path / "acc" / "cohort"
     hist = acc["cohorts"]["cohort"]["methods"]["HiST"]
 
-    abl = run_ablation(cohort, tmp_path / "abl", names=["full"], overrides=TINY, equivalent={"full": hist_run}, **kw)
+    same = CVSetup(overrides=TINY, **kw)
+    abl = run_ablation(cohort, tmp_path / "abl", setup=same, names=["full"], reuse_from=[hist_run])
     assert abl["summaries"]["full"] == hist
     assert json.loads((tmp_path / "abl" / "reused.json").read_text()) == {"full": str(hist_run)}
-    assert not (tmp_path / "abl" / "full").exists()
+    assert not (tmp_path / "abl" / "full" / "fold_0" / "model.pt").exists()  # not trained
 
     # one more epoch: not the same run, so the row is trained
-    run_ablation(cohort, tmp_path / "abl3", names=["full"], overrides=[*TINY, "epochs=3"],
-             equivalent={"full": hist_run}, **kw)
+    run_ablation(cohort, tmp_path / "abl3", setup=CVSetup(overrides=[*TINY, "epochs=3"], **kw), names=["full"],
+                 reuse_from=[hist_run])
     assert json.loads((tmp_path / "abl3" / "reused.json").read_text()) == {}
     assert (tmp_path / "abl3" / "full" / "metrics.json").is_file()
-    splits = json.loads((hist_run / "splits.json").read_text())["folds"]
-    genes = (hist_run / "genes.txt").read_text().split()
-    assert same_run(hist_run, build_config(None, TINY, seed=5, genes="he:12"), splits, genes, cohort)
-    assert not same_run(hist_run, build_config(None, [*TINY, "epochs=3"], seed=5, genes="he:12"), splits, genes, cohort)
-    assert not same_run(hist_run, build_config(None, TINY, seed=5, genes="he:12"), splits[::-1][:1], genes, cohort)
-    assert not same_run(hist_run, build_config(None, TINY, seed=5, genes="he:12"), splits, genes[:-1], cohort)
+    # other folds or genes than Table 2's: trained too
+    run_ablation(cohort, tmp_path / "abl-seed", setup=dataclasses.replace(same, seed=6), names=["full"],
+                 reuse_from=[hist_run])
+    run_ablation(cohort, tmp_path / "abl-genes", setup=dataclasses.replace(same, genes="he:11"), names=["full"],
+                 reuse_from=[hist_run])
+    for d in ("abl-seed", "abl-genes"):
+        assert json.loads((tmp_path / d / "reused.json").read_text()) == {}
 
     # Table 5's token-only row on the same cohort is Table 2's run; the Macenko cohort row is trained
-    st = run_stain(cohort, cohort, tmp_path / "stain", rows=["token-only", "both"], overrides=TINY,
-                   equivalent={"token-only": hist_run, "both": hist_run}, **kw)
+    st = run_stain(cohort, cohort, tmp_path / "stain", setup=same, rows=["token-only", "both"], reuse_from=[hist_run])
     assert st["summaries"]["token-only"] == hist
     reused = json.loads((tmp_path / "stain" / "reused.json").read_text())
     assert set(reused) == {"token-only", "both"}  # the "Macenko" cohort here is the same folder
@@ -279,37 +281,41 @@ def test_report_end_to_end_and_rerun_adds_a_method(tmp_path):
 
 def test_table1_reuse_ignores_the_epochs_option():
     """Table 1 times its own epochs, so a baseline's ``epochs`` option does not make it stale."""
-    from hist_st.experiments.efficiency import timed_options as _timing_options
+    from hist_st.experiments.efficiency import timing_key
 
-    opts = {"stflow": {"epochs": 5}, "stnet": {"epochs": 1, "tta": False}}
-    assert _timing_options(opts) == {"stnet": {"tta": False}}
-    assert _timing_options(None) == {} == _timing_options({"stflow": {"epochs": 100}})
+    def spec(**opts):
+        return {"method": "stnet", "data": {"cohort": "."}, "epochs": 1, "baseline_options": opts}
+
+    assert timing_key([spec(epochs=5, tta=False)]) == timing_key([spec(tta=False)]) != timing_key([spec()])
+    assert timing_key([spec()], timeout=1) != timing_key([spec()], timeout=2)
 
 
 def test_efficiency_on_a_cohort_records_what_it_measured(tmp_path):
     """Table 1 on a prepared cohort times fold 0's slides and records the cohort, genes, folds and seed, so a
     report does not reuse it for another gene set or split."""
-    from hist_st.experiments.efficiency import efficiency_inputs, run_efficiency
+    from hist_st.experiments.efficiency import Workers, run_efficiency
 
     cohort = tmp_path / "cohort"
     make_cohort(cohort, n_slides=4, n_spots=(60, 90), n_genes=16, embed_dim=8, seed=3)
-    res = run_efficiency(tmp_path / "t1", cohort=cohort, methods=["mean"], genes="he:12", folds=2, seed=5,
-                         epochs=1, device="cpu", threads=1, progress=False)
+    workers = Workers(methods=["mean"], seed=5, epochs=1, device="cpu", threads=1, progress=False)
+    res = run_efficiency(tmp_path / "t1", workers=workers, cohort=cohort, genes="he:12", folds=2)
     (rec,) = res["records"]
     assert "error" not in rec and rec["n_genes"] == 12 and rec["n_test_slides"] == 2
-    assert res["inputs"] == efficiency_inputs(cohort, "he:12", 2, 5) != efficiency_inputs(cohort, "he:12", 2, 6)
-    assert res["inputs"]["cohort"] == str(cohort.resolve())
     saved = json.loads((tmp_path / "t1" / "efficiency.json").read_text())
-    assert saved["inputs"] == res["inputs"]
+    assert saved["key"] == res["key"]
+    kw = dict(cohort=cohort, genes="he:12", folds=2, reuse=True)
+    assert run_efficiency(tmp_path / "t1", workers=workers, **kw) == saved  # the same key: reused
+    other = run_efficiency(tmp_path / "t1", workers=dataclasses.replace(workers, seed=6), **kw)  # measured again
+    assert other["key"] != saved["key"]
 
 
 def test_scaling_figure_records_and_skips_after_timeout(tmp_path):
     """Figure 3 on synthetic slides: one worker process per (method, size); a method that fails at one size
     is not run at larger sizes of that axis; the settings are recorded so a report can tell stale results."""
-    from hist_st.experiments.efficiency import run_scaling
+    from hist_st.experiments.efficiency import Workers, run_scaling
 
-    res = run_scaling(tmp_path, methods=["hist"], spots=[40, 80], genes_list=[6], fixed_genes=6,
-                      fixed_spots=40, overrides=TINY[1:], device="cpu", timeout=120, progress=False)
+    workers = Workers(methods=["hist"], epochs=1, overrides=TINY[1:], device="cpu", timeout=120, progress=False)
+    res = run_scaling(tmp_path, workers=workers, spots=[40, 80], genes_list=[6], fixed_genes=6, fixed_spots=40)
     ok = [r for r in res["records"] if "error" not in r]
     assert {(r["axis"], r["target_spots"], r["n_genes"]) for r in ok} == {("spots", 40, 6), ("spots", 80, 6),
                                                                          ("genes", 40, 6)}
@@ -317,6 +323,6 @@ def test_scaling_figure_records_and_skips_after_timeout(tmp_path):
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert res["options"] == {"spots": [40, 80], "genes_list": [6], "timeout": 120} and res["seed"] == 0
 
-    res = run_scaling(tmp_path / "t", methods=["hist"], spots=[40, 80], genes_list=[], fixed_genes=6,
-                      overrides=TINY[1:], device="cpu", timeout=0.01, progress=False)
+    res = run_scaling(tmp_path / "t", workers=dataclasses.replace(workers, timeout=0.01), spots=[40, 80],
+                      genes_list=[], fixed_genes=6)
     assert len(res["records"]) == 1 and "error" in res["records"][0]  # 80 spots not attempted

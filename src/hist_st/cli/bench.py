@@ -45,6 +45,30 @@ def add_experiment_args(p: argparse.ArgumentParser, *, genes: bool = True) -> No
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+#: Options several commands share: key -> (flags, `add_argument` keywords); `add_command` adds them by key.
+SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "out": (("--out",), {"required": True, "type": Path, "help": "output folder"}),
+    "methods": (("--methods",), {"default": "hist,mean,ridge,mlp,bleep,stnet,stflow", "help": "comma-separated methods"}),
+    "group-by": (("--group-by",), {"default": None, "help": "fold by a group column (e.g. patient) instead of by slide"}),
+    "baseline-option": (("--baseline-option",), {"action": "append", "metavar": "METHOD.KEY=VALUE",
+                                                 "help": "baseline option, e.g. stflow.epochs=50 (repeatable)"}),
+    "device": (("--device",), {"default": "auto", "help": "auto, cpu or cuda"}),
+}
+
+
+def add_command(
+    sub: argparse._SubParsersAction, name: str, func: Any, *, help: str, description: str | None = None,
+    shared: tuple[str, ...] = (), **kw: Any,
+) -> argparse.ArgumentParser:
+    """A subcommand ``name`` that runs ``func(args)``, with the `SHARED` options named in ``shared``."""
+    p = sub.add_parser(name, help=help, description=description, **kw)
+    for key in shared:
+        flags, opts = SHARED[key]
+        p.add_argument(*flags, **opts)
+    p.set_defaults(func=func)
+    return p
+
+
 def _seeds(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -60,52 +84,41 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds)
     if args.paired_with and seeds is None:
         raise InputError("--paired-with", "compares runs over training seeds: give --seeds too (e.g. --seeds 0,1,2)")
+    kw = dict(methods=_methods(args.methods), genes=args.genes, folds=args.folds, seed=args.seed, config=args.config,
+              overrides=args.overrides, group_by=args.group_by,
+              baseline_options=parse_baseline_options(args.baseline_option),
+              write_predictions=not args.no_predictions, progress=not args.no_progress, reuse=not args.force,
+              rerun=_methods(args.rerun or ""), reuse_from=args.reuse_from or [],
+              command="hist-st " + shlex.join(sys.argv[1:]))
     if seeds is not None:
         from hist_st.experiments.seeds import run_accuracy_seeds
 
-        res = run_accuracy_seeds(
-            args.cohort, args.out, seeds=seeds, seed=args.seed, methods=_methods(args.methods), genes=args.genes,
-            folds=args.folds, config=args.config, overrides=args.overrides, group_by=args.group_by,
-            baseline_options=parse_baseline_options(args.baseline_option),
-            write_predictions=not args.no_predictions, progress=not args.no_progress, reuse=not args.force,
-            rerun=_methods(args.rerun or ""), reuse_from=args.reuse_from or [], paired_with=args.paired_with or [],
-            command="hist-st " + shlex.join(sys.argv[1:]),
-        )
+        res = run_accuracy_seeds(args.cohort, args.out, seeds=seeds, paired_with=args.paired_with or [], **kw)
         print(res["table"])
         print(f"results in {res['out_dir']} (seeds.json, table.md; one bench accuracy folder per seed: seed_<s>)")
         return 0
-    res = run_accuracy(
-        args.cohort, args.out, methods=_methods(args.methods), genes=args.genes, folds=args.folds, seed=args.seed,
-        config=args.config, overrides=args.overrides, group_by=args.group_by,
-        baseline_options=parse_baseline_options(args.baseline_option), write_predictions=not args.no_predictions,
-        progress=not args.no_progress, reuse=not args.force, rerun=_methods(args.rerun or ""),
-        reuse_from=args.reuse_from or [], command="hist-st " + shlex.join(sys.argv[1:]),
-    )
+    res = run_accuracy(args.cohort, args.out, **kw)
     print(res["table"])
     print(f"results in {res['out_dir']} (accuracy.json, table.md, per_gene.csv, per-fold metrics.json)")
     return 0
 
 
 def register_accuracy(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("accuracy", help="Table 2: every method on identical folds, both metric protocols",
-                       description="Cross-validate HiST and baselines on the same folds/genes/targets/embeddings; "
-                       "writes accuracy.json, table.md, per_gene.csv and per-fold JSON.")
+    p = add_command(sub, "accuracy", cmd_accuracy, help="Table 2: every method on identical folds, both metric protocols",
+                    description="Cross-validate HiST and baselines on the same folds/genes/targets/embeddings; "
+                    "writes accuracy.json, table.md, per_gene.csv and per-fold JSON.",
+                    shared=("out", "methods", "group-by", "baseline-option"))
     p.add_argument("--cohort", required=True, action="append", type=Path, help="prepared cohort (repeatable)")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--methods", default="hist,mean,ridge,mlp,bleep,stnet,stflow", help="comma-separated methods")
-    p.add_argument("--group-by", default=None, help="fold by a group column (e.g. patient) instead of by slide")
-    p.add_argument("--baseline-option", action="append", metavar="METHOD.KEY=VALUE",
-                   help="baseline option, e.g. stflow.epochs=50 (repeatable)")
     p.add_argument("--no-predictions", action="store_true", help="do not write HiST's test predictions")
     p.add_argument("--force", action="store_true",
-                   help="rerun every method (default: keep methods of an earlier run in --out that used the same "
-                   "config, folds, genes and options)")
+                   help="rerun every method (default: take each method and fold that was computed with the same "
+                   "config, folds, genes, options and slides from the cache of --out)")
     p.add_argument("--rerun", default=None, metavar="METHODS",
                    help="comma-separated methods to train again although an earlier run could be kept")
     p.add_argument("--reuse-from", action="append", type=Path, metavar="DIR",
                    help="another `bench accuracy` output folder (e.g. one method run separately or on a GPU) "
-                   "whose methods are copied in when they used the same cohort, folds, genes and options "
-                   "(repeatable)")
+                   "whose cache is searched too: its methods are copied in when they used the same cohort, folds, "
+                   "genes and options (repeatable)")
     p.add_argument("--seeds", default=None, metavar="S1,S2,...",
                    help="training seeds, e.g. 0,1,2: every method is trained once per seed on the folds of --seed; "
                    "rows are means over seeds, with the seed spread and paired per-fold differences to HiST "
@@ -114,7 +127,6 @@ def register_accuracy(sub: argparse._SubParsersAction) -> None:
                    help="with --seeds: another --seeds output folder (same seeds and folds, e.g. HiST with another "
                    "config); reports HiST here minus HiST there, paired per fold (repeatable)")
     add_experiment_args(p)
-    p.set_defaults(func=cmd_accuracy)
 
 
 def _ints(value: str) -> list[int]:
@@ -122,44 +134,35 @@ def _ints(value: str) -> list[int]:
 
 
 def cmd_efficiency(args: argparse.Namespace) -> int:
-    from hist_st.experiments.efficiency import run_efficiency, run_scaling
+    from hist_st.experiments.efficiency import Workers, run_efficiency, run_scaling
 
-    methods = _methods(args.methods)
-    opts = parse_baseline_options(args.baseline_option)
+    workers = Workers(methods=_methods(args.methods), epochs=args.epochs, seed=args.seed, overrides=args.overrides,
+                      baseline_options=parse_baseline_options(args.baseline_option), device=args.device,
+                      threads=args.threads, timeout=args.timeout, progress=not args.no_progress)
     if not args.no_table:
-        res = run_efficiency(
-            args.out, cohort=args.cohort, methods=methods, genes=args.genes, folds=args.folds, seed=args.seed,
-            epochs=args.epochs, n_spots=args.spots, n_genes=args.n_genes, overrides=args.overrides,
-            baseline_options=opts, device=args.device, threads=args.threads, timeout=args.timeout,
-            progress=not args.no_progress, command="hist-st " + shlex.join(sys.argv[1:]),
-        )
+        res = run_efficiency(args.out, workers=workers, cohort=args.cohort, genes=args.genes, folds=args.folds,
+                             n_spots=args.spots, n_genes=args.n_genes, command="hist-st " + shlex.join(sys.argv[1:]))
         print(res["header"])
         print(res["table"])
     if args.scaling:
-        sc = run_scaling(
-            Path(args.out) / "scaling", methods=methods, spots=_ints(args.scaling_spots),
-            genes_list=_ints(args.scaling_genes), fixed_genes=args.fixed_genes, fixed_spots=args.fixed_spots,
-            epochs=args.epochs, seed=args.seed, overrides=args.overrides, baseline_options=opts, device=args.device,
-            threads=args.threads, timeout=args.timeout, progress=not args.no_progress,
-        )
+        sc = run_scaling(Path(args.out) / "scaling", workers=workers, spots=_ints(args.scaling_spots),
+                         genes_list=_ints(args.scaling_genes), fixed_genes=args.fixed_genes,
+                         fixed_spots=args.fixed_spots)
         print(f"Figure 3: {sc['figure']}")
     return 0
 
 
 def register_efficiency(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("efficiency", help="Table 1 (time, peak memory per method) and Figure 3 (scaling)",
-                       description="Each method is timed in its own process on the same slides: a prepared "
-                       "cohort's fold-0 split (--cohort) or synthetic slides. --scaling adds Figure 3.")
+    p = add_command(sub, "efficiency", cmd_efficiency, help="Table 1 (time, peak memory per method) and Figure 3 "
+                    "(scaling)", description="Each method is timed in its own process on the same slides: a prepared "
+                    "cohort's fold-0 split (--cohort) or synthetic slides. --scaling adds Figure 3.",
+                    shared=("out", "methods", "baseline-option", "device"))
     p.add_argument("--cohort", type=Path, default=None, help="prepared cohort (default: synthetic slides)")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--methods", default="hist,mean,ridge,mlp,bleep,stnet,stflow", help="comma-separated methods")
     p.add_argument("--epochs", type=int, default=2, help="epochs timed for methods with epochs (default 2)")
     p.add_argument("--spots", type=int, default=2000, help="spots per synthetic slide for Table 1 (default 2000)")
     p.add_argument("--n-genes", type=int, default=2000, help="genes of the synthetic slides for Table 1 (default 2000)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = default)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per method and size before giving up")
-    p.add_argument("--baseline-option", action="append", metavar="METHOD.KEY=VALUE", help="baseline option (repeatable)")
     p.add_argument("--no-table", action="store_true", help="skip Table 1 (e.g. only --scaling)")
     p.add_argument("--scaling", action="store_true", help="also produce Figure 3 on synthetic slides")
     p.add_argument("--scaling-spots", default="250,500,1000,2000,4000", help="spots per slide along the spots axis")
@@ -167,7 +170,6 @@ def register_efficiency(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fixed-genes", type=int, default=250, help="genes while spots vary (default 250)")
     p.add_argument("--fixed-spots", type=int, default=1000, help="spots while genes vary (default 1000)")
     add_experiment_args(p)
-    p.set_defaults(func=cmd_efficiency)
 
 
 def cmd_tissue(args: argparse.Namespace) -> int:
@@ -182,13 +184,13 @@ def cmd_tissue(args: argparse.Namespace) -> int:
 
 
 def register_tissue(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tissue", help="tissue detection vs her2st / Space Ranger labels; fiducials; non-tissue images",
-                       description="Recall of labelled tissue spots, calls on glass and out-of-tissue spots, "
-                       "pseudo-spots outside the Visium capture area (fiducial frame), refusal of noise/blank/photos.")
+    p = add_command(sub, "tissue", cmd_tissue,
+                    help="tissue detection vs her2st / Space Ranger labels; fiducials; non-tissue images",
+                    description="Recall of labelled tissue spots, calls on glass and out-of-tissue spots, "
+                    "pseudo-spots outside the Visium capture area (fiducial frame), refusal of noise/blank/photos.")
     p.add_argument("--her2st", type=Path, default=None, help="her2st-layout folder (sections with images)")
     p.add_argument("--spaceranger", nargs="*", type=Path, default=None, help="Space Ranger outs/ folder(s)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-tissue"), help="output folder (tissue.json)")
-    p.set_defaults(func=cmd_tissue)
 
 
 def cmd_uncertainty(args: argparse.Namespace) -> int:
@@ -203,9 +205,10 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
 
 
 def register_uncertainty(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("uncertainty", help="calibration of MC-dropout and seed-ensemble std on held-out folds",
-                       description="Spearman(std, |error|), Gaussian interval coverage and confident-decile "
-                       "errors of MC dropout (first run) and of the ensemble of the runs' fold models.")
+    p = add_command(sub, "uncertainty", cmd_uncertainty,
+                    help="calibration of MC-dropout and seed-ensemble std on held-out folds",
+                    description="Spearman(std, |error|), Gaussian interval coverage and confident-decile "
+                    "errors of MC dropout (first run) and of the ensemble of the runs' fold models.")
     p.add_argument("--run", nargs="+", required=True, type=Path,
                    help="cross-validation run folder(s) with splits.json and fold_<i>/model.pt; several runs "
                    "with other seeds on the same folds form the ensemble")
@@ -213,7 +216,6 @@ def register_uncertainty(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/uncertainty"), help="output folder")
     p.add_argument("--mc-samples", type=int, default=20, help="MC-dropout passes per slide")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")
-    p.set_defaults(func=cmd_uncertainty)
 
 
 def cmd_superres(args: argparse.Namespace) -> int:

@@ -7,8 +7,9 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
-from hist_st.cli.bench import add_experiment_args, parse_baseline_options
+from hist_st.cli.bench import add_command, add_experiment_args, parse_baseline_options
 from hist_st.errors import InputError
 
 
@@ -16,6 +17,14 @@ def _list(value: str | None) -> list[str] | None:
     if value is None:
         return None
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _setup(args: argparse.Namespace) -> Any:
+    """The `CVSetup` of ``add_experiment_args``' options (and ``--group-by`` where the command has it)."""
+    from hist_st.experiments.accuracy import CVSetup
+
+    return CVSetup(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config, overrides=args.overrides,
+                   group_by=getattr(args, "group_by", None), progress=not args.no_progress)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -27,11 +36,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         return 0
     if args.cohort is None or args.out is None:
         raise InputError("--cohort/--out", "hist-st ablate needs both (or --list)")
-    res = run_ablation(
-        args.cohort, args.out, names=_list(args.configs), genes=args.genes, folds=args.folds, seed=args.seed,
-        config=args.config, overrides=args.overrides, group_by=args.group_by, skip_done=not args.force,
-        progress=not args.no_progress,
-    )
+    res = run_ablation(args.cohort, args.out, setup=_setup(args), names=_list(args.configs), skip_done=not args.force)
     print(res["table"])
     print(f"results in {res['out_dir']}")
     return 0
@@ -59,12 +64,8 @@ def cmd_stain(args: argparse.Namespace) -> int:
 
     if args.prepare:
         prepare_pair(shlex.split(args.prepare), args.plain, args.macenko)
-    res = run_stain(
-        args.plain, args.macenko, args.out, rows=_list(args.rows) or ("macenko-only", "token-only", "both", "neither"),
-        genes=args.genes, folds=args.folds,
-        seed=args.seed, config=args.config, overrides=args.overrides, skip_done=not args.force,
-        progress=not args.no_progress,
-    )
+    res = run_stain(args.plain, args.macenko, args.out, setup=_setup(args), skip_done=not args.force,
+                    rows=_list(args.rows) or ("macenko-only", "token-only", "both", "neither"))
     print(res["table"])
     print(f"results in {res['out_dir']}")
     return 0
@@ -120,40 +121,34 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("ablate", help="Table 3: component ablations of HiST on the same folds",
-                              description="Cross-validate each named ablation config (see --list) on identical "
-                              "folds and genes; writes table.md with fold std and the paper's direction.")
+    p = add_command(subparsers, "ablate", cmd_ablate, help="Table 3: component ablations of HiST on the same folds",
+                    description="Cross-validate each named ablation config (see --list) on identical folds and "
+                    "genes; writes table.md with fold std and the paper's direction.", shared=("group-by",))
     p.add_argument("--cohort", type=Path, default=None, help="prepared cohort")
     p.add_argument("--out", type=Path, default=None, help="output folder")
     p.add_argument("--configs", default=None, help="comma-separated ablation names (default: all; see --list)")
-    p.add_argument("--group-by", default=None, help="fold by a group column instead of by slide")
-    p.add_argument("--force", action="store_true", help="rerun ablations whose results exist")
+    p.add_argument("--force", action="store_true", help="retrain ablations whose results are cached")
     p.add_argument("--list", action="store_true", help="list the ablation names and exit")
     add_experiment_args(p)
-    p.set_defaults(func=cmd_ablate)
 
-    p = subparsers.add_parser("stain", help="Table 5: calibration token vs Macenko stain normalisation",
-                              description="Cross-validate token-only / Macenko-only / both (and neither) on the "
-                              "same folds and genes. Give two prepared cohorts, or --prepare to make them.")
+    p = add_command(subparsers, "stain", cmd_stain, help="Table 5: calibration token vs Macenko stain normalisation",
+                    description="Cross-validate token-only / Macenko-only / both (and neither) on the same folds "
+                    "and genes. Give two prepared cohorts, or --prepare to make them.", shared=("out",))
     p.add_argument("--plain", required=True, type=Path, help="cohort prepared without stain normalisation")
     p.add_argument("--macenko", required=True, type=Path, help="the same slides prepared with --stain-norm macenko")
     p.add_argument("--prepare", default=None,
                    help="hist-st prepare arguments (quoted, without --out/--stain-norm) to prepare both cohorts first")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--rows", default=None, help="rows to run: macenko-only,token-only,both,neither (default all)")
-    p.add_argument("--force", action="store_true", help="rerun rows whose results exist")
+    p.add_argument("--force", action="store_true", help="retrain rows whose results are cached")
     add_experiment_args(p)
-    p.set_defaults(func=cmd_stain)
 
-    p = subparsers.add_parser("tokens", help="Table 6 / Figure 4: calibration-token analysis of a CV run",
-                              description="Export each slide's final calibration token from the fold models of a "
-                              "cv / bench accuracy run and measure how well it separates groups.")
+    p = add_command(subparsers, "tokens", cmd_tokens, help="Table 6 / Figure 4: calibration-token analysis of a CV run",
+                    description="Export each slide's final calibration token from the fold models of a cv / bench "
+                    "accuracy run and measure how well it separates groups.", shared=("out",))
     p.add_argument("--run", required=True, type=Path, help="cross-validation run directory (splits.json, fold_<i>/model.pt)")
     p.add_argument("--cohort", required=True, type=Path, help="the prepared cohort of that run")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--group-by", default="patient", help="comma-separated metadata columns (patient, technology, ...)")
     p.add_argument("--source", default="test", help="'test' (held-out fold model per slide) or 'fold:<i>'")
-    p.set_defaults(func=cmd_tokens)
 
     p = subparsers.add_parser("plot", help="figures (plot genes: H&E, measured and predicted expression)")
     psub = p.add_subparsers(dest="plot_command", required=True, metavar="FIGURE")
@@ -166,17 +161,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--out", type=Path, default=None, help="PNG path (default: next to --pred)")
     g.set_defaults(func=cmd_plot_genes)
 
-    p = subparsers.add_parser("report", help="run every experiment on a cohort and write docs/results/<name>.md",
-                              usage="hist-st report --cohort DIR [--name NAME] [options] [KEY=VALUE ...]",
-                              description="Tables 1, 2, 3 (and 5), the token analysis and figures in one Markdown "
-                              "file that quotes this command; finished steps are reused unless --force.")
+    p = add_command(subparsers, "report", cmd_report, help="run every experiment on a cohort and write "
+                    "docs/results/<name>.md", usage="hist-st report --cohort DIR [--name NAME] [options] [KEY=VALUE ...]",
+                    description="Tables 1, 2, 3 (and 5), the token analysis and figures in one Markdown file that "
+                    "quotes this command; finished steps are reused unless --force.",
+                    shared=("methods", "baseline-option"))
     # The name is an option, not a positional: argparse cannot take a positional before options and trailing
     # KEY=VALUE overrides after them.
     p.add_argument("--name", default=None, help="report name, e.g. her2st (default: the cohort folder's name)")
     p.add_argument("--cohort", required=True, type=Path, help="prepared cohort")
     p.add_argument("--docs", type=Path, default=Path("docs/results"), help="Markdown folder (default docs/results)")
     p.add_argument("--runs", type=Path, default=None, help="run folder (default runs/report-<name>)")
-    p.add_argument("--methods", default="hist,mean,ridge,mlp,bleep,stnet,stflow", help="comma-separated methods")
     p.add_argument("--gene-sets", default="hvg:2000,he:250", help="comma-separated gene sets for Table 2")
     p.add_argument("--ablations", default=None, help="comma-separated ablations (default all; 'none' to skip)")
     p.add_argument("--ablation-epochs", type=int, default=None, help="epochs of every Table 3 row (default: as Table 2)")
@@ -186,8 +181,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a `hist-st bench efficiency` output folder measured elsewhere (e.g. on a GPU) to show under "
                    "Table 1 (repeatable)")
     p.add_argument("--reuse-from", action="append", type=Path, metavar="DIR",
-                   help="a `hist-st bench accuracy` output folder whose methods Table 2 copies in when they used "
-                   "the same cohort, folds, genes and options, e.g. a slow baseline run separately (repeatable)")
+                   help="a `hist-st bench accuracy` output folder whose cache Table 2 also searches: its methods "
+                   "are copied in when they used the same cohort, folds, genes and options, e.g. a slow baseline "
+                   "run separately (repeatable)")
     p.add_argument("--scaling", action="store_true", help="also produce Figure 3 (synthetic slides)")
     p.add_argument("--scaling-spots", default="250,500,1000,2000,4000", help="Figure 3: spots per slide")
     p.add_argument("--scaling-genes", default="50,250,1000,2000", help="Figure 3: genes (at 1,000 spots)")
@@ -196,7 +192,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--macenko", type=Path, default=None, help="Macenko-normalised copy of the cohort (Table 5)")
     p.add_argument("--token-groups", default="patient", help="metadata columns for the token analysis")
     p.add_argument("--device", default="auto", help="device for the efficiency table")
-    p.add_argument("--baseline-option", action="append", metavar="METHOD.KEY=VALUE", help="baseline option (repeatable)")
     p.add_argument("--force", action="store_true", help="recompute steps whose results exist")
     add_experiment_args(p, genes=False)
-    p.set_defaults(func=cmd_report)

@@ -9,6 +9,7 @@ summary = run_cv(plan, [HiSTMethod(cfg), get_method("ridge")], "runs/cv")
 The metrics themselves (both protocols) are `hist_st.metrics`, re-exported here.
 """
 
+from hist_st.evaluate.cache import ResultCache
 from hist_st.evaluate.cv import PROTOCOLS, cross_validate, fold_json, plot_loss_curves, run_cv
 from hist_st.evaluate.plan import Plan, make_plan, slide_groups
 from hist_st.metrics import evaluate_fold, format_table, per_gene_metrics, pooled_metrics, summarise_folds
@@ -16,6 +17,7 @@ from hist_st.metrics import evaluate_fold, format_table, per_gene_metrics, poole
 __all__ = [
     "PROTOCOLS",
     "Plan",
+    "ResultCache",
     "cross_validate",
     "evaluate_fold",
     "fold_json",

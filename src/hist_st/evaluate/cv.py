@@ -19,6 +19,8 @@ Run directory layout::
     fold_<i>/              HiST's model.pt, history.json, config.yaml, genes.txt
     fold_<i>/predictions/  <slide_id>.h5ad prediction files (X = predicted counts, layers['log1p'], measured counts)
     fold_<i>/metrics.json  per-method fold metrics (both protocols, per slide, per gene)
+    cache/<key>.json       one entry per (method, fold): its metrics, seconds and where it was computed
+                           (`hist_st.evaluate.cache`; a later run with the same key reuses it)
     metrics.json           per-method summaries over folds (mean, std, values) + per-fold numbers
     table.md               Table-2 style comparison, both protocols labelled
     loss_curves.png        HiST's training loss per epoch, one line per fold
@@ -29,7 +31,7 @@ HiST is evaluated at the final epoch (no model selection on test slides).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ import matplotlib
 from tqdm.auto import tqdm
 
 from hist_st.errors import InputError
+from hist_st.evaluate.cache import ResultCache, digest, fold_key, slide_fingerprint, write_entry
 from hist_st.evaluate.plan import Plan, make_plan
 from hist_st.jsonio import to_jsonable, write_json
 from hist_st.methods.base import Method, get_method, list_methods
@@ -102,6 +105,8 @@ def run_cv(
     mc_samples: int = 0,
     dist_info: DistInfo | None = None,
     progress: bool = True,
+    cache: ResultCache | None = None,
+    retrain: Collection[str] = (),
 ) -> dict[str, Any]:
     """Cross-validate ``methods`` on the folds and genes of ``plan``.
 
@@ -115,16 +120,24 @@ def run_cv(
         dist_info: This process's place in a ``torchrun`` job: every rank trains the `Method.distributed`
             methods together; rank 0 alone trains the others, predicts, scores and writes.
         progress: Show a progress bar over folds.
+        cache: Take a (method, fold) from ``out_dir/cache`` or ``cache.extra`` instead of training it when
+            its key matches (`hist_st.evaluate.cache`; a method that writes prediction files only when they
+            are already in ``out_dir``). None: train everything. Every result is stored in ``out_dir/cache``.
+        retrain: Labels of methods trained even when cached.
 
     Returns:
         ``{"methods": {label: summarise_folds(...)}, "folds": [...], "table": str, "genes": [...] or None,
-        "out_dir": str, "seconds": {label: float}, "histories": {fold: [...]}, "embedding": str}``; on
-        ranks other than 0 the same keys, empty.
+        "out_dir": str, "seconds": {label: float}, "histories": {fold: [...]}, "embedding": str,
+        "reused": {label: folder}}`` (``reused``: methods whose every fold came from another run folder,
+        named by the folder that computed them); on ranks other than 0 the same keys, empty.
     """
     info = dist_info or DistInfo()
     master = info.is_master
     out = Path(out_dir)
     labels = [m.label for m in methods]
+    keys, hits = _cache_lookups(plan, methods, out, seed=seed, cache=cache, retrain=retrain,
+                                need_files=write_predictions)
+    origins: dict[str, list[str]] = {m: [] for m in labels}
     with fresh_folder(out, enabled=master):
         if master:
             save_folds(plan.folds, out / "splits.json", k=plan.k, seed=plan.seed, group_by=plan.group_by,
@@ -147,6 +160,15 @@ def run_cv(
             truths = {s.slide_id: gene_counts(s, genes) for s in test_slides}
             fold_metrics: dict[str, Any] = {}
             for method, label in zip(methods, labels):
+                entry = hits.get((i, label))
+                if entry is not None:
+                    fold_metrics[label], origins[label] = entry["metrics"], [*origins[label], entry["origin"]]
+                    seconds[label] += entry["seconds"]
+                    if entry.get("history"):
+                        histories[f"fold {i}"] = entry["history"]
+                    if master:  # a copy from another folder is remembered here, with where it was computed
+                        write_entry(out, keys[i, label], {k: v for k, v in entry.items() if k != "key"})
+                    continue
                 if not (master or method.distributed):
                     continue
                 t0 = time.perf_counter()
@@ -158,10 +180,14 @@ def run_cv(
                     for s in test_slides:
                         write_prepared(method.prediction(s, mc_samples=mc_samples, seed=seed),
                                        fdir / "predictions" / f"{s.slide_id}.h5ad")
-                seconds[label] += time.perf_counter() - t0
-                if method.history_ and isinstance(method.history_[0], Mapping):  # per-epoch records: HiST
-                    histories[f"fold {i}"] = method.history_
+                dt = time.perf_counter() - t0
+                seconds[label] += dt
+                history = method.history_ if method.history_ and isinstance(method.history_[0], Mapping) else []
+                if history:  # per-epoch records: HiST
+                    histories[f"fold {i}"] = history
                 fold_metrics[label] = evaluate_fold(preds, truths)
+                write_entry(out, keys[i, label], {"method": label, "metrics": fold_metrics[label], "seconds": dt,
+                                                  "history": history, "origin": str(out)})
             if not master:
                 continue
             for m in labels:
@@ -177,7 +203,7 @@ def run_cv(
 
         if not master:
             return {"methods": {}, "folds": [], "table": "", "genes": plan.genes, "out_dir": str(out),
-                    "seconds": {}, "histories": {}, "embedding": plan.embedding}
+                    "seconds": {}, "histories": {}, "embedding": plan.embedding, "reused": {}}
         summaries = {m: summarise_folds(per_method[m]) for m in labels}
         table = format_table(summaries)
         write_json({"methods": summaries, "folds": fold_records, "seconds": seconds, "embedding": plan.embedding,
@@ -186,8 +212,42 @@ def run_cv(
         (out / "table.md").write_text(f"{PROTOCOLS} Mean ± std over {plan.k} folds.\n\n" + table + "\n")
         if histories:
             plot_loss_curves(histories, out / "loss_curves.png")
+        here = str(out.resolve())
+        reused = {m: o[0] for m, o in origins.items()
+                  if len(o) == len(plan.folds) and all(str(Path(x).resolve()) != here for x in o)}
         return {"methods": summaries, "folds": fold_records, "table": table, "genes": plan.genes,
-                "out_dir": str(out), "seconds": seconds, "histories": histories, "embedding": plan.embedding}
+                "out_dir": str(out), "seconds": seconds, "histories": histories, "embedding": plan.embedding,
+                "reused": reused}
+
+
+def _cache_lookups(
+    plan: Plan,
+    methods: Sequence[Method],
+    out: Path,
+    *,
+    seed: int,
+    cache: ResultCache | None,
+    retrain: Collection[str],
+    need_files: bool,
+) -> tuple[dict[tuple[int, str], dict[str, Any]], dict[tuple[int, str], dict[str, Any]]]:
+    """Every (fold, method label)'s cache key fields, and the cache entries found for them, all looked up
+    before anything trains (so every rank of a distributed job takes the same decisions)."""
+    fingerprints = {s: slide_fingerprint(slide, plan.embedding) for s, slide in plan.slides.items()}
+    keys, hits = {}, {}
+    for f in plan.folds:
+        i = int(f["fold"])
+        for method in methods:
+            keys[i, method.label] = fold_key(method, f, plan.fold_genes[i], embedding=plan.embedding, seed=seed,
+                                             fingerprints=fingerprints)
+            if cache is None or method.label in retrain:
+                continue
+            files = [out / f"fold_{i}" / "predictions" / f"{s}.h5ad" for s in sorted(f["test"])]
+            if need_files and hasattr(method, "prediction") and not all(p.is_file() for p in files):
+                continue
+            entry = cache.get(digest(keys[i, method.label]), out)
+            if entry is not None:
+                hits[i, method.label] = entry
+    return keys, hits
 
 
 def cross_validate(

@@ -5,8 +5,14 @@
 """
 
 from hist_st.experiments.ablation import ABLATIONS, PAPER_TABLE3, Ablation, ablation_config, run_ablation
-from hist_st.experiments.accuracy import build_config, per_gene_rows, run_accuracy
-from hist_st.experiments.efficiency import format_efficiency_table, measure, run_efficiency, run_scaling
+from hist_st.experiments.accuracy import CVSetup, build_config, per_gene_rows, run_accuracy
+from hist_st.experiments.efficiency import (
+    Workers,
+    format_efficiency_table,
+    measure,
+    run_efficiency,
+    run_scaling,
+)
 from hist_st.experiments.figures import plot_genes, plot_scaling, plot_token_pca
 from hist_st.experiments.report import ReportSpec, build_report
 from hist_st.experiments.stain import PAPER_TABLE5, STAIN_ROWS, run_stain
@@ -22,6 +28,7 @@ from hist_st.experiments.tokens import (
 __all__ = [
     "ABLATIONS",
     "Ablation",
+    "CVSetup",
     "PAPER_TABLE3",
     "PAPER_TABLE5",
     "ReportSpec",
@@ -46,4 +53,5 @@ __all__ = [
     "run_token_analysis",
     "slide_token",
     "token_metrics",
+    "Workers",
 ]

@@ -23,7 +23,8 @@ no-token            ``model.tokens = ()`` (no calibration token)
 
 ```python
 from hist_st.experiments import run_ablation
-res = run_ablation("cohorts/her2st", "runs/ablate", overrides=["epochs=100"], genes="he:250")
+from hist_st.experiments.accuracy import CVSetup
+res = run_ablation("cohorts/her2st", "runs/ablate", setup=CVSetup(genes="he:250", overrides=["epochs=100"]))
 print(res["table"])
 ```
 """
@@ -37,10 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
-from hist_st.evaluate import make_plan
-from hist_st.experiments.accuracy import build_config
-from hist_st.experiments.reuse import hist_rows, reused_note
-from hist_st.train.distributed import init_distributed
+from hist_st.evaluate import Plan, make_plan, run_cv
+from hist_st.evaluate.cache import ResultCache
+from hist_st.experiments.accuracy import CVSetup
+from hist_st.jsonio import read_json, write_json
+from hist_st.methods import HiSTMethod
+from hist_st.train.config import TrainConfig
+from hist_st.train.distributed import DistInfo, init_distributed
 from hist_st.train.folds import save_folds
 
 __all__ = ["Ablation", "ABLATIONS", "PAPER_TABLE3", "ablation_config", "run_ablation", "format_ablation_table"]
@@ -170,32 +174,73 @@ def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3)
     return "\n".join(lines)
 
 
+def reused_note(reused: Mapping[str, str]) -> str:
+    """A Markdown line naming the rows taken from earlier, identically trained runs (empty when none)."""
+    if not reused:
+        return ""
+    rows = "; ".join(f"`{k}` from `{v}`" for k, v in reused.items())
+    return f"\nRows reused from runs with the same config, cohort, folds and genes (not retrained): {rows}.\n"
+
+
+def hist_rows(
+    out: str | Path,
+    rows: Mapping[str, tuple[TrainConfig, Callable[[], Plan]]],
+    *,
+    name: str,
+    reuse: bool = True,
+    reuse_from: Sequence[str | Path] = (),
+    dist_info: DistInfo | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The HiST rows of an experiment table (Table 3 or 5): ``run_cv(plan(), [HiST])`` into ``out/<row>``,
+    each fold taken from the result cache (`hist_st.evaluate.cache`) when it was trained identically before.
+
+    Args:
+        out: The experiment folder: ``<row>/`` run folders, ``<name>.json`` (summaries), ``reused.json``.
+        rows: Row -> ``(TrainConfig, plan)``; ``plan()`` gives the row's `Plan`.
+        name: File name of the summaries (``ablation``, ``stain``).
+        reuse: Look up the cache (the row's folder and ``reuse_from``); False: train every row.
+        reuse_from: Other run folders whose caches are searched too, e.g. Table 2's HiST run.
+        dist_info, progress: As in `hist_st.evaluate.run_cv`.
+
+    Returns:
+        ``(summaries, reused)``: row -> HiST's `summarise_folds` record; row -> the folder that computed it,
+        for rows taken whole from another folder.
+    """
+    out = Path(out)
+    summaries: dict[str, Any] = {}
+    reused: dict[str, str] = {}
+    for row, (cfg, plan) in rows.items():
+        res = run_cv(plan(), [HiSTMethod(cfg, dist_info=dist_info)], out / row, seed=cfg.seed,
+                     write_predictions=False, dist_info=dist_info, progress=progress,
+                     cache=ResultCache(reuse_from) if reuse else None)
+        summaries[row] = res["methods"].get("HiST")
+        if "HiST" in res["reused"]:
+            reused[row] = res["reused"]["HiST"]
+    write_json(reused, out / "reused.json")
+    return read_json(write_json(summaries, out / f"{name}.json")), reused
+
+
 def run_ablation(
     cohort: str | Path,
     out_dir: str | Path,
     *,
+    setup: CVSetup | None = None,
     names: Sequence[str] | None = None,
-    genes: str = "hvg:2000",
-    folds: int = 4,
-    seed: int = 0,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    group_by: str | None = None,
     skip_done: bool = True,
-    equivalent: Mapping[str, str | Path] | None = None,
-    progress: bool = True,
+    reuse_from: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Train and cross-validate every ablation on identical folds and genes.
 
     Args:
         cohort: Prepared cohort folder.
         out_dir: Output: ``<name>/`` run_cv directories, ``splits.json``, ``ablation.json``, ``table.md``.
+        setup: Gene set, folds, seed, HiST config and overrides, group column, progress (`CVSetup`).
         names: Ablations to run (default all, `ABLATIONS` order); ``full`` is always added.
-        genes, folds, seed, config, overrides, group_by, progress: As in `run_accuracy`.
-        skip_done: Reuse an ablation whose ``<name>/metrics.json`` already exists.
-        equivalent: Row name -> an existing `run_cv` directory to take that row from when it was trained
-            with the same config, cohort, folds and genes (`hist_st.experiments.reuse.same_run`), e.g. the
-            full model from Table 2's HiST run. Reused rows are listed in ``reused.json`` and under the table.
+        skip_done: Take each row's folds from the result cache when trained identically before
+            (`hist_st.evaluate.cache`); False: train every row again.
+        reuse_from: Other run folders whose caches are searched too, e.g. Table 2's HiST run for the full
+            model. Rows taken from them are listed in ``reused.json`` and under the table.
 
     Returns:
         ``{"summaries": {name: summarise_folds(...)}, "table": str, "out_dir": str}``.
@@ -206,22 +251,24 @@ def run_ablation(
     for n in names:
         if n not in ABLATIONS:
             raise InputError("--configs", f"unknown ablation {n!r}; choose from {', '.join(ABLATIONS)}")
-    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
+    setup = setup or CVSetup()
+    cfg = setup.train_config()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(cohort, cfg.genes, k=folds, seed=cfg.seed, group_by=group_by, embedding=cfg.embedding)
+    plan = make_plan(cohort, cfg.genes, k=setup.folds, seed=cfg.seed, group_by=setup.group_by, embedding=cfg.embedding)
     fold_list, gene_list = plan.folds, plan.genes
-    save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, group_by=group_by, slides_dir=str(cohort))
+    save_folds(fold_list, out / "splits.json", k=setup.folds, seed=cfg.seed, group_by=setup.group_by,
+               slides_dir=str(cohort))
     # One gene list for every row (dataset scope: chosen once from the manifest ranking).
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
     info = init_distributed(cfg.device)
-    rows = {name: (ablation_config(cfg, name), lambda: plan, cohort) for name in ABLATIONS if name in names}
-    summaries, reused = hist_rows(out, rows, folds=fold_list, genes=gene_list, name="ablation", skip_done=skip_done,
-                                  equivalent=equivalent, dist_info=info, progress=progress)
+    rows = {name: (ablation_config(cfg, name), lambda: plan) for name in ABLATIONS if name in names}
+    summaries, reused = hist_rows(out, rows, name="ablation", reuse=skip_done, reuse_from=reuse_from,
+                                  dist_info=info, progress=setup.progress)
     table = format_ablation_table(summaries)
     (out / "table.md").write_text(
-        f"Ablations (Table 3) on {Path(cohort).name}: {folds}-fold, seed {seed}, {len(gene_list)} genes "
-        f"({genes}); mean ± std over folds. Δ columns: ablation minus full model. The paper's column is its "
+        f"Ablations (Table 3) on {Path(cohort).name}: {setup.folds}-fold, seed {setup.seed}, {len(gene_list)} genes "
+        f"({setup.genes}); mean ± std over folds. Δ columns: ablation minus full model. The paper's column is its "
         "Brain (NCBI GEO) Table 3, for direction only.\n\n" + table + "\n" + reused_note(reused)
     )
     return {"summaries": summaries, "table": table, "out_dir": str(out), "n_genes": len(gene_list)}

@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
-import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.evaluate import Plan, make_plan, run_cv
-from hist_st.experiments.reuse import merge_runs, reusable_methods
+from hist_st.evaluate import make_plan, run_cv
+from hist_st.evaluate.cache import ResultCache
 from hist_st.jsonio import read_json, write_json
 from hist_st.methods import HiSTMethod, Method, get_method, list_methods, method_option_names
 from hist_st.metrics import format_table
@@ -47,6 +46,7 @@ __all__ = [
     "METHODS",
     "DISPLAY",
     "build_config",
+    "CVSetup",
     "run_accuracy",
     "per_gene_rows",
 ]
@@ -84,6 +84,33 @@ def build_config(
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+@dataclass(frozen=True)
+class CVSetup:
+    """What a cross-validated HiST experiment (Tables 3 and 5) is run with, besides its cohort and rows.
+
+    Attributes:
+        genes: Gene-set spec, ``hvg:N`` or ``he:N`` (`hist_st.cohort.GeneSet`).
+        folds: Number of folds (by slide unless ``group_by``).
+        seed: Fold and training seed.
+        config: HiST `TrainConfig` YAML (None: defaults).
+        overrides: ``key=value`` overrides of it, e.g. ``["epochs=100"]``.
+        group_by: Group column for folds (e.g. ``patient``); None = by slide (the paper).
+        progress: Progress bars.
+    """
+
+    genes: str = "hvg:2000"
+    folds: int = 4
+    seed: int = 0
+    config: str | Path | None = None
+    overrides: Sequence[str] = ()
+    group_by: str | None = None
+    progress: bool = True
+
+    def train_config(self) -> TrainConfig:
+        """HiST's `TrainConfig` (`build_config` of these settings)."""
+        return build_config(self.config, self.overrides, seed=self.seed, genes=self.genes, progress=self.progress)
+
+
 def _check_methods(methods: Sequence[str]) -> list[str]:
     known = {"hist", *list_methods()}
     out = []
@@ -111,27 +138,6 @@ def _cohort_names(cohorts: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def _reusable(
-    prior: Mapping[str, Any] | None,
-    name: str,
-    run_dir: Path,
-    cfg: Any,
-    methods: Sequence[str],
-    settings: Mapping[str, Any],
-    baseline_options: Mapping[str, Mapping[str, Any]],
-    cohort: Path,
-    plan: Callable[[], Plan],
-) -> list[str]:
-    """The methods of ``prior`` (an earlier ``accuracy.json``) that `run_accuracy` may keep; ``plan()`` gives
-    the folds and genes of this run (`hist_st.evaluate.make_plan`, computed once per cohort)."""
-    if not prior or name not in prior.get("cohorts", {}):
-        return []
-    if not (cfg.genes.scope == "dataset" or cfg.genes.genes):
-        return []  # genes chosen per fold: nothing recorded to compare
-    return reusable_methods(prior, name, run_dir, cfg=cfg, methods=methods, settings=settings,
-                            baseline_options=baseline_options, folds=plan().folds, genes=plan().genes, cohort=cohort)
-
-
 def _method(name: str, cfg: TrainConfig, baseline_options: Mapping[str, Mapping[str, Any]],
             info: DistInfo | None) -> Method:
     """The method ``name``: HiST with ``cfg``, a baseline with its options."""
@@ -151,60 +157,12 @@ def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping
     return device_name(str(resolve_device(pref)))
 
 
-def _kept_results(
-    prior: Mapping[str, Any] | None, name: str, run_dir: Path, keep: Sequence[str]
-) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """The summaries, seconds, devices and per-fold metric records of the kept methods, read before anything
-    is rewritten."""
-    if not keep or prior is None:
-        return {"methods": {}, "seconds": {}, "devices": {}, "reused_from": {}}, {}
-    rec = prior["cohorts"][name]
-    keys = {m: "HiST" if m == "hist" else m for m in keep}
-    shown = {m: DISPLAY.get(m, m) for m in keep}
-    kept = {"methods": {keys[m]: rec["methods"][shown[m]] for m in keep},
-            "seconds": {keys[m]: rec.get("seconds", {}).get(shown[m], 0.0) for m in keep},
-            "devices": {shown[m]: rec.get("devices", {}).get(shown[m]) for m in keep},
-            "reused_from": {shown[m]: rec["reused_from"][shown[m]]
-                            for m in keep if shown[m] in rec.get("reused_from", {})}}
-    kept_folds = {}
-    for path in run_dir.glob("fold_*/metrics.json"):
-        fold = read_json(path)
-        fold["metrics"] = {keys[m]: fold["metrics"][keys[m]] for m in keep}
-        kept_folds[int(path.parent.name.split("_")[1])] = fold
-    return kept, kept_folds
-
-
-def _add_folds(into: dict[int, dict[str, Any]], folds: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Add per-fold metric records of more methods to ``into`` (fold index -> record), in place."""
-    for i, fold in folds.items():
-        rec = into.setdefault(i, {**fold, "metrics": {}})
-        into[i] = {**rec, "metrics": {**rec["metrics"], **fold["metrics"]}}
-    return into
-
-
-def _kept_elsewhere(
-    sources: Sequence[Path], name: str, methods: Sequence[str], reusable: Any
-) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """The methods that other accuracy runs (``sources``, first match wins) computed identically: their
-    results as `_kept_results` gives them, with ``reused_from`` naming the source of each."""
-    kept: dict[str, Any] = {"methods": {}, "seconds": {}, "devices": {}, "reused_from": {}}
-    kept_folds: dict[int, dict[str, Any]] = {}
-    left = list(methods)
-    for src in sources:
-        if not left:
-            break
-        path = src / "accuracy.json"
-        if not path.is_file():
-            raise InputError(src, "not a `hist-st bench accuracy` output folder (no accuracy.json)")
-        prior = read_json(path)
-        take = reusable(prior, run_dir=src / name, methods=left)
-        got, got_folds = _kept_results(prior, name, src / name, take)
-        got["reused_from"] = {DISPLAY.get(m, m): str(src) for m in take}
-        for key in kept:
-            kept[key].update(got[key])
-        _add_folds(kept_folds, got_folds)
-        left = [m for m in left if m not in take]
-    return kept, kept_folds
+def _source_device(source: str | None, name: str, shown: str) -> str | None:
+    """The device recorded for method ``shown`` of cohort ``name`` in the accuracy folder ``source``."""
+    path = Path(source or "") / "accuracy.json"
+    if source is None or not path.is_file():
+        return None
+    return read_json(path).get("cohorts", {}).get(name, {}).get("devices", {}).get(shown)
 
 
 def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -294,15 +252,13 @@ def run_accuracy(
         baseline_options: Per-baseline keyword options, e.g. ``{"stflow": {"epochs": 50}}``.
         write_predictions: Write HiST's test predictions (needed by ``hist-st plot genes``).
         progress: Progress bars.
-        reuse: Keep the methods of an earlier run in ``out_dir`` that were trained with the same settings,
-            folds, genes and options (`hist_st.experiments.reuse`) and run only the others, so a method
-            can be added to a finished table without retraining the rest.
-        rerun: Methods to train again even when ``reuse`` could keep them (e.g. after a code change that
-            alters a baseline's results); the other methods are still kept.
+        reuse: Take each (method, fold) computed earlier with the same key (method options, folds, genes,
+            seed, slide contents: `hist_st.evaluate.cache`) from ``out_dir``'s cache instead of training it,
+            so a method can be added to a finished table without retraining the rest.
+        rerun: Methods to train again even when cached (e.g. after a code change that alters a baseline).
         reuse_from: Other `run_accuracy` output folders (e.g. one slow baseline run on its own, or on a GPU
-            machine) whose methods are copied in instead of trained when they were computed with the same
-            settings, cohort, folds, genes and options, checked as for ``reuse``. Each copied row names its
-            source in ``reused_from``. Not used for methods in ``rerun`` or when ``reuse`` is False.
+            machine) whose caches are searched too; each row copied whole names its source in
+            ``reused_from``. Not used for methods in ``rerun`` or when ``reuse`` is False.
         command: The command line that made this run, recorded in ``accuracy.json``.
         train_seed: Every method's training seed when it differs from the fold seed (`run_accuracy_seeds`
             repeats training with several seeds on the folds of one fold seed).
@@ -325,54 +281,31 @@ def run_accuracy(
     results: dict[str, Any] = {}
     tables = []
     per_gene: dict[str, list[dict[str, Any]]] = {}
-    prior = read_json(out / "accuracy.json") if reuse and (out / "accuracy.json").is_file() else None
     # train_seed is recorded only when it differs from the fold seed, so earlier runs stay comparable.
     recorded_train_seed = None if t_seed == fold_seed else t_seed
-    settings = {"genes": genes, "folds": folds, "seed": seed, "group_by": group_by,
-                "train_seed": recorded_train_seed}
-    again = set(_check_methods(rerun)) if rerun else set()
+    for src in reuse_from:
+        if not (Path(src) / "accuracy.json").is_file():
+            raise InputError(src, "not a `hist-st bench accuracy` output folder (no accuracy.json)")
+    again = {"HiST" if m == "hist" else m for m in _check_methods(rerun)} if rerun else set()
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort = Path(cohort)
         run_dir = out / name
         t0 = time.perf_counter()
-        plan = functools.cache(functools.partial(make_plan, cohort, cfg.genes, k=folds, seed=fold_seed,
-                                                 group_by=group_by, embedding=cfg.embedding))
-        reusable = functools.partial(_reusable, name=name, cfg=cfg, settings=settings, cohort=cohort, plan=plan,
-                                     baseline_options=baseline_options)
-        keep = [m for m in reusable(prior, run_dir=run_dir, methods=methods) if m not in again]
-        kept, kept_folds = _kept_results(prior, name, run_dir, keep)
-        sources = [Path(s) for s in reuse_from] if reuse else []
-        left = [m for m in methods if m not in keep and m not in again]
-        other, other_folds = _kept_elsewhere(sources, name, left, reusable)
-        copied = [m for m in methods if DISPLAY.get(m, m) in other["reused_from"]]
-        if copied:  # a fresh output folder needs the folds and genes, identical in the source (checked)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            source_run = Path(other["reused_from"][DISPLAY.get(copied[0], copied[0])]) / name
-            for f in ("splits.json", "genes.txt"):
-                if not (run_dir / f).is_file():
-                    shutil.copyfile(source_run / f, run_dir / f)
-        keep = keep + copied
-        todo = [m for m in methods if m not in keep]
-        res: dict[str, Any] = {"methods": {}, "seconds": {}}
-        if todo:
-            info = init_distributed(cfg.device) if "hist" in todo else None
-            res = run_cv(plan(), [_method(m, cfg, baseline_options, info) for m in todo], run_dir, seed=cfg.seed,
-                         write_predictions=write_predictions, dist_info=info, progress=progress)
-        if keep:
-            res = {key: {**kept[key], **other[key], **res[key]} for key in ("methods", "seconds")}
-            if todo or copied:
-                merge_runs(run_dir, res, _add_folds(dict(kept_folds), other_folds))
-        ordered = {}
-        for m in methods:  # run_cv names HiST "HiST"; keep the user's method order
-            key = "HiST" if m == "hist" else m
-            ordered[DISPLAY.get(m, m)] = res["methods"][key]
-        seconds = {DISPLAY.get(m, m): float(res["seconds"]["HiST" if m == "hist" else m]) for m in methods}
-        known_devices = {**kept["devices"], **other["devices"]}
-        devices = {DISPLAY.get(m, m): (known_devices.get(DISPLAY.get(m, m)) if m in keep
-                                       else _method_device(m, cfg, baseline_options)) for m in methods}
-        reused_from = {**kept["reused_from"], **other["reused_from"]}
-        genes_file = run_dir / "genes.txt"
-        n_genes = len(genes_file.read_text().split()) if genes_file.is_file() else None
+        plan = make_plan(cohort, cfg.genes, k=folds, seed=fold_seed, group_by=group_by, embedding=cfg.embedding)
+        info = init_distributed(cfg.device) if "hist" in methods else None
+        cache = ResultCache(reuse_from) if reuse else None
+        res = run_cv(plan, [_method(m, cfg, baseline_options, info) for m in methods], run_dir, seed=cfg.seed,
+                     write_predictions=write_predictions, dist_info=info, progress=progress, cache=cache,
+                     retrain=again)
+        shown = {m: DISPLAY.get(m, m) for m in methods}
+        label = {m: "HiST" if m == "hist" else m for m in methods}
+        ordered = {shown[m]: res["methods"][label[m]] for m in methods}  # the user's method order
+        seconds = {shown[m]: float(res["seconds"][label[m]]) for m in methods}
+        reused_from = {shown[m]: str(Path(res["reused"][label[m]]).parent) for m in methods
+                       if label[m] in res["reused"]}
+        devices = {shown[m]: _source_device(reused_from.get(shown[m]), name, shown[m])
+                   or _method_device(m, cfg, baseline_options) for m in methods}
+        n_genes = len(plan.genes) if plan.genes is not None else None
         results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
                          "n_genes": n_genes, "devices": devices, "reused_from": reused_from,
                          "wall_seconds": time.perf_counter() - t0}

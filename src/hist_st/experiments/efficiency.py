@@ -18,8 +18,10 @@ run. Inside the worker:
 
 ```python
 from hist_st.experiments import run_efficiency, run_scaling
-t1 = run_efficiency("runs/eff", cohort="cohorts/her2st", methods=["hist", "stflow"], genes="hvg:2000")
-fig3 = run_scaling("runs/scaling", methods=["hist", "ridge"], spots=(500, 1000, 2000), genes_list=(50, 500))
+from hist_st.experiments.efficiency import Workers
+t1 = run_efficiency("runs/eff", workers=Workers(methods=["hist", "stflow"]), cohort="cohorts/her2st", genes="hvg:2000")
+fig3 = run_scaling("runs/scaling", workers=Workers(methods=["hist", "ridge"], epochs=1), spots=(500, 1000, 2000),
+                   genes_list=(50, 500))
 ```
 """
 
@@ -33,16 +35,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from hist_st.data.synthetic import ENCODER, cohort_params, make_slide
 from hist_st.errors import InputError
+from hist_st.evaluate.cache import digest
 from hist_st.experiments.accuracy import _check_methods, build_config
 from hist_st.experiments.figures import plot_scaling
-from hist_st.jsonio import write_json
+from hist_st.jsonio import read_json, write_json
 from hist_st.methods import get_method, method_option_names
 from hist_st.runtime import device_name, resolve_device, set_threads
 from hist_st.train.config import GeneConfig
@@ -52,7 +57,7 @@ from hist_st.train.loop import train as train_hist
 from hist_st.train.predict import predict_log1p
 
 __all__ = ["measure", "run_worker", "run_efficiency", "run_scaling", "format_efficiency_table",
-           "timed_options", "efficiency_inputs"]
+           "timing_key", "Workers"]
 
 GB = 1024.0**3
 
@@ -108,19 +113,27 @@ def _resolve_device(device: str) -> str:
     return resolved.type if device == "auto" else device
 
 
-def timed_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
-    """The baseline options that change a timing: all but ``epochs``, which `measure` replaces by the
-    timed epochs (time is reported per epoch). Recorded in ``efficiency.json`` / ``scaling.json``."""
-    out = {m: {k: v for k, v in dict(o).items() if k != "epochs"} for m, o in dict(options or {}).items()}
-    return {m: o for m, o in out.items() if o}
+def timing_key(specs: Sequence[Mapping[str, Any]], **settings: Any) -> str:
+    """What a set of worker ``specs`` measures, as a `hist_st.evaluate.cache.digest`: every spec with its
+    cohort path resolved and without baseline ``epochs`` options (`measure` times its own epochs, and time is
+    reported per epoch), plus ``settings`` (e.g. the timeout). Recorded as ``key`` in ``efficiency.json`` /
+    ``scaling.json``; a run with the same key reuses the file."""
+    timed = []
+    for spec in specs:
+        data = dict(spec["data"])
+        if "cohort" in data:
+            data["cohort"] = str(Path(data["cohort"]).resolve())
+        opts = {k: v for k, v in dict(spec.get("baseline_options", {})).items() if k != "epochs"}
+        timed.append({**spec, "data": data, "baseline_options": opts})
+    return digest({"specs": timed, **settings})
 
 
-def efficiency_inputs(cohort: str | Path | None, genes: str, folds: int, seed: int) -> dict[str, Any]:
-    """What Table 1 was measured on (recorded in ``efficiency.json`` as ``inputs``): the cohort folder and
-    the gene set, fold count and seed that pick its fold-0 slides and genes; None for synthetic slides."""
-    if cohort is None:
-        return {"cohort": None, "seed": int(seed)}
-    return {"cohort": str(Path(cohort).resolve()), "genes": str(genes), "folds": int(folds), "seed": int(seed)}
+def _reusable(path: Path, key: str, reuse: bool) -> dict[str, Any] | None:
+    """The result at ``path`` when ``reuse`` and it was measured with ``key``."""
+    if not (reuse and path.is_file()):
+        return None
+    prior = read_json(path)
+    return prior if prior.get("key") == key else None
 
 
 def synthetic_patch_source(size_px: int = 32) -> Any:
@@ -304,88 +317,105 @@ def format_efficiency_table(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _methods(methods: Sequence[str]) -> list[str]:
+@dataclass(frozen=True)
+class Workers:
+    """How every timed method runs, each in its own worker process (Table 1 and Figure 3).
 
-    return _check_methods(methods)
+    Attributes:
+        methods: Methods to time (``hist`` and `hist_st.methods` names).
+        epochs: Training epochs timed for methods with epochs (time is reported per slide per epoch).
+        seed: Seed of the slides (synthetic slides, or the folds that pick a cohort's fold 0) and of training.
+        overrides: HiST config overrides (e.g. ``model.dim=256``).
+        baseline_options: Per-baseline options.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        threads: torch threads in each worker (0 = default).
+        timeout: Seconds per method (and size) before it is recorded as a timeout.
+        progress: Progress bar.
+    """
+
+    methods: Sequence[str] = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow")
+    epochs: int = 2
+    seed: int = 0
+    overrides: Sequence[str] = ()
+    baseline_options: Mapping[str, Mapping[str, Any]] | None = None
+    device: str = "auto"
+    threads: int = 0
+    timeout: float | None = 3600.0
+    progress: bool = True
+
+    def specs(self, data: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """One `measure` spec per method on ``data`` (checked method names, the device resolved here)."""
+        device = _resolve_device(self.device)
+        return [{"method": m, "data": dict(data), "epochs": self.epochs, "overrides": list(self.overrides),
+                 "seed": self.seed, "baseline_options": dict((self.baseline_options or {}).get(m, {})),
+                 "device": device, "threads": self.threads} for m in _check_methods(self.methods)]
+
+    def record(self) -> dict[str, Any]:
+        """The settings recorded beside the results."""
+        return {"methods": _check_methods(self.methods), "epochs": self.epochs, "overrides": list(self.overrides),
+                "threads": self.threads, "seed": self.seed}
 
 
 def run_efficiency(
     out_dir: str | Path,
     *,
+    workers: Workers | None = None,
     cohort: str | Path | None = None,
-    methods: Sequence[str] = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow"),
     genes: str = "hvg:2000",
     folds: int = 4,
-    seed: int = 0,
-    epochs: int = 2,
     n_spots: int = 2000,
     n_genes: int = 2000,
     n_train: int = 3,
     n_test: int = 1,
-    overrides: Sequence[str] = (),
-    baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
-    device: str = "auto",
-    threads: int = 0,
-    timeout: float | None = 3600.0,
-    progress: bool = True,
     command: str | None = None,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Table 1: every method on the same training and test slides, each in its own process.
 
     Args:
         out_dir: Output: ``efficiency.json``, ``table.md``.
-        cohort: A prepared cohort: its fold-0 split (``make_folds(k=folds, seed)``) gives the training and
-            test slides, ``genes`` the gene set. None: a synthetic cohort of ``n_train + n_test`` slides of
-            ``n_spots`` spots and ``n_genes`` genes.
-        methods: Methods to measure.
-        epochs: Training epochs of every method that has epochs (time is reported per slide per epoch).
-        overrides: HiST config overrides (e.g. ``model.dim=256``).
-        baseline_options: Per-baseline options.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        threads: torch threads in each worker (0 = default).
-        timeout: Seconds per method before it is recorded as a timeout.
+        workers: The methods and how each runs (`Workers`; default: every method, 2 epochs, 3600 s).
+        cohort: A prepared cohort: its fold-0 split (``make_folds(k=folds, workers.seed)``) gives the
+            training and test slides, ``genes`` the gene set. None: a synthetic cohort of
+            ``n_train + n_test`` slides of ``n_spots`` spots and ``n_genes`` genes.
+        genes, folds: Gene set and fold count on a cohort.
+        n_spots, n_genes, n_train, n_test: The synthetic slides.
         command: The command line, recorded in ``efficiency.json``.
+        reuse: Return ``out_dir/efficiency.json`` instead of measuring when it records the same `timing_key`.
 
     Returns:
         ``{"records": [...], "table": str, "device": str, "out_dir": str}``.
     """
-    from tqdm.auto import tqdm
-
-
-    methods = _methods(methods)
-    device = _resolve_device(device)
+    w = workers or Workers()
     if cohort is not None:
-
-        ids = [p.stem for p in list_slides(cohort)]
-        f0 = make_folds(ids, folds, seed)[0]
-
+        f0 = make_folds([p.stem for p in list_slides(cohort)], folds, w.seed)[0]
         data: dict[str, Any] = {"cohort": str(cohort), "train": f0["train"], "test": f0["test"], "genes": genes,
-                                "embedding": build_config(None, overrides).embedding}
-        where = f"{Path(cohort).name}, fold 0 of {folds} (seed {seed}), genes {genes}"
+                                "embedding": build_config(None, w.overrides).embedding}
+        where = f"{Path(cohort).name}, fold 0 of {folds} (seed {w.seed}), genes {genes}"
     else:
         data = {"synthetic": {"n_train": n_train, "n_test": n_test, "n_spots": n_spots, "n_genes": n_genes,
-                              "embed_dim": 64, "seed": seed}}
+                              "embed_dim": 64, "seed": w.seed}}
         where = f"synthetic: {n_train} training + {n_test} test slides of ~{n_spots} spots, {n_genes} genes"
-    records = []
-    for m in tqdm(methods, desc="efficiency", unit="method", disable=not progress):
-        spec = {"method": m, "data": data, "epochs": epochs, "overrides": list(overrides), "seed": seed,
-                "baseline_options": dict((baseline_options or {}).get(m, {})), "device": device, "threads": threads}
-        records.append(run_worker(spec, timeout))
+    specs = w.specs(data)
+    out = Path(out_dir)
+    key = timing_key(specs, timeout=w.timeout)
+    prior = _reusable(out / "efficiency.json", key, reuse)
+    if prior is not None:
+        return prior
+    records = [run_worker(s, w.timeout) for s in tqdm(specs, desc="efficiency", unit="method", disable=not w.progress)]
     names = [r.get("device_name") for r in records if r.get("device_name")]
+    device = _resolve_device(w.device)
     dev = names[0] if names else device
     table = format_efficiency_table(records)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    header = (f"Efficiency (Table 1) on {dev}. Data: {where}. {epochs} training epoch(s) per method with epochs; "
+    header = (f"Efficiency (Table 1) on {dev}. Data: {where}. {w.epochs} training epoch(s) per method with epochs; "
               "train time per slide per epoch, inference time per slide (after one warm-up slide); memory "
               + ("CUDA peak allocated/reserved" if device.startswith("cuda") else "resident set size (RSS) of "
                  "a separate process per method; ΔRSS = peak minus RSS before the fit/predict")
               + "; GB/1k = per 1,000 spots of the largest training slide.")
     (out / "table.md").write_text(header + "\n\n" + table + "\n")
-    result = {"records": records, "table": table, "device": dev, "where": where, "epochs": epochs,
-              "out_dir": str(out), "header": header, "methods": list(methods), "overrides": list(overrides),
-              "threads": threads, "command": command, "baseline_options": timed_options(baseline_options),
-              "inputs": efficiency_inputs(cohort, genes, folds, seed)}
+    result = {"records": records, "table": table, "device": dev, "where": where, "out_dir": str(out),
+              "header": header, **w.record(), "command": command, "key": key}
     write_json(result, out / "efficiency.json")
     return result
 
@@ -393,20 +423,13 @@ def run_efficiency(
 def run_scaling(
     out_dir: str | Path,
     *,
-    methods: Sequence[str] = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow"),
+    workers: Workers | None = None,
     spots: Sequence[int] = (250, 500, 1000, 2000, 4000),
     genes_list: Sequence[int] = (50, 250, 1000, 2000),
     fixed_genes: int = 250,
     fixed_spots: int = 1000,
     n_train: int = 2,
-    epochs: int = 1,
-    seed: int = 0,
-    overrides: Sequence[str] = (),
-    baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
-    device: str = "auto",
-    threads: int = 0,
-    timeout: float | None = 1800.0,
-    progress: bool = True,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Figure 3: time and memory against spots (genes fixed) and against genes (spots fixed), every method on
     the same synthetic slides and the same log-log axes. A method that fails or times out at one size is
@@ -414,54 +437,49 @@ def run_scaling(
 
     Args:
         out_dir: Output folder.
-        methods: Methods to time (`hist_st.methods`).
+        workers: The methods and how each runs (`Workers`; default: every method, 1 epoch, 1800 s).
         spots, genes_list: Sizes along the spots axis and along the genes axis.
         fixed_genes, fixed_spots: Genes while spots vary; spots while genes vary.
-        n_train, epochs, seed: Synthetic training slides, timed epochs and seed.
-        overrides, baseline_options: HiST config overrides and per-baseline options.
-        device, threads, timeout, progress: Where and how each worker process runs.
+        n_train: Synthetic training slides.
+        reuse: Return ``out_dir/scaling.json`` instead of measuring when it records the same `timing_key`.
 
     Returns:
         ``{"records": [...], "figure": path, "out_dir": str}``; ``scaling.json`` and ``scaling.png`` in
         ``out_dir``.
     """
-    from tqdm.auto import tqdm
-
-
-    methods = _methods(methods)
-    device = _resolve_device(device)
+    w = workers or Workers(epochs=1, timeout=1800.0)
     jobs = [("spots", int(n), int(fixed_genes)) for n in sorted(spots)]
     jobs += [("genes", int(fixed_spots), int(g)) for g in sorted(genes_list)]
+    specs = {(axis, n, g): w.specs({"synthetic": {"n_train": n_train, "n_test": 1, "n_spots": n, "n_genes": g,
+                                                  "embed_dim": 64, "seed": w.seed}}) for axis, n, g in jobs}
+    out = Path(out_dir)
+    key = timing_key([s for job in specs.values() for s in job], timeout=w.timeout)
+    prior = _reusable(out / "scaling.json", key, reuse)
+    if prior is not None:
+        return prior
     records: list[dict[str, Any]] = []
     failed: set[tuple[str, str]] = set()
-    bar = tqdm(total=len(jobs) * len(methods), desc="scaling", unit="run", disable=not progress)
-    for axis, n, g in jobs:
-        for m in methods:
+    bar = tqdm(total=sum(map(len, specs.values())), desc="scaling", unit="run", disable=not w.progress)
+    for (axis, n, g), job in specs.items():
+        for spec in job:
             bar.update(1)
-            if (m, axis) in failed:
+            if (spec["method"], axis) in failed:
                 continue
-            data = {"synthetic": {"n_train": n_train, "n_test": 1, "n_spots": n, "n_genes": g, "embed_dim": 64,
-                                  "seed": seed}}
-            spec = {"method": m, "data": data, "epochs": epochs, "overrides": list(overrides), "seed": seed,
-                    "baseline_options": dict((baseline_options or {}).get(m, {})), "device": device,
-                    "threads": threads}
-            rec = run_worker(spec, timeout)
+            rec = run_worker(spec, w.timeout)
             rec.update(axis=axis, target_spots=n, n_genes=g)
             rec.setdefault("n_spots", n)
             if "error" in rec:
-                failed.add((m, axis))
+                failed.add((spec["method"], axis))
             records.append(rec)
     bar.close()
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fig = plot_scaling(records, out / "scaling.png")
     names = [r.get("device_name") for r in records if r.get("device_name")]
-    result = {"records": records, "figure": str(fig), "out_dir": str(out), "device": names[0] if names else device,
-              "epochs": epochs, "fixed_genes": fixed_genes, "fixed_spots": fixed_spots, "methods": list(methods),
-              "overrides": list(overrides), "threads": threads, "seed": seed,
-              "baseline_options": timed_options(baseline_options),
+    result = {"records": records, "figure": str(fig), "out_dir": str(out),
+              "device": names[0] if names else _resolve_device(w.device), **w.record(), "key": key,
+              "fixed_genes": fixed_genes, "fixed_spots": fixed_spots,
               "options": {"spots": [int(n) for n in spots], "genes_list": [int(g) for g in genes_list],
-                          "timeout": timeout}}
+                          "timeout": w.timeout}}
     write_json(result, out / "scaling.json")
     return result
 

@@ -15,6 +15,7 @@ Figures are copied beside it into ``docs/results/<name>/``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import shutil
 import time
@@ -26,12 +27,12 @@ from typing import Any
 from hist_st.cohort import CohortManifest, GeneSet
 from hist_st.errors import InputError
 from hist_st.experiments.ablation import run_ablation
-from hist_st.experiments.accuracy import build_config, per_gene_rows, run_accuracy
-from hist_st.experiments.efficiency import efficiency_inputs, run_efficiency, run_scaling, timed_options
+from hist_st.experiments.accuracy import CVSetup, build_config, per_gene_rows, run_accuracy
+from hist_st.experiments.efficiency import Workers, run_efficiency, run_scaling
 from hist_st.experiments.figures import plot_genes
 from hist_st.experiments.stain import run_stain
 from hist_st.experiments.tokens import run_token_analysis
-from hist_st.jsonio import read_json, to_jsonable
+from hist_st.jsonio import read_json
 from hist_st.metrics import format_table
 from hist_st.runtime import package_versions
 
@@ -155,14 +156,10 @@ def build_report(spec: ReportSpec) -> Path:
     timings: dict[str, float] = {}
     md: list[str] = []
 
-    def step(label: str, fn: Any, done: Path | None = None, same: Mapping[str, Any] | None = None) -> Any:
-        """Time ``fn``; skip it when ``done`` exists and records the same settings (``same``). Steps without
-        ``done`` decide themselves what to reuse (per method or per row)."""
+    def step(label: str, fn: Any) -> Any:
+        """Time ``fn`` (each step reuses what it computed before with the same key unless ``force``)."""
         t0 = time.perf_counter()
-        prior = read_json(done) if (done is not None and done.is_file() and not force) else None
-        if prior is not None and same and to_jsonable({k: prior.get(k) for k in same}) != to_jsonable(same):
-            prior = None
-        res = prior if prior is not None else fn()
+        res = fn()
         timings[label] = time.perf_counter() - t0
         return res
 
@@ -184,44 +181,34 @@ def build_report(spec: ReportSpec) -> Path:
     eff = sca = None
     base_cfg = build_config(config, overrides)
     threads = int(base_cfg.threads)  # every method's worker uses HiST's thread count
+    workers = Workers(methods=methods, epochs=efficiency_epochs, seed=seed, overrides=overrides,
+                      baseline_options=baseline_options, device=device, threads=threads, progress=progress)
     if efficiency:
-        eff = step("Table 1",
-                   lambda: run_efficiency(runs / "efficiency", cohort=cohort, methods=methods, genes=first,
-                                          folds=folds, seed=seed, epochs=efficiency_epochs, overrides=overrides,
-                                          baseline_options=baseline_options, device=device, threads=threads,
-                                          progress=progress),
-                   done=runs / "efficiency" / "efficiency.json",
-                   same={"methods": list(methods), "epochs": efficiency_epochs, "overrides": list(overrides),
-                         "baseline_options": timed_options(baseline_options), "threads": threads,
-                         "inputs": efficiency_inputs(cohort, first, folds, seed)})
+        eff = step("Table 1", lambda: run_efficiency(runs / "efficiency", workers=workers, cohort=cohort, genes=first,
+                                                     folds=folds, reuse=not force))
     if scaling:
-        sca = step("Figure 3",
-                   lambda: run_scaling(runs / "scaling", methods=methods, overrides=overrides, seed=seed,
-                                       baseline_options=baseline_options, device=device, threads=threads,
-                                       progress=progress, **dict(scaling_options or {})),
-                   done=runs / "scaling" / "scaling.json",
-                   same={"methods": list(methods), "overrides": list(overrides), "threads": threads, "seed": seed,
-                         "epochs": int((scaling_options or {}).get("epochs", 1)),
-                         "baseline_options": timed_options(baseline_options), "options": dict(scaling_options or {})})
+        sizes = dict(scaling_options or {})  # spots, genes_list (run_scaling); timeout, epochs (its workers)
+        timed = dataclasses.replace(workers, epochs=int(sizes.pop("epochs", 1)),
+                                    timeout=sizes.pop("timeout", 1800.0))
+        sca = step("Figure 3", lambda: run_scaling(runs / "scaling", workers=timed, reuse=not force, **sizes))
+
+    def setup(overrides: Sequence[str]) -> CVSetup:
+        return CVSetup(genes=first, folds=folds, seed=seed, config=config, overrides=overrides, progress=progress)
 
     # 3. Table 3 -------------------------------------------------------------------------------------------
     abl = None
     ablation_overrides = list(overrides) + ([f"epochs={ablation_epochs}"] if ablation_epochs else [])
     if ablations is None or len(ablations) > 0:
         abl = step("Table 3",
-                   lambda: run_ablation(cohort, runs / "ablation", names=ablations, genes=first, folds=folds,
-                                        seed=seed, config=config, overrides=ablation_overrides, skip_done=not force,
-                                        equivalent=None if force else {"full": first_run}, progress=progress))
+                   lambda: run_ablation(cohort, runs / "ablation", setup=setup(ablation_overrides), names=ablations,
+                                        skip_done=not force, reuse_from=[first_run]))
 
     # 4. Table 5 -------------------------------------------------------------------------------------------
     stn = None
     if macenko is not None:
         stn = step("Table 5",
-                   lambda: run_stain(cohort, macenko, runs / "stain", genes=first, folds=folds, seed=seed,
-                                     config=config, overrides=overrides, skip_done=not force,
-                                     equivalent=None if force else {"token-only": first_run,
-                                                                    "neither": runs / "ablation" / "no-token"},
-                                     progress=progress))
+                   lambda: run_stain(cohort, macenko, runs / "stain", setup=setup(overrides), skip_done=not force,
+                                     reuse_from=[first_run, runs / "ablation" / "no-token"]))
 
     # 5. Table 6 / Figure 4 ----------------------------------------------------------------------------------
     tok = None

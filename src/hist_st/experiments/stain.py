@@ -11,7 +11,8 @@ same folds and the same genes:
 
 ```python
 from hist_st.experiments import run_stain
-run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", overrides=["epochs=100"], genes="he:250")
+from hist_st.experiments.accuracy import CVSetup
+run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", setup=CVSetup(genes="he:250", overrides=["epochs=100"]))
 ```
 """
 
@@ -19,15 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
 from hist_st.evaluate import Plan, make_plan
-from hist_st.experiments.ablation import _fmt
-from hist_st.experiments.accuracy import build_config
-from hist_st.experiments.reuse import hist_rows, reused_note
+from hist_st.experiments.ablation import _fmt, hist_rows, reused_note
+from hist_st.experiments.accuracy import CVSetup
 from hist_st.train.data import list_slides
 from hist_st.train.distributed import init_distributed
 from hist_st.train.folds import save_folds
@@ -50,15 +50,10 @@ def run_stain(
     macenko: str | Path,
     out_dir: str | Path,
     *,
+    setup: CVSetup | None = None,
     rows: Sequence[str] = ("macenko-only", "token-only", "both", "neither"),
-    genes: str = "hvg:2000",
-    folds: int = 4,
-    seed: int = 0,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
     skip_done: bool = True,
-    equivalent: Mapping[str, str | Path] | None = None,
-    progress: bool = True,
+    reuse_from: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Cross-validate the Table 5 rows on identical folds and genes.
 
@@ -66,12 +61,13 @@ def run_stain(
         plain: Cohort prepared without stain normalisation.
         macenko: The same slides prepared with ``--stain-norm macenko``.
         out_dir: Output: ``<row>/`` run directories, ``splits.json``, ``stain.json``, ``table.md``.
+        setup: Gene set, folds, seed, HiST config and overrides, progress (`CVSetup`; folds by slide, so
+            ``group_by`` must be None).
         rows: Rows to run (`STAIN_ROWS`).
-        genes, folds, seed, config, overrides, progress: As in `run_accuracy`.
-        skip_done: Reuse rows whose ``metrics.json`` exists.
-        equivalent: Row -> an existing `run_cv` directory to take the row from when it was trained with the
-            same config, cohort, folds and genes (`hist_st.experiments.reuse.same_run`): ``token-only`` is
-            Table 2's HiST run, ``neither`` Table 3's ``no-token`` row. Listed in ``reused.json``.
+        skip_done: Take each row's folds from the result cache when trained identically before
+            (`hist_st.evaluate.cache`); False: train every row again.
+        reuse_from: Other run folders whose caches are searched too: ``token-only`` may be Table 2's HiST
+            run, ``neither`` Table 3's ``no-token`` row. Rows taken from them are listed in ``reused.json``.
 
     Returns:
         ``{"summaries": {row: summarise_folds(...)}, "table": str, "out_dir": str}``.
@@ -84,12 +80,15 @@ def run_stain(
     if ids_plain != ids_mac:
         diff = sorted(set(ids_plain) ^ set(ids_mac))
         raise InputError(macenko, f"the two cohorts hold different slides (e.g. {diff[:5]})")
-    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
+    setup = setup or CVSetup()
+    if setup.group_by is not None:
+        raise InputError("group_by", "Table 5 folds by slide; run it without a group column")
+    cfg = setup.train_config()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plans = {"plain": make_plan(plain, cfg.genes, k=folds, seed=cfg.seed, embedding=cfg.embedding)}
+    plans = {"plain": make_plan(plain, cfg.genes, k=setup.folds, seed=cfg.seed, embedding=cfg.embedding)}
     fold_list, gene_list = plans["plain"].folds, plans["plain"].genes
-    save_folds(fold_list, out / "splits.json", k=folds, seed=cfg.seed, slides_dir=str(plain))
+    save_folds(fold_list, out / "splits.json", k=setup.folds, seed=cfg.seed, slides_dir=str(plain))
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
     info = init_distributed(cfg.device)
 
@@ -99,15 +98,14 @@ def run_stain(
         return plans[which]
 
     no_token = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
-    table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which),
-                         plain if which == "plain" else macenko) for name, (_, which, token) in STAIN_ROWS.items()
-                  if name in rows}
-    summaries, reused = hist_rows(out, table_rows, folds=fold_list, genes=gene_list, name="stain", skip_done=skip_done,
-                                  equivalent=equivalent, dist_info=info, progress=progress)
+    table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which))
+                  for name, (_, which, token) in STAIN_ROWS.items() if name in rows}
+    summaries, reused = hist_rows(out, table_rows, name="stain", reuse=skip_done, reuse_from=reuse_from,
+                                  dist_info=info, progress=setup.progress)
     table = format_stain_table(summaries)
     (out / "table.md").write_text(
-        f"Calibration token vs Macenko stain normalisation (Table 5): {folds}-fold, seed {seed}, "
-        f"{len(gene_list)} genes ({genes}); mean ± std over folds. Paper column: Brain (NCBI GEO).\n\n" + table
+        f"Calibration token vs Macenko stain normalisation (Table 5): {setup.folds}-fold, seed {setup.seed}, "
+        f"{len(gene_list)} genes ({setup.genes}); mean ± std over folds. Paper column: Brain (NCBI GEO).\n\n" + table
         + "\n" + reused_note(reused)
     )
     return {"summaries": summaries, "table": table, "out_dir": str(out)}

@@ -1,0 +1,163 @@
+"""One content-addressed cache of method results: a fold is trained again only when something that made it changed.
+
+Every fold a method is scored on in `hist_st.evaluate.run_cv` is stored as ``<run dir>/cache/<key>.json``, where
+``key`` is the SHA-256 of everything that determines the result (`fold_key`):
+
+- the method: its name and options (HiST: its training config, less the keys that change only how a run is
+  shown, ``progress``, ``num_workers``, ``checkpoint_every``, and less the gene selection, compared below);
+- the fold: training and test slide ids;
+- the genes, the embedding key and the training seed;
+- the cohort: a content hash of each of the fold's slides *as the methods read them* (`slide_fingerprint`:
+  counts, coordinates, lattice, embeddings, scales, metadata). Content, not file size + mtime: a cohort
+  copied to another machine (e.g. a GPU run whose folder is brought back with ``--reuse-from``) keeps its
+  hash, and re-preparing a cohort with different settings changes it even when the file size stays.
+
+```python
+from hist_st.evaluate.cache import ResultCache
+cache = ResultCache(["runs/other-run"])          # look-ups also search these folders (recursively)
+entry = cache.get(key)                            # None on a miss; a corrupted entry is ignored with a warning
+```
+Entries are written atomically (`hist_st.jsonio.write_json`) and carry their own key fields; a file whose
+fields do not hash to its name, or that is not valid JSON, is ignored with a `UserWarning`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hist_st.jsonio import to_jsonable, write_json
+from hist_st.methods.base import Method
+from hist_st.slide import Slide
+from hist_st.train.config import TrainConfig, config_to_dict
+
+__all__ = ["ResultCache", "digest", "fold_key", "method_signature", "slide_fingerprint", "CACHE_DIR"]
+
+#: Version of the entry format; entries of another version are misses.
+VERSION = 1
+#: Folder of a run directory that holds its cache entries.
+CACHE_DIR = "cache"
+#: Config keys that change how a run is shown, not what it computes.
+_COSMETIC = ("progress", "num_workers", "checkpoint_every")
+_METRIC_KEYS = {"pooled": ("r2", "pcc"), "per_gene": ("pcc", "r2")}
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 (hex) of ``obj`` as canonical JSON (sorted keys, numpy values as plain numbers)."""
+    return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True).encode()).hexdigest()
+
+
+def method_signature(method: Method) -> dict[str, Any]:
+    """The method's name and options as a comparable dict (a HiST config without cosmetic keys and genes)."""
+    options = {}
+    for k, v in method.options.items():
+        if isinstance(v, TrainConfig):
+            v = {key: val for key, val in config_to_dict(v).items() if key not in (*_COSMETIC, "genes")}
+        options[k] = v
+    return to_jsonable({"name": method.name, "options": options})
+
+
+def slide_fingerprint(slide: Slide, embedding: str) -> str:
+    """SHA-256 of what a method reads from ``slide``: counts, coordinates, embedding ``embedding``, metadata."""
+    h = hashlib.sha256()
+    arrays: list[Any] = [slide.spatial, slide.barcodes.astype(str), np.asarray(slide.genes).astype(str),
+                         slide.lattice, slide.array_coords, slide.embeddings.get(embedding)]
+    if slide.counts is not None:
+        arrays += [slide.counts.data, slide.counts.indices, slide.counts.indptr, np.array(slide.counts.shape)]
+    for a in arrays:
+        h.update(b"|" if a is None else np.ascontiguousarray(a).tobytes() + str(np.asarray(a).dtype).encode())
+    scalars = [slide.slide_id, slide.um_per_px, slide.spot_pitch_um, slide.lattice_unit_um, slide.technology,
+               slide.patient, slide.meta]
+    h.update(json.dumps(to_jsonable(scalars), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def fold_key(
+    method: Method,
+    fold: Mapping[str, Any],
+    genes: Sequence[str],
+    *,
+    embedding: str,
+    seed: int,
+    fingerprints: Mapping[str, str],
+) -> dict[str, Any]:
+    """The fields that determine one method's result on one fold (`digest` of it names the entry).
+
+    Args:
+        method: The unfitted method.
+        fold: ``{"train": [...], "test": [...]}`` slide ids.
+        genes: The fold's genes, in order.
+        embedding: The embedding key the method reads.
+        seed: The training seed.
+        fingerprints: Slide id -> `slide_fingerprint`, for (at least) the fold's slides.
+    """
+    train, test = sorted(fold["train"]), sorted(fold["test"])
+    return {"version": VERSION, "method": method_signature(method), "train": train, "test": test,
+            "genes": list(genes), "embedding": embedding, "seed": int(seed),
+            "slides": {s: fingerprints[s] for s in (*train, *test)}}
+
+
+def _revive(metrics: Any) -> dict[str, Any]:
+    """A stored `evaluate_fold` record with the scalar metrics back as floats (JSON stores NaN as null)."""
+    out = dict(metrics)
+    for proto, keys in _METRIC_KEYS.items():
+        out[proto] = dict(out[proto])
+        for k in keys:
+            v = out[proto][k]
+            out[proto][k] = float("nan") if v is None else float(v)
+    return out
+
+
+class ResultCache:
+    """Cache entries of one run directory plus read-only look-ups in other folders.
+
+    Args:
+        extra: Folders searched (recursively, for ``cache/<key>.json``) after the run directory's own cache.
+    """
+
+    def __init__(self, extra: Iterable[str | Path] = ()) -> None:
+        self.extra = [Path(p) for p in extra]
+        self._index: dict[str, list[Path]] | None = None
+
+    def _extra_entries(self, key: str) -> list[Path]:
+        if self._index is None:
+            self._index = {}
+            for root in self.extra:
+                for p in sorted(root.glob(f"**/{CACHE_DIR}/*.json")):
+                    self._index.setdefault(p.stem, []).append(p)
+        return self._index.get(key, [])
+
+    def get(self, key: str, run_dir: str | Path) -> dict[str, Any] | None:
+        """The valid entry named ``key`` (run directory first, then the extra folders), or None."""
+        for path in [Path(run_dir) / CACHE_DIR / f"{key}.json", *self._extra_entries(key)]:
+            if path.is_file():
+                entry = read_entry(path, key)
+                if entry is not None:
+                    return entry
+        return None
+
+
+def read_entry(path: Path, key: str) -> dict[str, Any] | None:
+    """The entry at ``path`` when it is whole and its fields hash to ``key``; else None with a warning."""
+    try:
+        entry = json.loads(path.read_text())
+        if digest(entry["key"]) != key:
+            raise ValueError("its key fields do not hash to its name")
+        entry["metrics"] = _revive(entry["metrics"])
+        entry["seconds"] = float(entry["seconds"])
+        return entry
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        warnings.warn(f"ignoring the cache entry {path}: {exc}", UserWarning, stacklevel=3)
+        return None
+
+
+def write_entry(run_dir: str | Path, key_fields: Mapping[str, Any], entry: Mapping[str, Any]) -> Path:
+    """Store ``entry`` (``metrics``, ``seconds``, ``history``, ``origin``) under the digest of ``key_fields``."""
+    path = Path(run_dir) / CACHE_DIR / f"{digest(key_fields)}.json"
+    return write_json({**entry, "key": key_fields}, path)

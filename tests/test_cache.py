@@ -1,0 +1,99 @@
+"""`hist_st.evaluate.cache`: run_cv reuses a (method, fold) only when every key field is the same."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from hist_st.evaluate import make_plan, run_cv
+from hist_st.evaluate.cache import CACHE_DIR, ResultCache
+from hist_st.methods import get_method
+from hist_st.train.config import GeneConfig
+from hist_st.train.toy import write_toy_cohort
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return write_toy_cohort(tmp_path_factory.mktemp("toy"), n_slides=4, n_spots=50, n_genes=10, dim=8)
+
+
+def _counting(name, **options):
+    """A method whose fits are counted in ``method.fits``."""
+    m = get_method(name, **options)
+    m.fits = 0
+    inner = m._fit
+
+    def fit(*a, **kw):
+        m.fits += 1
+        return inner(*a, **kw)
+
+    m._fit = fit
+    return m
+
+
+def _run(plan, out, *, seed=1, cache=None, **options):
+    m = _counting("ridge", **options)
+    res = run_cv(plan, [m], out, seed=seed, progress=False, cache=cache)
+    return m.fits, res
+
+
+def test_identical_settings_hit_and_changed_keys_miss(cohort, tmp_path):
+    plan = make_plan(cohort, GeneConfig.from_spec("hvg:5"), k=2, seed=1)
+    out = tmp_path / "cv"
+    fits, first = _run(plan, out, n_components=4)
+    assert fits == 2 and len(list((out / CACHE_DIR).glob("*.json"))) == 2
+    fits, again = _run(plan, out, n_components=4, cache=ResultCache())
+    assert fits == 0 and again["methods"] == first["methods"] and again["reused"] == {}
+    fold = json.loads((out / "fold_0" / "metrics.json").read_text())
+    fits, _ = _run(plan, out, n_components=4)  # no cache: trained again, identical files
+    assert fits == 2 and json.loads((out / "fold_0" / "metrics.json").read_text()) == fold
+
+    # every key field changed alone is a miss (looked up in the first run's folder)
+    other_genes = make_plan(cohort, GeneConfig.from_spec("hvg:4"), k=2, seed=1)
+    other_folds = make_plan(cohort, GeneConfig.from_spec("hvg:5"), k=2, seed=2)
+    sid = sorted(plan.slides)[0]
+    changed = dataclasses.replace(plan.slides[sid], counts=plan.slides[sid].counts * 2)
+    other_cohort = dataclasses.replace(plan, slides={**plan.slides, sid: changed})
+    assert other_folds.folds != plan.folds
+    cache = ResultCache([out])
+    for i, (p, seed, opts) in enumerate([(plan, 2, {"n_components": 4}), (plan, 1, {"n_components": 3}),
+                                         (other_genes, 1, {"n_components": 4}),
+                                         (other_folds, 1, {"n_components": 4}),
+                                         (other_cohort, 1, {"n_components": 4})]):
+        fits, res = _run(p, tmp_path / f"miss{i}", seed=seed, cache=cache, **opts)
+        assert fits == 2 and res["reused"] == {}, i
+    # the same settings in another folder: taken from the first run, which is named
+    fits, res = _run(plan, tmp_path / "copy", cache=ResultCache([tmp_path / "miss0", out]))
+    assert fits == 2  # default options differ from n_components=4
+    fits, res = _run(plan, tmp_path / "copy", n_components=4, cache=ResultCache([out]))
+    assert fits == 0 and res["reused"] == {"ridge": str(out)} and res["methods"] == first["methods"]
+
+
+def test_a_copied_cohort_hits(cohort, tmp_path):
+    """The cohort fingerprint is the slides' content, not their path or mtime: a copy elsewhere hits."""
+    plan = make_plan(cohort, GeneConfig.from_spec("hvg:5"), k=2, seed=1)
+    _, first = _run(plan, tmp_path / "cv")
+    copy = shutil.copytree(cohort, tmp_path / "elsewhere")
+    fits, res = _run(make_plan(copy, GeneConfig.from_spec("hvg:5"), k=2, seed=1), tmp_path / "cv2",
+                     cache=ResultCache([tmp_path / "cv"]))
+    assert fits == 0 and res["methods"] == first["methods"] and res["reused"] == {"ridge": str(tmp_path / "cv")}
+
+
+def test_corrupted_or_partial_entries_are_ignored_with_a_warning(cohort, tmp_path):
+    plan = make_plan(cohort, GeneConfig.from_spec("hvg:5"), k=2, seed=1)
+    out = tmp_path / "cv"
+    _, first = _run(plan, out)
+    entries = sorted((out / CACHE_DIR).glob("*.json"))
+    entries[0].write_text(entries[0].read_text()[:40])  # cut short
+    rec = json.loads(entries[1].read_text())
+    rec["key"]["seed"] = 7  # fields that no longer hash to the name
+    entries[1].write_text(json.dumps(rec))
+    with pytest.warns(UserWarning, match="ignoring the cache entry"):
+        fits, res = _run(plan, out, cache=ResultCache())
+    assert fits == 2 and res["methods"] == first["methods"]
+    fits, _ = _run(plan, out, cache=ResultCache())  # rewritten whole
+    assert fits == 0
+    assert not list((out / CACHE_DIR).glob(".*"))  # no temporary files left
