@@ -123,7 +123,8 @@ def _tiny_encoder():
 
 
 def prepare(root, out, ids=None):
-    from hist_st.prepare import prepare_cohort, sources_from_hest
+    from hist_st.prepare import prepare_cohort
+    from hist_st.sources import sources_from_hest
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -19,8 +19,8 @@ PKG = SRC / "hist_st"
 #: listed before it. ``hist_st`` is the package's own ``__init__``.
 LAYERS = [
     "errors", "slide", "jsonio", "runtime", "outputs", "hist_st", "cohort", "wsi", "lattice", "model",
-    "harmonise", "io", "tissue", "encoders", "metrics", "pl", "train", "methods", "data", "prepare",
-    "sources", "predict_image", "evaluate", "experiments", "bench", "demo", "cli",
+    "harmonise", "io", "tissue", "encoders", "stain", "metrics", "pl", "train", "methods", "data", "sources",
+    "prepare", "predict_image", "evaluate", "experiments", "bench", "demo", "cli",
 ]  # fmt: skip
 
 #: Modules whose internal imports may sit inside functions, and why. ``cli``: `hist-st --help` and argument

@@ -94,8 +94,9 @@ def test_read_hest(tmp_path):
 
 @pytest.mark.parametrize("use_patches", [True, False])
 def test_prepare_hest(tmp_path, use_patches):
-    from hist_st.prepare import prepare_cohort, sources_from_hest
+    from hist_st.prepare import prepare_cohort
     from hist_st.slide import read_prepared
+    from hist_st.sources import sources_from_hest
 
     make_hest(tmp_path / "hest", patches=use_patches)
     rep = prepare_cohort(
@@ -139,8 +140,9 @@ def test_prepare_anndata_pitch_from_spacing(tmp_path):
     """Unknown technology, resolution from the image's TIFF tags, pitch from the spot spacing."""
     import tifffile
 
-    from hist_st.prepare import prepare_cohort, source_from_anndata
+    from hist_st.prepare import prepare_cohort
     from hist_st.slide import read_prepared
+    from hist_st.sources import source_from_anndata
 
     a, xy = _counts_adata(tech_cols=False)
     a.write_h5ad(tmp_path / "s.h5ad")

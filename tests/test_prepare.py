@@ -13,8 +13,9 @@ import torch
 from hist_st.cli import main
 from hist_st.encoders import Encoder, register_encoder
 from hist_st.errors import InputError
-from hist_st.prepare import prepare_cohort, sources_from_her2st
+from hist_st.prepare import prepare_cohort
 from hist_st.slide import read_prepared
+from hist_st.sources import sources_from_her2st
 
 SMALL = dict(patch_px=32, patch_um_per_px=3.5, thumbnail_size=64, progress=False, log=None)
 TINY = dict(SMALL, encoder="test-tiny")
@@ -184,7 +185,7 @@ def test_spots_outside_image_fail_cleanly(tmp_path):
     import scipy.sparse as sp
     from PIL import Image
 
-    from hist_st.prepare import source_from_anndata
+    from hist_st.sources import source_from_anndata
 
     a = ad.AnnData(X=sp.csr_matrix(np.ones((4, 2), np.float32)))
     a.var_names = ["A", "B"]
@@ -221,8 +222,8 @@ def test_corrupt_embedding_cache_is_rebuilt_with_a_warning(cohort, tmp_path):
 
 def test_prepare_never_replaces_a_source_file(tmp_path):
     """Issue 11: an input AnnData inside --out with the slide's own name is refused, not overwritten."""
-    from hist_st.prepare import SlideSource
     from hist_st.slide import slide_to_anndata
+    from hist_st.sources import SlideSource
     from hist_st.train.toy import toy_slide
 
     src = toy_slide("s1", 30)

@@ -52,7 +52,8 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from hist_st.prepare import prepare_cohort, sources_from_her2st
+        from hist_st.prepare import prepare_cohort
+        from hist_st.sources import sources_from_her2st
 
         rep = prepare_cohort(sources_from_her2st(root), out, device="cpu", **KW)
         with open(f"{out}/../rank{rank}.json", "w") as fh:
@@ -63,7 +64,8 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_prepare_the_same_cohort_as_one(tmp_path):
-    from hist_st.prepare import prepare_cohort, sources_from_her2st
+    from hist_st.prepare import prepare_cohort
+    from hist_st.sources import sources_from_her2st
 
     root = tmp_path / "raw"
     _write_her2st(root, ["A1", "A2", "B1", "B2", "C1"])

@@ -175,7 +175,8 @@ def test_noise_and_photographs_are_refused():
 def test_prepare_visium_from_lowres_keeps_what_scanpy_reads(tmp_path):
     import scanpy as sc
 
-    from hist_st.prepare import prepare_cohort, source_from_spaceranger
+    from hist_st.prepare import prepare_cohort
+    from hist_st.sources import source_from_spaceranger
 
     outs = HEART / "outs"
     rep = prepare_cohort([source_from_spaceranger(outs, None)], tmp_path / "C", encoder="test-tiny-visium",
@@ -232,7 +233,8 @@ def test_anndata_from_read_visium_uses_its_images(tmp_path):
     """`--format anndata` on `sc.read_visium` output cuts the same patches from uns['spatial'] as the folder."""
     import scanpy as sc
 
-    from hist_st.prepare import prepare_cohort, source_from_anndata, source_from_spaceranger
+    from hist_st.prepare import prepare_cohort
+    from hist_st.sources import source_from_anndata, source_from_spaceranger
 
     sc.read_visium(HEART / "outs").write_h5ad(tmp_path / "rv.h5ad")
     kw = dict(encoder="test-tiny-visium", patch_px=32, progress=False, log=None)

@@ -33,21 +33,16 @@ from hist_st.harmonise import (
 )
 from hist_st.runtime import resolve_device
 from hist_st.slide import Slide, atomic_write, read_cohort_slide, remove_stale_temporaries, write_prepared
+from hist_st.sources import SlideSource, file_signature, short_hash
+from hist_st.stain import macenko_normaliser
 from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image, upsampling_warning
 
 __all__ = [
-    "SlideSource",
     "PrepareReport",
     "prepare_cohort",
     "prepare_slide",
-    "sources_from_her2st",
-    "sources_from_hest",
-    "source_from_spaceranger",
-    "source_from_anndata",
-    "sources_from_table",
     "embed_slide",
     "embed_he_slide",
-    "macenko_normaliser",
     "CACHE_DIR",
 ]
 
@@ -61,30 +56,6 @@ LATTICE_VERSION = 2
 
 class MissingImageError(InputError):
     """The slide has no H&E image (skipped with ``allow_missing_image``, an error otherwise)."""
-
-
-@dataclass
-class SlideSource:
-    """A slide to prepare: an id, a loader returning its `Slide`, and its image (None: no image).
-
-    Attributes:
-        slide_id: Output file stem.
-        load: Callable returning the `Slide` (counts, coordinates, ...); called only when needed.
-        image: H&E image path or None.
-        patient: Patient id.
-        stored_patches: Optional HEST ``patches/<id>.h5`` (224 px at 0.5 um/px, matched by barcode).
-        fingerprint: Identifies the inputs (paths, sizes, mtimes): a change re-prepares the slide.
-        image_in_source: The reader may find an image itself when ``image`` is None (Space Ranger
-            ``spatial/`` images, AnnData ``uns['spatial']`` images).
-    """
-
-    slide_id: str
-    load: Callable[[], Slide]
-    image: Path | None
-    patient: str | None = None
-    stored_patches: Path | None = None
-    fingerprint: str = ""
-    image_in_source: bool = False
 
 
 @dataclass
@@ -124,216 +95,6 @@ class PrepareReport:
             lines.append(f"embeddings reused from cache for {int(t['cached_slides'])} slide(s)")
         lines.append(f"total {t.get('total_s', 0):.1f} s; manifest: {self.manifest}")
         return "\n".join(lines)
-
-
-def _file_sig(path: Path | None) -> str:
-    if path is None:
-        return "none"
-    try:
-        st = Path(path).stat()
-        return f"{Path(path).resolve()}:{st.st_size}:{int(st.st_mtime)}"
-    except OSError:
-        return f"{path}:missing"
-
-
-def _hash(*parts: object) -> str:
-    h = hashlib.sha1()
-    for p in parts:
-        h.update(repr(p).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------- sources
-def sources_from_her2st(
-    root: str | Path, sections: Sequence[str] | None = None, um_per_px: float | None = None
-) -> list[SlideSource]:
-    """One source per section of a her2st-layout folder (``sections`` restricts the ids).
-
-    ``um_per_px`` overrides the resolution derived from the spot spacing (200 um pitch).
-    """
-    from hist_st.io.legacy_st import find_her2st_sections, read_her2st_section
-
-    out = []
-    for sec in find_her2st_sections(root):
-        if sections and sec.slide_id not in sections:
-            continue
-        out.append(
-            SlideSource(
-                sec.slide_id,
-                (lambda s=sec: read_her2st_section(s, um_per_px=um_per_px)),
-                sec.image,
-                sec.patient,
-                fingerprint=_hash(_file_sig(sec.counts), _file_sig(sec.spots), _file_sig(sec.image), um_per_px),
-            )
-        )
-    if sections:
-        unknown = set(sections) - {s.slide_id for s in out}
-        if unknown:
-            raise InputError(root, f"sections not found: {sorted(unknown)}")
-    return out
-
-
-def sources_from_hest(root: str | Path, ids: Sequence[str] | None = None) -> list[SlideSource]:
-    """One source per HEST-1k sample under ``root`` (``st/<id>.h5ad``)."""
-    from hist_st.io.hest import find_hest_samples, read_hest
-
-    out = []
-    for s in find_hest_samples(root):
-        if ids and s.sample_id not in ids:
-            continue
-        out.append(
-            SlideSource(
-                s.sample_id,
-                (lambda s=s: read_hest(s.root, s.sample_id)),
-                s.wsi,
-                s.patient,
-                stored_patches=s.patches,
-                fingerprint=_hash(
-                    _file_sig(s.st), _file_sig(s.wsi), _file_sig(s.patches), _file_sig(s.metadata)
-                ),
-            )
-        )
-    return out
-
-
-def source_from_spaceranger(
-    outs: str | Path,
-    image: str | Path | None,
-    slide_id: str | None = None,
-    patient: str | None = None,
-    um_per_px: float | None = None,
-    image_scale: float | None = None,
-) -> SlideSource:
-    """A Space Ranger ``outs/`` folder plus its image (full resolution, hires or lowres; None: the folder's own).
-
-    See `hist_st.io.spaceranger.read_spaceranger` for how the image and its scale are chosen.
-    """
-    from hist_st.io.spaceranger import read_spaceranger
-
-    outs = Path(outs)
-    sid = slide_id or (outs.parent.name if outs.name == "outs" else outs.name)
-    img = Path(image) if image else None
-    spatial = outs / "spatial"
-    sigs = [_file_sig(p) for p in sorted(spatial.glob("*"))] if spatial.is_dir() else []
-    return SlideSource(
-        sid,
-        lambda: read_spaceranger(
-            outs, img, slide_id=sid, patient=patient, um_per_px=um_per_px, image_scale=image_scale
-        ),
-        img,
-        patient,
-        fingerprint=_hash(_file_sig(outs), _file_sig(img), sigs, um_per_px, image_scale),
-        image_in_source=True,
-    )
-
-
-def source_from_anndata(
-    path: str | Path,
-    image: str | Path | None,
-    slide_id: str | None = None,
-    patient: str | None = None,
-    um_per_px: float | None = None,
-    spot_pitch_um: float | None = None,
-    technology: str | None = None,
-    image_scale: float | None = None,
-) -> SlideSource:
-    """Any AnnData ``.h5ad`` with ``obsm['spatial']`` plus an image (None: the images in ``uns['spatial']``)."""
-    from hist_st.io.anndata_reader import read_anndata
-
-    path = Path(path)
-    sid = slide_id or path.stem
-    img = Path(image) if image else None
-    return SlideSource(
-        sid,
-        lambda: read_anndata(
-            path,
-            img,
-            slide_id=sid,
-            patient=patient,
-            um_per_px=um_per_px,
-            spot_pitch_um=spot_pitch_um,
-            technology=technology,
-            image_scale=image_scale,
-        ),
-        img,
-        patient,
-        fingerprint=_hash(_file_sig(path), _file_sig(img), um_per_px, spot_pitch_um, image_scale),
-        image_in_source=True,
-    )
-
-
-def sources_from_table(table: str | Path, fmt: str) -> list[SlideSource]:
-    """Sources from a CSV/TSV with columns ``path`` and optional ``image, slide_id, patient, um_per_px,
-    image_scale``."""
-    import pandas as pd
-
-    table = Path(table)
-    try:
-        df = pd.read_csv(table, sep=None, engine="python", dtype=str).fillna("")
-    except Exception as exc:
-        raise InputError(table, f"cannot read the sample table ({exc})") from exc
-    if "path" not in df.columns:
-        raise InputError(
-            table, "the sample table needs a 'path' column (and optionally image, slide_id, patient)"
-        )
-    out = []
-    for _, row in df.iterrows():
-        base = table.parent
-        path = base / row["path"]
-        image = (base / row["image"]) if row.get("image") else None
-        sid = row.get("slide_id") or None
-        patient = row.get("patient") or None
-        try:
-            upp = float(row["um_per_px"]) if row.get("um_per_px") else None
-            scale = float(row["image_scale"]) if row.get("image_scale") else None
-        except ValueError as exc:
-            raise InputError(table, f"row {sid or row['path']!r}: um_per_px/image_scale must be numbers ({exc})") from exc
-        if fmt == "spaceranger":
-            out.append(source_from_spaceranger(path, image, sid, patient, upp, scale))
-        elif fmt == "anndata":
-            out.append(source_from_anndata(path, image, sid, patient, upp, image_scale=scale))
-        else:
-            raise InputError(table, f"sample tables are for spaceranger/anndata inputs, not {fmt!r}")
-    return out
-
-
-# --------------------------------------------------------------------------------------------- stain
-def macenko_normaliser(reference: str | Path | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A batch transform uint8 ``[B, H, W, 3]`` -> uint8 that applies torchstain's Macenko normalisation.
-
-    Args:
-        reference: Optional reference H&E image to fit the target stain matrix; default: torchstain's
-            standard reference stain vectors.
-
-    Patches the method cannot normalise (background, too little tissue) are left unchanged.
-    """
-    import torch
-    import torchstain
-
-    norm = torchstain.normalizers.MacenkoNormalizer(backend="torch")
-    if reference is not None:
-        img = open_image(reference)
-        try:
-            thumb, _ = img.thumbnail(1024)
-        finally:
-            img.close()
-        norm.fit(torch.from_numpy(np.ascontiguousarray(thumb)).permute(2, 0, 1).float())
-
-    def apply(batch: np.ndarray) -> np.ndarray:
-        out = batch.copy()
-        for i in range(len(batch)):
-            try:
-                t = torch.from_numpy(np.ascontiguousarray(batch[i])).permute(2, 0, 1).float()
-                res, _, _ = norm.normalize(I=t, stains=False)
-                arr = res.clamp(0, 255).round().to(torch.uint8).numpy()
-                if np.isfinite(res.numpy()).all():
-                    out[i] = arr
-            except Exception:  # torchstain raises on near-empty patches (no stain to estimate)
-                continue
-        return out
-
-    return apply
 
 
 # --------------------------------------------------------------------------------------------- embed
@@ -560,14 +321,14 @@ def embed_he_slide(
 def _cache_path(
     out_dir: Path, slide: Slide, src: SlideSource, encoder, params: PatchParams, stain: str | None
 ) -> Path:
-    key = _hash(
+    key = short_hash(
         PREPARE_VERSION,
         encoder.cache_key,
         params.as_dict(),
         stain,
         src.fingerprint,
-        _file_sig(Path(slide.image) if slide.image else None),
-        _file_sig(src.stored_patches),
+        file_signature(Path(slide.image) if slide.image else None),
+        file_signature(src.stored_patches),
         float(slide.um_per_px or 0),
         hashlib.sha1(np.ascontiguousarray(slide.spatial, dtype=np.float64).tobytes()).hexdigest(),
     )
@@ -608,7 +369,7 @@ def _load_cache(path: Path, n_spots: int, timings: dict) -> tuple[np.ndarray, np
 
 
 def _prepared_key(src: SlideSource, encoder_key: str, params: PatchParams, stain: str | None) -> str:
-    return _hash(PREPARE_VERSION, LATTICE_VERSION, src.fingerprint, encoder_key, params.as_dict(), stain)
+    return short_hash(PREPARE_VERSION, LATTICE_VERSION, src.fingerprint, encoder_key, params.as_dict(), stain)
 
 
 def _existing_key(path: Path) -> str | None:
@@ -889,7 +650,7 @@ def prepare_cohort(
     stain_tag = (
         None
         if stain_norm is None
-        else f"{stain_norm}:{_file_sig(Path(stain_reference)) if stain_reference else 'default'}"
+        else f"{stain_norm}:{file_signature(Path(stain_reference)) if stain_reference else 'default'}"
     )
     timings: dict[str, float] = {"threads": float(torch.get_num_threads())}
 
