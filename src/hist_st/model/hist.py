@@ -148,13 +148,36 @@ class HiST(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Predict log1p expression.
 
+        The head runs in float32 even under autocast: bfloat16 log1p outputs would be quantised in steps
+        of 0.016-0.031 (2^-6..2^-5 near typical values), a few dozen distinct values per gene. Without
+        autograd it runs in row chunks (`hist_st.train.loss.chunked_head`), so the final norm's
+        float32 copy of the features never exists whole.
+
         Args:
             batch: One slide (`make_batch`).
             return_tokens: Also return the final calibration tokens ``[T, d]``.
 
         Returns:
-            ``[N, G]`` log1p predictions (and the tokens).
+            ``[N, G]`` float32 log1p predictions (and the tokens).
         """
+        from hist_st.train.loss import chunked_head
+
+        x, tokens = self.trunk(batch)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if torch.is_grad_enabled():
+                y = self.head(self.norm_out(x.float()))
+            else:
+                y = chunked_head(x, self.head, self.norm_out)
+        return (y, tokens) if return_tokens else y
+
+    def features(self, batch: LatticeBatch) -> torch.Tensor:
+        """``[N, D]`` float32 features after the final norm: what the head reads (`hist_st.train.loss`)."""
+        x, _ = self.trunk(batch)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.norm_out(x.float())
+
+    def trunk(self, batch: LatticeBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder-decoder: ``([N, D] features before the final norm, [T, d] tokens or None)``."""
         cfg = self.cfg
         if len(batch.levels) < self.num_levels:
             raise ValueError(f"batch has {len(batch.levels)} levels; the model needs {self.num_levels}")
@@ -193,8 +216,4 @@ class HiST(nn.Module):
                 x, tokens = blk(x, level, tokens)
             if cfg.skip == "concat" and cfg.fuse == "refine-fuse":
                 x = torch.cat([x, enc], dim=-1)
-        # Head in float32 even under autocast: bfloat16 log1p outputs would be quantised in steps of
-        # 0.016-0.031 (2^-6..2^-5 near typical values), a few dozen distinct values per gene.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            y = self.head(self.norm_out(x.float()))
-        return (y, tokens) if return_tokens else y
+        return x, tokens

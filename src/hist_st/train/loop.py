@@ -59,6 +59,7 @@ from hist_st.train.data import (
     read_manifest,
     select_genes,
 )
+from hist_st.train.loss import head_loss
 from hist_st.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -142,15 +143,19 @@ def forward_loss(
 ) -> torch.Tensor:
     """MSE between the model's log1p predictions and the log1p targets of the step's kept spots.
 
-    Under bf16 autocast the backbone runs in bfloat16, but HiST's head runs in float32 (`HiST.forward`)
-    and the loss is computed here outside autocast in float32: bfloat16 log1p outputs would be quantised
-    in steps of 0.016-0.031 (issue 16).
+    Under bf16 autocast (``amp``: on CUDA, or on the CPU when the run asked for it) the trunk runs in
+    bfloat16, but the head and the loss run in float32: bfloat16 log1p outputs would be quantised in
+    steps of 0.016-0.031 (issue 16). For HiST the head and loss go gene chunk by gene chunk
+    (`hist_st.train.loss.head_loss`), so no ``[N, G]`` prediction or gradient is kept.
     """
     batch = item["batch"].to(device)
     target = item["target"].to(device, non_blocking=True)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-        pred = model(batch)
-    return F.mse_loss(pred.float(), target.float())
+    chunked = hasattr(model, "features") and hasattr(model, "head")
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model.features(batch) if chunked else model(batch)
+    if chunked:
+        return head_loss(out, model.head, target)
+    return F.mse_loss(out.float(), target.float())
 
 
 def _identity(x: Any) -> Any:
