@@ -246,7 +246,12 @@ def test_recomputed_ffn_saves_no_hidden_layer_and_matches_autograd(activation: s
         model = _model(activation=activation)
         model.set_grad_checkpointing(mode)
         seen: list[tuple[int, ...]] = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(tuple(t.shape)) or t, lambda t: t):
+
+        def pack(t: torch.Tensor, seen: list = seen) -> torch.Tensor:
+            seen.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = model(model.make_batch(lat, feats))
         y.square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])

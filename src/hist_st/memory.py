@@ -20,7 +20,7 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
 DEFAULT_THRESHOLD = 256 * 1024
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fixed_mmap_threshold(nbytes: int = DEFAULT_THRESHOLD) -> bool:
     """Serve every allocation of ``nbytes`` or more with its own ``mmap`` (glibc only; once per process).
 

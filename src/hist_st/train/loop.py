@@ -59,7 +59,6 @@ from hist_st.train.data import (
     read_manifest,
     select_genes,
 )
-from hist_st.train.loss import head_loss
 from hist_st.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -68,6 +67,7 @@ from hist_st.train.distributed import (
     init_distributed,
     resolve_device,
 )
+from hist_st.train.loss import head_loss
 from hist_st.train.resume import (
     ACCEPTED_LOG,
     RUNTIME_KEYS,
