@@ -27,3 +27,10 @@ def test_cli_writes_json_lines_and_plots(tmp_path, capsys) -> None:
     assert [r["spots"] for r in lines] == [200, 400] and all("error" not in r for r in lines)
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert len(saved["results"]) == 2 and (tmp_path / "speed_vs_spots.png").stat().st_size > 0
+
+
+def test_measure_bf16_on_the_cpu_and_the_memory_is_read_before_the_flop_count() -> None:
+    r = measure(SpeedSettings(spots=200, genes=8, mode="infer", in_dim=16, threads=1, repeats=1,
+                              precision="bf16", model={"dim": 32, "heads": 4}))  # fmt: skip
+    assert r["autocast_bf16"] is True and r["matmul_bf16_gflops"] > 0 and r["gflop"] > 0
+    assert "[bf16 autocast]" in format_row(r)

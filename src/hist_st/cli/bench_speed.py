@@ -33,6 +33,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
         in_dim=args.in_dim,
         grid=args.lattice,
         grad_checkpointing=args.grad_checkpointing,
+        precision=args.precision,
+        malloc=args.malloc,
         model=model,
     )
     print(f"results in {args.out}/speed.json, plots speed_vs_spots.png and speed_vs_genes.png")
@@ -54,7 +56,7 @@ def register_speed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default="infer,train", help="infer and/or train")
     p.add_argument("--max-train-spots", type=int, default=20000, help="largest N for train steps")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda, see --precision)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median)")
     p.add_argument("--in-dim", type=int, default=1024, help="input embedding width (default 1024)")
     p.add_argument("--lattice", choices=["square", "hex"], default="square",
@@ -62,5 +64,11 @@ def register_speed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", metavar="KEY=VALUE", help="HiSTConfig override, e.g. dim=256")
     p.add_argument("--grad-checkpointing", choices=["none", "ffn", "block"], default="none",
                    help="recompute activations in backward (train steps): less memory, more time")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: autocast on the CPU too (AMX); "
+                   "the head and loss stay float32")  # fmt: skip
+    p.add_argument("--malloc", choices=["fixed", "default"], default="fixed",
+                   help="fixed: glibc's mmap threshold fixed as in hist-st train/predict (freed tensors leave the "
+                   "process); default: glibc's adaptive threshold")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON line per setting")
     p.set_defaults(func=cmd_speed)
