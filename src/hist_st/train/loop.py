@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from hist_st.errors import InputError
+from hist_st.memory import fixed_mmap_threshold
 from hist_st.model.config import LEGACY_VALUES
 from hist_st.slide import Slide
 from hist_st.train.augment import dropout_probability, schedule_strength
@@ -331,6 +332,7 @@ def train(
     """
     from hist_st.model import HiST
 
+    fixed_mmap_threshold()  # freed activations leave the process (hist_st.memory): a lower peak RSS
     info = dist_info or init_distributed(cfg.device)
     device = resolve_device(cfg.device, info)
     if cfg.threads > 0:
@@ -450,7 +452,7 @@ def train(
 
     # --- loop ----------------------------------------------------------------------------------------
     dataset = AugmentedSlides(data, cfg.augment, model.make_batch)
-    amp = bool(cfg.amp) and device.type == "cuda"
+    amp = (bool(cfg.amp) and device.type == "cuda") or (bool(cfg.amp_cpu) and device.type == "cpu")
     step_losses: list[float] = []
     last_ckpt: Path | None = None
     end_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
