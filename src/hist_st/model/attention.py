@@ -365,9 +365,11 @@ class DualPathAttention(nn.Module):
         bk, bv = self.kv_tok.bias.view(2, h, dh).unbind(0)  # [H, Dh]
         # Plain (b)mm instead of einsum: the same products with a third of the dispatched operations, which
         # is what a small slide's step costs (`hist-st bench host`).
+        # The keys [X; Cb] are never concatenated: a copy of X [N, d] would be kept for backward.
         u = torch.bmm(q.transpose(0, 1), wk).reshape(h * t, d)  # [H*T, d]
-        keys = torch.cat([x, tokens])  # [N + T, d]
         const = (q * bk).sum(-1).t().reshape(h * t, 1)  # [H*T, 1]
-        p = torch.softmax(torch.addmm(const, u, keys.t()), dim=-1)  # [H*T, N + T]
-        pooled = torch.mm(p, keys).view(h, t, d)  # [H, T, d]
+        s = torch.cat([torch.addmm(const, u, x.t()), torch.addmm(const, u, tokens.t())], dim=1)  # [H*T, N + T]
+        p = torch.softmax(s, dim=-1)
+        n = x.shape[0]
+        pooled = torch.addmm(torch.mm(p[:, n:], tokens), p[:, :n], x).view(h, t, d)  # [H, T, d]
         return torch.baddbmm(bv[:, None, :], pooled, wv.transpose(1, 2)).transpose(0, 1).reshape(t, d)

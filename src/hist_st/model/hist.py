@@ -211,7 +211,9 @@ class HiST(nn.Module):
             if cfg.skip == "additive":
                 x = x + enc
             elif cfg.skip == "concat" and cfg.fuse == "fuse-refine":
-                x = self.fuse[j](torch.cat([x, enc], dim=-1))
+                # fuse(cat[x, enc]) as two products: no [N, 2d] concatenation is kept for backward
+                w_up, w_enc = self.fuse[j].weight.split(x.shape[-1], dim=1)
+                x = torch.addmm(torch.mm(enc, w_enc.t()), x, w_up.t())  # the fuse Linear has no bias
             for blk in stage:
                 x, tokens = blk(x, level, tokens)
             if cfg.skip == "concat" and cfg.fuse == "refine-fuse":
