@@ -294,3 +294,18 @@ def test_forward_loss_uses_the_chunked_head_with_the_dense_value_and_gradients()
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_inference_by_head_halves_matches_all_heads_at_once() -> None:
+    """Issue 15: large-slide inference runs the window attention half of the heads at a time; same output."""
+    model = _model().eval()
+    lat, feats = _slide()
+    batch = model.make_batch(lat, feats)
+    outs = []
+    for tokens in (10**9, 1):
+        for m in model.modules():
+            if hasattr(m, "head_chunk_tokens"):
+                m.head_chunk_tokens = tokens
+        with torch.inference_mode():
+            outs.append(model(batch))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)

@@ -77,7 +77,7 @@ class RefineBlock(nn.Module):
     """
 
     checkpoint: str = "none"
-    ffn_chunk: int = 8192
+    ffn_chunk: int = 2048  # inference: tokens per FFN chunk ([2048, 4d] hidden, 16 MB at d = 512)
 
     def __init__(
         self,
