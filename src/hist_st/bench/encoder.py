@@ -126,12 +126,17 @@ def encoder_bench(
                             "patches_per_s": statistics.median(v), "all": v} for d, v in prate.items()]  # fmt: skip
     if image is not None:
         image.close()
+    from hist_st.bench.speed import _matmul_gflops
+
+    out["matmul_gflops"] = _matmul_gflops(device)  # the machine's speed now, to read the rates against
+    out["matmul_bf16_gflops"] = _matmul_gflops(device, dtype="bfloat16")
     return out
 
 
 def format_encoder(r: dict[str, Any]) -> str:
     """Human-readable lines of an `encoder_bench` result."""
-    lines = [f"{r['encoder']} on {r['device']} ({r['threads']} threads), {r['patches']}:"]
+    lines = [f"{r['encoder']} on {r['device']} ({r['threads']} threads), {r['patches']}; same-run dense matmul "
+             f"{r['matmul_gflops']:.0f} GFLOP/s fp32, {r['matmul_bf16_gflops']:.0f} bf16:"]  # fmt: skip
     for row in r["rows"]:
         lines.append(f"  {row['precision']:<5} batch {row['batch']:>3}: {row['patches_per_s']:7.1f} patches/s  "
                      f"cosine to fp32 min {row['cos_min']:.4f} median {row['cos_median']:.4f}")  # fmt: skip

@@ -137,7 +137,10 @@ def host_overhead(
     ops_bwd = _count_ops(lambda: loss_holder["loss"].backward())
     opt.zero_grad(set_to_none=True)
     model_s = med["forward"] + med["backward"]
+    from hist_st.bench.speed import _matmul_gflops
+
     return {
+        "matmul_gflops": _matmul_gflops("cpu"),
         "slide": label,
         "spots": n,
         "threads": threads,
@@ -154,7 +157,8 @@ def host_overhead(
 
 def format_host(r: dict[str, Any]) -> str:
     """Human-readable lines of a `host_overhead` result."""
-    lines = [f"{r['slide']}, dim-{r['model']['dim']} model, {r['threads']} thread(s), median of {r['steps']} steps:"]
+    lines = [f"{r['slide']}, dim-{r['model']['dim']} model, {r['threads']} thread(s), median of {r['steps']} steps "
+             f"(same-run dense matmul {r['matmul_gflops']:.0f} GFLOP/s):"]  # fmt: skip
     for p, s in r["phases"].items():
         lines.append(f"  {p:<10} {1e3 * s:8.2f} ms")
     lines.append(f"  {'step':<10} {1e3 * r['step_s']:8.2f} ms (data on the host {1e3 * r['host_data_s']:.2f} ms)")
