@@ -20,7 +20,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["head_loss", "chunked_head"]
 
@@ -43,6 +42,35 @@ def _chunk_sse(
     return (pred - target.float()).square().sum()
 
 
+class _RecomputedSSE(torch.autograd.Function):
+    """`_chunk_sse` that keeps only its inputs and recomputes the chunk's predictions in backward.
+
+    (`torch.utils.checkpoint` would do the same, but its non-reentrant form imports ``torch._dynamo`` and
+    ``sympy``, 0.18 GB of modules, on its first call.)
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, target, transform):  # noqa: D102
+        ctx.transform = transform
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(features, weight, bias if bias is not None else weight.new_empty(0), target)
+        return _chunk_sse(features, weight, bias, target, transform)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        features, weight, bias, target = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        with torch.enable_grad():
+            f = features.detach().requires_grad_(need[0])
+            w = weight.detach().requires_grad_(need[1])
+            b = bias.detach().requires_grad_(need[2]) if ctx.has_bias else None
+            sse = _chunk_sse(f, w, b, target, ctx.transform)
+            wanted = [t for t, n in zip((f, w, b), need[:3]) if n and t is not None]
+            got = iter(torch.autograd.grad(sse, wanted, grad)) if wanted else iter(())
+        out = [next(got) if n and t is not None else None for t, n in zip((f, w, b), need[:3])]
+        return (*out, None, None)
+
+
 def head_loss(
     features: Tensor,
     head: nn.Linear,
@@ -56,9 +84,9 @@ def head_loss(
     For each chunk ``c`` of the head's output genes the float32 log1p prediction ``head(features)[:, c]``
     goes through ``transform`` and its squared error against ``target[:, c]`` is summed; the result is
     the mean over all ``M * G`` entries, equal to ``F.mse_loss(transform(head(features)), target)``.
-    Each chunk's activations are recomputed in backward (`torch.utils.checkpoint`), so no ``[N, G]``
-    tensor is kept; gradients flow to ``features``, ``head.weight``, ``head.bias`` and any parameter of
-    ``transform``.
+    Each chunk's activations are recomputed in backward, so no ``[N, G]`` tensor is kept; gradients flow
+    to ``features``, ``head.weight`` and ``head.bias`` (``transform`` is a fixed map: parameters inside
+    it receive no gradient).
 
     Args:
         features: ``[N, D]`` features after the final norm (any float dtype; the head runs in float32).
@@ -91,7 +119,7 @@ def head_loss(
         bias = None if head.bias is None else head.bias[sl]
         args = (features, head.weight[sl], bias, target[:, sl], transform)
         if needs_grad and genes > chunk:
-            sse = checkpoint(_chunk_sse, *args, use_reentrant=False, preserve_rng_state=False)
+            sse = _RecomputedSSE.apply(*args)
         else:
             sse = _chunk_sse(*args)
         total = total + sse
