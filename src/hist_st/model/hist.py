@@ -10,6 +10,7 @@ from torch import nn
 from hist_st.lattice import LatticeBatch, build_batch
 from hist_st.model.blocks import Coarsen, RefineBlock, Uncoarsen
 from hist_st.model.config import HiSTConfig, parse_levels
+from hist_st.model.head import chunked_head
 
 __all__ = ["HiST"]
 
@@ -150,7 +151,7 @@ class HiST(nn.Module):
 
         The head runs in float32 even under autocast: bfloat16 log1p outputs would be quantised in steps
         of 0.016-0.031 (2^-6..2^-5 near typical values), a few dozen distinct values per gene. Without
-        autograd it runs in row chunks (`hist_st.train.loss.chunked_head`), so the final norm's
+        autograd it runs in row chunks (`hist_st.model.head.chunked_head`), so the final norm's
         float32 copy of the features never exists whole.
 
         Args:
@@ -160,8 +161,6 @@ class HiST(nn.Module):
         Returns:
             ``[N, G]`` float32 log1p predictions (and the tokens).
         """
-        from hist_st.train.loss import chunked_head
-
         x, tokens = self.trunk(batch)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if torch.is_grad_enabled():

@@ -22,6 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from hist_st.errors import InputError
+from hist_st.memory import fixed_mmap_threshold
 from hist_st.outputs import fresh_folder
 from hist_st.slide import Slide, atomic_path, is_prediction, read_cohort_slide, write_prepared
 from hist_st.train.checkpoint import ModelBundle
@@ -58,7 +59,6 @@ def predict_log1p(
         ``(mean_log1p [N, G] float32, count_std [N, G] float32 or None)``.
     """
     from hist_st.lattice import continuous_coords, to_lattice
-    from hist_st.memory import fixed_mmap_threshold
 
     fixed_mmap_threshold()  # freed tensors leave the process (hist_st.memory)
 
