@@ -8,7 +8,8 @@
 # are installed into /tmp/site first. Produces, per setting, steady-state step time (one warm-up, then
 # the median of --repeats synchronised steps), peak allocated/reserved CUDA memory and FLOP/s beside a
 # bf16/fp32 matmul of the same process, for N = 500 ... 1,000,000 spots (inference) and up to 100,000
-# (training), 2,000 genes, 1,024-d input: `hist-st bench speed --device cuda`.
+# (training), 2,000 genes, 1,024-d input: `hist-st bench speed --device cuda`; then the patch encoder's
+# patches/s in bf16 (`hist-st bench encoder --device cuda`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-runs/gpu-bench}}"
@@ -21,8 +22,12 @@ export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; } \
   2>&1 | tee "$OUT_DIR/device.txt"
 # 1. Inference across slide sizes (Figure 3 on the GPU), then training steps.
-timeout 300 python3 -m hist_st.cli bench speed --device cuda --out "$OUT_DIR/speed-infer" --modes infer \
+timeout 250 python3 -m hist_st.cli bench speed --device cuda --out "$OUT_DIR/speed-infer" --modes infer \
   --spots 500,2000,5000,20000,100000,300000,1000000 --genes 2000 --repeats 10 2>&1 | tee "$OUT_DIR/infer.log"
-timeout 200 python3 -m hist_st.cli bench speed --device cuda --out "$OUT_DIR/speed-train" --modes train \
+timeout 160 python3 -m hist_st.cli bench speed --device cuda --out "$OUT_DIR/speed-train" --modes train \
   --spots 500,2000,5000,20000,100000 --genes 2000 --max-train-spots 100000 --repeats 10 2>&1 | tee "$OUT_DIR/train.log"
+# 2. Patch encoder throughput on the GPU in bf16 (issue 15, item 6): EfficientNet-Lite0, random patches
+#    (the her2st images are not on the device), batch 64 and 256, median of 10 interleaved rounds.
+timeout 60 python3 -m hist_st.cli bench encoder --device cuda --precisions bf16 --batch-sizes 64,256 \
+  --rounds 10 --no-pipeline --out "$OUT_DIR/encoder.json" 2>&1 | tee "$OUT_DIR/encoder.log"
 echo "done: $OUT_DIR"

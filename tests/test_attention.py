@@ -139,3 +139,15 @@ def test_window_attention_finite_when_all_logits_are_very_negative() -> None:
     torch.testing.assert_close(out, v.mean(1, keepdim=True).expand_as(out))
     out.sum().backward()
     assert torch.isfinite(qkv.grad).all()
+
+
+def test_token_update_equals_explicit_attention_over_tissue_and_tokens() -> None:
+    """The folded (b)mm token update is ``softmax(q_t K^T) V`` over ``[X; Cb]`` with keys/values projected."""
+    torch.manual_seed(0)
+    a = DualPathAttention(32, 4, 3, n_tokens=3).double()
+    x, tok = torch.randn(50, 32, dtype=torch.float64), torch.randn(3, 32, dtype=torch.float64)
+    keys = torch.cat([x, tok])
+    q = a.q_tok(tok).view(3, 4, 8) * a.scale
+    k, v = a.kv_tok(keys).view(-1, 2, 4, 8).unbind(1)  # [N + T, H, Dh]
+    expected = torch.einsum("thm,mhc->thc", torch.softmax(torch.einsum("thc,mhc->thm", q, k), -1), v)
+    torch.testing.assert_close(a._token_update(x, tok), expected.reshape(3, 32))

@@ -27,3 +27,34 @@ def test_cli_writes_json_lines_and_plots(tmp_path, capsys) -> None:
     assert [r["spots"] for r in lines] == [200, 400] and all("error" not in r for r in lines)
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert len(saved["results"]) == 2 and (tmp_path / "speed_vs_spots.png").stat().st_size > 0
+
+
+def test_measure_bf16_on_the_cpu_and_the_memory_is_read_before_the_flop_count() -> None:
+    r = measure(SpeedSettings(spots=200, genes=8, mode="infer", in_dim=16, threads=1, repeats=1,
+                              precision="bf16", model={"dim": 32, "heads": 4}))  # fmt: skip
+    assert r["autocast_bf16"] is True and r["matmul_bf16_gflops"] > 0 and r["gflop"] > 0
+    assert "[bf16 autocast]" in format_row(r)
+
+
+def test_bench_host_reports_every_phase(tmp_path, capsys) -> None:
+    out = tmp_path / "host.json"
+    argv = ["bench", "host", "--her2st", str(tmp_path / "none"), "--spots", "60", "--steps", "3", "--dim", "16",
+            "--heads", "2", "--genes", "8", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["slide"].startswith("synthetic") and set(r["phases"]) == {
+        "augment", "lattice", "batch", "forward", "backward", "optimizer"}  # fmt: skip
+    assert all(v > 0 for v in r["phases"].values()) and r["step_s"] >= max(r["phases"].values())
+    assert r["ops_forward"] > 0 and r["ops_backward"] > 0 and "tensor ops" in capsys.readouterr().out
+
+
+def test_bench_encoder_reports_patches_per_second_and_cosine(tmp_path, capsys) -> None:
+    out = tmp_path / "enc.json"
+    argv = ["bench", "encoder", "--her2st", str(tmp_path / "none"), "--batch-sizes", "2", "--rounds", "1",
+            "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    rows = {row["precision"]: row for row in r["rows"]}
+    assert set(rows) == {"fp32", "bf16"} and all(row["patches_per_s"] > 0 for row in rows.values())
+    assert rows["fp32"]["cos_min"] > 0.9999 and rows["bf16"]["cos_min"] > 0.9
+    assert r["patches"] == "random pixels" and "patches/s" in capsys.readouterr().out

@@ -18,20 +18,17 @@ PKG = SRC / "hist_st"
 #: Top-level units (a module or a folder under hist_st/), lowest first: a unit may import only units
 #: listed before it. ``hist_st`` is the package's own ``__init__``.
 LAYERS = [
-    "errors", "slide", "jsonio", "runtime", "outputs", "hist_st", "cohort", "wsi", "lattice", "model",
-    "harmonise", "io", "tissue", "encoders", "stain", "metrics", "pl", "train", "methods", "data", "sources",
+    "errors", "slide", "jsonio", "runtime", "memory", "outputs", "hist_st", "cohort", "wsi", "lattice", "model",
+    "harmonise", "io", "tissue", "encoders", "stain", "embed", "metrics", "pl", "train", "methods", "data", "sources",
     "prepare", "predict_image", "evaluate", "experiments", "bench", "demo", "cli",
 ]  # fmt: skip
 
-#: Modules whose internal imports may sit inside functions, and why. ``cli``: `hist-st --help` and argument
-#: errors answer without loading torch, scanpy and the rest; the others belong to the issue-15 / issue-13
-#: work of the same round (embedding loop, model, training loss, speed benchmark) and are moved there.
+#: Modules whose internal imports may sit inside functions, and why: `hist-st --help` and argument errors
+#: answer without loading torch, scanpy and the rest.
 LATE_IMPORTS_ALLOWED = {
     "hist_st.cli": "CLI start-up", "hist_st.cli.bench": "CLI start-up", "hist_st.cli.bench_speed": "CLI start-up",
     "hist_st.cli.data": "CLI start-up", "hist_st.cli.demo": "CLI start-up", "hist_st.cli.experiments": "CLI start-up",
-    "hist_st.cli.train": "CLI start-up", "hist_st.prepare": "issue 15 (embed.py)",
-    "hist_st.predict_image": "issue 15 (embed.py)", "hist_st.bench.speed": "issue 15 (bench/speed.py)",
-    "hist_st.train.loop": "issue 15 (train/loss.py)", "hist_st.lattice.coords": "lattice: issue 15",
+    "hist_st.cli.train": "CLI start-up",
 }  # fmt: skip
 
 

@@ -235,3 +235,77 @@ def test_residual_dropout_is_separate_from_input_dropout() -> None:
     torch.testing.assert_close(a, b)
     noisy = _model(dropout=0.0, residual_dropout=0.5).train().encoder[0][0]
     assert not torch.allclose(noisy(x, level, tok)[0], noisy(x, level, tok)[0])
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_recomputed_ffn_saves_no_hidden_layer_and_matches_autograd(activation: str) -> None:
+    """Issue 15: ``grad_checkpointing="ffn"`` keeps no ``[N, 4d]`` tensor for backward, same gradients."""
+    lat, feats = _slide()
+    grads, shapes = [], []
+    for mode in ("none", "ffn"):
+        model = _model(activation=activation)
+        model.set_grad_checkpointing(mode)
+        seen: list[tuple[int, ...]] = []
+
+        def pack(t: torch.Tensor, seen: list = seen) -> torch.Tensor:
+            seen.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(model.make_batch(lat, feats))
+        y.square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        shapes.append(seen)
+    hidden = (len(lat), 4 * 32)
+    assert hidden in shapes[0] and hidden not in shapes[1]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_recomputed_ffn_under_bfloat16_autocast() -> None:
+    lat, feats = _slide()
+    grads = []
+    for mode in ("none", "ffn"):
+        model = _model()
+        model.set_grad_checkpointing(mode)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            y = model(model.make_batch(lat, feats))
+        y.square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_forward_loss_uses_the_chunked_head_with_the_dense_value_and_gradients() -> None:
+    """`forward_loss` (chunked head and loss) equals ``F.mse_loss(model(batch), target)`` and its gradients."""
+    from hist_st.train.loop import forward_loss
+
+    lat, feats = _slide()
+    target = torch.randn(len(lat), 7)
+    model = _model(n_genes=7)
+    batch = model.make_batch(lat, feats)
+    dense = torch.nn.functional.mse_loss(model(batch), target)
+    g_dense = torch.autograd.grad(dense, list(model.parameters()), allow_unused=True)
+    chunked = forward_loss(model, {"batch": batch, "target": target}, torch.device("cpu"), False)
+    g_chunk = torch.autograd.grad(chunked, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(chunked, dense)
+    for a, b in zip(g_dense, g_chunk):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_inference_by_head_halves_matches_all_heads_at_once() -> None:
+    """Issue 15: large-slide inference runs the window attention half of the heads at a time; same output."""
+    model = _model().eval()
+    lat, feats = _slide()
+    batch = model.make_batch(lat, feats)
+    outs = []
+    for tokens in (10**9, 1):
+        for m in model.modules():
+            if hasattr(m, "head_chunk_tokens"):
+                m.head_chunk_tokens = tokens
+        with torch.inference_mode():
+            outs.append(model(batch))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)

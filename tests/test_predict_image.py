@@ -66,7 +66,7 @@ def _image(folder, resolution=True):
 
 def _training_slide(path, slide_id, seed):
     """A 'measured' Visium-like slide on the image: pseudo-spots + embeddings + counts that follow them."""
-    from hist_st.prepare import embed_he_slide
+    from hist_st.embed import embed_he_slide
     from hist_st.tissue import pseudo_spot_grid
 
     s = pseudo_spot_grid(path, pitch_um=PITCH_UM, lattice="hex", lattice_unit_um=22.0, slide_id=slide_id)

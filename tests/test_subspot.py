@@ -16,7 +16,7 @@ PITCH = 40.0  # um; the test image has 2 um per pixel
 
 
 def _square_slide(image, slide_id, seed, lattice="square"):
-    from hist_st.prepare import embed_he_slide
+    from hist_st.embed import embed_he_slide
     from hist_st.tissue import pseudo_spot_grid
 
     s = pseudo_spot_grid(image, pitch_um=PITCH, lattice=lattice, lattice_unit_um=PITCH, slide_id=slide_id)

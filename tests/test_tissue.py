@@ -98,8 +98,8 @@ def test_real_her2st_pseudo_spots_cover_real_spots(her2st_dir):
 
 
 def test_pseudo_spots_embedded(tmp_path):
+    from hist_st.embed import embed_he_slide
     from hist_st.encoders import ENCODERS, Encoder
-    from hist_st.prepare import embed_he_slide
     from hist_st.slide import read_prepared, write_prepared
 
     def tiny(weights=None, device=None):

@@ -14,7 +14,7 @@ Encoders never fall back to random weights: missing weights raise `InputError` s
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,6 @@ __all__ = [
     "register_encoder",
     "get_encoder",
     "list_encoders",
-    "encode_batches",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
@@ -63,7 +62,8 @@ class Encoder:
 
     @property
     def cache_key(self) -> str:
-        return f"{self.name}|{self.weights_id}|{self.input_size}|{self.mean}|{self.std}"
+        key = f"{self.name}|{self.weights_id}|{self.input_size}|{self.mean}|{self.std}"
+        return key if self.precision == "fp32" else f"{key}|{self.precision}"  # fp32 keys stay as before
 
     def preprocess(self, patches: np.ndarray) -> torch.Tensor:
         """uint8 ``[B, H, W, 3]`` -> normalised float ``[B, 3, S, S]`` on the encoder's device."""
@@ -87,6 +87,18 @@ class Encoder:
     _fast: torch.nn.Module | None = field(default=None, repr=False)
     _fast_tried: bool = field(default=False, repr=False)
     cpu_fast: bool = True
+    #: ``fp32`` (default: embeddings as always) or ``bf16``: on the CPU a bfloat16 copy of the model
+    #: (AMX / AVX512-BF16; lossy, `docs/results/speed.md`), on CUDA bf16 autocast (as always there).
+    precision: str = "fp32"
+
+    def with_precision(self, precision: str) -> Encoder:
+        """This encoder computing in ``precision`` (``fp32`` or ``bf16``); its cache key says which."""
+        if precision not in ("fp32", "bf16"):
+            raise InputError("--encoder-precision", f"choose fp32 or bf16, got {precision!r}")
+        if precision == self.precision:
+            return self
+        return Encoder(self.name, self.model, self.dim, self.input_size, self.mean, self.std, self.weights_id,
+                       self.device, cpu_fast=self.cpu_fast, precision=precision)  # fmt: skip
 
     def _cpu_model(self) -> torch.nn.Module:
         """On CPU, a frozen TorchScript trace in channels-last layout (about 2x faster for CNNs on 2 cores).
@@ -110,11 +122,15 @@ class Encoder:
                     check = torch.randn(3, 3, s, s, generator=gen)
                     import copy
 
-                    cl = copy.deepcopy(self.model).to(memory_format=torch.channels_last).eval()
-                    fast = torch.jit.freeze(torch.jit.trace(cl, probe, check_trace=False).eval())
+                    dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+                    cl = copy.deepcopy(self.model).to(dtype=dtype, memory_format=torch.channels_last).eval()
+                    fast = torch.jit.freeze(torch.jit.trace(cl, probe.to(dtype), check_trace=False).eval())
                     ref = self.model(check)
-                    got = fast(check.contiguous(memory_format=torch.channels_last))
-                    if got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-3, atol=1e-3):
+                    got = fast(check.to(dtype).contiguous(memory_format=torch.channels_last)).float()
+                    # fp32: the trace must reproduce the model; bf16: same features up to bf16 rounding
+                    ok = torch.allclose(got, ref, rtol=1e-3, atol=1e-3) if dtype == torch.float32 else bool(
+                        torch.nn.functional.cosine_similarity(got, ref, dim=1).min() > 0.99)  # fmt: skip
+                    if got.shape == ref.shape and ok:
                         self._fast = fast
             except Exception:
                 self._fast = None
@@ -138,6 +154,12 @@ class Encoder:
             model = self._cpu_model()
             if model is not self.model:
                 x = x.contiguous(memory_format=torch.channels_last)
+                if self.precision == "bf16":
+                    x = x.to(torch.bfloat16)
+            elif self.precision == "bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = model(x)
+                return y.float().numpy()
             y = model(x)
         return y.float().cpu().numpy()
 
@@ -386,19 +408,3 @@ def get_encoder(
 
 # Encoders are frozen (eval mode, inference only), so one instance per (name, weights, device) is shared.
 _LOADED: dict[tuple, Encoder] = {}
-
-
-def encode_batches(
-    encoder: Encoder,
-    batches: Iterable[np.ndarray],
-    transform: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> np.ndarray:
-    """Embed an iterable of uint8 patch batches ``[B, H, W, 3]``; returns float32 ``[N, C]``."""
-    out = []
-    for b in batches:
-        if transform is not None:
-            b = transform(b)
-        out.append(encoder.encode(b))
-    if not out:
-        return np.zeros((0, encoder.dim), np.float32)
-    return np.concatenate(out).astype(np.float32)

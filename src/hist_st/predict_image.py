@@ -9,7 +9,7 @@ summary = predict_image(bundle, "C5.jpg", "out/", um_per_px=1.0, mc_samples=10)
 
 Steps: tissue detection on a thumbnail (`hist_st.tissue.detect_tissue`); a pseudo-spot grid over the tissue
 at the model's training spot pitch and lattice type (`hist_st.tissue.pseudo_spot_grid`); patches and
-embeddings with the model's encoder and patch geometry (`hist_st.prepare.embed_he_slide`); HiST
+embeddings with the model's encoder and patch geometry (`hist_st.embed.embed_he_slide`); HiST
 (`hist_st.train.predict.predict_slide`, optional Monte Carlo dropout). Outputs in ``out_dir``:
 
 - ``<slide>.h5ad``: a prediction file (`hist_st.slide` contract): ``X`` = predicted counts
@@ -32,10 +32,20 @@ from typing import Any
 
 import numpy as np
 
+from hist_st.embed import embed_he_slide
+from hist_st.encoders import ENCODERS
 from hist_st.errors import InputError
+from hist_st.io.spaceranger import read_scalefactors, um_per_px_from_scalefactors
 from hist_st.jsonio import to_jsonable, write_json
 from hist_st.metrics import pearson, pearson_columns
-from hist_st.slide import Slide
+from hist_st.pl import VALUES, normalise_counts, plot_genes
+from hist_st.slide import Slide, is_prediction, read_prepared, write_prepared
+from hist_st.tissue import detect_tissue, grid_phase, pseudo_spot_grid
+from hist_st.train.checkpoint import lattice_type_for
+from hist_st.train.coarse import coarsen_prediction, coarsen_slide, supervision_record
+from hist_st.train.data import log1p_counts
+from hist_st.train.predict import predict_log1p, predict_slide
+from hist_st.wsi import open_image, upsampling_warning
 
 __all__ = [
     "predict_image",
@@ -66,7 +76,6 @@ def model_grid(bundle: Any) -> dict[str, Any]:
     Raises:
         InputError: the checkpoint records no spot pitch, or several technologies with different grids.
     """
-    from hist_st.train.checkpoint import lattice_type_for
 
     src = "model checkpoint"
     pitches = dict(bundle.spot_pitch_um)
@@ -98,7 +107,6 @@ def model_grid(bundle: Any) -> dict[str, Any]:
     if not encoder:
         encoder = bundle.embedding
         sources["encoder"] = "the model's embedding key"
-    from hist_st.encoders import ENCODERS
 
     if encoder not in ENCODERS and encoder.startswith("timm-"):
         encoder = "timm:" + encoder[len("timm-") :]  # the embedding key of timm:<name> is timm-<name>
@@ -123,7 +131,6 @@ def model_grid(bundle: Any) -> dict[str, Any]:
 
 def _spaceranger_um_per_px(image_path: Path) -> tuple[float, str] | None:
     """um/px of a Space Ranger ``tissue_hires/lowres_image`` from the ``scalefactors_json.json`` beside it."""
-    from hist_st.io.spaceranger import read_scalefactors, um_per_px_from_scalefactors
 
     name = image_path.name.lower()
     key = next((k for k in ("hires", "lowres") if name.startswith(f"tissue_{k}_image")), None)
@@ -142,7 +149,6 @@ def _spaceranger_um_per_px(image_path: Path) -> tuple[float, str] | None:
 def _resolve_um_per_px(
     image_path: Path, um_per_px: float | None, reference: Slide | None
 ) -> tuple[float, str]:
-    from hist_st.wsi import open_image
 
     if um_per_px is not None:
         if not np.isfinite(um_per_px) or um_per_px <= 0:
@@ -166,7 +172,6 @@ def _resolve_um_per_px(
 
 def image_resolution(um_per_px: float, patch_um_per_px: float) -> dict[str, Any]:
     """How much patches are enlarged from the image's pixels, and a warning when it is more than 2x."""
-    from hist_st.wsi import upsampling_warning
 
     return {
         "source_um_per_px": float(um_per_px),
@@ -212,7 +217,6 @@ def compare_to_reference(
     """
     from scipy.spatial import cKDTree
 
-    from hist_st.train.data import log1p_counts
 
     if reference.counts is None:
         raise InputError(f"reference {reference.slide_id!r}", "holds no measured counts")
@@ -259,7 +263,6 @@ def compare_to_reference(
     order = np.argsort(-np.nan_to_num(per_gene, nan=-2.0))
     out["per_gene"] = {genes[i]: (float(per_gene[i]) if np.isfinite(per_gene[i]) else None) for i in order}
     if bundle is not None and bundle.embedding in reference.embeddings:
-        from hist_st.train.predict import predict_log1p
 
         y, _ = predict_log1p(bundle, reference)
         pos = {str(g): i for i, g in enumerate(bundle.genes)}
@@ -331,12 +334,6 @@ def predict_image(
     Raises:
         InputError: unreadable image, no resolution, no tissue, or a model without a recorded grid.
     """
-    from hist_st.pl import VALUES, plot_genes
-    from hist_st.prepare import embed_he_slide
-    from hist_st.slide import is_prediction, read_prepared, write_prepared
-    from hist_st.tissue import detect_tissue, grid_phase, pseudo_spot_grid
-    from hist_st.train.predict import predict_slide
-    from hist_st.wsi import open_image
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -417,7 +414,6 @@ def predict_image(
     pred = predict_slide(bundle, slide, mc_samples=mc_samples, seed=seed)
     timings["predict_s"] = time.perf_counter() - t0
     pred.meta["prediction"].update(source_image=str(image_path), grid=grid)
-    from hist_st.train.coarse import coarsen_prediction, coarsen_slide, supervision_record
 
     supervision = supervision_record(bundle.config, grid["pitch_um"])
     block = supervision["block"] if map_resolution == "labels" else 1
@@ -439,7 +435,6 @@ def predict_image(
     if genes_to_plot:
         genes = [str(g) for g in genes_to_plot]
     else:  # the most variable genes of the normalised map (not of library size)
-        from hist_st.pl import normalise_counts
 
         var = normalise_counts(pred.predicted).var(0)
         genes = [str(pred.genes[i]) for i in np.argsort(-var)[: max(0, n_plot)]]

@@ -21,28 +21,33 @@ from pathlib import Path
 import numpy as np
 
 from hist_st.cohort import CohortManifest
+from hist_st.embed import embed_slide, load_cache, save_cache
+from hist_st.encoders import get_encoder
 from hist_st.errors import InputError
 from hist_st.harmonise import (
     HEST_BENCH_METHOD,
     harmonise_slide,
+    load_gene_mapping,
     rank_hest_bench,
     rank_highly_expressed,
     rank_hvg,
     restrict_genes,
     shared_genes,
 )
+from hist_st.io._util import attach_lattice, nn_distance_px
+from hist_st.io.hest import read_patch_index
 from hist_st.runtime import resolve_device
-from hist_st.slide import Slide, atomic_write, read_cohort_slide, remove_stale_temporaries, write_prepared
+from hist_st.slide import Slide, read_cohort_slide, remove_stale_temporaries, write_prepared
 from hist_st.sources import SlideSource, file_signature, short_hash
 from hist_st.stain import macenko_normaliser
-from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image, upsampling_warning
+from hist_st.train.distributed import init_distributed
+from hist_st.wsi import PatchParams, SlideImage, open_image, upsampling_warning
 
 __all__ = [
     "PrepareReport",
     "prepare_cohort",
     "prepare_slide",
     "embed_slide",
-    "embed_he_slide",
     "CACHE_DIR",
 ]
 
@@ -119,7 +124,6 @@ def _use_stored_patches(slide: Slide, path: Path, params: PatchParams, *, has_ws
         InputError: no spot has a stored patch; corners off the spot centres; another field of view
             and no WSI.
     """
-    from hist_st.io.hest import read_patch_index
 
     index = read_patch_index(path)
     pos = {str(b): i for i, b in enumerate(index.barcodes)}
@@ -165,159 +169,6 @@ def _use_stored_patches(slide: Slide, path: Path, params: PatchParams, *, has_ws
     return path
 
 
-def _read_stored_patches(path: Path, barcodes: np.ndarray) -> np.ndarray:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            bcs = np.asarray(f["barcode"][:]).reshape(-1)
-            bcs = np.asarray([b.decode() if isinstance(b, bytes) else str(b) for b in bcs], dtype=object)
-            index = {b: i for i, b in enumerate(bcs)}
-            rows = [index.get(str(b), -1) for b in barcodes]
-            if min(rows, default=0) < 0:
-                missing = int(sum(r < 0 for r in rows))
-                raise InputError(path, f"{missing} spots have no stored patch (barcodes do not match st/)")
-            order = np.argsort(rows)
-            img = f["img"]
-            sorted_rows = np.asarray(rows)[order]
-            data = (
-                img[sorted_rows]
-                if len(set(sorted_rows)) == len(sorted_rows)
-                else np.stack([img[r] for r in rows])
-            )
-            if len(set(sorted_rows)) == len(sorted_rows):
-                out = np.empty_like(data)
-                out[order] = data
-                data = out
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(path, f"cannot read stored patches ({type(exc).__name__}: {exc})") from exc
-    return np.asarray(data, dtype=np.uint8)
-
-
-def embed_slide(
-    slide: Slide,
-    image: SlideImage | None,
-    encoder,
-    params: PatchParams,
-    *,
-    batch_size: int = 32,
-    transform: Callable[[np.ndarray], np.ndarray] | None = None,
-    stored_patches: Path | None = None,
-    progress: bool = True,
-    timings: dict | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Embed every spot of ``slide``.
-
-    Returns:
-        ``(embeddings float32 [N, C], patch_outside bool [N])``.
-    """
-    timings = timings if timings is not None else {}
-    n = slide.n_spots
-    emb = np.empty((n, encoder.dim), dtype=np.float32)
-    outside = np.zeros(n, dtype=bool)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=f"{slide.slide_id} patches", unit="patch", leave=False)
-    if stored_patches is not None:
-        t0 = time.perf_counter()
-        patches = _read_stored_patches(stored_patches, slide.barcodes)
-        if patches.shape[1] != params.size_px:
-            from PIL import Image
-
-            patches = np.stack(
-                [
-                    np.asarray(Image.fromarray(p).resize((params.size_px,) * 2, Image.Resampling.BILINEAR))
-                    for p in patches
-                ]
-            )
-        timings["extract_s"] = timings.get("extract_s", 0.0) + time.perf_counter() - t0
-        batches = (
-            (patches[i : i + batch_size], np.zeros(len(patches[i : i + batch_size]), bool))
-            for i in range(0, n, batch_size)
-        )
-    else:
-        if image is None:
-            raise InputError(f"slide {slide.slide_id!r}", "no image to cut patches from")
-        batches = iter_patch_batches(image, slide.spatial, slide.um_per_px, params, batch_size=batch_size)
-    start = 0
-    it = iter(batches)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            b, out = next(it)
-        except StopIteration:
-            break
-        if transform is not None:
-            b = transform(b)
-        t1 = time.perf_counter()
-        emb[start : start + len(b)] = encoder.encode(b)
-        t2 = time.perf_counter()
-        outside[start : start + len(b)] = out
-        start += len(b)
-        timings["extract_s"] = timings.get("extract_s", 0.0) + (t1 - t0)
-        timings["encode_s"] = timings.get("encode_s", 0.0) + (t2 - t1)
-        timings["patches"] = timings.get("patches", 0.0) + len(b)
-        if bar is not None:
-            bar.update(len(b))
-    if bar is not None:
-        bar.close()
-    if not np.all(np.isfinite(emb)):
-        raise InputError(f"slide {slide.slide_id!r}", "the encoder produced NaN/inf embeddings")
-    return emb, outside
-
-
-def embed_he_slide(
-    slide: Slide,
-    *,
-    encoder: str = "efficientnet-lite0",
-    weights: str | Path | None = None,
-    device: str | None = None,
-    patch_px: int = 224,
-    patch_um_per_px: float = 0.5,
-    batch_size: int = 32,
-    stain_norm: str | None = None,
-    progress: bool = True,
-) -> Slide:
-    """Embed the spots of a slide that has an image (e.g. from `hist_st.tissue.pseudo_spot_grid`), in place.
-
-    Sets ``slide.embeddings[encoder]`` and ``slide.patch_outside`` and returns the slide; for
-    ``hist-st predict --image``. Use the encoder and patch geometry the model was trained with.
-    """
-    from hist_st.encoders import get_encoder
-
-    if not slide.image:
-        raise InputError(f"slide {slide.slide_id!r}", "the slide has no image to cut patches from")
-    enc = get_encoder(encoder, weights, device)
-    transform = macenko_normaliser() if stain_norm == "macenko" else None
-    with open_image(slide.image) as image:
-        upp = slide.um_per_px or image.um_per_px
-        if upp is None:
-            raise InputError(slide.image, "no um per pixel in the image or the slide; give it explicitly")
-        slide.um_per_px = upp
-        emb, outside = embed_slide(
-            slide,
-            image,
-            enc,
-            PatchParams(patch_px, patch_um_per_px),
-            batch_size=batch_size,
-            transform=transform,
-            progress=progress,
-        )
-    slide.embeddings[enc.name] = emb
-    slide.patch_outside = outside
-    slide.meta.update(
-        patch={"size_px": patch_px, "um_per_px": patch_um_per_px},
-        encoder=enc.name,
-        encoder_weights=enc.weights_id,
-        stain_norm=stain_norm,
-    )
-    return slide
-
-
 def _cache_path(
     out_dir: Path, slide: Slide, src: SlideSource, encoder, params: PatchParams, stain: str | None
 ) -> Path:
@@ -333,39 +184,6 @@ def _cache_path(
         hashlib.sha1(np.ascontiguousarray(slide.spatial, dtype=np.float64).tobytes()).hexdigest(),
     )
     return out_dir / CACHE_DIR / slide.slide_id / f"{encoder.name}-{key}.npz"
-
-
-def _save_npz_atomic(path: Path, **arrays) -> None:
-    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-
-
-def _load_cache(path: Path, n_spots: int, timings: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """Embeddings ``[N, C]`` and patch-outside flags ``[N]`` from a cache file, or None when absent.
-
-    A damaged cache file (unreadable, missing arrays, wrong shapes, non-finite values) is reported with a
-    warning naming it, deleted, and None is returned so the slide is embedded again.
-    """
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path) as z:
-            emb, outside = np.asarray(z["emb"]), np.asarray(z["outside"], dtype=bool)
-        if emb.ndim != 2 or emb.shape[0] != n_spots or outside.shape != (n_spots,):
-            raise ValueError(f"arrays of shape {emb.shape} and {outside.shape} for {n_spots} spots")
-        if not np.isfinite(emb).all():
-            raise ValueError("non-finite embeddings")
-        return emb, outside
-    except Exception as exc:  # noqa: BLE001 - zip, pickle and shape errors alike mean "rebuild"
-        reason = "not an .npz archive" if "pickle" in str(exc) else f"{type(exc).__name__}: {exc}"
-        warnings.warn(
-            f"{path}: damaged embedding cache ({reason}); deleted, embedding the slide again",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        path.unlink(missing_ok=True)
-        timings["cache_rebuilt"] = timings.get("cache_rebuilt", 0) + 1
-        return None
 
 
 def _prepared_key(src: SlideSource, encoder_key: str, params: PatchParams, stain: str | None) -> str:
@@ -425,7 +243,6 @@ def prepare_slide(
     ``warnings`` (when given) receives the slide's warnings (e.g. patches enlarged from a low-resolution
     image); they are also recorded in the slide's ``meta['warnings']``.
     """
-    from hist_st.io._util import attach_lattice
 
     timings = timings if timings is not None else {}
     warnings = warnings if warnings is not None else []
@@ -472,7 +289,7 @@ def prepare_slide(
         if stored is not None:
             slide.meta["patches_from"] = str(stored)
         cache = _cache_path(out_dir, slide, src, encoder, params, stain_norm)
-        cached = _load_cache(cache, slide.n_spots, timings)
+        cached = load_cache(cache, slide.n_spots, timings)
         if cached is not None:
             emb, outside = cached
             timings["cached_slides"] = timings.get("cached_slides", 0) + 1
@@ -488,7 +305,7 @@ def prepare_slide(
                 progress=progress,
                 timings=timings,
             )
-            _save_npz_atomic(cache, emb=emb, outside=outside)
+            save_cache(cache, emb, outside)
     finally:
         if image is not None:
             image.close()
@@ -534,7 +351,6 @@ def _record_image_resolution(slide: Slide, image: SlideImage, params: PatchParam
 
 def _fill_pitch(slide: Slide) -> None:
     """Unknown technology: spot pitch from the median nearest-neighbour distance; lattice unit = pitch."""
-    from hist_st.io._util import nn_distance_px
 
     if slide.spot_pitch_um is None:
         slide.spot_pitch_um = float(nn_distance_px(slide.spatial) * slide.um_per_px)
@@ -576,6 +392,7 @@ def prepare_cohort(
     patch_px: int = 224,
     patch_um_per_px: float = 0.5,
     batch_size: int = 32,
+    encoder_precision: str = "fp32",
     stain_norm: str | None = None,
     stain_reference: str | Path | None = None,
     gene_mapping: str | Path | None = None,
@@ -596,6 +413,8 @@ def prepare_cohort(
         encoder: Encoder registry name (`hist_st.encoders.get_encoder`).
         weights: Encoder weights file.
         patch_px, patch_um_per_px: Patch geometry (default 224 px at 0.5 um/px).
+        encoder_precision: ``fp32`` (default) or ``bf16`` (on the CPU a bfloat16 copy of the encoder: faster
+            with AMX, embeddings within bf16 rounding of fp32; part of the cache and prepared keys).
         stain_norm: None or ``"macenko"``.
         gene_mapping: Optional Ensembl id -> symbol mapping file.
         hvg_scope: ``"dataset"`` (all slides, as in the paper) or ``"train-only"`` (needs ``train_slides``);
@@ -616,9 +435,6 @@ def prepare_cohort(
     """
     import torch
 
-    from hist_st.encoders import get_encoder
-    from hist_st.harmonise import load_gene_mapping
-    from hist_st.train.distributed import init_distributed
 
     info = dist_info if dist_info is not None else init_distributed(device or "auto")
     if info.enabled and (device in (None, "auto", "cuda")):
@@ -643,7 +459,7 @@ def prepare_cohort(
         raise InputError(out, f"duplicate slide ids {sorted(dup)}")
     mapping = load_gene_mapping(gene_mapping) if gene_mapping else None
     params = PatchParams(patch_px, patch_um_per_px)
-    enc = get_encoder(encoder, weights, device)
+    enc = get_encoder(encoder, weights, device).with_precision(encoder_precision)
     out.mkdir(parents=True, exist_ok=True)  # every option is valid: from here on the cohort folder exists
     report = PrepareReport(out)
     transform = macenko_normaliser(stain_reference) if stain_norm == "macenko" else None

@@ -7,7 +7,6 @@ matmul, so the model's achieved FLOP/s can be read against what the machine deli
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -19,6 +18,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hist_st.data.synthetic import make_slide
+from hist_st.lattice import continuous_coords, to_lattice
+from hist_st.memory import fixed_mmap_threshold
+from hist_st.model import HiST, HiSTConfig
+from hist_st.train.config import TrainConfig
+from hist_st.train.loop import build_optimizer, forward_loss
 
 __all__ = ["SpeedSettings", "measure", "run_speed_bench", "plot_speed"]
 
@@ -40,14 +46,17 @@ class SpeedSettings:
     grid: str = "square"
     seed: int = 0
     grad_checkpointing: str = "none"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA only), "fp32" or "bf16" (also on the CPU)
+    malloc: str = "fixed"  # "fixed": hist_st.memory.fixed_mmap_threshold (as hist-st train), or "default"
     model: dict[str, Any] = field(default_factory=dict)
 
 
-def _matmul_gflops(device: str, size: int = 2048, repeats: int = 5) -> float:
+def _matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """Dense ``size x size`` matmul GFLOP/s of this process now (median of ``repeats`` after a warm-up)."""
     import torch
 
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+    b = torch.randn(size, size, device=device).to(getattr(torch, dtype))
     times = []
     for _ in range(repeats + 1):
         _sync(device)
@@ -66,61 +75,71 @@ def _sync(device: str) -> None:
 
 
 def _slide(spots: int, grid: str, seed: int):
-    from hist_st.data.synthetic import make_slide
-    from hist_st.lattice import continuous_coords, to_lattice
 
     slide = make_slide("bench", n_spots=spots, grid=grid, seed=seed, n_genes=8, embed_dim=4)
     lattice = to_lattice(continuous_coords(slide))
     return lattice, len(lattice)
 
 
+def autocast_enabled(precision: str, device: str) -> bool:
+    """Whether a setting runs the trunk under bf16 autocast: ``auto`` = on CUDA only, ``bf16``, ``fp32``."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: choose auto, fp32 or bf16")
+    return precision == "bf16" or (precision == "auto" and device.startswith("cuda"))
+
+
 def measure(s: SpeedSettings) -> dict[str, Any]:
-    """Run one setting in this process and return its timings, memory and FLOPs."""
+    """Run one setting in this process and return its timings, memory and FLOPs.
+
+    The timed steps are what a user runs: inference is `HiST.forward` under ``inference_mode``; a train
+    step is `hist_st.train.loop.forward_loss` (chunked head and loss), backward and the fused AdamW of
+    `hist_st.train.loop.build_optimizer`, with the same allocator setting as ``hist-st train``
+    (`hist_st.memory`). The peak RSS is read right after them; the matmul reference and the FLOP count
+    (a separate forward pass) come after that reading, so neither adds to the memory reported.
+    """
     import torch
 
     import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # the library alone
-    from torch.utils.flop_counter import FlopCounterMode
 
-    from hist_st.model import HiST, HiSTConfig
-
+    if s.device == "cpu" and s.malloc == "fixed":
+        fixed_mmap_threshold()
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
     dev = s.device
+    amp = autocast_enabled(s.precision, dev)
     lattice, n = _slide(s.spots, s.grid, s.seed)
     feats = torch.randn(n, s.in_dim, device=dev)
-    target = torch.randn(n, s.genes, device=dev)
     model = HiST(HiSTConfig(in_dim=s.in_dim, n_genes=s.genes, **s.model)).to(dev)
     model.set_grad_checkpointing(s.grad_checkpointing)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.startswith("cuda") else contextlib.nullcontext()
-    gflops_matmul = _matmul_gflops(dev)
+    autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=amp)
 
     t = time.perf_counter()
     batch = model.make_batch(lattice, feats)
     build_s = time.perf_counter() - t
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(batch)
-    fwd_flops = counter.get_total_flops()
+    tokens_per_level = [lv.num_tokens for lv in batch.levels]
+    del batch
 
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times, build_times = [], []
     if s.mode == "train":
+
+        target = torch.randn(n, s.genes, device=dev)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+        opt, _ = build_optimizer(model, TrainConfig(), 1000)
         for _ in range(s.repeats + 1):
             _sync(dev)
             t0 = time.perf_counter()
             batch = model.make_batch(lattice, feats)  # indices are rebuilt per step (augmented lattice)
             t1 = time.perf_counter()
-            with amp:
-                loss = torch.nn.functional.mse_loss(model(batch).float(), target)
-            opt.zero_grad(set_to_none=True)
+            loss = forward_loss(model, {"batch": batch, "target": target}, torch.device(dev), amp)
             loss.backward()
             opt.step()
+            opt.zero_grad(set_to_none=True)
             _sync(dev)
             times.append(time.perf_counter() - t0)
             build_times.append(t1 - t0)
-        flops = 3 * fwd_flops  # forward + backward (2x forward)
+            del batch, loss
     else:
         model.eval()
         with torch.inference_mode():
@@ -129,32 +148,47 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 batch = model.make_batch(lattice, feats)
                 t1 = time.perf_counter()
-                with amp:
-                    model(batch).float()
+                with autocast:
+                    y = model(batch)
                 _sync(dev)
                 times.append(time.perf_counter() - t0)
                 build_times.append(t1 - t0)
-        flops = fwd_flops
+                del batch, y
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    cuda_mem = {}
+    if dev.startswith("cuda"):
+        cuda_mem = {"cuda_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
+                    "cuda_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+                    "gpu": torch.cuda.get_device_name()}  # fmt: skip
+    # After the memory reading: the matmul references and the FLOP count.
+    gflops_matmul = _matmul_gflops(dev)
+    gflops_bf16 = _matmul_gflops(dev, dtype="bfloat16")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(model.make_batch(lattice, feats))
+    fwd_flops = counter.get_total_flops()
+    flops = 3 * fwd_flops if s.mode == "train" else fwd_flops  # backward = 2x forward
     sec = statistics.median(times[1:])
     out: dict[str, Any] = {
         **{k: v for k, v in asdict(s).items() if k != "model"},
         "model": s.model,
+        "autocast_bf16": amp,
         "seconds": sec,
         "seconds_all": times[1:],
         "index_build_seconds": statistics.median(build_times[1:]),
         "first_build_seconds": build_s,
-        "tokens_per_level": [lv.num_tokens for lv in batch.levels],
+        "tokens_per_level": tokens_per_level,
         "gflop": flops / 1e9,
         "achieved_gflops": flops / sec / 1e9,
         "matmul_gflops": gflops_matmul,
+        "matmul_bf16_gflops": gflops_bf16,
         "fraction_of_matmul": flops / sec / 1e9 / gflops_matmul,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "peak_rss_gb": peak_rss,
         "import_rss_gb": import_rss,
+        **cuda_mem,
     }
-    if dev.startswith("cuda"):
-        out["cuda_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        out["cuda_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
-        out["gpu"] = torch.cuda.get_device_name()
     return out
 
 
@@ -243,7 +277,8 @@ def format_row(r: dict[str, Any]) -> str:
     return (
         f"{head}  {r['seconds']:.3f} s (index build {r['index_build_seconds']:.3f} s)  {mem}  "
         f"{r['gflop']:.1f} GFLOP -> {r['achieved_gflops']:.0f} GFLOP/s = "
-        f"{100 * r['fraction_of_matmul']:.0f}% of dense fp32 matmul ({r['matmul_gflops']:.0f} GFLOP/s)"
+        f"{100 * r['fraction_of_matmul']:.0f}% of dense fp32 matmul ({r['matmul_gflops']:.0f} GFLOP/s; "
+        f"bf16 {r.get('matmul_bf16_gflops', float('nan')):.0f})" + ("  [bf16 autocast]" if r.get("autocast_bf16") else "")
     )
 
 

@@ -1,8 +1,10 @@
-"""``hist-st bench speed``: HiST time, memory and FLOP/s against spots and genes (paper Figure 3)."""
+"""``hist-st bench speed|host|encoder``: HiST time, memory and FLOP/s against spots and genes (paper Figure 3),
+the host cost of a small-slide training step, and patch-encoder throughput (issue 15)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from hist_st.train.config import parse_overrides
@@ -30,6 +32,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
         in_dim=args.in_dim,
         grid=args.lattice,
         grad_checkpointing=args.grad_checkpointing,
+        precision=args.precision,
+        malloc=args.malloc,
         model=model,
     )
     print(f"results in {args.out}/speed.json, plots speed_vs_spots.png and speed_vs_genes.png")
@@ -51,7 +55,7 @@ def register_speed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default="infer,train", help="infer and/or train")
     p.add_argument("--max-train-spots", type=int, default=20000, help="largest N for train steps")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda, see --precision)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median)")
     p.add_argument("--in-dim", type=int, default=1024, help="input embedding width (default 1024)")
     p.add_argument("--lattice", choices=["square", "hex"], default="square",
@@ -59,5 +63,76 @@ def register_speed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", metavar="KEY=VALUE", help="HiSTConfig override, e.g. dim=256")
     p.add_argument("--grad-checkpointing", choices=["none", "ffn", "block"], default="none",
                    help="recompute activations in backward (train steps): less memory, more time")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: autocast on the CPU too (AMX); "
+                   "the head and loss stay float32")  # fmt: skip
+    p.add_argument("--malloc", choices=["fixed", "default"], default="fixed",
+                   help="fixed: glibc's mmap threshold fixed as in hist-st train/predict (freed tensors leave the "
+                   "process); default: glibc's adaptive threshold")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON line per setting")
     p.set_defaults(func=cmd_speed)
+    register_host(sub)
+    register_encoder(sub)
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    from hist_st.bench.host import format_host, host_overhead
+
+    r = host_overhead(section=args.section, root=args.her2st, spots=args.spots, dim=args.dim, heads=args.heads,
+                      genes=args.genes, steps=args.steps, threads=args.threads)  # fmt: skip
+    print(format_host(r))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(r, indent=1))
+    return 0
+
+
+def cmd_encoder(args: argparse.Namespace) -> int:
+    from hist_st.bench.encoder import encoder_bench, format_encoder
+
+    r = encoder_bench(encoder=args.encoder, weights=args.weights, device=args.device, threads=args.threads,
+                      batch_sizes=args.batch_sizes, precisions=tuple(args.precisions.split(",")),
+                      rounds=args.rounds, pipeline=not args.no_pipeline, root=args.her2st)  # fmt: skip
+    print(format_encoder(r))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(r, indent=1))
+    return 0
+
+
+def register_host(sub: argparse._SubParsersAction) -> None:
+    from hist_st.bench.host import HER2ST
+
+    p = sub.add_parser("host", help="host cost of one training step on a small slide with a tiny model",
+                       description="Median time per phase (augmentation, lattice mapping, batch building, forward, "
+                       "backward, optimizer) over many steps on her2st C3 (synthetic ~200 spots without the data).")  # fmt: skip
+    p.add_argument("--her2st", type=Path, default=HER2ST, help="her2st folder (default %(default)s)")
+    p.add_argument("--section", default="C3", help="her2st section (default C3)")
+    p.add_argument("--spots", type=int, default=200, help="spots of the synthetic fallback slide")
+    p.add_argument("--dim", type=int, default=32, help="model width (default 32)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--genes", type=int, default=250, help="genes (default 250)")
+    p.add_argument("--steps", type=int, default=60, help="timed steps (default 60)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    p.set_defaults(func=cmd_host)
+
+
+def register_encoder(sub: argparse._SubParsersAction) -> None:
+    from hist_st.bench.encoder import HER2ST
+
+    p = sub.add_parser("encoder", help="patch encoder throughput (patches/s) per precision and batch size",
+                       description="Interleaved timing of the encoder per setting (median), cosine similarity of "
+                       "each setting's embeddings to fp32, and the patch-to-embedding loop with and without "
+                       "background reading (real her2st patches when present).")  # fmt: skip
+    p.add_argument("--encoder", default="efficientnet-lite0")
+    p.add_argument("--weights", default=None, help="encoder weights file")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--batch-sizes", type=_ints, default=(32, 64), help="comma-separated (default 32,64)")
+    p.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (default both; cuda: bf16)")
+    p.add_argument("--rounds", type=int, default=4, help="timed rounds (default 4)")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the patch-cutting pipeline rows")
+    p.add_argument("--her2st", type=Path, default=HER2ST, help="her2st folder for real patches")
+    p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    p.set_defaults(func=cmd_encoder)

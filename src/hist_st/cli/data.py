@@ -71,6 +71,9 @@ def register(subparsers) -> None:
     p.add_argument("--patch-px", type=int, default=224, help="patch side in pixels")
     p.add_argument("--patch-um-per-px", type=float, default=0.5, help="patch resolution (um per pixel)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--encoder-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: the encoder in bfloat16 on the CPU (AMX; faster, embeddings differ by bf16 "
+                   "rounding, see docs/results/speed.md); fp32 (default) keeps embeddings as they were")  # fmt: skip
     p.add_argument(
         "--stain-norm", choices=("none", "macenko"), default="none", help="stain normalisation (torchstain)"
     )
@@ -109,6 +112,7 @@ def run(args) -> int:
         patch_px=args.patch_px,
         patch_um_per_px=args.patch_um_per_px,
         batch_size=args.batch_size,
+        encoder_precision=args.encoder_precision,
         stain_norm=args.stain_norm,
         stain_reference=args.stain_reference,
         gene_mapping=args.gene_mapping,

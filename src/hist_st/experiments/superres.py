@@ -41,7 +41,20 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.experiments.accuracy import build_config
 from hist_st.jsonio import read_json, to_jsonable, write_json
+from hist_st.lattice import continuous_coords, to_lattice
+from hist_st.metrics import evaluate_fold, summarise_folds
+from hist_st.pl import normalise_counts
+from hist_st.slide import read_prepared, write_prepared
+from hist_st.train.checkpoint import load_bundle
+from hist_st.train.coarse import coarsen_slide
+from hist_st.train.config import config_to_dict
+from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
+from hist_st.train.folds import make_folds, save_folds
+from hist_st.train.loop import train
+from hist_st.train.predict import predict_log1p
+from hist_st.train.subspot import set_subspot_grid, subspot_slide
 
 __all__ = ["METHODS", "REFERENCES", "gaussian_interpolate", "gap_closed", "position_effect", "run_superres", "run_subspot",
            "superres_markdown"]
@@ -112,9 +125,6 @@ def _same_run(run: Path, key: dict[str, Any]) -> bool:
 
 def _fit(cfg: Any, slides: Sequence[Any], genes: list[str], run: Path, desc: str, reuse: bool) -> Any:
     """Train (or, with ``reuse``, load the finished identical run in ``run``) and return its bundle."""
-    from hist_st.train.checkpoint import load_bundle
-    from hist_st.train.config import config_to_dict
-    from hist_st.train.loop import train
 
     key = {"config": {k: v for k, v in config_to_dict(cfg).items() if k not in ("progress", "threads", "device",
                                                                                  "num_workers")},
@@ -168,13 +178,6 @@ def run_superres(
     Raises:
         InputError: Bad gene spec, block, sigma, or slides without counts.
     """
-    from hist_st.experiments.accuracy import build_config
-    from hist_st.lattice import continuous_coords, to_lattice
-    from hist_st.metrics import evaluate_fold, summarise_folds
-    from hist_st.train.coarse import coarsen_slide
-    from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
-    from hist_st.train.folds import make_folds, save_folds
-    from hist_st.train.predict import predict_log1p
 
     if block < 2:
         raise InputError("--block", f"must be >= 2 (coarse spots of block x block spots), got {block}")
@@ -348,7 +351,6 @@ def _plot_maps(out: Path, fold: int, fine: Any, cslide: Any, genes: list[str], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hist_st.pl import normalise_counts
 
     data = np.load(out / f"fold_{fold}" / "predictions" / f"{fine.slide_id}.npz")
     counts, groups = data["counts"].astype(np.float64), data["groups"]
@@ -425,13 +427,6 @@ def run_subspot(
     Writes ``subspot_fold<i>.json`` and ``subspot_maps_<slide>.png``; sub-spot slides are cached in
     ``subspots/<slide>.h5ad``.
     """
-    from hist_st.experiments.accuracy import build_config
-    from hist_st.metrics import evaluate_fold, summarise_folds
-    from hist_st.slide import read_prepared, write_prepared
-    from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
-    from hist_st.train.folds import make_folds
-    from hist_st.train.predict import predict_log1p
-    from hist_st.train.subspot import set_subspot_grid, subspot_slide
 
     cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     cohort, out = Path(cohort), Path(out)
@@ -495,7 +490,6 @@ def _plot_subspot(out: Path, slide: Any, sub: Any, spot_pred: np.ndarray, sub_pr
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hist_st.pl import normalise_counts
 
     panels = [("measured spots", slide.spatial, normalise_counts(counts), 1.0),
               ("HiST trained on the spots", slide.spatial, normalise_counts(np.maximum(np.expm1(spot_pred), 0)), 1.0),

@@ -104,7 +104,8 @@ def build_batch(
         raise InputError("features", f"expected [{coords.shape[0]}, C] features, got {tuple(feats.shape)}")
     if (coords < 0).any():
         raise InputError("lattice", "lattice sites must be non-negative")
-    if torch.unique(coords, dim=0).shape[0] != coords.shape[0]:
+    flat = coords[:, 0] * (coords[:, 1].max() + 1) + coords[:, 1]  # one int64 key per site (1-D unique is fast)
+    if torch.unique(flat).shape[0] != coords.shape[0]:
         raise InputError("lattice", "lattice sites must be unique (use hist_st.lattice.to_lattice)")
     levels: list[LevelIndex] = []
     for level in range(num_levels):

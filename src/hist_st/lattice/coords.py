@@ -9,14 +9,12 @@ no coordinate limit (the authors' code used int16) and no Python loop over spots
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hist_st.errors import InputError
-
-if TYPE_CHECKING:
-    from hist_st.slide import Slide
+from hist_st.lattice.geometry import GridGeometry, grid_coords
+from hist_st.slide import Slide
 
 __all__ = ["to_lattice", "continuous_coords"]
 
@@ -137,7 +135,6 @@ def continuous_coords(slide: Slide, unit_um: float | None = None) -> np.ndarray:
     Returns:
         Float64 ``[N, 2]`` (x, y) coordinates in lattice units, minimum 0 on both axes.
     """
-    from hist_st.lattice.geometry import GridGeometry, grid_coords
 
     unit = unit_um if unit_um is not None else slide.lattice_unit_um
     spatial = np.asarray(slide.spatial, dtype=np.float64)

@@ -10,6 +10,7 @@ from torch import nn
 from hist_st.lattice import LatticeBatch, build_batch
 from hist_st.model.blocks import Coarsen, RefineBlock, Uncoarsen
 from hist_st.model.config import HiSTConfig, parse_levels
+from hist_st.model.head import chunked_head
 
 __all__ = ["HiST"]
 
@@ -148,13 +149,34 @@ class HiST(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Predict log1p expression.
 
+        The head runs in float32 even under autocast: bfloat16 log1p outputs would be quantised in steps
+        of 0.016-0.031 (2^-6..2^-5 near typical values), a few dozen distinct values per gene. Without
+        autograd it runs in row chunks (`hist_st.model.head.chunked_head`), so the final norm's
+        float32 copy of the features never exists whole.
+
         Args:
             batch: One slide (`make_batch`).
             return_tokens: Also return the final calibration tokens ``[T, d]``.
 
         Returns:
-            ``[N, G]`` log1p predictions (and the tokens).
+            ``[N, G]`` float32 log1p predictions (and the tokens).
         """
+        x, tokens = self.trunk(batch)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if torch.is_grad_enabled():
+                y = self.head(self.norm_out(x.float()))
+            else:
+                y = chunked_head(x, self.head, self.norm_out)
+        return (y, tokens) if return_tokens else y
+
+    def features(self, batch: LatticeBatch) -> torch.Tensor:
+        """``[N, D]`` float32 features after the final norm: what the head reads (`hist_st.train.loss`)."""
+        x, _ = self.trunk(batch)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.norm_out(x.float())
+
+    def trunk(self, batch: LatticeBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder-decoder: ``([N, D] features before the final norm, [T, d] tokens or None)``."""
         cfg = self.cfg
         if len(batch.levels) < self.num_levels:
             raise ValueError(f"batch has {len(batch.levels)} levels; the model needs {self.num_levels}")
@@ -188,13 +210,11 @@ class HiST(nn.Module):
             if cfg.skip == "additive":
                 x = x + enc
             elif cfg.skip == "concat" and cfg.fuse == "fuse-refine":
-                x = self.fuse[j](torch.cat([x, enc], dim=-1))
+                # fuse(cat[x, enc]) as two products: no [N, 2d] concatenation is kept for backward
+                w_up, w_enc = self.fuse[j].weight.split(x.shape[-1], dim=1)
+                x = torch.addmm(torch.mm(enc, w_enc.t()), x, w_up.t())  # the fuse Linear has no bias
             for blk in stage:
                 x, tokens = blk(x, level, tokens)
             if cfg.skip == "concat" and cfg.fuse == "refine-fuse":
                 x = torch.cat([x, enc], dim=-1)
-        # Head in float32 even under autocast: bfloat16 log1p outputs would be quantised in steps of
-        # 0.016-0.031 (2^-6..2^-5 near typical values), a few dozen distinct values per gene.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            y = self.head(self.norm_out(x.float()))
-        return (y, tokens) if return_tokens else y
+        return x, tokens

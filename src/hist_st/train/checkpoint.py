@@ -411,6 +411,8 @@ class ModelBundle:
 
     @property
     def amp(self) -> bool:
+        if self.device.type == "cpu":
+            return bool(self.config.get("amp_cpu", False))
         return bool(self.config.get("amp", False)) and self.device.type == "cuda"
 
     def unit_for(self, technology: str) -> float | None:

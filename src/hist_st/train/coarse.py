@@ -40,10 +40,13 @@ import scipy.sparse as sp
 import torch
 
 from hist_st.errors import InputError
+from hist_st.io._util import attach_lattice
+from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.slide import Slide
 from hist_st.train.augment import augment_coords, dropout_probability
 from hist_st.train.config import SUPERVISE_HELP, block_factor
 from hist_st.train.data import AugmentedSlides, SlideData, StepKey, gene_counts, prepare_slide
+from hist_st.train.subspot import subspot_groups
 
 __all__ = [
     "SUPERVISE_HELP",
@@ -148,8 +151,6 @@ def coarse_slide_data(slide: Slide, genes: Sequence[str], embedding: str, k: int
     blocks' ``log1p`` summed counts ``[M, G]`` and ``groups`` each spot's block ``[N]``. A sub-spot slide
     (`hist_st.train.subspot.subspot_slide`, ``k x k`` tokens per measured spot) is grouped by its parent spots.
     """
-    from hist_st.lattice import to_lattice
-    from hist_st.train.subspot import subspot_groups
 
     d = prepare_slide(slide, None, embedding)
     groups = subspot_groups(slide, k)  # sub-spot tokens (`hist_st.train.subspot`): their parent spot
@@ -170,7 +171,6 @@ class CoarseAugmentedSlides(AugmentedSlides):
     """
 
     def __getitem__(self, key: StepKey) -> dict[str, Any]:
-        from hist_st.lattice import to_lattice
 
         s = self.slides[key.index]
         if s.groups is None:
@@ -219,8 +219,6 @@ def coarsen_slide(slide: Slide, k: int, embedding: str | None = None) -> tuple[S
     """
     import warnings
 
-    from hist_st.io._util import attach_lattice
-    from hist_st.lattice import continuous_coords, to_lattice
 
     xy = continuous_coords(slide)
     lat = to_lattice(xy, source=f"slide {slide.slide_id!r}")

@@ -212,6 +212,8 @@ class TrainConfig:
             model); the paper feeds raw embeddings (False).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         amp: bf16 autocast on CUDA (ignored on CPU).
+        amp_cpu: bf16 autocast of the trunk on the CPU too (head and loss stay float32); pays on CPUs with
+            AMX / AVX512-BF16 (`docs/results/speed.md`), off by default.
         num_workers: DataLoader workers building augmented lattice batches (0 = main process).
         checkpoint_every: Save a restorable checkpoint every this many epochs (and always at the end).
         progress: Show tqdm progress bars.
@@ -235,6 +237,7 @@ class TrainConfig:
     standardise_features: bool = False
     device: str = "auto"
     amp: bool = True
+    amp_cpu: bool = False
     num_workers: int = 0
     checkpoint_every: int = 10
     progress: bool = True

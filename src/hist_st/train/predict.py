@@ -23,9 +23,11 @@ import torch
 
 from hist_st.errors import InputError
 from hist_st.lattice import continuous_coords, to_lattice
+from hist_st.memory import fixed_mmap_threshold
 from hist_st.outputs import fresh_folder
 from hist_st.slide import Slide, atomic_path, is_prediction, read_cohort_slide, write_prepared
 from hist_st.train.checkpoint import ModelBundle
+from hist_st.train.coarse import supervision_record
 from hist_st.train.data import list_slides
 
 __all__ = ["predict_log1p", "mc_log1p_samples", "predict_slide", "predict_folder", "lattice_unit_for", "check_outputs",
@@ -59,6 +61,7 @@ def predict_log1p(
     Returns:
         ``(mean_log1p [N, G] float32, count_std [N, G] float32 or None)``.
     """
+    fixed_mmap_threshold()  # freed tensors leave the process (hist_st.memory)
 
     if mc_samples < 0:
         raise InputError("predict", f"mc_samples must be >= 0, got {mc_samples}")
@@ -101,17 +104,28 @@ def predict_log1p(
         model.train()
         total = None
         samples = []
-        for _ in range(mc_samples):
+        count_mean = count_m2 = None  # Welford: no [K, N, G] stack of the count-space passes
+        for k in range(mc_samples):
             y = run()
-            total = y if total is None else total + y
-            samples.append(y.cpu() if log1p_samples else torch.relu(torch.expm1(y)).cpu())
+            total = y.clone() if total is None else total.add_(y)
+            if log1p_samples:
+                samples.append(y.cpu())
+                continue
+            c = torch.relu_(torch.expm1(y))
+            if count_mean is None:
+                count_mean, count_m2 = c, torch.zeros_like(c)
+                continue
+            delta = c - count_mean
+            count_mean.add_(delta, alpha=1.0 / (k + 1))
+            count_m2.addcmul_(delta, c.sub_(count_mean))
+            del delta, c
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state_all(cuda_state)
         if log1p_samples:
             return torch.stack(samples).numpy(), None
         mean = (total / mc_samples).cpu().numpy()
-        std = torch.stack(samples).std(0, unbiased=False).numpy()
+        std = count_m2.div_(mc_samples).sqrt_().cpu().numpy()
         return mean, std
     finally:
         model.train(was_training)
@@ -164,7 +178,6 @@ def predict_slide(bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, see
         "space": "counts = relu(expm1(log1p prediction))",
     }
     if str((bundle.config or {}).get("supervise", "spot")) != "spot":  # super-resolution: say what "fine" means
-        from hist_st.train.coarse import supervision_record
 
         pitches = dict(bundle.spot_pitch_um)  # an H&E-only slide: the only training technology's pitch
         pitch = pitches.get(slide.technology, next(iter(pitches.values())) if len(pitches) == 1 else None)

@@ -26,7 +26,7 @@ RUNTIME_KEYS = ("device", "progress", "num_workers", "threads", "checkpoint_ever
 #: Keys filled from the data when a run starts (the request's placeholders are not compared).
 DATA_FILLED = ("model.in_dim", "model.n_genes")
 #: Differences ``--accept-changes`` may accept: key prefixes a resumed run can honour from the next epoch.
-ACCEPTABLE = ("slides", "slide data", "augment.", "seed", "amp", "grad_checkpointing")
+ACCEPTABLE = ("slides", "slide data", "augment.", "seed", "amp", "amp_cpu", "grad_checkpointing")
 ACCEPTED_LOG = "accepted_changes.json"
 
 

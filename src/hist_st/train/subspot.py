@@ -25,7 +25,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from hist_st.embed import embed_he_slide
 from hist_st.errors import InputError
+from hist_st.lattice import continuous_coords, to_lattice
+from hist_st.lattice.geometry import GridGeometry, measure_grid
 from hist_st.slide import Slide
 
 __all__ = ["subspot_offsets", "subspot_slide", "subspot_groups", "subspot_grid", "set_subspot_grid"]
@@ -51,7 +54,6 @@ def subspot_grid(parent: Any, factor: int) -> Any:
     Measuring the sub-spots' own grid instead would not work: the gaps between neighbouring spots' sub-spots
     vary with the spots' placement noise, so the measured pitch drifts and sites collide.
     """
-    from hist_st.lattice.geometry import GridGeometry
 
     shift = 0.5 - factor / 2.0
     phase = tuple(float((factor * p + shift) % 1.0) for p in parent.phase)
@@ -62,8 +64,6 @@ def subspot_grid(parent: Any, factor: int) -> Any:
 
 def set_subspot_grid(sub: Slide, parent_slide: Slide) -> Slide:
     """Give a sub-spot slide the grid derived from its parent slide's measured grid (`subspot_grid`), in place."""
-    from hist_st.lattice import continuous_coords, to_lattice
-    from hist_st.lattice.geometry import measure_grid
 
     factor = int(sub.meta["subspot"]["factor"])
     geom = subspot_grid(measure_grid(parent_slide.spatial, parent_slide.um_per_px, source=f"slide {parent_slide.slide_id!r}"),
@@ -99,7 +99,7 @@ def subspot_slide(
         slide: A prepared slide on a square spot grid with its image and counts.
         factor: Sub-cells per side (2: four tokens per spot, half the pitch apart).
         encoder: Patch encoder (default: the one the slide was prepared with, ``meta['encoder']``).
-        weights, device, progress: As `hist_st.prepare.embed_he_slide`.
+        weights, device, progress: As `hist_st.embed.embed_he_slide`.
 
     Returns:
         A `Slide` with ``N * factor^2`` spots: sub-cell centres, their embeddings (same patch geometry as the
@@ -109,8 +109,6 @@ def subspot_slide(
     Raises:
         InputError: factor < 2, no image, no counts, or a grid that is not square.
     """
-    from hist_st.lattice.geometry import measure_grid
-    from hist_st.prepare import embed_he_slide
 
     src = f"slide {slide.slide_id!r}"
     if factor < 2:

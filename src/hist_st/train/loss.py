@@ -1,0 +1,128 @@
+"""The prediction head and the MSE loss computed gene chunk by gene chunk (memory, issue 15).
+
+A dense head and loss keep the ``[N, G]`` predictions, the difference to the target and their gradient
+alive (at N = 5,000 spots and 2,000 genes 40 MB each, at N = 100,000 0.8 GB each). `head_loss` computes
+the same mean squared error one chunk of ``chunk`` genes at a time and recomputes each chunk's
+predictions in backward, so only ``[N, chunk]`` tensors ever exist.
+
+```python
+from hist_st.train.loss import head_loss
+feats = model.features(batch)                             # [N, D] float32, after the final norm
+loss = head_loss(feats, model.head, target)               # == F.mse_loss(model(batch), target)
+loss = head_loss(feats, model.head, coarse, transform=aggregate)   # supervise an aggregation [M, G]
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hist_st.model.head import chunked_head
+
+__all__ = ["head_loss", "chunked_head"]  # chunked_head: hist_st.model.head, re-exported
+
+
+def _chunk_sse(
+    features: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    transform: Callable[[Tensor], Tensor] | None,
+) -> Tensor:
+    """Sum of squared errors of one gene chunk: ``sum((transform(features W^T + b) - target)^2)``."""
+    with torch.autocast(device_type=features.device.type, enabled=False):  # float32 even under autocast
+        pred = F.linear(features.float(), weight.float(), None if bias is None else bias.float())  # [N, c]
+        if transform is not None:
+            pred = transform(pred)  # [M, c]
+    if pred.shape != target.shape:
+        raise ValueError(f"head_loss: the (transformed) prediction chunk has shape {tuple(pred.shape)}, "
+                         f"the target chunk {tuple(target.shape)}")  # fmt: skip
+    return (pred - target.float()).square().sum()
+
+
+class _RecomputedSSE(torch.autograd.Function):
+    """`_chunk_sse` that keeps only its inputs and recomputes the chunk's predictions in backward.
+
+    (`torch.utils.checkpoint` would do the same, but its non-reentrant form imports ``torch._dynamo`` and
+    ``sympy``, 0.18 GB of modules, on its first call.)
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, target, transform):  # noqa: D102
+        ctx.transform = transform
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(features, weight, bias if bias is not None else weight.new_empty(0), target)
+        return _chunk_sse(features, weight, bias, target, transform)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        features, weight, bias, target = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        with torch.enable_grad():
+            f = features.detach().requires_grad_(need[0])
+            w = weight.detach().requires_grad_(need[1])
+            b = bias.detach().requires_grad_(need[2]) if ctx.has_bias else None
+            sse = _chunk_sse(f, w, b, target, ctx.transform)
+            wanted = [t for t, n in zip((f, w, b), need[:3]) if n and t is not None]
+            got = iter(torch.autograd.grad(sse, wanted, grad)) if wanted else iter(())
+        out = [next(got) if n and t is not None else None for t, n in zip((f, w, b), need[:3])]
+        return (*out, None, None)
+
+
+def head_loss(
+    features: Tensor,
+    head: nn.Linear,
+    target: Tensor,
+    *,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    chunk: int = 256,
+) -> Tensor:
+    """Mean squared error of ``transform(head(features))`` against ``target``, gene chunk by gene chunk.
+
+    For each chunk ``c`` of the head's output genes the float32 log1p prediction ``head(features)[:, c]``
+    goes through ``transform`` and its squared error against ``target[:, c]`` is summed; the result is
+    the mean over all ``M * G`` entries, equal to ``F.mse_loss(transform(head(features)), target)``.
+    Each chunk's activations are recomputed in backward, so no ``[N, G]`` tensor is kept; gradients flow
+    to ``features``, ``head.weight`` and ``head.bias`` (``transform`` is a fixed map: parameters inside
+    it receive no gradient).
+
+    Args:
+        features: ``[N, D]`` features after the final norm (any float dtype; the head runs in float32).
+        head: The ``Linear(D, G)`` prediction head.
+        target: ``[M, G]`` log1p targets.
+        transform: Maps a prediction chunk ``[N, c]`` to ``[M, c]``, acting on each column alike (e.g. a
+            sum over the spots of each coarse region); identity (``M = N``) when None.
+        chunk: Genes per chunk.
+
+    Returns:
+        Scalar float32 loss.
+
+    Raises:
+        ValueError: ``chunk < 1``, or the shapes do not match.
+    """
+    if chunk < 1:
+        raise ValueError(f"head_loss: chunk must be >= 1, got {chunk}")
+    genes = head.out_features
+    if target.dim() != 2 or target.shape[1] != genes:
+        raise ValueError(f"head_loss: target has shape {tuple(target.shape)}, expected [M, {genes}]")
+    if features.dim() != 2 or features.shape[1] != head.in_features:
+        raise ValueError(f"head_loss: features have shape {tuple(features.shape)}, "
+                         f"expected [N, {head.in_features}]")  # fmt: skip
+    needs_grad = torch.is_grad_enabled() and (
+        features.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
+    total = features.new_zeros((), dtype=torch.float32)
+    for start in range(0, genes, chunk):
+        sl = slice(start, min(start + chunk, genes))
+        bias = None if head.bias is None else head.bias[sl]
+        args = (features, head.weight[sl], bias, target[:, sl], transform)
+        if needs_grad and genes > chunk:
+            sse = _RecomputedSSE.apply(*args)
+        else:
+            sse = _chunk_sse(*args)
+        total = total + sse
+    return total / (target.shape[0] * genes)
