@@ -47,7 +47,7 @@ class SpeedSettings:
     seed: int = 0
     grad_checkpointing: str = "none"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA only), "fp32" or "bf16" (also on the CPU)
-    malloc: str = "fixed"  # "fixed": hist_st.memory.fixed_mmap_threshold (as hist-st train), or "default"
+    malloc: str = "default"  # "default": glibc (as hist-st train), or "fixed": HIST_ST_MALLOC=fixed (hist_st.memory)
     model: dict[str, Any] = field(default_factory=dict)
 
 

@@ -66,9 +66,9 @@ def register_speed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: autocast on the CPU too (AMX); "
                    "the head and loss stay float32")  # fmt: skip
-    p.add_argument("--malloc", choices=["fixed", "default"], default="fixed",
-                   help="fixed: glibc's mmap threshold fixed as in hist-st train/predict (freed tensors leave the "
-                   "process); default: glibc's adaptive threshold")  # fmt: skip
+    p.add_argument("--malloc", choices=["fixed", "default"], default="default",
+                   help="default: glibc's adaptive threshold (as hist-st train/predict by default); fixed: glibc's "
+                   "mmap threshold fixed, as train/predict with HIST_ST_MALLOC=fixed (lower peak RSS, slower)")
     p.add_argument("--json", action="store_true", help="print one JSON line per setting")
     p.set_defaults(func=cmd_speed)
     register_host(sub)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hist_st.errors import InputError
-from hist_st.memory import fixed_mmap_threshold
+from hist_st.memory import malloc_policy
 from hist_st.model import HiST
 from hist_st.model.config import LEGACY_VALUES
 from hist_st.runtime import package_versions, resolve_device, seed_everything, set_threads
@@ -337,7 +337,7 @@ def train(
             folder holding another run.
     """
 
-    fixed_mmap_threshold()  # freed activations leave the process (hist_st.memory): a lower peak RSS
+    malloc_policy()  # HIST_ST_MALLOC=fixed: freed activations leave the process (hist_st.memory)
     info = dist_info or init_distributed(cfg.device)
     device = resolve_device(cfg.device, info.local_rank)
     set_threads(cfg.threads, "threads")

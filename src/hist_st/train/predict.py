@@ -23,7 +23,7 @@ import torch
 
 from hist_st.errors import InputError
 from hist_st.lattice import continuous_coords, to_lattice
-from hist_st.memory import fixed_mmap_threshold
+from hist_st.memory import malloc_policy
 from hist_st.outputs import fresh_folder
 from hist_st.slide import Slide, atomic_path, is_prediction, read_cohort_slide, write_prepared
 from hist_st.train.checkpoint import ModelBundle
@@ -61,7 +61,7 @@ def predict_log1p(
     Returns:
         ``(mean_log1p [N, G] float32, count_std [N, G] float32 or None)``.
     """
-    fixed_mmap_threshold()  # freed tensors leave the process (hist_st.memory)
+    malloc_policy()  # HIST_ST_MALLOC=fixed: freed tensors leave the process (hist_st.memory)
 
     if mc_samples < 0:
         raise InputError("predict", f"mc_samples must be >= 0, got {mc_samples}")
