@@ -53,7 +53,13 @@ SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "baseline-option": (("--baseline-option",), {"action": "append", "metavar": "METHOD.KEY=VALUE",
                                                  "help": "baseline option, e.g. stflow.epochs=50 (repeatable)"}),
     "device": (("--device",), {"default": "auto", "help": "auto, cpu or cuda"}),
+    "plot-genes": (("--plot-genes",), {"default": None, "help": "comma-separated genes of the map figure "
+                                       "(default: the 2 most variable on the figure's slide)"}),
 }
+
+
+def _gene_list(value: str | None) -> list[str] | None:
+    return [g.strip() for g in value.split(",") if g.strip()] if value else None
 
 
 def add_command(
@@ -224,8 +230,8 @@ def cmd_superres(args: argparse.Namespace) -> int:
     res = run_superres(
         args.cohort, args.out, genes=args.genes, folds=args.folds, seed=args.seed, block=args.block,
         sigma_fraction=args.sigma, config=args.config, overrides=args.overrides,
-        plot_genes=[g.strip() for g in args.plot_genes.split(",") if g.strip()] if args.plot_genes else None,
-        progress=not args.no_progress, reuse=not args.force, command="hist-st " + shlex.join(sys.argv[1:]),
+        plot_genes=_gene_list(args.plot_genes), progress=not args.no_progress, reuse=not args.force,
+        command="hist-st " + shlex.join(sys.argv[1:]),
     )  # fmt: skip
     print(superres_markdown(res))
     print(f"results: {args.out / 'superres.json'}, {args.out / 'table.md'}, {args.out / res['figure']}")
@@ -233,21 +239,19 @@ def cmd_superres(args: argparse.Namespace) -> int:
 
 
 def register_superres(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("superres", help="super-resolution: train on 2x2 blocks of spots, score on the spots",
-                       description="Aggregate each block x block group of neighbouring spots into one coarse spot, "
-                       "train HiST on the coarse labels only (supervise=coarse<k>) and score its spot-level "
-                       "predictions against the measured spots, beside (a) a coarse model copied to the spots, "
-                       "(b) its Gaussian interpolation and (c) HiST trained on the spots.")  # fmt: skip
+    p = add_command(sub, "superres", cmd_superres, shared=("out", "plot-genes"),
+                    help="super-resolution: train on 2x2 blocks of spots, score on the spots",
+                    description="Aggregate each block x block group of neighbouring spots into one coarse spot, "
+                    "train HiST on the coarse labels only (supervise=coarse<k>) and score its spot-level "
+                    "predictions against the measured spots, beside (a) a coarse model copied to the spots, "
+                    "(b) its Gaussian interpolation and (c) HiST trained on the spots.")
     p.add_argument("--cohort", required=True, type=Path, help="prepared cohort (spot level)")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--block", type=int, default=2, help="block side in spots (default 2: 2x2 blocks)")
     p.add_argument("--sigma", type=float, default=0.5,
-                   help="Gaussian interpolation width as a fraction of the coarse pitch (default 0.5)")  # fmt: skip
-    p.add_argument("--plot-genes", default=None, help="comma-separated genes of the map figure "
-                   "(default: the 2 most variable on the figure's slide)")  # fmt: skip
+                   help="Gaussian interpolation width as a fraction of the coarse pitch (default 0.5)")
     p.add_argument("--force", action="store_true", help="retrain every model (default: keep finished identical fold runs)")
     add_experiment_args(p)
-    p.set_defaults(func=cmd_superres, genes="he:250")
+    p.set_defaults(genes="he:250")
 
 
 def cmd_subspot(args: argparse.Namespace) -> int:
@@ -256,8 +260,7 @@ def cmd_subspot(args: argparse.Namespace) -> int:
     res = run_subspot(
         args.cohort, args.out, genes=args.genes, fold=args.fold, folds=args.folds, seed=args.seed, factor=args.factor,
         config=args.config, overrides=args.overrides,
-        plot_genes=[g.strip() for g in args.plot_genes.split(",") if g.strip()] if args.plot_genes else None,
-        progress=not args.no_progress, reuse=not args.force,
+        plot_genes=_gene_list(args.plot_genes), progress=not args.no_progress, reuse=not args.force,
     )  # fmt: skip
     for name, s in res["scores"].items():
         print(f"{name}: per-gene PCC {s['per_gene']['pcc']['mean']:.3f}, pooled PCC {s['pooled']['pcc']['mean']:.3f}, "
@@ -268,18 +271,18 @@ def cmd_subspot(args: argparse.Namespace) -> int:
 
 
 def register_subspot(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("subspot", help="sub-spot tokens: f x f patches per legacy-ST spot, supervised by the spots",
-                       description="Train HiST on sub-spot tokens (patches at pitch / factor inside each spot's cell) "
-                       "supervised by the measured spots, on one fold; score the sub-spots summed per spot against "
-                       "the measured spots beside HiST trained on the spots; map the sub-spot predictions.")  # fmt: skip
+    p = add_command(sub, "subspot", cmd_subspot, shared=("out", "plot-genes"),
+                    help="sub-spot tokens: f x f patches per legacy-ST spot, supervised by the spots",
+                    description="Train HiST on sub-spot tokens (patches at pitch / factor inside each spot's cell) "
+                    "supervised by the measured spots, on one fold; score the sub-spots summed per spot against "
+                    "the measured spots beside HiST trained on the spots (same --out as bench superres shares "
+                    "fold_<i>/spot); map the sub-spot predictions.")
     p.add_argument("--cohort", required=True, type=Path, help="prepared legacy-ST cohort with images")
-    p.add_argument("--out", required=True, type=Path, help="output folder (shares fold_<i>/spot with bench superres)")
     p.add_argument("--fold", type=int, default=0, help="which fold to run (default 0)")
     p.add_argument("--factor", type=int, default=2, help="sub-cells per side of a spot (default 2)")
-    p.add_argument("--plot-genes", default=None, help="comma-separated genes of the map figure")
     p.add_argument("--force", action="store_true", help="recompute sub-spot embeddings and retrain")
     add_experiment_args(p)
-    p.set_defaults(func=cmd_subspot, genes="he:250")
+    p.set_defaults(genes="he:250")
 
 
 # Subcommands of ``hist-st bench``: each ``register_<name>(sub)`` adds one.
