@@ -309,3 +309,21 @@ def test_inference_by_head_halves_matches_all_heads_at_once() -> None:
         with torch.inference_mode():
             outs.append(model(batch))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_batch_built_for_another_window_is_refused():
+    """A batch's window partition must be the model's: its relative-position table is sized for it."""
+    import numpy as np
+    import pytest
+
+    from hist_st.lattice import build_batch
+    from hist_st.model import HiST, HiSTConfig
+
+    cfg = HiSTConfig(in_dim=8, n_genes=3, dim=16, heads=2, window=3)
+    model = HiST(cfg)
+    lat = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2)
+    feats = np.random.default_rng(0).normal(size=(len(lat), 8)).astype(np.float32)
+    assert model(model.make_batch(lat, feats)).shape == (36, 3)
+    other = build_batch(lat, feats, num_levels=model.num_levels, window=2, shifted=cfg.shifted)
+    with pytest.raises(ValueError, match="window half-size 2 .*side 4.*needs 3 \\(side 6\\)"):
+        model(other)

@@ -57,7 +57,8 @@ class HiSTConfig:
         levels: Blocks per level, ``"111-21"`` (see `parse_levels`).
         dim: Model width d at every level.
         heads: Attention heads.
-        window: Window half-size w (windows of side 2w).
+        window: Window half-size w: windows of side 2w lattice sites (the default 3 gives 6 x 6 windows;
+            the shifted partition is offset by w).
         dropout: Dropout after the input projection (paper code: 0.05).
         residual_dropout: Dropout on both residual branches of every refinement block; neither the
             paper nor the authors' code has it (default 0; hist-st before issue 16 used 0.05).

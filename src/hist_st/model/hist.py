@@ -180,6 +180,11 @@ class HiST(nn.Module):
         cfg = self.cfg
         if len(batch.levels) < self.num_levels:
             raise ValueError(f"batch has {len(batch.levels)} levels; the model needs {self.num_levels}")
+        if batch.window != cfg.window:  # the relative-position tables are sized for the model's window
+            raise ValueError(
+                f"batch was built with window half-size {batch.window} (windows of side {2 * batch.window}); "
+                f"the model needs {cfg.window} (side {2 * cfg.window}): build it with model.make_batch"
+            )
         x = F.dropout(self.in_proj(batch.feats), cfg.dropout, self.training)  # [N, d]
         tokens = self._initial_tokens(x)
         level_of = (lambda i: i) if cfg.resample else (lambda i: 0)
