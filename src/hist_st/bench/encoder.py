@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from hist_st.bench.host import HER2ST
 from hist_st.bench.speed import _matmul_gflops
 from hist_st.embed import embed_batches
 from hist_st.encoders import get_encoder
@@ -25,7 +26,6 @@ from hist_st.wsi import PatchParams, iter_patch_batches, open_image
 
 __all__ = ["encoder_bench", "format_encoder"]
 
-HER2ST = Path("/work/shared/data/her2st")
 
 
 def _real_patches(root: Path, n: int):

@@ -9,6 +9,7 @@ forward and backward dispatch (from which the cost per operation follows).
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ from hist_st.train.loop import build_optimizer, forward_loss
 
 __all__ = ["host_overhead", "format_host"]
 
-HER2ST = Path("/work/shared/data/her2st")
+#: The real her2st folder: ``$HIST_ST_HER2ST``, else ``../shared/data/her2st`` from where the command runs.
+HER2ST = Path(os.environ.get("HIST_ST_HER2ST", "../shared/data/her2st"))
 PHASES = ("augment", "lattice", "batch", "forward", "backward", "optimizer")
 
 

@@ -119,7 +119,7 @@ def register_host(sub: argparse._SubParsersAction) -> None:
 
 
 def register_encoder(sub: argparse._SubParsersAction) -> None:
-    from hist_st.bench.encoder import HER2ST
+    from hist_st.bench.host import HER2ST
 
     p = sub.add_parser("encoder", help="patch encoder throughput (patches/s) per precision and batch size",
                        description="Interleaved timing of the encoder per setting (median), cosine similarity of "
