@@ -217,7 +217,6 @@ def compare_to_reference(
     """
     from scipy.spatial import cKDTree
 
-
     if reference.counts is None:
         raise InputError(f"reference {reference.slide_id!r}", "holds no measured counts")
     if pred.predicted is None:
@@ -263,7 +262,6 @@ def compare_to_reference(
     order = np.argsort(-np.nan_to_num(per_gene, nan=-2.0))
     out["per_gene"] = {genes[i]: (float(per_gene[i]) if np.isfinite(per_gene[i]) else None) for i in order}
     if bundle is not None and bundle.embedding in reference.embeddings:
-
         y, _ = predict_log1p(bundle, reference)
         pos = {str(g): i for i, g in enumerate(bundle.genes)}
         at = _corr_record(y[:, [pos[g] for g in genes]], meas_log)

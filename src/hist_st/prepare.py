@@ -435,7 +435,6 @@ def prepare_cohort(
     """
     import torch
 
-
     info = dist_info if dist_info is not None else init_distributed(device or "auto")
     if info.enabled and (device in (None, "auto", "cuda")):
         device = str(resolve_device(device or "auto", info.local_rank))  # one GPU per rank

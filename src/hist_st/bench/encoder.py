@@ -72,7 +72,6 @@ def encoder_bench(
     """
     import torch
 
-
     torch.set_num_threads(threads)
     base = get_encoder(encoder, weights, device)
     big = max(batch_sizes)
@@ -112,7 +111,6 @@ def encoder_bench(
     out: dict[str, Any] = {"encoder": base.name, "device": device, "threads": threads, "patches": label,
                            "rows": rows, "pipeline": []}  # fmt: skip
     if pipeline and image is not None:
-
         n = min(slide.n_spots, 4 * big)
         b = batch_sizes[0]
         prate: dict[int, list[float]] = {0: [], 2: []}

@@ -37,7 +37,6 @@ def _her2st_or_synthetic(section: str, root: Path, spots: int, seed: int) -> tup
     """Continuous lattice coordinates ``[N, 2]`` of her2st ``section`` when present, else a synthetic slide."""
 
     if (root / "ST-spotfiles").is_dir():
-
         for sec in find_her2st_sections(root):
             if sec.slide_id == section:
                 slide = read_her2st_section(sec)
@@ -94,7 +93,6 @@ def host_overhead(
         "us_per_op", ...}``.
     """
     import torch
-
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -123,7 +123,6 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     times, build_times = [], []
     if s.mode == "train":
-
         target = torch.randn(n, s.genes, device=dev)
         model.train()
         opt, _ = build_optimizer(model, TrainConfig(), 1000)

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.evaluate.plan import make_plan
 from hist_st.experiments.accuracy import build_config
 from hist_st.jsonio import read_json, to_jsonable, write_json
 from hist_st.lattice import continuous_coords, to_lattice
@@ -50,8 +51,8 @@ from hist_st.slide import read_prepared, write_prepared
 from hist_st.train.checkpoint import load_bundle
 from hist_st.train.coarse import coarsen_slide
 from hist_st.train.config import config_to_dict
-from hist_st.train.data import embedding_key, gene_counts, load_slides, read_manifest, select_genes
-from hist_st.train.folds import make_folds, save_folds
+from hist_st.train.data import gene_counts, read_manifest, select_genes
+from hist_st.train.folds import save_folds
 from hist_st.train.loop import train
 from hist_st.train.predict import predict_log1p
 from hist_st.train.subspot import set_subspot_grid, subspot_slide
@@ -185,13 +186,12 @@ def run_superres(
         raise InputError("--sigma", f"must be > 0 (a fraction of the coarse pitch), got {sigma_fraction}")
     cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     cohort, out = Path(cohort), Path(out)
-    slides = load_slides(cohort)
-    by_id = {s.slide_id: s for s in slides}
-    gene_list = select_genes(slides, cfg.genes, read_manifest(cohort))
-    emb = embedding_key(slides, cfg.embedding)
+    plan = make_plan(cohort, cfg.genes, k=folds, seed=cfg.seed, embedding=cfg.embedding)
+    by_id, slides, fold_list = dict(plan.slides), list(plan.slides.values()), plan.folds
+    gene_list = plan.genes if plan.genes is not None else select_genes(slides, cfg.genes, read_manifest(cohort))
+    emb = plan.embedding
     cfg = dataclasses.replace(cfg, embedding=emb)
     coarse = {s.slide_id: coarsen_slide(s, block, emb) for s in slides}
-    fold_list = make_folds(sorted(by_id), folds, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     save_folds(fold_list, out / "splits.json", k=len(fold_list), seed=cfg.seed, group_by=None, slides_dir=str(cohort))
     (out / "genes.txt").write_text("\n".join(gene_list) + "\n")
@@ -351,7 +351,6 @@ def _plot_maps(out: Path, fold: int, fine: Any, cslide: Any, genes: list[str], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     data = np.load(out / f"fold_{fold}" / "predictions" / f"{fine.slide_id}.npz")
     counts, groups = data["counts"].astype(np.float64), data["groups"]
     n_children = np.bincount(groups)
@@ -430,11 +429,10 @@ def run_subspot(
 
     cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     cohort, out = Path(cohort), Path(out)
-    slides = load_slides(cohort)
-    by_id = {s.slide_id: s for s in slides}
-    gene_list = select_genes(slides, cfg.genes, read_manifest(cohort))
-    cfg = dataclasses.replace(cfg, embedding=embedding_key(slides, cfg.embedding))
-    fold_list = make_folds(sorted(by_id), folds, cfg.seed)
+    plan = make_plan(cohort, cfg.genes, k=folds, seed=cfg.seed, embedding=cfg.embedding)
+    by_id, slides, fold_list = dict(plan.slides), list(plan.slides.values()), plan.folds
+    gene_list = plan.genes if plan.genes is not None else select_genes(slides, cfg.genes, read_manifest(cohort))
+    cfg = dataclasses.replace(cfg, embedding=plan.embedding)
     if not 0 <= fold < len(fold_list):
         raise InputError("--fold", f"must be in 0..{len(fold_list) - 1}, got {fold}")
     f = fold_list[fold]
@@ -443,8 +441,9 @@ def run_subspot(
     subs = {}
     for sid in sorted(by_id):
         path = cache / f"{sid}.h5ad"
-        if reuse and path.is_file() and (read_prepared(path).meta.get("subspot") or {}).get("factor") == factor:
-            subs[sid] = set_subspot_grid(read_prepared(path), by_id[sid])
+        cached = read_prepared(path) if reuse and path.is_file() else None
+        if cached is not None and (cached.meta.get("subspot") or {}).get("factor") == factor:
+            subs[sid] = set_subspot_grid(cached, by_id[sid])
         else:
             subs[sid] = subspot_slide(by_id[sid], factor, progress=progress)
             write_prepared(subs[sid], path)
@@ -489,7 +488,6 @@ def _plot_subspot(out: Path, slide: Any, sub: Any, spot_pred: np.ndarray, sub_pr
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     panels = [("measured spots", slide.spatial, normalise_counts(counts), 1.0),
               ("HiST trained on the spots", slide.spatial, normalise_counts(np.maximum(np.expm1(spot_pred), 0)), 1.0),

@@ -171,7 +171,6 @@ class CoarseAugmentedSlides(AugmentedSlides):
     """
 
     def __getitem__(self, key: StepKey) -> dict[str, Any]:
-
         s = self.slides[key.index]
         if s.groups is None:
             return super().__getitem__(key)
@@ -218,7 +217,6 @@ def coarsen_slide(slide: Slide, k: int, embedding: str | None = None) -> tuple[S
         ``(coarse slide, groups [N])``: ``groups[i]`` is the coarse spot (row of the coarse slide) of spot ``i``.
     """
     import warnings
-
 
     xy = continuous_coords(slide)
     lat = to_lattice(xy, source=f"slide {slide.slide_id!r}")

@@ -272,7 +272,6 @@ def predict_folder(
     """
     from tqdm.auto import tqdm
 
-
     paths = list_slides(slides_dir, slide_ids)
     out = Path(out_dir)
     check_outputs(paths, out)
