@@ -75,13 +75,14 @@ def test_predict_never_overwrites_a_prepared_slide(cohort, run, tmp_path, capsys
     shutil.copyfile(out / "toy01.h5ad", c / "toy01.h5ad")
     assert main(["train", "--slides", str(c), "--out", str(tmp_path / "r2"), *TINY]) == 2
     assert "is a prediction file" in _err(capsys) and not (tmp_path / "r2").exists()
-    from hist_st.prepare import _existing_key, finalise_cohort
+    from hist_st.cohort import finalise_cohort
+    from hist_st.prepared import existing_key
     from hist_st.wsi import PatchParams
 
     meta = dict(pred.meta, prepare_key="abc")  # a prediction file of an older hist-st kept the key
     pred.meta = meta
     write_prepared(pred, c / "toy02.h5ad")
-    assert _existing_key(c / "toy02.h5ad") is None  # never "already prepared"
+    assert existing_key(c / "toy02.h5ad") is None  # never "already prepared"
     with pytest.raises(InputError, match="is a prediction file"):
         finalise_cohort(c, ["toy00", "toy01"], encoder_name="toy", encoder_dim=8, params=PatchParams(32, 1.0))
 

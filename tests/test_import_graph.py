@@ -18,9 +18,9 @@ PKG = SRC / "hist_st"
 #: Top-level units (a module or a folder under hist_st/), lowest first: a unit may import only units
 #: listed before it. ``hist_st`` is the package's own ``__init__``.
 LAYERS = [
-    "errors", "slide", "jsonio", "runtime", "memory", "outputs", "hist_st", "cohort", "wsi", "lattice", "model",
-    "harmonise", "io", "tissue", "encoders", "stain", "embed", "metrics", "pl", "train", "methods", "data", "sources",
-    "prepare", "predict_image", "evaluate", "experiments", "bench", "demo", "cli",
+    "errors", "slide", "jsonio", "runtime", "memory", "outputs", "hist_st", "wsi", "lattice", "model", "harmonise",
+    "cohort", "io", "tissue", "encoders", "stain", "embed", "metrics", "pl", "train", "methods", "data", "sources",
+    "prepared", "prepare", "predict_image", "evaluate", "experiments", "bench", "demo", "cli",
 ]  # fmt: skip
 
 #: Modules whose internal imports may sit inside functions, and why: `hist-st --help` and argument errors

@@ -16,15 +16,28 @@ GeneSet.parse("he:250")                          # GeneSet(ranking='highly_expre
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hist_st.errors import InputError
-from hist_st.jsonio import write_json
+import numpy as np
 
-__all__ = ["MANIFEST_NAME", "GENE_LIST_KEYS", "CohortManifest", "GeneSet", "RANKINGS", "read_manifest"]
+from hist_st.errors import InputError
+from hist_st.harmonise import (
+    HEST_BENCH_METHOD,
+    rank_hest_bench,
+    rank_highly_expressed,
+    rank_hvg,
+    restrict_genes,
+    shared_genes,
+)
+from hist_st.jsonio import write_json
+from hist_st.slide import Slide, read_cohort_slide, write_prepared
+from hist_st.wsi import PatchParams
+
+__all__ = ["MANIFEST_NAME", "GENE_LIST_KEYS", "CohortManifest", "GeneSet", "RANKINGS", "read_manifest",
+           "finalise_cohort"]
 
 MANIFEST_NAME = "cohort.json"
 #: Manifest keys holding gene lists (rankings best first, or the shared genes).
@@ -153,6 +166,125 @@ class CohortManifest(Mapping[str, Any]):
 def read_manifest(folder: str | Path) -> CohortManifest | None:
     """`CohortManifest.read` of a cohort folder: its manifest, or None when it has none."""
     return CohortManifest.read(folder)
+
+
+def finalise_cohort(
+    out_dir: str | Path,
+    slide_ids: Sequence[str],
+    *,
+    encoder_name: str,
+    encoder_dim: int,
+    params: PatchParams,
+    stain_norm: str | None = None,
+    hvg_scope: str = "dataset",
+    train_slides: Sequence[str] | None = None,
+    skipped: dict[str, str] | None = None,
+) -> Path:
+    """Restrict prepared slides to their shared genes (rewriting those that change) and write ``cohort.json``.
+
+    The last step of ``hist-st prepare``: the gene rankings (HVG, highly expressed, HEST-Benchmark) are
+    computed over the shared genes of all slides, or of ``train_slides`` with ``hvg_scope="train-only"``
+    (the all-slide HVG ranking is kept as ``hvg_dataset``). Slides skipped earlier stay listed under
+    ``skipped`` until they are prepared.
+
+    Args:
+        out_dir: The cohort folder holding ``<slide_id>.h5ad``.
+        slide_ids: The prepared slides of the cohort.
+        encoder_name, encoder_dim: The encoder the slides were embedded with.
+        params: The patch geometry.
+        stain_norm: The stain tag (None: no normalisation).
+        hvg_scope: ``"dataset"`` or ``"train-only"``.
+        train_slides: The training slides for ``"train-only"``.
+        skipped: Slide id -> why it was not prepared.
+
+    Returns:
+        The path of ``cohort.json``.
+
+    Raises:
+        InputError: A prediction file among the slides, no shared gene, unknown ``train_slides``.
+    """
+    out = Path(out_dir)
+    slides = {sid: read_cohort_slide(out / f"{sid}.h5ad") for sid in slide_ids}
+    genes = shared_genes(s.genes for s in slides.values())
+    if not genes:
+        raise InputError(out, "the prepared slides share no gene")
+    for sid, s in slides.items():
+        if list(map(str, s.genes)) != genes:
+            restrict_genes(s, genes)
+            write_prepared(s, out / f"{sid}.h5ad")
+    mats = {sid: s.counts for sid, s in slides.items()}
+    hvg_dataset = rank_hvg(list(mats.values()), genes)
+    if hvg_scope == "train-only":
+        unknown = set(train_slides or []) - set(mats)
+        if unknown:
+            raise InputError("--train-slides", f"not among the prepared slides: {sorted(unknown)}")
+        hvg = rank_hvg([mats[s] for s in train_slides], genes)
+        he = rank_highly_expressed([mats[s] for s in train_slides], genes)
+    else:
+        hvg, he = hvg_dataset, rank_highly_expressed(list(mats.values()), genes)
+    embedding_dims: dict[str, int] = {}
+    for s in slides.values():
+        for k, v in s.embeddings.items():
+            embedding_dims[k] = int(v.shape[1])
+    embedding_dims.setdefault(encoder_name, encoder_dim)
+    techs = sorted({s.technology for s in slides.values()})
+    units = sorted({s.lattice_unit_um for s in slides.values() if s.lattice_unit_um})
+    pitches = sorted({s.spot_pitch_um for s in slides.values() if s.spot_pitch_um})
+    old_skipped = {}
+    try:
+        old_skipped = (CohortManifest.read(out) or {}).get("skipped", {})
+    except InputError:
+        pass
+    skipped = {k: v for k, v in {**old_skipped, **(skipped or {})}.items() if k not in slides}
+    manifest = {
+        "format": "hist-st-cohort",
+        "version": 1,
+        "slide_ids": list(slides),
+        "patients": {sid: s.patient for sid, s in slides.items()},
+        "slides": [_slide_entry(sid, s) for sid, s in slides.items()],
+        "genes": genes,
+        "n_genes": len(genes),
+        "hvg": hvg,
+        "hvg_scope": hvg_scope,
+        "hvg_train_slides": list(train_slides) if hvg_scope == "train-only" else None,
+        "hvg_dataset": hvg_dataset,
+        "hvg_method": "scanpy highly_variable_genes flavor=seurat on normalize_total(1e4)+log1p, by dispersions_norm",
+        "highly_expressed": he,
+        "highly_expressed_method": "mean of normalize_total(1e4)+log1p over spots",
+        "hest-bench": rank_hest_bench(list(mats.values()), genes),
+        "hest-bench_method": HEST_BENCH_METHOD,
+        "encoders": sorted(embedding_dims),
+        "embedding_dims": embedding_dims,
+        "technology": techs[0] if len(techs) == 1 else techs,
+        "lattice_unit_um": units[0] if len(units) == 1 else units,
+        "spot_pitch_um": pitches[0] if len(pitches) == 1 else pitches,
+        "patch": params.as_dict(),
+        "stain_norm": stain_norm,
+        "skipped": skipped,
+        "warnings": {sid: list(s.meta["warnings"]) for sid, s in slides.items() if s.meta.get("warnings")},
+    }
+    return CohortManifest.write(out, manifest)
+
+
+def _slide_entry(sid: str, s: Slide) -> dict[str, Any]:
+    """One slide's record in the manifest's ``slides`` list."""
+    return {
+        "slide_id": sid,
+        "file": f"{sid}.h5ad",
+        "patient": s.patient,
+        "n_spots": s.n_spots,
+        "technology": s.technology,
+        "um_per_px": s.um_per_px,
+        "spot_pitch_um": s.spot_pitch_um,
+        "lattice_unit_um": s.lattice_unit_um,
+        "grid_kind": (s.meta.get("spot_grid") or {}).get("kind"),
+        "neighbour_adjacency": (s.meta.get("neighbour_adjacency") or {}).get("share"),
+        "n_patch_outside": int(np.asarray(s.patch_outside).sum()) if s.patch_outside is not None else 0,
+        "image_scale": s.meta.get("image_scale"),
+        "source_um_per_px": s.meta.get("source_um_per_px"),
+        "patch_upsampling": s.meta.get("patch_upsampling"),
+        "warnings": list(s.meta.get("warnings", [])),
+    }
 
 
 def _validate(data: dict[str, Any], where: str | Path) -> None:

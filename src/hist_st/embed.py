@@ -2,8 +2,8 @@
 
 Patches are cut (or read from a HEST patch file), decoded and stain-normalised on a background thread
 while the encoder works on the previous batch (`embed_batches`), so JPEG decoding and cropping leave the
-encoder's critical path. The cache key is composed by `hist_st.prepare` (it knows the slide's sources);
-this module reads and writes the cache files.
+encoder's critical path. The cache key is composed by `hist_st.prepared` (it knows the slide's sources);
+this module reads and writes the cache files (`embed_slide_cached`).
 
 ```python
 from hist_st.embed import embed_batches, embed_slide
@@ -30,7 +30,7 @@ from hist_st.slide import Slide, atomic_write
 from hist_st.stain import macenko_normaliser
 from hist_st.wsi import PatchParams, SlideImage, iter_patch_batches, open_image
 
-__all__ = ["embed_batches", "embed_slide", "embed_he_slide", "read_stored_patches", "load_cache", "save_cache", "prefetch"]
+__all__ = ["embed_batches", "embed_slide", "embed_slide_cached", "embed_he_slide", "read_stored_patches", "load_cache", "save_cache", "prefetch"]
 
 Batch = tuple[np.ndarray, np.ndarray]
 
@@ -278,6 +278,37 @@ def load_cache(path: Path, n_spots: int, timings: dict) -> tuple[np.ndarray, np.
         path.unlink(missing_ok=True)
         timings["cache_rebuilt"] = timings.get("cache_rebuilt", 0) + 1
         return None
+
+
+def embed_slide_cached(
+    cache: Path,
+    slide: Slide,
+    image: SlideImage | None,
+    encoder,
+    params: PatchParams,
+    *,
+    timings: dict | None = None,
+    **options,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`embed_slide` through the cache file ``cache``: read it when it holds this slide, else embed and write it.
+
+    Args:
+        cache: The slide's cache file (`hist_st.prepared.embedding_cache_path`).
+        slide, image, encoder, params: As for `embed_slide`.
+        timings: Also counts ``cached_slides`` (and ``cache_rebuilt`` for a damaged file).
+        **options: `embed_slide`'s keyword options (``batch_size``, ``transform``, ``stored_patches``, ...).
+
+    Returns:
+        ``(embeddings float32 [N, C], patch_outside bool [N])``.
+    """
+    timings = timings if timings is not None else {}
+    cached = load_cache(cache, slide.n_spots, timings)
+    if cached is not None:
+        timings["cached_slides"] = timings.get("cached_slides", 0) + 1
+        return cached
+    emb, outside = embed_slide(slide, image, encoder, params, timings=timings, **options)
+    save_cache(cache, emb, outside)
+    return emb, outside
 
 
 def embed_he_slide(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.slide import Slide
 
 __all__ = [
     "SlideImage",
@@ -47,6 +49,10 @@ __all__ = [
     "as_rgb_uint8",
     "image_size",
     "upsampling_warning",
+    "open_slide_image",
+    "recorded_um_per_px",
+    "record_image_resolution",
+    "check_spots_inside",
     "MAX_PATCH_UPSAMPLING",
     "PAD_VALUE",
 ]
@@ -511,6 +517,101 @@ def upsampling_warning(source_um_per_px: float, patch_um_per_px: float, image: s
         f"patches are enlarged {up:.1f}x: {image} has {source_um_per_px:.2f} um/px but patches are cut at "
         f"{patch_um_per_px:g} um/px; they hold no detail finer than {source_um_per_px:.1f} um, so embeddings and "
         "predictions are coarse. Use the full-resolution image when you have it."
+    )
+
+
+def open_slide_image(
+    slide: Slide, params: PatchParams, warnings: list[str], *, thumbnail_size: int = 1024, timings: dict | None = None
+) -> SlideImage:
+    """Open ``slide.image`` for cutting patches, checking it against the slide (``slide`` updated in place).
+
+    The path is made absolute; ``slide.um_per_px`` comes from the image file when the slide has none; every
+    spot centre must lie inside the image; the real resolution behind the patches is recorded in
+    ``slide.meta`` (``image_scale``, ``source_um_per_px``, ``patch_upsampling``) and a warning appended to
+    ``warnings`` when patches are enlarged > 2x from it; a thumbnail is stored unless the slide keeps its
+    original images (Visium hires/lowres).
+
+    Args:
+        slide: A slide with ``image`` set (``image_scale`` for a downscaled copy).
+        params: The patch geometry.
+        warnings: Receives the slide's warnings.
+        thumbnail_size: Longest side of the thumbnail in pixels.
+        timings: Accumulates ``thumbnail_s``.
+
+    Returns:
+        The open image (the caller closes it) in full-resolution pixel coordinates.
+
+    Raises:
+        InputError: No um per pixel known, or spot centres outside the image (naming the first ones).
+    """
+    timings = timings if timings is not None else {}
+    if H5AD_IMAGE_SEP not in slide.image:
+        slide.image = str(Path(slide.image).resolve())
+    image = open_image(slide.image, scale=slide.image_scale)
+    try:
+        if slide.um_per_px is None:
+            slide.um_per_px = recorded_um_per_px(image)
+            slide.meta["um_per_px_source"] = "recorded in the image file"
+        if slide.um_per_px is None:
+            raise InputError(slide.image, "no um per pixel in the image or the slide metadata; pass --um-per-px")
+        image.um_per_px = slide.um_per_px
+        check_spots_inside(slide, image)
+        warning = record_image_resolution(slide, image, params)
+        if warning:
+            warnings.append(warning)
+        if not slide.spatial_images:  # Visium keeps its original hires/lowres images instead
+            t0 = time.perf_counter()
+            slide.thumbnail, slide.thumbnail_scale = image.thumbnail(thumbnail_size)
+            timings["thumbnail_s"] = timings.get("thumbnail_s", 0.0) + time.perf_counter() - t0
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def recorded_um_per_px(image: SlideImage) -> float | None:
+    """Full-resolution um/px recorded in the file (a scaled copy's own um/px times its scale)."""
+    inner = getattr(image, "inner", None)
+    if inner is not None:
+        return inner.um_per_px * image.scale if inner.um_per_px else None
+    return image.um_per_px
+
+
+def record_image_resolution(slide: Slide, image: SlideImage, params: PatchParams) -> str | None:
+    """Record the real resolution behind the patches in ``slide.meta``; a warning when enlarged > 2x from it."""
+    source = float(image.source_um_per_px)
+    slide.meta.update(
+        image_scale=float(slide.image_scale or 1.0),
+        source_um_per_px=source,
+        patch_upsampling=source / params.um_per_px,
+    )
+    what = f"the image ({Path(str(image.path)).name}, scale {slide.image_scale or 1.0:g} of full resolution)"
+    return upsampling_warning(source, params.um_per_px, what)
+
+
+def check_spots_inside(slide: Slide, image: SlideImage) -> None:
+    """Every spot centre must lie inside the image (in full-resolution pixels); name the ones that do not.
+
+    Raises:
+        InputError: Some spot centres lie outside (with a hint: wrong image or scale, or a cropped image).
+    """
+    xy = slide.spatial
+    inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < image.width) & (xy[:, 1] < image.height)
+    if inside.all():
+        slide.meta["spot_centres_outside_image"] = 0
+        return
+    bad = np.flatnonzero(~inside)
+    first = ", ".join(f"{slide.barcodes[i]} at ({xy[i, 0]:.0f}, {xy[i, 1]:.0f})" for i in bad[:3])
+    hint = (
+        "wrong image, or positions in another resolution (a hires/lowres image needs its scale factor: "
+        "--image-scale)"
+        if not inside.any() or (~inside).mean() > 0.5
+        else "the image is cropped, or those positions are wrong"
+    )
+    raise InputError(
+        image.path,
+        f"{len(bad)} of {len(xy)} spot centres lie outside the image ({image.width} x {image.height} "
+        f"full-resolution px): {first}; {hint}",
     )
 
 

@@ -126,6 +126,18 @@ def derive_um_per_px(
     return upp, how
 
 
+def fill_pitch(slide) -> None:
+    """Unknown technology: spot pitch from the median nearest-neighbour distance; lattice unit = pitch.
+
+    Called before `attach_lattice` (which then measures the grid) on a slide with ``um_per_px`` set.
+    """
+    if slide.spot_pitch_um is None:
+        slide.spot_pitch_um = float(nn_distance_px(slide.spatial) * slide.um_per_px)
+        slide.meta["spot_pitch_source"] = "median nearest-neighbour distance of spot centres"
+    if slide.lattice_unit_um is None:
+        slide.lattice_unit_um = slide.spot_pitch_um
+
+
 def attach_lattice(slide) -> None:
     """Measure the slide's spot grid and set ``slide.lattice`` from it.
 

@@ -15,6 +15,7 @@ blank (`hest_patient`).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import numpy as np
 from hist_st.errors import InputError
 from hist_st.io._util import TECHNOLOGY_PITCH_UM, normalise_technology
 from hist_st.io.anndata_reader import read_anndata
+from hist_st.slide import Slide
+from hist_st.wsi import PatchParams
 
 __all__ = [
     "HestSample",
@@ -30,6 +33,8 @@ __all__ = [
     "find_hest_samples",
     "read_hest",
     "read_patch_index",
+    "use_stored_patches",
+    "STORED_FIELD_TOLERANCE",
     "read_hest_bench_splits",
     "hest_patient",
     "meta_value",
@@ -207,6 +212,72 @@ def _attr(v):
     if isinstance(v, np.ndarray):
         return v.tolist()
     return v
+
+
+#: Stored and asked patch fields of view may differ by this fraction (HEST rounds the size to pixels).
+STORED_FIELD_TOLERANCE = 0.02
+
+
+def use_stored_patches(slide: Slide, path: Path, params: PatchParams, *, has_wsi: bool) -> Path | None:
+    """Check a HEST patch file against ``slide`` and decide how its patches are used (in place).
+
+    The field of view comes from the file's size attributes (or, without them, from where the corners
+    sit relative to the spot centres) and must match ``params.field_um``; otherwise patches are cut from
+    the WSI, or the slide is refused when there is none. Every stored corner must sit half a patch before
+    its spot centre (a file cut at another size or resolution would be mis-scaled). Spots without a stored
+    patch (HEST keeps only patches with >= 15% tissue) are dropped, as HEST-Benchmark does (by barcode),
+    and the number is recorded in ``slide.meta['spots_without_stored_patch']``.
+
+    Returns:
+        ``path`` when the stored patches are used, None when patches are to be cut from the WSI.
+
+    Raises:
+        InputError: no spot has a stored patch; corners off the spot centres; another field of view
+            and no WSI.
+    """
+
+    index = read_patch_index(path)
+    pos = {str(b): i for i, b in enumerate(index.barcodes)}
+    rows = np.asarray([pos.get(str(b), -1) for b in slide.barcodes], dtype=np.int64)
+    have = rows >= 0
+    if not have.any():
+        raise InputError(path, f"none of the {slide.n_spots} spots of the sample has a stored patch (barcodes differ)")
+    centres = np.asarray(slide.spatial, dtype=np.float64)[have]
+    field, how = index.field_um(slide.um_per_px, centres)
+    half_px = field / slide.um_per_px / 2.0
+    off = np.abs(centres - half_px - index.coords[rows[have]]).max()
+    if off > max(2.0, 0.05 * 2 * half_px):
+        raise InputError(
+            path,
+            f"stored patch corners are up to {off:.1f} px away from half a patch ({half_px:.1f} px) before their "
+            f"spot centres; the patches were cut at another size or resolution than {how} says",
+        )
+    slide.meta["stored_patches"] = {"field_um": field, "field_from": how, "size_px": index.size_px}
+    # HEST rounds corners to whole pixels: allow 2 WSI pixels besides the relative tolerance
+    if abs(field - params.field_um) > max(STORED_FIELD_TOLERANCE * params.field_um, 2.0 * slide.um_per_px):
+        if not has_wsi:
+            raise InputError(
+                path,
+                f"stored patches cover {field:.1f} um ({how}) but {params.field_um:g} um were asked "
+                "and there is no WSI to cut them from",
+            )
+        slide.meta["patches_from_wsi_because"] = f"stored patches cover {field:.1f} um, {params.field_um:g} um asked"
+        return None
+    n_missing = int((~have).sum())
+    if n_missing:
+        slide.take_spots(have)
+        slide.meta["spots_without_stored_patch"] = {
+            "dropped": n_missing,
+            "kept": int(have.sum()),
+            "why": "HEST stores patches only for spots with >= 15% tissue; spots without one are dropped, "
+            "as HEST-Benchmark does (matched by barcode)",
+        }
+        warnings.warn(
+            f"slide {slide.slide_id!r}: {n_missing} of {len(have)} spots have no stored patch in {path} "
+            "(HEST keeps patches with >= 15% tissue); they are dropped, as in HEST-Benchmark",
+            stacklevel=2,
+        )
+    return path
 
 
 def read_hest_bench_splits(folder: str | Path) -> list[dict]:

@@ -24,6 +24,8 @@ __all__ = [
     "average_gradients",
     "broadcast_parameters",
     "all_reduce_mean",
+    "gather_objects",
+    "barrier",
 ]
 
 
@@ -109,3 +111,18 @@ def all_reduce_mean(value: float, info: DistInfo, device: torch.device | None = 
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item()) / info.world_size
+
+
+def gather_objects(obj: object, info: DistInfo) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` when not distributed)."""
+    if not info.enabled:
+        return [obj]
+    parts: list = [None] * info.world_size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (nothing when not distributed)."""
+    if info.enabled:
+        dist.barrier()
