@@ -20,7 +20,7 @@ PKG = SRC / "hist_st"
 LAYERS = [
     "errors", "slide", "jsonio", "runtime", "memory", "outputs", "hist_st", "wsi", "lattice", "model", "harmonise",
     "cohort", "io", "tissue", "encoders", "stain", "embed", "metrics", "pl", "train", "methods", "data", "sources",
-    "prepared", "prepare", "predict_image", "evaluate", "experiments", "bench", "demo", "cli",
+    "prepared", "prepare", "pp", "tl", "predict_image", "evaluate", "experiments", "bench", "demo", "cli",
 ]  # fmt: skip
 
 #: Modules whose internal imports may sit inside functions, and why: `hist-st --help` and argument errors
@@ -161,7 +161,12 @@ PUBLIC_API = [
                              "run_scaling", "build_report"], 3),
     ("hist_st.train", ["train", "predict_folder"], 3),
     ("hist_st.pl", ["plot_genes"], 3),
+    ("hist_st.pp", ["embed", "lattice"], 2),
+    ("hist_st.tl", ["predict"], 2),
 ]  # fmt: skip
+
+#: The AnnData API: ``adata`` first, ``key_added`` and ``copy`` keyword-only, every key written named in Returns.
+ANNDATA_API = [("hist_st.pp", ["embed", "lattice"]), ("hist_st.tl", ["predict"])]
 
 
 @pytest.mark.parametrize(("module", "names", "max_positional"), PUBLIC_API)
@@ -175,3 +180,21 @@ def test_public_signatures_are_scanpy_like(module, names, max_positional):
         with_default = [p.name for p in positional if p.default is not p.empty]
         assert with_default == [], f"{module}.{name}: options {with_default} should be keyword-only"
         assert fn.__doc__ and "Args:" in fn.__doc__ and "Returns:" in fn.__doc__, f"{module}.{name}: docstring"
+
+
+@pytest.mark.parametrize(("module", "names"), ANNDATA_API)
+def test_anndata_functions_follow_scanpy(module, names):
+    import hist_st
+
+    mod = importlib.import_module(module)
+    assert getattr(hist_st, module.rsplit(".", 1)[1]) is mod  # exported by the package
+    for name in names:
+        fn = getattr(mod, name)
+        assert name in mod.__all__
+        params = inspect.signature(fn).parameters
+        assert next(iter(params)) == "adata", f"{module}.{name}: adata first"
+        for key, default in (("key_added", None), ("copy", False)):
+            assert key in params and params[key].kind is inspect.Parameter.KEYWORD_ONLY, f"{module}.{name}: {key}"
+            assert default is None or params[key].default is default
+        returns = fn.__doc__.split("Returns:", 1)[1]
+        assert "key_added" in returns and "copy=True" in returns, f"{module}.{name}: Returns names what it writes"
