@@ -1,7 +1,9 @@
 """A cohort folder's manifest ``cohort.json`` and the gene-set spec every command uses.
 
-`CohortManifest` is the only reader and writer of ``cohort.json`` (written by ``hist-st prepare``, the
-synthetic cohort and the toy cohort; read by training, cross-validation, the experiments and the report).
+`CohortManifest` is the only reader and writer of ``cohort.json`` (written by ``hist-st prepare`` through
+`finalise_cohort`, the synthetic cohort and the toy cohort; read by training, cross-validation, the
+experiments and the report). `finalise_cohort` restricts prepared slides to their shared genes, ranks them
+(`hist_st.harmonise`) and writes the manifest.
 A gene set is spelled the same way everywhere: ``hvg:2000`` (the top 2,000 HVGs of the cohort's ranking),
 ``he:250`` (the 250 most highly expressed), ``hest-bench:50``.
 
