@@ -67,7 +67,7 @@ def prepared(tmp_path_factory):
     return ad.read_h5ad(out / "A1.h5ad"), image
 
 
-def test_embed_gives_the_embeddings_prepare_writes(prepared):
+def test_embed_gives_the_embeddings_prepare_writes(prepared, tmp_path):
     adata, image = prepared
     raw = ad.AnnData(obs=adata.obs[[]].copy(), obsm={"spatial": adata.obsm["spatial"].copy()})
     um_per_px = float(adata.uns["hist_st"]["um_per_px"])
@@ -77,6 +77,9 @@ def test_embed_gives_the_embeddings_prepare_writes(prepared):
     np.testing.assert_array_equal(out.obs["X_hist_embedding_outside"].to_numpy(), adata.obs["patch_outside"].to_numpy())
     params = out.uns["X_hist_embedding"]["params"]
     assert params["encoder"] == ENCODER and params["patch_px"] == 32 and params["um_per_px"] == um_per_px
+    out.write_h5ad(tmp_path / "embedded.h5ad")  # what it writes is storable
+    back = ad.read_h5ad(tmp_path / "embedded.h5ad")
+    np.testing.assert_array_equal(back.obsm["X_hist_embedding"], out.obsm["X_hist_embedding"])
     # in place, another key; um/px read from the prepared slide's own record
     assert pp.embed(adata, image, encoder=ENCODER, patch_px=32, patch_um_per_px=3.5, key_added="X_again") is None
     np.testing.assert_array_equal(adata.obsm["X_again"], adata.obsm[f"X_{ENCODER}"])
@@ -94,7 +97,7 @@ def test_embed_refuses_spots_outside_the_image_and_unknown_resolution(prepared):
         pp.embed(ad.AnnData(obs=adata.obs[[]].copy()), image, encoder=ENCODER, um_per_px=1.0)
 
 
-def test_lattice_gives_the_sites_prepare_writes(prepared):
+def test_lattice_gives_the_sites_prepare_writes(prepared, tmp_path):
     adata, _ = prepared
     raw = ad.AnnData(obs=adata.obs[[]].copy(), obsm={"spatial": adata.obsm["spatial"].copy()})
     info = adata.uns["hist_st"]
@@ -102,6 +105,8 @@ def test_lattice_gives_the_sites_prepare_writes(prepared):
     np.testing.assert_array_equal(out.obsm["lattice"], adata.obsm["lattice"])
     assert out.uns["lattice"]["lattice_unit_um"] == pytest.approx(float(info["lattice_unit_um"]))
     assert out.uns["lattice"]["neighbour_adjacency"] == 1.0
+    out.write_h5ad(tmp_path / "lattice.h5ad")
+    assert ad.read_h5ad(tmp_path / "lattice.h5ad").uns["lattice"]["grid"]["kind"] == "square"
 
 
 def test_lattice_of_a_known_grid():
@@ -132,7 +137,7 @@ def toy(tmp_path_factory):
     return cohort, run, pred
 
 
-def test_predict_gives_the_predictions_of_the_cli(toy):
+def test_predict_gives_the_predictions_of_the_cli(toy, tmp_path):
     cohort, run, pred = toy
     adata = ad.read_h5ad(cohort / "toy02.h5ad")
     cli = ad.read_h5ad(pred / "toy02.h5ad")
@@ -140,6 +145,8 @@ def test_predict_gives_the_predictions_of_the_cli(toy):
     np.testing.assert_array_equal(adata.obsm["predicted"], np.asarray(cli.X))
     assert adata.uns["predicted"]["genes"] == list(cli.var_names)
     assert adata.uns["predicted"]["params"]["embedding"] == "toy"
+    adata.write_h5ad(tmp_path / "predicted.h5ad")
+    assert list(ad.read_h5ad(tmp_path / "predicted.h5ad").uns["predicted"]["genes"]) == list(cli.var_names)
 
 
 def test_predict_of_a_bare_anndata_measures_the_grid_like_prepare(toy):

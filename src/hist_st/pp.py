@@ -145,7 +145,7 @@ def embed(
     adata.obsm[key_added] = emb
     adata.obs[f"{key_added}_outside"] = outside
     adata.uns[key_added] = {"params": {
-        "encoder": enc.name, "encoder_weights": enc.weights_id, "image": image, "image_scale": float(image_scale or 1.0),
+        "encoder": enc.name, "encoder_weights": str(enc.weights_id or ""), "image": image, "image_scale": float(image_scale or 1.0),
         "um_per_px": float(slide.um_per_px), "patch_px": params.size_px, "patch_um_per_px": params.um_per_px,
         "precision": precision,
         "stain_norm": stain_norm or "none", "source_um_per_px": slide.meta["source_um_per_px"],
