@@ -129,8 +129,7 @@ def embed(
     params = PatchParams(patch_px, patch_um_per_px)
     image = str(image) if H5AD_IMAGE_SEP in str(image) else str(Path(image).resolve())
     slide.image, slide.image_scale = image, image_scale
-    enc = get_encoder(encoder, weights, device).with_precision(precision)
-    with open_image(image, scale=image_scale) as img:
+    with open_image(image, scale=image_scale) as img:  # image checks first: they are cheaper than the encoder
         slide.um_per_px = slide.um_per_px or recorded_um_per_px(img)
         if slide.um_per_px is None:
             raise InputError("um_per_px", f"not recorded in the AnnData or in {image}; give um_per_px=")
@@ -139,6 +138,7 @@ def embed(
         warning = record_image_resolution(slide, img, params)
         if warning:
             warnings.warn(warning, UserWarning, stacklevel=2)
+        enc = get_encoder(encoder, weights, device).with_precision(precision)
         transform = macenko_normaliser() if stain_norm == "macenko" else None
         emb, outside = embed_slide(slide, img, enc, params, batch_size=batch_size, transform=transform,
                                    progress=progress)  # fmt: skip
