@@ -129,3 +129,15 @@ def test_stnet_reads_a_densenet_file_with_torchvision_keys(tmp_path):
     torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(InputError, match="not a DenseNet-121 state dict"):
         _build_backbone("densenet121", tmp_path / "bad.pth")
+
+
+def test_stnet_random_dihedral_draws_one_transform_per_image():
+    """Image i gets rotation op % 4 of (mirrored when op >= 4) x[i], op drawn uniformly from 0..7."""
+    from hist_st.methods.stnet import _random_dihedral
+
+    x = torch.randn(200, 3, 5, 5)
+    ops = np.random.default_rng(4).integers(0, 8, size=200)
+    expected = torch.stack([torch.rot90(torch.flip(im, dims=(-1,)) if op >= 4 else im, int(op % 4), dims=(-2, -1))
+                            for im, op in zip(x, ops)])
+    torch.testing.assert_close(_random_dihedral(x, np.random.default_rng(4)), expected, rtol=0, atol=0)
+    assert set(ops.tolist()) == set(range(8))

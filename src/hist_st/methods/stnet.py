@@ -67,16 +67,10 @@ def dihedral8(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _random_dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Apply an independently drawn dihedral transform to each image of ``x`` ``[B, 3, H, W]``."""
-    ops = rng.integers(0, 8, size=x.shape[0])
-    out = torch.empty_like(x)
-    for op in np.unique(ops):
-        sel = torch.from_numpy(np.flatnonzero(ops == op))
-        y = x[sel]
-        if op >= 4:
-            y = torch.flip(y, dims=(-1,))
-        out[sel] = torch.rot90(y, int(op % 4), dims=(-2, -1))
-    return out
+    """Apply an independently drawn dihedral transform (one of `dihedral8`'s, uniformly) to each image of
+    ``x`` ``[B, 3, H, W]``."""
+    ops = torch.from_numpy(rng.integers(0, 8, size=x.shape[0]))
+    return torch.stack(dihedral8(x))[ops, torch.arange(x.shape[0])]  # [8, B, 3, H, W] -> [B, 3, H, W]
 
 
 def _build_backbone(name: str, weights: str | Path | None) -> tuple[torch.nn.Module, int]:
