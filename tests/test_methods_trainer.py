@@ -21,7 +21,8 @@ def _data(n: int = 50, c: int = 4, g: int = 3) -> tuple[torch.Tensor, torch.Tens
 
 def _net(c: int = 4, g: int = 3) -> torch.nn.Module:
     torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(c, 8), torch.nn.GELU(), torch.nn.Dropout(0.2), torch.nn.Linear(8, g))
+    return torch.nn.Sequential(torch.nn.Linear(c, 8), torch.nn.GELU(), torch.nn.Dropout(0.2),
+                               torch.nn.Linear(8, g))
 
 
 def test_fit_epochs_equals_a_plain_loop():
@@ -57,7 +58,8 @@ def test_fit_epochs_step_budget_clipping_and_callbacks():
     x, y = _data()
     net = _net()
     steps, epochs = [], []
-    hist = fit_epochs([net], torch.optim.SGD(net.parameters(), lr=0.1), lambda e: minibatches(torch.arange(50), 20),
+    hist = fit_epochs([net], torch.optim.SGD(net.parameters(), lr=0.1),
+                      lambda e: minibatches(torch.arange(50), 20),
                       lambda idx: (F.mse_loss(net(x[idx]), y[idx]), len(idx)), epochs=5, max_steps=4,
                       on_step=lambda v, w: steps.append(w), on_epoch=epochs.append)
     assert steps == [20, 20, 10, 20] and epochs == [0, 1] and len(hist) == 2  # the cut epoch is recorded too
@@ -137,7 +139,10 @@ def test_stnet_random_dihedral_draws_one_transform_per_image():
 
     x = torch.randn(200, 3, 5, 5)
     ops = np.random.default_rng(4).integers(0, 8, size=200)
-    expected = torch.stack([torch.rot90(torch.flip(im, dims=(-1,)) if op >= 4 else im, int(op % 4), dims=(-2, -1))
-                            for im, op in zip(x, ops)])
+    expected = torch.stack([torch.rot90(torch.flip(im, dims=(-1,)) if op >= 4 else im, int(op % 4),
+                                        dims=(-2, -1)) for im, op in zip(x, ops)])
     torch.testing.assert_close(_random_dihedral(x, np.random.default_rng(4)), expected, rtol=0, atol=0)
     assert set(ops.tolist()) == set(range(8))
+    # The input's memory layout is kept (patches arrive channels-last; a CNN's rounding depends on it).
+    cl = x.to(memory_format=torch.channels_last)
+    assert _random_dihedral(cl, np.random.default_rng(4)).stride() == cl.stride()

@@ -70,7 +70,9 @@ def _random_dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Apply an independently drawn dihedral transform (one of `dihedral8`'s, uniformly) to each image of
     ``x`` ``[B, 3, H, W]``."""
     ops = torch.from_numpy(rng.integers(0, 8, size=x.shape[0]))
-    return torch.stack(dihedral8(x))[ops, torch.arange(x.shape[0])]  # [8, B, 3, H, W] -> [B, 3, H, W]
+    # Keep x's memory layout (channels-last, from the uint8 patches): the CNN's rounding depends on it.
+    out = torch.empty_like(x)
+    return out.copy_(torch.stack(dihedral8(x))[ops, torch.arange(x.shape[0])])  # [8, B, ...] -> [B, ...]
 
 
 def _build_backbone(name: str, weights: str | Path | None) -> tuple[torch.nn.Module, int]:
