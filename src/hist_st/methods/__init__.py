@@ -6,10 +6,12 @@ model = get_method("bleep", top_k=50).fit(train_slides, genes, embedding_key="ef
 pred = model.predict(test_slide)           # float32 [N, G], log1p of counts, columns in `genes` order
 ```
 
-Registered: ``hist`` (HiST itself, `HiSTMethod`: a `TrainConfig` as its option), ``mean`` (gene-mean floor), ``ridge`` (HEST-Benchmark probe), ``mlp`` (per-spot MLP, the
-paper's UNI row), ``bleep`` (contrastive retrieval), ``stnet`` (end-to-end CNN fine-tuning on raw
-patches), ``stflow`` (flow matching with a spatial transformer denoiser). Each class docstring lists
-its published defaults and their source, and every deviation.
+Registered: ``hist`` (HiST itself, `HiSTMethod`: a `TrainConfig` as its option), ``mean`` (gene-mean
+floor), ``ridge`` (HEST-Benchmark probe; ``ridge-robust`` its labelled variant), ``mlp`` (per-spot MLP, the
+paper's UNI row), ``bleep`` (contrastive retrieval), ``stnet`` (end-to-end CNN fine-tuning on raw patches;
+``stnet-lite0`` the lighter variant), ``stflow`` (flow matching with a spatial transformer denoiser). Each
+class docstring lists its published defaults and their source, and every deviation. The neural baselines
+share one training loop (`hist_st.methods.trainer`).
 """
 
 from hist_st.methods.base import (
@@ -20,30 +22,17 @@ from hist_st.methods.base import (
     method_option_names,
     register,
     slide_embeddings,
+    variant,
 )
 from hist_st.methods.bleep import BLEEPBaseline, bleep_loss
 from hist_st.methods.hist import HiSTMethod
-from hist_st.methods.simple import MeanBaseline, MLPBaseline, RidgeBaseline
+from hist_st.methods.simple import MeanBaseline, MLPBaseline, RidgeBaseline, RobustRidgeBaseline
 from hist_st.methods.stflow import STFlowBaseline, STFlowDenoiser
-from hist_st.methods.stnet import PatchSource, STNetBaseline, image_patch_source
+from hist_st.methods.stnet import PatchSource, STNetBaseline, STNetLite0Baseline, image_patch_source
 
 __all__ = [
-    "Method",
-    "get_method",
-    "method_option_names",
-    "list_methods",
-    "register",
-    "log1p_targets",
-    "slide_embeddings",
-    "HiSTMethod",
-    "MeanBaseline",
-    "RidgeBaseline",
-    "MLPBaseline",
-    "BLEEPBaseline",
-    "bleep_loss",
-    "STNetBaseline",
-    "PatchSource",
-    "image_patch_source",
-    "STFlowBaseline",
-    "STFlowDenoiser",
+    "Method", "get_method", "method_option_names", "list_methods", "register", "variant", "log1p_targets",
+    "slide_embeddings", "HiSTMethod", "MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline", "MLPBaseline",
+    "BLEEPBaseline", "bleep_loss", "STNetBaseline", "STNetLite0Baseline", "PatchSource", "image_patch_source",
+    "STFlowBaseline", "STFlowDenoiser",
 ]

@@ -23,18 +23,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from hist_st.errors import InputError
-from hist_st.runtime import seed_everything
+from hist_st.runtime import resolve_device, seed_everything
 from hist_st.slide import Slide
 
-__all__ = [
-    "Method",
-    "register",
-    "get_method",
-    "method_option_names",
-    "list_methods",
-    "log1p_targets",
-    "slide_embeddings",
-]
+__all__ = ["Method", "register", "variant", "options_of", "get_method", "method_option_names", "list_methods",
+           "log1p_targets", "slide_embeddings"]
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -50,6 +43,41 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         return cls
 
     return deco
+
+
+def variant(**defaults: Any) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator for a labelled variant of the parent method: the same options with other defaults.
+
+    The variant's ``__init__`` has the parent's signature with ``defaults`` substituted, so
+    `method_option_names` and the option parsers see every option (``@variant(min_std=1e-3)`` on a
+    subclass of `RidgeBaseline` is ``ridge-robust``).
+    """
+
+    def deco(cls: type[Method]) -> type[Method]:
+        parent = cls.__mro__[1]
+        sig = inspect.signature(parent.__init__)
+        unknown = sorted(set(defaults) - set(sig.parameters))
+        if unknown:
+            raise TypeError(f"{cls.__name__}: {parent.__name__} has no option(s) {unknown}")
+        sig = sig.replace(parameters=[p.replace(default=defaults.get(n, p.default))
+                                      for n, p in sig.parameters.items()])
+
+        def __init__(self: Method, *args: Any, **options: Any) -> None:
+            bound = sig.bind(self, *args, **options)
+            bound.apply_defaults()
+            parent.__init__(*bound.args, **bound.kwargs)
+
+        __init__.__signature__ = sig  # type: ignore[attr-defined]
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        return cls
+
+    return deco
+
+
+def options_of(local_vars: dict[str, Any]) -> dict[str, Any]:
+    """A method's options from ``locals()`` taken on the first line of its ``__init__`` (its arguments in
+    signature order), to pass on to `Method.__init__`."""
+    return {k: v for k, v in local_vars.items() if k not in ("self", "__class__")}
 
 
 def list_methods() -> list[str]:
@@ -118,7 +146,9 @@ class Method(ABC):
     baseline alike.
 
     Subclasses take their hyper-parameters as keyword arguments whose defaults are the published ones
-    (documented, with the source, in each class docstring) and record them in `options`.
+    (documented, with the source, in each class docstring) and pass them to ``Method.__init__``, which
+    records them in `options` and sets each as an attribute of the same name (``options_of(locals())``;
+    a ``device`` option becomes the `torch.device` it resolves to).
 
     Attributes:
         name: Registry name (set by `register`).
@@ -139,6 +169,10 @@ class Method(ABC):
 
     def __init__(self, **options: Any) -> None:
         self.options: dict[str, Any] = dict(options)
+        for key, val in options.items():
+            setattr(self, key, val)
+        if "device" in options:  # the neural baselines: "auto" is CUDA when available, as for HiST
+            self.device = resolve_device(options["device"])
         self.genes_: list[str] | None = None
         self.embedding_key_: str | None = None
         self.history_: list[Any] = []  # training loss per epoch (or step), for the methods that have one
@@ -159,8 +193,8 @@ class Method(ABC):
         return None
 
     def fit(
-        self, train_slides: Sequence[Slide], genes: Sequence[str], embedding_key: str, seed: int = 0,
-        *, out_dir: str | Path | None = None,
+        self, train_slides: Sequence[Slide], genes: Sequence[str], embedding_key: str, seed: int = 0, *,
+        out_dir: str | Path | None = None,
     ) -> Method:
         """Train on ``train_slides``.
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hist_st.methods.base import Method, register
-from hist_st.runtime import resolve_device
+from hist_st.methods.base import Method, options_of, register
+from hist_st.methods.trainer import batched, fit_epochs, minibatches
 from hist_st.slide import Slide
 
 __all__ = ["BLEEPBaseline", "ProjectionHead", "bleep_loss"]
@@ -81,68 +83,37 @@ class BLEEPBaseline(Method):
     """
 
     def __init__(
-        self,
-        proj_dim: int = 256,
-        dropout: float = 0.1,
-        temperature: float = 1.0,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-3,
-        batch_size: int = 256,
-        epochs: int = 150,
-        top_k: int = 50,
+        self, proj_dim: int = 256, dropout: float = 0.1, temperature: float = 1.0, lr: float = 1e-3,
+        weight_decay: float = 1e-3, batch_size: int = 256, epochs: int = 150, top_k: int = 50,
         device: str = "auto",
     ) -> None:
-        super().__init__(
-            proj_dim=proj_dim,
-            dropout=dropout,
-            temperature=temperature,
-            lr=lr,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            epochs=epochs,
-            top_k=top_k,
-            device=device,
-        )
-        self.proj_dim, self.dropout, self.temperature = proj_dim, dropout, temperature
-        self.lr, self.weight_decay, self.batch_size, self.epochs = lr, weight_decay, batch_size, epochs
-        self.top_k, self.device = top_k, resolve_device(device)
-        self.img_head_ = None
-        self.spot_head_ = None
+        super().__init__(**options_of(locals()))
+        self.img_head_: ProjectionHead | None = None
+        self.spot_head_: ProjectionHead | None = None
         self.bank_y_: np.ndarray | None = None  # [M, G] log1p expression of the training spots
-        self.bank_key_ = None  # [M, D] L2-normalised projected expression
+        self.bank_key_: torch.Tensor | None = None  # [M, D] L2-normalised projected expression
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         x, y = self._xy(slides)
-        xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float()
+        xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float()  # [M, C], [M, G]
         img_head = ProjectionHead(x.shape[1], self.proj_dim, self.dropout).to(self.device)
         spot_head = ProjectionHead(y.shape[1], self.proj_dim, self.dropout).to(self.device)
         params = list(img_head.parameters()) + list(spot_head.parameters())
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         gen = torch.Generator().manual_seed(seed)
-        n = xt.shape[0]
-        for _ in range(self.epochs):
-            img_head.train()
-            spot_head.train()
-            perm = torch.randperm(n, generator=gen)
-            total, count = 0.0, 0
-            # BLEEP's loader uses drop_last=True; keep the last batch unless it is a single spot.
-            for i in range(0, n, self.batch_size):
-                idx = perm[i : i + self.batch_size]
-                if len(idx) < 2:
-                    continue
-                loss = bleep_loss(
-                    img_head(xt[idx].to(self.device)), spot_head(yt[idx].to(self.device)), self.temperature
-                )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-                count += len(idx)
-            self.history_.append(total / max(count, 1))
+
+        def loss(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+            img, spot = img_head(xt[idx].to(self.device)), spot_head(yt[idx].to(self.device))
+            return bleep_loss(img, spot, self.temperature), len(idx)
+
+        # BLEEP's loader uses drop_last=True; keep the last batch unless it is a single spot.
+        def batches(epoch: int) -> Iterator[torch.Tensor]:
+            return minibatches(torch.randperm(len(xt), generator=gen), self.batch_size, min_size=2)
+
+        self.history_ = fit_epochs([img_head, spot_head], opt, batches, loss, epochs=self.epochs)
         self.img_head_, self.spot_head_ = img_head.eval(), spot_head.eval()
-        with torch.no_grad():
-            keys = torch.cat([spot_head(yt[i : i + 4096].to(self.device)) for i in range(0, n, 4096)])
-        self.bank_key_ = torch.nn.functional.normalize(keys, p=2, dim=-1)
+        keys = batched(spot_head, yt.to(self.device), 4096)
+        self.bank_key_ = F.normalize(keys, p=2, dim=-1)
         self.bank_y_ = y
 
     def neighbours(self, slide: Slide) -> np.ndarray:
@@ -150,12 +121,12 @@ class BLEEPBaseline(Method):
         assert self.img_head_ is not None and self.bank_key_ is not None
         k = min(self.top_k, self.bank_key_.shape[0])
         q = torch.from_numpy(self._x(slide)).float().to(self.device)
-        out = []
-        with torch.no_grad():
-            for i in range(0, q.shape[0], 2048):
-                qi = torch.nn.functional.normalize(self.img_head_(q[i : i + 2048]), p=2, dim=-1)
-                out.append(torch.topk(qi @ self.bank_key_.T, k=k, dim=-1).indices)
-        return torch.cat(out).cpu().numpy()
+        bank = self.bank_key_
+
+        def top(qi: torch.Tensor) -> torch.Tensor:
+            return torch.topk(F.normalize(self.img_head_(qi), p=2, dim=-1) @ bank.T, k=k, dim=-1).indices
+
+        return batched(top, q, 2048).cpu().numpy()
 
     def _predict(self, slide: Slide) -> np.ndarray:
         assert self.bank_y_ is not None

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from hist_st.errors import InputError
-from hist_st.methods.base import Method, log1p_targets, register
-from hist_st.runtime import resolve_device
+from hist_st.methods.base import Method, log1p_targets, options_of, register, variant
+from hist_st.methods.trainer import batched, fit_epochs, minibatches
 from hist_st.slide import Slide
 
 __all__ = ["MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline", "MLPBaseline"]
@@ -80,23 +85,12 @@ class RidgeBaseline(Method):
     """
 
     def __init__(
-        self,
-        n_components: int = 256,
-        alpha: float | None = None,
-        center_targets: bool = True,
-        max_iter: int = 1000,
-        min_std: float = 0.0,
+        self, n_components: int = 256, alpha: float | None = None, center_targets: bool = True,
+        max_iter: int = 1000, min_std: float = 0.0,
     ) -> None:
-        super().__init__(
-            n_components=n_components, alpha=alpha, center_targets=center_targets, max_iter=max_iter,
-            min_std=min_std,
-        )
+        super().__init__(**options_of(locals()))
         self.min_std = float(min_std)
         self.keep_: np.ndarray | None = None
-        self.n_components = n_components
-        self.alpha = alpha
-        self.center_targets = center_targets
-        self.max_iter = max_iter
         self.pipe_ = None
         self.reg_ = None
         self.y_mean_: np.ndarray | None = None
@@ -109,7 +103,8 @@ class RidgeBaseline(Method):
         from sklearn.preprocessing import StandardScaler
 
         x, y = self._xy(slides)
-        self.keep_ = np.flatnonzero(x.std(axis=0) >= self.min_std) if self.min_std > 0 else np.arange(x.shape[1])
+        std = x.std(axis=0)
+        self.keep_ = np.flatnonzero(std >= self.min_std) if self.min_std > 0 else np.arange(x.shape[1])
         if len(self.keep_) == 0:
             raise InputError("ridge", f"every embedding channel has training std < min_std={self.min_std}")
         x = x[:, self.keep_]
@@ -130,21 +125,12 @@ class RidgeBaseline(Method):
 
 
 @register("ridge-robust")
+@variant(min_std=1e-3)
 class RobustRidgeBaseline(RidgeBaseline):
     """`RidgeBaseline` (HEST's probe) after dropping embedding channels whose training std is below
     ``min_std`` = 1e-3: a labelled variant, not HEST's code. Those channels are nearly constant on the
     training slides, carry no usable signal, and HEST's StandardScaler turns their test-slide variation
     into huge z-scores. Options as `RidgeBaseline`."""
-
-    def __init__(
-        self,
-        n_components: int = 256,
-        alpha: float | None = None,
-        center_targets: bool = True,
-        max_iter: int = 1000,
-        min_std: float = 1e-3,
-    ) -> None:
-        super().__init__(n_components, alpha, center_targets, max_iter, min_std)
 
 
 @register("mlp")
@@ -161,81 +147,47 @@ class MLPBaseline(Method):
 
     Args:
         hidden: Hidden width. dropout: Dropout after the activation. lr, weight_decay: AdamW.
-        epochs: Fixed number of epochs. batch_size: Spots per step. device: ``auto`` (CUDA when available) or a torch device string.
+        epochs: Fixed number of epochs. batch_size: Spots per step.
+        device: ``auto`` (CUDA when available) or a torch device string.
         standardise: Standardise inputs with the training mean / std (default False: raw, like HiST).
     """
 
     def __init__(
-        self,
-        hidden: int = 256,
-        dropout: float = 0.1,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        epochs: int = 50,
-        batch_size: int = 256,
-        device: str = "auto",
-        standardise: bool = False,
+        self, hidden: int = 256, dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 1e-4,
+        epochs: int = 50, batch_size: int = 256, device: str = "auto", standardise: bool = False,
     ) -> None:
-        super().__init__(
-            hidden=hidden,
-            dropout=dropout,
-            lr=lr,
-            weight_decay=weight_decay,
-            epochs=epochs,
-            batch_size=batch_size,
-            device=device,
-            standardise=standardise,
-        )
+        super().__init__(**options_of(locals()))
         self.standardise = bool(standardise)
-        self.hidden, self.dropout, self.lr, self.weight_decay = hidden, dropout, lr, weight_decay
-        self.epochs, self.batch_size, self.device = epochs, batch_size, resolve_device(device)
-        self.net_ = None
+        self.net_: nn.Module | None = None
         self.x_mean_: np.ndarray | None = None
         self.x_std_: np.ndarray | None = None
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
-        import torch
-        from torch import nn
-
         x, y = self._xy(slides)
         if self.standardise:
             self.x_mean_, self.x_std_ = x.mean(axis=0), x.std(axis=0) + 1e-6
         else:
             self.x_mean_, self.x_std_ = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
-        xt = torch.from_numpy((x - self.x_mean_) / self.x_std_).float()
-        yt = torch.from_numpy(y).float()
-        net = nn.Sequential(
-            nn.Linear(x.shape[1], self.hidden),
-            nn.GELU(),
-            nn.Dropout(self.dropout),
-            nn.Linear(self.hidden, y.shape[1]),
-        )
+        xt = torch.from_numpy((x - self.x_mean_) / self.x_std_).float()  # [N, C]
+        yt = torch.from_numpy(y).float()  # [N, G]
+        net = nn.Sequential(nn.Linear(x.shape[1], self.hidden), nn.GELU(), nn.Dropout(self.dropout),
+                            nn.Linear(self.hidden, y.shape[1]))
         with torch.no_grad():
             net[-1].bias.copy_(yt.mean(dim=0))
         net.to(self.device)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         gen = torch.Generator().manual_seed(seed)
-        n = xt.shape[0]
-        for _ in range(self.epochs):
-            net.train()
-            perm = torch.randperm(n, generator=gen)
-            total = 0.0
-            for i in range(0, n, self.batch_size):
-                idx = perm[i : i + self.batch_size]
-                xb, yb = xt[idx].to(self.device), yt[idx].to(self.device)
-                loss = torch.nn.functional.mse_loss(net(xb), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-            self.history_.append(total / n)
+
+        def loss(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+            return F.mse_loss(net(xt[idx].to(self.device)), yt[idx].to(self.device)), len(idx)
+
+        def batches(epoch: int) -> Iterator[torch.Tensor]:
+            return minibatches(torch.randperm(len(xt), generator=gen), self.batch_size)
+
+        self.history_ = fit_epochs([net], opt, batches, loss, epochs=self.epochs)
         self.net_ = net.eval()
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        import torch
-
         assert self.net_ is not None and self.x_mean_ is not None and self.x_std_ is not None
         x = torch.from_numpy((self._x(slide) - self.x_mean_) / self.x_std_).float().to(self.device)
-        with torch.no_grad():
-            out = torch.cat([self.net_(x[i : i + 4096]) for i in range(0, x.shape[0], 4096)], dim=0)
-        return out.cpu().numpy()
+        return batched(self.net_, x, 4096).cpu().numpy()

@@ -41,16 +41,17 @@ final epoch is used, as for every method.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.spatial import cKDTree
 from torch import nn
 
-from hist_st.methods.base import Method, log1p_targets, register
-from hist_st.runtime import resolve_device
+from hist_st.methods.base import Method, log1p_targets, options_of, register
+from hist_st.methods.trainer import fit_epochs, minibatches
 from hist_st.slide import Slide
 
 __all__ = [
@@ -68,8 +69,7 @@ __all__ = [
 # graph and prior
 # --------------------------------------------------------------------------------------------------
 def _nn_scale(xy: np.ndarray) -> float:
-    from scipy.spatial import cKDTree
-
+    """The median distance from a spot to its nearest other spot (1 when there is none or it is 0)."""
     if len(xy) < 2:
         return 1.0
     d, _ = cKDTree(xy).query(xy, k=2)
@@ -79,8 +79,6 @@ def _nn_scale(xy: np.ndarray) -> float:
 
 def knn_graph(xy: np.ndarray, k: int) -> np.ndarray:
     """Indices ``[N, k']`` of each spot's ``k' = min(k, N - 1)`` nearest other spots (self excluded)."""
-    from scipy.spatial import cKDTree
-
     n = len(xy)
     kk = max(1, min(k, n - 1))
     if n == 1:
@@ -89,8 +87,7 @@ def knn_graph(xy: np.ndarray, k: int) -> np.ndarray:
     idx = np.asarray(idx).reshape(n, kk + 1)
     # Drop self (column 0 unless coordinates tie): stable-sort the own index to the end of each row.
     order = np.argsort(idx == np.arange(n)[:, None], axis=1, kind="stable")
-    out = np.take_along_axis(idx, order, axis=1)[:, :kk].astype(np.int64)
-    return out
+    return np.take_along_axis(idx, order, axis=1)[:, :kk].astype(np.int64)
 
 
 def standard_gamma(alpha: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -117,9 +114,9 @@ def standard_gamma(alpha: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def sample_zinb(
-    shape: tuple[int, ...], total_count, logits, zi_logits, generator: torch.Generator
+    shape: tuple[int, ...], total_count, logits, zi_logits, generator: torch.Generator,
 ) -> torch.Tensor:
-    """Draw ZINB counts ``[*shape]`` float32 with `torch.distributions` conventions, on ``generator``'s device.
+    """Draw ZINB counts ``[*shape]`` float32 (`torch.distributions` conventions) on ``generator``'s device.
 
     ``NegativeBinomial(total_count=r, logits=l)`` has mean ``r * exp(l)``: a Poisson with a
     ``Gamma(r) * exp(l)`` rate; zeros are inflated with probability ``sigmoid(zi_logits)``. Parameters are
@@ -181,23 +178,11 @@ def fit_zinb_per_gene(counts: np.ndarray, steps: int = 300, lr: float = 0.05) ->
 def _mlp(in_dim: int, hidden: int, out_dim: int, act: str, drop: float) -> nn.Module:
     from timm.layers import Mlp, SwiGLUPacked
 
+    sizes = dict(in_features=in_dim, hidden_features=hidden, out_features=out_dim, drop=drop,
+                 norm_layer=nn.LayerNorm)
     if act == "swiglu":
-        return SwiGLUPacked(
-            in_features=in_dim,
-            hidden_features=hidden,
-            out_features=out_dim,
-            drop=drop,
-            norm_layer=nn.LayerNorm,
-        )
-    acts = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
-    return Mlp(
-        in_features=in_dim,
-        hidden_features=hidden,
-        out_features=out_dim,
-        act_layer=acts[act],
-        drop=drop,
-        norm_layer=nn.LayerNorm,
-    )
+        return SwiGLUPacked(**sizes)
+    return Mlp(act_layer={"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}[act], **sizes)
 
 
 class TimestepEmbedder(nn.Module):
@@ -238,7 +223,7 @@ class FrameAttention(nn.Module):
     """STFlow's local attention over the kNN graph with frame-averaged edge features."""
 
     def __init__(
-        self, d_model: int, d_edge: int, n_genes: int, n_heads: int, act: str, drop: float, attn_drop: float
+        self, d_model: int, d_edge: int, n_genes: int, n_heads: int, act: str, drop: float, attn_drop: float,
     ) -> None:
         super().__init__()
         assert d_model % n_heads == 0 and d_edge % n_heads == 0
@@ -250,9 +235,9 @@ class FrameAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
 
     def forward(
-        self, x: torch.Tensor, h: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor
+        self, x: torch.Tensor, h: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor,
     ) -> torch.Tensor:
-        """x: ``[N, G]`` expression state; h: ``[N, D]`` tokens; coords ``[N, 2]``; nbr ``[N, K]`` -> ``[N, D]``."""
+        """x ``[N, G]`` state, h ``[N, D]`` tokens, coords ``[N, 2]``, nbr ``[N, K]`` -> ``[N, D]``."""
         n, k = nbr.shape
         q, kk, v = (t.view(n, self.h, -1) for t in self.qkv(h).chunk(3, dim=-1))  # each [N, H, dh]
         rel = coords[nbr] - coords[:, None]  # [N, K, 2]
@@ -272,19 +257,13 @@ class FrameAttention(nn.Module):
 
 class STFlowBlock(nn.Module):
     def __init__(
-        self, d_model: int, d_edge: int, n_genes: int, n_heads: int, act: str, drop: float, attn_drop: float
+        self, d_model: int, d_edge: int, n_genes: int, n_heads: int, act: str, drop: float, attn_drop: float,
     ) -> None:
         super().__init__()
         self.attn = FrameAttention(d_model, d_edge, n_genes, n_heads, act, drop, attn_drop)
         self.mlp = _mlp(d_model, 4 * d_model, d_model, act, drop)
-        self.gene_head = nn.Sequential(
-            nn.Linear(d_model, d_model),
-            nn.GELU(),
-            nn.LayerNorm(d_model),
-            nn.Dropout(drop),
-            nn.Linear(d_model, n_genes),
-            nn.Dropout(drop),
-        )
+        self.gene_head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.LayerNorm(d_model),
+                                       nn.Dropout(drop), nn.Linear(d_model, n_genes), nn.Dropout(drop))
 
     def forward(self, x, h, coords, nbr):
         h = h + self.attn(x, h, coords, nbr)
@@ -296,16 +275,8 @@ class STFlowDenoiser(nn.Module):
     """Predicts clean ``log1p`` expression ``[N, G]`` from a noisy state, features, coordinates and ``t``."""
 
     def __init__(
-        self,
-        in_dim: int,
-        n_genes: int,
-        hidden: int = 128,
-        pair_hidden: int = 128,
-        n_layers: int = 4,
-        n_heads: int = 4,
-        dropout: float = 0.2,
-        attn_dropout: float = 0.2,
-        activation: str = "swiglu",
+        self, in_dim: int, n_genes: int, hidden: int = 128, pair_hidden: int = 128, n_layers: int = 4,
+        n_heads: int = 4, dropout: float = 0.2, attn_dropout: float = 0.2, activation: str = "swiglu",
     ) -> None:
         super().__init__()
         self.image_transform = nn.Linear(in_dim, hidden)
@@ -316,9 +287,10 @@ class STFlowDenoiser(nn.Module):
         )
 
     def forward(
-        self, x_t: torch.Tensor, feats: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor, t: torch.Tensor
+        self, x_t: torch.Tensor, feats: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor,
+        t: torch.Tensor,
     ) -> torch.Tensor:
-        """x_t ``[N, G]``, feats ``[N, C]``, coords ``[N, 2]``, nbr ``[N, K]``, t scalar tensor -> ``[N, G]``."""
+        """x_t ``[N, G]``, feats ``[N, C]``, coords ``[N, 2]``, nbr ``[N, K]``, scalar t -> ``[N, G]``."""
         h = self.image_transform(feats) + self.time_embed(t.reshape(1))  # [N, D]
         x = x_t
         preds = []
@@ -336,7 +308,8 @@ class STFlowBaseline(Method):
     """STFlow (see the module docstring for the method, its sources and the stated differences).
 
     Args:
-        n_neighbors: k of the kNN graph (8). hidden, pair_hidden, n_layers, n_heads: denoiser (128, 128, 4, 4).
+        n_neighbors: k of the kNN graph (8).
+        hidden, pair_hidden, n_layers, n_heads: Denoiser (128, 128, 4, 4).
         dropout, attn_dropout, activation: (0.2, 0.2, "swiglu").
         n_steps: Sampling time points (5, i.e. 4 denoiser evaluations).
         prior: ``"zinb"`` (STFlow's fixed ZINB) or ``"zinb-per-gene"`` (fitted on the training spots).
@@ -347,58 +320,18 @@ class STFlowBaseline(Method):
     """
 
     def __init__(
-        self,
-        n_neighbors: int = 8,
-        hidden: int = 128,
-        pair_hidden: int = 128,
-        n_layers: int = 4,
-        n_heads: int = 4,
-        dropout: float = 0.2,
-        attn_dropout: float = 0.2,
-        activation: str = "swiglu",
-        n_steps: int = 5,
-        prior: str = "zinb",
-        zinb_total_count: float = 1.0,
-        zinb_logits: float = 0.1,
-        zinb_zi_logits: float = 0.0,
-        lr: float = 5e-4,
-        clip_norm: float = 1.0,
-        epochs: int = 100,
-        crops_per_slide: int = 10,
-        crops_per_step: int = 2,
-        max_steps: int | None = None,
+        self, n_neighbors: int = 8, hidden: int = 128, pair_hidden: int = 128, n_layers: int = 4,
+        n_heads: int = 4, dropout: float = 0.2, attn_dropout: float = 0.2, activation: str = "swiglu",
+        n_steps: int = 5, prior: str = "zinb", zinb_total_count: float = 1.0, zinb_logits: float = 0.1,
+        zinb_zi_logits: float = 0.0, lr: float = 5e-4, clip_norm: float = 1.0, epochs: int = 100,
+        crops_per_slide: int = 10, crops_per_step: int = 2, max_steps: int | None = None,
         device: str = "auto",
     ) -> None:
         if prior not in ("zinb", "zinb-per-gene"):
             raise ValueError(f"prior must be 'zinb' or 'zinb-per-gene', got {prior!r}")
         if n_steps < 2:
             raise ValueError("n_steps must be >= 2 (n_steps - 1 denoiser evaluations)")
-        opts = dict(
-            n_neighbors=n_neighbors,
-            hidden=hidden,
-            pair_hidden=pair_hidden,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            dropout=dropout,
-            attn_dropout=attn_dropout,
-            activation=activation,
-            n_steps=n_steps,
-            prior=prior,
-            zinb_total_count=zinb_total_count,
-            zinb_logits=zinb_logits,
-            zinb_zi_logits=zinb_zi_logits,
-            lr=lr,
-            clip_norm=clip_norm,
-            epochs=epochs,
-            crops_per_slide=crops_per_slide,
-            crops_per_step=crops_per_step,
-            max_steps=max_steps,
-            device=device,
-        )
-        super().__init__(**opts)
-        for key, val in opts.items():
-            setattr(self, key, val)
-        self.device = resolve_device(device)
+        super().__init__(**options_of(locals()))
         self.model_: STFlowDenoiser | None = None
         self.prior_params_: dict[str, Any] | None = None
         self.seed_: int = 0
@@ -441,59 +374,35 @@ class STFlowBaseline(Method):
             raw = np.expm1(np.concatenate([d[2].numpy() for d in data]).astype(np.float64)).round()
             self.prior_params_ = fit_zinb_per_gene(raw)
         else:
-            self.prior_params_ = {
-                "total_count": self.zinb_total_count,
-                "logits": self.zinb_logits,
-                "zi_logits": self.zinb_zi_logits,
-            }
-        model = STFlowDenoiser(
-            data[0][0].shape[1],
-            len(self.genes_),
-            self.hidden,
-            self.pair_hidden,
-            self.n_layers,
-            self.n_heads,
-            self.dropout,
-            self.attn_dropout,
-            self.activation,
-        ).to(self.device)
+            self.prior_params_ = {"total_count": self.zinb_total_count, "logits": self.zinb_logits,
+                                  "zi_logits": self.zinb_zi_logits}
+        model = STFlowDenoiser(data[0][0].shape[1], len(self.genes_), self.hidden, self.pair_hidden,
+                               self.n_layers, self.n_heads, self.dropout, self.attn_dropout,
+                               self.activation).to(self.device)
+        # One epoch = crops_per_slide random crops of every slide, in random order (STFlow's sample_times).
+        items = [i for i in range(len(data)) for _ in range(self.crops_per_slide)]
+
+        def batches(epoch: int) -> Iterator[np.ndarray]:
+            return minibatches(rng.permutation(len(items)), self.crops_per_step)
+
+        def loss(crops: np.ndarray) -> tuple[torch.Tensor, int]:
+            sq_sum, n_el = 0.0, 0
+            for j in crops:
+                feats, xy, y = data[items[j]]
+                sel = torch.from_numpy(self._crop(xy.numpy(), rng))
+                f, c, x1 = feats[sel].to(self.device), xy[sel].to(self.device), y[sel].to(self.device)
+                nbr = torch.from_numpy(knn_graph(c.cpu().numpy(), self.n_neighbors)).to(self.device)
+                t = torch.rand((), generator=gen)
+                x0 = self._prior(tuple(x1.shape), prior_gen)
+                pred = model((1 - t) * x0 + t * x1, f, c, nbr, t.to(self.device))  # x_t on the straight path
+                sq_sum = sq_sum + ((pred - x1) ** 2).sum()
+                n_el += x1.numel()
+            # MSE over all spots and genes of the step's crops (STFlow pads the crops and masks).
+            return sq_sum / n_el, 1
+
         opt = torch.optim.Adam(model.parameters(), lr=self.lr)
-        step, done = 0, False
-        for _ in range(self.epochs):
-            model.train()
-            # One epoch = crops_per_slide random crops of every slide, in random order (STFlow's sample_times).
-            items = [i for i in range(len(data)) for _ in range(self.crops_per_slide)]
-            order = rng.permutation(len(items))
-            total, count = 0.0, 0
-            for b in range(0, len(order), self.crops_per_step):
-                sq_sum, n_el = 0.0, 0
-                for j in order[b : b + self.crops_per_step]:
-                    feats, xy, y = data[items[j]]
-                    idx = self._crop(xy.numpy(), rng)
-                    sel = torch.from_numpy(idx)
-                    f, c, x1 = feats[sel].to(self.device), xy[sel].to(self.device), y[sel].to(self.device)
-                    nbr = torch.from_numpy(knn_graph(c.cpu().numpy(), self.n_neighbors)).to(self.device)
-                    t = torch.rand((), generator=gen)
-                    x0 = self._prior(tuple(x1.shape), prior_gen)
-                    xt = (1 - t) * x0 + t * x1
-                    pred = model(xt, f, c, nbr, t.to(self.device))
-                    sq_sum = sq_sum + ((pred - x1) ** 2).sum()
-                    n_el += x1.numel()
-                # MSE over all spots and genes of the step's crops (STFlow pads the crops and masks).
-                loss = sq_sum / n_el
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_norm)
-                opt.step()
-                total += float(loss.detach())
-                count += 1
-                step += 1
-                if self.max_steps is not None and step >= self.max_steps:
-                    done = True
-                    break
-            self.history_.append(total / max(count, 1))
-            if done:
-                break
+        self.history_ = fit_epochs([model], opt, batches, loss, epochs=self.epochs, max_steps=self.max_steps,
+                                   clip_norm=self.clip_norm)
         self.model_ = model.eval()
 
     @torch.no_grad()
@@ -509,7 +418,7 @@ class STFlowBaseline(Method):
 
 
 def euler_sample(
-    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, ts: torch.Tensor
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, ts: torch.Tensor,
 ) -> torch.Tensor:
     """STFlow's sampler (the official ``x + dt * (x_hat - x) / (1 - t)`` update).
 

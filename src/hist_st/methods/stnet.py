@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from hist_st.encoders import efficientnet_lite0_model
 from hist_st.errors import InputError
-from hist_st.methods.base import Method, log1p_targets, register
-from hist_st.runtime import resolve_device
+from hist_st.methods.base import Method, log1p_targets, options_of, register, variant
+from hist_st.methods.trainer import batched, fit_epochs, minibatches
 from hist_st.slide import Slide
 from hist_st.wsi import PatchParams, extract_patches
 
@@ -53,10 +56,8 @@ def image_patch_source(size_px: int = 224, um_per_px: float = 0.5) -> PatchSourc
     return source
 
 
-def dihedral8(x):
+def dihedral8(x: torch.Tensor) -> list[torch.Tensor]:
     """The 8 rotations / reflections of an image batch ``[B, 3, H, W]`` -> list of 8 tensors."""
-    import torch
-
     out = []
     for flip in (False, True):
         y = torch.flip(x, dims=(-1,)) if flip else x
@@ -65,90 +66,75 @@ def dihedral8(x):
     return out
 
 
-def _random_dihedral(x, rng: np.random.Generator):
-    """Apply an independently drawn dihedral transform to each image of ``x`` ``[B, 3, H, W]``."""
-    import torch
-
-    ops = rng.integers(0, 8, size=x.shape[0])
+def _random_dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Apply an independently drawn dihedral transform (one of `dihedral8`'s, uniformly) to each image of
+    ``x`` ``[B, 3, H, W]``."""
+    ops = torch.from_numpy(rng.integers(0, 8, size=x.shape[0]))
+    # Keep x's memory layout (channels-last, from the uint8 patches): the CNN's rounding depends on it.
     out = torch.empty_like(x)
-    for op in np.unique(ops):
-        sel = torch.from_numpy(np.flatnonzero(ops == op))
-        y = x[sel]
-        if op >= 4:
-            y = torch.flip(y, dims=(-1,))
-        out[sel] = torch.rot90(y, int(op % 4), dims=(-2, -1))
-    return out
+    return out.copy_(torch.stack(dihedral8(x))[ops, torch.arange(x.shape[0])])  # [8, B, ...] -> [B, ...]
 
 
-def _build_backbone(name: str, weights: str | Path | None):
+def _build_backbone(name: str, weights: str | Path | None) -> tuple[torch.nn.Module, int]:
     """Return ``(module mapping [B,3,H,W] -> [B,F], F)`` with ImageNet weights."""
-    import torch
-
     if name == "efficientnet_lite0":
-
         model = efficientnet_lite0_model(weights)  # packaged ImageNet weights when weights is None
         return model, int(model.num_features)
-    if name == "densenet121":
-        import torchvision
+    if name != "densenet121":
+        raise ValueError(f"unknown stnet backbone {name!r}; choose efficientnet_lite0 or densenet121")
+    model = _torchvision_densenet121() if weights is None else _densenet121_file(Path(weights))
+    n = model.classifier.in_features
+    model.classifier = torch.nn.Identity()
+    return model, int(n)
 
-        if weights is None:
-            return _torchvision_densenet121()
-        path = Path(weights)
-        if not path.is_file():
-            raise InputError(path, "DenseNet-121 weights file not found")
-        model = torchvision.models.densenet121(weights=None)
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and "state_dict" in sd:
-            sd = sd["state_dict"]
-        # torchvision's released file uses the old "norm.1" style keys; map them like torchvision does.
-        import re
 
-        pat = re.compile(
-            r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
-        )
-        sd = {(pat.sub(r"\1\2", k)): v for k, v in sd.items()}
-        sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith("classifier.")]
-        if missing or unexpected:
-            raise InputError(
-                path, f"not a DenseNet-121 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        n = model.classifier.in_features
-        model.classifier = torch.nn.Identity()
-        return model, int(n)
-    raise ValueError(f"unknown stnet backbone {name!r}; choose efficientnet_lite0 or densenet121")
+def _densenet121_file(path: Path) -> torch.nn.Module:
+    """torchvision's DenseNet-121 with the weights of ``path`` (a state dict, its classifier ignored)."""
+    import torchvision
+
+    if not path.is_file():
+        raise InputError(path, "DenseNet-121 weights file not found")
+    model = torchvision.models.densenet121(weights=None)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    # torchvision's released file uses the old "norm.1" style keys; map them like torchvision does.
+    pat = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                     r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    sd = {pat.sub(r"\1\2", k): v for k, v in sd.items() if not k.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("classifier.")]
+    if missing or unexpected:
+        raise InputError(path, f"not a DenseNet-121 state dict (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+    return model
 
 
 #: torchvision's ImageNet DenseNet-121 file (``DenseNet121_Weights.IMAGENET1K_V1``), as ST-Net uses it.
 DENSENET121_FILE = "densenet121-a639ec97.pth"
 
 
-def _torchvision_densenet121():
+def _torchvision_densenet121() -> torch.nn.Module:
     """torchvision's ImageNet DenseNet-121 (ST-Net's ``--pretrain``), from torch's cache or downloaded once.
 
     Raises:
         InputError: When the weights are neither cached nor downloadable (offline), saying what to do.
     """
-    import torch
     import torchvision
     from torchvision.models import DenseNet121_Weights
 
     try:
-        model = torchvision.models.densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1)
+        return torchvision.models.densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1)
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
         cache = Path(torch.hub.get_dir()) / "checkpoints" / DENSENET121_FILE
         raise InputError(
             "stnet",
-            f"ST-Net's DenseNet-121 needs torchvision's ImageNet weights, which are not in {cache} and could not "
-            f"be downloaded ({type(exc).__name__}: {exc}). Run once with network access (torchvision caches "
-            f"the file there), copy {DENSENET121_FILE} to that path or pass "
+            f"ST-Net's DenseNet-121 needs torchvision's ImageNet weights, which are not in {cache} and could "
+            f"not be downloaded ({type(exc).__name__}: {exc}). Run once with network access (torchvision "
+            f"caches the file there), copy {DENSENET121_FILE} to that path or pass "
             f"--baseline-option stnet.weights=/path/{DENSENET121_FILE}; or use the lighter, labelled variant "
             "--methods stnet-lite0 (EfficientNet-Lite0 with packaged weights)",
         ) from None
-    n = model.classifier.in_features
-    model.classifier = torch.nn.Identity()
-    return model, int(n)
 
 
 def stnet_targets(slide: Slide, genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -231,55 +217,22 @@ class STNetBaseline(Method):
     uses_patches = True
 
     def __init__(
-        self,
-        backbone: str = "densenet121",
-        weights: str | Path | None = None,
-        patches: PatchSource | None = None,
-        input_size: int = 224,
-        lr: float = 1e-6,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        batch_size: int = 32,
-        epochs: int = 50,
-        max_steps: int | None = None,
-        tta: bool = True,
-        device: str = "auto",
-        targets: str = "stnet",
-        select_epoch: str = "inner-cv",
+        self, backbone: str = "densenet121", weights: str | Path | None = None,
+        patches: PatchSource | None = None, input_size: int = 224, lr: float = 1e-6, momentum: float = 0.9,
+        weight_decay: float = 0.0, batch_size: int = 32, epochs: int = 50, max_steps: int | None = None,
+        tta: bool = True, device: str = "auto", targets: str = "stnet", select_epoch: str = "inner-cv",
         n_inner_folds: int = 4,
     ) -> None:
+        options = options_of(locals())
         if targets not in ("stnet", "log1p"):
             raise InputError("stnet", f"targets must be 'stnet' or 'log1p', got {targets!r}")
         if select_epoch not in ("inner-cv", "final"):
             raise InputError("stnet", f"select_epoch must be 'inner-cv' or 'final', got {select_epoch!r}")
-        super().__init__(
-            backbone=backbone,
-            weights=str(weights) if weights else None,
-            targets=targets,
-            select_epoch=select_epoch,
-            n_inner_folds=n_inner_folds,
-            input_size=input_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            epochs=epochs,
-            max_steps=max_steps,
-            tta=tta,
-            device=device,
-        )
-        self.backbone, self.weights = backbone, weights
+        del options["patches"]  # a callable: not an option that identifies a run
+        super().__init__(**{**options, "weights": str(weights) if weights else None})
         self.patches = patches if patches is not None else image_patch_source()
-        self.input_size, self.lr, self.momentum, self.weight_decay = input_size, lr, momentum, weight_decay
-        self.batch_size, self.epochs, self.max_steps, self.tta, self.device = (
-            batch_size,
-            epochs,
-            max_steps,
-            tta,
-            resolve_device(device),
-        )
-        self.targets, self.select_epoch, self.n_inner_folds = targets, select_epoch, int(n_inner_folds)
-        self.model_ = None
+        self.n_inner_folds = int(n_inner_folds)
+        self.model_: torch.nn.Module | None = None
         self.norm_: tuple[np.ndarray, np.ndarray] | None = None
         self.fit_seconds_: float | None = None
         self.log_scale_ = 0.0
@@ -295,21 +248,13 @@ class STNetBaseline(Method):
             )
         return p
 
-    def _to_input(self, patches_u8: np.ndarray):
+    def _to_input(self, patches_u8: np.ndarray) -> torch.Tensor:
         """uint8 ``[B, P, P, 3]`` -> normalised float ``[B, 3, S, S]`` on the device."""
-        import torch
-        import torch.nn.functional as F
-
         assert self.norm_ is not None
         x = torch.from_numpy(patches_u8).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[-1] != self.input_size:
-            x = F.interpolate(
-                x,
-                size=(self.input_size, self.input_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
+                              align_corners=False)
         mean = torch.as_tensor(self.norm_[0], device=x.device).view(1, 3, 1, 1)
         std = torch.as_tensor(self.norm_[1], device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -348,8 +293,6 @@ class STNetBaseline(Method):
     def _inner_cv_epoch(self, imgs_by_slide: list[np.ndarray], slides: list[Slide], seed: int) -> int:
         """ST-Net's epoch choice: the epoch with the lowest summed squared error on held-out training
         patients over `inner_folds` (each inner model trained for ``epochs`` epochs)."""
-        import torch
-
         sse = np.zeros(self.epochs)
         for f, val in enumerate(inner_folds(slides, self.n_inner_folds)):
             train_i = [i for i in range(len(slides)) if i not in val]
@@ -357,11 +300,10 @@ class STNetBaseline(Method):
             y_val, _ = self._targets([slides[i] for i in val])
             x_val = np.concatenate([imgs_by_slide[i] for i in val])
 
-            def on_epoch(epoch: int, model, y_val=y_val, x_val=x_val) -> None:
+            def on_epoch(epoch: int, model: torch.nn.Module, y_val: np.ndarray = y_val,
+                         x_val: np.ndarray = x_val) -> None:
                 model.eval()
-                with torch.no_grad():
-                    pred = np.concatenate([self._forward(model, x_val[i : i + self.batch_size])
-                                           for i in range(0, len(x_val), self.batch_size)])
+                pred = batched(lambda xb: self._forward(model, xb), x_val, self.batch_size)
                 sse[epoch] += float(((pred - y_val) ** 2).sum())
                 model.train()
 
@@ -370,11 +312,10 @@ class STNetBaseline(Method):
         self.inner_sse_ = sse.tolist()
         return int(np.argmin(sse)) + 1
 
-    def _train(self, imgs: np.ndarray, y: np.ndarray, rng: np.random.Generator, epochs: int, on_epoch=None,
-               record: bool = True):
+    def _train(self, imgs: np.ndarray, y: np.ndarray, rng: np.random.Generator, epochs: int,
+               on_epoch: Callable[[int, torch.nn.Module], None] | None = None,
+               record: bool = True) -> torch.nn.Module:
         """SGD fine-tuning of backbone + linear head on ``imgs [N, P, P, 3]`` uint8, targets ``y [N, G]``."""
-        import torch
-
         assert self.genes_ is not None
         body, n_feat = _build_backbone(self.backbone, self.weights)
         head = torch.nn.Linear(n_feat, len(self.genes_))
@@ -382,79 +323,43 @@ class STNetBaseline(Method):
             head.weight.zero_()
             head.bias.copy_(torch.from_numpy(y.mean(axis=0)))
         model = torch.nn.Sequential(body, head).to(self.device)
-        opt = torch.optim.SGD(
-            model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
-        yt = torch.from_numpy(y)
-        g = len(self.genes_)
-        step = 0
-        for epoch in range(epochs):
-            model.train()
-            perm = rng.permutation(len(imgs))
-            for i in range(0, len(perm), self.batch_size):
-                idx = perm[i : i + self.batch_size]
-                x = self._to_input(imgs[idx])
-                # Training augmentation (ST-Net): random h/v flips and a random 90-degree rotation per
-                # patch, i.e. a uniformly drawn element of the dihedral group of the square.
-                x = _random_dihedral(x, rng)
-                pred = model(x)
-                loss = ((pred - yt[idx].to(self.device)) ** 2).sum() / g  # ST-Net: summed over the batch
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if record:  # per-spot value, comparable across batch sizes
-                    self.history_.append(float(loss.detach()) / len(idx))
-                step += 1
-                if self.max_steps is not None and step >= self.max_steps:
-                    break
-            if on_epoch is not None:
-                on_epoch(epoch, model)
-            if self.max_steps is not None and step >= self.max_steps:
-                break
+        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay)
+        yt, g = torch.from_numpy(y), len(self.genes_)
+
+        def batches(epoch: int) -> Iterator[np.ndarray]:
+            return minibatches(rng.permutation(len(imgs)), self.batch_size)
+
+        def loss(idx: np.ndarray) -> tuple[torch.Tensor, int]:
+            # Training augmentation (ST-Net): random h/v flips and a random 90-degree rotation per patch,
+            # i.e. a uniformly drawn element of the dihedral group of the square.
+            pred = model(_random_dihedral(self._to_input(imgs[idx]), rng))
+            return ((pred - yt[idx].to(self.device)) ** 2).sum() / g, len(idx)  # ST-Net: sum over the batch
+
+        def on_step(value: float, n: int) -> None:
+            if record:  # per-spot value, comparable across batch sizes
+                self.history_.append(value / n)
+
+        fit_epochs([model], opt, batches, loss, epochs=epochs, max_steps=self.max_steps, on_step=on_step,
+                   on_epoch=None if on_epoch is None else lambda epoch: on_epoch(epoch, model))
         return model.eval()
 
-    def _forward(self, model, patches_u8: np.ndarray) -> np.ndarray:
+    def _forward(self, model: torch.nn.Module, patches_u8: np.ndarray) -> np.ndarray:
         """Model output for uint8 patches (8-fold dihedral average with ``tta``), in target space."""
-        import torch
-
         x = self._to_input(patches_u8)
         out = torch.stack([model(v) for v in dihedral8(x)]).mean(dim=0) if self.tta else model(x)
         return out.cpu().numpy()
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        import torch
-
         assert self.model_ is not None
-        imgs = self._get_patches(slide)
-        with torch.no_grad():
-            out = np.concatenate([self._forward(self.model_, imgs[i : i + self.batch_size])
-                                  for i in range(0, len(imgs), self.batch_size)])
+        model = self.model_
+        out = batched(lambda xb: self._forward(model, xb), self._get_patches(slide), self.batch_size)
         return (out + self.log_scale_).astype(np.float32)  # log1p space (0 for log1p targets)
 
 
 @register("stnet-lite0")
+@variant(backbone="efficientnet_lite0", targets="log1p", select_epoch="final")
 class STNetLite0Baseline(STNetBaseline):
     """The lighter, labelled ST-Net variant (not ST-Net's setting): EfficientNet-Lite0 with its packaged
     ImageNet weights (the CNN behind HiST's embeddings), ``log1p`` targets, the final epoch. Options as
     `STNetBaseline`."""
-
-    def __init__(
-        self,
-        backbone: str = "efficientnet_lite0",
-        weights: str | Path | None = None,
-        patches: PatchSource | None = None,
-        input_size: int = 224,
-        lr: float = 1e-6,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        batch_size: int = 32,
-        epochs: int = 50,
-        max_steps: int | None = None,
-        tta: bool = True,
-        device: str = "auto",
-        targets: str = "log1p",
-        select_epoch: str = "final",
-        n_inner_folds: int = 4,
-    ) -> None:
-        super().__init__(backbone, weights, patches, input_size, lr, momentum, weight_decay, batch_size, epochs,
-                         max_steps, tta, device, targets, select_epoch, n_inner_folds)
