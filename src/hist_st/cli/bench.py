@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hist_st.cli.bench_speed import register_speed
+from hist_st.cli.bench_speed import ints, register_speed
 from hist_st.errors import InputError
 from hist_st.train.config import parse_override
 
@@ -135,25 +135,22 @@ def register_accuracy(sub: argparse._SubParsersAction) -> None:
     add_experiment_args(p)
 
 
-def _ints(value: str) -> list[int]:
-    return [int(v) for v in value.split(",") if v.strip()]
-
-
 def cmd_efficiency(args: argparse.Namespace) -> int:
-    from hist_st.experiments.efficiency import Workers, run_efficiency, run_scaling
+    from hist_st.bench.efficiency import SyntheticSlides, Workers, run_efficiency
+    from hist_st.bench.scaling import run_scaling
 
     workers = Workers(methods=_methods(args.methods), epochs=args.epochs, seed=args.seed, overrides=args.overrides,
                       baseline_options=parse_baseline_options(args.baseline_option), device=args.device,
                       threads=args.threads, timeout=args.timeout, progress=not args.no_progress)
     if not args.no_table:
         res = run_efficiency(args.out, workers=workers, cohort=args.cohort, genes=args.genes, folds=args.folds,
-                             n_spots=args.spots, n_genes=args.n_genes, command="hist-st " + shlex.join(sys.argv[1:]))
+                             synthetic=SyntheticSlides(n_spots=args.spots, n_genes=args.n_genes),
+                             command="hist-st " + shlex.join(sys.argv[1:]))
         print(res["header"])
         print(res["table"])
     if args.scaling:
-        sc = run_scaling(Path(args.out) / "scaling", workers=workers, spots=_ints(args.scaling_spots),
-                         genes_list=_ints(args.scaling_genes), fixed_genes=args.fixed_genes,
-                         fixed_spots=args.fixed_spots)
+        sc = run_scaling(Path(args.out) / "scaling", workers=workers, spots=args.scaling_spots,
+                         genes_list=args.scaling_genes, fixed_genes=args.fixed_genes, fixed_spots=args.fixed_spots)
         print(f"Figure 3: {sc['figure']}")
     return 0
 
@@ -171,8 +168,9 @@ def register_efficiency(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per method and size before giving up")
     p.add_argument("--no-table", action="store_true", help="skip Table 1 (e.g. only --scaling)")
     p.add_argument("--scaling", action="store_true", help="also produce Figure 3 on synthetic slides")
-    p.add_argument("--scaling-spots", default="250,500,1000,2000,4000", help="spots per slide along the spots axis")
-    p.add_argument("--scaling-genes", default="50,250,1000,2000", help="genes along the genes axis")
+    p.add_argument("--scaling-spots", type=ints, default="250,500,1000,2000,4000",
+                   help="spots per slide along the spots axis")
+    p.add_argument("--scaling-genes", type=ints, default="50,250,1000,2000", help="genes along the genes axis")
     p.add_argument("--fixed-genes", type=int, default=250, help="genes while spots vary (default 250)")
     p.add_argument("--fixed-spots", type=int, default=1000, help="spots while genes vary (default 1000)")
     add_experiment_args(p)
@@ -224,15 +222,17 @@ def register_uncertainty(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")
 
 
+def _fold_run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What `run_superres` and `run_subspot` take alike from their command lines."""
+    return dict(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config, overrides=args.overrides,
+                plot_genes=_gene_list(args.plot_genes), progress=not args.no_progress, reuse=not args.force)
+
+
 def cmd_superres(args: argparse.Namespace) -> int:
     from hist_st.experiments.superres import run_superres, superres_markdown
 
-    res = run_superres(
-        args.cohort, args.out, genes=args.genes, folds=args.folds, seed=args.seed, block=args.block,
-        sigma_fraction=args.sigma, config=args.config, overrides=args.overrides,
-        plot_genes=_gene_list(args.plot_genes), progress=not args.no_progress, reuse=not args.force,
-        command="hist-st " + shlex.join(sys.argv[1:]),
-    )  # fmt: skip
+    res = run_superres(args.cohort, args.out, block=args.block, sigma_fraction=args.sigma,
+                       command="hist-st " + shlex.join(sys.argv[1:]), **_fold_run_options(args))
     print(superres_markdown(res))
     print(f"results: {args.out / 'superres.json'}, {args.out / 'table.md'}, {args.out / res['figure']}")
     return 0
@@ -257,14 +257,10 @@ def register_superres(sub: argparse._SubParsersAction) -> None:
 def cmd_subspot(args: argparse.Namespace) -> int:
     from hist_st.experiments.superres import run_subspot
 
-    res = run_subspot(
-        args.cohort, args.out, genes=args.genes, fold=args.fold, folds=args.folds, seed=args.seed, factor=args.factor,
-        config=args.config, overrides=args.overrides,
-        plot_genes=_gene_list(args.plot_genes), progress=not args.no_progress, reuse=not args.force,
-    )  # fmt: skip
+    res = run_subspot(args.cohort, args.out, fold=args.fold, factor=args.factor, **_fold_run_options(args))
     for name, s in res["scores"].items():
         print(f"{name}: per-gene PCC {s['per_gene']['pcc']['mean']:.3f}, pooled PCC {s['pooled']['pcc']['mean']:.3f}, "
-              f"pooled R2 {s['pooled']['r2']['mean']:.3f}")  # fmt: skip
+              f"pooled R2 {s['pooled']['r2']['mean']:.3f}")
     print(f"within-spot position effect of the sub-spot map: {res['position_effect']:.3f}")
     print(f"results: {args.out / f'subspot_fold{args.fold}.json'}, {args.out / res['figure']}")
     return 0

@@ -14,6 +14,7 @@ its published defaults and their source, and every deviation.
 
 from hist_st.methods.base import (
     Method,
+    check_methods,
     get_method,
     list_methods,
     log1p_targets,
@@ -29,6 +30,7 @@ from hist_st.methods.stnet import PatchSource, STNetBaseline, image_patch_source
 
 __all__ = [
     "Method",
+    "check_methods",
     "get_method",
     "method_option_names",
     "list_methods",

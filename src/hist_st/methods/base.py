@@ -32,6 +32,7 @@ __all__ = [
     "get_method",
     "method_option_names",
     "list_methods",
+    "check_methods",
     "log1p_targets",
     "slide_embeddings",
 ]
@@ -55,6 +56,21 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 def list_methods() -> list[str]:
     """Names accepted by `get_method`, sorted."""
     return sorted(_REGISTRY)
+
+
+def check_methods(methods: Sequence[str], option: str = "--methods") -> list[str]:
+    """Method names as given by a user (case and spaces ignored, repeats dropped), each checked.
+
+    Raises:
+        InputError: An unknown name (naming ``option`` and the known ones), or no name at all.
+    """
+    names = list(dict.fromkeys(m.strip().lower() for m in map(str, methods) if m.strip()))
+    unknown = [m for m in names if m not in _REGISTRY]
+    if unknown:
+        raise InputError(option, f"unknown method {unknown[0]!r}; choose from {', '.join(list_methods())}")
+    if not names:
+        raise InputError(option, "no method given")
+    return names
 
 
 def get_method(name: str, **options: Any) -> Method:
