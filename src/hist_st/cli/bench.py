@@ -75,6 +75,13 @@ def add_command(
     return p
 
 
+def _done(text: str, *results: Path) -> int:
+    """Print a command's ``text`` and the files it wrote; exit code 0."""
+    print(text)
+    print("results: " + ", ".join(map(str, results)))
+    return 0
+
+
 def _seeds(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -182,9 +189,7 @@ def cmd_tissue(args: argparse.Namespace) -> int:
     if args.her2st is None and not args.spaceranger:
         raise InputError("hist-st bench tissue", "give --her2st DIR and/or --spaceranger OUTS ...")
     res = run_tissue_bench(her2st=args.her2st, spaceranger=args.spaceranger or [], out=args.out)
-    print(tissue_markdown(res))
-    print(f"results: {args.out / 'tissue.json'}")
-    return 0
+    return _done(tissue_markdown(res), args.out / "tissue.json")
 
 
 def register_tissue(sub: argparse._SubParsersAction) -> None:
@@ -203,9 +208,7 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
     if args.mc_samples < 2:
         raise InputError("--mc-samples", f"must be >= 2 to estimate a spread, got {args.mc_samples}")
     res = run_uncertainty(args.run, args.cohort, args.out, mc_samples=args.mc_samples, seed=args.seed)
-    print(uncertainty_markdown(res))
-    print(f"results: {args.out / 'uncertainty.json'}, {args.out / 'calibration.png'}")
-    return 0
+    return _done(uncertainty_markdown(res), args.out / "uncertainty.json", args.out / "calibration.png")
 
 
 def register_uncertainty(sub: argparse._SubParsersAction) -> None:
@@ -233,52 +236,54 @@ def cmd_superres(args: argparse.Namespace) -> int:
 
     res = run_superres(args.cohort, args.out, block=args.block, sigma_fraction=args.sigma,
                        command="hist-st " + shlex.join(sys.argv[1:]), **_fold_run_options(args))
-    print(superres_markdown(res))
-    print(f"results: {args.out / 'superres.json'}, {args.out / 'table.md'}, {args.out / res['figure']}")
-    return 0
+    return _done(superres_markdown(res), args.out / "superres.json", args.out / "table.md", args.out / res["figure"])
+
+
+def _fold_command(sub: argparse._SubParsersAction, name: str, func: Any, *, help: str, description: str,
+                  cohort: str, force: str) -> argparse.ArgumentParser:
+    """``bench superres`` / ``subspot``: ``--out``, ``--plot-genes``, ``--cohort``, ``--force`` and the experiment
+    options (genes he:250 by default)."""
+    p = add_command(sub, name, func, shared=("out", "plot-genes"), help=help, description=description)
+    p.add_argument("--cohort", required=True, type=Path, help=cohort)
+    p.add_argument("--force", action="store_true", help=force)
+    add_experiment_args(p)
+    p.set_defaults(genes="he:250")
+    return p
 
 
 def register_superres(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "superres", cmd_superres, shared=("out", "plot-genes"),
-                    help="super-resolution: train on 2x2 blocks of spots, score on the spots",
-                    description="Aggregate each block x block group of neighbouring spots into one coarse spot, "
-                    "train HiST on the coarse labels only (supervise=coarse<k>) and score its spot-level "
-                    "predictions against the measured spots, beside (a) a coarse model copied to the spots, "
-                    "(b) its Gaussian interpolation and (c) HiST trained on the spots.")
-    p.add_argument("--cohort", required=True, type=Path, help="prepared cohort (spot level)")
+    p = _fold_command(sub, "superres", cmd_superres, help="super-resolution: train on 2x2 blocks of spots, score on the spots",
+                      description="Aggregate each block x block group of neighbouring spots into one coarse spot, "
+                      "train HiST on the coarse labels only (supervise=coarse<k>) and score its spot-level "
+                      "predictions against the measured spots, beside (a) a coarse model copied to the spots, "
+                      "(b) its Gaussian interpolation and (c) HiST trained on the spots.",
+                      cohort="prepared cohort (spot level)",
+                      force="retrain every model (default: keep finished identical fold runs)")
     p.add_argument("--block", type=int, default=2, help="block side in spots (default 2: 2x2 blocks)")
     p.add_argument("--sigma", type=float, default=0.5,
                    help="Gaussian interpolation width as a fraction of the coarse pitch (default 0.5)")
-    p.add_argument("--force", action="store_true", help="retrain every model (default: keep finished identical fold runs)")
-    add_experiment_args(p)
-    p.set_defaults(genes="he:250")
 
 
 def cmd_subspot(args: argparse.Namespace) -> int:
     from hist_st.experiments.superres import run_subspot
 
     res = run_subspot(args.cohort, args.out, fold=args.fold, factor=args.factor, **_fold_run_options(args))
-    for name, s in res["scores"].items():
-        print(f"{name}: per-gene PCC {s['per_gene']['pcc']['mean']:.3f}, pooled PCC {s['pooled']['pcc']['mean']:.3f}, "
-              f"pooled R2 {s['pooled']['r2']['mean']:.3f}")
-    print(f"within-spot position effect of the sub-spot map: {res['position_effect']:.3f}")
-    print(f"results: {args.out / f'subspot_fold{args.fold}.json'}, {args.out / res['figure']}")
-    return 0
+    lines = [f"{name}: per-gene PCC {s['per_gene']['pcc']['mean']:.3f}, pooled PCC {s['pooled']['pcc']['mean']:.3f}, "
+             f"pooled R2 {s['pooled']['r2']['mean']:.3f}" for name, s in res["scores"].items()]
+    lines.append(f"within-spot position effect of the sub-spot map: {res['position_effect']:.3f}")
+    return _done("\n".join(lines), args.out / f"subspot_fold{args.fold}.json", args.out / res["figure"])
 
 
 def register_subspot(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "subspot", cmd_subspot, shared=("out", "plot-genes"),
-                    help="sub-spot tokens: f x f patches per legacy-ST spot, supervised by the spots",
-                    description="Train HiST on sub-spot tokens (patches at pitch / factor inside each spot's cell) "
-                    "supervised by the measured spots, on one fold; score the sub-spots summed per spot against "
-                    "the measured spots beside HiST trained on the spots (same --out as bench superres shares "
-                    "fold_<i>/spot); map the sub-spot predictions.")
-    p.add_argument("--cohort", required=True, type=Path, help="prepared legacy-ST cohort with images")
+    p = _fold_command(sub, "subspot", cmd_subspot,
+                      help="sub-spot tokens: f x f patches per legacy-ST spot, supervised by the spots",
+                      description="Train HiST on sub-spot tokens (patches at pitch / factor inside each spot's cell) "
+                      "supervised by the measured spots, on one fold; score the sub-spots summed per spot against "
+                      "the measured spots beside HiST trained on the spots (same --out as bench superres shares "
+                      "fold_<i>/spot); map the sub-spot predictions.",
+                      cohort="prepared legacy-ST cohort with images", force="recompute sub-spot embeddings and retrain")
     p.add_argument("--fold", type=int, default=0, help="which fold to run (default 0)")
     p.add_argument("--factor", type=int, default=2, help="sub-cells per side of a spot (default 2)")
-    p.add_argument("--force", action="store_true", help="recompute sub-spot embeddings and retrain")
-    add_experiment_args(p)
-    p.set_defaults(genes="he:250")
 
 
 # Subcommands of ``hist-st bench``: each ``register_<name>(sub)`` adds one.
