@@ -21,6 +21,7 @@ from hist_st.bench.harness import GB, PeakMemory, run_isolated
 from hist_st.bench.scaling import run_scaling
 from hist_st.bench.speed import SpeedSettings
 from hist_st.bench.speed import measure as speed_measure
+from hist_st.cli import main
 from hist_st.data.synthetic import make_cohort
 
 TINY = ["model.dim=16", "model.heads=2", "model.levels=11-1", "progress=false"]
@@ -148,3 +149,25 @@ def test_scaling_figure_records_and_skips_after_timeout(tmp_path):
     res = run_scaling(tmp_path / "t", workers=dataclasses.replace(workers, timeout=0.01), spots=[40, 80],
                       genes_list=[], fixed_genes=6)
     assert len(res["records"]) == 1 and "timed out" in res["records"][0]["error"]  # 80 spots not attempted
+
+
+def test_bench_efficiency_cli_writes_table1_and_figure3(tmp_path, capsys):
+    out = tmp_path / "eff"
+    argv = ["bench", "efficiency", "--out", str(out), "--methods", "mean", "--spots", "40", "--n-genes", "6",
+            "--epochs", "1", "--threads", "1", "--device", "cpu", "--no-progress", "--scaling", "--scaling-spots", "40",
+            "--scaling-genes", "6", "--fixed-genes", "6", "--fixed-spots", "40"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "Efficiency (Table 1)" in text and "| mean |" in text and "Figure 3:" in text
+    saved = json.loads((out / "efficiency.json").read_text())
+    assert saved["command"].startswith("hist-st ") and saved["methods"] == ["mean"]
+    assert len(json.loads((out / "scaling" / "scaling.json").read_text())["records"]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "efficiency", "--methods", "hist,foo"], "--methods: unknown method 'foo'"),
+    (["bench", "speed", "--modes", "infer,fit"], "--modes: 'infer,fit': give infer and/or train"),
+])
+def test_bench_cli_refuses_bad_options(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from hist_st.errors import InputError
@@ -77,21 +78,17 @@ def matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = 
 
 def current_rss() -> int:
     """Resident set size of this process now, in bytes."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the peak so far is the best available reading
-        return _peak_rss()
+    return psutil.Process().memory_info().rss
 
 
 def _peak_rss() -> int:
-    """Peak RSS of this process in bytes since the last `_reset_peak_rss` (Linux) or since it started."""
+    """Peak RSS of this process in bytes since the last `_reset_peak_rss` (Linux: ``VmHWM``), else since it
+    started (``ru_maxrss``)."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _reset_peak_rss() -> None:

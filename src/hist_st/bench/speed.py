@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from hist_st.bench.harness import PeakMemory, matmul_gflops, run_isolated, timed_steps
+from hist_st.bench.harness import GB, PeakMemory, matmul_gflops, run_isolated, timed_steps
 from hist_st.bench.plots import plot_speed
 from hist_st.data.synthetic import make_slide
 from hist_st.jsonio import write_json
@@ -119,15 +119,15 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
         model.eval()(model.make_batch(lattice, feats))
     flops = counter.get_total_flops() * (3 if s.mode == "train" else 1)  # backward = 2x forward
     sec, fp32 = statistics.median(times), matmul_gflops(dev)
-    cuda = {"cuda_allocated_gb": mem.cuda_allocated / 1e9, "cuda_reserved_gb": mem.cuda_reserved / 1e9,
+    cuda = {"cuda_allocated_gb": mem.cuda_allocated / GB, "cuda_reserved_gb": mem.cuda_reserved / GB,
             "gpu": torch.cuda.get_device_name()} if mem.cuda else {}
     return {
         **asdict(s), "autocast_bf16": amp, "seconds": sec, "seconds_all": times,
         "index_build_seconds": statistics.median(build_times[1:]), "first_build_seconds": build_s,
         "tokens_per_level": tokens_per_level, "gflop": flops / 1e9, "achieved_gflops": flops / sec / 1e9,
         "matmul_gflops": fp32, "matmul_bf16_gflops": matmul_gflops(dev, dtype="bfloat16"),
-        "fraction_of_matmul": flops / sec / 1e9 / fp32, "peak_rss_gb": mem.rss_peak / 1e9,
-        "import_rss_gb": mem.rss_before / 1e9, **cuda,
+        "fraction_of_matmul": flops / sec / 1e9 / fp32, "peak_rss_gb": mem.rss_peak / GB,
+        "import_rss_gb": mem.rss_before / GB, **cuda,
     }
 
 
