@@ -124,11 +124,11 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         gc.collect()
         _release_free_memory()
+        self.rss_before = current_rss()  # before CUDA starts (its context counts in the phase, as in a run)
+        _reset_peak_rss()
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        self.rss_before = current_rss()
-        _reset_peak_rss()
         return self
 
     def __exit__(self, *exc: Any) -> None:
