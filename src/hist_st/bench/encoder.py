@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hist_st.bench.harness import matmul_gflops
+from hist_st.bench.harness import matmul_gflops, sync
 from hist_st.bench.host import HER2ST
 from hist_st.embed import embed_batches
 from hist_st.encoders import get_encoder
@@ -93,8 +93,7 @@ def encoder_bench(
     for r in range(rounds + 1):
         for p, b in settings:
             x = patches[:b]
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(device)
             t = time.perf_counter()
             e = encs[p].encode(x)
             dt = time.perf_counter() - t
