@@ -1,8 +1,8 @@
-"""``hist-st bench``: the benchmark command group (``accuracy``, ``efficiency``, ``speed``, ``tissue``,
-``uncertainty``).
+"""``hist-st bench``: the benchmark command group (``accuracy``, ``efficiency``, ``speed``, ``host``, ``encoder``,
+``tissue``, ``uncertainty``, ``superres``, ``subspot``).
 
 Each subcommand is registered by a function ``register_<name>(bench_subparsers)`` listed in
-`BENCH_COMMANDS`; the work is done by `hist_st.experiments`.
+`BENCH_COMMANDS`; the work is done by `hist_st.experiments` and `hist_st.bench`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from hist_st.errors import InputError
 from hist_st.train.config import parse_override
 
 
-def _methods(value: str) -> list[str]:
-    return [m.strip() for m in value.split(",") if m.strip()]
+def _names(value: str | None) -> list[str]:
+    """``"hist, ridge"`` -> ``["hist", "ridge"]``; None -> ``[]``."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
 def parse_baseline_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -58,10 +59,6 @@ SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 }
 
 
-def _gene_list(value: str | None) -> list[str] | None:
-    return [g.strip() for g in value.split(",") if g.strip()] if value else None
-
-
 def add_command(
     sub: argparse._SubParsersAction, name: str, func: Any, *, help: str, description: str | None = None,
     shared: tuple[str, ...] = (), **kw: Any,
@@ -97,11 +94,11 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds)
     if args.paired_with and seeds is None:
         raise InputError("--paired-with", "compares runs over training seeds: give --seeds too (e.g. --seeds 0,1,2)")
-    kw = dict(methods=_methods(args.methods), genes=args.genes, folds=args.folds, seed=args.seed, config=args.config,
+    kw = dict(methods=_names(args.methods), genes=args.genes, folds=args.folds, seed=args.seed, config=args.config,
               overrides=args.overrides, group_by=args.group_by,
               baseline_options=parse_baseline_options(args.baseline_option),
               write_predictions=not args.no_predictions, progress=not args.no_progress, reuse=not args.force,
-              rerun=_methods(args.rerun or ""), reuse_from=args.reuse_from or [],
+              rerun=_names(args.rerun), reuse_from=args.reuse_from or [],
               command="hist-st " + shlex.join(sys.argv[1:]))
     if seeds is not None:
         from hist_st.experiments.seeds import run_accuracy_seeds
@@ -146,7 +143,7 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
     from hist_st.bench.efficiency import SyntheticSlides, Workers, run_efficiency
     from hist_st.bench.scaling import run_scaling
 
-    workers = Workers(methods=_methods(args.methods), epochs=args.epochs, seed=args.seed, overrides=args.overrides,
+    workers = Workers(methods=_names(args.methods), epochs=args.epochs, seed=args.seed, overrides=args.overrides,
                       baseline_options=parse_baseline_options(args.baseline_option), device=args.device,
                       threads=args.threads, timeout=args.timeout, progress=not args.no_progress)
     if not args.no_table:
@@ -228,7 +225,7 @@ def register_uncertainty(sub: argparse._SubParsersAction) -> None:
 def _fold_run_options(args: argparse.Namespace) -> dict[str, Any]:
     """What `run_superres` and `run_subspot` take alike from their command lines."""
     return dict(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config, overrides=args.overrides,
-                plot_genes=_gene_list(args.plot_genes), progress=not args.no_progress, reuse=not args.force)
+                plot_genes=_names(args.plot_genes) or None, progress=not args.no_progress, reuse=not args.force)
 
 
 def cmd_superres(args: argparse.Namespace) -> int:
