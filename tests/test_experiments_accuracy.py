@@ -1,5 +1,5 @@
-"""End to end on a tiny synthetic cohort: bench accuracy (2 epochs, 2 folds), token export, gene plot,
-and the efficiency measurement in-process."""
+"""End to end on a tiny synthetic cohort: bench accuracy (2 epochs, 2 folds), token export, gene plot, reuse
+of identical runs and the report (Table 1 and Figure 3: tests/test_bench_efficiency.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 
+from hist_st.bench.efficiency import format_efficiency_table
 from hist_st.cli import main
 from hist_st.data.synthetic import make_cohort
 from hist_st.errors import InputError
-from hist_st.experiments.efficiency import format_efficiency_table
 
 TINY = ["epochs=2", "model.dim=16", "model.heads=2", "model.levels=11-1", "progress=false"]
 
@@ -68,19 +68,6 @@ def test_accuracy_tokens_plot(tmp_path):
     png = tmp_path / "genes.png"
     assert main(["plot", "genes", "--pred", str(pred), "--genes", ",".join(genes), "--out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
-
-
-def test_efficiency_measure_in_process():
-    from hist_st.experiments.efficiency import format_efficiency_table, measure
-
-    data = {"synthetic": {"n_train": 2, "n_test": 1, "n_spots": 60, "n_genes": 10, "embed_dim": 8, "seed": 0}}
-    recs = [measure({"method": m, "data": data, "epochs": 1, "overrides": TINY[1:], "device": "cpu"})
-            for m in ("hist", "mean")]
-    for r in recs:
-        assert r["train_s_per_slide"] > 0 and r["infer_s_per_slide"] > 0
-        assert r["train_rss_peak_gb"] > 0 and r["n_genes"] == 10
-    table = format_efficiency_table(recs + [{"method": "stflow", "error": "timeout"}])
-    assert "| hist |" in table and "failed: timeout" in table
 
 
 def torch_cuda() -> bool:
@@ -277,52 +264,3 @@ def test_report_end_to_end_and_rerun_adds_a_method(tmp_path):
     assert "Trained on: HiST, mean, ridge: CPU" in md or torch_cuda()
     assert "### Table 1 on Test GPU (CUDA)" in md and "`hist-st bench efficiency --device cuda`" in md
     assert "| hist | 0.010 | 0.002 | 1.00 (1.00) | 2.00 (2.00) | 0.50 |" in md
-
-
-def test_table1_reuse_ignores_the_epochs_option():
-    """Table 1 times its own epochs, so a baseline's ``epochs`` option does not make it stale."""
-    from hist_st.experiments.efficiency import timing_key
-
-    def spec(**opts):
-        return {"method": "stnet", "data": {"cohort": "."}, "epochs": 1, "baseline_options": opts}
-
-    assert timing_key([spec(epochs=5, tta=False)]) == timing_key([spec(tta=False)]) != timing_key([spec()])
-    assert timing_key([spec()], timeout=1) != timing_key([spec()], timeout=2)
-
-
-def test_efficiency_on_a_cohort_records_what_it_measured(tmp_path):
-    """Table 1 on a prepared cohort times fold 0's slides and records the cohort, genes, folds and seed, so a
-    report does not reuse it for another gene set or split."""
-    from hist_st.experiments.efficiency import Workers, run_efficiency
-
-    cohort = tmp_path / "cohort"
-    make_cohort(cohort, n_slides=4, n_spots=(60, 90), n_genes=16, embed_dim=8, seed=3)
-    workers = Workers(methods=["mean"], seed=5, epochs=1, device="cpu", threads=1, progress=False)
-    res = run_efficiency(tmp_path / "t1", workers=workers, cohort=cohort, genes="he:12", folds=2)
-    (rec,) = res["records"]
-    assert "error" not in rec and rec["n_genes"] == 12 and rec["n_test_slides"] == 2
-    saved = json.loads((tmp_path / "t1" / "efficiency.json").read_text())
-    assert saved["key"] == res["key"]
-    kw = dict(cohort=cohort, genes="he:12", folds=2, reuse=True)
-    assert run_efficiency(tmp_path / "t1", workers=workers, **kw) == saved  # the same key: reused
-    other = run_efficiency(tmp_path / "t1", workers=dataclasses.replace(workers, seed=6), **kw)  # measured again
-    assert other["key"] != saved["key"]
-
-
-def test_scaling_figure_records_and_skips_after_timeout(tmp_path):
-    """Figure 3 on synthetic slides: one worker process per (method, size); a method that fails at one size
-    is not run at larger sizes of that axis; the settings are recorded so a report can tell stale results."""
-    from hist_st.experiments.efficiency import Workers, run_scaling
-
-    workers = Workers(methods=["hist"], epochs=1, overrides=TINY[1:], device="cpu", timeout=120, progress=False)
-    res = run_scaling(tmp_path, workers=workers, spots=[40, 80], genes_list=[6], fixed_genes=6, fixed_spots=40)
-    ok = [r for r in res["records"] if "error" not in r]
-    assert {(r["axis"], r["target_spots"], r["n_genes"]) for r in ok} == {("spots", 40, 6), ("spots", 80, 6),
-                                                                         ("genes", 40, 6)}
-    assert all(r["infer_s_per_slide"] > 0 for r in ok)
-    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
-    assert res["options"] == {"spots": [40, 80], "genes_list": [6], "timeout": 120} and res["seed"] == 0
-
-    res = run_scaling(tmp_path / "t", workers=dataclasses.replace(workers, timeout=0.01), spots=[40, 80],
-                      genes_list=[], fixed_genes=6)
-    assert len(res["records"]) == 1 and "error" in res["records"][0]  # 80 spots not attempted

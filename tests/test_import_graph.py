@@ -20,7 +20,7 @@ PKG = SRC / "hist_st"
 LAYERS = [
     "errors", "slide", "jsonio", "runtime", "memory", "outputs", "hist_st", "wsi", "lattice", "model", "harmonise",
     "cohort", "io", "tissue", "encoders", "stain", "embed", "metrics", "pl", "train", "methods", "data", "sources",
-    "prepared", "prepare", "pp", "tl", "predict_image", "evaluate", "experiments", "bench", "demo", "cli",
+    "prepared", "prepare", "pp", "tl", "predict_image", "evaluate", "bench", "experiments", "demo", "cli",
 ]  # fmt: skip
 
 #: Modules whose internal imports may sit inside functions, and why: `hist-st --help` and argument errors

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from hist_st.bench.harness import matmul_gflops, sync
 from hist_st.bench.host import HER2ST
-from hist_st.bench.speed import _matmul_gflops
 from hist_st.embed import embed_batches
 from hist_st.encoders import get_encoder
 from hist_st.io.legacy_st import find_her2st_sections, read_her2st_section
@@ -93,8 +93,7 @@ def encoder_bench(
     for r in range(rounds + 1):
         for p, b in settings:
             x = patches[:b]
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(device)
             t = time.perf_counter()
             e = encs[p].encode(x)
             dt = time.perf_counter() - t
@@ -107,9 +106,9 @@ def encoder_bench(
         {"precision": p, "batch": b, "patches_per_s": statistics.median(rates[(p, b)]),
          "all": rates[(p, b)], "cos_min": float(cos[(p, b)].min()), "cos_median": float(np.median(cos[(p, b)]))}
         for p, b in settings
-    ]  # fmt: skip
+    ]
     out: dict[str, Any] = {"encoder": base.name, "device": device, "threads": threads, "patches": label,
-                           "rows": rows, "pipeline": []}  # fmt: skip
+                           "rows": rows, "pipeline": []}
     if pipeline and image is not None:
         n = min(slide.n_spots, 4 * big)
         b = batch_sizes[0]
@@ -122,23 +121,23 @@ def encoder_bench(
                 if r:
                     prate[depth].append(n / (time.perf_counter() - t))
         out["pipeline"] = [{"prefetch": d, "precision": precisions[0], "batch": b, "patches": n,
-                            "patches_per_s": statistics.median(v), "all": v} for d, v in prate.items()]  # fmt: skip
+                            "patches_per_s": statistics.median(v), "all": v} for d, v in prate.items()]
     if image is not None:
         image.close()
 
-    out["matmul_gflops"] = _matmul_gflops(device)  # the machine's speed now, to read the rates against
-    out["matmul_bf16_gflops"] = _matmul_gflops(device, dtype="bfloat16")
+    out["matmul_gflops"] = matmul_gflops(device)  # the machine's speed now, to read the rates against
+    out["matmul_bf16_gflops"] = matmul_gflops(device, dtype="bfloat16")
     return out
 
 
 def format_encoder(r: dict[str, Any]) -> str:
     """Human-readable lines of an `encoder_bench` result."""
     lines = [f"{r['encoder']} on {r['device']} ({r['threads']} threads), {r['patches']}; same-run dense matmul "
-             f"{r['matmul_gflops']:.0f} GFLOP/s fp32, {r['matmul_bf16_gflops']:.0f} bf16:"]  # fmt: skip
+             f"{r['matmul_gflops']:.0f} GFLOP/s fp32, {r['matmul_bf16_gflops']:.0f} bf16:"]
     for row in r["rows"]:
         lines.append(f"  {row['precision']:<5} batch {row['batch']:>3}: {row['patches_per_s']:7.1f} patches/s  "
-                     f"cosine to fp32 min {row['cos_min']:.4f} median {row['cos_median']:.4f}")  # fmt: skip
+                     f"cosine to fp32 min {row['cos_min']:.4f} median {row['cos_median']:.4f}")
     for row in r["pipeline"]:
         lines.append(f"  pipeline (cut + encode {row['patches']} patches, prefetch {row['prefetch']}): "
-                     f"{row['patches_per_s']:.1f} patches/s")  # fmt: skip
+                     f"{row['patches_per_s']:.1f} patches/s")
     return "\n".join(lines)

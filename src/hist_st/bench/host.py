@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hist_st.bench.speed import _matmul_gflops
+from hist_st.bench.harness import matmul_gflops
 from hist_st.data.synthetic import make_slide
 from hist_st.io.legacy_st import find_her2st_sections, read_her2st_section
 from hist_st.lattice import continuous_coords, to_lattice
@@ -63,18 +63,8 @@ def _count_ops(fn) -> int:
 
 
 def host_overhead(
-    *,
-    section: str = "C3",
-    root: str | Path = HER2ST,
-    spots: int = 200,
-    dim: int = 32,
-    heads: int = 4,
-    in_dim: int = 1024,
-    genes: int = 250,
-    steps: int = 60,
-    warmup: int = 5,
-    threads: int = 1,
-    seed: int = 0,
+    *, section: str = "C3", root: str | Path = HER2ST, spots: int = 200, dim: int = 32, heads: int = 4,
+    in_dim: int = 1024, genes: int = 250, steps: int = 60, warmup: int = 5, threads: int = 1, seed: int = 0,
 ) -> dict[str, Any]:
     """Median seconds per phase of a training step on one small slide.
 
@@ -140,7 +130,7 @@ def host_overhead(
     model_s = med["forward"] + med["backward"]
 
     return {
-        "matmul_gflops": _matmul_gflops("cpu"),
+        "matmul_gflops": matmul_gflops("cpu"),
         "slide": label,
         "spots": n,
         "threads": threads,
@@ -158,10 +148,10 @@ def host_overhead(
 def format_host(r: dict[str, Any]) -> str:
     """Human-readable lines of a `host_overhead` result."""
     lines = [f"{r['slide']}, dim-{r['model']['dim']} model, {r['threads']} thread(s), median of {r['steps']} steps "
-             f"(same-run dense matmul {r['matmul_gflops']:.0f} GFLOP/s):"]  # fmt: skip
+             f"(same-run dense matmul {r['matmul_gflops']:.0f} GFLOP/s):"]
     for p, s in r["phases"].items():
         lines.append(f"  {p:<10} {1e3 * s:8.2f} ms")
     lines.append(f"  {'step':<10} {1e3 * r['step_s']:8.2f} ms (data on the host {1e3 * r['host_data_s']:.2f} ms)")
     lines.append(f"  forward + backward dispatch {r['ops_forward']} + {r['ops_backward']} tensor ops, "
-                 f"{r['us_per_op']:.1f} us per op")  # fmt: skip
+                 f"{r['us_per_op']:.1f} us per op")
     return "\n".join(lines)

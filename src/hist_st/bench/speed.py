@@ -1,8 +1,10 @@
-"""`hist-st bench speed`: train-step and inference time, peak memory and FLOP/s of HiST (paper Fig. 3).
+"""`hist-st bench speed`: HiST's train-step and inference time, peak memory and FLOP/s against spots and genes.
 
-Each measurement runs in a fresh subprocess so that its peak memory (CPU RSS from ``getrusage``, or
-CUDA allocated/reserved) belongs to that setting alone. Every subprocess also times a dense fp32
-matmul, so the model's achieved FLOP/s can be read against what the machine delivers at that moment.
+One step of the model as a user runs it, on synthetic lattice slides (issue 15; the paper's Figure 3
+for every method is `hist_st.bench.scaling`). Each setting runs in a fresh process
+(`hist_st.bench.harness.run_isolated`), so that its peak memory (`PeakMemory`: RSS and RSS over ``import
+torch`` on the CPU, peak allocated/reserved on CUDA) belongs to that setting alone; every process also
+times a dense matmul, so the model's achieved FLOP/s can be read against what the machine delivers then.
 """
 
 from __future__ import annotations
@@ -10,23 +12,27 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
+from hist_st.bench.harness import GB, PeakMemory, matmul_gflops, run_isolated, timed_steps
+from hist_st.bench.plots import plot_speed
 from hist_st.data.synthetic import make_slide
+from hist_st.jsonio import write_json
 from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.memory import fixed_mmap_threshold
 from hist_st.model import HiST, HiSTConfig
 from hist_st.train.config import TrainConfig
 from hist_st.train.loop import build_optimizer, forward_loss
 
-__all__ = ["SpeedSettings", "measure", "run_speed_bench", "plot_speed"]
+__all__ = ["SpeedSettings", "measure", "worker", "run_speed_bench", "plot_speed", "format_row"]
 
 DEFAULT_SPOTS = (500, 2000, 5000, 20000, 100000)
 DEFAULT_GENES = (250, 1000, 2000, 4000)
@@ -51,36 +57,6 @@ class SpeedSettings:
     model: dict[str, Any] = field(default_factory=dict)
 
 
-def _matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
-    """Dense ``size x size`` matmul GFLOP/s of this process now (median of ``repeats`` after a warm-up)."""
-    import torch
-
-    a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
-    b = torch.randn(size, size, device=device).to(getattr(torch, dtype))
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * size**3 / statistics.median(times[1:]) / 1e9
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _slide(spots: int, grid: str, seed: int):
-
-    slide = make_slide("bench", n_spots=spots, grid=grid, seed=seed, n_genes=8, embed_dim=4)
-    lattice = to_lattice(continuous_coords(slide))
-    return lattice, len(lattice)
-
-
 def autocast_enabled(precision: str, device: str) -> bool:
     """Whether a setting runs the trunk under bf16 autocast: ``auto`` = on CUDA only, ``bf16``, ``fp32``."""
     if precision not in ("auto", "fp32", "bf16"):
@@ -94,130 +70,81 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
     The timed steps are what a user runs: inference is `HiST.forward` under ``inference_mode``; a train
     step is `hist_st.train.loop.forward_loss` (chunked head and loss), backward and the fused AdamW of
     `hist_st.train.loop.build_optimizer`, with the same allocator setting as ``hist-st train``
-    (`hist_st.memory`). The peak RSS is read right after them; the matmul reference and the FLOP count
-    (a separate forward pass) come after that reading, so neither adds to the memory reported.
+    (`hist_st.memory`); the lattice indices are rebuilt every step (an augmented lattice). The peak memory
+    is read right after them (`PeakMemory`, entered after the imports: ``import_rss_gb`` is the RSS of the
+    library alone); the matmul reference and the FLOP count (a separate forward pass) come after that
+    reading, so neither adds to the memory reported.
     """
-    import torch
-
-    import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # the library alone
-
-    if s.device == "cpu" and s.malloc == "fixed":
-        fixed_mmap_threshold()
-    torch.set_num_threads(s.threads)
-    torch.manual_seed(s.seed)
     dev = s.device
     amp = autocast_enabled(s.precision, dev)
-    lattice, n = _slide(s.spots, s.grid, s.seed)
-    feats = torch.randn(n, s.in_dim, device=dev)
-    model = HiST(HiSTConfig(in_dim=s.in_dim, n_genes=s.genes, **s.model)).to(dev)
-    model.set_grad_checkpointing(s.grad_checkpointing)
-    autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=amp)
+    with PeakMemory(dev) as mem:
+        if dev == "cpu" and s.malloc == "fixed":
+            fixed_mmap_threshold()
+        torch.set_num_threads(s.threads)
+        torch.manual_seed(s.seed)
+        slide = make_slide("bench", n_spots=s.spots, grid=s.grid, seed=s.seed, n_genes=8, embed_dim=4)
+        lattice = to_lattice(continuous_coords(slide))
+        feats = torch.randn(len(lattice), s.in_dim, device=dev)
+        model = HiST(HiSTConfig(in_dim=s.in_dim, n_genes=s.genes, **s.model)).to(dev)
+        model.set_grad_checkpointing(s.grad_checkpointing)
+        t = time.perf_counter()
+        tokens_per_level = [lv.num_tokens for lv in model.make_batch(lattice, feats).levels]
+        build_s = time.perf_counter() - t
+        build_times: list[float] = []
 
-    t = time.perf_counter()
-    batch = model.make_batch(lattice, feats)
-    build_s = time.perf_counter() - t
-    tokens_per_level = [lv.num_tokens for lv in batch.levels]
-    del batch
-
-    if dev.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times, build_times = [], []
-    if s.mode == "train":
-        target = torch.randn(n, s.genes, device=dev)
-        model.train()
-        opt, _ = build_optimizer(model, TrainConfig(), 1000)
-        for _ in range(s.repeats + 1):
-            _sync(dev)
+        def batch() -> Any:
             t0 = time.perf_counter()
-            batch = model.make_batch(lattice, feats)  # indices are rebuilt per step (augmented lattice)
-            t1 = time.perf_counter()
-            loss = forward_loss(model, {"batch": batch, "target": target}, torch.device(dev), amp)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
-            build_times.append(t1 - t0)
-            del batch, loss
-    else:
-        model.eval()
-        with torch.inference_mode():
-            for _ in range(s.repeats + 1):
-                _sync(dev)
-                t0 = time.perf_counter()
-                batch = model.make_batch(lattice, feats)
-                t1 = time.perf_counter()
-                with autocast:
-                    y = model(batch)
-                _sync(dev)
-                times.append(time.perf_counter() - t0)
-                build_times.append(t1 - t0)
-                del batch, y
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    cuda_mem = {}
-    if dev.startswith("cuda"):
-        cuda_mem = {"cuda_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
-                    "cuda_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
-                    "gpu": torch.cuda.get_device_name()}  # fmt: skip
-    # After the memory reading: the matmul references and the FLOP count.
-    gflops_matmul = _matmul_gflops(dev)
-    gflops_bf16 = _matmul_gflops(dev, dtype="bfloat16")
+            b = model.make_batch(lattice, feats)
+            build_times.append(time.perf_counter() - t0)
+            return b
+
+        if s.mode == "train":
+            target = torch.randn(len(lattice), s.genes, device=dev)
+            opt, _ = build_optimizer(model.train(), TrainConfig(), 1000)
+
+            def step() -> None:
+                forward_loss(model, {"batch": batch(), "target": target}, torch.device(dev), amp).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        else:
+            model.eval()
+
+            def step() -> None:
+                with torch.inference_mode(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=amp):
+                    model(batch())
+
+        times = timed_steps(step, dev, s.repeats)
+    # imported after the memory reading: it adds ~80 MB of RSS
     from torch.utils.flop_counter import FlopCounterMode
 
-    model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(model.make_batch(lattice, feats))
-    fwd_flops = counter.get_total_flops()
-    flops = 3 * fwd_flops if s.mode == "train" else fwd_flops  # backward = 2x forward
-    sec = statistics.median(times[1:])
-    out: dict[str, Any] = {
-        **{k: v for k, v in asdict(s).items() if k != "model"},
-        "model": s.model,
-        "autocast_bf16": amp,
-        "seconds": sec,
-        "seconds_all": times[1:],
-        "index_build_seconds": statistics.median(build_times[1:]),
-        "first_build_seconds": build_s,
-        "tokens_per_level": tokens_per_level,
-        "gflop": flops / 1e9,
-        "achieved_gflops": flops / sec / 1e9,
-        "matmul_gflops": gflops_matmul,
-        "matmul_bf16_gflops": gflops_bf16,
-        "fraction_of_matmul": flops / sec / 1e9 / gflops_matmul,
-        "peak_rss_gb": peak_rss,
-        "import_rss_gb": import_rss,
-        **cuda_mem,
+        model.eval()(model.make_batch(lattice, feats))
+    flops = counter.get_total_flops() * (3 if s.mode == "train" else 1)  # backward = 2x forward
+    sec, fp32 = statistics.median(times), matmul_gflops(dev)
+    cuda = {"cuda_allocated_gb": mem.cuda_allocated / GB, "cuda_reserved_gb": mem.cuda_reserved / GB,
+            "gpu": torch.cuda.get_device_name()} if mem.cuda else {}
+    return {
+        **asdict(s), "autocast_bf16": amp, "seconds": sec, "seconds_all": times,
+        "index_build_seconds": statistics.median(build_times[1:]), "first_build_seconds": build_s,
+        "tokens_per_level": tokens_per_level, "gflop": flops / 1e9, "achieved_gflops": flops / sec / 1e9,
+        "matmul_gflops": fp32, "matmul_bf16_gflops": matmul_gflops(dev, dtype="bfloat16"),
+        "fraction_of_matmul": flops / sec / 1e9 / fp32, "peak_rss_gb": mem.rss_peak / GB,
+        "import_rss_gb": mem.rss_before / GB, **cuda,
     }
-    return out
 
 
-def _run_worker(s: SpeedSettings, timeout: float) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(s.threads), MKL_NUM_THREADS=str(s.threads))
-    cmd = [sys.executable, "-m", "hist_st.bench.speed", json.dumps(asdict(s))]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**asdict(s), "error": f"timed out after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**asdict(s), "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """`measure` of a `SpeedSettings` given as a dict (the `hist_st.bench.harness.run_isolated` entry)."""
+    return measure(SpeedSettings(**spec))
 
 
 def run_speed_bench(
-    out_dir: str | Path,
-    spots: tuple[int, ...] = DEFAULT_SPOTS,
-    genes: tuple[int, ...] = DEFAULT_GENES,
-    grid_mode: str = "sweep",
-    modes: tuple[str, ...] = ("infer", "train"),
-    max_train_spots: int = 20000,
-    base_spots: int = 5000,
-    base_genes: int = 2000,
-    json_lines: bool = False,
-    timeout: float = 900.0,
+    out_dir: str | Path, spots: tuple[int, ...] = DEFAULT_SPOTS, genes: tuple[int, ...] = DEFAULT_GENES,
+    grid_mode: str = "sweep", modes: tuple[str, ...] = ("infer", "train"), max_train_spots: int = 20000,
+    base_spots: int = 5000, base_genes: int = 2000, json_lines: bool = False, timeout: float = 900.0,
     **settings: Any,
 ) -> list[dict[str, Any]]:
-    """Measure every setting and write ``speed.json`` and the Figure-3 plots into ``out_dir``.
+    """Measure every setting, each in a fresh process, and write ``speed.json`` and the plots into ``out_dir``.
 
     Args:
         out_dir: Output folder.
@@ -234,39 +161,30 @@ def run_speed_bench(
     Returns:
         One result dict per setting.
     """
-    from tqdm import tqdm
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if grid_mode == "full":
         pairs = [(n, g) for n in spots for g in genes]
     else:  # spots at the base gene count, then genes at the base spot count (bases must be swept values)
         base_genes = base_genes if base_genes in genes else max(genes)
         base_spots = base_spots if base_spots in spots else max(spots)
         pairs = [(n, base_genes) for n in spots] + [(base_spots, g) for g in genes if g != base_genes]
-    jobs = [
-        SpeedSettings(spots=n, genes=g, mode=m, **settings)
-        for n, g in pairs
-        for m in modes
-        if not (m == "train" and n > max_train_spots)
-    ]
+    jobs = [SpeedSettings(spots=n, genes=g, mode=m, **settings) for n, g in pairs for m in modes
+            if not (m == "train" and n > max_train_spots)]
     results = []
     bar = tqdm(jobs, desc="bench speed", disable=json_lines, file=sys.stderr)
     for job in bar:
         bar.set_postfix(N=job.spots, G=job.genes, mode=job.mode)
-        r = _run_worker(job, timeout)
-        results.append(r)
+        results.append(run_isolated("hist_st.bench.speed", asdict(job), timeout=timeout, threads=job.threads))
         if json_lines:
-            print(json.dumps(r), flush=True)
+            print(json.dumps(results[-1]), flush=True)
         else:
-            tqdm.write(format_row(r), file=sys.stdout)
-    payload = {"results": results, "environment": environment()}
-    (out_dir / "speed.json").write_text(json.dumps(payload, indent=2))
+            tqdm.write(format_row(results[-1]), file=sys.stdout)
+    write_json({"results": results, "environment": environment()}, Path(out_dir) / "speed.json")
     plot_speed(results, out_dir)
     return results
 
 
 def format_row(r: dict[str, Any]) -> str:
+    """One line of a `measure` record (or its error)."""
     head = f"N={r['spots']:>6} G={r['genes']:>4} {r['mode']:>5}"
     if "error" in r:
         return f"{head}  ERROR {r['error']}"
@@ -282,58 +200,7 @@ def format_row(r: dict[str, Any]) -> str:
 
 
 def environment() -> dict[str, Any]:
-    import torch
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
-def plot_speed(results: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Log-log time and memory against spots and against genes (paper Figure 3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in results if "error" not in r]
-    paths = []
-    for axis, fixed in (("spots", "genes"), ("genes", "spots")):
-        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-        for mode in ("infer", "train"):
-            rows = [r for r in ok if r["mode"] == mode]
-            if not rows:
-                continue
-            # the most common value of the other axis is the sweep's fixed value
-            vals = [r[fixed] for r in rows]
-            keep = max(set(vals), key=vals.count)
-            rows = sorted((r for r in rows if r[fixed] == keep), key=lambda r: r[axis])
-            if len(rows) < 2:
-                continue
-            x = [r[axis] for r in rows]
-            ax_t.plot(x, [r["seconds"] for r in rows], "o-", label=f"{mode} ({fixed}={keep})")
-            mem = [r.get("cuda_reserved_gb", r["peak_rss_gb"]) for r in rows]
-            ax_m.plot(x, mem, "o-", label=f"{mode} ({fixed}={keep})")
-        for ax, ylabel in ((ax_t, "seconds per slide"), (ax_m, "peak memory (GB)")):
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel(axis)
-            ax.set_ylabel(ylabel)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-        fig.suptitle(f"HiST time and memory vs {axis}")
-        fig.tight_layout()
-        path = Path(out_dir) / f"speed_vs_{axis}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-if __name__ == "__main__":  # worker entry point: one setting, JSON on the last stdout line
-    print(json.dumps(measure(SpeedSettings(**json.loads(sys.argv[1])))))
+    """Python, torch, CPU and GPU of this machine, recorded in ``speed.json``."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+            "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

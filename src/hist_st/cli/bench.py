@@ -1,8 +1,8 @@
-"""``hist-st bench``: the benchmark command group (``accuracy``, ``efficiency``, ``speed``, ``tissue``,
-``uncertainty``).
+"""``hist-st bench``: the benchmark command group (``accuracy``, ``efficiency``, ``speed``, ``host``, ``encoder``,
+``tissue``, ``uncertainty``, ``superres``, ``subspot``).
 
 Each subcommand is registered by a function ``register_<name>(bench_subparsers)`` listed in
-`BENCH_COMMANDS`; the work is done by `hist_st.experiments`.
+`BENCH_COMMANDS`; the work is done by `hist_st.experiments` and `hist_st.bench`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hist_st.cli.bench_speed import register_speed
+from hist_st.cli.bench_speed import ints, register_speed
 from hist_st.errors import InputError
 from hist_st.train.config import parse_override
 
 
-def _methods(value: str) -> list[str]:
-    return [m.strip() for m in value.split(",") if m.strip()]
+def _names(value: str | None) -> list[str]:
+    """``"hist, ridge"`` -> ``["hist", "ridge"]``; None -> ``[]``."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
 def parse_baseline_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -58,10 +59,6 @@ SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 }
 
 
-def _gene_list(value: str | None) -> list[str] | None:
-    return [g.strip() for g in value.split(",") if g.strip()] if value else None
-
-
 def add_command(
     sub: argparse._SubParsersAction, name: str, func: Any, *, help: str, description: str | None = None,
     shared: tuple[str, ...] = (), **kw: Any,
@@ -73,6 +70,13 @@ def add_command(
         p.add_argument(*flags, **opts)
     p.set_defaults(func=func)
     return p
+
+
+def _done(text: str, *results: Path) -> int:
+    """Print a command's ``text`` and the files it wrote; exit code 0."""
+    print(text)
+    print("results: " + ", ".join(map(str, results)))
+    return 0
 
 
 def _seeds(value: str | None) -> list[int] | None:
@@ -90,11 +94,11 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds)
     if args.paired_with and seeds is None:
         raise InputError("--paired-with", "compares runs over training seeds: give --seeds too (e.g. --seeds 0,1,2)")
-    kw = dict(methods=_methods(args.methods), genes=args.genes, folds=args.folds, seed=args.seed, config=args.config,
+    kw = dict(methods=_names(args.methods), genes=args.genes, folds=args.folds, seed=args.seed, config=args.config,
               overrides=args.overrides, group_by=args.group_by,
               baseline_options=parse_baseline_options(args.baseline_option),
               write_predictions=not args.no_predictions, progress=not args.no_progress, reuse=not args.force,
-              rerun=_methods(args.rerun or ""), reuse_from=args.reuse_from or [],
+              rerun=_names(args.rerun), reuse_from=args.reuse_from or [],
               command="hist-st " + shlex.join(sys.argv[1:]))
     if seeds is not None:
         from hist_st.experiments.seeds import run_accuracy_seeds
@@ -135,25 +139,22 @@ def register_accuracy(sub: argparse._SubParsersAction) -> None:
     add_experiment_args(p)
 
 
-def _ints(value: str) -> list[int]:
-    return [int(v) for v in value.split(",") if v.strip()]
-
-
 def cmd_efficiency(args: argparse.Namespace) -> int:
-    from hist_st.experiments.efficiency import Workers, run_efficiency, run_scaling
+    from hist_st.bench.efficiency import SyntheticSlides, Workers, run_efficiency
+    from hist_st.bench.scaling import run_scaling
 
-    workers = Workers(methods=_methods(args.methods), epochs=args.epochs, seed=args.seed, overrides=args.overrides,
+    workers = Workers(methods=_names(args.methods), epochs=args.epochs, seed=args.seed, overrides=args.overrides,
                       baseline_options=parse_baseline_options(args.baseline_option), device=args.device,
                       threads=args.threads, timeout=args.timeout, progress=not args.no_progress)
     if not args.no_table:
         res = run_efficiency(args.out, workers=workers, cohort=args.cohort, genes=args.genes, folds=args.folds,
-                             n_spots=args.spots, n_genes=args.n_genes, command="hist-st " + shlex.join(sys.argv[1:]))
+                             synthetic=SyntheticSlides(n_spots=args.spots, n_genes=args.n_genes),
+                             command="hist-st " + shlex.join(sys.argv[1:]))
         print(res["header"])
         print(res["table"])
     if args.scaling:
-        sc = run_scaling(Path(args.out) / "scaling", workers=workers, spots=_ints(args.scaling_spots),
-                         genes_list=_ints(args.scaling_genes), fixed_genes=args.fixed_genes,
-                         fixed_spots=args.fixed_spots)
+        sc = run_scaling(Path(args.out) / "scaling", workers=workers, spots=args.scaling_spots,
+                         genes_list=args.scaling_genes, fixed_genes=args.fixed_genes, fixed_spots=args.fixed_spots)
         print(f"Figure 3: {sc['figure']}")
     return 0
 
@@ -171,8 +172,9 @@ def register_efficiency(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per method and size before giving up")
     p.add_argument("--no-table", action="store_true", help="skip Table 1 (e.g. only --scaling)")
     p.add_argument("--scaling", action="store_true", help="also produce Figure 3 on synthetic slides")
-    p.add_argument("--scaling-spots", default="250,500,1000,2000,4000", help="spots per slide along the spots axis")
-    p.add_argument("--scaling-genes", default="50,250,1000,2000", help="genes along the genes axis")
+    p.add_argument("--scaling-spots", type=ints, default="250,500,1000,2000,4000",
+                   help="spots per slide along the spots axis")
+    p.add_argument("--scaling-genes", type=ints, default="50,250,1000,2000", help="genes along the genes axis")
     p.add_argument("--fixed-genes", type=int, default=250, help="genes while spots vary (default 250)")
     p.add_argument("--fixed-spots", type=int, default=1000, help="spots while genes vary (default 1000)")
     add_experiment_args(p)
@@ -184,9 +186,7 @@ def cmd_tissue(args: argparse.Namespace) -> int:
     if args.her2st is None and not args.spaceranger:
         raise InputError("hist-st bench tissue", "give --her2st DIR and/or --spaceranger OUTS ...")
     res = run_tissue_bench(her2st=args.her2st, spaceranger=args.spaceranger or [], out=args.out)
-    print(tissue_markdown(res))
-    print(f"results: {args.out / 'tissue.json'}")
-    return 0
+    return _done(tissue_markdown(res), args.out / "tissue.json")
 
 
 def register_tissue(sub: argparse._SubParsersAction) -> None:
@@ -205,9 +205,7 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
     if args.mc_samples < 2:
         raise InputError("--mc-samples", f"must be >= 2 to estimate a spread, got {args.mc_samples}")
     res = run_uncertainty(args.run, args.cohort, args.out, mc_samples=args.mc_samples, seed=args.seed)
-    print(uncertainty_markdown(res))
-    print(f"results: {args.out / 'uncertainty.json'}, {args.out / 'calibration.png'}")
-    return 0
+    return _done(uncertainty_markdown(res), args.out / "uncertainty.json", args.out / "calibration.png")
 
 
 def register_uncertainty(sub: argparse._SubParsersAction) -> None:
@@ -224,65 +222,65 @@ def register_uncertainty(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")
 
 
+def _fold_run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What `run_superres` and `run_subspot` take alike from their command lines."""
+    return dict(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config, overrides=args.overrides,
+                plot_genes=_names(args.plot_genes) or None, progress=not args.no_progress, reuse=not args.force)
+
+
 def cmd_superres(args: argparse.Namespace) -> int:
     from hist_st.experiments.superres import run_superres, superres_markdown
 
-    res = run_superres(
-        args.cohort, args.out, genes=args.genes, folds=args.folds, seed=args.seed, block=args.block,
-        sigma_fraction=args.sigma, config=args.config, overrides=args.overrides,
-        plot_genes=_gene_list(args.plot_genes), progress=not args.no_progress, reuse=not args.force,
-        command="hist-st " + shlex.join(sys.argv[1:]),
-    )  # fmt: skip
-    print(superres_markdown(res))
-    print(f"results: {args.out / 'superres.json'}, {args.out / 'table.md'}, {args.out / res['figure']}")
-    return 0
+    res = run_superres(args.cohort, args.out, block=args.block, sigma_fraction=args.sigma,
+                       command="hist-st " + shlex.join(sys.argv[1:]), **_fold_run_options(args))
+    return _done(superres_markdown(res), args.out / "superres.json", args.out / "table.md", args.out / res["figure"])
+
+
+def _fold_command(sub: argparse._SubParsersAction, name: str, func: Any, *, help: str, description: str,
+                  cohort: str, force: str) -> argparse.ArgumentParser:
+    """``bench superres`` / ``subspot``: ``--out``, ``--plot-genes``, ``--cohort``, ``--force`` and the experiment
+    options (genes he:250 by default)."""
+    p = add_command(sub, name, func, shared=("out", "plot-genes"), help=help, description=description)
+    p.add_argument("--cohort", required=True, type=Path, help=cohort)
+    p.add_argument("--force", action="store_true", help=force)
+    add_experiment_args(p)
+    p.set_defaults(genes="he:250")
+    return p
 
 
 def register_superres(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "superres", cmd_superres, shared=("out", "plot-genes"),
-                    help="super-resolution: train on 2x2 blocks of spots, score on the spots",
-                    description="Aggregate each block x block group of neighbouring spots into one coarse spot, "
-                    "train HiST on the coarse labels only (supervise=coarse<k>) and score its spot-level "
-                    "predictions against the measured spots, beside (a) a coarse model copied to the spots, "
-                    "(b) its Gaussian interpolation and (c) HiST trained on the spots.")
-    p.add_argument("--cohort", required=True, type=Path, help="prepared cohort (spot level)")
+    p = _fold_command(sub, "superres", cmd_superres, help="super-resolution: train on 2x2 blocks of spots, score on the spots",
+                      description="Aggregate each block x block group of neighbouring spots into one coarse spot, "
+                      "train HiST on the coarse labels only (supervise=coarse<k>) and score its spot-level "
+                      "predictions against the measured spots, beside (a) a coarse model copied to the spots, "
+                      "(b) its Gaussian interpolation and (c) HiST trained on the spots.",
+                      cohort="prepared cohort (spot level)",
+                      force="retrain every model (default: keep finished identical fold runs)")
     p.add_argument("--block", type=int, default=2, help="block side in spots (default 2: 2x2 blocks)")
     p.add_argument("--sigma", type=float, default=0.5,
                    help="Gaussian interpolation width as a fraction of the coarse pitch (default 0.5)")
-    p.add_argument("--force", action="store_true", help="retrain every model (default: keep finished identical fold runs)")
-    add_experiment_args(p)
-    p.set_defaults(genes="he:250")
 
 
 def cmd_subspot(args: argparse.Namespace) -> int:
     from hist_st.experiments.superres import run_subspot
 
-    res = run_subspot(
-        args.cohort, args.out, genes=args.genes, fold=args.fold, folds=args.folds, seed=args.seed, factor=args.factor,
-        config=args.config, overrides=args.overrides,
-        plot_genes=_gene_list(args.plot_genes), progress=not args.no_progress, reuse=not args.force,
-    )  # fmt: skip
-    for name, s in res["scores"].items():
-        print(f"{name}: per-gene PCC {s['per_gene']['pcc']['mean']:.3f}, pooled PCC {s['pooled']['pcc']['mean']:.3f}, "
-              f"pooled R2 {s['pooled']['r2']['mean']:.3f}")  # fmt: skip
-    print(f"within-spot position effect of the sub-spot map: {res['position_effect']:.3f}")
-    print(f"results: {args.out / f'subspot_fold{args.fold}.json'}, {args.out / res['figure']}")
-    return 0
+    res = run_subspot(args.cohort, args.out, fold=args.fold, factor=args.factor, **_fold_run_options(args))
+    lines = [f"{name}: per-gene PCC {s['per_gene']['pcc']['mean']:.3f}, pooled PCC {s['pooled']['pcc']['mean']:.3f}, "
+             f"pooled R2 {s['pooled']['r2']['mean']:.3f}" for name, s in res["scores"].items()]
+    lines.append(f"within-spot position effect of the sub-spot map: {res['position_effect']:.3f}")
+    return _done("\n".join(lines), args.out / f"subspot_fold{args.fold}.json", args.out / res["figure"])
 
 
 def register_subspot(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "subspot", cmd_subspot, shared=("out", "plot-genes"),
-                    help="sub-spot tokens: f x f patches per legacy-ST spot, supervised by the spots",
-                    description="Train HiST on sub-spot tokens (patches at pitch / factor inside each spot's cell) "
-                    "supervised by the measured spots, on one fold; score the sub-spots summed per spot against "
-                    "the measured spots beside HiST trained on the spots (same --out as bench superres shares "
-                    "fold_<i>/spot); map the sub-spot predictions.")
-    p.add_argument("--cohort", required=True, type=Path, help="prepared legacy-ST cohort with images")
+    p = _fold_command(sub, "subspot", cmd_subspot,
+                      help="sub-spot tokens: f x f patches per legacy-ST spot, supervised by the spots",
+                      description="Train HiST on sub-spot tokens (patches at pitch / factor inside each spot's cell) "
+                      "supervised by the measured spots, on one fold; score the sub-spots summed per spot against "
+                      "the measured spots beside HiST trained on the spots (same --out as bench superres shares "
+                      "fold_<i>/spot); map the sub-spot predictions.",
+                      cohort="prepared legacy-ST cohort with images", force="recompute sub-spot embeddings and retrain")
     p.add_argument("--fold", type=int, default=0, help="which fold to run (default 0)")
     p.add_argument("--factor", type=int, default=2, help="sub-cells per side of a spot (default 2)")
-    p.add_argument("--force", action="store_true", help="recompute sub-spot embeddings and retrain")
-    add_experiment_args(p)
-    p.set_defaults(genes="he:250")
 
 
 # Subcommands of ``hist-st bench``: each ``register_<name>(sub)`` adds one.

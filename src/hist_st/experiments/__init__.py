@@ -4,16 +4,12 @@
 ``report`` commands are thin wrappers over these.
 """
 
+from hist_st.bench.efficiency import Workers, format_efficiency_table, measure, run_efficiency
+from hist_st.bench.plots import plot_scaling
+from hist_st.bench.scaling import run_scaling
 from hist_st.experiments.ablation import ABLATIONS, PAPER_TABLE3, Ablation, ablation_config, run_ablation
 from hist_st.experiments.accuracy import CVSetup, build_config, per_gene_rows, run_accuracy
-from hist_st.experiments.efficiency import (
-    Workers,
-    format_efficiency_table,
-    measure,
-    run_efficiency,
-    run_scaling,
-)
-from hist_st.experiments.figures import plot_genes, plot_scaling, plot_token_pca
+from hist_st.experiments.figures import plot_genes, plot_token_pca
 from hist_st.experiments.report import ReportSpec, build_report
 from hist_st.experiments.stain import PAPER_TABLE5, STAIN_ROWS, run_stain
 from hist_st.experiments.tokens import (

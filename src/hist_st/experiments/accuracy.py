@@ -36,7 +36,7 @@ from hist_st.errors import InputError
 from hist_st.evaluate import make_plan, run_cv
 from hist_st.evaluate.cache import ResultCache
 from hist_st.jsonio import read_json, write_json
-from hist_st.methods import HiSTMethod, Method, get_method, list_methods, method_option_names
+from hist_st.methods import HiSTMethod, Method, check_methods, get_method, method_option_names
 from hist_st.metrics import format_table
 from hist_st.runtime import device_name, resolve_device
 from hist_st.train.config import TrainConfig, config_to_dict, load_config, with_gene_set
@@ -109,22 +109,6 @@ class CVSetup:
     def train_config(self) -> TrainConfig:
         """HiST's `TrainConfig` (`build_config` of these settings)."""
         return build_config(self.config, self.overrides, seed=self.seed, genes=self.genes, progress=self.progress)
-
-
-def _check_methods(methods: Sequence[str]) -> list[str]:
-    known = {"hist", *list_methods()}
-    out = []
-    for m in methods:
-        m = str(m).strip().lower()
-        if not m:
-            continue
-        if m not in known:
-            raise InputError("--methods", f"unknown method {m!r}; choose from {', '.join(sorted(known))}")
-        if m not in out:
-            out.append(m)
-    if not out:
-        raise InputError("--methods", "no method given")
-    return out
 
 
 def _cohort_names(cohorts: Sequence[str | Path]) -> list[str]:
@@ -269,7 +253,7 @@ def run_accuracy(
         "run_dir": str, "n_genes": int}}, "table": str,
         "out_dir": str, "genes": spec, "methods": [...]}``.
     """
-    methods = _check_methods(methods)
+    methods = check_methods(methods)
     if not cohorts:
         raise InputError("--cohort", "give at least one prepared cohort folder")
     t_seed = int(seed) if train_seed is None else int(train_seed)
@@ -286,7 +270,7 @@ def run_accuracy(
     for src in reuse_from:
         if not (Path(src) / "accuracy.json").is_file():
             raise InputError(src, "not a `hist-st bench accuracy` output folder (no accuracy.json)")
-    again = {"HiST" if m == "hist" else m for m in _check_methods(rerun)} if rerun else set()
+    again = {"HiST" if m == "hist" else m for m in check_methods(rerun)} if rerun else set()
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort = Path(cohort)
         run_dir = out / name

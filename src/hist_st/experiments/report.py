@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hist_st.bench.efficiency import Workers, run_efficiency
+from hist_st.bench.scaling import run_scaling
 from hist_st.cohort import CohortManifest, GeneSet
 from hist_st.errors import InputError
 from hist_st.experiments.ablation import run_ablation
 from hist_st.experiments.accuracy import CVSetup, build_config, per_gene_rows, run_accuracy
-from hist_st.experiments.efficiency import Workers, run_efficiency, run_scaling
 from hist_st.experiments.figures import plot_genes
 from hist_st.experiments.stain import run_stain
 from hist_st.experiments.tokens import run_token_analysis

@@ -16,6 +16,7 @@ share one training loop (`hist_st.methods.trainer`).
 
 from hist_st.methods.base import (
     Method,
+    check_methods,
     get_method,
     list_methods,
     log1p_targets,
@@ -31,8 +32,8 @@ from hist_st.methods.stflow import STFlowBaseline, STFlowDenoiser
 from hist_st.methods.stnet import PatchSource, STNetBaseline, STNetLite0Baseline, image_patch_source
 
 __all__ = [
-    "Method", "get_method", "method_option_names", "list_methods", "register", "variant", "log1p_targets",
-    "slide_embeddings", "HiSTMethod", "MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline", "MLPBaseline",
-    "BLEEPBaseline", "bleep_loss", "STNetBaseline", "STNetLite0Baseline", "PatchSource", "image_patch_source",
-    "STFlowBaseline", "STFlowDenoiser",
+    "Method", "check_methods", "get_method", "method_option_names", "list_methods", "register", "variant",
+    "log1p_targets", "slide_embeddings", "HiSTMethod", "MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline",
+    "MLPBaseline", "BLEEPBaseline", "bleep_loss", "STNetBaseline", "STNetLite0Baseline", "PatchSource",
+    "image_patch_source", "STFlowBaseline", "STFlowDenoiser",
 ]

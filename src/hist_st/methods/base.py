@@ -27,7 +27,7 @@ from hist_st.runtime import resolve_device, seed_everything
 from hist_st.slide import Slide
 
 __all__ = ["Method", "register", "variant", "options_of", "get_method", "method_option_names", "list_methods",
-           "log1p_targets", "slide_embeddings"]
+           "check_methods", "log1p_targets", "slide_embeddings"]
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -83,6 +83,21 @@ def options_of(local_vars: dict[str, Any]) -> dict[str, Any]:
 def list_methods() -> list[str]:
     """Names accepted by `get_method`, sorted."""
     return sorted(_REGISTRY)
+
+
+def check_methods(methods: Sequence[str], option: str = "--methods") -> list[str]:
+    """Method names as given by a user (case and spaces ignored, repeats dropped), each checked.
+
+    Raises:
+        InputError: An unknown name (naming ``option`` and the known ones), or no name at all.
+    """
+    names = list(dict.fromkeys(m.strip().lower() for m in map(str, methods) if m.strip()))
+    unknown = [m for m in names if m not in _REGISTRY]
+    if unknown:
+        raise InputError(option, f"unknown method {unknown[0]!r}; choose from {', '.join(list_methods())}")
+    if not names:
+        raise InputError(option, "no method given")
+    return names
 
 
 def get_method(name: str, **options: Any) -> Method:

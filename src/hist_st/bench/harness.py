@@ -1,0 +1,194 @@
+"""The one benchmark harness: a measurement in a fresh process, its peak memory, its timing and the machine's.
+
+Used by `hist_st.bench.speed` (``hist-st bench speed``), `hist_st.bench.efficiency` (Table 1) and
+`hist_st.bench.scaling` (Figure 3):
+
+- `run_isolated` runs ``worker(spec)`` of a `hist_st.bench` module in a fresh ``python -m
+  hist_st.bench.harness`` process with a timeout, so that one measurement's allocations, caches and
+  imports never count against another's; a crash or timeout becomes ``{..., "error": str}``;
+- `PeakMemory` reads one phase's peak memory: on the CPU the resident set size (RSS) before the phase
+  and its peak inside it (Linux resets the kernel's high-water mark on entry, ``/proc/self/clear_refs``,
+  so the peak is exact and belongs to the phase; elsewhere it is the process's peak so far); on CUDA the
+  peak allocated and reserved memory. GB = 1e9 bytes;
+- `timed_steps` times a step synchronised (CUDA), after a warm-up; `matmul_gflops` is the same-process
+  dense matmul reference that a model's FLOP/s are read against.
+
+```python
+from hist_st.bench.harness import PeakMemory, matmul_gflops, run_isolated, timed_steps
+with PeakMemory("cpu") as mem:
+    seconds = timed_steps(step, "cpu", repeats=3)       # [3] seconds, after one warm-up step
+mem.record("train_")   # {"train_rss_before_gb", "train_rss_peak_gb", "train_rss_delta_gb"} (+ CUDA keys)
+rec = run_isolated("hist_st.bench.speed", {"spots": 500, ...}, timeout=600, threads=2)
+```
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from hist_st.errors import InputError
+
+__all__ = ["GB", "PeakMemory", "current_rss", "matmul_gflops", "run_isolated", "sync", "timed_steps"]
+
+GB = 1e9
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued kernels (CUDA); nothing on the CPU."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_steps(step: Callable[[], Any], device: str, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` untimed ones, synchronised."""
+    times = []
+    for i in range(warmup + repeats):
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """Dense ``size x size`` matmul GFLOP/s of this process now (median of ``repeats`` after a warm-up)."""
+    a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+    b = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+    return 2 * size**3 / statistics.median(timed_steps(lambda: a @ b, device, repeats)) / 1e9
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes."""
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    """Peak RSS of this process in bytes since the last `_reset_peak_rss` (Linux: ``VmHWM``), else since it
+    started (``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0); elsewhere nothing."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``), so that a phase's RSS increase counts its
+    own allocations rather than being hidden by memory an earlier phase freed but the allocator kept."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS deltas may undercount reused memory
+        pass
+
+
+class PeakMemory:
+    """Peak memory of this process inside a ``with`` block (one phase of a measurement).
+
+    Attributes (after the block): ``rss_before`` / ``rss_peak`` (bytes), and on CUDA ``cuda_allocated`` /
+    ``cuda_reserved`` (bytes, peaks inside the block).
+    """
+
+    def __init__(self, device: str) -> None:
+        self.cuda = str(device).startswith("cuda")
+        self.rss_before = self.rss_peak = 0
+        self.cuda_allocated = self.cuda_reserved = 0
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        _release_free_memory()
+        self.rss_before = current_rss()  # before CUDA starts (its context counts in the phase, as in a run)
+        _reset_peak_rss()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.rss_peak = max(_peak_rss(), current_rss(), self.rss_before)
+        if self.cuda:
+            self.cuda_allocated = torch.cuda.max_memory_allocated()
+            self.cuda_reserved = torch.cuda.max_memory_reserved()
+
+    def record(self, prefix: str = "") -> dict[str, float]:
+        """``{prefix}rss_before_gb``, ``rss_peak_gb``, ``rss_delta_gb`` and on CUDA ``alloc_gb``, ``reserved_gb``."""
+        out = {f"{prefix}rss_before_gb": self.rss_before / GB, f"{prefix}rss_peak_gb": self.rss_peak / GB,
+               f"{prefix}rss_delta_gb": (self.rss_peak - self.rss_before) / GB}
+        if self.cuda:
+            out.update({f"{prefix}alloc_gb": self.cuda_allocated / GB, f"{prefix}reserved_gb": self.cuda_reserved / GB})
+        return out
+
+
+def run_isolated(module: str, spec: Mapping[str, Any], *, timeout: float | None, threads: int = 0,
+                 label: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``module.worker(spec)`` in a fresh ``python -m hist_st.bench.harness`` process.
+
+    Args:
+        module: A `hist_st.bench` module with ``worker(spec: dict) -> dict`` (e.g. ``hist_st.bench.speed``).
+        spec: The JSON-able measurement spec.
+        timeout: Seconds before the process is killed (None: no limit).
+        threads: OMP/MKL threads of the process (0: the environment's).
+        label: What an error record holds besides ``error`` (default: ``spec``).
+
+    Returns:
+        The worker's record, or ``{**label, "error": "timed out after N s" | "exit C: <last stderr lines>"}``.
+    """
+    label = dict(spec if label is None else label)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
+    with tempfile.TemporaryDirectory(prefix="hist-st-bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec, default=str))
+        cmd = [sys.executable, "-m", "hist_st.bench.harness", module, str(spec_path), str(out_path)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**label, "error": f"timed out after {timeout:.0f} s"}
+        if proc.returncode != 0 or not out_path.is_file():
+            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+            return {**label, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+        return json.loads(out_path.read_text())
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 3 or not argv[0].startswith("hist_st.bench."):
+        print("usage: python -m hist_st.bench.harness hist_st.bench.MODULE SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    worker = importlib.import_module(argv[0]).worker
+    try:
+        rec = worker(json.loads(Path(argv[1]).read_text()))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    Path(argv[2]).write_text(json.dumps(rec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,102 @@
+"""Log-log figures of the benchmarks: `plot_speed` (``bench speed``) and `plot_scaling` (paper Figure 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_speed", "plot_scaling"]
+
+
+def _plt() -> Any:
+    """``matplotlib.pyplot`` with the non-interactive backend, imported only when a figure is drawn (a
+    measuring process stays free of it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _loglog(ax: Any, series: Mapping[str, Sequence[tuple[float, float]]], xlabel: str, ylabel: str,
+            colours: Mapping[str, Any] | None = None, ticks: Sequence[int] = ()) -> None:
+    """One log-log panel: a line per ``label -> [(x, y), ...]``; ``ticks``: label these x values only."""
+    for label, pts in series.items():
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, "o-", lw=1.5, color=(colours or {}).get(label), label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if ticks:  # the measured sizes only (log-axis minor labels collide)
+        ax.set_xticks(list(ticks), [str(x) for x in ticks])
+        ax.xaxis.set_minor_formatter(_plt().NullFormatter())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def plot_speed(results: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
+    """``speed_vs_spots.png`` and ``speed_vs_genes.png``: time and peak memory (CUDA reserved, else RSS) of
+    `hist_st.bench.speed` records, per mode, at the sweep's fixed value of the other axis."""
+    plt, ok, paths = _plt(), [r for r in results if "error" not in r], []
+    for axis, fixed in (("spots", "genes"), ("genes", "spots")):
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+        times, mems = {}, {}
+        for mode in ("infer", "train"):
+            vals = [r[fixed] for r in ok if r["mode"] == mode]
+            keep = max(set(vals), key=vals.count) if vals else None  # the most common: the sweep's fixed value
+            rows = [r for r in ok if r["mode"] == mode and r[fixed] == keep]
+            if len(rows) >= 2:
+                label = f"{mode} ({fixed}={keep})"
+                times[label] = [(r[axis], r["seconds"]) for r in rows]
+                mems[label] = [(r[axis], r.get("cuda_reserved_gb", r["peak_rss_gb"])) for r in rows]
+        _loglog(ax_t, times, axis, "seconds per slide")
+        _loglog(ax_m, mems, axis, "peak memory (GB)")
+        for ax in (ax_t, ax_m) if times else ():
+            ax.legend()
+        fig.suptitle(f"HiST time and memory vs {axis}")
+        fig.tight_layout()
+        paths.append(_save(fig, Path(out_dir) / f"speed_vs_{axis}.png"))
+    return paths
+
+
+def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
+    """Figure 3: train and inference time (top) and peak memory (bottom) against spots and genes, log-log.
+
+    Args:
+        records: Dicts with ``method``, ``axis`` (``"spots"`` or ``"genes"``), ``n_spots``, ``n_genes``,
+            ``train_s_per_slide``, ``infer_s_per_slide``, ``train_mem_gb``, ``infer_mem_gb``; failed
+            runs (``error``) or missing values are left out.
+        out: PNG path.
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), dpi=120)
+    methods = sorted({r["method"] for r in records}, key=lambda m: (m != "hist", m))
+    colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for c, (axis, phase) in enumerate([("spots", "train"), ("spots", "infer"), ("genes", "train"), ("genes", "infer")]):
+        xkey = "n_spots" if axis == "spots" else "n_genes"
+        ticks = sorted({rec[xkey] for rec in records if rec["axis"] == axis and "error" not in rec})
+        for r, (key, ylabel) in enumerate(((f"{phase}_s_per_slide", f"{phase} s/slide"),
+                                           (f"{phase}_mem_gb", f"{phase} memory GB (CPU: ΔRSS)"))):
+            series = {m: [(rec[xkey], rec[key]) for rec in records if rec["method"] == m and rec["axis"] == axis
+                          and rec.get(key) is not None and rec[key] > 0] for m in methods}
+            _loglog(axes[r, c], series, "spots per slide" if axis == "spots" else "genes", ylabel, colour, ticks)
+            axes[r, c].set_title(f"{phase} / {axis}")
+    legend: dict[str, Any] = {}  # label -> first handle
+    for ax in axes.ravel():
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=len(legend), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return _save(fig, out)
