@@ -83,13 +83,11 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     cfg = _cfg(args)
     baselines = [b for b in (args.baselines or "").split(",") if b]
-    summary = cross_validate(
-        cfg, args.slides, args.out, k=args.folds, group_by=args.group_by, folds=args.splits,
-        slide_ids=_ids(args.ids), baselines=baselines, write_predictions=not args.no_predictions,
-        mc_samples=args.mc_samples, progress=cfg.progress,
-    )
-    print(summary["table"])
-    print(f"results in {summary['out_dir']}")
+    res = cross_validate(cfg, args.slides, args.out, k=args.folds, group_by=args.group_by, folds=args.splits,
+                         slide_ids=_ids(args.ids), baselines=baselines, write_predictions=not args.no_predictions,
+                         mc_samples=args.mc_samples, progress=cfg.progress)
+    print(res.table)
+    print(f"results in {res.out_dir}")
     return 0
 
 

@@ -214,9 +214,10 @@ def hist_rows(
         res = run_cv(plan(), [HiSTMethod(cfg, dist_info=dist_info)], out / row, seed=cfg.seed,
                      write_predictions=False, dist_info=dist_info, progress=progress,
                      cache=ResultCache(reuse_from) if reuse else None)
-        summaries[row] = res["methods"].get("HiST")
-        if "HiST" in res["reused"]:
-            reused[row] = res["reused"]["HiST"]
+        hist = res.methods.get(HiSTMethod.display_name)
+        summaries[row] = hist.summary if hist is not None else None
+        if hist is not None and hist.reused_from:
+            reused[row] = hist.reused_from
     write_json(reused, out / "reused.json")
     return read_json(write_json(summaries, out / f"{name}.json")), reused
 

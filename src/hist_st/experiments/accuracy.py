@@ -43,19 +43,16 @@ from hist_st.train.config import TrainConfig, config_to_dict, load_config, with_
 from hist_st.train.distributed import DistInfo, init_distributed
 
 __all__ = [
-    "METHODS",
-    "DISPLAY",
+    "display",
     "build_config",
     "CVSetup",
     "run_accuracy",
     "per_gene_rows",
 ]
 
-#: Method names accepted by the experiment commands (``hist`` plus the registered baselines).
-METHODS = ("hist", "mean", "ridge", "ridge-robust", "mlp", "bleep", "stnet", "stnet-lite0", "stflow")
-#: Name used for each method in tables (run_cv reports HiST as "HiST").
-DISPLAY = {"hist": "HiST", "mean": "mean", "ridge": "ridge", "mlp": "mlp", "bleep": "bleep", "stnet": "stnet",
-           "stflow": "stflow", "ridge-robust": "ridge-robust", "stnet-lite0": "stnet-lite0"}
+def display(method: str) -> str:
+    """A method's name in tables (`hist_st.methods.Method.label`): ``hist`` -> ``HiST``, others unchanged."""
+    return HiSTMethod.display_name if method == HiSTMethod.name else method
 
 
 def build_config(
@@ -286,7 +283,7 @@ def run_accuracy(
     for src in reuse_from:
         if not (Path(src) / "accuracy.json").is_file():
             raise InputError(src, "not a `hist-st bench accuracy` output folder (no accuracy.json)")
-    again = {"HiST" if m == "hist" else m for m in _check_methods(rerun)} if rerun else set()
+    again = {display(m) for m in _check_methods(rerun)} if rerun else set()
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort = Path(cohort)
         run_dir = out / name
@@ -297,14 +294,11 @@ def run_accuracy(
         res = run_cv(plan, [_method(m, cfg, baseline_options, info) for m in methods], run_dir, seed=cfg.seed,
                      write_predictions=write_predictions, dist_info=info, progress=progress, cache=cache,
                      retrain=again)
-        shown = {m: DISPLAY.get(m, m) for m in methods}
-        label = {m: "HiST" if m == "hist" else m for m in methods}
-        ordered = {shown[m]: res["methods"][label[m]] for m in methods}  # the user's method order
-        seconds = {shown[m]: float(res["seconds"][label[m]]) for m in methods}
-        reused_from = {shown[m]: str(Path(res["reused"][label[m]]).parent) for m in methods
-                       if label[m] in res["reused"]}
-        devices = {shown[m]: _source_device(reused_from.get(shown[m]), name, shown[m])
-                   or _method_device(m, cfg, baseline_options) for m in methods}
+        ordered = {label: m.summary for label, m in res.methods.items()}  # the user's method order
+        seconds = {label: float(m.seconds) for label, m in res.methods.items()}
+        reused_from = {label: str(Path(m.reused_from).parent) for label, m in res.methods.items() if m.reused_from}
+        devices = {label: _source_device(reused_from.get(label), name, label) or _method_device(m, cfg, baseline_options)
+                   for m, label in zip(methods, res.methods)}
         n_genes = len(plan.genes) if plan.genes is not None else None
         results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
                          "n_genes": n_genes, "devices": devices, "reused_from": reused_from,

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.experiments.accuracy import DISPLAY, run_accuracy
+from hist_st.experiments.accuracy import display, run_accuracy
 from hist_st.jsonio import read_json, write_json
 from hist_st.metrics import STD_DDOF
 from hist_st.train.folds import load_folds
@@ -212,7 +212,7 @@ def run_accuracy_seeds(
         runs[s] = run_accuracy(cohorts, out / f"seed_{s}", methods=methods, seed=seed, train_seed=s,
                                reuse_from=sources, command=command, **kwargs)
     first = runs[seeds[0]]
-    ref = DISPLAY.get(reference, reference) if reference in first["methods"] else None
+    ref = display(reference) if reference in first["methods"] else None
     cohorts_out: dict[str, Any] = {}
     tables = []
     for name in first["cohorts"]:
