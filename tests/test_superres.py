@@ -51,10 +51,17 @@ def test_superres_end_to_end_on_a_toy_cohort(tmp_path):
     assert (tmp_path / "sr" / res["figure"]).stat().st_size > 5000
     assert "gap closed" in (tmp_path / "sr" / "table.md").read_text()
     assert json.loads((tmp_path / "sr" / "superres.json").read_text())["block"] == 2
-    # a second call keeps the finished fold models (same config, slides, genes)
+    assert res["cached_models"] == []
+    # a second call takes every fold model from the result cache (same config, slides, genes): equal numbers
     stamp = (tmp_path / "sr" / "fold_0" / "spot" / "model.pt").stat().st_mtime_ns
-    run_superres(cohort, tmp_path / "sr", genes="he:5", folds=3, overrides=over, progress=False)
+    again = run_superres(cohort, tmp_path / "sr", genes="he:5", folds=3, overrides=over, progress=False)
     assert (tmp_path / "sr" / "fold_0" / "spot" / "model.pt").stat().st_mtime_ns == stamp
+    assert len(again["cached_models"]) == 9 and "fold_0/superres" in again["cached_models"]
+    assert again["methods"] == res["methods"] and "result cache" in (tmp_path / "sr" / "table.md").read_text()
+    # a model file that is no longer the one the cache recorded is trained again
+    (tmp_path / "sr" / "fold_0" / "spot" / "model.pt").write_bytes(b"other")
+    third = run_superres(cohort, tmp_path / "sr", genes="he:5", folds=3, overrides=over, progress=False)
+    assert "fold_0/spot" not in third["cached_models"] and len(third["cached_models"]) == 8
     with pytest.raises(InputError, match="--block"):
         run_superres(cohort, tmp_path / "bad", block=1)
 

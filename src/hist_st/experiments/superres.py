@@ -33,7 +33,7 @@ coordinates).
 from __future__ import annotations
 
 import dataclasses
-import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,16 +41,17 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.evaluate.cache import ResultCache, cached_model, fold_key, slide_fingerprint, write_model_entry
 from hist_st.evaluate.plan import make_plan
 from hist_st.experiments.accuracy import build_config
-from hist_st.jsonio import read_json, to_jsonable, write_json
+from hist_st.jsonio import to_jsonable, write_json
 from hist_st.lattice import continuous_coords, to_lattice
+from hist_st.methods import HiSTMethod
 from hist_st.metrics import evaluate_fold, summarise_folds
 from hist_st.pl import normalise_counts
 from hist_st.slide import read_prepared, write_prepared
 from hist_st.train.checkpoint import load_bundle
 from hist_st.train.coarse import coarsen_slide
-from hist_st.train.config import config_to_dict
 from hist_st.train.data import gene_counts, read_manifest, select_genes
 from hist_st.train.folds import save_folds
 from hist_st.train.loop import train
@@ -118,23 +119,21 @@ def gap_closed(value: float, low: float, high: float) -> float:
     return float((value - low) / (high - low)) if high != low else float("nan")
 
 
-def _same_run(run: Path, key: dict[str, Any]) -> bool:
-    path = run / "superres_key.json"
-    return (run / "model.pt").is_file() and not (run / "resume.pt").is_file() and path.is_file() and \
-        read_json(path) == json.loads(json.dumps(to_jsonable(key)))  # fmt: skip
-
-
-def _fit(cfg: Any, slides: Sequence[Any], genes: list[str], run: Path, desc: str, reuse: bool) -> Any:
-    """Train (or, with ``reuse``, load the finished identical run in ``run``) and return its bundle."""
-
-    key = {"config": {k: v for k, v in config_to_dict(cfg).items() if k not in ("progress", "threads", "device",
-                                                                                 "num_workers")},
-           "slides": sorted(s.slide_id for s in slides), "genes": genes,
-           "n_spots": {s.slide_id: int(s.n_spots) for s in slides}}  # fmt: skip
-    if reuse and _same_run(run, key):
-        return load_bundle(run / "model.pt")
+def _fit(cfg: Any, slides: Sequence[Any], genes: list[str], run: Path, desc: str, cache: ResultCache | None,
+         hits: list[str]) -> Any:
+    """Train HiST with ``cfg`` on ``slides`` into ``run`` and return its bundle, or load the model the result cache
+    holds there for the same key (`hist_st.evaluate.cache`: config with its supervision, slides and their content,
+    genes, embedding, seed); a model taken from the cache is named in ``hits``."""
+    key = fold_key(HiSTMethod(cfg), {"train": [s.slide_id for s in slides], "test": []}, genes,
+                   embedding=cfg.embedding, seed=cfg.seed,
+                   fingerprints={s.slide_id: slide_fingerprint(s, cfg.embedding) for s in slides})
+    path = cached_model(cache, key, run)
+    if path is not None:
+        hits.append(f"{run.parent.name}/{run.name}")
+        return load_bundle(path)
+    t0 = time.perf_counter()
     result = train(cfg, list(slides), genes=genes, out_dir=run, desc=desc, overwrite=True)
-    write_json(key, run / "superres_key.json")
+    write_model_entry(run, key, "model.pt", time.perf_counter() - t0)
     return result.bundle
 
 
@@ -168,8 +167,9 @@ def run_superres(
         plot_genes: Genes of the map figure (default: the two with the highest spot-level variance of
             normalised measured expression on the figure's slide).
         progress: Progress bars.
-        reuse: Keep a fold's finished model when an earlier call trained it with the same config, slides
-            and genes (``fold_<i>/<model>/superres_key.json``).
+        reuse: Take a fold's model from the result cache (``fold_<i>/<model>/cache/``) when an earlier call
+            trained it with the same key (config with supervision, slides and their content, genes, embedding,
+            seed); the models taken are listed in ``cached_models``.
         command: The command line, recorded in the JSON.
 
     Returns:
@@ -196,6 +196,7 @@ def run_superres(
     save_folds(fold_list, out / "splits.json", k=len(fold_list), seed=cfg.seed, group_by=None, slides_dir=str(cohort))
     (out / "genes.txt").write_text("\n".join(gene_list) + "\n")
 
+    cache, hits = (ResultCache() if reuse else None), []
     per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     coarse_level: dict[str, list[dict[str, Any]]] = {"coarse_model": [], "superres_summed": []}
     fold_records = []
@@ -206,10 +207,10 @@ def run_superres(
         train_fine = [by_id[s] for s in sorted(f["train"])]
         train_coarse = [coarse[s][0] for s in sorted(f["train"])]
         spot_cfg = dataclasses.replace(cfg, supervise="spot")
-        b_spot = _fit(spot_cfg, train_fine, gene_list, fdir / "spot", f"fold {i} spot", reuse)
+        b_spot = _fit(spot_cfg, train_fine, gene_list, fdir / "spot", f"fold {i} spot", cache, hits)
         b_sr = _fit(dataclasses.replace(cfg, supervise=f"coarse{block}"), train_fine, gene_list, fdir / "superres",
-                    f"fold {i} superres", reuse)  # fmt: skip
-        b_coarse = _fit(spot_cfg, train_coarse, gene_list, fdir / "coarse", f"fold {i} coarse", reuse)
+                    f"fold {i} superres", cache, hits)
+        b_coarse = _fit(spot_cfg, train_coarse, gene_list, fdir / "coarse", f"fold {i} coarse", cache, hits)
         preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
         truths, coarse_truths = {}, {}
         full_rows: dict[str, list[np.ndarray]] = {m: [] for m in artefact}
@@ -295,6 +296,7 @@ def run_superres(
         "position_effect": {m: {"mean": float(np.mean(v)), "values": v} for m, v in artefact.items() if v},
         "figure": str(figure.name),
         "figure_slide": fig_slide,
+        "cached_models": hits,
     }
     result = to_jsonable(result)
     write_json(result, out / "superres.json")
@@ -329,6 +331,8 @@ def superres_markdown(result: dict[str, Any]) -> str:
     names = {"coarse_model": "coarse model", "superres_summed": "super-resolution, spots summed per block"}
     for k, s in result["coarse_level"].items():
         lines.append(f"| {names.get(k, k)} | " + " | ".join(_fmt(s, p, m) for p, m in _METRICS) + " |")
+    if result.get("cached_models"):
+        lines += ["", "Taken from the result cache (trained identically before): " + ", ".join(result["cached_models"])]
     if result.get("position_effect"):
         lines += ["", "Within-block position effect (`position_effect`, complete blocks of the held-out slides; measured = "
                   "noise floor): " + ", ".join(f"{m} {v['mean']:.3f}" for m, v in result["position_effect"].items())]  # fmt: skip
@@ -436,22 +440,22 @@ def run_subspot(
     if not 0 <= fold < len(fold_list):
         raise InputError("--fold", f"must be in 0..{len(fold_list) - 1}, got {fold}")
     f = fold_list[fold]
-    cache = out / "subspots"
-    cache.mkdir(parents=True, exist_ok=True)
+    sub_dir = out / "subspots"
+    sub_dir.mkdir(parents=True, exist_ok=True)
     subs = {}
     for sid in sorted(by_id):
-        path = cache / f"{sid}.h5ad"
+        path = sub_dir / f"{sid}.h5ad"
         cached = read_prepared(path) if reuse and path.is_file() else None
         if cached is not None and (cached.meta.get("subspot") or {}).get("factor") == factor:
             subs[sid] = set_subspot_grid(cached, by_id[sid])
         else:
             subs[sid] = subspot_slide(by_id[sid], factor, progress=progress)
             write_prepared(subs[sid], path)
-    fdir = out / f"fold_{fold}"
+    fdir, cache, hits = out / f"fold_{fold}", (ResultCache() if reuse else None), []
     b_spot = _fit(dataclasses.replace(cfg, supervise="spot"), [by_id[s] for s in sorted(f["train"])], gene_list,
-                  fdir / "spot", f"fold {fold} spot", reuse)  # fmt: skip
+                  fdir / "spot", f"fold {fold} spot", cache, hits)
     b_sub = _fit(dataclasses.replace(cfg, supervise=f"coarse{factor}"), [subs[s] for s in sorted(f["train"])],
-                 gene_list, fdir / f"subspot{factor}", f"fold {fold} subspot", reuse)  # fmt: skip
+                 gene_list, fdir / f"subspot{factor}", f"fold {fold} subspot", cache, hits)
     preds: dict[str, dict[str, np.ndarray]] = {"spot": {}, "subspot_summed": {}}
     truths, fine = {}, {}
     for sid in sorted(f["test"]):
@@ -475,7 +479,7 @@ def run_subspot(
         "cohort": str(cohort), "genes": genes, "n_genes": len(gene_list), "fold": fold, "test": sorted(f["test"]),
         "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": subs[fig_slide].spot_pitch_um,
         "n_subspots": {s: int(subs[s].n_spots) for s in sorted(f["test"])}, "scores": scores, "figure": figure.name,
-        "position_effect": artefact,
+        "position_effect": artefact, "cached_models": hits,
     })  # fmt: skip
     write_json(result, out / f"subspot_fold{fold}.json")
     return result
