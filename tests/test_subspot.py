@@ -114,5 +114,8 @@ def test_bench_subspot_on_a_synthetic_cohort(slides, tmp_path):
         assert -1 <= s["per_gene"]["pcc"]["mean"] <= 1
     assert (tmp_path / "out" / res["figure"]).stat().st_size > 5000
     assert (tmp_path / "out" / "subspot_fold0.json").is_file() and (tmp_path / "out" / "subspots" / "s0.h5ad").is_file()
+    again = run_subspot(cohort, tmp_path / "out", genes="he:5", folds=3, overrides=over, progress=False)
+    assert res["cached_models"] == [] and again["scores"] == res["scores"]
+    assert {"fold_0/spot", "fold_0/subspot2", "subspots/s0.h5ad"} <= set(again["cached_models"])
     with pytest.raises(InputError, match="--fold"):
         run_subspot(cohort, tmp_path / "out", genes="he:5", folds=3, fold=5, overrides=over, progress=False)

@@ -19,8 +19,9 @@ entry = cache.get(key)                            # None on a miss; a corrupted 
 ```
 Entries are written atomically (`hist_st.jsonio.write_json`) and carry their own key fields; a file whose
 fields do not hash to its name, or that is not valid JSON, is ignored with a `UserWarning`. An experiment that
-needs the trained model itself, not only its scores (``bench superres``/``subspot``), records the checkpoint
-with `write_model_entry` (file name + content hash) and takes it back with `cached_model`, under the same key.
+needs a file itself, not only scores (``bench superres``/``subspot``: trained models, sub-spot slides), records it
+with `write_file_entry` (file name + content hash) and takes it back with `cached_file`, under a key made the same
+way.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from hist_st.methods.base import Method
 from hist_st.slide import Slide
 from hist_st.train.config import TrainConfig, config_to_dict
 
-__all__ = ["ResultCache", "digest", "fold_key", "method_signature", "slide_fingerprint", "CACHE_DIR", "cached_model",
-           "write_model_entry"]
+__all__ = ["ResultCache", "digest", "fold_key", "method_signature", "slide_fingerprint", "CACHE_DIR", "cached_file",
+           "file_digest", "write_file_entry"]
 
 #: Version of the entry format; entries of another version are misses.
 VERSION = 1
@@ -172,17 +173,17 @@ def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def cached_model(cache: ResultCache | None, key_fields: Mapping[str, Any], run_dir: str | Path) -> Path | None:
-    """``run_dir/<model>`` when ``cache`` holds an entry for ``key_fields`` there and the file is still the one
-    it recorded (content hash); None otherwise (also when ``cache`` is None)."""
-    entry = cache.get(digest(key_fields), run_dir) if cache is not None else None
-    path = Path(run_dir) / str((entry or {}).get("model", ""))
-    if entry is None or not path.is_file() or file_digest(path) != entry.get("model_sha256"):
+def cached_file(cache: ResultCache | None, key_fields: Mapping[str, Any], folder: str | Path) -> Path | None:
+    """The file ``folder/<name>`` that ``cache`` holds an entry for ``key_fields`` about (in ``folder/cache``),
+    when the file is still the one the entry recorded (content hash); None otherwise, or when ``cache`` is None."""
+    entry = cache.get(digest(key_fields), folder) if cache is not None else None
+    path = Path(folder) / str((entry or {}).get("file", ""))
+    if entry is None or not path.is_file() or file_digest(path) != entry.get("sha256"):
         return None
     return path
 
 
-def write_model_entry(run_dir: str | Path, key_fields: Mapping[str, Any], model: str, seconds: float) -> Path:
-    """Record that ``run_dir/<model>`` (a finished checkpoint) is the result of ``key_fields``."""
-    return write_entry(run_dir, key_fields, {"model": model, "model_sha256": file_digest(Path(run_dir) / model),
-                                             "seconds": seconds, "origin": str(run_dir)})
+def write_file_entry(folder: str | Path, key_fields: Mapping[str, Any], name: str, seconds: float) -> Path:
+    """Record that ``folder/<name>`` (a finished checkpoint, a derived slide) is the result of ``key_fields``."""
+    return write_entry(folder, key_fields, {"file": name, "sha256": file_digest(Path(folder) / name),
+                                            "seconds": seconds, "origin": str(folder)})

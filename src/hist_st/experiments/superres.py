@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.evaluate.cache import ResultCache, cached_model, fold_key, slide_fingerprint, write_model_entry
+from hist_st.evaluate.cache import ResultCache, cached_file, fold_key, slide_fingerprint, write_file_entry
 from hist_st.evaluate.plan import make_plan
 from hist_st.experiments.accuracy import build_config
 from hist_st.jsonio import to_jsonable, write_json
@@ -127,13 +127,13 @@ def _fit(cfg: Any, slides: Sequence[Any], genes: list[str], run: Path, desc: str
     key = fold_key(HiSTMethod(cfg), {"train": [s.slide_id for s in slides], "test": []}, genes,
                    embedding=cfg.embedding, seed=cfg.seed,
                    fingerprints={s.slide_id: slide_fingerprint(s, cfg.embedding) for s in slides})
-    path = cached_model(cache, key, run)
+    path = cached_file(cache, key, run)
     if path is not None:
         hits.append(f"{run.parent.name}/{run.name}")
         return load_bundle(path)
     t0 = time.perf_counter()
     result = train(cfg, list(slides), genes=genes, out_dir=run, desc=desc, overwrite=True)
-    write_model_entry(run, key, "model.pt", time.perf_counter() - t0)
+    write_file_entry(run, key, "model.pt", time.perf_counter() - t0)
     return result.bundle
 
 
@@ -440,18 +440,19 @@ def run_subspot(
     if not 0 <= fold < len(fold_list):
         raise InputError("--fold", f"must be in 0..{len(fold_list) - 1}, got {fold}")
     f = fold_list[fold]
-    sub_dir = out / "subspots"
-    sub_dir.mkdir(parents=True, exist_ok=True)
+    sub_dir, cache, hits = out / "subspots", (ResultCache() if reuse else None), []
     subs = {}
-    for sid in sorted(by_id):
-        path = sub_dir / f"{sid}.h5ad"
-        cached = read_prepared(path) if reuse and path.is_file() else None
-        if cached is not None and (cached.meta.get("subspot") or {}).get("factor") == factor:
-            subs[sid] = set_subspot_grid(cached, by_id[sid])
+    for sid in sorted(by_id):  # sub-spot slides: from the cache when made from the same slide content and factor
+        key = {"subspot_factor": factor, "slide": slide_fingerprint(by_id[sid], plan.embedding)}
+        path = cached_file(cache, key, sub_dir)
+        if path is not None:
+            hits.append(f"subspots/{sid}.h5ad")
         else:
-            subs[sid] = subspot_slide(by_id[sid], factor, progress=progress)
-            write_prepared(subs[sid], path)
-    fdir, cache, hits = out / f"fold_{fold}", (ResultCache() if reuse else None), []
+            t0 = time.perf_counter()
+            path = write_prepared(subspot_slide(by_id[sid], factor, progress=progress), sub_dir / f"{sid}.h5ad")
+            write_file_entry(sub_dir, key, path.name, time.perf_counter() - t0)
+        subs[sid] = set_subspot_grid(read_prepared(path), by_id[sid])  # as stored: a fresh and a cached run alike
+    fdir = out / f"fold_{fold}"
     b_spot = _fit(dataclasses.replace(cfg, supervise="spot"), [by_id[s] for s in sorted(f["train"])], gene_list,
                   fdir / "spot", f"fold {fold} spot", cache, hits)
     b_sub = _fit(dataclasses.replace(cfg, supervise=f"coarse{factor}"), [subs[s] for s in sorted(f["train"])],
