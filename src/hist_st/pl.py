@@ -24,7 +24,7 @@ from hist_st.errors import InputError
 from hist_st.metrics import pearson
 from hist_st.slide import Slide, read_prepared
 
-__all__ = ["VALUES", "normalise_counts", "gene_values", "spot_diameter_px", "map_agreement", "plot_genes"]
+__all__ = ["VALUES", "normalise_counts", "gene_values", "spot_diameter_px", "map_agreement", "plot_genes", "draw_spots"]
 
 #: What a map shows: library-size-normalised log expression (default), log1p counts, or counts.
 VALUES = {
@@ -145,7 +145,7 @@ def _load(x: str | Path | Slide) -> Slide:
     return x if isinstance(x, Slide) else read_prepared(x)
 
 
-def _spots(ax, xy: np.ndarray, diameter: float, vals: np.ndarray, cmap: str, vmin: float, vmax: float):
+def draw_spots(ax, xy: np.ndarray, diameter: float, vals: np.ndarray, cmap: str, vmin: float, vmax: float):
     """Spots as circles of their real diameter (data units), coloured by ``vals``."""
     from matplotlib.collections import EllipseCollection
 
@@ -229,10 +229,10 @@ def plot_genes(
                 ax.imshow(image)
             if kind == "std":
                 sd = std[:, r]
-                coll = _spots(ax, xy, diameter, sd, "magma", float(sd.min()), float(max(sd.max(), sd.min() + 1e-6)))
+                coll = draw_spots(ax, xy, diameter, sd, "magma", float(sd.min()), float(max(sd.max(), sd.min() + 1e-6)))
                 title, cbar = f"{gene}: MC-dropout std", "std of predicted counts"
             else:
-                coll = _spots(ax, xy, diameter, vals[kind], "viridis", vmin, vmax)
+                coll = draw_spots(ax, xy, diameter, vals[kind], "viridis", vmin, vmax)
                 title, cbar = f"{gene}: {kind}", label
                 if kind == "predicted" and measured is not None:
                     title += f" (r = {pearson(vals['predicted'], vals['measured']):.2f})"

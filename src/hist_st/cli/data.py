@@ -73,7 +73,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--encoder-precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the encoder in bfloat16 on the CPU (AMX; faster, embeddings differ by bf16 "
-                   "rounding, see docs/results/speed.md); fp32 (default) keeps embeddings as they were")  # fmt: skip
+                   "rounding, see docs/results/speed.md); fp32 (default) keeps embeddings as they were")
     p.add_argument(
         "--stain-norm", choices=("none", "macenko"), default="none", help="stain normalisation (torchstain)"
     )

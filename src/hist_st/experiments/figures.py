@@ -17,10 +17,11 @@ import numpy as np
 
 from hist_st.pl import plot_genes
 
-__all__ = ["plot_genes", "plot_token_pca", "plot_scaling"]
+__all__ = ["plot_genes", "plot_token_pca", "plot_scaling", "pyplot", "save_figure"]
 
 
-def _plt():
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,11 +30,12 @@ def _plt():
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (parents created, tight bounding box) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -44,7 +46,7 @@ def plot_token_pca(
     """Scatter of the per-slide tokens on their first two principal components, coloured by group."""
     from sklearn.decomposition import PCA
 
-    plt = _plt()
+    plt = pyplot()
     x = np.asarray(tokens, dtype=np.float64)
     n_comp = int(min(2, x.shape[0], x.shape[1]))
     z = PCA(n_components=n_comp).fit(x)
@@ -68,7 +70,7 @@ def plot_token_pca(
         ax.legend(fontsize=7, loc="best", frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
@@ -80,7 +82,7 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
             runs (``error``) or missing values are left out.
         out: PNG path.
     """
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 4, figsize=(16, 7), dpi=120)
     methods = sorted({r["method"] for r in records}, key=lambda m: (m != "hist", m))
     cmap = plt.get_cmap("tab10")
@@ -116,4 +118,4 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
     if handles:
         fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    return _save(fig, out)
+    return save_figure(fig, out)

@@ -44,11 +44,12 @@ from hist_st.errors import InputError
 from hist_st.evaluate.cache import ResultCache, cached_file, fold_key, slide_fingerprint, write_file_entry
 from hist_st.evaluate.plan import make_plan
 from hist_st.experiments.accuracy import build_config
+from hist_st.experiments.figures import pyplot, save_figure
 from hist_st.jsonio import to_jsonable, write_json
 from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.methods import HiSTMethod
 from hist_st.metrics import evaluate_fold, summarise_folds
-from hist_st.pl import normalise_counts
+from hist_st.pl import draw_spots, normalise_counts
 from hist_st.slide import read_prepared, write_prepared
 from hist_st.train.checkpoint import load_bundle
 from hist_st.train.coarse import coarsen_slide
@@ -235,7 +236,7 @@ def run_superres(
             full_pos.append(((lat[:, 0] % block) * block + lat[:, 1] % block)[full])
             full_groups.append(groups[full] + 10**6 * len(full_groups))  # blocks of different slides stay apart
             for m, v in (("measured", np.log1p(truth)), ("superres", sr), ("coarse_smooth", preds["coarse_smooth"][sid]),
-                         ("spot", preds["spot"][sid])):  # fmt: skip
+                         ("spot", preds["spot"][sid])):
                 full_rows[m].append(np.asarray(v)[full])
             coarse_truths[sid] = gene_counts(cslide, gene_list).toarray()
             cl_preds["coarse_model"][sid] = np.log1p(c_counts)
@@ -244,7 +245,7 @@ def run_superres(
             cl_preds["superres_summed"][sid] = np.log1p(summed)
             (fdir / "predictions").mkdir(parents=True, exist_ok=True)
             np.savez_compressed(fdir / "predictions" / f"{sid}.npz", **{m: preds[m][sid] for m in METHODS},
-                                counts=truth, groups=groups, spatial=fine.spatial, coarse_spatial=cslide.spatial)  # fmt: skip
+                                counts=truth, groups=groups, spatial=fine.spatial, coarse_spatial=cslide.spatial)
         if full_pos:
             pos_all, groups_all = np.concatenate(full_pos), np.concatenate(full_groups)
             for m in artefact:
@@ -257,7 +258,7 @@ def run_superres(
             coarse_level[k].append(cl_scores[k])
         fold_records.append({"fold": i, "test": sorted(f["test"]),
                              **{m: {"pooled": scores[m]["pooled"], "per_gene_pcc": scores[m]["per_gene"]["pcc"],
-                                    "per_gene_r2": scores[m]["per_gene"]["r2"]} for m in METHODS}})  # fmt: skip
+                                    "per_gene_r2": scores[m]["per_gene"]["r2"]} for m in METHODS}})
 
     summaries = {m: summarise_folds(per_method[m]) for m in METHODS}
     cl_summaries = {k: summarise_folds(v) for k, v in coarse_level.items()}
@@ -267,14 +268,14 @@ def run_superres(
         gaps[name] = {f"{proto}_{met}": gap_closed(summaries[name][proto][met]["mean"],
                                                    summaries["coarse_copy"][proto][met]["mean"],
                                                    summaries["spot"][proto][met]["mean"])
-                      for proto, met in _METRICS}  # fmt: skip
+                      for proto, met in _METRICS}
         fold_gaps[name] = {f"{proto}_{met}": [gap_closed(*(summaries[m][proto][met]["values"][j]
                                                            for m in (name, "coarse_copy", "spot")))
                                               for j in range(len(fold_list))]
-                           for proto, met in _METRICS}  # fmt: skip
+                           for proto, met in _METRICS}
     first = fold_list[0]
     fig_slide = sorted(first["test"])[0]
-    figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], coarse[fig_slide][0], gene_list, plot_genes)
+    figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], gene_list, plot_genes)
     result: dict[str, Any] = {
         "command": command,
         "cohort": str(cohort),
@@ -327,7 +328,7 @@ def superres_markdown(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append("Gap closed: on the means over folds, and per fold in brackets (a fold's own a, c and method).")
     lines += ["", "| block-level check (scored on the measured blocks) | " + " | ".join(heads) + " |",
-              "|---|" + "---|" * len(heads)]  # fmt: skip
+              "|---|" + "---|" * len(heads)]
     names = {"coarse_model": "coarse model", "superres_summed": "super-resolution, spots summed per block"}
     for k, s in result["coarse_level"].items():
         lines.append(f"| {names.get(k, k)} | " + " | ".join(_fmt(s, p, m) for p, m in _METRICS) + " |")
@@ -335,74 +336,74 @@ def superres_markdown(result: dict[str, Any]) -> str:
         lines += ["", "Taken from the result cache (trained identically before): " + ", ".join(result["cached_models"])]
     if result.get("position_effect"):
         lines += ["", "Within-block position effect (`position_effect`, complete blocks of the held-out slides; measured = "
-                  "noise floor): " + ", ".join(f"{m} {v['mean']:.3f}" for m, v in result["position_effect"].items())]  # fmt: skip
+                  "noise floor): " + ", ".join(f"{m} {v['mean']:.3f}" for m, v in result["position_effect"].items())]
     return "\n".join(lines) + "\n"
 
 
 #: Short panel titles of the map figure.
 _SHORT = {"coarse_copy": "(a) coarse copy", "coarse_smooth": "(b) Gaussian interpolation",
-          "superres": "super-resolution", "spot": "(c) trained on spots"}  # fmt: skip
+          "superres": "super-resolution", "spot": "(c) trained on spots"}
 
 
-def _plot_maps(out: Path, fold: int, fine: Any, cslide: Any, genes: list[str], plot_genes: Sequence[str] | None) -> Path:
-    """Measured spots, measured blocks and the four predictions of one held-out slide, normalised expression.
+def _chosen(genes: list[str], plot_genes: Sequence[str] | None, measured: np.ndarray) -> list[int]:
+    """Columns of the map figure: ``plot_genes``, or the two most variable columns of ``measured``."""
+    if not plot_genes:
+        return [int(g) for g in np.argsort(-measured.var(0))[:2]]
+    missing = [g for g in plot_genes if g not in genes]
+    if missing:
+        raise InputError("--plot-genes", f"not among the run's genes: {missing}")
+    return [genes.index(g) for g in plot_genes]
 
-    Colour ranges are shared per row: one for the two measured panels, one for the four predictions
-    (1st-99th percentile of each group), so the predictions' smaller spread stays readable.
-    """
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, float]], genes: list[str],
+               chosen: Sequence[int], groups: Sequence[Sequence[int]], title: str, path: Path) -> Path:
+    """One row per gene in ``chosen``; ``panels``: (title, spot centres in px ``[N, 2]``, values ``[N, G]``, dot
+    size relative to the slide's pitch). Panels of one group of ``groups`` share a colour range (1st-99th
+    percentile) and a colour bar; spots are circles of 0.85 x their pitch over the slide's image."""
+    plt = pyplot()
+    img, scale = slide.plot_image()
+    pitch = float(slide.spot_pitch_um or 200.0) / float(slide.um_per_px or 1.0) * scale  # display px
+    fig, axes = plt.subplots(len(chosen), len(panels), figsize=(2.6 * len(panels), 2.7 * len(chosen)), dpi=120,
+                             squeeze=False)
+    for r, g in enumerate(chosen):
+        for group in groups:
+            lo, hi = np.percentile(np.concatenate([panels[j][2][:, g] for j in group]), [1, 99])
+            for j in group:
+                name, xy_px, values, rel = panels[j]
+                ax, xy = axes[r, j], np.asarray(xy_px) * scale
+                if img is not None:
+                    ax.imshow(img)
+                dots = draw_spots(ax, xy, 0.85 * rel * pitch, values[:, g], "viridis", lo, max(hi, lo + 1e-6))
+                ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
+                ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(name, fontsize=8)
+                if j == 0:
+                    ax.set_ylabel(genes[g], fontsize=9)
+            fig.colorbar(dots, ax=axes[r, group[-1]], fraction=0.046, pad=0.02)
+    fig.suptitle(title, fontsize=8)
+    return save_figure(fig, path)
 
+
+def _plot_maps(out: Path, fold: int, fine: Any, genes: list[str], plot_genes: Sequence[str] | None) -> Path:
+    """Measured spots, measured blocks and the four predictions of one held-out slide, normalised expression;
+    colour ranges shared by the two measured panels and by the four predictions."""
     data = np.load(out / f"fold_{fold}" / "predictions" / f"{fine.slide_id}.npz")
     counts, groups = data["counts"].astype(np.float64), data["groups"]
     n_children = np.bincount(groups)
     block_counts = np.zeros((len(n_children), counts.shape[1]))
     np.add.at(block_counts, groups, counts)
-    measured = {"measured spots": normalise_counts(counts),
-                "measured 2x2 blocks\n(block / members)": normalise_counts((block_counts / n_children[:, None])[groups])}  # fmt: skip
-    predicted = {_SHORT[m]: normalise_counts(np.maximum(np.expm1(data[m].astype(np.float64)), 0.0)) for m in METHODS}
-    if plot_genes:
-        missing = [g for g in plot_genes if g not in genes]
-        if missing:
-            raise InputError("--plot-genes", f"not among the run's genes: {missing}")
-        chosen = [genes.index(g) for g in plot_genes]
-    else:
-        chosen = list(np.argsort(-measured["measured spots"].var(0))[:2])
-    img, scale = fine.plot_image()
-    xy = np.asarray(fine.spatial) * scale
-    pitch = (float(fine.spot_pitch_um or 200.0) / float(fine.um_per_px or 1.0)) * scale  # display px
-    n_cols = len(measured) + len(predicted)
-    fig, axes = plt.subplots(len(chosen), n_cols, figsize=(2.5 * n_cols, 2.6 * len(chosen)), dpi=120, squeeze=False)
-    for r, g in enumerate(chosen):
-        for group, panels in ((0, measured), (len(measured), predicted)):
-            lo, hi = np.percentile(np.concatenate([v[:, g] for v in panels.values()]), [1, 99])
-            for j, (name, values) in enumerate(panels.items()):
-                ax = axes[r, group + j]
-                if img is not None:
-                    ax.imshow(img)
-                # marker size in points^2 for a dot of 0.85 x the pitch (the ST spot itself is 0.5 x)
-                dots = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=1, cmap="viridis", vmin=lo, vmax=hi,
-                                  linewidths=0)  # fmt: skip
-                ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
-                ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                fig.canvas.draw()
-                per_px = ax.get_window_extent().width / (2 * pitch + np.ptp(xy[:, 0]))  # screen px per image px
-                dots.set_sizes([(0.85 * pitch * per_px * 72.0 / fig.dpi) ** 2])
-                if r == 0:
-                    ax.set_title(name, fontsize=8)
-                if group + j == 0:
-                    ax.set_ylabel(genes[g], fontsize=9)
-            fig.colorbar(dots, ax=axes[r, group + len(panels) - 1], fraction=0.046, pad=0.02)
-    fig.suptitle(f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
-                 "colour range per row: measured panels / predicted panels (1st-99th percentile)", fontsize=8)  # fmt: skip
-    path = out / f"maps_{fine.slide_id}.png"
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    panels = [("measured spots", fine.spatial, normalise_counts(counts), 1.0),
+              ("measured 2x2 blocks\n(block / members)",
+               fine.spatial, normalise_counts((block_counts / n_children[:, None])[groups]), 1.0),
+              *((_SHORT[m], fine.spatial, normalise_counts(np.maximum(np.expm1(data[m].astype(np.float64)), 0.0)), 1.0)
+                for m in METHODS)]
+    return _draw_maps(fine, panels, genes, _chosen(genes, plot_genes, panels[0][2]), [[0, 1], [2, 3, 4, 5]],
+                      f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
+                      "colour range per row: measured panels / predicted panels (1st-99th percentile)",
+                      out / f"maps_{fine.slide_id}.png")
 
 
 def run_subspot(
@@ -475,57 +476,24 @@ def run_subspot(
     artefact = position_effect(np.concatenate([fine[s] for s in sorted(f["test"])]), position, parents)
     fig_slide = sorted(f["test"])[0]
     figure = _plot_subspot(out, by_id[fig_slide], subs[fig_slide], preds["spot"][fig_slide], fine[fig_slide],
-                           truths[fig_slide], gene_list, plot_genes, fold)  # fmt: skip
+                           truths[fig_slide], gene_list, plot_genes, fold)
     result = to_jsonable({
         "cohort": str(cohort), "genes": genes, "n_genes": len(gene_list), "fold": fold, "test": sorted(f["test"]),
         "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": subs[fig_slide].spot_pitch_um,
         "n_subspots": {s: int(subs[s].n_spots) for s in sorted(f["test"])}, "scores": scores, "figure": figure.name,
         "position_effect": artefact, "cached_models": hits,
-    })  # fmt: skip
+    })
     write_json(result, out / f"subspot_fold{fold}.json")
     return result
 
 
 def _plot_subspot(out: Path, slide: Any, sub: Any, spot_pred: np.ndarray, sub_pred: np.ndarray, counts: np.ndarray,
-                  genes: list[str], plot_genes: Sequence[str] | None, fold: int) -> Path:  # fmt: skip
-    """Measured spots, HiST on the spots and the sub-spot model at ``pitch / factor`` for two genes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+                  genes: list[str], plot_genes: Sequence[str] | None, fold: int) -> Path:
+    """Measured spots, HiST on the spots and the sub-spot model at ``pitch / factor``, own colour range each."""
     panels = [("measured spots", slide.spatial, normalise_counts(counts), 1.0),
               ("HiST trained on the spots", slide.spatial, normalise_counts(np.maximum(np.expm1(spot_pred), 0)), 1.0),
               (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial,
-               normalise_counts(np.maximum(np.expm1(sub_pred), 0)), 1.0 / sub.meta["subspot"]["factor"])]  # fmt: skip
-    chosen = [genes.index(g) for g in plot_genes if g in genes] if plot_genes else \
-        list(np.argsort(-panels[0][2].var(0))[:2])  # fmt: skip
-    img, scale = slide.plot_image()
-    pitch = float(slide.spot_pitch_um or 200.0) / float(slide.um_per_px or 1.0) * scale
-    fig, axes = plt.subplots(len(chosen), 3, figsize=(8.4, 2.9 * len(chosen)), dpi=120, squeeze=False)
-    for r, g in enumerate(chosen):
-        for c, (name, xy_px, values, rel) in enumerate(panels):
-            ax = axes[r, c]
-            xy = np.asarray(xy_px) * scale
-            if img is not None:
-                ax.imshow(img)
-            lo, hi = np.percentile(values[:, g], [1, 99])
-            dots = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=1, cmap="viridis", vmin=lo, vmax=hi, linewidths=0)
-            ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
-            ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            fig.canvas.draw()
-            per_px = ax.get_window_extent().width / (2 * pitch + np.ptp(xy[:, 0]))
-            dots.set_sizes([(0.85 * rel * pitch * per_px * 72.0 / fig.dpi) ** 2])
-            fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.02)
-            if r == 0:
-                ax.set_title(name, fontsize=8)
-            if c == 0:
-                ax.set_ylabel(genes[g], fontsize=9)
-    fig.suptitle(f"{slide.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes), "
-                 "own colour range per panel", fontsize=8)  # fmt: skip
-    path = out / f"subspot_maps_{slide.slide_id}.png"
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+               normalise_counts(np.maximum(np.expm1(sub_pred), 0)), 1.0 / sub.meta["subspot"]["factor"])]
+    return _draw_maps(slide, panels, genes, _chosen(genes, plot_genes, panels[0][2]), [[0], [1], [2]],
+                      f"{slide.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes), "
+                      "own colour range per panel", out / f"subspot_maps_{slide.slide_id}.png")
