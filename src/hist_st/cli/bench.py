@@ -45,6 +45,14 @@ def add_experiment_args(p: argparse.ArgumentParser, *, genes: bool = True) -> No
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def experiment_setup(args: argparse.Namespace) -> Any:
+    """The `CVSetup` of ``add_experiment_args``' options (and ``--group-by`` where the command has it)."""
+    from hist_st.experiments.accuracy import CVSetup
+
+    return CVSetup(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config, overrides=args.overrides,
+                   group_by=getattr(args, "group_by", None), progress=not args.no_progress)
+
+
 #: Options several commands share: key -> (flags, `add_argument` keywords); `add_command` adds them by key.
 SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "out": (("--out",), {"required": True, "type": Path, "help": "output folder"}),
@@ -228,10 +236,8 @@ def cmd_superres(args: argparse.Namespace) -> int:
     from hist_st.experiments.superres import run_superres, superres_markdown
 
     res = run_superres(
-        args.cohort, args.out, genes=args.genes, folds=args.folds, seed=args.seed, block=args.block,
-        sigma_fraction=args.sigma, config=args.config, overrides=args.overrides,
-        plot_genes=_gene_list(args.plot_genes), progress=not args.no_progress, reuse=not args.force,
-        command="hist-st " + shlex.join(sys.argv[1:]),
+        args.cohort, args.out, setup=experiment_setup(args), block=args.block, sigma_fraction=args.sigma,
+        plot_genes=_gene_list(args.plot_genes), reuse=not args.force, command="hist-st " + shlex.join(sys.argv[1:]),
     )  # fmt: skip
     print(superres_markdown(res))
     print(f"results: {args.out / 'superres.json'}, {args.out / 'table.md'}, {args.out / res['figure']}")
@@ -258,9 +264,8 @@ def cmd_subspot(args: argparse.Namespace) -> int:
     from hist_st.experiments.superres import run_subspot
 
     res = run_subspot(
-        args.cohort, args.out, genes=args.genes, fold=args.fold, folds=args.folds, seed=args.seed, factor=args.factor,
-        config=args.config, overrides=args.overrides,
-        plot_genes=_gene_list(args.plot_genes), progress=not args.no_progress, reuse=not args.force,
+        args.cohort, args.out, setup=experiment_setup(args), fold=args.fold, factor=args.factor,
+        plot_genes=_gene_list(args.plot_genes), reuse=not args.force,
     )  # fmt: skip
     for name, s in res["scores"].items():
         print(f"{name}: per-gene PCC {s['per_gene']['pcc']['mean']:.3f}, pooled PCC {s['pooled']['pcc']['mean']:.3f}, "

@@ -7,9 +7,8 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
-from hist_st.cli.bench import add_command, add_experiment_args, parse_baseline_options
+from hist_st.cli.bench import add_command, add_experiment_args, experiment_setup, parse_baseline_options
 from hist_st.errors import InputError
 
 
@@ -17,14 +16,6 @@ def _list(value: str | None) -> list[str] | None:
     if value is None:
         return None
     return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _setup(args: argparse.Namespace) -> Any:
-    """The `CVSetup` of ``add_experiment_args``' options (and ``--group-by`` where the command has it)."""
-    from hist_st.experiments.accuracy import CVSetup
-
-    return CVSetup(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config, overrides=args.overrides,
-                   group_by=getattr(args, "group_by", None), progress=not args.no_progress)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -36,7 +27,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         return 0
     if args.cohort is None or args.out is None:
         raise InputError("--cohort/--out", "hist-st ablate needs both (or --list)")
-    res = run_ablation(args.cohort, args.out, setup=_setup(args), names=_list(args.configs), skip_done=not args.force)
+    res = run_ablation(args.cohort, args.out, setup=experiment_setup(args), names=_list(args.configs), skip_done=not args.force)
     print(res["table"])
     print(f"results in {res['out_dir']}")
     return 0
@@ -64,7 +55,7 @@ def cmd_stain(args: argparse.Namespace) -> int:
 
     if args.prepare:
         prepare_pair(shlex.split(args.prepare), args.plain, args.macenko)
-    res = run_stain(args.plain, args.macenko, args.out, setup=_setup(args), skip_done=not args.force,
+    res = run_stain(args.plain, args.macenko, args.out, setup=experiment_setup(args), skip_done=not args.force,
                     rows=_list(args.rows) or ("macenko-only", "token-only", "both", "neither"))
     print(res["table"])
     print(f"results in {res['out_dir']}")

@@ -42,8 +42,8 @@ import numpy as np
 
 from hist_st.errors import InputError
 from hist_st.evaluate.cache import ResultCache, cached_file, fold_key, slide_fingerprint, write_file_entry
-from hist_st.evaluate.plan import make_plan
-from hist_st.experiments.accuracy import build_config
+from hist_st.evaluate.plan import Plan, make_plan
+from hist_st.experiments.accuracy import CVSetup
 from hist_st.experiments.figures import pyplot, save_figure
 from hist_st.jsonio import to_jsonable, write_json
 from hist_st.lattice import continuous_coords, to_lattice
@@ -53,6 +53,7 @@ from hist_st.pl import draw_spots, normalise_counts
 from hist_st.slide import read_prepared, write_prepared
 from hist_st.train.checkpoint import load_bundle
 from hist_st.train.coarse import coarsen_slide
+from hist_st.train.config import TrainConfig
 from hist_st.train.data import gene_counts, read_manifest, select_genes
 from hist_st.train.folds import save_folds
 from hist_st.train.loop import train
@@ -138,19 +139,27 @@ def _fit(cfg: Any, slides: Sequence[Any], genes: list[str], run: Path, desc: str
     return result.bundle
 
 
+#: The default setup of both experiments: 250 most expressed genes, 4 folds by slide, seed 0.
+SETUP = CVSetup(genes="he:250")
+
+
+def _plan(cohort: Path, setup: CVSetup) -> tuple[TrainConfig, Plan, list[str]]:
+    """HiST's config (with the plan's embedding), the plan (folds by slide) and the genes of ``setup``."""
+    cfg = setup.train_config()
+    plan = make_plan(cohort, cfg.genes, k=setup.folds, seed=cfg.seed, embedding=cfg.embedding)
+    genes = plan.genes if plan.genes is not None else select_genes(list(plan.slides.values()), cfg.genes,
+                                                                    read_manifest(cohort))
+    return dataclasses.replace(cfg, embedding=plan.embedding), plan, genes
+
+
 def run_superres(
     cohort: str | Path,
     out: str | Path,
     *,
-    genes: str = "he:250",
-    folds: int = 4,
-    seed: int = 0,
+    setup: CVSetup = SETUP,
     block: int = 2,
     sigma_fraction: float = 0.5,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
     plot_genes: Sequence[str] | None = None,
-    progress: bool = True,
     reuse: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -159,15 +168,11 @@ def run_superres(
     Args:
         cohort: Folder of prepared slides (spot level).
         out: Output folder (layout in the module docstring).
-        genes: Gene spec (`hist_st.experiments.accuracy.parse_gene_spec`).
-        folds: Folds by slide.
-        seed: Fold and training seed.
+        setup: Gene set, folds (by slide), fold and training seed, HiST config and overrides, progress.
         block: Block side ``k`` in spots (2: 2 x 2 blocks).
         sigma_fraction: Width of the Gaussian interpolation as a fraction of the coarse pitch.
-        config: HiST `TrainConfig` YAML; ``overrides``: ``key=value`` overrides (e.g. ``epochs=50``).
         plot_genes: Genes of the map figure (default: the two with the highest spot-level variance of
             normalised measured expression on the figure's slide).
-        progress: Progress bars.
         reuse: Take a fold's model from the result cache (``fold_<i>/<model>/cache/``) when an earlier call
             trained it with the same key (config with supervision, slides and their content, genes, embedding,
             seed); the models taken are listed in ``cached_models``.
@@ -185,13 +190,9 @@ def run_superres(
         raise InputError("--block", f"must be >= 2 (coarse spots of block x block spots), got {block}")
     if not sigma_fraction > 0:
         raise InputError("--sigma", f"must be > 0 (a fraction of the coarse pitch), got {sigma_fraction}")
-    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     cohort, out = Path(cohort), Path(out)
-    plan = make_plan(cohort, cfg.genes, k=folds, seed=cfg.seed, embedding=cfg.embedding)
-    by_id, slides, fold_list = dict(plan.slides), list(plan.slides.values()), plan.folds
-    gene_list = plan.genes if plan.genes is not None else select_genes(slides, cfg.genes, read_manifest(cohort))
-    emb = plan.embedding
-    cfg = dataclasses.replace(cfg, embedding=emb)
+    cfg, plan, gene_list = _plan(cohort, setup)
+    by_id, slides, fold_list, emb = dict(plan.slides), list(plan.slides.values()), plan.folds, plan.embedding
     coarse = {s.slide_id: coarsen_slide(s, block, emb) for s in slides}
     out.mkdir(parents=True, exist_ok=True)
     save_folds(fold_list, out / "splits.json", k=len(fold_list), seed=cfg.seed, group_by=None, slides_dir=str(cohort))
@@ -279,7 +280,7 @@ def run_superres(
     result: dict[str, Any] = {
         "command": command,
         "cohort": str(cohort),
-        "genes": genes,
+        "genes": setup.genes,
         "n_genes": len(gene_list),
         "block": block,
         "sigma_fraction": sigma_fraction,
@@ -410,15 +411,10 @@ def run_subspot(
     cohort: str | Path,
     out: str | Path,
     *,
-    genes: str = "he:250",
+    setup: CVSetup = SETUP,
     fold: int = 0,
-    folds: int = 4,
-    seed: int = 0,
     factor: int = 2,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
     plot_genes: Sequence[str] | None = None,
-    progress: bool = True,
     reuse: bool = True,
 ) -> dict[str, Any]:
     """Sub-spot tokens on one fold: ``factor x factor`` patches per spot, supervised by the measured spots.
@@ -429,15 +425,12 @@ def run_subspot(
     measurement below the spot, so this scores only what the spots can check; the maps show the rest.
 
     Writes ``subspot_fold<i>.json`` and ``subspot_maps_<slide>.png``; sub-spot slides are cached in
-    ``subspots/<slide>.h5ad``.
+    ``subspots/<slide>.h5ad``. ``setup``, ``plot_genes``, ``reuse``: as in `run_superres`.
     """
 
-    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     cohort, out = Path(cohort), Path(out)
-    plan = make_plan(cohort, cfg.genes, k=folds, seed=cfg.seed, embedding=cfg.embedding)
-    by_id, slides, fold_list = dict(plan.slides), list(plan.slides.values()), plan.folds
-    gene_list = plan.genes if plan.genes is not None else select_genes(slides, cfg.genes, read_manifest(cohort))
-    cfg = dataclasses.replace(cfg, embedding=plan.embedding)
+    cfg, plan, gene_list = _plan(cohort, setup)
+    by_id, fold_list = dict(plan.slides), plan.folds
     if not 0 <= fold < len(fold_list):
         raise InputError("--fold", f"must be in 0..{len(fold_list) - 1}, got {fold}")
     f = fold_list[fold]
@@ -450,7 +443,7 @@ def run_subspot(
             hits.append(f"subspots/{sid}.h5ad")
         else:
             t0 = time.perf_counter()
-            path = write_prepared(subspot_slide(by_id[sid], factor, progress=progress), sub_dir / f"{sid}.h5ad")
+            path = write_prepared(subspot_slide(by_id[sid], factor, progress=setup.progress), sub_dir / f"{sid}.h5ad")
             write_file_entry(sub_dir, key, path.name, time.perf_counter() - t0)
         subs[sid] = set_subspot_grid(read_prepared(path), by_id[sid])  # as stored: a fresh and a cached run alike
     fdir = out / f"fold_{fold}"
@@ -478,7 +471,7 @@ def run_subspot(
     figure = _plot_subspot(out, by_id[fig_slide], subs[fig_slide], preds["spot"][fig_slide], fine[fig_slide],
                            truths[fig_slide], gene_list, plot_genes, fold)
     result = to_jsonable({
-        "cohort": str(cohort), "genes": genes, "n_genes": len(gene_list), "fold": fold, "test": sorted(f["test"]),
+        "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "fold": fold, "test": sorted(f["test"]),
         "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": subs[fig_slide].spot_pitch_um,
         "n_subspots": {s: int(subs[s].n_spots) for s in sorted(f["test"])}, "scores": scores, "figure": figure.name,
         "position_effect": artefact, "cached_models": hits,
