@@ -103,14 +103,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if given:
             raise InputError(" ".join(given), "only apply with --image")
     bundle = load_bundle(args.model, device=resolve_device(args.device))
+    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
     if args.image is not None:
         from hist_st.predict_image import predict_image
 
         if args.ids is not None:
             raise InputError("--ids", "only applies with --slides")
-        genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
         summary = predict_image(
-            bundle, args.image, args.out, um_per_px=args.um_per_px, genes_to_plot=genes,
+            bundle, args.image, args.out, um_per_px=args.um_per_px, genes_to_plot=genes or None,
             mc_samples=args.mc_samples, encoder_weights=args.weights, device=str(bundle.device),
             reference=args.reference, seed=args.seed, progress=not args.no_progress, values=args.values,
             log=lambda m: print(m, file=sys.stderr), map_resolution=args.resolution or "fine",
@@ -128,7 +128,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         brief["total_s"] = summary["timings_s"]["total_s"]
         print(json.dumps(brief))
         return 0
-    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
     missing = [g for g in genes if g not in set(map(str, bundle.genes))]
     if missing:
         raise InputError("--genes", f"not among the model's {len(bundle.genes)} genes: {missing[:5]}")

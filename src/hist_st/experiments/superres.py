@@ -152,17 +152,9 @@ def _plan(cohort: Path, setup: CVSetup) -> tuple[TrainConfig, Plan, list[str]]:
     return dataclasses.replace(cfg, embedding=plan.embedding), plan, genes
 
 
-def run_superres(
-    cohort: str | Path,
-    out: str | Path,
-    *,
-    setup: CVSetup = SETUP,
-    block: int = 2,
-    sigma_fraction: float = 0.5,
-    plot_genes: Sequence[str] | None = None,
-    reuse: bool = True,
-    command: str | None = None,
-) -> dict[str, Any]:
+def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, block: int = 2,
+                 sigma_fraction: float = 0.5, plot_genes: Sequence[str] | None = None, reuse: bool = True,
+                 command: str | None = None) -> dict[str, Any]:
     """Train the super-resolution model and the three references on every fold; score them on the spots.
 
     Args:
@@ -407,16 +399,8 @@ def _plot_maps(out: Path, fold: int, fine: Any, genes: list[str], plot_genes: Se
                       out / f"maps_{fine.slide_id}.png")
 
 
-def run_subspot(
-    cohort: str | Path,
-    out: str | Path,
-    *,
-    setup: CVSetup = SETUP,
-    fold: int = 0,
-    factor: int = 2,
-    plot_genes: Sequence[str] | None = None,
-    reuse: bool = True,
-) -> dict[str, Any]:
+def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, fold: int = 0, factor: int = 2,
+                plot_genes: Sequence[str] | None = None, reuse: bool = True) -> dict[str, Any]:
     """Sub-spot tokens on one fold: ``factor x factor`` patches per spot, supervised by the measured spots.
 
     The model (``supervise=coarse<factor>`` on `hist_st.train.subspot.subspot_slide` slides) predicts at
