@@ -16,21 +16,7 @@ from hist_st.evaluate.results import CVResult, FoldRecord, MethodSummary, fold_j
 from hist_st.metrics import evaluate_fold, format_table, per_gene_metrics, pooled_metrics, summarise_folds
 
 __all__ = [
-    "CVResult",
-    "FoldRecord",
-    "MethodSummary",
-    "PROTOCOLS",
-    "Plan",
-    "ResultCache",
-    "cross_validate",
-    "evaluate_fold",
-    "fold_json",
-    "format_table",
-    "make_plan",
-    "per_gene_metrics",
-    "plot_loss_curves",
-    "pooled_metrics",
-    "run_cv",
-    "slide_groups",
-    "summarise_folds",
+    "CVResult", "FoldRecord", "MethodSummary", "PROTOCOLS", "Plan", "ResultCache", "cross_validate",
+    "evaluate_fold", "fold_json", "format_table", "make_plan", "per_gene_metrics", "plot_loss_curves",
+    "pooled_metrics", "run_cv", "slide_groups", "summarise_folds",
 ]

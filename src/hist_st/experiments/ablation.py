@@ -43,6 +43,7 @@ from hist_st.evaluate.cache import ResultCache
 from hist_st.experiments.accuracy import CVSetup
 from hist_st.jsonio import read_json, write_json
 from hist_st.methods import HiSTMethod
+from hist_st.metrics import protocol_cells
 from hist_st.train.config import TrainConfig
 from hist_st.train.distributed import DistInfo, init_distributed
 from hist_st.train.folds import save_folds
@@ -131,12 +132,6 @@ def ablation_config(cfg: Any, name: str) -> Any:
     return ABLATIONS[name].apply(cfg)
 
 
-def _fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
-    if not stat or stat.get("mean") is None:
-        return "n/a"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
 def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3) -> str:
     """Markdown Table 3: rows grouped by component, both protocols with fold std, the change in pooled R2
     and per-gene PCC against the full model, and the paper's direction (Brain) for comparison.
@@ -158,10 +153,8 @@ def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3)
         if abl.group and abl.group != group:
             group = abl.group
             lines.append(f"| *{group}* | | | | | | | | |")
-        cells = [_fmt(s["pooled"]["r2"], digits), _fmt(s["pooled"]["pcc"], digits),
-                 _fmt(s["per_gene"]["pcc"], digits), _fmt(s["per_gene"]["r2"], digits)]
-        d_r2 = d_pcc = "—"
-        agree = "—"
+        cells = protocol_cells(s, digits)
+        d_r2 = d_pcc = agree = "—"
         if full is not None and name != "full":
             dr2 = s["pooled"]["r2"]["mean"] - full["pooled"]["r2"]["mean"]
             dpcc = s["per_gene"]["pcc"]["mean"] - full["per_gene"]["pcc"]["mean"]

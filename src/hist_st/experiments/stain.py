@@ -12,6 +12,7 @@ same folds and the same genes:
 ```python
 from hist_st.experiments import run_stain
 from hist_st.experiments.accuracy import CVSetup
+from hist_st.metrics import protocol_cells
 run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", setup=CVSetup(genes="he:250", overrides=["epochs=100"]))
 ```
 """
@@ -26,8 +27,9 @@ from typing import Any
 
 from hist_st.errors import InputError
 from hist_st.evaluate import Plan, make_plan
-from hist_st.experiments.ablation import _fmt, hist_rows, reused_note, table_plan
+from hist_st.experiments.ablation import hist_rows, reused_note, table_plan
 from hist_st.experiments.accuracy import CVSetup
+from hist_st.metrics import protocol_cells
 from hist_st.train.data import list_slides
 
 __all__ = ["STAIN_ROWS", "PAPER_TABLE5", "run_stain", "format_stain_table"]
@@ -113,7 +115,6 @@ def format_stain_table(summaries: dict[str, Any], digits: int = 3) -> str:
             continue
         s = summaries[name]
         paper = PAPER_TABLE5.get(name)
-        cells = [_fmt(s["pooled"]["r2"], digits), _fmt(s["pooled"]["pcc"], digits), _fmt(s["per_gene"]["pcc"], digits),
-                 _fmt(s["per_gene"]["r2"], digits), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "—"]
+        cells = [*protocol_cells(s, digits), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "—"]
         lines.append(f"| {label} `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.experiments.figures import pyplot, save_figure
 from hist_st.jsonio import write_json
 from hist_st.slide import read_cohort_slide
 from hist_st.train.checkpoint import load_bundle
@@ -160,12 +161,7 @@ def run_uncertainty(
 
 
 def _plot(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 1, figsize=(4.2, 4.0), dpi=120)
+    fig, ax = pyplot().subplots(1, 1, figsize=(4.2, 4.0), dpi=120)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="calibrated")
     for name, m in result["methods"].items():
         ps = sorted(float(p) for p in m["curve"])
@@ -175,9 +171,7 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_title("uncertainty calibration", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def uncertainty_markdown(result: dict[str, Any]) -> str:
