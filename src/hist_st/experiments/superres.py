@@ -25,7 +25,8 @@ the super-resolution model's predictions summed per block, a check that fine map
 at the resolution of the labels.
 
 Output folder: ``superres.json``, ``table.md``, ``maps_<slide>.png`` (measured spots, measured blocks and the
-four predictions for a held-out slide), ``fold_<i>/<model>/`` training runs and
+four predictions for a held-out slide), ``fold_<i>/<model>/`` training runs (each with its result-cache entry in
+``cache/``: a rerun with the same key loads the model instead of training it) and
 ``fold_<i>/predictions/<slide>.npz`` (log1p predictions of each method, measured counts, spot and block
 coordinates).
 """
@@ -369,6 +370,7 @@ def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, f
                 dots = draw_spots(ax, xy, 0.85 * rel * pitch, values[:, g], "viridis", lo, max(hi, lo + 1e-6))
                 ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
                 ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
+                ax.set_aspect("equal")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if r == 0:
