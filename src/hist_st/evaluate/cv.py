@@ -49,16 +49,29 @@ from hist_st.metrics import evaluate_fold, summarise_folds
 from hist_st.outputs import fresh_folder
 from hist_st.runtime import package_versions
 from hist_st.slide import write_prepared
+from hist_st.train.checkpoint import ModelBundle, load_bundle
 from hist_st.train.config import TrainConfig
 from hist_st.train.data import gene_counts
 from hist_st.train.distributed import DistInfo, init_distributed
 from hist_st.train.folds import save_folds
 
-__all__ = ["run_cv", "cross_validate", "plot_loss_curves", "PROTOCOLS"]
+__all__ = ["run_cv", "build_methods", "cross_validate", "fold_model", "plot_loss_curves", "PROTOCOLS"]
 
 #: The note above every table: what the two metric protocols are.
 PROTOCOLS = ("Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
              "metric); per-gene = log1p Pearson/R2 per gene over all test spots (HEST metric).")
+
+
+def fold_model(run_dir: str | Path, fold: int) -> ModelBundle:
+    """HiST's trained model of fold ``fold`` of a `run_cv` folder (``fold_<i>/model.pt``).
+
+    Raises:
+        InputError: The fold has no model (the run had no HiST) or an unreadable one.
+    """
+    path = Path(run_dir) / f"fold_{fold}" / "model.pt"
+    if not path.is_file():
+        raise InputError(path, "fold model not found (was the run made with HiST?)")
+    return load_bundle(path)
 
 
 def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
@@ -231,6 +244,17 @@ def _cache_lookups(
     return keys, hits
 
 
+def build_methods(
+    names: Sequence[str], cfg: TrainConfig, options: Mapping[str, Mapping[str, Any]] | None = None, *,
+    dist_info: DistInfo | None = None,
+) -> list[Method]:
+    """Unfitted methods by registry name, in order: ``hist`` is HiST with ``cfg`` (and ``dist_info``), any other
+    name the registered method with its keyword ``options[name]``."""
+    options = options or {}
+    return [HiSTMethod(cfg, dist_info=dist_info) if n == HiSTMethod.name else get_method(n, **dict(options.get(n, {})))
+            for n in names]
+
+
 def cross_validate(
     cfg: TrainConfig,
     slides_dir: str | Path,
@@ -269,7 +293,6 @@ def cross_validate(
     info = init_distributed(cfg.device)  # under torchrun every rank trains each fold together
     plan = make_plan(slides_dir, cfg.genes, k=k, seed=cfg.seed, group_by=group_by, folds=folds,
                      slide_ids=slide_ids, embedding=cfg.embedding)
-    options = dict(baseline_options or {})
-    methods = [HiSTMethod(cfg, dist_info=info), *(get_method(b, **dict(options.get(b, {}))) for b in baselines)]
+    methods = build_methods([HiSTMethod.name, *baselines], cfg, baseline_options, dist_info=info)
     return run_cv(plan, methods, out_dir, seed=cfg.seed, write_predictions=write_predictions, mc_samples=mc_samples,
                   dist_info=info, progress=progress)

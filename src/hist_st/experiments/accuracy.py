@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.evaluate import make_plan, run_cv
+from hist_st.evaluate import PROTOCOLS, build_methods, make_plan, run_cv
 from hist_st.evaluate.cache import ResultCache
 from hist_st.jsonio import read_json, write_json
-from hist_st.methods import HiSTMethod, Method, get_method, list_methods, method_option_names
+from hist_st.methods import HiSTMethod, list_methods, method_option_names
 from hist_st.metrics import format_table
 from hist_st.runtime import device_name, resolve_device
 from hist_st.train.config import TrainConfig, config_to_dict, load_config, with_gene_set
-from hist_st.train.distributed import DistInfo, init_distributed
+from hist_st.train.distributed import init_distributed
 
 __all__ = [
     "display",
@@ -133,14 +133,6 @@ def _cohort_names(cohorts: Sequence[str | Path]) -> list[str]:
             name, i = f"{base}-{i}", i + 1
         names.append(name)
     return names
-
-
-def _method(name: str, cfg: TrainConfig, baseline_options: Mapping[str, Mapping[str, Any]],
-            info: DistInfo | None) -> Method:
-    """The method ``name``: HiST with ``cfg``, a baseline with its options."""
-    if name == "hist":
-        return HiSTMethod(cfg, dist_info=info)
-    return get_method(name, **dict(baseline_options.get(name, {})))
 
 
 def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping[str, Any]]) -> str:
@@ -291,7 +283,7 @@ def run_accuracy(
         plan = make_plan(cohort, cfg.genes, k=folds, seed=fold_seed, group_by=group_by, embedding=cfg.embedding)
         info = init_distributed(cfg.device) if "hist" in methods else None
         cache = ResultCache(reuse_from) if reuse else None
-        res = run_cv(plan, [_method(m, cfg, baseline_options, info) for m in methods], run_dir, seed=cfg.seed,
+        res = run_cv(plan, build_methods(methods, cfg, baseline_options, dist_info=info), run_dir, seed=cfg.seed,
                      write_predictions=write_predictions, dist_info=info, progress=progress, cache=cache,
                      retrain=again)
         ordered = {label: m.summary for label, m in res.methods.items()}  # the user's method order
@@ -306,11 +298,7 @@ def run_accuracy(
         seeds_label = f"seed {seed}" if recorded_train_seed is None else f"fold seed {seed}, training seed {t_seed}"
         tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, {seeds_label})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)
-    table = (
-        "Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' metric); "
-        "per-gene = log1p Pearson/R2 per gene over all test spots (HEST metric). Mean ± std over folds "
-        "(ddof 0).\n\n" + "\n\n".join(tables) + "\n"
-    )
+    table = f"{PROTOCOLS} Mean ± std over folds (ddof 0).\n\n" + "\n\n".join(tables) + "\n"
     (out / "table.md").write_text(table)
     _write_per_gene_csv(per_gene, out / "per_gene.csv")
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,

@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.evaluate import fold_model
 from hist_st.experiments.figures import pyplot, save_figure
 from hist_st.jsonio import write_json
 from hist_st.slide import read_cohort_slide
-from hist_st.train.checkpoint import load_bundle
 from hist_st.train.data import log1p_counts
 from hist_st.train.predict import mc_log1p_samples, predict_log1p
 from hist_st.train.splits import read_splits
@@ -119,12 +119,7 @@ def run_uncertainty(
     per_fold: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {n: [] for n in names}
     for f in folds:
         acc: dict[str, dict[str, list[np.ndarray]]] = {n: {"mu": [], "sigma": [], "y": []} for n in names}
-        bundles = []
-        for r in runs:
-            path = r / f"fold_{f['fold']}" / "model.pt"
-            if not path.is_file():
-                raise InputError(path, "fold model not found (was the run made with models kept?)")
-            bundles.append(load_bundle(path))
+        bundles = [fold_model(r, f["fold"]) for r in runs]
         for sid in sorted(f["test"]):
             slide = read_cohort_slide(cohort / f"{sid}.h5ad")
             y = log1p_counts(slide, genes)
