@@ -271,27 +271,15 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
     fig_slide = sorted(first["test"])[0]
     figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], gene_list, plot_genes)
     result: dict[str, Any] = {
-        "command": command,
-        "cohort": str(cohort),
-        "genes": setup.genes,
-        "n_genes": len(gene_list),
-        "block": block,
-        "sigma_fraction": sigma_fraction,
-        "fine_pitch_um": {s.slide_id: s.spot_pitch_um for s in slides},
+        "command": command, "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "block": block,
+        "sigma_fraction": sigma_fraction, "fine_pitch_um": {s.slide_id: s.spot_pitch_um for s in slides},
         "coarse_pitch_um": {sid: c.spot_pitch_um for sid, (c, _) in coarse.items()},
         "n_spots": {sid: int(s.n_spots) for sid, s in by_id.items()},
-        "n_coarse_spots": {sid: int(c.n_spots) for sid, (c, _) in coarse.items()},
-        "epochs": cfg.epochs,
-        "seed": cfg.seed,
-        "folds": fold_records,
-        "methods": summaries,
-        "coarse_level": cl_summaries,
-        "gap_closed": gaps,
-        "gap_closed_per_fold": fold_gaps,
+        "n_coarse_spots": {sid: int(c.n_spots) for sid, (c, _) in coarse.items()}, "epochs": cfg.epochs,
+        "seed": cfg.seed, "folds": fold_records, "methods": summaries, "coarse_level": cl_summaries,
+        "gap_closed": gaps, "gap_closed_per_fold": fold_gaps,
         "position_effect": {m: {"mean": float(np.mean(v)), "values": v} for m, v in artefact.items() if v},
-        "figure": str(figure.name),
-        "figure_slide": fig_slide,
-        "cached_models": hits,
+        "figure": str(figure.name), "figure_slide": fig_slide, "cached_models": hits,
     }
     result = to_jsonable(result)
     write_json(result, out / "superres.json")
