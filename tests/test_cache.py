@@ -35,9 +35,11 @@ def _counting(name, **options):
 
 
 def _run(plan, out, *, seed=1, cache=None, **options):
+    """Fits, summaries and reused folders of a run_cv of a counting ridge."""
     m = _counting("ridge", **options)
     res = run_cv(plan, [m], out, seed=seed, progress=False, cache=cache)
-    return m.fits, res
+    return m.fits, {"methods": res.summaries(), "reused": {k: v.reused_from for k, v in res.methods.items()
+                                                           if v.reused_from}}
 
 
 def test_identical_settings_hit_and_changed_keys_miss(cohort, tmp_path):

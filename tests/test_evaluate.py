@@ -9,6 +9,7 @@ import pytest
 
 from hist_st.cohort import CohortManifest
 from hist_st.evaluate import make_plan, run_cv
+from hist_st.jsonio import to_jsonable
 from hist_st.methods import HiSTMethod, get_method, list_methods
 from hist_st.metrics import evaluate_fold
 from hist_st.train.config import GeneConfig, load_config
@@ -56,7 +57,10 @@ def test_hist_is_one_method_and_matches_training_directly(cohort, tmp_path):
 def test_run_cv_scores_every_method_alike(cohort, tmp_path):
     plan = make_plan(cohort, GeneConfig.from_spec("hvg:5"), k=2, seed=1)
     res = run_cv(plan, [get_method("mean"), get_method("ridge")], tmp_path / "cv", seed=1, progress=False)
-    assert set(res["methods"]) == {"mean", "ridge"} and res["histories"] == {}
+    assert list(res.methods) == ["mean", "ridge"] and res.histories == {}
+    assert json.loads((tmp_path / "cv" / "metrics.json").read_text()) == to_jsonable(res.to_json())
+    assert [json.loads((tmp_path / "cv" / f"fold_{r.fold}" / "metrics.json").read_text()) for r in res.folds] == \
+        [to_jsonable(r.to_json()) for r in res.folds]
     assert not (tmp_path / "cv" / "config.yaml").exists()  # no HiST, no HiST config
     assert (tmp_path / "cv" / "genes.txt").read_text().split() == plan.genes
     for f in plan.folds:
@@ -67,3 +71,4 @@ def test_run_cv_scores_every_method_alike(cohort, tmp_path):
                             {s.slide_id: gene_counts(s, plan.genes) for s in test})
         assert rec["metrics"]["ridge"]["pooled"] == pytest.approx(ref["pooled"])
         assert rec["metrics"]["ridge"]["per_gene"]["pcc"] == pytest.approx(ref["per_gene"]["pcc"])
+        assert res.folds[f["fold"]].metrics["ridge"]["pooled"] == pytest.approx(ref["pooled"])

@@ -386,7 +386,7 @@ def test_cv_on_hest_samples_by_patient_and_with_hest_bench_protocol(tmp_path):
     assert sorted(s for f in saved for s in f.get("unknown_group", [])) == ["N1", "N2"]
     for f in saved:
         assert {"A1", "A2"} <= set(f["test"]) or not {"A1", "A2"} & set(f["test"])
-    assert len(res["folds"]) == 2
+    assert len(res.folds) == 2
     # HEST-Benchmark protocol: its gene set from cohort.json and its fixed splits folder
     split = tmp_path / "bench" / "splits"
     split.mkdir(parents=True)

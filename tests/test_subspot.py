@@ -100,6 +100,7 @@ def test_subspots_need_a_square_grid_and_an_image(slides, tmp_path):
 
 
 def test_bench_subspot_on_a_synthetic_cohort(slides, tmp_path):
+    from hist_st.experiments.accuracy import CVSetup
     from hist_st.experiments.superres import run_subspot
     from hist_st.slide import write_prepared
 
@@ -107,12 +108,16 @@ def test_bench_subspot_on_a_synthetic_cohort(slides, tmp_path):
     cohort = tmp_path / "cohort"
     for s in [*spot_slides, _square_slide(image, "s2", 2)]:
         write_prepared(s, cohort / f"{s.slide_id}.h5ad")
-    over = ["model.dim=16", "model.heads=2", "epochs=1", "threads=1"]
-    res = run_subspot(cohort, tmp_path / "out", genes="he:5", folds=3, overrides=over, progress=False)
+    setup = CVSetup(genes="he:5", folds=3, overrides=["model.dim=16", "model.heads=2", "epochs=1", "threads=1"],
+                    progress=False)
+    res = run_subspot(cohort, tmp_path / "out", setup=setup)
     assert set(res["scores"]) == {"spot", "subspot_summed"} and res["sub_pitch_um"] == pytest.approx(PITCH / 2, rel=0.02)
     for s in res["scores"].values():
         assert -1 <= s["per_gene"]["pcc"]["mean"] <= 1
     assert (tmp_path / "out" / res["figure"]).stat().st_size > 5000
     assert (tmp_path / "out" / "subspot_fold0.json").is_file() and (tmp_path / "out" / "subspots" / "s0.h5ad").is_file()
+    again = run_subspot(cohort, tmp_path / "out", setup=setup)
+    assert res["cached_models"] == [] and again["scores"] == res["scores"]
+    assert {"fold_0/spot", "fold_0/subspot2", "subspots/s0.h5ad"} <= set(again["cached_models"])
     with pytest.raises(InputError, match="--fold"):
-        run_subspot(cohort, tmp_path / "out", genes="he:5", folds=3, fold=5, overrides=over, progress=False)
+        run_subspot(cohort, tmp_path / "out", setup=setup, fold=5)

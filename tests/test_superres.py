@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hist_st.errors import InputError
+from hist_st.experiments.accuracy import CVSetup
 from hist_st.experiments.superres import METHODS, gap_closed, gaussian_interpolate, run_superres
 
 
@@ -35,8 +36,9 @@ def test_superres_end_to_end_on_a_toy_cohort(tmp_path):
     from hist_st.train.toy import write_toy_cohort
 
     cohort = write_toy_cohort(tmp_path / "toy", n_slides=3, n_spots=64, n_genes=8, dim=16)
-    over = ["model.dim=16", "model.heads=2", "epochs=1", "threads=1"]
-    res = run_superres(cohort, tmp_path / "sr", genes="he:5", folds=3, overrides=over, progress=False)
+    setup = CVSetup(genes="he:5", folds=3, overrides=["model.dim=16", "model.heads=2", "epochs=1", "threads=1"],
+                    progress=False)
+    res = run_superres(cohort, tmp_path / "sr", setup=setup)
     assert set(res["methods"]) == set(METHODS) and len(res["folds"]) == 3
     assert set(res["gap_closed"]) == {"superres", "coarse_smooth"}
     assert len(res["gap_closed_per_fold"]["superres"]["per_gene_pcc"]) == 3
@@ -51,10 +53,17 @@ def test_superres_end_to_end_on_a_toy_cohort(tmp_path):
     assert (tmp_path / "sr" / res["figure"]).stat().st_size > 5000
     assert "gap closed" in (tmp_path / "sr" / "table.md").read_text()
     assert json.loads((tmp_path / "sr" / "superres.json").read_text())["block"] == 2
-    # a second call keeps the finished fold models (same config, slides, genes)
+    assert res["cached_models"] == []
+    # a second call takes every fold model from the result cache (same config, slides, genes): equal numbers
     stamp = (tmp_path / "sr" / "fold_0" / "spot" / "model.pt").stat().st_mtime_ns
-    run_superres(cohort, tmp_path / "sr", genes="he:5", folds=3, overrides=over, progress=False)
+    again = run_superres(cohort, tmp_path / "sr", setup=setup)
     assert (tmp_path / "sr" / "fold_0" / "spot" / "model.pt").stat().st_mtime_ns == stamp
+    assert len(again["cached_models"]) == 9 and "fold_0/superres" in again["cached_models"]
+    assert again["methods"] == res["methods"] and "result cache" in (tmp_path / "sr" / "table.md").read_text()
+    # a model file that is no longer the one the cache recorded is trained again
+    (tmp_path / "sr" / "fold_0" / "spot" / "model.pt").write_bytes(b"other")
+    third = run_superres(cohort, tmp_path / "sr", setup=setup)
+    assert "fold_0/spot" not in third["cached_models"] and len(third["cached_models"]) == 8
     with pytest.raises(InputError, match="--block"):
         run_superres(cohort, tmp_path / "bad", block=1)
 

@@ -161,7 +161,7 @@ def run_demo(
     cfg = load_config(None, ov)
     k = folds or d["folds"]
     summary = cross_validate(cfg, cohort, out / "cv", k=k, baselines=["ridge", "mean"], progress=progress)
-    rows = {METHOD_NAMES.get(m, m): s for m, s in summary["methods"].items()}
+    rows = {METHOD_NAMES.get(m, m): s for m, s in summary.summaries().items()}
     table = format_table(rows)
     header = (
         f"hist-st demo: synthetic cohort of {n_slides or d['n_slides']} slides, {k}-fold CV by slide, "
@@ -172,28 +172,28 @@ def run_demo(
         f"Mean ± std over {k} folds (ddof=0)."
     )
     (out / "table.md").write_text(header + "\n\n" + table + "\n")
-    plot_loss_curves(summary["histories"], out / "loss_curves.png")
+    plot_loss_curves(summary.histories, out / "loss_curves.png")
 
     # heatmap: fold 0's first test slide, its top ranked genes; HiST (from the saved prediction) and ridge
 
     splits = json.loads((out / "cv" / "splits.json").read_text())["folds"]
     f0 = splits[0]
-    genes = summary["genes"]
+    genes = list(summary.genes)
     test_id = sorted(f0["test"])[0]
     slide = read_prepared(cohort / f"{test_id}.h5ad")
     pred_slide = read_prepared(out / "cv" / "fold_0" / "predictions" / f"{test_id}.h5ad")
     hist_log1p = np.log1p(pred_slide.predicted)
-    ridge = get_method("ridge").fit(load_slides(cohort, f0["train"]), genes, summary["embedding"], seed=seed)
+    ridge = get_method("ridge").fit(load_slides(cohort, f0["train"]), genes, summary.embedding, seed=seed)
     # the 4 most expressed of the predicted genes on this slide (a choice blind to every method's output)
     show = [genes[i] for i in np.argsort(-np.asarray(log1p_counts(slide, genes).mean(0)), kind="stable")[:4]]
     plot_heatmap(slide, show, {"HiST": hist_log1p, "ridge": ridge.predict(slide)},
                  {g: i for i, g in enumerate(genes)}, out / "heatmap.png")
 
-    seconds = {"total": time.perf_counter() - t_start, "cohort": t_cohort, **summary["seconds"]}
+    seconds = {"total": time.perf_counter() - t_start, "cohort": t_cohort, **{m: s.seconds for m, s in summary.methods.items()}}
     result = {
         "table": table,
         "header": header,
-        "summary": {METHOD_NAMES.get(m, m): s for m, s in summary["methods"].items()},
+        "summary": {METHOD_NAMES.get(m, m): s for m, s in summary.summaries().items()},
         "seconds": seconds,
         "out_dir": str(out),
         "config_overrides": ov,

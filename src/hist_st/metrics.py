@@ -33,6 +33,7 @@ __all__ = [
     "evaluate_fold",
     "summarise_folds",
     "format_table",
+    "protocol_cells",
 ]
 
 #: Degrees of freedom used for every std over folds (numpy's default, population std).
@@ -255,6 +256,11 @@ def _fmt(stat: Mapping[str, float | None], digits: int) -> str:
     return f"{mean:.{digits}f} ± {spread}"
 
 
+def protocol_cells(summary: Mapping[str, Any], digits: int = 3) -> list[str]:
+    """"mean ± std" of a `summarise_folds` record: pooled R2, pooled PCC, per-gene PCC, per-gene R2."""
+    return [_fmt(summary[proto][key], digits) for proto, key in _PROTOCOL_KEYS]
+
+
 def format_table(rows: Mapping[str, Mapping[str, Any]], digits: int = 3) -> str:
     """Markdown table of fold summaries, one row per method, both protocols labelled.
 
@@ -270,6 +276,5 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], digits: int = 3) -> str:
     sep = "|---|---|---|---|---|"
     lines = [header, sep]
     for method, summary in rows.items():
-        cells = [_fmt(summary[proto][key], digits) for proto, key in _PROTOCOL_KEYS]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | " + " | ".join(protocol_cells(summary, digits)) + " |")
     return "\n".join(lines)

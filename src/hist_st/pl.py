@@ -24,7 +24,8 @@ from hist_st.errors import InputError
 from hist_st.metrics import pearson
 from hist_st.slide import Slide, read_prepared
 
-__all__ = ["VALUES", "normalise_counts", "gene_values", "spot_diameter_px", "map_agreement", "plot_genes"]
+__all__ = ["VALUES", "normalise_counts", "gene_values", "spot_diameter_px", "map_agreement", "plot_genes", "draw_spots",
+           "pyplot", "save_figure"]
 
 #: What a map shows: library-size-normalised log expression (default), log1p counts, or counts.
 VALUES = {
@@ -32,6 +33,26 @@ VALUES = {
     "log1p": "log1p(counts)",
     "counts": "counts",
 }
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: float | None = None) -> Path:
+    """Write ``fig`` to ``path`` (parents created, tight bounding box, ``dpi``: the figure's own when None) and
+    close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
 
 
 def normalise_counts(counts: np.ndarray | sp.spmatrix, target_sum: float = 1e4) -> np.ndarray:
@@ -145,7 +166,7 @@ def _load(x: str | Path | Slide) -> Slide:
     return x if isinstance(x, Slide) else read_prepared(x)
 
 
-def _spots(ax, xy: np.ndarray, diameter: float, vals: np.ndarray, cmap: str, vmin: float, vmax: float):
+def draw_spots(ax, xy: np.ndarray, diameter: float, vals: np.ndarray, cmap: str, vmin: float, vmax: float):
     """Spots as circles of their real diameter (data units), coloured by ``vals``."""
     from matplotlib.collections import EllipseCollection
 
@@ -186,11 +207,7 @@ def plot_genes(
     Raises:
         InputError: genes not predicted, no predictions, spots of ``truth`` differ from ``pred``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if values not in VALUES:
         raise InputError("--values", f"unknown values {values!r}; use {', '.join(VALUES)}")
     slide = _load(pred)
@@ -229,10 +246,10 @@ def plot_genes(
                 ax.imshow(image)
             if kind == "std":
                 sd = std[:, r]
-                coll = _spots(ax, xy, diameter, sd, "magma", float(sd.min()), float(max(sd.max(), sd.min() + 1e-6)))
+                coll = draw_spots(ax, xy, diameter, sd, "magma", float(sd.min()), float(max(sd.max(), sd.min() + 1e-6)))
                 title, cbar = f"{gene}: MC-dropout std", "std of predicted counts"
             else:
-                coll = _spots(ax, xy, diameter, vals[kind], "viridis", vmin, vmax)
+                coll = draw_spots(ax, xy, diameter, vals[kind], "viridis", vmin, vmax)
                 title, cbar = f"{gene}: {kind}", label
                 if kind == "predicted" and measured is not None:
                     title += f" (r = {pearson(vals['predicted'], vals['measured']):.2f})"
@@ -243,8 +260,4 @@ def plot_genes(
             ax.set_title(f"{slide.slide_id} {title}", fontsize=9)
             fig.colorbar(coll, ax=ax, fraction=0.04, pad=0.01).set_label(cbar, fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

@@ -6,18 +6,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hist_st.pl import pyplot, save_figure
+
 __all__ = ["plot_speed", "plot_scaling"]
-
-
-def _plt() -> Any:
-    """``matplotlib.pyplot`` with the non-interactive backend, imported only when a figure is drawn (a
-    measuring process stays free of it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _loglog(ax: Any, series: Mapping[str, Sequence[tuple[float, float]]], xlabel: str, ylabel: str,
@@ -31,24 +22,16 @@ def _loglog(ax: Any, series: Mapping[str, Sequence[tuple[float, float]]], xlabel
     ax.set_yscale("log")
     if ticks:  # the measured sizes only (log-axis minor labels collide)
         ax.set_xticks(list(ticks), [str(x) for x in ticks])
-        ax.xaxis.set_minor_formatter(_plt().NullFormatter())
+        ax.xaxis.set_minor_formatter(pyplot().NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    _plt().close(fig)
-    return path
-
-
 def plot_speed(results: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
     """``speed_vs_spots.png`` and ``speed_vs_genes.png``: time and peak memory (CUDA reserved, else RSS) of
     `hist_st.bench.speed` records, per mode, at the sweep's fixed value of the other axis."""
-    plt, ok, paths = _plt(), [r for r in results if "error" not in r], []
+    plt, ok, paths = pyplot(), [r for r in results if "error" not in r], []
     for axis, fixed in (("spots", "genes"), ("genes", "spots")):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
         times, mems = {}, {}
@@ -66,7 +49,7 @@ def plot_speed(results: Sequence[Mapping[str, Any]], out_dir: str | Path) -> lis
             ax.legend()
         fig.suptitle(f"HiST time and memory vs {axis}")
         fig.tight_layout()
-        paths.append(_save(fig, Path(out_dir) / f"speed_vs_{axis}.png"))
+        paths.append(save_figure(fig, Path(out_dir) / f"speed_vs_{axis}.png", dpi=120))
     return paths
 
 
@@ -79,7 +62,7 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
             runs (``error``) or missing values are left out.
         out: PNG path.
     """
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 4, figsize=(16, 7), dpi=120)
     methods = sorted({r["method"] for r in records}, key=lambda m: (m != "hist", m))
     colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
@@ -99,4 +82,4 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=len(legend), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    return _save(fig, out)
+    return save_figure(fig, out, dpi=120)

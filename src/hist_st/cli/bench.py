@@ -46,6 +46,14 @@ def add_experiment_args(p: argparse.ArgumentParser, *, genes: bool = True) -> No
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def experiment_setup(args: argparse.Namespace) -> Any:
+    """The `CVSetup` of ``add_experiment_args``' options (and ``--group-by`` where the command has it)."""
+    from hist_st.experiments.accuracy import CVSetup
+
+    return CVSetup(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config, overrides=args.overrides,
+                   group_by=getattr(args, "group_by", None), progress=not args.no_progress)
+
+
 #: Options several commands share: key -> (flags, `add_argument` keywords); `add_command` adds them by key.
 SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "out": (("--out",), {"required": True, "type": Path, "help": "output folder"}),
@@ -224,8 +232,7 @@ def register_uncertainty(sub: argparse._SubParsersAction) -> None:
 
 def _fold_run_options(args: argparse.Namespace) -> dict[str, Any]:
     """What `run_superres` and `run_subspot` take alike from their command lines."""
-    return dict(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config, overrides=args.overrides,
-                plot_genes=_names(args.plot_genes) or None, progress=not args.no_progress, reuse=not args.force)
+    return dict(setup=experiment_setup(args), plot_genes=_names(args.plot_genes) or None, reuse=not args.force)
 
 
 def cmd_superres(args: argparse.Namespace) -> int:

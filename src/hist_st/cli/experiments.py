@@ -9,22 +9,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hist_st.cli.bench import add_command, add_experiment_args, parse_baseline_options
+from hist_st.cli.bench import add_command, add_experiment_args, experiment_setup, parse_baseline_options
 from hist_st.errors import InputError
 
 
 def _list(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    return [v.strip() for v in value.split(",") if v.strip()]
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _setup(args: argparse.Namespace) -> Any:
-    """The `CVSetup` of ``add_experiment_args``' options (and ``--group-by`` where the command has it)."""
-    from hist_st.experiments.accuracy import CVSetup
+def _command(sub: argparse._SubParsersAction, name: str, func: Any, *, paths: dict[str, str], **kw: Any
+             ) -> argparse.ArgumentParser:
+    """`add_command` plus required path options ``--<name>`` (``paths``: name -> help)."""
+    p = add_command(sub, name, func, **kw)
+    for flag, text in paths.items():
+        p.add_argument(f"--{flag}", required=True, type=Path, help=text)
+    return p
 
-    return CVSetup(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config, overrides=args.overrides,
-                   group_by=getattr(args, "group_by", None), progress=not args.no_progress)
+
+def _show(res: dict) -> int:
+    """Print an experiment's table and where its results are."""
+    print(res["table"])
+    print(f"results in {res['out_dir']}")
+    return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -36,10 +42,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         return 0
     if args.cohort is None or args.out is None:
         raise InputError("--cohort/--out", "hist-st ablate needs both (or --list)")
-    res = run_ablation(args.cohort, args.out, setup=_setup(args), names=_list(args.configs), skip_done=not args.force)
-    print(res["table"])
-    print(f"results in {res['out_dir']}")
-    return 0
+    return _show(run_ablation(args.cohort, args.out, setup=experiment_setup(args), names=_list(args.configs),
+                              skip_done=not args.force))
 
 
 def prepare_pair(prepare_args: list[str], plain: Path, macenko: Path) -> None:
@@ -64,11 +68,8 @@ def cmd_stain(args: argparse.Namespace) -> int:
 
     if args.prepare:
         prepare_pair(shlex.split(args.prepare), args.plain, args.macenko)
-    res = run_stain(args.plain, args.macenko, args.out, setup=_setup(args), skip_done=not args.force,
-                    rows=_list(args.rows) or ("macenko-only", "token-only", "both", "neither"))
-    print(res["table"])
-    print(f"results in {res['out_dir']}")
-    return 0
+    return _show(run_stain(args.plain, args.macenko, args.out, setup=experiment_setup(args), skip_done=not args.force,
+                           rows=_list(args.rows) or ("macenko-only", "token-only", "both", "neither")))
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
@@ -103,19 +104,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     command = "hist-st " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     path = build_report(ReportSpec(
-        args.name or Path(args.cohort).resolve().name, args.cohort, docs_dir=args.docs, runs_dir=args.runs, methods=_list(args.methods),
-        gene_sets=_list(args.gene_sets), folds=args.folds, seed=args.seed, config=args.config,
-        overrides=args.overrides, baseline_options=parse_baseline_options(args.baseline_option),
+        args.name or Path(args.cohort).resolve().name, args.cohort, docs_dir=args.docs, runs_dir=args.runs,
+        methods=_list(args.methods), gene_sets=_list(args.gene_sets), folds=args.folds, seed=args.seed,
+        config=args.config, overrides=args.overrides, baseline_options=parse_baseline_options(args.baseline_option),
         ablations=_list(args.ablations) if args.ablations != "none" else [], ablation_epochs=args.ablation_epochs,
-        efficiency=not args.no_efficiency,
-        efficiency_epochs=args.efficiency_epochs, efficiency_also=args.efficiency_also or [],
-        reuse_from=args.reuse_from or [],
-        scaling=args.scaling, macenko=args.macenko,
-        scaling_options={"spots": [int(v) for v in _list(args.scaling_spots)],
-                         "genes_list": [int(v) for v in _list(args.scaling_genes)], "timeout": args.scaling_timeout},
+        efficiency=not args.no_efficiency, efficiency_epochs=args.efficiency_epochs,
+        efficiency_also=args.efficiency_also or [], reuse_from=args.reuse_from or [], scaling=args.scaling,
+        macenko=args.macenko, scaling_options={"spots": [int(v) for v in _list(args.scaling_spots)],
+                                               "genes_list": [int(v) for v in _list(args.scaling_genes)],
+                                               "timeout": args.scaling_timeout},
         token_groups=_list(args.token_groups), device=args.device, command=command, force=args.force,
-        progress=not args.no_progress,
-    ))
+        progress=not args.no_progress))
     print(path)
     return 0
 
@@ -131,22 +130,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="list the ablation names and exit")
     add_experiment_args(p)
 
-    p = add_command(subparsers, "stain", cmd_stain, help="Table 5: calibration token vs Macenko stain normalisation",
-                    description="Cross-validate token-only / Macenko-only / both (and neither) on the same folds "
-                    "and genes. Give two prepared cohorts, or --prepare to make them.", shared=("out",))
-    p.add_argument("--plain", required=True, type=Path, help="cohort prepared without stain normalisation")
-    p.add_argument("--macenko", required=True, type=Path, help="the same slides prepared with --stain-norm macenko")
+    p = _command(subparsers, "stain", cmd_stain, shared=("out",), help="Table 5: calibration token vs Macenko stain "
+                 "normalisation", description="Cross-validate token-only / Macenko-only / both (and neither) on the "
+                 "same folds and genes. Give two prepared cohorts, or --prepare to make them.",
+                 paths={"plain": "cohort prepared without stain normalisation",
+                        "macenko": "the same slides prepared with --stain-norm macenko"})
     p.add_argument("--prepare", default=None,
                    help="hist-st prepare arguments (quoted, without --out/--stain-norm) to prepare both cohorts first")
     p.add_argument("--rows", default=None, help="rows to run: macenko-only,token-only,both,neither (default all)")
     p.add_argument("--force", action="store_true", help="retrain rows whose results are cached")
     add_experiment_args(p)
 
-    p = add_command(subparsers, "tokens", cmd_tokens, help="Table 6 / Figure 4: calibration-token analysis of a CV run",
-                    description="Export each slide's final calibration token from the fold models of a cv / bench "
-                    "accuracy run and measure how well it separates groups.", shared=("out",))
-    p.add_argument("--run", required=True, type=Path, help="cross-validation run directory (splits.json, fold_<i>/model.pt)")
-    p.add_argument("--cohort", required=True, type=Path, help="the prepared cohort of that run")
+    p = _command(subparsers, "tokens", cmd_tokens, help="Table 6 / Figure 4: calibration-token analysis of a CV run",
+                 description="Export each slide's final calibration token from the fold models of a cv / bench "
+                 "accuracy run and measure how well it separates groups.", shared=("out",),
+                 paths={"run": "cross-validation run directory (splits.json, fold_<i>/model.pt)",
+                        "cohort": "the prepared cohort of that run"})
     p.add_argument("--group-by", default="patient", help="comma-separated metadata columns (patient, technology, ...)")
     p.add_argument("--source", default="test", help="'test' (held-out fold model per slide) or 'fold:<i>'")
 

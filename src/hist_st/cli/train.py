@@ -83,13 +83,11 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     cfg = _cfg(args)
     baselines = [b for b in (args.baselines or "").split(",") if b]
-    summary = cross_validate(
-        cfg, args.slides, args.out, k=args.folds, group_by=args.group_by, folds=args.splits,
-        slide_ids=_ids(args.ids), baselines=baselines, write_predictions=not args.no_predictions,
-        mc_samples=args.mc_samples, progress=cfg.progress,
-    )
-    print(summary["table"])
-    print(f"results in {summary['out_dir']}")
+    res = cross_validate(cfg, args.slides, args.out, k=args.folds, group_by=args.group_by, folds=args.splits,
+                         slide_ids=_ids(args.ids), baselines=baselines, write_predictions=not args.no_predictions,
+                         mc_samples=args.mc_samples, progress=cfg.progress)
+    print(res.table)
+    print(f"results in {res.out_dir}")
     return 0
 
 
@@ -105,14 +103,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if given:
             raise InputError(" ".join(given), "only apply with --image")
     bundle = load_bundle(args.model, device=resolve_device(args.device))
+    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
     if args.image is not None:
         from hist_st.predict_image import predict_image
 
         if args.ids is not None:
             raise InputError("--ids", "only applies with --slides")
-        genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
         summary = predict_image(
-            bundle, args.image, args.out, um_per_px=args.um_per_px, genes_to_plot=genes,
+            bundle, args.image, args.out, um_per_px=args.um_per_px, genes_to_plot=genes or None,
             mc_samples=args.mc_samples, encoder_weights=args.weights, device=str(bundle.device),
             reference=args.reference, seed=args.seed, progress=not args.no_progress, values=args.values,
             log=lambda m: print(m, file=sys.stderr), map_resolution=args.resolution or "fine",
@@ -130,7 +128,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         brief["total_s"] = summary["timings_s"]["total_s"]
         print(json.dumps(brief))
         return 0
-    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
     missing = [g for g in genes if g not in set(map(str, bundle.genes))]
     if missing:
         raise InputError("--genes", f"not among the model's {len(bundle.genes)} genes: {missing[:5]}")

@@ -18,7 +18,10 @@ cache = ResultCache(["runs/other-run"])          # look-ups also search these fo
 entry = cache.get(key)                            # None on a miss; a corrupted entry is ignored with a warning
 ```
 Entries are written atomically (`hist_st.jsonio.write_json`) and carry their own key fields; a file whose
-fields do not hash to its name, or that is not valid JSON, is ignored with a `UserWarning`.
+fields do not hash to its name, or that is not valid JSON, is ignored with a `UserWarning`. An experiment that
+needs a file itself, not only scores (``bench superres``/``subspot``: trained models, sub-spot slides), records it
+with `write_file_entry` (file name + content hash) and takes it back with `cached_file`, under a key made the same
+way.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from hist_st.methods.base import Method
 from hist_st.slide import Slide
 from hist_st.train.config import TrainConfig, config_to_dict
 
-__all__ = ["ResultCache", "digest", "fold_key", "method_signature", "slide_fingerprint", "CACHE_DIR"]
+__all__ = ["ResultCache", "digest", "fold_key", "method_signature", "slide_fingerprint", "CACHE_DIR", "cached_file",
+           "file_digest", "write_file_entry"]
 
 #: Version of the entry format; entries of another version are misses.
 VERSION = 1
@@ -149,7 +153,8 @@ def read_entry(path: Path, key: str) -> dict[str, Any] | None:
         entry = json.loads(path.read_text())
         if digest(entry["key"]) != key:
             raise ValueError("its key fields do not hash to its name")
-        entry["metrics"] = _revive(entry["metrics"])
+        if "metrics" in entry:  # a scored fold (run_cv); a trained model's entry names its file instead
+            entry["metrics"] = _revive(entry["metrics"])
         entry["seconds"] = float(entry["seconds"])
         return entry
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -161,3 +166,24 @@ def write_entry(run_dir: str | Path, key_fields: Mapping[str, Any], entry: Mappi
     """Store ``entry`` (``metrics``, ``seconds``, ``history``, ``origin``) under the digest of ``key_fields``."""
     path = Path(run_dir) / CACHE_DIR / f"{digest(key_fields)}.json"
     return write_json({**entry, "key": key_fields}, path)
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cached_file(cache: ResultCache | None, key_fields: Mapping[str, Any], folder: str | Path) -> Path | None:
+    """The file ``folder/<name>`` that ``cache`` holds an entry for ``key_fields`` about (in ``folder/cache``),
+    when the file is still the one the entry recorded (content hash); None otherwise, or when ``cache`` is None."""
+    entry = cache.get(digest(key_fields), folder) if cache is not None else None
+    path = Path(folder) / str((entry or {}).get("file", ""))
+    if entry is None or not path.is_file() or file_digest(path) != entry.get("sha256"):
+        return None
+    return path
+
+
+def write_file_entry(folder: str | Path, key_fields: Mapping[str, Any], name: str, seconds: float) -> Path:
+    """Record that ``folder/<name>`` (a finished checkpoint, a derived slide) is the result of ``key_fields``."""
+    return write_entry(folder, key_fields, {"file": name, "sha256": file_digest(Path(folder) / name),
+                                            "seconds": seconds, "origin": str(folder)})

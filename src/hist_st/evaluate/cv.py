@@ -6,8 +6,8 @@ from hist_st.methods import HiSTMethod, get_method
 from hist_st.train.config import load_config
 cfg = load_config(None, ["epochs=20"])
 plan = make_plan("cohort/", cfg.genes, k=4, seed=cfg.seed)
-summary = run_cv(plan, [HiSTMethod(cfg), get_method("ridge")], "runs/cv", seed=cfg.seed)
-print(summary["table"])
+res = run_cv(plan, [HiSTMethod(cfg), get_method("ridge")], "runs/cv", seed=cfg.seed)   # CVResult
+print(res.table)
 ```
 
 Run directory layout::
@@ -41,35 +41,37 @@ from tqdm.auto import tqdm
 from hist_st.errors import InputError
 from hist_st.evaluate.cache import ResultCache, digest, fold_key, slide_fingerprint, write_entry
 from hist_st.evaluate.plan import Plan, make_plan
-from hist_st.jsonio import to_jsonable, write_json
+from hist_st.evaluate.results import CVResult, FoldRecord, MethodSummary
+from hist_st.jsonio import write_json
 from hist_st.methods.base import Method, get_method, list_methods
 from hist_st.methods.hist import HiSTMethod
-from hist_st.metrics import evaluate_fold, format_table, summarise_folds
+from hist_st.metrics import evaluate_fold, summarise_folds
 from hist_st.outputs import fresh_folder
 from hist_st.runtime import package_versions
 from hist_st.slide import write_prepared
+from hist_st.train.checkpoint import ModelBundle, load_bundle
 from hist_st.train.config import TrainConfig
 from hist_st.train.data import gene_counts
 from hist_st.train.distributed import DistInfo, init_distributed
 from hist_st.train.folds import save_folds
 
-__all__ = ["run_cv", "cross_validate", "fold_json", "plot_loss_curves", "PROTOCOLS"]
+__all__ = ["run_cv", "build_methods", "cross_validate", "fold_model", "plot_loss_curves", "PROTOCOLS"]
 
 #: The note above every table: what the two metric protocols are.
 PROTOCOLS = ("Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
              "metric); per-gene = log1p Pearson/R2 per gene over all test spots (HEST metric).")
 
 
-def fold_json(result: Mapping[str, Any], genes: Sequence[str]) -> dict[str, Any]:
-    """`evaluate_fold` output made JSON-friendly, per-gene arrays keyed by gene name."""
-    out = to_jsonable(dict(result))
-    pg = out.get("per_gene", {})
-    for key in ("pcc_per_gene", "r2_per_gene"):
-        if isinstance(pg.get(key), list) and len(pg[key]) == len(genes):
-            pg[key] = dict(zip(genes, pg[key]))
-    if isinstance(pg.get("excluded_genes"), list):
-        pg["excluded_genes"] = [genes[i] for i in pg["excluded_genes"] if 0 <= i < len(genes)]
-    return out
+def fold_model(run_dir: str | Path, fold: int) -> ModelBundle:
+    """HiST's trained model of fold ``fold`` of a `run_cv` folder (``fold_<i>/model.pt``).
+
+    Raises:
+        InputError: The fold has no model (the run had no HiST) or an unreadable one.
+    """
+    path = Path(run_dir) / f"fold_{fold}" / "model.pt"
+    if not path.is_file():
+        raise InputError(path, "fold model not found (was the run made with HiST?)")
+    return load_bundle(path)
 
 
 def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
@@ -107,7 +109,7 @@ def run_cv(
     progress: bool = True,
     cache: ResultCache | None = None,
     retrain: Collection[str] = (),
-) -> dict[str, Any]:
+) -> CVResult:
     """Cross-validate ``methods`` on the folds and genes of ``plan``.
 
     Args:
@@ -126,10 +128,8 @@ def run_cv(
         retrain: Labels of methods trained even when cached.
 
     Returns:
-        ``{"methods": {label: summarise_folds(...)}, "folds": [...], "table": str, "genes": [...] or None,
-        "out_dir": str, "seconds": {label: float}, "histories": {fold: [...]}, "embedding": str,
-        "reused": {label: folder}}`` (``reused``: methods whose every fold came from another run folder,
-        named by the folder that computed them); on ranks other than 0 the same keys, empty.
+        The `CVResult` (per method: fold summary, seconds, the folder that computed it when every fold came
+        from another run folder; per fold: the metrics); on ranks other than 0 one without methods or folds.
     """
     info = dist_info or DistInfo()
     master = info.is_master
@@ -147,10 +147,9 @@ def run_cv(
             for m in methods:
                 m.save_settings(out)
             write_json(package_versions(), out / "versions.json")
-        per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in labels}
         seconds: dict[str, float] = {m: 0.0 for m in labels}
         histories: dict[str, list[dict[str, float]]] = {}
-        fold_records = []
+        records: list[FoldRecord] = []
         bar = tqdm(plan.folds, desc="cv folds", unit="fold", disable=not (progress and master))
         for f in bar:
             i = int(f["fold"])
@@ -190,34 +189,29 @@ def run_cv(
                                                   "history": history, "origin": str(out)})
             if not master:
                 continue
-            for m in labels:
-                per_method[m].append(fold_metrics[m])
-            write_json({"fold": i, "train": list(f["train"]), "test": list(f["test"]), "n_genes": len(genes),
-                        "metrics": {m: fold_json(fold_metrics[m], genes) for m in labels}}, fdir / "metrics.json")
-            fold_records.append({"fold": i, **{m: {"pooled": fold_metrics[m]["pooled"],
-                                                   "per_gene_pcc": fold_metrics[m]["per_gene"]["pcc"]}
-                                               for m in labels}})
+            record = FoldRecord(i, tuple(f["train"]), tuple(f["test"]), tuple(genes),
+                                {m: fold_metrics[m] for m in labels})
+            write_json(record.to_json(), fdir / "metrics.json")
+            records.append(record)
             if hasattr(bar, "set_postfix") and labels:
                 first = fold_metrics[labels[0]]
                 bar.set_postfix(pooled_r2=f"{first['pooled']['r2']:.3f}", pcc=f"{first['per_gene']['pcc']:.3f}")
 
+        genes_ = tuple(plan.genes) if plan.genes is not None else None
         if not master:
-            return {"methods": {}, "folds": [], "table": "", "genes": plan.genes, "out_dir": str(out),
-                    "seconds": {}, "histories": {}, "embedding": plan.embedding, "reused": {}}
-        summaries = {m: summarise_folds(per_method[m]) for m in labels}
-        table = format_table(summaries)
-        write_json({"methods": summaries, "folds": fold_records, "seconds": seconds, "embedding": plan.embedding,
-                    "group_by": plan.group_by, "k": plan.k, "n_genes": len(plan.genes) if plan.genes else None},
-                   out / "metrics.json")
-        (out / "table.md").write_text(f"{PROTOCOLS} Mean ± std over {plan.k} folds.\n\n" + table + "\n")
-        if histories:
-            plot_loss_curves(histories, out / "loss_curves.png")
+            return CVResult(out, plan.embedding, genes_, k=plan.k, group_by=plan.group_by)
         here = str(out.resolve())
         reused = {m: o[0] for m, o in origins.items()
                   if len(o) == len(plan.folds) and all(str(Path(x).resolve()) != here for x in o)}
-        return {"methods": summaries, "folds": fold_records, "table": table, "genes": plan.genes,
-                "out_dir": str(out), "seconds": seconds, "histories": histories, "embedding": plan.embedding,
-                "reused": reused}
+        result = CVResult(out, plan.embedding, genes_, k=plan.k, group_by=plan.group_by, folds=tuple(records),
+                          histories=histories,
+                          methods={m: MethodSummary(summarise_folds([r.metrics[m] for r in records]), seconds[m],
+                                                    reused.get(m)) for m in labels})
+        write_json(result.to_json(), out / "metrics.json")
+        (out / "table.md").write_text(f"{PROTOCOLS} Mean ± std over {plan.k} folds.\n\n" + result.table + "\n")
+        if histories:
+            plot_loss_curves(histories, out / "loss_curves.png")
+        return result
 
 
 def _cache_lookups(
@@ -250,6 +244,17 @@ def _cache_lookups(
     return keys, hits
 
 
+def build_methods(
+    names: Sequence[str], cfg: TrainConfig, options: Mapping[str, Mapping[str, Any]] | None = None, *,
+    dist_info: DistInfo | None = None,
+) -> list[Method]:
+    """Unfitted methods by registry name, in order: ``hist`` is HiST with ``cfg`` (and ``dist_info``), any other
+    name the registered method with its keyword ``options[name]``."""
+    options = options or {}
+    return [HiSTMethod(cfg, dist_info=dist_info) if n == HiSTMethod.name else get_method(n, **dict(options.get(n, {})))
+            for n in names]
+
+
 def cross_validate(
     cfg: TrainConfig,
     slides_dir: str | Path,
@@ -264,7 +269,7 @@ def cross_validate(
     write_predictions: bool = True,
     mc_samples: int = 0,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> CVResult:
     """``hist-st cv``: HiST with ``cfg`` and optional baselines on a folder of prepared slides.
 
     Args:
@@ -277,7 +282,7 @@ def cross_validate(
         write_predictions, mc_samples, progress: As in `run_cv`.
 
     Returns:
-        `run_cv`'s summary.
+        `run_cv`'s `CVResult`.
     """
     known = [m for m in list_methods() if m != HiSTMethod.name]
     unknown = [b for b in baselines if b not in known]
@@ -288,7 +293,6 @@ def cross_validate(
     info = init_distributed(cfg.device)  # under torchrun every rank trains each fold together
     plan = make_plan(slides_dir, cfg.genes, k=k, seed=cfg.seed, group_by=group_by, folds=folds,
                      slide_ids=slide_ids, embedding=cfg.embedding)
-    options = dict(baseline_options or {})
-    methods = [HiSTMethod(cfg, dist_info=info), *(get_method(b, **dict(options.get(b, {}))) for b in baselines)]
+    methods = build_methods([HiSTMethod.name, *baselines], cfg, baseline_options, dist_info=info)
     return run_cv(plan, methods, out_dir, seed=cfg.seed, write_predictions=write_predictions, mc_samples=mc_samples,
                   dist_info=info, progress=progress)

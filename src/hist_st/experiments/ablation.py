@@ -43,11 +43,13 @@ from hist_st.evaluate.cache import ResultCache
 from hist_st.experiments.accuracy import CVSetup
 from hist_st.jsonio import read_json, write_json
 from hist_st.methods import HiSTMethod
+from hist_st.metrics import protocol_cells
 from hist_st.train.config import TrainConfig
 from hist_st.train.distributed import DistInfo, init_distributed
 from hist_st.train.folds import save_folds
 
-__all__ = ["Ablation", "ABLATIONS", "PAPER_TABLE3", "ablation_config", "run_ablation", "format_ablation_table"]
+__all__ = ["Ablation", "ABLATIONS", "PAPER_TABLE3", "ablation_config", "run_ablation", "format_ablation_table",
+           "hist_rows", "table_plan"]
 
 
 @dataclass(frozen=True)
@@ -130,12 +132,6 @@ def ablation_config(cfg: Any, name: str) -> Any:
     return ABLATIONS[name].apply(cfg)
 
 
-def _fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
-    if not stat or stat.get("mean") is None:
-        return "n/a"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
 def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3) -> str:
     """Markdown Table 3: rows grouped by component, both protocols with fold std, the change in pooled R2
     and per-gene PCC against the full model, and the paper's direction (Brain) for comparison.
@@ -157,10 +153,8 @@ def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3)
         if abl.group and abl.group != group:
             group = abl.group
             lines.append(f"| *{group}* | | | | | | | | |")
-        cells = [_fmt(s["pooled"]["r2"], digits), _fmt(s["pooled"]["pcc"], digits),
-                 _fmt(s["per_gene"]["pcc"], digits), _fmt(s["per_gene"]["r2"], digits)]
-        d_r2 = d_pcc = "—"
-        agree = "—"
+        cells = protocol_cells(s, digits)
+        d_r2 = d_pcc = agree = "—"
         if full is not None and name != "full":
             dr2 = s["pooled"]["r2"]["mean"] - full["pooled"]["r2"]["mean"]
             dpcc = s["per_gene"]["pcc"]["mean"] - full["per_gene"]["pcc"]["mean"]
@@ -180,6 +174,20 @@ def reused_note(reused: Mapping[str, str]) -> str:
         return ""
     rows = "; ".join(f"`{k}` from `{v}`" for k, v in reused.items())
     return f"\nRows reused from runs with the same config, cohort, folds and genes (not retrained): {rows}.\n"
+
+
+def table_plan(cohort: str | Path, out: Path, setup: CVSetup, *, by_group: bool = True
+               ) -> tuple[TrainConfig, Plan, DistInfo]:
+    """What every row of a HiST table (Table 3 or 5) shares: HiST's config with the plan's genes fixed (one gene
+    list for every row), the plan (its folds written to ``out/splits.json``, which names the group column
+    unless ``by_group`` is False) and this process's place in a ``torchrun`` job."""
+    cfg = setup.train_config()
+    plan = make_plan(cohort, cfg.genes, k=setup.folds, seed=cfg.seed, group_by=setup.group_by, embedding=cfg.embedding)
+    out.mkdir(parents=True, exist_ok=True)
+    group = {"group_by": setup.group_by} if by_group else {}
+    save_folds(plan.folds, out / "splits.json", k=setup.folds, seed=cfg.seed, **group, slides_dir=str(cohort))
+    cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(plan.genes)))
+    return cfg, plan, init_distributed(cfg.device)
 
 
 def hist_rows(
@@ -214,9 +222,10 @@ def hist_rows(
         res = run_cv(plan(), [HiSTMethod(cfg, dist_info=dist_info)], out / row, seed=cfg.seed,
                      write_predictions=False, dist_info=dist_info, progress=progress,
                      cache=ResultCache(reuse_from) if reuse else None)
-        summaries[row] = res["methods"].get("HiST")
-        if "HiST" in res["reused"]:
-            reused[row] = res["reused"]["HiST"]
+        hist = res.methods.get(HiSTMethod.display_name)
+        summaries[row] = hist.summary if hist is not None else None
+        if hist is not None and hist.reused_from:
+            reused[row] = hist.reused_from
     write_json(reused, out / "reused.json")
     return read_json(write_json(summaries, out / f"{name}.json")), reused
 
@@ -252,23 +261,15 @@ def run_ablation(
         if n not in ABLATIONS:
             raise InputError("--configs", f"unknown ablation {n!r}; choose from {', '.join(ABLATIONS)}")
     setup = setup or CVSetup()
-    cfg = setup.train_config()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(cohort, cfg.genes, k=setup.folds, seed=cfg.seed, group_by=setup.group_by, embedding=cfg.embedding)
-    fold_list, gene_list = plan.folds, plan.genes
-    save_folds(fold_list, out / "splits.json", k=setup.folds, seed=cfg.seed, group_by=setup.group_by,
-               slides_dir=str(cohort))
-    # One gene list for every row (dataset scope: chosen once from the manifest ranking).
-    cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
-    info = init_distributed(cfg.device)
+    cfg, plan, info = table_plan(cohort, out, setup)
     rows = {name: (ablation_config(cfg, name), lambda: plan) for name in ABLATIONS if name in names}
     summaries, reused = hist_rows(out, rows, name="ablation", reuse=skip_done, reuse_from=reuse_from,
                                   dist_info=info, progress=setup.progress)
     table = format_ablation_table(summaries)
     (out / "table.md").write_text(
-        f"Ablations (Table 3) on {Path(cohort).name}: {setup.folds}-fold, seed {setup.seed}, {len(gene_list)} genes "
+        f"Ablations (Table 3) on {Path(cohort).name}: {setup.folds}-fold, seed {setup.seed}, {len(plan.genes)} genes "
         f"({setup.genes}); mean ± std over folds. Δ columns: ablation minus full model. The paper's column is its "
         "Brain (NCBI GEO) Table 3, for direction only.\n\n" + table + "\n" + reused_note(reused)
     )
-    return {"summaries": summaries, "table": table, "out_dir": str(out), "n_genes": len(gene_list)}
+    return {"summaries": summaries, "table": table, "out_dir": str(out), "n_genes": len(plan.genes)}

@@ -33,29 +33,26 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.evaluate import make_plan, run_cv
+from hist_st.evaluate import PROTOCOLS, build_methods, make_plan, run_cv
 from hist_st.evaluate.cache import ResultCache
 from hist_st.jsonio import read_json, write_json
-from hist_st.methods import HiSTMethod, Method, check_methods, get_method, method_option_names
+from hist_st.methods import HiSTMethod, check_methods, method_option_names
 from hist_st.metrics import format_table
 from hist_st.runtime import device_name, resolve_device
 from hist_st.train.config import TrainConfig, config_to_dict, load_config, with_gene_set
-from hist_st.train.distributed import DistInfo, init_distributed
+from hist_st.train.distributed import init_distributed
 
 __all__ = [
-    "METHODS",
-    "DISPLAY",
+    "display",
     "build_config",
     "CVSetup",
     "run_accuracy",
     "per_gene_rows",
 ]
 
-#: Method names accepted by the experiment commands (``hist`` plus the registered baselines).
-METHODS = ("hist", "mean", "ridge", "ridge-robust", "mlp", "bleep", "stnet", "stnet-lite0", "stflow")
-#: Name used for each method in tables (run_cv reports HiST as "HiST").
-DISPLAY = {"hist": "HiST", "mean": "mean", "ridge": "ridge", "mlp": "mlp", "bleep": "bleep", "stnet": "stnet",
-           "stflow": "stflow", "ridge-robust": "ridge-robust", "stnet-lite0": "stnet-lite0"}
+def display(method: str) -> str:
+    """A method's name in tables (`hist_st.methods.Method.label`): ``hist`` -> ``HiST``, others unchanged."""
+    return HiSTMethod.display_name if method == HiSTMethod.name else method
 
 
 def build_config(
@@ -120,14 +117,6 @@ def _cohort_names(cohorts: Sequence[str | Path]) -> list[str]:
             name, i = f"{base}-{i}", i + 1
         names.append(name)
     return names
-
-
-def _method(name: str, cfg: TrainConfig, baseline_options: Mapping[str, Mapping[str, Any]],
-            info: DistInfo | None) -> Method:
-    """The method ``name``: HiST with ``cfg``, a baseline with its options."""
-    if name == "hist":
-        return HiSTMethod(cfg, dist_info=info)
-    return get_method(name, **dict(baseline_options.get(name, {})))
 
 
 def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping[str, Any]]) -> str:
@@ -270,7 +259,7 @@ def run_accuracy(
     for src in reuse_from:
         if not (Path(src) / "accuracy.json").is_file():
             raise InputError(src, "not a `hist-st bench accuracy` output folder (no accuracy.json)")
-    again = {"HiST" if m == "hist" else m for m in check_methods(rerun)} if rerun else set()
+    again = {display(m) for m in check_methods(rerun)} if rerun else set()
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort = Path(cohort)
         run_dir = out / name
@@ -278,17 +267,14 @@ def run_accuracy(
         plan = make_plan(cohort, cfg.genes, k=folds, seed=fold_seed, group_by=group_by, embedding=cfg.embedding)
         info = init_distributed(cfg.device) if "hist" in methods else None
         cache = ResultCache(reuse_from) if reuse else None
-        res = run_cv(plan, [_method(m, cfg, baseline_options, info) for m in methods], run_dir, seed=cfg.seed,
+        res = run_cv(plan, build_methods(methods, cfg, baseline_options, dist_info=info), run_dir, seed=cfg.seed,
                      write_predictions=write_predictions, dist_info=info, progress=progress, cache=cache,
                      retrain=again)
-        shown = {m: DISPLAY.get(m, m) for m in methods}
-        label = {m: "HiST" if m == "hist" else m for m in methods}
-        ordered = {shown[m]: res["methods"][label[m]] for m in methods}  # the user's method order
-        seconds = {shown[m]: float(res["seconds"][label[m]]) for m in methods}
-        reused_from = {shown[m]: str(Path(res["reused"][label[m]]).parent) for m in methods
-                       if label[m] in res["reused"]}
-        devices = {shown[m]: _source_device(reused_from.get(shown[m]), name, shown[m])
-                   or _method_device(m, cfg, baseline_options) for m in methods}
+        ordered = {label: m.summary for label, m in res.methods.items()}  # the user's method order
+        seconds = {label: float(m.seconds) for label, m in res.methods.items()}
+        reused_from = {label: str(Path(m.reused_from).parent) for label, m in res.methods.items() if m.reused_from}
+        devices = {label: _source_device(reused_from.get(label), name, label) or _method_device(m, cfg, baseline_options)
+                   for m, label in zip(methods, res.methods)}
         n_genes = len(plan.genes) if plan.genes is not None else None
         results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
                          "n_genes": n_genes, "devices": devices, "reused_from": reused_from,
@@ -296,11 +282,7 @@ def run_accuracy(
         seeds_label = f"seed {seed}" if recorded_train_seed is None else f"fold seed {seed}, training seed {t_seed}"
         tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, {seeds_label})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)
-    table = (
-        "Protocols: pooled = per-slide flattened N x G counts, averaged over test slides (HiST authors' metric); "
-        "per-gene = log1p Pearson/R2 per gene over all test spots (HEST metric). Mean ± std over folds "
-        "(ddof 0).\n\n" + "\n\n".join(tables) + "\n"
-    )
+    table = f"{PROTOCOLS} Mean ± std over folds (ddof 0).\n\n" + "\n\n".join(tables) + "\n"
     (out / "table.md").write_text(table)
     _write_per_gene_csv(per_gene, out / "per_gene.csv")
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,

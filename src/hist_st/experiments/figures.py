@@ -15,26 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from hist_st.pl import plot_genes
+from hist_st.pl import plot_genes, pyplot, save_figure
 
-__all__ = ["plot_genes", "plot_token_pca"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    _plt().close(fig)
-    return path
+__all__ = ["plot_genes", "plot_token_pca", "pyplot", "save_figure"]
 
 
 def plot_token_pca(
@@ -44,7 +27,7 @@ def plot_token_pca(
     """Scatter of the per-slide tokens on their first two principal components, coloured by group."""
     from sklearn.decomposition import PCA
 
-    plt = _plt()
+    plt = pyplot()
     x = np.asarray(tokens, dtype=np.float64)
     n_comp = int(min(2, x.shape[0], x.shape[1]))
     z = PCA(n_components=n_comp).fit(x)
@@ -68,4 +51,4 @@ def plot_token_pca(
         ax.legend(fontsize=7, loc="best", frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)

@@ -55,12 +55,12 @@ def _top_genes(run_dir: Path, n: int = 3) -> list[str]:
     return [r["gene"] for r in rows[:n]]
 
 
-def _rows_minutes(run_dir: Path) -> tuple[float, int]:
-    """Total recorded HiST train + predict minutes over the row run directories under ``run_dir``, and the
-    number of rows (reused rows were trained elsewhere and are not counted)."""
-
+def _rows_lines(run_dir: Path) -> list[str]:
+    """Markdown of a HiST table run (Table 3 or 5): its ``table.md`` and the recorded HiST train + predict
+    minutes over its row folders."""
     secs = [read_json(p).get("seconds", {}).get("HiST", 0.0) for p in sorted(run_dir.glob("*/metrics.json"))]
-    return sum(secs) / 60, len(secs)
+    return [(run_dir / "table.md").read_text() + "\n", f"Compute: {len(secs)} rows trained here, {sum(secs) / 60:.0f} "
+            "min of recorded train + predict wall time in all.\n"]
 
 
 def _efficiency_lines(eff: Mapping[str, Any]) -> list[str]:
@@ -307,14 +307,10 @@ def build_report(spec: ReportSpec) -> Path:
         md.append("## Table 3: ablations\n")
         md.append(f"Every row of this table trains for {ablation_epochs or base_cfg.epochs} epochs "
                   f"(Table 2: {base_cfg.epochs}).\n")
-        md.append((runs / "ablation" / "table.md").read_text() + "\n")
-        mins, n = _rows_minutes(runs / "ablation")
-        md.append(f"Compute: {n} rows trained here, {mins:.0f} min of recorded train + predict wall time in all.\n")
+        md.extend(_rows_lines(runs / "ablation"))
     if stn is not None:
         md.append("## Table 5: calibration token vs Macenko stain normalisation\n")
-        md.append((runs / "stain" / "table.md").read_text() + "\n")
-        mins, n = _rows_minutes(runs / "stain")
-        md.append(f"Compute: {n} rows trained here, {mins:.0f} min of recorded train + predict wall time in all.\n")
+        md.extend(_rows_lines(runs / "stain"))
     if tok is not None:
         md.append("## Table 6 and Figure 4: calibration-token analysis\n")
         md.append((runs / "tokens" / "tokens.md").read_text() + "\n")

@@ -26,14 +26,14 @@ Layout of ``OUT``: ``seed_<s>/`` (`run_accuracy` folders), ``seeds.json`` (per m
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.experiments.accuracy import DISPLAY, run_accuracy
+from hist_st.experiments.accuracy import display, run_accuracy
 from hist_st.jsonio import read_json, write_json
 from hist_st.metrics import STD_DDOF
 from hist_st.train.folds import load_folds
@@ -98,22 +98,22 @@ def _diff_cell(d: Mapping[str, Any]) -> str:
     return f"{d['mean']:+.3f} ± {d['std']:.3f} (seeds ± {d['seed_std']:.3f}; {d['folds_ahead']}/{d['n_folds']})"
 
 
+def _table(first: str, rows: Mapping[str, Mapping[str, Any]], cell: Callable[[Mapping[str, Any]], str]) -> list[str]:
+    """Markdown lines: a header (``first``, then the `METRICS` labels) and one row per name, ``cell`` of each."""
+    return ["| " + " | ".join([first, *(label for _, _, label in METRICS)]) + " |", "|---" * (len(METRICS) + 1) + "|",
+            *(f"| {name} | " + " | ".join(cell(v[label]) for _, _, label in METRICS) + " |" for name, v in rows.items())]
+
+
 def format_seed_tables(cohort: str, rec: Mapping[str, Any], reference: str | None) -> str:
     """Markdown: the mean-over-seeds table and, when ``reference`` is a method, its paired differences."""
     seeds = ", ".join(str(s) for s in rec["seeds"])
-    head = "| Method | " + " | ".join(label for _, _, label in METRICS) + " |"
-    sep = "|---" * (len(METRICS) + 1) + "|"
     lines = [f"### {cohort}: mean over training seeds {seeds}", "",
              "Cell: mean ± std over folds of the per-fold mean over seeds (seeds ± std over seeds of the "
-             "fold mean).", "", head, sep]
-    for method, stats in rec["methods"].items():
-        lines.append(f"| {method} | " + " | ".join(_cell(stats[label]) for _, _, label in METRICS) + " |")
+             "fold mean).", "", *_table("Method", rec["methods"], _cell)]
     if reference is not None and rec.get("paired"):
         lines += ["", f"Paired per-fold differences, {reference} minus method: mean ± std over folds of the "
                   "seed-mean difference (seeds ± std over seeds of the fold-mean difference; folds where "
-                  f"{reference} is at or above the method).", "", head, sep]
-        for method, diffs in rec["paired"].items():
-            lines.append(f"| {method} | " + " | ".join(_diff_cell(diffs[label]) for _, _, label in METRICS) + " |")
+                  f"{reference} is at or above the method).", "", *_table("Method", rec["paired"], _diff_cell)]
     return "\n".join(lines) + "\n"
 
 
@@ -156,12 +156,10 @@ def paired_with_runs(
 
 
 def _paired_with_table(method: str, paired: Mapping[str, Any]) -> str:
-    head = "| Other run | " + " | ".join(label for _, _, label in METRICS) + " |"
     lines = ["", f"Paired per-fold differences, {method} of this run minus {method} of another run (this run's "
              "seeds, same folds): mean ± std over folds of the seed-mean difference (seeds ± std over seeds; folds "
-             "where this run is at or above the other).", "", head, "|---" * (len(METRICS) + 1) + "|"]
-    for other, diffs in paired.items():
-        lines.append(f"| `{other}` | " + " | ".join(_diff_cell(diffs[label]) for _, _, label in METRICS) + " |")
+             "where this run is at or above the other).", "",
+             *_table("Other run", {f"`{k}`": v for k, v in paired.items()}, _diff_cell)]
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +210,7 @@ def run_accuracy_seeds(
         runs[s] = run_accuracy(cohorts, out / f"seed_{s}", methods=methods, seed=seed, train_seed=s,
                                reuse_from=sources, command=command, **kwargs)
     first = runs[seeds[0]]
-    ref = DISPLAY.get(reference, reference) if reference in first["methods"] else None
+    ref = display(reference) if reference in first["methods"] else None
     cohorts_out: dict[str, Any] = {}
     tables = []
     for name in first["cohorts"]:

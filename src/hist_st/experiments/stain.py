@@ -12,6 +12,7 @@ same folds and the same genes:
 ```python
 from hist_st.experiments import run_stain
 from hist_st.experiments.accuracy import CVSetup
+from hist_st.metrics import protocol_cells
 run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", setup=CVSetup(genes="he:250", overrides=["epochs=100"]))
 ```
 """
@@ -26,11 +27,10 @@ from typing import Any
 
 from hist_st.errors import InputError
 from hist_st.evaluate import Plan, make_plan
-from hist_st.experiments.ablation import _fmt, hist_rows, reused_note
+from hist_st.experiments.ablation import hist_rows, reused_note, table_plan
 from hist_st.experiments.accuracy import CVSetup
+from hist_st.metrics import protocol_cells
 from hist_st.train.data import list_slides
-from hist_st.train.distributed import init_distributed
-from hist_st.train.folds import save_folds
 
 __all__ = ["STAIN_ROWS", "PAPER_TABLE5", "run_stain", "format_stain_table"]
 
@@ -83,18 +83,13 @@ def run_stain(
     setup = setup or CVSetup()
     if setup.group_by is not None:
         raise InputError("group_by", "Table 5 folds by slide; run it without a group column")
-    cfg = setup.train_config()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plans = {"plain": make_plan(plain, cfg.genes, k=setup.folds, seed=cfg.seed, embedding=cfg.embedding)}
-    fold_list, gene_list = plans["plain"].folds, plans["plain"].genes
-    save_folds(fold_list, out / "splits.json", k=setup.folds, seed=cfg.seed, slides_dir=str(plain))
-    cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(gene_list)))
-    info = init_distributed(cfg.device)
+    cfg, plan, info = table_plan(plain, out, setup, by_group=False)  # folds by slide only
+    plans = {"plain": plan}
 
     def plan_of(which: str) -> Plan:  # the Macenko copy: the same folds and genes, planned when first needed
         if which not in plans:
-            plans[which] = make_plan(macenko, cfg.genes, folds=fold_list, embedding=cfg.embedding, seed=cfg.seed)
+            plans[which] = make_plan(macenko, cfg.genes, folds=plan.folds, embedding=cfg.embedding, seed=cfg.seed)
         return plans[which]
 
     no_token = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
@@ -105,7 +100,7 @@ def run_stain(
     table = format_stain_table(summaries)
     (out / "table.md").write_text(
         f"Calibration token vs Macenko stain normalisation (Table 5): {setup.folds}-fold, seed {setup.seed}, "
-        f"{len(gene_list)} genes ({setup.genes}); mean ± std over folds. Paper column: Brain (NCBI GEO).\n\n" + table
+        f"{len(plan.genes)} genes ({setup.genes}); mean ± std over folds. Paper column: Brain (NCBI GEO).\n\n" + table
         + "\n" + reused_note(reused)
     )
     return {"summaries": summaries, "table": table, "out_dir": str(out)}
@@ -120,7 +115,6 @@ def format_stain_table(summaries: dict[str, Any], digits: int = 3) -> str:
             continue
         s = summaries[name]
         paper = PAPER_TABLE5.get(name)
-        cells = [_fmt(s["pooled"]["r2"], digits), _fmt(s["pooled"]["pcc"], digits), _fmt(s["per_gene"]["pcc"], digits),
-                 _fmt(s["per_gene"]["r2"], digits), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "—"]
+        cells = [*protocol_cells(s, digits), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "—"]
         lines.append(f"| {label} `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -25,7 +25,8 @@ the super-resolution model's predictions summed per block, a check that fine map
 at the resolution of the labels.
 
 Output folder: ``superres.json``, ``table.md``, ``maps_<slide>.png`` (measured spots, measured blocks and the
-four predictions for a held-out slide), ``fold_<i>/<model>/`` training runs and
+four predictions for a held-out slide), ``fold_<i>/<model>/`` training runs (each with its result-cache entry in
+``cache/``: a rerun with the same key loads the model instead of training it) and
 ``fold_<i>/predictions/<slide>.npz`` (log1p predictions of each method, measured counts, spot and block
 coordinates).
 """
@@ -33,7 +34,7 @@ coordinates).
 from __future__ import annotations
 
 import dataclasses
-import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,16 +42,19 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.evaluate.plan import make_plan
-from hist_st.experiments.accuracy import build_config
-from hist_st.jsonio import read_json, to_jsonable, write_json
+from hist_st.evaluate.cache import ResultCache, cached_file, fold_key, slide_fingerprint, write_file_entry
+from hist_st.evaluate.plan import Plan, make_plan
+from hist_st.experiments.accuracy import CVSetup
+from hist_st.experiments.figures import pyplot, save_figure
+from hist_st.jsonio import to_jsonable, write_json
 from hist_st.lattice import continuous_coords, to_lattice
+from hist_st.methods import HiSTMethod
 from hist_st.metrics import evaluate_fold, summarise_folds
-from hist_st.pl import normalise_counts
+from hist_st.pl import draw_spots, normalise_counts
 from hist_st.slide import read_prepared, write_prepared
 from hist_st.train.checkpoint import load_bundle
 from hist_st.train.coarse import coarsen_slide
-from hist_st.train.config import config_to_dict
+from hist_st.train.config import TrainConfig
 from hist_st.train.data import gene_counts, read_manifest, select_genes
 from hist_st.train.folds import save_folds
 from hist_st.train.loop import train
@@ -118,58 +122,53 @@ def gap_closed(value: float, low: float, high: float) -> float:
     return float((value - low) / (high - low)) if high != low else float("nan")
 
 
-def _same_run(run: Path, key: dict[str, Any]) -> bool:
-    path = run / "superres_key.json"
-    return (run / "model.pt").is_file() and not (run / "resume.pt").is_file() and path.is_file() and \
-        read_json(path) == json.loads(json.dumps(to_jsonable(key)))  # fmt: skip
-
-
-def _fit(cfg: Any, slides: Sequence[Any], genes: list[str], run: Path, desc: str, reuse: bool) -> Any:
-    """Train (or, with ``reuse``, load the finished identical run in ``run``) and return its bundle."""
-
-    key = {"config": {k: v for k, v in config_to_dict(cfg).items() if k not in ("progress", "threads", "device",
-                                                                                 "num_workers")},
-           "slides": sorted(s.slide_id for s in slides), "genes": genes,
-           "n_spots": {s.slide_id: int(s.n_spots) for s in slides}}  # fmt: skip
-    if reuse and _same_run(run, key):
-        return load_bundle(run / "model.pt")
+def _fit(cfg: Any, slides: Sequence[Any], genes: list[str], run: Path, desc: str, cache: ResultCache | None,
+         hits: list[str]) -> Any:
+    """Train HiST with ``cfg`` on ``slides`` into ``run`` and return its bundle, or load the model the result cache
+    holds there for the same key (`hist_st.evaluate.cache`: config with its supervision, slides and their content,
+    genes, embedding, seed); a model taken from the cache is named in ``hits``."""
+    key = fold_key(HiSTMethod(cfg), {"train": [s.slide_id for s in slides], "test": []}, genes,
+                   embedding=cfg.embedding, seed=cfg.seed,
+                   fingerprints={s.slide_id: slide_fingerprint(s, cfg.embedding) for s in slides})
+    path = cached_file(cache, key, run)
+    if path is not None:
+        hits.append(f"{run.parent.name}/{run.name}")
+        return load_bundle(path)
+    t0 = time.perf_counter()
     result = train(cfg, list(slides), genes=genes, out_dir=run, desc=desc, overwrite=True)
-    write_json(key, run / "superres_key.json")
+    write_file_entry(run, key, "model.pt", time.perf_counter() - t0)
     return result.bundle
 
 
-def run_superres(
-    cohort: str | Path,
-    out: str | Path,
-    *,
-    genes: str = "he:250",
-    folds: int = 4,
-    seed: int = 0,
-    block: int = 2,
-    sigma_fraction: float = 0.5,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    plot_genes: Sequence[str] | None = None,
-    progress: bool = True,
-    reuse: bool = True,
-    command: str | None = None,
-) -> dict[str, Any]:
+#: The default setup of both experiments: 250 most expressed genes, 4 folds by slide, seed 0.
+SETUP = CVSetup(genes="he:250")
+
+
+def _plan(cohort: Path, setup: CVSetup) -> tuple[TrainConfig, Plan, list[str]]:
+    """HiST's config (with the plan's embedding), the plan (folds by slide) and the genes of ``setup``."""
+    cfg = setup.train_config()
+    plan = make_plan(cohort, cfg.genes, k=setup.folds, seed=cfg.seed, embedding=cfg.embedding)
+    genes = plan.genes if plan.genes is not None else select_genes(list(plan.slides.values()), cfg.genes,
+                                                                    read_manifest(cohort))
+    return dataclasses.replace(cfg, embedding=plan.embedding), plan, genes
+
+
+def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, block: int = 2,
+                 sigma_fraction: float = 0.5, plot_genes: Sequence[str] | None = None, reuse: bool = True,
+                 command: str | None = None) -> dict[str, Any]:
     """Train the super-resolution model and the three references on every fold; score them on the spots.
 
     Args:
         cohort: Folder of prepared slides (spot level).
         out: Output folder (layout in the module docstring).
-        genes: Gene spec (`hist_st.experiments.accuracy.parse_gene_spec`).
-        folds: Folds by slide.
-        seed: Fold and training seed.
+        setup: Gene set, folds (by slide), fold and training seed, HiST config and overrides, progress.
         block: Block side ``k`` in spots (2: 2 x 2 blocks).
         sigma_fraction: Width of the Gaussian interpolation as a fraction of the coarse pitch.
-        config: HiST `TrainConfig` YAML; ``overrides``: ``key=value`` overrides (e.g. ``epochs=50``).
         plot_genes: Genes of the map figure (default: the two with the highest spot-level variance of
             normalised measured expression on the figure's slide).
-        progress: Progress bars.
-        reuse: Keep a fold's finished model when an earlier call trained it with the same config, slides
-            and genes (``fold_<i>/<model>/superres_key.json``).
+        reuse: Take a fold's model from the result cache (``fold_<i>/<model>/cache/``) when an earlier call
+            trained it with the same key (config with supervision, slides and their content, genes, embedding,
+            seed); the models taken are listed in ``cached_models``.
         command: The command line, recorded in the JSON.
 
     Returns:
@@ -184,18 +183,15 @@ def run_superres(
         raise InputError("--block", f"must be >= 2 (coarse spots of block x block spots), got {block}")
     if not sigma_fraction > 0:
         raise InputError("--sigma", f"must be > 0 (a fraction of the coarse pitch), got {sigma_fraction}")
-    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     cohort, out = Path(cohort), Path(out)
-    plan = make_plan(cohort, cfg.genes, k=folds, seed=cfg.seed, embedding=cfg.embedding)
-    by_id, slides, fold_list = dict(plan.slides), list(plan.slides.values()), plan.folds
-    gene_list = plan.genes if plan.genes is not None else select_genes(slides, cfg.genes, read_manifest(cohort))
-    emb = plan.embedding
-    cfg = dataclasses.replace(cfg, embedding=emb)
+    cfg, plan, gene_list = _plan(cohort, setup)
+    by_id, slides, fold_list, emb = dict(plan.slides), list(plan.slides.values()), plan.folds, plan.embedding
     coarse = {s.slide_id: coarsen_slide(s, block, emb) for s in slides}
     out.mkdir(parents=True, exist_ok=True)
     save_folds(fold_list, out / "splits.json", k=len(fold_list), seed=cfg.seed, group_by=None, slides_dir=str(cohort))
     (out / "genes.txt").write_text("\n".join(gene_list) + "\n")
 
+    cache, hits = (ResultCache() if reuse else None), []
     per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     coarse_level: dict[str, list[dict[str, Any]]] = {"coarse_model": [], "superres_summed": []}
     fold_records = []
@@ -206,10 +202,10 @@ def run_superres(
         train_fine = [by_id[s] for s in sorted(f["train"])]
         train_coarse = [coarse[s][0] for s in sorted(f["train"])]
         spot_cfg = dataclasses.replace(cfg, supervise="spot")
-        b_spot = _fit(spot_cfg, train_fine, gene_list, fdir / "spot", f"fold {i} spot", reuse)
+        b_spot = _fit(spot_cfg, train_fine, gene_list, fdir / "spot", f"fold {i} spot", cache, hits)
         b_sr = _fit(dataclasses.replace(cfg, supervise=f"coarse{block}"), train_fine, gene_list, fdir / "superres",
-                    f"fold {i} superres", reuse)  # fmt: skip
-        b_coarse = _fit(spot_cfg, train_coarse, gene_list, fdir / "coarse", f"fold {i} coarse", reuse)
+                    f"fold {i} superres", cache, hits)
+        b_coarse = _fit(spot_cfg, train_coarse, gene_list, fdir / "coarse", f"fold {i} coarse", cache, hits)
         preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
         truths, coarse_truths = {}, {}
         full_rows: dict[str, list[np.ndarray]] = {m: [] for m in artefact}
@@ -234,7 +230,7 @@ def run_superres(
             full_pos.append(((lat[:, 0] % block) * block + lat[:, 1] % block)[full])
             full_groups.append(groups[full] + 10**6 * len(full_groups))  # blocks of different slides stay apart
             for m, v in (("measured", np.log1p(truth)), ("superres", sr), ("coarse_smooth", preds["coarse_smooth"][sid]),
-                         ("spot", preds["spot"][sid])):  # fmt: skip
+                         ("spot", preds["spot"][sid])):
                 full_rows[m].append(np.asarray(v)[full])
             coarse_truths[sid] = gene_counts(cslide, gene_list).toarray()
             cl_preds["coarse_model"][sid] = np.log1p(c_counts)
@@ -243,7 +239,7 @@ def run_superres(
             cl_preds["superres_summed"][sid] = np.log1p(summed)
             (fdir / "predictions").mkdir(parents=True, exist_ok=True)
             np.savez_compressed(fdir / "predictions" / f"{sid}.npz", **{m: preds[m][sid] for m in METHODS},
-                                counts=truth, groups=groups, spatial=fine.spatial, coarse_spatial=cslide.spatial)  # fmt: skip
+                                counts=truth, groups=groups, spatial=fine.spatial, coarse_spatial=cslide.spatial)
         if full_pos:
             pos_all, groups_all = np.concatenate(full_pos), np.concatenate(full_groups)
             for m in artefact:
@@ -256,7 +252,7 @@ def run_superres(
             coarse_level[k].append(cl_scores[k])
         fold_records.append({"fold": i, "test": sorted(f["test"]),
                              **{m: {"pooled": scores[m]["pooled"], "per_gene_pcc": scores[m]["per_gene"]["pcc"],
-                                    "per_gene_r2": scores[m]["per_gene"]["r2"]} for m in METHODS}})  # fmt: skip
+                                    "per_gene_r2": scores[m]["per_gene"]["r2"]} for m in METHODS}})
 
     summaries = {m: summarise_folds(per_method[m]) for m in METHODS}
     cl_summaries = {k: summarise_folds(v) for k, v in coarse_level.items()}
@@ -266,35 +262,24 @@ def run_superres(
         gaps[name] = {f"{proto}_{met}": gap_closed(summaries[name][proto][met]["mean"],
                                                    summaries["coarse_copy"][proto][met]["mean"],
                                                    summaries["spot"][proto][met]["mean"])
-                      for proto, met in _METRICS}  # fmt: skip
+                      for proto, met in _METRICS}
         fold_gaps[name] = {f"{proto}_{met}": [gap_closed(*(summaries[m][proto][met]["values"][j]
                                                            for m in (name, "coarse_copy", "spot")))
                                               for j in range(len(fold_list))]
-                           for proto, met in _METRICS}  # fmt: skip
+                           for proto, met in _METRICS}
     first = fold_list[0]
     fig_slide = sorted(first["test"])[0]
-    figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], coarse[fig_slide][0], gene_list, plot_genes)
+    figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], gene_list, plot_genes)
     result: dict[str, Any] = {
-        "command": command,
-        "cohort": str(cohort),
-        "genes": genes,
-        "n_genes": len(gene_list),
-        "block": block,
-        "sigma_fraction": sigma_fraction,
-        "fine_pitch_um": {s.slide_id: s.spot_pitch_um for s in slides},
+        "command": command, "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "block": block,
+        "sigma_fraction": sigma_fraction, "fine_pitch_um": {s.slide_id: s.spot_pitch_um for s in slides},
         "coarse_pitch_um": {sid: c.spot_pitch_um for sid, (c, _) in coarse.items()},
         "n_spots": {sid: int(s.n_spots) for sid, s in by_id.items()},
-        "n_coarse_spots": {sid: int(c.n_spots) for sid, (c, _) in coarse.items()},
-        "epochs": cfg.epochs,
-        "seed": cfg.seed,
-        "folds": fold_records,
-        "methods": summaries,
-        "coarse_level": cl_summaries,
-        "gap_closed": gaps,
-        "gap_closed_per_fold": fold_gaps,
+        "n_coarse_spots": {sid: int(c.n_spots) for sid, (c, _) in coarse.items()}, "epochs": cfg.epochs,
+        "seed": cfg.seed, "folds": fold_records, "methods": summaries, "coarse_level": cl_summaries,
+        "gap_closed": gaps, "gap_closed_per_fold": fold_gaps,
         "position_effect": {m: {"mean": float(np.mean(v)), "values": v} for m, v in artefact.items() if v},
-        "figure": str(figure.name),
-        "figure_slide": fig_slide,
+        "figure": str(figure.name), "figure_slide": fig_slide, "cached_models": hits,
     }
     result = to_jsonable(result)
     write_json(result, out / "superres.json")
@@ -325,97 +310,87 @@ def superres_markdown(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append("Gap closed: on the means over folds, and per fold in brackets (a fold's own a, c and method).")
     lines += ["", "| block-level check (scored on the measured blocks) | " + " | ".join(heads) + " |",
-              "|---|" + "---|" * len(heads)]  # fmt: skip
+              "|---|" + "---|" * len(heads)]
     names = {"coarse_model": "coarse model", "superres_summed": "super-resolution, spots summed per block"}
     for k, s in result["coarse_level"].items():
         lines.append(f"| {names.get(k, k)} | " + " | ".join(_fmt(s, p, m) for p, m in _METRICS) + " |")
+    if result.get("cached_models"):
+        lines += ["", "Taken from the result cache (trained identically before): " + ", ".join(result["cached_models"])]
     if result.get("position_effect"):
         lines += ["", "Within-block position effect (`position_effect`, complete blocks of the held-out slides; measured = "
-                  "noise floor): " + ", ".join(f"{m} {v['mean']:.3f}" for m, v in result["position_effect"].items())]  # fmt: skip
+                  "noise floor): " + ", ".join(f"{m} {v['mean']:.3f}" for m, v in result["position_effect"].items())]
     return "\n".join(lines) + "\n"
 
 
 #: Short panel titles of the map figure.
 _SHORT = {"coarse_copy": "(a) coarse copy", "coarse_smooth": "(b) Gaussian interpolation",
-          "superres": "super-resolution", "spot": "(c) trained on spots"}  # fmt: skip
+          "superres": "super-resolution", "spot": "(c) trained on spots"}
 
 
-def _plot_maps(out: Path, fold: int, fine: Any, cslide: Any, genes: list[str], plot_genes: Sequence[str] | None) -> Path:
-    """Measured spots, measured blocks and the four predictions of one held-out slide, normalised expression.
+def _chosen(genes: list[str], plot_genes: Sequence[str] | None, measured: np.ndarray) -> list[int]:
+    """Columns of the map figure: ``plot_genes``, or the two most variable columns of ``measured``."""
+    if not plot_genes:
+        return [int(g) for g in np.argsort(-measured.var(0))[:2]]
+    missing = [g for g in plot_genes if g not in genes]
+    if missing:
+        raise InputError("--plot-genes", f"not among the run's genes: {missing}")
+    return [genes.index(g) for g in plot_genes]
 
-    Colour ranges are shared per row: one for the two measured panels, one for the four predictions
-    (1st-99th percentile of each group), so the predictions' smaller spread stays readable.
-    """
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, float]], genes: list[str],
+               chosen: Sequence[int], groups: Sequence[Sequence[int]], title: str, path: Path) -> Path:
+    """One row per gene in ``chosen``; ``panels``: (title, spot centres in px ``[N, 2]``, values ``[N, G]``, dot
+    size relative to the slide's pitch). Panels of one group of ``groups`` share a colour range (1st-99th
+    percentile) and a colour bar; spots are circles of 0.85 x their pitch over the slide's image."""
+    plt = pyplot()
+    img, scale = slide.plot_image()
+    pitch = float(slide.spot_pitch_um or 200.0) / float(slide.um_per_px or 1.0) * scale  # display px
+    fig, axes = plt.subplots(len(chosen), len(panels), figsize=(2.6 * len(panels), 2.7 * len(chosen)), dpi=120,
+                             squeeze=False)
+    for r, g in enumerate(chosen):
+        for group in groups:
+            lo, hi = np.percentile(np.concatenate([panels[j][2][:, g] for j in group]), [1, 99])
+            for j in group:
+                name, xy_px, values, rel = panels[j]
+                ax, xy = axes[r, j], np.asarray(xy_px) * scale
+                if img is not None:
+                    ax.imshow(img)
+                dots = draw_spots(ax, xy, 0.85 * rel * pitch, values[:, g], "viridis", lo, max(hi, lo + 1e-6))
+                ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
+                ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
+                ax.set_aspect("equal")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(name, fontsize=8)
+                if j == 0:
+                    ax.set_ylabel(genes[g], fontsize=9)
+            fig.colorbar(dots, ax=axes[r, group[-1]], fraction=0.046, pad=0.02)
+    fig.suptitle(title, fontsize=8)
+    return save_figure(fig, path)
 
+
+def _plot_maps(out: Path, fold: int, fine: Any, genes: list[str], plot_genes: Sequence[str] | None) -> Path:
+    """Measured spots, measured blocks and the four predictions of one held-out slide, normalised expression;
+    colour ranges shared by the two measured panels and by the four predictions."""
     data = np.load(out / f"fold_{fold}" / "predictions" / f"{fine.slide_id}.npz")
     counts, groups = data["counts"].astype(np.float64), data["groups"]
     n_children = np.bincount(groups)
     block_counts = np.zeros((len(n_children), counts.shape[1]))
     np.add.at(block_counts, groups, counts)
-    measured = {"measured spots": normalise_counts(counts),
-                "measured 2x2 blocks\n(block / members)": normalise_counts((block_counts / n_children[:, None])[groups])}  # fmt: skip
-    predicted = {_SHORT[m]: normalise_counts(np.maximum(np.expm1(data[m].astype(np.float64)), 0.0)) for m in METHODS}
-    if plot_genes:
-        missing = [g for g in plot_genes if g not in genes]
-        if missing:
-            raise InputError("--plot-genes", f"not among the run's genes: {missing}")
-        chosen = [genes.index(g) for g in plot_genes]
-    else:
-        chosen = list(np.argsort(-measured["measured spots"].var(0))[:2])
-    img, scale = fine.plot_image()
-    xy = np.asarray(fine.spatial) * scale
-    pitch = (float(fine.spot_pitch_um or 200.0) / float(fine.um_per_px or 1.0)) * scale  # display px
-    n_cols = len(measured) + len(predicted)
-    fig, axes = plt.subplots(len(chosen), n_cols, figsize=(2.5 * n_cols, 2.6 * len(chosen)), dpi=120, squeeze=False)
-    for r, g in enumerate(chosen):
-        for group, panels in ((0, measured), (len(measured), predicted)):
-            lo, hi = np.percentile(np.concatenate([v[:, g] for v in panels.values()]), [1, 99])
-            for j, (name, values) in enumerate(panels.items()):
-                ax = axes[r, group + j]
-                if img is not None:
-                    ax.imshow(img)
-                # marker size in points^2 for a dot of 0.85 x the pitch (the ST spot itself is 0.5 x)
-                dots = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=1, cmap="viridis", vmin=lo, vmax=hi,
-                                  linewidths=0)  # fmt: skip
-                ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
-                ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                fig.canvas.draw()
-                per_px = ax.get_window_extent().width / (2 * pitch + np.ptp(xy[:, 0]))  # screen px per image px
-                dots.set_sizes([(0.85 * pitch * per_px * 72.0 / fig.dpi) ** 2])
-                if r == 0:
-                    ax.set_title(name, fontsize=8)
-                if group + j == 0:
-                    ax.set_ylabel(genes[g], fontsize=9)
-            fig.colorbar(dots, ax=axes[r, group + len(panels) - 1], fraction=0.046, pad=0.02)
-    fig.suptitle(f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
-                 "colour range per row: measured panels / predicted panels (1st-99th percentile)", fontsize=8)  # fmt: skip
-    path = out / f"maps_{fine.slide_id}.png"
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    panels = [("measured spots", fine.spatial, normalise_counts(counts), 1.0),
+              ("measured 2x2 blocks\n(block / members)",
+               fine.spatial, normalise_counts((block_counts / n_children[:, None])[groups]), 1.0),
+              *((_SHORT[m], fine.spatial, normalise_counts(np.maximum(np.expm1(data[m].astype(np.float64)), 0.0)), 1.0)
+                for m in METHODS)]
+    return _draw_maps(fine, panels, genes, _chosen(genes, plot_genes, panels[0][2]), [[0, 1], [2, 3, 4, 5]],
+                      f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
+                      "colour range per row: measured panels / predicted panels (1st-99th percentile)",
+                      out / f"maps_{fine.slide_id}.png")
 
 
-def run_subspot(
-    cohort: str | Path,
-    out: str | Path,
-    *,
-    genes: str = "he:250",
-    fold: int = 0,
-    folds: int = 4,
-    seed: int = 0,
-    factor: int = 2,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    plot_genes: Sequence[str] | None = None,
-    progress: bool = True,
-    reuse: bool = True,
-) -> dict[str, Any]:
+def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, fold: int = 0, factor: int = 2,
+                plot_genes: Sequence[str] | None = None, reuse: bool = True) -> dict[str, Any]:
     """Sub-spot tokens on one fold: ``factor x factor`` patches per spot, supervised by the measured spots.
 
     The model (``supervise=coarse<factor>`` on `hist_st.train.subspot.subspot_slide` slides) predicts at
@@ -424,34 +399,32 @@ def run_subspot(
     measurement below the spot, so this scores only what the spots can check; the maps show the rest.
 
     Writes ``subspot_fold<i>.json`` and ``subspot_maps_<slide>.png``; sub-spot slides are cached in
-    ``subspots/<slide>.h5ad``.
+    ``subspots/<slide>.h5ad``. ``setup``, ``plot_genes``, ``reuse``: as in `run_superres`.
     """
 
-    cfg = build_config(config, overrides, seed=seed, genes=genes, progress=progress)
     cohort, out = Path(cohort), Path(out)
-    plan = make_plan(cohort, cfg.genes, k=folds, seed=cfg.seed, embedding=cfg.embedding)
-    by_id, slides, fold_list = dict(plan.slides), list(plan.slides.values()), plan.folds
-    gene_list = plan.genes if plan.genes is not None else select_genes(slides, cfg.genes, read_manifest(cohort))
-    cfg = dataclasses.replace(cfg, embedding=plan.embedding)
+    cfg, plan, gene_list = _plan(cohort, setup)
+    by_id, fold_list = dict(plan.slides), plan.folds
     if not 0 <= fold < len(fold_list):
         raise InputError("--fold", f"must be in 0..{len(fold_list) - 1}, got {fold}")
     f = fold_list[fold]
-    cache = out / "subspots"
-    cache.mkdir(parents=True, exist_ok=True)
+    sub_dir, cache, hits = out / "subspots", (ResultCache() if reuse else None), []
     subs = {}
-    for sid in sorted(by_id):
-        path = cache / f"{sid}.h5ad"
-        cached = read_prepared(path) if reuse and path.is_file() else None
-        if cached is not None and (cached.meta.get("subspot") or {}).get("factor") == factor:
-            subs[sid] = set_subspot_grid(cached, by_id[sid])
+    for sid in sorted(by_id):  # sub-spot slides: from the cache when made from the same slide content and factor
+        key = {"subspot_factor": factor, "slide": slide_fingerprint(by_id[sid], plan.embedding)}
+        path = cached_file(cache, key, sub_dir)
+        if path is not None:
+            hits.append(f"subspots/{sid}.h5ad")
         else:
-            subs[sid] = subspot_slide(by_id[sid], factor, progress=progress)
-            write_prepared(subs[sid], path)
+            t0 = time.perf_counter()
+            path = write_prepared(subspot_slide(by_id[sid], factor, progress=setup.progress), sub_dir / f"{sid}.h5ad")
+            write_file_entry(sub_dir, key, path.name, time.perf_counter() - t0)
+        subs[sid] = set_subspot_grid(read_prepared(path), by_id[sid])  # as stored: a fresh and a cached run alike
     fdir = out / f"fold_{fold}"
     b_spot = _fit(dataclasses.replace(cfg, supervise="spot"), [by_id[s] for s in sorted(f["train"])], gene_list,
-                  fdir / "spot", f"fold {fold} spot", reuse)  # fmt: skip
+                  fdir / "spot", f"fold {fold} spot", cache, hits)
     b_sub = _fit(dataclasses.replace(cfg, supervise=f"coarse{factor}"), [subs[s] for s in sorted(f["train"])],
-                 gene_list, fdir / f"subspot{factor}", f"fold {fold} subspot", reuse)  # fmt: skip
+                 gene_list, fdir / f"subspot{factor}", f"fold {fold} subspot", cache, hits)
     preds: dict[str, dict[str, np.ndarray]] = {"spot": {}, "subspot_summed": {}}
     truths, fine = {}, {}
     for sid in sorted(f["test"]):
@@ -470,57 +443,24 @@ def run_subspot(
     artefact = position_effect(np.concatenate([fine[s] for s in sorted(f["test"])]), position, parents)
     fig_slide = sorted(f["test"])[0]
     figure = _plot_subspot(out, by_id[fig_slide], subs[fig_slide], preds["spot"][fig_slide], fine[fig_slide],
-                           truths[fig_slide], gene_list, plot_genes, fold)  # fmt: skip
+                           truths[fig_slide], gene_list, plot_genes, fold)
     result = to_jsonable({
-        "cohort": str(cohort), "genes": genes, "n_genes": len(gene_list), "fold": fold, "test": sorted(f["test"]),
+        "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "fold": fold, "test": sorted(f["test"]),
         "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": subs[fig_slide].spot_pitch_um,
         "n_subspots": {s: int(subs[s].n_spots) for s in sorted(f["test"])}, "scores": scores, "figure": figure.name,
-        "position_effect": artefact,
-    })  # fmt: skip
+        "position_effect": artefact, "cached_models": hits,
+    })
     write_json(result, out / f"subspot_fold{fold}.json")
     return result
 
 
 def _plot_subspot(out: Path, slide: Any, sub: Any, spot_pred: np.ndarray, sub_pred: np.ndarray, counts: np.ndarray,
-                  genes: list[str], plot_genes: Sequence[str] | None, fold: int) -> Path:  # fmt: skip
-    """Measured spots, HiST on the spots and the sub-spot model at ``pitch / factor`` for two genes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+                  genes: list[str], plot_genes: Sequence[str] | None, fold: int) -> Path:
+    """Measured spots, HiST on the spots and the sub-spot model at ``pitch / factor``, own colour range each."""
     panels = [("measured spots", slide.spatial, normalise_counts(counts), 1.0),
               ("HiST trained on the spots", slide.spatial, normalise_counts(np.maximum(np.expm1(spot_pred), 0)), 1.0),
               (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial,
-               normalise_counts(np.maximum(np.expm1(sub_pred), 0)), 1.0 / sub.meta["subspot"]["factor"])]  # fmt: skip
-    chosen = [genes.index(g) for g in plot_genes if g in genes] if plot_genes else \
-        list(np.argsort(-panels[0][2].var(0))[:2])  # fmt: skip
-    img, scale = slide.plot_image()
-    pitch = float(slide.spot_pitch_um or 200.0) / float(slide.um_per_px or 1.0) * scale
-    fig, axes = plt.subplots(len(chosen), 3, figsize=(8.4, 2.9 * len(chosen)), dpi=120, squeeze=False)
-    for r, g in enumerate(chosen):
-        for c, (name, xy_px, values, rel) in enumerate(panels):
-            ax = axes[r, c]
-            xy = np.asarray(xy_px) * scale
-            if img is not None:
-                ax.imshow(img)
-            lo, hi = np.percentile(values[:, g], [1, 99])
-            dots = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, g], s=1, cmap="viridis", vmin=lo, vmax=hi, linewidths=0)
-            ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
-            ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            fig.canvas.draw()
-            per_px = ax.get_window_extent().width / (2 * pitch + np.ptp(xy[:, 0]))
-            dots.set_sizes([(0.85 * rel * pitch * per_px * 72.0 / fig.dpi) ** 2])
-            fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.02)
-            if r == 0:
-                ax.set_title(name, fontsize=8)
-            if c == 0:
-                ax.set_ylabel(genes[g], fontsize=9)
-    fig.suptitle(f"{slide.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes), "
-                 "own colour range per panel", fontsize=8)  # fmt: skip
-    path = out / f"subspot_maps_{slide.slide_id}.png"
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+               normalise_counts(np.maximum(np.expm1(sub_pred), 0)), 1.0 / sub.meta["subspot"]["factor"])]
+    return _draw_maps(slide, panels, genes, _chosen(genes, plot_genes, panels[0][2]), [[0], [1], [2]],
+                      f"{slide.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes), "
+                      "own colour range per panel", out / f"subspot_maps_{slide.slide_id}.png")

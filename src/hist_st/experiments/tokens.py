@@ -28,11 +28,10 @@ import numpy as np
 import torch
 
 from hist_st.errors import InputError
-from hist_st.evaluate import slide_groups
+from hist_st.evaluate import fold_model, slide_groups
 from hist_st.experiments.figures import plot_token_pca
 from hist_st.jsonio import write_json
 from hist_st.lattice import continuous_coords, to_lattice
-from hist_st.train.checkpoint import load_bundle
 from hist_st.train.data import load_slides, read_manifest
 from hist_st.train.folds import load_folds
 from hist_st.train.predict import lattice_unit_for
@@ -94,12 +93,6 @@ def export_tokens(
     folds = load_folds(run_dir / "splits.json")
     slides = {s.slide_id: s for s in load_slides(cohort)}
 
-    def bundle_of(i: int) -> Any:
-        path = run_dir / f"fold_{i}" / "model.pt"
-        if not path.is_file():
-            raise InputError(path, "fold model not found (was the run made with HiST?)")
-        return load_bundle(path)
-
     pairs: list[tuple[str, int]] = []
     if source == "test":
         for f in folds:
@@ -117,7 +110,7 @@ def export_tokens(
     bundles: dict[int, Any] = {}
     for sid, i in pairs:
         if i not in bundles:
-            bundles[i] = bundle_of(i)
+            bundles[i] = fold_model(run_dir, i)
         vecs.append(slide_token(bundles[i], slides[sid]))
         ids.append(sid)
         fold_of.append(i)

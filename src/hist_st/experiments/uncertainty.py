@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
+from hist_st.evaluate import fold_model
+from hist_st.experiments.figures import pyplot, save_figure
 from hist_st.jsonio import write_json
 from hist_st.slide import read_cohort_slide
-from hist_st.train.checkpoint import load_bundle
 from hist_st.train.data import log1p_counts
 from hist_st.train.predict import mc_log1p_samples, predict_log1p
 from hist_st.train.splits import read_splits
@@ -118,12 +119,7 @@ def run_uncertainty(
     per_fold: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {n: [] for n in names}
     for f in folds:
         acc: dict[str, dict[str, list[np.ndarray]]] = {n: {"mu": [], "sigma": [], "y": []} for n in names}
-        bundles = []
-        for r in runs:
-            path = r / f"fold_{f['fold']}" / "model.pt"
-            if not path.is_file():
-                raise InputError(path, "fold model not found (was the run made with models kept?)")
-            bundles.append(load_bundle(path))
+        bundles = [fold_model(r, f["fold"]) for r in runs]
         for sid in sorted(f["test"]):
             slide = read_cohort_slide(cohort / f"{sid}.h5ad")
             y = log1p_counts(slide, genes)
@@ -160,12 +156,7 @@ def run_uncertainty(
 
 
 def _plot(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 1, figsize=(4.2, 4.0), dpi=120)
+    fig, ax = pyplot().subplots(1, 1, figsize=(4.2, 4.0), dpi=120)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="calibrated")
     for name, m in result["methods"].items():
         ps = sorted(float(p) for p in m["curve"])
@@ -175,9 +166,7 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_title("uncertainty calibration", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def uncertainty_markdown(result: dict[str, Any]) -> str:
