@@ -80,5 +80,8 @@ def test_override_values_are_yaml():
         "dim": 256, "model.tokens": ["max", "mean"], "name": None, "x": 2}
     assert parse_baseline_options(["stflow.epochs=50", "bleep.top_k=5", "stflow.lr=0.001"]) == {
         "stflow": {"epochs": 50, "lr": 1e-3}, "bleep": {"top_k": 5}}
+    # YAML 1.1 reads 1e-4 (no dot) as a string; an optimiser then fails far from the command line
+    assert parse_baseline_options(["stnet.lr=1e-4", "mlp.lr=-2E+3", "bleep.name=e5"]) == {
+        "stnet": {"lr": 1e-4}, "mlp": {"lr": -2e3}, "bleep": {"name": "e5"}}
     with pytest.raises(InputError, match="METHOD.KEY=VALUE"):
         parse_baseline_options(["epochs=50"])

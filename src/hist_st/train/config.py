@@ -432,8 +432,14 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+#: A number in exponent notation without a dot, e.g. ``1e-4`` (a string to YAML 1.1).
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_override(item: str, option: str = "config", example: str = "epochs=10") -> tuple[str, Any]:
     """One ``key.sub=value`` item -> ``("key.sub", value)``, the value parsed as YAML (empty: None).
+
+    Exponent literals without a dot (``1e-4``), which YAML 1.1 reads as strings, are numbers here.
 
     The one parser of ``key=value`` items: HiST config overrides, ``--baseline-option``, ``bench speed
     --model``.
@@ -456,6 +462,8 @@ def parse_override(item: str, option: str = "config", example: str = "epochs=10"
         value = yaml.safe_load(raw) if raw.strip() != "" else None
     except yaml.YAMLError as exc:
         raise InputError(option, f"{item!r}: cannot parse the value ({exc})") from exc
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        value = float(value)
     return ".".join(part.strip() for part in key.split(".")), value
 
 
