@@ -23,8 +23,8 @@ from hist_st.data.synthetic import make_slide
 from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.memory import fixed_mmap_threshold
 from hist_st.model import HiST, HiSTConfig
-from hist_st.train.config import TrainConfig
-from hist_st.train.loop import build_optimizer, forward_loss
+from hist_st.train.config import config_from_dict
+from hist_st.train.loop import build_optimizer, finish_step, forward_loss, step_in_backward
 
 __all__ = ["SpeedSettings", "measure", "run_speed_bench", "plot_speed"]
 
@@ -49,6 +49,7 @@ class SpeedSettings:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA only), "fp32" or "bf16" (also on the CPU)
     malloc: str = "default"  # "default": glibc (as hist-st train), or "fixed": HIST_ST_MALLOC=fixed (hist_st.memory)
     model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys of train steps, e.g. optimizer_in_backward
 
 
 def _matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
@@ -92,8 +93,9 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
     """Run one setting in this process and return its timings, memory and FLOPs.
 
     The timed steps are what a user runs: inference is `HiST.forward` under ``inference_mode``; a train
-    step is `hist_st.train.loop.forward_loss` (chunked head and loss), backward and the fused AdamW of
-    `hist_st.train.loop.build_optimizer`, with the same allocator setting as ``hist-st train``
+    step is `hist_st.train.loop.forward_loss` (chunked head and loss), backward and
+    `hist_st.train.loop.finish_step` with the fused AdamW of `hist_st.train.loop.build_optimizer` (updated
+    during backward with ``train={"optimizer_in_backward": True}``), with the same allocator setting as ``hist-st train``
     (`hist_st.memory`). The peak RSS is read right after them; the matmul reference and the FLOP count
     (a separate forward pass) come after that reading, so neither adds to the memory reported.
     """
@@ -110,7 +112,8 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
     lattice, n = _slide(s.spots, s.grid, s.seed)
     feats = torch.randn(n, s.in_dim, device=dev)
     model = HiST(HiSTConfig(in_dim=s.in_dim, n_genes=s.genes, **s.model)).to(dev)
-    model.set_grad_checkpointing(s.grad_checkpointing)
+    train_cfg = config_from_dict({"grad_checkpointing": s.grad_checkpointing, **s.train})
+    model.set_grad_checkpointing(train_cfg.grad_checkpointing)
     autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=amp)
 
     t = time.perf_counter()
@@ -125,7 +128,8 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
     if s.mode == "train":
         target = torch.randn(n, s.genes, device=dev)
         model.train()
-        opt, _ = build_optimizer(model, TrainConfig(), 1000)
+        opt, sched = build_optimizer(model, train_cfg, 1000)
+        hooks = step_in_backward(opt, train_cfg)  # as hist-st train: None unless optimizer_in_backward
         for _ in range(s.repeats + 1):
             _sync(dev)
             t0 = time.perf_counter()
@@ -133,8 +137,7 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
             t1 = time.perf_counter()
             loss = forward_loss(model, {"batch": batch, "target": target}, torch.device(dev), amp)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            finish_step(model, opt, sched, in_backward=hooks is not None)
             _sync(dev)
             times.append(time.perf_counter() - t0)
             build_times.append(t1 - t0)
@@ -171,8 +174,9 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
     flops = 3 * fwd_flops if s.mode == "train" else fwd_flops  # backward = 2x forward
     sec = statistics.median(times[1:])
     out: dict[str, Any] = {
-        **{k: v for k, v in asdict(s).items() if k != "model"},
+        **{k: v for k, v in asdict(s).items() if k not in ("model", "train")},
         "model": s.model,
+        "train": s.train,
         "autocast_bf16": amp,
         "seconds": sec,
         "seconds_all": times[1:],

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hist_st.train.config import parse_overrides
+from hist_st.train.config import config_from_dict, parse_overrides
 
 
 def _ints(value: str) -> tuple[int, ...]:
@@ -18,6 +18,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
     from hist_st.bench.speed import DEFAULT_GENES, DEFAULT_SPOTS, run_speed_bench
 
     model = parse_overrides(args.model, "--model", "dim=256")
+    train = parse_overrides(args.train_option, "--train-option", "optimizer_in_backward=true")
+    config_from_dict(dict(train))  # an unknown key or a bad value fails here, naming it, not in every worker
     run_speed_bench(
         args.out,
         spots=args.spots or DEFAULT_SPOTS,
@@ -35,6 +37,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
         precision=args.precision,
         malloc=args.malloc,
         model=model,
+        train=train,
     )
     print(f"results in {args.out}/speed.json, plots speed_vs_spots.png and speed_vs_genes.png")
     return 0
@@ -61,6 +64,8 @@ def register_speed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lattice", choices=["square", "hex"], default="square",
                    help="synthetic slide geometry: square (dense legacy-ST lattice) or hex (Visium, 55 um unit)")  # fmt: skip
     p.add_argument("--model", action="append", metavar="KEY=VALUE", help="HiSTConfig override, e.g. dim=256")
+    p.add_argument("--train-option", action="append", metavar="KEY=VALUE",
+                   help="train config key of the train steps, e.g. optimizer_in_backward=true")
     p.add_argument("--grad-checkpointing", choices=["none", "ffn", "block"], default="none",
                    help="recompute activations in backward (train steps): less memory, more time")  # fmt: skip
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
