@@ -159,7 +159,7 @@ def test_loss_falls_when_fitting_a_slide() -> None:
     assert losses[-1] < 0.3 * losses[0]
 
 
-@pytest.mark.parametrize("mode", ["ffn", "block"])
+@pytest.mark.parametrize("mode", ["ffn", "block", "level0"])
 def test_grad_checkpointing_gives_identical_gradients(mode: str) -> None:
     lat, feats = _slide()
     grads = []
@@ -170,6 +170,36 @@ def test_grad_checkpointing_gives_identical_gradients(mode: str) -> None:
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_block_recompute_replays_dropout_and_keeps_only_block_inputs() -> None:
+    """``block`` (`RecomputedBlock`): with attention and residual dropout active, the recomputed forward
+    draws the forward's masks, so the gradients are the plain blocks'; ``level0`` recomputes only the
+    full-resolution blocks, so it keeps the level-1 blocks' activations but none of level 0's."""
+    lat, feats = _slide()
+    grads, saved = {}, {}
+    for mode in ("none", "block", "level0"):
+        model = _model(attn_dropout=0.2, residual_dropout=0.1)
+        model.set_grad_checkpointing(mode)
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor, sizes: list = sizes) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(model.make_batch(lat, feats))
+        y.square().mean().backward()
+        grads[mode] = [p.grad for p in model.parameters() if p.grad is not None]
+        saved[mode] = sum(sizes)
+    for mode in ("block", "level0"):
+        assert len(grads[mode]) == len(grads["none"])
+        for a, b in zip(grads["none"], grads[mode]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert saved["block"] < saved["level0"] < saved["none"]
+    levels = {m.checkpoint for m in (*model.encoder[1], *model.decoder[0])}
+    assert levels == {"none"} and {m.checkpoint for m in model.encoder[0]} == {"block"}
 
 
 def test_inference_path_matches_training_path() -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from hist_st.lattice import Coarsening, LevelIndex
 from hist_st.model.attention import DualPathAttention
 
-__all__ = ["RefineBlock", "RecomputedFFN", "Coarsen", "Uncoarsen"]
+__all__ = ["RefineBlock", "RecomputedFFN", "RecomputedBlock", "Coarsen", "Uncoarsen"]
 
 
 class RecomputedFFN(torch.autograd.Function):
@@ -65,6 +64,59 @@ class RecomputedFFN(torch.autograd.Function):
         return (dx, None, None, None, None, *[by_param.get(id(p)) for p in own])
 
 
+class RecomputedBlock(torch.autograd.Function):
+    """A whole block that keeps only its inputs for backward and reruns its forward there (``"block"``).
+
+    What `torch.utils.checkpoint` does, without it: its non-reentrant form imports ``torch._dynamo`` and
+    ``sympy`` (0.13-0.19 GB of modules) on its first call. The forward runs without autograd; backward
+    restores the random-number state of the forward (dropout draws the same masks) and its autocast state,
+    reruns the block with autograd and differentiates it, so the gradients are those of the plain block.
+
+    Args (forward):
+        run: ``(x, tokens) -> (x, tokens)``, the block's forward on one level.
+        x: ``[N, d]`` block input.
+        tokens: ``[T, d]`` calibration tokens, or None.
+        *params: The block's parameters (so autograd tracks them).
+    """
+
+    @staticmethod
+    def forward(ctx, run, x, tokens, *params):  # noqa: D102
+        dev = x.device.type
+        ctx.run = run
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.has_tokens = tokens is not None
+        ctx.set_materialize_grads(False)  # an unused output (the last block's tokens) gets None, not zeros
+        ctx.save_for_backward(x, tokens if tokens is not None else x.new_empty(0), *params)
+        x_out, t_out = run(x, tokens)
+        return x_out, t_out
+
+    @staticmethod
+    def backward(ctx, dx_out, dt_out):  # noqa: D102
+        x, tokens, *params = ctx.saved_tensors
+        dev, enabled, dtype = ctx.autocast
+        devices = [x.device] if x.is_cuda else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                torch.autocast(device_type=dev, dtype=dtype, enabled=enabled):  # fmt: skip
+            torch.set_rng_state(ctx.rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+            leaf_x = x.detach().requires_grad_(ctx.needs_input_grad[1])
+            leaf_t = tokens.detach().requires_grad_(ctx.needs_input_grad[2]) if ctx.has_tokens else None
+            x_out, t_out = ctx.run(leaf_x, leaf_t)
+        outs = [(o, g) for o, g in ((x_out, dx_out), (t_out, dt_out)) if o is not None and g is not None]
+        inputs = [t for t, need in ((leaf_x, ctx.needs_input_grad[1]), (leaf_t, ctx.needs_input_grad[2]))
+                  if need and t is not None] + [p for p in params if p.requires_grad]  # fmt: skip
+        if not outs or not inputs:
+            return (None, None, None, *[None for _ in params])
+        grads = torch.autograd.grad([o for o, _ in outs], inputs, [g for _, g in outs], allow_unused=True)
+        got = iter(grads)
+        dx = next(got) if ctx.needs_input_grad[1] else None
+        dt = next(got) if ctx.needs_input_grad[2] and ctx.has_tokens else None
+        return (None, dx, dt, *[next(got) if p.requires_grad else None for p in params])
+
+
 class RefineBlock(nn.Module):
     """Pre-LN monoscale refinement: ``X' = X + Proj(W-MSA(X) + MCA(X, Cb))``, ``X'' = X' + FFN(LN(X'))``.
 
@@ -73,7 +125,8 @@ class RefineBlock(nn.Module):
     output goes through an output projection and is followed by ``Cb <- Cb + FFN(LN(Cb))``.
     ``dropout`` is the residual-branch dropout (neither the paper nor the authors' code has one; 0).
     ``checkpoint`` trades compute for memory in training: ``"ffn"`` recomputes the FFN's norm and hidden
-    layer in backward (`RecomputedFFN`), ``"block"`` the whole block; ``"none"`` keeps every activation.
+    layer in backward (`RecomputedFFN`), ``"block"`` the whole block (`RecomputedBlock`); ``"none"`` keeps
+    every activation.
     """
 
     checkpoint: str = "none"
@@ -118,7 +171,8 @@ class RefineBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x [N, d]``, ``tokens [T, d]`` -> updated ``(x, tokens)``."""
         if self.checkpoint == "block" and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, level, tokens, use_reentrant=False)
+            params = [p for p in self.parameters() if p.requires_grad]
+            return RecomputedBlock.apply(lambda x, t: self._forward(x, level, t), x, tokens, *params)
         return self._forward(x, level, tokens)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
