@@ -21,7 +21,7 @@ from typing import Any
 
 from hist_st.data.synthetic import make_slide
 from hist_st.lattice import continuous_coords, to_lattice
-from hist_st.memory import fixed_mmap_threshold
+from hist_st.memory import MallocPolicy, apply_malloc, parse_malloc, trim_heap
 from hist_st.model import HiST, HiSTConfig
 from hist_st.train.config import config_from_dict
 from hist_st.train.loop import build_optimizer, finish_step, forward_loss, step_in_backward
@@ -47,7 +47,7 @@ class SpeedSettings:
     seed: int = 0
     grad_checkpointing: str = "none"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA only), "fp32" or "bf16" (also on the CPU)
-    malloc: str = "default"  # "default": glibc (as hist-st train), or "fixed": HIST_ST_MALLOC=fixed (hist_st.memory)
+    malloc: str = "default"  # a HIST_ST_MALLOC policy (hist_st.memory): "default" (as hist-st train), "fixed:4M", ...
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys of train steps, e.g. optimizer_in_backward
 
@@ -103,8 +103,7 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
 
     import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # the library alone
 
-    if s.device == "cpu" and s.malloc == "fixed":
-        fixed_mmap_threshold()
+    allocator = apply_malloc(parse_malloc(s.malloc, "--malloc")) if s.device == "cpu" else MallocPolicy()
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
     dev = s.device
@@ -138,6 +137,8 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
             loss = forward_loss(model, {"batch": batch, "target": target}, torch.device(dev), amp)
             loss.backward()
             finish_step(model, opt, sched, in_backward=hooks is not None)
+            if allocator.trim:  # as hist-st train with HIST_ST_MALLOC=...,trim
+                trim_heap()
             _sync(dev)
             times.append(time.perf_counter() - t0)
             build_times.append(t1 - t0)

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from hist_st.memory import parse_malloc
 from hist_st.train.config import config_from_dict, parse_overrides
 
 
@@ -20,6 +21,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     model = parse_overrides(args.model, "--model", "dim=256")
     train = parse_overrides(args.train_option, "--train-option", "optimizer_in_backward=true")
     config_from_dict(dict(train))  # an unknown key or a bad value fails here, naming it, not in every worker
+    parse_malloc(args.malloc, "--malloc")
     run_speed_bench(
         args.out,
         spots=args.spots or DEFAULT_SPOTS,
@@ -71,9 +73,10 @@ def register_speed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: autocast on the CPU too (AMX); "
                    "the head and loss stay float32")  # fmt: skip
-    p.add_argument("--malloc", choices=["fixed", "default"], default="default",
-                   help="default: glibc's adaptive threshold (as hist-st train/predict by default); fixed: glibc's "
-                   "mmap threshold fixed, as train/predict with HIST_ST_MALLOC=fixed (lower peak RSS, slower)")
+    p.add_argument("--malloc", default="default",
+                   help="allocator policy, as HIST_ST_MALLOC of hist-st train/predict: default (glibc's adaptive mmap "
+                   "threshold), fixed (256K) or fixed:SIZE (e.g. fixed:4M; lower peak RSS, slower), and/or trim "
+                   "(malloc_trim after every train step), comma-separated")
     p.add_argument("--json", action="store_true", help="print one JSON line per setting")
     p.set_defaults(func=cmd_speed)
     register_host(sub)

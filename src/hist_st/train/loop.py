@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hist_st.errors import InputError
-from hist_st.memory import malloc_policy
+from hist_st.memory import malloc_policy, trim_heap
 from hist_st.model import HiST
 from hist_st.model.config import LEGACY_VALUES
 from hist_st.runtime import package_versions, resolve_device, seed_everything, set_threads
@@ -375,7 +375,7 @@ def train(
             folder holding another run.
     """
 
-    malloc_policy()  # HIST_ST_MALLOC=fixed: freed activations leave the process (hist_st.memory)
+    allocator = malloc_policy()  # HIST_ST_MALLOC=fixed...: freed activations leave the process (hist_st.memory)
     info = dist_info or init_distributed(cfg.device)
     device = resolve_device(cfg.device, info.local_rank)
     set_threads(cfg.threads, "threads")
@@ -523,6 +523,8 @@ def train(
                 losses.append(float(loss.detach()))
                 if (i + 1) % cfg.slides_per_step == 0 or i + 1 == len(keys):
                     finish_step(model, opt, sched, info, in_backward=hooks is not None)
+                    if allocator.trim:
+                        trim_heap()
                     step += 1
             step_losses.extend(losses)
             record = {
