@@ -160,12 +160,17 @@ def test_loss_falls_when_fitting_a_slide() -> None:
 
 
 @pytest.mark.parametrize("mode", ["ffn", "block", "level0"])
-def test_grad_checkpointing_gives_identical_gradients(mode: str) -> None:
+@pytest.mark.parametrize("chunk", [2048, 37])
+def test_grad_checkpointing_gives_identical_gradients(mode: str, chunk: int) -> None:
+    """Same gradients with recomputation; ``chunk`` 37: the recomputed FFN's backward in uneven token chunks."""
     lat, feats = _slide()
     grads = []
     for m in ("none", mode):
         model = _model()
         model.set_grad_checkpointing(m)
+        for blk in model.modules():
+            if hasattr(blk, "ffn_chunk"):
+                blk.ffn_chunk = chunk
         model(model.make_batch(lat, feats)).square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     for a, b in zip(*grads):

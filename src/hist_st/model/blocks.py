@@ -18,19 +18,23 @@ class RecomputedFFN(torch.autograd.Function):
     Autograd would keep the normalised input ``[N, d]`` and the hidden layer ``[N, 4d]`` of every block
     (at N = 5,000 and d = 512, 51 MB per block); this keeps only the block input, which the residual
     stream holds anyway. The price is one more ``fc1`` product in backward (1/6 of the FFN's training
-    FLOPs), not the whole FFN that `torch.utils.checkpoint` would rerun.
+    FLOPs), not the whole FFN that `torch.utils.checkpoint` would rerun. Backward goes ``chunk`` tokens at
+    a time (the FFN acts on each token alone), so its hidden-layer gradients are ``[chunk, 4d]``, not
+    ``[N, 4d]`` (three of those, 120 MB at N = 5,000, at the start of a plain FFN's backward).
 
     Args (forward):
         x: ``[N, d]`` block input (before the norm).
         norm: The ``LayerNorm(d)``.
         fc1, fc2: The FFN's linear layers.
         act: The activation module.
+        chunk: Tokens per backward chunk.
         *params: ``norm``'s, ``fc1``'s and ``fc2``'s parameters (so autograd tracks them).
     """
 
     @staticmethod
-    def forward(ctx, x, norm, fc1, fc2, act, *params):  # noqa: D102
+    def forward(ctx, x, norm, fc1, fc2, act, chunk, *params):  # noqa: D102
         ctx.mods = (norm, fc1, fc2, act)
+        ctx.chunk = max(1, int(chunk))
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(x, *params)
@@ -43,25 +47,36 @@ class RecomputedFFN(torch.autograd.Function):
         norm, fc1, fc2, act = ctx.mods
         dout = dout.contiguous()
         dev, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type=dev, dtype=dtype, enabled=enabled):  # as in forward
-            leaf = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            h = act(fc1(norm(leaf)))  # [N, 4d], with its graph (norm and fc1 only)
         w2 = fc2.weight
-        dw2 = dout.t().mm(h.detach()).to(w2.dtype)
-        db2 = dout.sum(0).to(w2.dtype) if fc2.bias is not None else None
-        dh = dout.mm(w2.to(dout.dtype))
-        inputs = [leaf] if ctx.needs_input_grad[0] else []
-        inputs += [p for p in (*norm.parameters(), *fc1.parameters()) if p.requires_grad]
-        grads = iter(torch.autograd.grad(h, inputs, dh)) if inputs else iter(())
-        del h, dh
-        dx = next(grads) if ctx.needs_input_grad[0] else None
-        by_param = {id(p): g for p, g in zip([p for p in (*norm.parameters(), *fc1.parameters())
-                                              if p.requires_grad], grads)}  # fmt: skip
+        first = [p for p in (*norm.parameters(), *fc1.parameters()) if p.requires_grad]
+        need_x = ctx.needs_input_grad[0]
+        dx = torch.empty_like(x) if need_x else None
+        acc: list[torch.Tensor | None] = [None] * len(first)
+        dw2 = db2 = None
+        for i in range(0, x.shape[0], ctx.chunk):
+            rows = slice(i, i + ctx.chunk)
+            with torch.enable_grad(), torch.autocast(device_type=dev, dtype=dtype, enabled=enabled):  # as forward
+                leaf = x[rows].detach().requires_grad_(need_x)
+                h = act(fc1(norm(leaf)))  # [chunk, 4d], with its graph (norm and fc1 only)
+            d = dout[rows]
+            part = d.t().mm(h.detach()).to(w2.dtype)
+            dw2 = part if dw2 is None else dw2.add_(part)
+            if fc2.bias is not None:
+                part = d.sum(0).to(w2.dtype)
+                db2 = part if db2 is None else db2.add_(part)
+            dh = d.mm(w2.to(d.dtype))
+            inputs = ([leaf] if need_x else []) + first
+            grads = list(torch.autograd.grad(h, inputs, dh)) if inputs else []
+            del h, dh
+            if need_x:
+                dx[rows] = grads.pop(0)
+            acc = [g if a is None else a.add_(g) for a, g in zip(acc, grads)]
+        by_param = {id(p): g for p, g in zip(first, acc)}
         by_param[id(fc2.weight)] = dw2
         if db2 is not None:
             by_param[id(fc2.bias)] = db2
         own = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
-        return (dx, None, None, None, None, *[by_param.get(id(p)) for p in own])
+        return (dx, None, None, None, None, None, *[by_param.get(id(p)) for p in own])
 
 
 class RecomputedBlock(torch.autograd.Function):
@@ -125,12 +140,12 @@ class RefineBlock(nn.Module):
     output goes through an output projection and is followed by ``Cb <- Cb + FFN(LN(Cb))``.
     ``dropout`` is the residual-branch dropout (neither the paper nor the authors' code has one; 0).
     ``checkpoint`` trades compute for memory in training: ``"ffn"`` recomputes the FFN's norm and hidden
-    layer in backward (`RecomputedFFN`), ``"block"`` the whole block (`RecomputedBlock`); ``"none"`` keeps
-    every activation.
+    layer in backward (`RecomputedFFN`), ``"block"`` the whole block (`RecomputedBlock`, whose rerun
+    recomputes its FFN again); ``"none"`` keeps every activation.
     """
 
     checkpoint: str = "none"
-    ffn_chunk: int = 2048  # inference: tokens per FFN chunk ([2048, 4d] hidden, 16 MB at d = 512)
+    ffn_chunk: int = 2048  # tokens per FFN chunk in inference and in `RecomputedFFN`'s backward (16 MB at d = 512)
 
     def __init__(
         self,
@@ -192,9 +207,10 @@ class RefineBlock(nn.Module):
         t_in = self.norm_tok(tokens) if tokens is not None else None
         a, t_upd = self.attn(self.norm1(x), level, t_in)
         x = x + F.dropout(a, self.dropout, self.training)
-        if self.checkpoint == "ffn" and self.training and torch.is_grad_enabled():
+        if self.checkpoint in ("ffn", "block") and self.training and torch.is_grad_enabled():
+            # (block: the rerun in `RecomputedBlock`'s backward keeps no [N, 4d] hidden layer either)
             params = [*self.norm2.parameters(), *self.fc1.parameters(), *self.fc2.parameters()]
-            f = RecomputedFFN.apply(x, self.norm2, self.fc1, self.fc2, self.act, *params)
+            f = RecomputedFFN.apply(x, self.norm2, self.fc1, self.fc2, self.act, self.ffn_chunk, *params)
         else:
             f = self._ffn(x)
         x = x + F.dropout(f, self.dropout, self.training)
