@@ -222,7 +222,7 @@ class HiST(nn.Module):
                 t_i += 1
             else:
                 x = self.up[j](x)
-            enc = cache[li]
+            enc, cache[li] = cache[li], None  # not kept past its use (in inference: freed after the fuse)
             if cfg.skip == "additive":
                 x = x + enc
             elif cfg.skip == "concat" and cfg.fuse == "fuse-refine":
