@@ -345,7 +345,7 @@ class DualPathAttention(nn.Module):
             ``(out [N, d], token_update [T, d] or None)``; the caller adds both residually.
         """
         n, d = x.shape
-        h, dh = self.heads, self.head_dim
+        h = self.heads
         step = self._head_chunk(n)
         if self.impl == "window" and self.positional != "rope" and step < h:
             local = self._local_window_by_heads(x, level, step)
