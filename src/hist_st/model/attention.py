@@ -100,6 +100,11 @@ class WindowAttentionFn(torch.autograd.Function):
         ctx.n = n
         return out
 
+    #: Backward on slides of at least this many tokens goes half of the heads at a time: the gathered windows,
+    #: probabilities and their gradients of the other half do not exist meanwhile (heads are independent, so
+    #: the gradients are the same bit for bit).
+    backward_head_chunk_tokens: int = 2048
+
     @staticmethod
     def backward(ctx, dout):  # noqa: D102
         qkv, table, out, lse, *keeps = ctx.saved_tensors
@@ -110,32 +115,44 @@ class WindowAttentionFn(torch.autograd.Function):
         delta = (dout * out).sum(-1)  # [H, N]
         dqkv = torch.zeros_like(qkv)
         dtable = torch.zeros_like(table) if table is not None and ctx.needs_input_grad[1] else None
+        step = h // 2 if (ctx.n >= WindowAttentionFn.backward_head_chunk_tokens and h % 2 == 0) else h
         for part, keep in zip(ctx.parts, keeps):
-            q, k, v = _gather_windows(qkv, part)  # [H, W, S, Dh]
-            w, size, dh = q.shape[1], q.shape[2], q.shape[3]
-            valid = (part.index < ctx.n).to(qkv.dtype)  # [W, S] real query slots
-            s = _window_logits(q, k, table, part, scale)
+            w, size = part.gather.shape
             flat = part.gather.reshape(-1)
-            p = torch.exp(s - lse.index_select(1, flat).view(h * w, size, 1))  # [H*W, S, S]
-            del s
-            do = (dout.index_select(1, flat).view(h, w, size, dh) * valid[..., None]).view(h * w, size, dh)
-            dp = torch.bmm(do, v.reshape(h * w, size, dh).transpose(1, 2))
-            if p_drop > 0:
-                pd = p * keep / (1 - p_drop)
-                dp = dp * keep / (1 - p_drop)
-            else:
-                pd = p
-            dv = torch.bmm(pd.transpose(1, 2), do)
-            ds = p * (dp - (delta.index_select(1, flat).view(h, w, size) * valid).view(h * w, size, 1))
-            del p, dp, pd
-            dq = torch.bmm(ds, k.reshape(h * w, size, dh)) * scale
-            dk = torch.bmm(ds.transpose(1, 2), q.reshape(h * w, size, dh)) * scale
-            for i, g in enumerate((dq, dk, dv)):
-                dqkv[i].index_add_(1, flat, g.view(h, w * size, dh))
-            if dtable is not None:
-                dtable.index_add_(1, part.rel.reshape(-1), ds.view(h, -1))
+            valid = (part.index < ctx.n).to(qkv.dtype)  # [W, S] real query slots
+            for i in range(0, h, step):
+                hs = slice(i, i + step)
+                kp = keep.view(h, w, size, size)[hs].reshape(-1, size, size) if p_drop > 0 else None
+                _window_backward(qkv[:, hs], None if table is None else table[hs], part, kp, scale, p_drop,
+                                 lse[hs], dout[hs], delta[hs], valid, flat, dqkv[:, hs],
+                                 None if dtable is None else dtable[hs])  # fmt: skip
         return dqkv, dtable, None, None, None
 
+
+def _window_backward(qkv, table, part, keep, scale, p_drop, lse, dout, delta, valid, flat, dqkv, dtable) -> None:
+    """One partition's and one head chunk's share of `WindowAttentionFn.backward`, added into ``dqkv [3, h, N,
+    Dh]`` and ``dtable [h, R]`` (views of the whole gradients)."""
+    q, k, v = _gather_windows(qkv, part)  # [h, W, S, Dh]
+    h, w, size, dh = q.shape
+    s = _window_logits(q, k, table, part, scale)
+    p = torch.exp(s - lse.index_select(1, flat).view(h * w, size, 1))  # [h*W, S, S]
+    del s
+    do = (dout.index_select(1, flat).view(h, w, size, dh) * valid[..., None]).view(h * w, size, dh)
+    dp = torch.bmm(do, v.reshape(h * w, size, dh).transpose(1, 2))
+    if p_drop > 0:
+        pd = p * keep / (1 - p_drop)
+        dp = dp * keep / (1 - p_drop)
+    else:
+        pd = p
+    dv = torch.bmm(pd.transpose(1, 2), do)
+    ds = p * (dp - (delta.index_select(1, flat).view(h, w, size) * valid).view(h * w, size, 1))
+    del p, dp, pd
+    dq = torch.bmm(ds, k.reshape(h * w, size, dh)) * scale
+    dk = torch.bmm(ds.transpose(1, 2), q.reshape(h * w, size, dh)) * scale
+    for i, g in enumerate((dq, dk, dv)):
+        dqkv[i].index_add_(1, flat, g.view(h, w * size, dh))
+    if dtable is not None:
+        dtable.index_add_(1, part.rel.reshape(-1), ds.view(h, -1))
 
 
 def _alibi_slopes(heads: int) -> torch.Tensor:
