@@ -333,8 +333,8 @@ def test_forward_loss_uses_the_chunked_head_with_the_dense_value_and_gradients()
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_inference_by_head_halves_matches_all_heads_at_once(bf16: bool) -> None:
-    """Issue 15: large-slide inference projects q, k, v and runs the window attention half of the heads at a
-    time; the output is the same bit for bit (in float32), and of the same dtype under bf16 autocast."""
+    """Issue 15: large-slide inference projects q, k, v and runs the window attention a quarter of the heads at
+    a time; the output is the same bit for bit (in float32), and of the same dtype under bf16 autocast."""
     model = _model().eval()
     lat, feats = _slide()
     batch = model.make_batch(lat, feats)

@@ -241,7 +241,7 @@ class DualPathAttention(nn.Module):
             self.kv_tok = nn.Linear(dim, 2 * dim)
         self.proj_tok = nn.Linear(dim, dim) if has_tokens and token_update == "block" else None
 
-    #: Inference: slides of at least this many tokens run the local path half of the heads at a time.
+    #: Inference: slides of at least this many tokens run the local path a quarter of the heads at a time.
     head_chunk_tokens: int = 2048
 
     # ------------------------------------------------------------------ positional table
@@ -268,19 +268,20 @@ class DualPathAttention(nn.Module):
         return out.to(qkv.dtype).transpose(0, 1)  # [N, H, Dh]
 
     def _head_chunk(self, n: int) -> int:
-        """Heads per chunk of the local path: half of them in inference (eval mode without autograd) on slides
-        of ``head_chunk_tokens`` or more (heads are independent), all of them otherwise. Not in training mode:
-        a recomputed block's forward (no autograd) must draw its attention dropout in the same order as
-        its rerun in backward."""
+        """Heads per chunk of the local path: a quarter of them (a half when H is not a multiple of 4) in
+        inference (eval mode without autograd) on slides of ``head_chunk_tokens`` or more (heads are
+        independent), all of them otherwise. Not in training mode: a recomputed block's forward (no
+        autograd) must draw its attention dropout in the same order as its rerun in backward."""
         h = self.heads
-        inference = not torch.is_grad_enabled() and not self.training
-        return h // 2 if (inference and n >= self.head_chunk_tokens and h % 2 == 0) else h
+        if self.training or torch.is_grad_enabled() or n < self.head_chunk_tokens:
+            return h
+        return h // 4 if h % 4 == 0 else (h // 2 if h % 2 == 0 else h)
 
     def _local_window_by_heads(self, x: torch.Tensor, level: LevelIndex, step: int) -> torch.Tensor:
         """Inference: `_local_window` ``step`` heads at a time, each chunk's q, k, v projected on its own.
 
         Only ``[N, 3 step Dh]`` of the projection and one chunk's gathered windows exist at once (at
-        N = 100,000: 0.3 GB instead of 0.6 GB of q, k, v). Each output column of a linear layer is the
+        N = 100,000 and a quarter of the heads: 0.15 GB instead of 0.6 GB of q, k, v). Each output column of a linear layer is the
         same dot product whether it is computed with the other columns or without them, so the result
         equals the whole projection's (`tests/test_attention.py`).
 
