@@ -151,3 +151,29 @@ def test_token_update_equals_explicit_attention_over_tissue_and_tokens() -> None
     k, v = a.kv_tok(keys).view(-1, 2, 4, 8).unbind(1)  # [N + T, H, Dh]
     expected = torch.einsum("thm,mhc->thc", torch.softmax(torch.einsum("thc,mhc->thm", q, k), -1), v)
     torch.testing.assert_close(a._token_update(x, tok), expected.reshape(3, 32))
+
+
+@pytest.mark.parametrize("p_drop", [0.0, 0.3])
+def test_window_backward_by_head_halves_gives_the_same_gradients(p_drop: float) -> None:
+    """Issue 15: backward on large slides goes half of the heads at a time; the gradients of q, k, v and the
+    positional table are the same bit for bit (with and without attention dropout)."""
+    from hist_st.lattice import num_rel_offsets
+    from hist_st.model.attention import WindowAttentionFn
+
+    level = _level()
+    table = torch.randn(4, num_rel_offsets(3) ** 2, requires_grad=True)  # by relative offset, window w = 3
+    qkv = torch.randn(3, 4, len(level.coords), 8, requires_grad=True)
+    parts = (level.standard, level.shifted)
+    dout = torch.randn(4, len(level.coords), 8)
+    grads = []
+    old = WindowAttentionFn.backward_head_chunk_tokens
+    try:
+        for tokens in (10**9, 1):
+            WindowAttentionFn.backward_head_chunk_tokens = tokens
+            torch.manual_seed(0)  # the same dropout masks
+            out = WindowAttentionFn.apply(qkv, table, parts, 0.3, p_drop)
+            grads.append(torch.autograd.grad(out, (qkv, table), dout))
+    finally:
+        WindowAttentionFn.backward_head_chunk_tokens = old
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

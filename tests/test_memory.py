@@ -1,21 +1,58 @@
-"""The allocator policy of train/predict: glibc's default unless HIST_ST_MALLOC=fixed asks otherwise."""
+"""The allocator policy of train/predict: glibc's default unless HIST_ST_MALLOC asks otherwise."""
+
+import ctypes
+import subprocess
+import sys
 
 import pytest
 
-from hist_st.memory import MALLOC_ENV, malloc_policy
+from hist_st.errors import InputError
+from hist_st.memory import MALLOC_ENV, MallocPolicy, malloc_policy, parse_malloc, trim_heap
 
 
 def test_default_policy_leaves_glibc_alone(monkeypatch):
     monkeypatch.delenv(MALLOC_ENV, raising=False)
-    assert malloc_policy() == "default"
+    assert malloc_policy() == MallocPolicy() and str(malloc_policy()) == "default"
 
 
 def test_fixed_policy_is_applied(monkeypatch):
     monkeypatch.setenv(MALLOC_ENV, "Fixed")
-    assert malloc_policy() == "fixed"
+    assert str(malloc_policy()) == "fixed" and malloc_policy().threshold == 256 * 1024
 
 
-def test_unknown_policy_names_the_variable(monkeypatch):
-    monkeypatch.setenv(MALLOC_ENV, "tiny")
-    with pytest.raises(ValueError, match="HIST_ST_MALLOC='tiny'"):
+@pytest.mark.parametrize(("text", "threshold", "trim", "canonical"), [
+    ("fixed:4M", 4 << 20, False, "fixed:4M"), ("fixed:512k,trim", 512 << 10, True, "fixed:512K,trim"),
+    ("trim", None, True, "trim"), ("default", None, False, "default"), ("fixed:1048576", 1 << 20, False, "fixed:1M"),
+])  # fmt: skip
+def test_policies_parse_and_print(text, threshold, trim, canonical):
+    policy = parse_malloc(text)
+    assert (policy.threshold, policy.trim, str(policy)) == (threshold, trim, canonical)
+    assert parse_malloc(str(policy)) == policy
+
+
+@pytest.mark.parametrize("text", ["tiny", "fixed:64M", "fixed:1", "fixed:4G"])
+def test_unknown_policy_names_the_variable(monkeypatch, text):
+    monkeypatch.setenv(MALLOC_ENV, text)
+    with pytest.raises(InputError, match=f"HIST_ST_MALLOC: '{text}'"):
         malloc_policy()
+
+
+def test_a_fixed_threshold_returns_freed_tensors_to_the_system():
+    """With ``fixed:1M`` a freed 8 MB tensor leaves the process; its pages do not stay resident."""
+    code = (
+        "import os, torch\n"
+        "from hist_st.memory import apply_malloc, parse_malloc\n"
+        "apply_malloc(parse_malloc('fixed:1M'))\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+        "keep = [torch.ones(1 << 21) for _ in range(8)]\n"  # 8 x 8 MB, then free them
+        "before = rss(); del keep; after = rss()\n"
+        "print((before - after) / 2**20)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) > 60  # MB released of 64
+
+
+def test_trim_heap_runs():
+    if not hasattr(ctypes.CDLL(None), "malloc_trim"):
+        pytest.skip("no glibc malloc_trim here")
+    assert trim_heap() in (True, False)

@@ -46,15 +46,16 @@ def test_same_updates_and_state_as_torch_adamw(fused):
     assert torch.equal(other.state_dict()["state"][0]["exp_avg"], sb["state"][0]["exp_avg"])
 
 
-def test_no_dynamo_import_in_a_training_process():
-    """A HiST train step (chunked loss over several gene chunks, recomputed FFN, AdamW, schedule) imports no
-    ``torch._dynamo`` (0.18 GB of modules)."""
+@pytest.mark.parametrize("mode", ["ffn", "block"])
+def test_no_dynamo_import_in_a_training_process(mode):
+    """A HiST train step (chunked loss over several gene chunks, recomputed FFN or blocks, AdamW, schedule)
+    imports no ``torch._dynamo`` (0.18 GB of modules)."""
     code = (
         "import sys, numpy as np, torch\n"
         "from hist_st.model import HiST, HiSTConfig\n"
         "from hist_st.train.config import TrainConfig\n"
         "from hist_st.train.loop import build_optimizer, forward_loss\n"
-        "m = HiST(HiSTConfig(in_dim=8, n_genes=600, dim=16, heads=2)); m.set_grad_checkpointing('ffn')\n"
+        "m = HiST(HiSTConfig(in_dim=8, n_genes=600, dim=16, heads=2)); m.set_grad_checkpointing(MODE)\n"
         "o, s = build_optimizer(m, TrainConfig(), 3)\n"
         "lat = np.stack(np.meshgrid(np.arange(12), np.arange(12)), -1).reshape(-1, 2)\n"
         "item = {'batch': m.make_batch(lat, torch.randn(144, 8)), 'target': torch.randn(144, 600)}\n"
@@ -62,5 +63,6 @@ def test_no_dynamo_import_in_a_training_process():
         "o.state_dict()\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code.replace("MODE", repr(mode))], capture_output=True, text=True,
+                         check=True)  # fmt: skip
     assert out.stdout.strip().splitlines()[-1] == "False"

@@ -4,13 +4,19 @@ glibc serves an allocation from ``mmap`` only above a threshold that it raises, 
 size of every ``mmap``-ed block freed so far (up to 32 MB). After the first training step most
 activation-sized tensors (1-40 MB) therefore come from the heap, whose freed pages are handed back to
 the system only from its top: a train step's peak RSS then grows by the fragmented holes (0.25 GB at
-N = 5,000 spots, `docs/results/speed.md`). A fixed threshold turns the adjustment off, so every large
-tensor is mapped and unmapped on its own and its memory leaves the process as soon as torch frees it.
+N = 5,000 spots, `docs/results/speed.md`). A fixed threshold turns the adjustment off, so every tensor
+above it is mapped and unmapped on its own and its memory leaves the process as soon as torch frees it.
 
-That costs time: every activation-sized allocation becomes a fresh mapping whose pages fault in again
-(measured idle on 2 threads, N = 5,000: inference 0.80 -> 1.27 s, train step 2.61 -> 3.83 s). So it is
-opt-in: ``HIST_ST_MALLOC=fixed`` in the environment makes `hist-st train` / `predict` apply it
-(`malloc_policy`); by default glibc keeps its adaptive threshold.
+That costs time: every such allocation becomes a fresh mapping whose pages fault in again (measured
+idle on 2 threads, N = 5,000, threshold 256 KB: inference 0.80 -> 1.27 s, train step 2.61 -> 3.83 s).
+``HIST_ST_MALLOC`` in the environment chooses the policy of `hist-st train` / `predict`
+(`malloc_policy`), a comma-separated list:
+
+- ``default``: glibc's adaptive threshold (the default);
+- ``fixed`` or ``fixed:SIZE``: the threshold fixed at 256 KB or at SIZE (bytes, or with a K / M suffix,
+  e.g. ``fixed:4M``: tensors of 4 MB and more are mapped, smaller ones come from the heap);
+- ``trim``: `trim_heap` (``malloc_trim(0)``) after every optimiser step, which returns the heap's free
+  pages to the system between steps.
 """
 
 from __future__ import annotations
@@ -19,14 +25,51 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import re
+from dataclasses import dataclass
 
-__all__ = ["fixed_mmap_threshold", "malloc_policy", "MALLOC_ENV"]
+from hist_st.errors import InputError
 
-#: Environment variable choosing the allocator policy of `hist-st train` / `predict`: ``fixed`` or ``default``.
+__all__ = ["fixed_mmap_threshold", "malloc_policy", "parse_malloc", "apply_malloc", "trim_heap", "MallocPolicy",
+           "MALLOC_ENV"]  # fmt: skip
+
+#: Environment variable choosing the allocator policy of `hist-st train` / `predict` (see the module docstring).
 MALLOC_ENV = "HIST_ST_MALLOC"
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
 DEFAULT_THRESHOLD = 256 * 1024
+_MAX_THRESHOLD = 32 * 1024 * 1024  # glibc's HEAP_MAX / 2 on 64-bit: mallopt refuses larger values
+_UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
+
+
+@dataclass(frozen=True)
+class MallocPolicy:
+    """An allocator policy: ``threshold`` (fixed mmap threshold in bytes, None = glibc's adaptive one) and
+    ``trim`` (`trim_heap` after every optimiser step)."""
+
+    threshold: int | None = None
+    trim: bool = False
+
+    def __str__(self) -> str:
+        parts = [] if self.threshold is None else [
+            "fixed" if self.threshold == DEFAULT_THRESHOLD else f"fixed:{_size_text(self.threshold)}"]
+        parts += ["trim"] if self.trim else []
+        return ",".join(parts) or "default"
+
+
+def _size_text(nbytes: int) -> str:
+    for suffix, unit in (("M", 1024 * 1024), ("K", 1024)):
+        if nbytes % unit == 0:
+            return f"{nbytes // unit}{suffix}"
+    return str(nbytes)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
 
 
 @functools.cache
@@ -39,30 +82,70 @@ def fixed_mmap_threshold(nbytes: int = DEFAULT_THRESHOLD) -> bool:
     Returns:
         True when glibc accepted the setting; False elsewhere (macOS, musl, Windows): nothing changes.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))
 
 
-def malloc_policy() -> str:
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim(0)``).
+
+    Returns:
+        True when memory was released; False when none was, or without glibc.
+    """
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return bool(trim(0))
+
+
+def parse_malloc(value: str, source: str = MALLOC_ENV) -> MallocPolicy:
+    """Parse a policy such as ``default``, ``fixed``, ``fixed:4M``, ``fixed:8M,trim`` (case-insensitive).
+
+    Args:
+        value: The policy text.
+        source: What to name in an error (the variable or option it came from).
+
+    Raises:
+        InputError: An unknown item or a size outside 4K..32M, naming ``source`` and the value.
+    """
+    threshold, trim = None, False
+    for item in (value or "default").strip().lower().split(","):
+        item = item.strip()
+        m = re.fullmatch(r"fixed(?::(\d+)([km]?)b?)?", item)
+        if item in ("default", ""):
+            continue
+        if item == "trim":
+            trim = True
+        elif m is not None:
+            threshold = DEFAULT_THRESHOLD if m.group(1) is None else int(m.group(1)) * _UNITS[m.group(2)]
+            if not 4096 <= threshold <= _MAX_THRESHOLD:
+                raise InputError(source, f"{value!r}: the fixed mmap threshold must lie in 4K..32M")
+        else:
+            raise InputError(source, f"{value!r}: use default, fixed (256K), fixed:SIZE (e.g. fixed:4M; lower peak "
+                             f"memory, slower) and/or trim, comma-separated")  # fmt: skip
+    return MallocPolicy(threshold, trim)
+
+
+def apply_malloc(policy: MallocPolicy) -> MallocPolicy:
+    """Apply ``policy``'s threshold to this process (its ``trim`` is the training loop's to honour)."""
+    if policy.threshold is not None:
+        fixed_mmap_threshold(policy.threshold)
+    return policy
+
+
+def malloc_policy() -> MallocPolicy:
     """Apply the allocator policy that ``HIST_ST_MALLOC`` asks for and return it.
 
     Returns:
-        ``"fixed"`` (`fixed_mmap_threshold` applied: lower peak RSS, slower) or ``"default"`` (glibc's
-        adaptive threshold, the default).
+        The policy (`MallocPolicy`; ``str()`` gives its canonical text: ``"default"``, ``"fixed"``, ...).
 
     Raises:
-        ValueError: Any other value, naming the variable.
+        InputError: A value `parse_malloc` refuses, naming the variable.
     """
-    value = os.environ.get(MALLOC_ENV, "default").strip().lower() or "default"
-    if value not in ("fixed", "default"):
-        raise ValueError(f"{MALLOC_ENV}={value!r}: use fixed (lower peak memory, slower) or default")
-    if value == "fixed":
-        fixed_mmap_threshold()
-    return value
+    return apply_malloc(parse_malloc(os.environ.get(MALLOC_ENV, "default")))

@@ -27,10 +27,10 @@ from hist_st.bench.plots import plot_speed
 from hist_st.data.synthetic import make_slide
 from hist_st.jsonio import write_json
 from hist_st.lattice import continuous_coords, to_lattice
-from hist_st.memory import fixed_mmap_threshold
+from hist_st.memory import MallocPolicy, apply_malloc, parse_malloc, trim_heap
 from hist_st.model import HiST, HiSTConfig
-from hist_st.train.config import TrainConfig
-from hist_st.train.loop import build_optimizer, forward_loss
+from hist_st.train.config import config_from_dict
+from hist_st.train.loop import build_optimizer, finish_step, forward_loss, step_in_backward
 
 __all__ = ["SpeedSettings", "measure", "worker", "run_speed_bench", "plot_speed", "format_row"]
 
@@ -53,8 +53,9 @@ class SpeedSettings:
     seed: int = 0
     grad_checkpointing: str = "none"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA only), "fp32" or "bf16" (also on the CPU)
-    malloc: str = "default"  # "default": glibc (as hist-st train), or "fixed": HIST_ST_MALLOC=fixed (hist_st.memory)
+    malloc: str = "default"  # a HIST_ST_MALLOC policy (hist_st.memory): "default" (as hist-st train), "fixed:4M", ...
     model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys of train steps, e.g. optimizer_in_backward
 
 
 def autocast_enabled(precision: str, device: str) -> bool:
@@ -68,9 +69,10 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
     """Run one setting in this process and return its timings, memory and FLOPs.
 
     The timed steps are what a user runs: inference is `HiST.forward` under ``inference_mode``; a train
-    step is `hist_st.train.loop.forward_loss` (chunked head and loss), backward and the fused AdamW of
-    `hist_st.train.loop.build_optimizer`, with the same allocator setting as ``hist-st train``
-    (`hist_st.memory`); the lattice indices are rebuilt every step (an augmented lattice). The peak memory
+    step is `hist_st.train.loop.forward_loss` (chunked head and loss), backward and
+    `hist_st.train.loop.finish_step` with the fused AdamW of `hist_st.train.loop.build_optimizer` (updated
+    during backward with ``train={"optimizer_in_backward": True}``), with the same allocator setting as
+    ``hist-st train`` (`hist_st.memory`); the lattice indices are rebuilt every step (an augmented lattice). The peak memory
     is read right after them (`PeakMemory`, entered after the imports: ``import_rss_gb`` is the RSS of the
     library alone); the matmul reference and the FLOP count (a separate forward pass) come after that
     reading, so neither adds to the memory reported.
@@ -78,15 +80,15 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
     dev = s.device
     amp = autocast_enabled(s.precision, dev)
     with PeakMemory(dev) as mem:
-        if dev == "cpu" and s.malloc == "fixed":
-            fixed_mmap_threshold()
+        allocator = apply_malloc(parse_malloc(s.malloc, "--malloc")) if dev == "cpu" else MallocPolicy()
         torch.set_num_threads(s.threads)
         torch.manual_seed(s.seed)
         slide = make_slide("bench", n_spots=s.spots, grid=s.grid, seed=s.seed, n_genes=8, embed_dim=4)
         lattice = to_lattice(continuous_coords(slide))
         feats = torch.randn(len(lattice), s.in_dim, device=dev)
         model = HiST(HiSTConfig(in_dim=s.in_dim, n_genes=s.genes, **s.model)).to(dev)
-        model.set_grad_checkpointing(s.grad_checkpointing)
+        train_cfg = config_from_dict({"grad_checkpointing": s.grad_checkpointing, **s.train})
+        model.set_grad_checkpointing(train_cfg.grad_checkpointing)
         t = time.perf_counter()
         tokens_per_level = [lv.num_tokens for lv in model.make_batch(lattice, feats).levels]
         build_s = time.perf_counter() - t
@@ -100,12 +102,14 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
 
         if s.mode == "train":
             target = torch.randn(len(lattice), s.genes, device=dev)
-            opt, _ = build_optimizer(model.train(), TrainConfig(), 1000)
+            opt, sched = build_optimizer(model.train(), train_cfg, 1000)
+            hooks = step_in_backward(opt, train_cfg)  # as hist-st train: None unless optimizer_in_backward
 
             def step() -> None:
                 forward_loss(model, {"batch": batch(), "target": target}, torch.device(dev), amp).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                finish_step(model, opt, sched, in_backward=hooks is not None)
+                if allocator.trim:  # as hist-st train with HIST_ST_MALLOC=...,trim
+                    trim_heap()
         else:
             model.eval()
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
-from hist_st.train.config import parse_overrides
+from hist_st.memory import parse_malloc
+from hist_st.train.config import config_from_dict, parse_overrides
 
 
 def ints(value: str) -> tuple[int, ...]:
@@ -24,9 +25,12 @@ def cmd_speed(args: argparse.Namespace) -> int:
         raise InputError("--modes", f"{args.modes!r}: give infer and/or train, comma-separated")
     settings = {k: getattr(args, k) for k in ("threads", "device", "repeats", "in_dim", "grid", "grad_checkpointing",
                                               "precision", "malloc")}  # the SpeedSettings given on the command line
+    train = parse_overrides(args.train_option, "--train-option", "optimizer_in_backward=true")
+    config_from_dict(dict(train))  # an unknown key or a bad value fails here, naming it, not in every worker
+    parse_malloc(args.malloc, "--malloc")
     run_speed_bench(args.out, spots=args.spots or DEFAULT_SPOTS, genes=args.genes or DEFAULT_GENES,
                     grid_mode=args.grid_mode, modes=modes, max_train_spots=args.max_train_spots, json_lines=args.json,
-                    model=parse_overrides(args.model, "--model", "dim=256"), **settings)
+                    model=parse_overrides(args.model, "--model", "dim=256"), train=train, **settings)
     print(f"results in {args.out}/speed.json, plots speed_vs_spots.png and speed_vs_genes.png")
     return 0
 
@@ -49,14 +53,17 @@ def register_speed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lattice", dest="grid", choices=["square", "hex"], default="square",
                    help="synthetic slide geometry: square (dense legacy-ST lattice) or hex (Visium, 55 um unit)")
     p.add_argument("--model", action="append", metavar="KEY=VALUE", help="HiSTConfig override, e.g. dim=256")
+    p.add_argument("--train-option", action="append", metavar="KEY=VALUE",
+                   help="train config key of the train steps, e.g. optimizer_in_backward=true")
     p.add_argument("--grad-checkpointing", choices=["none", "ffn", "block"], default="none",
                    help="recompute activations in backward (train steps): less memory, more time")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: autocast on the CPU too (AMX); "
                    "the head and loss stay float32")
-    p.add_argument("--malloc", choices=["fixed", "default"], default="default",
-                   help="default: glibc's adaptive threshold (as hist-st train/predict by default); fixed: glibc's "
-                   "mmap threshold fixed, as train/predict with HIST_ST_MALLOC=fixed (lower peak RSS, slower)")
+    p.add_argument("--malloc", default="default",
+                   help="allocator policy, as HIST_ST_MALLOC of hist-st train/predict: default (glibc's adaptive mmap "
+                   "threshold), fixed (256K) or fixed:SIZE (e.g. fixed:4M; lower peak RSS, slower), and/or trim "
+                   "(malloc_trim after every train step), comma-separated")
     p.add_argument("--json", action="store_true", help="print one JSON line per setting")
     p.set_defaults(func=cmd_speed)
     register_host(sub)

@@ -100,6 +100,11 @@ class WindowAttentionFn(torch.autograd.Function):
         ctx.n = n
         return out
 
+    #: Backward on slides of at least this many tokens goes half of the heads at a time: the gathered windows,
+    #: probabilities and their gradients of the other half do not exist meanwhile (heads are independent, so
+    #: the gradients are the same bit for bit).
+    backward_head_chunk_tokens: int = 2048
+
     @staticmethod
     def backward(ctx, dout):  # noqa: D102
         qkv, table, out, lse, *keeps = ctx.saved_tensors
@@ -110,32 +115,44 @@ class WindowAttentionFn(torch.autograd.Function):
         delta = (dout * out).sum(-1)  # [H, N]
         dqkv = torch.zeros_like(qkv)
         dtable = torch.zeros_like(table) if table is not None and ctx.needs_input_grad[1] else None
+        step = h // 2 if (ctx.n >= WindowAttentionFn.backward_head_chunk_tokens and h % 2 == 0) else h
         for part, keep in zip(ctx.parts, keeps):
-            q, k, v = _gather_windows(qkv, part)  # [H, W, S, Dh]
-            w, size, dh = q.shape[1], q.shape[2], q.shape[3]
-            valid = (part.index < ctx.n).to(qkv.dtype)  # [W, S] real query slots
-            s = _window_logits(q, k, table, part, scale)
+            w, size = part.gather.shape
             flat = part.gather.reshape(-1)
-            p = torch.exp(s - lse.index_select(1, flat).view(h * w, size, 1))  # [H*W, S, S]
-            del s
-            do = (dout.index_select(1, flat).view(h, w, size, dh) * valid[..., None]).view(h * w, size, dh)
-            dp = torch.bmm(do, v.reshape(h * w, size, dh).transpose(1, 2))
-            if p_drop > 0:
-                pd = p * keep / (1 - p_drop)
-                dp = dp * keep / (1 - p_drop)
-            else:
-                pd = p
-            dv = torch.bmm(pd.transpose(1, 2), do)
-            ds = p * (dp - (delta.index_select(1, flat).view(h, w, size) * valid).view(h * w, size, 1))
-            del p, dp, pd
-            dq = torch.bmm(ds, k.reshape(h * w, size, dh)) * scale
-            dk = torch.bmm(ds.transpose(1, 2), q.reshape(h * w, size, dh)) * scale
-            for i, g in enumerate((dq, dk, dv)):
-                dqkv[i].index_add_(1, flat, g.view(h, w * size, dh))
-            if dtable is not None:
-                dtable.index_add_(1, part.rel.reshape(-1), ds.view(h, -1))
+            valid = (part.index < ctx.n).to(qkv.dtype)  # [W, S] real query slots
+            for i in range(0, h, step):
+                hs = slice(i, i + step)
+                kp = keep.view(h, w, size, size)[hs].reshape(-1, size, size) if p_drop > 0 else None
+                _window_backward(qkv[:, hs], None if table is None else table[hs], part, kp, scale, p_drop,
+                                 lse[hs], dout[hs], delta[hs], valid, flat, dqkv[:, hs],
+                                 None if dtable is None else dtable[hs])  # fmt: skip
         return dqkv, dtable, None, None, None
 
+
+def _window_backward(qkv, table, part, keep, scale, p_drop, lse, dout, delta, valid, flat, dqkv, dtable) -> None:
+    """One partition's and one head chunk's share of `WindowAttentionFn.backward`, added into ``dqkv [3, h, N,
+    Dh]`` and ``dtable [h, R]`` (views of the whole gradients)."""
+    q, k, v = _gather_windows(qkv, part)  # [h, W, S, Dh]
+    h, w, size, dh = q.shape
+    s = _window_logits(q, k, table, part, scale)
+    p = torch.exp(s - lse.index_select(1, flat).view(h * w, size, 1))  # [h*W, S, S]
+    del s
+    do = (dout.index_select(1, flat).view(h, w, size, dh) * valid[..., None]).view(h * w, size, dh)
+    dp = torch.bmm(do, v.reshape(h * w, size, dh).transpose(1, 2))
+    if p_drop > 0:
+        pd = p * keep / (1 - p_drop)
+        dp = dp * keep / (1 - p_drop)
+    else:
+        pd = p
+    dv = torch.bmm(pd.transpose(1, 2), do)
+    ds = p * (dp - (delta.index_select(1, flat).view(h, w, size) * valid).view(h * w, size, 1))
+    del p, dp, pd
+    dq = torch.bmm(ds, k.reshape(h * w, size, dh)) * scale
+    dk = torch.bmm(ds.transpose(1, 2), q.reshape(h * w, size, dh)) * scale
+    for i, g in enumerate((dq, dk, dv)):
+        dqkv[i].index_add_(1, flat, g.view(h, w * size, dh))
+    if dtable is not None:
+        dtable.index_add_(1, part.rel.reshape(-1), ds.view(h, -1))
 
 
 def _alibi_slopes(heads: int) -> torch.Tensor:
@@ -224,7 +241,7 @@ class DualPathAttention(nn.Module):
             self.kv_tok = nn.Linear(dim, 2 * dim)
         self.proj_tok = nn.Linear(dim, dim) if has_tokens and token_update == "block" else None
 
-    #: Inference: slides of at least this many tokens run the local path half of the heads at a time.
+    #: Inference: slides of at least this many tokens run the local path a quarter of the heads at a time.
     head_chunk_tokens: int = 2048
 
     # ------------------------------------------------------------------ positional table
@@ -246,20 +263,50 @@ class DualPathAttention(nn.Module):
         # logits and the float32 bias table, so it must not see bfloat16 operands.
         dtype = torch.promote_types(qkv.dtype, torch.float32)
         table = None if table is None else table.to(dtype)
-        h, n = qkv.shape[1], qkv.shape[2]
-        # Inference on large slides: heads are independent, so half of them at a time halves the gathered
-        # windows and logits that exist at once (30 MB less at N = 5,000).
-        step = h // 2 if (not torch.is_grad_enabled() and n >= self.head_chunk_tokens and h % 2 == 0) else h
         with torch.autocast(device_type=qkv.device.type, enabled=False):
-            if step == h:
-                out = WindowAttentionFn.apply(qkv.to(dtype), table, parts, self.scale, p_drop)
-            else:
-                out = qkv.new_empty(h, n, qkv.shape[3], dtype=dtype)
-                for i in range(0, h, step):
-                    hs = slice(i, i + step)
-                    out[hs] = WindowAttentionFn.apply(qkv[:, hs].to(dtype), None if table is None else table[hs],
-                                                      parts, self.scale, p_drop)  # fmt: skip
+            out = WindowAttentionFn.apply(qkv.to(dtype), table, parts, self.scale, p_drop)
         return out.to(qkv.dtype).transpose(0, 1)  # [N, H, Dh]
+
+    def _head_chunk(self, n: int) -> int:
+        """Heads per chunk of the local path: a quarter of them (a half when H is not a multiple of 4) in
+        inference (eval mode without autograd) on slides of ``head_chunk_tokens`` or more (heads are
+        independent), all of them otherwise. Not in training mode: a recomputed block's forward (no
+        autograd) must draw its attention dropout in the same order as its rerun in backward."""
+        h = self.heads
+        if self.training or torch.is_grad_enabled() or n < self.head_chunk_tokens:
+            return h
+        return h // 4 if h % 4 == 0 else (h // 2 if h % 2 == 0 else h)
+
+    def _local_window_by_heads(self, x: torch.Tensor, level: LevelIndex, step: int) -> torch.Tensor:
+        """Inference: `_local_window` ``step`` heads at a time, each chunk's q, k, v projected on its own.
+
+        Only ``[N, 3 step Dh]`` of the projection and one chunk's gathered windows exist at once (at
+        N = 100,000 and a quarter of the heads: 0.15 GB instead of 0.6 GB of q, k, v). Each output column of a linear layer is the
+        same dot product whether it is computed with the other columns or without them, so the result
+        equals the whole projection's (`tests/test_attention.py`).
+
+        Returns:
+            ``[N, H, Dh]``.
+        """
+        n, d = x.shape
+        h, dh = self.heads, self.head_dim
+        parts = (level.standard,) if level.shifted is None else (level.standard, level.shifted)
+        table = self._bias_table()
+        w, b = self.qkv.weight.view(3, h, dh, d), self.qkv.bias.view(3, h, dh)
+        out: torch.Tensor | None = None
+        qkv_dtype = x.dtype
+        for i in range(0, h, step):
+            hs = slice(i, i + step)
+            qkv = F.linear(x, w[:, hs].reshape(-1, d), b[:, hs].reshape(-1)).view(n, 3, step, dh)  # [N, 3, h', Dh]
+            qkv = qkv.permute(1, 2, 0, 3)  # [3, h', N, Dh], a strided view
+            qkv_dtype, dtype = qkv.dtype, torch.promote_types(qkv.dtype, torch.float32)
+            if out is None:
+                out = x.new_empty(h, n, dh, dtype=dtype)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out[hs] = WindowAttentionFn.apply(qkv.to(dtype), None if table is None else table[hs].to(dtype),
+                                                  parts, self.scale, 0.0)  # fmt: skip
+            del qkv
+        return out.to(qkv_dtype).transpose(0, 1)  # [N, H, Dh], in the projection's dtype as `_local_window`
 
     # ------------------------------------------------------------------ local path, neighbour list
     def _local_neighbour(self, qkv: torch.Tensor, level: LevelIndex) -> torch.Tensor:
@@ -316,6 +363,24 @@ class DualPathAttention(nn.Module):
             ``(out [N, d], token_update [T, d] or None)``; the caller adds both residually.
         """
         n, d = x.shape
+        h = self.heads
+        step = self._head_chunk(n)
+        if self.impl == "window" and self.positional != "rope" and step < h:
+            local = self._local_window_by_heads(x, level, step)
+        else:
+            local = self._local_qkv(x, level)
+        out = local.reshape(n, d)
+        update = None
+        if tokens is not None:
+            out = out + self._calibration(x, tokens)
+            update = self._token_update(x, tokens)
+            if self.proj_tok is not None:
+                update = self.proj_tok(update)
+        return self.proj(out), update
+
+    def _local_qkv(self, x: torch.Tensor, level: LevelIndex) -> torch.Tensor:
+        """The local path from the whole q, k, v projection: ``[N, H, Dh]``."""
+        n, d = x.shape
         h, dh = self.heads, self.head_dim
         qkv = self.qkv(x).view(n, 3, h, dh)
         if self.positional == "rope":
@@ -329,14 +394,7 @@ class DualPathAttention(nn.Module):
             local = self._local_neighbour(qkv, level)
         else:
             local = self._local_dense(qkv, level, shifted=level.shifted is not None)
-        out = local.reshape(n, d)
-        update = None
-        if tokens is not None:
-            out = out + self._calibration(x, tokens)
-            update = self._token_update(x, tokens)
-            if self.proj_tok is not None:
-                update = self.proj_tok(update)
-        return self.proj(out), update
+        return local
 
     def _mca_query(self) -> tuple[torch.Tensor, torch.Tensor]:
         """MCA's query weight ``[d, d]`` and bias ``[d]``."""

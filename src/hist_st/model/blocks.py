@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from hist_st.lattice import Coarsening, LevelIndex
 from hist_st.model.attention import DualPathAttention
 
-__all__ = ["RefineBlock", "RecomputedFFN", "Coarsen", "Uncoarsen"]
+__all__ = ["RefineBlock", "RecomputedFFN", "RecomputedBlock", "Coarsen", "Uncoarsen"]
 
 
 class RecomputedFFN(torch.autograd.Function):
@@ -19,19 +18,23 @@ class RecomputedFFN(torch.autograd.Function):
     Autograd would keep the normalised input ``[N, d]`` and the hidden layer ``[N, 4d]`` of every block
     (at N = 5,000 and d = 512, 51 MB per block); this keeps only the block input, which the residual
     stream holds anyway. The price is one more ``fc1`` product in backward (1/6 of the FFN's training
-    FLOPs), not the whole FFN that `torch.utils.checkpoint` would rerun.
+    FLOPs), not the whole FFN that `torch.utils.checkpoint` would rerun. Backward goes ``chunk`` tokens at
+    a time (the FFN acts on each token alone), so its hidden-layer gradients are ``[chunk, 4d]``, not
+    ``[N, 4d]`` (three of those, 120 MB at N = 5,000, at the start of a plain FFN's backward).
 
     Args (forward):
         x: ``[N, d]`` block input (before the norm).
         norm: The ``LayerNorm(d)``.
         fc1, fc2: The FFN's linear layers.
         act: The activation module.
+        chunk: Tokens per backward chunk.
         *params: ``norm``'s, ``fc1``'s and ``fc2``'s parameters (so autograd tracks them).
     """
 
     @staticmethod
-    def forward(ctx, x, norm, fc1, fc2, act, *params):  # noqa: D102
+    def forward(ctx, x, norm, fc1, fc2, act, chunk, *params):  # noqa: D102
         ctx.mods = (norm, fc1, fc2, act)
+        ctx.chunk = max(1, int(chunk))
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(x, *params)
@@ -44,25 +47,89 @@ class RecomputedFFN(torch.autograd.Function):
         norm, fc1, fc2, act = ctx.mods
         dout = dout.contiguous()
         dev, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type=dev, dtype=dtype, enabled=enabled):  # as in forward
-            leaf = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            h = act(fc1(norm(leaf)))  # [N, 4d], with its graph (norm and fc1 only)
         w2 = fc2.weight
-        dw2 = dout.t().mm(h.detach()).to(w2.dtype)
-        db2 = dout.sum(0).to(w2.dtype) if fc2.bias is not None else None
-        dh = dout.mm(w2.to(dout.dtype))
-        inputs = [leaf] if ctx.needs_input_grad[0] else []
-        inputs += [p for p in (*norm.parameters(), *fc1.parameters()) if p.requires_grad]
-        grads = iter(torch.autograd.grad(h, inputs, dh)) if inputs else iter(())
-        del h, dh
-        dx = next(grads) if ctx.needs_input_grad[0] else None
-        by_param = {id(p): g for p, g in zip([p for p in (*norm.parameters(), *fc1.parameters())
-                                              if p.requires_grad], grads)}  # fmt: skip
+        first = [p for p in (*norm.parameters(), *fc1.parameters()) if p.requires_grad]
+        need_x = ctx.needs_input_grad[0]
+        dx = torch.empty_like(x) if need_x else None
+        acc: list[torch.Tensor | None] = [None] * len(first)
+        dw2 = db2 = None
+        for i in range(0, x.shape[0], ctx.chunk):
+            rows = slice(i, i + ctx.chunk)
+            with torch.enable_grad(), torch.autocast(device_type=dev, dtype=dtype, enabled=enabled):  # as forward
+                leaf = x[rows].detach().requires_grad_(need_x)
+                h = act(fc1(norm(leaf)))  # [chunk, 4d], with its graph (norm and fc1 only)
+            d = dout[rows]
+            part = d.t().mm(h.detach()).to(w2.dtype)
+            dw2 = part if dw2 is None else dw2.add_(part)
+            if fc2.bias is not None:
+                part = d.sum(0).to(w2.dtype)
+                db2 = part if db2 is None else db2.add_(part)
+            dh = d.mm(w2.to(d.dtype))
+            inputs = ([leaf] if need_x else []) + first
+            grads = list(torch.autograd.grad(h, inputs, dh)) if inputs else []
+            del h, dh
+            if need_x:
+                dx[rows] = grads.pop(0)
+            acc = [g if a is None else a.add_(g) for a, g in zip(acc, grads)]
+        by_param = {id(p): g for p, g in zip(first, acc)}
         by_param[id(fc2.weight)] = dw2
         if db2 is not None:
             by_param[id(fc2.bias)] = db2
         own = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
-        return (dx, None, None, None, None, *[by_param.get(id(p)) for p in own])
+        return (dx, None, None, None, None, None, *[by_param.get(id(p)) for p in own])
+
+
+class RecomputedBlock(torch.autograd.Function):
+    """A whole block that keeps only its inputs for backward and reruns its forward there (``"block"``).
+
+    What `torch.utils.checkpoint` does, without it: its non-reentrant form imports ``torch._dynamo`` and
+    ``sympy`` (0.13-0.19 GB of modules) on its first call. The forward runs without autograd; backward
+    restores the random-number state of the forward (dropout draws the same masks) and its autocast state,
+    reruns the block with autograd and differentiates it, so the gradients are those of the plain block.
+
+    Args (forward):
+        run: ``(x, tokens) -> (x, tokens)``, the block's forward on one level.
+        x: ``[N, d]`` block input.
+        tokens: ``[T, d]`` calibration tokens, or None.
+        *params: The block's parameters (so autograd tracks them).
+    """
+
+    @staticmethod
+    def forward(ctx, run, x, tokens, *params):  # noqa: D102
+        dev = x.device.type
+        ctx.run = run
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.has_tokens = tokens is not None
+        ctx.set_materialize_grads(False)  # an unused output (the last block's tokens) gets None, not zeros
+        ctx.save_for_backward(x, tokens if tokens is not None else x.new_empty(0), *params)
+        x_out, t_out = run(x, tokens)
+        return x_out, t_out
+
+    @staticmethod
+    def backward(ctx, dx_out, dt_out):  # noqa: D102
+        x, tokens, *params = ctx.saved_tensors
+        dev, enabled, dtype = ctx.autocast
+        devices = [x.device] if x.is_cuda else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                torch.autocast(device_type=dev, dtype=dtype, enabled=enabled):  # fmt: skip
+            torch.set_rng_state(ctx.rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+            leaf_x = x.detach().requires_grad_(ctx.needs_input_grad[1])
+            leaf_t = tokens.detach().requires_grad_(ctx.needs_input_grad[2]) if ctx.has_tokens else None
+            x_out, t_out = ctx.run(leaf_x, leaf_t)
+        outs = [(o, g) for o, g in ((x_out, dx_out), (t_out, dt_out)) if o is not None and g is not None]
+        inputs = [t for t, need in ((leaf_x, ctx.needs_input_grad[1]), (leaf_t, ctx.needs_input_grad[2]))
+                  if need and t is not None] + [p for p in params if p.requires_grad]  # fmt: skip
+        if not outs or not inputs:
+            return (None, None, None, *[None for _ in params])
+        grads = torch.autograd.grad([o for o, _ in outs], inputs, [g for _, g in outs], allow_unused=True)
+        got = iter(grads)
+        dx = next(got) if ctx.needs_input_grad[1] else None
+        dt = next(got) if ctx.needs_input_grad[2] and ctx.has_tokens else None
+        return (None, dx, dt, *[next(got) if p.requires_grad else None for p in params])
 
 
 class RefineBlock(nn.Module):
@@ -73,11 +140,12 @@ class RefineBlock(nn.Module):
     output goes through an output projection and is followed by ``Cb <- Cb + FFN(LN(Cb))``.
     ``dropout`` is the residual-branch dropout (neither the paper nor the authors' code has one; 0).
     ``checkpoint`` trades compute for memory in training: ``"ffn"`` recomputes the FFN's norm and hidden
-    layer in backward (`RecomputedFFN`), ``"block"`` the whole block; ``"none"`` keeps every activation.
+    layer in backward (`RecomputedFFN`), ``"block"`` the whole block (`RecomputedBlock`, whose rerun
+    recomputes its FFN again); ``"none"`` keeps every activation.
     """
 
     checkpoint: str = "none"
-    ffn_chunk: int = 2048  # inference: tokens per FFN chunk ([2048, 4d] hidden, 16 MB at d = 512)
+    ffn_chunk: int = 2048  # tokens per FFN chunk in inference and in `RecomputedFFN`'s backward (16 MB at d = 512)
 
     def __init__(
         self,
@@ -118,7 +186,8 @@ class RefineBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x [N, d]``, ``tokens [T, d]`` -> updated ``(x, tokens)``."""
         if self.checkpoint == "block" and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, level, tokens, use_reentrant=False)
+            params = [p for p in self.parameters() if p.requires_grad]
+            return RecomputedBlock.apply(lambda x, t: self._forward(x, level, t), x, tokens, *params)
         return self._forward(x, level, tokens)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,9 +207,10 @@ class RefineBlock(nn.Module):
         t_in = self.norm_tok(tokens) if tokens is not None else None
         a, t_upd = self.attn(self.norm1(x), level, t_in)
         x = x + F.dropout(a, self.dropout, self.training)
-        if self.checkpoint == "ffn" and self.training and torch.is_grad_enabled():
+        if self.checkpoint in ("ffn", "block") and self.training and torch.is_grad_enabled():
+            # (block: the rerun in `RecomputedBlock`'s backward keeps no [N, 4d] hidden layer either)
             params = [*self.norm2.parameters(), *self.fc1.parameters(), *self.fc2.parameters()]
-            f = RecomputedFFN.apply(x, self.norm2, self.fc1, self.fc2, self.act, *params)
+            f = RecomputedFFN.apply(x, self.norm2, self.fc1, self.fc2, self.act, self.ffn_chunk, *params)
         else:
             f = self._ffn(x)
         x = x + F.dropout(f, self.dropout, self.training)

@@ -12,7 +12,10 @@ from hist_st.model.blocks import Coarsen, RefineBlock, Uncoarsen
 from hist_st.model.config import HiSTConfig, parse_levels
 from hist_st.model.head import chunked_head
 
-__all__ = ["HiST"]
+__all__ = ["HiST", "GRAD_CHECKPOINTING"]
+
+#: `HiST.set_grad_checkpointing` modes.
+GRAD_CHECKPOINTING = ("none", "ffn", "block", "level0")
 
 
 class HiST(nn.Module):
@@ -102,12 +105,20 @@ class HiST(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def set_grad_checkpointing(self, mode: str = "ffn") -> None:
-        """Recompute activations in backward to save memory: ``none``, ``ffn`` or ``block``."""
-        if mode not in ("none", "ffn", "block"):
-            raise ValueError(f"grad checkpointing {mode!r}: choose none, ffn or block")
+        """Recompute activations in backward to save memory.
+
+        Args:
+            mode: ``none``; ``ffn`` (every block's FFN norm and hidden layer); ``block`` (every whole block);
+                ``level0`` (whole blocks at the full resolution only, where the tokens are: the first
+                encoder stage and the last decoder stage; every block without resampling).
+        """
+        if mode not in GRAD_CHECKPOINTING:
+            raise ValueError(f"grad checkpointing {mode!r}: choose {', '.join(GRAD_CHECKPOINTING)}")
+        full = [self.encoder[0], self.decoder[-1]] if (self.cfg.resample and len(self.decoder)) else [self]
+        level0 = {id(m) for stage in full for m in stage.modules() if isinstance(m, RefineBlock)}
         for m in self.modules():
             if isinstance(m, RefineBlock):
-                m.checkpoint = mode
+                m.checkpoint = ("block" if id(m) in level0 else "none") if mode == "level0" else mode
 
     @property
     def num_levels(self) -> int:
@@ -211,7 +222,7 @@ class HiST(nn.Module):
                 t_i += 1
             else:
                 x = self.up[j](x)
-            enc = cache[li]
+            enc, cache[li] = cache[li], None  # not kept past its use (in inference: freed after the fuse)
             if cfg.skip == "additive":
                 x = x + enc
             elif cfg.skip == "concat" and cfg.fuse == "fuse-refine":

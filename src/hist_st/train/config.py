@@ -206,8 +206,12 @@ class TrainConfig:
         genes: Gene selection.
         augment: Coordinate augmentation.
         model: The model's `HiSTConfig` (``in_dim``/``n_genes`` are filled from the data).
-        grad_checkpointing: ``"none"``, ``"ffn"`` or ``"block"``: recompute activations in backward to
-            save memory on large slides (`HiST.set_grad_checkpointing`).
+        grad_checkpointing: ``"none"``, ``"ffn"``, ``"block"`` or ``"level0"`` (whole blocks at the full
+            resolution only): recompute activations in backward to save memory on large slides
+            (`HiST.set_grad_checkpointing`).
+        optimizer_in_backward: Update each parameter during backward as soon as its gradient is complete
+            and free that gradient (`hist_st.train.optim.OptimizerInBackward`): the same parameters bit for
+            bit, less peak memory; needs ``slides_per_step=1`` and one process.
         standardise_features: Standardise embeddings with the training slides' mean/std (stored with the
             model); the paper feeds raw embeddings (False).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
@@ -234,6 +238,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: Any = field(default_factory=default_model_config)
     grad_checkpointing: str = "none"
+    optimizer_in_backward: bool = False
     standardise_features: bool = False
     device: str = "auto"
     amp: bool = True
@@ -261,8 +266,13 @@ class TrainConfig:
             raise InputError("config", f"slides_per_step must be >= 1, got {self.slides_per_step}")
         if self.checkpoint_every < 1:
             raise InputError("config", f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        if self.grad_checkpointing not in ("none", "ffn", "block"):
-            raise InputError("config", f"grad_checkpointing must be none, ffn or block, got {self.grad_checkpointing!r}")
+        if self.grad_checkpointing not in ("none", "ffn", "block", "level0"):
+            raise InputError("config", f"grad_checkpointing must be none, ffn, block or level0, "
+                             f"got {self.grad_checkpointing!r}")
+        if self.optimizer_in_backward and self.slides_per_step > 1:
+            raise InputError("config", f"optimizer_in_backward=true updates the parameters during each slide's "
+                             f"backward, so it cannot accumulate gradients over slides_per_step="
+                             f"{self.slides_per_step} slides; set slides_per_step=1 or optimizer_in_backward=false")
         block_factor(self.supervise)  # raises InputError naming the accepted values
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hist_st.errors import InputError
-from hist_st.memory import malloc_policy
+from hist_st.memory import malloc_policy, trim_heap
 from hist_st.model import HiST
 from hist_st.model.config import LEGACY_VALUES
 from hist_st.runtime import package_versions, resolve_device, seed_everything, set_threads
@@ -74,7 +74,7 @@ from hist_st.train.distributed import (
     init_distributed,
 )
 from hist_st.train.loss import head_loss
-from hist_st.train.optim import make_adamw
+from hist_st.train.optim import OptimizerInBackward, make_adamw
 from hist_st.train.resume import (
     ACCEPTED_LOG,
     RUNTIME_KEYS,
@@ -86,7 +86,8 @@ from hist_st.train.resume import (
     resume_differences,
 )
 
-__all__ = ["TrainResult", "train", "build_optimizer", "forward_loss", "param_groups"]
+__all__ = ["TrainResult", "train", "build_optimizer", "forward_loss", "param_groups", "step_in_backward",
+           "finish_step"]
 
 CHECKPOINT = MODEL_FILE
 RESUME = RESUME_FILE
@@ -137,6 +138,43 @@ def build_optimizer(
         opt = make_adamw(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=0.0)
     return opt, sched
+
+
+def step_in_backward(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, info: DistInfo | None = None
+) -> OptimizerInBackward | None:
+    """The hooks that update each parameter during backward when ``cfg.optimizer_in_backward`` asks for it.
+
+    Returns:
+        `OptimizerInBackward` on ``opt`` (remove it when training ends), or None (the ordinary step).
+
+    Raises:
+        InputError: Several processes (their gradients are averaged after backward, before the step).
+    """
+    if not cfg.optimizer_in_backward:
+        return None
+    if info is not None and info.world_size > 1:
+        raise InputError("config", f"optimizer_in_backward=true updates each parameter during backward, but "
+                         f"{info.world_size} processes must average their gradients first; set "
+                         f"optimizer_in_backward=false for multi-process training")  # fmt: skip
+    return OptimizerInBackward(opt)
+
+
+def finish_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    info: DistInfo | None = None,
+    in_backward: bool = False,
+) -> None:
+    """End an optimiser step after backward: average gradients over processes and update the parameters
+    (unless ``in_backward``: `step_in_backward` did that already), advance the schedule, free the gradients."""
+    if not in_backward:
+        if info is not None:
+            average_gradients(model.parameters(), info)
+        opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def forward_loss(
@@ -337,7 +375,7 @@ def train(
             folder holding another run.
     """
 
-    malloc_policy()  # HIST_ST_MALLOC=fixed: freed activations leave the process (hist_st.memory)
+    allocator = malloc_policy()  # HIST_ST_MALLOC=fixed...: freed activations leave the process (hist_st.memory)
     info = dist_info or init_distributed(cfg.device)
     device = resolve_device(cfg.device, info.local_rank)
     set_threads(cfg.threads, "threads")
@@ -398,6 +436,7 @@ def train(
     n_local = len(epoch_keys(len(data), 0, cfg.seed, 1.0, info.rank, info.world_size))
     steps_per_epoch = math.ceil(n_local / cfg.slides_per_step)
     opt, sched = build_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
+    hooks = step_in_backward(opt, cfg, info)  # before anything is written: refuses several processes
     start_epoch, step = 0, 0
     history: list[dict[str, float]] = []
     changes: list[dict[str, Any]] = []
@@ -483,10 +522,9 @@ def train(
                 (loss / cfg.slides_per_step).backward()
                 losses.append(float(loss.detach()))
                 if (i + 1) % cfg.slides_per_step == 0 or i + 1 == len(keys):
-                    average_gradients(model.parameters(), info)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
+                    finish_step(model, opt, sched, info, in_backward=hooks is not None)
+                    if allocator.trim:
+                        trim_heap()
                     step += 1
             step_losses.extend(losses)
             record = {
@@ -512,6 +550,9 @@ def train(
         if created and info.is_master and not any((out / n).is_file() for n in (CHECKPOINT, RESUME)):
             shutil.rmtree(out, ignore_errors=True)  # a failed run leaves no half-written folder
         raise
+    finally:
+        if hooks is not None:
+            hooks.remove()  # the returned model trains like any other
     if out is not None and info.is_master:
         import json
 

@@ -21,8 +21,9 @@ from hist_st.slide import atomic_write
 
 __all__ = ["RUNTIME_KEYS", "ACCEPTABLE", "ACCEPTED_LOG", "data_fingerprint", "changed_data", "flatten", "resume_differences", "check_resume", "record_accepted"]
 
-#: Keys that never change what a run computes (where and how fast it runs, how often it saves).
-RUNTIME_KEYS = ("device", "progress", "num_workers", "threads", "checkpoint_every")
+#: Keys that never change what a run computes (where and how fast it runs, how often it saves, when the
+#: optimiser steps: `optimizer_in_backward` gives the same parameters bit for bit).
+RUNTIME_KEYS = ("device", "progress", "num_workers", "threads", "checkpoint_every", "optimizer_in_backward")
 #: Keys filled from the data when a run starts (the request's placeholders are not compared).
 DATA_FILLED = ("model.in_dim", "model.n_genes")
 #: Differences ``--accept-changes`` may accept: key prefixes a resumed run can honour from the next epoch.
