@@ -331,7 +331,7 @@ def test_splits_and_ids_are_validated_before_training(cohort, tmp_path, capsys):
 @pytest.mark.parametrize(
     "override, message",
     [("model.heads=0", "model.heads must be an integer >= 1, got 0"),
-     ("model.window=0", "model.window must be an integer >= 1, got 0"),
+     ("model.half_window=0", "model.half_window must be an integer >= 1, got 0"),
      ("model.dropout=1.5", "model.dropout must lie in [0, 1), got 1.5"),
      ("lr=nan", "lr must be a finite number > 0"),
      ("augment.strength_end=3", "augment.strength_end must lie in [0, 1]"),

@@ -97,7 +97,7 @@ def test_output_invariant_to_lattice_shifts(positional: str) -> None:
     model = _model(positional=positional).eval()
     lat, feats = _slide()
     n_levels = model.num_levels
-    step = 2**n_levels * 2 * model.cfg.window  # a shift that maps every level's windows onto windows
+    step = 2**n_levels * 2 * model.cfg.half_window  # a shift that maps every level's windows onto windows
     y = model(model.make_batch(lat, feats))
     for shift in ([step, 0], [0, 2 * step], [3 * step, step]):
         y2 = model(model.make_batch(lat + np.array(shift), feats))
@@ -360,11 +360,11 @@ def test_batch_built_for_another_window_is_refused():
     from hist_st.lattice import build_batch
     from hist_st.model import HiST, HiSTConfig
 
-    cfg = HiSTConfig(in_dim=8, n_genes=3, dim=16, heads=2, window=3)
+    cfg = HiSTConfig(in_dim=8, n_genes=3, dim=16, heads=2, half_window=3)
     model = HiST(cfg)
     lat = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2)
     feats = np.random.default_rng(0).normal(size=(len(lat), 8)).astype(np.float32)
     assert model(model.make_batch(lat, feats)).shape == (36, 3)
-    other = build_batch(lat, feats, num_levels=model.num_levels, window=2, shifted=cfg.shifted)
+    other = build_batch(lat, feats, num_levels=model.num_levels, half_window=2, shifted=cfg.shifted)
     with pytest.raises(ValueError, match="window half-size 2 .*side 4.*needs 3 \\(side 6\\)"):
         model(other)

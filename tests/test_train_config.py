@@ -85,3 +85,19 @@ def test_override_values_are_yaml():
         "stnet": {"lr": 1e-4}, "mlp": {"lr": -2e3}, "bleep": {"name": "e5"}}
     with pytest.raises(InputError, match="METHOD.KEY=VALUE"):
         parse_baseline_options(["epochs=50"])
+
+
+def test_window_half_size_is_named_for_what_it_is(tmp_path):
+    """``model.half_window`` is the paper's window half-size w (3: 6 x 6 windows); the old ``model.window``
+    override is refused with the new spelling, while configs and checkpoints saved with ``window`` still load."""
+    from hist_st.model.config import HiSTConfig
+
+    with pytest.raises(InputError, match=r"model.window: renamed model.half_window.*6 x 6"):
+        load_config(None, ["model.window=3"])
+    assert load_config(None, ["model.half_window=2"]).model.half_window == 2
+    saved = tmp_path / "config.yaml"
+    saved.write_text("epochs: 3\nmodel:\n  window: 2\n  dim: 64\n")
+    cfg = load_config(saved)
+    assert (cfg.model.half_window, cfg.model.dim) == (2, 64)
+    old = {k: v for k, v in HiSTConfig(in_dim=8, n_genes=3).to_dict().items() if k != "half_window"}
+    assert HiSTConfig.from_dict({**old, "window": 2}).half_window == 2

@@ -53,7 +53,7 @@ class LatticeBatch:
 
     feats: torch.Tensor
     levels: tuple[LevelIndex, ...]
-    window: int
+    half_window: int
 
     @property
     def coords(self) -> torch.Tensor:
@@ -64,15 +64,15 @@ class LatticeBatch:
         return self.levels[0].num_tokens
 
     def to(self, device: torch.device | str) -> LatticeBatch:
-        return LatticeBatch(self.feats.to(device), tuple(lv.to(device) for lv in self.levels), self.window)
+        return LatticeBatch(self.feats.to(device), tuple(lv.to(device) for lv in self.levels), self.half_window)
 
 
-def build_level(coords: torch.Tensor, window: int, shifted: bool) -> LevelIndex:
+def build_level(coords: torch.Tensor, half_window: int, shifted: bool) -> LevelIndex:
     """Window partitions of one level (no coarsening map)."""
-    standard = window_partition(coords, window, shifted=False)
+    standard = window_partition(coords, half_window, shifted=False)
     shifted_part = None
     if shifted:
-        shifted_part = window_partition(coords, window, shifted=True, exclude_key=standard.token_window)
+        shifted_part = window_partition(coords, half_window, shifted=True, exclude_key=standard.token_window)
     return LevelIndex(coords, standard, shifted_part, None)
 
 
@@ -80,7 +80,7 @@ def build_batch(
     lattice: np.ndarray | torch.Tensor,
     feats: np.ndarray | torch.Tensor,
     num_levels: int,
-    window: int = 3,
+    half_window: int = 3,
     shifted: bool = True,
 ) -> LatticeBatch:
     """Build every index for ``num_levels`` dyadic levels of one slide.
@@ -89,7 +89,7 @@ def build_batch(
         lattice: ``[N, 2]`` unique non-negative integer sites (`to_lattice`).
         feats: ``[N, C]`` features of the tokens.
         num_levels: Number of resolutions (1 = full resolution only).
-        window: Half window size w (windows of side 2w).
+        half_window: Window half-size w (windows of side 2w).
         shifted: Also build the shifted partitions.
 
     Returns:
@@ -109,10 +109,10 @@ def build_batch(
         raise InputError("lattice", "lattice sites must be unique (use hist_st.lattice.to_lattice)")
     levels: list[LevelIndex] = []
     for level in range(num_levels):
-        lv = build_level(coords, window, shifted)
+        lv = build_level(coords, half_window, shifted)
         if level < num_levels - 1:
             down = coarsen(coords)
             lv = LevelIndex(lv.coords, lv.standard, lv.shifted, down)
             coords = down.coarse_coords
         levels.append(lv)
-    return LatticeBatch(feats=feats, levels=tuple(levels), window=window)
+    return LatticeBatch(feats=feats, levels=tuple(levels), half_window=half_window)

@@ -20,15 +20,15 @@ import torch
 __all__ = ["WindowPartition", "window_partition", "rel_offset_index", "num_rel_offsets"]
 
 
-def num_rel_offsets(window: int) -> int:
+def num_rel_offsets(half_window: int) -> int:
     """Side of the relative-offset table for half-size ``w``: offsets span ``[-(2w-1), 2w-1]``."""
-    return 4 * window - 1
+    return 4 * half_window - 1
 
 
-def rel_offset_index(delta: torch.Tensor, window: int) -> torch.Tensor:
+def rel_offset_index(delta: torch.Tensor, half_window: int) -> torch.Tensor:
     """Flat index ``[...]`` into a ``(4w-1) x (4w-1)`` table of the lattice offsets ``delta [..., 2]``."""
-    side = num_rel_offsets(window)
-    shift = 2 * window - 1
+    side = num_rel_offsets(half_window)
+    shift = 2 * half_window - 1
     return (delta[..., 0] + shift) * side + (delta[..., 1] + shift)
 
 
@@ -68,20 +68,20 @@ class WindowPartition:
         return WindowPartition(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
-def _window_key(coords: torch.Tensor, window: int, shift: int) -> torch.Tensor:
-    cell = torch.div(coords + shift, 2 * window, rounding_mode="floor")  # [N, 2]
+def _window_key(coords: torch.Tensor, half_window: int, shift: int) -> torch.Tensor:
+    cell = torch.div(coords + shift, 2 * half_window, rounding_mode="floor")  # [N, 2]
     width = int(cell[:, 1].max()) + 1
     return cell[:, 0] * width + cell[:, 1]
 
 
 def window_partition(
-    coords: torch.Tensor, window: int, shifted: bool, exclude_key: torch.Tensor | None = None
+    coords: torch.Tensor, half_window: int, shifted: bool, exclude_key: torch.Tensor | None = None
 ) -> WindowPartition:
     """Partition lattice tokens into windows of side ``2 * window``.
 
     Args:
         coords: ``[N, 2]`` int64 non-negative lattice sites of one level.
-        window: Half window size w.
+        half_window: Window half-size w.
         shifted: Use the partition whose origin is shifted by ``w`` on both axes.
         exclude_key: ``[N]`` window id of each token in another partition; keys sharing the query's id
             there are masked out (used to make the shifted partition disjoint from the standard one).
@@ -90,7 +90,7 @@ def window_partition(
         The padded `WindowPartition`.
     """
     n = coords.shape[0]
-    key = _window_key(coords, window, window if shifted else 0)
+    key = _window_key(coords, half_window, half_window if shifted else 0)
     uniq, token_window, counts = torch.unique(key, return_inverse=True, return_counts=True)
     num_windows = uniq.shape[0]
     size = int(counts.max())
@@ -113,7 +113,7 @@ def window_partition(
         allowed = allowed & (ek[:, None, :] != ek[:, :, None])
     in_table = allowed & valid[:, :, None]  # offsets of real query-key pairs lie within the table
     delta = torch.where(in_table[..., None], delta, torch.zeros_like(delta))
-    rel = rel_offset_index(delta, window)
+    rel = rel_offset_index(delta, half_window)
     mask = torch.zeros(allowed.shape, dtype=torch.float32, device=coords.device)
     mask.masked_fill_(~allowed, float("-inf"))
     return WindowPartition(

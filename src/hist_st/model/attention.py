@@ -190,7 +190,7 @@ class DualPathAttention(nn.Module):
     Args:
         dim: Model width d.
         heads: Number of heads H.
-        window: Window half-size w.
+        half_window: Window half-size w.
         positional: ``rpb``, ``none``, ``rope`` or ``alibi``.
         attn_dropout: Dropout on attention probabilities.
         impl: ``window``, ``neighbour`` or ``dense``.
@@ -207,7 +207,7 @@ class DualPathAttention(nn.Module):
         self,
         dim: int,
         heads: int,
-        window: int,
+        half_window: int,
         positional: str = "rpb",
         attn_dropout: float = 0.0,
         impl: str = "window",
@@ -217,18 +217,18 @@ class DualPathAttention(nn.Module):
         n_tokens: int = 2,
     ) -> None:
         super().__init__()
-        self.heads, self.head_dim, self.window = heads, dim // heads, window
+        self.heads, self.head_dim, self.half_window = heads, dim // heads, half_window
         self.scale = self.head_dim**-0.5
         self.positional, self.impl = positional, impl
         self.attn_dropout = attn_dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        side = num_rel_offsets(window)
+        side = num_rel_offsets(half_window)
         if positional == "rpb":
             self.rpb = nn.Parameter(torch.zeros(heads, side * side))
             nn.init.trunc_normal_(self.rpb, std=0.02)
         elif positional == "alibi":
-            r = torch.arange(side, dtype=torch.float32) - (2 * window - 1)
+            r = torch.arange(side, dtype=torch.float32) - (2 * half_window - 1)
             dist = (r[:, None] ** 2 + r[None, :] ** 2).sqrt().flatten()  # [side*side]
             self.register_buffer("alibi", -_alibi_slopes(heads)[:, None] * dist[None], persistent=False)
         self.has_tokens = has_tokens
@@ -329,11 +329,11 @@ class DualPathAttention(nn.Module):
     # ------------------------------------------------------------------ local path, dense reference
     def _local_dense(self, qkv: torch.Tensor, level: LevelIndex, shifted: bool) -> torch.Tensor:
         c = level.coords
-        w2 = 2 * self.window
+        w2 = 2 * self.half_window
         std = torch.div(c, w2, rounding_mode="floor")
         allowed = (std[:, None, :] == std[None, :, :]).all(-1)  # [N, N]
         if shifted:
-            sh = torch.div(c + self.window, w2, rounding_mode="floor")
+            sh = torch.div(c + self.half_window, w2, rounding_mode="floor")
             allowed |= (sh[:, None, :] == sh[None, :, :]).all(-1)
         q, k, v = qkv.unbind(1)  # [N, H, Dh]
         s = torch.einsum("qhd,khd->hqk", q * self.scale, k)
@@ -341,7 +341,7 @@ class DualPathAttention(nn.Module):
         if table is not None:
             delta = c[None, :, :] - c[:, None, :]  # [Nq, Nk, 2] key - query
             delta = torch.where(allowed[..., None], delta, torch.zeros_like(delta))
-            s = s + table[:, rel_offset_index(delta, self.window)]
+            s = s + table[:, rel_offset_index(delta, self.half_window)]
         s = s.masked_fill(~allowed, float("-inf"))
         p = torch.softmax(s, dim=-1)
         if self.training and self.attn_dropout > 0:

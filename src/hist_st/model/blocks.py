@@ -151,7 +151,7 @@ class RefineBlock(nn.Module):
         self,
         dim: int,
         heads: int,
-        window: int,
+        half_window: int,
         *,
         positional: str = "rpb",
         dropout: float = 0.0,
@@ -167,7 +167,7 @@ class RefineBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = DualPathAttention(
-            dim, heads, window, positional, attn_dropout, impl, has_tokens, mca_proj, token_update, n_tokens
+            dim, heads, half_window, positional, attn_dropout, impl, has_tokens, mca_proj, token_update, n_tokens
         )
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * ffn_ratio)

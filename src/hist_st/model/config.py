@@ -57,7 +57,7 @@ class HiSTConfig:
         levels: Blocks per level, ``"111-21"`` (see `parse_levels`).
         dim: Model width d at every level.
         heads: Attention heads.
-        window: Window half-size w: windows of side 2w lattice sites (the default 3 gives 6 x 6 windows;
+        half_window: Window half-size w: windows of side 2w lattice sites (the default 3 gives 6 x 6 windows;
             the shifted partition is offset by w).
         dropout: Dropout after the input projection (paper code: 0.05).
         residual_dropout: Dropout on both residual branches of every refinement block; neither the
@@ -93,7 +93,7 @@ class HiSTConfig:
     levels: str = "111-21"
     dim: int = 512
     heads: int = 8
-    window: int = 3
+    half_window: int = 3
     dropout: float = 0.05
     residual_dropout: float = 0.0
     attn_dropout: float = 0.05
@@ -134,7 +134,7 @@ class HiSTConfig:
         for tok in self.tokens:
             if tok not in TOKENS:
                 raise InputError("config", f"model.tokens: unknown token kind {tok!r}; choose from {', '.join(TOKENS)}")
-        for name in ("in_dim", "n_genes", "dim", "heads", "window"):
+        for name in ("in_dim", "n_genes", "dim", "heads", "half_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise InputError("config", f"model.{name} must be an integer >= 1, got {value!r}")
@@ -162,8 +162,11 @@ class HiSTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HiSTConfig:
         """Rebuild from `to_dict`'s output. A dict saved before an option existed gets the value that
-        reproduces the model it described (`LEGACY_VALUES`; ``residual_dropout`` = its ``dropout``)."""
+        reproduces the model it described (`LEGACY_VALUES`; ``residual_dropout`` = its ``dropout``; the
+        window half-size saved as ``window`` before it was named ``half_window``)."""
         d = dict(d)
+        if "window" in d and "half_window" not in d:
+            d["half_window"] = d.pop("window")
         for key, value in LEGACY_VALUES.items():
             d.setdefault(key, value)
         d.setdefault("residual_dropout", d.get("dropout", 0.05))

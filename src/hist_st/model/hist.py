@@ -43,7 +43,7 @@ class HiST(nn.Module):
                 RefineBlock(
                     d,
                     cfg.heads,
-                    cfg.window,
+                    cfg.half_window,
                     positional=cfg.positional,
                     dropout=cfg.residual_dropout,
                     attn_dropout=cfg.attn_dropout,
@@ -126,7 +126,7 @@ class HiST(nn.Module):
 
     def make_batch(self, lattice: np.ndarray | torch.Tensor, feats: np.ndarray | torch.Tensor) -> LatticeBatch:
         """Build the `LatticeBatch` this model needs (levels, window, shift) from sites and features."""
-        return build_batch(lattice, feats, self.num_levels, self.cfg.window, self.cfg.shifted)
+        return build_batch(lattice, feats, self.num_levels, self.cfg.half_window, self.cfg.shifted)
 
     @torch.no_grad()
     def init_head_bias(self, mean_log1p: torch.Tensor | np.ndarray) -> None:
@@ -191,10 +191,10 @@ class HiST(nn.Module):
         cfg = self.cfg
         if len(batch.levels) < self.num_levels:
             raise ValueError(f"batch has {len(batch.levels)} levels; the model needs {self.num_levels}")
-        if batch.window != cfg.window:  # the relative-position tables are sized for the model's window
+        if batch.half_window != cfg.half_window:  # the relative-position tables are sized for the model's window
             raise ValueError(
-                f"batch was built with window half-size {batch.window} (windows of side {2 * batch.window}); "
-                f"the model needs {cfg.window} (side {2 * cfg.window}): build it with model.make_batch"
+                f"batch was built with window half-size {batch.half_window} (windows of side {2 * batch.half_window}); "
+                f"the model needs {cfg.half_window} (side {2 * cfg.half_window}): build it with model.make_batch"
             )
         x = F.dropout(self.in_proj(batch.feats), cfg.dropout, self.training)  # [N, d]
         tokens = self._initial_tokens(x)

@@ -345,6 +345,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise InputError("config", f"{where}: expected a mapping, got {value!r}")
         if tp is _model_config_type():  # partial model sections start from the default architecture
+            if "window" in value and "half_window" not in value:  # a config saved before the rename
+                value = {("half_window" if k == "window" else k): v for k, v in value.items()}
             value = {**config_to_dict(default_model_config()), **value}
         return _from_dict(tp, value, where)
     if origin is tuple:
@@ -512,10 +514,19 @@ def with_gene_set(overrides: Sequence[str], genes: str | None = None) -> list[st
     return out
 
 
+#: Override keys that were renamed -> what to type instead (configs saved with the old key still load).
+RENAMED = {
+    "model.window": "renamed model.half_window: it is the window half-size w (windows of 2w x 2w lattice "
+    "sites; the default 3 gives 6 x 6 windows); use model.half_window=3",
+}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (`parse_override`) to a nested dict, in place, and return it."""
     for item in overrides or ():
         key, value = parse_override(item)
+        if key in RENAMED:
+            raise InputError(key, RENAMED[key])
         _set_path(data, key, value)
     return data
 
