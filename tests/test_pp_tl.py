@@ -4,7 +4,6 @@ lattice against a grid whose sites are known, scanpy conventions (``copy``, ``ke
 
 from __future__ import annotations
 
-import gzip
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ from hist_st.cli import main
 from hist_st.encoders import Encoder, register_encoder
 from hist_st.errors import InputError
 from hist_st.train.toy import write_toy_cohort
+from test_prepare import _section
 
 ENCODER = "test-pp-tiny"
 PATCH = ["--patch-px", "32", "--patch-um-per-px", "3.5"]
@@ -33,34 +33,11 @@ def _tiny(weights=None, device=None) -> Encoder:
     return Encoder(ENCODER, model, 8, 32, weights_id="seed0")
 
 
-def _her2st_section(root, section="A1", n_x=6, n_y=5, px=40.0, seed=0):
-    """A her2st-layout section: counts, spot file and an RGB TIFF written by tifffile (spots 40 px apart)."""
-    import tifffile
-
-    rng = np.random.default_rng(seed)
-    genes = [f"G{i}" for i in range(6)]
-    (root / "ST-cnts").mkdir(parents=True)
-    (root / "ST-spotfiles").mkdir(parents=True)
-    rows, sel = [], ["x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected"]
-    for x in range(1, 1 + n_x):
-        for y in range(1, 1 + n_y):
-            sel.append(f"{x}\t{y}\t{x}\t{y}\t{x * px:.2f}\t{y * px:.2f}\t1")
-            rows.append(f"{x}x{y}\t" + "\t".join(str(v) for v in rng.poisson(4, len(genes))))
-    (root / "ST-spotfiles" / f"{section}_selection.tsv").write_text("\n".join(sel) + "\n")
-    with gzip.open(root / "ST-cnts" / f"{section}.tsv.gz", "wt") as fh:
-        fh.write("\t" + "\t".join(genes) + "\n" + "\n".join(rows) + "\n")
-    folder = root / "ST-imgs" / section[0] / section
-    folder.mkdir(parents=True)
-    img = rng.integers(60, 240, size=(int((n_y + 1) * px), int((n_x + 1) * px), 3), dtype=np.uint8)
-    tifffile.imwrite(folder / "he.tif", img, photometric="rgb")
-    return folder / "he.tif"
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """``hist-st prepare`` of one section: (prepared AnnData, its image)."""
     root = tmp_path_factory.mktemp("raw")
-    image = _her2st_section(root)
+    image = _section(root, "A1", [f"G{i}" for i in range(6)], image="tif", n_x=6, n_y=5)
     out = root.parent / "cohort"
     assert main(["prepare", "--format", "her2st", "--input", str(root), "--out", str(out), "--encoder", ENCODER,
                  *PATCH, "--no-progress"]) == 0  # fmt: skip

@@ -32,6 +32,8 @@ def _tiny(weights=None, device=None) -> Encoder:
 
 
 def _section(root, section, genes, image=True, seed=0, n_x=5, n_y=4, px=40.0):
+    """A her2st-layout section (counts, spot file, and an RGB image: ``True``/``"png"`` by Pillow, ``"tif"`` by
+    tifffile, ``False`` none; spots ``px`` apart). Returns the image path or None."""
     rng = np.random.default_rng(seed)
     (root / "ST-cnts").mkdir(parents=True, exist_ok=True)
     (root / "ST-spotfiles").mkdir(parents=True, exist_ok=True)
@@ -43,13 +45,20 @@ def _section(root, section, genes, image=True, seed=0, n_x=5, n_y=4, px=40.0):
     (root / "ST-spotfiles" / f"{section}_selection.tsv").write_text("\n".join(sel) + "\n")
     with gzip.open(root / "ST-cnts" / f"{section}.tsv.gz", "wt") as fh:
         fh.write("\t" + "\t".join(genes) + "\n" + "\n".join(rows) + "\n")
-    if image:
-        from PIL import Image
+    if not image:
+        return None
+    folder = root / "ST-imgs" / section[0] / section
+    folder.mkdir(parents=True, exist_ok=True)
+    img = rng.integers(100, 230, size=(int((n_y + 1) * px), int((n_x + 1) * px), 3), dtype=np.uint8)
+    if image == "tif":
+        import tifffile
 
-        folder = root / "ST-imgs" / section[0] / section
-        folder.mkdir(parents=True, exist_ok=True)
-        img = rng.integers(100, 230, size=(int((n_y + 1) * px), int((n_x + 1) * px), 3), dtype=np.uint8)
-        Image.fromarray(img).save(folder / "he.png")
+        tifffile.imwrite(folder / "he.tif", img, photometric="rgb")
+        return folder / "he.tif"
+    from PIL import Image
+
+    Image.fromarray(img).save(folder / "he.png")
+    return folder / "he.png"
 
 
 @pytest.fixture()
