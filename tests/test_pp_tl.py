@@ -97,9 +97,33 @@ def test_lattice_of_a_known_grid():
     np.testing.assert_array_equal(adata.obsm["sites"], ij - ij.min(0))
     assert adata.uns["sites"]["spot_pitch_um"] == pytest.approx(100.0)
     with pytest.raises(InputError, match="um_per_px"):
-        pp.lattice(adata)
+        pp.lattice(ad.AnnData(obsm={"spatial": xy}))  # nothing recorded, nothing given
     with pytest.raises(InputError, match="pitch_um"):
         pp.lattice(adata, um_per_px=4.0, pitch_um=-1.0)
+
+
+def test_lattice_of_a_sparse_subset_measures_the_grid_without_a_false_warning():
+    """A sparse subset of a 100 um hex grid (like the 100 spots of a public Visium subset): the nearest-
+    neighbour distance overestimates the pitch; the measured grid wins, with no warning about a "declared"
+    pitch that nobody declared; the um/px given to `lattice` is reused by the next step."""
+    import warnings
+
+    from hist_st.io._util import GridWarning
+
+    rng = np.random.default_rng(0)
+    rows, cols = np.meshgrid(np.arange(30), np.arange(0, 60, 2), indexing="ij")
+    cols = cols + (rows % 2)  # Visium array coordinates: odd rows shifted by one column
+    keep = rng.choice(rows.size, size=60, replace=False)
+    r, c = rows.ravel()[keep], cols.ravel()[keep]
+    xy = np.stack([c * 50.0, r * 50.0 * np.sqrt(3)], 1) / 0.5 + 300.0  # 100 um pitch at 0.5 um/px
+    adata = ad.AnnData(obsm={"spatial": xy})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pp.lattice(adata, um_per_px=0.5)
+    assert not [w for w in caught if w.category is GridWarning], [str(w.message) for w in caught]
+    assert adata.uns["lattice"]["spot_pitch_um"] == pytest.approx(100.0, rel=0.02)
+    assert len({tuple(s) for s in adata.obsm["lattice"]}) == len(keep)
+    assert pp.spots_of(adata).um_per_px == 0.5  # recorded by lattice, found by the next step
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,8 @@ def spots_of(adata: Any, *, um_per_px: float | None = None) -> Slide:
     Args:
         adata: An AnnData with ``obsm['spatial']`` ``[N, 2]`` (x, y) full-resolution pixels; a hist-st
             prepared slide also brings its ``uns['hist_st']`` record (um/px, pitch, measured grid).
-        um_per_px: Microns per full-resolution pixel (overrides the recorded value).
+        um_per_px: Microns per full-resolution pixel (overrides the recorded value; default: the prepared
+            slide's, else the one an earlier `embed` or `lattice` recorded in ``uns[...]['params']``).
 
     Returns:
         A `Slide` with ``spatial``, ``barcodes`` and what ``uns['hist_st']`` records.
@@ -64,6 +65,11 @@ def spots_of(adata: Any, *, um_per_px: float | None = None) -> Slide:
     light = ad.AnnData(obs=adata.obs[[]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"])},
                        uns={"hist_st": dict(adata.uns.get("hist_st", {}))})  # fmt: skip
     slide = anndata_to_slide(light, "adata")
+    if um_per_px is None and slide.um_per_px is None:  # what an earlier pp.embed / pp.lattice was told
+        recorded = {float(v["params"]["um_per_px"]) for v in adata.uns.values()
+                    if isinstance(v, dict) and isinstance(v.get("params"), dict) and "um_per_px" in v["params"]}
+        if len(recorded) == 1:
+            um_per_px = recorded.pop()
     if um_per_px is not None:
         if not (np.isfinite(um_per_px) and um_per_px > 0):
             raise InputError("um_per_px", f"must be a positive number, got {um_per_px}")

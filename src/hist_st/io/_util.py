@@ -126,6 +126,9 @@ def derive_um_per_px(
     return upp, how
 
 
+NN_PITCH_SOURCE = "median nearest-neighbour distance of spot centres"
+
+
 def fill_pitch(slide) -> None:
     """Unknown technology: spot pitch from the median nearest-neighbour distance; lattice unit = pitch.
 
@@ -133,7 +136,7 @@ def fill_pitch(slide) -> None:
     """
     if slide.spot_pitch_um is None:
         slide.spot_pitch_um = float(nn_distance_px(slide.spatial) * slide.um_per_px)
-        slide.meta["spot_pitch_source"] = "median nearest-neighbour distance of spot centres"
+        slide.meta["spot_pitch_source"] = NN_PITCH_SOURCE
     if slide.lattice_unit_um is None:
         slide.lattice_unit_um = slide.spot_pitch_um
 
@@ -156,11 +159,13 @@ def attach_lattice(slide) -> None:
     geom = None
     if slide.um_per_px is not None and slide.n_spots >= 3:
         geom = measure_grid(slide.spatial, slide.um_per_px, source=source)
-        check = grid_check(geom, slide.technology, _finite(slide.spot_pitch_um), source=source)
+        given = _finite(slide.spot_pitch_um)
+        estimated = slide.meta.get("spot_pitch_source") == NN_PITCH_SOURCE  # `fill_pitch`'s guess, not metadata
+        check = grid_check(geom, slide.technology, None if estimated else given, source=source)
         unit = _finite(slide.lattice_unit_um)
         chosen = unit is not None and not any(
             ref is not None and np.isclose(unit, ref, rtol=1e-6)
-            for ref in (DEFAULT_LATTICE_UNIT_UM.get(slide.technology), check["declared_pitch_um"])
+            for ref in (DEFAULT_LATTICE_UNIT_UM.get(slide.technology), check["declared_pitch_um"], given)
         )
         slide.meta["spot_grid"] = geom.as_dict()
         slide.meta["grid_check"] = check
