@@ -23,6 +23,11 @@ def _loglog(ax: Any, series: Mapping[str, Sequence[tuple[float, float]]], xlabel
     if ticks:  # the measured sizes only (log-axis minor labels collide)
         ax.set_xticks(list(ticks), [str(x) for x in ticks])
         ax.xaxis.set_minor_formatter(pyplot().NullFormatter())
+    fmt = pyplot().FormatStrFormatter("%g")  # 0.25, not 2.5 x 10^-1
+    ax.yaxis.set_major_formatter(fmt)
+    low, high = ax.get_ylim()
+    if high < 10 * low:  # within one decade the minor ticks are the only labels
+        ax.yaxis.set_minor_formatter(fmt)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
@@ -30,10 +35,10 @@ def _loglog(ax: Any, series: Mapping[str, Sequence[tuple[float, float]]], xlabel
 
 def plot_speed(results: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
     """``speed_vs_spots.png`` and ``speed_vs_genes.png``: time and peak memory (CUDA reserved, else RSS) of
-    `hist_st.bench.speed` records, per mode, at the sweep's fixed value of the other axis."""
+    `hist_st.bench.speed` records, per mode, at the sweep's fixed value of the other axis; an axis with fewer
+    than two sizes gets no figure. Returns the figures written."""
     plt, ok, paths = pyplot(), [r for r in results if "error" not in r], []
     for axis, fixed in (("spots", "genes"), ("genes", "spots")):
-        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
         times, mems = {}, {}
         for mode in ("infer", "train"):
             vals = [r[fixed] for r in ok if r["mode"] == mode]
@@ -43,13 +48,19 @@ def plot_speed(results: Sequence[Mapping[str, Any]], out_dir: str | Path) -> lis
                 label = f"{mode} ({fixed}={keep})"
                 times[label] = [(r[axis], r["seconds"]) for r in rows]
                 mems[label] = [(r[axis], r.get("cuda_reserved_gb", r["peak_rss_gb"])) for r in rows]
-        _loglog(ax_t, times, axis, "seconds per slide")
-        _loglog(ax_m, mems, axis, "peak memory (GB)")
-        for ax in (ax_t, ax_m) if times else ():
+        path = Path(out_dir) / f"speed_vs_{axis}.png"
+        if not times:  # fewer than two sizes along this axis: no curve (and no stale figure of an earlier run)
+            path.unlink(missing_ok=True)
+            continue
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+        sizes = sorted({x for pts in times.values() for x, _ in pts})
+        _loglog(ax_t, times, axis, "seconds per slide", ticks=sizes)
+        _loglog(ax_m, mems, axis, "peak memory (GB)", ticks=sizes)
+        for ax in (ax_t, ax_m):
             ax.legend()
         fig.suptitle(f"HiST time and memory vs {axis}")
         fig.tight_layout()
-        paths.append(save_figure(fig, Path(out_dir) / f"speed_vs_{axis}.png", dpi=120))
+        paths.append(save_figure(fig, path, dpi=120))
     return paths
 
 

@@ -31,7 +31,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
     run_speed_bench(args.out, spots=args.spots or DEFAULT_SPOTS, genes=args.genes or DEFAULT_GENES,
                     grid_mode=args.grid_mode, modes=modes, max_train_spots=args.max_train_spots, json_lines=args.json,
                     model=parse_overrides(args.model, "--model", "dim=256"), train=train, **settings)
-    print(f"results in {args.out}/speed.json, plots speed_vs_spots.png and speed_vs_genes.png")
+    plots = ", ".join(p.name for p in sorted(args.out.glob("speed_vs_*.png"))) or "none (one size per axis)"
+    print(f"results in {args.out}/speed.json; plots: {plots}")
     return 0
 
 
