@@ -99,3 +99,19 @@ def test_corrupted_or_partial_entries_are_ignored_with_a_warning(cohort, tmp_pat
     fits, _ = _run(plan, out, cache=ResultCache())  # rewritten whole
     assert fits == 0
     assert not list((out / CACHE_DIR).glob(".*"))  # no temporary files left
+
+
+def test_hist_keys_survive_added_and_renamed_config_keys():
+    """Entries written before `optimizer_in_backward` existed and before `model.window` became
+    `model.half_window` still match: the key is the one the code before that change computed (digest taken
+    from commit 5baf05b for this config)."""
+    from hist_st.evaluate.cache import digest, method_signature
+    from hist_st.methods import HiSTMethod
+    from hist_st.train.config import load_config
+
+    sig = method_signature(HiSTMethod(load_config(None, ["epochs=7"])))
+    assert "window" in sig["options"]["config"]["model"] and "half_window" not in sig["options"]["config"]["model"]
+    assert digest(sig) == "bb31e26e505be86f332b1c081595b1c133cd36223167e16970deffbbbd2d4c7b"
+    same = method_signature(HiSTMethod(load_config(None, ["epochs=7", "optimizer_in_backward=true"])))
+    assert digest(same) == digest(sig)
+    assert digest(method_signature(HiSTMethod(load_config(None, ["epochs=7", "model.half_window=2"])))) != digest(sig)

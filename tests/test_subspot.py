@@ -117,7 +117,7 @@ def test_bench_subspot_on_a_synthetic_cohort(slides, tmp_path):
     assert (tmp_path / "out" / res["figure"]).stat().st_size > 5000
     assert (tmp_path / "out" / "subspot_fold0.json").is_file() and (tmp_path / "out" / "subspots" / "s0.h5ad").is_file()
     again = run_subspot(cohort, tmp_path / "out", setup=setup)
-    assert res["cached_models"] == [] and again["scores"] == res["scores"]
-    assert {"fold_0/spot", "fold_0/subspot2", "subspots/s0.h5ad"} <= set(again["cached_models"])
+    assert res["cached"] == [] and again["scores"] == res["scores"]
+    assert {"fold_0/spot", "fold_0/subspot2", "subspots/s0.h5ad"} <= set(again["cached"])
     with pytest.raises(InputError, match="--fold"):
         run_subspot(cohort, tmp_path / "out", setup=setup, fold=5)

@@ -72,9 +72,8 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-@functools.cache
 def fixed_mmap_threshold(nbytes: int = DEFAULT_THRESHOLD) -> bool:
-    """Serve every allocation of ``nbytes`` or more with its own ``mmap`` (glibc only; once per process).
+    """Serve every allocation of ``nbytes`` or more with its own ``mmap`` (glibc only; the last call wins).
 
     Args:
         nbytes: The fixed threshold in bytes.

@@ -54,11 +54,17 @@ def _device_type(device: str) -> str:
     return resolved.type if device == "auto" else device
 
 
+#: How memory and time are measured (`hist_st.bench.harness`): 2 = GB of 10^9 bytes, the exact per-phase peak
+#: (1: GiB from a sampling thread).
+HARNESS = 2
+
+
 def timing_key(specs: Sequence[Mapping[str, Any]], **settings: Any) -> str:
     """What a set of worker ``specs`` measures, as a `hist_st.evaluate.cache.digest`: every spec with its
     cohort path resolved and without baseline ``epochs`` options (`measure` times its own epochs, and time is
     reported per epoch), plus ``settings`` (e.g. the timeout). Recorded as ``key`` in ``efficiency.json`` /
-    ``scaling.json``; a run with the same key reuses the file."""
+    ``scaling.json``; a run with the same key reuses the file. `HARNESS` is part of the key, so results
+    measured another way are measured again."""
     timed = []
     for spec in specs:
         data = dict(spec["data"])
@@ -66,7 +72,7 @@ def timing_key(specs: Sequence[Mapping[str, Any]], **settings: Any) -> str:
             data["cohort"] = str(Path(data["cohort"]).resolve())
         opts = {k: v for k, v in dict(spec.get("baseline_options", {})).items() if k != "epochs"}
         timed.append({**spec, "data": data, "baseline_options": opts})
-    return digest({"specs": timed, **settings})
+    return digest({"specs": timed, "harness": HARNESS, **settings})
 
 
 def reusable(path: Path, key: str, reuse: bool) -> dict[str, Any] | None:

@@ -24,8 +24,6 @@ rec = run_isolated("hist_st.bench.speed", {"spots": 500, ...}, timeout=600, thre
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import importlib
 import json
@@ -44,6 +42,7 @@ import psutil
 import torch
 
 from hist_st.errors import InputError
+from hist_st.memory import trim_heap
 
 __all__ = ["GB", "PeakMemory", "current_rss", "matmul_gflops", "run_isolated", "sync", "timed_steps"]
 
@@ -100,15 +99,6 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _release_free_memory() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``), so that a phase's RSS increase counts its
-    own allocations rather than being hidden by memory an earlier phase freed but the allocator kept."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS deltas may undercount reused memory
-        pass
-
-
 class PeakMemory:
     """Peak memory of this process inside a ``with`` block (one phase of a measurement).
 
@@ -123,7 +113,7 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         gc.collect()
-        _release_free_memory()
+        trim_heap()  # freed heap pages go back, so the phase's RSS counts its own allocations
         self.rss_before = current_rss()  # before CUDA starts (its context counts in the phase, as in a run)
         _reset_peak_rss()
         if self.cuda:

@@ -9,7 +9,8 @@ from typing import Any
 
 from hist_st.errors import InputError
 from hist_st.memory import parse_malloc
-from hist_st.train.config import config_from_dict, parse_overrides
+from hist_st.model.hist import GRAD_CHECKPOINTING
+from hist_st.train.config import RENAMED, config_from_dict, parse_overrides
 
 
 def ints(value: str) -> tuple[int, ...]:
@@ -26,11 +27,15 @@ def cmd_speed(args: argparse.Namespace) -> int:
     settings = {k: getattr(args, k) for k in ("threads", "device", "repeats", "in_dim", "grid", "grad_checkpointing",
                                               "precision", "malloc")}  # the SpeedSettings given on the command line
     train = parse_overrides(args.train_option, "--train-option", "optimizer_in_backward=true")
-    config_from_dict(dict(train))  # an unknown key or a bad value fails here, naming it, not in every worker
+    model = parse_overrides(args.model, "--model", "dim=256")
+    for key in model:
+        if f"model.{key}" in RENAMED:
+            raise InputError(f"--model {key}", RENAMED[f"model.{key}"].replace("model.", ""))
+    config_from_dict({**train, "model": model})  # an unknown key or a bad value fails here, not in every worker
     parse_malloc(args.malloc, "--malloc")
     run_speed_bench(args.out, spots=args.spots or DEFAULT_SPOTS, genes=args.genes or DEFAULT_GENES,
                     grid_mode=args.grid_mode, modes=modes, max_train_spots=args.max_train_spots, json_lines=args.json,
-                    model=parse_overrides(args.model, "--model", "dim=256"), train=train, **settings)
+                    model=model, train=train, **settings)
     plots = ", ".join(p.name for p in sorted(args.out.glob("speed_vs_*.png"))) or "none (one size per axis)"
     print(f"results in {args.out}/speed.json; plots: {plots}")
     return 0
@@ -56,7 +61,7 @@ def register_speed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", metavar="KEY=VALUE", help="HiSTConfig override, e.g. dim=256")
     p.add_argument("--train-option", action="append", metavar="KEY=VALUE",
                    help="train config key of the train steps, e.g. optimizer_in_backward=true")
-    p.add_argument("--grad-checkpointing", choices=["none", "ffn", "block"], default="none",
+    p.add_argument("--grad-checkpointing", choices=GRAD_CHECKPOINTING, default="none",
                    help="recompute activations in backward (train steps): less memory, more time")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: autocast on the CPU too (AMX); "

@@ -49,6 +49,10 @@ VERSION = 1
 CACHE_DIR = "cache"
 #: Config keys that change how a run is shown, not what it computes.
 _COSMETIC = ("progress", "num_workers", "checkpoint_every")
+#: Config keys whose settings give the same numbers bit for bit (tested), added after entries were written.
+_SAME_RESULTS = ("optimizer_in_backward",)
+#: Model keys renamed after entries were written -> the name the entries hold.
+_FIRST_NAMES = {"half_window": "window"}
 _METRIC_KEYS = {"pooled": ("r2", "pcc"), "per_gene": ("pcc", "r2")}
 
 
@@ -57,12 +61,24 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True).encode()).hexdigest()
 
 
+def _config_signature(cfg: TrainConfig) -> dict[str, Any]:
+    """A HiST config as it is keyed: without cosmetic keys, genes and keys that give the same numbers bit for
+    bit (`_SAME_RESULTS`), renamed keys under their first name (`_FIRST_NAMES`), so entries written before a
+    key was added or renamed still match."""
+    d = {key: val for key, val in config_to_dict(cfg).items() if key not in (*_COSMETIC, *_SAME_RESULTS, "genes")}
+    model = dict(d.get("model") or {})
+    for new, first in _FIRST_NAMES.items():
+        if new in model:
+            model[first] = model.pop(new)
+    return {**d, "model": model} if "model" in d else d
+
+
 def method_signature(method: Method) -> dict[str, Any]:
-    """The method's name and options as a comparable dict (a HiST config without cosmetic keys and genes)."""
+    """The method's name and options as a comparable dict (a HiST config as `_config_signature` keys it)."""
     options = {}
     for k, v in method.options.items():
         if isinstance(v, TrainConfig):
-            v = {key: val for key, val in config_to_dict(v).items() if key not in (*_COSMETIC, "genes")}
+            v = _config_signature(v)
         options[k] = v
     return to_jsonable({"name": method.name, "options": options})
 

@@ -12,7 +12,6 @@ same folds and the same genes:
 ```python
 from hist_st.experiments import run_stain
 from hist_st.experiments.accuracy import CVSetup
-from hist_st.metrics import protocol_cells
 run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", setup=CVSetup(genes="he:250", overrides=["epochs=100"]))
 ```
 """

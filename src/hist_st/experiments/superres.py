@@ -399,9 +399,9 @@ def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, 
     measurement below the spot, so this scores only what the spots can check; the maps show the rest.
 
     Writes ``subspot_fold<i>.json`` and ``subspot_maps_<slide>.png``; sub-spot slides are cached in
-    ``subspots/<slide>.h5ad``. ``setup``, ``plot_genes``, ``reuse``: as in `run_superres`.
+    ``subspots/<slide>.h5ad``. ``setup``, ``plot_genes``, ``reuse``: as in `run_superres`. The result's
+    ``cached`` lists the fold models and sub-spot slides taken from the result cache.
     """
-
     cohort, out = Path(cohort), Path(out)
     cfg, plan, gene_list = _plan(cohort, setup)
     by_id, fold_list = dict(plan.slides), plan.folds
@@ -448,7 +448,7 @@ def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, 
         "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "fold": fold, "test": sorted(f["test"]),
         "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": subs[fig_slide].spot_pitch_um,
         "n_subspots": {s: int(subs[s].n_spots) for s in sorted(f["test"])}, "scores": scores, "figure": figure.name,
-        "position_effect": artefact, "cached_models": hits,
+        "position_effect": artefact, "cached": hits,
     })
     write_json(result, out / f"subspot_fold{fold}.json")
     return result

@@ -14,13 +14,16 @@ Three exact implementations of the local path share the same parameters:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hist_st.lattice import LevelIndex, WindowPartition, num_rel_offsets, rel_offset_index
 
-__all__ = ["DualPathAttention", "WindowAttentionFn", "rope_2d"]
+__all__ = ["DualPathAttention", "WindowAttentionFn", "full_heads", "rope_2d"]
 
 
 def _window_logits(
@@ -38,6 +41,23 @@ def _gather_windows(qkv: torch.Tensor, part: WindowPartition) -> tuple[torch.Ten
     three, h, _, dh = qkv.shape
     w, size = part.gather.shape
     return qkv.index_select(2, part.gather.reshape(-1)).view(three, h, w, size, dh).unbind(0)
+
+
+class _Depth:
+    depth = 0
+
+
+_FULL_HEADS = _Depth()
+
+
+@contextlib.contextmanager
+def full_heads() -> Iterator[None]:
+    """Run the local attention path with all heads at once inside this block (see `_head_chunk`)."""
+    _FULL_HEADS.depth += 1
+    try:
+        yield
+    finally:
+        _FULL_HEADS.depth -= 1
 
 
 class WindowAttentionFn(torch.autograd.Function):
@@ -254,8 +274,9 @@ class DualPathAttention(nn.Module):
         return None
 
     # ------------------------------------------------------------------ local path, padded windows
-    def _local_window(self, qkv: torch.Tensor, level: LevelIndex) -> torch.Tensor:
-        """``qkv [3, H, N, Dh]`` -> ``[N, H, Dh]`` over the union of both partitions."""
+    def _local_window(self, qkv: torch.Tensor, level: LevelIndex, step: int | None = None) -> torch.Tensor:
+        """``qkv [3, H, N, Dh]`` -> ``[N, H, Dh]`` over the union of both partitions, ``step`` heads per call
+        (default: all)."""
         parts = (level.standard,) if level.shifted is None else (level.standard, level.shifted)
         p_drop = self.attn_dropout if self.training else 0.0
         table = self._bias_table()
@@ -263,18 +284,31 @@ class DualPathAttention(nn.Module):
         # logits and the float32 bias table, so it must not see bfloat16 operands.
         dtype = torch.promote_types(qkv.dtype, torch.float32)
         table = None if table is None else table.to(dtype)
+        h, n = qkv.shape[1], qkv.shape[2]
+        step = step or h
         with torch.autocast(device_type=qkv.device.type, enabled=False):
-            out = WindowAttentionFn.apply(qkv.to(dtype), table, parts, self.scale, p_drop)
+            if step == h:
+                out = WindowAttentionFn.apply(qkv.to(dtype), table, parts, self.scale, p_drop)
+            else:
+                out = qkv.new_empty(h, n, qkv.shape[3], dtype=dtype)
+                for i in range(0, h, step):
+                    hs = slice(i, i + step)
+                    out[hs] = WindowAttentionFn.apply(qkv[:, hs].to(dtype), None if table is None else table[hs],
+                                                      parts, self.scale, p_drop)  # fmt: skip
         return out.to(qkv.dtype).transpose(0, 1)  # [N, H, Dh]
 
     def _head_chunk(self, n: int) -> int:
-        """Heads per chunk of the local path: a quarter of them (a half when H is not a multiple of 4) in
-        inference (eval mode without autograd) on slides of ``head_chunk_tokens`` or more (heads are
-        independent), all of them otherwise. Not in training mode: a recomputed block's forward (no
-        autograd) must draw its attention dropout in the same order as its rerun in backward."""
+        """Heads per chunk of the local path on slides of ``head_chunk_tokens`` or more without autograd
+        (heads are independent): in eval mode a quarter of them (a half when H is not a multiple of 4), each
+        with its own q, k, v projection; in training mode (MC dropout) a half of them over the whole
+        projection, as before the quarters existed, so the attention dropout draws the same masks; all of
+        them with autograd, on smaller slides, and inside `full_heads` (a recomputed block's forward, which
+        must draw its dropout in the order of its rerun in backward)."""
         h = self.heads
-        if self.training or torch.is_grad_enabled() or n < self.head_chunk_tokens:
+        if torch.is_grad_enabled() or n < self.head_chunk_tokens or _FULL_HEADS.depth:
             return h
+        if self.training:
+            return h // 2 if h % 2 == 0 else h
         return h // 4 if h % 4 == 0 else (h // 2 if h % 2 == 0 else h)
 
     def _local_window_by_heads(self, x: torch.Tensor, level: LevelIndex, step: int) -> torch.Tensor:
@@ -365,10 +399,10 @@ class DualPathAttention(nn.Module):
         n, d = x.shape
         h = self.heads
         step = self._head_chunk(n)
-        if self.impl == "window" and self.positional != "rope" and step < h:
-            local = self._local_window_by_heads(x, level, step)
+        if self.impl == "window" and self.positional != "rope" and step < h and not self.training:
+            local = self._local_window_by_heads(x, level, step)  # eval: no dropout, the projection by heads too
         else:
-            local = self._local_qkv(x, level)
+            local = self._local_qkv(x, level, step)
         out = local.reshape(n, d)
         update = None
         if tokens is not None:
@@ -378,8 +412,9 @@ class DualPathAttention(nn.Module):
                 update = self.proj_tok(update)
         return self.proj(out), update
 
-    def _local_qkv(self, x: torch.Tensor, level: LevelIndex) -> torch.Tensor:
-        """The local path from the whole q, k, v projection: ``[N, H, Dh]``."""
+    def _local_qkv(self, x: torch.Tensor, level: LevelIndex, step: int | None = None) -> torch.Tensor:
+        """The local path from the whole q, k, v projection (window attention ``step`` heads per call):
+        ``[N, H, Dh]``."""
         n, d = x.shape
         h, dh = self.heads, self.head_dim
         qkv = self.qkv(x).view(n, 3, h, dh)
@@ -389,7 +424,7 @@ class DualPathAttention(nn.Module):
         if self.impl == "window":
             # A strided view [3, H, N, Dh]: the windows are gathered from it directly, so no permuted copy
             # of qkv ([N, 3d], 30 MB at N = 5,000) is made, and backward keeps the linear's output itself.
-            local = self._local_window(qkv.permute(1, 2, 0, 3), level)
+            local = self._local_window(qkv.permute(1, 2, 0, 3), level, step)
         elif self.impl == "neighbour":
             local = self._local_neighbour(qkv, level)
         else:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hist_st.lattice import Coarsening, LevelIndex
-from hist_st.model.attention import DualPathAttention
+from hist_st.model.attention import DualPathAttention, full_heads
 
 __all__ = ["RefineBlock", "RecomputedFFN", "RecomputedBlock", "Coarsen", "Uncoarsen"]
 
@@ -21,6 +21,8 @@ class RecomputedFFN(torch.autograd.Function):
     FLOPs), not the whole FFN that `torch.utils.checkpoint` would rerun. Backward goes ``chunk`` tokens at
     a time (the FFN acts on each token alone), so its hidden-layer gradients are ``[chunk, 4d]``, not
     ``[N, 4d]`` (three of those, 120 MB at N = 5,000, at the start of a plain FFN's backward).
+    On slides of more than ``chunk`` tokens the weight gradients are sums over chunks, so they equal
+    the plain FFN's to rounding (``assert_close``), not bit for bit, as with any recompute option.
 
     Args (forward):
         x: ``[N, d]`` block input (before the norm).
@@ -104,7 +106,8 @@ class RecomputedBlock(torch.autograd.Function):
         ctx.has_tokens = tokens is not None
         ctx.set_materialize_grads(False)  # an unused output (the last block's tokens) gets None, not zeros
         ctx.save_for_backward(x, tokens if tokens is not None else x.new_empty(0), *params)
-        x_out, t_out = run(x, tokens)
+        with full_heads():  # the rerun in backward has autograd, so all heads at once: the same dropout order
+            x_out, t_out = run(x, tokens)
         return x_out, t_out
 
     @staticmethod
