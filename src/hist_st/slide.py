@@ -124,6 +124,17 @@ class Slide:
     #: Per-spot array fields (rows aligned with ``barcodes``), besides ``spatial``, ``counts``, ``embeddings``, ``obs``.
     SPOT_FIELDS = ("array_coords", "lattice", "patch_outside", "predicted", "predicted_std")
 
+    #: Fields of the section rather than of its spots: `on_spots` keeps them.
+    SECTION_FIELDS = ("slide_id", "um_per_px", "technology", "patient", "image", "thumbnail", "thumbnail_scale",
+                      "library_id", "image_scale")
+
+    def on_spots(self, spatial: np.ndarray, barcodes: np.ndarray, **fields: Any) -> Slide:
+        """A new slide of the same section (`SECTION_FIELDS`: id, image, thumbnail, resolution, technology,
+        patient, library) on the spots ``spatial`` / ``barcodes``; every other field is its default unless
+        given in ``fields`` (which may also replace a section field)."""
+        return Slide(spatial=spatial, barcodes=barcodes,
+                     **{**{name: getattr(self, name) for name in self.SECTION_FIELDS}, **fields})
+
     def take_spots(self, index: np.ndarray) -> Slide:
         """Keep the spots ``index`` (int positions or a bool mask), in that order, in every per-spot field."""
         idx = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index, dtype=np.int64)

@@ -237,24 +237,15 @@ def coarsen_slide(slide: Slide, k: int, embedding: str | None = None) -> tuple[S
     pitch = float(slide.spot_pitch_um) * k if slide.spot_pitch_um else None
     meta = {key: v for key, v in slide.meta.items() if key not in ("spot_grid", "grid_check", "neighbour_adjacency")}
     meta["coarsened"] = {"block": k, "from": slide.slide_id, "fine_pitch_um": slide.spot_pitch_um}
-    coarse = Slide(
-        slide_id=slide.slide_id,
-        spatial=spatial,
-        barcodes=np.array([f"block_{b[0]}_{b[1]}" for b in blocks[first]], dtype=object),
+    coarse = slide.on_spots(
+        spatial,
+        np.array([f"block_{b[0]}_{b[1]}" for b in blocks[first]], dtype=object),
         genes=np.asarray(slide.genes, dtype=object),
         counts=sp.csr_matrix(total @ sp.csr_matrix(slide.counts)).astype(np.float32) if slide.counts is not None else None,
         embeddings=embs,
-        um_per_px=slide.um_per_px,
         spot_pitch_um=pitch,
         lattice_unit_um=pitch,
-        technology=slide.technology,
-        patient=slide.patient,
-        image=slide.image,
-        thumbnail=slide.thumbnail,
-        thumbnail_scale=slide.thumbnail_scale,
         meta=meta,
-        library_id=slide.library_id,
-        image_scale=slide.image_scale,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -182,32 +182,23 @@ def predict_slide(bundle: ModelBundle, slide: Slide, *, mc_samples: int = 0, see
         pitches = dict(bundle.spot_pitch_um)  # an H&E-only slide: the only training technology's pitch
         pitch = pitches.get(slide.technology, next(iter(pitches.values())) if len(pitches) == 1 else None)
         meta["prediction"]["supervision"] = supervision_record(bundle.config, pitch)
-    return Slide(
-        slide_id=slide.slide_id,
-        spatial=slide.spatial,
-        barcodes=slide.barcodes,
+    return slide.on_spots(
+        slide.spatial,
+        slide.barcodes,
         genes=np.asarray(bundle.genes, dtype=object),
         counts=counts,
         array_coords=slide.array_coords,
         lattice=slide.lattice,
         embeddings=dict(slide.embeddings),
-        um_per_px=slide.um_per_px,
         spot_pitch_um=slide.spot_pitch_um,
         lattice_unit_um=slide.lattice_unit_um,
-        technology=slide.technology,
-        patient=slide.patient,
-        image=slide.image,
-        thumbnail=slide.thumbnail,
-        thumbnail_scale=slide.thumbnail_scale,
         patch_outside=slide.patch_outside,
         predicted=predicted,
         predicted_std=std.astype(np.float32) if std is not None else None,
         meta=meta,
         obs=slide.obs,
-        library_id=slide.library_id,
         spatial_images=dict(slide.spatial_images),
         scalefactors=dict(slide.scalefactors),
-        image_scale=slide.image_scale,
     )
 
 

@@ -133,24 +133,16 @@ def subspot_slide(
                                                                    "prepare_key")}  # fmt: skip
     meta["subspot"] = {"factor": factor, "parent_pitch_um": geom.pitch_um,
                        "counts": "parent spot counts / factor^2 (not measured per sub-spot)"}  # fmt: skip
-    sub = Slide(
-        slide_id=slide.slide_id,
-        spatial=spatial,
-        barcodes=np.array([f"{b}_{i}" for b in np.asarray(slide.barcodes) for i in range(k)], dtype=object),
+    barcodes = np.array([f"{b}_{i}" for b in np.asarray(slide.barcodes) for i in range(k)], dtype=object)
+    sub = slide.on_spots(
+        spatial,
+        barcodes,
         genes=np.asarray(slide.genes, dtype=object),
         counts=counts,
-        um_per_px=slide.um_per_px,
         spot_pitch_um=geom.pitch_um / factor,
         lattice_unit_um=geom.pitch_um / factor,
-        technology=slide.technology,
-        patient=slide.patient,
-        image=slide.image,
-        thumbnail=slide.thumbnail,
-        thumbnail_scale=slide.thumbnail_scale,
         meta=meta,
-        obs=pd.DataFrame({"parent": parent}, index=[f"{b}_{i}" for b in np.asarray(slide.barcodes) for i in range(k)]),
-        library_id=slide.library_id,
-        image_scale=slide.image_scale,
+        obs=pd.DataFrame({"parent": parent}, index=barcodes),
     )
     embed_he_slide(sub, encoder=enc, weights=weights, device=device, patch_px=int(patch["size_px"]),
                    patch_um_per_px=float(patch["um_per_px"]), stain_norm=slide.meta.get("stain_norm"),
