@@ -104,10 +104,30 @@ def prepare_slide(
     timings: dict | None = None,
     warnings: list[str] | None = None,
 ) -> Path:
-    """Prepare one slide and write ``<out_dir>/<slide_id>.h5ad`` atomically; returns its path.
+    """Prepare one slide: read it, harmonise its genes, embed its patches, attach its lattice, and write
+    ``<out_dir>/<slide_id>.h5ad`` atomically.
 
-    ``warnings`` (when given) receives the slide's warnings (e.g. patches enlarged from a low-resolution
-    image); they are also recorded in the slide's ``meta['warnings']``.
+    Args:
+        src: Where the slide comes from (`hist_st.sources.SlideSource`: its reader, image, stored patches).
+        out_dir: The cohort folder; it also holds the embedding cache.
+        encoder: Patch encoder (`hist_st.encoders.Encoder`).
+        params: Patch geometry (`hist_st.wsi.PatchParams`: size in px at a fixed um/px).
+        batch_size: Patches per encoder batch.
+        stain_norm: ``"macenko"`` or None; recorded and part of the embedding cache key.
+        transform: The stain transform applied to each patch before encoding (None: none).
+        gene_mapping: Extra id -> symbol pairs for gene harmonisation (`hist_st.harmonise.load_gene_mapping`).
+        thumbnail_size: Longest side in px of the thumbnail stored with the slide.
+        progress: Progress bar over patch batches.
+        timings: Receives seconds per stage (``extract_s``, ``encode_s``, ``thumbnail_s``) and counts when given.
+        warnings: Receives the slide's warnings (e.g. patches enlarged from a low-resolution image) when given;
+            they are also recorded in the slide's ``meta['warnings']``.
+
+    Returns:
+        The written ``.h5ad`` path.
+
+    Raises:
+        MissingImageError: The slide has neither an image nor stored patches.
+        InputError: No um/px is known, or the image or spots are unusable (named with the file).
     """
     timings = timings if timings is not None else {}
     warnings = warnings if warnings is not None else []
