@@ -75,11 +75,7 @@ def _config_signature(cfg: TrainConfig) -> dict[str, Any]:
 
 def method_signature(method: Method) -> dict[str, Any]:
     """The method's name and options as a comparable dict (a HiST config as `_config_signature` keys it)."""
-    options = {}
-    for k, v in method.options.items():
-        if isinstance(v, TrainConfig):
-            v = _config_signature(v)
-        options[k] = v
+    options = {k: _config_signature(v) if isinstance(v, TrainConfig) else v for k, v in method.options.items()}
     return to_jsonable({"name": method.name, "options": options})
 
 
@@ -127,10 +123,7 @@ def _revive(metrics: Any) -> dict[str, Any]:
     """A stored `evaluate_fold` record with the scalar metrics back as floats (JSON stores NaN as null)."""
     out = dict(metrics)
     for proto, keys in _METRIC_KEYS.items():
-        out[proto] = dict(out[proto])
-        for k in keys:
-            v = out[proto][k]
-            out[proto][k] = float("nan") if v is None else float(v)
+        out[proto] = {**out[proto], **{k: float("nan" if out[proto][k] is None else out[proto][k]) for k in keys}}
     return out
 
 

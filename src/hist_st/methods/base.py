@@ -13,6 +13,7 @@ pred = model.predict(test_slide)            # float32 [N, G], log1p space, colum
 
 from __future__ import annotations
 
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -48,27 +49,17 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 def variant(**defaults: Any) -> Callable[[type[Method]], type[Method]]:
     """Class decorator for a labelled variant of the parent method: the same options with other defaults.
 
-    The variant's ``__init__`` has the parent's signature with ``defaults`` substituted, so
+    The variant's ``__init__`` is the parent's with ``defaults`` bound (`functools.partialmethod`), so
     `method_option_names` and the option parsers see every option (``@variant(min_std=1e-3)`` on a
     subclass of `RidgeBaseline` is ``ridge-robust``).
     """
 
     def deco(cls: type[Method]) -> type[Method]:
         parent = cls.__mro__[1]
-        sig = inspect.signature(parent.__init__)
-        unknown = sorted(set(defaults) - set(sig.parameters))
+        unknown = sorted(set(defaults) - set(inspect.signature(parent.__init__).parameters))
         if unknown:
             raise TypeError(f"{cls.__name__}: {parent.__name__} has no option(s) {unknown}")
-        sig = sig.replace(parameters=[p.replace(default=defaults.get(n, p.default))
-                                      for n, p in sig.parameters.items()])
-
-        def __init__(self: Method, *args: Any, **options: Any) -> None:
-            bound = sig.bind(self, *args, **options)
-            bound.apply_defaults()
-            parent.__init__(*bound.args, **bound.kwargs)
-
-        __init__.__signature__ = sig  # type: ignore[attr-defined]
-        cls.__init__ = __init__  # type: ignore[method-assign]
+        cls.__init__ = functools.partialmethod(parent.__init__, **defaults)  # type: ignore[assignment]
         return cls
 
     return deco
@@ -121,15 +112,6 @@ def _method_class(name: str) -> type[Method]:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(list_methods())}") from None
 
 
-def _gene_columns(slide: Slide, genes: Sequence[str]) -> np.ndarray:
-    index = {str(g): i for i, g in enumerate(slide.genes)}
-    missing = [g for g in genes if str(g) not in index]
-    if missing:
-        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
-        raise InputError(f"slide {slide.slide_id!r}", f"{len(missing)} selected gene(s) are absent: {shown}")
-    return np.fromiter((index[str(g)] for g in genes), dtype=np.int64, count=len(genes))
-
-
 def log1p_targets(slide: Slide, genes: Sequence[str]) -> np.ndarray:
     """The training target of every method: ``log1p`` of the slide's raw counts of ``genes``.
 
@@ -142,8 +124,12 @@ def log1p_targets(slide: Slide, genes: Sequence[str]) -> np.ndarray:
     """
     if slide.counts is None:
         raise InputError(f"slide {slide.slide_id!r}", "has no counts; a training slide needs expression")
-    cols = _gene_columns(slide, genes)
-    counts = slide.counts[:, cols]
+    index = {str(g): i for i, g in enumerate(slide.genes)}
+    missing = [g for g in genes if str(g) not in index]
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise InputError(f"slide {slide.slide_id!r}", f"{len(missing)} selected gene(s) are absent: {shown}")
+    counts = slide.counts[:, [index[str(g)] for g in genes]]
     dense = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
     return np.log1p(np.asarray(dense, dtype=np.float64)).astype(np.float32)
 

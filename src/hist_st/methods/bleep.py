@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hist_st.methods.base import Method, options_of, register
-from hist_st.methods.trainer import batched, fit_epochs, minibatches
+from hist_st.methods.trainer import batched, fit_epochs, shuffled
 from hist_st.slide import Slide
 
 __all__ = ["BLEEPBaseline", "ProjectionHead", "bleep_loss"]
@@ -107,9 +105,7 @@ class BLEEPBaseline(Method):
             return bleep_loss(img, spot, self.temperature), len(idx)
 
         # BLEEP's loader uses drop_last=True; keep the last batch unless it is a single spot.
-        def batches(epoch: int) -> Iterator[torch.Tensor]:
-            return minibatches(torch.randperm(len(xt), generator=gen), self.batch_size, min_size=2)
-
+        batches = shuffled(len(xt), self.batch_size, gen, min_size=2)
         self.history_ = fit_epochs([img_head, spot_head], opt, batches, loss, epochs=self.epochs)
         self.img_head_, self.spot_head_ = img_head.eval(), spot_head.eval()
         keys = batched(spot_head, yt.to(self.device), 4096)

@@ -41,7 +41,7 @@ final epoch is used, as for every method.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -51,23 +51,13 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from hist_st.methods.base import Method, log1p_targets, options_of, register
-from hist_st.methods.trainer import fit_epochs, minibatches
+from hist_st.methods.trainer import fit_epochs, shuffled
 from hist_st.slide import Slide
 
-__all__ = [
-    "STFlowBaseline",
-    "STFlowDenoiser",
-    "euler_sample",
-    "knn_graph",
-    "fit_zinb_per_gene",
-    "sample_zinb",
-    "standard_gamma",
-]
+__all__ = ["STFlowBaseline", "STFlowDenoiser", "euler_sample", "knn_graph", "fit_zinb_per_gene",
+           "sample_zinb", "standard_gamma"]
 
 
-# --------------------------------------------------------------------------------------------------
-# graph and prior
-# --------------------------------------------------------------------------------------------------
 def _nn_scale(xy: np.ndarray) -> float:
     """The median distance from a spot to its nearest other spot (1 when there is none or it is 0)."""
     if len(xy) < 2:
@@ -172,9 +162,6 @@ def fit_zinb_per_gene(counts: np.ndarray, steps: int = 300, lr: float = 0.05) ->
         }
 
 
-# --------------------------------------------------------------------------------------------------
-# denoiser
-# --------------------------------------------------------------------------------------------------
 def _mlp(in_dim: int, hidden: int, out_dim: int, act: str, drop: float) -> nn.Module:
     from timm.layers import Mlp, SwiGLUPacked
 
@@ -300,9 +287,6 @@ class STFlowDenoiser(nn.Module):
         return torch.stack(preds).mean(dim=0)
 
 
-# --------------------------------------------------------------------------------------------------
-# baseline
-# --------------------------------------------------------------------------------------------------
 @register("stflow")
 class STFlowBaseline(Method):
     """STFlow (see the module docstring for the method, its sources and the stated differences).
@@ -336,7 +320,6 @@ class STFlowBaseline(Method):
         self.prior_params_: dict[str, Any] | None = None
         self.seed_: int = 0
 
-    # -- data ----------------------------------------------------------------------------------------
     def _slide_arrays(self, slide: Slide) -> tuple[torch.Tensor, torch.Tensor]:
         xy = np.asarray(slide.spatial, dtype=np.float64)
         xy = (xy - xy.mean(axis=0)) / _nn_scale(xy)
@@ -348,10 +331,6 @@ class STFlowBaseline(Method):
         p = self.prior_params_
         return torch.log1p(sample_zinb(shape, p["total_count"], p["logits"], p["zi_logits"], gen))
 
-    def _generator(self, seed: int) -> torch.Generator:
-        """A seeded generator on the model's device, for the prior's draws."""
-        return torch.Generator(device=self.device).manual_seed(int(seed))
-
     def _crop(self, xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = len(xy)
         m = int(max(min(n, self.n_neighbors + 1), round(rng.uniform(0.0, 1.0) * n)))
@@ -360,16 +339,12 @@ class STFlowBaseline(Method):
         centre = xy[rng.integers(n)]
         return np.argsort(((xy - centre) ** 2).sum(axis=1), kind="stable")[:m]
 
-    # -- fit / predict -------------------------------------------------------------------------------
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         assert self.genes_ is not None
         self.seed_ = seed
         gen = torch.Generator().manual_seed(seed)
-        prior_gen = self._generator(seed)
-        data = []
-        for s in slides:
-            feats, xy = self._slide_arrays(s)
-            data.append((feats, xy, torch.from_numpy(log1p_targets(s, self.genes_))))
+        prior_gen = torch.Generator(device=self.device).manual_seed(seed)
+        data = [(*self._slide_arrays(s), torch.from_numpy(log1p_targets(s, self.genes_))) for s in slides]
         if self.prior == "zinb-per-gene":
             raw = np.expm1(np.concatenate([d[2].numpy() for d in data]).astype(np.float64)).round()
             self.prior_params_ = fit_zinb_per_gene(raw)
@@ -381,9 +356,6 @@ class STFlowBaseline(Method):
                                self.activation).to(self.device)
         # One epoch = crops_per_slide random crops of every slide, in random order (STFlow's sample_times).
         items = [i for i in range(len(data)) for _ in range(self.crops_per_slide)]
-
-        def batches(epoch: int) -> Iterator[np.ndarray]:
-            return minibatches(rng.permutation(len(items)), self.crops_per_step)
 
         def loss(crops: np.ndarray) -> tuple[torch.Tensor, int]:
             sq_sum, n_el = 0.0, 0
@@ -401,8 +373,8 @@ class STFlowBaseline(Method):
             return sq_sum / n_el, 1
 
         opt = torch.optim.Adam(model.parameters(), lr=self.lr)
-        self.history_ = fit_epochs([model], opt, batches, loss, epochs=self.epochs, max_steps=self.max_steps,
-                                   clip_norm=self.clip_norm)
+        self.history_ = fit_epochs([model], opt, shuffled(len(items), self.crops_per_step, rng), loss,
+                                   epochs=self.epochs, max_steps=self.max_steps, clip_norm=self.clip_norm)
         self.model_ = model.eval()
 
     @torch.no_grad()
@@ -411,7 +383,8 @@ class STFlowBaseline(Method):
         feats, xy = self._slide_arrays(slide)
         feats, xy = feats.to(self.device), xy.to(self.device)
         nbr = torch.from_numpy(knn_graph(xy.cpu().numpy(), self.n_neighbors)).to(self.device)
-        x = self._prior((slide.n_spots, len(self.genes_)), self._generator(self.seed_ + 1))
+        gen = torch.Generator(device=self.device).manual_seed(self.seed_ + 1)
+        x = self._prior((slide.n_spots, len(self.genes_)), gen)
         ts = torch.linspace(0.01, 1.0, self.n_steps)
         pred = euler_sample(lambda xt, t: self.model_(xt, feats, xy, nbr, t.to(self.device)), x, ts)
         return pred.cpu().numpy()
