@@ -26,6 +26,7 @@ way.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -66,10 +67,7 @@ def _config_signature(cfg: TrainConfig) -> dict[str, Any]:
     bit (`_SAME_RESULTS`), renamed keys under their first name (`_FIRST_NAMES`), so entries written before a
     key was added or renamed still match."""
     d = {key: val for key, val in config_to_dict(cfg).items() if key not in (*_COSMETIC, *_SAME_RESULTS, "genes")}
-    model = dict(d.get("model") or {})
-    for new, first in _FIRST_NAMES.items():
-        if new in model:
-            model[first] = model.pop(new)
+    model = {_FIRST_NAMES.get(k, k): v for k, v in (d.get("model") or {}).items()}  # digests sort keys
     return {**d, "model": model} if "model" in d else d
 
 
@@ -95,12 +93,7 @@ def slide_fingerprint(slide: Slide, embedding: str) -> str:
 
 
 def fold_key(
-    method: Method,
-    fold: Mapping[str, Any],
-    genes: Sequence[str],
-    *,
-    embedding: str,
-    seed: int,
+    method: Method, fold: Mapping[str, Any], genes: Sequence[str], *, embedding: str, seed: int,
     fingerprints: Mapping[str, str],
 ) -> dict[str, Any]:
     """The fields that determine one method's result on one fold (`digest` of it names the entry).
@@ -136,19 +129,18 @@ class ResultCache:
 
     def __init__(self, extra: Iterable[str | Path] = ()) -> None:
         self.extra = [Path(p) for p in extra]
-        self._index: dict[str, list[Path]] | None = None
 
-    def _extra_entries(self, key: str) -> list[Path]:
-        if self._index is None:
-            self._index = {}
-            for root in self.extra:
-                for p in sorted(root.glob(f"**/{CACHE_DIR}/*.json")):
-                    self._index.setdefault(p.stem, []).append(p)
-        return self._index.get(key, [])
+    @functools.cached_property
+    def _index(self) -> dict[str, list[Path]]:
+        """Entry name -> its files in the extra folders (searched once, on the first look-up)."""
+        index: dict[str, list[Path]] = {}
+        for p in (p for root in self.extra for p in sorted(root.glob(f"**/{CACHE_DIR}/*.json"))):
+            index.setdefault(p.stem, []).append(p)
+        return index
 
     def get(self, key: str, run_dir: str | Path) -> dict[str, Any] | None:
         """The valid entry named ``key`` (run directory first, then the extra folders), or None."""
-        for path in [Path(run_dir) / CACHE_DIR / f"{key}.json", *self._extra_entries(key)]:
+        for path in [Path(run_dir) / CACHE_DIR / f"{key}.json", *self._index.get(key, [])]:
             if path.is_file():
                 entry = read_entry(path, key)
                 if entry is not None:

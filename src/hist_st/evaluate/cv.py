@@ -83,10 +83,7 @@ def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], pat
     for name, hist in histories.items():
         if hist:
             ax.plot([h["epoch"] for h in hist], [h["loss"] for h in hist], label=name, lw=1.5)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training MSE (log1p counts)")
-    ax.set_yscale("log")
-    ax.set_title("HiST training loss per fold")
+    ax.set(xlabel="epoch", ylabel="training MSE (log1p counts)", yscale="log", title="HiST training loss per fold")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

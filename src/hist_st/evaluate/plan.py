@@ -73,34 +73,24 @@ def slide_groups(
 
     A slide whose patient is unknown (blank in HEST, written as NaN) maps to None: `make_folds` gives it
     a group of its own and the folds name it. Other group columns must have a value for every slide."""
+    column = manifest.get(group_by) if manifest is not None else None
+    column = column if isinstance(column, Mapping) else {}
     out: dict[str, str | None] = {}
     for s in slides:
-        value = None
-        if group_by == "patient":
-            value = s.patient
-        if value is None and manifest is not None and isinstance(manifest.get(group_by), Mapping):
-            value = manifest[group_by].get(s.slide_id)
-        if value is None:
-            value = s.meta.get(group_by)
+        found = (s.patient if group_by == "patient" else None, column.get(s.slide_id), s.meta.get(group_by))
+        value = next((v for v in found if v is not None), None)
         if value is None or value == "" or (isinstance(value, float) and value != value):
-            if group_by == "patient":
-                out[s.slide_id] = None
-                continue
-            raise InputError(f"slide {s.slide_id!r}", f"has no value for the group column {group_by!r}")
-        out[s.slide_id] = str(value)
+            if group_by != "patient":
+                raise InputError(f"slide {s.slide_id!r}", f"has no value for the group column {group_by!r}")
+            value = None
+        out[s.slide_id] = None if value is None else str(value)
     return out
 
 
 def make_plan(
-    cohort: str | Path,
-    genes: GeneConfig,
-    *,
-    k: int = 4,
-    seed: int = 0,
-    group_by: str | None = None,
+    cohort: str | Path, genes: GeneConfig, *, k: int = 4, seed: int = 0, group_by: str | None = None,
     folds: str | Path | Sequence[Mapping[str, Sequence[str]]] | None = None,
-    slide_ids: Sequence[str] | None = None,
-    embedding: str | None = None,
+    slide_ids: Sequence[str] | None = None, embedding: str | None = None,
 ) -> Plan:
     """Load a cohort and plan its cross-validation.
 

@@ -38,18 +38,14 @@ class HiSTMethod(Method):
     Args:
         config: The training configuration (default: `TrainConfig()`).
         dist_info: This process's place in a ``torchrun`` job (default: a single process).
-        desc: Progress-bar label of the training run.
     """
 
     display_name: ClassVar[str] = "HiST"
     distributed: ClassVar[bool] = True
 
-    def __init__(self, config: TrainConfig | None = None, *, dist_info: DistInfo | None = None,
-                 desc: str = "train") -> None:
+    def __init__(self, config: TrainConfig | None = None, *, dist_info: DistInfo | None = None) -> None:
         super().__init__(config=config or TrainConfig())
-        self.config: TrainConfig = self.options["config"]
         self.dist_info = dist_info or DistInfo()
-        self.desc = desc
         self.bundle_: Any = None
 
     def save_settings(self, out_dir: Path) -> None:
@@ -58,15 +54,14 @@ class HiSTMethod(Method):
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         cfg = self.config if self.config.seed == seed else dataclasses.replace(self.config, seed=int(seed))
-        desc = self.out_dir_.name.replace("_", " ") if self.out_dir_ is not None else self.desc
+        desc = self.out_dir_.name.replace("_", " ") if self.out_dir_ is not None else "train"
         result = train(cfg, slides, out_dir=self.out_dir_, genes=self.genes_, desc=desc,
                        dist_info=self.dist_info, overwrite=True)  # a cv run replaces its own earlier folds
         self.bundle_ = result.bundle
         self.history_ = list(result.history)
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        mean, _ = predict_log1p(self.bundle_, slide)
-        return mean
+        return predict_log1p(self.bundle_, slide)[0]  # one deterministic pass
 
     def prediction(self, slide: Slide, *, mc_samples: int = 0, seed: int = 0) -> Slide:
         """``slide`` with HiST's predictions (`hist_st.train.predict.predict_slide`), to write as a file."""

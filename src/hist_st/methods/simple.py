@@ -95,8 +95,8 @@ class RidgeBaseline(Method):
         from sklearn.preprocessing import StandardScaler
 
         x, y = self._xy(slides)
-        std = x.std(axis=0)
-        self.keep_ = np.flatnonzero(std >= self.min_std) if self.min_std > 0 else np.arange(x.shape[1])
+        keep = x.std(axis=0) >= self.min_std if self.min_std > 0 else np.ones(x.shape[1], dtype=bool)
+        self.keep_ = np.flatnonzero(keep)
         if len(self.keep_) == 0:
             raise InputError("ridge", f"every embedding channel has training std < min_std={self.min_std}")
         x = x[:, self.keep_]
@@ -106,9 +106,8 @@ class RidgeBaseline(Method):
         self.y_mean_ = y.mean(axis=0) if self.center_targets else np.zeros(y.shape[1], dtype=np.float32)
         # HEST: alpha = 100 / (X_train.shape[1] * y_train.shape[1]) with X_train the PCA scores.
         self.alpha_ = float(self.alpha) if self.alpha is not None else 100.0 / (z.shape[1] * y.shape[1])
-        self.reg_ = Ridge(
-            solver="lsqr", alpha=self.alpha_, random_state=seed, fit_intercept=False, max_iter=self.max_iter
-        )
+        self.reg_ = Ridge(solver="lsqr", alpha=self.alpha_, random_state=seed, fit_intercept=False,
+                          max_iter=self.max_iter)
         self.reg_.fit(z, y - self.y_mean_)
 
     def _predict(self, slide: Slide) -> np.ndarray:

@@ -114,11 +114,8 @@ def sample_zinb(
     flow's source off the CPU, where it cost more than the network's step.
     """
     dev = generator.device
-
-    def full(v: Any) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(v, dtype=np.float32), device=dev).expand(shape)
-
-    r, lg, zi = full(total_count), full(logits), full(zi_logits)
+    r, lg, zi = (torch.as_tensor(np.asarray(v, dtype=np.float32), device=dev).expand(shape)
+                 for v in (total_count, logits, zi_logits))
     rate = standard_gamma(r.contiguous(), generator) * torch.exp(lg)
     counts = torch.poisson(rate, generator=generator)
     zero = torch.rand(shape, generator=generator, device=dev) < torch.sigmoid(zi)
@@ -141,13 +138,9 @@ def fit_zinb_per_gene(counts: np.ndarray, steps: int = 300, lr: float = 0.05) ->
     for _ in range(steps):
         r = log_r.exp()
         # NB log-pmf with mean exp(log_mu) and dispersion r.
-        log_nb = (
-            torch.lgamma(x + r)
-            - torch.lgamma(r)
-            - torch.lgamma(x + 1)
-            + r * (log_r - torch.logaddexp(log_r, log_mu))
-            + x * (log_mu - torch.logaddexp(log_r, log_mu))
-        )
+        log_nb = (torch.lgamma(x + r) - torch.lgamma(r) - torch.lgamma(x + 1)
+                  + r * (log_r - torch.logaddexp(log_r, log_mu))
+                  + x * (log_mu - torch.logaddexp(log_r, log_mu)))
         log_pi, log_1mpi = F.logsigmoid(zi), F.logsigmoid(-zi)
         ll = torch.where(is_zero, torch.logaddexp(log_pi, log_1mpi + log_nb), log_1mpi + log_nb)
         loss = -ll.mean()
@@ -182,9 +175,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(
-            -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
+        steps = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(10000.0) * steps / half)
         args = t.float()[..., None] * freqs
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -221,9 +213,8 @@ class FrameAttention(nn.Module):
         self.w_out = _mlp(d_model + d_edge, d_model, d_model, act, drop)
         self.attn_drop = nn.Dropout(attn_drop)
 
-    def forward(
-        self, x: torch.Tensor, h: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: torch.Tensor, coords: torch.Tensor,
+                nbr: torch.Tensor) -> torch.Tensor:
         """x ``[N, G]`` state, h ``[N, D]`` tokens, coords ``[N, 2]``, nbr ``[N, K]`` -> ``[N, D]``."""
         n, k = nbr.shape
         q, kk, v = (t.view(n, self.h, -1) for t in self.qkv(h).chunk(3, dim=-1))  # each [N, H, dh]
@@ -273,10 +264,8 @@ class STFlowDenoiser(nn.Module):
             for _ in range(n_layers)
         )
 
-    def forward(
-        self, x_t: torch.Tensor, feats: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor,
-        t: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, feats: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor,
+                t: torch.Tensor) -> torch.Tensor:
         """x_t ``[N, G]``, feats ``[N, C]``, coords ``[N, 2]``, nbr ``[N, K]``, scalar t -> ``[N, G]``."""
         h = self.image_transform(feats) + self.time_embed(t.reshape(1))  # [N, D]
         x = x_t

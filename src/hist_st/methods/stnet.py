@@ -33,30 +33,20 @@ def image_patch_source(size_px: int = 224, um_per_px: float = 0.5) -> PatchSourc
     """
 
     def source(slide: Slide) -> np.ndarray:
-
         if not slide.image:
-            raise InputError(
-                f"slide {slide.slide_id!r}",
-                "stnet needs the H&E image (slide.image is empty); pass patches=...",
-            )
+            raise InputError(f"slide {slide.slide_id!r}",
+                             "stnet needs the H&E image (slide.image is empty); pass patches=...")
         if not Path(slide.image).exists():
             raise InputError(slide.image, "H&E image not found (needed by the stnet baseline)")
-        patches, _ = extract_patches(
-            slide.image, slide.spatial, slide.um_per_px, PatchParams(size_px, um_per_px)
-        )
-        return patches
+        params = PatchParams(size_px, um_per_px)
+        return extract_patches(slide.image, slide.spatial, slide.um_per_px, params)[0]  # [N, P, P, 3] uint8
 
     return source
 
 
 def dihedral8(x: torch.Tensor) -> list[torch.Tensor]:
     """The 8 rotations / reflections of an image batch ``[B, 3, H, W]`` -> list of 8 tensors."""
-    out = []
-    for flip in (False, True):
-        y = torch.flip(x, dims=(-1,)) if flip else x
-        for k in range(4):
-            out.append(torch.rot90(y, k, dims=(-2, -1)))
-    return out
+    return [torch.rot90(y, k, dims=(-2, -1)) for y in (x, torch.flip(x, dims=(-1,))) for k in range(4)]
 
 
 def _random_dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
