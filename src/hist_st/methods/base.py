@@ -149,7 +149,8 @@ class Method(ABC):
     Subclasses take their hyper-parameters as keyword arguments whose defaults are the published ones
     (documented, with the source, in each class docstring) and pass them to ``Method.__init__``, which
     records them in `options` and sets each as an attribute of the same name (``options_of(locals())``;
-    a ``device`` option becomes the `torch.device` it resolves to).
+    a ``device`` option becomes the `torch.device` it resolves to). What `fit` learns is set by it, in
+    attributes whose names end in ``_`` (as in scikit-learn).
 
     Attributes:
         name: Registry name (set by `register`).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -46,7 +46,6 @@ class HiSTMethod(Method):
     def __init__(self, config: TrainConfig | None = None, *, dist_info: DistInfo | None = None) -> None:
         super().__init__(config=config or TrainConfig())
         self.dist_info = dist_info or DistInfo()
-        self.bundle_: Any = None
 
     def save_settings(self, out_dir: Path) -> None:
         """Write the resolved config as ``out_dir/config.yaml``."""

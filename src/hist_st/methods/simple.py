@@ -28,15 +28,13 @@ class MeanBaseline(Method):
 
     def __init__(self) -> None:
         super().__init__()
-        self.mean_: np.ndarray | None = None
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         assert self.genes_ is not None
         y = np.concatenate([log1p_targets(s, self.genes_) for s in slides]).astype(np.float64)
-        self.mean_ = y.mean(axis=0).astype(np.float32)
+        self.mean_: np.ndarray = y.mean(axis=0).astype(np.float32)  # [G]
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.mean_ is not None
         return np.broadcast_to(self.mean_, (slide.n_spots, self.mean_.shape[0])).copy()
 
 
@@ -82,11 +80,6 @@ class RidgeBaseline(Method):
         max_iter: int = 1000, min_std: float = 0.0,
     ) -> None:
         super().__init__(**options_of(locals()))
-        self.keep_: np.ndarray | None = None
-        self.pipe_ = None
-        self.reg_ = None
-        self.y_mean_: np.ndarray | None = None
-        self.alpha_: float | None = None
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         from sklearn.decomposition import PCA
@@ -111,7 +104,6 @@ class RidgeBaseline(Method):
         self.reg_.fit(z, y - self.y_mean_)
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.pipe_ is not None and self.reg_ is not None and self.y_mean_ is not None
         return self.reg_.predict(self.pipe_.transform(self._x(slide)[:, self.keep_])) + self.y_mean_
 
 
@@ -148,8 +140,6 @@ class MLPBaseline(Method):
         epochs: int = 50, batch_size: int = 256, device: str = "auto", standardise: bool = False,
     ) -> None:
         super().__init__(**options_of(locals()))
-        self.net_: nn.Module | None = None
-        self.x_norm_: tuple[np.ndarray, np.ndarray] | None = None  # standardise: training mean, std + 1e-6
 
     def _inputs(self, x: np.ndarray) -> torch.Tensor:
         """Embeddings ``[N, C]`` as the network reads them: raw, or standardised with training statistics."""
@@ -158,6 +148,7 @@ class MLPBaseline(Method):
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         x, y = self._xy(slides)
+        # standardise: the training mean and std + 1e-6 [C]
         self.x_norm_ = (x.mean(axis=0), x.std(axis=0) + 1e-6) if self.standardise else None
         xt = self._inputs(x)  # [N, C]
         yt = torch.from_numpy(y).float()  # [N, G]
@@ -177,5 +168,4 @@ class MLPBaseline(Method):
         self.net_ = net.eval()
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.net_ is not None
         return batched(self.net_, self._inputs(self._x(slide)).to(self.device), 4096).cpu().numpy()

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -305,9 +304,6 @@ class STFlowBaseline(Method):
         if n_steps < 2:
             raise ValueError("n_steps must be >= 2 (n_steps - 1 denoiser evaluations)")
         super().__init__(**options_of(locals()))
-        self.model_: STFlowDenoiser | None = None
-        self.prior_params_: dict[str, Any] | None = None
-        self.seed_: int = 0
 
     def _slide_arrays(self, slide: Slide) -> tuple[torch.Tensor, torch.Tensor]:
         xy = np.asarray(slide.spatial, dtype=np.float64)
@@ -316,7 +312,6 @@ class STFlowBaseline(Method):
 
     def _prior(self, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
         """``log1p`` of a ZINB draw ``[*shape]`` on the device (the flow's source distribution)."""
-        assert self.prior_params_ is not None
         p = self.prior_params_
         return torch.log1p(sample_zinb(shape, p["total_count"], p["logits"], p["zi_logits"], gen))
 
@@ -368,9 +363,8 @@ class STFlowBaseline(Method):
 
     @torch.no_grad()
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.model_ is not None and self.genes_ is not None
-        feats, xy = self._slide_arrays(slide)
-        feats, xy = feats.to(self.device), xy.to(self.device)
+        assert self.genes_ is not None
+        feats, xy = (a.to(self.device) for a in self._slide_arrays(slide))
         nbr = torch.from_numpy(knn_graph(xy.cpu().numpy(), self.n_neighbors)).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.seed_ + 1)
         x = self._prior((slide.n_spots, len(self.genes_)), gen)

@@ -214,12 +214,6 @@ class STNetBaseline(Method):
         del options["patches"]  # a callable: not an option that identifies a run
         super().__init__(**{**options, "weights": str(weights) if weights else None})
         self.patches = patches if patches is not None else image_patch_source()
-        self.model_: torch.nn.Module | None = None
-        self.norm_: tuple[np.ndarray, np.ndarray] | None = None
-        self.fit_seconds_: float | None = None
-        self.log_scale_ = 0.0
-        self.best_epoch_: int | None = None
-        self.inner_sse_: list[float] = []
 
     def _get_patches(self, slide: Slide) -> np.ndarray:
         p = np.asarray(self.patches(slide))
@@ -232,13 +226,11 @@ class STNetBaseline(Method):
 
     def _to_input(self, patches_u8: np.ndarray) -> torch.Tensor:
         """uint8 ``[B, P, P, 3]`` -> normalised float ``[B, 3, S, S]`` on the device."""
-        assert self.norm_ is not None
         x = torch.from_numpy(patches_u8).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
                               align_corners=False)
-        mean = torch.as_tensor(self.norm_[0], device=x.device).view(1, 3, 1, 1)
-        std = torch.as_tensor(self.norm_[1], device=x.device).view(1, 3, 1, 1)
+        mean, std = (torch.as_tensor(v, device=x.device).view(1, 3, 1, 1) for v in self.norm_)
         return (x - mean) / std
 
     def _targets(self, slides: list[Slide]) -> tuple[np.ndarray, np.ndarray]:
@@ -258,16 +250,15 @@ class STNetBaseline(Method):
         sample = imgs[rng.choice(len(imgs), size=min(len(imgs), 384), replace=False)] / 255.0  # float64
         self.norm_ = (sample.mean(axis=(0, 1, 2)).astype(np.float32),
                       (sample.std(axis=(0, 1, 2)) + 1e-6).astype(np.float32))
-        epochs = self.epochs
-        if self.select_epoch == "inner-cv" and len(slides) > 1:
-            epochs = self._inner_cv_epoch(imgs_by_slide, slides, seed)
-        self.best_epoch_ = epochs
-        self.model_ = self._train(imgs, y, rng, epochs)[0]
+        inner = self.select_epoch == "inner-cv" and len(slides) > 1
+        self.inner_sse_ = self._inner_sse(imgs_by_slide, slides, seed) if inner else []  # per epoch
+        self.best_epoch_ = int(np.argmin(self.inner_sse_)) + 1 if inner else self.epochs
+        self.model_ = self._train(imgs, y, rng, self.best_epoch_)[0]
         self.fit_seconds_ = time.perf_counter() - t0
 
-    def _inner_cv_epoch(self, imgs_by_slide: list[np.ndarray], slides: list[Slide], seed: int) -> int:
-        """ST-Net's epoch choice: the epoch with the lowest summed squared error on held-out training
-        patients over `inner_folds` (each inner model trained for ``epochs`` epochs)."""
+    def _inner_sse(self, imgs_by_slide: list[np.ndarray], slides: list[Slide], seed: int) -> list[float]:
+        """ST-Net's epoch choice: per epoch, the summed squared error on held-out training patients over
+        `inner_folds` (each inner model trained for ``epochs`` epochs); the lowest one's epoch is kept."""
         sse = np.zeros(self.epochs)
         for f, val in enumerate(inner_folds(slides, self.n_inner_folds)):
             train_i = [i for i in range(len(slides)) if i not in val]
@@ -275,8 +266,7 @@ class STNetBaseline(Method):
             (y_tr, _), (y_val, _) = (self._targets([slides[i] for i in idx]) for idx in (train_i, val))
             inner_rng = np.random.default_rng([seed, f + 1])
             sse += self._train(x_tr, y_tr, inner_rng, self.epochs, held_out=(x_val, y_val))[1]
-        self.inner_sse_ = sse.tolist()
-        return int(np.argmin(sse)) + 1
+        return sse.tolist()
 
     def _train(self, imgs: np.ndarray, y: np.ndarray, rng: np.random.Generator, epochs: int,
                held_out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.nn.Module, np.ndarray]:
@@ -322,9 +312,7 @@ class STNetBaseline(Method):
         return out.cpu().numpy()
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.model_ is not None
-        model = self.model_
-        out = batched(lambda xb: self._forward(model, xb), self._get_patches(slide), self.batch_size)
+        out = batched(lambda xb: self._forward(self.model_, xb), self._get_patches(slide), self.batch_size)
         return (out + self.log_scale_).astype(np.float32)  # log1p space (0 for log1p targets)
 
 
