@@ -1,15 +1,5 @@
 """K-fold cross-validation of any methods on one plan: identical folds, genes, targets and embedding.
 
-```python
-from hist_st.evaluate import make_plan, run_cv
-from hist_st.methods import HiSTMethod, get_method
-from hist_st.train.config import load_config
-cfg = load_config(None, ["epochs=20"])
-plan = make_plan("cohort/", cfg.genes, k=4, seed=cfg.seed)
-res = run_cv(plan, [HiSTMethod(cfg), get_method("ridge")], "runs/cv", seed=cfg.seed)   # CVResult
-print(res.table)
-```
-
 Run directory layout::
 
     config.yaml            HiST's resolved TrainConfig (when HiST is among the methods)
@@ -83,7 +73,8 @@ def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], pat
     for name, hist in histories.items():
         if hist:
             ax.plot([h["epoch"] for h in hist], [h["loss"] for h in hist], label=name, lw=1.5)
-    ax.set(xlabel="epoch", ylabel="training MSE (log1p counts)", yscale="log", title="HiST training loss per fold")
+    ax.set(xlabel="epoch", ylabel="training MSE (log1p counts)", yscale="log",
+           title="HiST training loss per fold")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,12 +1,5 @@
 """What every method of an experiment shares, computed once: the slides, the folds and the genes.
 
-```python
-from hist_st.evaluate import make_plan
-from hist_st.train.config import GeneConfig
-plan = make_plan("cohorts/her2st", GeneConfig.from_spec("he:250"), k=4, seed=0)
-plan.folds[0]["test"], plan.genes[:5], plan.embedding
-```
-
 The folds come from `hist_st.train.folds.make_folds` (by slide, or by a group column such as ``patient``)
 or from a saved ``splits.json``; the genes from the cohort manifest's ranking (scope ``dataset``: one list
 for every fold) or from each fold's training slides (scope ``train-only``).
@@ -122,9 +115,7 @@ def make_plan(
     else:
         fold_list = check_folds(list(folds), ids)
     emb = embedding_key(slides, embedding)
-    dataset_genes = None
-    if genes.scope == "dataset" or genes.genes:
-        dataset_genes = select_genes(slides, genes, manifest)
+    dataset_genes = select_genes(slides, genes, manifest) if genes.scope == "dataset" or genes.genes else None
     fold_genes = {
         int(f["fold"]): dataset_genes if dataset_genes is not None
         else select_genes([by_id[s] for s in sorted(f["train"])], genes, None)

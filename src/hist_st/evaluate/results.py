@@ -1,11 +1,5 @@
 """Typed results of a cross-validation (`hist_st.evaluate.run_cv`): per fold, per method, and the run.
 
-```python
-res = run_cv(plan, [HiSTMethod(cfg), get_method("ridge")], "runs/cv")
-res.methods["ridge"].summary["per_gene"]["pcc"]["mean"]    # `summarise_folds` record
-res.methods["HiST"].seconds, res.methods["HiST"].reused_from, res.folds[0].metrics["ridge"]["pooled"]
-print(res.table)
-```
 ``to_json()`` gives exactly what the run folder's ``metrics.json`` / ``fold_<i>/metrics.json`` hold.
 """
 

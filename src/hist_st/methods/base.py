@@ -3,12 +3,6 @@
 Every baseline is trained and evaluated exactly like HiST: on the same slides, the same genes (picked by
 name from each slide's own gene order), the same targets (``log1p`` of raw counts, no library-size
 normalisation; SPEC 2) and the same patch embeddings (``slide.embeddings[embedding_key]``).
-
-```python
-from hist_st.methods import get_method
-model = get_method("ridge").fit(train_slides, genes, embedding_key="efficientnet_lite0", seed=0)
-pred = model.predict(test_slide)            # float32 [N, G], log1p space, columns in `genes` order
-```
 """
 
 from __future__ import annotations
@@ -171,8 +165,7 @@ class Method(ABC):
 
     def __init__(self, **options: Any) -> None:
         self.options: dict[str, Any] = dict(options)
-        for key, val in options.items():
-            setattr(self, key, val)
+        vars(self).update(options)
         if "device" in options:  # the neural baselines: "auto" is CUDA when available, as for HiST
             self.device = resolve_device(options["device"])
         self.genes_: list[str] | None = None

@@ -112,10 +112,10 @@ class BLEEPBaseline(Method):
         """Indices ``[N, k]`` of the training spots retrieved for every spot of ``slide`` (best first)."""
         k = min(self.top_k, self.bank_key_.shape[0])
         q = torch.from_numpy(self._x(slide)).float().to(self.device)
-        bank = self.bank_key_
 
         def top(qi: torch.Tensor) -> torch.Tensor:
-            return torch.topk(F.normalize(self.img_head_(qi), p=2, dim=-1) @ bank.T, k=k, dim=-1).indices
+            sim = F.normalize(self.img_head_(qi), p=2, dim=-1) @ self.bank_key_.T  # [n, M] cosine similarity
+            return torch.topk(sim, k=k, dim=-1).indices
 
         return batched(top, q, 2048).cpu().numpy()
 

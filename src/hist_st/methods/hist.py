@@ -1,13 +1,5 @@
 """HiST as one method among the others: `hist_st.train.train` and `predict_log1p` behind `Method`.
 
-```python
-from hist_st.methods import get_method
-from hist_st.train.config import load_config
-model = get_method("hist", config=load_config(None, ["epochs=20"]))
-model.fit(train_slides, genes, embedding_key="efficientnet-lite0", seed=0, out_dir="runs/fold_0")
-pred = model.predict(test_slide)       # float32 [N, G], log1p space, columns in `genes` order
-```
-
 Unlike the baselines, HiST writes a run folder while it trains (``model.pt``, ``config.yaml``,
 ``history.json``; `hist_st.train.loop.train`), trains on every rank of a ``torchrun`` job
 (`distributed`), and can write prediction files (`prediction`).

@@ -111,9 +111,8 @@ class RidgeBaseline(Method):
 @variant(min_std=1e-3)
 class RobustRidgeBaseline(RidgeBaseline):
     """`RidgeBaseline` (HEST's probe) after dropping embedding channels whose training std is below
-    ``min_std`` = 1e-3: a labelled variant, not HEST's code. Those channels are nearly constant on the
-    training slides, carry no usable signal, and HEST's StandardScaler turns their test-slide variation
-    into huge z-scores. Options as `RidgeBaseline`."""
+    ``min_std`` = 1e-3 (why: `RidgeBaseline`): a labelled variant, not HEST's code. Options as
+    `RidgeBaseline`."""
 
 
 @register("mlp")

@@ -11,10 +11,8 @@ Follows the authors' code (``stflow/flow/interpolant.py``, ``stflow/flow/noise.p
 - training: per crop, ``t ~ U(0, 1)``, ``x_t = (1 - t) x0 + t x1``; the denoiser predicts ``x1`` (clean
   expression) with an MSE loss; Adam lr 5e-4, gradient clipping 1.0, 100 epochs, 10 random sub-slide
   crops per slide per epoch, 2 crops per step.
-- sampling: ``ts = linspace(0.01, 1, n_steps)``; for each consecutive pair the denoiser predicts ``x1``
-  from ``x_t``; ``x <- x + (t2 - t1) (x1_hat - x) / (1 - t1)`` (the official update, `euler_sample`;
-  hist-st before issue 16 dropped the ``1 / (1 - t1)`` factor); the last prediction is returned
-  (``n_steps - 1`` denoiser evaluations; 5 steps by default).
+- sampling: ``ts = linspace(0.01, 1, n_steps)`` (5 by default) and the official update, `euler_sample`
+  (hist-st before issue 16 dropped its ``1 / (1 - t1)`` factor).
 - denoiser: image features ``Linear(C, 128)`` plus a sinusoidal time embedding (MLP to 128); 4 blocks,
   each: attention over the k = 8 nearest spots (self excluded) whose logits come from an MLP on
   ``[q_i, k_j, edge_ij, x_j - x_i]`` per head (the neighbour's expression difference enters every
@@ -61,8 +59,7 @@ def _nn_scale(xy: np.ndarray) -> float:
     """The median distance from a spot to its nearest other spot (1 when there is none or it is 0)."""
     if len(xy) < 2:
         return 1.0
-    d, _ = cKDTree(xy).query(xy, k=2)
-    s = float(np.median(d[:, 1]))
+    s = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
     return s if s > 0 else 1.0
 
 
@@ -72,8 +69,7 @@ def knn_graph(xy: np.ndarray, k: int) -> np.ndarray:
     kk = max(1, min(k, n - 1))
     if n == 1:
         return np.zeros((1, 1), dtype=np.int64)
-    _, idx = cKDTree(xy).query(xy, k=kk + 1)
-    idx = np.asarray(idx).reshape(n, kk + 1)
+    _, idx = cKDTree(xy).query(xy, k=kk + 1)  # [N, k' + 1]
     # Drop self (column 0 unless coordinates tie): stable-sort the own index to the end of each row.
     order = np.argsort(idx == np.arange(n)[:, None], axis=1, kind="stable")
     return np.take_along_axis(idx, order, axis=1)[:, :kk].astype(np.int64)
@@ -95,8 +91,7 @@ def standard_gamma(alpha: torch.Tensor, generator: torch.Generator) -> torch.Ten
         u = torch.rand(a.shape, generator=generator, device=dev, dtype=a.dtype)
         v = (1 + c * x) ** 3
         ok = (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-30)))
-        take = todo & ok
-        out = torch.where(take, d * v, out)
+        out = torch.where(todo & ok, d * v, out)
         todo = todo & ~ok
     u = torch.rand(a.shape, generator=generator, device=dev, dtype=a.dtype)
     return torch.where(boost, out * u.clamp_min(1e-30) ** (1.0 / alpha), out)
@@ -147,11 +142,9 @@ def fit_zinb_per_gene(counts: np.ndarray, steps: int = 300, lr: float = 0.05) ->
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return {
-            "total_count": log_r.exp().numpy().astype(np.float32),
-            "logits": (log_mu - log_r).numpy().astype(np.float32),  # mean = r * exp(logits)
-            "zi_logits": zi.numpy().astype(np.float32),
-        }
+        return {"total_count": log_r.exp().numpy().astype(np.float32),
+                "logits": (log_mu - log_r).numpy().astype(np.float32),  # mean = r * exp(logits)
+                "zi_logits": zi.numpy().astype(np.float32)}
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, act: str, drop: float) -> nn.Module:
@@ -258,10 +251,8 @@ class STFlowDenoiser(nn.Module):
         super().__init__()
         self.image_transform = nn.Linear(in_dim, hidden)
         self.time_embed = TimestepEmbedder(hidden)
-        self.blocks = nn.ModuleList(
-            STFlowBlock(hidden, pair_hidden, n_genes, n_heads, activation, dropout, attn_dropout)
-            for _ in range(n_layers)
-        )
+        self.blocks = nn.ModuleList(STFlowBlock(hidden, pair_hidden, n_genes, n_heads, activation, dropout,
+                                                attn_dropout) for _ in range(n_layers))
 
     def forward(self, x_t: torch.Tensor, feats: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor,
                 t: torch.Tensor) -> torch.Tensor:
@@ -329,12 +320,11 @@ class STFlowBaseline(Method):
         gen = torch.Generator().manual_seed(seed)
         prior_gen = torch.Generator(device=self.device).manual_seed(seed)
         data = [(*self._slide_arrays(s), torch.from_numpy(log1p_targets(s, self.genes_))) for s in slides]
+        self.prior_params_ = {"total_count": self.zinb_total_count, "logits": self.zinb_logits,
+                              "zi_logits": self.zinb_zi_logits}
         if self.prior == "zinb-per-gene":
             raw = np.expm1(np.concatenate([d[2].numpy() for d in data]).astype(np.float64)).round()
             self.prior_params_ = fit_zinb_per_gene(raw)
-        else:
-            self.prior_params_ = {"total_count": self.zinb_total_count, "logits": self.zinb_logits,
-                                  "zi_logits": self.zinb_zi_logits}
         model = STFlowDenoiser(data[0][0].shape[1], len(self.genes_), self.hidden, self.pair_hidden,
                                self.n_layers, self.n_heads, self.dropout, self.attn_dropout,
                                self.activation).to(self.device)

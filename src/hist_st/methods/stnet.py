@@ -54,8 +54,7 @@ def _random_dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     ``x`` ``[B, 3, H, W]``."""
     ops = torch.from_numpy(rng.integers(0, 8, size=x.shape[0]))
     # Keep x's memory layout (channels-last, from the uint8 patches): the CNN's rounding depends on it.
-    out = torch.empty_like(x)
-    return out.copy_(torch.stack(dihedral8(x))[ops, torch.arange(x.shape[0])])  # [8, B, ...] -> [B, ...]
+    return torch.empty_like(x).copy_(torch.stack(dihedral8(x))[ops, torch.arange(x.shape[0])])
 
 
 def _build_backbone(name: str, weights: str | Path | None) -> tuple[torch.nn.Module, int]:
@@ -218,10 +217,8 @@ class STNetBaseline(Method):
     def _get_patches(self, slide: Slide) -> np.ndarray:
         p = np.asarray(self.patches(slide))
         if p.dtype != np.uint8 or p.ndim != 4 or p.shape[-1] != 3 or p.shape[0] != slide.n_spots:
-            raise InputError(
-                f"slide {slide.slide_id!r}",
-                f"patch source returned {p.dtype} {p.shape}; expected uint8 [{slide.n_spots}, P, P, 3]",
-            )
+            raise InputError(f"slide {slide.slide_id!r}", f"patch source returned {p.dtype} {p.shape}; "
+                                                          f"expected uint8 [{slide.n_spots}, P, P, 3]")
         return p
 
     def _to_input(self, patches_u8: np.ndarray) -> torch.Tensor:
@@ -257,8 +254,7 @@ class STNetBaseline(Method):
         self.fit_seconds_ = time.perf_counter() - t0
 
     def _inner_sse(self, imgs_by_slide: list[np.ndarray], slides: list[Slide], seed: int) -> list[float]:
-        """ST-Net's epoch choice: per epoch, the summed squared error on held-out training patients over
-        `inner_folds` (each inner model trained for ``epochs`` epochs); the lowest one's epoch is kept."""
+        """Per epoch, the summed squared error on held-out training patients over `inner_folds` (ST-Net's)."""
         sse = np.zeros(self.epochs)
         for f, val in enumerate(inner_folds(slides, self.n_inner_folds)):
             train_i = [i for i in range(len(slides)) if i not in val]
@@ -273,8 +269,8 @@ class STNetBaseline(Method):
         """SGD fine-tuning of backbone + linear head on ``imgs [N, P, P, 3]`` uint8, targets ``y [N, G]``.
 
         Returns:
-            The model and, with ``held_out`` (patches, targets), their summed squared error after each epoch
-            ``[epochs]`` (zeros without; then each step's per-spot loss is recorded in ``history_`` instead).
+            The model and, with ``held_out`` (patches, targets), their summed squared error per epoch
+            ``[epochs]`` (without: zeros, and each step's per-spot loss is appended to ``history_``).
         """
         assert self.genes_ is not None
         body, n_feat = _build_backbone(self.backbone, self.weights)

@@ -1,7 +1,5 @@
-"""The training loop the neural baselines share (mlp, bleep, stnet, stflow) and their batched inference.
-
-Each method keeps its own model, loss, optimiser and batches; `fit_epochs` runs the epochs: train mode,
-one optimiser step per batch (optional gradient clipping), a step budget and per-epoch loss records.
+"""The training loop the neural baselines share (mlp, bleep, stnet, stflow) and their batched inference;
+each method keeps its own model, loss, optimiser and batches.
 
 ```python
 gen = torch.Generator().manual_seed(seed)
