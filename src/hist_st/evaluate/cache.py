@@ -1,13 +1,13 @@
 """One content-addressed cache of method results: a fold is trained again only when something that made it changed.
 
-Every fold a method is scored on in `hist_st.evaluate.run_cv` is stored as ``<run dir>/cache/<key>.json``, ``key``
-the SHA-256 of everything that determines the result (`fold_key`; the slides by content, `slide_fingerprint`).
-Files an experiment needs back whole are recorded by `write_file_entry` and returned by `cached_file`. What is
-keyed and why (content, not size + mtime), and how entries are checked: ``docs/CONTRACTS.md``.
+Every fold a method is scored on in `hist_st.evaluate.run_cv` is stored as ``<run dir>/cache/<key>.json``,
+``key`` the SHA-256 of everything that determines the result (`fold_key`; slides by content,
+`slide_fingerprint`). Files an experiment needs back whole are recorded by `write_file_entry` and returned by
+`cached_file`. What is keyed and why (content, not size + mtime), how entries are checked: docs/CONTRACTS.md.
 
 ```python
 cache = ResultCache(["runs/other-run"])          # look-ups also search these folders (recursively)
-entry = cache.get(key, run_dir)                   # None on a miss; a corrupted entry is ignored with a warning
+entry = cache.get(key, run_dir)                   # None on a miss; a corrupted entry is ignored (warning)
 ```
 """
 
@@ -59,7 +59,8 @@ def _config_signature(cfg: TrainConfig) -> dict[str, Any]:
 
 def method_signature(method: Method) -> dict[str, Any]:
     """The method's name and options as a comparable dict (a HiST config as `_config_signature` keys it)."""
-    options = {k: _config_signature(v) if isinstance(v, TrainConfig) else v for k, v in method.options.items()}
+    options = {k: _config_signature(v) if isinstance(v, TrainConfig) else v
+               for k, v in method.options.items()}
     return to_jsonable({"name": method.name, "options": options})
 
 
@@ -102,7 +103,8 @@ def _revive(metrics: Any) -> dict[str, Any]:
     """A stored `evaluate_fold` record with the scalar metrics back as floats (JSON stores NaN as null)."""
     out = dict(metrics)
     for proto, keys in _METRIC_KEYS.items():
-        out[proto] = {**out[proto], **{k: float("nan" if out[proto][k] is None else out[proto][k]) for k in keys}}
+        values = {k: float("nan" if out[proto][k] is None else out[proto][k]) for k in keys}
+        out[proto] = {**out[proto], **values}
     return out
 
 

@@ -86,9 +86,9 @@ def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], pat
 
 
 def run_cv(
-    plan: Plan, methods: Sequence[Method], out_dir: str | Path, *, seed: int = 0, write_predictions: bool = True,
-    mc_samples: int = 0, dist_info: DistInfo | None = None, progress: bool = True, cache: ResultCache | None = None,
-    retrain: Collection[str] = (),
+    plan: Plan, methods: Sequence[Method], out_dir: str | Path, *, seed: int = 0,
+    write_predictions: bool = True, mc_samples: int = 0, dist_info: DistInfo | None = None,
+    progress: bool = True, cache: ResultCache | None = None, retrain: Collection[str] = (),
 ) -> CVResult:
     """Cross-validate ``methods`` on the folds and genes of ``plan``.
 
@@ -157,7 +157,8 @@ def run_cv(
         if not master:
             return CVResult(out, plan.embedding, genes_, k=plan.k, group_by=plan.group_by)
         here = out.resolve()
-        reused = {m: e[0]["origin"] for m, e in done.items() if all(Path(x["origin"]).resolve() != here for x in e)}
+        reused = {m: e[0]["origin"] for m, e in done.items()  # every fold computed in another folder
+                  if all(Path(x["origin"]).resolve() != here for x in e)}
         result = CVResult(out, plan.embedding, genes_, k=plan.k, group_by=plan.group_by, folds=tuple(records),
                           histories=histories,
                           methods={m: MethodSummary(summarise_folds([r.metrics[m] for r in records]),
@@ -174,9 +175,8 @@ def _fit_fold(
     plan: Plan, fold: Mapping[str, Any], method: Method, out: Path, *, seed: int, master: bool,
     write_predictions: bool, mc_samples: int,
 ) -> dict[str, Any] | None:
-    """Train ``method`` on the fold's training slides (its run folder ``out/fold_<i>``), predict and score its
-    test slides: the fold's cache entry (metrics, seconds, per-epoch history, origin); None on ranks other
-    than 0, which only help train."""
+    """Train ``method`` on the fold (run folder ``out/fold_<i>``), predict and score its test slides: the
+    fold's cache entry (metrics, seconds, per-epoch history, origin); None on ranks other than 0."""
     i = int(fold["fold"])
     fdir, genes, test = out / f"fold_{i}", plan.fold_genes[i], plan.test_slides(fold)
     t0 = time.perf_counter()
@@ -191,7 +191,8 @@ def _fit_fold(
     seconds = time.perf_counter() - t0
     history = method.history_ if method.history_ and isinstance(method.history_[0], Mapping) else []  # HiST
     metrics = evaluate_fold(preds, {s.slide_id: gene_counts(s, genes) for s in test})
-    return {"method": method.label, "metrics": metrics, "seconds": seconds, "history": history, "origin": str(out)}
+    return {"method": method.label, "metrics": metrics, "seconds": seconds, "history": history,
+            "origin": str(out)}
 
 
 def _cache_lookups(

@@ -116,10 +116,7 @@ def make_plan(
         fold_list = check_folds(list(folds), ids)
     emb = embedding_key(slides, embedding)
     dataset_genes = select_genes(slides, genes, manifest) if genes.scope == "dataset" or genes.genes else None
-    fold_genes = {
-        int(f["fold"]): dataset_genes if dataset_genes is not None
-        else select_genes([by_id[s] for s in sorted(f["train"])], genes, None)
-        for f in fold_list
-    }
+    fold_genes = {int(f["fold"]): dataset_genes if dataset_genes is not None
+                  else select_genes([by_id[s] for s in sorted(f["train"])], genes, None) for f in fold_list}
     return Plan(cohort=Path(cohort), slides=by_id, folds=fold_list, genes=dataset_genes, fold_genes=fold_genes,
                 embedding=emb, k=len(fold_list), seed=int(seed), group_by=group_by)

@@ -41,12 +41,8 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 
 
 def variant(**defaults: Any) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator for a labelled variant of the parent method: the same options with other defaults.
-
-    The variant's ``__init__`` is the parent's with ``defaults`` bound (`functools.partialmethod`), so
-    `method_option_names` and the option parsers see every option (``@variant(min_std=1e-3)`` on a
-    subclass of `RidgeBaseline` is ``ridge-robust``).
-    """
+    """Class decorator for a labelled variant of the parent method: the same options, ``defaults`` bound
+    (`functools.partialmethod`; ``@variant(min_std=1e-3)`` on a `RidgeBaseline` subclass: ridge-robust)."""
 
     def deco(cls: type[Method]) -> type[Method]:
         parent = cls.__mro__[1]
@@ -229,14 +225,12 @@ class Method(ABC):
             raise RuntimeError(f"{self.name} predicted shape {out.shape}, expected {expected}")
         return out
 
-    # -- subclass hooks -----------------------------------------------------------------------------
     @abstractmethod
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None: ...
 
     @abstractmethod
     def _predict(self, slide: Slide) -> np.ndarray: ...
 
-    # -- shared helpers -----------------------------------------------------------------------------
     def _xy(self, slides: Sequence[Slide]) -> tuple[np.ndarray, np.ndarray]:
         """Stack embeddings ``[sum N, C]`` and log1p targets ``[sum N, G]`` of ``slides``."""
         assert self.genes_ is not None and self.embedding_key_ is not None

@@ -129,11 +129,10 @@ def stnet_targets(slide: Slide, genes: list[str]) -> tuple[np.ndarray, np.ndarra
     Returns:
         ``(targets [N, G] float32, log_scale [N] float64)``.
     """
-    if slide.counts is None:
-        raise InputError(f"slide {slide.slide_id!r}", "has no counts; a training slide needs expression")
+    y = log1p_targets(slide, genes)  # `InputError` for a slide without counts
     total = np.asarray(slide.counts.sum(axis=1), dtype=np.float64).ravel()
     log_scale = np.log(slide.counts.shape[1] + total)
-    return (log1p_targets(slide, genes) - log_scale[:, None]).astype(np.float32), log_scale
+    return (y - log_scale[:, None]).astype(np.float32), log_scale
 
 
 def inner_folds(slides: list[Slide], k: int) -> list[list[int]]:
