@@ -141,7 +141,7 @@ def run_cv(
                 done[label].append(entry)
                 if entry.get("history"):
                     histories[f"fold {i}"] = entry["history"]
-                if master:  # a copy from another folder is remembered here, with where it was computed
+                if master:  # every result is stored here; a copy keeps the folder that computed it
                     write_entry(out, keys[i, label], {k: v for k, v in entry.items() if k != "key"})
             if not master:
                 continue
@@ -213,8 +213,9 @@ def _cache_lookups(
             files = [out / f"fold_{i}" / "predictions" / f"{s}.h5ad" for s in sorted(f["test"])]
             if need_files and hasattr(method, "prediction") and not all(p.is_file() for p in files):
                 continue
-            hits[i, method.label] = cache.get(digest(keys[i, method.label]), out)
-    return keys, {key: entry for key, entry in hits.items() if entry is not None}
+            if (entry := cache.get(digest(keys[i, method.label]), out)) is not None:
+                hits[i, method.label] = entry
+    return keys, hits
 
 
 def build_methods(
