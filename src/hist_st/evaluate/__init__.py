@@ -12,11 +12,11 @@ The metrics themselves (both protocols) are `hist_st.metrics`, re-exported here.
 from hist_st.evaluate.cache import ResultCache
 from hist_st.evaluate.cv import PROTOCOLS, build_methods, cross_validate, fold_model, plot_loss_curves, run_cv
 from hist_st.evaluate.plan import Plan, make_plan, slide_groups
-from hist_st.evaluate.results import CVResult, FoldRecord, MethodSummary, fold_json
+from hist_st.evaluate.results import CVResult, FoldRecord, MethodSummary
 from hist_st.metrics import evaluate_fold, format_table, per_gene_metrics, pooled_metrics, summarise_folds
 
 __all__ = [
     "CVResult", "FoldRecord", "MethodSummary", "PROTOCOLS", "Plan", "ResultCache", "build_methods", "cross_validate",
-    "evaluate_fold", "fold_json", "fold_model", "format_table", "make_plan", "per_gene_metrics", "plot_loss_curves",
+    "evaluate_fold", "fold_model", "format_table", "make_plan", "per_gene_metrics", "plot_loss_curves",
     "pooled_metrics", "run_cv", "slide_groups", "summarise_folds",
 ]

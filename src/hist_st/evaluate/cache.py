@@ -1,31 +1,19 @@
 """One content-addressed cache of method results: a fold is trained again only when something that made it changed.
 
-Every fold a method is scored on in `hist_st.evaluate.run_cv` is stored as ``<run dir>/cache/<key>.json``, where
-``key`` is the SHA-256 of everything that determines the result (`fold_key`):
-
-- the method: its name and options (HiST: its training config, less the keys that change only how a run is
-  shown, ``progress``, ``num_workers``, ``checkpoint_every``, and less the gene selection, compared below);
-- the fold: training and test slide ids;
-- the genes, the embedding key and the training seed;
-- the cohort: a content hash of each of the fold's slides *as the methods read them* (`slide_fingerprint`:
-  counts, coordinates, lattice, embeddings, scales, metadata). Content, not file size + mtime: a cohort
-  copied to another machine (e.g. a GPU run whose folder is brought back with ``--reuse-from``) keeps its
-  hash, and re-preparing a cohort with different settings changes it even when the file size stays.
+Every fold a method is scored on in `hist_st.evaluate.run_cv` is stored as ``<run dir>/cache/<key>.json``,
+``key`` the SHA-256 of everything that determines the result (`fold_key`; slides by content,
+`slide_fingerprint`). Files an experiment needs back whole are recorded by `write_file_entry` and returned by
+`cached_file`. What is keyed and why (content, not size + mtime), how entries are checked: docs/CONTRACTS.md.
 
 ```python
-from hist_st.evaluate.cache import ResultCache
 cache = ResultCache(["runs/other-run"])          # look-ups also search these folders (recursively)
-entry = cache.get(key)                            # None on a miss; a corrupted entry is ignored with a warning
+entry = cache.get(key, run_dir)                   # None on a miss; a corrupted entry is ignored (warning)
 ```
-Entries are written atomically (`hist_st.jsonio.write_json`) and carry their own key fields; a file whose
-fields do not hash to its name, or that is not valid JSON, is ignored with a `UserWarning`. An experiment that
-needs a file itself, not only scores (``bench superres``/``subspot``: trained models, sub-spot slides), records it
-with `write_file_entry` (file name + content hash) and takes it back with `cached_file`, under a key made the same
-way.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -62,24 +50,17 @@ def digest(obj: Any) -> str:
 
 
 def _config_signature(cfg: TrainConfig) -> dict[str, Any]:
-    """A HiST config as it is keyed: without cosmetic keys, genes and keys that give the same numbers bit for
-    bit (`_SAME_RESULTS`), renamed keys under their first name (`_FIRST_NAMES`), so entries written before a
-    key was added or renamed still match."""
+    """A HiST config as it is keyed, less `_COSMETIC`, `_SAME_RESULTS` and genes, with renamed keys under
+    their first name (`_FIRST_NAMES`): entries written before a key was added or renamed still match."""
     d = {key: val for key, val in config_to_dict(cfg).items() if key not in (*_COSMETIC, *_SAME_RESULTS, "genes")}
-    model = dict(d.get("model") or {})
-    for new, first in _FIRST_NAMES.items():
-        if new in model:
-            model[first] = model.pop(new)
+    model = {_FIRST_NAMES.get(k, k): v for k, v in (d.get("model") or {}).items()}  # digests sort keys
     return {**d, "model": model} if "model" in d else d
 
 
 def method_signature(method: Method) -> dict[str, Any]:
     """The method's name and options as a comparable dict (a HiST config as `_config_signature` keys it)."""
-    options = {}
-    for k, v in method.options.items():
-        if isinstance(v, TrainConfig):
-            v = _config_signature(v)
-        options[k] = v
+    options = {k: _config_signature(v) if isinstance(v, TrainConfig) else v
+               for k, v in method.options.items()}
     return to_jsonable({"name": method.name, "options": options})
 
 
@@ -99,12 +80,7 @@ def slide_fingerprint(slide: Slide, embedding: str) -> str:
 
 
 def fold_key(
-    method: Method,
-    fold: Mapping[str, Any],
-    genes: Sequence[str],
-    *,
-    embedding: str,
-    seed: int,
+    method: Method, fold: Mapping[str, Any], genes: Sequence[str], *, embedding: str, seed: int,
     fingerprints: Mapping[str, str],
 ) -> dict[str, Any]:
     """The fields that determine one method's result on one fold (`digest` of it names the entry).
@@ -127,10 +103,8 @@ def _revive(metrics: Any) -> dict[str, Any]:
     """A stored `evaluate_fold` record with the scalar metrics back as floats (JSON stores NaN as null)."""
     out = dict(metrics)
     for proto, keys in _METRIC_KEYS.items():
-        out[proto] = dict(out[proto])
-        for k in keys:
-            v = out[proto][k]
-            out[proto][k] = float("nan") if v is None else float(v)
+        values = {k: float("nan" if out[proto][k] is None else out[proto][k]) for k in keys}
+        out[proto] = {**out[proto], **values}
     return out
 
 
@@ -143,19 +117,18 @@ class ResultCache:
 
     def __init__(self, extra: Iterable[str | Path] = ()) -> None:
         self.extra = [Path(p) for p in extra]
-        self._index: dict[str, list[Path]] | None = None
 
-    def _extra_entries(self, key: str) -> list[Path]:
-        if self._index is None:
-            self._index = {}
-            for root in self.extra:
-                for p in sorted(root.glob(f"**/{CACHE_DIR}/*.json")):
-                    self._index.setdefault(p.stem, []).append(p)
-        return self._index.get(key, [])
+    @functools.cached_property
+    def _index(self) -> dict[str, list[Path]]:
+        """Entry name -> its files in the extra folders (searched once, on the first look-up)."""
+        index: dict[str, list[Path]] = {}
+        for p in (p for root in self.extra for p in sorted(root.glob(f"**/{CACHE_DIR}/*.json"))):
+            index.setdefault(p.stem, []).append(p)
+        return index
 
     def get(self, key: str, run_dir: str | Path) -> dict[str, Any] | None:
         """The valid entry named ``key`` (run directory first, then the extra folders), or None."""
-        for path in [Path(run_dir) / CACHE_DIR / f"{key}.json", *self._extra_entries(key)]:
+        for path in [Path(run_dir) / CACHE_DIR / f"{key}.json", *self._index.get(key, [])]:
             if path.is_file():
                 entry = read_entry(path, key)
                 if entry is not None:
@@ -194,9 +167,7 @@ def cached_file(cache: ResultCache | None, key_fields: Mapping[str, Any], folder
     when the file is still the one the entry recorded (content hash); None otherwise, or when ``cache`` is None."""
     entry = cache.get(digest(key_fields), folder) if cache is not None else None
     path = Path(folder) / str((entry or {}).get("file", ""))
-    if entry is None or not path.is_file() or file_digest(path) != entry.get("sha256"):
-        return None
-    return path
+    return path if entry is not None and path.is_file() and file_digest(path) == entry.get("sha256") else None
 
 
 def write_file_entry(folder: str | Path, key_fields: Mapping[str, Any], name: str, seconds: float) -> Path:

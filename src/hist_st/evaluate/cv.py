@@ -1,15 +1,5 @@
 """K-fold cross-validation of any methods on one plan: identical folds, genes, targets and embedding.
 
-```python
-from hist_st.evaluate import make_plan, run_cv
-from hist_st.methods import HiSTMethod, get_method
-from hist_st.train.config import load_config
-cfg = load_config(None, ["epochs=20"])
-plan = make_plan("cohort/", cfg.genes, k=4, seed=cfg.seed)
-res = run_cv(plan, [HiSTMethod(cfg), get_method("ridge")], "runs/cv", seed=cfg.seed)   # CVResult
-print(res.table)
-```
-
 Run directory layout::
 
     config.yaml            HiST's resolved TrainConfig (when HiST is among the methods)
@@ -83,10 +73,8 @@ def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], pat
     for name, hist in histories.items():
         if hist:
             ax.plot([h["epoch"] for h in hist], [h["loss"] for h in hist], label=name, lw=1.5)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training MSE (log1p counts)")
-    ax.set_yscale("log")
-    ax.set_title("HiST training loss per fold")
+    ax.set(xlabel="epoch", ylabel="training MSE (log1p counts)", yscale="log",
+           title="HiST training loss per fold")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -98,17 +86,9 @@ def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], pat
 
 
 def run_cv(
-    plan: Plan,
-    methods: Sequence[Method],
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    write_predictions: bool = True,
-    mc_samples: int = 0,
-    dist_info: DistInfo | None = None,
-    progress: bool = True,
-    cache: ResultCache | None = None,
-    retrain: Collection[str] = (),
+    plan: Plan, methods: Sequence[Method], out_dir: str | Path, *, seed: int = 0,
+    write_predictions: bool = True, mc_samples: int = 0, dist_info: DistInfo | None = None,
+    progress: bool = True, cache: ResultCache | None = None, retrain: Collection[str] = (),
 ) -> CVResult:
     """Cross-validate ``methods`` on the folds and genes of ``plan``.
 
@@ -131,13 +111,12 @@ def run_cv(
         The `CVResult` (per method: fold summary, seconds, the folder that computed it when every fold came
         from another run folder; per fold: the metrics); on ranks other than 0 one without methods or folds.
     """
-    info = dist_info or DistInfo()
-    master = info.is_master
+    master = (dist_info or DistInfo()).is_master
     out = Path(out_dir)
     labels = [m.label for m in methods]
     keys, hits = _cache_lookups(plan, methods, out, seed=seed, cache=cache, retrain=retrain,
                                 need_files=write_predictions)
-    origins: dict[str, list[str]] = {m: [] for m in labels}
+    done: dict[str, list[dict[str, Any]]] = {m: [] for m in labels}  # per method, its folds' cache entries
     with fresh_folder(out, enabled=master):
         if master:
             save_folds(plan.folds, out / "splits.json", k=plan.k, seed=plan.seed, group_by=plan.group_by,
@@ -147,66 +126,44 @@ def run_cv(
             for m in methods:
                 m.save_settings(out)
             write_json(package_versions(), out / "versions.json")
-        seconds: dict[str, float] = {m: 0.0 for m in labels}
         histories: dict[str, list[dict[str, float]]] = {}
         records: list[FoldRecord] = []
         bar = tqdm(plan.folds, desc="cv folds", unit="fold", disable=not (progress and master))
         for f in bar:
             i = int(f["fold"])
-            fdir = out / f"fold_{i}"
-            train_slides, test_slides = plan.train_slides(f), plan.test_slides(f)
-            genes = plan.fold_genes[i]
-            truths = {s.slide_id: gene_counts(s, genes) for s in test_slides}
-            fold_metrics: dict[str, Any] = {}
             for method, label in zip(methods, labels):
                 entry = hits.get((i, label))
-                if entry is not None:
-                    fold_metrics[label], origins[label] = entry["metrics"], [*origins[label], entry["origin"]]
-                    seconds[label] += entry["seconds"]
-                    if entry.get("history"):
-                        histories[f"fold {i}"] = entry["history"]
-                    if master:  # a copy from another folder is remembered here, with where it was computed
-                        write_entry(out, keys[i, label], {k: v for k, v in entry.items() if k != "key"})
+                if entry is None and (master or method.distributed):
+                    entry = _fit_fold(plan, f, method, out, seed=seed, master=master,
+                                      write_predictions=write_predictions, mc_samples=mc_samples)
+                if entry is None:  # rank 0 alone trains this method, or this rank only helped train it
                     continue
-                if not (master or method.distributed):
-                    continue
-                t0 = time.perf_counter()
-                method.fit(train_slides, genes, embedding_key=plan.embedding, seed=seed, out_dir=fdir)
-                if not master:
-                    continue
-                preds = {s.slide_id: method.predict(s) for s in test_slides}
-                if write_predictions and hasattr(method, "prediction"):
-                    for s in test_slides:
-                        write_prepared(method.prediction(s, mc_samples=mc_samples, seed=seed),
-                                       fdir / "predictions" / f"{s.slide_id}.h5ad")
-                dt = time.perf_counter() - t0
-                seconds[label] += dt
-                history = method.history_ if method.history_ and isinstance(method.history_[0], Mapping) else []
-                if history:  # per-epoch records: HiST
-                    histories[f"fold {i}"] = history
-                fold_metrics[label] = evaluate_fold(preds, truths)
-                write_entry(out, keys[i, label], {"method": label, "metrics": fold_metrics[label], "seconds": dt,
-                                                  "history": history, "origin": str(out)})
+                done[label].append(entry)
+                if entry.get("history"):
+                    histories[f"fold {i}"] = entry["history"]
+                if master:  # every result is stored here; a copy keeps the folder that computed it
+                    write_entry(out, keys[i, label], {k: v for k, v in entry.items() if k != "key"})
             if not master:
                 continue
-            record = FoldRecord(i, tuple(f["train"]), tuple(f["test"]), tuple(genes),
-                                {m: fold_metrics[m] for m in labels})
-            write_json(record.to_json(), fdir / "metrics.json")
+            record = FoldRecord(i, tuple(f["train"]), tuple(f["test"]), tuple(plan.fold_genes[i]),
+                                {m: done[m][-1]["metrics"] for m in labels})
+            write_json(record.to_json(), out / f"fold_{i}" / "metrics.json")
             records.append(record)
             if hasattr(bar, "set_postfix") and labels:
-                first = fold_metrics[labels[0]]
+                first = record.metrics[labels[0]]
                 bar.set_postfix(pooled_r2=f"{first['pooled']['r2']:.3f}", pcc=f"{first['per_gene']['pcc']:.3f}")
 
         genes_ = tuple(plan.genes) if plan.genes is not None else None
         if not master:
             return CVResult(out, plan.embedding, genes_, k=plan.k, group_by=plan.group_by)
-        here = str(out.resolve())
-        reused = {m: o[0] for m, o in origins.items()
-                  if len(o) == len(plan.folds) and all(str(Path(x).resolve()) != here for x in o)}
+        here = out.resolve()
+        reused = {m: e[0]["origin"] for m, e in done.items()  # every fold computed in another folder
+                  if all(Path(x["origin"]).resolve() != here for x in e)}
         result = CVResult(out, plan.embedding, genes_, k=plan.k, group_by=plan.group_by, folds=tuple(records),
                           histories=histories,
-                          methods={m: MethodSummary(summarise_folds([r.metrics[m] for r in records]), seconds[m],
-                                                    reused.get(m)) for m in labels})
+                          methods={m: MethodSummary(summarise_folds([r.metrics[m] for r in records]),
+                                                    sum(e["seconds"] for e in done[m]), reused.get(m))
+                                   for m in labels})
         write_json(result.to_json(), out / "metrics.json")
         (out / "table.md").write_text(f"{PROTOCOLS} Mean ± std over {plan.k} folds.\n\n" + result.table + "\n")
         if histories:
@@ -214,15 +171,33 @@ def run_cv(
         return result
 
 
+def _fit_fold(
+    plan: Plan, fold: Mapping[str, Any], method: Method, out: Path, *, seed: int, master: bool,
+    write_predictions: bool, mc_samples: int,
+) -> dict[str, Any] | None:
+    """Train ``method`` on the fold (run folder ``out/fold_<i>``), predict and score its test slides: the
+    fold's cache entry (metrics, seconds, per-epoch history, origin); None on ranks other than 0."""
+    i = int(fold["fold"])
+    fdir, genes, test = out / f"fold_{i}", plan.fold_genes[i], plan.test_slides(fold)
+    t0 = time.perf_counter()
+    method.fit(plan.train_slides(fold), genes, embedding_key=plan.embedding, seed=seed, out_dir=fdir)
+    if not master:
+        return None
+    preds = {s.slide_id: method.predict(s) for s in test}
+    if write_predictions and hasattr(method, "prediction"):
+        for s in test:
+            write_prepared(method.prediction(s, mc_samples=mc_samples, seed=seed),
+                           fdir / "predictions" / f"{s.slide_id}.h5ad")
+    seconds = time.perf_counter() - t0
+    history = method.history_ if method.history_ and isinstance(method.history_[0], Mapping) else []  # HiST
+    metrics = evaluate_fold(preds, {s.slide_id: gene_counts(s, genes) for s in test})
+    return {"method": method.label, "metrics": metrics, "seconds": seconds, "history": history,
+            "origin": str(out)}
+
+
 def _cache_lookups(
-    plan: Plan,
-    methods: Sequence[Method],
-    out: Path,
-    *,
-    seed: int,
-    cache: ResultCache | None,
-    retrain: Collection[str],
-    need_files: bool,
+    plan: Plan, methods: Sequence[Method], out: Path, *, seed: int, cache: ResultCache | None,
+    retrain: Collection[str], need_files: bool,
 ) -> tuple[dict[tuple[int, str], dict[str, Any]], dict[tuple[int, str], dict[str, Any]]]:
     """Every (fold, method label)'s cache key fields, and the cache entries found for them, all looked up
     before anything trains (so every rank of a distributed job takes the same decisions)."""
@@ -238,8 +213,7 @@ def _cache_lookups(
             files = [out / f"fold_{i}" / "predictions" / f"{s}.h5ad" for s in sorted(f["test"])]
             if need_files and hasattr(method, "prediction") and not all(p.is_file() for p in files):
                 continue
-            entry = cache.get(digest(keys[i, method.label]), out)
-            if entry is not None:
+            if (entry := cache.get(digest(keys[i, method.label]), out)) is not None:
                 hits[i, method.label] = entry
     return keys, hits
 
@@ -256,19 +230,11 @@ def build_methods(
 
 
 def cross_validate(
-    cfg: TrainConfig,
-    slides_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    k: int = 4,
-    group_by: str | None = None,
+    cfg: TrainConfig, slides_dir: str | Path, out_dir: str | Path, *, k: int = 4, group_by: str | None = None,
     folds: str | Path | Sequence[Mapping[str, Sequence[str]]] | None = None,
-    slide_ids: Sequence[str] | None = None,
-    baselines: Sequence[str] = (),
-    baseline_options: Mapping[str, Mapping[str, Any]] | None = None,
-    write_predictions: bool = True,
-    mc_samples: int = 0,
-    progress: bool = True,
+    slide_ids: Sequence[str] | None = None, baselines: Sequence[str] = (),
+    baseline_options: Mapping[str, Mapping[str, Any]] | None = None, write_predictions: bool = True,
+    mc_samples: int = 0, progress: bool = True,
 ) -> CVResult:
     """``hist-st cv``: HiST with ``cfg`` and optional baselines on a folder of prepared slides.
 

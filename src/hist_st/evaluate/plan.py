@@ -1,12 +1,5 @@
 """What every method of an experiment shares, computed once: the slides, the folds and the genes.
 
-```python
-from hist_st.evaluate import make_plan
-from hist_st.train.config import GeneConfig
-plan = make_plan("cohorts/her2st", GeneConfig.from_spec("he:250"), k=4, seed=0)
-plan.folds[0]["test"], plan.genes[:5], plan.embedding
-```
-
 The folds come from `hist_st.train.folds.make_folds` (by slide, or by a group column such as ``patient``)
 or from a saved ``splits.json``; the genes from the cohort manifest's ranking (scope ``dataset``: one list
 for every fold) or from each fold's training slides (scope ``train-only``).
@@ -73,34 +66,24 @@ def slide_groups(
 
     A slide whose patient is unknown (blank in HEST, written as NaN) maps to None: `make_folds` gives it
     a group of its own and the folds name it. Other group columns must have a value for every slide."""
+    column = manifest.get(group_by) if manifest is not None else None
+    column = column if isinstance(column, Mapping) else {}
     out: dict[str, str | None] = {}
     for s in slides:
-        value = None
-        if group_by == "patient":
-            value = s.patient
-        if value is None and manifest is not None and isinstance(manifest.get(group_by), Mapping):
-            value = manifest[group_by].get(s.slide_id)
-        if value is None:
-            value = s.meta.get(group_by)
+        found = (s.patient if group_by == "patient" else None, column.get(s.slide_id), s.meta.get(group_by))
+        value = next((v for v in found if v is not None), None)
         if value is None or value == "" or (isinstance(value, float) and value != value):
-            if group_by == "patient":
-                out[s.slide_id] = None
-                continue
-            raise InputError(f"slide {s.slide_id!r}", f"has no value for the group column {group_by!r}")
-        out[s.slide_id] = str(value)
+            if group_by != "patient":
+                raise InputError(f"slide {s.slide_id!r}", f"has no value for the group column {group_by!r}")
+            value = None
+        out[s.slide_id] = None if value is None else str(value)
     return out
 
 
 def make_plan(
-    cohort: str | Path,
-    genes: GeneConfig,
-    *,
-    k: int = 4,
-    seed: int = 0,
-    group_by: str | None = None,
+    cohort: str | Path, genes: GeneConfig, *, k: int = 4, seed: int = 0, group_by: str | None = None,
     folds: str | Path | Sequence[Mapping[str, Sequence[str]]] | None = None,
-    slide_ids: Sequence[str] | None = None,
-    embedding: str | None = None,
+    slide_ids: Sequence[str] | None = None, embedding: str | None = None,
 ) -> Plan:
     """Load a cohort and plan its cross-validation.
 
@@ -132,13 +115,8 @@ def make_plan(
     else:
         fold_list = check_folds(list(folds), ids)
     emb = embedding_key(slides, embedding)
-    dataset_genes = None
-    if genes.scope == "dataset" or genes.genes:
-        dataset_genes = select_genes(slides, genes, manifest)
-    fold_genes = {
-        int(f["fold"]): dataset_genes if dataset_genes is not None
-        else select_genes([by_id[s] for s in sorted(f["train"])], genes, None)
-        for f in fold_list
-    }
+    dataset_genes = select_genes(slides, genes, manifest) if genes.scope == "dataset" or genes.genes else None
+    fold_genes = {int(f["fold"]): dataset_genes if dataset_genes is not None
+                  else select_genes([by_id[s] for s in sorted(f["train"])], genes, None) for f in fold_list}
     return Plan(cohort=Path(cohort), slides=by_id, folds=fold_list, genes=dataset_genes, fold_genes=fold_genes,
                 embedding=emb, k=len(fold_list), seed=int(seed), group_by=group_by)

@@ -1,17 +1,11 @@
 """Typed results of a cross-validation (`hist_st.evaluate.run_cv`): per fold, per method, and the run.
 
-```python
-res = run_cv(plan, [HiSTMethod(cfg), get_method("ridge")], "runs/cv")
-res.methods["ridge"].summary["per_gene"]["pcc"]["mean"]    # `summarise_folds` record
-res.methods["HiST"].seconds, res.methods["HiST"].reused_from, res.folds[0].metrics["ridge"]["pooled"]
-print(res.table)
-```
 ``to_json()`` gives exactly what the run folder's ``metrics.json`` / ``fold_<i>/metrics.json`` hold.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,19 +13,7 @@ from typing import Any
 from hist_st.jsonio import to_jsonable
 from hist_st.metrics import format_table
 
-__all__ = ["CVResult", "FoldRecord", "MethodSummary", "fold_json"]
-
-
-def fold_json(result: Mapping[str, Any], genes: Sequence[str]) -> dict[str, Any]:
-    """`evaluate_fold` output made JSON-friendly, per-gene arrays keyed by gene name."""
-    out = to_jsonable(dict(result))
-    pg = out.get("per_gene", {})
-    for key in ("pcc_per_gene", "r2_per_gene"):
-        if isinstance(pg.get(key), list) and len(pg[key]) == len(genes):
-            pg[key] = dict(zip(genes, pg[key]))
-    if isinstance(pg.get("excluded_genes"), list):
-        pg["excluded_genes"] = [genes[i] for i in pg["excluded_genes"] if 0 <= i < len(genes)]
-    return out
+__all__ = ["CVResult", "FoldRecord", "MethodSummary"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +27,16 @@ class FoldRecord:
     metrics: Mapping[str, Mapping[str, Any]]
 
     def to_json(self) -> dict[str, Any]:
-        """The content of ``fold_<i>/metrics.json`` (per-gene values keyed by gene)."""
-        return {"fold": self.fold, "train": list(self.train), "test": list(self.test), "n_genes": len(self.genes),
-                "metrics": {m: fold_json(r, self.genes) for m, r in self.metrics.items()}}
+        """The content of ``fold_<i>/metrics.json``: each method's record, per-gene values keyed by gene."""
+        genes, metrics = self.genes, to_jsonable({m: dict(r) for m, r in self.metrics.items()})
+        for pg in (r.get("per_gene", {}) for r in metrics.values()):
+            for key in ("pcc_per_gene", "r2_per_gene"):
+                if isinstance(pg.get(key), list) and len(pg[key]) == len(genes):
+                    pg[key] = dict(zip(genes, pg[key]))
+            if isinstance(pg.get("excluded_genes"), list):
+                pg["excluded_genes"] = [genes[i] for i in pg["excluded_genes"] if 0 <= i < len(genes)]
+        return {"fold": self.fold, "train": list(self.train), "test": list(self.test), "n_genes": len(genes),
+                "metrics": metrics}
 
     def brief(self) -> dict[str, Any]:
         """The fold's entry in the run's ``metrics.json``: pooled metrics and per-gene PCC per method."""

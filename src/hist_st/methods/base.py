@@ -3,16 +3,11 @@
 Every baseline is trained and evaluated exactly like HiST: on the same slides, the same genes (picked by
 name from each slide's own gene order), the same targets (``log1p`` of raw counts, no library-size
 normalisation; SPEC 2) and the same patch embeddings (``slide.embeddings[embedding_key]``).
-
-```python
-from hist_st.methods import get_method
-model = get_method("ridge").fit(train_slides, genes, embedding_key="efficientnet_lite0", seed=0)
-pred = model.predict(test_slide)            # float32 [N, G], log1p space, columns in `genes` order
-```
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -46,29 +41,15 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 
 
 def variant(**defaults: Any) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator for a labelled variant of the parent method: the same options with other defaults.
-
-    The variant's ``__init__`` has the parent's signature with ``defaults`` substituted, so
-    `method_option_names` and the option parsers see every option (``@variant(min_std=1e-3)`` on a
-    subclass of `RidgeBaseline` is ``ridge-robust``).
-    """
+    """Class decorator for a labelled variant of the parent method: the same options, ``defaults`` bound
+    (`functools.partialmethod`; ``@variant(min_std=1e-3)`` on a `RidgeBaseline` subclass: ridge-robust)."""
 
     def deco(cls: type[Method]) -> type[Method]:
         parent = cls.__mro__[1]
-        sig = inspect.signature(parent.__init__)
-        unknown = sorted(set(defaults) - set(sig.parameters))
+        unknown = sorted(set(defaults) - set(inspect.signature(parent.__init__).parameters))
         if unknown:
             raise TypeError(f"{cls.__name__}: {parent.__name__} has no option(s) {unknown}")
-        sig = sig.replace(parameters=[p.replace(default=defaults.get(n, p.default))
-                                      for n, p in sig.parameters.items()])
-
-        def __init__(self: Method, *args: Any, **options: Any) -> None:
-            bound = sig.bind(self, *args, **options)
-            bound.apply_defaults()
-            parent.__init__(*bound.args, **bound.kwargs)
-
-        __init__.__signature__ = sig  # type: ignore[attr-defined]
-        cls.__init__ = __init__  # type: ignore[method-assign]
+        cls.__init__ = functools.partialmethod(parent.__init__, **defaults)  # type: ignore[assignment]
         return cls
 
     return deco
@@ -121,15 +102,6 @@ def _method_class(name: str) -> type[Method]:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(list_methods())}") from None
 
 
-def _gene_columns(slide: Slide, genes: Sequence[str]) -> np.ndarray:
-    index = {str(g): i for i, g in enumerate(slide.genes)}
-    missing = [g for g in genes if str(g) not in index]
-    if missing:
-        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
-        raise InputError(f"slide {slide.slide_id!r}", f"{len(missing)} selected gene(s) are absent: {shown}")
-    return np.fromiter((index[str(g)] for g in genes), dtype=np.int64, count=len(genes))
-
-
 def log1p_targets(slide: Slide, genes: Sequence[str]) -> np.ndarray:
     """The training target of every method: ``log1p`` of the slide's raw counts of ``genes``.
 
@@ -142,8 +114,12 @@ def log1p_targets(slide: Slide, genes: Sequence[str]) -> np.ndarray:
     """
     if slide.counts is None:
         raise InputError(f"slide {slide.slide_id!r}", "has no counts; a training slide needs expression")
-    cols = _gene_columns(slide, genes)
-    counts = slide.counts[:, cols]
+    index = {str(g): i for i, g in enumerate(slide.genes)}
+    missing = [g for g in genes if str(g) not in index]
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise InputError(f"slide {slide.slide_id!r}", f"{len(missing)} selected gene(s) are absent: {shown}")
+    counts = slide.counts[:, [index[str(g)] for g in genes]]
     dense = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
     return np.log1p(np.asarray(dense, dtype=np.float64)).astype(np.float32)
 
@@ -163,7 +139,8 @@ class Method(ABC):
     Subclasses take their hyper-parameters as keyword arguments whose defaults are the published ones
     (documented, with the source, in each class docstring) and pass them to ``Method.__init__``, which
     records them in `options` and sets each as an attribute of the same name (``options_of(locals())``;
-    a ``device`` option becomes the `torch.device` it resolves to).
+    a ``device`` option becomes the `torch.device` it resolves to). What `fit` learns is set by it, in
+    attributes whose names end in ``_`` (as in scikit-learn).
 
     Attributes:
         name: Registry name (set by `register`).
@@ -184,8 +161,7 @@ class Method(ABC):
 
     def __init__(self, **options: Any) -> None:
         self.options: dict[str, Any] = dict(options)
-        for key, val in options.items():
-            setattr(self, key, val)
+        vars(self).update(options)
         if "device" in options:  # the neural baselines: "auto" is CUDA when available, as for HiST
             self.device = resolve_device(options["device"])
         self.genes_: list[str] | None = None
@@ -249,14 +225,12 @@ class Method(ABC):
             raise RuntimeError(f"{self.name} predicted shape {out.shape}, expected {expected}")
         return out
 
-    # -- subclass hooks -----------------------------------------------------------------------------
     @abstractmethod
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None: ...
 
     @abstractmethod
     def _predict(self, slide: Slide) -> np.ndarray: ...
 
-    # -- shared helpers -----------------------------------------------------------------------------
     def _xy(self, slides: Sequence[Slide]) -> tuple[np.ndarray, np.ndarray]:
         """Stack embeddings ``[sum N, C]`` and log1p targets ``[sum N, G]`` of ``slides``."""
         assert self.genes_ is not None and self.embedding_key_ is not None

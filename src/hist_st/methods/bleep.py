@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hist_st.methods.base import Method, options_of, register
-from hist_st.methods.trainer import batched, fit_epochs, minibatches
+from hist_st.methods.trainer import batched, fit_epochs, shuffled
 from hist_st.slide import Slide
 
 __all__ = ["BLEEPBaseline", "ProjectionHead", "bleep_loss"]
@@ -88,18 +86,14 @@ class BLEEPBaseline(Method):
         device: str = "auto",
     ) -> None:
         super().__init__(**options_of(locals()))
-        self.img_head_: ProjectionHead | None = None
-        self.spot_head_: ProjectionHead | None = None
-        self.bank_y_: np.ndarray | None = None  # [M, G] log1p expression of the training spots
-        self.bank_key_: torch.Tensor | None = None  # [M, D] L2-normalised projected expression
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         x, y = self._xy(slides)
         xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float()  # [M, C], [M, G]
         img_head = ProjectionHead(x.shape[1], self.proj_dim, self.dropout).to(self.device)
         spot_head = ProjectionHead(y.shape[1], self.proj_dim, self.dropout).to(self.device)
-        params = list(img_head.parameters()) + list(spot_head.parameters())
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW([*img_head.parameters(), *spot_head.parameters()], lr=self.lr,
+                                weight_decay=self.weight_decay)
         gen = torch.Generator().manual_seed(seed)
 
         def loss(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -107,28 +101,23 @@ class BLEEPBaseline(Method):
             return bleep_loss(img, spot, self.temperature), len(idx)
 
         # BLEEP's loader uses drop_last=True; keep the last batch unless it is a single spot.
-        def batches(epoch: int) -> Iterator[torch.Tensor]:
-            return minibatches(torch.randperm(len(xt), generator=gen), self.batch_size, min_size=2)
-
+        batches = shuffled(len(xt), self.batch_size, gen, min_size=2)
         self.history_ = fit_epochs([img_head, spot_head], opt, batches, loss, epochs=self.epochs)
         self.img_head_, self.spot_head_ = img_head.eval(), spot_head.eval()
         keys = batched(spot_head, yt.to(self.device), 4096)
-        self.bank_key_ = F.normalize(keys, p=2, dim=-1)
-        self.bank_y_ = y
+        self.bank_key_ = F.normalize(keys, p=2, dim=-1)  # [M, D] L2-normalised projected expression
+        self.bank_y_ = y  # [M, G] log1p expression of the training spots
 
     def neighbours(self, slide: Slide) -> np.ndarray:
         """Indices ``[N, k]`` of the training spots retrieved for every spot of ``slide`` (best first)."""
-        assert self.img_head_ is not None and self.bank_key_ is not None
         k = min(self.top_k, self.bank_key_.shape[0])
         q = torch.from_numpy(self._x(slide)).float().to(self.device)
-        bank = self.bank_key_
 
         def top(qi: torch.Tensor) -> torch.Tensor:
-            return torch.topk(F.normalize(self.img_head_(qi), p=2, dim=-1) @ bank.T, k=k, dim=-1).indices
+            sim = F.normalize(self.img_head_(qi), p=2, dim=-1) @ self.bank_key_.T  # [n, M] cosine similarity
+            return torch.topk(sim, k=k, dim=-1).indices
 
         return batched(top, q, 2048).cpu().numpy()
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.bank_y_ is not None
-        idx = self.neighbours(slide)  # [N, k]
-        return self.bank_y_[idx].mean(axis=1)
+        return self.bank_y_[self.neighbours(slide)].mean(axis=1)  # mean over [N, k] retrieved spots

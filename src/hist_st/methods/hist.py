@@ -1,13 +1,5 @@
 """HiST as one method among the others: `hist_st.train.train` and `predict_log1p` behind `Method`.
 
-```python
-from hist_st.methods import get_method
-from hist_st.train.config import load_config
-model = get_method("hist", config=load_config(None, ["epochs=20"]))
-model.fit(train_slides, genes, embedding_key="efficientnet-lite0", seed=0, out_dir="runs/fold_0")
-pred = model.predict(test_slide)       # float32 [N, G], log1p space, columns in `genes` order
-```
-
 Unlike the baselines, HiST writes a run folder while it trains (``model.pt``, ``config.yaml``,
 ``history.json``; `hist_st.train.loop.train`), trains on every rank of a ``torchrun`` job
 (`distributed`), and can write prediction files (`prediction`).
@@ -17,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -38,19 +30,14 @@ class HiSTMethod(Method):
     Args:
         config: The training configuration (default: `TrainConfig()`).
         dist_info: This process's place in a ``torchrun`` job (default: a single process).
-        desc: Progress-bar label of the training run.
     """
 
     display_name: ClassVar[str] = "HiST"
     distributed: ClassVar[bool] = True
 
-    def __init__(self, config: TrainConfig | None = None, *, dist_info: DistInfo | None = None,
-                 desc: str = "train") -> None:
+    def __init__(self, config: TrainConfig | None = None, *, dist_info: DistInfo | None = None) -> None:
         super().__init__(config=config or TrainConfig())
-        self.config: TrainConfig = self.options["config"]
         self.dist_info = dist_info or DistInfo()
-        self.desc = desc
-        self.bundle_: Any = None
 
     def save_settings(self, out_dir: Path) -> None:
         """Write the resolved config as ``out_dir/config.yaml``."""
@@ -58,15 +45,14 @@ class HiSTMethod(Method):
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         cfg = self.config if self.config.seed == seed else dataclasses.replace(self.config, seed=int(seed))
-        desc = self.out_dir_.name.replace("_", " ") if self.out_dir_ is not None else self.desc
+        desc = self.out_dir_.name.replace("_", " ") if self.out_dir_ is not None else "train"
         result = train(cfg, slides, out_dir=self.out_dir_, genes=self.genes_, desc=desc,
                        dist_info=self.dist_info, overwrite=True)  # a cv run replaces its own earlier folds
         self.bundle_ = result.bundle
         self.history_ = list(result.history)
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        mean, _ = predict_log1p(self.bundle_, slide)
-        return mean
+        return predict_log1p(self.bundle_, slide)[0]  # one deterministic pass
 
     def prediction(self, slide: Slide, *, mc_samples: int = 0, seed: int = 0) -> Slide:
         """``slide`` with HiST's predictions (`hist_st.train.predict.predict_slide`), to write as a file."""

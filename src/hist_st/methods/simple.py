@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -11,7 +9,7 @@ from torch import nn
 
 from hist_st.errors import InputError
 from hist_st.methods.base import Method, log1p_targets, options_of, register, variant
-from hist_st.methods.trainer import batched, fit_epochs, minibatches
+from hist_st.methods.trainer import batched, fit_epochs, shuffled
 from hist_st.slide import Slide
 
 __all__ = ["MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline", "MLPBaseline"]
@@ -30,20 +28,13 @@ class MeanBaseline(Method):
 
     def __init__(self) -> None:
         super().__init__()
-        self.mean_: np.ndarray | None = None
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         assert self.genes_ is not None
-        total = np.zeros(len(self.genes_), dtype=np.float64)
-        n = 0
-        for s in slides:
-            y = log1p_targets(s, self.genes_).astype(np.float64)
-            total += y.sum(axis=0)
-            n += y.shape[0]
-        self.mean_ = (total / n).astype(np.float32)
+        y = np.concatenate([log1p_targets(s, self.genes_) for s in slides]).astype(np.float64)
+        self.mean_: np.ndarray = y.mean(axis=0).astype(np.float32)  # [G]
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.mean_ is not None
         return np.broadcast_to(self.mean_, (slide.n_spots, self.mean_.shape[0])).copy()
 
 
@@ -89,12 +80,6 @@ class RidgeBaseline(Method):
         max_iter: int = 1000, min_std: float = 0.0,
     ) -> None:
         super().__init__(**options_of(locals()))
-        self.min_std = float(min_std)
-        self.keep_: np.ndarray | None = None
-        self.pipe_ = None
-        self.reg_ = None
-        self.y_mean_: np.ndarray | None = None
-        self.alpha_: float | None = None
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         from sklearn.decomposition import PCA
@@ -103,8 +88,8 @@ class RidgeBaseline(Method):
         from sklearn.preprocessing import StandardScaler
 
         x, y = self._xy(slides)
-        std = x.std(axis=0)
-        self.keep_ = np.flatnonzero(std >= self.min_std) if self.min_std > 0 else np.arange(x.shape[1])
+        keep = x.std(axis=0) >= self.min_std if self.min_std > 0 else np.ones(x.shape[1], dtype=bool)
+        self.keep_ = np.flatnonzero(keep)
         if len(self.keep_) == 0:
             raise InputError("ridge", f"every embedding channel has training std < min_std={self.min_std}")
         x = x[:, self.keep_]
@@ -114,13 +99,11 @@ class RidgeBaseline(Method):
         self.y_mean_ = y.mean(axis=0) if self.center_targets else np.zeros(y.shape[1], dtype=np.float32)
         # HEST: alpha = 100 / (X_train.shape[1] * y_train.shape[1]) with X_train the PCA scores.
         self.alpha_ = float(self.alpha) if self.alpha is not None else 100.0 / (z.shape[1] * y.shape[1])
-        self.reg_ = Ridge(
-            solver="lsqr", alpha=self.alpha_, random_state=seed, fit_intercept=False, max_iter=self.max_iter
-        )
+        self.reg_ = Ridge(solver="lsqr", alpha=self.alpha_, random_state=seed, fit_intercept=False,
+                          max_iter=self.max_iter)
         self.reg_.fit(z, y - self.y_mean_)
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.pipe_ is not None and self.reg_ is not None and self.y_mean_ is not None
         return self.reg_.predict(self.pipe_.transform(self._x(slide)[:, self.keep_])) + self.y_mean_
 
 
@@ -128,9 +111,8 @@ class RidgeBaseline(Method):
 @variant(min_std=1e-3)
 class RobustRidgeBaseline(RidgeBaseline):
     """`RidgeBaseline` (HEST's probe) after dropping embedding channels whose training std is below
-    ``min_std`` = 1e-3: a labelled variant, not HEST's code. Those channels are nearly constant on the
-    training slides, carry no usable signal, and HEST's StandardScaler turns their test-slide variation
-    into huge z-scores. Options as `RidgeBaseline`."""
+    ``min_std`` = 1e-3 (why: `RidgeBaseline`): a labelled variant, not HEST's code. Options as
+    `RidgeBaseline`."""
 
 
 @register("mlp")
@@ -157,18 +139,17 @@ class MLPBaseline(Method):
         epochs: int = 50, batch_size: int = 256, device: str = "auto", standardise: bool = False,
     ) -> None:
         super().__init__(**options_of(locals()))
-        self.standardise = bool(standardise)
-        self.net_: nn.Module | None = None
-        self.x_mean_: np.ndarray | None = None
-        self.x_std_: np.ndarray | None = None
+
+    def _inputs(self, x: np.ndarray) -> torch.Tensor:
+        """Embeddings ``[N, C]`` as the network reads them: raw, or standardised with training statistics."""
+        norm = self.x_norm_
+        return torch.from_numpy(x if norm is None else (x - norm[0]) / norm[1]).float()
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         x, y = self._xy(slides)
-        if self.standardise:
-            self.x_mean_, self.x_std_ = x.mean(axis=0), x.std(axis=0) + 1e-6
-        else:
-            self.x_mean_, self.x_std_ = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
-        xt = torch.from_numpy((x - self.x_mean_) / self.x_std_).float()  # [N, C]
+        # standardise: the training mean and std + 1e-6 [C]
+        self.x_norm_ = (x.mean(axis=0), x.std(axis=0) + 1e-6) if self.standardise else None
+        xt = self._inputs(x)  # [N, C]
         yt = torch.from_numpy(y).float()  # [N, G]
         net = nn.Sequential(nn.Linear(x.shape[1], self.hidden), nn.GELU(), nn.Dropout(self.dropout),
                             nn.Linear(self.hidden, y.shape[1]))
@@ -181,13 +162,9 @@ class MLPBaseline(Method):
         def loss(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
             return F.mse_loss(net(xt[idx].to(self.device)), yt[idx].to(self.device)), len(idx)
 
-        def batches(epoch: int) -> Iterator[torch.Tensor]:
-            return minibatches(torch.randperm(len(xt), generator=gen), self.batch_size)
-
+        batches = shuffled(len(xt), self.batch_size, gen)
         self.history_ = fit_epochs([net], opt, batches, loss, epochs=self.epochs)
         self.net_ = net.eval()
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.net_ is not None and self.x_mean_ is not None and self.x_std_ is not None
-        x = torch.from_numpy((self._x(slide) - self.x_mean_) / self.x_std_).float().to(self.device)
-        return batched(self.net_, x, 4096).cpu().numpy()
+        return batched(self.net_, self._inputs(self._x(slide)).to(self.device), 4096).cpu().numpy()

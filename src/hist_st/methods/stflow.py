@@ -11,10 +11,8 @@ Follows the authors' code (``stflow/flow/interpolant.py``, ``stflow/flow/noise.p
 - training: per crop, ``t ~ U(0, 1)``, ``x_t = (1 - t) x0 + t x1``; the denoiser predicts ``x1`` (clean
   expression) with an MSE loss; Adam lr 5e-4, gradient clipping 1.0, 100 epochs, 10 random sub-slide
   crops per slide per epoch, 2 crops per step.
-- sampling: ``ts = linspace(0.01, 1, n_steps)``; for each consecutive pair the denoiser predicts ``x1``
-  from ``x_t``; ``x <- x + (t2 - t1) (x1_hat - x) / (1 - t1)`` (the official update, `euler_sample`;
-  hist-st before issue 16 dropped the ``1 / (1 - t1)`` factor); the last prediction is returned
-  (``n_steps - 1`` denoiser evaluations; 5 steps by default).
+- sampling: ``ts = linspace(0.01, 1, n_steps)`` (5 by default) and the official update, `euler_sample`
+  (hist-st before issue 16 dropped its ``1 / (1 - t1)`` factor).
 - denoiser: image features ``Linear(C, 128)`` plus a sinusoidal time embedding (MLP to 128); 4 blocks,
   each: attention over the k = 8 nearest spots (self excluded) whose logits come from an MLP on
   ``[q_i, k_j, edge_ij, x_j - x_i]`` per head (the neighbour's expression difference enters every
@@ -41,8 +39,7 @@ final epoch is used, as for every method.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -51,29 +48,18 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from hist_st.methods.base import Method, log1p_targets, options_of, register
-from hist_st.methods.trainer import fit_epochs, minibatches
+from hist_st.methods.trainer import fit_epochs, shuffled
 from hist_st.slide import Slide
 
-__all__ = [
-    "STFlowBaseline",
-    "STFlowDenoiser",
-    "euler_sample",
-    "knn_graph",
-    "fit_zinb_per_gene",
-    "sample_zinb",
-    "standard_gamma",
-]
+__all__ = ["STFlowBaseline", "STFlowDenoiser", "euler_sample", "knn_graph", "fit_zinb_per_gene",
+           "sample_zinb", "standard_gamma"]
 
 
-# --------------------------------------------------------------------------------------------------
-# graph and prior
-# --------------------------------------------------------------------------------------------------
 def _nn_scale(xy: np.ndarray) -> float:
     """The median distance from a spot to its nearest other spot (1 when there is none or it is 0)."""
     if len(xy) < 2:
         return 1.0
-    d, _ = cKDTree(xy).query(xy, k=2)
-    s = float(np.median(d[:, 1]))
+    s = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
     return s if s > 0 else 1.0
 
 
@@ -83,8 +69,7 @@ def knn_graph(xy: np.ndarray, k: int) -> np.ndarray:
     kk = max(1, min(k, n - 1))
     if n == 1:
         return np.zeros((1, 1), dtype=np.int64)
-    _, idx = cKDTree(xy).query(xy, k=kk + 1)
-    idx = np.asarray(idx).reshape(n, kk + 1)
+    _, idx = cKDTree(xy).query(xy, k=kk + 1)  # [N, k' + 1]
     # Drop self (column 0 unless coordinates tie): stable-sort the own index to the end of each row.
     order = np.argsort(idx == np.arange(n)[:, None], axis=1, kind="stable")
     return np.take_along_axis(idx, order, axis=1)[:, :kk].astype(np.int64)
@@ -106,8 +91,7 @@ def standard_gamma(alpha: torch.Tensor, generator: torch.Generator) -> torch.Ten
         u = torch.rand(a.shape, generator=generator, device=dev, dtype=a.dtype)
         v = (1 + c * x) ** 3
         ok = (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-30)))
-        take = todo & ok
-        out = torch.where(take, d * v, out)
+        out = torch.where(todo & ok, d * v, out)
         todo = todo & ~ok
     u = torch.rand(a.shape, generator=generator, device=dev, dtype=a.dtype)
     return torch.where(boost, out * u.clamp_min(1e-30) ** (1.0 / alpha), out)
@@ -124,11 +108,8 @@ def sample_zinb(
     flow's source off the CPU, where it cost more than the network's step.
     """
     dev = generator.device
-
-    def full(v: Any) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(v, dtype=np.float32), device=dev).expand(shape)
-
-    r, lg, zi = full(total_count), full(logits), full(zi_logits)
+    r, lg, zi = (torch.as_tensor(np.asarray(v, dtype=np.float32), device=dev).expand(shape)
+                 for v in (total_count, logits, zi_logits))
     rate = standard_gamma(r.contiguous(), generator) * torch.exp(lg)
     counts = torch.poisson(rate, generator=generator)
     zero = torch.rand(shape, generator=generator, device=dev) < torch.sigmoid(zi)
@@ -151,13 +132,9 @@ def fit_zinb_per_gene(counts: np.ndarray, steps: int = 300, lr: float = 0.05) ->
     for _ in range(steps):
         r = log_r.exp()
         # NB log-pmf with mean exp(log_mu) and dispersion r.
-        log_nb = (
-            torch.lgamma(x + r)
-            - torch.lgamma(r)
-            - torch.lgamma(x + 1)
-            + r * (log_r - torch.logaddexp(log_r, log_mu))
-            + x * (log_mu - torch.logaddexp(log_r, log_mu))
-        )
+        log_nb = (torch.lgamma(x + r) - torch.lgamma(r) - torch.lgamma(x + 1)
+                  + r * (log_r - torch.logaddexp(log_r, log_mu))
+                  + x * (log_mu - torch.logaddexp(log_r, log_mu)))
         log_pi, log_1mpi = F.logsigmoid(zi), F.logsigmoid(-zi)
         ll = torch.where(is_zero, torch.logaddexp(log_pi, log_1mpi + log_nb), log_1mpi + log_nb)
         loss = -ll.mean()
@@ -165,16 +142,11 @@ def fit_zinb_per_gene(counts: np.ndarray, steps: int = 300, lr: float = 0.05) ->
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return {
-            "total_count": log_r.exp().numpy().astype(np.float32),
-            "logits": (log_mu - log_r).numpy().astype(np.float32),  # mean = r * exp(logits)
-            "zi_logits": zi.numpy().astype(np.float32),
-        }
+        return {"total_count": log_r.exp().numpy().astype(np.float32),
+                "logits": (log_mu - log_r).numpy().astype(np.float32),  # mean = r * exp(logits)
+                "zi_logits": zi.numpy().astype(np.float32)}
 
 
-# --------------------------------------------------------------------------------------------------
-# denoiser
-# --------------------------------------------------------------------------------------------------
 def _mlp(in_dim: int, hidden: int, out_dim: int, act: str, drop: float) -> nn.Module:
     from timm.layers import Mlp, SwiGLUPacked
 
@@ -195,9 +167,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(
-            -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
+        steps = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(10000.0) * steps / half)
         args = t.float()[..., None] * freqs
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -234,9 +205,8 @@ class FrameAttention(nn.Module):
         self.w_out = _mlp(d_model + d_edge, d_model, d_model, act, drop)
         self.attn_drop = nn.Dropout(attn_drop)
 
-    def forward(
-        self, x: torch.Tensor, h: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: torch.Tensor, coords: torch.Tensor,
+                nbr: torch.Tensor) -> torch.Tensor:
         """x ``[N, G]`` state, h ``[N, D]`` tokens, coords ``[N, 2]``, nbr ``[N, K]`` -> ``[N, D]``."""
         n, k = nbr.shape
         q, kk, v = (t.view(n, self.h, -1) for t in self.qkv(h).chunk(3, dim=-1))  # each [N, H, dh]
@@ -281,15 +251,11 @@ class STFlowDenoiser(nn.Module):
         super().__init__()
         self.image_transform = nn.Linear(in_dim, hidden)
         self.time_embed = TimestepEmbedder(hidden)
-        self.blocks = nn.ModuleList(
-            STFlowBlock(hidden, pair_hidden, n_genes, n_heads, activation, dropout, attn_dropout)
-            for _ in range(n_layers)
-        )
+        self.blocks = nn.ModuleList(STFlowBlock(hidden, pair_hidden, n_genes, n_heads, activation, dropout,
+                                                attn_dropout) for _ in range(n_layers))
 
-    def forward(
-        self, x_t: torch.Tensor, feats: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor,
-        t: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, feats: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor,
+                t: torch.Tensor) -> torch.Tensor:
         """x_t ``[N, G]``, feats ``[N, C]``, coords ``[N, 2]``, nbr ``[N, K]``, scalar t -> ``[N, G]``."""
         h = self.image_transform(feats) + self.time_embed(t.reshape(1))  # [N, D]
         x = x_t
@@ -300,9 +266,6 @@ class STFlowDenoiser(nn.Module):
         return torch.stack(preds).mean(dim=0)
 
 
-# --------------------------------------------------------------------------------------------------
-# baseline
-# --------------------------------------------------------------------------------------------------
 @register("stflow")
 class STFlowBaseline(Method):
     """STFlow (see the module docstring for the method, its sources and the stated differences).
@@ -332,11 +295,7 @@ class STFlowBaseline(Method):
         if n_steps < 2:
             raise ValueError("n_steps must be >= 2 (n_steps - 1 denoiser evaluations)")
         super().__init__(**options_of(locals()))
-        self.model_: STFlowDenoiser | None = None
-        self.prior_params_: dict[str, Any] | None = None
-        self.seed_: int = 0
 
-    # -- data ----------------------------------------------------------------------------------------
     def _slide_arrays(self, slide: Slide) -> tuple[torch.Tensor, torch.Tensor]:
         xy = np.asarray(slide.spatial, dtype=np.float64)
         xy = (xy - xy.mean(axis=0)) / _nn_scale(xy)
@@ -344,13 +303,8 @@ class STFlowBaseline(Method):
 
     def _prior(self, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
         """``log1p`` of a ZINB draw ``[*shape]`` on the device (the flow's source distribution)."""
-        assert self.prior_params_ is not None
         p = self.prior_params_
         return torch.log1p(sample_zinb(shape, p["total_count"], p["logits"], p["zi_logits"], gen))
-
-    def _generator(self, seed: int) -> torch.Generator:
-        """A seeded generator on the model's device, for the prior's draws."""
-        return torch.Generator(device=self.device).manual_seed(int(seed))
 
     def _crop(self, xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = len(xy)
@@ -360,30 +314,22 @@ class STFlowBaseline(Method):
         centre = xy[rng.integers(n)]
         return np.argsort(((xy - centre) ** 2).sum(axis=1), kind="stable")[:m]
 
-    # -- fit / predict -------------------------------------------------------------------------------
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         assert self.genes_ is not None
         self.seed_ = seed
         gen = torch.Generator().manual_seed(seed)
-        prior_gen = self._generator(seed)
-        data = []
-        for s in slides:
-            feats, xy = self._slide_arrays(s)
-            data.append((feats, xy, torch.from_numpy(log1p_targets(s, self.genes_))))
+        prior_gen = torch.Generator(device=self.device).manual_seed(seed)
+        data = [(*self._slide_arrays(s), torch.from_numpy(log1p_targets(s, self.genes_))) for s in slides]
+        self.prior_params_ = {"total_count": self.zinb_total_count, "logits": self.zinb_logits,
+                              "zi_logits": self.zinb_zi_logits}
         if self.prior == "zinb-per-gene":
             raw = np.expm1(np.concatenate([d[2].numpy() for d in data]).astype(np.float64)).round()
             self.prior_params_ = fit_zinb_per_gene(raw)
-        else:
-            self.prior_params_ = {"total_count": self.zinb_total_count, "logits": self.zinb_logits,
-                                  "zi_logits": self.zinb_zi_logits}
         model = STFlowDenoiser(data[0][0].shape[1], len(self.genes_), self.hidden, self.pair_hidden,
                                self.n_layers, self.n_heads, self.dropout, self.attn_dropout,
                                self.activation).to(self.device)
         # One epoch = crops_per_slide random crops of every slide, in random order (STFlow's sample_times).
         items = [i for i in range(len(data)) for _ in range(self.crops_per_slide)]
-
-        def batches(epoch: int) -> Iterator[np.ndarray]:
-            return minibatches(rng.permutation(len(items)), self.crops_per_step)
 
         def loss(crops: np.ndarray) -> tuple[torch.Tensor, int]:
             sq_sum, n_el = 0.0, 0
@@ -401,17 +347,17 @@ class STFlowBaseline(Method):
             return sq_sum / n_el, 1
 
         opt = torch.optim.Adam(model.parameters(), lr=self.lr)
-        self.history_ = fit_epochs([model], opt, batches, loss, epochs=self.epochs, max_steps=self.max_steps,
-                                   clip_norm=self.clip_norm)
+        self.history_ = fit_epochs([model], opt, shuffled(len(items), self.crops_per_step, rng), loss,
+                                   epochs=self.epochs, max_steps=self.max_steps, clip_norm=self.clip_norm)
         self.model_ = model.eval()
 
     @torch.no_grad()
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.model_ is not None and self.genes_ is not None
-        feats, xy = self._slide_arrays(slide)
-        feats, xy = feats.to(self.device), xy.to(self.device)
+        assert self.genes_ is not None
+        feats, xy = (a.to(self.device) for a in self._slide_arrays(slide))
         nbr = torch.from_numpy(knn_graph(xy.cpu().numpy(), self.n_neighbors)).to(self.device)
-        x = self._prior((slide.n_spots, len(self.genes_)), self._generator(self.seed_ + 1))
+        gen = torch.Generator(device=self.device).manual_seed(self.seed_ + 1)
+        x = self._prior((slide.n_spots, len(self.genes_)), gen)
         ts = torch.linspace(0.01, 1.0, self.n_steps)
         pred = euler_sample(lambda xt, t: self.model_(xt, feats, xy, nbr, t.to(self.device)), x, ts)
         return pred.cpu().numpy()

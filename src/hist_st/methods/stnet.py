@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +14,12 @@ import torch.nn.functional as F
 from hist_st.encoders import efficientnet_lite0_model
 from hist_st.errors import InputError
 from hist_st.methods.base import Method, log1p_targets, options_of, register, variant
-from hist_st.methods.trainer import batched, fit_epochs, minibatches
+from hist_st.methods.trainer import batched, fit_epochs, shuffled
 from hist_st.slide import Slide
 from hist_st.wsi import PatchParams, extract_patches
 
-__all__ = [
-    "STNetBaseline",
-    "STNetLite0Baseline",
-    "PatchSource",
-    "image_patch_source",
-    "dihedral8",
-    "stnet_targets",
-    "inner_folds",
-]
+__all__ = ["STNetBaseline", "STNetLite0Baseline", "PatchSource", "image_patch_source", "dihedral8",
+           "stnet_targets", "inner_folds"]
 
 #: A callable returning uint8 patches ``[N, P, P, 3]`` centred on ``slide``'s spots, in spot order.
 PatchSource = Callable[[Slide], np.ndarray]
@@ -40,30 +33,20 @@ def image_patch_source(size_px: int = 224, um_per_px: float = 0.5) -> PatchSourc
     """
 
     def source(slide: Slide) -> np.ndarray:
-
         if not slide.image:
-            raise InputError(
-                f"slide {slide.slide_id!r}",
-                "stnet needs the H&E image (slide.image is empty); pass patches=...",
-            )
+            raise InputError(f"slide {slide.slide_id!r}",
+                             "stnet needs the H&E image (slide.image is empty); pass patches=...")
         if not Path(slide.image).exists():
             raise InputError(slide.image, "H&E image not found (needed by the stnet baseline)")
-        patches, _ = extract_patches(
-            slide.image, slide.spatial, slide.um_per_px, PatchParams(size_px, um_per_px)
-        )
-        return patches
+        params = PatchParams(size_px, um_per_px)
+        return extract_patches(slide.image, slide.spatial, slide.um_per_px, params)[0]  # [N, P, P, 3] uint8
 
     return source
 
 
 def dihedral8(x: torch.Tensor) -> list[torch.Tensor]:
     """The 8 rotations / reflections of an image batch ``[B, 3, H, W]`` -> list of 8 tensors."""
-    out = []
-    for flip in (False, True):
-        y = torch.flip(x, dims=(-1,)) if flip else x
-        for k in range(4):
-            out.append(torch.rot90(y, k, dims=(-2, -1)))
-    return out
+    return [torch.rot90(y, k, dims=(-2, -1)) for y in (x, torch.flip(x, dims=(-1,))) for k in range(4)]
 
 
 def _random_dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -71,8 +54,7 @@ def _random_dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     ``x`` ``[B, 3, H, W]``."""
     ops = torch.from_numpy(rng.integers(0, 8, size=x.shape[0]))
     # Keep x's memory layout (channels-last, from the uint8 patches): the CNN's rounding depends on it.
-    out = torch.empty_like(x)
-    return out.copy_(torch.stack(dihedral8(x))[ops, torch.arange(x.shape[0])])  # [8, B, ...] -> [B, ...]
+    return torch.empty_like(x).copy_(torch.stack(dihedral8(x))[ops, torch.arange(x.shape[0])])
 
 
 def _build_backbone(name: str, weights: str | Path | None) -> tuple[torch.nn.Module, int]:
@@ -147,11 +129,10 @@ def stnet_targets(slide: Slide, genes: list[str]) -> tuple[np.ndarray, np.ndarra
     Returns:
         ``(targets [N, G] float32, log_scale [N] float64)``.
     """
-    if slide.counts is None:
-        raise InputError(f"slide {slide.slide_id!r}", "has no counts; a training slide needs expression")
+    y = log1p_targets(slide, genes)  # `InputError` for a slide without counts
     total = np.asarray(slide.counts.sum(axis=1), dtype=np.float64).ravel()
     log_scale = np.log(slide.counts.shape[1] + total)
-    return (log1p_targets(slide, genes) - log_scale[:, None]).astype(np.float32), log_scale
+    return (y - log_scale[:, None]).astype(np.float32), log_scale
 
 
 def inner_folds(slides: list[Slide], k: int) -> list[list[int]]:
@@ -231,91 +212,65 @@ class STNetBaseline(Method):
         del options["patches"]  # a callable: not an option that identifies a run
         super().__init__(**{**options, "weights": str(weights) if weights else None})
         self.patches = patches if patches is not None else image_patch_source()
-        self.n_inner_folds = int(n_inner_folds)
-        self.model_: torch.nn.Module | None = None
-        self.norm_: tuple[np.ndarray, np.ndarray] | None = None
-        self.fit_seconds_: float | None = None
-        self.log_scale_ = 0.0
-        self.best_epoch_: int | None = None
-        self.inner_sse_: list[float] = []
 
     def _get_patches(self, slide: Slide) -> np.ndarray:
         p = np.asarray(self.patches(slide))
         if p.dtype != np.uint8 or p.ndim != 4 or p.shape[-1] != 3 or p.shape[0] != slide.n_spots:
-            raise InputError(
-                f"slide {slide.slide_id!r}",
-                f"patch source returned {p.dtype} {p.shape}; expected uint8 [{slide.n_spots}, P, P, 3]",
-            )
+            raise InputError(f"slide {slide.slide_id!r}", f"patch source returned {p.dtype} {p.shape}; "
+                                                          f"expected uint8 [{slide.n_spots}, P, P, 3]")
         return p
 
     def _to_input(self, patches_u8: np.ndarray) -> torch.Tensor:
         """uint8 ``[B, P, P, 3]`` -> normalised float ``[B, 3, S, S]`` on the device."""
-        assert self.norm_ is not None
         x = torch.from_numpy(patches_u8).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
                               align_corners=False)
-        mean = torch.as_tensor(self.norm_[0], device=x.device).view(1, 3, 1, 1)
-        std = torch.as_tensor(self.norm_[1], device=x.device).view(1, 3, 1, 1)
+        mean, std = (torch.as_tensor(v, device=x.device).view(1, 3, 1, 1) for v in self.norm_)
         return (x - mean) / std
 
     def _targets(self, slides: list[Slide]) -> tuple[np.ndarray, np.ndarray]:
         """Training targets ``[N, G]`` and per-spot ``log(n + Z)`` ``[N]`` (zeros for ``log1p`` targets)."""
         assert self.genes_ is not None
-        if self.targets == "log1p":
-            y = np.concatenate([log1p_targets(s, self.genes_) for s in slides], axis=0)
-            return y, np.zeros(len(y))
-        parts = [stnet_targets(s, self.genes_) for s in slides]
+        parts = [stnet_targets(s, self.genes_) if self.targets == "stnet"
+                 else (log1p_targets(s, self.genes_), np.zeros(s.n_spots)) for s in slides]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         t0 = time.perf_counter()
-        assert self.genes_ is not None
         imgs_by_slide = [self._get_patches(s) for s in slides]
         imgs = np.concatenate(imgs_by_slide, axis=0)
         y, log_scale = self._targets(slides)
         self.log_scale_ = float(log_scale.mean())
         # ST-Net estimates the per-channel mean / std on (a dozen batches of) training patches.
-        sample = (
-            imgs[rng.choice(len(imgs), size=min(len(imgs), 384), replace=False)].astype(np.float64) / 255.0
-        )
-        self.norm_ = (
-            sample.mean(axis=(0, 1, 2)).astype(np.float32),
-            (sample.std(axis=(0, 1, 2)) + 1e-6).astype(np.float32),
-        )
-        epochs = self.epochs
-        if self.select_epoch == "inner-cv" and len(slides) > 1:
-            epochs = self._inner_cv_epoch(imgs_by_slide, slides, seed)
-        self.best_epoch_ = epochs
-        self.model_ = self._train(imgs, y, rng, epochs)
+        sample = imgs[rng.choice(len(imgs), size=min(len(imgs), 384), replace=False)] / 255.0  # float64
+        self.norm_ = (sample.mean(axis=(0, 1, 2)).astype(np.float32),
+                      (sample.std(axis=(0, 1, 2)) + 1e-6).astype(np.float32))
+        inner = self.select_epoch == "inner-cv" and len(slides) > 1
+        self.inner_sse_ = self._inner_sse(imgs_by_slide, slides, seed) if inner else []  # per epoch
+        self.best_epoch_ = int(np.argmin(self.inner_sse_)) + 1 if inner else self.epochs
+        self.model_ = self._train(imgs, y, rng, self.best_epoch_)[0]
         self.fit_seconds_ = time.perf_counter() - t0
 
-    def _inner_cv_epoch(self, imgs_by_slide: list[np.ndarray], slides: list[Slide], seed: int) -> int:
-        """ST-Net's epoch choice: the epoch with the lowest summed squared error on held-out training
-        patients over `inner_folds` (each inner model trained for ``epochs`` epochs)."""
+    def _inner_sse(self, imgs_by_slide: list[np.ndarray], slides: list[Slide], seed: int) -> list[float]:
+        """Per epoch, the summed squared error on held-out training patients over `inner_folds` (ST-Net's)."""
         sse = np.zeros(self.epochs)
         for f, val in enumerate(inner_folds(slides, self.n_inner_folds)):
             train_i = [i for i in range(len(slides)) if i not in val]
-            y_tr, _ = self._targets([slides[i] for i in train_i])
-            y_val, _ = self._targets([slides[i] for i in val])
-            x_val = np.concatenate([imgs_by_slide[i] for i in val])
-
-            def on_epoch(epoch: int, model: torch.nn.Module, y_val: np.ndarray = y_val,
-                         x_val: np.ndarray = x_val) -> None:
-                model.eval()
-                pred = batched(lambda xb: self._forward(model, xb), x_val, self.batch_size)
-                sse[epoch] += float(((pred - y_val) ** 2).sum())
-                model.train()
-
-            x_tr = np.concatenate([imgs_by_slide[i] for i in train_i])
-            self._train(x_tr, y_tr, np.random.default_rng([seed, f + 1]), self.epochs, on_epoch, record=False)
-        self.inner_sse_ = sse.tolist()
-        return int(np.argmin(sse)) + 1
+            x_tr, x_val = (np.concatenate([imgs_by_slide[i] for i in idx]) for idx in (train_i, val))
+            (y_tr, _), (y_val, _) = (self._targets([slides[i] for i in idx]) for idx in (train_i, val))
+            inner_rng = np.random.default_rng([seed, f + 1])
+            sse += self._train(x_tr, y_tr, inner_rng, self.epochs, held_out=(x_val, y_val))[1]
+        return sse.tolist()
 
     def _train(self, imgs: np.ndarray, y: np.ndarray, rng: np.random.Generator, epochs: int,
-               on_epoch: Callable[[int, torch.nn.Module], None] | None = None,
-               record: bool = True) -> torch.nn.Module:
-        """SGD fine-tuning of backbone + linear head on ``imgs [N, P, P, 3]`` uint8, targets ``y [N, G]``."""
+               held_out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.nn.Module, np.ndarray]:
+        """SGD fine-tuning of backbone + linear head on ``imgs [N, P, P, 3]`` uint8, targets ``y [N, G]``.
+
+        Returns:
+            The model and, with ``held_out`` (patches, targets), their summed squared error per epoch
+            ``[epochs]`` (without: zeros, and each step's per-spot loss is appended to ``history_``).
+        """
         assert self.genes_ is not None
         body, n_feat = _build_backbone(self.backbone, self.weights)
         head = torch.nn.Linear(n_feat, len(self.genes_))
@@ -326,9 +281,7 @@ class STNetBaseline(Method):
         opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
                               weight_decay=self.weight_decay)
         yt, g = torch.from_numpy(y), len(self.genes_)
-
-        def batches(epoch: int) -> Iterator[np.ndarray]:
-            return minibatches(rng.permutation(len(imgs)), self.batch_size)
+        sse = np.zeros(epochs)
 
         def loss(idx: np.ndarray) -> tuple[torch.Tensor, int]:
             # Training augmentation (ST-Net): random h/v flips and a random 90-degree rotation per patch,
@@ -336,13 +289,16 @@ class STNetBaseline(Method):
             pred = model(_random_dihedral(self._to_input(imgs[idx]), rng))
             return ((pred - yt[idx].to(self.device)) ** 2).sum() / g, len(idx)  # ST-Net: sum over the batch
 
-        def on_step(value: float, n: int) -> None:
-            if record:  # per-spot value, comparable across batch sizes
-                self.history_.append(value / n)
+        def score(epoch: int) -> None:
+            assert held_out is not None
+            model.eval()
+            pred = batched(lambda xb: self._forward(model, xb), held_out[0], self.batch_size)
+            sse[epoch] = float(((pred - held_out[1]) ** 2).sum())
 
-        fit_epochs([model], opt, batches, loss, epochs=epochs, max_steps=self.max_steps, on_step=on_step,
-                   on_epoch=None if on_epoch is None else lambda epoch: on_epoch(epoch, model))
-        return model.eval()
+        record = (lambda value, n: self.history_.append(value / n)) if held_out is None else None  # per spot
+        fit_epochs([model], opt, shuffled(len(imgs), self.batch_size, rng), loss, epochs=epochs,
+                   max_steps=self.max_steps, on_step=record, on_epoch=None if held_out is None else score)
+        return model.eval(), sse
 
     def _forward(self, model: torch.nn.Module, patches_u8: np.ndarray) -> np.ndarray:
         """Model output for uint8 patches (8-fold dihedral average with ``tta``), in target space."""
@@ -351,9 +307,7 @@ class STNetBaseline(Method):
         return out.cpu().numpy()
 
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.model_ is not None
-        model = self.model_
-        out = batched(lambda xb: self._forward(model, xb), self._get_patches(slide), self.batch_size)
+        out = batched(lambda xb: self._forward(self.model_, xb), self._get_patches(slide), self.batch_size)
         return (out + self.log_scale_).astype(np.float32)  # log1p space (0 for log1p targets)
 
 

@@ -1,12 +1,9 @@
-"""The training loop the neural baselines share (mlp, bleep, stnet, stflow) and their batched inference.
-
-Each method keeps its own model, loss, optimiser and batches; `fit_epochs` runs the epochs: train mode,
-one optimiser step per batch (optional gradient clipping), a step budget and per-epoch loss records.
+"""The training loop the neural baselines share (mlp, bleep, stnet, stflow) and their batched inference;
+each method keeps its own model, loss, optimiser and batches.
 
 ```python
 gen = torch.Generator().manual_seed(seed)
-history = fit_epochs([net], torch.optim.AdamW(net.parameters()),
-                     lambda epoch: minibatches(torch.randperm(n, generator=gen), 256),
+history = fit_epochs([net], torch.optim.AdamW(net.parameters()), shuffled(n, 256, gen),
                      lambda idx: (F.mse_loss(net(x[idx]), y[idx]), len(idx)), epochs=50)
 pred = batched(net, x, 4096)                # [N, G], no gradients
 ```
@@ -21,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["fit_epochs", "minibatches", "batched"]
+__all__ = ["fit_epochs", "minibatches", "shuffled", "batched"]
 
 B = TypeVar("B")
 
@@ -32,6 +29,18 @@ def minibatches(order: torch.Tensor | np.ndarray, size: int, min_size: int = 1) 
     for i in range(0, len(order), size):
         if len(order[i : i + size]) >= min_size:
             yield order[i : i + size]
+
+
+def shuffled(n: int, size: int, gen: torch.Generator | np.random.Generator,
+             min_size: int = 1) -> Callable[[int], Iterator[Any]]:
+    """``epoch -> minibatches`` of a permutation of ``range(n)`` drawn from ``gen`` at the start of each epoch
+    (``torch.randperm`` on a torch generator, ``permutation`` on a numpy one), as `fit_epochs` takes them."""
+
+    def batches(epoch: int) -> Iterator[Any]:
+        order = torch.randperm(n, generator=gen) if isinstance(gen, torch.Generator) else gen.permutation(n)
+        return minibatches(order, size, min_size)
+
+    return batches
 
 
 def fit_epochs(
