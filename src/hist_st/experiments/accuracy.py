@@ -72,13 +72,8 @@ def build_config(
         genes: A gene-set spec (`hist_st.cohort.GeneSet`: ``hvg:2000``, ``he:250``) for ``cfg.genes``.
         progress: Overrides ``cfg.progress`` when given.
     """
-    cfg = load_config(config, with_gene_set(overrides, genes))
-    changes: dict[str, Any] = {}
-    if seed is not None:
-        changes["seed"] = int(seed)
-    if progress is not None:
-        changes["progress"] = bool(progress)
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    changes = {key: cast(v) for key, cast, v in (("seed", int, seed), ("progress", bool, progress)) if v is not None}
+    return dataclasses.replace(load_config(config, with_gene_set(overrides, genes)), **changes)
 
 
 @dataclass(frozen=True)
@@ -147,47 +142,31 @@ def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
         One dict per (method, gene): ``method``, ``gene``, ``pcc_mean``, ``r2_mean``, ``n_folds``
         (folds in which the gene was evaluated) and ``pcc_fold<i>`` / ``r2_fold<i>``.
     """
-    run_dir = Path(run_dir)
-    folds = sorted(run_dir.glob("fold_*/metrics.json"), key=lambda p: int(p.parent.name.split("_")[1]))
     table: dict[tuple[str, str], dict[str, Any]] = {}
-    gene_order: dict[str, int] = {}
-    for path in folds:
+    for path in sorted(Path(run_dir).glob("fold_*/metrics.json"), key=lambda p: int(p.parent.name.split("_")[1])):
         rec = read_json(path)
-        i = int(rec["fold"])
         for method, m in rec["metrics"].items():
-            pg = m["per_gene"]
-            pcc, r2 = pg.get("pcc_per_gene", {}), pg.get("r2_per_gene", {})
+            pcc, r2 = m["per_gene"].get("pcc_per_gene", {}), m["per_gene"].get("r2_per_gene", {})
             for gene in pcc:
-                gene_order.setdefault(gene, len(gene_order))
                 row = table.setdefault((method, gene), {"method": method, "gene": gene})
-                row[f"pcc_fold{i}"] = pcc.get(gene)
-                row[f"r2_fold{i}"] = r2.get(gene)
-    rows = []
-    for _, row in sorted(table.items(), key=lambda kv: (kv[0][0], gene_order[kv[0][1]])):
+                row.update({f"pcc_fold{rec['fold']}": pcc[gene], f"r2_fold{rec['fold']}": r2.get(gene)})
+    order = {g: i for i, g in enumerate(dict.fromkeys(g for _, g in table))}  # genes as first met
+    rows = sorted(table.values(), key=lambda row: (row["method"], order[row["gene"]]))
+    for row in rows:
         p = [v for k, v in row.items() if k.startswith("pcc_fold") and v is not None]
         r = [v for k, v in row.items() if k.startswith("r2_fold") and v is not None]
-        row["pcc_mean"] = float(np.mean(p)) if p else None
-        row["r2_mean"] = float(np.mean(r)) if r else None
-        row["n_folds"] = len(p)
-        rows.append(row)
+        row.update(pcc_mean=float(np.mean(p)) if p else None, r2_mean=float(np.mean(r)) if r else None, n_folds=len(p))
     return rows
 
 
 def _write_per_gene_csv(rows_by_cohort: Mapping[str, list[dict[str, Any]]], path: Path) -> Path:
-    fold_cols: list[str] = []
-    for rows in rows_by_cohort.values():
-        for row in rows:
-            for k in row:
-                if k.startswith(("pcc_fold", "r2_fold")) and k not in fold_cols:
-                    fold_cols.append(k)
-    fold_cols.sort(key=lambda c: (int(c.split("fold")[1]), c))
-    cols = ["cohort", "method", "gene", "pcc_mean", "r2_mean", "n_folds", *fold_cols]
+    rows = [{"cohort": cohort, **row} for cohort, cohort_rows in rows_by_cohort.items() for row in cohort_rows]
+    fold_cols = sorted({k for row in rows for k in row if k.startswith(("pcc_fold", "r2_fold"))},
+                       key=lambda c: (int(c.split("fold")[1]), c))
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=["cohort", "method", "gene", "pcc_mean", "r2_mean", "n_folds", *fold_cols])
         w.writeheader()
-        for cohort, rows in rows_by_cohort.items():
-            for row in rows:
-                w.writerow({"cohort": cohort, **{k: ("" if v is None else v) for k, v in row.items()}})
+        w.writerows(rows)
     return path
 
 

@@ -71,25 +71,22 @@ def run_stain(
     Returns:
         ``{"summaries": {row: summarise_folds(...)}, "table": str, "out_dir": str}``.
     """
-    for r in rows:
-        if r not in STAIN_ROWS:
-            raise InputError("--rows", f"unknown row {r!r}; choose from {', '.join(STAIN_ROWS)}")
-    ids_plain = sorted(p.stem for p in list_slides(plain))
-    ids_mac = sorted(p.stem for p in list_slides(macenko))
+    bad = [r for r in rows if r not in STAIN_ROWS]
+    if bad:
+        raise InputError("--rows", f"unknown row {bad[0]!r}; choose from {', '.join(STAIN_ROWS)}")
+    ids_plain, ids_mac = ({p.stem for p in list_slides(c)} for c in (plain, macenko))
     if ids_plain != ids_mac:
-        diff = sorted(set(ids_plain) ^ set(ids_mac))
-        raise InputError(macenko, f"the two cohorts hold different slides (e.g. {diff[:5]})")
+        raise InputError(macenko, f"the two cohorts hold different slides (e.g. {sorted(ids_plain ^ ids_mac)[:5]})")
     setup = setup or CVSetup()
     if setup.group_by is not None:
         raise InputError("group_by", "Table 5 folds by slide; run it without a group column")
     out = Path(out_dir)
     cfg, plan, info = table_plan(plain, out, setup, by_group=False)  # folds by slide only
-    plans = {"plain": plan}
 
+    @functools.cache
     def plan_of(which: str) -> Plan:  # the Macenko copy: the same folds and genes, planned when first needed
-        if which not in plans:
-            plans[which] = make_plan(macenko, cfg.genes, folds=plan.folds, embedding=cfg.embedding, seed=cfg.seed)
-        return plans[which]
+        return plan if which == "plain" else make_plan(macenko, cfg.genes, folds=plan.folds, embedding=cfg.embedding,
+                                                       seed=cfg.seed)
 
     no_token = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
     table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which))
@@ -109,11 +106,7 @@ def format_stain_table(summaries: dict[str, Any], digits: int = 3) -> str:
     """Markdown Table 5 with both protocols and the paper's values."""
     lines = ["| Setting | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | paper R2 / PCC (Brain) |",
              "|---|---|---|---|---|---|"]
-    for name, (label, _, _) in STAIN_ROWS.items():
-        if name not in summaries:
-            continue
-        s = summaries[name]
-        paper = PAPER_TABLE5.get(name)
-        cells = [*protocol_cells(s, digits), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "—"]
-        lines.append(f"| {label} `{name}` | " + " | ".join(cells) + " |")
+    for name, (label, _, _) in ((n, row) for n, row in STAIN_ROWS.items() if n in summaries):
+        paper = "{:.2f} / {:.2f}".format(*PAPER_TABLE5[name]) if name in PAPER_TABLE5 else "—"
+        lines.append(f"| {label} `{name}` | " + " | ".join([*protocol_cells(summaries[name], digits), paper]) + " |")
     return "\n".join(lines)

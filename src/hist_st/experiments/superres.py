@@ -45,12 +45,11 @@ from hist_st.errors import InputError
 from hist_st.evaluate.cache import ResultCache, cached_file, fold_key, slide_fingerprint, write_file_entry
 from hist_st.evaluate.plan import Plan, make_plan
 from hist_st.experiments.accuracy import CVSetup
-from hist_st.experiments.figures import pyplot, save_figure
 from hist_st.jsonio import to_jsonable, write_json
 from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.methods import HiSTMethod
 from hist_st.metrics import evaluate_fold, summarise_folds
-from hist_st.pl import draw_spots, normalise_counts
+from hist_st.pl import draw_spots, normalise_counts, pyplot, save_figure
 from hist_st.slide import read_prepared, write_prepared
 from hist_st.train.checkpoint import load_bundle
 from hist_st.train.coarse import coarsen_slide

@@ -1,4 +1,4 @@
-"""Calibration-token analysis (the paper's Table 6 and Figure 4).
+"""Calibration-token analysis (the paper's Table 6 and Figure 4: `plot_token_pca`).
 
 The final calibration token of each slide is read from the trained fold models of a cross-validation
 run (``hist-st cv`` / ``hist-st bench accuracy``): every slide goes through the fold model that held it
@@ -25,18 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from hist_st.errors import InputError
 from hist_st.evaluate import fold_model, slide_groups
-from hist_st.experiments.figures import plot_token_pca
 from hist_st.jsonio import write_json
 from hist_st.lattice import continuous_coords, to_lattice
+from hist_st.pl import pyplot, save_figure
 from hist_st.train.data import load_slides, read_manifest
 from hist_st.train.folds import load_folds
 from hist_st.train.predict import lattice_unit_for
 
-__all__ = ["slide_token", "export_tokens", "token_metrics", "cosine_distances", "run_token_analysis"]
+__all__ = ["slide_token", "export_tokens", "token_metrics", "cosine_distances", "plot_token_pca", "run_token_analysis"]
 
 
 @torch.no_grad()
@@ -93,39 +94,27 @@ def export_tokens(
     folds = load_folds(run_dir / "splits.json")
     slides = {s.slide_id: s for s in load_slides(cohort)}
 
-    pairs: list[tuple[str, int]] = []
     if source == "test":
-        for f in folds:
-            pairs.extend((sid, int(f["fold"])) for sid in f["test"])
+        pairs = sorted((sid, int(f["fold"])) for f in folds for sid in f["test"])
     elif source.startswith("fold:"):
-        i = int(source.split(":", 1)[1])
-        pairs = [(sid, i) for sid in sorted({s for f in folds for s in f["test"]})]
+        pairs = sorted((sid, int(source.split(":", 1)[1])) for sid in {s for f in folds for s in f["test"]})
     else:
         raise InputError("--source", f"use 'test' or 'fold:<i>', got {source!r}")
     missing = [sid for sid, _ in pairs if sid not in slides]
     if missing:
         raise InputError(cohort, f"slides of the run are missing from the cohort: {missing[:5]}")
-    pairs.sort()
-    ids, fold_of, vecs = [], [], []
-    bundles: dict[int, Any] = {}
-    for sid, i in pairs:
-        if i not in bundles:
-            bundles[i] = fold_model(run_dir, i)
-        vecs.append(slide_token(bundles[i], slides[sid]))
-        ids.append(sid)
-        fold_of.append(i)
-    result = {"slide_ids": ids, "tokens": np.stack(vecs).astype(np.float32), "fold": np.asarray(fold_of),
-              "source": source}
+    bundles = {i: fold_model(run_dir, i) for i in sorted({i for _, i in pairs})}
+    ids, fold_of = [sid for sid, _ in pairs], np.asarray([i for _, i in pairs])
+    tokens = np.stack([slide_token(bundles[i], slides[sid]) for sid, i in pairs]).astype(np.float32)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, slide_ids=np.asarray(ids), tokens=result["tokens"], fold=result["fold"], source=source)
-        with open(out.with_suffix(".csv"), "w") as fh:
-            d = result["tokens"].shape[1]
-            fh.write("slide_id,fold," + ",".join(f"t{j}" for j in range(d)) + "\n")
-            for sid, i, v in zip(ids, fold_of, result["tokens"]):
-                fh.write(f"{sid},{i}," + ",".join(f"{x:.6g}" for x in v) + "\n")
-    return result
+        np.savez(out, slide_ids=np.asarray(ids), tokens=tokens, fold=fold_of, source=source)
+        table = pd.DataFrame(tokens, columns=[f"t{j}" for j in range(tokens.shape[1])])
+        table.insert(0, "slide_id", ids)
+        table.insert(1, "fold", fold_of)
+        table.to_csv(out.with_suffix(".csv"), index=False, float_format="%.6g")
+    return {"slide_ids": ids, "tokens": tokens, "fold": fold_of, "source": source}
 
 
 def cosine_distances(x: np.ndarray) -> np.ndarray:
@@ -173,20 +162,13 @@ def token_metrics(tokens: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
     nn = dn.argmin(axis=1)
     one_nn = float(np.mean(g[nn] == g))
     labels = np.unique(g)
-    correct = []
-    for i in range(s):
-        keep = np.arange(s) != i
-        best, best_d = None, np.inf
-        for lab in labels:
-            members = keep & (g == lab)
-            if not members.any():
-                continue
-            c = x[members].mean(axis=0)
-            nc = np.linalg.norm(c)
-            dist = 1.0 - float(x[i] @ c) / (np.linalg.norm(x[i]) * nc) if nc > 0 else np.inf
-            if dist < best_d:
-                best, best_d = lab, dist
-        correct.append(best == g[i])
+    member = (g[:, None] == labels[None, :]).astype(np.float64)  # [S, L]
+    n_others = member.sum(0) - member  # [S, L]: members of each group other than slide i
+    centroids = (member.T @ x - member[:, :, None] * x[:, None, :]) / np.maximum(n_others, 1)[:, :, None]  # [S, L, D]
+    norms = np.linalg.norm(centroids, axis=2) * np.linalg.norm(x, axis=1)[:, None]
+    usable = (n_others > 0) & (norms > 0)  # an empty or zero centroid is no candidate
+    dist = np.where(usable, 1.0 - np.einsum("sd,sld->sl", x, centroids) / np.where(usable, norms, 1.0), np.inf)
+    correct = usable.any(1) & (labels[dist.argmin(1)] == g)
     iu = np.triu_indices(s, k=1)
     pair_d, pair_same = d[iu], same[iu]
     within = float(pair_d[pair_same].mean()) if pair_same.any() else float("nan")
@@ -205,6 +187,40 @@ def token_metrics(tokens: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
         "group_sizes": counts,
         "n_singletons": int(sum(1 for v in g if counts[v] == 1)),
     }
+
+
+def plot_token_pca(
+    tokens: np.ndarray, groups: Sequence[Any], out: str | Path, *, labels: Sequence[str] | None = None,
+    title: str = "calibration token PCA",
+) -> Path:
+    """Scatter of the per-slide tokens on their first two principal components, coloured by group."""
+    from sklearn.decomposition import PCA
+
+    plt = pyplot()
+    x = np.asarray(tokens, dtype=np.float64)
+    n_comp = int(min(2, x.shape[0], x.shape[1]))
+    z = PCA(n_components=n_comp).fit(x)
+    coords = z.transform(x)
+    if coords.shape[1] == 1:
+        coords = np.concatenate([coords, np.zeros_like(coords)], axis=1)
+    ev = list(z.explained_variance_ratio_) + [0.0]
+    g = np.asarray([str(v) for v in groups])
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
+    cmap = plt.get_cmap("tab20")
+    for k, lab in enumerate(sorted(set(g))):
+        m = g == lab
+        ax.scatter(coords[m, 0], coords[m, 1], s=40, color=cmap(k % 20), label=lab, edgecolors="k", linewidths=0.4)
+    if labels is not None and len(labels) <= 60:
+        for (px, py), lab in zip(coords, labels):
+            ax.annotate(str(lab), (px, py), fontsize=6, alpha=0.7, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}%)")
+    ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}%)")
+    ax.set_title(title)
+    if len(set(g)) <= 20:
+        ax.legend(fontsize=7, loc="best", frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, out)
 
 
 def _groups_for(cohort: str | Path, slide_ids: Sequence[str], column: str) -> list[str]:

@@ -37,8 +37,8 @@ import numpy as np
 
 from hist_st.errors import InputError
 from hist_st.evaluate import fold_model
-from hist_st.experiments.figures import pyplot, save_figure
 from hist_st.jsonio import write_json
+from hist_st.pl import pyplot, save_figure
 from hist_st.slide import read_cohort_slide
 from hist_st.train.data import log1p_counts
 from hist_st.train.predict import mc_log1p_samples, predict_log1p
