@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.experiments.accuracy import display, run_accuracy
+from hist_st.experiments.accuracy import display, markdown_table, run_accuracy
 from hist_st.jsonio import read_json, write_json
 from hist_st.metrics import STD_DDOF
 from hist_st.train.folds import load_folds
@@ -43,11 +43,6 @@ __all__ = ["METRICS", "run_accuracy_seeds", "seed_summary", "paired_differences"
 #: (protocol, key, column label) of the metrics summarised over seeds.
 METRICS = (("pooled", "r2", "pooled R2"), ("pooled", "pcc", "pooled PCC"), ("per_gene", "pcc", "per-gene PCC"),
            ("per_gene", "r2", "per-gene R2"))
-
-
-def _values(per_seed: Sequence[Mapping[str, Any]], method: str, proto: str, key: str) -> np.ndarray:
-    """``[S, K]`` fold values of one method and metric from per-seed `summarise_folds` results."""
-    return np.array([run[method][proto][key]["values"] for run in per_seed], dtype=np.float64)
 
 
 def seed_summary(values: np.ndarray) -> dict[str, Any]:
@@ -100,8 +95,8 @@ def _diff_cell(d: Mapping[str, Any]) -> str:
 
 def _table(first: str, rows: Mapping[str, Mapping[str, Any]], cell: Callable[[Mapping[str, Any]], str]) -> list[str]:
     """Markdown lines: a header (``first``, then the `METRICS` labels) and one row per name, ``cell`` of each."""
-    return ["| " + " | ".join([first, *(label for _, _, label in METRICS)]) + " |", "|---" * (len(METRICS) + 1) + "|",
-            *(f"| {name} | " + " | ".join(cell(v[label]) for _, _, label in METRICS) + " |" for name, v in rows.items())]
+    labels = [label for _, _, label in METRICS]
+    return markdown_table([first, *labels], ([name, *(cell(v[label]) for label in labels)] for name, v in rows.items()))
 
 
 def format_seed_tables(cohort: str, rec: Mapping[str, Any], reference: str | None) -> str:
@@ -135,12 +130,10 @@ def paired_with_runs(
 
     result: dict[str, Any] = {}
     mine = {label: np.array(rec["methods"][method][label]["values"]) for _, _, label in METRICS}
-    for other in others:
-        other = Path(other)
+    for other in map(Path, others):
         if not (other / "seeds.json").is_file():
             raise InputError(other, "not a `bench accuracy --seeds` folder (no seeds.json)")
-        o = read_json(other / "seeds.json")
-        orec = o.get("cohorts", {}).get(name)
+        orec = read_json(other / "seeds.json").get("cohorts", {}).get(name)
         if orec is None or method not in orec.get("methods", {}):
             raise InputError(other, f"has no {method} results for cohort {name!r}")
         missing = [x for x in rec["seeds"] if x not in orec["seeds"]]
@@ -215,15 +208,13 @@ def run_accuracy_seeds(
     tables = []
     for name in first["cohorts"]:
         per_seed = [runs[s]["cohorts"][name]["methods"] for s in seeds]
-        shown = list(per_seed[0])
-        rec: dict[str, Any] = {"seeds": seeds, "fold_seed": seed, "methods": {}, "paired": {}}
-        for m in shown:
-            rec["methods"][m] = {label: seed_summary(_values(per_seed, m, p, k)) for p, k, label in METRICS}
-        if ref is not None:
-            for m in shown:
-                if m != ref:
-                    rec["paired"][m] = {label: paired_differences(_values(per_seed, ref, p, k), _values(per_seed, m, p, k))
-                                        for p, k, label in METRICS}
+        values = {m: {label: np.array([run[m][p][k]["values"] for run in per_seed], dtype=np.float64)  # [S, K]
+                      for p, k, label in METRICS} for m in per_seed[0]}
+        rec: dict[str, Any] = {
+            "seeds": seeds, "fold_seed": seed,
+            "methods": {m: {label: seed_summary(v) for label, v in vals.items()} for m, vals in values.items()},
+            "paired": {m: {label: paired_differences(values[ref][label], v) for label, v in vals.items()}
+                       for m, vals in values.items() if ref is not None and m != ref}}
         table = format_seed_tables(name, rec, ref)
         if paired_with and ref is not None:
             rec["paired_with"] = paired_with_runs(rec, out, name, paired_with, ref)

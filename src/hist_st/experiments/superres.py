@@ -1,28 +1,15 @@
-"""Super-resolution from coarse labels, measured against the real spots (issue 13).
+"""Super-resolution from coarse labels, measured against the real spots (issue 13; results and the methods
+in words: ``docs/results/superres.md``).
 
-```bash
-hist-st bench superres --cohort cohorts/her2st --genes he:250 --out runs/superres
-```
-
-Every ``k x k`` block (default 2 x 2) of neighbouring spots of each prepared slide becomes one coarse spot
-(block = ``floor(lattice / k)``, counts summed, `hist_st.train.coarse.coarsen_slide`). On each fold by
-slide (`hist_st.train.folds.make_folds`, the report's folds for seed 0), four predictions of every
-held-out spot are scored against its measured counts:
-
-- ``superres``: HiST trained on the coarse labels only (``supervise=coarse<k>``): tokens are the spots
-  with their own patch embeddings, the loss compares their predictions summed per block with the block's
-  counts; it predicts every spot directly;
-- ``coarse_copy`` (reference a): HiST trained on the coarse spots themselves (token = mean of the block's
-  embeddings, lattice at the coarse pitch); each spot gets its block's predicted counts / members;
-- ``coarse_smooth`` (reference b): the same coarse predictions (counts per member) interpolated to the spot
-  centres with Gaussian weights in count space, ``sigma = sigma_fraction x coarse pitch``;
-- ``spot`` (reference c, the ceiling): HiST trained on the measured spots.
-
-Metrics are `hist_st.metrics.evaluate_fold` (pooled and per-gene, both protocols) of each fold's held-out
-spots; ``gap_closed[metric] = (superres - coarse_copy) / (spot - coarse_copy)`` on the means over folds
-(and the same for ``coarse_smooth``; ``gap_closed_per_fold``: the same ratio within each fold). ``coarse_level``: the block-level scores of the coarse model and of
-the super-resolution model's predictions summed per block, a check that fine maps did not cost accuracy
-at the resolution of the labels.
+Every ``k x k`` block of neighbouring spots of each prepared slide becomes one coarse spot (block =
+``floor(lattice / k)``, counts summed, `hist_st.train.coarse.coarsen_slide`). On each fold by slide, four
+predictions of every held-out spot (`REFERENCES`) are scored against its measured counts with
+`hist_st.metrics.evaluate_fold`: ``superres`` (HiST with ``supervise=coarse<k>``: spot tokens, block labels),
+``coarse_copy`` (a: HiST on the coarse spots, block prediction / members), ``coarse_smooth`` (b: the same,
+Gaussian interpolation in count space, ``sigma = sigma_fraction x coarse pitch``) and ``spot`` (c, the ceiling).
+``gap_closed[metric] = (superres - coarse_copy) / (spot - coarse_copy)`` on the means over folds (and for
+``coarse_smooth``; ``gap_closed_per_fold``: within each fold). ``coarse_level``: block-level scores of the coarse
+model and of the super-resolution predictions summed per block.
 
 Output folder: ``superres.json``, ``table.md``, ``maps_<slide>.png`` (measured spots, measured blocks and the
 four predictions for a held-out slide), ``fold_<i>/<model>/`` training runs (each with its result-cache entry in
@@ -259,7 +246,7 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
     first = fold_list[0]
     fig_slide = sorted(first["test"])[0]
     figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], gene_list, plot_genes)
-    result: dict[str, Any] = {
+    result = to_jsonable({
         "command": command, "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "block": block,
         "sigma_fraction": sigma_fraction, "fine_pitch_um": {s.slide_id: s.spot_pitch_um for s in slides},
         "coarse_pitch_um": {sid: c.spot_pitch_um for sid, (c, _) in coarse.items()},
@@ -269,8 +256,7 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
         "gap_closed": gaps, "gap_closed_per_fold": fold_gaps,
         "position_effect": {m: {"mean": float(np.mean(v)), "values": v} for m, v in artefact.items() if v},
         "figure": str(figure.name), "figure_slide": fig_slide, "cached_models": hits,
-    }
-    result = to_jsonable(result)
+    })
     write_json(result, out / "superres.json")
     (out / "table.md").write_text(superres_markdown(result))
     return result

@@ -156,11 +156,7 @@ def token_metrics(tokens: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
     if s < 2:
         raise ValueError("need at least 2 slides")
     d = cosine_distances(x)
-    same = g[:, None] == g[None, :]
-    off = ~np.eye(s, dtype=bool)
-    dn = np.where(off, d, np.inf)
-    nn = dn.argmin(axis=1)
-    one_nn = float(np.mean(g[nn] == g))
+    nn = np.where(~np.eye(s, dtype=bool), d, np.inf).argmin(axis=1)  # the nearest other slide
     labels = np.unique(g)
     member = (g[:, None] == labels[None, :]).astype(np.float64)  # [S, L]
     n_others = member.sum(0) - member  # [S, L]: members of each group other than slide i
@@ -170,23 +166,13 @@ def token_metrics(tokens: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
     dist = np.where(usable, 1.0 - np.einsum("sd,sld->sl", x, centroids) / np.where(usable, norms, 1.0), np.inf)
     correct = usable.any(1) & (labels[dist.argmin(1)] == g)
     iu = np.triu_indices(s, k=1)
-    pair_d, pair_same = d[iu], same[iu]
-    within = float(pair_d[pair_same].mean()) if pair_same.any() else float("nan")
-    between = float(pair_d[~pair_same].mean()) if (~pair_same).any() else float("nan")
+    pair_d, pair_same = d[iu], (g[:, None] == g[None, :])[iu]
+    within, between = (float(pair_d[m].mean()) if m.any() else float("nan") for m in (pair_same, ~pair_same))
     counts = {lab: int((g == lab).sum()) for lab in labels}
-    chance_1nn = float(np.mean([(counts[v] - 1) / (s - 1) for v in g]))
-    return {
-        "one_nn_acc": one_nn,
-        "centroid_acc": float(np.mean(correct)),
-        "within_cos": within,
-        "between_cos": between,
-        "chance_1nn": chance_1nn,
-        "chance_majority": max(counts.values()) / s,
-        "n_slides": int(s),
-        "n_groups": len(labels),
-        "group_sizes": counts,
-        "n_singletons": int(sum(1 for v in g if counts[v] == 1)),
-    }
+    return {"one_nn_acc": float(np.mean(g[nn] == g)), "centroid_acc": float(np.mean(correct)), "within_cos": within,
+            "between_cos": between, "chance_1nn": float(np.mean([(counts[v] - 1) / (s - 1) for v in g])),
+            "chance_majority": max(counts.values()) / s, "n_slides": int(s), "n_groups": len(labels),
+            "group_sizes": counts, "n_singletons": int(sum(1 for v in g if counts[v] == 1))}
 
 
 def plot_token_pca(
@@ -198,12 +184,9 @@ def plot_token_pca(
 
     plt = pyplot()
     x = np.asarray(tokens, dtype=np.float64)
-    n_comp = int(min(2, x.shape[0], x.shape[1]))
-    z = PCA(n_components=n_comp).fit(x)
-    coords = z.transform(x)
-    if coords.shape[1] == 1:
-        coords = np.concatenate([coords, np.zeros_like(coords)], axis=1)
-    ev = list(z.explained_variance_ratio_) + [0.0]
+    z = PCA(n_components=int(min(2, *x.shape))).fit(x)
+    coords = np.pad(z.transform(x), ((0, 0), (0, 2 - z.n_components_)))  # one component: PC2 = 0
+    ev = [*z.explained_variance_ratio_, 0.0]
     g = np.asarray([str(v) for v in groups])
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
     cmap = plt.get_cmap("tab20")
@@ -224,15 +207,13 @@ def plot_token_pca(
 
 
 def _groups_for(cohort: str | Path, slide_ids: Sequence[str], column: str) -> list[str]:
-
-    slides = load_slides(cohort, list(slide_ids))
-    manifest = read_manifest(cohort)
+    """Each slide's group: itself, its technology or its ``column`` (an unknown one is a group of its own)."""
     if column == "slide":
         return list(slide_ids)
+    slides = load_slides(cohort, list(slide_ids))
     if column == "technology":
         return [s.technology for s in slides]
-    mapping = slide_groups(slides, column, manifest)
-    # an unknown patient (None) is a group of its own, never one shared "None" group
+    mapping = slide_groups(slides, column, read_manifest(cohort))
     return [mapping[sid] if mapping[sid] is not None else f"{sid} (unknown {column})" for sid in slide_ids]
 
 
@@ -272,25 +253,18 @@ def run_token_analysis(
     table = format_token_table(metrics)
     write_json({"metrics": metrics, "source": source, "run_dir": str(run_dir), "slide_ids": tok["slide_ids"]},
                out / "token_metrics.json")
-    (out / "tokens.md").write_text(
-        f"Calibration-token discriminability (Table 6), tokens from {source!r} models of {run_dir}; "
-        "cosine distance; leave-one-out.\n\n" + table + "\n"
-    )
+    (out / "tokens.md").write_text(f"Calibration-token discriminability (Table 6), tokens from {source!r} models of "
+                                   f"{run_dir}; cosine distance; leave-one-out.\n\n{table}\n")
     return {"metrics": metrics, "table": table, "figures": figures, "n_slides": len(tok["slide_ids"])}
 
 
 def format_token_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown Table 6, one row per grouping column (with chance levels)."""
-    lines = [
-        "| Grouping | slides / groups | 1-NN same-group (chance) | Nearest-centroid acc (majority) "
-        "| Within cos. dist | Between cos. dist |",
-        "|---|---|---|---|---|---|",
-    ]
-    for col, m in metrics.items():
-        lines.append(
-            f"| {col} | {m['n_slides']} / {m['n_groups']} | {m['one_nn_acc']:.3f} ({m['chance_1nn']:.3f}) | "
-            f"{m['centroid_acc']:.3f} ({m['chance_majority']:.3f}) | {m['within_cos']:.3f} | {m['between_cos']:.3f} |"
-        )
+    lines = ["| Grouping | slides / groups | 1-NN same-group (chance) | Nearest-centroid acc (majority) "
+             "| Within cos. dist | Between cos. dist |", "|---|---|---|---|---|---|",
+             *(f"| {col} | {m['n_slides']} / {m['n_groups']} | {m['one_nn_acc']:.3f} ({m['chance_1nn']:.3f}) | "
+               f"{m['centroid_acc']:.3f} ({m['chance_majority']:.3f}) | {m['within_cos']:.3f} | {m['between_cos']:.3f} |"
+               for col, m in metrics.items())]
     notes = [f"{col}: {m['n_singletons']} of {m['n_slides']} slides are alone in their group and cannot be matched"
              for col, m in metrics.items() if m.get("n_singletons")]
     return "\n".join(lines) + ("\n\n" + "; ".join(notes) + "." if notes else "")
