@@ -188,9 +188,7 @@ def hist_rows(
         ``(summaries, reused)``: row -> HiST's `summarise_folds` record; row -> the folder that computed it,
         for rows taken whole from another folder.
     """
-    out = Path(out)
-    summaries: dict[str, Any] = {}
-    reused: dict[str, str] = {}
+    out, summaries, reused = Path(out), {}, {}
     for row, (cfg, plan) in rows.items():
         res = run_cv(plan(), [HiSTMethod(cfg, dist_info=dist_info)], out / row, seed=cfg.seed,
                      write_predictions=False, dist_info=dist_info, progress=progress,

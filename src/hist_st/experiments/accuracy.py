@@ -118,19 +118,15 @@ def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping
     """The device a method trained on in this process (HiST: ``cfg.device``; baselines: their ``device``
     option; methods without one run on the CPU), by name, for the record of what computed each row."""
     if method == "hist":
-        pref = str(cfg.device)
-    else:
-        opts = dict(baseline_options.get(method, {}))
-        pref = str(opts.get("device", "auto")) if "device" in method_option_names(method) else "cpu"
-    return device_name(str(resolve_device(pref)))
+        return device_name(str(resolve_device(str(cfg.device))))
+    pref = baseline_options.get(method, {}).get("device", "auto") if "device" in method_option_names(method) else "cpu"
+    return device_name(str(resolve_device(str(pref))))
 
 
 def _source_device(source: str | None, name: str, shown: str) -> str | None:
     """The device recorded for method ``shown`` of cohort ``name`` in the accuracy folder ``source``."""
     path = Path(source or "") / "accuracy.json"
-    if source is None or not path.is_file():
-        return None
-    return read_json(path).get("cohorts", {}).get(name, {}).get("devices", {}).get(shown)
+    return read_json(path).get("cohorts", {}).get(name, {}).get("devices", {}).get(shown) if source and path.is_file() else None
 
 
 def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -227,12 +223,10 @@ def run_accuracy(
     t_seed = int(seed) if train_seed is None else int(train_seed)
     cfg = build_config(config, overrides, seed=t_seed, genes=genes, progress=progress)
     fold_seed = int(seed)
-    out = Path(out_dir)
+    out, baseline_options = Path(out_dir), dict(baseline_options or {})
     out.mkdir(parents=True, exist_ok=True)
-    baseline_options = dict(baseline_options or {})
     results: dict[str, Any] = {}
-    tables = []
-    per_gene: dict[str, list[dict[str, Any]]] = {}
+    tables, per_gene = [], {}
     # train_seed is recorded only when it differs from the fold seed, so earlier runs stay comparable.
     recorded_train_seed = None if t_seed == fold_seed else t_seed
     for src in reuse_from:
@@ -250,14 +244,13 @@ def run_accuracy(
                      write_predictions=write_predictions, dist_info=info, progress=progress, cache=cache,
                      retrain=again)
         ordered = {label: m.summary for label, m in res.methods.items()}  # the user's method order
-        seconds = {label: float(m.seconds) for label, m in res.methods.items()}
         reused_from = {label: str(Path(m.reused_from).parent) for label, m in res.methods.items() if m.reused_from}
         devices = {label: _source_device(reused_from.get(label), name, label) or _method_device(m, cfg, baseline_options)
                    for m, label in zip(methods, res.methods)}
         n_genes = len(plan.genes) if plan.genes is not None else None
-        results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
-                         "n_genes": n_genes, "devices": devices, "reused_from": reused_from,
-                         "wall_seconds": time.perf_counter() - t0}
+        results[name] = {"methods": ordered, "seconds": {label: float(m.seconds) for label, m in res.methods.items()},
+                         "run_dir": str(run_dir), "cohort": str(cohort), "n_genes": n_genes, "devices": devices,
+                         "reused_from": reused_from, "wall_seconds": time.perf_counter() - t0}
         seeds_label = f"seed {seed}" if recorded_train_seed is None else f"fold seed {seed}, training seed {t_seed}"
         tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, {seeds_label})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)
@@ -266,7 +259,6 @@ def run_accuracy(
     _write_per_gene_csv(per_gene, out / "per_gene.csv")
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,
                "folds": folds, "seed": seed, "train_seed": recorded_train_seed, "group_by": group_by,
-               "config": config_to_dict(cfg),
-               "baseline_options": baseline_options, "command": command}
+               "config": config_to_dict(cfg), "baseline_options": baseline_options, "command": command}
     write_json(summary, out / "accuracy.json")
     return summary

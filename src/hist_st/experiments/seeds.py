@@ -124,7 +124,6 @@ def paired_with_runs(
     Raises:
         InputError: When a folder is not a seeds run, lacks the cohort or method, or used other seeds/folds.
     """
-
     def fold_sets(path: Path) -> list[tuple[frozenset[str], frozenset[str]]]:
         return [(frozenset(f["train"]), frozenset(f["test"])) for f in load_folds(path)]
 
@@ -146,14 +145,6 @@ def paired_with_runs(
         theirs = {label: np.array(orec["methods"][method][label]["values"])[rows] for _, _, label in METRICS}
         result[str(other)] = {label: paired_differences(mine[label], theirs[label]) for label in mine}
     return result
-
-
-def _paired_with_table(method: str, paired: Mapping[str, Any]) -> str:
-    lines = ["", f"Paired per-fold differences, {method} of this run minus {method} of another run (this run's "
-             "seeds, same folds): mean ± std over folds of the seed-mean difference (seeds ± std over seeds; folds "
-             "where this run is at or above the other).", "",
-             *_table("Other run", {f"`{k}`": v for k, v in paired.items()}, _diff_cell)]
-    return "\n".join(lines) + "\n"
 
 
 def run_accuracy_seeds(
@@ -190,7 +181,6 @@ def run_accuracy_seeds(
         ``{"cohorts": {name: {"seeds", "methods": {display: {label: seed_summary}}, "paired": {display:
         {label: paired_differences}}}}, "table": str, "out_dir": str, "runs": {seed: run_accuracy result}}``.
     """
-
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise InputError("--seeds", "give at least one training seed, e.g. --seeds 0,1,2")
@@ -218,7 +208,10 @@ def run_accuracy_seeds(
         table = format_seed_tables(name, rec, ref)
         if paired_with and ref is not None:
             rec["paired_with"] = paired_with_runs(rec, out, name, paired_with, ref)
-            table += _paired_with_table(ref, rec["paired_with"])
+            table += "\n".join(["", f"Paired per-fold differences, {ref} of this run minus {ref} of another run (this "
+                                "run's seeds, same folds): mean ± std over folds of the seed-mean difference (seeds ± "
+                                "std over seeds; folds where this run is at or above the other).", "",
+                                *_table("Other run", {f"`{k}`": v for k, v in rec["paired_with"].items()}, _diff_cell)]) + "\n"
         cohorts_out[name] = rec
         tables.append(table)
     table = "\n".join(tables)

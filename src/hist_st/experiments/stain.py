@@ -1,13 +1,9 @@
 """Table 5: calibration token vs Macenko stain normalisation, from one call.
 
 Needs the same slides prepared twice, without and with ``--stain-norm macenko`` (only the embeddings
-differ); ``hist-st stain --prepare ARGS`` prepares both first. Rows, all on the
-same folds and the same genes:
-
-- ``token-only``: HiST (calibration token) on the plain cohort (the paper's default);
-- ``macenko-only``: HiST without the calibration token on the Macenko cohort;
-- ``both``: HiST with the token on the Macenko cohort;
-- ``neither``: HiST without the token on the plain cohort (reference row, not in the paper's table).
+differ); ``hist-st stain --prepare ARGS`` prepares both first. Rows (`STAIN_ROWS`), all on the same folds and
+genes: HiST with or without its calibration token on the plain or the Macenko cohort (``token-only`` is the
+paper's default, ``neither`` a reference row not in the paper's table).
 
 ```python
 from hist_st.experiments import run_stain

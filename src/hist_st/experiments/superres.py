@@ -95,9 +95,7 @@ def position_effect(values: np.ndarray, position: np.ndarray, groups: np.ndarray
     """
     _, g = np.unique(groups, return_inverse=True)
     values = np.asarray(values, dtype=np.float64)
-    sums = np.zeros((g.max() + 1, values.shape[1]))
-    np.add.at(sums, g, values)
-    dev = values - (sums / np.bincount(g)[:, None])[g]
+    dev = values - (_sum_by(values, g, g.max() + 1) / np.bincount(g)[:, None])[g]
     means = np.stack([dev[position == p].mean(0) for p in np.unique(position)])  # [P, G]
     scale = values.std(0).mean()
     return float(np.sqrt((means**2).mean(0)).mean() / scale) if scale > 0 else float("nan")
@@ -177,7 +175,6 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
     Raises:
         InputError: Bad gene spec, block, sigma, or slides without counts.
     """
-
     if block < 2:
         raise InputError("--block", f"must be >= 2 (coarse spots of block x block spots), got {block}")
     if not sigma_fraction > 0:
@@ -324,11 +321,8 @@ def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, f
                 if img is not None:
                     ax.imshow(img)
                 dots = draw_spots(ax, xy, 0.85 * rel * pitch, values[:, g], "viridis", lo, max(hi, lo + 1e-6))
-                ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
-                ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
-                ax.set_aspect("equal")
-                ax.set_xticks([])
-                ax.set_yticks([])
+                ax.set(xlim=(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch), xticks=[], yticks=[], aspect="equal",
+                       ylim=(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch))
                 if r == 0:
                     ax.set_title(name, fontsize=8)
                 if j == 0:

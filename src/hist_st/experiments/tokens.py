@@ -4,12 +4,8 @@ The final calibration token of each slide is read from the trained fold models o
 run (``hist-st cv`` / ``hist-st bench accuracy``): every slide goes through the fold model that held it
 out (``source="test"``, the default), or every slide through one fold's model (``source="fold:0"``,
 so all tokens live in one model's space). Discriminability across groups (patient, technology, any
-metadata column) is measured by:
-
-- 1-NN same-group accuracy: the cosine-nearest other slide belongs to the same group (leave-one-out);
-- nearest-centroid accuracy: leave-one-out, group centroids of the remaining slides, cosine distance;
-- mean within-group and between-group cosine distance over slide pairs;
-- chance levels of both accuracies (expected accuracy of a random neighbour / the majority group).
+metadata column; `token_metrics`): leave-one-out 1-NN and nearest-centroid accuracy (cosine), within- and
+between-group cosine distances, and the chance levels of both accuracies.
 
 ```python
 from hist_st.experiments import export_tokens, token_metrics
@@ -50,7 +46,6 @@ def slide_token(bundle: Any, slide: Any) -> np.ndarray:
     Raises:
         InputError: The model has no calibration token, or the slide lacks the model's embedding.
     """
-
     if bundle.embedding not in slide.embeddings:
         raise InputError(f"slide {slide.slide_id!r}", f"has no embedding {bundle.embedding!r}")
     feats = torch.from_numpy(np.asarray(slide.embeddings[bundle.embedding], dtype=np.float32))
@@ -89,7 +84,6 @@ def export_tokens(
     Returns:
         ``{"slide_ids": [S], "tokens": float32 [S, D], "fold": int [S], "source": str}``.
     """
-
     run_dir = Path(run_dir)
     folds = load_folds(run_dir / "splits.json")
     slides = {s.slide_id: s for s in load_slides(cohort)}
@@ -196,9 +190,7 @@ def plot_token_pca(
     if labels is not None and len(labels) <= 60:
         for (px, py), lab in zip(coords, labels):
             ax.annotate(str(lab), (px, py), fontsize=6, alpha=0.7, xytext=(2, 2), textcoords="offset points")
-    ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}%)")
-    ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}%)")
-    ax.set_title(title)
+    ax.set(xlabel=f"PC1 ({100 * ev[0]:.1f}%)", ylabel=f"PC2 ({100 * ev[1]:.1f}%)", title=title)
     if len(set(g)) <= 20:
         ax.legend(fontsize=7, loc="best", frameon=False)
     ax.grid(alpha=0.3)
@@ -239,7 +231,6 @@ def run_token_analysis(
     Returns:
         ``{"metrics": {column: token_metrics(...)}, "table": str, "figures": [paths], "n_slides": S}``.
     """
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = export_tokens(run_dir, cohort, source=source, out=out / "tokens.npz")

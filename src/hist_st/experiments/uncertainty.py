@@ -141,8 +141,8 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
     for name, m in result["methods"].items():
         ps = sorted(float(p) for p in m["curve"])
         ax.plot(ps, [m["curve"][p] for p in ps], marker="o", ms=3, label=name.replace("_", " "))
-    ax.set_xlabel("nominal central-interval probability\n(Gaussian in log1p space)")
-    ax.set_ylabel("observed coverage on held-out spots")
+    ax.set(xlabel="nominal central-interval probability\n(Gaussian in log1p space)",
+           ylabel="observed coverage on held-out spots")
     ax.set_title("uncertainty calibration", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
