@@ -140,14 +140,6 @@ def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3)
     return "\n".join(lines)
 
 
-def reused_note(reused: Mapping[str, str]) -> str:
-    """A Markdown line naming the rows taken from earlier, identically trained runs (empty when none)."""
-    if not reused:
-        return ""
-    rows = "; ".join(f"`{k}` from `{v}`" for k, v in reused.items())
-    return f"\nRows reused from runs with the same config, cohort, folds and genes (not retrained): {rows}.\n"
-
-
 def table_plan(cohort: str | Path, out: Path, setup: CVSetup, *, by_group: bool = True
                ) -> tuple[TrainConfig, Plan, DistInfo]:
     """What every row of a HiST table (Table 3 or 5) shares: HiST's config with the plan's genes fixed (one gene
@@ -168,25 +160,30 @@ def hist_rows(
     rows: Mapping[str, tuple[TrainConfig, Callable[[], Plan]]],
     *,
     name: str,
+    caption: str,
+    table: Callable[[dict[str, Any]], str],
     reuse: bool = True,
     reuse_from: Sequence[str | Path] = (),
     dist_info: DistInfo | None = None,
     progress: bool = True,
-) -> tuple[dict[str, Any], dict[str, str]]:
+) -> tuple[dict[str, Any], str]:
     """The HiST rows of an experiment table (Table 3 or 5): ``run_cv(plan(), [HiST])`` into ``out/<row>``,
-    each fold taken from the result cache (`hist_st.evaluate.cache`) when it was trained identically before.
+    each fold taken from the result cache (`hist_st.evaluate.cache`) when it was trained identically before;
+    then the table, in ``out/table.md`` under ``caption`` and above the rows taken from other folders.
 
     Args:
-        out: The experiment folder: ``<row>/`` run folders, ``<name>.json`` (summaries), ``reused.json``.
+        out: The experiment folder: ``<row>/`` run folders, ``<name>.json`` (summaries), ``table.md`` and
+            ``reused.json`` (row -> the folder that computed it, for rows taken whole from another folder).
         rows: Row -> ``(TrainConfig, plan)``; ``plan()`` gives the row's `Plan`.
         name: File name of the summaries (``ablation``, ``stain``).
+        caption: The paragraph above the table.
+        table: Summaries -> the Markdown table.
         reuse: Look up the cache (the row's folder and ``reuse_from``); False: train every row.
         reuse_from: Other run folders whose caches are searched too, e.g. Table 2's HiST run.
         dist_info, progress: As in `hist_st.evaluate.run_cv`.
 
     Returns:
-        ``(summaries, reused)``: row -> HiST's `summarise_folds` record; row -> the folder that computed it,
-        for rows taken whole from another folder.
+        ``(summaries, table)``: row -> HiST's `summarise_folds` record; the Markdown table.
     """
     out, summaries, reused = Path(out), {}, {}
     for row, (cfg, plan) in rows.items():
@@ -198,7 +195,12 @@ def hist_rows(
         if hist is not None and hist.reused_from:
             reused[row] = hist.reused_from
     write_json(reused, out / "reused.json")
-    return read_json(write_json(summaries, out / f"{name}.json")), reused
+    summaries = read_json(write_json(summaries, out / f"{name}.json"))
+    text, note = table(summaries), "; ".join(f"`{k}` from `{v}`" for k, v in reused.items())
+    (out / "table.md").write_text(f"{caption}\n\n{text}\n" + (
+        "\nRows reused from runs with the same config, cohort, folds and genes (not retrained): "
+        f"{note}.\n" if reused else ""))
+    return summaries, text
 
 
 def run_ablation(
@@ -231,12 +233,10 @@ def run_ablation(
     setup, out, wanted = setup or CVSetup(), Path(out_dir), {"full", *(names or ABLATIONS)}
     cfg, plan, info = table_plan(cohort, out, setup)
     rows = {name: (ablation_config(cfg, name), lambda: plan) for name in ABLATIONS if name in wanted}
-    summaries, reused = hist_rows(out, rows, name="ablation", reuse=skip_done, reuse_from=reuse_from,
-                                  dist_info=info, progress=setup.progress)
-    table = format_ablation_table(summaries)
-    (out / "table.md").write_text(
-        f"Ablations (Table 3) on {Path(cohort).name}: {setup.folds}-fold, seed {setup.seed}, {len(plan.genes)} genes "
-        f"({setup.genes}); mean ± std over folds. Δ columns: ablation minus full model. The paper's column is its "
-        "Brain (NCBI GEO) Table 3, for direction only.\n\n" + table + "\n" + reused_note(reused)
-    )
+    caption = (f"Ablations (Table 3) on {Path(cohort).name}: {setup.folds}-fold, seed {setup.seed}, "
+               f"{len(plan.genes)} genes ({setup.genes}); mean ± std over folds. Δ columns: ablation minus "
+               "full model. The paper's column is its Brain (NCBI GEO) Table 3, for direction only.")
+    summaries, table = hist_rows(out, rows, name="ablation", caption=caption, table=format_ablation_table,
+                                 reuse=skip_done, reuse_from=reuse_from, dist_info=info,
+                                 progress=setup.progress)
     return {"summaries": summaries, "table": table, "out_dir": str(out), "n_genes": len(plan.genes)}

@@ -47,7 +47,8 @@ __all__ = ["display", "build_config", "CVSetup", "markdown_table", "run_accuracy
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     """The lines of a Markdown table: ``header`` cells, the ``|---|`` rule, one line per row of cells."""
-    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def display(method: str) -> str:
@@ -72,7 +73,9 @@ def build_config(
         genes: A gene-set spec (`hist_st.cohort.GeneSet`: ``hvg:2000``, ``he:250``) for ``cfg.genes``.
         progress: Overrides ``cfg.progress`` when given.
     """
-    changes = {key: cast(v) for key, cast, v in (("seed", int, seed), ("progress", bool, progress)) if v is not None}
+    changes: dict[str, Any] = {"seed": int(seed)} if seed is not None else {}
+    if progress is not None:
+        changes["progress"] = bool(progress)
     return dataclasses.replace(load_config(config, with_gene_set(overrides, genes)), **changes)
 
 
@@ -119,14 +122,17 @@ def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping
     option; methods without one run on the CPU), by name, for the record of what computed each row."""
     if method == "hist":
         return device_name(str(resolve_device(str(cfg.device))))
-    pref = baseline_options.get(method, {}).get("device", "auto") if "device" in method_option_names(method) else "cpu"
+    has_device = "device" in method_option_names(method)
+    pref = baseline_options.get(method, {}).get("device", "auto") if has_device else "cpu"
     return device_name(str(resolve_device(str(pref))))
 
 
 def _source_device(source: str | None, name: str, shown: str) -> str | None:
     """The device recorded for method ``shown`` of cohort ``name`` in the accuracy folder ``source``."""
     path = Path(source or "") / "accuracy.json"
-    return read_json(path).get("cohorts", {}).get(name, {}).get("devices", {}).get(shown) if source and path.is_file() else None
+    if source is None or not path.is_file():
+        return None
+    return read_json(path).get("cohorts", {}).get(name, {}).get("devices", {}).get(shown)
 
 
 def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -139,7 +145,7 @@ def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
         (folds in which the gene was evaluated) and ``pcc_fold<i>`` / ``r2_fold<i>``.
     """
     table: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in sorted(Path(run_dir).glob("fold_*/metrics.json"), key=lambda p: int(p.parent.name.split("_")[1])):
+    for path in sorted(Path(run_dir).glob("fold_*/metrics.json"), key=lambda p: int(p.parent.name[5:])):
         rec = read_json(path)
         for method, m in rec["metrics"].items():
             pcc, r2 = m["per_gene"].get("pcc_per_gene", {}), m["per_gene"].get("r2_per_gene", {})
@@ -151,16 +157,17 @@ def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     for row in rows:
         p = [v for k, v in row.items() if k.startswith("pcc_fold") and v is not None]
         r = [v for k, v in row.items() if k.startswith("r2_fold") and v is not None]
-        row.update(pcc_mean=float(np.mean(p)) if p else None, r2_mean=float(np.mean(r)) if r else None, n_folds=len(p))
+        row.update(pcc_mean=float(np.mean(p)) if p else None, r2_mean=float(np.mean(r)) if r else None,
+                   n_folds=len(p))
     return rows
 
 
 def _write_per_gene_csv(rows_by_cohort: Mapping[str, list[dict[str, Any]]], path: Path) -> Path:
-    rows = [{"cohort": cohort, **row} for cohort, cohort_rows in rows_by_cohort.items() for row in cohort_rows]
+    rows = [{"cohort": cohort, **row} for cohort, by_gene in rows_by_cohort.items() for row in by_gene]
     fold_cols = sorted({k for row in rows for k in row if k.startswith(("pcc_fold", "r2_fold"))},
                        key=lambda c: (int(c.split("fold")[1]), c))
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["cohort", "method", "gene", "pcc_mean", "r2_mean", "n_folds", *fold_cols])
+        w = csv.DictWriter(fh, ["cohort", "method", "gene", "pcc_mean", "r2_mean", "n_folds", *fold_cols])
         w.writeheader()
         w.writerows(rows)
     return path
@@ -248,9 +255,10 @@ def run_accuracy(
         devices = {label: _source_device(reused_from.get(label), name, label) or _method_device(m, cfg, baseline_options)
                    for m, label in zip(methods, res.methods)}
         n_genes = len(plan.genes) if plan.genes is not None else None
-        results[name] = {"methods": ordered, "seconds": {label: float(m.seconds) for label, m in res.methods.items()},
-                         "run_dir": str(run_dir), "cohort": str(cohort), "n_genes": n_genes, "devices": devices,
-                         "reused_from": reused_from, "wall_seconds": time.perf_counter() - t0}
+        seconds = {label: float(m.seconds) for label, m in res.methods.items()}
+        results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
+                         "n_genes": n_genes, "devices": devices, "reused_from": reused_from,
+                         "wall_seconds": time.perf_counter() - t0}
         seeds_label = f"seed {seed}" if recorded_train_seed is None else f"fold seed {seed}, training seed {t_seed}"
         tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, {seeds_label})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)

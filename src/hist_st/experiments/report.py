@@ -41,12 +41,6 @@ from hist_st.runtime import package_versions
 __all__ = ["ReportSpec", "build_report"]
 
 
-def _top_genes(run_dir: Path, n: int = 3) -> list[str]:
-    """The HiST genes with the highest mean per-gene PCC (for display), from the fold metrics."""
-    rows = [r for r in per_gene_rows(run_dir) if r["method"] == "HiST" and r["pcc_mean"] is not None]
-    return [r["gene"] for r in sorted(rows, key=lambda r: -r["pcc_mean"])[:n]]
-
-
 def _rows_lines(run_dir: Path) -> list[str]:
     """Markdown of a HiST table run (Table 3 or 5): its ``table.md`` and the recorded HiST train + predict
     minutes over its row folders."""
@@ -132,11 +126,10 @@ def build_report(spec: ReportSpec) -> Path:
     """
     if not spec.gene_sets:
         raise InputError("--genes", "give at least one gene set")
-    name, cohort, methods, first, reuse = spec.name, Path(spec.cohort), list(spec.methods), spec.gene_sets[0], not spec.force
+    name, cohort, methods, first = spec.name, Path(spec.cohort), list(spec.methods), spec.gene_sets[0]
     runs = Path(spec.runs_dir) if spec.runs_dir is not None else Path("runs") / f"report-{name}"
-    docs = Path(spec.docs_dir)
+    docs, reuse, timings = Path(spec.docs_dir), not spec.force, {}
     runs.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
 
     def step(label: str, fn: Callable[[], Any]) -> Any:
         """Time ``fn`` (each step reuses what it computed before with the same key unless ``force``)."""
@@ -147,37 +140,41 @@ def build_report(spec: ReportSpec) -> Path:
 
     acc = {g: step(f"Table 2 ({g})", lambda g=g: run_accuracy(
         [cohort], runs / f"accuracy-{GeneSet.parse(g).label}", methods=methods, genes=g, folds=spec.folds,
-        seed=spec.seed, config=spec.config, overrides=list(spec.overrides), baseline_options=dict(spec.baseline_options),
-        progress=spec.progress, reuse=reuse, reuse_from=spec.reuse_from, command=spec.command))
-        for g in spec.gene_sets}
+        seed=spec.seed, config=spec.config, overrides=list(spec.overrides), progress=spec.progress,
+        baseline_options=dict(spec.baseline_options), reuse=reuse, reuse_from=spec.reuse_from,
+        command=spec.command)) for g in spec.gene_sets}
     first_run = Path(next(iter(acc[first]["cohorts"].values()))["run_dir"])
     base_cfg = build_config(spec.config, spec.overrides)
-    workers = Workers(methods=methods, epochs=spec.efficiency_epochs, seed=spec.seed, overrides=spec.overrides,
-                      baseline_options=spec.baseline_options, device=spec.device, threads=int(base_cfg.threads),
-                      progress=spec.progress)  # every method's worker uses HiST's thread count
+    workers = Workers(methods=methods, epochs=spec.efficiency_epochs, seed=spec.seed, device=spec.device,
+                      overrides=spec.overrides, progress=spec.progress, threads=int(base_cfg.threads),
+                      baseline_options=spec.baseline_options)  # threads: every method's worker uses HiST's
     eff = sca = abl = stn = tok = gene_fig = None
     if spec.efficiency:
-        eff = step("Table 1", lambda: run_efficiency(runs / "efficiency", workers=workers, cohort=cohort, genes=first,
-                                                     folds=spec.folds, reuse=reuse))
+        eff = step("Table 1", lambda: run_efficiency(runs / "efficiency", workers=workers, cohort=cohort,
+                                                     genes=first, folds=spec.folds, reuse=reuse))
     if spec.scaling:
         sizes = dict(spec.scaling_options)  # spots, genes_list (run_scaling); timeout, epochs (its workers)
-        timed = dataclasses.replace(workers, epochs=int(sizes.pop("epochs", 1)), timeout=sizes.pop("timeout", 1800.0))
+        timed = dataclasses.replace(workers, epochs=int(sizes.pop("epochs", 1)),
+                                    timeout=sizes.pop("timeout", 1800.0))
         sca = step("Figure 3", lambda: run_scaling(runs / "scaling", workers=timed, reuse=reuse, **sizes))
     setup = functools.partial(CVSetup, genes=first, folds=spec.folds, seed=spec.seed, config=spec.config,
                               progress=spec.progress)
     epochs = [f"epochs={spec.ablation_epochs}"] if spec.ablation_epochs else []
     if spec.ablations is None or len(spec.ablations) > 0:
-        abl = step("Table 3", lambda: run_ablation(cohort, runs / "ablation", names=spec.ablations, skip_done=reuse,
+        abl = step("Table 3", lambda: run_ablation(cohort, runs / "ablation", names=spec.ablations,
                                                    setup=setup(overrides=[*spec.overrides, *epochs]),
-                                                   reuse_from=[first_run]))
+                                                   skip_done=reuse, reuse_from=[first_run]))
     if spec.macenko is not None:
-        stn = step("Table 5", lambda: run_stain(cohort, spec.macenko, runs / "stain", setup=setup(overrides=spec.overrides),
-                                                skip_done=reuse, reuse_from=[first_run, runs / "ablation" / "no-token"]))
+        stn = step("Table 5", lambda: run_stain(cohort, spec.macenko, runs / "stain", skip_done=reuse,
+                                                setup=setup(overrides=spec.overrides),
+                                                reuse_from=[first_run, runs / "ablation" / "no-token"]))
     if "hist" in methods:
-        tok = step("Table 6", lambda: run_token_analysis(first_run, cohort, runs / "tokens", group_by=spec.token_groups))
+        tok = step("Table 6", lambda: run_token_analysis(first_run, cohort, runs / "tokens",
+                                                         group_by=spec.token_groups))
     pred_files = sorted((first_run / "fold_0" / "predictions").glob("*.h5ad"))
-    genes = _top_genes(first_run, 3) if pred_files else []
-    if genes:
+    rows = [r for r in per_gene_rows(first_run) if r["method"] == "HiST" and r["pcc_mean"] is not None]
+    genes = [r["gene"] for r in sorted(rows, key=lambda r: -r["pcc_mean"])[:3]] if pred_files else []
+    if genes:  # the HiST genes with the highest mean per-gene PCC, for display
         truth = cohort / f"{pred_files[0].stem}.h5ad"
         gene_fig = step("gene figure", lambda: plot_genes(pred_files[0], genes, runs / "genes.png",
                                                          truth=truth if truth.is_file() else None))
@@ -187,17 +184,18 @@ def build_report(spec: ReportSpec) -> Path:
         (docs / name).mkdir(parents=True, exist_ok=True)
         return f"![{label}]({name}/{shutil.copyfile(src, docs / name / (file or Path(src).name)).name})\n"
 
-    md = [f"# HiST results: {name}\n",
-          "Generated by:\n\n```\n" + (spec.command or f"hist-st report --name {name} --cohort {cohort}") + "\n```\n",
-          f"Date: {_dt.datetime.now().isoformat(timespec='seconds')}. Cohort: `{cohort}`. Runs: `{runs}`. Versions: "
-          + ", ".join(f"{k} {v}" for k, v in package_versions().items()) + ".\n"]
+    md = [f"# HiST results: {name}\n", "Generated by:\n\n```\n"
+          + (spec.command or f"hist-st report --name {name} --cohort {cohort}") + "\n```\n",
+          f"Date: {_dt.datetime.now().isoformat(timespec='seconds')}. Cohort: `{cohort}`. Runs: `{runs}`. "
+          "Versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()) + ".\n"]
     for label, path in (("Cohort", cohort), ("Macenko copy", spec.macenko)):
         m = CohortManifest.read(path) if path is not None else None
         if m is not None:
             patch, ids = m.get("patch") or {}, m.get("slide_ids", [])
-            md.append(f"{label} `{path}`: {len(ids)} slides ({', '.join(ids)}), technology {m.get('technology')}, "
-                      f"encoder(s) {', '.join(m.get('encoders', []))}, patches {patch.get('size_px')} px at "
-                      f"{patch.get('um_per_px')} um/px, stain normalisation {m.get('stain_norm') or 'none'}.\n")
+            md.append(f"{label} `{path}`: {len(ids)} slides ({', '.join(ids)}), technology "
+                      f"{m.get('technology')}, encoder(s) {', '.join(m.get('encoders', []))}, patches "
+                      f"{patch.get('size_px')} px at {patch.get('um_per_px')} um/px, stain normalisation "
+                      f"{m.get('stain_norm') or 'none'}.\n")
     md.append("Step times (this invocation; reused steps take ~0 s): "
               + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".\n")
     md += _table2_lines(spec, acc, base_cfg)
@@ -213,29 +211,33 @@ def build_report(spec: ReportSpec) -> Path:
                *_efficiency_lines(other)]
     if sca is not None:
         md += ["## Figure 3: scaling\n",
-               f"Synthetic slides on {sca['device']}: spots varied at {sca['fixed_genes']} genes, genes varied at "
-               f"{sca['fixed_spots']} spots; {sca['epochs']} epoch(s); log-log axes.\n"]
-        failed = [f"{r['method']} ({r['axis']} axis, {r.get('n_spots')} spots, {r['n_genes']} genes: {r['error']})"
-                  for r in sca["records"] if "error" in r]
+               f"Synthetic slides on {sca['device']}: spots varied at {sca['fixed_genes']} genes, genes "
+               f"varied at {sca['fixed_spots']} spots; {sca['epochs']} epoch(s); log-log axes.\n"]
+        failed = [f"{r['method']} ({r['axis']} axis, {r.get('n_spots')} spots, {r['n_genes']} genes: "
+                  f"{r['error']})" for r in sca["records"] if "error" in r]
         if failed:
-            md.append("Not on the figure (failed or over the time limit; larger sizes of that axis were not tried): "
-                      + "; ".join(failed) + ".\n")
+            md.append("Not on the figure (failed or over the time limit; larger sizes of that axis were not "
+                      "tried): " + "; ".join(failed) + ".\n")
         md.append(figure("Figure 3", sca["figure"], "scaling.png"))
     if abl is not None:
-        md += ["## Table 3: ablations\n", f"Every row of this table trains for {spec.ablation_epochs or base_cfg.epochs} "
-               f"epochs (Table 2: {base_cfg.epochs}).\n", *_rows_lines(runs / "ablation")]
+        md += ["## Table 3: ablations\n", "Every row of this table trains for "
+               f"{spec.ablation_epochs or base_cfg.epochs} epochs (Table 2: {base_cfg.epochs}).\n",
+               *_rows_lines(runs / "ablation")]
     if stn is not None:
         md += ["## Table 5: calibration token vs Macenko stain normalisation\n", *_rows_lines(runs / "stain")]
     if tok is not None:
-        md += ["## Table 6 and Figure 4: calibration-token analysis\n", (runs / "tokens" / "tokens.md").read_text() + "\n",
+        md += ["## Table 6 and Figure 4: calibration-token analysis\n",
+               (runs / "tokens" / "tokens.md").read_text() + "\n",
                *(figure(f.stem, f) for f in sorted((runs / "tokens").glob("token_pca_*.png")))]
     if gene_fig is not None:
         md += ["## Gene maps (appendix C)\n",
-               f"Slide `{pred_files[0].stem}` (test slide of fold 0), genes with the highest HiST per-gene PCC (chosen "
-               "after evaluation, for display only): measured and predicted expression over the H&E, library-size "
-               "normalised (log1p of counts per 10k over the predicted genes).\n", figure("genes", gene_fig, "genes.png")]
+               f"Slide `{pred_files[0].stem}` (test slide of fold 0), genes with the highest HiST per-gene "
+               "PCC (chosen after evaluation, for display only): measured and predicted expression over the "
+               "H&E, library-size normalised (log1p of counts per 10k over the predicted genes).\n",
+               figure("genes", gene_fig, "genes.png")]
     if (first_run / "loss_curves.png").is_file():
-        md.append("HiST training loss per fold: " + figure("loss", first_run / "loss_curves.png", "loss_curves.png"))
+        md.append("HiST training loss per fold: "
+                  + figure("loss", first_run / "loss_curves.png", "loss_curves.png"))
     docs.mkdir(parents=True, exist_ok=True)
     path = docs / f"{name}.md"
     path.write_text("\n".join(md))
@@ -243,28 +245,30 @@ def build_report(spec: ReportSpec) -> Path:
 
 
 def _table2_lines(spec: ReportSpec, acc: Mapping[str, Mapping[str, Any]], cfg: Any) -> list[str]:
-    """Markdown of Table 2: protocols, HiST's settings, unused ``reuse_from`` folders, method options, and per gene
-    set and cohort the table, wall times, devices, copied rows and where the per-fold results are."""
+    """Markdown of Table 2: protocols, HiST's settings, unused ``reuse_from`` folders, method options, and per
+    gene set and cohort the table, wall times, devices, copied rows and where the per-fold results are."""
     md = ["## Table 2: accuracy\n",
-          "Protocols: **pooled** = per-slide flattened N x G counts, averaged over test slides (HiST authors' metric, "
-          "dominated by between-gene mean differences); **per-gene** = log1p Pearson/R2 per gene over all test spots "
-          f"(HEST metric). Mean ± std over {spec.folds} folds by slide (seed {spec.seed}); every method on the same "
-          "folds, genes, targets and embeddings. HiST is evaluated at its final epoch; nothing is tuned on test "
-          "folds.\n",
-          f"HiST: {cfg.epochs} epochs, AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, {cfg.slides_per_step} "
-          "slide per step, configuration in each run's `config.yaml`.\n"]
+          "Protocols: **pooled** = per-slide flattened N x G counts, averaged over test slides (HiST "
+          "authors' metric, dominated by between-gene mean differences); **per-gene** = log1p Pearson/R2 per "
+          f"gene over all test spots (HEST metric). Mean ± std over {spec.folds} folds by slide (seed "
+          f"{spec.seed}); every method on the same folds, genes, targets and embeddings. HiST is evaluated "
+          "at its final epoch; nothing is tuned on test folds.\n",
+          f"HiST: {cfg.epochs} epochs, AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, "
+          f"{cfg.slides_per_step} slide per step, configuration in each run's `config.yaml`.\n"]
     used = {src for a in acc.values() for c in a["cohorts"].values() for src in c.get("reused_from", {}).values()}
     unused = [str(Path(d)) for d in spec.reuse_from if str(Path(d)) not in used]
     if unused:
         md.append("Not used by Table 2 (no method there with the same cohort, folds, genes and options): "
                   + ", ".join(f"`{d}`" for d in unused) + ".\n")
     if spec.baseline_options:
-        opts = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for m, o in spec.baseline_options.items())
-        md.append("Method options given on the command line (every other setting is the method's published default, "
-                  f"see `hist_st.methods`): {opts}.\n")
+        opts = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in o.items())
+                         for m, o in spec.baseline_options.items())
+        md.append("Method options given on the command line (every other setting is the method's published "
+                  f"default, see `hist_st.methods`): {opts}.\n")
     for genes, a in acc.items():
         for cname, c in a["cohorts"].items():
-            md += [f"### {cname}, genes {genes} ({c.get('n_genes')} genes)\n", format_table(c["methods"]) + "\n"]
+            md += [f"### {cname}, genes {genes} ({c.get('n_genes')} genes)\n",
+                   format_table(c["methods"]) + "\n"]
             if c.get("seconds"):
                 md.append("Wall time over all folds (train + predict): "
                           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in c["seconds"].items()) + ".\n")
@@ -272,12 +276,14 @@ def _table2_lines(spec: ReportSpec, acc: Mapping[str, Mapping[str, Any]], cfg: A
             for method, dev in c.get("devices", {}).items():
                 by_device.setdefault(dev or "not recorded", []).append(method)
             if by_device:
-                md.append("Trained on: " + "; ".join(f"{', '.join(ms)}: {d}" for d, ms in by_device.items()) + ".\n")
+                md.append("Trained on: " + "; ".join(f"{', '.join(ms)}: {d}" for d, ms in by_device.items())
+                          + ".\n")
             for method, src in c.get("reused_from", {}).items():
                 src_rec = Path(src) / "accuracy.json"
                 how = read_json(src_rec).get("command") if src_rec.is_file() else None
-                md.append(f"Row `{method}` copied from a separate run with the same cohort, folds, genes and options, "
-                          f"not trained by this command: `{src}`" + (f", made by `{how}`" if how else "") + ".\n")
+                made_by = f", made by `{how}`" if how else ""
+                md.append(f"Row `{method}` copied from a separate run with the same cohort, folds, genes and "
+                          f"options, not trained by this command: `{src}`{made_by}.\n")
             md.append(f"Per-fold JSON: `{c['run_dir']}/fold_<i>/metrics.json`; per-gene CSV: "
                       f"`{Path(c['run_dir']).parent / 'per_gene.csv'}`.\n")
     return md

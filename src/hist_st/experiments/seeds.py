@@ -96,11 +96,13 @@ def _diff_cell(d: Mapping[str, Any]) -> str:
 def _table(first: str, rows: Mapping[str, Mapping[str, Any]], cell: Callable[[Mapping[str, Any]], str]) -> list[str]:
     """Markdown lines: a header (``first``, then the `METRICS` labels) and one row per name, ``cell`` of each."""
     labels = [label for _, _, label in METRICS]
-    return markdown_table([first, *labels], ([name, *(cell(v[label]) for label in labels)] for name, v in rows.items()))
+    return markdown_table([first, *labels], ([name, *(cell(v[label]) for label in labels)]
+                                             for name, v in rows.items()))
 
 
 def format_seed_tables(cohort: str, rec: Mapping[str, Any], reference: str | None) -> str:
-    """Markdown: the mean-over-seeds table and, when ``reference`` is a method, its paired differences."""
+    """Markdown: the mean-over-seeds table and, when ``reference`` is a method, its paired differences (to the
+    other methods, and to ``reference`` in other runs: ``rec["paired_with"]``)."""
     seeds = ", ".join(str(s) for s in rec["seeds"])
     lines = [f"### {cohort}: mean over training seeds {seeds}", "",
              "Cell: mean ± std over folds of the per-fold mean over seeds (seeds ± std over seeds of the "
@@ -109,6 +111,11 @@ def format_seed_tables(cohort: str, rec: Mapping[str, Any], reference: str | Non
         lines += ["", f"Paired per-fold differences, {reference} minus method: mean ± std over folds of the "
                   "seed-mean difference (seeds ± std over seeds of the fold-mean difference; folds where "
                   f"{reference} is at or above the method).", "", *_table("Method", rec["paired"], _diff_cell)]
+    if reference is not None and rec.get("paired_with"):
+        lines += ["", f"Paired per-fold differences, {reference} of this run minus {reference} of another "
+                  "run (this run's seeds, same folds): mean ± std over folds of the seed-mean difference "
+                  "(seeds ± std over seeds; folds where this run is at or above the other).", "",
+                  *_table("Other run", {f"`{k}`": v for k, v in rec["paired_with"].items()}, _diff_cell)]
     return "\n".join(lines) + "\n"
 
 
@@ -198,20 +205,17 @@ def run_accuracy_seeds(
     tables = []
     for name in first["cohorts"]:
         per_seed = [runs[s]["cohorts"][name]["methods"] for s in seeds]
-        values = {m: {label: np.array([run[m][p][k]["values"] for run in per_seed], dtype=np.float64)  # [S, K]
-                      for p, k, label in METRICS} for m in per_seed[0]}
+        values = {m: {label: np.array([run[m][p][k]["values"] for run in per_seed], dtype=np.float64)
+                      for p, k, label in METRICS} for m in per_seed[0]}  # [S, K] per method and metric
         rec: dict[str, Any] = {
             "seeds": seeds, "fold_seed": seed,
-            "methods": {m: {label: seed_summary(v) for label, v in vals.items()} for m, vals in values.items()},
-            "paired": {m: {label: paired_differences(values[ref][label], v) for label, v in vals.items()}
-                       for m, vals in values.items() if ref is not None and m != ref}}
-        table = format_seed_tables(name, rec, ref)
+            "methods": {m: {label: seed_summary(v) for label, v in by_label.items()}
+                        for m, by_label in values.items()},
+            "paired": {m: {label: paired_differences(values[ref][label], v) for label, v in by_label.items()}
+                       for m, by_label in values.items() if ref is not None and m != ref}}
         if paired_with and ref is not None:
             rec["paired_with"] = paired_with_runs(rec, out, name, paired_with, ref)
-            table += "\n".join(["", f"Paired per-fold differences, {ref} of this run minus {ref} of another run (this "
-                                "run's seeds, same folds): mean ± std over folds of the seed-mean difference (seeds ± "
-                                "std over seeds; folds where this run is at or above the other).", "",
-                                *_table("Other run", {f"`{k}`": v for k, v in rec["paired_with"].items()}, _diff_cell)]) + "\n"
+        table = format_seed_tables(name, rec, ref)
         cohorts_out[name] = rec
         tables.append(table)
     table = "\n".join(tables)

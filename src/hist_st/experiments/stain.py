@@ -22,7 +22,7 @@ from typing import Any
 
 from hist_st.errors import InputError
 from hist_st.evaluate import Plan, make_plan
-from hist_st.experiments.ablation import hist_rows, reused_note, table_plan
+from hist_st.experiments.ablation import hist_rows, table_plan
 from hist_st.experiments.accuracy import CVSetup
 from hist_st.metrics import protocol_cells
 from hist_st.train.data import list_slides
@@ -72,7 +72,8 @@ def run_stain(
         raise InputError("--rows", f"unknown row {bad[0]!r}; choose from {', '.join(STAIN_ROWS)}")
     ids_plain, ids_mac = ({p.stem for p in list_slides(c)} for c in (plain, macenko))
     if ids_plain != ids_mac:
-        raise InputError(macenko, f"the two cohorts hold different slides (e.g. {sorted(ids_plain ^ ids_mac)[:5]})")
+        diff = sorted(ids_plain ^ ids_mac)
+        raise InputError(macenko, f"the two cohorts hold different slides (e.g. {diff[:5]})")
     setup = setup or CVSetup()
     if setup.group_by is not None:
         raise InputError("group_by", "Table 5 folds by slide; run it without a group column")
@@ -81,20 +82,19 @@ def run_stain(
 
     @functools.cache
     def plan_of(which: str) -> Plan:  # the Macenko copy: the same folds and genes, planned when first needed
-        return plan if which == "plain" else make_plan(macenko, cfg.genes, folds=plan.folds, embedding=cfg.embedding,
-                                                       seed=cfg.seed)
+        if which == "plain":
+            return plan
+        return make_plan(macenko, cfg.genes, folds=plan.folds, embedding=cfg.embedding, seed=cfg.seed)
 
     no_token = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
     table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which))
                   for name, (_, which, token) in STAIN_ROWS.items() if name in rows}
-    summaries, reused = hist_rows(out, table_rows, name="stain", reuse=skip_done, reuse_from=reuse_from,
-                                  dist_info=info, progress=setup.progress)
-    table = format_stain_table(summaries)
-    (out / "table.md").write_text(
-        f"Calibration token vs Macenko stain normalisation (Table 5): {setup.folds}-fold, seed {setup.seed}, "
-        f"{len(plan.genes)} genes ({setup.genes}); mean ± std over folds. Paper column: Brain (NCBI GEO).\n\n" + table
-        + "\n" + reused_note(reused)
-    )
+    caption = (f"Calibration token vs Macenko stain normalisation (Table 5): {setup.folds}-fold, seed "
+               f"{setup.seed}, {len(plan.genes)} genes ({setup.genes}); mean ± std over folds. Paper column: "
+               "Brain (NCBI GEO).")
+    summaries, table = hist_rows(out, table_rows, name="stain", caption=caption, table=format_stain_table,
+                                 reuse=skip_done, reuse_from=reuse_from, dist_info=info,
+                                 progress=setup.progress)
     return {"summaries": summaries, "table": table, "out_dir": str(out)}
 
 
@@ -104,5 +104,6 @@ def format_stain_table(summaries: dict[str, Any], digits: int = 3) -> str:
              "|---|---|---|---|---|---|"]
     for name, (label, _, _) in ((n, row) for n, row in STAIN_ROWS.items() if n in summaries):
         paper = "{:.2f} / {:.2f}".format(*PAPER_TABLE5[name]) if name in PAPER_TABLE5 else "—"
-        lines.append(f"| {label} `{name}` | " + " | ".join([*protocol_cells(summaries[name], digits), paper]) + " |")
+        cells = [*protocol_cells(summaries[name], digits), paper]
+        lines.append(f"| {label} `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -6,10 +6,10 @@ Every ``k x k`` block of neighbouring spots of each prepared slide becomes one c
 predictions of every held-out spot (`REFERENCES`) are scored against its measured counts with
 `hist_st.metrics.evaluate_fold`: ``superres`` (HiST with ``supervise=coarse<k>``: spot tokens, block labels),
 ``coarse_copy`` (a: HiST on the coarse spots, block prediction / members), ``coarse_smooth`` (b: the same,
-Gaussian interpolation in count space, ``sigma = sigma_fraction x coarse pitch``) and ``spot`` (c, the ceiling).
-``gap_closed[metric] = (superres - coarse_copy) / (spot - coarse_copy)`` on the means over folds (and for
-``coarse_smooth``; ``gap_closed_per_fold``: within each fold). ``coarse_level``: block-level scores of the coarse
-model and of the super-resolution predictions summed per block.
+Gaussian interpolation in count space, ``sigma = sigma_fraction x coarse pitch``) and ``spot`` (c, the
+ceiling). ``gap_closed[metric] = (superres - coarse_copy) / (spot - coarse_copy)`` on the means over folds
+(and for ``coarse_smooth``; ``gap_closed_per_fold``: within each fold). ``coarse_level``: block-level scores
+of the coarse model and of the super-resolution predictions summed per block (`COARSE_LEVEL`).
 
 Output folder: ``superres.json``, ``table.md``, ``maps_<slide>.png`` (measured spots, measured blocks and the
 four predictions for a held-out slide), ``fold_<i>/<model>/`` training runs (each with its result-cache entry in
@@ -21,6 +21,7 @@ coordinates).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,6 +59,8 @@ REFERENCES = {
     "superres": "HiST super-resolution (trained on blocks, predicts spots)",
     "spot": "(c) HiST trained on the spots (ceiling)",
 }
+#: Block-level checks: the coarse model, and the super-resolution predictions summed per block.
+COARSE_LEVEL = {"coarse_model": "coarse model", "superres_summed": "super-resolution, spots summed per block"}
 _METRICS = (("per_gene", "pcc"), ("per_gene", "r2"), ("pooled", "pcc"), ("pooled", "r2"))
 
 
@@ -106,11 +109,12 @@ def gap_closed(value: float, low: float, high: float) -> float:
     return float((value - low) / (high - low)) if high != low else float("nan")
 
 
-def _fit(cfg: Any, supervise: str, slides: Sequence[Any], genes: list[str], run: Path, cache: ResultCache | None,
-         hits: list[str]) -> Any:
-    """Train HiST with ``cfg`` and ``supervise`` on ``slides`` into ``run`` (``fold_<i>/<model>``) and return its bundle,
-    or load the model the result cache holds there for the same key (`hist_st.evaluate.cache`: config with its
-    supervision, slides and their content, genes, embedding, seed); a model taken from the cache is named in ``hits``."""
+def _fit(cfg: Any, supervise: str, slides: Sequence[Any], run: Path, *, genes: list[str],
+         cache: ResultCache | None, hits: list[str]) -> Any:
+    """Train HiST with ``cfg`` and ``supervise`` on ``slides`` into ``run`` (``fold_<i>/<model>``) and return
+    its bundle, or load the model the result cache holds there for the same key (`hist_st.evaluate.cache`:
+    config with its supervision, slides and their content, genes, embedding, seed); a cached model is named in
+    ``hits``."""
     cfg = dataclasses.replace(cfg, supervise=supervise)
     key = fold_key(HiSTMethod(cfg), {"train": [s.slide_id for s in slides], "test": []}, genes,
                    embedding=cfg.embedding, seed=cfg.seed,
@@ -120,7 +124,8 @@ def _fit(cfg: Any, supervise: str, slides: Sequence[Any], genes: list[str], run:
         hits.append(f"{run.parent.name}/{run.name}")
         return load_bundle(path)
     t0 = time.perf_counter()
-    result = train(cfg, list(slides), genes=genes, out_dir=run, desc=f"{run.parent.name} {run.name}", overwrite=True)
+    result = train(cfg, list(slides), genes=genes, out_dir=run, desc=f"{run.parent.name} {run.name}",
+                   overwrite=True)
     write_file_entry(run, key, "model.pt", time.perf_counter() - t0)
     return result.bundle
 
@@ -188,27 +193,30 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
     (out / "genes.txt").write_text("\n".join(gene_list) + "\n")
 
     cache, hits, fold_scores, fold_records = (ResultCache() if reuse else None), [], [], []
+    fit = functools.partial(_fit, genes=gene_list, cache=cache, hits=hits)
     artefact: dict[str, list[float]] = {m: [] for m in ("measured", "superres", "coarse_smooth", "spot")}
     for f in fold_list:
-        i, train_ids = int(f["fold"]), sorted(f["train"])
+        i, fine_train = int(f["fold"]), [by_id[s] for s in sorted(f["train"])]
         fdir = out / f"fold_{i}"
-        b_spot = _fit(cfg, "spot", [by_id[s] for s in train_ids], gene_list, fdir / "spot", cache, hits)
-        b_sr = _fit(cfg, f"coarse{block}", [by_id[s] for s in train_ids], gene_list, fdir / "superres", cache, hits)
-        b_coarse = _fit(cfg, "spot", [coarse[s][0] for s in train_ids], gene_list, fdir / "coarse", cache, hits)
-        preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in (*METHODS, "coarse_model", "superres_summed")}
+        b_spot = fit(cfg, "spot", fine_train, fdir / "spot")
+        b_sr = fit(cfg, f"coarse{block}", fine_train, fdir / "superres")
+        b_coarse = fit(cfg, "spot", [coarse[s][0] for s in sorted(f["train"])], fdir / "coarse")
+        preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in (*METHODS, *COARSE_LEVEL)}
         truths, coarse_truths, full_rows = {}, {}, []
         for sid in sorted(f["test"]):
             fine, (cslide, groups) = by_id[sid], coarse[sid]
-            truths[sid], coarse_truths[sid] = gene_counts(fine, gene_list).toarray(), gene_counts(cslide, gene_list).toarray()
+            truths[sid] = gene_counts(fine, gene_list).toarray()
+            coarse_truths[sid] = gene_counts(cslide, gene_list).toarray()
             n_children = np.bincount(groups, minlength=cslide.n_spots)
             c_counts = _counts(predict_log1p(b_coarse, cslide)[0])  # [M, G]
             per_member = c_counts / n_children[:, None]
             sigma_px = sigma_fraction * float(cslide.spot_pitch_um) / float(fine.um_per_px)
+            smooth = gaussian_interpolate(fine.spatial, cslide.spatial, per_member, sigma_px)
             sr = predict_log1p(b_sr, fine)[0]
             pred = {"coarse_copy": np.log1p(per_member[groups]).astype(np.float32),
-                    "coarse_smooth": np.log1p(gaussian_interpolate(fine.spatial, cslide.spatial, per_member, sigma_px))
-                    .astype(np.float32), "superres": sr, "spot": predict_log1p(b_spot, fine)[0],
-                    "coarse_model": np.log1p(c_counts), "superres_summed": np.log1p(_sum_by(_counts(sr), groups, len(c_counts)))}
+                    "coarse_smooth": np.log1p(smooth).astype(np.float32), "superres": sr,
+                    "spot": predict_log1p(b_spot, fine)[0], "coarse_model": np.log1p(c_counts),
+                    "superres_summed": np.log1p(_sum_by(_counts(sr), groups, len(c_counts)))}
             for m, v in pred.items():
                 preds[m][sid] = v
             lat = to_lattice(continuous_coords(fine))
@@ -217,29 +225,28 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
                               groups[full] + 10**6 * len(full_rows),  # blocks of different slides stay apart
                               {m: np.asarray(pred.get(m, np.log1p(truths[sid])))[full] for m in artefact}))
             (fdir / "predictions").mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(fdir / "predictions" / f"{sid}.npz", **{m: pred[m] for m in METHODS}, counts=truths[sid],
-                                groups=groups, spatial=fine.spatial, coarse_spatial=cslide.spatial)
+            np.savez_compressed(fdir / "predictions" / f"{sid}.npz", **{m: pred[m] for m in METHODS},
+                                counts=truths[sid], groups=groups, spatial=fine.spatial,
+                                coarse_spatial=cslide.spatial)
         if full_rows:
             pos, blocks = (np.concatenate([r[j] for r in full_rows]) for j in (0, 1))
             for m in artefact:
                 artefact[m].append(position_effect(np.concatenate([r[2][m] for r in full_rows]), pos, blocks))
-        scores = {m: evaluate_fold(preds[m], coarse_truths if m in ("coarse_model", "superres_summed") else truths)
-                  for m in preds}
+        scores = {m: evaluate_fold(preds[m], coarse_truths if m in COARSE_LEVEL else truths) for m in preds}
         fold_scores.append(scores)
         fold_records.append({"fold": i, "test": sorted(f["test"]),
                              **{m: {"pooled": scores[m]["pooled"], "per_gene_pcc": scores[m]["per_gene"]["pcc"],
                                     "per_gene_r2": scores[m]["per_gene"]["r2"]} for m in METHODS}})
 
-    summaries = {m: summarise_folds([s[m] for s in fold_scores]) for m in METHODS}
-    cl_summaries = {k: summarise_folds([s[k] for s in fold_scores]) for k in ("coarse_model", "superres_summed")}
+    summaries = {m: summarise_folds([s[m] for s in fold_scores]) for m in (*METHODS, *COARSE_LEVEL)}
     gaps: dict[str, dict[str, float]] = {}
     fold_gaps: dict[str, dict[str, list[float]]] = {}
     for name in ("superres", "coarse_smooth"):
         for proto, met in _METRICS:
             x, a, c = (summaries[m][proto][met] for m in (name, "coarse_copy", "spot"))
             gaps.setdefault(name, {})[f"{proto}_{met}"] = gap_closed(x["mean"], a["mean"], c["mean"])
-            fold_gaps.setdefault(name, {})[f"{proto}_{met}"] = [gap_closed(*v) for v in zip(x["values"], a["values"],
-                                                                                              c["values"])]
+            fold_gaps.setdefault(name, {})[f"{proto}_{met}"] = [
+                gap_closed(*v) for v in zip(x["values"], a["values"], c["values"])]
     first = fold_list[0]
     fig_slide = sorted(first["test"])[0]
     figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], gene_list, plot_genes)
@@ -249,7 +256,8 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
         "coarse_pitch_um": {sid: c.spot_pitch_um for sid, (c, _) in coarse.items()},
         "n_spots": {sid: int(s.n_spots) for sid, s in by_id.items()},
         "n_coarse_spots": {sid: int(c.n_spots) for sid, (c, _) in coarse.items()}, "epochs": cfg.epochs,
-        "seed": cfg.seed, "folds": fold_records, "methods": summaries, "coarse_level": cl_summaries,
+        "seed": cfg.seed, "folds": fold_records, "methods": {m: summaries[m] for m in METHODS},
+        "coarse_level": {k: summaries[k] for k in COARSE_LEVEL},
         "gap_closed": gaps, "gap_closed_per_fold": fold_gaps,
         "position_effect": {m: {"mean": float(np.mean(v)), "values": v} for m, v in artefact.items() if v},
         "figure": str(figure.name), "figure_slide": fig_slide, "cached_models": hits,
@@ -261,7 +269,8 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
 
 def superres_markdown(result: dict[str, Any]) -> str:
     """The spot-level table (four methods, both protocols), the gap closed and the block-level check."""
-    heads, per_fold = ["per-gene PCC", "per-gene R2", "pooled PCC", "pooled R2"], result.get("gap_closed_per_fold", {})
+    heads = ["per-gene PCC", "per-gene R2", "pooled PCC", "pooled R2"]
+    per_fold = result.get("gap_closed_per_fold", {})
 
     def cells(s: Mapping[str, Any]) -> list[str]:
         return [f"{s[p][k]['mean']:.3f} ± {s[p][k]['std']:.3f}" for p, k in _METRICS]
@@ -271,14 +280,15 @@ def superres_markdown(result: dict[str, Any]) -> str:
         return [f"{g[f'{p}_{k}']:.2f}" + (f" (folds {' / '.join(f'{v:.2f}' for v in f)})" if f else "")
                 for (p, k), f in zip(_METRICS, folds)]
 
-    names = {"coarse_model": "coarse model", "superres_summed": "super-resolution, spots summed per block"}
     lines = [*markdown_table(["method (scored on the measured spots)", *heads],
                              ([REFERENCES[m], *cells(result["methods"][m])] for m in METHODS)), "",
              *markdown_table(["gap closed (x - a) / (c - a)", *heads],
                              ([name, *gaps(name, g)] for name, g in result["gap_closed"].items())),
-             "", "Gap closed: on the means over folds, and per fold in brackets (a fold's own a, c and method).", "",
+             "", "Gap closed: on the means over folds, and per fold in brackets (a fold's own a, c and "
+             "method).", "",
              *markdown_table(["block-level check (scored on the measured blocks)", *heads],
-                             ([names.get(k, k), *cells(s)] for k, s in result["coarse_level"].items()))]
+                             ([COARSE_LEVEL.get(k, k), *cells(s)]
+                              for k, s in result["coarse_level"].items()))]
     if result.get("cached_models"):
         lines += ["", "Taken from the result cache (trained identically before): " + ", ".join(result["cached_models"])]
     if result.get("position_effect"):
@@ -321,8 +331,8 @@ def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, f
                 if img is not None:
                     ax.imshow(img)
                 dots = draw_spots(ax, xy, 0.85 * rel * pitch, values[:, g], "viridis", lo, max(hi, lo + 1e-6))
-                ax.set(xlim=(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch), xticks=[], yticks=[], aspect="equal",
-                       ylim=(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch))
+                ax.set(xlim=(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch), xticks=[], yticks=[],
+                       ylim=(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch), aspect="equal")
                 if r == 0:
                     ax.set_title(name, fontsize=8)
                 if j == 0:
@@ -340,7 +350,8 @@ def _plot_maps(out: Path, fold: int, fine: Any, genes: list[str], plot_genes: Se
     n_children = np.bincount(groups)
     block_mean = _sum_by(counts, groups, len(n_children)) / n_children[:, None]
     panels = [("measured spots", fine.spatial, normalise_counts(counts), 1.0),
-              ("measured 2x2 blocks\n(block / members)", fine.spatial, normalise_counts(block_mean[groups]), 1.0),
+              ("measured 2x2 blocks\n(block / members)", fine.spatial, normalise_counts(block_mean[groups]),
+               1.0),
               *((_SHORT[m], fine.spatial, normalise_counts(_counts(data[m])), 1.0) for m in METHODS)]
     return _draw_maps(fine, panels, genes, _chosen(genes, plot_genes, panels[0][2]), [[0, 1], [2, 3, 4, 5]],
                       f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
@@ -380,15 +391,16 @@ def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, 
             write_file_entry(sub_dir, key, path.name, time.perf_counter() - t0)
         subs[sid] = set_subspot_grid(read_prepared(path), by_id[sid])  # as stored: a fresh and a cached run alike
     fdir = out / f"fold_{fold}"
-    b_spot = _fit(cfg, "spot", [by_id[s] for s in sorted(f["train"])], gene_list, fdir / "spot", cache, hits)
-    b_sub = _fit(cfg, f"coarse{factor}", [subs[s] for s in sorted(f["train"])], gene_list, fdir / f"subspot{factor}",
-                 cache, hits)
+    fit = functools.partial(_fit, genes=gene_list, cache=cache, hits=hits)
+    b_spot = fit(cfg, "spot", [by_id[s] for s in sorted(f["train"])], fdir / "spot")
+    b_sub = fit(cfg, f"coarse{factor}", [subs[s] for s in sorted(f["train"])], fdir / f"subspot{factor}")
     test = sorted(f["test"])
     fine = {sid: predict_log1p(b_sub, subs[sid])[0] for sid in test}
     parents = {sid: np.asarray(subs[sid].obs["parent"], dtype=np.int64) for sid in test}
     truths = {sid: gene_counts(by_id[sid], gene_list).toarray() for sid in test}
     preds = {"spot": {sid: predict_log1p(b_spot, by_id[sid])[0] for sid in test},
-             "subspot_summed": {sid: np.log1p(_sum_by(_counts(fine[sid]), parents[sid], by_id[sid].n_spots)) for sid in test}}
+             "subspot_summed": {sid: np.log1p(_sum_by(_counts(fine[sid]), parents[sid], by_id[sid].n_spots))
+                                for sid in test}}
     scores = {k: summarise_folds([evaluate_fold(v, truths)]) for k, v in preds.items()}
     artefact = position_effect(np.concatenate([fine[s] for s in test]),
                                np.concatenate([np.arange(subs[s].n_spots) % (factor * factor) for s in test]),
@@ -411,8 +423,8 @@ def _plot_subspot(out: Path, slide: Any, sub: Any, spot_pred: np.ndarray, sub_pr
     """Measured spots, HiST on the spots and the sub-spot model at ``pitch / factor``, own colour range each."""
     panels = [("measured spots", slide.spatial, normalise_counts(counts), 1.0),
               ("HiST trained on the spots", slide.spatial, normalise_counts(np.expm1(spot_pred)), 1.0),
-              (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial, normalise_counts(np.expm1(sub_pred)),
-               1.0 / sub.meta["subspot"]["factor"])]
+              (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial,
+               normalise_counts(np.expm1(sub_pred)), 1.0 / sub.meta["subspot"]["factor"])]
     return _draw_maps(slide, panels, genes, _chosen(genes, plot_genes, panels[0][2]), [[0], [1], [2]],
                       f"{slide.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes), "
                       "own colour range per panel", out / f"subspot_maps_{slide.slide_id}.png")

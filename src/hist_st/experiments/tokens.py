@@ -33,7 +33,8 @@ from hist_st.train.data import load_slides, read_manifest
 from hist_st.train.folds import load_folds
 from hist_st.train.predict import lattice_unit_for
 
-__all__ = ["slide_token", "export_tokens", "token_metrics", "cosine_distances", "plot_token_pca", "run_token_analysis"]
+__all__ = ["slide_token", "export_tokens", "token_metrics", "cosine_distances", "plot_token_pca",
+           "run_token_analysis"]
 
 
 @torch.no_grad()
@@ -154,17 +155,19 @@ def token_metrics(tokens: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
     labels = np.unique(g)
     member = (g[:, None] == labels[None, :]).astype(np.float64)  # [S, L]
     n_others = member.sum(0) - member  # [S, L]: members of each group other than slide i
-    centroids = (member.T @ x - member[:, :, None] * x[:, None, :]) / np.maximum(n_others, 1)[:, :, None]  # [S, L, D]
+    others_sum = member.T @ x - member[:, :, None] * x[:, None, :]  # [S, L, D]
+    centroids = others_sum / np.maximum(n_others, 1)[:, :, None]
     norms = np.linalg.norm(centroids, axis=2) * np.linalg.norm(x, axis=1)[:, None]
     usable = (n_others > 0) & (norms > 0)  # an empty or zero centroid is no candidate
-    dist = np.where(usable, 1.0 - np.einsum("sd,sld->sl", x, centroids) / np.where(usable, norms, 1.0), np.inf)
-    correct = usable.any(1) & (labels[dist.argmin(1)] == g)
+    cos = np.einsum("sd,sld->sl", x, centroids) / np.where(usable, norms, 1.0)
+    correct = usable.any(1) & (labels[np.where(usable, 1.0 - cos, np.inf).argmin(1)] == g)
     iu = np.triu_indices(s, k=1)
     pair_d, pair_same = d[iu], (g[:, None] == g[None, :])[iu]
     within, between = (float(pair_d[m].mean()) if m.any() else float("nan") for m in (pair_same, ~pair_same))
     counts = {lab: int((g == lab).sum()) for lab in labels}
-    return {"one_nn_acc": float(np.mean(g[nn] == g)), "centroid_acc": float(np.mean(correct)), "within_cos": within,
-            "between_cos": between, "chance_1nn": float(np.mean([(counts[v] - 1) / (s - 1) for v in g])),
+    return {"one_nn_acc": float(np.mean(g[nn] == g)), "centroid_acc": float(np.mean(correct)),
+            "within_cos": within, "between_cos": between,
+            "chance_1nn": float(np.mean([(counts[v] - 1) / (s - 1) for v in g])),
             "chance_majority": max(counts.values()) / s, "n_slides": int(s), "n_groups": len(labels),
             "group_sizes": counts, "n_singletons": int(sum(1 for v in g if counts[v] == 1))}
 
@@ -244,8 +247,8 @@ def run_token_analysis(
     table = format_token_table(metrics)
     write_json({"metrics": metrics, "source": source, "run_dir": str(run_dir), "slide_ids": tok["slide_ids"]},
                out / "token_metrics.json")
-    (out / "tokens.md").write_text(f"Calibration-token discriminability (Table 6), tokens from {source!r} models of "
-                                   f"{run_dir}; cosine distance; leave-one-out.\n\n{table}\n")
+    (out / "tokens.md").write_text(f"Calibration-token discriminability (Table 6), tokens from {source!r} "
+                                   f"models of {run_dir}; cosine distance; leave-one-out.\n\n{table}\n")
     return {"metrics": metrics, "table": table, "figures": figures, "n_slides": len(tok["slide_ids"])}
 
 
@@ -253,9 +256,9 @@ def format_token_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown Table 6, one row per grouping column (with chance levels)."""
     lines = ["| Grouping | slides / groups | 1-NN same-group (chance) | Nearest-centroid acc (majority) "
              "| Within cos. dist | Between cos. dist |", "|---|---|---|---|---|---|",
-             *(f"| {col} | {m['n_slides']} / {m['n_groups']} | {m['one_nn_acc']:.3f} ({m['chance_1nn']:.3f}) | "
-               f"{m['centroid_acc']:.3f} ({m['chance_majority']:.3f}) | {m['within_cos']:.3f} | {m['between_cos']:.3f} |"
-               for col, m in metrics.items())]
+             *(f"| {col} | {m['n_slides']} / {m['n_groups']} | {m['one_nn_acc']:.3f} ({m['chance_1nn']:.3f}) "
+               f"| {m['centroid_acc']:.3f} ({m['chance_majority']:.3f}) | {m['within_cos']:.3f} "
+               f"| {m['between_cos']:.3f} |" for col, m in metrics.items())]
     notes = [f"{col}: {m['n_singletons']} of {m['n_slides']} slides are alone in their group and cannot be matched"
              for col, m in metrics.items() if m.get("n_singletons")]
     return "\n".join(lines) + ("\n\n" + "; ".join(notes) + "." if notes else "")

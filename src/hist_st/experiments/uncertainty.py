@@ -126,8 +126,8 @@ def run_uncertainty(
         if len(per_fold[n]) > 1:
             scaled = [f[1] * _scale([g for j, g in enumerate(per_fold[n]) if j != i]) for i, f in enumerate(per_fold[n])]
             methods[f"{n}_recalibrated"] = calibration(mu, np.concatenate(scaled), y)
-    result = {"runs": [str(r) for r in runs], "cohort": str(cohort), "mc_samples": mc_samples, "n_genes": len(genes),
-              "methods": methods}
+    result = {"runs": [str(r) for r in runs], "cohort": str(cohort), "mc_samples": mc_samples,
+              "n_genes": len(genes), "methods": methods}
     out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "uncertainty.json")
     _plot(result, out / "calibration.png")
