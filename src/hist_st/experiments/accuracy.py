@@ -7,9 +7,7 @@ res = run_accuracy(["cohorts/her2st"], "runs/acc", methods=["hist", "ridge", "me
 print(res["table"])
 ```
 
-Every method, HiST among them, goes through `hist_st.evaluate.run_cv` on one plan per cohort
-(`hist_st.evaluate.make_plan`), so they share the folds (saved as ``splits.json``), the gene list
-(``genes.txt``), the log1p targets and the embedding.
+Every method, HiST among them, goes through `hist_st.evaluate.run_cv` on one plan per cohort.
 
 Run directory layout (``OUT``)::
 

@@ -202,7 +202,6 @@ def run_accuracy_seeds(
     first = runs[seeds[0]]
     ref = display(reference) if reference in first["methods"] else None
     cohorts_out: dict[str, Any] = {}
-    tables = []
     for name in first["cohorts"]:
         per_seed = [runs[s]["cohorts"][name]["methods"] for s in seeds]
         values = {m: {label: np.array([run[m][p][k]["values"] for run in per_seed], dtype=np.float64)
@@ -215,12 +214,10 @@ def run_accuracy_seeds(
                        for m, by_label in values.items() if ref is not None and m != ref}}
         if paired_with and ref is not None:
             rec["paired_with"] = paired_with_runs(rec, out, name, paired_with, ref)
-        table = format_seed_tables(name, rec, ref)
         cohorts_out[name] = rec
-        tables.append(table)
-    table = "\n".join(tables)
+    table = "\n".join(format_seed_tables(name, rec, ref) for name, rec in cohorts_out.items())
     (out / "table.md").write_text(table)
+    runs_out = {str(s): str(out / f"seed_{s}") for s in seeds}
     write_json({"cohorts": cohorts_out, "seeds": seeds, "fold_seed": seed, "methods": list(methods),
-                "reference": ref, "command": command,
-                "runs": {str(s): str(out / f"seed_{s}") for s in seeds}}, out / "seeds.json")
+                "reference": ref, "command": command, "runs": runs_out}, out / "seeds.json")
     return {"cohorts": cohorts_out, "table": table, "out_dir": str(out), "runs": runs}

@@ -7,7 +7,7 @@ paper's default, ``neither`` a reference row not in the paper's table).
 
 ```python
 from hist_st.experiments import run_stain
-from hist_st.experiments.accuracy import CVSetup
+from hist_st.experiments.accuracy import CVSetup, markdown_table
 run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", setup=CVSetup(genes="he:250", overrides=["epochs=100"]))
 ```
 """
@@ -23,7 +23,7 @@ from typing import Any
 from hist_st.errors import InputError
 from hist_st.evaluate import Plan, make_plan
 from hist_st.experiments.ablation import hist_rows, table_plan
-from hist_st.experiments.accuracy import CVSetup
+from hist_st.experiments.accuracy import CVSetup, markdown_table
 from hist_st.metrics import protocol_cells
 from hist_st.train.data import list_slides
 
@@ -59,10 +59,8 @@ def run_stain(
         setup: Gene set, folds, seed, HiST config and overrides, progress (`CVSetup`; folds by slide, so
             ``group_by`` must be None).
         rows: Rows to run (`STAIN_ROWS`).
-        skip_done: Take each row's folds from the result cache when trained identically before
-            (`hist_st.evaluate.cache`); False: train every row again.
-        reuse_from: Other run folders whose caches are searched too: ``token-only`` may be Table 2's HiST
-            run, ``neither`` Table 3's ``no-token`` row. Rows taken from them are listed in ``reused.json``.
+        skip_done, reuse_from: As in `hist_st.experiments.ablation.run_ablation` (``token-only`` may come from
+            Table 2's HiST run, ``neither`` from Table 3's ``no-token`` row).
 
     Returns:
         ``{"summaries": {row: summarise_folds(...)}, "table": str, "out_dir": str}``.
@@ -100,10 +98,8 @@ def run_stain(
 
 def format_stain_table(summaries: dict[str, Any], digits: int = 3) -> str:
     """Markdown Table 5 with both protocols and the paper's values."""
-    lines = ["| Setting | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | paper R2 / PCC (Brain) |",
-             "|---|---|---|---|---|---|"]
-    for name, (label, _, _) in ((n, row) for n, row in STAIN_ROWS.items() if n in summaries):
-        paper = "{:.2f} / {:.2f}".format(*PAPER_TABLE5[name]) if name in PAPER_TABLE5 else "—"
-        cells = [*protocol_cells(summaries[name], digits), paper]
-        lines.append(f"| {label} `{name}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    paper = {name: "{:.2f} / {:.2f}".format(*values) for name, values in PAPER_TABLE5.items()}
+    return "\n".join(markdown_table(
+        ["Setting", "pooled R2", "pooled PCC", "per-gene PCC", "per-gene R2", "paper R2 / PCC (Brain)"],
+        ([f"{label} `{name}`", *protocol_cells(summaries[name], digits), paper.get(name, "—")]
+         for name, (label, _, _) in STAIN_ROWS.items() if name in summaries)))

@@ -88,8 +88,7 @@ def position_effect(values: np.ndarray, position: np.ndarray, groups: np.ndarray
 
     For each gene, the deviation of each spot from its block's mean is averaged per within-block position;
     the root mean square of those position means, averaged over genes and divided by the mean per-gene
-    std of ``values``. Measured maps give the noise floor (a few blocks' worth of averaging); a model that
-    learnt a fixed split of each block between its positions scores far above it.
+    std of ``values`` (measured maps give the noise floor: ``docs/results/superres.md``).
 
     Args:
         values: ``[N, G]`` (e.g. log1p), for spots of complete blocks only.
@@ -241,12 +240,11 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
     summaries = {m: summarise_folds([s[m] for s in fold_scores]) for m in (*METHODS, *COARSE_LEVEL)}
     gaps: dict[str, dict[str, float]] = {}
     fold_gaps: dict[str, dict[str, list[float]]] = {}
-    for name in ("superres", "coarse_smooth"):
-        for proto, met in _METRICS:
-            x, a, c = (summaries[m][proto][met] for m in (name, "coarse_copy", "spot"))
-            gaps.setdefault(name, {})[f"{proto}_{met}"] = gap_closed(x["mean"], a["mean"], c["mean"])
-            fold_gaps.setdefault(name, {})[f"{proto}_{met}"] = [
-                gap_closed(*v) for v in zip(x["values"], a["values"], c["values"])]
+    for name in ("superres", "coarse_smooth"):  # per metric: this method, (a) coarse copy, (c) spot
+        xac = {f"{p}_{k}": [summaries[m][p][k] for m in (name, "coarse_copy", "spot")] for p, k in _METRICS}
+        gaps[name] = {key: gap_closed(*(v["mean"] for v in stats)) for key, stats in xac.items()}
+        fold_gaps[name] = {key: [gap_closed(*v) for v in zip(*(s["values"] for s in stats))]
+                           for key, stats in xac.items()}
     first = fold_list[0]
     fig_slide = sorted(first["test"])[0]
     figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], gene_list, plot_genes)

@@ -105,10 +105,9 @@ def export_tokens(
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez(out, slide_ids=np.asarray(ids), tokens=tokens, fold=fold_of, source=source)
-        table = pd.DataFrame(tokens, columns=[f"t{j}" for j in range(tokens.shape[1])])
-        table.insert(0, "slide_id", ids)
-        table.insert(1, "fold", fold_of)
-        table.to_csv(out.with_suffix(".csv"), index=False, float_format="%.6g")
+        values = pd.DataFrame(tokens, columns=[f"t{j}" for j in range(tokens.shape[1])])
+        pd.concat([pd.DataFrame({"slide_id": ids, "fold": fold_of}), values], axis=1).to_csv(
+            out.with_suffix(".csv"), index=False, float_format="%.6g")
     return {"slide_ids": ids, "tokens": tokens, "fold": fold_of, "source": source}
 
 
