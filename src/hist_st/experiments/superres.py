@@ -300,21 +300,17 @@ _SHORT = {"coarse_copy": "(a) coarse copy", "coarse_smooth": "(b) Gaussian inter
           "superres": "super-resolution", "spot": "(c) trained on spots"}
 
 
-def _chosen(genes: list[str], plot_genes: Sequence[str] | None, measured: np.ndarray) -> list[int]:
-    """Columns of the map figure: ``plot_genes``, or the two most variable columns of ``measured``."""
-    if not plot_genes:
-        return [int(g) for g in np.argsort(-measured.var(0))[:2]]
-    missing = [g for g in plot_genes if g not in genes]
+def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, float]], genes: list[str],
+               plot_genes: Sequence[str] | None, groups: Sequence[Sequence[int]], title: str,
+               path: Path) -> Path:
+    """One row per gene of ``plot_genes`` (default: the two most variable of the first panel); ``panels``:
+    (title, spot centres in px ``[N, 2]``, values ``[N, G]``, dot size relative to the slide's pitch).
+    Panels of one group of ``groups`` share a colour range (1st-99th percentile) and a colour bar; spots are
+    circles of 0.85 x their pitch over the slide's image."""
+    missing = [g for g in plot_genes or () if g not in genes]
     if missing:
         raise InputError("--plot-genes", f"not among the run's genes: {missing}")
-    return [genes.index(g) for g in plot_genes]
-
-
-def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, float]], genes: list[str],
-               chosen: Sequence[int], groups: Sequence[Sequence[int]], title: str, path: Path) -> Path:
-    """One row per gene in ``chosen``; ``panels``: (title, spot centres in px ``[N, 2]``, values ``[N, G]``, dot
-    size relative to the slide's pitch). Panels of one group of ``groups`` share a colour range (1st-99th
-    percentile) and a colour bar; spots are circles of 0.85 x their pitch over the slide's image."""
+    chosen = [genes.index(g) for g in plot_genes or ()] or list(np.argsort(-panels[0][2].var(0))[:2])
     plt = pyplot()
     img, scale = slide.plot_image()
     pitch = float(slide.spot_pitch_um or 200.0) / float(slide.um_per_px or 1.0) * scale  # display px
@@ -351,7 +347,7 @@ def _plot_maps(out: Path, fold: int, fine: Any, genes: list[str], plot_genes: Se
               ("measured 2x2 blocks\n(block / members)", fine.spatial, normalise_counts(block_mean[groups]),
                1.0),
               *((_SHORT[m], fine.spatial, normalise_counts(_counts(data[m])), 1.0) for m in METHODS)]
-    return _draw_maps(fine, panels, genes, _chosen(genes, plot_genes, panels[0][2]), [[0, 1], [2, 3, 4, 5]],
+    return _draw_maps(fine, panels, genes, plot_genes, [[0, 1], [2, 3, 4, 5]],
                       f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
                       "colour range per row: measured panels / predicted panels (1st-99th percentile)",
                       out / f"maps_{fine.slide_id}.png")
@@ -423,6 +419,6 @@ def _plot_subspot(out: Path, slide: Any, sub: Any, spot_pred: np.ndarray, sub_pr
               ("HiST trained on the spots", slide.spatial, normalise_counts(np.expm1(spot_pred)), 1.0),
               (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial,
                normalise_counts(np.expm1(sub_pred)), 1.0 / sub.meta["subspot"]["factor"])]
-    return _draw_maps(slide, panels, genes, _chosen(genes, plot_genes, panels[0][2]), [[0], [1], [2]],
+    return _draw_maps(slide, panels, genes, plot_genes, [[0], [1], [2]],
                       f"{slide.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes), "
                       "own colour range per panel", out / f"subspot_maps_{slide.slide_id}.png")

@@ -53,8 +53,7 @@ def slide_token(bundle: Any, slide: Any) -> np.ndarray:
     if bundle.feature_mean is not None:
         feats = (feats - bundle.feature_mean.cpu()) / bundle.feature_std.cpu()
     lat = to_lattice(continuous_coords(slide, lattice_unit_for(bundle, slide)), source=f"slide {slide.slide_id!r}")
-    model = bundle.model
-    was_training = model.training
+    model, was_training = bundle.model, bundle.model.training
     model.eval()
     try:
         batch = model.make_batch(torch.from_numpy(lat), feats).to(bundle.device)
