@@ -158,29 +158,30 @@ def table_plan(cohort: str | Path, out: Path, setup: CVSetup, *, by_group: bool 
 def hist_rows(
     out: str | Path,
     rows: Mapping[str, tuple[TrainConfig, Callable[[], Plan]]],
+    setup: CVSetup,
     *,
     name: str,
-    caption: str,
+    caption: tuple[str, int, str],
     table: Callable[[dict[str, Any]], str],
     reuse: bool = True,
     reuse_from: Sequence[str | Path] = (),
     dist_info: DistInfo | None = None,
-    progress: bool = True,
 ) -> tuple[dict[str, Any], str]:
     """The HiST rows of an experiment table (Table 3 or 5): ``run_cv(plan(), [HiST])`` into ``out/<row>``,
     each fold taken from the result cache (`hist_st.evaluate.cache`) when it was trained identically before;
-    then the table, in ``out/table.md`` under ``caption`` and above the rows taken from other folders.
+    then the table, in ``out/table.md`` under its caption and above the rows taken from other folders.
 
     Args:
         out: The experiment folder: ``<row>/`` run folders, ``<name>.json`` (summaries), ``table.md`` and
             ``reused.json`` (row -> the folder that computed it, for rows taken whole from another folder).
         rows: Row -> ``(TrainConfig, plan)``; ``plan()`` gives the row's `Plan`.
+        setup: The table's folds, seed and gene set (named in the caption) and progress bars.
         name: File name of the summaries (``ablation``, ``stain``).
-        caption: The paragraph above the table.
+        caption: ``(title, number of genes, note)`` of the paragraph above the table.
         table: Summaries -> the Markdown table.
         reuse: Look up the cache (the row's folder and ``reuse_from``); False: train every row.
         reuse_from: Other run folders whose caches are searched too, e.g. Table 2's HiST run.
-        dist_info, progress: As in `hist_st.evaluate.run_cv`.
+        dist_info: As in `hist_st.evaluate.run_cv`.
 
     Returns:
         ``(summaries, table)``: row -> HiST's `summarise_folds` record; the Markdown table.
@@ -188,7 +189,7 @@ def hist_rows(
     out, summaries, reused = Path(out), {}, {}
     for row, (cfg, plan) in rows.items():
         res = run_cv(plan(), [HiSTMethod(cfg, dist_info=dist_info)], out / row, seed=cfg.seed,
-                     write_predictions=False, dist_info=dist_info, progress=progress,
+                     write_predictions=False, dist_info=dist_info, progress=setup.progress,
                      cache=ResultCache(reuse_from) if reuse else None)
         hist = res.methods.get(HiSTMethod.display_name)
         summaries[row] = hist.summary if hist is not None else None
@@ -196,10 +197,12 @@ def hist_rows(
             reused[row] = hist.reused_from
     write_json(reused, out / "reused.json")
     summaries = read_json(write_json(summaries, out / f"{name}.json"))
-    text, note = table(summaries), "; ".join(f"`{k}` from `{v}`" for k, v in reused.items())
-    (out / "table.md").write_text(f"{caption}\n\n{text}\n" + (
-        "\nRows reused from runs with the same config, cohort, folds and genes (not retrained): "
-        f"{note}.\n" if reused else ""))
+    title, n_genes, note = caption
+    text, taken = table(summaries), "; ".join(f"`{k}` from `{v}`" for k, v in reused.items())
+    taken = ("\nRows reused from runs with the same config, cohort, folds and genes (not retrained): "
+             f"{taken}.\n" if reused else "")
+    (out / "table.md").write_text(f"{title}: {setup.folds}-fold, seed {setup.seed}, {n_genes} genes "
+                                  f"({setup.genes}); mean ± std over folds. {note}\n\n{text}\n{taken}")
     return summaries, text
 
 
@@ -233,10 +236,10 @@ def run_ablation(
     setup, out, wanted = setup or CVSetup(), Path(out_dir), {"full", *(names or ABLATIONS)}
     cfg, plan, info = table_plan(cohort, out, setup)
     rows = {name: (ablation_config(cfg, name), lambda: plan) for name in ABLATIONS if name in wanted}
-    caption = (f"Ablations (Table 3) on {Path(cohort).name}: {setup.folds}-fold, seed {setup.seed}, "
-               f"{len(plan.genes)} genes ({setup.genes}); mean ± std over folds. Δ columns: ablation minus "
-               "full model. The paper's column is its Brain (NCBI GEO) Table 3, for direction only.")
-    summaries, table = hist_rows(out, rows, name="ablation", caption=caption, table=format_ablation_table,
-                                 reuse=skip_done, reuse_from=reuse_from, dist_info=info,
-                                 progress=setup.progress)
+    title = f"Ablations (Table 3) on {Path(cohort).name}"
+    note = ("Δ columns: ablation minus full model. The paper's column is its Brain (NCBI GEO) Table 3, for "
+            "direction only.")
+    summaries, table = hist_rows(out, rows, setup, name="ablation", table=format_ablation_table,
+                                 caption=(title, len(plan.genes), note), dist_info=info, reuse=skip_done,
+                                 reuse_from=reuse_from)
     return {"summaries": summaries, "table": table, "out_dir": str(out), "n_genes": len(plan.genes)}

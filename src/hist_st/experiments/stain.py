@@ -87,12 +87,10 @@ def run_stain(
     no_token = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
     table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which))
                   for name, (_, which, token) in STAIN_ROWS.items() if name in rows}
-    caption = (f"Calibration token vs Macenko stain normalisation (Table 5): {setup.folds}-fold, seed "
-               f"{setup.seed}, {len(plan.genes)} genes ({setup.genes}); mean ± std over folds. Paper column: "
-               "Brain (NCBI GEO).")
-    summaries, table = hist_rows(out, table_rows, name="stain", caption=caption, table=format_stain_table,
-                                 reuse=skip_done, reuse_from=reuse_from, dist_info=info,
-                                 progress=setup.progress)
+    title = "Calibration token vs Macenko stain normalisation (Table 5)"
+    summaries, table = hist_rows(out, table_rows, setup, name="stain", table=format_stain_table,
+                                 caption=(title, len(plan.genes), "Paper column: Brain (NCBI GEO)."),
+                                 dist_info=info, reuse=skip_done, reuse_from=reuse_from)
     return {"summaries": summaries, "table": table, "out_dir": str(out)}
 
 
