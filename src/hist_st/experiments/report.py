@@ -1,13 +1,9 @@
 """One command that reproduces the paper's tables on a cohort and writes ``docs/results/<name>.md``.
 
-Steps (each skipped when its results already exist under ``runs_dir``, unless ``force``):
-
-1. Table 2 (`run_accuracy`) for each gene set;
-2. Table 1 (`run_efficiency`) on fold 0 of the cohort, and optionally Figure 3 (`run_scaling`);
-3. Table 3 (`run_ablation`) on the first gene set;
-4. Table 5 (`run_stain`) when a Macenko-normalised copy of the cohort is given;
-5. Table 6 and Figure 4 (`run_token_analysis`) from the first gene set's HiST fold models;
-6. a gene figure (`plot_genes`) for a test slide of fold 0.
+Steps (each reuses what ``runs_dir`` holds, unless ``force``): Table 2 (`run_accuracy`) for each gene set;
+then on the first gene set Table 1 (`run_efficiency`, fold 0) and optionally Figure 3 (`run_scaling`), Table 3
+(`run_ablation`), Table 5 (`run_stain`, with a Macenko-normalised copy of the cohort), Table 6 and Figure 4
+(`run_token_analysis`, from the HiST fold models) and a gene figure (`plot_genes`, a test slide of fold 0).
 
 The Markdown quotes the exact command, the package versions, the device and the time of each step.
 Figures are copied beside it into ``docs/results/<name>/``.

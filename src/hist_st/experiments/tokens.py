@@ -1,11 +1,9 @@
 """Calibration-token analysis (the paper's Table 6 and Figure 4: `plot_token_pca`).
 
-The final calibration token of each slide is read from the trained fold models of a cross-validation
-run (``hist-st cv`` / ``hist-st bench accuracy``): every slide goes through the fold model that held it
-out (``source="test"``, the default), or every slide through one fold's model (``source="fold:0"``,
-so all tokens live in one model's space). Discriminability across groups (patient, technology, any
-metadata column; `token_metrics`): leave-one-out 1-NN and nearest-centroid accuracy (cosine), within- and
-between-group cosine distances, and the chance levels of both accuracies.
+The final calibration token of each slide is read from the fold models of a cross-validation run
+(``hist-st cv`` / ``hist-st bench accuracy``; `export_tokens`). Discriminability across groups (patient,
+technology, any metadata column; `token_metrics`): leave-one-out 1-NN and nearest-centroid accuracy (cosine),
+within- and between-group cosine distances, and the chance levels of both accuracies.
 
 ```python
 from hist_st.experiments import export_tokens, token_metrics
