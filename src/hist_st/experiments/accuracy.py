@@ -231,7 +231,8 @@ def run_accuracy(
     out, baseline_options = Path(out_dir), dict(baseline_options or {})
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
-    tables, per_gene = [], {}
+    tables: list[str] = []
+    per_gene: dict[str, list[dict[str, Any]]] = {}
     # train_seed is recorded only when it differs from the fold seed, so earlier runs stay comparable.
     recorded_train_seed = None if t_seed == fold_seed else t_seed
     for src in reuse_from:
@@ -239,15 +240,12 @@ def run_accuracy(
             raise InputError(src, "not a `hist-st bench accuracy` output folder (no accuracy.json)")
     again = {display(m) for m in check_methods(rerun)} if rerun else set()
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
-        cohort = Path(cohort)
-        run_dir = out / name
-        t0 = time.perf_counter()
+        cohort, run_dir, t0 = Path(cohort), out / name, time.perf_counter()
         plan = make_plan(cohort, cfg.genes, k=folds, seed=fold_seed, group_by=group_by, embedding=cfg.embedding)
         info = init_distributed(cfg.device) if "hist" in methods else None
-        cache = ResultCache(reuse_from) if reuse else None
         res = run_cv(plan, build_methods(methods, cfg, baseline_options, dist_info=info), run_dir, seed=cfg.seed,
-                     write_predictions=write_predictions, dist_info=info, progress=progress, cache=cache,
-                     retrain=again)
+                     write_predictions=write_predictions, dist_info=info, progress=progress, retrain=again,
+                     cache=ResultCache(reuse_from) if reuse else None)
         ordered = {label: m.summary for label, m in res.methods.items()}  # the user's method order
         reused_from = {label: str(Path(m.reused_from).parent) for label, m in res.methods.items() if m.reused_from}
         devices = {label: _source_device(reused_from.get(label), name, label) or _method_device(m, cfg, baseline_options)

@@ -82,10 +82,8 @@ def export_tokens(
     Returns:
         ``{"slide_ids": [S], "tokens": float32 [S, D], "fold": int [S], "source": str}``.
     """
-    run_dir = Path(run_dir)
-    folds = load_folds(run_dir / "splits.json")
+    folds = load_folds(Path(run_dir) / "splits.json")
     slides = {s.slide_id: s for s in load_slides(cohort)}
-
     if source == "test":
         pairs = sorted((sid, int(f["fold"])) for f in folds for sid in f["test"])
     elif source.startswith("fold:"):
@@ -234,7 +232,7 @@ def run_token_analysis(
     out.mkdir(parents=True, exist_ok=True)
     tok = export_tokens(run_dir, cohort, source=source, out=out / "tokens.npz")
     metrics: dict[str, Any] = {}
-    figures = []
+    figures: list[str] = []
     for col in group_by:
         groups = _groups_for(cohort, tok["slide_ids"], col)
         metrics[col] = token_metrics(tok["tokens"], groups)
