@@ -64,3 +64,28 @@ def test_bad_inputs():
         token_metrics(np.ones((3, 2)), ["a", "b"])
     with pytest.raises(ValueError):
         cosine_distances(np.zeros((2, 3)))
+
+
+def _centroid_acc_loop(x, g):
+    """Leave-one-out nearest-centroid accuracy, one slide and one group at a time (the reference)."""
+    x, g = np.asarray(x, dtype=np.float64), np.asarray(g)
+    correct = []
+    for i in range(len(g)):
+        best, best_d = None, np.inf
+        for lab in np.unique(g):
+            members = (np.arange(len(g)) != i) & (g == lab)
+            if members.any():
+                c = x[members].mean(axis=0)
+                d = 1.0 - x[i] @ c / (np.linalg.norm(x[i]) * np.linalg.norm(c))
+                if d < best_d:
+                    best, best_d = lab, d
+        correct.append(best == g[i])
+    return float(np.mean(correct))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_centroid_accuracy_matches_a_loop(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(11, 4)) + np.repeat(rng.normal(size=(4, 4)), [3, 3, 4, 1], axis=0)
+    g = np.repeat(["a", "b", "c", "d"], [3, 3, 4, 1])  # "d" is a singleton: never a candidate for itself
+    assert token_metrics(x, g)["centroid_acc"] == pytest.approx(_centroid_acc_loop(x, g))

@@ -9,17 +9,18 @@ from hist_st.bench.plots import plot_scaling
 from hist_st.bench.scaling import run_scaling
 from hist_st.experiments.ablation import ABLATIONS, PAPER_TABLE3, Ablation, ablation_config, run_ablation
 from hist_st.experiments.accuracy import CVSetup, build_config, per_gene_rows, run_accuracy
-from hist_st.experiments.figures import plot_genes, plot_token_pca
 from hist_st.experiments.report import ReportSpec, build_report
 from hist_st.experiments.stain import PAPER_TABLE5, STAIN_ROWS, run_stain
 from hist_st.experiments.tokens import (
     cosine_distances,
     export_tokens,
     format_token_table,
+    plot_token_pca,
     run_token_analysis,
     slide_token,
     token_metrics,
 )
+from hist_st.pl import plot_genes
 
 __all__ = [
     "ABLATIONS", "Ablation", "CVSetup", "PAPER_TABLE3", "PAPER_TABLE5", "ReportSpec", "STAIN_ROWS",

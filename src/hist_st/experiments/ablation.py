@@ -1,25 +1,8 @@
 """Table 3: component ablations of HiST as named configs, all on the same folds and genes.
 
-Each ablation changes one factor of the full model (`TrainConfig` defaults plus the user's overrides):
-
-==================  ===========================================================================
-name                change
-==================  ===========================================================================
-full                nothing (RPB positional terms, concat skips, all augmentations, one token)
-aug-none            ``augment.enabled = False``
-aug-mirror          mirror only (no shear, rotation or spot dropout)
-aug-shear           shear only
-aug-rotate          rotation only
-aug-drop            spot dropout only
-pos-none            ``model.positional = "none"``
-pos-rope            ``model.positional = "rope"``
-pos-alibi           ``model.positional = "alibi"``
-skip-none           ``model.skip = "none"``
-skip-additive       ``model.skip = "additive"``
-no-resample         ``model.resample = False`` (no dyadic down/up-sampling)
-no-shift            ``model.shifted = False`` (no shifted windows)
-no-token            ``model.tokens = ()`` (no calibration token)
-==================  ===========================================================================
+Each ablation (`ABLATIONS`, listed by ``hist-st ablate --list``) changes one factor of the full model
+(`TrainConfig` defaults plus the user's overrides): RPB positional terms, concat skips, all coordinate
+augmentations, dyadic resampling, shifted windows and one calibration token.
 
 ```python
 from hist_st.experiments import run_ablation
@@ -81,15 +64,9 @@ _ONLY = {"mirror": False, "shear": False, "rotate": False, "dropout": 0.0}
 
 
 def _only(which: str) -> Callable[[Any], Any]:
-    def apply(cfg: Any) -> Any:
-        kw: dict[str, Any] = dict(_ONLY, enabled=True)
-        if which == "dropout":
-            kw["dropout"] = cfg.augment.dropout  # the variant's default (None) or the user's value
-        else:
-            kw[which] = True
-        return dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, **kw))
-
-    return apply
+    """Coordinate augmentation ``which`` alone (spot dropout at the variant's default or the user's value)."""
+    others = {k: v for k, v in _ONLY.items() if k != which}
+    return _augment(enabled=True, **others, **({} if which == "dropout" else {which: True}))
 
 
 _ROWS = [
@@ -144,36 +121,23 @@ def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3)
         "| paper R2 / PCC (Brain) | same direction as paper (pooled R2) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    full = summaries.get("full")
-    group = None
-    for name, abl in ABLATIONS.items():
-        if name not in summaries:
-            continue
+    full, group = summaries.get("full"), None
+    for name, abl in ((n, a) for n, a in ABLATIONS.items() if n in summaries):
         s = summaries[name]
         if abl.group and abl.group != group:
             group = abl.group
             lines.append(f"| *{group}* | | | | | | | | |")
-        cells = protocol_cells(s, digits)
-        d_r2 = d_pcc = agree = "—"
+        cells, d_r2, d_pcc, agree = protocol_cells(s, digits), "—", "—", "—"
         if full is not None and name != "full":
             dr2 = s["pooled"]["r2"]["mean"] - full["pooled"]["r2"]["mean"]
             dpcc = s["per_gene"]["pcc"]["mean"] - full["per_gene"]["pcc"]["mean"]
             d_r2, d_pcc = f"{dr2:+.{digits}f}", f"{dpcc:+.{digits}f}"
             paper_d = PAPER_TABLE3[name][0] - PAPER_TABLE3["full"][0]
             agree = "flat" if abs(dr2) < 5e-4 else ("yes" if (dr2 < 0) == (paper_d < 0) else "no")
-        paper = PAPER_TABLE3.get(name)
-        paper_s = f"{paper[0]:.3f} / {paper[1]:.3f}" if paper else "—"
+        paper = "{:.3f} / {:.3f}".format(*PAPER_TABLE3[name])
         label = abl.label if name != "full" else "**Full model** (RPB, concat skips, all augmentations, 1 token)"
-        lines.append(f"| {label} `{name}` | " + " | ".join([*cells, d_r2, d_pcc, paper_s, agree]) + " |")
+        lines.append(f"| {label} `{name}` | " + " | ".join([*cells, d_r2, d_pcc, paper, agree]) + " |")
     return "\n".join(lines)
-
-
-def reused_note(reused: Mapping[str, str]) -> str:
-    """A Markdown line naming the rows taken from earlier, identically trained runs (empty when none)."""
-    if not reused:
-        return ""
-    rows = "; ".join(f"`{k}` from `{v}`" for k, v in reused.items())
-    return f"\nRows reused from runs with the same config, cohort, folds and genes (not retrained): {rows}.\n"
 
 
 def table_plan(cohort: str | Path, out: Path, setup: CVSetup, *, by_group: bool = True
@@ -194,41 +158,52 @@ def table_plan(cohort: str | Path, out: Path, setup: CVSetup, *, by_group: bool 
 def hist_rows(
     out: str | Path,
     rows: Mapping[str, tuple[TrainConfig, Callable[[], Plan]]],
+    setup: CVSetup,
     *,
     name: str,
+    caption: tuple[str, int, str],
+    table: Callable[[dict[str, Any]], str],
     reuse: bool = True,
     reuse_from: Sequence[str | Path] = (),
     dist_info: DistInfo | None = None,
-    progress: bool = True,
-) -> tuple[dict[str, Any], dict[str, str]]:
+) -> tuple[dict[str, Any], str]:
     """The HiST rows of an experiment table (Table 3 or 5): ``run_cv(plan(), [HiST])`` into ``out/<row>``,
-    each fold taken from the result cache (`hist_st.evaluate.cache`) when it was trained identically before.
+    each fold taken from the result cache (`hist_st.evaluate.cache`) when it was trained identically before;
+    then the table, in ``out/table.md`` under its caption and above the rows taken from other folders.
 
     Args:
-        out: The experiment folder: ``<row>/`` run folders, ``<name>.json`` (summaries), ``reused.json``.
+        out: The experiment folder: ``<row>/`` run folders, ``<name>.json`` (summaries), ``table.md`` and
+            ``reused.json`` (row -> the folder that computed it, for rows taken whole from another folder).
         rows: Row -> ``(TrainConfig, plan)``; ``plan()`` gives the row's `Plan`.
+        setup: The table's folds, seed and gene set (named in the caption) and progress bars.
         name: File name of the summaries (``ablation``, ``stain``).
+        caption: ``(title, number of genes, note)`` of the paragraph above the table.
+        table: Summaries -> the Markdown table.
         reuse: Look up the cache (the row's folder and ``reuse_from``); False: train every row.
         reuse_from: Other run folders whose caches are searched too, e.g. Table 2's HiST run.
-        dist_info, progress: As in `hist_st.evaluate.run_cv`.
+        dist_info: As in `hist_st.evaluate.run_cv`.
 
     Returns:
-        ``(summaries, reused)``: row -> HiST's `summarise_folds` record; row -> the folder that computed it,
-        for rows taken whole from another folder.
+        ``(summaries, table)``: row -> HiST's `summarise_folds` record; the Markdown table.
     """
-    out = Path(out)
-    summaries: dict[str, Any] = {}
-    reused: dict[str, str] = {}
+    out, summaries, reused = Path(out), {}, {}
     for row, (cfg, plan) in rows.items():
         res = run_cv(plan(), [HiSTMethod(cfg, dist_info=dist_info)], out / row, seed=cfg.seed,
-                     write_predictions=False, dist_info=dist_info, progress=progress,
+                     write_predictions=False, dist_info=dist_info, progress=setup.progress,
                      cache=ResultCache(reuse_from) if reuse else None)
         hist = res.methods.get(HiSTMethod.display_name)
         summaries[row] = hist.summary if hist is not None else None
         if hist is not None and hist.reused_from:
             reused[row] = hist.reused_from
     write_json(reused, out / "reused.json")
-    return read_json(write_json(summaries, out / f"{name}.json")), reused
+    summaries = read_json(write_json(summaries, out / f"{name}.json"))
+    title, n_genes, note = caption
+    text, taken = table(summaries), "; ".join(f"`{k}` from `{v}`" for k, v in reused.items())
+    taken = ("\nRows reused from runs with the same config, cohort, folds and genes (not retrained): "
+             f"{taken}.\n" if reused else "")
+    (out / "table.md").write_text(f"{title}: {setup.folds}-fold, seed {setup.seed}, {n_genes} genes "
+                                  f"({setup.genes}); mean ± std over folds. {note}\n\n{text}\n{taken}")
+    return summaries, text
 
 
 def run_ablation(
@@ -255,22 +230,16 @@ def run_ablation(
     Returns:
         ``{"summaries": {name: summarise_folds(...)}, "table": str, "out_dir": str}``.
     """
-    names = list(names) if names else list(ABLATIONS)
-    if "full" not in names:
-        names.insert(0, "full")
-    for n in names:
-        if n not in ABLATIONS:
-            raise InputError("--configs", f"unknown ablation {n!r}; choose from {', '.join(ABLATIONS)}")
-    setup = setup or CVSetup()
-    out = Path(out_dir)
+    bad = [n for n in names or () if n not in ABLATIONS]
+    if bad:
+        raise InputError("--configs", f"unknown ablation {bad[0]!r}; choose from {', '.join(ABLATIONS)}")
+    setup, out, wanted = setup or CVSetup(), Path(out_dir), {"full", *(names or ABLATIONS)}
     cfg, plan, info = table_plan(cohort, out, setup)
-    rows = {name: (ablation_config(cfg, name), lambda: plan) for name in ABLATIONS if name in names}
-    summaries, reused = hist_rows(out, rows, name="ablation", reuse=skip_done, reuse_from=reuse_from,
-                                  dist_info=info, progress=setup.progress)
-    table = format_ablation_table(summaries)
-    (out / "table.md").write_text(
-        f"Ablations (Table 3) on {Path(cohort).name}: {setup.folds}-fold, seed {setup.seed}, {len(plan.genes)} genes "
-        f"({setup.genes}); mean ± std over folds. Δ columns: ablation minus full model. The paper's column is its "
-        "Brain (NCBI GEO) Table 3, for direction only.\n\n" + table + "\n" + reused_note(reused)
-    )
+    rows = {name: (ablation_config(cfg, name), lambda: plan) for name in ABLATIONS if name in wanted}
+    title = f"Ablations (Table 3) on {Path(cohort).name}"
+    note = ("Δ columns: ablation minus full model. The paper's column is its Brain (NCBI GEO) Table 3, for "
+            "direction only.")
+    summaries, table = hist_rows(out, rows, setup, name="ablation", table=format_ablation_table,
+                                 caption=(title, len(plan.genes), note), dist_info=info, reuse=skip_done,
+                                 reuse_from=reuse_from)
     return {"summaries": summaries, "table": table, "out_dir": str(out), "n_genes": len(plan.genes)}

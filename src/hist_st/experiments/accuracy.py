@@ -7,9 +7,7 @@ res = run_accuracy(["cohorts/her2st"], "runs/acc", methods=["hist", "ridge", "me
 print(res["table"])
 ```
 
-Every method, HiST among them, goes through `hist_st.evaluate.run_cv` on one plan per cohort
-(`hist_st.evaluate.make_plan`), so they share the folds (saved as ``splits.json``), the gene list
-(``genes.txt``), the log1p targets and the embedding.
+Every method, HiST among them, goes through `hist_st.evaluate.run_cv` on one plan per cohort.
 
 Run directory layout (``OUT``)::
 
@@ -25,7 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +40,14 @@ from hist_st.runtime import device_name, resolve_device
 from hist_st.train.config import TrainConfig, config_to_dict, load_config, with_gene_set
 from hist_st.train.distributed import init_distributed
 
-__all__ = [
-    "display",
-    "build_config",
-    "CVSetup",
-    "run_accuracy",
-    "per_gene_rows",
-]
+__all__ = ["display", "build_config", "CVSetup", "markdown_table", "run_accuracy", "per_gene_rows"]
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of a Markdown table: ``header`` cells, the ``|---|`` rule, one line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
 
 def display(method: str) -> str:
     """A method's name in tables (`hist_st.methods.Method.label`): ``hist`` -> ``HiST``, others unchanged."""
@@ -72,13 +71,10 @@ def build_config(
         genes: A gene-set spec (`hist_st.cohort.GeneSet`: ``hvg:2000``, ``he:250``) for ``cfg.genes``.
         progress: Overrides ``cfg.progress`` when given.
     """
-    cfg = load_config(config, with_gene_set(overrides, genes))
-    changes: dict[str, Any] = {}
-    if seed is not None:
-        changes["seed"] = int(seed)
+    changes: dict[str, Any] = {"seed": int(seed)} if seed is not None else {}
     if progress is not None:
         changes["progress"] = bool(progress)
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    return dataclasses.replace(load_config(config, with_gene_set(overrides, genes)), **changes)
 
 
 @dataclass(frozen=True)
@@ -123,11 +119,10 @@ def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping
     """The device a method trained on in this process (HiST: ``cfg.device``; baselines: their ``device``
     option; methods without one run on the CPU), by name, for the record of what computed each row."""
     if method == "hist":
-        pref = str(cfg.device)
-    else:
-        opts = dict(baseline_options.get(method, {}))
-        pref = str(opts.get("device", "auto")) if "device" in method_option_names(method) else "cpu"
-    return device_name(str(resolve_device(pref)))
+        return device_name(str(resolve_device(str(cfg.device))))
+    has_device = "device" in method_option_names(method)
+    pref = baseline_options.get(method, {}).get("device", "auto") if has_device else "cpu"
+    return device_name(str(resolve_device(str(pref))))
 
 
 def _source_device(source: str | None, name: str, shown: str) -> str | None:
@@ -147,47 +142,32 @@ def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
         One dict per (method, gene): ``method``, ``gene``, ``pcc_mean``, ``r2_mean``, ``n_folds``
         (folds in which the gene was evaluated) and ``pcc_fold<i>`` / ``r2_fold<i>``.
     """
-    run_dir = Path(run_dir)
-    folds = sorted(run_dir.glob("fold_*/metrics.json"), key=lambda p: int(p.parent.name.split("_")[1]))
     table: dict[tuple[str, str], dict[str, Any]] = {}
-    gene_order: dict[str, int] = {}
-    for path in folds:
+    for path in sorted(Path(run_dir).glob("fold_*/metrics.json"), key=lambda p: int(p.parent.name[5:])):
         rec = read_json(path)
-        i = int(rec["fold"])
         for method, m in rec["metrics"].items():
-            pg = m["per_gene"]
-            pcc, r2 = pg.get("pcc_per_gene", {}), pg.get("r2_per_gene", {})
+            pcc, r2 = m["per_gene"].get("pcc_per_gene", {}), m["per_gene"].get("r2_per_gene", {})
             for gene in pcc:
-                gene_order.setdefault(gene, len(gene_order))
                 row = table.setdefault((method, gene), {"method": method, "gene": gene})
-                row[f"pcc_fold{i}"] = pcc.get(gene)
-                row[f"r2_fold{i}"] = r2.get(gene)
-    rows = []
-    for _, row in sorted(table.items(), key=lambda kv: (kv[0][0], gene_order[kv[0][1]])):
+                row.update({f"pcc_fold{rec['fold']}": pcc[gene], f"r2_fold{rec['fold']}": r2.get(gene)})
+    order = {g: i for i, g in enumerate(dict.fromkeys(g for _, g in table))}  # genes as first met
+    rows = sorted(table.values(), key=lambda row: (row["method"], order[row["gene"]]))
+    for row in rows:
         p = [v for k, v in row.items() if k.startswith("pcc_fold") and v is not None]
         r = [v for k, v in row.items() if k.startswith("r2_fold") and v is not None]
-        row["pcc_mean"] = float(np.mean(p)) if p else None
-        row["r2_mean"] = float(np.mean(r)) if r else None
-        row["n_folds"] = len(p)
-        rows.append(row)
+        row.update(pcc_mean=float(np.mean(p)) if p else None, r2_mean=float(np.mean(r)) if r else None,
+                   n_folds=len(p))
     return rows
 
 
 def _write_per_gene_csv(rows_by_cohort: Mapping[str, list[dict[str, Any]]], path: Path) -> Path:
-    fold_cols: list[str] = []
-    for rows in rows_by_cohort.values():
-        for row in rows:
-            for k in row:
-                if k.startswith(("pcc_fold", "r2_fold")) and k not in fold_cols:
-                    fold_cols.append(k)
-    fold_cols.sort(key=lambda c: (int(c.split("fold")[1]), c))
-    cols = ["cohort", "method", "gene", "pcc_mean", "r2_mean", "n_folds", *fold_cols]
+    rows = [{"cohort": cohort, **row} for cohort, by_gene in rows_by_cohort.items() for row in by_gene]
+    fold_cols = sorted({k for row in rows for k in row if k.startswith(("pcc_fold", "r2_fold"))},
+                       key=lambda c: (int(c.split("fold")[1]), c))
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w = csv.DictWriter(fh, ["cohort", "method", "gene", "pcc_mean", "r2_mean", "n_folds", *fold_cols])
         w.writeheader()
-        for cohort, rows in rows_by_cohort.items():
-            for row in rows:
-                w.writerow({"cohort": cohort, **{k: ("" if v is None else v) for k, v in row.items()}})
+        w.writerows(rows)
     return path
 
 
@@ -248,11 +228,10 @@ def run_accuracy(
     t_seed = int(seed) if train_seed is None else int(train_seed)
     cfg = build_config(config, overrides, seed=t_seed, genes=genes, progress=progress)
     fold_seed = int(seed)
-    out = Path(out_dir)
+    out, baseline_options = Path(out_dir), dict(baseline_options or {})
     out.mkdir(parents=True, exist_ok=True)
-    baseline_options = dict(baseline_options or {})
     results: dict[str, Any] = {}
-    tables = []
+    tables: list[str] = []
     per_gene: dict[str, list[dict[str, Any]]] = {}
     # train_seed is recorded only when it differs from the fold seed, so earlier runs stay comparable.
     recorded_train_seed = None if t_seed == fold_seed else t_seed
@@ -261,21 +240,18 @@ def run_accuracy(
             raise InputError(src, "not a `hist-st bench accuracy` output folder (no accuracy.json)")
     again = {display(m) for m in check_methods(rerun)} if rerun else set()
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
-        cohort = Path(cohort)
-        run_dir = out / name
-        t0 = time.perf_counter()
+        cohort, run_dir, t0 = Path(cohort), out / name, time.perf_counter()
         plan = make_plan(cohort, cfg.genes, k=folds, seed=fold_seed, group_by=group_by, embedding=cfg.embedding)
         info = init_distributed(cfg.device) if "hist" in methods else None
-        cache = ResultCache(reuse_from) if reuse else None
         res = run_cv(plan, build_methods(methods, cfg, baseline_options, dist_info=info), run_dir, seed=cfg.seed,
-                     write_predictions=write_predictions, dist_info=info, progress=progress, cache=cache,
-                     retrain=again)
+                     write_predictions=write_predictions, dist_info=info, progress=progress, retrain=again,
+                     cache=ResultCache(reuse_from) if reuse else None)
         ordered = {label: m.summary for label, m in res.methods.items()}  # the user's method order
-        seconds = {label: float(m.seconds) for label, m in res.methods.items()}
         reused_from = {label: str(Path(m.reused_from).parent) for label, m in res.methods.items() if m.reused_from}
         devices = {label: _source_device(reused_from.get(label), name, label) or _method_device(m, cfg, baseline_options)
                    for m, label in zip(methods, res.methods)}
         n_genes = len(plan.genes) if plan.genes is not None else None
+        seconds = {label: float(m.seconds) for label, m in res.methods.items()}
         results[name] = {"methods": ordered, "seconds": seconds, "run_dir": str(run_dir), "cohort": str(cohort),
                          "n_genes": n_genes, "devices": devices, "reused_from": reused_from,
                          "wall_seconds": time.perf_counter() - t0}
@@ -287,7 +263,6 @@ def run_accuracy(
     _write_per_gene_csv(per_gene, out / "per_gene.csv")
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,
                "folds": folds, "seed": seed, "train_seed": recorded_train_seed, "group_by": group_by,
-               "config": config_to_dict(cfg),
-               "baseline_options": baseline_options, "command": command}
+               "config": config_to_dict(cfg), "baseline_options": baseline_options, "command": command}
     write_json(summary, out / "accuracy.json")
     return summary

@@ -1,13 +1,9 @@
 """One command that reproduces the paper's tables on a cohort and writes ``docs/results/<name>.md``.
 
-Steps (each skipped when its results already exist under ``runs_dir``, unless ``force``):
-
-1. Table 2 (`run_accuracy`) for each gene set;
-2. Table 1 (`run_efficiency`) on fold 0 of the cohort, and optionally Figure 3 (`run_scaling`);
-3. Table 3 (`run_ablation`) on the first gene set;
-4. Table 5 (`run_stain`) when a Macenko-normalised copy of the cohort is given;
-5. Table 6 and Figure 4 (`run_token_analysis`) from the first gene set's HiST fold models;
-6. a gene figure (`plot_genes`) for a test slide of fold 0.
+Steps (each reuses what ``runs_dir`` holds, unless ``force``): Table 2 (`run_accuracy`) for each gene set;
+then on the first gene set Table 1 (`run_efficiency`, fold 0) and optionally Figure 3 (`run_scaling`), Table 3
+(`run_ablation`), Table 5 (`run_stain`, with a Macenko-normalised copy of the cohort), Table 6 and Figure 4
+(`run_token_analysis`, from the HiST fold models) and a gene figure (`plot_genes`, a test slide of fold 0).
 
 The Markdown quotes the exact command, the package versions, the device and the time of each step.
 Figures are copied beside it into ``docs/results/<name>/``.
@@ -17,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,29 +27,14 @@ from hist_st.cohort import CohortManifest, GeneSet
 from hist_st.errors import InputError
 from hist_st.experiments.ablation import run_ablation
 from hist_st.experiments.accuracy import CVSetup, build_config, per_gene_rows, run_accuracy
-from hist_st.experiments.figures import plot_genes
 from hist_st.experiments.stain import run_stain
 from hist_st.experiments.tokens import run_token_analysis
 from hist_st.jsonio import read_json
 from hist_st.metrics import format_table
+from hist_st.pl import plot_genes
 from hist_st.runtime import package_versions
 
 __all__ = ["ReportSpec", "build_report"]
-
-
-def _copy(src: str | Path, dest_dir: Path, name: str | None = None) -> str:
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / (name or Path(src).name)
-    shutil.copyfile(src, dest)
-    return dest.name
-
-
-def _top_genes(run_dir: Path, n: int = 3) -> list[str]:
-    """The HiST genes with the highest mean per-gene PCC (for display), from the fold metrics."""
-
-    rows = [r for r in per_gene_rows(run_dir) if r["method"] == "HiST" and r["pcc_mean"] is not None]
-    rows.sort(key=lambda r: -r["pcc_mean"])
-    return [r["gene"] for r in rows[:n]]
 
 
 def _rows_lines(run_dir: Path) -> list[str]:
@@ -138,195 +120,166 @@ def build_report(spec: ReportSpec) -> Path:
     Returns:
         The Markdown path.
     """
-    name, cohort, methods, gene_sets = spec.name, Path(spec.cohort), list(spec.methods), list(spec.gene_sets or ())
-    folds, seed, config, overrides, force = spec.folds, spec.seed, spec.config, list(spec.overrides), spec.force
-    baseline_options, device, progress = dict(spec.baseline_options or {}), spec.device, spec.progress
-    command = spec.command
-    ablations, ablation_epochs, macenko = spec.ablations, spec.ablation_epochs, spec.macenko
-    efficiency, efficiency_epochs, efficiency_also = spec.efficiency, spec.efficiency_epochs, spec.efficiency_also
-    scaling, scaling_options, reuse_from = spec.scaling, dict(spec.scaling_options or {}), spec.reuse_from
-    token_groups = spec.token_groups
-    docs_dir, runs_dir = spec.docs_dir, spec.runs_dir
-    if not gene_sets:
+    if not spec.gene_sets:
         raise InputError("--genes", "give at least one gene set")
-    cohort = Path(cohort)
-    runs = Path(runs_dir) if runs_dir is not None else Path("runs") / f"report-{name}"
-    docs = Path(docs_dir)
-    fig_dir = docs / name
+    name, cohort, methods, first = spec.name, Path(spec.cohort), list(spec.methods), spec.gene_sets[0]
+    runs = Path(spec.runs_dir) if spec.runs_dir is not None else Path("runs") / f"report-{name}"
+    docs, reuse, timings = Path(spec.docs_dir), not spec.force, {}
     runs.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    md: list[str] = []
 
-    def step(label: str, fn: Any) -> Any:
+    def step(label: str, fn: Callable[[], Any]) -> Any:
         """Time ``fn`` (each step reuses what it computed before with the same key unless ``force``)."""
         t0 = time.perf_counter()
         res = fn()
         timings[label] = time.perf_counter() - t0
         return res
 
-    # 1. Table 2 ----------------------------------------------------------------------------------------
-    acc: dict[str, Any] = {}
-    for spec in gene_sets:
-        d = runs / f"accuracy-{GeneSet.parse(spec).label}"
-        acc[spec] = step(f"Table 2 ({spec})",
-                         lambda d=d, spec=spec: run_accuracy([cohort], d, methods=methods, genes=spec, folds=folds,
-                                                             seed=seed, config=config, overrides=overrides,
-                                                             baseline_options=baseline_options, progress=progress,
-                                                             reuse=not force, reuse_from=reuse_from,
-                                                             command=command))
-    first = gene_sets[0]
-    cohort_key = next(iter(acc[first]["cohorts"]))
-    first_run = Path(acc[first]["cohorts"][cohort_key]["run_dir"])
-
-    # 2. Table 1 / Figure 3 --------------------------------------------------------------------------------
-    eff = sca = None
-    base_cfg = build_config(config, overrides)
-    threads = int(base_cfg.threads)  # every method's worker uses HiST's thread count
-    workers = Workers(methods=methods, epochs=efficiency_epochs, seed=seed, overrides=overrides,
-                      baseline_options=baseline_options, device=device, threads=threads, progress=progress)
-    if efficiency:
-        eff = step("Table 1", lambda: run_efficiency(runs / "efficiency", workers=workers, cohort=cohort, genes=first,
-                                                     folds=folds, reuse=not force))
-    if scaling:
-        sizes = dict(scaling_options or {})  # spots, genes_list (run_scaling); timeout, epochs (its workers)
+    acc = {g: step(f"Table 2 ({g})", lambda g=g: run_accuracy(
+        [cohort], runs / f"accuracy-{GeneSet.parse(g).label}", methods=methods, genes=g, folds=spec.folds,
+        seed=spec.seed, config=spec.config, overrides=list(spec.overrides), progress=spec.progress,
+        baseline_options=dict(spec.baseline_options), reuse=reuse, reuse_from=spec.reuse_from,
+        command=spec.command)) for g in spec.gene_sets}
+    first_run = Path(next(iter(acc[first]["cohorts"].values()))["run_dir"])
+    base_cfg = build_config(spec.config, spec.overrides)
+    workers = Workers(methods=methods, epochs=spec.efficiency_epochs, seed=spec.seed, device=spec.device,
+                      overrides=spec.overrides, progress=spec.progress, threads=int(base_cfg.threads),
+                      baseline_options=spec.baseline_options)  # threads: every method's worker uses HiST's
+    eff = sca = abl = stn = tok = gene_fig = None
+    if spec.efficiency:
+        eff = step("Table 1", lambda: run_efficiency(runs / "efficiency", workers=workers, cohort=cohort,
+                                                     genes=first, folds=spec.folds, reuse=reuse))
+    if spec.scaling:
+        sizes = dict(spec.scaling_options)  # spots, genes_list (run_scaling); timeout, epochs (its workers)
         timed = dataclasses.replace(workers, epochs=int(sizes.pop("epochs", 1)),
                                     timeout=sizes.pop("timeout", 1800.0))
-        sca = step("Figure 3", lambda: run_scaling(runs / "scaling", workers=timed, reuse=not force, **sizes))
-
-    def setup(overrides: Sequence[str]) -> CVSetup:
-        return CVSetup(genes=first, folds=folds, seed=seed, config=config, overrides=overrides, progress=progress)
-
-    # 3. Table 3 -------------------------------------------------------------------------------------------
-    abl = None
-    ablation_overrides = list(overrides) + ([f"epochs={ablation_epochs}"] if ablation_epochs else [])
-    if ablations is None or len(ablations) > 0:
-        abl = step("Table 3",
-                   lambda: run_ablation(cohort, runs / "ablation", setup=setup(ablation_overrides), names=ablations,
-                                        skip_done=not force, reuse_from=[first_run]))
-
-    # 4. Table 5 -------------------------------------------------------------------------------------------
-    stn = None
-    if macenko is not None:
-        stn = step("Table 5",
-                   lambda: run_stain(cohort, macenko, runs / "stain", setup=setup(overrides), skip_done=not force,
-                                     reuse_from=[first_run, runs / "ablation" / "no-token"]))
-
-    # 5. Table 6 / Figure 4 ----------------------------------------------------------------------------------
-    tok = None
+        sca = step("Figure 3", lambda: run_scaling(runs / "scaling", workers=timed, reuse=reuse, **sizes))
+    setup = functools.partial(CVSetup, genes=first, folds=spec.folds, seed=spec.seed, config=spec.config,
+                              progress=spec.progress)
+    epochs = [f"epochs={spec.ablation_epochs}"] if spec.ablation_epochs else []
+    if spec.ablations is None or len(spec.ablations) > 0:
+        abl = step("Table 3", lambda: run_ablation(cohort, runs / "ablation", names=spec.ablations,
+                                                   setup=setup(overrides=[*spec.overrides, *epochs]),
+                                                   skip_done=reuse, reuse_from=[first_run]))
+    if spec.macenko is not None:
+        stn = step("Table 5", lambda: run_stain(cohort, spec.macenko, runs / "stain", skip_done=reuse,
+                                                setup=setup(overrides=spec.overrides),
+                                                reuse_from=[first_run, runs / "ablation" / "no-token"]))
     if "hist" in methods:
-        tok = step("Table 6",
-                   lambda: run_token_analysis(first_run, cohort, runs / "tokens", group_by=token_groups))
-
-    # 6. gene figure ---------------------------------------------------------------------------------------
-    gene_fig = None
+        tok = step("Table 6", lambda: run_token_analysis(first_run, cohort, runs / "tokens",
+                                                         group_by=spec.token_groups))
     pred_files = sorted((first_run / "fold_0" / "predictions").glob("*.h5ad"))
-    if pred_files:
-        genes = _top_genes(first_run, 3)
-        if genes:
-            truth = cohort / f"{pred_files[0].stem}.h5ad"
-            gene_fig = step("gene figure", lambda: plot_genes(pred_files[0], genes, runs / "genes.png",
-                                                             truth=truth if truth.is_file() else None))
+    rows = [r for r in per_gene_rows(first_run) if r["method"] == "HiST" and r["pcc_mean"] is not None]
+    genes = [r["gene"] for r in sorted(rows, key=lambda r: -r["pcc_mean"])[:3]] if pred_files else []
+    if genes:  # the HiST genes with the highest mean per-gene PCC, for display
+        truth = cohort / f"{pred_files[0].stem}.h5ad"
+        gene_fig = step("gene figure", lambda: plot_genes(pred_files[0], genes, runs / "genes.png",
+                                                         truth=truth if truth.is_file() else None))
 
-    # Markdown ---------------------------------------------------------------------------------------------
-    versions = package_versions()
-    md.append(f"# HiST results: {name}\n")
-    md.append("Generated by:\n\n```\n" + (command or f"hist-st report --name {name} --cohort {cohort}") + "\n```\n")
-    md.append(f"Date: {_dt.datetime.now().isoformat(timespec='seconds')}. Cohort: `{cohort}`. Runs: `{runs}`. "
-              f"Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")
-    for label, path in (("Cohort", cohort), ("Macenko copy", macenko)):
+    def figure(label: str, src: str | Path, file: str | None = None) -> str:
+        """A Markdown image of ``src``, copied beside the report into ``docs/<name>/<file>``."""
+        (docs / name).mkdir(parents=True, exist_ok=True)
+        return f"![{label}]({name}/{shutil.copyfile(src, docs / name / (file or Path(src).name)).name})\n"
+
+    md = [f"# HiST results: {name}\n", "Generated by:\n\n```\n"
+          + (spec.command or f"hist-st report --name {name} --cohort {cohort}") + "\n```\n",
+          f"Date: {_dt.datetime.now().isoformat(timespec='seconds')}. Cohort: `{cohort}`. Runs: `{runs}`. "
+          "Versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()) + ".\n"]
+    for label, path in (("Cohort", cohort), ("Macenko copy", spec.macenko)):
         m = CohortManifest.read(path) if path is not None else None
         if m is not None:
-            patch = m.get("patch") or {}
-            md.append(f"{label} `{path}`: {len(m.get('slide_ids', []))} slides ({', '.join(m.get('slide_ids', []))}), "
-                      f"technology {m.get('technology')}, encoder(s) {', '.join(m.get('encoders', []))}, patches "
+            patch, ids = m.get("patch") or {}, m.get("slide_ids", [])
+            md.append(f"{label} `{path}`: {len(ids)} slides ({', '.join(ids)}), technology "
+                      f"{m.get('technology')}, encoder(s) {', '.join(m.get('encoders', []))}, patches "
                       f"{patch.get('size_px')} px at {patch.get('um_per_px')} um/px, stain normalisation "
                       f"{m.get('stain_norm') or 'none'}.\n")
     md.append("Step times (this invocation; reused steps take ~0 s): "
               + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".\n")
-    md.append("## Table 2: accuracy\n")
-    md.append("Protocols: **pooled** = per-slide flattened N x G counts, averaged over test slides (HiST authors' "
-              "metric, dominated by between-gene mean differences); **per-gene** = log1p Pearson/R2 per gene over "
-              f"all test spots (HEST metric). Mean ± std over {folds} folds by slide (seed {seed}); every method "
-              "on the same folds, genes, targets and embeddings. HiST is evaluated at its final epoch; nothing "
-              "is tuned on test folds.\n")
-    md.append(f"HiST: {base_cfg.epochs} epochs, AdamW lr {base_cfg.lr:g}, weight decay {base_cfg.weight_decay:g}, "
-              f"{base_cfg.slides_per_step} slide per step, configuration in each run's `config.yaml`.\n")
-    used = {src for a in acc.values() for c in a["cohorts"].values() for src in c.get("reused_from", {}).values()}
-    unused = [str(Path(d)) for d in reuse_from if str(Path(d)) not in used]
-    if unused:
-        md.append("Not used by Table 2 (no method there with the same cohort, folds, genes and options): "
-                  + ", ".join(f"`{d}`" for d in unused) + ".\n")
-    if baseline_options:
-        opts = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for m, o in baseline_options.items())
-        md.append(f"Method options given on the command line (every other setting is the method's published "
-                  f"default, see `hist_st.methods`): {opts}.\n")
-    for spec in gene_sets:
-        a = acc[spec]
-        for cname, c in a["cohorts"].items():
-            md.append(f"### {cname}, genes {spec} ({c.get('n_genes')} genes)\n")
-
-            md.append(format_table(c["methods"]) + "\n")
-            secs = c.get("seconds", {})
-            if secs:
-                md.append("Wall time over all folds (train + predict): "
-                          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items()) + ".\n")
-            by_device: dict[str, list[str]] = {}
-            for method, dev in c.get("devices", {}).items():
-                by_device.setdefault(dev or "not recorded", []).append(method)
-            if by_device:
-                md.append("Trained on: " + "; ".join(f"{', '.join(ms)}: {d}" for d, ms in by_device.items()) + ".\n")
-            for method, src in c.get("reused_from", {}).items():
-                src_rec = Path(src) / "accuracy.json"
-                how = read_json(src_rec).get("command") if src_rec.is_file() else None
-                md.append(f"Row `{method}` copied from a separate run with the same cohort, folds, genes and "
-                          f"options, not trained by this command: `{src}`"
-                          + (f", made by `{how}`" if how else "") + ".\n")
-            md.append(f"Per-fold JSON: `{c['run_dir']}/fold_<i>/metrics.json`; per-gene CSV: "
-                      f"`{Path(c['run_dir']).parent / 'per_gene.csv'}`.\n")
-    if eff is not None or efficiency_also:
+    md += _table2_lines(spec, acc, base_cfg)
+    if eff is not None or spec.efficiency_also:
         md.append("## Table 1: efficiency\n")
     if eff is not None:
         md.extend(_efficiency_lines(eff))
-    for d in efficiency_also:
+    for d in spec.efficiency_also:
         other = read_json(Path(d) / "efficiency.json")
-        md.append(f"### Table 1 on {other['device']}\n")
         how = f"`{other['command']}`" if other.get("command") else "`hist-st bench efficiency`"
-        md.append(f"Measured separately, not by this report's command: {how} (results in `{d}`).\n")
-        md.extend(_efficiency_lines(other))
+        md += [f"### Table 1 on {other['device']}\n",
+               f"Measured separately, not by this report's command: {how} (results in `{d}`).\n",
+               *_efficiency_lines(other)]
     if sca is not None:
-        md.append("## Figure 3: scaling\n")
-        md.append(f"Synthetic slides on {sca['device']}: spots varied at {sca['fixed_genes']} genes, genes varied at "
-                  f"{sca['fixed_spots']} spots; {sca['epochs']} epoch(s); log-log axes.\n")
-        failed = [f"{r['method']} ({r['axis']} axis, {r.get('n_spots')} spots, {r['n_genes']} genes: {r['error']})"
-                  for r in sca["records"] if "error" in r]
+        md += ["## Figure 3: scaling\n",
+               f"Synthetic slides on {sca['device']}: spots varied at {sca['fixed_genes']} genes, genes "
+               f"varied at {sca['fixed_spots']} spots; {sca['epochs']} epoch(s); log-log axes.\n"]
+        failed = [f"{r['method']} ({r['axis']} axis, {r.get('n_spots')} spots, {r['n_genes']} genes: "
+                  f"{r['error']})" for r in sca["records"] if "error" in r]
         if failed:
-            md.append("Not on the figure (failed or over the time limit; larger sizes of that axis were not tried): "
-                      + "; ".join(failed) + ".\n")
-        md.append(f"![Figure 3]({name}/{_copy(sca['figure'], fig_dir, 'scaling.png')})\n")
+            md.append("Not on the figure (failed or over the time limit; larger sizes of that axis were not "
+                      "tried): " + "; ".join(failed) + ".\n")
+        md.append(figure("Figure 3", sca["figure"], "scaling.png"))
     if abl is not None:
-        md.append("## Table 3: ablations\n")
-        md.append(f"Every row of this table trains for {ablation_epochs or base_cfg.epochs} epochs "
-                  f"(Table 2: {base_cfg.epochs}).\n")
-        md.extend(_rows_lines(runs / "ablation"))
+        md += ["## Table 3: ablations\n", "Every row of this table trains for "
+               f"{spec.ablation_epochs or base_cfg.epochs} epochs (Table 2: {base_cfg.epochs}).\n",
+               *_rows_lines(runs / "ablation")]
     if stn is not None:
-        md.append("## Table 5: calibration token vs Macenko stain normalisation\n")
-        md.extend(_rows_lines(runs / "stain"))
+        md += ["## Table 5: calibration token vs Macenko stain normalisation\n", *_rows_lines(runs / "stain")]
     if tok is not None:
-        md.append("## Table 6 and Figure 4: calibration-token analysis\n")
-        md.append((runs / "tokens" / "tokens.md").read_text() + "\n")
-        for f in sorted((runs / "tokens").glob("token_pca_*.png")):
-            md.append(f"![{f.stem}]({name}/{_copy(f, fig_dir)})\n")
+        md += ["## Table 6 and Figure 4: calibration-token analysis\n",
+               (runs / "tokens" / "tokens.md").read_text() + "\n",
+               *(figure(f.stem, f) for f in sorted((runs / "tokens").glob("token_pca_*.png")))]
     if gene_fig is not None:
-        md.append("## Gene maps (appendix C)\n")
-        md.append(f"Slide `{pred_files[0].stem}` (test slide of fold 0), genes with the highest HiST per-gene PCC "
-                  f"(chosen after evaluation, for display only): measured and predicted expression over the H&E, "
-                  f"library-size normalised (log1p of counts per 10k over the predicted genes).\n")
-        md.append(f"![genes]({name}/{_copy(gene_fig, fig_dir, 'genes.png')})\n")
-    curves = first_run / "loss_curves.png"
-    if curves.is_file():
-        md.append(f"HiST training loss per fold: ![loss]({name}/{_copy(curves, fig_dir, 'loss_curves.png')})\n")
+        md += ["## Gene maps (appendix C)\n",
+               f"Slide `{pred_files[0].stem}` (test slide of fold 0), genes with the highest HiST per-gene "
+               "PCC (chosen after evaluation, for display only): measured and predicted expression over the "
+               "H&E, library-size normalised (log1p of counts per 10k over the predicted genes).\n",
+               figure("genes", gene_fig, "genes.png")]
+    if (first_run / "loss_curves.png").is_file():
+        md.append("HiST training loss per fold: "
+                  + figure("loss", first_run / "loss_curves.png", "loss_curves.png"))
     docs.mkdir(parents=True, exist_ok=True)
     path = docs / f"{name}.md"
     path.write_text("\n".join(md))
     return path
 
+
+def _table2_lines(spec: ReportSpec, acc: Mapping[str, Mapping[str, Any]], cfg: Any) -> list[str]:
+    """Markdown of Table 2: protocols, HiST's settings, unused ``reuse_from`` folders, method options, and per
+    gene set and cohort the table, wall times, devices, copied rows and where the per-fold results are."""
+    md = ["## Table 2: accuracy\n",
+          "Protocols: **pooled** = per-slide flattened N x G counts, averaged over test slides (HiST "
+          "authors' metric, dominated by between-gene mean differences); **per-gene** = log1p Pearson/R2 per "
+          f"gene over all test spots (HEST metric). Mean ± std over {spec.folds} folds by slide (seed "
+          f"{spec.seed}); every method on the same folds, genes, targets and embeddings. HiST is evaluated "
+          "at its final epoch; nothing is tuned on test folds.\n",
+          f"HiST: {cfg.epochs} epochs, AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, "
+          f"{cfg.slides_per_step} slide per step, configuration in each run's `config.yaml`.\n"]
+    used = {src for a in acc.values() for c in a["cohorts"].values() for src in c.get("reused_from", {}).values()}
+    unused = [str(Path(d)) for d in spec.reuse_from if str(Path(d)) not in used]
+    if unused:
+        md.append("Not used by Table 2 (no method there with the same cohort, folds, genes and options): "
+                  + ", ".join(f"`{d}`" for d in unused) + ".\n")
+    if spec.baseline_options:
+        opts = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in o.items())
+                         for m, o in spec.baseline_options.items())
+        md.append("Method options given on the command line (every other setting is the method's published "
+                  f"default, see `hist_st.methods`): {opts}.\n")
+    for genes, a in acc.items():
+        for cname, c in a["cohorts"].items():
+            md += [f"### {cname}, genes {genes} ({c.get('n_genes')} genes)\n",
+                   format_table(c["methods"]) + "\n"]
+            if c.get("seconds"):
+                md.append("Wall time over all folds (train + predict): "
+                          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in c["seconds"].items()) + ".\n")
+            by_device: dict[str, list[str]] = {}
+            for method, dev in c.get("devices", {}).items():
+                by_device.setdefault(dev or "not recorded", []).append(method)
+            if by_device:
+                md.append("Trained on: " + "; ".join(f"{', '.join(ms)}: {d}" for d, ms in by_device.items())
+                          + ".\n")
+            for method, src in c.get("reused_from", {}).items():
+                src_rec = Path(src) / "accuracy.json"
+                how = read_json(src_rec).get("command") if src_rec.is_file() else None
+                made_by = f", made by `{how}`" if how else ""
+                md.append(f"Row `{method}` copied from a separate run with the same cohort, folds, genes and "
+                          f"options, not trained by this command: `{src}`{made_by}.\n")
+            md.append(f"Per-fold JSON: `{c['run_dir']}/fold_<i>/metrics.json`; per-gene CSV: "
+                      f"`{Path(c['run_dir']).parent / 'per_gene.csv'}`.\n")
+    return md

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from hist_st.errors import InputError
-from hist_st.experiments.accuracy import display, run_accuracy
+from hist_st.experiments.accuracy import display, markdown_table, run_accuracy
 from hist_st.jsonio import read_json, write_json
 from hist_st.metrics import STD_DDOF
 from hist_st.train.folds import load_folds
@@ -43,11 +43,6 @@ __all__ = ["METRICS", "run_accuracy_seeds", "seed_summary", "paired_differences"
 #: (protocol, key, column label) of the metrics summarised over seeds.
 METRICS = (("pooled", "r2", "pooled R2"), ("pooled", "pcc", "pooled PCC"), ("per_gene", "pcc", "per-gene PCC"),
            ("per_gene", "r2", "per-gene R2"))
-
-
-def _values(per_seed: Sequence[Mapping[str, Any]], method: str, proto: str, key: str) -> np.ndarray:
-    """``[S, K]`` fold values of one method and metric from per-seed `summarise_folds` results."""
-    return np.array([run[method][proto][key]["values"] for run in per_seed], dtype=np.float64)
 
 
 def seed_summary(values: np.ndarray) -> dict[str, Any]:
@@ -100,12 +95,14 @@ def _diff_cell(d: Mapping[str, Any]) -> str:
 
 def _table(first: str, rows: Mapping[str, Mapping[str, Any]], cell: Callable[[Mapping[str, Any]], str]) -> list[str]:
     """Markdown lines: a header (``first``, then the `METRICS` labels) and one row per name, ``cell`` of each."""
-    return ["| " + " | ".join([first, *(label for _, _, label in METRICS)]) + " |", "|---" * (len(METRICS) + 1) + "|",
-            *(f"| {name} | " + " | ".join(cell(v[label]) for _, _, label in METRICS) + " |" for name, v in rows.items())]
+    labels = [label for _, _, label in METRICS]
+    return markdown_table([first, *labels], ([name, *(cell(v[label]) for label in labels)]
+                                             for name, v in rows.items()))
 
 
 def format_seed_tables(cohort: str, rec: Mapping[str, Any], reference: str | None) -> str:
-    """Markdown: the mean-over-seeds table and, when ``reference`` is a method, its paired differences."""
+    """Markdown: the mean-over-seeds table and, when ``reference`` is a method, its paired differences (to the
+    other methods, and to ``reference`` in other runs: ``rec["paired_with"]``)."""
     seeds = ", ".join(str(s) for s in rec["seeds"])
     lines = [f"### {cohort}: mean over training seeds {seeds}", "",
              "Cell: mean ± std over folds of the per-fold mean over seeds (seeds ± std over seeds of the "
@@ -114,6 +111,11 @@ def format_seed_tables(cohort: str, rec: Mapping[str, Any], reference: str | Non
         lines += ["", f"Paired per-fold differences, {reference} minus method: mean ± std over folds of the "
                   "seed-mean difference (seeds ± std over seeds of the fold-mean difference; folds where "
                   f"{reference} is at or above the method).", "", *_table("Method", rec["paired"], _diff_cell)]
+    if reference is not None and rec.get("paired_with"):
+        lines += ["", f"Paired per-fold differences, {reference} of this run minus {reference} of another "
+                  "run (this run's seeds, same folds): mean ± std over folds of the seed-mean difference "
+                  "(seeds ± std over seeds; folds where this run is at or above the other).", "",
+                  *_table("Other run", {f"`{k}`": v for k, v in rec["paired_with"].items()}, _diff_cell)]
     return "\n".join(lines) + "\n"
 
 
@@ -129,18 +131,15 @@ def paired_with_runs(
     Raises:
         InputError: When a folder is not a seeds run, lacks the cohort or method, or used other seeds/folds.
     """
-
     def fold_sets(path: Path) -> list[tuple[frozenset[str], frozenset[str]]]:
         return [(frozenset(f["train"]), frozenset(f["test"])) for f in load_folds(path)]
 
     result: dict[str, Any] = {}
     mine = {label: np.array(rec["methods"][method][label]["values"]) for _, _, label in METRICS}
-    for other in others:
-        other = Path(other)
+    for other in map(Path, others):
         if not (other / "seeds.json").is_file():
             raise InputError(other, "not a `bench accuracy --seeds` folder (no seeds.json)")
-        o = read_json(other / "seeds.json")
-        orec = o.get("cohorts", {}).get(name)
+        orec = read_json(other / "seeds.json").get("cohorts", {}).get(name)
         if orec is None or method not in orec.get("methods", {}):
             raise InputError(other, f"has no {method} results for cohort {name!r}")
         missing = [x for x in rec["seeds"] if x not in orec["seeds"]]
@@ -153,14 +152,6 @@ def paired_with_runs(
         theirs = {label: np.array(orec["methods"][method][label]["values"])[rows] for _, _, label in METRICS}
         result[str(other)] = {label: paired_differences(mine[label], theirs[label]) for label in mine}
     return result
-
-
-def _paired_with_table(method: str, paired: Mapping[str, Any]) -> str:
-    lines = ["", f"Paired per-fold differences, {method} of this run minus {method} of another run (this run's "
-             "seeds, same folds): mean ± std over folds of the seed-mean difference (seeds ± std over seeds; folds "
-             "where this run is at or above the other).", "",
-             *_table("Other run", {f"`{k}`": v for k, v in paired.items()}, _diff_cell)]
-    return "\n".join(lines) + "\n"
 
 
 def run_accuracy_seeds(
@@ -197,7 +188,6 @@ def run_accuracy_seeds(
         ``{"cohorts": {name: {"seeds", "methods": {display: {label: seed_summary}}, "paired": {display:
         {label: paired_differences}}}}, "table": str, "out_dir": str, "runs": {seed: run_accuracy result}}``.
     """
-
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise InputError("--seeds", "give at least one training seed, e.g. --seeds 0,1,2")
@@ -212,27 +202,22 @@ def run_accuracy_seeds(
     first = runs[seeds[0]]
     ref = display(reference) if reference in first["methods"] else None
     cohorts_out: dict[str, Any] = {}
-    tables = []
     for name in first["cohorts"]:
         per_seed = [runs[s]["cohorts"][name]["methods"] for s in seeds]
-        shown = list(per_seed[0])
-        rec: dict[str, Any] = {"seeds": seeds, "fold_seed": seed, "methods": {}, "paired": {}}
-        for m in shown:
-            rec["methods"][m] = {label: seed_summary(_values(per_seed, m, p, k)) for p, k, label in METRICS}
-        if ref is not None:
-            for m in shown:
-                if m != ref:
-                    rec["paired"][m] = {label: paired_differences(_values(per_seed, ref, p, k), _values(per_seed, m, p, k))
-                                        for p, k, label in METRICS}
-        table = format_seed_tables(name, rec, ref)
+        values = {m: {label: np.array([run[m][p][k]["values"] for run in per_seed], dtype=np.float64)
+                      for p, k, label in METRICS} for m in per_seed[0]}  # [S, K] per method and metric
+        rec: dict[str, Any] = {
+            "seeds": seeds, "fold_seed": seed,
+            "methods": {m: {label: seed_summary(v) for label, v in by_label.items()}
+                        for m, by_label in values.items()},
+            "paired": {m: {label: paired_differences(values[ref][label], v) for label, v in by_label.items()}
+                       for m, by_label in values.items() if ref is not None and m != ref}}
         if paired_with and ref is not None:
             rec["paired_with"] = paired_with_runs(rec, out, name, paired_with, ref)
-            table += _paired_with_table(ref, rec["paired_with"])
         cohorts_out[name] = rec
-        tables.append(table)
-    table = "\n".join(tables)
+    table = "\n".join(format_seed_tables(name, rec, ref) for name, rec in cohorts_out.items())
     (out / "table.md").write_text(table)
+    runs_out = {str(s): str(out / f"seed_{s}") for s in seeds}
     write_json({"cohorts": cohorts_out, "seeds": seeds, "fold_seed": seed, "methods": list(methods),
-                "reference": ref, "command": command,
-                "runs": {str(s): str(out / f"seed_{s}") for s in seeds}}, out / "seeds.json")
+                "reference": ref, "command": command, "runs": runs_out}, out / "seeds.json")
     return {"cohorts": cohorts_out, "table": table, "out_dir": str(out), "runs": runs}

@@ -1,17 +1,13 @@
 """Table 5: calibration token vs Macenko stain normalisation, from one call.
 
 Needs the same slides prepared twice, without and with ``--stain-norm macenko`` (only the embeddings
-differ); ``hist-st stain --prepare ARGS`` prepares both first. Rows, all on the
-same folds and the same genes:
-
-- ``token-only``: HiST (calibration token) on the plain cohort (the paper's default);
-- ``macenko-only``: HiST without the calibration token on the Macenko cohort;
-- ``both``: HiST with the token on the Macenko cohort;
-- ``neither``: HiST without the token on the plain cohort (reference row, not in the paper's table).
+differ); ``hist-st stain --prepare ARGS`` prepares both first. Rows (`STAIN_ROWS`), all on the same folds and
+genes: HiST with or without its calibration token on the plain or the Macenko cohort (``token-only`` is the
+paper's default, ``neither`` a reference row not in the paper's table).
 
 ```python
 from hist_st.experiments import run_stain
-from hist_st.experiments.accuracy import CVSetup
+from hist_st.experiments.accuracy import CVSetup, markdown_table
 run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", setup=CVSetup(genes="he:250", overrides=["epochs=100"]))
 ```
 """
@@ -26,8 +22,8 @@ from typing import Any
 
 from hist_st.errors import InputError
 from hist_st.evaluate import Plan, make_plan
-from hist_st.experiments.ablation import hist_rows, reused_note, table_plan
-from hist_st.experiments.accuracy import CVSetup
+from hist_st.experiments.ablation import hist_rows, table_plan
+from hist_st.experiments.accuracy import CVSetup, markdown_table
 from hist_st.metrics import protocol_cells
 from hist_st.train.data import list_slides
 
@@ -63,57 +59,45 @@ def run_stain(
         setup: Gene set, folds, seed, HiST config and overrides, progress (`CVSetup`; folds by slide, so
             ``group_by`` must be None).
         rows: Rows to run (`STAIN_ROWS`).
-        skip_done: Take each row's folds from the result cache when trained identically before
-            (`hist_st.evaluate.cache`); False: train every row again.
-        reuse_from: Other run folders whose caches are searched too: ``token-only`` may be Table 2's HiST
-            run, ``neither`` Table 3's ``no-token`` row. Rows taken from them are listed in ``reused.json``.
+        skip_done, reuse_from: As in `hist_st.experiments.ablation.run_ablation` (``token-only`` may come from
+            Table 2's HiST run, ``neither`` from Table 3's ``no-token`` row).
 
     Returns:
         ``{"summaries": {row: summarise_folds(...)}, "table": str, "out_dir": str}``.
     """
-    for r in rows:
-        if r not in STAIN_ROWS:
-            raise InputError("--rows", f"unknown row {r!r}; choose from {', '.join(STAIN_ROWS)}")
-    ids_plain = sorted(p.stem for p in list_slides(plain))
-    ids_mac = sorted(p.stem for p in list_slides(macenko))
+    bad = [r for r in rows if r not in STAIN_ROWS]
+    if bad:
+        raise InputError("--rows", f"unknown row {bad[0]!r}; choose from {', '.join(STAIN_ROWS)}")
+    ids_plain, ids_mac = ({p.stem for p in list_slides(c)} for c in (plain, macenko))
     if ids_plain != ids_mac:
-        diff = sorted(set(ids_plain) ^ set(ids_mac))
+        diff = sorted(ids_plain ^ ids_mac)
         raise InputError(macenko, f"the two cohorts hold different slides (e.g. {diff[:5]})")
     setup = setup or CVSetup()
     if setup.group_by is not None:
         raise InputError("group_by", "Table 5 folds by slide; run it without a group column")
     out = Path(out_dir)
     cfg, plan, info = table_plan(plain, out, setup, by_group=False)  # folds by slide only
-    plans = {"plain": plan}
 
+    @functools.cache
     def plan_of(which: str) -> Plan:  # the Macenko copy: the same folds and genes, planned when first needed
-        if which not in plans:
-            plans[which] = make_plan(macenko, cfg.genes, folds=plan.folds, embedding=cfg.embedding, seed=cfg.seed)
-        return plans[which]
+        if which == "plain":
+            return plan
+        return make_plan(macenko, cfg.genes, folds=plan.folds, embedding=cfg.embedding, seed=cfg.seed)
 
     no_token = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
     table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which))
                   for name, (_, which, token) in STAIN_ROWS.items() if name in rows}
-    summaries, reused = hist_rows(out, table_rows, name="stain", reuse=skip_done, reuse_from=reuse_from,
-                                  dist_info=info, progress=setup.progress)
-    table = format_stain_table(summaries)
-    (out / "table.md").write_text(
-        f"Calibration token vs Macenko stain normalisation (Table 5): {setup.folds}-fold, seed {setup.seed}, "
-        f"{len(plan.genes)} genes ({setup.genes}); mean ± std over folds. Paper column: Brain (NCBI GEO).\n\n" + table
-        + "\n" + reused_note(reused)
-    )
+    title = "Calibration token vs Macenko stain normalisation (Table 5)"
+    summaries, table = hist_rows(out, table_rows, setup, name="stain", table=format_stain_table,
+                                 caption=(title, len(plan.genes), "Paper column: Brain (NCBI GEO)."),
+                                 dist_info=info, reuse=skip_done, reuse_from=reuse_from)
     return {"summaries": summaries, "table": table, "out_dir": str(out)}
 
 
 def format_stain_table(summaries: dict[str, Any], digits: int = 3) -> str:
     """Markdown Table 5 with both protocols and the paper's values."""
-    lines = ["| Setting | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | paper R2 / PCC (Brain) |",
-             "|---|---|---|---|---|---|"]
-    for name, (label, _, _) in STAIN_ROWS.items():
-        if name not in summaries:
-            continue
-        s = summaries[name]
-        paper = PAPER_TABLE5.get(name)
-        cells = [*protocol_cells(s, digits), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "—"]
-        lines.append(f"| {label} `{name}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    paper = {name: "{:.2f} / {:.2f}".format(*values) for name, values in PAPER_TABLE5.items()}
+    return "\n".join(markdown_table(
+        ["Setting", "pooled R2", "pooled PCC", "per-gene PCC", "per-gene R2", "paper R2 / PCC (Brain)"],
+        ([f"{label} `{name}`", *protocol_cells(summaries[name], digits), paper.get(name, "—")]
+         for name, (label, _, _) in STAIN_ROWS.items() if name in summaries)))

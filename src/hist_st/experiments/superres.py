@@ -1,28 +1,15 @@
-"""Super-resolution from coarse labels, measured against the real spots (issue 13).
+"""Super-resolution from coarse labels, measured against the real spots (issue 13; results and the methods
+in words: ``docs/results/superres.md``).
 
-```bash
-hist-st bench superres --cohort cohorts/her2st --genes he:250 --out runs/superres
-```
-
-Every ``k x k`` block (default 2 x 2) of neighbouring spots of each prepared slide becomes one coarse spot
-(block = ``floor(lattice / k)``, counts summed, `hist_st.train.coarse.coarsen_slide`). On each fold by
-slide (`hist_st.train.folds.make_folds`, the report's folds for seed 0), four predictions of every
-held-out spot are scored against its measured counts:
-
-- ``superres``: HiST trained on the coarse labels only (``supervise=coarse<k>``): tokens are the spots
-  with their own patch embeddings, the loss compares their predictions summed per block with the block's
-  counts; it predicts every spot directly;
-- ``coarse_copy`` (reference a): HiST trained on the coarse spots themselves (token = mean of the block's
-  embeddings, lattice at the coarse pitch); each spot gets its block's predicted counts / members;
-- ``coarse_smooth`` (reference b): the same coarse predictions (counts per member) interpolated to the spot
-  centres with Gaussian weights in count space, ``sigma = sigma_fraction x coarse pitch``;
-- ``spot`` (reference c, the ceiling): HiST trained on the measured spots.
-
-Metrics are `hist_st.metrics.evaluate_fold` (pooled and per-gene, both protocols) of each fold's held-out
-spots; ``gap_closed[metric] = (superres - coarse_copy) / (spot - coarse_copy)`` on the means over folds
-(and the same for ``coarse_smooth``; ``gap_closed_per_fold``: the same ratio within each fold). ``coarse_level``: the block-level scores of the coarse model and of
-the super-resolution model's predictions summed per block, a check that fine maps did not cost accuracy
-at the resolution of the labels.
+Every ``k x k`` block of neighbouring spots of each prepared slide becomes one coarse spot (block =
+``floor(lattice / k)``, counts summed, `hist_st.train.coarse.coarsen_slide`). On each fold by slide, four
+predictions of every held-out spot (`REFERENCES`) are scored against its measured counts with
+`hist_st.metrics.evaluate_fold`: ``superres`` (HiST with ``supervise=coarse<k>``: spot tokens, block labels),
+``coarse_copy`` (a: HiST on the coarse spots, block prediction / members), ``coarse_smooth`` (b: the same,
+Gaussian interpolation in count space, ``sigma = sigma_fraction x coarse pitch``) and ``spot`` (c, the
+ceiling). ``gap_closed[metric] = (superres - coarse_copy) / (spot - coarse_copy)`` on the means over folds
+(and for ``coarse_smooth``; ``gap_closed_per_fold``: within each fold). ``coarse_level``: block-level scores
+of the coarse model and of the super-resolution predictions summed per block (`COARSE_LEVEL`).
 
 Output folder: ``superres.json``, ``table.md``, ``maps_<slide>.png`` (measured spots, measured blocks and the
 four predictions for a held-out slide), ``fold_<i>/<model>/`` training runs (each with its result-cache entry in
@@ -34,8 +21,9 @@ coordinates).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +32,12 @@ import numpy as np
 from hist_st.errors import InputError
 from hist_st.evaluate.cache import ResultCache, cached_file, fold_key, slide_fingerprint, write_file_entry
 from hist_st.evaluate.plan import Plan, make_plan
-from hist_st.experiments.accuracy import CVSetup
-from hist_st.experiments.figures import pyplot, save_figure
+from hist_st.experiments.accuracy import CVSetup, markdown_table
 from hist_st.jsonio import to_jsonable, write_json
 from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.methods import HiSTMethod
 from hist_st.metrics import evaluate_fold, summarise_folds
-from hist_st.pl import draw_spots, normalise_counts
+from hist_st.pl import draw_spots, normalise_counts, pyplot, save_figure
 from hist_st.slide import read_prepared, write_prepared
 from hist_st.train.checkpoint import load_bundle
 from hist_st.train.coarse import coarsen_slide
@@ -72,6 +59,8 @@ REFERENCES = {
     "superres": "HiST super-resolution (trained on blocks, predicts spots)",
     "spot": "(c) HiST trained on the spots (ceiling)",
 }
+#: Block-level checks: the coarse model, and the super-resolution predictions summed per block.
+COARSE_LEVEL = {"coarse_model": "coarse model", "superres_summed": "super-resolution, spots summed per block"}
 _METRICS = (("per_gene", "pcc"), ("per_gene", "r2"), ("pooled", "pcc"), ("pooled", "r2"))
 
 
@@ -99,8 +88,7 @@ def position_effect(values: np.ndarray, position: np.ndarray, groups: np.ndarray
 
     For each gene, the deviation of each spot from its block's mean is averaged per within-block position;
     the root mean square of those position means, averaged over genes and divided by the mean per-gene
-    std of ``values``. Measured maps give the noise floor (a few blocks' worth of averaging); a model that
-    learnt a fixed split of each block between its positions scores far above it.
+    std of ``values`` (measured maps give the noise floor: ``docs/results/superres.md``).
 
     Args:
         values: ``[N, G]`` (e.g. log1p), for spots of complete blocks only.
@@ -109,9 +97,7 @@ def position_effect(values: np.ndarray, position: np.ndarray, groups: np.ndarray
     """
     _, g = np.unique(groups, return_inverse=True)
     values = np.asarray(values, dtype=np.float64)
-    sums = np.zeros((g.max() + 1, values.shape[1]))
-    np.add.at(sums, g, values)
-    dev = values - (sums / np.bincount(g)[:, None])[g]
+    dev = values - (_sum_by(values, g, g.max() + 1) / np.bincount(g)[:, None])[g]
     means = np.stack([dev[position == p].mean(0) for p in np.unique(position)])  # [P, G]
     scale = values.std(0).mean()
     return float(np.sqrt((means**2).mean(0)).mean() / scale) if scale > 0 else float("nan")
@@ -122,11 +108,13 @@ def gap_closed(value: float, low: float, high: float) -> float:
     return float((value - low) / (high - low)) if high != low else float("nan")
 
 
-def _fit(cfg: Any, slides: Sequence[Any], genes: list[str], run: Path, desc: str, cache: ResultCache | None,
-         hits: list[str]) -> Any:
-    """Train HiST with ``cfg`` on ``slides`` into ``run`` and return its bundle, or load the model the result cache
-    holds there for the same key (`hist_st.evaluate.cache`: config with its supervision, slides and their content,
-    genes, embedding, seed); a model taken from the cache is named in ``hits``."""
+def _fit(cfg: Any, supervise: str, slides: Sequence[Any], run: Path, *, genes: list[str],
+         cache: ResultCache | None, hits: list[str]) -> Any:
+    """Train HiST with ``cfg`` and ``supervise`` on ``slides`` into ``run`` (``fold_<i>/<model>``) and return
+    its bundle, or load the model the result cache holds there for the same key (`hist_st.evaluate.cache`:
+    config with its supervision, slides and their content, genes, embedding, seed); a cached model is named in
+    ``hits``."""
+    cfg = dataclasses.replace(cfg, supervise=supervise)
     key = fold_key(HiSTMethod(cfg), {"train": [s.slide_id for s in slides], "test": []}, genes,
                    embedding=cfg.embedding, seed=cfg.seed,
                    fingerprints={s.slide_id: slide_fingerprint(s, cfg.embedding) for s in slides})
@@ -135,9 +123,22 @@ def _fit(cfg: Any, slides: Sequence[Any], genes: list[str], run: Path, desc: str
         hits.append(f"{run.parent.name}/{run.name}")
         return load_bundle(path)
     t0 = time.perf_counter()
-    result = train(cfg, list(slides), genes=genes, out_dir=run, desc=desc, overwrite=True)
+    result = train(cfg, list(slides), genes=genes, out_dir=run, desc=f"{run.parent.name} {run.name}",
+                   overwrite=True)
     write_file_entry(run, key, "model.pt", time.perf_counter() - t0)
     return result.bundle
+
+
+def _counts(log1p: np.ndarray) -> np.ndarray:
+    """Counts of log1p predictions, float64, negatives clipped to 0."""
+    return np.maximum(np.expm1(np.asarray(log1p, dtype=np.float64)), 0.0)
+
+
+def _sum_by(values: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
+    """``[n, G]`` sums of the rows of ``values [N, G]`` per group (``groups [N]`` in ``0..n-1``)."""
+    sums = np.zeros((n, values.shape[1]))
+    np.add.at(sums, groups, values)
+    return sums
 
 
 #: The default setup of both experiments: 250 most expressed genes, 4 folds by slide, seed 0.
@@ -178,7 +179,6 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
     Raises:
         InputError: Bad gene spec, block, sigma, or slides without counts.
     """
-
     if block < 2:
         raise InputError("--block", f"must be >= 2 (coarse spots of block x block spots), got {block}")
     if not sigma_fraction > 0:
@@ -191,129 +191,102 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
     save_folds(fold_list, out / "splits.json", k=len(fold_list), seed=cfg.seed, group_by=None, slides_dir=str(cohort))
     (out / "genes.txt").write_text("\n".join(gene_list) + "\n")
 
-    cache, hits = (ResultCache() if reuse else None), []
-    per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
-    coarse_level: dict[str, list[dict[str, Any]]] = {"coarse_model": [], "superres_summed": []}
-    fold_records = []
+    cache, hits, fold_scores, fold_records = (ResultCache() if reuse else None), [], [], []
+    fit = functools.partial(_fit, genes=gene_list, cache=cache, hits=hits)
     artefact: dict[str, list[float]] = {m: [] for m in ("measured", "superres", "coarse_smooth", "spot")}
     for f in fold_list:
-        i = int(f["fold"])
+        i, fine_train = int(f["fold"]), [by_id[s] for s in sorted(f["train"])]
         fdir = out / f"fold_{i}"
-        train_fine = [by_id[s] for s in sorted(f["train"])]
-        train_coarse = [coarse[s][0] for s in sorted(f["train"])]
-        spot_cfg = dataclasses.replace(cfg, supervise="spot")
-        b_spot = _fit(spot_cfg, train_fine, gene_list, fdir / "spot", f"fold {i} spot", cache, hits)
-        b_sr = _fit(dataclasses.replace(cfg, supervise=f"coarse{block}"), train_fine, gene_list, fdir / "superres",
-                    f"fold {i} superres", cache, hits)
-        b_coarse = _fit(spot_cfg, train_coarse, gene_list, fdir / "coarse", f"fold {i} coarse", cache, hits)
-        preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
-        truths, coarse_truths = {}, {}
-        full_rows: dict[str, list[np.ndarray]] = {m: [] for m in artefact}
-        full_pos, full_groups = [], []
-        cl_preds: dict[str, dict[str, np.ndarray]] = {k: {} for k in coarse_level}
+        b_spot = fit(cfg, "spot", fine_train, fdir / "spot")
+        b_sr = fit(cfg, f"coarse{block}", fine_train, fdir / "superres")
+        b_coarse = fit(cfg, "spot", [coarse[s][0] for s in sorted(f["train"])], fdir / "coarse")
+        preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in (*METHODS, *COARSE_LEVEL)}
+        truths, coarse_truths, full_rows = {}, {}, []
         for sid in sorted(f["test"]):
             fine, (cslide, groups) = by_id[sid], coarse[sid]
-            truth = gene_counts(fine, gene_list).toarray()
+            truths[sid] = gene_counts(fine, gene_list).toarray()
+            coarse_truths[sid] = gene_counts(cslide, gene_list).toarray()
             n_children = np.bincount(groups, minlength=cslide.n_spots)
-            c_counts = np.maximum(np.expm1(predict_log1p(b_coarse, cslide)[0].astype(np.float64)), 0.0)  # [M, G]
+            c_counts = _counts(predict_log1p(b_coarse, cslide)[0])  # [M, G]
             per_member = c_counts / n_children[:, None]
             sigma_px = sigma_fraction * float(cslide.spot_pitch_um) / float(fine.um_per_px)
             smooth = gaussian_interpolate(fine.spatial, cslide.spatial, per_member, sigma_px)
             sr = predict_log1p(b_sr, fine)[0]
-            preds["coarse_copy"][sid] = np.log1p(per_member[groups]).astype(np.float32)
-            preds["coarse_smooth"][sid] = np.log1p(smooth).astype(np.float32)
-            preds["superres"][sid] = sr
-            preds["spot"][sid] = predict_log1p(b_spot, fine)[0]
-            truths[sid] = truth
+            pred = {"coarse_copy": np.log1p(per_member[groups]).astype(np.float32),
+                    "coarse_smooth": np.log1p(smooth).astype(np.float32), "superres": sr,
+                    "spot": predict_log1p(b_spot, fine)[0], "coarse_model": np.log1p(c_counts),
+                    "superres_summed": np.log1p(_sum_by(_counts(sr), groups, len(c_counts)))}
+            for m, v in pred.items():
+                preds[m][sid] = v
             lat = to_lattice(continuous_coords(fine))
             full = n_children[groups] == block * block
-            full_pos.append(((lat[:, 0] % block) * block + lat[:, 1] % block)[full])
-            full_groups.append(groups[full] + 10**6 * len(full_groups))  # blocks of different slides stay apart
-            for m, v in (("measured", np.log1p(truth)), ("superres", sr), ("coarse_smooth", preds["coarse_smooth"][sid]),
-                         ("spot", preds["spot"][sid])):
-                full_rows[m].append(np.asarray(v)[full])
-            coarse_truths[sid] = gene_counts(cslide, gene_list).toarray()
-            cl_preds["coarse_model"][sid] = np.log1p(c_counts)
-            summed = np.zeros_like(c_counts)
-            np.add.at(summed, groups, np.maximum(np.expm1(sr.astype(np.float64)), 0.0))
-            cl_preds["superres_summed"][sid] = np.log1p(summed)
+            full_rows.append((((lat[:, 0] % block) * block + lat[:, 1] % block)[full],
+                              groups[full] + 10**6 * len(full_rows),  # blocks of different slides stay apart
+                              {m: np.asarray(pred.get(m, np.log1p(truths[sid])))[full] for m in artefact}))
             (fdir / "predictions").mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(fdir / "predictions" / f"{sid}.npz", **{m: preds[m][sid] for m in METHODS},
-                                counts=truth, groups=groups, spatial=fine.spatial, coarse_spatial=cslide.spatial)
-        if full_pos:
-            pos_all, groups_all = np.concatenate(full_pos), np.concatenate(full_groups)
+            np.savez_compressed(fdir / "predictions" / f"{sid}.npz", **{m: pred[m] for m in METHODS},
+                                counts=truths[sid], groups=groups, spatial=fine.spatial,
+                                coarse_spatial=cslide.spatial)
+        if full_rows:
+            pos, blocks = (np.concatenate([r[j] for r in full_rows]) for j in (0, 1))
             for m in artefact:
-                artefact[m].append(position_effect(np.concatenate(full_rows[m]), pos_all, groups_all))
-        scores = {m: evaluate_fold(preds[m], truths) for m in METHODS}
-        cl_scores = {k: evaluate_fold(cl_preds[k], coarse_truths) for k in coarse_level}
-        for m in METHODS:
-            per_method[m].append(scores[m])
-        for k in coarse_level:
-            coarse_level[k].append(cl_scores[k])
+                artefact[m].append(position_effect(np.concatenate([r[2][m] for r in full_rows]), pos, blocks))
+        scores = {m: evaluate_fold(preds[m], coarse_truths if m in COARSE_LEVEL else truths) for m in preds}
+        fold_scores.append(scores)
         fold_records.append({"fold": i, "test": sorted(f["test"]),
                              **{m: {"pooled": scores[m]["pooled"], "per_gene_pcc": scores[m]["per_gene"]["pcc"],
                                     "per_gene_r2": scores[m]["per_gene"]["r2"]} for m in METHODS}})
 
-    summaries = {m: summarise_folds(per_method[m]) for m in METHODS}
-    cl_summaries = {k: summarise_folds(v) for k, v in coarse_level.items()}
+    summaries = {m: summarise_folds([s[m] for s in fold_scores]) for m in (*METHODS, *COARSE_LEVEL)}
     gaps: dict[str, dict[str, float]] = {}
     fold_gaps: dict[str, dict[str, list[float]]] = {}
-    for name in ("superres", "coarse_smooth"):
-        gaps[name] = {f"{proto}_{met}": gap_closed(summaries[name][proto][met]["mean"],
-                                                   summaries["coarse_copy"][proto][met]["mean"],
-                                                   summaries["spot"][proto][met]["mean"])
-                      for proto, met in _METRICS}
-        fold_gaps[name] = {f"{proto}_{met}": [gap_closed(*(summaries[m][proto][met]["values"][j]
-                                                           for m in (name, "coarse_copy", "spot")))
-                                              for j in range(len(fold_list))]
-                           for proto, met in _METRICS}
+    for name in ("superres", "coarse_smooth"):  # per metric: this method, (a) coarse copy, (c) spot
+        xac = {f"{p}_{k}": [summaries[m][p][k] for m in (name, "coarse_copy", "spot")] for p, k in _METRICS}
+        gaps[name] = {key: gap_closed(*(v["mean"] for v in stats)) for key, stats in xac.items()}
+        fold_gaps[name] = {key: [gap_closed(*v) for v in zip(*(s["values"] for s in stats))]
+                           for key, stats in xac.items()}
     first = fold_list[0]
     fig_slide = sorted(first["test"])[0]
     figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], gene_list, plot_genes)
-    result: dict[str, Any] = {
+    result = to_jsonable({
         "command": command, "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "block": block,
         "sigma_fraction": sigma_fraction, "fine_pitch_um": {s.slide_id: s.spot_pitch_um for s in slides},
         "coarse_pitch_um": {sid: c.spot_pitch_um for sid, (c, _) in coarse.items()},
         "n_spots": {sid: int(s.n_spots) for sid, s in by_id.items()},
         "n_coarse_spots": {sid: int(c.n_spots) for sid, (c, _) in coarse.items()}, "epochs": cfg.epochs,
-        "seed": cfg.seed, "folds": fold_records, "methods": summaries, "coarse_level": cl_summaries,
+        "seed": cfg.seed, "folds": fold_records, "methods": {m: summaries[m] for m in METHODS},
+        "coarse_level": {k: summaries[k] for k in COARSE_LEVEL},
         "gap_closed": gaps, "gap_closed_per_fold": fold_gaps,
         "position_effect": {m: {"mean": float(np.mean(v)), "values": v} for m, v in artefact.items() if v},
         "figure": str(figure.name), "figure_slide": fig_slide, "cached_models": hits,
-    }
-    result = to_jsonable(result)
+    })
     write_json(result, out / "superres.json")
     (out / "table.md").write_text(superres_markdown(result))
     return result
 
 
-def _fmt(s: dict[str, Any], proto: str, met: str) -> str:
-    v = s[proto][met]
-    return f"{v['mean']:.3f} ± {v['std']:.3f}"
-
-
 def superres_markdown(result: dict[str, Any]) -> str:
     """The spot-level table (four methods, both protocols), the gap closed and the block-level check."""
     heads = ["per-gene PCC", "per-gene R2", "pooled PCC", "pooled R2"]
-    lines = ["| method (scored on the measured spots) | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
-    for m in METHODS:
-        s = result["methods"][m]
-        lines.append(f"| {REFERENCES[m]} | " + " | ".join(_fmt(s, p, k) for p, k in _METRICS) + " |")
-    lines += ["", "| gap closed (x - a) / (c - a) | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     per_fold = result.get("gap_closed_per_fold", {})
-    for name, g in result["gap_closed"].items():
-        cells = []
-        for p, k in _METRICS:
-            folds = per_fold.get(name, {}).get(f"{p}_{k}")
-            cells.append(f"{g[f'{p}_{k}']:.2f}" + (f" (folds {' / '.join(f'{v:.2f}' for v in folds)})" if folds else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Gap closed: on the means over folds, and per fold in brackets (a fold's own a, c and method).")
-    lines += ["", "| block-level check (scored on the measured blocks) | " + " | ".join(heads) + " |",
-              "|---|" + "---|" * len(heads)]
-    names = {"coarse_model": "coarse model", "superres_summed": "super-resolution, spots summed per block"}
-    for k, s in result["coarse_level"].items():
-        lines.append(f"| {names.get(k, k)} | " + " | ".join(_fmt(s, p, m) for p, m in _METRICS) + " |")
+
+    def cells(s: Mapping[str, Any]) -> list[str]:
+        return [f"{s[p][k]['mean']:.3f} ± {s[p][k]['std']:.3f}" for p, k in _METRICS]
+
+    def gaps(name: str, g: Mapping[str, float]) -> list[str]:
+        folds = [per_fold.get(name, {}).get(f"{p}_{k}") for p, k in _METRICS]
+        return [f"{g[f'{p}_{k}']:.2f}" + (f" (folds {' / '.join(f'{v:.2f}' for v in f)})" if f else "")
+                for (p, k), f in zip(_METRICS, folds)]
+
+    lines = [*markdown_table(["method (scored on the measured spots)", *heads],
+                             ([REFERENCES[m], *cells(result["methods"][m])] for m in METHODS)), "",
+             *markdown_table(["gap closed (x - a) / (c - a)", *heads],
+                             ([name, *gaps(name, g)] for name, g in result["gap_closed"].items())),
+             "", "Gap closed: on the means over folds, and per fold in brackets (a fold's own a, c and "
+             "method).", "",
+             *markdown_table(["block-level check (scored on the measured blocks)", *heads],
+                             ([COARSE_LEVEL.get(k, k), *cells(s)]
+                              for k, s in result["coarse_level"].items()))]
     if result.get("cached_models"):
         lines += ["", "Taken from the result cache (trained identically before): " + ", ".join(result["cached_models"])]
     if result.get("position_effect"):
@@ -327,21 +300,17 @@ _SHORT = {"coarse_copy": "(a) coarse copy", "coarse_smooth": "(b) Gaussian inter
           "superres": "super-resolution", "spot": "(c) trained on spots"}
 
 
-def _chosen(genes: list[str], plot_genes: Sequence[str] | None, measured: np.ndarray) -> list[int]:
-    """Columns of the map figure: ``plot_genes``, or the two most variable columns of ``measured``."""
-    if not plot_genes:
-        return [int(g) for g in np.argsort(-measured.var(0))[:2]]
-    missing = [g for g in plot_genes if g not in genes]
+def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, float]], genes: list[str],
+               plot_genes: Sequence[str] | None, groups: Sequence[Sequence[int]], title: str,
+               path: Path) -> Path:
+    """One row per gene of ``plot_genes`` (default: the two most variable of the first panel); ``panels``:
+    (title, spot centres in px ``[N, 2]``, values ``[N, G]``, dot size relative to the slide's pitch).
+    Panels of one group of ``groups`` share a colour range (1st-99th percentile) and a colour bar; spots are
+    circles of 0.85 x their pitch over the slide's image."""
+    missing = [g for g in plot_genes or () if g not in genes]
     if missing:
         raise InputError("--plot-genes", f"not among the run's genes: {missing}")
-    return [genes.index(g) for g in plot_genes]
-
-
-def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, float]], genes: list[str],
-               chosen: Sequence[int], groups: Sequence[Sequence[int]], title: str, path: Path) -> Path:
-    """One row per gene in ``chosen``; ``panels``: (title, spot centres in px ``[N, 2]``, values ``[N, G]``, dot
-    size relative to the slide's pitch). Panels of one group of ``groups`` share a colour range (1st-99th
-    percentile) and a colour bar; spots are circles of 0.85 x their pitch over the slide's image."""
+    chosen = [genes.index(g) for g in plot_genes or ()] or list(np.argsort(-panels[0][2].var(0))[:2])
     plt = pyplot()
     img, scale = slide.plot_image()
     pitch = float(slide.spot_pitch_um or 200.0) / float(slide.um_per_px or 1.0) * scale  # display px
@@ -356,11 +325,8 @@ def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, f
                 if img is not None:
                     ax.imshow(img)
                 dots = draw_spots(ax, xy, 0.85 * rel * pitch, values[:, g], "viridis", lo, max(hi, lo + 1e-6))
-                ax.set_xlim(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch)
-                ax.set_ylim(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch)
-                ax.set_aspect("equal")
-                ax.set_xticks([])
-                ax.set_yticks([])
+                ax.set(xlim=(xy[:, 0].min() - pitch, xy[:, 0].max() + pitch), xticks=[], yticks=[],
+                       ylim=(xy[:, 1].max() + pitch, xy[:, 1].min() - pitch), aspect="equal")
                 if r == 0:
                     ax.set_title(name, fontsize=8)
                 if j == 0:
@@ -376,14 +342,12 @@ def _plot_maps(out: Path, fold: int, fine: Any, genes: list[str], plot_genes: Se
     data = np.load(out / f"fold_{fold}" / "predictions" / f"{fine.slide_id}.npz")
     counts, groups = data["counts"].astype(np.float64), data["groups"]
     n_children = np.bincount(groups)
-    block_counts = np.zeros((len(n_children), counts.shape[1]))
-    np.add.at(block_counts, groups, counts)
+    block_mean = _sum_by(counts, groups, len(n_children)) / n_children[:, None]
     panels = [("measured spots", fine.spatial, normalise_counts(counts), 1.0),
-              ("measured 2x2 blocks\n(block / members)",
-               fine.spatial, normalise_counts((block_counts / n_children[:, None])[groups]), 1.0),
-              *((_SHORT[m], fine.spatial, normalise_counts(np.maximum(np.expm1(data[m].astype(np.float64)), 0.0)), 1.0)
-                for m in METHODS)]
-    return _draw_maps(fine, panels, genes, _chosen(genes, plot_genes, panels[0][2]), [[0, 1], [2, 3, 4, 5]],
+              ("measured 2x2 blocks\n(block / members)", fine.spatial, normalise_counts(block_mean[groups]),
+               1.0),
+              *((_SHORT[m], fine.spatial, normalise_counts(_counts(data[m])), 1.0) for m in METHODS)]
+    return _draw_maps(fine, panels, genes, plot_genes, [[0, 1], [2, 3, 4, 5]],
                       f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
                       "colour range per row: measured panels / predicted panels (1st-99th percentile)",
                       out / f"maps_{fine.slide_id}.png")
@@ -421,33 +385,27 @@ def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, 
             write_file_entry(sub_dir, key, path.name, time.perf_counter() - t0)
         subs[sid] = set_subspot_grid(read_prepared(path), by_id[sid])  # as stored: a fresh and a cached run alike
     fdir = out / f"fold_{fold}"
-    b_spot = _fit(dataclasses.replace(cfg, supervise="spot"), [by_id[s] for s in sorted(f["train"])], gene_list,
-                  fdir / "spot", f"fold {fold} spot", cache, hits)
-    b_sub = _fit(dataclasses.replace(cfg, supervise=f"coarse{factor}"), [subs[s] for s in sorted(f["train"])],
-                 gene_list, fdir / f"subspot{factor}", f"fold {fold} subspot", cache, hits)
-    preds: dict[str, dict[str, np.ndarray]] = {"spot": {}, "subspot_summed": {}}
-    truths, fine = {}, {}
-    for sid in sorted(f["test"]):
-        parent = np.asarray(subs[sid].obs["parent"], dtype=np.int64)
-        sub_log1p = predict_log1p(b_sub, subs[sid])[0]
-        summed = np.zeros((by_id[sid].n_spots, len(gene_list)))
-        np.add.at(summed, parent, np.maximum(np.expm1(sub_log1p.astype(np.float64)), 0.0))
-        preds["subspot_summed"][sid] = np.log1p(summed)
-        preds["spot"][sid] = predict_log1p(b_spot, by_id[sid])[0]
-        truths[sid] = gene_counts(by_id[sid], gene_list).toarray()
-        fine[sid] = sub_log1p
+    fit = functools.partial(_fit, genes=gene_list, cache=cache, hits=hits)
+    b_spot = fit(cfg, "spot", [by_id[s] for s in sorted(f["train"])], fdir / "spot")
+    b_sub = fit(cfg, f"coarse{factor}", [subs[s] for s in sorted(f["train"])], fdir / f"subspot{factor}")
+    test = sorted(f["test"])
+    fine = {sid: predict_log1p(b_sub, subs[sid])[0] for sid in test}
+    parents = {sid: np.asarray(subs[sid].obs["parent"], dtype=np.int64) for sid in test}
+    truths = {sid: gene_counts(by_id[sid], gene_list).toarray() for sid in test}
+    preds = {"spot": {sid: predict_log1p(b_spot, by_id[sid])[0] for sid in test},
+             "subspot_summed": {sid: np.log1p(_sum_by(_counts(fine[sid]), parents[sid], by_id[sid].n_spots))
+                                for sid in test}}
     scores = {k: summarise_folds([evaluate_fold(v, truths)]) for k, v in preds.items()}
-    k2 = factor * factor
-    position = np.concatenate([np.arange(subs[s].n_spots) % k2 for s in sorted(f["test"])])
-    parents = np.concatenate([np.asarray(subs[s].obs["parent"]) + 10**6 * i for i, s in enumerate(sorted(f["test"]))])
-    artefact = position_effect(np.concatenate([fine[s] for s in sorted(f["test"])]), position, parents)
-    fig_slide = sorted(f["test"])[0]
+    artefact = position_effect(np.concatenate([fine[s] for s in test]),
+                               np.concatenate([np.arange(subs[s].n_spots) % (factor * factor) for s in test]),
+                               np.concatenate([parents[s] + 10**6 * i for i, s in enumerate(test)]))
+    fig_slide = test[0]
     figure = _plot_subspot(out, by_id[fig_slide], subs[fig_slide], preds["spot"][fig_slide], fine[fig_slide],
                            truths[fig_slide], gene_list, plot_genes, fold)
     result = to_jsonable({
-        "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "fold": fold, "test": sorted(f["test"]),
+        "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "fold": fold, "test": test,
         "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": subs[fig_slide].spot_pitch_um,
-        "n_subspots": {s: int(subs[s].n_spots) for s in sorted(f["test"])}, "scores": scores, "figure": figure.name,
+        "n_subspots": {s: int(subs[s].n_spots) for s in test}, "scores": scores, "figure": figure.name,
         "position_effect": artefact, "cached": hits,
     })
     write_json(result, out / f"subspot_fold{fold}.json")
@@ -458,9 +416,9 @@ def _plot_subspot(out: Path, slide: Any, sub: Any, spot_pred: np.ndarray, sub_pr
                   genes: list[str], plot_genes: Sequence[str] | None, fold: int) -> Path:
     """Measured spots, HiST on the spots and the sub-spot model at ``pitch / factor``, own colour range each."""
     panels = [("measured spots", slide.spatial, normalise_counts(counts), 1.0),
-              ("HiST trained on the spots", slide.spatial, normalise_counts(np.maximum(np.expm1(spot_pred), 0)), 1.0),
+              ("HiST trained on the spots", slide.spatial, normalise_counts(np.expm1(spot_pred)), 1.0),
               (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial,
-               normalise_counts(np.maximum(np.expm1(sub_pred), 0)), 1.0 / sub.meta["subspot"]["factor"])]
-    return _draw_maps(slide, panels, genes, _chosen(genes, plot_genes, panels[0][2]), [[0], [1], [2]],
+               normalise_counts(np.expm1(sub_pred)), 1.0 / sub.meta["subspot"]["factor"])]
+    return _draw_maps(slide, panels, genes, plot_genes, [[0], [1], [2]],
                       f"{slide.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes), "
                       "own colour range per panel", out / f"subspot_maps_{slide.slide_id}.png")

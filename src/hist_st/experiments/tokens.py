@@ -1,15 +1,9 @@
-"""Calibration-token analysis (the paper's Table 6 and Figure 4).
+"""Calibration-token analysis (the paper's Table 6 and Figure 4: `plot_token_pca`).
 
-The final calibration token of each slide is read from the trained fold models of a cross-validation
-run (``hist-st cv`` / ``hist-st bench accuracy``): every slide goes through the fold model that held it
-out (``source="test"``, the default), or every slide through one fold's model (``source="fold:0"``,
-so all tokens live in one model's space). Discriminability across groups (patient, technology, any
-metadata column) is measured by:
-
-- 1-NN same-group accuracy: the cosine-nearest other slide belongs to the same group (leave-one-out);
-- nearest-centroid accuracy: leave-one-out, group centroids of the remaining slides, cosine distance;
-- mean within-group and between-group cosine distance over slide pairs;
-- chance levels of both accuracies (expected accuracy of a random neighbour / the majority group).
+The final calibration token of each slide is read from the fold models of a cross-validation run
+(``hist-st cv`` / ``hist-st bench accuracy``; `export_tokens`). Discriminability across groups (patient,
+technology, any metadata column; `token_metrics`): leave-one-out 1-NN and nearest-centroid accuracy (cosine),
+within- and between-group cosine distances, and the chance levels of both accuracies.
 
 ```python
 from hist_st.experiments import export_tokens, token_metrics
@@ -25,18 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from hist_st.errors import InputError
 from hist_st.evaluate import fold_model, slide_groups
-from hist_st.experiments.figures import plot_token_pca
 from hist_st.jsonio import write_json
 from hist_st.lattice import continuous_coords, to_lattice
+from hist_st.pl import pyplot, save_figure
 from hist_st.train.data import load_slides, read_manifest
 from hist_st.train.folds import load_folds
 from hist_st.train.predict import lattice_unit_for
 
-__all__ = ["slide_token", "export_tokens", "token_metrics", "cosine_distances", "run_token_analysis"]
+__all__ = ["slide_token", "export_tokens", "token_metrics", "cosine_distances", "plot_token_pca",
+           "run_token_analysis"]
 
 
 @torch.no_grad()
@@ -49,15 +45,13 @@ def slide_token(bundle: Any, slide: Any) -> np.ndarray:
     Raises:
         InputError: The model has no calibration token, or the slide lacks the model's embedding.
     """
-
     if bundle.embedding not in slide.embeddings:
         raise InputError(f"slide {slide.slide_id!r}", f"has no embedding {bundle.embedding!r}")
     feats = torch.from_numpy(np.asarray(slide.embeddings[bundle.embedding], dtype=np.float32))
     if bundle.feature_mean is not None:
         feats = (feats - bundle.feature_mean.cpu()) / bundle.feature_std.cpu()
     lat = to_lattice(continuous_coords(slide, lattice_unit_for(bundle, slide)), source=f"slide {slide.slide_id!r}")
-    model = bundle.model
-    was_training = model.training
+    model, was_training = bundle.model, bundle.model.training
     model.eval()
     try:
         batch = model.make_batch(torch.from_numpy(lat), feats).to(bundle.device)
@@ -88,44 +82,28 @@ def export_tokens(
     Returns:
         ``{"slide_ids": [S], "tokens": float32 [S, D], "fold": int [S], "source": str}``.
     """
-
-    run_dir = Path(run_dir)
-    folds = load_folds(run_dir / "splits.json")
+    folds = load_folds(Path(run_dir) / "splits.json")
     slides = {s.slide_id: s for s in load_slides(cohort)}
-
-    pairs: list[tuple[str, int]] = []
     if source == "test":
-        for f in folds:
-            pairs.extend((sid, int(f["fold"])) for sid in f["test"])
+        pairs = sorted((sid, int(f["fold"])) for f in folds for sid in f["test"])
     elif source.startswith("fold:"):
-        i = int(source.split(":", 1)[1])
-        pairs = [(sid, i) for sid in sorted({s for f in folds for s in f["test"]})]
+        pairs = sorted((sid, int(source.split(":", 1)[1])) for sid in {s for f in folds for s in f["test"]})
     else:
         raise InputError("--source", f"use 'test' or 'fold:<i>', got {source!r}")
     missing = [sid for sid, _ in pairs if sid not in slides]
     if missing:
         raise InputError(cohort, f"slides of the run are missing from the cohort: {missing[:5]}")
-    pairs.sort()
-    ids, fold_of, vecs = [], [], []
-    bundles: dict[int, Any] = {}
-    for sid, i in pairs:
-        if i not in bundles:
-            bundles[i] = fold_model(run_dir, i)
-        vecs.append(slide_token(bundles[i], slides[sid]))
-        ids.append(sid)
-        fold_of.append(i)
-    result = {"slide_ids": ids, "tokens": np.stack(vecs).astype(np.float32), "fold": np.asarray(fold_of),
-              "source": source}
+    bundles = {i: fold_model(run_dir, i) for i in sorted({i for _, i in pairs})}
+    ids, fold_of = [sid for sid, _ in pairs], np.asarray([i for _, i in pairs])
+    tokens = np.stack([slide_token(bundles[i], slides[sid]) for sid, i in pairs]).astype(np.float32)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, slide_ids=np.asarray(ids), tokens=result["tokens"], fold=result["fold"], source=source)
-        with open(out.with_suffix(".csv"), "w") as fh:
-            d = result["tokens"].shape[1]
-            fh.write("slide_id,fold," + ",".join(f"t{j}" for j in range(d)) + "\n")
-            for sid, i, v in zip(ids, fold_of, result["tokens"]):
-                fh.write(f"{sid},{i}," + ",".join(f"{x:.6g}" for x in v) + "\n")
-    return result
+        np.savez(out, slide_ids=np.asarray(ids), tokens=tokens, fold=fold_of, source=source)
+        values = pd.DataFrame(tokens, columns=[f"t{j}" for j in range(tokens.shape[1])])
+        pd.concat([pd.DataFrame({"slide_id": ids, "fold": fold_of}), values], axis=1).to_csv(
+            out.with_suffix(".csv"), index=False, float_format="%.6g")
+    return {"slide_ids": ids, "tokens": tokens, "fold": fold_of, "source": source}
 
 
 def cosine_distances(x: np.ndarray) -> np.ndarray:
@@ -167,56 +145,64 @@ def token_metrics(tokens: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
     if s < 2:
         raise ValueError("need at least 2 slides")
     d = cosine_distances(x)
-    same = g[:, None] == g[None, :]
-    off = ~np.eye(s, dtype=bool)
-    dn = np.where(off, d, np.inf)
-    nn = dn.argmin(axis=1)
-    one_nn = float(np.mean(g[nn] == g))
+    nn = np.where(~np.eye(s, dtype=bool), d, np.inf).argmin(axis=1)  # the nearest other slide
     labels = np.unique(g)
-    correct = []
-    for i in range(s):
-        keep = np.arange(s) != i
-        best, best_d = None, np.inf
-        for lab in labels:
-            members = keep & (g == lab)
-            if not members.any():
-                continue
-            c = x[members].mean(axis=0)
-            nc = np.linalg.norm(c)
-            dist = 1.0 - float(x[i] @ c) / (np.linalg.norm(x[i]) * nc) if nc > 0 else np.inf
-            if dist < best_d:
-                best, best_d = lab, dist
-        correct.append(best == g[i])
+    member = (g[:, None] == labels[None, :]).astype(np.float64)  # [S, L]
+    n_others = member.sum(0) - member  # [S, L]: members of each group other than slide i
+    others_sum = member.T @ x - member[:, :, None] * x[:, None, :]  # [S, L, D]
+    centroids = others_sum / np.maximum(n_others, 1)[:, :, None]
+    norms = np.linalg.norm(centroids, axis=2) * np.linalg.norm(x, axis=1)[:, None]
+    usable = (n_others > 0) & (norms > 0)  # an empty or zero centroid is no candidate
+    cos = np.einsum("sd,sld->sl", x, centroids) / np.where(usable, norms, 1.0)
+    correct = usable.any(1) & (labels[np.where(usable, 1.0 - cos, np.inf).argmin(1)] == g)
     iu = np.triu_indices(s, k=1)
-    pair_d, pair_same = d[iu], same[iu]
-    within = float(pair_d[pair_same].mean()) if pair_same.any() else float("nan")
-    between = float(pair_d[~pair_same].mean()) if (~pair_same).any() else float("nan")
+    pair_d, pair_same = d[iu], (g[:, None] == g[None, :])[iu]
+    within, between = (float(pair_d[m].mean()) if m.any() else float("nan") for m in (pair_same, ~pair_same))
     counts = {lab: int((g == lab).sum()) for lab in labels}
-    chance_1nn = float(np.mean([(counts[v] - 1) / (s - 1) for v in g]))
-    return {
-        "one_nn_acc": one_nn,
-        "centroid_acc": float(np.mean(correct)),
-        "within_cos": within,
-        "between_cos": between,
-        "chance_1nn": chance_1nn,
-        "chance_majority": max(counts.values()) / s,
-        "n_slides": int(s),
-        "n_groups": len(labels),
-        "group_sizes": counts,
-        "n_singletons": int(sum(1 for v in g if counts[v] == 1)),
-    }
+    return {"one_nn_acc": float(np.mean(g[nn] == g)), "centroid_acc": float(np.mean(correct)),
+            "within_cos": within, "between_cos": between,
+            "chance_1nn": float(np.mean([(counts[v] - 1) / (s - 1) for v in g])),
+            "chance_majority": max(counts.values()) / s, "n_slides": int(s), "n_groups": len(labels),
+            "group_sizes": counts, "n_singletons": int(sum(1 for v in g if counts[v] == 1))}
+
+
+def plot_token_pca(
+    tokens: np.ndarray, groups: Sequence[Any], out: str | Path, *, labels: Sequence[str] | None = None,
+    title: str = "calibration token PCA",
+) -> Path:
+    """Scatter of the per-slide tokens on their first two principal components, coloured by group."""
+    from sklearn.decomposition import PCA
+
+    plt = pyplot()
+    x = np.asarray(tokens, dtype=np.float64)
+    z = PCA(n_components=int(min(2, *x.shape))).fit(x)
+    coords = np.pad(z.transform(x), ((0, 0), (0, 2 - z.n_components_)))  # one component: PC2 = 0
+    ev = [*z.explained_variance_ratio_, 0.0]
+    g = np.asarray([str(v) for v in groups])
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
+    cmap = plt.get_cmap("tab20")
+    for k, lab in enumerate(sorted(set(g))):
+        m = g == lab
+        ax.scatter(coords[m, 0], coords[m, 1], s=40, color=cmap(k % 20), label=lab, edgecolors="k", linewidths=0.4)
+    if labels is not None and len(labels) <= 60:
+        for (px, py), lab in zip(coords, labels):
+            ax.annotate(str(lab), (px, py), fontsize=6, alpha=0.7, xytext=(2, 2), textcoords="offset points")
+    ax.set(xlabel=f"PC1 ({100 * ev[0]:.1f}%)", ylabel=f"PC2 ({100 * ev[1]:.1f}%)", title=title)
+    if len(set(g)) <= 20:
+        ax.legend(fontsize=7, loc="best", frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, out)
 
 
 def _groups_for(cohort: str | Path, slide_ids: Sequence[str], column: str) -> list[str]:
-
-    slides = load_slides(cohort, list(slide_ids))
-    manifest = read_manifest(cohort)
+    """Each slide's group: itself, its technology or its ``column`` (an unknown one is a group of its own)."""
     if column == "slide":
         return list(slide_ids)
+    slides = load_slides(cohort, list(slide_ids))
     if column == "technology":
         return [s.technology for s in slides]
-    mapping = slide_groups(slides, column, manifest)
-    # an unknown patient (None) is a group of its own, never one shared "None" group
+    mapping = slide_groups(slides, column, read_manifest(cohort))
     return [mapping[sid] if mapping[sid] is not None else f"{sid} (unknown {column})" for sid in slide_ids]
 
 
@@ -242,12 +228,11 @@ def run_token_analysis(
     Returns:
         ``{"metrics": {column: token_metrics(...)}, "table": str, "figures": [paths], "n_slides": S}``.
     """
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = export_tokens(run_dir, cohort, source=source, out=out / "tokens.npz")
     metrics: dict[str, Any] = {}
-    figures = []
+    figures: list[str] = []
     for col in group_by:
         groups = _groups_for(cohort, tok["slide_ids"], col)
         metrics[col] = token_metrics(tok["tokens"], groups)
@@ -256,25 +241,18 @@ def run_token_analysis(
     table = format_token_table(metrics)
     write_json({"metrics": metrics, "source": source, "run_dir": str(run_dir), "slide_ids": tok["slide_ids"]},
                out / "token_metrics.json")
-    (out / "tokens.md").write_text(
-        f"Calibration-token discriminability (Table 6), tokens from {source!r} models of {run_dir}; "
-        "cosine distance; leave-one-out.\n\n" + table + "\n"
-    )
+    (out / "tokens.md").write_text(f"Calibration-token discriminability (Table 6), tokens from {source!r} "
+                                   f"models of {run_dir}; cosine distance; leave-one-out.\n\n{table}\n")
     return {"metrics": metrics, "table": table, "figures": figures, "n_slides": len(tok["slide_ids"])}
 
 
 def format_token_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown Table 6, one row per grouping column (with chance levels)."""
-    lines = [
-        "| Grouping | slides / groups | 1-NN same-group (chance) | Nearest-centroid acc (majority) "
-        "| Within cos. dist | Between cos. dist |",
-        "|---|---|---|---|---|---|",
-    ]
-    for col, m in metrics.items():
-        lines.append(
-            f"| {col} | {m['n_slides']} / {m['n_groups']} | {m['one_nn_acc']:.3f} ({m['chance_1nn']:.3f}) | "
-            f"{m['centroid_acc']:.3f} ({m['chance_majority']:.3f}) | {m['within_cos']:.3f} | {m['between_cos']:.3f} |"
-        )
+    lines = ["| Grouping | slides / groups | 1-NN same-group (chance) | Nearest-centroid acc (majority) "
+             "| Within cos. dist | Between cos. dist |", "|---|---|---|---|---|---|",
+             *(f"| {col} | {m['n_slides']} / {m['n_groups']} | {m['one_nn_acc']:.3f} ({m['chance_1nn']:.3f}) "
+               f"| {m['centroid_acc']:.3f} ({m['chance_majority']:.3f}) | {m['within_cos']:.3f} "
+               f"| {m['between_cos']:.3f} |" for col, m in metrics.items())]
     notes = [f"{col}: {m['n_singletons']} of {m['n_slides']} slides are alone in their group and cannot be matched"
              for col, m in metrics.items() if m.get("n_singletons")]
     return "\n".join(lines) + ("\n\n" + "; ".join(notes) + "." if notes else "")

@@ -1,29 +1,19 @@
-"""Does a predicted standard deviation mean anything? Calibration of MC dropout and of a seed ensemble.
+"""Does a predicted standard deviation mean anything? Calibration of MC dropout and of a seed ensemble
+(``hist-st bench uncertainty``; results and reading: ``docs/results/uncertainty.md``).
 
-```bash
-hist-st bench uncertainty --run runs/acc/seed_0/her2st runs/acc/seed_1/her2st runs/acc/seed_2/her2st \
-    --cohort cohorts/her2st --out runs/uncertainty --mc-samples 20
-```
+For every fold of cross-validation runs (``splits.json``, ``fold_<i>/model.pt``), each held-out slide is
+predicted by **MC dropout** (``K`` passes of the first run's fold model with dropout on) and, with two or more
+runs on the same folds and genes, by the **seed ensemble** (one deterministic pass of each run's fold model).
+Both give per spot and gene a mean ``mu`` and a std ``sigma`` in log1p space, scored against
+``y = log1p(counts)`` over all held-out spots and genes (`calibration`):
 
-For every fold of cross-validation runs (`hist-st cv` / `bench accuracy` folders: ``splits.json`` and
-``fold_<i>/model.pt``), each held-out slide is predicted by
-
-- **MC dropout**: ``K`` passes of the first run's fold model with dropout on; mean and std of the passes;
-- **seed ensemble** (with two or more runs on the same folds and genes): one deterministic pass of each
-  run's fold model; mean and std across models (the reference the issue asks for).
-
-Both give, per spot and gene, a mean ``mu`` and a std ``sigma`` in log1p space, scored against the measured
-``y = log1p(counts)`` over all held-out spots and genes:
-
-- ``spearman``: rank correlation of ``sigma`` and the absolute error ``|y - mu|`` (pooled; and the mean of
-  the per-gene correlations);
-- ``coverage``: share of ``y`` inside the central interval ``mu +- z_p sigma`` of a Gaussian, for
-  ``p`` = 50% and 90% (and a curve over p, ``calibration.png``);
+- ``spearman``: rank correlation of ``sigma`` and ``|y - mu|`` (pooled; and the mean of the per-gene ones);
+- ``coverage``: share of ``y`` inside the Gaussian central interval ``mu +- z_p sigma`` (p = 50%, 90%, and a
+  curve over p, ``calibration.png``);
 - ``deciles``: mean absolute error of the 10% most and least confident entries (smallest/largest sigma).
 
-Each method is also scored **recalibrated**: ``sigma`` of fold ``i`` multiplied by the factor that makes the
-50% interval exact on the *other* folds' held-out entries (``median(|y - mu| / sigma) / z_0.75``), so no
-fold's own errors set its scale.
+**Recalibrated**: ``sigma`` of fold ``i`` times the factor that makes the 50% interval exact on the *other*
+folds' held-out entries (``median(|y - mu| / sigma) / z_0.75``), so no fold's own errors set its scale.
 """
 
 from __future__ import annotations
@@ -37,8 +27,8 @@ import numpy as np
 
 from hist_st.errors import InputError
 from hist_st.evaluate import fold_model
-from hist_st.experiments.figures import pyplot, save_figure
 from hist_st.jsonio import write_json
+from hist_st.pl import pyplot, save_figure
 from hist_st.slide import read_cohort_slide
 from hist_st.train.data import log1p_counts
 from hist_st.train.predict import mc_log1p_samples, predict_log1p
@@ -63,21 +53,16 @@ def calibration(mu: np.ndarray, sigma: np.ndarray, y: np.ndarray) -> dict[str, A
     rho = float(spearmanr(s, e).statistic) if s.std() > 0 and e.std() > 0 else float("nan")
     per_gene = [spearmanr(sigma[:, g], err[:, g]).statistic for g in range(err.shape[1])
                 if sigma[:, g].std() > 0 and err[:, g].std() > 0]
+    rho_gene = float(np.nanmean(per_gene)) if per_gene else float("nan")
     curve = {float(p): float((e <= norm.ppf(0.5 + p / 2) * s).mean()) for p in LEVELS}
     order = np.argsort(s, kind="stable")
     k = max(1, len(order) // 10)
-    return {
-        "spearman": rho,
-        "spearman_per_gene_mean": float(np.nanmean(per_gene)) if per_gene else float("nan"),
-        "coverage_50": float((e <= norm.ppf(0.75) * s).mean()),
-        "coverage_90": float((e <= norm.ppf(0.95) * s).mean()),
-        "curve": curve,
-        "mae_most_confident_decile": float(e[order[:k]].mean()),
-        "mae_least_confident_decile": float(e[order[-k:]].mean()),
-        "mean_sigma": float(s.mean()),
-        "mae": float(e.mean()),
-        "n": int(e.size),
-    }
+    cover = {q: float((e <= norm.ppf(q) * s).mean()) for q in (0.75, 0.95)}  # central 50% and 90% intervals
+    return {"spearman": rho, "spearman_per_gene_mean": rho_gene, "coverage_50": cover[0.75],
+            "coverage_90": cover[0.95], "curve": curve,
+            "mae_most_confident_decile": float(e[order[:k]].mean()),
+            "mae_least_confident_decile": float(e[order[-k:]].mean()), "mean_sigma": float(s.mean()),
+            "mae": float(e.mean()), "n": int(e.size)}
 
 
 def _scale(folds: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
@@ -116,38 +101,28 @@ def run_uncertainty(
         if _genes(r) != genes:
             raise InputError(r, f"its genes differ from those of {runs[0]}")
     names = ["mc_dropout"] + (["ensemble"] if len(runs) > 1 else [])
-    per_fold: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {n: [] for n in names}
+    per_fold: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in names}  # per fold: (mu, sigma, y)
     for f in folds:
-        acc: dict[str, dict[str, list[np.ndarray]]] = {n: {"mu": [], "sigma": [], "y": []} for n in names}
+        rows: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in names}
         bundles = [fold_model(r, f["fold"]) for r in runs]
         for sid in sorted(f["test"]):
             slide = read_cohort_slide(cohort / f"{sid}.h5ad")
-            y = log1p_counts(slide, genes)
-            samples = mc_log1p_samples(bundles[0], slide, mc_samples, seed=seed)
-            acc["mc_dropout"]["mu"].append(samples.mean(0))
-            acc["mc_dropout"]["sigma"].append(samples.std(0))
-            acc["mc_dropout"]["y"].append(y)
+            draws = {"mc_dropout": mc_log1p_samples(bundles[0], slide, mc_samples, seed=seed)}  # [K, N, G]
             if len(bundles) > 1:
-                preds = np.stack([predict_log1p(b, slide)[0] for b in bundles])
-                acc["ensemble"]["mu"].append(preds.mean(0))
-                acc["ensemble"]["sigma"].append(preds.std(0))
-                acc["ensemble"]["y"].append(y)
+                draws["ensemble"] = np.stack([predict_log1p(b, slide)[0] for b in bundles])
+            for n, d in draws.items():
+                rows[n].append((d.mean(0), d.std(0), log1p_counts(slide, genes)))
         for n in names:
-            per_fold[n].append(tuple(np.concatenate(acc[n][k]) for k in ("mu", "sigma", "y")))
+            per_fold[n].append(tuple(np.concatenate(col) for col in zip(*rows[n])))
     methods: dict[str, Any] = {}
     for n in names:
-        mu, sigma, y = (np.concatenate([f[k] for f in per_fold[n]]) for k in range(3))
+        mu, sigma, y = (np.concatenate(col) for col in zip(*per_fold[n]))
         methods[n] = calibration(mu, sigma, y)
         if len(per_fold[n]) > 1:
             scaled = [f[1] * _scale([g for j, g in enumerate(per_fold[n]) if j != i]) for i, f in enumerate(per_fold[n])]
             methods[f"{n}_recalibrated"] = calibration(mu, np.concatenate(scaled), y)
-    result: dict[str, Any] = {
-        "runs": [str(r) for r in runs],
-        "cohort": str(cohort),
-        "mc_samples": mc_samples,
-        "n_genes": len(genes),
-        "methods": methods,
-    }
+    result = {"runs": [str(r) for r in runs], "cohort": str(cohort), "mc_samples": mc_samples,
+              "n_genes": len(genes), "methods": methods}
     out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "uncertainty.json")
     _plot(result, out / "calibration.png")
@@ -161,8 +136,8 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
     for name, m in result["methods"].items():
         ps = sorted(float(p) for p in m["curve"])
         ax.plot(ps, [m["curve"][p] for p in ps], marker="o", ms=3, label=name.replace("_", " "))
-    ax.set_xlabel("nominal central-interval probability\n(Gaussian in log1p space)")
-    ax.set_ylabel("observed coverage on held-out spots")
+    ax.set(xlabel="nominal central-interval probability\n(Gaussian in log1p space)",
+           ylabel="observed coverage on held-out spots")
     ax.set_title("uncertainty calibration", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
