@@ -1,9 +1,8 @@
 """Table 1: time per slide and peak memory of every method on the same slides (Figure 3 repeats it over sizes,
 `hist_st.bench.scaling`).
 
-Each (method, data size) is measured in its own process (`hist_st.bench.harness.run_isolated`), so one
-method's allocations, caches and imports never count against another's, and a crash or timeout is
-recorded instead of stopping the run. Every method, HiST included, is built by
+Each (method, data size) is measured in its own process (`hist_st.bench.harness.run_isolated`; a crash or
+timeout is recorded instead of stopping the run). Every method, HiST included, is built by
 `hist_st.methods.get_method` and timed through ``fit`` / ``predict``. Inside the worker:
 
 - **time**: ``fit`` wall time divided by (training slides x epochs) gives train seconds per slide (methods
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from hist_st.bench import markdown_table
 from hist_st.bench.harness import PeakMemory, run_isolated, timed_steps
 from hist_st.data.synthetic import ENCODER, cohort_params, make_slide
 from hist_st.evaluate.cache import digest
@@ -44,8 +44,7 @@ from hist_st.train.config import GeneConfig, load_config, with_gene_set
 from hist_st.train.data import embedding_key, list_slides, load_slides, read_manifest, select_genes
 from hist_st.train.folds import make_folds
 
-__all__ = ["Workers", "SyntheticSlides", "measure", "worker", "run_efficiency", "format_efficiency_table",
-           "timing_key", "synthetic_patch_source"]
+__all__ = ["Workers", "SyntheticSlides", "measure", "worker", "run_efficiency", "format_efficiency_table", "timing_key"]
 
 
 def _device_type(device: str) -> str:
@@ -81,15 +80,11 @@ def reusable(path: Path, key: str, reuse: bool) -> dict[str, Any] | None:
     return prior if prior is not None and prior.get("key") == key else None
 
 
-def synthetic_patch_source(size_px: int = 32) -> Any:
-    """A `hist_st.methods.PatchSource` of random uint8 patches (seeded by slide id), for timing ST-Net on
-    synthetic slides that have no H&E image; the network's cost does not depend on the pixel values."""
-
-    def source(slide: Any) -> np.ndarray:
-        rng = np.random.default_rng(zlib.crc32(slide.slide_id.encode()))
-        return rng.integers(0, 256, size=(slide.n_spots, size_px, size_px, 3), dtype=np.uint8)
-
-    return source
+def _random_patches(slide: Any) -> np.ndarray:
+    """A `hist_st.methods.PatchSource`: random uint8 patches ``[N, 32, 32, 3]`` (seeded by slide id), for timing
+    ST-Net on synthetic slides that have no H&E image; the network's cost does not depend on the pixel values."""
+    rng = np.random.default_rng(zlib.crc32(slide.slide_id.encode()))
+    return rng.integers(0, 256, size=(slide.n_spots, 32, 32, 3), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -110,15 +105,14 @@ class SyntheticSlides:
 def _load_data(data: Mapping[str, Any]) -> tuple[list[Any], list[Any], list[str], str]:
     """Training slides, test slides, genes and embedding key for a worker spec."""
     if "synthetic" in data:
-        p = dict(data["synthetic"])
-        n_genes, embed_dim, seed = int(p["n_genes"]), int(p.get("embed_dim", 64)), int(p.get("seed", 0))
-        params = cohort_params(seed, n_genes, embed_dim, 5)
-        slides = [make_slide(f"eff{i:02d}", int(p["n_spots"]), p.get("grid", "hex"), seed + i, n_genes, embed_dim,
-                             f"P{i}", cohort_seed=seed, params=params) for i in range(int(p["n_train"]) + int(p["n_test"]))]
-        return slides[: int(p["n_train"])], slides[int(p["n_train"]) :], [str(g) for g in slides[0].genes], ENCODER
+        p = {k: int(v) for k, v in data["synthetic"].items()}  # SyntheticSlides.data
+        params = cohort_params(p["seed"], p["n_genes"], p["embed_dim"], 5)
+        slides = [make_slide(f"eff{i:02d}", p["n_spots"], "hex", p["seed"] + i, p["n_genes"], p["embed_dim"], f"P{i}",
+                             cohort_seed=p["seed"], params=params) for i in range(p["n_train"] + p["n_test"])]
+        return slides[: p["n_train"]], slides[p["n_train"] :], [str(g) for g in slides[0].genes], ENCODER
     cohort = data["cohort"]
     train, test = load_slides(cohort, data["train"]), load_slides(cohort, data["test"])
-    genes = data.get("gene_list") or select_genes(train + test, GeneConfig.from_spec(data["genes"]), read_manifest(cohort))
+    genes = select_genes(train + test, GeneConfig.from_spec(data["genes"]), read_manifest(cohort))
     return train, test, list(genes), embedding_key(train + test, data.get("embedding"))
 
 
@@ -135,7 +129,7 @@ def _method(spec: Mapping[str, Any], device: str, emb: str) -> tuple[Method, int
     if "device" in params:
         opts.setdefault("device", device)
     if "patches" in params and "synthetic" in spec["data"]:
-        opts.setdefault("patches", synthetic_patch_source())
+        opts.setdefault("patches", _random_patches)
     return get_method(name, **opts), epochs if "epochs" in params else 1
 
 
@@ -185,25 +179,22 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def format_efficiency_table(records: Sequence[Mapping[str, Any]]) -> str:
     """Markdown Table 1: train/infer seconds per slide and peak memory (per 1k training spots)."""
     cuda = any(str(r.get("device", "")).startswith("cuda") for r in records)
-    if cuda:
-        head = "| Method | Train (s/slide) | Infer (s/slide) | Allocated GB (GB/1k) | Reserved GB (GB/1k) | Infer reserved GB |"
-    else:
-        head = "| Method | Train (s/slide) | Infer (s/slide) | Train peak RSS GB | Train ΔRSS GB (GB/1k) | Infer ΔRSS GB |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    mem_head = (["Allocated GB (GB/1k)", "Reserved GB (GB/1k)", "Infer reserved GB"] if cuda
+                else ["Train peak RSS GB", "Train ΔRSS GB (GB/1k)", "Infer ΔRSS GB"])
+    rows = []
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | |")
+            rows.append([r["method"], f"failed: {r['error'][:80]}", "", "", "", ""])
             continue
         k = r["max_train_spots"] / 1000.0
         if cuda:
-            mem = [f"{_fmt(r['train_alloc_gb'], 2)} ({_fmt(r['train_alloc_gb'] / k, 2)})",
-                   f"{_fmt(r['train_reserved_gb'], 2)} ({_fmt(r['train_reserved_gb'] / k, 2)})",
+            mem = [*(f"{_fmt(r[c], 2)} ({_fmt(r[c] / k, 2)})" for c in ("train_alloc_gb", "train_reserved_gb")),
                    _fmt(r.get("infer_reserved_gb"), 2)]
         else:
             mem = [_fmt(r["train_rss_peak_gb"], 2), f"{_fmt(r['train_rss_delta_gb'], 3)} ({_fmt(r['train_mem_gb_per_1k'], 3)})",
                    _fmt(r["infer_rss_delta_gb"], 3)]
-        lines.append(f"| {r['method']} | {_fmt(r['train_s_per_slide'])} | {_fmt(r['infer_s_per_slide'])} | " + " | ".join(mem) + " |")
-    return "\n".join(lines)
+        rows.append([r["method"], _fmt(r["train_s_per_slide"]), _fmt(r["infer_s_per_slide"]), *mem])
+    return "\n".join(markdown_table(["Method", "Train (s/slide)", "Infer (s/slide)", *mem_head], rows))
 
 
 @dataclass(frozen=True)
@@ -296,9 +287,8 @@ def run_efficiency(
               + ("CUDA peak allocated/reserved" if _device_type(w.device).startswith("cuda") else "resident set "
                  "size (RSS) of a separate process per method; ΔRSS = peak minus RSS before the fit/predict")
               + "; GB/1k = per 1,000 spots of the largest training slide.")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(header + "\n\n" + table + "\n")
     result = {"records": records, "table": table, "where": where, "out_dir": str(out), "header": header, **settings,
               "command": command, "key": key}
     write_json(result, out / "efficiency.json")
+    (out / "table.md").write_text(header + "\n\n" + table + "\n")
     return result

@@ -1,17 +1,6 @@
-"""The one benchmark harness: a measurement in a fresh process, its peak memory, its timing and the machine's.
-
-Used by `hist_st.bench.speed` (``hist-st bench speed``), `hist_st.bench.efficiency` (Table 1) and
-`hist_st.bench.scaling` (Figure 3):
-
-- `run_isolated` runs ``worker(spec)`` of a `hist_st.bench` module in a fresh ``python -m
-  hist_st.bench.harness`` process with a timeout, so that one measurement's allocations, caches and
-  imports never count against another's; a crash or timeout becomes ``{..., "error": str}``;
-- `PeakMemory` reads one phase's peak memory: on the CPU the resident set size (RSS) before the phase
-  and its peak inside it (Linux resets the kernel's high-water mark on entry, ``/proc/self/clear_refs``,
-  so the peak is exact and belongs to the phase; elsewhere it is the process's peak so far); on CUDA the
-  peak allocated and reserved memory. GB = 1e9 bytes;
-- `timed_steps` times a step synchronised (CUDA), after a warm-up; `matmul_gflops` is the same-process
-  dense matmul reference that a model's FLOP/s are read against.
+"""The one benchmark harness of `hist_st.bench.speed`, `efficiency` (Table 1) and `scaling` (Figure 3): a
+measurement in a fresh process (`run_isolated`), one phase's peak memory (`PeakMemory`), synchronised timing
+(`timed_steps`) and the dense matmul a model's FLOP/s are read against (`matmul_gflops`). GB = 1e9 bytes.
 
 ```python
 from hist_st.bench.harness import PeakMemory, matmul_gflops, run_isolated, timed_steps
@@ -44,7 +33,7 @@ import torch
 from hist_st.errors import InputError
 from hist_st.memory import trim_heap
 
-__all__ = ["GB", "PeakMemory", "current_rss", "matmul_gflops", "run_isolated", "sync", "timed_steps"]
+__all__ = ["GB", "PeakMemory", "matmul_gflops", "run_isolated", "sync", "timed_steps"]
 
 GB = 1e9
 
@@ -75,14 +64,9 @@ def matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = 
     return 2 * size**3 / statistics.median(timed_steps(lambda: a @ b, device, repeats)) / 1e9
 
 
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes."""
-    return psutil.Process().memory_info().rss
-
-
 def _peak_rss() -> int:
-    """Peak RSS of this process in bytes since the last `_reset_peak_rss` (Linux: ``VmHWM``), else since it
-    started (``ru_maxrss``)."""
+    """Peak RSS of this process in bytes since the high-water mark was last reset (Linux: ``VmHWM``), else since
+    it started (``ru_maxrss``)."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -90,17 +74,12 @@ def _peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def _reset_peak_rss() -> None:
-    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0); elsewhere nothing."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 class PeakMemory:
     """Peak memory of this process inside a ``with`` block (one phase of a measurement).
+
+    On the CPU the resident set size (RSS) before the phase and its peak inside it: Linux (>= 4.0) resets the
+    kernel's high-water mark on entry (``/proc/self/clear_refs``), so the peak belongs to the phase; elsewhere it
+    is the process's peak so far. On CUDA also the peak allocated and reserved memory.
 
     Attributes (after the block): ``rss_before`` / ``rss_peak`` (bytes), and on CUDA ``cuda_allocated`` /
     ``cuda_reserved`` (bytes, peaks inside the block).
@@ -108,21 +87,24 @@ class PeakMemory:
 
     def __init__(self, device: str) -> None:
         self.cuda = str(device).startswith("cuda")
-        self.rss_before = self.rss_peak = 0
-        self.cuda_allocated = self.cuda_reserved = 0
+        self.rss_before = self.rss_peak = self.cuda_allocated = self.cuda_reserved = 0
 
     def __enter__(self) -> PeakMemory:
         gc.collect()
         trim_heap()  # freed heap pages go back, so the phase's RSS counts its own allocations
-        self.rss_before = current_rss()  # before CUDA starts (its context counts in the phase, as in a run)
-        _reset_peak_rss()
+        self.rss_before = psutil.Process().memory_info().rss  # before CUDA starts (its context counts in the phase)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the RSS high-water mark to the current RSS
+        except OSError:
+            pass
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.rss_peak = max(_peak_rss(), current_rss(), self.rss_before)
+        self.rss_peak = max(_peak_rss(), psutil.Process().memory_info().rss, self.rss_before)
         if self.cuda:
             self.cuda_allocated = torch.cuda.max_memory_allocated()
             self.cuda_reserved = torch.cuda.max_memory_reserved()
@@ -138,7 +120,8 @@ class PeakMemory:
 
 def run_isolated(module: str, spec: Mapping[str, Any], *, timeout: float | None, threads: int = 0,
                  label: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``module.worker(spec)`` in a fresh ``python -m hist_st.bench.harness`` process.
+    """``module.worker(spec)`` in a fresh ``python -m hist_st.bench.harness`` process, so that one measurement's
+    allocations, caches and imports never count against another's.
 
     Args:
         module: A `hist_st.bench` module with ``worker(spec: dict) -> dict`` (e.g. ``hist_st.bench.speed``).
@@ -170,9 +153,8 @@ def _main(argv: list[str]) -> int:
     if len(argv) != 3 or not argv[0].startswith("hist_st.bench."):
         print("usage: python -m hist_st.bench.harness hist_st.bench.MODULE SPEC.json RESULT.json", file=sys.stderr)
         return 2
-    worker = importlib.import_module(argv[0]).worker
     try:
-        rec = worker(json.loads(Path(argv[1]).read_text()))
+        rec = importlib.import_module(argv[0]).worker(json.loads(Path(argv[1]).read_text()))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -52,11 +52,10 @@ def plot_speed(results: Sequence[Mapping[str, Any]], out_dir: str | Path) -> lis
         if not times:  # fewer than two sizes along this axis: no curve (and no stale figure of an earlier run)
             path.unlink(missing_ok=True)
             continue
-        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         sizes = sorted({x for pts in times.values() for x, _ in pts})
-        _loglog(ax_t, times, axis, "seconds per slide", ticks=sizes)
-        _loglog(ax_m, mems, axis, "peak memory (GB)", ticks=sizes)
-        for ax in (ax_t, ax_m):
+        for ax, series, ylabel in zip(axes, (times, mems), ("seconds per slide", "peak memory (GB)")):
+            _loglog(ax, series, axis, ylabel, ticks=sizes)
             ax.legend()
         fig.suptitle(f"HiST time and memory vs {axis}")
         fig.tight_layout()
