@@ -1,20 +1,11 @@
 """Table 1: time per slide and peak memory of every method on the same slides (Figure 3 repeats it over sizes,
-`hist_st.bench.scaling`).
+`hist_st.bench.scaling`), each (method, data size) in its own process (`hist_st.bench.harness.run_isolated`; a
+crash or timeout is recorded), built by `hist_st.methods.get_method` and timed through ``fit`` / ``predict``.
 
-Each (method, data size) is measured in its own process (`hist_st.bench.harness.run_isolated`; a crash or
-timeout is recorded instead of stopping the run). Every method, HiST included, is built by
-`hist_st.methods.get_method` and timed through ``fit`` / ``predict``. Inside the worker:
-
-- **time**: ``fit`` wall time divided by (training slides x epochs) gives train seconds per slide (methods
-  without epochs, such as ``ridge`` and ``mean``, count one pass); inference seconds per slide is the mean
-  over the test slides after one untimed warm-up prediction;
-- **memory** (`hist_st.bench.harness.PeakMemory`, one phase each for the fit and for inference): on CUDA
-  the peak allocated / reserved memory; on the CPU the peak resident set size (RSS) and its increase over
-  the RSS just before the phase (data and imports are already loaded, so the increase isolates the
-  method). The allocator may reuse memory freed after the fit, so the CPU inference increase is a lower
-  bound;
-- **per 1k spots**: the memory increase (CPU) or reserved peak (CUDA) divided by the largest training
-  slide's spots / 1000 (the paper normalises by the peak number of spots).
+The quantities are those the table's header defines (`run_efficiency`). Besides: methods without epochs
+(``ridge``, ``mean``) count one pass; memory is one `hist_st.bench.harness.PeakMemory` phase each for the fit
+and for inference, taken after the data and imports are loaded (CUDA: the reserved peak); the allocator may
+reuse memory freed after the fit, so the CPU inference ΔRSS is a lower bound.
 
 ```python
 from hist_st.bench.efficiency import Workers, run_efficiency
@@ -44,7 +35,8 @@ from hist_st.train.config import GeneConfig, load_config, with_gene_set
 from hist_st.train.data import embedding_key, list_slides, load_slides, read_manifest, select_genes
 from hist_st.train.folds import make_folds
 
-__all__ = ["Workers", "SyntheticSlides", "measure", "worker", "run_efficiency", "format_efficiency_table", "timing_key"]
+__all__ = ["Workers", "SyntheticSlides", "measure", "worker", "run_efficiency", "format_efficiency_table",
+           "timing_key"]
 
 
 def _device_type(device: str) -> str:
@@ -81,8 +73,8 @@ def reusable(path: Path, key: str, reuse: bool) -> dict[str, Any] | None:
 
 
 def _random_patches(slide: Any) -> np.ndarray:
-    """A `hist_st.methods.PatchSource`: random uint8 patches ``[N, 32, 32, 3]`` (seeded by slide id), for timing
-    ST-Net on synthetic slides that have no H&E image; the network's cost does not depend on the pixel values."""
+    """A `hist_st.methods.PatchSource`: random uint8 patches ``[N, 32, 32, 3]`` (seeded by slide id), to time
+    ST-Net on synthetic slides, which have no H&E image (the network's cost does not depend on the pixels)."""
     rng = np.random.default_rng(zlib.crc32(slide.slide_id.encode()))
     return rng.integers(0, 256, size=(slide.n_spots, 32, 32, 3), dtype=np.uint8)
 
@@ -107,8 +99,9 @@ def _load_data(data: Mapping[str, Any]) -> tuple[list[Any], list[Any], list[str]
     if "synthetic" in data:
         p = {k: int(v) for k, v in data["synthetic"].items()}  # SyntheticSlides.data
         params = cohort_params(p["seed"], p["n_genes"], p["embed_dim"], 5)
-        slides = [make_slide(f"eff{i:02d}", p["n_spots"], "hex", p["seed"] + i, p["n_genes"], p["embed_dim"], f"P{i}",
-                             cohort_seed=p["seed"], params=params) for i in range(p["n_train"] + p["n_test"])]
+        slides = [make_slide(f"eff{i:02d}", p["n_spots"], "hex", p["seed"] + i, p["n_genes"], p["embed_dim"],
+                             f"P{i}", cohort_seed=p["seed"], params=params)
+                  for i in range(p["n_train"] + p["n_test"])]
         return slides[: p["n_train"]], slides[p["n_train"] :], [str(g) for g in slides[0].genes], ENCODER
     cohort = data["cohort"]
     train, test = load_slides(cohort, data["train"]), load_slides(cohort, data["test"])
@@ -188,7 +181,8 @@ def format_efficiency_table(records: Sequence[Mapping[str, Any]]) -> str:
             continue
         k = r["max_train_spots"] / 1000.0
         if cuda:
-            mem = [*(f"{_fmt(r[c], 2)} ({_fmt(r[c] / k, 2)})" for c in ("train_alloc_gb", "train_reserved_gb")),
+            mem = [f"{_fmt(r['train_alloc_gb'], 2)} ({_fmt(r['train_alloc_gb'] / k, 2)})",
+                   f"{_fmt(r['train_reserved_gb'], 2)} ({_fmt(r['train_reserved_gb'] / k, 2)})",
                    _fmt(r.get("infer_reserved_gb"), 2)]
         else:
             mem = [_fmt(r["train_rss_peak_gb"], 2), f"{_fmt(r['train_rss_delta_gb'], 3)} ({_fmt(r['train_mem_gb_per_1k'], 3)})",

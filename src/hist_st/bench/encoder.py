@@ -1,6 +1,7 @@
 """`hist-st bench encoder`: patch encoder throughput (patches/s) per setting, and the prepare pipeline's
-(`hist_st.embed.embed_batches` reading on the encoder's thread, ``prefetch 0``, or in the background, ``prefetch 2``).
-Settings are timed interleaved, one batch of each in turn, so a machine whose speed drifts slows all alike.
+(`hist_st.embed.embed_batches` reading on the encoder's thread, ``prefetch 0``, or in the background,
+``prefetch 2``). Settings are timed interleaved, one batch of each in turn, so that a machine whose speed
+drifts slows all of them alike.
 """
 
 from __future__ import annotations
@@ -23,16 +24,9 @@ __all__ = ["encoder_bench", "format_encoder"]
 
 
 def encoder_bench(
-    *,
-    encoder: str = "efficientnet-lite0",
-    weights: str | None = None,
-    device: str = "cpu",
-    threads: int = 2,
-    batch_sizes: tuple[int, ...] = (32, 64),
-    precisions: tuple[str, ...] = ("fp32", "bf16"),
-    rounds: int = 4,
-    pipeline: bool = True,
-    root: str | Path = HER2ST,
+    *, encoder: str = "efficientnet-lite0", weights: str | None = None, device: str = "cpu", threads: int = 2,
+    batch_sizes: tuple[int, ...] = (32, 64), precisions: tuple[str, ...] = ("fp32", "bf16"), rounds: int = 4,
+    pipeline: bool = True, root: str | Path = HER2ST,
 ) -> dict[str, Any]:
     """Patches/s of the encoder per (precision, batch size), and of the whole patch-to-embedding loop.
 
@@ -73,7 +67,8 @@ def encoder_bench(
             e = encs[p].encode(patches[:b])
             rate = b / (time.perf_counter() - t)
             if r == 0:  # the warm-up round: cosine of each embedding to the reference's
-                cos[(p, b)] = (e * ref[:b]).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref[:b], axis=1))
+                norms = np.linalg.norm(e, axis=1) * np.linalg.norm(ref[:b], axis=1)
+                cos[(p, b)] = (e * ref[:b]).sum(1) / norms
             else:
                 rates[(p, b)].append(rate)
     rows = [

@@ -65,8 +65,8 @@ def matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = 
 
 
 def _peak_rss() -> int:
-    """Peak RSS of this process in bytes since the high-water mark was last reset (Linux: ``VmHWM``), else since
-    it started (``ru_maxrss``)."""
+    """Peak RSS of this process in bytes since its high-water mark was last reset (Linux: ``VmHWM``), else
+    since it started (``ru_maxrss``)."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -77,9 +77,9 @@ def _peak_rss() -> int:
 class PeakMemory:
     """Peak memory of this process inside a ``with`` block (one phase of a measurement).
 
-    On the CPU the resident set size (RSS) before the phase and its peak inside it: Linux (>= 4.0) resets the
-    kernel's high-water mark on entry (``/proc/self/clear_refs``), so the peak belongs to the phase; elsewhere it
-    is the process's peak so far. On CUDA also the peak allocated and reserved memory.
+    On the CPU the resident set size (RSS) before the phase and its peak inside it: Linux (>= 4.0) resets
+    the kernel's high-water mark on entry (``/proc/self/clear_refs``), so the peak belongs to the phase;
+    elsewhere it is the process's peak so far. On CUDA also the peak allocated and reserved memory.
 
     Attributes (after the block): ``rss_before`` / ``rss_peak`` (bytes), and on CUDA ``cuda_allocated`` /
     ``cuda_reserved`` (bytes, peaks inside the block).
@@ -92,7 +92,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         gc.collect()
         trim_heap()  # freed heap pages go back, so the phase's RSS counts its own allocations
-        self.rss_before = psutil.Process().memory_info().rss  # before CUDA starts (its context counts in the phase)
+        self.rss_before = psutil.Process().memory_info().rss  # before CUDA starts: its context counts
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the RSS high-water mark to the current RSS
@@ -120,8 +120,8 @@ class PeakMemory:
 
 def run_isolated(module: str, spec: Mapping[str, Any], *, timeout: float | None, threads: int = 0,
                  label: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``module.worker(spec)`` in a fresh ``python -m hist_st.bench.harness`` process, so that one measurement's
-    allocations, caches and imports never count against another's.
+    """``module.worker(spec)`` in a fresh ``python -m hist_st.bench.harness`` process, so that one
+    measurement's allocations, caches and imports never count against another's.
 
     Args:
         module: A `hist_st.bench` module with ``worker(spec: dict) -> dict`` (e.g. ``hist_st.bench.speed``).
@@ -149,18 +149,15 @@ def run_isolated(module: str, spec: Mapping[str, Any], *, timeout: float | None,
         return json.loads(out_path.read_text())
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str]) -> None:
     if len(argv) != 3 or not argv[0].startswith("hist_st.bench."):
-        print("usage: python -m hist_st.bench.harness hist_st.bench.MODULE SPEC.json RESULT.json", file=sys.stderr)
-        return 2
+        sys.exit("usage: python -m hist_st.bench.harness hist_st.bench.MODULE SPEC.json RESULT.json")
     try:
         rec = importlib.import_module(argv[0]).worker(json.loads(Path(argv[1]).read_text()))
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        sys.exit(f"error: {exc}")  # the message, without a traceback, ends the error record
     Path(argv[2]).write_text(json.dumps(rec))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    _main(sys.argv[1:])

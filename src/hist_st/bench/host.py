@@ -1,10 +1,6 @@
 """`hist-st bench host`: what one training step costs on the host when the model is tiny (issue 15, item 2).
-
-On a her2st-sized slide (~200 spots) with a dim-32 model, kernel time is negligible, so a step's time
-is augmentation, lattice mapping, batch building and the Python/dispatcher cost of the forward, backward
-and optimiser step: a lower bound for any GPU step on small slides. Each phase is timed separately,
-step after step, and the median over many steps is reported, with the number of tensor operations the
-forward and backward dispatch (from which the cost per operation follows).
+With a dim-32 model on ~200 spots kernel time is negligible, so the median time per phase and the tensor
+operations the forward and backward dispatch bound any GPU step on small slides from below.
 """
 
 from __future__ import annotations
@@ -51,7 +47,7 @@ class _CountOps(TorchDispatchMode):
 
     n = 0
 
-    def __torch_dispatch__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_dispatch__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
         self.n += 1
         return func(*args, **(kwargs or {}))
 
@@ -119,9 +115,10 @@ def host_overhead(
         loss.backward()
     return {
         "matmul_gflops": matmul_gflops("cpu"), "slide": f"{label} ({slide.n_spots} spots)", "spots": len(xy),
-        "threads": threads, "model": {"dim": dim, "heads": heads, "in_dim": in_dim, "genes": genes}, "steps": steps,
-        "phases": {p: med[p] for p in PHASES}, "step_s": med["step"],
-        "host_data_s": med["augment"] + med["lattice"] + med["batch"], "ops_forward": fwd.n, "ops_backward": bwd.n,
+        "threads": threads, "model": {"dim": dim, "heads": heads, "in_dim": in_dim, "genes": genes},
+        "steps": steps, "phases": {p: med[p] for p in PHASES}, "step_s": med["step"],
+        "host_data_s": med["augment"] + med["lattice"] + med["batch"],
+        "ops_forward": fwd.n, "ops_backward": bwd.n,
         "us_per_op": 1e6 * (med["forward"] + med["backward"]) / max(fwd.n + bwd.n, 1),
     }
 

@@ -12,14 +12,13 @@ __all__ = ["plot_speed", "plot_scaling"]
 
 
 def _loglog(ax: Any, series: Mapping[str, Sequence[tuple[float, float]]], xlabel: str, ylabel: str,
-            colours: Mapping[str, Any] | None = None, ticks: Sequence[int] = ()) -> None:
+            colours: Mapping[str, Any] | None = None, ticks: Sequence[int] = (), title: str = "") -> None:
     """One log-log panel: a line per ``label -> [(x, y), ...]``; ``ticks``: label these x values only."""
     for label, pts in series.items():
         if pts:
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, "o-", lw=1.5, color=(colours or {}).get(label), label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     if ticks:  # the measured sizes only (log-axis minor labels collide)
         ax.set_xticks(list(ticks), [str(x) for x in ticks])
         ax.xaxis.set_minor_formatter(pyplot().NullFormatter())
@@ -28,8 +27,6 @@ def _loglog(ax: Any, series: Mapping[str, Sequence[tuple[float, float]]], xlabel
     low, high = ax.get_ylim()
     if high < 10 * low:  # within one decade the minor ticks are the only labels
         ax.yaxis.set_minor_formatter(fmt)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
 
 
@@ -83,8 +80,8 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
                                            (f"{phase}_mem_gb", f"{phase} memory GB (CPU: ΔRSS)"))):
             series = {m: [(rec[xkey], rec[key]) for rec in records if rec["method"] == m and rec["axis"] == axis
                           and rec.get(key) is not None and rec[key] > 0] for m in methods}
-            _loglog(axes[r, c], series, "spots per slide" if axis == "spots" else "genes", ylabel, colour, ticks)
-            axes[r, c].set_title(f"{phase} / {axis}")
+            xlabel = "spots per slide" if axis == "spots" else "genes"
+            _loglog(axes[r, c], series, xlabel, ylabel, colour, ticks, f"{phase} / {axis}")
     legend: dict[str, Any] = {}  # label -> first handle
     for ax in axes.ravel():
         for handle, label in zip(*ax.get_legend_handles_labels()):

@@ -1,6 +1,6 @@
-"""`hist-st bench speed`: HiST's train-step and inference time, peak memory and FLOP/s against spots and genes,
-one step as a user runs it on synthetic lattice slides, one fresh process per setting (issue 15; every method's
-Figure 3 is `hist_st.bench.scaling`)."""
+"""`hist-st bench speed`: HiST's train-step and inference time, peak memory and FLOP/s against spots and
+genes, one step as a user runs it on synthetic lattice slides, one fresh process per setting (issue 15;
+every method's Figure 3 is `hist_st.bench.scaling`)."""
 
 from __future__ import annotations
 
@@ -57,15 +57,15 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
     """Run one setting in this process and return its timings, memory and FLOPs.
 
     Inference is `HiST.forward` under ``inference_mode``; a train step is `hist_st.train.loop.forward_loss`,
-    backward and `hist_st.train.loop.finish_step` (the optimizer and allocator as ``hist-st train``); the lattice
-    indices are rebuilt every step (an augmented lattice). The peak memory is read right after them
-    (``import_rss_gb``: the RSS of the library alone); the matmul reference and the FLOP count (a separate forward
-    pass) come after that reading, so neither adds to the memory reported.
+    backward and `hist_st.train.loop.finish_step` (optimizer and allocator as in ``hist-st train``); the
+    lattice indices are rebuilt every step (an augmented lattice). The peak memory is read right after them
+    (``import_rss_gb``: the RSS of the library alone); the matmul reference and the FLOP count (a separate
+    forward pass) come after that reading, so neither adds to the memory reported.
     """
     dev = s.device
     if s.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {s.precision!r}: choose auto, fp32 or bf16")
-    amp = s.precision == "bf16" or (s.precision == "auto" and dev.startswith("cuda"))  # the trunk under bf16 autocast
+    amp = s.precision == "bf16" or (s.precision == "auto" and dev.startswith("cuda"))  # bf16 autocast
     with PeakMemory(dev) as mem:
         allocator = apply_malloc(parse_malloc(s.malloc, "--malloc")) if dev == "cpu" else MallocPolicy()
         torch.set_num_threads(s.threads)

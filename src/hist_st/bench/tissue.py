@@ -1,8 +1,8 @@
 """Tissue-detection benchmark (``hist-st bench tissue``) against labels that exist independently of the
-detector: her2st's selected spots and glass positions, Space Ranger's ``in_tissue`` spots and the Visium capture
-area (the full 78 x 128 array, placed by an affine fit of pixel on array coordinates, plus half a pitch) around
-pseudo-spots laid over the mask, and images without tissue that must be refused (definitions and results:
-docs/results/visium.md, section 2).
+detector: her2st's selected spots and glass positions, Space Ranger's ``in_tissue`` spots and the Visium
+capture area (the full 78 x 128 array, placed by an affine fit of pixel on array coordinates, plus half a
+pitch) around pseudo-spots laid over the mask, and images without tissue that must be refused (definitions
+and results: docs/results/visium.md, section 2).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.path import Path as Polygon
 from scipy.spatial import ConvexHull, cKDTree
 
 from hist_st.bench import markdown_table
@@ -66,10 +67,9 @@ def bench_spaceranger(outs: str | Path, image: str | Path | None = None) -> dict
     outs = Path(outs)
     spatial_dir = outs / "spatial"
     pos = read_tissue_positions(spatial_dir)
-    sf = read_scalefactors(spatial_dir)
     xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
     rc = pos[["array_row", "array_col"]].to_numpy(np.float64)
-    path, scale, how = resolve_image_scale(image, sf, xy, spatial_dir)
+    path, scale, how = resolve_image_scale(image, read_scalefactors(spatial_dir), xy, spatial_dir)
     if path is None:
         raise InputError(spatial_dir, "no usable image (hires/lowres) to detect tissue on")
     with open_image(path, scale=scale) as img:
@@ -78,11 +78,9 @@ def bench_spaceranger(outs: str | Path, image: str | Path | None = None) -> dict
     in_t = pos["in_tissue"].astype(int).to_numpy() == 1
     called = mask.contains(xy)
     coef = _affine(rc[:, ::-1], xy)  # pixel ~ (col, row)
-    full = np.argwhere(np.indices(VISIUM_ARRAY).sum(0) % 2 == 0)  # (row, col); Visium: even rows on even columns
+    full = np.argwhere(np.indices(VISIUM_ARRAY).sum(0) % 2 == 0)  # (row, col): even rows on even columns
     full_px = np.column_stack([full[:, ::-1], np.ones(len(full))]) @ coef
     pitch_px = float(np.hypot(*coef[0])) * 2.0  # one array column is half a pitch
-    from matplotlib.path import Path as Polygon
-
     centre = full_px.mean(0)
     hull = full_px[ConvexHull(full_px).vertices] - centre  # the full array's hull, half a pitch wider
     capture = Polygon(centre + hull * (1 + 0.5 * pitch_px / np.linalg.norm(hull, axis=1, keepdims=True)))
@@ -91,9 +89,9 @@ def bench_spaceranger(outs: str | Path, image: str | Path | None = None) -> dict
     outside = ~capture.contains_points(ps)
     lo, hi = full_px.min(0), full_px.max(0)
     o = ps[outside]
-    within_x = (o[:, 0] >= lo[0]) & (o[:, 0] <= hi[0])
+    x_in = (o[:, 0] >= lo[0]) & (o[:, 0] <= hi[0])
     sides = {"left": int((o[:, 0] < lo[0]).sum()), "right": int((o[:, 0] > hi[0]).sum()),
-             "top": int((within_x & (o[:, 1] < lo[1])).sum()), "bottom": int((within_x & (o[:, 1] > hi[1])).sum())}
+             "top": int((x_in & (o[:, 1] < lo[1])).sum()), "bottom": int((x_in & (o[:, 1] > hi[1])).sum())}
     return {
         "sample": outs.parent.name if outs.name == "outs" else outs.name,
         "image": str(path), "image_scale": scale, "image_scale_source": how,
@@ -103,8 +101,7 @@ def bench_spaceranger(outs: str | Path, image: str | Path | None = None) -> dict
         "fiducial_dots_removed": int(mask.n_fiducials),
         "pseudo_spots": int(len(ps)), "pseudo_spots_outside_capture_area": int(outside.sum()),
         "share_outside_capture_area": float(outside.mean()) if len(ps) else None,
-        "outside_capture_area_by_side": sides,
-        "tissue_fraction": mask.fraction,
+        "outside_capture_area_by_side": sides, "tissue_fraction": mask.fraction,
     }
 
 
@@ -145,20 +142,22 @@ def tissue_markdown(res: dict[str, Any]) -> str:
     lines = []
     if res.get("her2st"):
         head = ["her2st section", "tissue spots", "recall", "glass positions", "glass called tissue"]
-        lines += markdown_table(head, [[r["slide"], r["tissue_spots"], f"{r['recall']:.3f}", r["glass_positions"],
-                                        _share(r["glass_called_tissue"], "n/a")] for r in res["her2st"]]) + [""]
+        rows = [[r["slide"], r["tissue_spots"], f"{r['recall']:.3f}", r["glass_positions"],
+                 _share(r["glass_called_tissue"], "n/a")] for r in res["her2st"]]
+        lines += [*markdown_table(head, rows), ""]
     if res.get("spaceranger"):
-        head = ["Space Ranger sample", "image", "in_tissue spots", "recall", "out-of-tissue spots called tissue",
-                "fiducial dots removed", "pseudo-spots", "outside capture area (left/right/top/bottom)"]
+        head = ["Space Ranger sample", "image", "in_tissue spots", "recall",
+                "out-of-tissue spots called tissue", "fiducial dots removed", "pseudo-spots",
+                "outside capture area (left/right/top/bottom)"]
         rows = [[r["sample"], f"{Path(r['image']).name} (scale {r['image_scale']:g})", r["in_tissue_spots"],
                  f"{r['recall']:.3f}", _share(r["out_of_tissue_called_tissue"], "n/a (none listed)"),
                  r["fiducial_dots_removed"], r["pseudo_spots"],
                  f"{r['pseudo_spots_outside_capture_area']} ({r['share_outside_capture_area']:.1%}; "
-                 + "/".join(str(r["outside_capture_area_by_side"][k]) for k in ("left", "right", "top", "bottom")) + ")"]
+                 + "/".join(map(str, r["outside_capture_area_by_side"].values())) + ")"]
                 for r in res["spaceranger"]]
-        lines += markdown_table(head, rows) + [""]
-    refusals = [[r["image"], "yes" if r["refused"] else "**no**", r["message"]] for r in res["refusals"]]
-    return "\n".join([*lines, *markdown_table(["image without tissue", "refused", "message"], refusals)]) + "\n"
+        lines += [*markdown_table(head, rows), ""]
+    rows = [[r["image"], "yes" if r["refused"] else "**no**", r["message"]] for r in res["refusals"]]
+    return "\n".join([*lines, *markdown_table(["image without tissue", "refused", "message"], rows)]) + "\n"
 
 
 def _share(value: float | None, missing: str) -> str:
