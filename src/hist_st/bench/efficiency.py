@@ -2,10 +2,9 @@
 `hist_st.bench.scaling`), each (method, data size) in its own process (`hist_st.bench.harness.run_isolated`; a
 crash or timeout is recorded), built by `hist_st.methods.get_method` and timed through ``fit`` / ``predict``.
 
-The quantities are those the table's header defines (`run_efficiency`). Besides: methods without epochs
-(``ridge``, ``mean``) count one pass; memory is one `hist_st.bench.harness.PeakMemory` phase each for the fit
-and for inference, taken after the data and imports are loaded (CUDA: the reserved peak); the allocator may
-reuse memory freed after the fit, so the CPU inference ΔRSS is a lower bound.
+The table's header (`run_efficiency`) defines its quantities; besides, methods without epochs count one pass,
+and memory is one `hist_st.bench.harness.PeakMemory` phase each for the fit and for inference after the data
+is loaded (the allocator may reuse memory freed after the fit: the CPU inference ΔRSS is a lower bound).
 
 ```python
 from hist_st.bench.efficiency import Workers, run_efficiency
@@ -35,8 +34,7 @@ from hist_st.train.config import GeneConfig, load_config, with_gene_set
 from hist_st.train.data import embedding_key, list_slides, load_slides, read_manifest, select_genes
 from hist_st.train.folds import make_folds
 
-__all__ = ["Workers", "SyntheticSlides", "measure", "worker", "run_efficiency", "format_efficiency_table",
-           "timing_key"]
+__all__ = ["Workers", "SyntheticSlides", "measure", "run_efficiency", "format_efficiency_table", "timing_key"]
 
 
 def _device_type(device: str) -> str:
@@ -51,11 +49,10 @@ HARNESS = 2
 
 
 def timing_key(specs: Sequence[Mapping[str, Any]], **settings: Any) -> str:
-    """What a set of worker ``specs`` measures, as a `hist_st.evaluate.cache.digest`: every spec with its
-    cohort path resolved and without baseline ``epochs`` options (`measure` times its own epochs, and time is
-    reported per epoch), plus ``settings`` (e.g. the timeout). Recorded as ``key`` in ``efficiency.json`` /
-    ``scaling.json``; a run with the same key reuses the file. `HARNESS` is part of the key, so results
-    measured another way are measured again."""
+    """What a set of worker ``specs`` measures, as a `hist_st.evaluate.cache.digest` of every spec (its
+    cohort path resolved, without baseline ``epochs`` options: `measure` times its own epochs), ``settings``
+    (e.g. the timeout) and `HARNESS`. Recorded as ``key`` in ``efficiency.json`` / ``scaling.json``; a run
+    with the same key reuses the file."""
     timed = []
     for spec in specs:
         data = dict(spec["data"])
@@ -116,13 +113,11 @@ def _method(spec: Mapping[str, Any], device: str, emb: str) -> tuple[Method, int
         overrides = [*spec.get("overrides", []), f"epochs={epochs}", "progress=false", f"device={device}",
                      f"embedding={emb}"]
         return get_method("hist", config=load_config(None, with_gene_set(overrides))), epochs
-    opts, params = dict(spec.get("baseline_options") or {}), method_option_names(name)
+    params, given = method_option_names(name), dict(spec.get("baseline_options") or {})
+    defaults = {"device": device, "patches": _random_patches if "synthetic" in spec["data"] else None}
+    opts = {**{k: v for k, v in defaults.items() if k in params and v is not None}, **given}
     if "epochs" in params:  # the timed epochs, whatever the accuracy runs used (time is per epoch)
         opts["epochs"] = epochs
-    if "device" in params:
-        opts.setdefault("device", device)
-    if "patches" in params and "synthetic" in spec["data"]:
-        opts.setdefault("patches", _random_patches)
     return get_method(name, **opts), epochs if "epochs" in params else 1
 
 
@@ -130,12 +125,11 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Fit and time one method on one data set in this process (`run_efficiency` calls it in a fresh one).
 
     Args:
-        spec: ``method``; ``data`` (``{"cohort", "train", "test", "genes"}`` or ``{"synthetic": {n_train,
-            n_test, n_spots, n_genes, embed_dim, seed}}``); ``epochs``; ``overrides`` (HiST config);
-            ``baseline_options``; ``device``; ``threads``; ``seed``.
+        spec: ``method``; ``data`` (``{"cohort", "train", "test", "genes"}`` or `SyntheticSlides.data`);
+            ``epochs``; ``overrides`` (HiST config); ``baseline_options``; ``device``; ``threads``; ``seed``.
 
     Returns:
-        The measurement record (see the module docstring for the definitions).
+        The measurement record.
     """
     set_threads(int(spec.get("threads", 0)))
     device = _device_type(str(spec.get("device", "auto")))
@@ -249,7 +243,7 @@ def run_efficiency(
         cohort: A prepared cohort: its fold-0 split (``make_folds(k=folds, workers.seed)``) gives the
             training and test slides, ``genes`` the gene set. None: the ``synthetic`` slides.
         genes, folds: Gene set and fold count on a cohort.
-        synthetic: The slides without a cohort (default `SyntheticSlides()`: 3 + 1 slides of 2,000 spots and genes).
+        synthetic: The slides without a cohort (default `SyntheticSlides()`).
         command: The command line, recorded in ``efficiency.json``.
         reuse: Return ``out_dir/efficiency.json`` instead of measuring when it records the same `timing_key`.
 
@@ -270,8 +264,7 @@ def run_efficiency(
     specs = w.specs(data)
     out = Path(out_dir)
     key = timing_key(specs, timeout=w.timeout)
-    prior = reusable(out / "efficiency.json", key, reuse)
-    if prior is not None:
+    if (prior := reusable(out / "efficiency.json", key, reuse)) is not None:
         return prior
     records = [w.run(s) for s in tqdm(specs, desc="efficiency", unit="method", disable=not w.progress)]
     settings = w.record(records)

@@ -1,26 +1,36 @@
 """`hist-st bench encoder`: patch encoder throughput (patches/s) per setting, and the prepare pipeline's
 (`hist_st.embed.embed_batches` reading on the encoder's thread, ``prefetch 0``, or in the background,
-``prefetch 2``). Settings are timed interleaved, one batch of each in turn, so that a machine whose speed
-drifts slows all of them alike.
-"""
+``prefetch 2``)."""
 
 from __future__ import annotations
 
 import statistics
-import time
+from collections.abc import Callable, Hashable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from hist_st.bench.harness import matmul_gflops, sync
+from hist_st.bench.harness import matmul_gflops, timed_steps
 from hist_st.bench.host import HER2ST, her2st_slide
 from hist_st.embed import embed_batches
 from hist_st.encoders import get_encoder
 from hist_st.wsi import PatchParams, iter_patch_batches, open_image
 
 __all__ = ["encoder_bench", "format_encoder"]
+
+
+def _interleaved(calls: dict[Hashable, Callable[[], Any]], rounds: int, device: str) -> tuple[dict, dict]:
+    """Each call's result in an untimed warm-up round, and its seconds in each of ``rounds`` timed rounds. One
+    call of each in turn, round after round, so that a machine whose speed drifts slows all of them alike."""
+    first = {k: call() for k, call in calls.items()}
+    seconds: dict[Hashable, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            seconds[k] += timed_steps(call, device, repeats=1, warmup=0)
+    return first, seconds
 
 
 def encoder_bench(
@@ -57,41 +67,28 @@ def encoder_bench(
         patches, _ = next(iter_patch_batches(image, slide.spatial[:big], slide.um_per_px, PatchParams(), big))
     encs = {p: base.with_precision(p) if device == "cpu" else base for p in precisions}
     ref = base.encode(patches)  # fp32 on the CPU (bf16 autocast on CUDA)
-    settings = [(p, b) for p in precisions for b in batch_sizes]
-    rates: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
-    cos: dict[tuple[str, int], np.ndarray] = {}
-    for r in range(rounds + 1):
-        for p, b in settings:
-            sync(device)
-            t = time.perf_counter()
-            e = encs[p].encode(patches[:b])
-            rate = b / (time.perf_counter() - t)
-            if r == 0:  # the warm-up round: cosine of each embedding to the reference's
-                norms = np.linalg.norm(e, axis=1) * np.linalg.norm(ref[:b], axis=1)
-                cos[(p, b)] = (e * ref[:b]).sum(1) / norms
-            else:
-                rates[(p, b)].append(rate)
-    rows = [
-        {"precision": p, "batch": b, "patches_per_s": statistics.median(rates[(p, b)]),
-         "all": rates[(p, b)], "cos_min": float(cos[(p, b)].min()), "cos_median": float(np.median(cos[(p, b)]))}
-        for p, b in settings
-    ]
+    calls = {(p, b): partial(encs[p].encode, patches[:b]) for p in precisions for b in batch_sizes}
+    first, seconds = _interleaved(calls, rounds, device)
+    rows = []
+    for (p, b), e in first.items():  # e: the warm-up round's embeddings, against the reference's
+        cos = (e * ref[:b]).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref[:b], axis=1))
+        rates = [b / s for s in seconds[(p, b)]]
+        rows.append({"precision": p, "batch": b, "patches_per_s": statistics.median(rates), "all": rates,
+                     "cos_min": float(cos.min()), "cos_median": float(np.median(cos))})
     label = "random pixels" if slide is None else f"her2st {slide.slide_id} patches"
     out: dict[str, Any] = {"encoder": base.name, "device": device, "threads": threads, "patches": label,
                            "rows": rows, "pipeline": []}
     if pipeline and image is not None:
-        n = min(slide.n_spots, 4 * big)
-        b = batch_sizes[0]
-        prate: dict[int, list[float]] = {0: [], 2: []}
-        for r in range(max(2, rounds // 2) + 1):
-            for depth in (0, 2):
-                batches = iter_patch_batches(image, slide.spatial[:n], slide.um_per_px, PatchParams(), b)
-                t = time.perf_counter()
-                embed_batches(encs[precisions[0]], batches, n=n, prefetch_depth=depth)
-                if r:
-                    prate[depth].append(n / (time.perf_counter() - t))
+        n, b = min(slide.n_spots, 4 * big), batch_sizes[0]
+
+        def embed(depth: int) -> Any:
+            batches = iter_patch_batches(image, slide.spatial[:n], slide.um_per_px, PatchParams(), b)
+            return embed_batches(encs[precisions[0]], batches, n=n, prefetch_depth=depth)
+
+        _, seconds = _interleaved({d: partial(embed, d) for d in (0, 2)}, max(2, rounds // 2), device)
+        piped = {d: [n / s for s in t] for d, t in seconds.items()}
         out["pipeline"] = [{"prefetch": d, "precision": precisions[0], "batch": b, "patches": n,
-                            "patches_per_s": statistics.median(v), "all": v} for d, v in prate.items()]
+                            "patches_per_s": statistics.median(v), "all": v} for d, v in piped.items()]
     if image is not None:
         image.close()
     out["matmul_gflops"] = matmul_gflops(device)  # the machine's speed now, to read the rates against

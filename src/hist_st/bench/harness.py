@@ -33,25 +33,20 @@ import torch
 from hist_st.errors import InputError
 from hist_st.memory import trim_heap
 
-__all__ = ["GB", "PeakMemory", "matmul_gflops", "run_isolated", "sync", "timed_steps"]
+__all__ = ["GB", "PeakMemory", "matmul_gflops", "run_isolated", "timed_steps"]
 
 GB = 1e9
 
 
-def sync(device: str) -> None:
-    """Wait for the device's queued kernels (CUDA); nothing on the CPU."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed_steps(step: Callable[[], Any], device: str, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` untimed ones, synchronised."""
+    """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` untimed ones, synchronised (CUDA)."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else lambda: None
     times = []
     for i in range(warmup + repeats):
-        sync(device)
+        sync()
         t = time.perf_counter()
         step()
-        sync(device)
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return times
@@ -64,26 +59,11 @@ def matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = 
     return 2 * size**3 / statistics.median(timed_steps(lambda: a @ b, device, repeats)) / 1e9
 
 
-def _peak_rss() -> int:
-    """Peak RSS of this process in bytes since its high-water mark was last reset (Linux: ``VmHWM``), else
-    since it started (``ru_maxrss``)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 class PeakMemory:
-    """Peak memory of this process inside a ``with`` block (one phase of a measurement).
-
-    On the CPU the resident set size (RSS) before the phase and its peak inside it: Linux (>= 4.0) resets
-    the kernel's high-water mark on entry (``/proc/self/clear_refs``), so the peak belongs to the phase;
-    elsewhere it is the process's peak so far. On CUDA also the peak allocated and reserved memory.
-
-    Attributes (after the block): ``rss_before`` / ``rss_peak`` (bytes), and on CUDA ``cuda_allocated`` /
-    ``cuda_reserved`` (bytes, peaks inside the block).
-    """
+    """Peak memory of this process inside a ``with`` block (one phase of a measurement), in bytes: the
+    resident set size before it and its peak inside it (``rss_before``, ``rss_peak``; Linux >= 4.0 resets the
+    kernel's high-water mark on entry, so the peak is the phase's, elsewhere the process's so far) and on CUDA
+    the peak allocated and reserved memory inside it (``cuda_allocated``, ``cuda_reserved``)."""
 
     def __init__(self, device: str) -> None:
         self.cuda = str(device).startswith("cuda")
@@ -104,7 +84,13 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.rss_peak = max(_peak_rss(), psutil.Process().memory_info().rss, self.rss_before)
+        try:  # the peak since the reset (Linux: VmHWM), else since the process started
+            with open("/proc/self/status") as f:
+                peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):  # ru_maxrss: bytes on macOS, KiB elsewhere
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = maxrss if sys.platform == "darwin" else maxrss * 1024
+        self.rss_peak = max(peak, psutil.Process().memory_info().rss, self.rss_before)
         if self.cuda:
             self.cuda_allocated = torch.cuda.max_memory_allocated()
             self.cuda_reserved = torch.cuda.max_memory_reserved()

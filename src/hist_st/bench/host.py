@@ -24,7 +24,7 @@ from hist_st.model import HiST, HiSTConfig
 from hist_st.slide import Slide
 from hist_st.train.augment import augment_coords, schedule_strength
 from hist_st.train.config import AugmentConfig, TrainConfig
-from hist_st.train.loop import build_optimizer, forward_loss
+from hist_st.train.loop import build_optimizer, finish_step, forward_loss
 
 __all__ = ["HER2ST", "her2st_slide", "host_overhead", "format_host"]
 
@@ -75,10 +75,8 @@ def host_overhead(
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     slide = her2st_slide(root, section)
-    label = f"her2st {section}"
-    if slide is None:
-        slide = make_slide("host", n_spots=spots, grid="square", seed=seed, n_genes=8, embed_dim=4)
-        label = "synthetic square lattice"
+    label = "synthetic square lattice" if slide is None else f"her2st {section}"
+    slide = slide or make_slide("host", n_spots=spots, grid="square", seed=seed, n_genes=8, embed_dim=4)
     xy = continuous_coords(slide)
     feats, target = torch.randn(len(xy), in_dim), torch.randn(len(xy), genes)
     model = HiST(HiSTConfig(in_dim=in_dim, n_genes=genes, dim=dim, heads=heads)).train()
@@ -101,9 +99,7 @@ def host_overhead(
         t.append(time.perf_counter())
         loss.backward()
         t.append(time.perf_counter())
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        finish_step(model, opt, sched)
         t.append(time.perf_counter())
         if i >= warmup:
             for p, dt in zip((*PHASES, "step"), (*np.diff(t), t[-1] - t[0])):

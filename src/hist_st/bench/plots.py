@@ -74,18 +74,14 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
     methods = sorted({r["method"] for r in records}, key=lambda m: (m != "hist", m))
     colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for c, (axis, phase) in enumerate([("spots", "train"), ("spots", "infer"), ("genes", "train"), ("genes", "infer")]):
-        xkey = "n_spots" if axis == "spots" else "n_genes"
+        xkey, xlabel = ("n_spots", "spots per slide") if axis == "spots" else ("n_genes", "genes")
         ticks = sorted({rec[xkey] for rec in records if rec["axis"] == axis and "error" not in rec})
         for r, (key, ylabel) in enumerate(((f"{phase}_s_per_slide", f"{phase} s/slide"),
                                            (f"{phase}_mem_gb", f"{phase} memory GB (CPU: ΔRSS)"))):
             series = {m: [(rec[xkey], rec[key]) for rec in records if rec["method"] == m and rec["axis"] == axis
                           and rec.get(key) is not None and rec[key] > 0] for m in methods}
-            xlabel = "spots per slide" if axis == "spots" else "genes"
             _loglog(axes[r, c], series, xlabel, ylabel, colour, ticks, f"{phase} / {axis}")
-    legend: dict[str, Any] = {}  # label -> first handle
-    for ax in axes.ravel():
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
+    legend = {label: h for ax in axes.ravel() for h, label in zip(*ax.get_legend_handles_labels())}
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=len(legend), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.95))

@@ -48,15 +48,13 @@ def run_scaling(
     w = workers or Workers(epochs=1, timeout=1800.0)
     jobs = [("spots", int(n), int(fixed_genes)) for n in sorted(spots)]
     jobs += [("genes", int(fixed_spots), int(g)) for g in sorted(genes_list)]
-    slides = {job: SyntheticSlides(n_train=n_train, n_test=1, n_spots=job[1], n_genes=job[2]) for job in jobs}
-    runs = [(job, spec) for job in jobs for spec in w.specs(slides[job].data(w.seed))]
+    runs = [((axis, n, g), spec) for axis, n, g in jobs
+            for spec in w.specs(SyntheticSlides(n_train, 1, n, g).data(w.seed))]
     out = Path(out_dir)
     key = timing_key([spec for _, spec in runs], timeout=w.timeout)
-    prior = reusable(out / "scaling.json", key, reuse)
-    if prior is not None:
+    if (prior := reusable(out / "scaling.json", key, reuse)) is not None:
         return prior
-    records: list[dict[str, Any]] = []
-    failed: set[tuple[str, str]] = set()
+    records, failed = [], set()  # failed: (method, axis)
     for (axis, n, g), spec in tqdm(runs, desc="scaling", unit="run", disable=not w.progress):
         if (spec["method"], axis) in failed:
             continue

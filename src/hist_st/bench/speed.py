@@ -56,11 +56,9 @@ class SpeedSettings:
 def measure(s: SpeedSettings) -> dict[str, Any]:
     """Run one setting in this process and return its timings, memory and FLOPs.
 
-    Inference is `HiST.forward` under ``inference_mode``; a train step is `hist_st.train.loop.forward_loss`,
-    backward and `hist_st.train.loop.finish_step` (optimizer and allocator as in ``hist-st train``); the
-    lattice indices are rebuilt every step (an augmented lattice). The peak memory is read right after them
-    (``import_rss_gb``: the RSS of the library alone); the matmul reference and the FLOP count (a separate
-    forward pass) come after that reading, so neither adds to the memory reported.
+    Inference is `HiST.forward`; a train step `hist_st.train.loop.forward_loss`, backward and `finish_step`
+    as in ``hist-st train``, lattice indices rebuilt every step. The peak memory is read right after them
+    (``import_rss_gb``: the library alone), before the matmul reference and the FLOP count.
     """
     dev = s.device
     if s.precision not in ("auto", "fp32", "bf16"):
@@ -137,8 +135,7 @@ def run_speed_bench(
 
     Args:
         out_dir: Output folder.
-        spots: Slide sizes N.
-        genes: Gene counts G.
+        spots, genes: Slide sizes N and gene counts G.
         grid_mode: ``sweep`` (N at ``base_genes``, and G at ``base_spots``; a base that is not among the
             swept values is replaced by the largest one) or ``full`` (every pair).
         modes: ``infer`` and/or ``train``.
