@@ -7,6 +7,6 @@ from typing import Any
 
 
 def markdown_table(head: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """The lines of a Markdown table: ``head``, its rule and one line per row of cells."""
-    lines = [f"| {' | '.join(map(str, cells))} |" for cells in [head, *rows]]
+    """The lines of a Markdown table: ``head``, its rule and one line per row of cells (empty: ``| |``)."""
+    lines = ["|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|" for cells in [head, *rows]]
     return [lines[0], "|" + "---|" * len(head), *lines[1:]]

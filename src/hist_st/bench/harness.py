@@ -140,8 +140,9 @@ def _main(argv: list[str]) -> None:
         sys.exit("usage: python -m hist_st.bench.harness hist_st.bench.MODULE SPEC.json RESULT.json")
     try:
         rec = importlib.import_module(argv[0]).worker(json.loads(Path(argv[1]).read_text()))
-    except InputError as exc:
-        sys.exit(f"error: {exc}")  # the message, without a traceback, ends the error record
+    except InputError as exc:  # the message, without a traceback, ends the error record
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
     Path(argv[2]).write_text(json.dumps(rec))
 
 
