@@ -46,8 +46,7 @@ def bench_her2st(root: str | Path, sections: Sequence[str] | None = None) -> lis
         spots = pd.read_csv(sec.spots, sep="\t")
         sel = spots[spots.get("selected", 1) == 1]
         arr, px = sel[["x", "y"]].to_numpy(np.float64), sel[["pixel_x", "pixel_y"]].to_numpy(np.float64)
-        with open_image(sec.image) as img:
-            mask = detect_tissue(img)
+        mask = detect_tissue(sec.image)
         grid = np.argwhere(np.ones(ST_ARRAY, bool)) + 1.0  # array positions (x, y)
         glass = grid[cKDTree(arr).query(grid)[0] > 1.5]  # more than one array step from any selected spot
         called = mask.contains(np.column_stack([glass, np.ones(len(glass))]) @ _affine(arr, px))
