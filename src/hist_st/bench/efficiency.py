@@ -1,21 +1,10 @@
 """Table 1: time per slide and peak memory of every method on the same slides (Figure 3 repeats it over sizes,
-`hist_st.bench.scaling`).
+`hist_st.bench.scaling`), each (method, data size) in its own process (`hist_st.bench.harness.run_isolated`; a
+crash or timeout is recorded), built by `hist_st.methods.get_method` and timed through ``fit`` / ``predict``.
 
-Each (method, data size) is measured in its own process (`hist_st.bench.harness.run_isolated`), so one
-method's allocations, caches and imports never count against another's, and a crash or timeout is
-recorded instead of stopping the run. Every method, HiST included, is built by
-`hist_st.methods.get_method` and timed through ``fit`` / ``predict``. Inside the worker:
-
-- **time**: ``fit`` wall time divided by (training slides x epochs) gives train seconds per slide (methods
-  without epochs, such as ``ridge`` and ``mean``, count one pass); inference seconds per slide is the mean
-  over the test slides after one untimed warm-up prediction;
-- **memory** (`hist_st.bench.harness.PeakMemory`, one phase each for the fit and for inference): on CUDA
-  the peak allocated / reserved memory; on the CPU the peak resident set size (RSS) and its increase over
-  the RSS just before the phase (data and imports are already loaded, so the increase isolates the
-  method). The allocator may reuse memory freed after the fit, so the CPU inference increase is a lower
-  bound;
-- **per 1k spots**: the memory increase (CPU) or reserved peak (CUDA) divided by the largest training
-  slide's spots / 1000 (the paper normalises by the peak number of spots).
+The table's header (`run_efficiency`) defines its quantities; besides, methods without epochs count one pass,
+and memory is one `hist_st.bench.harness.PeakMemory` phase each for the fit and for inference after the data
+is loaded (the allocator may reuse memory freed after the fit: the CPU inference ΔRSS is a lower bound).
 
 ```python
 from hist_st.bench.efficiency import Workers, run_efficiency
@@ -34,6 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from hist_st.bench import markdown_table
 from hist_st.bench.harness import PeakMemory, run_isolated, timed_steps
 from hist_st.data.synthetic import ENCODER, cohort_params, make_slide
 from hist_st.evaluate.cache import digest
@@ -44,8 +34,7 @@ from hist_st.train.config import GeneConfig, load_config, with_gene_set
 from hist_st.train.data import embedding_key, list_slides, load_slides, read_manifest, select_genes
 from hist_st.train.folds import make_folds
 
-__all__ = ["Workers", "SyntheticSlides", "measure", "worker", "run_efficiency", "format_efficiency_table",
-           "timing_key", "synthetic_patch_source"]
+__all__ = ["Workers", "SyntheticSlides", "measure", "run_efficiency", "format_efficiency_table", "timing_key"]
 
 
 def _device_type(device: str) -> str:
@@ -60,11 +49,10 @@ HARNESS = 2
 
 
 def timing_key(specs: Sequence[Mapping[str, Any]], **settings: Any) -> str:
-    """What a set of worker ``specs`` measures, as a `hist_st.evaluate.cache.digest`: every spec with its
-    cohort path resolved and without baseline ``epochs`` options (`measure` times its own epochs, and time is
-    reported per epoch), plus ``settings`` (e.g. the timeout). Recorded as ``key`` in ``efficiency.json`` /
-    ``scaling.json``; a run with the same key reuses the file. `HARNESS` is part of the key, so results
-    measured another way are measured again."""
+    """What a set of worker ``specs`` measures, as a `hist_st.evaluate.cache.digest` of every spec (its
+    cohort path resolved, without baseline ``epochs`` options: `measure` times its own epochs), ``settings``
+    (e.g. the timeout) and `HARNESS`. Recorded as ``key`` in ``efficiency.json`` / ``scaling.json``; a run
+    with the same key reuses the file."""
     timed = []
     for spec in specs:
         data = dict(spec["data"])
@@ -81,15 +69,11 @@ def reusable(path: Path, key: str, reuse: bool) -> dict[str, Any] | None:
     return prior if prior is not None and prior.get("key") == key else None
 
 
-def synthetic_patch_source(size_px: int = 32) -> Any:
-    """A `hist_st.methods.PatchSource` of random uint8 patches (seeded by slide id), for timing ST-Net on
-    synthetic slides that have no H&E image; the network's cost does not depend on the pixel values."""
-
-    def source(slide: Any) -> np.ndarray:
-        rng = np.random.default_rng(zlib.crc32(slide.slide_id.encode()))
-        return rng.integers(0, 256, size=(slide.n_spots, size_px, size_px, 3), dtype=np.uint8)
-
-    return source
+def _random_patches(slide: Any) -> np.ndarray:
+    """A `hist_st.methods.PatchSource`: random uint8 patches ``[N, 32, 32, 3]`` (seeded by slide id), to time
+    ST-Net on synthetic slides, which have no H&E image (the network's cost does not depend on the pixels)."""
+    rng = np.random.default_rng(zlib.crc32(slide.slide_id.encode()))
+    return rng.integers(0, 256, size=(slide.n_spots, 32, 32, 3), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -110,15 +94,15 @@ class SyntheticSlides:
 def _load_data(data: Mapping[str, Any]) -> tuple[list[Any], list[Any], list[str], str]:
     """Training slides, test slides, genes and embedding key for a worker spec."""
     if "synthetic" in data:
-        p = dict(data["synthetic"])
-        n_genes, embed_dim, seed = int(p["n_genes"]), int(p.get("embed_dim", 64)), int(p.get("seed", 0))
-        params = cohort_params(seed, n_genes, embed_dim, 5)
-        slides = [make_slide(f"eff{i:02d}", int(p["n_spots"]), p.get("grid", "hex"), seed + i, n_genes, embed_dim,
-                             f"P{i}", cohort_seed=seed, params=params) for i in range(int(p["n_train"]) + int(p["n_test"]))]
-        return slides[: int(p["n_train"])], slides[int(p["n_train"]) :], [str(g) for g in slides[0].genes], ENCODER
+        p = {k: int(v) for k, v in data["synthetic"].items()}  # SyntheticSlides.data
+        params = cohort_params(p["seed"], p["n_genes"], p["embed_dim"], 5)
+        slides = [make_slide(f"eff{i:02d}", p["n_spots"], "hex", p["seed"] + i, p["n_genes"], p["embed_dim"],
+                             f"P{i}", cohort_seed=p["seed"], params=params)
+                  for i in range(p["n_train"] + p["n_test"])]
+        return slides[: p["n_train"]], slides[p["n_train"] :], [str(g) for g in slides[0].genes], ENCODER
     cohort = data["cohort"]
     train, test = load_slides(cohort, data["train"]), load_slides(cohort, data["test"])
-    genes = data.get("gene_list") or select_genes(train + test, GeneConfig.from_spec(data["genes"]), read_manifest(cohort))
+    genes = select_genes(train + test, GeneConfig.from_spec(data["genes"]), read_manifest(cohort))
     return train, test, list(genes), embedding_key(train + test, data.get("embedding"))
 
 
@@ -129,13 +113,11 @@ def _method(spec: Mapping[str, Any], device: str, emb: str) -> tuple[Method, int
         overrides = [*spec.get("overrides", []), f"epochs={epochs}", "progress=false", f"device={device}",
                      f"embedding={emb}"]
         return get_method("hist", config=load_config(None, with_gene_set(overrides))), epochs
-    opts, params = dict(spec.get("baseline_options") or {}), method_option_names(name)
+    params, given = method_option_names(name), dict(spec.get("baseline_options") or {})
+    defaults = {"device": device, "patches": _random_patches if "synthetic" in spec["data"] else None}
+    opts = {**{k: v for k, v in defaults.items() if k in params and v is not None}, **given}
     if "epochs" in params:  # the timed epochs, whatever the accuracy runs used (time is per epoch)
         opts["epochs"] = epochs
-    if "device" in params:
-        opts.setdefault("device", device)
-    if "patches" in params and "synthetic" in spec["data"]:
-        opts.setdefault("patches", synthetic_patch_source())
     return get_method(name, **opts), epochs if "epochs" in params else 1
 
 
@@ -143,12 +125,11 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Fit and time one method on one data set in this process (`run_efficiency` calls it in a fresh one).
 
     Args:
-        spec: ``method``; ``data`` (``{"cohort", "train", "test", "genes"}`` or ``{"synthetic": {n_train,
-            n_test, n_spots, n_genes, embed_dim, seed}}``); ``epochs``; ``overrides`` (HiST config);
-            ``baseline_options``; ``device``; ``threads``; ``seed``.
+        spec: ``method``; ``data`` (``{"cohort", "train", "test", "genes"}`` or `SyntheticSlides.data`);
+            ``epochs``; ``overrides`` (HiST config); ``baseline_options``; ``device``; ``threads``; ``seed``.
 
     Returns:
-        The measurement record (see the module docstring for the definitions).
+        The measurement record.
     """
     set_threads(int(spec.get("threads", 0)))
     device = _device_type(str(spec.get("device", "auto")))
@@ -185,14 +166,12 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def format_efficiency_table(records: Sequence[Mapping[str, Any]]) -> str:
     """Markdown Table 1: train/infer seconds per slide and peak memory (per 1k training spots)."""
     cuda = any(str(r.get("device", "")).startswith("cuda") for r in records)
-    if cuda:
-        head = "| Method | Train (s/slide) | Infer (s/slide) | Allocated GB (GB/1k) | Reserved GB (GB/1k) | Infer reserved GB |"
-    else:
-        head = "| Method | Train (s/slide) | Infer (s/slide) | Train peak RSS GB | Train ΔRSS GB (GB/1k) | Infer ΔRSS GB |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    mem_head = (["Allocated GB (GB/1k)", "Reserved GB (GB/1k)", "Infer reserved GB"] if cuda
+                else ["Train peak RSS GB", "Train ΔRSS GB (GB/1k)", "Infer ΔRSS GB"])
+    rows = []
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | |")
+            rows.append([r["method"], f"failed: {r['error'][:80]}", "", "", "", ""])
             continue
         k = r["max_train_spots"] / 1000.0
         if cuda:
@@ -202,8 +181,8 @@ def format_efficiency_table(records: Sequence[Mapping[str, Any]]) -> str:
         else:
             mem = [_fmt(r["train_rss_peak_gb"], 2), f"{_fmt(r['train_rss_delta_gb'], 3)} ({_fmt(r['train_mem_gb_per_1k'], 3)})",
                    _fmt(r["infer_rss_delta_gb"], 3)]
-        lines.append(f"| {r['method']} | {_fmt(r['train_s_per_slide'])} | {_fmt(r['infer_s_per_slide'])} | " + " | ".join(mem) + " |")
-    return "\n".join(lines)
+        rows.append([r["method"], _fmt(r["train_s_per_slide"]), _fmt(r["infer_s_per_slide"]), *mem])
+    return "\n".join(markdown_table(["Method", "Train (s/slide)", "Infer (s/slide)", *mem_head], rows))
 
 
 @dataclass(frozen=True)
@@ -264,7 +243,7 @@ def run_efficiency(
         cohort: A prepared cohort: its fold-0 split (``make_folds(k=folds, workers.seed)``) gives the
             training and test slides, ``genes`` the gene set. None: the ``synthetic`` slides.
         genes, folds: Gene set and fold count on a cohort.
-        synthetic: The slides without a cohort (default `SyntheticSlides()`: 3 + 1 slides of 2,000 spots and genes).
+        synthetic: The slides without a cohort (default `SyntheticSlides()`).
         command: The command line, recorded in ``efficiency.json``.
         reuse: Return ``out_dir/efficiency.json`` instead of measuring when it records the same `timing_key`.
 
@@ -285,8 +264,7 @@ def run_efficiency(
     specs = w.specs(data)
     out = Path(out_dir)
     key = timing_key(specs, timeout=w.timeout)
-    prior = reusable(out / "efficiency.json", key, reuse)
-    if prior is not None:
+    if (prior := reusable(out / "efficiency.json", key, reuse)) is not None:
         return prior
     records = [w.run(s) for s in tqdm(specs, desc="efficiency", unit="method", disable=not w.progress)]
     settings = w.record(records)
@@ -296,9 +274,8 @@ def run_efficiency(
               + ("CUDA peak allocated/reserved" if _device_type(w.device).startswith("cuda") else "resident set "
                  "size (RSS) of a separate process per method; ΔRSS = peak minus RSS before the fit/predict")
               + "; GB/1k = per 1,000 spots of the largest training slide.")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(header + "\n\n" + table + "\n")
     result = {"records": records, "table": table, "where": where, "out_dir": str(out), "header": header, **settings,
               "command": command, "key": key}
     write_json(result, out / "efficiency.json")
+    (out / "table.md").write_text(header + "\n\n" + table + "\n")
     return result

@@ -1,17 +1,6 @@
-"""The one benchmark harness: a measurement in a fresh process, its peak memory, its timing and the machine's.
-
-Used by `hist_st.bench.speed` (``hist-st bench speed``), `hist_st.bench.efficiency` (Table 1) and
-`hist_st.bench.scaling` (Figure 3):
-
-- `run_isolated` runs ``worker(spec)`` of a `hist_st.bench` module in a fresh ``python -m
-  hist_st.bench.harness`` process with a timeout, so that one measurement's allocations, caches and
-  imports never count against another's; a crash or timeout becomes ``{..., "error": str}``;
-- `PeakMemory` reads one phase's peak memory: on the CPU the resident set size (RSS) before the phase
-  and its peak inside it (Linux resets the kernel's high-water mark on entry, ``/proc/self/clear_refs``,
-  so the peak is exact and belongs to the phase; elsewhere it is the process's peak so far); on CUDA the
-  peak allocated and reserved memory. GB = 1e9 bytes;
-- `timed_steps` times a step synchronised (CUDA), after a warm-up; `matmul_gflops` is the same-process
-  dense matmul reference that a model's FLOP/s are read against.
+"""The one benchmark harness of `hist_st.bench.speed`, `efficiency` (Table 1) and `scaling` (Figure 3): a
+measurement in a fresh process (`run_isolated`), one phase's peak memory (`PeakMemory`), synchronised timing
+(`timed_steps`) and the dense matmul a model's FLOP/s are read against (`matmul_gflops`). GB = 1e9 bytes.
 
 ```python
 from hist_st.bench.harness import PeakMemory, matmul_gflops, run_isolated, timed_steps
@@ -44,25 +33,20 @@ import torch
 from hist_st.errors import InputError
 from hist_st.memory import trim_heap
 
-__all__ = ["GB", "PeakMemory", "current_rss", "matmul_gflops", "run_isolated", "sync", "timed_steps"]
+__all__ = ["GB", "PeakMemory", "matmul_gflops", "run_isolated", "timed_steps"]
 
 GB = 1e9
 
 
-def sync(device: str) -> None:
-    """Wait for the device's queued kernels (CUDA); nothing on the CPU."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed_steps(step: Callable[[], Any], device: str, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` untimed ones, synchronised."""
+    """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` untimed ones, synchronised (CUDA)."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else lambda: None
     times = []
     for i in range(warmup + repeats):
-        sync(device)
+        sync()
         t = time.perf_counter()
         step()
-        sync(device)
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return times
@@ -75,54 +59,38 @@ def matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = 
     return 2 * size**3 / statistics.median(timed_steps(lambda: a @ b, device, repeats)) / 1e9
 
 
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes."""
-    return psutil.Process().memory_info().rss
-
-
-def _peak_rss() -> int:
-    """Peak RSS of this process in bytes since the last `_reset_peak_rss` (Linux: ``VmHWM``), else since it
-    started (``ru_maxrss``)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0); elsewhere nothing."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 class PeakMemory:
-    """Peak memory of this process inside a ``with`` block (one phase of a measurement).
-
-    Attributes (after the block): ``rss_before`` / ``rss_peak`` (bytes), and on CUDA ``cuda_allocated`` /
-    ``cuda_reserved`` (bytes, peaks inside the block).
-    """
+    """Peak memory of this process inside a ``with`` block (one phase of a measurement), in bytes: the
+    resident set size before it and its peak inside it (``rss_before``, ``rss_peak``; Linux >= 4.0 resets the
+    kernel's high-water mark on entry, so the peak is the phase's, elsewhere the process's so far) and on CUDA
+    the peak allocated and reserved memory inside it (``cuda_allocated``, ``cuda_reserved``)."""
 
     def __init__(self, device: str) -> None:
         self.cuda = str(device).startswith("cuda")
-        self.rss_before = self.rss_peak = 0
-        self.cuda_allocated = self.cuda_reserved = 0
+        self.rss_before = self.rss_peak = self.cuda_allocated = self.cuda_reserved = 0
 
     def __enter__(self) -> PeakMemory:
         gc.collect()
         trim_heap()  # freed heap pages go back, so the phase's RSS counts its own allocations
-        self.rss_before = current_rss()  # before CUDA starts (its context counts in the phase, as in a run)
-        _reset_peak_rss()
+        self.rss_before = psutil.Process().memory_info().rss  # before CUDA starts: its context counts
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the RSS high-water mark to the current RSS
+        except OSError:
+            pass
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.rss_peak = max(_peak_rss(), current_rss(), self.rss_before)
+        try:  # the peak since the reset (Linux: VmHWM), else since the process started
+            with open("/proc/self/status") as f:
+                peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):  # ru_maxrss: bytes on macOS, KiB elsewhere
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = maxrss if sys.platform == "darwin" else maxrss * 1024
+        self.rss_peak = max(peak, psutil.Process().memory_info().rss, self.rss_before)
         if self.cuda:
             self.cuda_allocated = torch.cuda.max_memory_allocated()
             self.cuda_reserved = torch.cuda.max_memory_reserved()
@@ -138,7 +106,8 @@ class PeakMemory:
 
 def run_isolated(module: str, spec: Mapping[str, Any], *, timeout: float | None, threads: int = 0,
                  label: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``module.worker(spec)`` in a fresh ``python -m hist_st.bench.harness`` process.
+    """``module.worker(spec)`` in a fresh ``python -m hist_st.bench.harness`` process, so that one
+    measurement's allocations, caches and imports never count against another's.
 
     Args:
         module: A `hist_st.bench` module with ``worker(spec: dict) -> dict`` (e.g. ``hist_st.bench.speed``).
@@ -166,19 +135,16 @@ def run_isolated(module: str, spec: Mapping[str, Any], *, timeout: float | None,
         return json.loads(out_path.read_text())
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str]) -> None:
     if len(argv) != 3 or not argv[0].startswith("hist_st.bench."):
-        print("usage: python -m hist_st.bench.harness hist_st.bench.MODULE SPEC.json RESULT.json", file=sys.stderr)
-        return 2
-    worker = importlib.import_module(argv[0]).worker
+        sys.exit("usage: python -m hist_st.bench.harness hist_st.bench.MODULE SPEC.json RESULT.json")
     try:
-        rec = worker(json.loads(Path(argv[1]).read_text()))
-    except InputError as exc:
+        rec = importlib.import_module(argv[0]).worker(json.loads(Path(argv[1]).read_text()))
+    except InputError as exc:  # the message, without a traceback, ends the error record
         print(f"error: {exc}", file=sys.stderr)
-        return 3
+        sys.exit(3)
     Path(argv[2]).write_text(json.dumps(rec))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    _main(sys.argv[1:])

@@ -12,14 +12,13 @@ __all__ = ["plot_speed", "plot_scaling"]
 
 
 def _loglog(ax: Any, series: Mapping[str, Sequence[tuple[float, float]]], xlabel: str, ylabel: str,
-            colours: Mapping[str, Any] | None = None, ticks: Sequence[int] = ()) -> None:
+            colours: Mapping[str, Any] | None = None, ticks: Sequence[int] = (), title: str = "") -> None:
     """One log-log panel: a line per ``label -> [(x, y), ...]``; ``ticks``: label these x values only."""
     for label, pts in series.items():
         if pts:
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, "o-", lw=1.5, color=(colours or {}).get(label), label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     if ticks:  # the measured sizes only (log-axis minor labels collide)
         ax.set_xticks(list(ticks), [str(x) for x in ticks])
         ax.xaxis.set_minor_formatter(pyplot().NullFormatter())
@@ -28,8 +27,6 @@ def _loglog(ax: Any, series: Mapping[str, Sequence[tuple[float, float]]], xlabel
     low, high = ax.get_ylim()
     if high < 10 * low:  # within one decade the minor ticks are the only labels
         ax.yaxis.set_minor_formatter(fmt)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
 
 
@@ -52,11 +49,10 @@ def plot_speed(results: Sequence[Mapping[str, Any]], out_dir: str | Path) -> lis
         if not times:  # fewer than two sizes along this axis: no curve (and no stale figure of an earlier run)
             path.unlink(missing_ok=True)
             continue
-        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         sizes = sorted({x for pts in times.values() for x, _ in pts})
-        _loglog(ax_t, times, axis, "seconds per slide", ticks=sizes)
-        _loglog(ax_m, mems, axis, "peak memory (GB)", ticks=sizes)
-        for ax in (ax_t, ax_m):
+        for ax, series, ylabel in zip(axes, (times, mems), ("seconds per slide", "peak memory (GB)")):
+            _loglog(ax, series, axis, ylabel, ticks=sizes)
             ax.legend()
         fig.suptitle(f"HiST time and memory vs {axis}")
         fig.tight_layout()
@@ -78,18 +74,14 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
     methods = sorted({r["method"] for r in records}, key=lambda m: (m != "hist", m))
     colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for c, (axis, phase) in enumerate([("spots", "train"), ("spots", "infer"), ("genes", "train"), ("genes", "infer")]):
-        xkey = "n_spots" if axis == "spots" else "n_genes"
+        xkey, xlabel = ("n_spots", "spots per slide") if axis == "spots" else ("n_genes", "genes")
         ticks = sorted({rec[xkey] for rec in records if rec["axis"] == axis and "error" not in rec})
         for r, (key, ylabel) in enumerate(((f"{phase}_s_per_slide", f"{phase} s/slide"),
                                            (f"{phase}_mem_gb", f"{phase} memory GB (CPU: ΔRSS)"))):
             series = {m: [(rec[xkey], rec[key]) for rec in records if rec["method"] == m and rec["axis"] == axis
                           and rec.get(key) is not None and rec[key] > 0] for m in methods}
-            _loglog(axes[r, c], series, "spots per slide" if axis == "spots" else "genes", ylabel, colour, ticks)
-            axes[r, c].set_title(f"{phase} / {axis}")
-    legend: dict[str, Any] = {}  # label -> first handle
-    for ax in axes.ravel():
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
+            _loglog(axes[r, c], series, xlabel, ylabel, colour, ticks, f"{phase} / {axis}")
+    legend = {label: h for ax in axes.ravel() for h, label in zip(*ax.get_legend_handles_labels())}
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=len(legend), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.95))

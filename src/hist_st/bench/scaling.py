@@ -1,7 +1,6 @@
-"""Figure 3: time and memory of every method against spots (genes fixed) and against genes (spots fixed).
-
-The Table 1 measurement (`hist_st.bench.efficiency.measure`, one fresh process per method and size) repeated
-over synthetic slides of each size, drawn on the same log-log axes (`hist_st.bench.plots.plot_scaling`).
+"""Figure 3: time and memory of every method against spots (genes fixed) and against genes (spots fixed): the
+Table 1 measurement (`hist_st.bench.efficiency.measure`, one fresh process per method and size) over synthetic
+slides of each size, drawn on log-log axes (`hist_st.bench.plots.plot_scaling`).
 
 ```python
 from hist_st.bench.efficiency import Workers
@@ -49,27 +48,21 @@ def run_scaling(
     w = workers or Workers(epochs=1, timeout=1800.0)
     jobs = [("spots", int(n), int(fixed_genes)) for n in sorted(spots)]
     jobs += [("genes", int(fixed_spots), int(g)) for g in sorted(genes_list)]
-    specs = {(axis, n, g): w.specs(SyntheticSlides(n_train=n_train, n_test=1, n_spots=n, n_genes=g).data(w.seed))
-             for axis, n, g in jobs}
+    runs = [((axis, n, g), spec) for axis, n, g in jobs
+            for spec in w.specs(SyntheticSlides(n_train, 1, n, g).data(w.seed))]
     out = Path(out_dir)
-    key = timing_key([s for job in specs.values() for s in job], timeout=w.timeout)
-    prior = reusable(out / "scaling.json", key, reuse)
-    if prior is not None:
+    key = timing_key([spec for _, spec in runs], timeout=w.timeout)
+    if (prior := reusable(out / "scaling.json", key, reuse)) is not None:
         return prior
-    records: list[dict[str, Any]] = []
-    failed: set[tuple[str, str]] = set()
-    bar = tqdm(total=sum(map(len, specs.values())), desc="scaling", unit="run", disable=not w.progress)
-    for (axis, n, g), job in specs.items():
-        for spec in job:
-            bar.update(1)
-            if (spec["method"], axis) in failed:
-                continue
-            rec = {**w.run(spec), "axis": axis, "target_spots": n, "n_genes": g}
-            rec.setdefault("n_spots", n)
-            if "error" in rec:
-                failed.add((spec["method"], axis))
-            records.append(rec)
-    bar.close()
+    records, failed = [], set()  # failed: (method, axis)
+    for (axis, n, g), spec in tqdm(runs, desc="scaling", unit="run", disable=not w.progress):
+        if (spec["method"], axis) in failed:
+            continue
+        rec = {**w.run(spec), "axis": axis, "target_spots": n, "n_genes": g}
+        rec.setdefault("n_spots", n)
+        if "error" in rec:
+            failed.add((spec["method"], axis))
+        records.append(rec)
     result = {"records": records, "figure": str(plot_scaling(records, out / "scaling.png")), "out_dir": str(out),
               **w.record(records), "key": key, "fixed_genes": fixed_genes, "fixed_spots": fixed_spots,
               "options": {"spots": [int(n) for n in spots], "genes_list": [int(g) for g in genes_list],

@@ -1,11 +1,6 @@
-"""`hist-st bench speed`: HiST's train-step and inference time, peak memory and FLOP/s against spots and genes.
-
-One step of the model as a user runs it, on synthetic lattice slides (issue 15; the paper's Figure 3
-for every method is `hist_st.bench.scaling`). Each setting runs in a fresh process
-(`hist_st.bench.harness.run_isolated`), so that its peak memory (`PeakMemory`: RSS and RSS over ``import
-torch`` on the CPU, peak allocated/reserved on CUDA) belongs to that setting alone; every process also
-times a dense matmul, so the model's achieved FLOP/s can be read against what the machine delivers then.
-"""
+"""`hist-st bench speed`: HiST's train-step and inference time, peak memory and FLOP/s against spots and
+genes, one step as a user runs it on synthetic lattice slides, one fresh process per setting (issue 15;
+every method's Figure 3 is `hist_st.bench.scaling`)."""
 
 from __future__ import annotations
 
@@ -58,27 +53,17 @@ class SpeedSettings:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys of train steps, e.g. optimizer_in_backward
 
 
-def autocast_enabled(precision: str, device: str) -> bool:
-    """Whether a setting runs the trunk under bf16 autocast: ``auto`` = on CUDA only, ``bf16``, ``fp32``."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision {precision!r}: choose auto, fp32 or bf16")
-    return precision == "bf16" or (precision == "auto" and device.startswith("cuda"))
-
-
 def measure(s: SpeedSettings) -> dict[str, Any]:
     """Run one setting in this process and return its timings, memory and FLOPs.
 
-    The timed steps are what a user runs: inference is `HiST.forward` under ``inference_mode``; a train
-    step is `hist_st.train.loop.forward_loss` (chunked head and loss), backward and
-    `hist_st.train.loop.finish_step` with the fused AdamW of `hist_st.train.loop.build_optimizer` (updated
-    during backward with ``train={"optimizer_in_backward": True}``), with the same allocator setting as
-    ``hist-st train`` (`hist_st.memory`); the lattice indices are rebuilt every step (an augmented lattice). The peak memory
-    is read right after them (`PeakMemory`, entered after the imports: ``import_rss_gb`` is the RSS of the
-    library alone); the matmul reference and the FLOP count (a separate forward pass) come after that
-    reading, so neither adds to the memory reported.
+    Inference is `HiST.forward`; a train step `hist_st.train.loop.forward_loss`, backward and `finish_step`
+    as in ``hist-st train``, lattice indices rebuilt every step. The peak memory is read right after them
+    (``import_rss_gb``: the library alone), before the matmul reference and the FLOP count.
     """
     dev = s.device
-    amp = autocast_enabled(s.precision, dev)
+    if s.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision {s.precision!r}: choose auto, fp32 or bf16")
+    amp = s.precision == "bf16" or (s.precision == "auto" and dev.startswith("cuda"))  # bf16 autocast
     with PeakMemory(dev) as mem:
         allocator = apply_malloc(parse_malloc(s.malloc, "--malloc")) if dev == "cpu" else MallocPolicy()
         torch.set_num_threads(s.threads)
@@ -89,10 +74,7 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
         model = HiST(HiSTConfig(in_dim=s.in_dim, n_genes=s.genes, **s.model)).to(dev)
         train_cfg = config_from_dict({"grad_checkpointing": s.grad_checkpointing, **s.train})
         model.set_grad_checkpointing(train_cfg.grad_checkpointing)
-        t = time.perf_counter()
-        tokens_per_level = [lv.num_tokens for lv in model.make_batch(lattice, feats).levels]
-        build_s = time.perf_counter() - t
-        build_times: list[float] = []
+        build_times: list[float] = []  # the first build, the warm-up step's, then the timed steps'
 
         def batch() -> Any:
             t0 = time.perf_counter()
@@ -100,6 +82,7 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
             build_times.append(time.perf_counter() - t0)
             return b
 
+        tokens_per_level = [lv.num_tokens for lv in batch().levels]
         if s.mode == "train":
             target = torch.randn(len(lattice), s.genes, device=dev)
             opt, sched = build_optimizer(model.train(), train_cfg, 1000)
@@ -129,7 +112,7 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name()} if mem.cuda else {}
     return {
         **asdict(s), "autocast_bf16": amp, "seconds": sec, "seconds_all": times,
-        "index_build_seconds": statistics.median(build_times[1:]), "first_build_seconds": build_s,
+        "index_build_seconds": statistics.median(build_times[2:]), "first_build_seconds": build_times[0],
         "tokens_per_level": tokens_per_level, "gflop": flops / 1e9, "achieved_gflops": flops / sec / 1e9,
         "matmul_gflops": fp32, "matmul_bf16_gflops": matmul_gflops(dev, dtype="bfloat16"),
         "fraction_of_matmul": flops / sec / 1e9 / fp32, "peak_rss_gb": mem.rss_peak / GB,
@@ -152,8 +135,7 @@ def run_speed_bench(
 
     Args:
         out_dir: Output folder.
-        spots: Slide sizes N.
-        genes: Gene counts G.
+        spots, genes: Slide sizes N and gene counts G.
         grid_mode: ``sweep`` (N at ``base_genes``, and G at ``base_spots``; a base that is not among the
             swept values is replaced by the largest one) or ``full`` (every pair).
         modes: ``infer`` and/or ``train``.
@@ -182,7 +164,10 @@ def run_speed_bench(
             print(json.dumps(results[-1]), flush=True)
         else:
             tqdm.write(format_row(results[-1]), file=sys.stdout)
-    write_json({"results": results, "environment": environment()}, Path(out_dir) / "speed.json")
+    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+           "processor": platform.processor(), "cpu_count": os.cpu_count(),
+           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    write_json({"results": results, "environment": env}, Path(out_dir) / "speed.json")
     plot_speed(results, out_dir)
     return results
 
@@ -201,10 +186,3 @@ def format_row(r: dict[str, Any]) -> str:
         f"{100 * r['fraction_of_matmul']:.0f}% of dense fp32 matmul ({r['matmul_gflops']:.0f} GFLOP/s; "
         f"bf16 {r.get('matmul_bf16_gflops', float('nan')):.0f})" + ("  [bf16 autocast]" if r.get("autocast_bf16") else "")
     )
-
-
-def environment() -> dict[str, Any]:
-    """Python, torch, CPU and GPU of this machine, recorded in ``speed.json``."""
-    return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-            "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
