@@ -36,7 +36,7 @@ def command(name: str, *options: Arg | list[Arg], **kw: Any) -> Callable:
     Args:
         name: Command name, with its group first when it has one.
         *options: `arg` tuples; a list of them is a required mutually exclusive group.
-        **kw: `add_parser` keywords (help, description, usage, ...).
+        **kw: `add_parser` keywords (help, usage, ...; the description defaults to the help).
     """
     def register(func: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
         COMMANDS[name] = (func, options, kw)
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
             text, description, metavar = GROUPS[group]
             g = subs[""].add_parser(group, help=text, description=description)
             subs[group] = g.add_subparsers(dest=f"{group}_command", required=True, metavar=metavar)
-        p = subs[group].add_parser(leaf, **kw)
+        p = subs[group].add_parser(leaf, **{"description": kw.get("help"), **kw})
         for option in options:
             target = p.add_mutually_exclusive_group(required=True) if isinstance(option, list) else p
             for flags, okw in option if isinstance(option, list) else [option]:
@@ -106,7 +106,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hist-st {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return int(result or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hist_st.bench.host import HER2ST
+from hist_st.bench.encoder import encoder_bench, format_encoder
+from hist_st.bench.host import HER2ST, format_host, host_overhead
+from hist_st.bench.speed import DEFAULT_GENES, DEFAULT_SPOTS, run_speed_bench
+from hist_st.bench.tissue import run_tissue_bench, tissue_markdown
 from hist_st.cli import OUT, Arg, arg, command, ints, names, show
 from hist_st.cli import experiments as ex
 from hist_st.errors import InputError
@@ -27,8 +30,7 @@ PLOT_GENES = arg("--plot-genes", type=names,
     "bench accuracy", OUT, ex.METHODS, ex.GROUP_BY, ex.BASELINE_OPTION,
     arg("--cohort", required=True, action="append", type=Path, help="prepared cohort (repeatable)"),
     arg("--no-predictions", action="store_true", help="do not write HiST's test predictions"),
-    arg("--force", action="store_true", help="rerun every method (default: take each method and fold "
-        "computed with the same config, folds, genes, options and slides from the cache of --out)"),
+    arg("--force", action="store_true", help="rerun every method (default: reuse identical cached results)"),
     arg("--rerun", type=names, metavar="METHODS", help="comma-separated methods to train again anyway"),
     arg("--reuse-from", action="append", type=Path, metavar="DIR", help="another `bench accuracy` output "
         "folder whose cache is searched too, e.g. one method run on a GPU (repeatable)"),
@@ -37,8 +39,7 @@ PLOT_GENES = arg("--plot-genes", type=names,
     arg("--paired-with", action="append", type=Path, metavar="DIR", help="with --seeds: another --seeds "
         "output folder (same seeds and folds); HiST here minus HiST there, per fold (repeatable)"),
     *ex.experiment_args(),
-    help="Table 2: every method on identical folds, both metric protocols",
-    description="Cross-validate HiST and baselines on the same folds/genes/targets/embeddings.")
+    help="Table 2: every method on identical folds, both metric protocols")
 def cmd_accuracy(args: argparse.Namespace) -> None:
     from hist_st.experiments.accuracy import run_accuracy
     from hist_st.experiments.seeds import run_accuracy_seeds
@@ -46,8 +47,8 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
     try:
         seeds = None if args.seeds is None else [int(v) for v in names(args.seeds)]
     except ValueError:
-        raise InputError("--seeds", f"{args.seeds!r} is not a comma-separated list of integers (e.g. 0,1,2)"
-                         ) from None
+        problem = f"{args.seeds!r} is not a comma-separated list of integers (e.g. 0,1,2)"
+        raise InputError("--seeds", problem) from None
     if args.paired_with and seeds is None:
         raise InputError("--paired-with", "compares runs over training seeds: give --seeds too (e.g. 0,1,2)")
     kw = dict(methods=args.methods, genes=args.genes, folds=args.folds, seed=args.seed, config=args.config,
@@ -81,8 +82,7 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
     arg("--fixed-spots", type=int, default=1000, help="spots while genes vary (default 1000)"),
     *ex.experiment_args(),
     help="Table 1 (time, peak memory per method) and Figure 3 (scaling)",
-    description="Each method is timed in its own process on the same slides: a prepared cohort's fold-0 "
-    "split (--cohort) or synthetic slides. --scaling adds Figure 3.")
+    description="Each method is timed in its own process on a cohort's fold-0 split or on synthetic slides.")
 def cmd_efficiency(args: argparse.Namespace) -> None:
     from hist_st.bench.efficiency import SyntheticSlides, Workers, run_efficiency
     from hist_st.bench.scaling import run_scaling
@@ -131,8 +131,6 @@ def cmd_efficiency(args: argparse.Namespace) -> None:
     description="Each setting runs in a fresh subprocess (so its peak memory is its own) and times a dense "
     "fp32 matmul beside the model, reporting the model's achieved fraction of it.")
 def cmd_speed(args: argparse.Namespace) -> None:
-    from hist_st.bench.speed import DEFAULT_GENES, DEFAULT_SPOTS, run_speed_bench
-
     modes = tuple(names(args.modes))
     if not modes or set(modes) - {"infer", "train"}:
         raise InputError("--modes", f"{args.modes!r}: give infer and/or train, comma-separated")
@@ -162,12 +160,8 @@ def cmd_speed(args: argparse.Namespace) -> None:
     arg("--genes", type=int, default=250, help="genes (default 250)"),
     arg("--steps", type=int, default=60, help="timed steps (default 60)"),
     arg("--threads", type=int, default=1, help="torch threads (default 1)"), JSON_OUT,
-    help="host cost of one training step on a small slide with a tiny model",
-    description="Median time per phase (augmentation, lattice mapping, batch building, forward, backward, "
-    "optimizer) over many steps on her2st C3 (synthetic ~200 spots without the data).")
+    help="host cost per phase of one training step on a small slide with a tiny model")
 def cmd_host(args: argparse.Namespace) -> None:
-    from hist_st.bench.host import format_host, host_overhead
-
     r = host_overhead(section=args.section, root=args.her2st, spots=args.spots, dim=args.dim,
                       heads=args.heads, genes=args.genes, steps=args.steps, threads=args.threads)
     print(format_host(r))
@@ -186,12 +180,8 @@ def cmd_host(args: argparse.Namespace) -> None:
     arg("--rounds", type=int, default=4, help="timed rounds (default 4)"),
     arg("--no-pipeline", action="store_true", help="skip the patch-cutting pipeline rows"),
     arg("--her2st", type=Path, default=HER2ST, help="her2st folder for real patches"), JSON_OUT,
-    help="patch encoder throughput (patches/s) per precision and batch size",
-    description="Interleaved timing of the encoder per setting (median), cosine similarity of each setting's "
-    "embeddings to fp32, and the patch-to-embedding loop with and without background reading.")
+    help="patch encoder throughput (patches/s) and cosine to fp32 per precision and batch size")
 def cmd_encoder(args: argparse.Namespace) -> None:
-    from hist_st.bench.encoder import encoder_bench, format_encoder
-
     r = encoder_bench(encoder=args.encoder, weights=args.weights, device=args.device, threads=args.threads,
                       batch_sizes=args.batch_sizes, precisions=tuple(args.precisions), rounds=args.rounds,
                       pipeline=not args.no_pipeline, root=args.her2st)
@@ -205,12 +195,8 @@ def cmd_encoder(args: argparse.Namespace) -> None:
     arg("--her2st", type=Path, help="her2st-layout folder (sections with images)"),
     arg("--spaceranger", nargs="*", type=Path, help="Space Ranger outs/ folder(s)"),
     arg("--out", type=Path, default=Path("runs/bench-tissue"), help="output folder (tissue.json)"),
-    help="tissue detection vs her2st / Space Ranger labels; fiducials; non-tissue images",
-    description="Recall of labelled tissue spots, calls on glass and out-of-tissue spots, pseudo-spots "
-    "outside the Visium capture area (fiducial frame), refusal of noise/blank/photos.")
+    help="tissue detection vs her2st / Space Ranger labels; fiducials; non-tissue images")
 def cmd_tissue(args: argparse.Namespace) -> None:
-    from hist_st.bench.tissue import run_tissue_bench, tissue_markdown
-
     if args.her2st is None and not args.spaceranger:
         raise InputError("hist-st bench tissue", "give --her2st DIR and/or --spaceranger OUTS ...")
     res = run_tissue_bench(her2st=args.her2st, spaceranger=args.spaceranger or [], out=args.out)
@@ -225,9 +211,7 @@ def cmd_tissue(args: argparse.Namespace) -> None:
     arg("--out", type=Path, default=Path("runs/uncertainty"), help="output folder"),
     arg("--mc-samples", type=int, default=20, help="MC-dropout passes per slide"),
     arg("--seed", type=int, default=0, help="seed of the MC-dropout passes"),
-    help="calibration of MC-dropout and seed-ensemble std on held-out folds",
-    description="Spearman(std, |error|), Gaussian interval coverage and confident-decile errors of MC "
-    "dropout (first run) and of the ensemble of the runs' fold models.")
+    help="calibration of MC-dropout and seed-ensemble std on held-out folds")
 def cmd_uncertainty(args: argparse.Namespace) -> None:
     from hist_st.experiments.uncertainty import run_uncertainty, uncertainty_markdown
 
@@ -255,9 +239,8 @@ def _fold_run_options(args: argparse.Namespace) -> dict[str, Any]:
     arg("--block", type=int, default=2, help="block side in spots (default 2: 2x2 blocks)"),
     arg("--sigma", type=float, default=0.5, help="Gaussian width, fraction of the coarse pitch"),
     help="super-resolution: train on 2x2 blocks of spots, score on the spots",
-    description="Train HiST on coarse labels only (each block x block group of spots summed; "
-    "supervise=coarse<k>) and score its spot-level predictions against the measured spots, beside a coarse "
-    "model copied to the spots, its Gaussian interpolation and HiST trained on the spots.")
+    description="Train HiST on block x block sums of spots (supervise=coarse<k>), score it on the spots "
+    "beside a coarse model copied to the spots, its Gaussian interpolation and HiST trained on the spots.")
 def cmd_superres(args: argparse.Namespace) -> None:
     from hist_st.experiments.superres import run_superres, superres_markdown
 
@@ -272,9 +255,8 @@ def cmd_superres(args: argparse.Namespace) -> None:
     arg("--fold", type=int, default=0, help="which fold to run (default 0)"),
     arg("--factor", type=int, default=2, help="sub-cells per side of a spot (default 2)"),
     help="sub-spot tokens: f x f patches per legacy-ST spot, supervised by the spots",
-    description="Train HiST on sub-spot tokens (patches at pitch / factor in each spot's cell) supervised by "
-    "the spots, on one fold; score the sub-spots summed per spot beside HiST trained on the spots (with the "
-    "same --out, bench superres shares fold_<i>/spot); map the sub-spot predictions.")
+    description="Train HiST on sub-spot tokens supervised by the spots, on one fold; score the sub-spots "
+    "summed per spot beside HiST trained on the spots (fold_<i>/spot, shared with bench superres); map them.")
 def cmd_subspot(args: argparse.Namespace) -> None:
     from hist_st.experiments.superres import run_subspot
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 
 from hist_st.cli import NO_PROGRESS, arg, command
 from hist_st.errors import InputError
+from hist_st.prepare import prepare_cohort
+from hist_st.runtime import set_threads
+from hist_st.sources import FORMATS, find_sources
 
-FORMATS = ("her2st", "hest", "spaceranger", "anndata")  # hist_st.sources.FORMATS, without importing it
-#: `prepare_cohort` keywords taken from the options of the same name.
-PREPARE_OPTIONS = ("encoder", "weights", "device", "patch_px", "patch_um_per_px", "batch_size",
-                   "encoder_precision", "stain_norm", "stain_reference", "gene_mapping", "hvg_scope",
-                   "train_slides", "allow_missing_image", "overwrite")
 EACH = "one per --input (spaceranger/anndata)"
 
 
@@ -53,18 +52,15 @@ EACH = "one per --input (spaceranger/anndata)"
     "are skipped; embeddings are cached per slide and encoder.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 def run(args: argparse.Namespace) -> int:
-    from hist_st.prepare import prepare_cohort
-    from hist_st.runtime import set_threads
-    from hist_st.sources import find_sources
-
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads", f"must be >= 1, got {args.threads}")
     set_threads(args.threads)
     sources = find_sources(args.format, args.input, images=args.image, image_scales=args.image_scale,
                            slide_ids=args.slide_id, patients=args.patient, um_per_px=args.um_per_px,
                            sections=args.sections)
-    report = prepare_cohort(sources, args.out, **{k: getattr(args, k) for k in PREPARE_OPTIONS},
-                            progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
+    same_name = {k: v for k, v in vars(args).items() if k in inspect.signature(prepare_cohort).parameters}
+    report = prepare_cohort(sources, args.out, **same_name, progress=not args.no_progress,
+                            log=lambda s: print(s, file=sys.stderr))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the merged report
         print(report.summary())
     if report.failed:

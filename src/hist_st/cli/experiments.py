@@ -12,7 +12,9 @@ from typing import Any
 
 from hist_st.cli import CONFIG, GENE_SET, NO_PROGRESS, OUT, Arg, arg, command, ints, main, names, show
 from hist_st.errors import InputError
-from hist_st.train.config import parse_override
+from hist_st.pl import map_agreement, plot_genes
+from hist_st.slide import read_prepared
+from hist_st.train.config import parse_overrides
 
 METHODS = arg("--methods", type=names, default="hist,mean,ridge,mlp,bleep,stnet,stflow",
               help="comma-separated methods")
@@ -34,18 +36,17 @@ def experiment_setup(args: argparse.Namespace) -> Any:
     from hist_st.experiments.accuracy import CVSetup
 
     return CVSetup(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config,
-                   overrides=args.overrides, group_by=getattr(args, "group_by", None), progress=not args.no_progress)
+                   overrides=args.overrides, group_by=getattr(args, "group_by", None),
+                   progress=not args.no_progress)
 
 
 def parse_baseline_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
     """``["stflow.epochs=50", "bleep.top_k=5"]`` -> ``{"stflow": {"epochs": 50}, "bleep": {"top_k": 5}}``."""
     out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        key, value = parse_override(item, "--baseline-option", "stflow.epochs=50")
+    for key, value in parse_overrides(items, "--baseline-option", "stflow.epochs=50").items():
         name, dot, opt = key.partition(".")
         if not dot:
-            raise InputError("--baseline-option", f"{item!r} is not of the form METHOD.KEY=VALUE (e.g. "
-                             "stflow.epochs=50)")
+            raise InputError("--baseline-option", f"{key!r}: give METHOD.KEY=VALUE, e.g. stflow.epochs=50")
         out.setdefault(name, {})[opt] = value
     return out
 
@@ -76,9 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     arg("--configs", type=names, help="comma-separated ablation names (default: all; see --list)"),
     arg("--force", action="store_true", help=FORCE.format("ablations")),
     arg("--list", action="store_true", help="list the ablation names and exit"), *experiment_args(),
-    help="Table 3: component ablations of HiST on the same folds",
-    description="Cross-validate each named ablation config (see --list) on identical folds and genes; writes "
-    "table.md with fold std and the paper's direction.")
+    help="Table 3: component ablations of HiST on the same folds")
 def cmd_ablate(args: argparse.Namespace) -> None:
     from hist_st.experiments.ablation import ABLATIONS, run_ablation
 
@@ -90,21 +89,6 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         res = run_ablation(args.cohort, args.out, setup=experiment_setup(args), names=args.configs,
                            skip_done=not args.force)
         show(res["table"], res["out_dir"])
-
-
-def prepare_pair(prepare_args: list[str], plain: Path, macenko: Path) -> None:
-    """``hist-st prepare PREPARE_ARGS --out PLAIN`` and the same with ``--stain-norm macenko --out MACENKO``
-    (resumable: finished slides are skipped on a rerun).
-
-    Raises:
-        InputError: ``--out`` or ``--stain-norm`` among the arguments, or a preparation that fails.
-    """
-    if any(a in ("--out", "--stain-norm") or a.startswith(("--out=", "--stain-norm=")) for a in prepare_args):
-        raise InputError("--prepare", "give the prepare arguments without --out and --stain-norm")
-    for out, norm in ((plain, "none"), (macenko, "macenko")):
-        rc = main(["prepare", *prepare_args, "--stain-norm", norm, "--out", str(out)])
-        if rc not in (0, None):
-            raise InputError(out, f"hist-st prepare exited with status {rc}")
 
 
 @command(
@@ -120,22 +104,27 @@ def prepare_pair(prepare_args: list[str], plain: Path, macenko: Path) -> None:
 def cmd_stain(args: argparse.Namespace) -> None:
     from hist_st.experiments.stain import run_stain
 
-    if args.prepare:
-        prepare_pair(shlex.split(args.prepare), args.plain, args.macenko)
-    res = run_stain(args.plain, args.macenko, args.out, setup=experiment_setup(args),
-                    skip_done=not args.force, rows=args.rows or ("macenko-only", "token-only", "both", "neither"))
+    if args.prepare:  # hist-st prepare ARGS --out PLAIN, then --stain-norm macenko --out MACENKO (resumable)
+        given = shlex.split(args.prepare)
+        if any(a in ("--out", "--stain-norm") or a.startswith(("--out=", "--stain-norm=")) for a in given):
+            raise InputError("--prepare", "give the prepare arguments without --out and --stain-norm")
+        for out, norm in ((args.plain, "none"), (args.macenko, "macenko")):
+            rc = main(["prepare", *given, "--stain-norm", norm, "--out", str(out)])
+            if rc not in (0, None):
+                raise InputError(out, f"hist-st prepare exited with status {rc}")
+    rows = args.rows or ("macenko-only", "token-only", "both", "neither")
+    res = run_stain(args.plain, args.macenko, args.out, setup=experiment_setup(args), rows=rows,
+                    skip_done=not args.force)
     show(res["table"], res["out_dir"])
 
 
 @command(
     "tokens", OUT,
-    arg("--run", required=True, type=Path, help="cross-validation run folder (splits.json, fold_<i>/model.pt)"),
+    arg("--run", required=True, type=Path, help="cross-validation run (splits.json, fold_<i>/model.pt)"),
     arg("--cohort", required=True, type=Path, help="the prepared cohort of that run"),
     arg("--group-by", type=names, default="patient", help="metadata columns, e.g. patient,technology"),
     arg("--source", default="test", help="'test' (held-out fold model per slide) or 'fold:<i>'"),
-    help="Table 6 / Figure 4: calibration-token analysis of a CV run",
-    description="Export each slide's final calibration token from the fold models of a cv / bench accuracy "
-    "run and measure how well it separates groups.")
+    help="Table 6 / Figure 4: calibration-token analysis of a CV run")
 def cmd_tokens(args: argparse.Namespace) -> None:
     from hist_st.experiments.tokens import run_token_analysis
 
@@ -155,9 +144,6 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     arg("--out", type=Path, help="PNG path (default: next to --pred)"),
     help="expression maps over the H&E: measured (when known), predicted, MC std")
 def cmd_plot_genes(args: argparse.Namespace) -> None:
-    from hist_st.pl import map_agreement, plot_genes
-    from hist_st.slide import read_prepared
-
     pred = read_prepared(args.pred)
     truth = read_prepared(args.truth) if args.truth else None
     path = plot_genes(pred, args.genes, args.out or args.pred.with_suffix("").as_posix() + "_genes.png",
@@ -194,12 +180,11 @@ def cmd_plot_genes(args: argparse.Namespace) -> None:
     arg("--force", action="store_true", help="recompute steps whose results exist"),
     *experiment_args(genes=None),
     help="run every experiment on a cohort and write docs/results/<name>.md",
-    usage="hist-st report --cohort DIR [--name NAME] [options] [KEY=VALUE ...]",
-    description="Tables 1, 2, 3 (and 5), the token analysis and figures in one Markdown file that quotes "
-    "this command; finished steps are reused unless --force.")
+    usage="hist-st report --cohort DIR [--name NAME] [options] [KEY=VALUE ...]")
 def cmd_report(args: argparse.Namespace) -> None:
     from hist_st.experiments.report import ReportSpec, build_report
 
+    command = "hist-st " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
     print(build_report(ReportSpec(
         args.name or args.cohort.resolve().name, args.cohort, docs_dir=args.docs, runs_dir=args.runs,
         methods=args.methods, gene_sets=args.gene_sets, folds=args.folds, seed=args.seed, config=args.config,
@@ -210,4 +195,4 @@ def cmd_report(args: argparse.Namespace) -> None:
         scaling_options={"spots": args.scaling_spots, "genes_list": args.scaling_genes,
                          "timeout": args.scaling_timeout},
         macenko=args.macenko, token_groups=args.token_groups, device=args.device, force=args.force,
-        command="hist-st " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None, progress=not args.no_progress)))
+        progress=not args.no_progress, command=command)))

@@ -3,6 +3,7 @@
 Run as a script this module is ``hist-st train``, for torchrun: ``torchrun --nproc_per_node 2 -m
 hist_st.cli.train --slides cohort/ --out runs/a`` (or ``torchrun ... "$(which hist-st)" train ...``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,13 @@ from pathlib import Path
 
 from hist_st.cli import CONFIG, GENE_SET, NO_PROGRESS, arg, command, names, show
 from hist_st.errors import InputError
+from hist_st.pl import plot_genes
+from hist_st.predict_image import predict_image
+from hist_st.runtime import resolve_device, set_threads
+from hist_st.train.checkpoint import finished_epochs, load_bundle, load_resume_state, resume_source
+from hist_st.train.config import run_config, with_gene_set
+from hist_st.train.loop import train
+from hist_st.train.predict import predict_folder
 
 SLIDES = arg("--slides", required=True, type=Path, help="folder of prepared slides (<id>.h5ad)")
 RUN = arg("--out", required=True, type=Path, help="run directory")
@@ -26,8 +34,7 @@ SETUP = [*CONFIG, arg("--genes", help=f"{GENE_SET}; default hvg:2000"),
 def _ids(value: str | None) -> list[str] | None:
     if value is None:
         return None
-    items = Path(value).read_text().splitlines() if Path(value).is_file() else value.split(",")
-    items = [v.strip() for v in items if v.strip()]
+    items = names(Path(value).read_text().replace("\n", ",") if Path(value).is_file() else value)
     if not items:
         raise InputError(value, "empty slide id list")
     dup = sorted({v for v in items if items.count(v) > 1})
@@ -37,8 +44,6 @@ def _ids(value: str | None) -> list[str] | None:
 
 
 def _cfg(args: argparse.Namespace, base: dict | None = None):
-    from hist_st.train.config import run_config, with_gene_set
-
     overrides = with_gene_set(args.overrides, args.genes)
     if args.supervise_at:
         overrides.append(f"supervise={args.supervise_at}")
@@ -55,12 +60,8 @@ def _cfg(args: argparse.Namespace, base: dict | None = None):
         "augmentation, seed, amp or checkpointing differ (recorded in OUT/accepted_changes.json)"),
     arg("--overwrite", action="store_true", help="replace the checkpoint of an earlier run in OUT"),
     *SETUP,
-    help="train HiST on a folder of prepared slides",
-    description="Train HiST on prepared slides; writes OUT/model.pt (restorable).")
+    help="train HiST on a folder of prepared slides (writes OUT/model.pt)")
 def cmd_train(args: argparse.Namespace) -> None:
-    from hist_st.train.checkpoint import finished_epochs, load_resume_state, resume_source
-    from hist_st.train.loop import train
-
     resume = args.resume_from
     if resume is None and args.resume:
         done = finished_epochs(args.out)
@@ -86,8 +87,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     arg("--mc-samples", type=int, default=0, help="MC-dropout passes for predicted_std (default 0)"),
     arg("--no-predictions", action="store_true", help="do not write prediction files"),
     *SETUP,
-    help="k-fold cross-validation (HiST and baselines, both protocols)",
-    description="Cross-validate on prepared slides; folds by slide or by a group column.")
+    help="k-fold cross-validation (HiST and baselines, both protocols)")
 def cmd_cv(args: argparse.Namespace) -> None:
     from hist_st.evaluate import cross_validate
 
@@ -123,9 +123,6 @@ def cmd_cv(args: argparse.Namespace) -> None:
     "tissue, lay pseudo-spots at the model's training pitch and lattice, embed patches with the model's "
     "encoder, predict; write OUT/<slide>.h5ad, gene heatmap PNGs and OUT/summary.json.")
 def cmd_predict(args: argparse.Namespace) -> None:
-    from hist_st.runtime import resolve_device, set_threads
-    from hist_st.train.checkpoint import load_bundle
-
     image_only = [f"--{k.replace('_', '-')}" for k in ("um_per_px", "reference", "weights", "resolution")
                   if getattr(args, k) is not None]
     if args.image is None and image_only:
@@ -137,8 +134,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
     genes = args.genes or []
     log = partial(print, file=sys.stderr)
     if args.image is not None:
-        from hist_st.predict_image import predict_image
-
         s = predict_image(bundle, args.image, args.out, um_per_px=args.um_per_px, genes_to_plot=genes or None,
                           mc_samples=args.mc_samples, encoder_weights=args.weights, device=str(bundle.device),
                           reference=args.reference, seed=args.seed, progress=not args.no_progress, log=log,
@@ -151,9 +146,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
                                   **{k: corr.get(k) for k in ("mean_gene_pearson", "pooled_pearson")}}
         print(json.dumps({**brief, "total_s": s["timings_s"]["total_s"]}))
         return
-    from hist_st.pl import plot_genes
-    from hist_st.train.predict import predict_folder
-
     missing = [g for g in genes if g not in set(map(str, bundle.genes))]
     if missing:
         raise InputError("--genes", f"not among the model's {len(bundle.genes)} genes: {missing[:5]}")
