@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hist_st import __version__
 from hist_st.errors import InputError
 
 #: Modules under hist_st.cli whose `command`s make up ``hist-st``, in the order of its help.
@@ -69,8 +70,6 @@ CONFIG = [arg("--config", type=Path, help="HiST TrainConfig YAML"), NO_PROGRESS,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hist_st import __version__
-
     for module in COMMAND_MODULES:
         importlib.import_module(f"hist_st.cli.{module}")
     parser = argparse.ArgumentParser(prog="hist-st", description=__doc__)

@@ -21,7 +21,6 @@ METHODS = arg("--methods", type=names, default="hist,mean,ridge,mlp,bleep,stnet,
 GROUP_BY = arg("--group-by", help="fold by a group column (e.g. patient) instead of by slide")
 BASELINE_OPTION = arg("--baseline-option", action="append", metavar="METHOD.KEY=VALUE",
                       help="baseline option, e.g. stflow.epochs=50 (repeatable)")
-FORCE = "retrain {} whose results are cached"
 
 
 def experiment_args(genes: str | None = "hvg:2000") -> list[Arg]:
@@ -75,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     "ablate", GROUP_BY,
     arg("--cohort", type=Path, help="prepared cohort"), arg("--out", type=Path, help="output folder"),
     arg("--configs", type=names, help="comma-separated ablation names (default: all; see --list)"),
-    arg("--force", action="store_true", help=FORCE.format("ablations")),
+    arg("--force", action="store_true", help="retrain ablations whose results are cached"),
     arg("--list", action="store_true", help="list the ablation names and exit"), *experiment_args(),
     help="Table 3: component ablations of HiST on the same folds")
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -97,7 +96,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     arg("--macenko", required=True, type=Path, help="the same slides prepared with --stain-norm macenko"),
     arg("--prepare", help="hist-st prepare arguments (quoted, no --out/--stain-norm) to prepare both first"),
     arg("--rows", type=names, help="rows to run: macenko-only,token-only,both,neither (default all)"),
-    arg("--force", action="store_true", help=FORCE.format("rows")), *experiment_args(),
+    arg("--force", action="store_true", help="retrain rows whose results are cached"), *experiment_args(),
     help="Table 5: calibration token vs Macenko stain normalisation",
     description="Cross-validate token-only / Macenko-only / both (and neither) on the same folds and genes. "
     "Give two prepared cohorts, or --prepare to make them.")

@@ -12,7 +12,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from hist_st.cli import CONFIG, GENE_SET, NO_PROGRESS, arg, command, names, show
+from hist_st.cli import CONFIG, GENE_SET, NO_PROGRESS, arg, command, main, names, show
 from hist_st.errors import InputError
 from hist_st.pl import plot_genes
 from hist_st.predict_image import predict_image
@@ -158,6 +158,4 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":  # torchrun -m hist_st.cli.train ...  ==  hist-st train ...
-    from hist_st.cli import main
-
     sys.exit(main(["train", *sys.argv[1:]]))
