@@ -14,13 +14,10 @@ from hist_st import __version__
 from hist_st.errors import InputError
 
 #: Modules under hist_st.cli whose `command`s make up ``hist-st``, in the order of its help.
-COMMAND_MODULES: list[str] = ["data", "train", "experiments", "bench"]
-#: Command groups: name -> (help, description, metavar of their subcommands).
-GROUPS = {
-    "bench": ("benchmarks: accuracy (Table 2), efficiency (Table 1, Figure 3), speed, tissue",
-              "Benchmark commands; see `hist-st bench COMMAND --help`.", "COMMAND"),
-    "plot": ("figures (plot genes: H&E, measured and predicted expression)", None, "FIGURE"),
-}
+COMMAND_MODULES: list[str] = ["train", "experiments", "bench"]
+#: Command groups: name -> (help, metavar of their subcommands).
+GROUPS = {"bench": ("benchmarks: accuracy (Table 2), efficiency (Table 1, Figure 3), speed, ...", "COMMAND"),
+          "plot": ("figures (plot genes: H&E, measured and predicted expression)", "FIGURE")}
 #: ``"bench speed"`` -> (function, options, `add_parser` keywords), filled by `command`.
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], tuple, dict[str, Any]]] = {}
 Arg = tuple[tuple[str, ...], dict[str, Any]]
@@ -32,13 +29,9 @@ def arg(*flags: str, **kw: Any) -> Arg:
 
 
 def command(name: str, *options: Arg | list[Arg], **kw: Any) -> Callable:
-    """Declare ``func(args)`` as ``hist-st NAME`` (``"bench speed"``: a subcommand of a `GROUPS` group).
-
-    Args:
-        name: Command name, with its group first when it has one.
-        *options: `arg` tuples; a list of them is a required mutually exclusive group.
-        **kw: `add_parser` keywords (help, usage, ...; the description defaults to the help).
-    """
+    """Declare ``func(args)`` as ``hist-st NAME`` (``"bench speed"``: a subcommand of a `GROUPS` group) with
+    the ``options`` (`arg` tuples; a list of them is a required mutually exclusive group) and `add_parser`
+    keywords ``kw`` (help, usage, ...; the description defaults to the help)."""
     def register(func: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
         COMMANDS[name] = (func, options, kw)
         return func
@@ -78,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (func, options, kw) in COMMANDS.items():
         group, _, leaf = name.rpartition(" ")
         if group not in subs:
-            text, description, metavar = GROUPS[group]
-            g = subs[""].add_parser(group, help=text, description=description)
+            text, metavar = GROUPS[group]
+            g = subs[""].add_parser(group, help=text, description=text)
             subs[group] = g.add_subparsers(dest=f"{group}_command", required=True, metavar=metavar)
         p = subs[group].add_parser(leaf, **{"description": kw.get("help"), **kw})
         for option in options:

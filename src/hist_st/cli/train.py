@@ -1,4 +1,5 @@
-"""``hist-st train``, ``cv`` and ``predict``: thin wrappers over `hist_st.train` and `hist_st.evaluate`.
+"""``hist-st prepare``, ``train``, ``cv`` and ``predict``: from raw slides (her2st, HEST-1k, Space Ranger,
+AnnData) to a prepared cohort, a trained HiST and its predictions.
 
 Run as a script this module is ``hist-st train``, for torchrun: ``torchrun --nproc_per_node 2 -m
 hist_st.cli.train --slides cohort/ --out runs/a`` (or ``torchrun ... "$(which hist-st)" train ...``).
@@ -7,7 +8,9 @@ hist_st.cli.train --slides cohort/ --out runs/a`` (or ``torchrun ... "$(which hi
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -16,7 +19,9 @@ from hist_st.cli import CONFIG, GENE_SET, NO_PROGRESS, arg, command, main, names
 from hist_st.errors import InputError
 from hist_st.pl import plot_genes
 from hist_st.predict_image import predict_image
+from hist_st.prepare import prepare_cohort
 from hist_st.runtime import resolve_device, set_threads
+from hist_st.sources import FORMATS, find_sources
 from hist_st.train.checkpoint import finished_epochs, load_bundle, load_resume_state, resume_source
 from hist_st.train.config import run_config, with_gene_set
 from hist_st.train.loop import train
@@ -25,6 +30,8 @@ from hist_st.train.predict import predict_folder
 SLIDES = arg("--slides", required=True, type=Path, help="folder of prepared slides (<id>.h5ad)")
 RUN = arg("--out", required=True, type=Path, help="run directory")
 IDS = arg("--ids", help="only these slide ids: comma-separated, or a file with one per line")
+EACH = "one per --input (spaceranger/anndata)"
+LOG = partial(print, file=sys.stderr)
 #: Options of train and cv: the HiST config, gene set and label level.
 SETUP = [*CONFIG, arg("--genes", help=f"{GENE_SET}; default hvg:2000"),
          arg("--supervise-at", metavar="spot|coarse<k>", help="where the labels are: spot (default) or "
@@ -50,6 +57,57 @@ def _cfg(args: argparse.Namespace, base: dict | None = None):
     if args.no_progress:
         overrides.append("progress=false")
     return run_config(args.config, overrides, base=base)
+
+
+@command(
+    "prepare",
+    arg("--format", required=True, choices=FORMATS, help="input layout"),
+    arg("--input", required=True, nargs="+", help="her2st/hest: the data folder; spaceranger: outs/ "
+        "folder(s); anndata: .h5ad file(s); or a CSV/TSV table (path, image, slide_id, patient, um_per_px)"),
+    arg("--image", nargs="+", help=f"H&E image(s), {EACH}: full resolution or a Space Ranger hires/lowres "
+        "image. Default: the folder's own, or those in the AnnData's uns['spatial']"),
+    arg("--image-scale", nargs="+", type=float,
+        help="image pixels per full-resolution pixel, one per --input (default: detected)"),
+    arg("--allow-missing-image", action="store_true", help="skip slides without an H&E image"),
+    arg("--slide-id", nargs="+", help=f"slide id(s), {EACH}"),
+    arg("--patient", nargs="+", help=f"patient id(s), {EACH}"),
+    arg("--sections", nargs="+", help="her2st section ids / HEST sample ids to include"),
+    arg("--um-per-px", type=float, help="microns per full-resolution pixel (default: from spots or image)"),
+    arg("--out", required=True, help="output cohort folder"),
+    arg("--encoder", default="efficientnet-lite0", help="efficientnet-lite0, uni, or timm:<name>"),
+    arg("--weights", help="encoder weights file (uni, timm:<name>)"),
+    arg("--device", help="cpu, cuda, ... (default: cuda when available)"),
+    arg("--patch-px", type=int, default=224, help="patch side in pixels"),
+    arg("--patch-um-per-px", type=float, default=0.5, help="patch resolution (um per pixel)"),
+    arg("--batch-size", type=int, default=32),
+    arg("--encoder-precision", choices=["fp32", "bf16"], default="fp32",
+        help="bf16: the encoder in bfloat16 on the CPU (faster; embeddings differ by bf16 rounding)"),
+    arg("--stain-norm", choices=("none", "macenko"), default="none", help="stain normalisation (torchstain)"),
+    arg("--stain-reference", help="reference H&E image for --stain-norm (default: torchstain's)"),
+    arg("--gene-mapping", help="CSV/TSV of Ensembl id -> gene symbol"),
+    arg("--hvg-scope", choices=("dataset", "train-only"), default="dataset"),
+    arg("--train-slides", nargs="+", help="training slide ids for --hvg-scope train-only"),
+    arg("--threads", type=int, help="torch CPU threads (default: all cores)"),
+    arg("--overwrite", action="store_true", help="re-prepare slides that are already done"),
+    NO_PROGRESS,
+    help="read slides, cut patches, embed them and harmonise genes into a cohort folder",
+    description="Prepare a cohort: one <slide>.h5ad per slide plus cohort.json. Resumable: finished slides "
+    "are skipped; embeddings are cached per slide and encoder.",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads", f"must be >= 1, got {args.threads}")
+    set_threads(args.threads)
+    sources = find_sources(args.format, args.input, images=args.image, image_scales=args.image_scale,
+                           slide_ids=args.slide_id, patients=args.patient, um_per_px=args.um_per_px,
+                           sections=args.sections)
+    same_name = {k: v for k, v in vars(args).items() if k in inspect.signature(prepare_cohort).parameters}
+    report = prepare_cohort(sources, args.out, **same_name, progress=not args.no_progress, log=LOG)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the merged report
+        print(report.summary())
+    if report.failed:
+        return 3 if report.prepared or report.skipped_done else 1
+    return 0
 
 
 @command(
@@ -132,11 +190,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     bundle = load_bundle(args.model, device=resolve_device(args.device))
     genes = args.genes or []
-    log = partial(print, file=sys.stderr)
     if args.image is not None:
         s = predict_image(bundle, args.image, args.out, um_per_px=args.um_per_px, genes_to_plot=genes or None,
                           mc_samples=args.mc_samples, encoder_weights=args.weights, device=str(bundle.device),
-                          reference=args.reference, seed=args.seed, progress=not args.no_progress, log=log,
+                          reference=args.reference, seed=args.seed, progress=not args.no_progress, log=LOG,
                           values=args.values, map_resolution=args.resolution or "fine")
         brief = {k: s[k] for k in ("slide_id", "n_pseudo_spots", "um_per_px", "h5ad", "genes_plotted",
                                    "warnings")}
@@ -150,7 +207,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if missing:
         raise InputError("--genes", f"not among the model's {len(bundle.genes)} genes: {missing[:5]}")
     paths = predict_folder(bundle, args.slides, args.out, slide_ids=_ids(args.ids), seed=args.seed,
-                           mc_samples=args.mc_samples, progress=not args.no_progress, log=log)
+                           mc_samples=args.mc_samples, progress=not args.no_progress, log=LOG)
     maps = [str(plot_genes(p, genes, Path(p).with_name(f"{Path(p).stem}_maps.png"), values=args.values))
             for p in paths if genes]
     print(json.dumps({"predicted": len(paths), "genes": len(bundle.genes), "out": str(args.out),
