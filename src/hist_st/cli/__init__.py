@@ -50,8 +50,7 @@ def ints(value: str) -> tuple[int, ...]:
 
 def show(text: str, where: Any) -> None:
     """Print a command's result ``text`` and where its results are."""
-    print(text)
-    print(f"results in {where}")
+    print(f"{text}\nresults in {where}")
 
 
 GENE_SET = "gene set: hvg:N (top N HVGs) or he:N (N most expressed)"

@@ -51,10 +51,9 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
         raise InputError("--seeds", problem) from None
     if args.paired_with and seeds is None:
         raise InputError("--paired-with", "compares runs over training seeds: give --seeds too (e.g. 0,1,2)")
-    kw = dict(methods=args.methods, genes=args.genes, folds=args.folds, seed=args.seed, config=args.config,
-              overrides=args.overrides, group_by=args.group_by, write_predictions=not args.no_predictions,
-              baseline_options=ex.parse_baseline_options(args.baseline_option), progress=not args.no_progress,
-              reuse=not args.force, rerun=args.rerun or [], reuse_from=args.reuse_from or [],
+    kw = dict(vars(ex.experiment_setup(args)), methods=args.methods, reuse=not args.force,
+              baseline_options=ex.parse_baseline_options(args.baseline_option), rerun=args.rerun or [],
+              write_predictions=not args.no_predictions, reuse_from=args.reuse_from or [],
               command="hist-st " + shlex.join(sys.argv[1:]))
     if seeds is None:
         res = run_accuracy(args.cohort, args.out, **kw)
@@ -222,8 +221,7 @@ def cmd_uncertainty(args: argparse.Namespace) -> None:
 
 
 def fold_args(cohort: str, force: str) -> list[Arg]:
-    """Options of ``bench superres`` / ``subspot``: ``--out``, ``--plot-genes``, ``--cohort``, ``--force``
-    and the experiment options, gene set he:250."""
+    """Options of ``bench superres`` / ``subspot`` (gene set he:250 by default)."""
     return [OUT, PLOT_GENES, arg("--cohort", required=True, type=Path, help=cohort),
             arg("--force", action="store_true", help=force), *ex.experiment_args(genes="he:250")]
 

@@ -33,9 +33,8 @@ def experiment_setup(args: argparse.Namespace) -> Any:
     """The `CVSetup` of `experiment_args`' options (and ``--group-by`` where the command has it)."""
     from hist_st.experiments.accuracy import CVSetup
 
-    return CVSetup(genes=args.genes, folds=args.folds, seed=args.seed, config=args.config,
-                   overrides=args.overrides, group_by=getattr(args, "group_by", None),
-                   progress=not args.no_progress)
+    return CVSetup(**{k: getattr(args, k) for k in ("genes", "folds", "seed", "config", "overrides")},
+                   group_by=getattr(args, "group_by", None), progress=not args.no_progress)
 
 
 def parse_baseline_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -128,8 +127,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
 
     res = run_token_analysis(args.run, args.cohort, args.out, group_by=args.group_by or ["patient"],
                              source=args.source)
-    print(res["table"])
-    print("figures: " + ", ".join(res["figures"]))
+    print(f"{res['table']}\nfigures: {', '.join(res['figures'])}")
 
 
 @command(

@@ -1,8 +1,6 @@
-"""``hist-st prepare``, ``train``, ``cv`` and ``predict``: from raw slides (her2st, HEST-1k, Space Ranger,
-AnnData) to a prepared cohort, a trained HiST and its predictions.
+"""``hist-st prepare``, ``train``, ``cv`` and ``predict``: raw slides -> cohort -> HiST -> predictions.
 
-Run as a script this module is ``hist-st train``, for torchrun: ``torchrun --nproc_per_node 2 -m
-hist_st.cli.train --slides cohort/ --out runs/a`` (or ``torchrun ... "$(which hist-st)" train ...``).
+Run as a script this module is ``hist-st train`` (``torchrun --nproc_per_node 2 -m hist_st.cli.train ...``).
 """
 
 from __future__ import annotations
@@ -87,7 +85,7 @@ def _cfg(args: argparse.Namespace, base: dict | None = None):
     arg("--gene-mapping", help="CSV/TSV of Ensembl id -> gene symbol"),
     arg("--hvg-scope", choices=("dataset", "train-only"), default="dataset"),
     arg("--train-slides", nargs="+", help="training slide ids for --hvg-scope train-only"),
-    arg("--threads", type=int, help="torch CPU threads (default: all cores)"),
+    arg("--threads", type=int, help="torch CPU threads (default or 0: all cores)"),
     arg("--overwrite", action="store_true", help="re-prepare slides that are already done"),
     NO_PROGRESS,
     help="read slides, cut patches, embed them and harmonise genes into a cohort folder",
@@ -95,8 +93,6 @@ def _cfg(args: argparse.Namespace, base: dict | None = None):
     "are skipped; embeddings are cached per slide and encoder.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 def cmd_prepare(args: argparse.Namespace) -> int:
-    if args.threads is not None and args.threads < 1:
-        raise InputError("--threads", f"must be >= 1, got {args.threads}")
     set_threads(args.threads)
     sources = find_sources(args.format, args.input, images=args.image, image_scales=args.image_scale,
                            slide_ids=args.slide_id, patients=args.patient, um_per_px=args.um_per_px,
