@@ -235,7 +235,8 @@ def _fold_run_options(args: argparse.Namespace) -> dict[str, Any]:
     "bench superres",
     *fold_args("prepared cohort (spot level)", "retrain every model (default: keep identical fold runs)"),
     arg("--block", type=int, default=2, help="block side in spots (default 2: 2x2 blocks)"),
-    arg("--sigma", type=float, default=0.5, help="Gaussian width, fraction of the coarse pitch"),
+    arg("--sigma", type=float, default=0.5,
+        help="Gaussian interpolation width as a fraction of the coarse pitch (default 0.5)"),
     help="super-resolution: train on 2x2 blocks of spots, score on the spots",
     description="Train HiST on block x block sums of spots (supervise=coarse<k>), score it on the spots "
     "beside a coarse model copied to the spots, its Gaussian interpolation and HiST trained on the spots.")

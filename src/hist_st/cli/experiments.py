@@ -101,6 +101,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 def cmd_stain(args: argparse.Namespace) -> None:
     from hist_st.experiments.stain import run_stain
 
+    setup = experiment_setup(args)
+    rows = args.rows or ("macenko-only", "token-only", "both", "neither")
     if args.prepare:  # hist-st prepare ARGS --out PLAIN, then --stain-norm macenko --out MACENKO (resumable)
         given = shlex.split(args.prepare)
         if any(a in ("--out", "--stain-norm") or a.startswith(("--out=", "--stain-norm=")) for a in given):
@@ -109,9 +111,7 @@ def cmd_stain(args: argparse.Namespace) -> None:
             rc = main(["prepare", *given, "--stain-norm", norm, "--out", str(out)])
             if rc not in (0, None):
                 raise InputError(out, f"hist-st prepare exited with status {rc}")
-    rows = args.rows or ("macenko-only", "token-only", "both", "neither")
-    res = run_stain(args.plain, args.macenko, args.out, setup=experiment_setup(args), rows=rows,
-                    skip_done=not args.force)
+    res = run_stain(args.plain, args.macenko, args.out, setup=setup, rows=rows, skip_done=not args.force)
     show(res["table"], res["out_dir"])
 
 

@@ -162,7 +162,7 @@ def cmd_cv(args: argparse.Namespace) -> None:
     arg("--out", required=True, type=Path, help="output folder"),
     arg("--ids", help="only these slide ids (comma list or file; with --slides)"),
     arg("--um-per-px", type=float, help="microns per full-resolution pixel of --image (default: its file's)"),
-    arg("--genes", type=names, help="genes to map, comma-separated (--image default: the 4 most variable)"),
+    arg("--genes", type=names, default="", help="genes to map, e.g. A,B (--image default: 4 most variable)"),
     arg("--reference", type=Path, help="prepared .h5ad of this section: coverage, correlation (summary)"),
     arg("--weights", type=Path, help="patch-encoder weights file (e.g. for uni)"),
     arg("--resolution", choices=("fine", "labels"), help="with --image: fine (default) = one prediction per "
@@ -185,12 +185,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise InputError("--ids", "only applies with --slides")
     set_threads(args.threads)
     bundle = load_bundle(args.model, device=resolve_device(args.device))
-    genes = args.genes or []
     if args.image is not None:
-        s = predict_image(bundle, args.image, args.out, um_per_px=args.um_per_px, genes_to_plot=genes or None,
-                          mc_samples=args.mc_samples, encoder_weights=args.weights, device=str(bundle.device),
-                          reference=args.reference, seed=args.seed, progress=not args.no_progress, log=LOG,
-                          values=args.values, map_resolution=args.resolution or "fine")
+        s = predict_image(bundle, args.image, args.out, um_per_px=args.um_per_px, mc_samples=args.mc_samples,
+                          genes_to_plot=args.genes or None, encoder_weights=args.weights, seed=args.seed,
+                          reference=args.reference, device=str(bundle.device), progress=not args.no_progress,
+                          log=LOG, values=args.values, map_resolution=args.resolution or "fine")
         brief = {k: s[k] for k in ("slide_id", "n_pseudo_spots", "um_per_px", "h5ad", "genes_plotted",
                                    "warnings")}
         if s.get("reference"):
@@ -199,13 +198,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
                                   **{k: corr.get(k) for k in ("mean_gene_pearson", "pooled_pearson")}}
         print(json.dumps({**brief, "total_s": s["timings_s"]["total_s"]}))
         return
-    missing = [g for g in genes if g not in set(map(str, bundle.genes))]
+    missing = [g for g in args.genes if g not in set(map(str, bundle.genes))]
     if missing:
         raise InputError("--genes", f"not among the model's {len(bundle.genes)} genes: {missing[:5]}")
     paths = predict_folder(bundle, args.slides, args.out, slide_ids=_ids(args.ids), seed=args.seed,
                            mc_samples=args.mc_samples, progress=not args.no_progress, log=LOG)
-    maps = [str(plot_genes(p, genes, Path(p).with_name(f"{Path(p).stem}_maps.png"), values=args.values))
-            for p in paths if genes]
+    maps = [str(plot_genes(p, args.genes, Path(p).with_name(f"{Path(p).stem}_maps.png"), values=args.values))
+            for p in paths if args.genes]
     print(json.dumps({"predicted": len(paths), "genes": len(bundle.genes), "out": str(args.out),
                       "maps": maps}))
 
