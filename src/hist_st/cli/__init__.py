@@ -57,8 +57,8 @@ GENE_SET = "gene set: hvg:N (top N HVGs) or he:N (N most expressed)"
 NO_PROGRESS = arg("--no-progress", action="store_true", help="hide progress bars")
 OUT = arg("--out", required=True, type=Path, help="output folder")
 #: HiST's configuration: YAML file, trailing ``key=value`` overrides.
-CONFIG = [arg("--config", type=Path, help="HiST TrainConfig YAML"), NO_PROGRESS, arg(
-    "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=20 model.dim=256")]
+CONFIG = [arg("--config", type=Path, help="HiST TrainConfig YAML"), NO_PROGRESS,
+          arg("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. epochs=20 model.dim=256")]
 
 
 def build_parser() -> argparse.ArgumentParser:

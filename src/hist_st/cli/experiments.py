@@ -180,7 +180,7 @@ def cmd_plot_genes(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from hist_st.experiments.report import ReportSpec, build_report
 
-    command = "hist-st " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
+    cmdline = "hist-st " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
     print(build_report(ReportSpec(
         args.name or args.cohort.resolve().name, args.cohort, docs_dir=args.docs, runs_dir=args.runs,
         methods=args.methods, gene_sets=args.gene_sets, folds=args.folds, seed=args.seed, config=args.config,
@@ -191,4 +191,4 @@ def cmd_report(args: argparse.Namespace) -> None:
         scaling_options={"spots": args.scaling_spots, "genes_list": args.scaling_genes,
                          "timeout": args.scaling_timeout},
         macenko=args.macenko, token_groups=args.token_groups, device=args.device, force=args.force,
-        progress=not args.no_progress, command=command)))
+        progress=not args.no_progress, command=cmdline)))
