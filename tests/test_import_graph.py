@@ -26,8 +26,7 @@ LAYERS = [
 #: Modules whose internal imports may sit inside functions, and why: `hist-st --help` and argument errors
 #: answer without loading torch, scanpy and the rest.
 LATE_IMPORTS_ALLOWED = {
-    "hist_st.cli": "CLI start-up", "hist_st.cli.bench": "CLI start-up", "hist_st.cli.bench_speed": "CLI start-up",
-    "hist_st.cli.data": "CLI start-up", "hist_st.cli.demo": "CLI start-up", "hist_st.cli.experiments": "CLI start-up",
+    "hist_st.cli": "CLI start-up", "hist_st.cli.bench": "CLI start-up", "hist_st.cli.experiments": "CLI start-up",
     "hist_st.cli.train": "CLI start-up",
 }  # fmt: skip
 

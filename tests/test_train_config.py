@@ -58,7 +58,7 @@ def test_config_errors(tmp_path):
 def test_one_override_parser_rejects_malformed_items(item, message):
     """Every command's key=value items go through `parse_override`: config overrides, --baseline-option and
     bench speed's --model alike refuse a malformed item, naming the option."""
-    from hist_st.cli.bench import parse_baseline_options
+    from hist_st.cli.experiments import parse_baseline_options
     from hist_st.train.config import parse_override, parse_overrides
 
     with pytest.raises(InputError, match=message) as info:
@@ -73,7 +73,7 @@ def test_one_override_parser_rejects_malformed_items(item, message):
 
 
 def test_override_values_are_yaml():
-    from hist_st.cli.bench import parse_baseline_options
+    from hist_st.cli.experiments import parse_baseline_options
     from hist_st.train.config import parse_overrides
 
     assert parse_overrides(["dim=256", " model.tokens = [max, mean]", "name=", "x=1", "x=2"]) == {
