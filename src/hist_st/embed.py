@@ -36,7 +36,7 @@ Batch = tuple[np.ndarray, np.ndarray]
 
 
 def prefetch(items: Iterable[Batch], depth: int = 2, transform: Callable[[np.ndarray], np.ndarray] | None = None,
-             timings: dict | None = None) -> Iterator[Batch]:  # fmt: skip
+             timings: dict | None = None) -> Iterator[Batch]:
     """Iterate ``items`` on a background thread, up to ``depth`` batches ahead of the consumer.
 
     Args:
@@ -237,7 +237,7 @@ def embed_slide(
         batches = iter_patch_batches(image, slide.spatial, slide.um_per_px, params, batch_size=batch_size)
     try:
         emb, outside = embed_batches(encoder, batches, n=n, transform=transform, prefetch_depth=prefetch_depth,
-                                     timings=timings, on_batch=bar.update if bar is not None else None)  # fmt: skip
+                                     timings=timings, on_batch=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()

@@ -98,7 +98,7 @@ class Encoder:
         if precision == self.precision:
             return self
         return Encoder(self.name, self.model, self.dim, self.input_size, self.mean, self.std, self.weights_id,
-                       self.device, cpu_fast=self.cpu_fast, precision=precision)  # fmt: skip
+                       self.device, cpu_fast=self.cpu_fast, precision=precision)
 
     def _cpu_model(self) -> torch.nn.Module:
         """On CPU, a frozen TorchScript trace in channels-last layout (about 2x faster for CNNs on 2 cores).
@@ -129,7 +129,7 @@ class Encoder:
                     got = fast(check.to(dtype).contiguous(memory_format=torch.channels_last)).float()
                     # fp32: the trace must reproduce the model; bf16: same features up to bf16 rounding
                     ok = torch.allclose(got, ref, rtol=1e-3, atol=1e-3) if dtype == torch.float32 else bool(
-                        torch.nn.functional.cosine_similarity(got, ref, dim=1).min() > 0.99)  # fmt: skip
+                        torch.nn.functional.cosine_similarity(got, ref, dim=1).min() > 0.99)
                     if got.shape == ref.shape and ok:
                         self._fast = fast
             except Exception:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from hist_st.errors import InputError
 
 __all__ = ["fixed_mmap_threshold", "malloc_policy", "parse_malloc", "apply_malloc", "trim_heap", "MallocPolicy",
-           "MALLOC_ENV"]  # fmt: skip
+           "MALLOC_ENV"]
 
 #: Environment variable choosing the allocator policy of `hist-st train` / `predict` (see the module docstring).
 MALLOC_ENV = "HIST_ST_MALLOC"
@@ -127,7 +127,7 @@ def parse_malloc(value: str, source: str = MALLOC_ENV) -> MallocPolicy:
                 raise InputError(source, f"{value!r}: the fixed mmap threshold must lie in 4K..32M")
         else:
             raise InputError(source, f"{value!r}: use default, fixed (256K), fixed:SIZE (e.g. fixed:4M; lower peak "
-                             f"memory, slower) and/or trim, comma-separated")  # fmt: skip
+                             f"memory, slower) and/or trim, comma-separated")
     return MallocPolicy(threshold, trim)
 
 

@@ -63,7 +63,7 @@ def spots_of(adata: Any, *, um_per_px: float | None = None) -> Slide:
     if "spatial" not in adata.obsm:
         raise InputError("adata", "obsm['spatial'] (spot x, y in full-resolution pixels) is missing")
     light = ad.AnnData(obs=adata.obs[[]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"])},
-                       uns={"hist_st": dict(adata.uns.get("hist_st", {}))})  # fmt: skip
+                       uns={"hist_st": dict(adata.uns.get("hist_st", {}))})
     slide = anndata_to_slide(light, "adata")
     if um_per_px is None and slide.um_per_px is None:  # what an earlier pp.embed / pp.lattice was told
         recorded = {float(v["params"]["um_per_px"]) for v in adata.uns.values()
@@ -147,7 +147,7 @@ def embed(
         enc = get_encoder(encoder, weights, device).with_precision(precision)
         transform = macenko_normaliser() if stain_norm == "macenko" else None
         emb, outside = embed_slide(slide, img, enc, params, batch_size=batch_size, transform=transform,
-                                   progress=progress)  # fmt: skip
+                                   progress=progress)
     adata.obsm[key_added] = emb
     adata.obs[f"{key_added}_outside"] = outside
     adata.uns[key_added] = {"params": {
@@ -155,7 +155,7 @@ def embed(
         "um_per_px": float(slide.um_per_px), "patch_px": params.size_px, "patch_um_per_px": params.um_per_px,
         "precision": precision,
         "stain_norm": stain_norm or "none", "source_um_per_px": slide.meta["source_um_per_px"],
-        "patch_upsampling": slide.meta["patch_upsampling"]}}  # fmt: skip
+        "patch_upsampling": slide.meta["patch_upsampling"]}}
     return adata if copy else None
 
 
@@ -212,7 +212,7 @@ def lattice(
     grid = {k: v for k, v in (slide.meta.get("spot_grid") or {}).items() if v is not None}
     adata.uns[key_added] = {
         "params": {k: v for k, v in {"um_per_px": slide.um_per_px, "pitch_um": pitch_um, "unit_um": unit_um,
-                                     "technology": technology}.items() if v is not None},  # fmt: skip
+                                     "technology": technology}.items() if v is not None},
         "lattice_unit_um": float(slide.lattice_unit_um),
         "spot_pitch_um": float(slide.spot_pitch_um),
         "grid": grid,

@@ -344,7 +344,7 @@ def predict_image(
         raise InputError("--values", f"unknown values {values!r}; use {', '.join(VALUES)}")
     if map_resolution not in ("fine", "labels"):
         raise InputError("--resolution", f"unknown resolution {map_resolution!r}; use fine (the model's token pitch) or "
-                         "labels (summed over the blocks the model was supervised on)")  # fmt: skip
+                         "labels (summed over the blocks the model was supervised on)")
     model_genes = {str(g) for g in bundle.genes}
     if genes_to_plot:
         missing = [str(g) for g in genes_to_plot if str(g) not in model_genes]
@@ -424,7 +424,7 @@ def predict_image(
     pred.meta["prediction"]["supervision"] = supervision
     resolution_record = {"resolution": map_resolution, "pseudo_spot_pitch_um": grid["pitch_um"],
                          "map_pitch_um": grid["pitch_um"] * block, "label_pitch_um": supervision["label_pitch_um"],
-                         "note": supervision["note"]}  # fmt: skip
+                         "note": supervision["note"]}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

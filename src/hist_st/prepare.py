@@ -90,18 +90,9 @@ class PrepareReport:
 
 
 def prepare_slide(
-    src: SlideSource,
-    out_dir: Path,
-    encoder: Encoder,
-    params: PatchParams,
-    *,
-    batch_size: int = 32,
-    stain_norm: str | None = None,
-    transform: Callable | None = None,
-    gene_mapping: dict | None = None,
-    thumbnail_size: int = 1024,
-    progress: bool = True,
-    timings: dict | None = None,
+    src: SlideSource, out_dir: Path, encoder: Encoder, params: PatchParams, *, batch_size: int = 32,
+    stain_norm: str | None = None, transform: Callable | None = None, gene_mapping: dict | None = None,
+    thumbnail_size: int = 1024, progress: bool = True, timings: dict | None = None,
     warnings: list[str] | None = None,
 ) -> Path:
     """Prepare one slide: read it, harmonise its genes, embed its patches, attach its lattice, and write
@@ -154,7 +145,7 @@ def prepare_slide(
             slide.meta["patches_from"] = str(stored)
         cache = embedding_cache_path(out_dir, slide, src, encoder, params, stain_norm)
         emb, outside = embed_slide_cached(cache, slide, image, encoder, params, batch_size=batch_size, transform=transform,
-                                          stored_patches=stored, progress=progress, timings=timings)  # fmt: skip
+                                          stored_patches=stored, progress=progress, timings=timings)
     finally:
         if image is not None:
             image.close()
@@ -176,27 +167,13 @@ def prepare_slide(
 
 
 def prepare_cohort(
-    sources: Sequence[SlideSource],
-    out_dir: str | Path,
-    *,
-    encoder: str = "efficientnet-lite0",
-    weights: str | Path | None = None,
-    device: str | None = None,
-    patch_px: int = 224,
-    patch_um_per_px: float = 0.5,
-    batch_size: int = 32,
-    encoder_precision: str = "fp32",
-    stain_norm: str | None = None,
-    stain_reference: str | Path | None = None,
-    gene_mapping: str | Path | None = None,
-    hvg_scope: str = "dataset",
-    train_slides: Sequence[str] | None = None,
-    thumbnail_size: int = 1024,
-    overwrite: bool = False,
-    allow_missing_image: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] | None = print,
-    dist_info: DistInfo | None = None,
+    sources: Sequence[SlideSource], out_dir: str | Path, *, encoder: str = "efficientnet-lite0",
+    weights: str | Path | None = None, device: str | None = None, patch_px: int = 224,
+    patch_um_per_px: float = 0.5, batch_size: int = 32, encoder_precision: str = "fp32",
+    stain_norm: str | None = None, stain_reference: str | Path | None = None, gene_mapping: str | Path | None = None,
+    hvg_scope: str = "dataset", train_slides: Sequence[str] | None = None, thumbnail_size: int = 1024,
+    overwrite: bool = False, allow_missing_image: bool = False, progress: bool = True,
+    log: Callable[[str], None] | None = print, dist_info: DistInfo | None = None,
 ) -> PrepareReport:
     """Prepare a cohort of slides into ``out_dir`` (one ``.h5ad`` per slide plus ``cohort.json``).
 
@@ -266,7 +243,7 @@ def prepare_cohort(
     report.skipped_no_image = list(no_image)
     todo, report.skipped_done, report.failed = pending_sources(
         [s for s in sources if s.slide_id not in no_image], out,
-        lambda src: prepared_key(src, enc.cache_key, params, stain_tag), overwrite=overwrite)  # fmt: skip
+        lambda src: prepared_key(src, enc.cache_key, params, stain_tag), overwrite=overwrite)
     if no_image:
         say(f"{len(no_image)} slide(s) have no H&E image and are skipped: {', '.join(no_image)}")
     if report.skipped_done:
@@ -274,7 +251,7 @@ def prepare_cohort(
     if info.enabled:
         todo = todo[info.rank :: info.world_size]
     bar = tqdm(total=len(todo), desc=f"slides (rank {info.rank})" if info.enabled else "slides", unit="slide",
-               disable=not (progress and todo))  # fmt: skip
+               disable=not (progress and todo))
     for src in todo:
         bar.set_postfix_str(src.slide_id)
         slide_warnings: list[str] = []
@@ -282,7 +259,7 @@ def prepare_cohort(
         try:
             prepare_slide(src, out, enc, params, batch_size=batch_size, stain_norm=stain_tag, transform=transform,
                           gene_mapping=mapping, thumbnail_size=thumbnail_size, progress=progress, timings=timings,
-                          warnings=slide_warnings)  # fmt: skip
+                          warnings=slide_warnings)
             report.prepared.append(src.slide_id)
         except MissingImageError as exc:
             if allow_missing_image:
@@ -307,7 +284,7 @@ def prepare_cohort(
         report.manifest = finalise_cohort(
             out, [s.slide_id for s in done], encoder_name=enc.name, encoder_dim=enc.dim, params=params,
             stain_norm=stain_tag, hvg_scope=hvg_scope, train_slides=train_slides,
-            skipped={s: "no image" for s in report.skipped_no_image} | report.failed)  # fmt: skip
+            skipped={s: "no image" for s in report.skipped_no_image} | report.failed)
         timings["cohort_s"] = time.perf_counter() - t0
     if info.enabled:
         barrier(info)  # the manifest exists when any rank returns

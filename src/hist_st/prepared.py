@@ -30,7 +30,7 @@ from hist_st.sources import SlideSource, file_signature, short_hash
 from hist_st.wsi import PatchParams
 
 __all__ = ["CACHE_DIR", "PREPARE_VERSION", "LATTICE_VERSION", "embedding_cache_path", "prepared_key",
-           "existing_key", "foreign_file", "pending_sources"]  # fmt: skip
+           "existing_key", "foreign_file", "pending_sources"]
 
 CACHE_DIR = ".hist_st_cache"
 PREPARE_VERSION = 1
@@ -128,7 +128,7 @@ def pending_sources(
         elif foreign_file(dest):
             refused[src.slide_id] = str(InputError(
                 dest, "exists and is not a hist-st prepared slide (an input file?); it is never replaced: "
-                "choose another --out folder or move the file"))  # fmt: skip
+                "choose another --out folder or move the file"))
         else:
             todo.append(src)
     return todo, done, refused

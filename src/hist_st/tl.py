@@ -86,6 +86,6 @@ def predict(
         "genes": [str(g) for g in bundle.genes],
         "params": {"model": str(model) if not isinstance(model, ModelBundle) else "ModelBundle", "use_rep": use_rep,
                    "embedding": bundle.embedding, "lattice_unit_um": float(lattice_unit_for(bundle, slide) or np.nan),
-                   "mc_samples": int(mc_samples), "seed": int(seed)},  # fmt: skip
+                   "mc_samples": int(mc_samples), "seed": int(seed)},
     }
     return adata if copy else None

@@ -145,7 +145,7 @@ class WindowAttentionFn(torch.autograd.Function):
                 kp = keep.view(h, w, size, size)[hs].reshape(-1, size, size) if p_drop > 0 else None
                 _window_backward(qkv[:, hs], None if table is None else table[hs], part, kp, scale, p_drop,
                                  lse[hs], dout[hs], delta[hs], valid, flat, dqkv[:, hs],
-                                 None if dtable is None else dtable[hs])  # fmt: skip
+                                 None if dtable is None else dtable[hs])
         return dqkv, dtable, None, None, None
 
 
@@ -294,7 +294,7 @@ class DualPathAttention(nn.Module):
                 for i in range(0, h, step):
                     hs = slice(i, i + step)
                     out[hs] = WindowAttentionFn.apply(qkv[:, hs].to(dtype), None if table is None else table[hs],
-                                                      parts, self.scale, p_drop)  # fmt: skip
+                                                      parts, self.scale, p_drop)
         return out.to(qkv.dtype).transpose(0, 1)  # [N, H, Dh]
 
     def _head_chunk(self, n: int) -> int:
@@ -338,7 +338,7 @@ class DualPathAttention(nn.Module):
                 out = x.new_empty(h, n, dh, dtype=dtype)
             with torch.autocast(device_type=x.device.type, enabled=False):
                 out[hs] = WindowAttentionFn.apply(qkv.to(dtype), None if table is None else table[hs].to(dtype),
-                                                  parts, self.scale, 0.0)  # fmt: skip
+                                                  parts, self.scale, 0.0)
             del qkv
         return out.to(qkv_dtype).transpose(0, 1)  # [N, H, Dh], in the projection's dtype as `_local_window`
 

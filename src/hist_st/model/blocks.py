@@ -116,7 +116,7 @@ class RecomputedBlock(torch.autograd.Function):
         dev, enabled, dtype = ctx.autocast
         devices = [x.device] if x.is_cuda else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
-                torch.autocast(device_type=dev, dtype=dtype, enabled=enabled):  # fmt: skip
+                torch.autocast(device_type=dev, dtype=dtype, enabled=enabled):
             torch.set_rng_state(ctx.rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
@@ -125,7 +125,7 @@ class RecomputedBlock(torch.autograd.Function):
             x_out, t_out = ctx.run(leaf_x, leaf_t)
         outs = [(o, g) for o, g in ((x_out, dx_out), (t_out, dt_out)) if o is not None and g is not None]
         inputs = [t for t, need in ((leaf_x, ctx.needs_input_grad[1]), (leaf_t, ctx.needs_input_grad[2]))
-                  if need and t is not None] + [p for p in params if p.requires_grad]  # fmt: skip
+                  if need and t is not None] + [p for p in params if p.requires_grad]
         if not outs or not inputs:
             return (None, None, None, *[None for _ in params])
         grads = torch.autograd.grad([o for o, _ in outs], inputs, [g for _, g in outs], allow_unused=True)

@@ -143,7 +143,7 @@ class HiSTConfig:
             if not (isinstance(value, numbers.Real) and 0.0 <= value < 1.0):
                 raise InputError("config", f"model.{name} must lie in [0, 1), got {value!r}")
         if not (isinstance(self.ffn_ratio, numbers.Real) and math.isfinite(self.ffn_ratio)
-                and int(self.dim * self.ffn_ratio) >= 1):  # fmt: skip
+                and int(self.dim * self.ffn_ratio) >= 1):
             raise InputError("config", f"model.ffn_ratio must be > 0 (hidden width >= 1), got {self.ffn_ratio!r}")
         if self.dim % self.heads:
             raise InputError("config", f"model.dim {self.dim} is not divisible by model.heads {self.heads}")

@@ -198,7 +198,7 @@ class CoarseAugmentedSlides(AugmentedSlides):
         batch = self.make_batch(torch.from_numpy(lat), s.features.index_select(0, keep_t))
         target = s.target.index_select(0, torch.from_numpy(np.flatnonzero(keep_group)))
         return {"slide_id": s.slide_id, "index": key.index, "batch": batch, "target": target,
-                "groups": torch.from_numpy(kept_groups.astype(np.int64)), "n_kept": len(keep)}  # fmt: skip
+                "groups": torch.from_numpy(kept_groups.astype(np.int64)), "n_kept": len(keep)}
 
 
 def coarsen_slide(slide: Slide, k: int, embedding: str | None = None) -> tuple[Slide, np.ndarray]:
@@ -233,7 +233,7 @@ def coarsen_slide(slide: Slide, k: int, embedding: str | None = None) -> tuple[S
     centre = blocks[first] * k + (k - 1) / 2.0
     spatial = np.c_[centre, np.ones(m)] @ coef
     embs = {n: np.asarray(mean @ np.asarray(v, dtype=np.float64), dtype=np.float32)
-            for n, v in slide.embeddings.items() if embedding is None or n == embedding}  # fmt: skip
+            for n, v in slide.embeddings.items() if embedding is None or n == embedding}
     pitch = float(slide.spot_pitch_um) * k if slide.spot_pitch_um else None
     meta = {key: v for key, v in slide.meta.items() if key not in ("spot_grid", "grid_check", "neighbour_adjacency")}
     meta["coarsened"] = {"block": k, "from": slide.slide_id, "fine_pitch_um": slide.spot_pitch_um}
@@ -260,7 +260,7 @@ def coarsen_prediction(pred: Slide, k: int) -> Slide:
     the covariance of the passes, which is not kept). Measured counts, when present, are summed too.
     """
     base = dataclasses.replace(pred, counts=sp.csr_matrix(np.asarray(pred.predicted, dtype=np.float32)),
-                               predicted=None, predicted_std=None)  # fmt: skip
+                               predicted=None, predicted_std=None)
     coarse, groups = coarsen_slide(base, k)
     out = dataclasses.replace(coarse, predicted=np.asarray(coarse.counts.toarray(), dtype=np.float32), counts=None)
     if pred.counts is not None:
@@ -290,5 +290,5 @@ def supervision_record(config: dict[str, Any] | None, token_pitch_um: float | No
     else:
         pitches = f" ({label:g} um pitch) with tokens at the spot pitch ({token_pitch_um:g} um)" if label else ""
         note = (f"trained on labels of {k}x{k} blocks of spots{pitches}: predictions at the spot pitch are {k}x "
-                "finer than its labels")  # fmt: skip
+                "finer than its labels")
     return {"supervise": supervise, "block": k, "token_pitch_um": token_pitch_um, "label_pitch_um": label, "note": note}

@@ -156,7 +156,7 @@ def step_in_backward(
     if info is not None and info.world_size > 1:
         raise InputError("config", f"optimizer_in_backward=true updates each parameter during backward, but "
                          f"{info.world_size} processes must average their gradients first; set "
-                         f"optimizer_in_backward=false for multi-process training")  # fmt: skip
+                         f"optimizer_in_backward=false for multi-process training")
     return OptimizerInBackward(opt)
 
 
@@ -304,13 +304,13 @@ def _resumed_config(
         data = dict(ckpt["config"])
         if isinstance(data.get("model"), dict):  # a checkpoint saved before an option existed: its old value
             data["model"] = {**{k: v for k, v in LEGACY_VALUES.items() if k not in data["model"]},
-                             "residual_dropout": data["model"].get("dropout", 0.05), **data["model"]}  # fmt: skip
+                             "residual_dropout": data["model"].get("dropout", 0.05), **data["model"]}
         saved = config_from_dict(data)
     except (InputError, TypeError) as exc:
         raise InputError(source, f"the checkpoint's config is invalid ({exc})") from None
     saved_dict = config_to_dict(saved)
     diffs = resume_differences(saved_dict, config_to_dict(requested), ckpt.get("slides"), slide_ids,
-                               [str(g) for g in ckpt["genes"]], genes)  # fmt: skip
+                               [str(g) for g in ckpt["genes"]], genes)
     accepted = check_resume(diffs, source, accept)
     new = flatten(config_to_dict(requested))
     for key in [*accepted, *RUNTIME_KEYS]:
@@ -386,7 +386,7 @@ def train(
             raise InputError(
                 earlier[0], "a checkpoint of an earlier run is already here; resume it (--resume) or choose "
                 "another --out folder (nothing was written)",
-            )  # fmt: skip
+            )
     ckpt = load_resume_state(resume) if resume is not None else None
     if ckpt is not None and slide_ids is None and isinstance(slides, (str, Path)) and ckpt.get("slides"):
         slide_ids = [str(s) for s in ckpt["slides"]]  # resuming a folder run: its slides unless told otherwise
@@ -396,7 +396,7 @@ def train(
     accepted: dict[str, str] = {}
     if ckpt is not None:
         cfg, accepted = _resumed_config(cfg, ckpt, resume, [s.slide_id for s in train_slides], genes,
-                                        accept_changes)  # fmt: skip
+                                        accept_changes)
         genes = [str(g) for g in ckpt["genes"]]
     seed_everything(cfg.seed)
     manifest = manifest if manifest is not None else folder_manifest
@@ -406,7 +406,7 @@ def train(
     genes = [str(g) for g in genes]
     block = block_factor(cfg.supervise)
     raw = [prepare_slide(s, genes, emb) if block == 1 else coarse_slide_data(s, genes, emb, block)
-           for s in train_slides]  # fmt: skip
+           for s in train_slides]
     data_record = {d.slide_id: data_fingerprint(d.xy, d.features, d.target) for d in raw}
     if ckpt is not None:  # same ids, other content (e.g. the cohort was re-prepared) is a different run too
         accepted.update(check_resume(changed_data(ckpt.get("data"), data_record), resume, accept_changes))
@@ -450,7 +450,7 @@ def train(
             set_rng_state(ckpt["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise InputError(resume, f"the resume state cannot be restored ({type(exc).__name__}: "
-                                     f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None  # fmt: skip
+                                     f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
         changes = [dict(c) for c in ckpt.get("accepted_changes", [])]
         if accepted:
             changes.append({"resumed_after_epoch": start_epoch, "changes": dict(accepted)})
@@ -518,7 +518,7 @@ def train(
                     raise InputError(
                         f"slide {item['slide_id']!r}", f"training diverged: the loss became NaN or infinite at "
                         f"epoch {epoch + 1} (lr {cfg.lr:g}); lower lr, or check this slide's embeddings and counts",
-                    )  # fmt: skip
+                    )
                 (loss / cfg.slides_per_step).backward()
                 losses.append(float(loss.detach()))
                 if (i + 1) % cfg.slides_per_step == 0 or i + 1 == len(keys):

@@ -40,7 +40,7 @@ def _chunk_sse(
             pred = transform(pred)  # [M, c]
     if pred.shape != target.shape:
         raise ValueError(f"head_loss: the (transformed) prediction chunk has shape {tuple(pred.shape)}, "
-                         f"the target chunk {tuple(target.shape)}")  # fmt: skip
+                         f"the target chunk {tuple(target.shape)}")
     return (pred - target.float()).square().sum()
 
 
@@ -111,7 +111,7 @@ def head_loss(
         raise ValueError(f"head_loss: target has shape {tuple(target.shape)}, expected [M, {genes}]")
     if features.dim() != 2 or features.shape[1] != head.in_features:
         raise ValueError(f"head_loss: features have shape {tuple(features.shape)}, "
-                         f"expected [N, {head.in_features}]")  # fmt: skip
+                         f"expected [N, {head.in_features}]")
     needs_grad = torch.is_grad_enabled() and (
         features.requires_grad or any(p.requires_grad for p in head.parameters())
     )

@@ -86,7 +86,7 @@ class OptimizerInBackward:
         # Group positions, not the group dicts: `load_state_dict` replaces the dicts (a resumed run).
         self._group_of = {p: i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self._handles = [p.register_post_accumulate_grad_hook(self._step)
-                         for p in self._group_of if p.requires_grad]  # fmt: skip
+                         for p in self._group_of if p.requires_grad]
 
     @torch.no_grad()
     def _step(self, param: torch.Tensor) -> None:

@@ -59,7 +59,7 @@ def subspot_grid(parent: Any, factor: int) -> Any:
     phase = tuple(float((factor * p + shift) % 1.0) for p in parent.phase)
     return GridGeometry(pitch_um=parent.pitch_um / factor, kind="square", angle_deg=parent.angle_deg,
                         row_spacing_um=parent.row_spacing_um / factor, phase=phase, order=parent.order,
-                        n_spots=parent.n_spots * factor**2, n_steps=parent.n_steps)  # fmt: skip
+                        n_spots=parent.n_spots * factor**2, n_steps=parent.n_steps)
 
 
 def set_subspot_grid(sub: Slide, parent_slide: Slide) -> Slide:
@@ -67,7 +67,7 @@ def set_subspot_grid(sub: Slide, parent_slide: Slide) -> Slide:
 
     factor = int(sub.meta["subspot"]["factor"])
     geom = subspot_grid(measure_grid(parent_slide.spatial, parent_slide.um_per_px, source=f"slide {parent_slide.slide_id!r}"),
-                        factor)  # fmt: skip
+                        factor)
     sub.meta["spot_grid"] = geom.as_dict()
     sub.spot_pitch_um = sub.lattice_unit_um = geom.pitch_um
     sub.lattice = np.asarray(to_lattice(continuous_coords(sub), source=f"slide {sub.slide_id!r}"), dtype=np.int64)
@@ -85,14 +85,14 @@ def subspot_groups(slide: Slide, factor: int) -> np.ndarray | None:
         return None
     if int(rec["factor"]) != factor:
         raise InputError(f"slide {slide.slide_id!r}", f"has {rec['factor']}x{rec['factor']} sub-spots per spot; "
-                         f"train it with supervise=coarse{rec['factor']}, not coarse{factor}")  # fmt: skip
+                         f"train it with supervise=coarse{rec['factor']}, not coarse{factor}")
     return np.asarray(slide.obs["parent"], dtype=np.int64)
 
 
 def subspot_slide(
     slide: Slide, factor: int = 2, *, encoder: str | None = None, weights: Any = None, device: str = "cpu",
     progress: bool = False,
-) -> Slide:  # fmt: skip
+) -> Slide:
     """Tokens at ``pitch / factor`` inside each spot's cell, embedded from the slide's image.
 
     Args:
@@ -130,9 +130,9 @@ def subspot_slide(
     patch = slide.meta.get("patch") or {"size_px": 224, "um_per_px": 0.5}
     enc = encoder or slide.meta.get("encoder") or next(iter(slide.embeddings), "efficientnet-lite0")
     meta = {key: v for key, v in slide.meta.items() if key not in ("spot_grid", "grid_check", "neighbour_adjacency",
-                                                                   "prepare_key")}  # fmt: skip
+                                                                   "prepare_key")}
     meta["subspot"] = {"factor": factor, "parent_pitch_um": geom.pitch_um,
-                       "counts": "parent spot counts / factor^2 (not measured per sub-spot)"}  # fmt: skip
+                       "counts": "parent spot counts / factor^2 (not measured per sub-spot)"}
     barcodes = np.array([f"{b}_{i}" for b in np.asarray(slide.barcodes) for i in range(k)], dtype=object)
     sub = slide.on_spots(
         spatial,
@@ -146,5 +146,5 @@ def subspot_slide(
     )
     embed_he_slide(sub, encoder=enc, weights=weights, device=device, patch_px=int(patch["size_px"]),
                    patch_um_per_px=float(patch["um_per_px"]), stain_norm=slide.meta.get("stain_norm"),
-                   progress=progress)  # fmt: skip
+                   progress=progress)
     return set_subspot_grid(sub, slide)
