@@ -52,12 +52,9 @@ class Ablation:
     apply: Callable[[Any], Any]
 
 
-def _model(**kw: Any) -> Callable[[Any], Any]:
-    return lambda cfg: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **kw))
-
-
-def _augment(**kw: Any) -> Callable[[Any], Any]:
-    return lambda cfg: dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, **kw))
+def _set(part: str, **kw: Any) -> Callable[[Any], Any]:
+    """``cfg -> cfg`` with the fields ``kw`` of its ``part`` (``model``, ``augment``) changed."""
+    return lambda cfg: dataclasses.replace(cfg, **{part: dataclasses.replace(getattr(cfg, part), **kw)})
 
 
 _ONLY = {"mirror": False, "shear": False, "rotate": False, "dropout": 0.0}
@@ -66,24 +63,24 @@ _ONLY = {"mirror": False, "shear": False, "rotate": False, "dropout": 0.0}
 def _only(which: str) -> Callable[[Any], Any]:
     """Coordinate augmentation ``which`` alone (spot dropout at the variant's default or the user's value)."""
     others = {k: v for k, v in _ONLY.items() if k != which}
-    return _augment(enabled=True, **others, **({} if which == "dropout" else {which: True}))
+    return _set("augment", enabled=True, **others, **({} if which == "dropout" else {which: True}))
 
 
 _ROWS = [
     Ablation("full", "", "Full model", lambda cfg: cfg),
-    Ablation("aug-none", "Coordinate augmentation", "None", _augment(enabled=False)),
+    Ablation("aug-none", "Coordinate augmentation", "None", _set("augment", enabled=False)),
     Ablation("aug-mirror", "Coordinate augmentation", "Random mirror only", _only("mirror")),
     Ablation("aug-shear", "Coordinate augmentation", "Random shear only", _only("shear")),
     Ablation("aug-rotate", "Coordinate augmentation", "Random rotate only", _only("rotate")),
     Ablation("aug-drop", "Coordinate augmentation", "Random drop only", _only("dropout")),
-    Ablation("pos-none", "Positional terms", "None", _model(positional="none")),
-    Ablation("pos-rope", "Positional terms", "RoPE", _model(positional="rope")),
-    Ablation("pos-alibi", "Positional terms", "ALiBi", _model(positional="alibi")),
-    Ablation("skip-none", "Skip connections", "None", _model(skip="none")),
-    Ablation("skip-additive", "Skip connections", "Additive", _model(skip="additive")),
-    Ablation("no-resample", "Downsample-upsample", "None", _model(resample=False)),
-    Ablation("no-shift", "Sparse window partition", "No shifted windows", _model(shifted=False)),
-    Ablation("no-token", "Slide calibration token", "None", _model(tokens=())),
+    Ablation("pos-none", "Positional terms", "None", _set("model", positional="none")),
+    Ablation("pos-rope", "Positional terms", "RoPE", _set("model", positional="rope")),
+    Ablation("pos-alibi", "Positional terms", "ALiBi", _set("model", positional="alibi")),
+    Ablation("skip-none", "Skip connections", "None", _set("model", skip="none")),
+    Ablation("skip-additive", "Skip connections", "Additive", _set("model", skip="additive")),
+    Ablation("no-resample", "Downsample-upsample", "None", _set("model", resample=False)),
+    Ablation("no-shift", "Sparse window partition", "No shifted windows", _set("model", shifted=False)),
+    Ablation("no-token", "Slide calibration token", "None", _set("model", tokens=())),
 ]
 #: Every Table 3 row by name, in the paper's order.
 ABLATIONS: dict[str, Ablation] = {a.name: a for a in _ROWS}

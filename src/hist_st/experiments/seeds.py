@@ -103,8 +103,7 @@ def _table(first: str, rows: Mapping[str, Mapping[str, Any]], cell: Callable[[Ma
 def format_seed_tables(cohort: str, rec: Mapping[str, Any], reference: str | None) -> str:
     """Markdown: the mean-over-seeds table and, when ``reference`` is a method, its paired differences (to the
     other methods, and to ``reference`` in other runs: ``rec["paired_with"]``)."""
-    seeds = ", ".join(str(s) for s in rec["seeds"])
-    lines = [f"### {cohort}: mean over training seeds {seeds}", "",
+    lines = [f"### {cohort}: mean over training seeds {', '.join(map(str, rec['seeds']))}", "",
              "Cell: mean ± std over folds of the per-fold mean over seeds (seeds ± std over seeds of the "
              "fold mean).", "", *_table("Method", rec["methods"], _cell)]
     if reference is not None and rec.get("paired"):

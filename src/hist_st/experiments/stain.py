@@ -14,7 +14,6 @@ run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", setup=CVSetu
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 from hist_st.errors import InputError
 from hist_st.evaluate import Plan, make_plan
-from hist_st.experiments.ablation import hist_rows, table_plan
+from hist_st.experiments.ablation import ablation_config, hist_rows, table_plan
 from hist_st.experiments.accuracy import CVSetup, markdown_table
 from hist_st.metrics import protocol_cells
 from hist_st.train.data import list_slides
@@ -84,7 +83,7 @@ def run_stain(
             return plan
         return make_plan(macenko, cfg.genes, folds=plan.folds, embedding=cfg.embedding, seed=cfg.seed)
 
-    no_token = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
+    no_token = ablation_config(cfg, "no-token")
     table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which))
                   for name, (_, which, token) in STAIN_ROWS.items() if name in rows}
     title = "Calibration token vs Macenko stain normalisation (Table 5)"

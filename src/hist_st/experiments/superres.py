@@ -200,8 +200,7 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
         b_spot = fit(cfg, "spot", fine_train, fdir / "spot")
         b_sr = fit(cfg, f"coarse{block}", fine_train, fdir / "superres")
         b_coarse = fit(cfg, "spot", [coarse[s][0] for s in sorted(f["train"])], fdir / "coarse")
-        preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in (*METHODS, *COARSE_LEVEL)}
-        truths, coarse_truths, full_rows = {}, {}, []
+        preds, truths, coarse_truths, full_rows = {}, {}, {}, []  # preds: slide -> method -> log1p [N, G]
         for sid in sorted(f["test"]):
             fine, (cslide, groups) = by_id[sid], coarse[sid]
             truths[sid] = gene_counts(fine, gene_list).toarray()
@@ -212,12 +211,11 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
             sigma_px = sigma_fraction * float(cslide.spot_pitch_um) / float(fine.um_per_px)
             smooth = gaussian_interpolate(fine.spatial, cslide.spatial, per_member, sigma_px)
             sr = predict_log1p(b_sr, fine)[0]
-            pred = {"coarse_copy": np.log1p(per_member[groups]).astype(np.float32),
-                    "coarse_smooth": np.log1p(smooth).astype(np.float32), "superres": sr,
-                    "spot": predict_log1p(b_spot, fine)[0], "coarse_model": np.log1p(c_counts),
-                    "superres_summed": np.log1p(_sum_by(_counts(sr), groups, len(c_counts)))}
-            for m, v in pred.items():
-                preds[m][sid] = v
+            pred = preds[sid] = {
+                "coarse_copy": np.log1p(per_member[groups]).astype(np.float32),
+                "coarse_smooth": np.log1p(smooth).astype(np.float32), "superres": sr,
+                "spot": predict_log1p(b_spot, fine)[0], "coarse_model": np.log1p(c_counts),
+                "superres_summed": np.log1p(_sum_by(_counts(sr), groups, len(c_counts)))}
             lat = to_lattice(continuous_coords(fine))
             full = n_children[groups] == block * block
             full_rows.append((((lat[:, 0] % block) * block + lat[:, 1] % block)[full],
@@ -231,7 +229,9 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
             pos, blocks = (np.concatenate([r[j] for r in full_rows]) for j in (0, 1))
             for m in artefact:
                 artefact[m].append(position_effect(np.concatenate([r[2][m] for r in full_rows]), pos, blocks))
-        scores = {m: evaluate_fold(preds[m], coarse_truths if m in COARSE_LEVEL else truths) for m in preds}
+        scores = {m: evaluate_fold({sid: p[m] for sid, p in preds.items()},
+                                   coarse_truths if m in COARSE_LEVEL else truths)
+                  for m in (*METHODS, *COARSE_LEVEL)}
         fold_scores.append(scores)
         fold_records.append({"fold": i, "test": sorted(f["test"]),
                              **{m: {"pooled": scores[m]["pooled"], "per_gene_pcc": scores[m]["per_gene"]["pcc"],
@@ -341,8 +341,7 @@ def _plot_maps(out: Path, fold: int, fine: Any, genes: list[str], plot_genes: Se
     colour ranges shared by the two measured panels and by the four predictions."""
     data = np.load(out / f"fold_{fold}" / "predictions" / f"{fine.slide_id}.npz")
     counts, groups = data["counts"].astype(np.float64), data["groups"]
-    n_children = np.bincount(groups)
-    block_mean = _sum_by(counts, groups, len(n_children)) / n_children[:, None]
+    block_mean = _sum_by(counts, groups, groups.max() + 1) / np.bincount(groups)[:, None]
     panels = [("measured spots", fine.spatial, normalise_counts(counts), 1.0),
               ("measured 2x2 blocks\n(block / members)", fine.spatial, normalise_counts(block_mean[groups]),
                1.0),
@@ -399,26 +398,21 @@ def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, 
     artefact = position_effect(np.concatenate([fine[s] for s in test]),
                                np.concatenate([np.arange(subs[s].n_spots) % (factor * factor) for s in test]),
                                np.concatenate([parents[s] + 10**6 * i for i, s in enumerate(test)]))
-    fig_slide = test[0]
-    figure = _plot_subspot(out, by_id[fig_slide], subs[fig_slide], preds["spot"][fig_slide], fine[fig_slide],
-                           truths[fig_slide], gene_list, plot_genes, fold)
+    sid = test[0]  # the figure: measured spots, HiST on the spots, the sub-spot model; own colour range each
+    slide, sub = by_id[sid], subs[sid]
+    panels = [("measured spots", slide.spatial, normalise_counts(truths[sid]), 1),
+              ("HiST trained on the spots", slide.spatial, normalise_counts(np.expm1(preds["spot"][sid])), 1),
+              (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial,
+               normalise_counts(np.expm1(fine[sid])), 1.0 / factor)]
+    figure = _draw_maps(slide, panels, gene_list, plot_genes, [[0], [1], [2]],
+                        f"{sid} (held out, fold {fold}): log1p(counts per 10k over the {len(gene_list)} "
+                        "genes), own colour range per panel", out / f"subspot_maps_{sid}.png")
     result = to_jsonable({
         "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "fold": fold, "test": test,
-        "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": subs[fig_slide].spot_pitch_um,
+        "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": sub.spot_pitch_um,
         "n_subspots": {s: int(subs[s].n_spots) for s in test}, "scores": scores, "figure": figure.name,
         "position_effect": artefact, "cached": hits,
     })
     write_json(result, out / f"subspot_fold{fold}.json")
     return result
 
-
-def _plot_subspot(out: Path, slide: Any, sub: Any, spot_pred: np.ndarray, sub_pred: np.ndarray, counts: np.ndarray,
-                  genes: list[str], plot_genes: Sequence[str] | None, fold: int) -> Path:
-    """Measured spots, HiST on the spots and the sub-spot model at ``pitch / factor``, own colour range each."""
-    panels = [("measured spots", slide.spatial, normalise_counts(counts), 1.0),
-              ("HiST trained on the spots", slide.spatial, normalise_counts(np.expm1(spot_pred)), 1.0),
-              (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial,
-               normalise_counts(np.expm1(sub_pred)), 1.0 / sub.meta["subspot"]["factor"])]
-    return _draw_maps(slide, panels, genes, plot_genes, [[0], [1], [2]],
-                      f"{slide.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes), "
-                      "own colour range per panel", out / f"subspot_maps_{slide.slide_id}.png")
