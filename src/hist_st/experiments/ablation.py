@@ -143,10 +143,9 @@ def table_plan(cohort: str | Path, out: Path, setup: CVSetup, *, by_group: bool 
     list for every row), the plan (its folds written to ``out/splits.json``, which names the group column
     unless ``by_group`` is False) and this process's place in a ``torchrun`` job."""
     cfg = setup.train_config()
-    group_by = setup.group_by if by_group else None  # by_group=False: folds by slide, whatever the setup says
-    plan = make_plan(cohort, cfg.genes, k=setup.folds, seed=cfg.seed, group_by=group_by, embedding=cfg.embedding)
+    group = {"group_by": setup.group_by} if by_group else {}  # by_group=False: by slide, whatever the setup
+    plan = make_plan(cohort, cfg.genes, k=setup.folds, seed=cfg.seed, embedding=cfg.embedding, **group)
     out.mkdir(parents=True, exist_ok=True)
-    group = {"group_by": setup.group_by} if by_group else {}
     save_folds(plan.folds, out / "splits.json", k=setup.folds, seed=cfg.seed, **group, slides_dir=str(cohort))
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(plan.genes)))
     return cfg, plan, init_distributed(cfg.device)

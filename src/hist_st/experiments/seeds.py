@@ -52,8 +52,7 @@ def seed_summary(values: np.ndarray) -> dict[str, Any]:
         ``{"mean", "std"}`` over folds of the per-fold seed means, ``"seed_std"`` (std over seeds of the
         fold mean), ``"fold_means"`` ``[K]``, ``"seed_means"`` ``[S]``, ``"values"`` ``[S][K]``.
     """
-    fold_means = values.mean(0)
-    seed_means = values.mean(1)
+    fold_means, seed_means = values.mean(0), values.mean(1)
     return {"mean": float(fold_means.mean()), "std": float(fold_means.std(ddof=STD_DDOF)),
             "seed_std": float(seed_means.std(ddof=STD_DDOF)), "fold_means": fold_means.tolist(),
             "seed_means": seed_means.tolist(), "values": values.tolist()}

@@ -245,9 +245,17 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
         gaps[name] = {key: gap_closed(*(v["mean"] for v in stats)) for key, stats in xac.items()}
         fold_gaps[name] = {key: [gap_closed(*v) for v in zip(*(s["values"] for s in stats))]
                            for key, stats in xac.items()}
-    first = fold_list[0]
-    fig_slide = sorted(first["test"])[0]
-    figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], gene_list, plot_genes)
+    fig_fold, fig_slide = int(fold_list[0]["fold"]), sorted(fold_list[0]["test"])[0]  # the map figure's slide
+    data = np.load(out / f"fold_{fig_fold}" / "predictions" / f"{fig_slide}.npz")
+    counts, groups, xy = data["counts"].astype(np.float64), data["groups"], by_id[fig_slide].spatial
+    block_mean = _sum_by(counts, groups, groups.max() + 1) / np.bincount(groups)[:, None]
+    panels = [("measured spots", xy, normalise_counts(counts), 1),
+              ("measured 2x2 blocks\n(block / members)", xy, normalise_counts(block_mean[groups]), 1),
+              *((_SHORT[m], xy, normalise_counts(_counts(data[m])), 1) for m in METHODS)]
+    figure = _draw_maps(by_id[fig_slide], panels, gene_list, plot_genes, [[0, 1], [2, 3, 4, 5]],
+                        f"{fig_slide} (held out, fold {fig_fold}): log1p(counts per 10k over the "
+                        f"{len(gene_list)} genes); colour range per row: measured panels / predicted panels "
+                        "(1st-99th percentile)", out / f"maps_{fig_slide}.png")
     result = to_jsonable({
         "command": command, "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "block": block,
         "sigma_fraction": sigma_fraction, "fine_pitch_um": {s.slide_id: s.spot_pitch_um for s in slides},
@@ -334,22 +342,6 @@ def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, f
             fig.colorbar(dots, ax=axes[r, group[-1]], fraction=0.046, pad=0.02)
     fig.suptitle(title, fontsize=8)
     return save_figure(fig, path)
-
-
-def _plot_maps(out: Path, fold: int, fine: Any, genes: list[str], plot_genes: Sequence[str] | None) -> Path:
-    """Measured spots, measured blocks and the four predictions of one held-out slide, normalised expression;
-    colour ranges shared by the two measured panels and by the four predictions."""
-    data = np.load(out / f"fold_{fold}" / "predictions" / f"{fine.slide_id}.npz")
-    counts, groups = data["counts"].astype(np.float64), data["groups"]
-    block_mean = _sum_by(counts, groups, groups.max() + 1) / np.bincount(groups)[:, None]
-    panels = [("measured spots", fine.spatial, normalise_counts(counts), 1.0),
-              ("measured 2x2 blocks\n(block / members)", fine.spatial, normalise_counts(block_mean[groups]),
-               1.0),
-              *((_SHORT[m], fine.spatial, normalise_counts(_counts(data[m])), 1.0) for m in METHODS)]
-    return _draw_maps(fine, panels, genes, plot_genes, [[0, 1], [2, 3, 4, 5]],
-                      f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
-                      "colour range per row: measured panels / predicted panels (1st-99th percentile)",
-                      out / f"maps_{fine.slide_id}.png")
 
 
 def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, fold: int = 0, factor: int = 2,

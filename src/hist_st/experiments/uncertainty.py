@@ -126,9 +126,8 @@ def run_uncertainty(
 def _plot(result: dict[str, Any], path: Path) -> Path:
     fig, ax = pyplot().subplots(1, 1, figsize=(4.2, 4.0), dpi=120)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="calibrated")
-    for name, m in result["methods"].items():
-        ps = sorted(float(p) for p in m["curve"])
-        ax.plot(ps, [m["curve"][p] for p in ps], marker="o", ms=3, label=name.replace("_", " "))
+    for name, m in result["methods"].items():  # curve: LEVELS in ascending order
+        ax.plot(list(m["curve"]), list(m["curve"].values()), marker="o", ms=3, label=name.replace("_", " "))
     ax.set(xlabel="nominal central-interval probability\n(Gaussian in log1p space)",
            ylabel="observed coverage on held-out spots")
     ax.set_title("uncertainty calibration", fontsize=9)
