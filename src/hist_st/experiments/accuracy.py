@@ -215,9 +215,7 @@ def run_accuracy(
     cfg = build_config(config, overrides, seed=t_seed, genes=genes, progress=progress)
     out, baseline_options = Path(out_dir), dict(baseline_options or {})
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    tables: list[str] = []
-    per_gene: dict[str, list[dict[str, Any]]] = {}
+    results, tables, per_gene = {}, [], {}  # per cohort: summary, Markdown table, per-gene rows
     # train_seed is recorded only when it differs from the fold seed, so earlier runs stay comparable.
     recorded_train_seed = None if t_seed == fold_seed else t_seed
     for src in reuse_from:

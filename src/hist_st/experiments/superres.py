@@ -2,14 +2,10 @@
 in words: ``docs/results/superres.md``).
 
 Every ``k x k`` block of neighbouring spots of each prepared slide becomes one coarse spot (block =
-``floor(lattice / k)``, counts summed, `hist_st.train.coarse.coarsen_slide`). On each fold by slide, four
-predictions of every held-out spot (`REFERENCES`) are scored against its measured counts with
-`hist_st.metrics.evaluate_fold`: ``superres`` (HiST with ``supervise=coarse<k>``: spot tokens, block labels),
-``coarse_copy`` (a: HiST on the coarse spots, block prediction / members), ``coarse_smooth`` (b: the same,
-Gaussian interpolation in count space, ``sigma = sigma_fraction x coarse pitch``) and ``spot`` (c, the
-ceiling). ``gap_closed[metric] = (superres - coarse_copy) / (spot - coarse_copy)`` on the means over folds
-(and for ``coarse_smooth``; ``gap_closed_per_fold``: within each fold). ``coarse_level``: block-level scores
-of the coarse model and of the super-resolution predictions summed per block (`COARSE_LEVEL`).
+``floor(lattice / k)``, counts summed, `hist_st.train.coarse.coarsen_slide`). On each fold by slide, the
+four predictions of every held-out spot (`REFERENCES`; ``superres`` is HiST with ``supervise=coarse<k>``) are
+scored against its measured counts (`hist_st.metrics.evaluate_fold`); then the gap closed (`gap_closed`, on
+the means over folds and within each fold) and the block-level checks (`COARSE_LEVEL`).
 
 Output folder: ``superres.json``, ``table.md``, ``maps_<slide>.png`` (measured spots, measured blocks and the
 four predictions for a held-out slide), ``fold_<i>/<model>/`` training runs (each with its result-cache entry in
@@ -238,8 +234,7 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
                                     "per_gene_r2": scores[m]["per_gene"]["r2"]} for m in METHODS}})
 
     summaries = {m: summarise_folds([s[m] for s in fold_scores]) for m in (*METHODS, *COARSE_LEVEL)}
-    gaps: dict[str, dict[str, float]] = {}
-    fold_gaps: dict[str, dict[str, list[float]]] = {}
+    gaps, fold_gaps = {}, {}  # method -> metric -> gap closed on the fold means / per fold
     for name in ("superres", "coarse_smooth"):  # per metric: this method, (a) coarse copy, (c) spot
         xac = {f"{p}_{k}": [summaries[m][p][k] for m in (name, "coarse_copy", "spot")] for p, k in _METRICS}
         gaps[name] = {key: gap_closed(*(v["mean"] for v in stats)) for key, stats in xac.items()}
@@ -319,11 +314,10 @@ def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, f
     if missing:
         raise InputError("--plot-genes", f"not among the run's genes: {missing}")
     chosen = [genes.index(g) for g in plot_genes or ()] or list(np.argsort(-panels[0][2].var(0))[:2])
-    plt = pyplot()
     img, scale = slide.plot_image()
     pitch = float(slide.spot_pitch_um or 200.0) / float(slide.um_per_px or 1.0) * scale  # display px
-    fig, axes = plt.subplots(len(chosen), len(panels), figsize=(2.6 * len(panels), 2.7 * len(chosen)), dpi=120,
-                             squeeze=False)
+    fig, axes = pyplot().subplots(len(chosen), len(panels), figsize=(2.6 * len(panels), 2.7 * len(chosen)),
+                                  dpi=120, squeeze=False)
     for r, g in enumerate(chosen):
         for group in groups:
             lo, hi = np.percentile(np.concatenate([panels[j][2][:, g] for j in group]), [1, 99])
@@ -363,8 +357,7 @@ def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, 
     if not 0 <= fold < len(fold_list):
         raise InputError("--fold", f"must be in 0..{len(fold_list) - 1}, got {fold}")
     f = fold_list[fold]
-    sub_dir, cache, hits = out / "subspots", (ResultCache() if reuse else None), []
-    subs = {}
+    sub_dir, cache, hits, subs = out / "subspots", (ResultCache() if reuse else None), [], {}
     for sid in sorted(by_id):  # sub-spot slides: from the cache when made from the same slide content and factor
         key = {"subspot_factor": factor, "slide": slide_fingerprint(by_id[sid], plan.embedding)}
         path = cached_file(cache, key, sub_dir)

@@ -230,8 +230,7 @@ def run_token_analysis(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = export_tokens(run_dir, cohort, source=source, out=out / "tokens.npz")
-    metrics: dict[str, Any] = {}
-    figures: list[str] = []
+    metrics, figures = {}, []  # column -> token_metrics; PCA figure paths
     for col in group_by:
         groups = _groups_for(cohort, tok["slide_ids"], col)
         metrics[col] = token_metrics(tok["tokens"], groups)

@@ -5,15 +5,10 @@ For every fold of cross-validation runs (``splits.json``, ``fold_<i>/model.pt``)
 predicted by **MC dropout** (``K`` passes of the first run's fold model with dropout on) and, with two or more
 runs on the same folds and genes, by the **seed ensemble** (one deterministic pass of each run's fold model).
 Both give per spot and gene a mean ``mu`` and a std ``sigma`` in log1p space, scored against
-``y = log1p(counts)`` over all held-out spots and genes (`calibration`):
-
-- ``spearman``: rank correlation of ``sigma`` and ``|y - mu|`` (pooled; and the mean of the per-gene ones);
-- ``coverage``: share of ``y`` inside the Gaussian central interval ``mu +- z_p sigma`` (p = 50%, 90%, and a
-  curve over p, ``calibration.png``);
-- ``deciles``: mean absolute error of the 10% most and least confident entries (smallest/largest sigma).
-
-**Recalibrated**: ``sigma`` of fold ``i`` times the factor that makes the 50% interval exact on the *other*
-folds' held-out entries (``median(|y - mu| / sigma) / z_0.75``), so no fold's own errors set its scale.
+``y = log1p(counts)`` over all held-out spots and genes (`calibration`: rank correlation of ``sigma`` and
+``|y - mu|``, coverage of the Gaussian central intervals ``mu +- z_p sigma``, ``calibration.png``, and the
+error of the most and least confident deciles), also after recalibration out of fold: ``sigma`` of fold ``i``
+times the factor that makes the 50% interval exact on the *other* folds' held-out entries.
 """
 
 from __future__ import annotations
