@@ -57,12 +57,10 @@ def _set(part: str, **kw: Any) -> Callable[[Any], Any]:
     return lambda cfg: dataclasses.replace(cfg, **{part: dataclasses.replace(getattr(cfg, part), **kw)})
 
 
-_ONLY = {"mirror": False, "shear": False, "rotate": False, "dropout": 0.0}
-
-
 def _only(which: str) -> Callable[[Any], Any]:
     """Coordinate augmentation ``which`` alone (spot dropout at the variant's default or the user's value)."""
-    others = {k: v for k, v in _ONLY.items() if k != which}
+    off = {"mirror": False, "shear": False, "rotate": False, "dropout": 0.0}
+    others = {k: v for k, v in off.items() if k != which}
     return _set("augment", enabled=True, **others, **({} if which == "dropout" else {which: True}))
 
 

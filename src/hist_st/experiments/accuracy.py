@@ -115,19 +115,16 @@ def _cohort_names(cohorts: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping[str, Any]]) -> str:
-    """The device a method trained on in this process (HiST: ``cfg.device``; baselines: their ``device``
-    option; methods without one run on the CPU), by name, for the record of what computed each row."""
-    pref = cfg.device if method == "hist" else (baseline_options.get(method, {}).get("device", "auto")
-                                                if "device" in method_option_names(method) else "cpu")
-    return device_name(str(resolve_device(str(pref))))
-
-
-def _source_device(source: str | None, name: str, shown: str) -> str | None:
-    """The device recorded for method ``shown`` of cohort ``name`` in the accuracy folder ``source``."""
+def _device(method: str, shown: str, source: str | None, name: str, cfg: Any,
+            baseline_options: Mapping[str, Mapping[str, Any]]) -> str:
+    """The device that trained ``method`` (shown as ``shown``) on cohort ``name``, by name: as recorded in the
+    accuracy folder ``source`` the row was copied from, else in this process (HiST: ``cfg.device``; baselines:
+    their ``device`` option; methods without one run on the CPU)."""
     path = Path(source or "") / "accuracy.json"
     recorded = read_json(path).get("cohorts", {}) if source is not None and path.is_file() else {}
-    return recorded.get(name, {}).get("devices", {}).get(shown)
+    pref = cfg.device if method == "hist" else (baseline_options.get(method, {}).get("device", "auto")
+                                                if "device" in method_option_names(method) else "cpu")
+    return recorded.get(name, {}).get("devices", {}).get(shown) or device_name(str(resolve_device(str(pref))))
 
 
 def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -231,7 +228,7 @@ def run_accuracy(
                      cache=ResultCache(reuse_from) if reuse else None)
         ordered = {label: m.summary for label, m in res.methods.items()}  # the user's method order
         reused_from = {label: str(Path(m.reused_from).parent) for label, m in res.methods.items() if m.reused_from}
-        devices = {label: _source_device(reused_from.get(label), name, label) or _method_device(m, cfg, baseline_options)
+        devices = {label: _device(m, label, reused_from.get(label), name, cfg, baseline_options)
                    for m, label in zip(methods, res.methods)}
         n_genes = len(plan.genes) if plan.genes is not None else None
         seconds = {label: float(m.seconds) for label, m in res.methods.items()}
