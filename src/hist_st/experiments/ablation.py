@@ -111,11 +111,8 @@ def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3)
     Args:
         summaries: Ablation name -> `summarise_folds` result (JSON-loaded is fine).
     """
-    lines = [
-        "| Setting | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | Δ pooled R2 | Δ per-gene PCC "
-        "| paper R2 / PCC (Brain) | same direction as paper (pooled R2) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = ["| Setting | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | Δ pooled R2 | Δ per-gene PCC "
+             "| paper R2 / PCC (Brain) | same direction as paper (pooled R2) |", "|---" * 9 + "|"]
     full, group = summaries.get("full"), None
     for name, abl in ((n, a) for n, a in ABLATIONS.items() if n in summaries):
         s = summaries[name]

@@ -7,8 +7,6 @@ res = run_accuracy(["cohorts/her2st"], "runs/acc", methods=["hist", "ridge", "me
 print(res["table"])
 ```
 
-Every method, HiST among them, goes through `hist_st.evaluate.run_cv` on one plan per cohort.
-
 Run directory layout (``OUT``)::
 
     accuracy.json                 per cohort, per method: fold summaries (mean, std, values), seconds

@@ -38,8 +38,7 @@ __all__ = ["ReportSpec", "build_report"]
 
 
 def _rows_lines(run_dir: Path) -> list[str]:
-    """Markdown of a HiST table run (Table 3 or 5): its ``table.md`` and the recorded HiST train + predict
-    minutes over its row folders."""
+    """Markdown of a HiST table run (Table 3 or 5): its ``table.md`` and HiST's recorded compute minutes."""
     secs = [read_json(p).get("seconds", {}).get("HiST", 0.0) for p in sorted(run_dir.glob("*/metrics.json"))]
     return [(run_dir / "table.md").read_text() + "\n", f"Compute: {len(secs)} rows trained here, {sum(secs) / 60:.0f} "
             "min of recorded train + predict wall time in all.\n"]

@@ -107,9 +107,8 @@ def gap_closed(value: float, low: float, high: float) -> float:
 def _fit(cfg: Any, supervise: str, slides: Sequence[Any], run: Path, *, genes: list[str],
          cache: ResultCache | None, hits: list[str]) -> Any:
     """Train HiST with ``cfg`` and ``supervise`` on ``slides`` into ``run`` (``fold_<i>/<model>``) and return
-    its bundle, or load the model the result cache holds there for the same key (`hist_st.evaluate.cache`:
-    config with its supervision, slides and their content, genes, embedding, seed); a cached model is named in
-    ``hits``."""
+    its bundle, or load the model the result cache holds there for the same key (`fold_key`, with the config's
+    supervision); a cached model is named in ``hits``."""
     cfg = dataclasses.replace(cfg, supervise=supervise)
     key = fold_key(HiSTMethod(cfg), {"train": [s.slide_id for s in slides], "test": []}, genes,
                    embedding=cfg.embedding, seed=cfg.seed,
@@ -221,10 +220,9 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
             np.savez_compressed(fdir / "predictions" / f"{sid}.npz", **{m: pred[m] for m in METHODS},
                                 counts=truths[sid], groups=groups, spatial=fine.spatial,
                                 coarse_spatial=cslide.spatial)
-        if full_rows:
-            pos, blocks = (np.concatenate([r[j] for r in full_rows]) for j in (0, 1))
-            for m in artefact:
-                artefact[m].append(position_effect(np.concatenate([r[2][m] for r in full_rows]), pos, blocks))
+        pos, blocks = (np.concatenate([r[j] for r in full_rows]) for j in (0, 1))  # a row per test slide
+        for m in artefact:
+            artefact[m].append(position_effect(np.concatenate([r[2][m] for r in full_rows]), pos, blocks))
         scores = {m: evaluate_fold({sid: p[m] for sid, p in preds.items()},
                                    coarse_truths if m in COARSE_LEVEL else truths)
                   for m in (*METHODS, *COARSE_LEVEL)}

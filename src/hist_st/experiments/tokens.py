@@ -228,7 +228,6 @@ def run_token_analysis(
         ``{"metrics": {column: token_metrics(...)}, "table": str, "figures": [paths], "n_slides": S}``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok = export_tokens(run_dir, cohort, source=source, out=out / "tokens.npz")
     metrics, figures = {}, []  # column -> token_metrics; PCA figure paths
     for col in group_by:
