@@ -52,38 +52,33 @@ class Ablation:
     apply: Callable[[Any], Any]
 
 
-def _model(**kw: Any) -> Callable[[Any], Any]:
-    return lambda cfg: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **kw))
-
-
-def _augment(**kw: Any) -> Callable[[Any], Any]:
-    return lambda cfg: dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, **kw))
-
-
-_ONLY = {"mirror": False, "shear": False, "rotate": False, "dropout": 0.0}
+def _set(part: str, **kw: Any) -> Callable[[Any], Any]:
+    """``cfg -> cfg`` with the fields ``kw`` of its ``part`` (``model``, ``augment``) changed."""
+    return lambda cfg: dataclasses.replace(cfg, **{part: dataclasses.replace(getattr(cfg, part), **kw)})
 
 
 def _only(which: str) -> Callable[[Any], Any]:
     """Coordinate augmentation ``which`` alone (spot dropout at the variant's default or the user's value)."""
-    others = {k: v for k, v in _ONLY.items() if k != which}
-    return _augment(enabled=True, **others, **({} if which == "dropout" else {which: True}))
+    off = {"mirror": False, "shear": False, "rotate": False, "dropout": 0.0}
+    others = {k: v for k, v in off.items() if k != which}
+    return _set("augment", enabled=True, **others, **({} if which == "dropout" else {which: True}))
 
 
 _ROWS = [
     Ablation("full", "", "Full model", lambda cfg: cfg),
-    Ablation("aug-none", "Coordinate augmentation", "None", _augment(enabled=False)),
+    Ablation("aug-none", "Coordinate augmentation", "None", _set("augment", enabled=False)),
     Ablation("aug-mirror", "Coordinate augmentation", "Random mirror only", _only("mirror")),
     Ablation("aug-shear", "Coordinate augmentation", "Random shear only", _only("shear")),
     Ablation("aug-rotate", "Coordinate augmentation", "Random rotate only", _only("rotate")),
     Ablation("aug-drop", "Coordinate augmentation", "Random drop only", _only("dropout")),
-    Ablation("pos-none", "Positional terms", "None", _model(positional="none")),
-    Ablation("pos-rope", "Positional terms", "RoPE", _model(positional="rope")),
-    Ablation("pos-alibi", "Positional terms", "ALiBi", _model(positional="alibi")),
-    Ablation("skip-none", "Skip connections", "None", _model(skip="none")),
-    Ablation("skip-additive", "Skip connections", "Additive", _model(skip="additive")),
-    Ablation("no-resample", "Downsample-upsample", "None", _model(resample=False)),
-    Ablation("no-shift", "Sparse window partition", "No shifted windows", _model(shifted=False)),
-    Ablation("no-token", "Slide calibration token", "None", _model(tokens=())),
+    Ablation("pos-none", "Positional terms", "None", _set("model", positional="none")),
+    Ablation("pos-rope", "Positional terms", "RoPE", _set("model", positional="rope")),
+    Ablation("pos-alibi", "Positional terms", "ALiBi", _set("model", positional="alibi")),
+    Ablation("skip-none", "Skip connections", "None", _set("model", skip="none")),
+    Ablation("skip-additive", "Skip connections", "Additive", _set("model", skip="additive")),
+    Ablation("no-resample", "Downsample-upsample", "None", _set("model", resample=False)),
+    Ablation("no-shift", "Sparse window partition", "No shifted windows", _set("model", shifted=False)),
+    Ablation("no-token", "Slide calibration token", "None", _set("model", tokens=())),
 ]
 #: Every Table 3 row by name, in the paper's order.
 ABLATIONS: dict[str, Ablation] = {a.name: a for a in _ROWS}
@@ -116,11 +111,8 @@ def format_ablation_table(summaries: dict[str, dict[str, Any]], digits: int = 3)
     Args:
         summaries: Ablation name -> `summarise_folds` result (JSON-loaded is fine).
     """
-    lines = [
-        "| Setting | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | Δ pooled R2 | Δ per-gene PCC "
-        "| paper R2 / PCC (Brain) | same direction as paper (pooled R2) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = ["| Setting | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | Δ pooled R2 | Δ per-gene PCC "
+             "| paper R2 / PCC (Brain) | same direction as paper (pooled R2) |", "|---" * 9 + "|"]
     full, group = summaries.get("full"), None
     for name, abl in ((n, a) for n, a in ABLATIONS.items() if n in summaries):
         s = summaries[name]
@@ -146,10 +138,9 @@ def table_plan(cohort: str | Path, out: Path, setup: CVSetup, *, by_group: bool 
     list for every row), the plan (its folds written to ``out/splits.json``, which names the group column
     unless ``by_group`` is False) and this process's place in a ``torchrun`` job."""
     cfg = setup.train_config()
-    group_by = setup.group_by if by_group else None  # by_group=False: folds by slide, whatever the setup says
-    plan = make_plan(cohort, cfg.genes, k=setup.folds, seed=cfg.seed, group_by=group_by, embedding=cfg.embedding)
+    group = {"group_by": setup.group_by} if by_group else {}  # by_group=False: by slide, whatever the setup
+    plan = make_plan(cohort, cfg.genes, k=setup.folds, seed=cfg.seed, embedding=cfg.embedding, **group)
     out.mkdir(parents=True, exist_ok=True)
-    group = {"group_by": setup.group_by} if by_group else {}
     save_folds(plan.folds, out / "splits.json", k=setup.folds, seed=cfg.seed, **group, slides_dir=str(cohort))
     cfg = dataclasses.replace(cfg, genes=dataclasses.replace(cfg.genes, genes=tuple(plan.genes)))
     return cfg, plan, init_distributed(cfg.device)

@@ -7,8 +7,6 @@ res = run_accuracy(["cohorts/her2st"], "runs/acc", methods=["hist", "ridge", "me
 print(res["table"])
 ```
 
-Every method, HiST among them, goes through `hist_st.evaluate.run_cv` on one plan per cohort.
-
 Run directory layout (``OUT``)::
 
     accuracy.json                 per cohort, per method: fold summaries (mean, std, values), seconds
@@ -20,7 +18,6 @@ Run directory layout (``OUT``)::
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from hist_st.errors import InputError
 from hist_st.evaluate import PROTOCOLS, build_methods, make_plan, run_cv
@@ -115,22 +113,16 @@ def _cohort_names(cohorts: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def _method_device(method: str, cfg: Any, baseline_options: Mapping[str, Mapping[str, Any]]) -> str:
-    """The device a method trained on in this process (HiST: ``cfg.device``; baselines: their ``device``
-    option; methods without one run on the CPU), by name, for the record of what computed each row."""
-    if method == "hist":
-        return device_name(str(resolve_device(str(cfg.device))))
-    has_device = "device" in method_option_names(method)
-    pref = baseline_options.get(method, {}).get("device", "auto") if has_device else "cpu"
-    return device_name(str(resolve_device(str(pref))))
-
-
-def _source_device(source: str | None, name: str, shown: str) -> str | None:
-    """The device recorded for method ``shown`` of cohort ``name`` in the accuracy folder ``source``."""
+def _device(method: str, shown: str, source: str | None, name: str, cfg: Any,
+            baseline_options: Mapping[str, Mapping[str, Any]]) -> str:
+    """The device that trained ``method`` (shown as ``shown``) on cohort ``name``, by name: as recorded in the
+    accuracy folder ``source`` the row was copied from, else in this process (HiST: ``cfg.device``; baselines:
+    their ``device`` option; methods without one run on the CPU)."""
     path = Path(source or "") / "accuracy.json"
-    if source is None or not path.is_file():
-        return None
-    return read_json(path).get("cohorts", {}).get(name, {}).get("devices", {}).get(shown)
+    recorded = read_json(path).get("cohorts", {}) if source is not None and path.is_file() else {}
+    pref = cfg.device if method == "hist" else (baseline_options.get(method, {}).get("device", "auto")
+                                                if "device" in method_option_names(method) else "cpu")
+    return recorded.get(name, {}).get("devices", {}).get(shown) or device_name(str(resolve_device(str(pref))))
 
 
 def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -158,17 +150,6 @@ def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
         row.update(pcc_mean=float(np.mean(p)) if p else None, r2_mean=float(np.mean(r)) if r else None,
                    n_folds=len(p))
     return rows
-
-
-def _write_per_gene_csv(rows_by_cohort: Mapping[str, list[dict[str, Any]]], path: Path) -> Path:
-    rows = [{"cohort": cohort, **row} for cohort, by_gene in rows_by_cohort.items() for row in by_gene]
-    fold_cols = sorted({k for row in rows for k in row if k.startswith(("pcc_fold", "r2_fold"))},
-                       key=lambda c: (int(c.split("fold")[1]), c))
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, ["cohort", "method", "gene", "pcc_mean", "r2_mean", "n_folds", *fold_cols])
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def run_accuracy(
@@ -225,14 +206,11 @@ def run_accuracy(
     methods = check_methods(methods)
     if not cohorts:
         raise InputError("--cohort", "give at least one prepared cohort folder")
-    t_seed = int(seed) if train_seed is None else int(train_seed)
+    fold_seed, t_seed = int(seed), int(seed if train_seed is None else train_seed)
     cfg = build_config(config, overrides, seed=t_seed, genes=genes, progress=progress)
-    fold_seed = int(seed)
     out, baseline_options = Path(out_dir), dict(baseline_options or {})
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    tables: list[str] = []
-    per_gene: dict[str, list[dict[str, Any]]] = {}
+    results, tables, per_gene = {}, [], {}  # per cohort: summary, Markdown table, per-gene rows
     # train_seed is recorded only when it differs from the fold seed, so earlier runs stay comparable.
     recorded_train_seed = None if t_seed == fold_seed else t_seed
     for src in reuse_from:
@@ -248,7 +226,7 @@ def run_accuracy(
                      cache=ResultCache(reuse_from) if reuse else None)
         ordered = {label: m.summary for label, m in res.methods.items()}  # the user's method order
         reused_from = {label: str(Path(m.reused_from).parent) for label, m in res.methods.items() if m.reused_from}
-        devices = {label: _source_device(reused_from.get(label), name, label) or _method_device(m, cfg, baseline_options)
+        devices = {label: _device(m, label, reused_from.get(label), name, cfg, baseline_options)
                    for m, label in zip(methods, res.methods)}
         n_genes = len(plan.genes) if plan.genes is not None else None
         seconds = {label: float(m.seconds) for label, m in res.methods.items()}
@@ -260,7 +238,11 @@ def run_accuracy(
         per_gene[name] = per_gene_rows(run_dir)
     table = f"{PROTOCOLS} Mean ± std over folds (ddof 0).\n\n" + "\n\n".join(tables) + "\n"
     (out / "table.md").write_text(table)
-    _write_per_gene_csv(per_gene, out / "per_gene.csv")
+    rows = pd.DataFrame([{"cohort": name, **row} for name, by_gene in per_gene.items() for row in by_gene])
+    fold_cols = sorted((c for c in rows if c.startswith(("pcc_fold", "r2_fold"))),
+                       key=lambda c: (int(c.split("fold")[1]), c))
+    rows.reindex(columns=["cohort", "method", "gene", "pcc_mean", "r2_mean", "n_folds", *fold_cols]).to_csv(
+        out / "per_gene.csv", index=False, lineterminator="\r\n")  # CRLF, as the csv module writes
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,
                "folds": folds, "seed": seed, "train_seed": recorded_train_seed, "group_by": group_by,
                "config": config_to_dict(cfg), "baseline_options": baseline_options, "command": command}

@@ -38,8 +38,7 @@ __all__ = ["ReportSpec", "build_report"]
 
 
 def _rows_lines(run_dir: Path) -> list[str]:
-    """Markdown of a HiST table run (Table 3 or 5): its ``table.md`` and the recorded HiST train + predict
-    minutes over its row folders."""
+    """Markdown of a HiST table run (Table 3 or 5): its ``table.md`` and HiST's recorded compute minutes."""
     secs = [read_json(p).get("seconds", {}).get("HiST", 0.0) for p in sorted(run_dir.glob("*/metrics.json"))]
     return [(run_dir / "table.md").read_text() + "\n", f"Compute: {len(secs)} rows trained here, {sum(secs) / 60:.0f} "
             "min of recorded train + predict wall time in all.\n"]
@@ -196,9 +195,7 @@ def build_report(spec: ReportSpec) -> Path:
               + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".\n")
     md += _table2_lines(spec, acc, base_cfg)
     if eff is not None or spec.efficiency_also:
-        md.append("## Table 1: efficiency\n")
-    if eff is not None:
-        md.extend(_efficiency_lines(eff))
+        md += ["## Table 1: efficiency\n", *(_efficiency_lines(eff) if eff is not None else [])]
     for d in spec.efficiency_also:
         other = read_json(Path(d) / "efficiency.json")
         how = f"`{other['command']}`" if other.get("command") else "`hist-st bench efficiency`"
@@ -235,9 +232,8 @@ def build_report(spec: ReportSpec) -> Path:
         md.append("HiST training loss per fold: "
                   + figure("loss", first_run / "loss_curves.png", "loss_curves.png"))
     docs.mkdir(parents=True, exist_ok=True)
-    path = docs / f"{name}.md"
-    path.write_text("\n".join(md))
-    return path
+    (docs / f"{name}.md").write_text("\n".join(md))
+    return docs / f"{name}.md"
 
 
 def _table2_lines(spec: ReportSpec, acc: Mapping[str, Mapping[str, Any]], cfg: Any) -> list[str]:

@@ -52,8 +52,7 @@ def seed_summary(values: np.ndarray) -> dict[str, Any]:
         ``{"mean", "std"}`` over folds of the per-fold seed means, ``"seed_std"`` (std over seeds of the
         fold mean), ``"fold_means"`` ``[K]``, ``"seed_means"`` ``[S]``, ``"values"`` ``[S][K]``.
     """
-    fold_means = values.mean(0)
-    seed_means = values.mean(1)
+    fold_means, seed_means = values.mean(0), values.mean(1)
     return {"mean": float(fold_means.mean()), "std": float(fold_means.std(ddof=STD_DDOF)),
             "seed_std": float(seed_means.std(ddof=STD_DDOF)), "fold_means": fold_means.tolist(),
             "seed_means": seed_means.tolist(), "values": values.tolist()}
@@ -103,8 +102,7 @@ def _table(first: str, rows: Mapping[str, Mapping[str, Any]], cell: Callable[[Ma
 def format_seed_tables(cohort: str, rec: Mapping[str, Any], reference: str | None) -> str:
     """Markdown: the mean-over-seeds table and, when ``reference`` is a method, its paired differences (to the
     other methods, and to ``reference`` in other runs: ``rec["paired_with"]``)."""
-    seeds = ", ".join(str(s) for s in rec["seeds"])
-    lines = [f"### {cohort}: mean over training seeds {seeds}", "",
+    lines = [f"### {cohort}: mean over training seeds {', '.join(map(str, rec['seeds']))}", "",
              "Cell: mean ± std over folds of the per-fold mean over seeds (seeds ± std over seeds of the "
              "fold mean).", "", *_table("Method", rec["methods"], _cell)]
     if reference is not None and rec.get("paired"):

@@ -14,15 +14,14 @@ run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", setup=CVSetu
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hist_st.errors import InputError
-from hist_st.evaluate import Plan, make_plan
-from hist_st.experiments.ablation import hist_rows, table_plan
+from hist_st.evaluate import make_plan
+from hist_st.experiments.ablation import ablation_config, hist_rows, table_plan
 from hist_st.experiments.accuracy import CVSetup, markdown_table
 from hist_st.metrics import protocol_cells
 from hist_st.train.data import list_slides
@@ -77,15 +76,11 @@ def run_stain(
         raise InputError("group_by", "Table 5 folds by slide; run it without a group column")
     out = Path(out_dir)
     cfg, plan, info = table_plan(plain, out, setup, by_group=False)  # folds by slide only
-
-    @functools.cache
-    def plan_of(which: str) -> Plan:  # the Macenko copy: the same folds and genes, planned when first needed
-        if which == "plain":
-            return plan
-        return make_plan(macenko, cfg.genes, folds=plan.folds, embedding=cfg.embedding, seed=cfg.seed)
-
-    no_token = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokens=()))
-    table_rows = {name: (cfg if token else no_token, functools.partial(plan_of, which))
+    plans = {"plain": lambda: plan,  # the Macenko copy: same folds and genes, planned when first needed
+             "macenko": functools.cache(lambda: make_plan(macenko, cfg.genes, folds=plan.folds, seed=cfg.seed,
+                                                          embedding=cfg.embedding))}
+    no_token = ablation_config(cfg, "no-token")
+    table_rows = {name: (cfg if token else no_token, plans[which])
                   for name, (_, which, token) in STAIN_ROWS.items() if name in rows}
     title = "Calibration token vs Macenko stain normalisation (Table 5)"
     summaries, table = hist_rows(out, table_rows, setup, name="stain", table=format_stain_table,

@@ -2,14 +2,10 @@
 in words: ``docs/results/superres.md``).
 
 Every ``k x k`` block of neighbouring spots of each prepared slide becomes one coarse spot (block =
-``floor(lattice / k)``, counts summed, `hist_st.train.coarse.coarsen_slide`). On each fold by slide, four
-predictions of every held-out spot (`REFERENCES`) are scored against its measured counts with
-`hist_st.metrics.evaluate_fold`: ``superres`` (HiST with ``supervise=coarse<k>``: spot tokens, block labels),
-``coarse_copy`` (a: HiST on the coarse spots, block prediction / members), ``coarse_smooth`` (b: the same,
-Gaussian interpolation in count space, ``sigma = sigma_fraction x coarse pitch``) and ``spot`` (c, the
-ceiling). ``gap_closed[metric] = (superres - coarse_copy) / (spot - coarse_copy)`` on the means over folds
-(and for ``coarse_smooth``; ``gap_closed_per_fold``: within each fold). ``coarse_level``: block-level scores
-of the coarse model and of the super-resolution predictions summed per block (`COARSE_LEVEL`).
+``floor(lattice / k)``, counts summed, `hist_st.train.coarse.coarsen_slide`). On each fold by slide, the
+four predictions of every held-out spot (`REFERENCES`; ``superres`` is HiST with ``supervise=coarse<k>``) are
+scored against its measured counts (`hist_st.metrics.evaluate_fold`); then the gap closed (`gap_closed`, on
+the means over folds and within each fold) and the block-level checks (`COARSE_LEVEL`).
 
 Output folder: ``superres.json``, ``table.md``, ``maps_<slide>.png`` (measured spots, measured blocks and the
 four predictions for a held-out slide), ``fold_<i>/<model>/`` training runs (each with its result-cache entry in
@@ -111,9 +107,8 @@ def gap_closed(value: float, low: float, high: float) -> float:
 def _fit(cfg: Any, supervise: str, slides: Sequence[Any], run: Path, *, genes: list[str],
          cache: ResultCache | None, hits: list[str]) -> Any:
     """Train HiST with ``cfg`` and ``supervise`` on ``slides`` into ``run`` (``fold_<i>/<model>``) and return
-    its bundle, or load the model the result cache holds there for the same key (`hist_st.evaluate.cache`:
-    config with its supervision, slides and their content, genes, embedding, seed); a cached model is named in
-    ``hits``."""
+    its bundle, or load the model the result cache holds there for the same key (`fold_key`, with the config's
+    supervision); a cached model is named in ``hits``."""
     cfg = dataclasses.replace(cfg, supervise=supervise)
     key = fold_key(HiSTMethod(cfg), {"train": [s.slide_id for s in slides], "test": []}, genes,
                    embedding=cfg.embedding, seed=cfg.seed,
@@ -200,8 +195,7 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
         b_spot = fit(cfg, "spot", fine_train, fdir / "spot")
         b_sr = fit(cfg, f"coarse{block}", fine_train, fdir / "superres")
         b_coarse = fit(cfg, "spot", [coarse[s][0] for s in sorted(f["train"])], fdir / "coarse")
-        preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in (*METHODS, *COARSE_LEVEL)}
-        truths, coarse_truths, full_rows = {}, {}, []
+        preds, truths, coarse_truths, full_rows = {}, {}, {}, []  # preds: slide -> method -> log1p [N, G]
         for sid in sorted(f["test"]):
             fine, (cslide, groups) = by_id[sid], coarse[sid]
             truths[sid] = gene_counts(fine, gene_list).toarray()
@@ -212,12 +206,11 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
             sigma_px = sigma_fraction * float(cslide.spot_pitch_um) / float(fine.um_per_px)
             smooth = gaussian_interpolate(fine.spatial, cslide.spatial, per_member, sigma_px)
             sr = predict_log1p(b_sr, fine)[0]
-            pred = {"coarse_copy": np.log1p(per_member[groups]).astype(np.float32),
-                    "coarse_smooth": np.log1p(smooth).astype(np.float32), "superres": sr,
-                    "spot": predict_log1p(b_spot, fine)[0], "coarse_model": np.log1p(c_counts),
-                    "superres_summed": np.log1p(_sum_by(_counts(sr), groups, len(c_counts)))}
-            for m, v in pred.items():
-                preds[m][sid] = v
+            pred = preds[sid] = {
+                "coarse_copy": np.log1p(per_member[groups]).astype(np.float32),
+                "coarse_smooth": np.log1p(smooth).astype(np.float32), "superres": sr,
+                "spot": predict_log1p(b_spot, fine)[0], "coarse_model": np.log1p(c_counts),
+                "superres_summed": np.log1p(_sum_by(_counts(sr), groups, len(c_counts)))}
             lat = to_lattice(continuous_coords(fine))
             full = n_children[groups] == block * block
             full_rows.append((((lat[:, 0] % block) * block + lat[:, 1] % block)[full],
@@ -227,27 +220,35 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
             np.savez_compressed(fdir / "predictions" / f"{sid}.npz", **{m: pred[m] for m in METHODS},
                                 counts=truths[sid], groups=groups, spatial=fine.spatial,
                                 coarse_spatial=cslide.spatial)
-        if full_rows:
-            pos, blocks = (np.concatenate([r[j] for r in full_rows]) for j in (0, 1))
-            for m in artefact:
-                artefact[m].append(position_effect(np.concatenate([r[2][m] for r in full_rows]), pos, blocks))
-        scores = {m: evaluate_fold(preds[m], coarse_truths if m in COARSE_LEVEL else truths) for m in preds}
+        pos, blocks = (np.concatenate([r[j] for r in full_rows]) for j in (0, 1))  # a row per test slide
+        for m in artefact:
+            artefact[m].append(position_effect(np.concatenate([r[2][m] for r in full_rows]), pos, blocks))
+        scores = {m: evaluate_fold({sid: p[m] for sid, p in preds.items()},
+                                   coarse_truths if m in COARSE_LEVEL else truths)
+                  for m in (*METHODS, *COARSE_LEVEL)}
         fold_scores.append(scores)
         fold_records.append({"fold": i, "test": sorted(f["test"]),
                              **{m: {"pooled": scores[m]["pooled"], "per_gene_pcc": scores[m]["per_gene"]["pcc"],
                                     "per_gene_r2": scores[m]["per_gene"]["r2"]} for m in METHODS}})
 
     summaries = {m: summarise_folds([s[m] for s in fold_scores]) for m in (*METHODS, *COARSE_LEVEL)}
-    gaps: dict[str, dict[str, float]] = {}
-    fold_gaps: dict[str, dict[str, list[float]]] = {}
+    gaps, fold_gaps = {}, {}  # method -> metric -> gap closed on the fold means / per fold
     for name in ("superres", "coarse_smooth"):  # per metric: this method, (a) coarse copy, (c) spot
         xac = {f"{p}_{k}": [summaries[m][p][k] for m in (name, "coarse_copy", "spot")] for p, k in _METRICS}
         gaps[name] = {key: gap_closed(*(v["mean"] for v in stats)) for key, stats in xac.items()}
         fold_gaps[name] = {key: [gap_closed(*v) for v in zip(*(s["values"] for s in stats))]
                            for key, stats in xac.items()}
-    first = fold_list[0]
-    fig_slide = sorted(first["test"])[0]
-    figure = _plot_maps(out, int(first["fold"]), by_id[fig_slide], gene_list, plot_genes)
+    fig_fold, fig_slide = int(fold_list[0]["fold"]), sorted(fold_list[0]["test"])[0]  # the map figure's slide
+    data = np.load(out / f"fold_{fig_fold}" / "predictions" / f"{fig_slide}.npz")
+    counts, groups, xy = data["counts"].astype(np.float64), data["groups"], by_id[fig_slide].spatial
+    block_mean = _sum_by(counts, groups, groups.max() + 1) / np.bincount(groups)[:, None]
+    panels = [("measured spots", xy, normalise_counts(counts), 1),
+              ("measured 2x2 blocks\n(block / members)", xy, normalise_counts(block_mean[groups]), 1),
+              *((_SHORT[m], xy, normalise_counts(_counts(data[m])), 1) for m in METHODS)]
+    figure = _draw_maps(by_id[fig_slide], panels, gene_list, plot_genes, [[0, 1], [2, 3, 4, 5]],
+                        f"{fig_slide} (held out, fold {fig_fold}): log1p(counts per 10k over the "
+                        f"{len(gene_list)} genes); colour range per row: measured panels / predicted panels "
+                        "(1st-99th percentile)", out / f"maps_{fig_slide}.png")
     result = to_jsonable({
         "command": command, "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "block": block,
         "sigma_fraction": sigma_fraction, "fine_pitch_um": {s.slide_id: s.spot_pitch_um for s in slides},
@@ -311,11 +312,10 @@ def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, f
     if missing:
         raise InputError("--plot-genes", f"not among the run's genes: {missing}")
     chosen = [genes.index(g) for g in plot_genes or ()] or list(np.argsort(-panels[0][2].var(0))[:2])
-    plt = pyplot()
     img, scale = slide.plot_image()
     pitch = float(slide.spot_pitch_um or 200.0) / float(slide.um_per_px or 1.0) * scale  # display px
-    fig, axes = plt.subplots(len(chosen), len(panels), figsize=(2.6 * len(panels), 2.7 * len(chosen)), dpi=120,
-                             squeeze=False)
+    fig, axes = pyplot().subplots(len(chosen), len(panels), figsize=(2.6 * len(panels), 2.7 * len(chosen)),
+                                  dpi=120, squeeze=False)
     for r, g in enumerate(chosen):
         for group in groups:
             lo, hi = np.percentile(np.concatenate([panels[j][2][:, g] for j in group]), [1, 99])
@@ -334,23 +334,6 @@ def _draw_maps(slide: Any, panels: Sequence[tuple[str, np.ndarray, np.ndarray, f
             fig.colorbar(dots, ax=axes[r, group[-1]], fraction=0.046, pad=0.02)
     fig.suptitle(title, fontsize=8)
     return save_figure(fig, path)
-
-
-def _plot_maps(out: Path, fold: int, fine: Any, genes: list[str], plot_genes: Sequence[str] | None) -> Path:
-    """Measured spots, measured blocks and the four predictions of one held-out slide, normalised expression;
-    colour ranges shared by the two measured panels and by the four predictions."""
-    data = np.load(out / f"fold_{fold}" / "predictions" / f"{fine.slide_id}.npz")
-    counts, groups = data["counts"].astype(np.float64), data["groups"]
-    n_children = np.bincount(groups)
-    block_mean = _sum_by(counts, groups, len(n_children)) / n_children[:, None]
-    panels = [("measured spots", fine.spatial, normalise_counts(counts), 1.0),
-              ("measured 2x2 blocks\n(block / members)", fine.spatial, normalise_counts(block_mean[groups]),
-               1.0),
-              *((_SHORT[m], fine.spatial, normalise_counts(_counts(data[m])), 1.0) for m in METHODS)]
-    return _draw_maps(fine, panels, genes, plot_genes, [[0, 1], [2, 3, 4, 5]],
-                      f"{fine.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes); "
-                      "colour range per row: measured panels / predicted panels (1st-99th percentile)",
-                      out / f"maps_{fine.slide_id}.png")
 
 
 def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, fold: int = 0, factor: int = 2,
@@ -372,8 +355,7 @@ def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, 
     if not 0 <= fold < len(fold_list):
         raise InputError("--fold", f"must be in 0..{len(fold_list) - 1}, got {fold}")
     f = fold_list[fold]
-    sub_dir, cache, hits = out / "subspots", (ResultCache() if reuse else None), []
-    subs = {}
+    sub_dir, cache, hits, subs = out / "subspots", (ResultCache() if reuse else None), [], {}
     for sid in sorted(by_id):  # sub-spot slides: from the cache when made from the same slide content and factor
         key = {"subspot_factor": factor, "slide": slide_fingerprint(by_id[sid], plan.embedding)}
         path = cached_file(cache, key, sub_dir)
@@ -399,26 +381,21 @@ def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, 
     artefact = position_effect(np.concatenate([fine[s] for s in test]),
                                np.concatenate([np.arange(subs[s].n_spots) % (factor * factor) for s in test]),
                                np.concatenate([parents[s] + 10**6 * i for i, s in enumerate(test)]))
-    fig_slide = test[0]
-    figure = _plot_subspot(out, by_id[fig_slide], subs[fig_slide], preds["spot"][fig_slide], fine[fig_slide],
-                           truths[fig_slide], gene_list, plot_genes, fold)
+    sid = test[0]  # the figure: measured spots, HiST on the spots, the sub-spot model; own colour range each
+    slide, sub = by_id[sid], subs[sid]
+    panels = [("measured spots", slide.spatial, normalise_counts(truths[sid]), 1),
+              ("HiST trained on the spots", slide.spatial, normalise_counts(np.expm1(preds["spot"][sid])), 1),
+              (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial,
+               normalise_counts(np.expm1(fine[sid])), 1.0 / factor)]
+    figure = _draw_maps(slide, panels, gene_list, plot_genes, [[0], [1], [2]],
+                        f"{sid} (held out, fold {fold}): log1p(counts per 10k over the {len(gene_list)} "
+                        "genes), own colour range per panel", out / f"subspot_maps_{sid}.png")
     result = to_jsonable({
         "cohort": str(cohort), "genes": setup.genes, "n_genes": len(gene_list), "fold": fold, "test": test,
-        "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": subs[fig_slide].spot_pitch_um,
+        "factor": factor, "epochs": cfg.epochs, "sub_pitch_um": sub.spot_pitch_um,
         "n_subspots": {s: int(subs[s].n_spots) for s in test}, "scores": scores, "figure": figure.name,
         "position_effect": artefact, "cached": hits,
     })
     write_json(result, out / f"subspot_fold{fold}.json")
     return result
 
-
-def _plot_subspot(out: Path, slide: Any, sub: Any, spot_pred: np.ndarray, sub_pred: np.ndarray, counts: np.ndarray,
-                  genes: list[str], plot_genes: Sequence[str] | None, fold: int) -> Path:
-    """Measured spots, HiST on the spots and the sub-spot model at ``pitch / factor``, own colour range each."""
-    panels = [("measured spots", slide.spatial, normalise_counts(counts), 1.0),
-              ("HiST trained on the spots", slide.spatial, normalise_counts(np.expm1(spot_pred)), 1.0),
-              (f"sub-spot model ({sub.spot_pitch_um:.0f} um)", sub.spatial,
-               normalise_counts(np.expm1(sub_pred)), 1.0 / sub.meta["subspot"]["factor"])]
-    return _draw_maps(slide, panels, genes, plot_genes, [[0], [1], [2]],
-                      f"{slide.slide_id} (held out, fold {fold}): log1p(counts per 10k over the {len(genes)} genes), "
-                      "own colour range per panel", out / f"subspot_maps_{slide.slide_id}.png")

@@ -182,8 +182,7 @@ def plot_token_pca(
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
     cmap = plt.get_cmap("tab20")
     for k, lab in enumerate(sorted(set(g))):
-        m = g == lab
-        ax.scatter(coords[m, 0], coords[m, 1], s=40, color=cmap(k % 20), label=lab, edgecolors="k", linewidths=0.4)
+        ax.scatter(*coords[g == lab].T, s=40, color=cmap(k % 20), label=lab, edgecolors="k", linewidths=0.4)
     if labels is not None and len(labels) <= 60:
         for (px, py), lab in zip(coords, labels):
             ax.annotate(str(lab), (px, py), fontsize=6, alpha=0.7, xytext=(2, 2), textcoords="offset points")
@@ -229,10 +228,8 @@ def run_token_analysis(
         ``{"metrics": {column: token_metrics(...)}, "table": str, "figures": [paths], "n_slides": S}``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok = export_tokens(run_dir, cohort, source=source, out=out / "tokens.npz")
-    metrics: dict[str, Any] = {}
-    figures: list[str] = []
+    metrics, figures = {}, []  # column -> token_metrics; PCA figure paths
     for col in group_by:
         groups = _groups_for(cohort, tok["slide_ids"], col)
         metrics[col] = token_metrics(tok["tokens"], groups)

@@ -5,15 +5,10 @@ For every fold of cross-validation runs (``splits.json``, ``fold_<i>/model.pt``)
 predicted by **MC dropout** (``K`` passes of the first run's fold model with dropout on) and, with two or more
 runs on the same folds and genes, by the **seed ensemble** (one deterministic pass of each run's fold model).
 Both give per spot and gene a mean ``mu`` and a std ``sigma`` in log1p space, scored against
-``y = log1p(counts)`` over all held-out spots and genes (`calibration`):
-
-- ``spearman``: rank correlation of ``sigma`` and ``|y - mu|`` (pooled; and the mean of the per-gene ones);
-- ``coverage``: share of ``y`` inside the Gaussian central interval ``mu +- z_p sigma`` (p = 50%, 90%, and a
-  curve over p, ``calibration.png``);
-- ``deciles``: mean absolute error of the 10% most and least confident entries (smallest/largest sigma).
-
-**Recalibrated**: ``sigma`` of fold ``i`` times the factor that makes the 50% interval exact on the *other*
-folds' held-out entries (``median(|y - mu| / sigma) / z_0.75``), so no fold's own errors set its scale.
+``y = log1p(counts)`` over all held-out spots and genes (`calibration`: rank correlation of ``sigma`` and
+``|y - mu|``, coverage of the Gaussian central intervals ``mu +- z_p sigma``, ``calibration.png``, and the
+error of the most and least confident deciles), also after recalibration out of fold: ``sigma`` of fold ``i``
+times the factor that makes the 50% interval exact on the *other* folds' held-out entries.
 """
 
 from __future__ import annotations
@@ -24,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm, spearmanr
 
 from hist_st.errors import InputError
 from hist_st.evaluate import fold_model
+from hist_st.experiments.accuracy import markdown_table
 from hist_st.jsonio import write_json
 from hist_st.pl import pyplot, save_figure
 from hist_st.slide import read_cohort_slide
@@ -46,8 +43,6 @@ def calibration(mu: np.ndarray, sigma: np.ndarray, y: np.ndarray) -> dict[str, A
         ``{"spearman", "spearman_per_gene_mean", "coverage_50", "coverage_90", "curve": {p: coverage},
         "mae_most_confident_decile", "mae_least_confident_decile", "mean_sigma", "mae", "n"}``.
     """
-    from scipy.stats import norm, spearmanr
-
     err = np.abs(y - mu)
     s, e = sigma.ravel(), err.ravel()
     rho = float(spearmanr(s, e).statistic) if s.std() > 0 and e.std() > 0 else float("nan")
@@ -57,20 +52,11 @@ def calibration(mu: np.ndarray, sigma: np.ndarray, y: np.ndarray) -> dict[str, A
     curve = {float(p): float((e <= norm.ppf(0.5 + p / 2) * s).mean()) for p in LEVELS}
     order = np.argsort(s, kind="stable")
     k = max(1, len(order) // 10)
-    cover = {q: float((e <= norm.ppf(q) * s).mean()) for q in (0.75, 0.95)}  # central 50% and 90% intervals
-    return {"spearman": rho, "spearman_per_gene_mean": rho_gene, "coverage_50": cover[0.75],
-            "coverage_90": cover[0.95], "curve": curve,
+    return {"spearman": rho, "spearman_per_gene_mean": rho_gene, "coverage_50": curve[0.5],
+            "coverage_90": curve[0.9], "curve": curve,  # central 50% and 90% intervals: both in LEVELS
             "mae_most_confident_decile": float(e[order[:k]].mean()),
             "mae_least_confident_decile": float(e[order[-k:]].mean()), "mean_sigma": float(s.mean()),
             "mae": float(e.mean()), "n": int(e.size)}
-
-
-def _scale(folds: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
-    """The factor on sigma that makes the central 50% interval exact on ``folds`` (mu, sigma, y)."""
-    from scipy.stats import norm
-
-    ratio = np.concatenate([(np.abs(y - mu) / np.maximum(sigma, 1e-12)).ravel() for mu, sigma, y in folds])
-    return float(np.median(ratio) / norm.ppf(0.75))
 
 
 def _genes(run: Path) -> list[str]:
@@ -118,8 +104,10 @@ def run_uncertainty(
     for n in names:
         mu, sigma, y = (np.concatenate(col) for col in zip(*per_fold[n]))
         methods[n] = calibration(mu, sigma, y)
-        if len(per_fold[n]) > 1:
-            scaled = [f[1] * _scale([g for j, g in enumerate(per_fold[n]) if j != i]) for i, f in enumerate(per_fold[n])]
+        if len(per_fold[n]) > 1:  # each fold's sigma times the factor making the others' 50% intervals exact
+            ratio = [(np.abs(t - m) / np.maximum(sd, 1e-12)).ravel() for m, sd, t in per_fold[n]]
+            scaled = [f[1] * float(np.median(np.concatenate(ratio[:i] + ratio[i + 1:])) / norm.ppf(0.75))
+                      for i, f in enumerate(per_fold[n])]
             methods[f"{n}_recalibrated"] = calibration(mu, np.concatenate(scaled), y)
     result = {"runs": [str(r) for r in runs], "cohort": str(cohort), "mc_samples": mc_samples,
               "n_genes": len(genes), "methods": methods}
@@ -133,9 +121,8 @@ def run_uncertainty(
 def _plot(result: dict[str, Any], path: Path) -> Path:
     fig, ax = pyplot().subplots(1, 1, figsize=(4.2, 4.0), dpi=120)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="calibrated")
-    for name, m in result["methods"].items():
-        ps = sorted(float(p) for p in m["curve"])
-        ax.plot(ps, [m["curve"][p] for p in ps], marker="o", ms=3, label=name.replace("_", " "))
+    for name, m in result["methods"].items():  # curve: LEVELS in ascending order
+        ax.plot(list(m["curve"]), list(m["curve"].values()), marker="o", ms=3, label=name.replace("_", " "))
     ax.set(xlabel="nominal central-interval probability\n(Gaussian in log1p space)",
            ylabel="observed coverage on held-out spots")
     ax.set_title("uncertainty calibration", fontsize=9)
@@ -146,15 +133,11 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
 
 def uncertainty_markdown(result: dict[str, Any]) -> str:
     """The calibration numbers as a Markdown table."""
-    lines = [
-        "| method | Spearman(std, abs error) pooled / per-gene mean | coverage 50% | coverage 90% | "
-        "MAE most / least confident decile | mean std | MAE |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, m in result["methods"].items():
-        lines.append(
-            f"| {name.replace('_', ' ')} | {m['spearman']:.3f} / {m['spearman_per_gene_mean']:.3f} | "
-            f"{m['coverage_50']:.3f} | {m['coverage_90']:.3f} | {m['mae_most_confident_decile']:.3f} / "
-            f"{m['mae_least_confident_decile']:.3f} | {m['mean_sigma']:.4f} | {m['mae']:.3f} |"
-        )
+    lines = markdown_table(
+        ["method", "Spearman(std, abs error) pooled / per-gene mean", "coverage 50%", "coverage 90%",
+         "MAE most / least confident decile", "mean std", "MAE"],
+        ([name.replace("_", " "), f"{m['spearman']:.3f} / {m['spearman_per_gene_mean']:.3f}",
+          f"{m['coverage_50']:.3f}", f"{m['coverage_90']:.3f}",
+          f"{m['mae_most_confident_decile']:.3f} / {m['mae_least_confident_decile']:.3f}",
+          f"{m['mean_sigma']:.4f}", f"{m['mae']:.3f}"] for name, m in result["methods"].items()))
     return "\n".join(lines) + "\n\n" + json.dumps({"runs": result["runs"], "mc_samples": result["mc_samples"]}) + "\n"
