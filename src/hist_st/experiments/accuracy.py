@@ -208,8 +208,7 @@ def run_accuracy(
         raise InputError("--cohort", "give at least one prepared cohort folder")
     fold_seed, t_seed = int(seed), int(seed if train_seed is None else train_seed)
     cfg = build_config(config, overrides, seed=t_seed, genes=genes, progress=progress)
-    out, baseline_options = Path(out_dir), dict(baseline_options or {})
-    out.mkdir(parents=True, exist_ok=True)
+    out, baseline_options = Path(out_dir), dict(baseline_options or {})  # made by run_cv (a bad cohort: none)
     results, tables, per_gene = {}, [], {}  # per cohort: summary, Markdown table, per-gene rows
     # train_seed is recorded only when it differs from the fold seed, so earlier runs stay comparable.
     recorded_train_seed = None if t_seed == fold_seed else t_seed
