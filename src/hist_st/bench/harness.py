@@ -54,8 +54,7 @@ def timed_steps(step: Callable[[], Any], device: str, repeats: int, warmup: int 
 
 def matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
     """Dense ``size x size`` matmul GFLOP/s of this process now (median of ``repeats`` after a warm-up)."""
-    a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
-    b = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+    a, b = (torch.randn(size, size, device=device).to(getattr(torch, dtype)) for _ in range(2))
     return 2 * size**3 / statistics.median(timed_steps(lambda: a @ b, device, repeats)) / 1e9
 
 

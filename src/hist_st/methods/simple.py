@@ -30,7 +30,6 @@ class MeanBaseline(Method):
         super().__init__()
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
-        assert self.genes_ is not None
         y = np.concatenate([log1p_targets(s, self.genes_) for s in slides]).astype(np.float64)
         self.mean_: np.ndarray = y.mean(axis=0).astype(np.float32)  # [G]
 
@@ -88,8 +87,7 @@ class RidgeBaseline(Method):
         from sklearn.preprocessing import StandardScaler
 
         x, y = self._xy(slides)
-        keep = x.std(axis=0) >= self.min_std if self.min_std > 0 else np.ones(x.shape[1], dtype=bool)
-        self.keep_ = np.flatnonzero(keep)
+        self.keep_ = np.flatnonzero(x.std(axis=0) >= self.min_std)  # min_std 0: every channel
         if len(self.keep_) == 0:
             raise InputError("ridge", f"every embedding channel has training std < min_std={self.min_std}")
         x = x[:, self.keep_]
@@ -147,7 +145,6 @@ class MLPBaseline(Method):
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         x, y = self._xy(slides)
-        # standardise: the training mean and std + 1e-6 [C]
         self.x_norm_ = (x.mean(axis=0), x.std(axis=0) + 1e-6) if self.standardise else None
         xt = self._inputs(x)  # [N, C]
         yt = torch.from_numpy(y).float()  # [N, G]

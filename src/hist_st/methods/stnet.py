@@ -57,29 +57,46 @@ def _random_dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return torch.empty_like(x).copy_(torch.stack(dihedral8(x))[ops, torch.arange(x.shape[0])])
 
 
+#: torchvision's ImageNet DenseNet-121 file (``DenseNet121_Weights.IMAGENET1K_V1``), as ST-Net uses it.
+DENSENET121_FILE = "densenet121-a639ec97.pth"
+
+
 def _build_backbone(name: str, weights: str | Path | None) -> tuple[torch.nn.Module, int]:
-    """Return ``(module mapping [B,3,H,W] -> [B,F], F)`` with ImageNet weights."""
+    """Return ``(module mapping [B,3,H,W] -> [B,F], F)`` with ImageNet weights: the state dict of a
+    ``weights`` file (a DenseNet-121's classifier ignored) or, for None, EfficientNet-Lite0's packaged ones /
+    torchvision's DenseNet-121 ones (ST-Net's ``--pretrain``; from torch's cache or downloaded once).
+
+    Raises:
+        InputError: A missing or wrong weights file, or DenseNet-121's ImageNet weights neither cached nor
+            downloadable (offline), saying what to do.
+    """
     if name == "efficientnet_lite0":
-        model = efficientnet_lite0_model(weights)  # packaged ImageNet weights when weights is None
+        model = efficientnet_lite0_model(weights)
         return model, int(model.num_features)
     if name != "densenet121":
         raise ValueError(f"unknown stnet backbone {name!r}; choose efficientnet_lite0 or densenet121")
-    model = _torchvision_densenet121() if weights is None else _densenet121_file(Path(weights))
-    n = model.classifier.in_features
-    model.classifier = torch.nn.Identity()
-    return model, int(n)
-
-
-def _densenet121_file(path: Path) -> torch.nn.Module:
-    """torchvision's DenseNet-121 with the weights of ``path`` (a state dict, its classifier ignored)."""
     import torchvision
+    from torchvision.models import DenseNet121_Weights
 
-    if not path.is_file():
-        raise InputError(path, "DenseNet-121 weights file not found")
+    if weights is None:
+        try:
+            sd = DenseNet121_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+        except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / DENSENET121_FILE
+            raise InputError(
+                "stnet",
+                f"ST-Net's DenseNet-121 needs torchvision's ImageNet weights, which are not in {cache} and "
+                f"could not be downloaded ({type(exc).__name__}: {exc}). Run once with network access "
+                f"(torchvision caches the file there), copy {DENSENET121_FILE} to that path or pass "
+                f"--baseline-option stnet.weights=/path/{DENSENET121_FILE}; or use the lighter, labelled "
+                "variant --methods stnet-lite0 (EfficientNet-Lite0 with packaged weights)",
+            ) from None
+    elif not Path(weights).is_file():
+        raise InputError(weights, "DenseNet-121 weights file not found")
+    else:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        sd = sd["state_dict"] if isinstance(sd, dict) and "state_dict" in sd else sd
     model = torchvision.models.densenet121(weights=None)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd:
-        sd = sd["state_dict"]
     # torchvision's released file uses the old "norm.1" style keys; map them like torchvision does.
     pat = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
                      r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
@@ -87,36 +104,11 @@ def _densenet121_file(path: Path) -> torch.nn.Module:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("classifier.")]
     if missing or unexpected:
-        raise InputError(path, f"not a DenseNet-121 state dict (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]})")
-    return model
-
-
-#: torchvision's ImageNet DenseNet-121 file (``DenseNet121_Weights.IMAGENET1K_V1``), as ST-Net uses it.
-DENSENET121_FILE = "densenet121-a639ec97.pth"
-
-
-def _torchvision_densenet121() -> torch.nn.Module:
-    """torchvision's ImageNet DenseNet-121 (ST-Net's ``--pretrain``), from torch's cache or downloaded once.
-
-    Raises:
-        InputError: When the weights are neither cached nor downloadable (offline), saying what to do.
-    """
-    import torchvision
-    from torchvision.models import DenseNet121_Weights
-
-    try:
-        return torchvision.models.densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1)
-    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / DENSENET121_FILE
-        raise InputError(
-            "stnet",
-            f"ST-Net's DenseNet-121 needs torchvision's ImageNet weights, which are not in {cache} and could "
-            f"not be downloaded ({type(exc).__name__}: {exc}). Run once with network access (torchvision "
-            f"caches the file there), copy {DENSENET121_FILE} to that path or pass "
-            f"--baseline-option stnet.weights=/path/{DENSENET121_FILE}; or use the lighter, labelled variant "
-            "--methods stnet-lite0 (EfficientNet-Lite0 with packaged weights)",
-        ) from None
+        problem = f"not a DenseNet-121 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        raise InputError(weights or DENSENET121_FILE, problem)
+    n = model.classifier.in_features
+    model.classifier = torch.nn.Identity()
+    return model, int(n)
 
 
 def stnet_targets(slide: Slide, genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +223,6 @@ class STNetBaseline(Method):
 
     def _targets(self, slides: list[Slide]) -> tuple[np.ndarray, np.ndarray]:
         """Training targets ``[N, G]`` and per-spot ``log(n + Z)`` ``[N]`` (zeros for ``log1p`` targets)."""
-        assert self.genes_ is not None
         parts = [stnet_targets(s, self.genes_) if self.targets == "stnet"
                  else (log1p_targets(s, self.genes_), np.zeros(s.n_spots)) for s in slides]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -271,7 +262,6 @@ class STNetBaseline(Method):
             The model and, with ``held_out`` (patches, targets), their summed squared error per epoch
             ``[epochs]`` (without: zeros, and each step's per-spot loss is appended to ``history_``).
         """
-        assert self.genes_ is not None
         body, n_feat = _build_backbone(self.backbone, self.weights)
         head = torch.nn.Linear(n_feat, len(self.genes_))
         with torch.no_grad():
