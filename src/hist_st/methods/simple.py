@@ -98,8 +98,7 @@ class RidgeBaseline(Method):
         # HEST: alpha = 100 / (X_train.shape[1] * y_train.shape[1]) with X_train the PCA scores.
         self.alpha_ = float(self.alpha) if self.alpha is not None else 100.0 / (z.shape[1] * y.shape[1])
         self.reg_ = Ridge(solver="lsqr", alpha=self.alpha_, random_state=seed, fit_intercept=False,
-                          max_iter=self.max_iter)
-        self.reg_.fit(z, y - self.y_mean_)
+                          max_iter=self.max_iter).fit(z, y - self.y_mean_)
 
     def _predict(self, slide: Slide) -> np.ndarray:
         return self.reg_.predict(self.pipe_.transform(self._x(slide)[:, self.keep_])) + self.y_mean_
@@ -146,8 +145,7 @@ class MLPBaseline(Method):
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         x, y = self._xy(slides)
         self.x_norm_ = (x.mean(axis=0), x.std(axis=0) + 1e-6) if self.standardise else None
-        xt = self._inputs(x)  # [N, C]
-        yt = torch.from_numpy(y).float()  # [N, G]
+        xt, yt = self._inputs(x), torch.from_numpy(y).float()  # [N, C], [N, G]
         net = nn.Sequential(nn.Linear(x.shape[1], self.hidden), nn.GELU(), nn.Dropout(self.dropout),
                             nn.Linear(self.hidden, y.shape[1]))
         with torch.no_grad():

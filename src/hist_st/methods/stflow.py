@@ -149,22 +149,6 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, act: str, drop: float) -> nn.Mo
     return Mlp(act_layer={"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}[act], **sizes)
 
 
-class TimestepEmbedder(nn.Module):
-    """Sinusoidal embedding of ``t`` (256 frequencies) followed by ``Linear - SiLU - Linear``."""
-
-    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        steps = torch.arange(half, dtype=torch.float32, device=t.device)
-        freqs = torch.exp(-math.log(10000.0) * steps / half)
-        args = t.float()[..., None] * freqs
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
-
-
 def frame_average_edges(rel: torch.Tensor) -> torch.Tensor:
     """Project neighbour offsets into their 4 PCA frames (``stflow/model/fa.py``).
 
@@ -183,8 +167,7 @@ def frame_average_edges(rel: torch.Tensor) -> torch.Tensor:
 
 
 class STFlowBlock(nn.Module):
-    """STFlow's block: local attention over the kNN graph with frame-averaged edge features, an MLP and a
-    gene head (each with a residual on the tokens but the head)."""
+    """One denoiser block (the module docstring's "denoiser"): kNN attention, MLP and gene head."""
 
     def __init__(
         self, d_model: int, d_edge: int, n_genes: int, n_heads: int, act: str, drop: float, attn_drop: float,
@@ -230,14 +213,18 @@ class STFlowDenoiser(nn.Module):
     ) -> None:
         super().__init__()
         self.image_transform = nn.Linear(in_dim, hidden)
-        self.time_embed = TimestepEmbedder(hidden)
+        self.time_embed = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.blocks = nn.ModuleList(STFlowBlock(hidden, pair_hidden, n_genes, n_heads, activation, dropout,
                                                 attn_dropout) for _ in range(n_layers))
 
     def forward(self, x_t: torch.Tensor, feats: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor,
                 t: torch.Tensor) -> torch.Tensor:
         """x_t ``[N, G]``, feats ``[N, C]``, coords ``[N, 2]``, nbr ``[N, K]``, scalar t -> ``[N, G]``."""
-        h = self.image_transform(feats) + self.time_embed(t.reshape(1))  # [N, D]
+        steps = torch.arange(128, dtype=torch.float32, device=t.device)  # t as 256 sinusoids, then an MLP
+        freqs = torch.exp(-math.log(10000.0) * steps / 128)
+        args = t.float().reshape(1, 1) * freqs  # [1, 128]
+        temb = self.time_embed(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # [1, D]
+        h = self.image_transform(feats) + temb  # [N, D]
         preds = []
         for blk in self.blocks:
             x_t, h = blk(x_t, h, coords, nbr)  # the block's prediction is the next block's state

@@ -106,8 +106,7 @@ def _build_backbone(name: str, weights: str | Path | None) -> tuple[torch.nn.Mod
     if missing or unexpected:
         problem = f"not a DenseNet-121 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
         raise InputError(weights or DENSENET121_FILE, problem)
-    n = model.classifier.in_features
-    model.classifier = torch.nn.Identity()
+    n, model.classifier = model.classifier.in_features, torch.nn.Identity()
     return model, int(n)
 
 
@@ -136,8 +135,7 @@ def inner_folds(slides: list[Slide], k: int) -> list[list[int]]:
     if len(units) < 2:
         patients, units = [s.slide_id for s in slides], sorted(s.slide_id for s in slides)
     k = max(2, min(k, len(units)))
-    groups = [units[f::k] for f in range(k)]
-    return [[i for i, p in enumerate(patients) if p in g] for g in groups]
+    return [[i for i, p in enumerate(patients) if p in units[f::k]] for f in range(k)]
 
 
 @register("stnet")
@@ -148,10 +146,8 @@ class STNetBaseline(Method):
     ``--model densenet121 --pretrain --lr 1e-6 --batch 32 --average --window 224``, 50 epochs;
     ``stnet/parser.py``: SGD, momentum 0.9, weight decay 0; ``stnet/cmd/run_spatial.py``):
 
-    - backbone: ST-Net's DenseNet-121 with torchvision's ImageNet weights (cached by torch or downloaded
-      once; offline without the file, an `InputError` says what to do), or a given ``weights`` file;
-      ``backbone="efficientnet_lite0"`` (the CNN that makes HiST's embeddings, packaged weights) is the
-      lighter variant, registered and labelled as ``stnet-lite0``;
+    - backbone: ST-Net's DenseNet-121 with torchvision's ImageNet weights (`_build_backbone`), or a given
+      ``weights`` file; the lighter variant is `STNetLite0Baseline` (``stnet-lite0``);
     - head: one linear layer, weights zeroed and bias set to the training mean expression (ST-Net does
       exactly this, so training starts from the `mean` baseline);
     - input: 224 px patches normalised by per-channel mean / std estimated on training patches; training
@@ -160,16 +156,13 @@ class STNetBaseline(Method):
       ``log((1 + y) / (n + Z))`` (`stnet_targets`, ST-Net's), or ``targets="log1p"`` (HiST's). For the
       tables, a ``stnet`` prediction is mapped back to ``log1p`` space by adding the training spots' mean
       ``log(n + Z)``, since a test spot's total count is not known from its image;
-    - SGD, lr 1e-6, momentum 0.9, batch 32, 50 epochs; the epoch is chosen as ST-Net does
-      (``select_epoch="inner-cv"``, ``bin/cross_validate.py``): `inner_folds` over the training patients,
-      each trained for ``epochs`` epochs, the epoch with the lowest summed squared error on the held-out
-      training patients is kept, then one model is trained on all training slides for that many epochs
-      (constant-lr SGD, so this is ST-Net's checkpoint of that epoch). Nothing is selected on test slides;
-      ``select_epoch="final"`` keeps the last epoch;
+    - the epoch is chosen as ST-Net does (``select_epoch="inner-cv"``, ``bin/cross_validate.py``): the one
+      with the lowest summed squared error on the held-out training patients of `inner_folds`; then one
+      model is trained on all training slides for that many epochs (constant-lr SGD: ST-Net's checkpoint of
+      that epoch). Nothing is selected on test slides; ``select_epoch="final"`` keeps the last epoch;
     - ``tta=True``: average over the 8 dihedral transforms at test time (ST-Net's ``--average``).
 
-    On CPU this is slow (a forward+backward of EfficientNet-Lite0 on 224 px is ~0.1 s per patch on 2
-    cores); ``epochs`` / ``max_steps`` bound the cost and `fit_seconds_` records it.
+    On CPU this is slow; ``epochs`` / ``max_steps`` bound the cost and `fit_seconds_` records it.
 
     Args:
         backbone: ``"densenet121"`` (ST-Net) or ``"efficientnet_lite0"``.
@@ -238,21 +231,17 @@ class STNetBaseline(Method):
         self.norm_ = (sample.mean(axis=(0, 1, 2)).astype(np.float32),
                       (sample.std(axis=(0, 1, 2)) + 1e-6).astype(np.float32))
         inner = self.select_epoch == "inner-cv" and len(slides) > 1
-        self.inner_sse_ = self._inner_sse(imgs_by_slide, slides, seed) if inner else []  # per epoch
-        self.best_epoch_ = int(np.argmin(self.inner_sse_)) + 1 if inner else self.epochs
-        self.model_ = self._train(imgs, y, rng, self.best_epoch_)[0]
-        self.fit_seconds_ = time.perf_counter() - t0
-
-    def _inner_sse(self, imgs_by_slide: list[np.ndarray], slides: list[Slide], seed: int) -> list[float]:
-        """Per epoch, the summed squared error on held-out training patients over `inner_folds` (ST-Net's)."""
-        sse = np.zeros(self.epochs)
-        for f, val in enumerate(inner_folds(slides, self.n_inner_folds)):
+        sse = np.zeros(self.epochs)  # per epoch, summed over the held-out training patients of `inner_folds`
+        for f, val in enumerate(inner_folds(slides, self.n_inner_folds) if inner else []):
             train_i = [i for i in range(len(slides)) if i not in val]
             x_tr, x_val = (np.concatenate([imgs_by_slide[i] for i in idx]) for idx in (train_i, val))
             (y_tr, _), (y_val, _) = (self._targets([slides[i] for i in idx]) for idx in (train_i, val))
             inner_rng = np.random.default_rng([seed, f + 1])
             sse += self._train(x_tr, y_tr, inner_rng, self.epochs, held_out=(x_val, y_val))[1]
-        return sse.tolist()
+        self.inner_sse_ = sse.tolist() if inner else []
+        self.best_epoch_ = int(np.argmin(sse)) + 1 if inner else self.epochs
+        self.model_ = self._train(imgs, y, rng, self.best_epoch_)[0]
+        self.fit_seconds_ = time.perf_counter() - t0
 
     def _train(self, imgs: np.ndarray, y: np.ndarray, rng: np.random.Generator, epochs: int,
                held_out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.nn.Module, np.ndarray]:
@@ -280,7 +269,6 @@ class STNetBaseline(Method):
             return ((pred - yt[idx].to(self.device)) ** 2).sum() / g, len(idx)  # ST-Net: sum over the batch
 
         def score(epoch: int) -> None:
-            assert held_out is not None
             model.eval()
             pred = batched(lambda xb: self._forward(model, xb), held_out[0], self.batch_size)
             sse[epoch] = float(((pred - held_out[1]) ** 2).sum())
