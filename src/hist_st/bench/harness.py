@@ -1,6 +1,5 @@
-"""The one benchmark harness of `hist_st.bench.speed`, `efficiency` (Table 1) and `scaling` (Figure 3): a
-measurement in a fresh process (`run_isolated`), one phase's peak memory (`PeakMemory`), synchronised timing
-(`timed_steps`) and the dense matmul a model's FLOP/s are read against (`matmul_gflops`). GB = 1e9 bytes.
+"""The one benchmark harness of `hist_st.bench.speed`, `efficiency` and `scaling` (docs/CONTRACTS.md:
+bench); GB = 1e9 bytes.
 
 ```python
 from hist_st.bench.harness import PeakMemory, matmul_gflops, run_isolated, timed_steps
@@ -13,6 +12,7 @@ rec = run_isolated("hist_st.bench.speed", {"spots": 500, ...}, timeout=600, thre
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -54,8 +54,7 @@ def timed_steps(step: Callable[[], Any], device: str, repeats: int, warmup: int 
 
 def matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
     """Dense ``size x size`` matmul GFLOP/s of this process now (median of ``repeats`` after a warm-up)."""
-    a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
-    b = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+    a, b = (torch.randn(size, size, device=device).to(getattr(torch, dtype)) for _ in range(2))
     return 2 * size**3 / statistics.median(timed_steps(lambda: a @ b, device, repeats)) / 1e9
 
 
@@ -73,11 +72,8 @@ class PeakMemory:
         gc.collect()
         trim_heap()  # freed heap pages go back, so the phase's RSS counts its own allocations
         self.rss_before = psutil.Process().memory_info().rss  # before CUDA starts: its context counts
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the RSS high-water mark to the current RSS
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the RSS high-water mark to the current RSS
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

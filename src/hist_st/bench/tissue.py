@@ -32,9 +32,7 @@ VISIUM_ARRAY = (78, 128)  # Visium: array_row 0..77, array_col 0..127
 
 def _affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares affine map ``dst ~ [src, 1] @ A`` (``A`` is ``[3, 2]``)."""
-    design = np.column_stack([src, np.ones(len(src))])
-    coef, *_ = np.linalg.lstsq(design, dst, rcond=None)
-    return coef
+    return np.linalg.lstsq(np.column_stack([src, np.ones(len(src))]), dst, rcond=None)[0]
 
 
 def bench_her2st(root: str | Path, sections: Sequence[str] | None = None) -> list[dict[str, Any]]:

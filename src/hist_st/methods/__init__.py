@@ -6,12 +6,9 @@ model = get_method("bleep", top_k=50).fit(train_slides, genes, embedding_key="ef
 pred = model.predict(test_slide)           # float32 [N, G], log1p of counts, columns in `genes` order
 ```
 
-Registered: ``hist`` (HiST itself, `HiSTMethod`: a `TrainConfig` as its option), ``mean`` (gene-mean
-floor), ``ridge`` (HEST-Benchmark probe; ``ridge-robust`` its labelled variant), ``mlp`` (per-spot MLP, the
-paper's UNI row), ``bleep`` (contrastive retrieval), ``stnet`` (end-to-end CNN fine-tuning on raw patches;
-``stnet-lite0`` the lighter variant), ``stflow`` (flow matching with a spatial transformer denoiser). Each
-class docstring lists its published defaults and their source, and every deviation. The neural baselines
-share one training loop (`hist_st.methods.trainer`).
+Registered (`list_methods`): ``hist`` (`HiSTMethod`, a `TrainConfig` as its option) and the baselines, each
+class's docstring saying what it is, its published defaults and their source, and every deviation. The
+neural baselines share one training loop (`hist_st.methods.trainer`).
 """
 
 from hist_st.methods.base import (

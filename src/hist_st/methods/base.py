@@ -164,10 +164,6 @@ class Method(ABC):
         vars(self).update(options)
         if "device" in options:  # the neural baselines: "auto" is CUDA when available, as for HiST
             self.device = resolve_device(options["device"])
-        self.genes_: list[str] | None = None
-        self.embedding_key_: str | None = None
-        self.history_: list[Any] = []  # training loss per epoch (or step), for the methods that have one
-        self.out_dir_: Path | None = None
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -203,9 +199,9 @@ class Method(ABC):
             raise ValueError("fit needs at least one training slide")
         if len(genes) == 0:
             raise ValueError("fit needs at least one gene")
-        self.genes_ = [str(g) for g in genes]
+        self.genes_: list[str] = [str(g) for g in genes]
         self.embedding_key_ = embedding_key
-        self.history_ = []
+        self.history_: list[Any] = []  # training loss per epoch (or step), for the methods that have one
         self.out_dir_ = Path(out_dir) if out_dir is not None else None
         rng = seed_everything(seed)
         self._fit(list(train_slides), rng, seed)
@@ -217,7 +213,7 @@ class Method(ABC):
         Returns:
             float32 ``[N, G]``, columns in the order of the ``genes`` given to `fit`.
         """
-        if self.genes_ is None:
+        if not hasattr(self, "genes_"):
             raise RuntimeError(f"{type(self).__name__}.predict called before fit")
         out = np.asarray(self._predict(slide), dtype=np.float32)
         expected = (slide.n_spots, len(self.genes_))
@@ -233,11 +229,9 @@ class Method(ABC):
 
     def _xy(self, slides: Sequence[Slide]) -> tuple[np.ndarray, np.ndarray]:
         """Stack embeddings ``[sum N, C]`` and log1p targets ``[sum N, G]`` of ``slides``."""
-        assert self.genes_ is not None and self.embedding_key_ is not None
-        x = np.concatenate([slide_embeddings(s, self.embedding_key_) for s in slides], axis=0)
+        x = np.concatenate([self._x(s) for s in slides], axis=0)
         y = np.concatenate([log1p_targets(s, self.genes_) for s in slides], axis=0)
         return x, y
 
     def _x(self, slide: Slide) -> np.ndarray:
-        assert self.embedding_key_ is not None
         return slide_embeddings(slide, self.embedding_key_)

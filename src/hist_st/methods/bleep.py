@@ -23,14 +23,13 @@ class ProjectionHead(nn.Module):
     def __init__(self, in_dim: int, proj_dim: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
         self.projection = nn.Linear(in_dim, proj_dim)
-        self.gelu = nn.GELU()
         self.fc = nn.Linear(proj_dim, proj_dim)
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(proj_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projected = self.projection(x)
-        x = self.dropout(self.fc(self.gelu(projected)))
+        x = self.dropout(self.fc(F.gelu(projected)))
         return self.layer_norm(x + projected)
 
 
@@ -104,8 +103,8 @@ class BLEEPBaseline(Method):
         batches = shuffled(len(xt), self.batch_size, gen, min_size=2)
         self.history_ = fit_epochs([img_head, spot_head], opt, batches, loss, epochs=self.epochs)
         self.img_head_, self.spot_head_ = img_head.eval(), spot_head.eval()
-        keys = batched(spot_head, yt.to(self.device), 4096)
-        self.bank_key_ = F.normalize(keys, p=2, dim=-1)  # [M, D] L2-normalised projected expression
+        # [M, D] L2-normalised projected expression
+        self.bank_key_ = F.normalize(batched(spot_head, yt.to(self.device), 4096), p=2, dim=-1)
         self.bank_y_ = y  # [M, G] log1p expression of the training spots
 
     def neighbours(self, slide: Slide) -> np.ndarray:

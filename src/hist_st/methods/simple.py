@@ -30,7 +30,6 @@ class MeanBaseline(Method):
         super().__init__()
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
-        assert self.genes_ is not None
         y = np.concatenate([log1p_targets(s, self.genes_) for s in slides]).astype(np.float64)
         self.mean_: np.ndarray = y.mean(axis=0).astype(np.float32)  # [G]
 
@@ -88,8 +87,7 @@ class RidgeBaseline(Method):
         from sklearn.preprocessing import StandardScaler
 
         x, y = self._xy(slides)
-        keep = x.std(axis=0) >= self.min_std if self.min_std > 0 else np.ones(x.shape[1], dtype=bool)
-        self.keep_ = np.flatnonzero(keep)
+        self.keep_ = np.flatnonzero(x.std(axis=0) >= self.min_std)  # min_std 0: every channel
         if len(self.keep_) == 0:
             raise InputError("ridge", f"every embedding channel has training std < min_std={self.min_std}")
         x = x[:, self.keep_]
@@ -100,8 +98,7 @@ class RidgeBaseline(Method):
         # HEST: alpha = 100 / (X_train.shape[1] * y_train.shape[1]) with X_train the PCA scores.
         self.alpha_ = float(self.alpha) if self.alpha is not None else 100.0 / (z.shape[1] * y.shape[1])
         self.reg_ = Ridge(solver="lsqr", alpha=self.alpha_, random_state=seed, fit_intercept=False,
-                          max_iter=self.max_iter)
-        self.reg_.fit(z, y - self.y_mean_)
+                          max_iter=self.max_iter).fit(z, y - self.y_mean_)
 
     def _predict(self, slide: Slide) -> np.ndarray:
         return self.reg_.predict(self.pipe_.transform(self._x(slide)[:, self.keep_])) + self.y_mean_
@@ -147,10 +144,8 @@ class MLPBaseline(Method):
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         x, y = self._xy(slides)
-        # standardise: the training mean and std + 1e-6 [C]
         self.x_norm_ = (x.mean(axis=0), x.std(axis=0) + 1e-6) if self.standardise else None
-        xt = self._inputs(x)  # [N, C]
-        yt = torch.from_numpy(y).float()  # [N, G]
+        xt, yt = self._inputs(x), torch.from_numpy(y).float()  # [N, C], [N, G]
         net = nn.Sequential(nn.Linear(x.shape[1], self.hidden), nn.GELU(), nn.Dropout(self.dropout),
                             nn.Linear(self.hidden, y.shape[1]))
         with torch.no_grad():

@@ -55,14 +55,6 @@ __all__ = ["STFlowBaseline", "STFlowDenoiser", "euler_sample", "knn_graph", "fit
            "sample_zinb", "standard_gamma"]
 
 
-def _nn_scale(xy: np.ndarray) -> float:
-    """The median distance from a spot to its nearest other spot (1 when there is none or it is 0)."""
-    if len(xy) < 2:
-        return 1.0
-    s = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
-    return s if s > 0 else 1.0
-
-
 def knn_graph(xy: np.ndarray, k: int) -> np.ndarray:
     """Indices ``[N, k']`` of each spot's ``k' = min(k, N - 1)`` nearest other spots (self excluded)."""
     n = len(xy)
@@ -157,22 +149,6 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, act: str, drop: float) -> nn.Mo
     return Mlp(act_layer={"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}[act], **sizes)
 
 
-class TimestepEmbedder(nn.Module):
-    """Sinusoidal embedding of ``t`` (256 frequencies) followed by ``Linear - SiLU - Linear``."""
-
-    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        steps = torch.arange(half, dtype=torch.float32, device=t.device)
-        freqs = torch.exp(-math.log(10000.0) * steps / half)
-        args = t.float()[..., None] * freqs
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
-
-
 def frame_average_edges(rel: torch.Tensor) -> torch.Tensor:
     """Project neighbour offsets into their 4 PCA frames (``stflow/model/fa.py``).
 
@@ -190,8 +166,8 @@ def frame_average_edges(rel: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nkj,nfji->nfki", x, frames)
 
 
-class FrameAttention(nn.Module):
-    """STFlow's local attention over the kNN graph with frame-averaged edge features."""
+class STFlowBlock(nn.Module):
+    """One denoiser block (the module docstring's "denoiser"): kNN attention, MLP and gene head."""
 
     def __init__(
         self, d_model: int, d_edge: int, n_genes: int, n_heads: int, act: str, drop: float, attn_drop: float,
@@ -204,39 +180,26 @@ class FrameAttention(nn.Module):
         self.edge_trans = _mlp(2 + 1, d_edge, d_edge, act, drop)
         self.w_out = _mlp(d_model + d_edge, d_model, d_model, act, drop)
         self.attn_drop = nn.Dropout(attn_drop)
+        self.mlp = _mlp(d_model, 4 * d_model, d_model, act, drop)
+        self.gene_head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.LayerNorm(d_model),
+                                       nn.Dropout(drop), nn.Linear(d_model, n_genes), nn.Dropout(drop))
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, coords: torch.Tensor,
-                nbr: torch.Tensor) -> torch.Tensor:
-        """x ``[N, G]`` state, h ``[N, D]`` tokens, coords ``[N, 2]``, nbr ``[N, K]`` -> ``[N, D]``."""
+                nbr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[N, G]`` state, h ``[N, D]`` tokens, coords ``[N, 2]``, nbr ``[N, K]`` -> (x ``[N, G]``, h)."""
         n, k = nbr.shape
         q, kk, v = (t.view(n, self.h, -1) for t in self.qkv(h).chunk(3, dim=-1))  # each [N, H, dh]
         rel = coords[nbr] - coords[:, None]  # [N, K, 2]
         dist = rel.norm(dim=-1, keepdim=True)  # [N, K, 1]
-        proj = frame_average_edges(rel)  # [N, 4, K, 2]
-        edge_in = torch.cat([proj, dist[:, None].expand(n, 4, k, 1)], dim=-1)
-        edge = self.edge_trans(edge_in).mean(dim=1)  # [N, K, E] averaged over the 4 frames
-        edge_h = edge.view(n, k, self.h, self.de)
+        edge_in = torch.cat([frame_average_edges(rel), dist[:, None].expand(n, 4, k, 1)], dim=-1)
+        edge_h = self.edge_trans(edge_in).mean(dim=1).view(n, k, self.h, self.de)  # mean over the 4 frames
         gdiff = (x[nbr] - x[:, None])[:, :, None, :].expand(n, k, self.h, x.shape[1])  # [N, K, H, G]
         msg = torch.cat([q[:, None].expand(n, k, self.h, self.dh), kk[nbr], edge_h, gdiff], dim=-1)
         logits = self.mlp_attn(msg).squeeze(-1)  # [N, K, H]
         attn = self.attn_drop(torch.softmax(logits.transpose(1, 2), dim=-1))  # [N, H, K]
         ctx = torch.einsum("nhk,nkhd->nhd", attn, v[nbr]).reshape(n, -1)
         ectx = torch.einsum("nhk,nkhd->nhd", attn, edge_h).reshape(n, -1)
-        return self.w_out(torch.cat([ctx, ectx], dim=-1))
-
-
-class STFlowBlock(nn.Module):
-    def __init__(
-        self, d_model: int, d_edge: int, n_genes: int, n_heads: int, act: str, drop: float, attn_drop: float,
-    ) -> None:
-        super().__init__()
-        self.attn = FrameAttention(d_model, d_edge, n_genes, n_heads, act, drop, attn_drop)
-        self.mlp = _mlp(d_model, 4 * d_model, d_model, act, drop)
-        self.gene_head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.LayerNorm(d_model),
-                                       nn.Dropout(drop), nn.Linear(d_model, n_genes), nn.Dropout(drop))
-
-    def forward(self, x, h, coords, nbr):
-        h = h + self.attn(x, h, coords, nbr)
+        h = h + self.w_out(torch.cat([ctx, ectx], dim=-1))
         h = h + self.mlp(h)
         return self.gene_head(h), h
 
@@ -250,19 +213,22 @@ class STFlowDenoiser(nn.Module):
     ) -> None:
         super().__init__()
         self.image_transform = nn.Linear(in_dim, hidden)
-        self.time_embed = TimestepEmbedder(hidden)
+        self.time_embed = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.blocks = nn.ModuleList(STFlowBlock(hidden, pair_hidden, n_genes, n_heads, activation, dropout,
                                                 attn_dropout) for _ in range(n_layers))
 
     def forward(self, x_t: torch.Tensor, feats: torch.Tensor, coords: torch.Tensor, nbr: torch.Tensor,
                 t: torch.Tensor) -> torch.Tensor:
         """x_t ``[N, G]``, feats ``[N, C]``, coords ``[N, 2]``, nbr ``[N, K]``, scalar t -> ``[N, G]``."""
-        h = self.image_transform(feats) + self.time_embed(t.reshape(1))  # [N, D]
-        x = x_t
+        steps = torch.arange(128, dtype=torch.float32, device=t.device)  # t as 256 sinusoids, then an MLP
+        freqs = torch.exp(-math.log(10000.0) * steps / 128)
+        args = t.float().reshape(1, 1) * freqs  # [1, 128]
+        temb = self.time_embed(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # [1, D]
+        h = self.image_transform(feats) + temb  # [N, D]
         preds = []
         for blk in self.blocks:
-            x, h = blk(x, h, coords, nbr)
-            preds.append(x)
+            x_t, h = blk(x_t, h, coords, nbr)  # the block's prediction is the next block's state
+            preds.append(x_t)
         return torch.stack(preds).mean(dim=0)
 
 
@@ -298,7 +264,8 @@ class STFlowBaseline(Method):
 
     def _slide_arrays(self, slide: Slide) -> tuple[torch.Tensor, torch.Tensor]:
         xy = np.asarray(slide.spatial, dtype=np.float64)
-        xy = (xy - xy.mean(axis=0)) / _nn_scale(xy)
+        scale = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])) if len(xy) > 1 else 0.0
+        xy = (xy - xy.mean(axis=0)) / (scale if scale > 0 else 1.0)  # median nearest-neighbour distance
         return torch.from_numpy(self._x(slide)).float(), torch.from_numpy(xy).float()
 
     def _prior(self, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
@@ -315,7 +282,6 @@ class STFlowBaseline(Method):
         return np.argsort(((xy - centre) ** 2).sum(axis=1), kind="stable")[:m]
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
-        assert self.genes_ is not None
         self.seed_ = seed
         gen = torch.Generator().manual_seed(seed)
         prior_gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -353,7 +319,6 @@ class STFlowBaseline(Method):
 
     @torch.no_grad()
     def _predict(self, slide: Slide) -> np.ndarray:
-        assert self.genes_ is not None
         feats, xy = (a.to(self.device) for a in self._slide_arrays(slide))
         nbr = torch.from_numpy(knn_graph(xy.cpu().numpy(), self.n_neighbors)).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.seed_ + 1)
@@ -381,10 +346,6 @@ def euler_sample(
     Returns:
         ``[N, G]`` the final prediction of the clean state.
     """
-    pred = x
-    for i in range(len(ts) - 1):
-        t1, t2 = ts[i], ts[i + 1]
-        pred = denoise(x, t1)
-        if i < len(ts) - 2:
-            x = x + (t2 - t1) * (pred - x) / (1 - t1)
-    return pred
+    for t1, t2 in zip(ts[:-2], ts[1:-1]):
+        x = x + (t2 - t1) * (denoise(x, t1) - x) / (1 - t1)
+    return denoise(x, ts[-2])

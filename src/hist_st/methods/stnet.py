@@ -57,29 +57,46 @@ def _random_dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return torch.empty_like(x).copy_(torch.stack(dihedral8(x))[ops, torch.arange(x.shape[0])])
 
 
+#: torchvision's ImageNet DenseNet-121 file (``DenseNet121_Weights.IMAGENET1K_V1``), as ST-Net uses it.
+DENSENET121_FILE = "densenet121-a639ec97.pth"
+
+
 def _build_backbone(name: str, weights: str | Path | None) -> tuple[torch.nn.Module, int]:
-    """Return ``(module mapping [B,3,H,W] -> [B,F], F)`` with ImageNet weights."""
+    """Return ``(module mapping [B,3,H,W] -> [B,F], F)`` with ImageNet weights: the state dict of a
+    ``weights`` file (a DenseNet-121's classifier ignored) or, for None, EfficientNet-Lite0's packaged ones /
+    torchvision's DenseNet-121 ones (ST-Net's ``--pretrain``; from torch's cache or downloaded once).
+
+    Raises:
+        InputError: A missing or wrong weights file, or DenseNet-121's ImageNet weights neither cached nor
+            downloadable (offline), saying what to do.
+    """
     if name == "efficientnet_lite0":
-        model = efficientnet_lite0_model(weights)  # packaged ImageNet weights when weights is None
+        model = efficientnet_lite0_model(weights)
         return model, int(model.num_features)
     if name != "densenet121":
         raise ValueError(f"unknown stnet backbone {name!r}; choose efficientnet_lite0 or densenet121")
-    model = _torchvision_densenet121() if weights is None else _densenet121_file(Path(weights))
-    n = model.classifier.in_features
-    model.classifier = torch.nn.Identity()
-    return model, int(n)
-
-
-def _densenet121_file(path: Path) -> torch.nn.Module:
-    """torchvision's DenseNet-121 with the weights of ``path`` (a state dict, its classifier ignored)."""
     import torchvision
+    from torchvision.models import DenseNet121_Weights
 
-    if not path.is_file():
-        raise InputError(path, "DenseNet-121 weights file not found")
+    if weights is None:
+        try:
+            sd = DenseNet121_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+        except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / DENSENET121_FILE
+            raise InputError(
+                "stnet",
+                f"ST-Net's DenseNet-121 needs torchvision's ImageNet weights, which are not in {cache} and "
+                f"could not be downloaded ({type(exc).__name__}: {exc}). Run once with network access "
+                f"(torchvision caches the file there), copy {DENSENET121_FILE} to that path or pass "
+                f"--baseline-option stnet.weights=/path/{DENSENET121_FILE}; or use the lighter, labelled "
+                "variant --methods stnet-lite0 (EfficientNet-Lite0 with packaged weights)",
+            ) from None
+    elif not Path(weights).is_file():
+        raise InputError(weights, "DenseNet-121 weights file not found")
+    else:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        sd = sd["state_dict"] if isinstance(sd, dict) and "state_dict" in sd else sd
     model = torchvision.models.densenet121(weights=None)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd:
-        sd = sd["state_dict"]
     # torchvision's released file uses the old "norm.1" style keys; map them like torchvision does.
     pat = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
                      r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
@@ -87,36 +104,10 @@ def _densenet121_file(path: Path) -> torch.nn.Module:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("classifier.")]
     if missing or unexpected:
-        raise InputError(path, f"not a DenseNet-121 state dict (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]})")
-    return model
-
-
-#: torchvision's ImageNet DenseNet-121 file (``DenseNet121_Weights.IMAGENET1K_V1``), as ST-Net uses it.
-DENSENET121_FILE = "densenet121-a639ec97.pth"
-
-
-def _torchvision_densenet121() -> torch.nn.Module:
-    """torchvision's ImageNet DenseNet-121 (ST-Net's ``--pretrain``), from torch's cache or downloaded once.
-
-    Raises:
-        InputError: When the weights are neither cached nor downloadable (offline), saying what to do.
-    """
-    import torchvision
-    from torchvision.models import DenseNet121_Weights
-
-    try:
-        return torchvision.models.densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1)
-    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / DENSENET121_FILE
-        raise InputError(
-            "stnet",
-            f"ST-Net's DenseNet-121 needs torchvision's ImageNet weights, which are not in {cache} and could "
-            f"not be downloaded ({type(exc).__name__}: {exc}). Run once with network access (torchvision "
-            f"caches the file there), copy {DENSENET121_FILE} to that path or pass "
-            f"--baseline-option stnet.weights=/path/{DENSENET121_FILE}; or use the lighter, labelled variant "
-            "--methods stnet-lite0 (EfficientNet-Lite0 with packaged weights)",
-        ) from None
+        problem = f"not a DenseNet-121 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        raise InputError(weights or DENSENET121_FILE, problem)
+    n, model.classifier = model.classifier.in_features, torch.nn.Identity()
+    return model, int(n)
 
 
 def stnet_targets(slide: Slide, genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -144,8 +135,7 @@ def inner_folds(slides: list[Slide], k: int) -> list[list[int]]:
     if len(units) < 2:
         patients, units = [s.slide_id for s in slides], sorted(s.slide_id for s in slides)
     k = max(2, min(k, len(units)))
-    groups = [units[f::k] for f in range(k)]
-    return [[i for i, p in enumerate(patients) if p in g] for g in groups]
+    return [[i for i, p in enumerate(patients) if p in units[f::k]] for f in range(k)]
 
 
 @register("stnet")
@@ -156,10 +146,8 @@ class STNetBaseline(Method):
     ``--model densenet121 --pretrain --lr 1e-6 --batch 32 --average --window 224``, 50 epochs;
     ``stnet/parser.py``: SGD, momentum 0.9, weight decay 0; ``stnet/cmd/run_spatial.py``):
 
-    - backbone: ST-Net's DenseNet-121 with torchvision's ImageNet weights (cached by torch or downloaded
-      once; offline without the file, an `InputError` says what to do), or a given ``weights`` file;
-      ``backbone="efficientnet_lite0"`` (the CNN that makes HiST's embeddings, packaged weights) is the
-      lighter variant, registered and labelled as ``stnet-lite0``;
+    - backbone: ST-Net's DenseNet-121 with torchvision's ImageNet weights (`_build_backbone`), or a given
+      ``weights`` file; the lighter variant is `STNetLite0Baseline` (``stnet-lite0``);
     - head: one linear layer, weights zeroed and bias set to the training mean expression (ST-Net does
       exactly this, so training starts from the `mean` baseline);
     - input: 224 px patches normalised by per-channel mean / std estimated on training patches; training
@@ -168,16 +156,13 @@ class STNetBaseline(Method):
       ``log((1 + y) / (n + Z))`` (`stnet_targets`, ST-Net's), or ``targets="log1p"`` (HiST's). For the
       tables, a ``stnet`` prediction is mapped back to ``log1p`` space by adding the training spots' mean
       ``log(n + Z)``, since a test spot's total count is not known from its image;
-    - SGD, lr 1e-6, momentum 0.9, batch 32, 50 epochs; the epoch is chosen as ST-Net does
-      (``select_epoch="inner-cv"``, ``bin/cross_validate.py``): `inner_folds` over the training patients,
-      each trained for ``epochs`` epochs, the epoch with the lowest summed squared error on the held-out
-      training patients is kept, then one model is trained on all training slides for that many epochs
-      (constant-lr SGD, so this is ST-Net's checkpoint of that epoch). Nothing is selected on test slides;
-      ``select_epoch="final"`` keeps the last epoch;
+    - the epoch is chosen as ST-Net does (``select_epoch="inner-cv"``, ``bin/cross_validate.py``): the one
+      with the lowest summed squared error on the held-out training patients of `inner_folds`; then one
+      model is trained on all training slides for that many epochs (constant-lr SGD: ST-Net's checkpoint of
+      that epoch). Nothing is selected on test slides; ``select_epoch="final"`` keeps the last epoch;
     - ``tta=True``: average over the 8 dihedral transforms at test time (ST-Net's ``--average``).
 
-    On CPU this is slow (a forward+backward of EfficientNet-Lite0 on 224 px is ~0.1 s per patch on 2
-    cores); ``epochs`` / ``max_steps`` bound the cost and `fit_seconds_` records it.
+    On CPU this is slow; ``epochs`` / ``max_steps`` bound the cost and `fit_seconds_` records it.
 
     Args:
         backbone: ``"densenet121"`` (ST-Net) or ``"efficientnet_lite0"``.
@@ -231,7 +216,6 @@ class STNetBaseline(Method):
 
     def _targets(self, slides: list[Slide]) -> tuple[np.ndarray, np.ndarray]:
         """Training targets ``[N, G]`` and per-spot ``log(n + Z)`` ``[N]`` (zeros for ``log1p`` targets)."""
-        assert self.genes_ is not None
         parts = [stnet_targets(s, self.genes_) if self.targets == "stnet"
                  else (log1p_targets(s, self.genes_), np.zeros(s.n_spots)) for s in slides]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -247,21 +231,17 @@ class STNetBaseline(Method):
         self.norm_ = (sample.mean(axis=(0, 1, 2)).astype(np.float32),
                       (sample.std(axis=(0, 1, 2)) + 1e-6).astype(np.float32))
         inner = self.select_epoch == "inner-cv" and len(slides) > 1
-        self.inner_sse_ = self._inner_sse(imgs_by_slide, slides, seed) if inner else []  # per epoch
-        self.best_epoch_ = int(np.argmin(self.inner_sse_)) + 1 if inner else self.epochs
-        self.model_ = self._train(imgs, y, rng, self.best_epoch_)[0]
-        self.fit_seconds_ = time.perf_counter() - t0
-
-    def _inner_sse(self, imgs_by_slide: list[np.ndarray], slides: list[Slide], seed: int) -> list[float]:
-        """Per epoch, the summed squared error on held-out training patients over `inner_folds` (ST-Net's)."""
-        sse = np.zeros(self.epochs)
-        for f, val in enumerate(inner_folds(slides, self.n_inner_folds)):
+        sse = np.zeros(self.epochs)  # per epoch, summed over the held-out training patients of `inner_folds`
+        for f, val in enumerate(inner_folds(slides, self.n_inner_folds) if inner else []):
             train_i = [i for i in range(len(slides)) if i not in val]
             x_tr, x_val = (np.concatenate([imgs_by_slide[i] for i in idx]) for idx in (train_i, val))
             (y_tr, _), (y_val, _) = (self._targets([slides[i] for i in idx]) for idx in (train_i, val))
             inner_rng = np.random.default_rng([seed, f + 1])
             sse += self._train(x_tr, y_tr, inner_rng, self.epochs, held_out=(x_val, y_val))[1]
-        return sse.tolist()
+        self.inner_sse_ = sse.tolist() if inner else []
+        self.best_epoch_ = int(np.argmin(sse)) + 1 if inner else self.epochs
+        self.model_ = self._train(imgs, y, rng, self.best_epoch_)[0]
+        self.fit_seconds_ = time.perf_counter() - t0
 
     def _train(self, imgs: np.ndarray, y: np.ndarray, rng: np.random.Generator, epochs: int,
                held_out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.nn.Module, np.ndarray]:
@@ -271,7 +251,6 @@ class STNetBaseline(Method):
             The model and, with ``held_out`` (patches, targets), their summed squared error per epoch
             ``[epochs]`` (without: zeros, and each step's per-spot loss is appended to ``history_``).
         """
-        assert self.genes_ is not None
         body, n_feat = _build_backbone(self.backbone, self.weights)
         head = torch.nn.Linear(n_feat, len(self.genes_))
         with torch.no_grad():
@@ -290,7 +269,6 @@ class STNetBaseline(Method):
             return ((pred - yt[idx].to(self.device)) ** 2).sum() / g, len(idx)  # ST-Net: sum over the batch
 
         def score(epoch: int) -> None:
-            assert held_out is not None
             model.eval()
             pred = batched(lambda xb: self._forward(model, xb), held_out[0], self.batch_size)
             sse[epoch] = float(((pred - held_out[1]) ** 2).sum())

@@ -35,12 +35,9 @@ def shuffled(n: int, size: int, gen: torch.Generator | np.random.Generator,
              min_size: int = 1) -> Callable[[int], Iterator[Any]]:
     """``epoch -> minibatches`` of a permutation of ``range(n)`` drawn from ``gen`` at the start of each epoch
     (``torch.randperm`` on a torch generator, ``permutation`` on a numpy one), as `fit_epochs` takes them."""
-
-    def batches(epoch: int) -> Iterator[Any]:
-        order = torch.randperm(n, generator=gen) if isinstance(gen, torch.Generator) else gen.permutation(n)
-        return minibatches(order, size, min_size)
-
-    return batches
+    if isinstance(gen, torch.Generator):
+        return lambda epoch: minibatches(torch.randperm(n, generator=gen), size, min_size)
+    return lambda epoch: minibatches(gen.permutation(n), size, min_size)
 
 
 def fit_epochs(
