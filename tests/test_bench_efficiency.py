@@ -43,15 +43,16 @@ def _can_reset_peak() -> bool:
 
 
 def test_peak_memory_on_the_cpu_counts_a_known_allocation_per_phase():
-    """A phase that touches 200 MB shows >= 200 MB over its start; the next phase, after it is freed, does
-    not inherit that peak (the high-water mark is reset per phase)."""
-    size = 200_000_000
+    """A phase that touches 400 MB shows about 400 MB over its start; the next phase, after it is freed, does
+    not inherit that peak (the high-water mark is reset per phase). The margin (10%) allows for pages of the
+    process (shared libraries) that leave its resident set while the phase runs."""
+    size = 400_000_000
     with PeakMemory("cpu") as big:
         a = np.ones(size // 8)
         del a
     rec = big.record("train_")
     assert set(rec) == {"train_rss_before_gb", "train_rss_peak_gb", "train_rss_delta_gb"}
-    assert rec["train_rss_before_gb"] > 0 and rec["train_rss_delta_gb"] >= 0.95 * size / GB
+    assert rec["train_rss_before_gb"] > 0 and rec["train_rss_delta_gb"] >= 0.9 * size / GB
     assert rec["train_rss_peak_gb"] == pytest.approx(rec["train_rss_before_gb"] + rec["train_rss_delta_gb"])
     if not _can_reset_peak():
         pytest.skip("/proc/self/clear_refs is not writable here: the peak is the process's so far")
