@@ -27,6 +27,7 @@ import yaml
 from hist_st.cohort import GeneSet
 from hist_st.errors import InputError
 from hist_st.model.config import HiSTConfig
+from hist_st.model.hist import GRAD_CHECKPOINTING
 from hist_st.slide import atomic_write
 
 __all__ = [
@@ -266,9 +267,9 @@ class TrainConfig:
             raise InputError("config", f"slides_per_step must be >= 1, got {self.slides_per_step}")
         if self.checkpoint_every < 1:
             raise InputError("config", f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        if self.grad_checkpointing not in ("none", "ffn", "block", "level0"):
-            raise InputError("config", f"grad_checkpointing must be none, ffn, block or level0, "
-                             f"got {self.grad_checkpointing!r}")
+        if self.grad_checkpointing not in GRAD_CHECKPOINTING:
+            raise InputError("config", f"grad_checkpointing must be {', '.join(GRAD_CHECKPOINTING[:-1])} or "
+                             f"{GRAD_CHECKPOINTING[-1]}, got {self.grad_checkpointing!r}")
         if self.optimizer_in_backward and self.slides_per_step > 1:
             raise InputError("config", f"optimizer_in_backward=true updates the parameters during each slide's "
                              f"backward, so it cannot accumulate gradients over slides_per_step="
