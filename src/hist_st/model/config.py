@@ -9,7 +9,7 @@ from typing import Any
 
 from hist_st.errors import InputError
 
-__all__ = ["HiSTConfig", "parse_levels"]
+__all__ = ["HiSTConfig", "parse_levels", "renamed_keys"]
 
 POSITIONAL = ("rpb", "none", "rope", "alibi")
 SKIPS = ("concat", "additive", "none")
@@ -23,6 +23,17 @@ TOKEN_UPDATE = ("attn", "block")
 #: Values of options added after a config could have been saved without them: a saved dict lacking the
 #: key describes a model built with this behaviour (issue 16 changed these defaults).
 LEGACY_VALUES: dict[str, Any] = {"head_norm": True, "mca_proj": "shared", "token_update": "attn"}
+
+
+#: Keys of a saved model dict that were renamed since: old name -> new name.
+RENAMED_KEYS = {"window": "half_window"}
+
+
+def renamed_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a saved model dict with the keys saved before a rename (`RENAMED_KEYS`) under their new
+    names, unless the new name is there too (then the old key stays, and is refused as unknown)."""
+    new = {old: name for old, name in RENAMED_KEYS.items() if old in d and name not in d}
+    return {new.get(k, k): v for k, v in d.items()}
 
 
 def parse_levels(levels: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -164,9 +175,7 @@ class HiSTConfig:
         """Rebuild from `to_dict`'s output. A dict saved before an option existed gets the value that
         reproduces the model it described (`LEGACY_VALUES`; ``residual_dropout`` = its ``dropout``; the
         window half-size saved as ``window`` before it was named ``half_window``)."""
-        d = dict(d)
-        if "window" in d and "half_window" not in d:
-            d["half_window"] = d.pop("window")
+        d = renamed_keys(d)
         for key, value in LEGACY_VALUES.items():
             d.setdefault(key, value)
         d.setdefault("residual_dropout", d.get("dropout", 0.05))

@@ -26,7 +26,7 @@ import yaml
 
 from hist_st.cohort import GeneSet
 from hist_st.errors import InputError
-from hist_st.model.config import HiSTConfig
+from hist_st.model.config import HiSTConfig, renamed_keys
 from hist_st.model.hist import GRAD_CHECKPOINTING
 from hist_st.slide import atomic_write
 
@@ -345,10 +345,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise InputError("config", f"{where}: expected a mapping, got {value!r}")
-        if tp is _model_config_type():  # partial model sections start from the default architecture
-            if "window" in value and "half_window" not in value:  # a config saved before the rename
-                value = {("half_window" if k == "window" else k): v for k, v in value.items()}
-            value = {**config_to_dict(default_model_config()), **value}
+        if tp is _model_config_type():  # partial sections start from the default architecture; old key names
+            value = {**config_to_dict(default_model_config()), **renamed_keys(value)}
         return _from_dict(tp, value, where)
     if origin is tuple:
         if value is None:
