@@ -280,22 +280,28 @@ class DualPathAttention(nn.Module):
         parts = (level.standard,) if level.shifted is None else (level.standard, level.shifted)
         p_drop = self.attn_dropout if self.training else 0.0
         table = self._bias_table()
+        h, n = qkv.shape[1], qkv.shape[2]
+        step = step or h
+        if step == h:
+            out = self._window_heads(qkv, table, parts, p_drop)
+        else:
+            out = qkv.new_empty(h, n, qkv.shape[3], dtype=torch.promote_types(qkv.dtype, torch.float32))
+            for i in range(0, h, step):
+                hs = slice(i, i + step)
+                out[hs] = self._window_heads(qkv[:, hs], None if table is None else table[hs], parts, p_drop)
+        return out.to(qkv.dtype).transpose(0, 1)  # [N, H, Dh]
+
+    def _window_heads(
+        self, qkv: torch.Tensor, table: torch.Tensor | None, parts: tuple[WindowPartition, ...], p_drop: float
+    ) -> torch.Tensor:
+        """`WindowAttentionFn` on some or all heads: ``qkv [3, h, N, Dh]``, ``table [h, R]`` -> ``[h, N, Dh]``
+        (at least float32)."""
         # Float32 under autocast: the hand-written backward mixes the saved log-sum-exp, the recomputed
         # logits and the float32 bias table, so it must not see bfloat16 operands.
         dtype = torch.promote_types(qkv.dtype, torch.float32)
-        table = None if table is None else table.to(dtype)
-        h, n = qkv.shape[1], qkv.shape[2]
-        step = step or h
         with torch.autocast(device_type=qkv.device.type, enabled=False):
-            if step == h:
-                out = WindowAttentionFn.apply(qkv.to(dtype), table, parts, self.scale, p_drop)
-            else:
-                out = qkv.new_empty(h, n, qkv.shape[3], dtype=dtype)
-                for i in range(0, h, step):
-                    hs = slice(i, i + step)
-                    out[hs] = WindowAttentionFn.apply(qkv[:, hs].to(dtype), None if table is None else table[hs],
-                                                      parts, self.scale, p_drop)
-        return out.to(qkv.dtype).transpose(0, 1)  # [N, H, Dh]
+            return WindowAttentionFn.apply(qkv.to(dtype), None if table is None else table.to(dtype), parts,
+                                           self.scale, p_drop)
 
     def _head_chunk(self, n: int) -> int:
         """Heads per chunk of the local path on slides of ``head_chunk_tokens`` or more without autograd
@@ -333,12 +339,10 @@ class DualPathAttention(nn.Module):
             hs = slice(i, i + step)
             qkv = F.linear(x, w[:, hs].reshape(-1, d), b[:, hs].reshape(-1)).view(n, 3, step, dh)  # [N, 3, h', Dh]
             qkv = qkv.permute(1, 2, 0, 3)  # [3, h', N, Dh], a strided view
-            qkv_dtype, dtype = qkv.dtype, torch.promote_types(qkv.dtype, torch.float32)
+            qkv_dtype = qkv.dtype
             if out is None:
-                out = x.new_empty(h, n, dh, dtype=dtype)
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                out[hs] = WindowAttentionFn.apply(qkv.to(dtype), None if table is None else table[hs].to(dtype),
-                                                  parts, self.scale, 0.0)
+                out = x.new_empty(h, n, dh, dtype=torch.promote_types(qkv_dtype, torch.float32))
+            out[hs] = self._window_heads(qkv, None if table is None else table[hs], parts, 0.0)
             del qkv
         return out.to(qkv_dtype).transpose(0, 1)  # [N, H, Dh], in the projection's dtype as `_local_window`
 
