@@ -77,7 +77,7 @@ def _window_key(coords: torch.Tensor, half_window: int, shift: int) -> torch.Ten
 def window_partition(
     coords: torch.Tensor, half_window: int, shifted: bool, exclude_key: torch.Tensor | None = None
 ) -> WindowPartition:
-    """Partition lattice tokens into windows of side ``2 * window``.
+    """Partition lattice tokens into windows of side ``2 * half_window``.
 
     Args:
         coords: ``[N, 2]`` int64 non-negative lattice sites of one level.
