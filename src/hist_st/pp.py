@@ -31,14 +31,7 @@ from hist_st.errors import InputError
 from hist_st.io._util import attach_lattice, fill_pitch, normalise_technology
 from hist_st.slide import Slide, anndata_to_slide
 from hist_st.stain import macenko_normaliser
-from hist_st.wsi import (
-    H5AD_IMAGE_SEP,
-    PatchParams,
-    check_spots_inside,
-    open_image,
-    record_image_resolution,
-    recorded_um_per_px,
-)
+from hist_st.wsi import PatchParams, open_slide_image
 
 __all__ = ["embed", "lattice", "spots_of"]
 
@@ -133,16 +126,10 @@ def embed(
             raise InputError(name, f"must be a positive number, got {value}")
     slide = spots_of(adata, um_per_px=um_per_px)
     params = PatchParams(patch_px, patch_um_per_px)
-    image = str(image) if H5AD_IMAGE_SEP in str(image) else str(Path(image).resolve())
-    slide.image, slide.image_scale = image, image_scale
-    with open_image(image, scale=image_scale) as img:  # image checks first: they are cheaper than the encoder
-        slide.um_per_px = slide.um_per_px or recorded_um_per_px(img)
-        if slide.um_per_px is None:
-            raise InputError("um_per_px", f"not recorded in the AnnData or in {image}; give um_per_px=")
-        img.um_per_px = slide.um_per_px
-        check_spots_inside(slide, img)
-        warning = record_image_resolution(slide, img, params)
-        if warning:
+    slide.image, slide.image_scale = str(image), image_scale
+    found: list[str] = []  # image checks first (as `hist-st prepare`): they are cheaper than the encoder
+    with open_slide_image(slide, params, found, thumbnail_size=None, um_hint="give um_per_px=") as img:
+        for warning in found:
             warnings.warn(warning, UserWarning, stacklevel=2)
         enc = get_encoder(encoder, weights, device).with_precision(precision)
         transform = macenko_normaliser() if stain_norm == "macenko" else None
@@ -151,7 +138,8 @@ def embed(
     adata.obsm[key_added] = emb
     adata.obs[f"{key_added}_outside"] = outside
     adata.uns[key_added] = {"params": {
-        "encoder": enc.name, "encoder_weights": str(enc.weights_id or ""), "image": image, "image_scale": float(image_scale or 1.0),
+        "encoder": enc.name, "encoder_weights": str(enc.weights_id or ""), "image": slide.image,
+        "image_scale": float(image_scale or 1.0),
         "um_per_px": float(slide.um_per_px), "patch_px": params.size_px, "patch_um_per_px": params.um_per_px,
         "precision": precision,
         "stain_norm": stain_norm or "none", "source_um_per_px": slide.meta["source_um_per_px"],
