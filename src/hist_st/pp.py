@@ -36,7 +36,7 @@ from hist_st.wsi import PatchParams, open_slide_image
 __all__ = ["embed", "lattice", "spots_of"]
 
 
-def spots_of(adata: Any, *, um_per_px: float | None = None) -> Slide:
+def spots_of(adata: Any, *, um_per_px: float | None = None, need_um: bool = False) -> Slide:
     """The spots of ``adata`` as a `Slide` without counts or embeddings (coordinates and metadata only).
 
     Args:
@@ -44,12 +44,14 @@ def spots_of(adata: Any, *, um_per_px: float | None = None) -> Slide:
             prepared slide also brings its ``uns['hist_st']`` record (um/px, pitch, measured grid).
         um_per_px: Microns per full-resolution pixel (overrides the recorded value; default: the prepared
             slide's, else the one an earlier `embed` or `lattice` recorded in ``uns[...]['params']``).
+        need_um: Refuse when no um per pixel is given or recorded (`lattice`, `hist_st.tl.predict`).
 
     Returns:
         A `Slide` with ``spatial``, ``barcodes`` and what ``uns['hist_st']`` records.
 
     Raises:
-        InputError: No ``obsm['spatial']``, or ``um_per_px`` not a positive number.
+        InputError: No ``obsm['spatial']``, ``um_per_px`` not a positive number, or none known with
+            ``need_um``.
     """
     import anndata as ad
 
@@ -67,6 +69,9 @@ def spots_of(adata: Any, *, um_per_px: float | None = None) -> Slide:
         if not (np.isfinite(um_per_px) and um_per_px > 0):
             raise InputError("um_per_px", f"must be a positive number, got {um_per_px}")
         slide.um_per_px = float(um_per_px)
+    if need_um and slide.um_per_px is None:
+        raise InputError("um_per_px",
+                         "not recorded in the AnnData; give um_per_px= (microns per full-resolution px)")
     return slide
 
 
@@ -182,9 +187,7 @@ def lattice(
         InputError: No um per pixel known, fewer than two spots, or non-positive options.
     """
     adata = adata.copy() if copy else adata
-    slide = spots_of(adata, um_per_px=um_per_px)
-    if slide.um_per_px is None:
-        raise InputError("um_per_px", "not recorded in the AnnData; give um_per_px= (microns per full-resolution px)")
+    slide = spots_of(adata, um_per_px=um_per_px, need_um=True)
     for name, value in (("pitch_um", pitch_um), ("unit_um", unit_um)):
         if value is not None and not (np.isfinite(value) and value > 0):
             raise InputError(name, f"must be a positive number, got {value}")

@@ -71,9 +71,7 @@ def predict(
     if use_rep not in adata.obsm:
         raise InputError("use_rep", f"obsm[{use_rep!r}] not found (have {sorted(adata.obsm)}); run hist_st.pp.embed")
     bundle = model if isinstance(model, ModelBundle) else load_bundle(model, device)
-    slide = spots_of(adata, um_per_px=um_per_px)
-    if slide.um_per_px is None:
-        raise InputError("um_per_px", "not recorded in the AnnData; give um_per_px= (microns per full-resolution px)")
+    slide = spots_of(adata, um_per_px=um_per_px, need_um=True)
     if "hist_st" not in adata.uns:  # not a hist-st slide: measure the grid as `hist-st prepare` does
         fill_pitch(slide)
         attach_lattice(slide)
