@@ -70,8 +70,8 @@ def predict(
     adata = adata.copy() if copy else adata
     if use_rep not in adata.obsm:
         raise InputError("use_rep", f"obsm[{use_rep!r}] not found (have {sorted(adata.obsm)}); run hist_st.pp.embed")
+    slide = spots_of(adata, um_per_px=um_per_px, need_um=True)  # cheap checks before reading the checkpoint
     bundle = model if isinstance(model, ModelBundle) else load_bundle(model, device)
-    slide = spots_of(adata, um_per_px=um_per_px, need_um=True)
     if "hist_st" not in adata.uns:  # not a hist-st slide: measure the grid as `hist-st prepare` does
         fill_pitch(slide)
         attach_lattice(slide)
