@@ -50,9 +50,6 @@ __all__ = [
     "image_size",
     "upsampling_warning",
     "open_slide_image",
-    "recorded_um_per_px",
-    "record_image_resolution",
-    "check_spots_inside",
     "MAX_PATCH_UPSAMPLING",
     "PAD_VALUE",
 ]
@@ -557,13 +554,13 @@ def open_slide_image(
     image = open_image(slide.image, scale=slide.image_scale)
     try:
         if slide.um_per_px is None:
-            slide.um_per_px = recorded_um_per_px(image)
+            slide.um_per_px = _recorded_um_per_px(image)
             slide.meta["um_per_px_source"] = "recorded in the image file"
         if slide.um_per_px is None:
             raise InputError(slide.image, f"no um per pixel in the image or the slide metadata; {um_hint}")
         image.um_per_px = slide.um_per_px
-        check_spots_inside(slide, image)
-        warning = record_image_resolution(slide, image, params)
+        _check_spots_inside(slide, image)
+        warning = _record_image_resolution(slide, image, params)
         if warning:
             warnings.append(warning)
         if thumbnail_size is not None and not slide.spatial_images:  # Visium keeps its hires/lowres images
@@ -576,7 +573,7 @@ def open_slide_image(
     return image
 
 
-def recorded_um_per_px(image: SlideImage) -> float | None:
+def _recorded_um_per_px(image: SlideImage) -> float | None:
     """Full-resolution um/px recorded in the file (a scaled copy's own um/px times its scale)."""
     inner = getattr(image, "inner", None)
     if inner is not None:
@@ -584,7 +581,7 @@ def recorded_um_per_px(image: SlideImage) -> float | None:
     return image.um_per_px
 
 
-def record_image_resolution(slide: Slide, image: SlideImage, params: PatchParams) -> str | None:
+def _record_image_resolution(slide: Slide, image: SlideImage, params: PatchParams) -> str | None:
     """Record the real resolution behind the patches in ``slide.meta``; a warning when enlarged > 2x from it."""
     source = float(image.source_um_per_px)
     slide.meta.update(
@@ -596,7 +593,7 @@ def record_image_resolution(slide: Slide, image: SlideImage, params: PatchParams
     return upsampling_warning(source, params.um_per_px, what)
 
 
-def check_spots_inside(slide: Slide, image: SlideImage) -> None:
+def _check_spots_inside(slide: Slide, image: SlideImage) -> None:
     """Every spot centre must lie inside the image (in full-resolution pixels); name the ones that do not.
 
     Raises:
