@@ -22,7 +22,7 @@ from hist_st.errors import InputError
 from hist_st.io._util import attach_lattice, fill_pitch
 from hist_st.pp import spots_of
 from hist_st.train.checkpoint import ModelBundle, load_bundle
-from hist_st.train.predict import lattice_unit_for, predict_slide
+from hist_st.train.predict import predict_slide
 
 __all__ = ["predict"]
 
@@ -83,7 +83,8 @@ def predict(
     adata.uns[key_added] = {
         "genes": [str(g) for g in bundle.genes],
         "params": {"model": str(model) if not isinstance(model, ModelBundle) else "ModelBundle", "use_rep": use_rep,
-                   "embedding": bundle.embedding, "lattice_unit_um": float(lattice_unit_for(bundle, slide) or np.nan),
+                   "embedding": bundle.embedding,
+                   "lattice_unit_um": float(out.meta["prediction"]["lattice_unit_um"] or np.nan),
                    "mc_samples": int(mc_samples), "seed": int(seed)},
     }
     return adata if copy else None
