@@ -31,7 +31,7 @@ from hist_st.data.synthetic import make_cohort
 from hist_st.evaluate import cross_validate, plot_loss_curves
 from hist_st.methods import get_method
 from hist_st.metrics import format_table, pearson
-from hist_st.pl import normalise_counts
+from hist_st.pl import normalise_counts, pyplot
 from hist_st.runtime import set_threads
 from hist_st.slide import read_prepared
 from hist_st.train.config import load_config
@@ -73,12 +73,7 @@ def plot_heatmap(
         gene_index: Gene -> column in the prediction matrices.
         path: Output PNG.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-
+    plt = pyplot()
     every = sorted(gene_index, key=gene_index.get)
     cols = [gene_index[g] for g in genes]
     measured = normalise_counts(np.expm1(log1p_counts(slide, every)))[:, cols]

@@ -31,19 +31,12 @@ from hist_st.errors import InputError
 from hist_st.io._util import attach_lattice, fill_pitch, normalise_technology
 from hist_st.slide import Slide, anndata_to_slide
 from hist_st.stain import macenko_normaliser
-from hist_st.wsi import (
-    H5AD_IMAGE_SEP,
-    PatchParams,
-    check_spots_inside,
-    open_image,
-    record_image_resolution,
-    recorded_um_per_px,
-)
+from hist_st.wsi import PatchParams, open_slide_image
 
 __all__ = ["embed", "lattice", "spots_of"]
 
 
-def spots_of(adata: Any, *, um_per_px: float | None = None) -> Slide:
+def spots_of(adata: Any, *, um_per_px: float | None = None, need_um: bool = False) -> Slide:
     """The spots of ``adata`` as a `Slide` without counts or embeddings (coordinates and metadata only).
 
     Args:
@@ -51,12 +44,14 @@ def spots_of(adata: Any, *, um_per_px: float | None = None) -> Slide:
             prepared slide also brings its ``uns['hist_st']`` record (um/px, pitch, measured grid).
         um_per_px: Microns per full-resolution pixel (overrides the recorded value; default: the prepared
             slide's, else the one an earlier `embed` or `lattice` recorded in ``uns[...]['params']``).
+        need_um: Refuse when no um per pixel is given or recorded (`lattice`, `hist_st.tl.predict`).
 
     Returns:
         A `Slide` with ``spatial``, ``barcodes`` and what ``uns['hist_st']`` records.
 
     Raises:
-        InputError: No ``obsm['spatial']``, or ``um_per_px`` not a positive number.
+        InputError: No ``obsm['spatial']``, ``um_per_px`` not a positive number, or none known with
+            ``need_um``.
     """
     import anndata as ad
 
@@ -74,6 +69,9 @@ def spots_of(adata: Any, *, um_per_px: float | None = None) -> Slide:
         if not (np.isfinite(um_per_px) and um_per_px > 0):
             raise InputError("um_per_px", f"must be a positive number, got {um_per_px}")
         slide.um_per_px = float(um_per_px)
+    if need_um and slide.um_per_px is None:
+        raise InputError("um_per_px",
+                         "not recorded in the AnnData; give um_per_px= (microns per full-resolution px)")
     return slide
 
 
@@ -133,16 +131,10 @@ def embed(
             raise InputError(name, f"must be a positive number, got {value}")
     slide = spots_of(adata, um_per_px=um_per_px)
     params = PatchParams(patch_px, patch_um_per_px)
-    image = str(image) if H5AD_IMAGE_SEP in str(image) else str(Path(image).resolve())
-    slide.image, slide.image_scale = image, image_scale
-    with open_image(image, scale=image_scale) as img:  # image checks first: they are cheaper than the encoder
-        slide.um_per_px = slide.um_per_px or recorded_um_per_px(img)
-        if slide.um_per_px is None:
-            raise InputError("um_per_px", f"not recorded in the AnnData or in {image}; give um_per_px=")
-        img.um_per_px = slide.um_per_px
-        check_spots_inside(slide, img)
-        warning = record_image_resolution(slide, img, params)
-        if warning:
+    slide.image, slide.image_scale = str(image), image_scale
+    found: list[str] = []  # image checks first (as `hist-st prepare`): they are cheaper than the encoder
+    with open_slide_image(slide, params, found, thumbnail_size=None, um_hint="give um_per_px=") as img:
+        for warning in found:
             warnings.warn(warning, UserWarning, stacklevel=2)
         enc = get_encoder(encoder, weights, device).with_precision(precision)
         transform = macenko_normaliser() if stain_norm == "macenko" else None
@@ -151,7 +143,8 @@ def embed(
     adata.obsm[key_added] = emb
     adata.obs[f"{key_added}_outside"] = outside
     adata.uns[key_added] = {"params": {
-        "encoder": enc.name, "encoder_weights": str(enc.weights_id or ""), "image": image, "image_scale": float(image_scale or 1.0),
+        "encoder": enc.name, "encoder_weights": str(enc.weights_id or ""), "image": slide.image,
+        "image_scale": float(image_scale or 1.0),
         "um_per_px": float(slide.um_per_px), "patch_px": params.size_px, "patch_um_per_px": params.um_per_px,
         "precision": precision,
         "stain_norm": stain_norm or "none", "source_um_per_px": slide.meta["source_um_per_px"],
@@ -194,9 +187,7 @@ def lattice(
         InputError: No um per pixel known, fewer than two spots, or non-positive options.
     """
     adata = adata.copy() if copy else adata
-    slide = spots_of(adata, um_per_px=um_per_px)
-    if slide.um_per_px is None:
-        raise InputError("um_per_px", "not recorded in the AnnData; give um_per_px= (microns per full-resolution px)")
+    slide = spots_of(adata, um_per_px=um_per_px, need_um=True)
     for name, value in (("pitch_um", pitch_um), ("unit_um", unit_um)):
         if value is not None and not (np.isfinite(value) and value > 0):
             raise InputError(name, f"must be a positive number, got {value}")

@@ -22,7 +22,7 @@ from hist_st.errors import InputError
 from hist_st.io._util import attach_lattice, fill_pitch
 from hist_st.pp import spots_of
 from hist_st.train.checkpoint import ModelBundle, load_bundle
-from hist_st.train.predict import lattice_unit_for, predict_slide
+from hist_st.train.predict import predict_slide
 
 __all__ = ["predict"]
 
@@ -70,10 +70,8 @@ def predict(
     adata = adata.copy() if copy else adata
     if use_rep not in adata.obsm:
         raise InputError("use_rep", f"obsm[{use_rep!r}] not found (have {sorted(adata.obsm)}); run hist_st.pp.embed")
+    slide = spots_of(adata, um_per_px=um_per_px, need_um=True)  # cheap checks before reading the checkpoint
     bundle = model if isinstance(model, ModelBundle) else load_bundle(model, device)
-    slide = spots_of(adata, um_per_px=um_per_px)
-    if slide.um_per_px is None:
-        raise InputError("um_per_px", "not recorded in the AnnData; give um_per_px= (microns per full-resolution px)")
     if "hist_st" not in adata.uns:  # not a hist-st slide: measure the grid as `hist-st prepare` does
         fill_pitch(slide)
         attach_lattice(slide)
@@ -85,7 +83,8 @@ def predict(
     adata.uns[key_added] = {
         "genes": [str(g) for g in bundle.genes],
         "params": {"model": str(model) if not isinstance(model, ModelBundle) else "ModelBundle", "use_rep": use_rep,
-                   "embedding": bundle.embedding, "lattice_unit_um": float(lattice_unit_for(bundle, slide) or np.nan),
+                   "embedding": bundle.embedding,
+                   "lattice_unit_um": float(out.meta["prediction"]["lattice_unit_um"] or np.nan),
                    "mc_samples": int(mc_samples), "seed": int(seed)},
     }
     return adata if copy else None

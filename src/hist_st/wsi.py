@@ -50,9 +50,6 @@ __all__ = [
     "image_size",
     "upsampling_warning",
     "open_slide_image",
-    "recorded_um_per_px",
-    "record_image_resolution",
-    "check_spots_inside",
     "MAX_PATCH_UPSAMPLING",
     "PAD_VALUE",
 ]
@@ -521,7 +518,13 @@ def upsampling_warning(source_um_per_px: float, patch_um_per_px: float, image: s
 
 
 def open_slide_image(
-    slide: Slide, params: PatchParams, warnings: list[str], *, thumbnail_size: int = 1024, timings: dict | None = None
+    slide: Slide,
+    params: PatchParams,
+    warnings: list[str],
+    *,
+    thumbnail_size: int | None = 1024,
+    timings: dict | None = None,
+    um_hint: str = "pass --um-per-px",
 ) -> SlideImage:
     """Open ``slide.image`` for cutting patches, checking it against the slide (``slide`` updated in place).
 
@@ -529,14 +532,15 @@ def open_slide_image(
     spot centre must lie inside the image; the real resolution behind the patches is recorded in
     ``slide.meta`` (``image_scale``, ``source_um_per_px``, ``patch_upsampling``) and a warning appended to
     ``warnings`` when patches are enlarged > 2x from it; a thumbnail is stored unless the slide keeps its
-    original images (Visium hires/lowres).
+    original images (Visium hires/lowres) or ``thumbnail_size`` is None.
 
     Args:
         slide: A slide with ``image`` set (``image_scale`` for a downscaled copy).
         params: The patch geometry.
         warnings: Receives the slide's warnings.
-        thumbnail_size: Longest side of the thumbnail in pixels.
+        thumbnail_size: Longest side of the thumbnail in pixels (None: no thumbnail).
         timings: Accumulates ``thumbnail_s``.
+        um_hint: How the caller can give um per pixel, for the error when none is known.
 
     Returns:
         The open image (the caller closes it) in full-resolution pixel coordinates.
@@ -550,16 +554,16 @@ def open_slide_image(
     image = open_image(slide.image, scale=slide.image_scale)
     try:
         if slide.um_per_px is None:
-            slide.um_per_px = recorded_um_per_px(image)
+            slide.um_per_px = _recorded_um_per_px(image)
             slide.meta["um_per_px_source"] = "recorded in the image file"
         if slide.um_per_px is None:
-            raise InputError(slide.image, "no um per pixel in the image or the slide metadata; pass --um-per-px")
+            raise InputError(slide.image, f"no um per pixel in the image or the slide metadata; {um_hint}")
         image.um_per_px = slide.um_per_px
-        check_spots_inside(slide, image)
-        warning = record_image_resolution(slide, image, params)
+        _check_spots_inside(slide, image)
+        warning = _record_image_resolution(slide, image, params)
         if warning:
             warnings.append(warning)
-        if not slide.spatial_images:  # Visium keeps its original hires/lowres images instead
+        if thumbnail_size is not None and not slide.spatial_images:  # Visium keeps its hires/lowres images
             t0 = time.perf_counter()
             slide.thumbnail, slide.thumbnail_scale = image.thumbnail(thumbnail_size)
             timings["thumbnail_s"] = timings.get("thumbnail_s", 0.0) + time.perf_counter() - t0
@@ -569,7 +573,7 @@ def open_slide_image(
     return image
 
 
-def recorded_um_per_px(image: SlideImage) -> float | None:
+def _recorded_um_per_px(image: SlideImage) -> float | None:
     """Full-resolution um/px recorded in the file (a scaled copy's own um/px times its scale)."""
     inner = getattr(image, "inner", None)
     if inner is not None:
@@ -577,7 +581,7 @@ def recorded_um_per_px(image: SlideImage) -> float | None:
     return image.um_per_px
 
 
-def record_image_resolution(slide: Slide, image: SlideImage, params: PatchParams) -> str | None:
+def _record_image_resolution(slide: Slide, image: SlideImage, params: PatchParams) -> str | None:
     """Record the real resolution behind the patches in ``slide.meta``; a warning when enlarged > 2x from it."""
     source = float(image.source_um_per_px)
     slide.meta.update(
@@ -589,7 +593,7 @@ def record_image_resolution(slide: Slide, image: SlideImage, params: PatchParams
     return upsampling_warning(source, params.um_per_px, what)
 
 
-def check_spots_inside(slide: Slide, image: SlideImage) -> None:
+def _check_spots_inside(slide: Slide, image: SlideImage) -> None:
     """Every spot centre must lie inside the image (in full-resolution pixels); name the ones that do not.
 
     Raises:
