@@ -271,7 +271,7 @@ def run_efficiency(
     table = format_efficiency_table(records)
     header = (f"Efficiency (Table 1) on {settings['device']}. Data: {where}. {w.epochs} training epoch(s) per method "
               "with epochs; train time per slide per epoch, inference time per slide (after one warm-up slide); memory "
-              + ("CUDA peak allocated/reserved" if _device_type(w.device).startswith("cuda") else "resident set "
+              + ("CUDA peak allocated/reserved" if specs[0]["device"].startswith("cuda") else "resident set "
                  "size (RSS) of a separate process per method; ΔRSS = peak minus RSS before the fit/predict")
               + "; GB/1k = per 1,000 spots of the largest training slide.")
     result = {"records": records, "table": table, "where": where, "out_dir": str(out), "header": header, **settings,

@@ -45,7 +45,7 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
     from hist_st.experiments.seeds import run_accuracy_seeds
 
     try:
-        seeds = None if args.seeds is None else [int(v) for v in names(args.seeds)]
+        seeds = None if args.seeds is None else list(ints(args.seeds))
     except ValueError:
         problem = f"{args.seeds!r} is not a comma-separated list of integers (e.g. 0,1,2)"
         raise InputError("--seeds", problem) from None

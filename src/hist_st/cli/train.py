@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import sys
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def _ids(value: str | None) -> list[str] | None:
     items = names(Path(value).read_text().replace("\n", ",") if Path(value).is_file() else value)
     if not items:
         raise InputError(value, "empty slide id list")
-    dup = sorted({v for v in items if items.count(v) > 1})
+    dup = sorted(v for v, n in Counter(items).items() if n > 1)
     if dup:
         raise InputError("--ids", f"slide id(s) listed more than once: {', '.join(dup)}")
     return items
@@ -198,7 +199,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
                                   **{k: corr.get(k) for k in ("mean_gene_pearson", "pooled_pearson")}}
         print(json.dumps({**brief, "total_s": s["timings_s"]["total_s"]}))
         return
-    missing = [g for g in args.genes if g not in set(map(str, bundle.genes))]
+    known = set(map(str, bundle.genes))
+    missing = [g for g in args.genes if g not in known]
     if missing:
         raise InputError("--genes", f"not among the model's {len(bundle.genes)} genes: {missing[:5]}")
     paths = predict_folder(bundle, args.slides, args.out, slide_ids=_ids(args.ids), seed=args.seed,
