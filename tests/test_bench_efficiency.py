@@ -172,3 +172,20 @@ def test_bench_efficiency_cli_writes_table1_and_figure3(tmp_path, capsys):
 def test_bench_cli_refuses_bad_options(tmp_path, capsys, argv, message):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_workers_train_hist_with_the_config_yaml_and_key_its_content(tmp_path):
+    """``bench efficiency --config`` reaches every HiST worker (it was ignored), and the timing key follows
+    the YAML's content, not its path; without a YAML the specs (and the keys of earlier runs) are as before."""
+    from hist_st.bench.efficiency import _method
+
+    yaml = tmp_path / "hist.yaml"
+    yaml.write_text("model:\n  dim: 16\n  heads: 2\n")
+    w = Workers(methods=["hist"], config=yaml, overrides=["model.levels=11-1"], device="cpu", progress=False)
+    spec = w.specs(SyntheticSlides().data(0))[0]
+    method, _ = _method(spec, "cpu", "emb")
+    assert (method.config.model.dim, method.config.model.heads) == (16, 2)
+    assert "config" not in Workers(methods=["hist"], device="cpu").specs({"synthetic": True})[0]
+    key = timing_key([spec])
+    yaml.write_text("model:\n  dim: 32\n  heads: 2\n")
+    assert timing_key(w.specs(SyntheticSlides().data(0))) != key

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from hist_st.bench import markdown_table
 from hist_st.bench.harness import PeakMemory, run_isolated, timed_steps
 from hist_st.data.synthetic import ENCODER, cohort_params, make_slide
-from hist_st.evaluate.cache import digest
+from hist_st.evaluate.cache import digest, file_digest
 from hist_st.jsonio import read_json, write_json
 from hist_st.methods import Method, check_methods, get_method, method_option_names
 from hist_st.runtime import device_name, resolve_device, set_threads
@@ -59,7 +59,8 @@ def timing_key(specs: Sequence[Mapping[str, Any]], **settings: Any) -> str:
         if "cohort" in data:
             data["cohort"] = str(Path(data["cohort"]).resolve())
         opts = {k: v for k, v in dict(spec.get("baseline_options", {})).items() if k != "epochs"}
-        timed.append({**spec, "data": data, "baseline_options": opts})
+        config = {"config": file_digest(spec["config"])} if spec.get("config") else {}  # its content counts
+        timed.append({**spec, "data": data, "baseline_options": opts, **config})
     return digest({"specs": timed, "harness": HARNESS, **settings})
 
 
@@ -112,7 +113,7 @@ def _method(spec: Mapping[str, Any], device: str, emb: str) -> tuple[Method, int
     if name == "hist":  # HiST's option is a TrainConfig: the timed epochs and the device go into it
         overrides = [*spec.get("overrides", []), f"epochs={epochs}", "progress=false", f"device={device}",
                      f"embedding={emb}"]
-        return get_method("hist", config=load_config(None, with_gene_set(overrides))), epochs
+        return get_method("hist", config=load_config(spec.get("config"), with_gene_set(overrides))), epochs
     params, given = method_option_names(name), dict(spec.get("baseline_options") or {})
     defaults = {"device": device, "patches": _random_patches if "synthetic" in spec["data"] else None}
     opts = {**{k: v for k, v in defaults.items() if k in params and v is not None}, **given}
@@ -193,6 +194,7 @@ class Workers:
         methods: Methods to time (`hist_st.methods` names, ``hist`` included).
         epochs: Training epochs timed for methods with epochs (time is reported per slide per epoch).
         seed: Seed of the slides (synthetic slides, or the folds that pick a cohort's fold 0) and of training.
+        config: HiST `TrainConfig` YAML (None: defaults), under ``overrides``.
         overrides: HiST config overrides (e.g. ``model.dim=256``).
         baseline_options: Per-baseline options.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -204,6 +206,7 @@ class Workers:
     methods: Sequence[str] = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow")
     epochs: int = 2
     seed: int = 0
+    config: str | Path | None = None
     overrides: Sequence[str] = ()
     baseline_options: Mapping[str, Mapping[str, Any]] | None = None
     device: str = "auto"
@@ -216,7 +219,11 @@ class Workers:
         device = _device_type(self.device)
         return [{"method": m, "data": dict(data), "epochs": self.epochs, "overrides": list(self.overrides),
                  "seed": self.seed, "baseline_options": dict((self.baseline_options or {}).get(m, {})),
-                 "device": device, "threads": self.threads} for m in check_methods(self.methods)]
+                 "device": device, "threads": self.threads, **self._config()} for m in check_methods(self.methods)]
+
+    def _config(self) -> dict[str, str]:
+        """``{"config": absolute path}`` when a YAML is given, else nothing (keys of earlier runs stay)."""
+        return {"config": str(Path(self.config).resolve())} if self.config else {}
 
     def run(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """`measure` of ``spec`` in a fresh process with this timeout; ``{"method", "error"}`` on failure."""
@@ -227,7 +234,7 @@ class Workers:
         names = [r.get("device_name") for r in records if r.get("device_name")]
         return {"device": names[0] if names else _device_type(self.device),
                 "methods": check_methods(self.methods), "epochs": self.epochs, "overrides": list(self.overrides),
-                "threads": self.threads, "seed": self.seed}
+                "threads": self.threads, "seed": self.seed, **self._config()}
 
 
 def run_efficiency(
@@ -254,7 +261,7 @@ def run_efficiency(
     if cohort is not None:
         f0 = make_folds([p.stem for p in list_slides(cohort)], folds, w.seed)[0]
         data: dict[str, Any] = {"cohort": str(cohort), "train": f0["train"], "test": f0["test"], "genes": genes,
-                                "embedding": load_config(None, with_gene_set(w.overrides)).embedding}
+                                "embedding": load_config(w.config, with_gene_set(w.overrides)).embedding}
         where = f"{Path(cohort).name}, fold 0 of {folds} (seed {w.seed}), genes {genes}"
     else:
         syn = synthetic or SyntheticSlides()

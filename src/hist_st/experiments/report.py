@@ -141,7 +141,8 @@ def build_report(spec: ReportSpec) -> Path:
     first_run = Path(next(iter(acc[first]["cohorts"].values()))["run_dir"])
     base_cfg = build_config(spec.config, spec.overrides)
     workers = Workers(methods=methods, epochs=spec.efficiency_epochs, seed=spec.seed, device=spec.device,
-                      overrides=spec.overrides, progress=spec.progress, threads=int(base_cfg.threads),
+                      config=spec.config, overrides=spec.overrides, progress=spec.progress,
+                      threads=int(base_cfg.threads),
                       baseline_options=spec.baseline_options)  # threads: every method's worker uses HiST's
     eff = sca = abl = stn = tok = gene_fig = None
     if spec.efficiency:
