@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,7 @@ from hist_st.runtime import device_name, resolve_device
 from hist_st.train.config import TrainConfig, config_to_dict, load_config, with_gene_set
 from hist_st.train.distributed import init_distributed
 
-__all__ = ["display", "build_config", "CVSetup", "markdown_table", "run_accuracy", "per_gene_rows"]
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    """The lines of a Markdown table: ``header`` cells, the ``|---|`` rule, one line per row of cells."""
-    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows)]
+__all__ = ["display", "build_config", "CVSetup", "run_accuracy", "per_gene_rows"]
 
 
 def display(method: str) -> str:

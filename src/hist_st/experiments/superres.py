@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from hist_st.bench import markdown_table
 from hist_st.errors import InputError
 from hist_st.evaluate.cache import ResultCache, cached_file, fold_key, slide_fingerprint, write_file_entry
 from hist_st.evaluate.plan import Plan, make_plan
-from hist_st.experiments.accuracy import CVSetup, markdown_table
+from hist_st.experiments.accuracy import CVSetup
 from hist_st.jsonio import to_jsonable, write_json
 from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.methods import HiSTMethod

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm, spearmanr
 
+from hist_st.bench import markdown_table
 from hist_st.errors import InputError
 from hist_st.evaluate import fold_model
-from hist_st.experiments.accuracy import markdown_table
 from hist_st.jsonio import write_json
 from hist_st.pl import pyplot, save_figure
 from hist_st.slide import read_cohort_slide
