@@ -210,13 +210,14 @@ def run_accuracy(
         if not (Path(src) / "accuracy.json").is_file():
             raise InputError(src, "not a `hist-st bench accuracy` output folder (no accuracy.json)")
     again = {display(m) for m in check_methods(rerun)} if rerun else set()
+    cache = ResultCache(reuse_from) if reuse else None  # one index of reuse_from's entries for every cohort
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort, run_dir, t0 = Path(cohort), out / name, time.perf_counter()
         plan = make_plan(cohort, cfg.genes, k=folds, seed=fold_seed, group_by=group_by, embedding=cfg.embedding)
         info = init_distributed(cfg.device) if "hist" in methods else None
         res = run_cv(plan, build_methods(methods, cfg, baseline_options, dist_info=info), run_dir, seed=cfg.seed,
                      write_predictions=write_predictions, dist_info=info, progress=progress, retrain=again,
-                     cache=ResultCache(reuse_from) if reuse else None)
+                     cache=cache)
         ordered = {label: m.summary for label, m in res.methods.items()}  # the user's method order
         reused_from = {label: str(Path(m.reused_from).parent) for label, m in res.methods.items() if m.reused_from}
         devices = {label: _device(m, label, reused_from.get(label), name, cfg, baseline_options)
