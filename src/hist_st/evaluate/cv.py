@@ -25,7 +25,6 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 from tqdm.auto import tqdm
 
 from hist_st.errors import InputError
@@ -37,6 +36,7 @@ from hist_st.methods.base import Method, get_method, list_methods
 from hist_st.methods.hist import HiSTMethod
 from hist_st.metrics import evaluate_fold, summarise_folds
 from hist_st.outputs import fresh_folder
+from hist_st.pl import pyplot
 from hist_st.runtime import package_versions
 from hist_st.slide import write_prepared
 from hist_st.train.checkpoint import ModelBundle, load_bundle
@@ -66,9 +66,7 @@ def fold_model(run_dir: str | Path, fold: int) -> ModelBundle:
 
 def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
     """Training loss per epoch, one line per fold (log-scale y)."""
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, hist in histories.items():
         if hist:

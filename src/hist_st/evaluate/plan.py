@@ -34,7 +34,6 @@ class Plan:
         genes: The one gene list of every fold (scope ``dataset`` or an explicit list), else None.
         fold_genes: Fold index -> its genes (equal to ``genes`` when that is given).
         embedding: The patch-embedding key every method reads.
-        k: Number of folds.
         seed: The seed the folds were made with.
         group_by: The group column of the folds (None: by slide).
     """
@@ -45,9 +44,13 @@ class Plan:
     genes: list[str] | None
     fold_genes: Mapping[int, list[str]]
     embedding: str
-    k: int
     seed: int
     group_by: str | None = None
+
+    @property
+    def k(self) -> int:
+        """Number of folds."""
+        return len(self.folds)
 
     def train_slides(self, fold: Mapping[str, Any]) -> list[Slide]:
         """The fold's training slides, by sorted id."""
@@ -119,4 +122,4 @@ def make_plan(
     fold_genes = {int(f["fold"]): dataset_genes if dataset_genes is not None
                   else select_genes([by_id[s] for s in sorted(f["train"])], genes, None) for f in fold_list}
     return Plan(cohort=Path(cohort), slides=by_id, folds=fold_list, genes=dataset_genes, fold_genes=fold_genes,
-                embedding=emb, k=len(fold_list), seed=int(seed), group_by=group_by)
+                embedding=emb, seed=int(seed), group_by=group_by)

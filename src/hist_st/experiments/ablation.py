@@ -178,10 +178,10 @@ def hist_rows(
         ``(summaries, table)``: row -> HiST's `summarise_folds` record; the Markdown table.
     """
     out, summaries, reused = Path(out), {}, {}
+    cache = ResultCache(reuse_from) if reuse else None  # reuse_from searched once, for every row
     for row, (cfg, plan) in rows.items():
         res = run_cv(plan(), [HiSTMethod(cfg, dist_info=dist_info)], out / row, seed=cfg.seed,
-                     write_predictions=False, dist_info=dist_info, progress=setup.progress,
-                     cache=ResultCache(reuse_from) if reuse else None)
+                     write_predictions=False, dist_info=dist_info, progress=setup.progress, cache=cache)
         hist = res.methods.get(HiSTMethod.display_name)
         summaries[row] = hist.summary if hist is not None else None
         if hist is not None and hist.reused_from:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,7 @@ from hist_st.runtime import device_name, resolve_device
 from hist_st.train.config import TrainConfig, config_to_dict, load_config, with_gene_set
 from hist_st.train.distributed import init_distributed
 
-__all__ = ["display", "build_config", "CVSetup", "markdown_table", "run_accuracy", "per_gene_rows"]
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    """The lines of a Markdown table: ``header`` cells, the ``|---|`` rule, one line per row of cells."""
-    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows)]
+__all__ = ["display", "build_config", "CVSetup", "run_accuracy", "per_gene_rows"]
 
 
 def display(method: str) -> str:
@@ -216,13 +210,14 @@ def run_accuracy(
         if not (Path(src) / "accuracy.json").is_file():
             raise InputError(src, "not a `hist-st bench accuracy` output folder (no accuracy.json)")
     again = {display(m) for m in check_methods(rerun)} if rerun else set()
+    cache = ResultCache(reuse_from) if reuse else None  # one index of reuse_from's entries for every cohort
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort, run_dir, t0 = Path(cohort), out / name, time.perf_counter()
         plan = make_plan(cohort, cfg.genes, k=folds, seed=fold_seed, group_by=group_by, embedding=cfg.embedding)
         info = init_distributed(cfg.device) if "hist" in methods else None
         res = run_cv(plan, build_methods(methods, cfg, baseline_options, dist_info=info), run_dir, seed=cfg.seed,
                      write_predictions=write_predictions, dist_info=info, progress=progress, retrain=again,
-                     cache=ResultCache(reuse_from) if reuse else None)
+                     cache=cache)
         ordered = {label: m.summary for label, m in res.methods.items()}  # the user's method order
         reused_from = {label: str(Path(m.reused_from).parent) for label, m in res.methods.items() if m.reused_from}
         devices = {label: _device(m, label, reused_from.get(label), name, cfg, baseline_options)

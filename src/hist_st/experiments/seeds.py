@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from hist_st.bench import markdown_table
 from hist_st.errors import InputError
-from hist_st.experiments.accuracy import display, markdown_table, run_accuracy
+from hist_st.experiments.accuracy import display, run_accuracy
 from hist_st.jsonio import read_json, write_json
 from hist_st.metrics import STD_DDOF
 from hist_st.train.folds import load_folds

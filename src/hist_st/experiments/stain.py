@@ -7,7 +7,7 @@ paper's default, ``neither`` a reference row not in the paper's table).
 
 ```python
 from hist_st.experiments import run_stain
-from hist_st.experiments.accuracy import CVSetup, markdown_table
+from hist_st.experiments.accuracy import CVSetup
 run_stain("cohorts/her2st", "cohorts/her2st-macenko", "runs/stain", setup=CVSetup(genes="he:250", overrides=["epochs=100"]))
 ```
 """
@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hist_st.bench import markdown_table
 from hist_st.errors import InputError
 from hist_st.evaluate import make_plan
 from hist_st.experiments.ablation import ablation_config, hist_rows, table_plan
-from hist_st.experiments.accuracy import CVSetup, markdown_table
+from hist_st.experiments.accuracy import CVSetup
 from hist_st.metrics import protocol_cells
 from hist_st.train.data import list_slides
 

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from hist_st.bench import markdown_table
 from hist_st.errors import InputError
 from hist_st.evaluate.cache import ResultCache, cached_file, fold_key, slide_fingerprint, write_file_entry
 from hist_st.evaluate.plan import Plan, make_plan
-from hist_st.experiments.accuracy import CVSetup, markdown_table
+from hist_st.experiments.accuracy import CVSetup
 from hist_st.jsonio import to_jsonable, write_json
 from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.methods import HiSTMethod
@@ -105,14 +106,14 @@ def gap_closed(value: float, low: float, high: float) -> float:
 
 
 def _fit(cfg: Any, supervise: str, slides: Sequence[Any], run: Path, *, genes: list[str],
-         cache: ResultCache | None, hits: list[str]) -> Any:
+         cache: ResultCache | None, hits: list[str], fingerprints: Mapping[str, str]) -> Any:
     """Train HiST with ``cfg`` and ``supervise`` on ``slides`` into ``run`` (``fold_<i>/<model>``) and return
     its bundle, or load the model the result cache holds there for the same key (`fold_key`, with the config's
-    supervision); a cached model is named in ``hits``."""
+    supervision; ``fingerprints``: slide id -> `slide_fingerprint`, computed once per slide by the caller); a
+    cached model is named in ``hits``."""
     cfg = dataclasses.replace(cfg, supervise=supervise)
     key = fold_key(HiSTMethod(cfg), {"train": [s.slide_id for s in slides], "test": []}, genes,
-                   embedding=cfg.embedding, seed=cfg.seed,
-                   fingerprints={s.slide_id: slide_fingerprint(s, cfg.embedding) for s in slides})
+                   embedding=cfg.embedding, seed=cfg.seed, fingerprints=fingerprints)
     path = cached_file(cache, key, run)
     if path is not None:
         hits.append(f"{run.parent.name}/{run.name}")
@@ -188,13 +189,16 @@ def run_superres(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP,
 
     cache, hits, fold_scores, fold_records = (ResultCache() if reuse else None), [], [], []
     fit = functools.partial(_fit, genes=gene_list, cache=cache, hits=hits)
+    prints = {s.slide_id: slide_fingerprint(s, emb) for s in slides}  # each slide hashed once, not per model
+    coarse_prints = {c.slide_id: slide_fingerprint(c, emb) for c, _ in coarse.values()}
     artefact: dict[str, list[float]] = {m: [] for m in ("measured", "superres", "coarse_smooth", "spot")}
     for f in fold_list:
         i, fine_train = int(f["fold"]), [by_id[s] for s in sorted(f["train"])]
         fdir = out / f"fold_{i}"
-        b_spot = fit(cfg, "spot", fine_train, fdir / "spot")
-        b_sr = fit(cfg, f"coarse{block}", fine_train, fdir / "superres")
-        b_coarse = fit(cfg, "spot", [coarse[s][0] for s in sorted(f["train"])], fdir / "coarse")
+        b_spot = fit(cfg, "spot", fine_train, fdir / "spot", fingerprints=prints)
+        b_sr = fit(cfg, f"coarse{block}", fine_train, fdir / "superres", fingerprints=prints)
+        b_coarse = fit(cfg, "spot", [coarse[s][0] for s in sorted(f["train"])], fdir / "coarse",
+                       fingerprints=coarse_prints)
         preds, truths, coarse_truths, full_rows = {}, {}, {}, []  # preds: slide -> method -> log1p [N, G]
         for sid in sorted(f["test"]):
             fine, (cslide, groups) = by_id[sid], coarse[sid]
@@ -356,8 +360,9 @@ def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, 
         raise InputError("--fold", f"must be in 0..{len(fold_list) - 1}, got {fold}")
     f = fold_list[fold]
     sub_dir, cache, hits, subs = out / "subspots", (ResultCache() if reuse else None), [], {}
+    prints = {sid: slide_fingerprint(s, plan.embedding) for sid, s in by_id.items()}
     for sid in sorted(by_id):  # sub-spot slides: from the cache when made from the same slide content and factor
-        key = {"subspot_factor": factor, "slide": slide_fingerprint(by_id[sid], plan.embedding)}
+        key = {"subspot_factor": factor, "slide": prints[sid]}
         path = cached_file(cache, key, sub_dir)
         if path is not None:
             hits.append(f"subspots/{sid}.h5ad")
@@ -368,8 +373,10 @@ def run_subspot(cohort: str | Path, out: str | Path, *, setup: CVSetup = SETUP, 
         subs[sid] = set_subspot_grid(read_prepared(path), by_id[sid])  # as stored: a fresh and a cached run alike
     fdir = out / f"fold_{fold}"
     fit = functools.partial(_fit, genes=gene_list, cache=cache, hits=hits)
-    b_spot = fit(cfg, "spot", [by_id[s] for s in sorted(f["train"])], fdir / "spot")
-    b_sub = fit(cfg, f"coarse{factor}", [subs[s] for s in sorted(f["train"])], fdir / f"subspot{factor}")
+    b_spot = fit(cfg, "spot", [by_id[s] for s in sorted(f["train"])], fdir / "spot", fingerprints=prints)
+    sub_train = [subs[s] for s in sorted(f["train"])]
+    b_sub = fit(cfg, f"coarse{factor}", sub_train, fdir / f"subspot{factor}",
+                fingerprints={s.slide_id: slide_fingerprint(s, plan.embedding) for s in sub_train})
     test = sorted(f["test"])
     fine = {sid: predict_log1p(b_sub, subs[sid])[0] for sid in test}
     parents = {sid: np.asarray(subs[sid].obs["parent"], dtype=np.int64) for sid in test}

@@ -27,6 +27,7 @@ from hist_st.evaluate import fold_model, slide_groups
 from hist_st.jsonio import write_json
 from hist_st.lattice import continuous_coords, to_lattice
 from hist_st.pl import pyplot, save_figure
+from hist_st.slide import Slide
 from hist_st.train.data import load_slides, read_manifest
 from hist_st.train.folds import load_folds
 from hist_st.train.predict import lattice_unit_for
@@ -82,8 +83,16 @@ def export_tokens(
     Returns:
         ``{"slide_ids": [S], "tokens": float32 [S, D], "fold": int [S], "source": str}``.
     """
-    folds = load_folds(Path(run_dir) / "splits.json")
     slides = {s.slide_id: s for s in load_slides(cohort)}
+    return _export_tokens(run_dir, cohort, slides, source=source, out=out)
+
+
+def _export_tokens(
+    run_dir: str | Path, cohort: str | Path, slides: Mapping[str, Slide], *, source: str,
+    out: str | Path | None,
+) -> dict[str, Any]:
+    """`export_tokens` on the cohort's slides ``slides`` (slide id -> `Slide`), already loaded."""
+    folds = load_folds(Path(run_dir) / "splits.json")
     if source == "test":
         pairs = sorted((sid, int(f["fold"])) for f in folds for sid in f["test"])
     elif source.startswith("fold:"):
@@ -194,14 +203,17 @@ def plot_token_pca(
     return save_figure(fig, out)
 
 
-def _groups_for(cohort: str | Path, slide_ids: Sequence[str], column: str) -> list[str]:
-    """Each slide's group: itself, its technology or its ``column`` (an unknown one is a group of its own)."""
+def _groups_for(
+    cohort: str | Path, slides: Mapping[str, Slide], slide_ids: Sequence[str], column: str,
+) -> list[str]:
+    """Each slide's group: itself, its technology or its ``column`` (an unknown one is a group of its own);
+    ``slides``: the cohort's slides by id."""
     if column == "slide":
         return list(slide_ids)
-    slides = load_slides(cohort, list(slide_ids))
+    chosen = [slides[sid] for sid in slide_ids]
     if column == "technology":
-        return [s.technology for s in slides]
-    mapping = slide_groups(slides, column, read_manifest(cohort))
+        return [s.technology for s in chosen]
+    mapping = slide_groups(chosen, column, read_manifest(cohort))
     return [mapping[sid] if mapping[sid] is not None else f"{sid} (unknown {column})" for sid in slide_ids]
 
 
@@ -227,11 +239,11 @@ def run_token_analysis(
     Returns:
         ``{"metrics": {column: token_metrics(...)}, "table": str, "figures": [paths], "n_slides": S}``.
     """
-    out = Path(out_dir)
-    tok = export_tokens(run_dir, cohort, source=source, out=out / "tokens.npz")
+    out, slides = Path(out_dir), {s.slide_id: s for s in load_slides(cohort)}  # read once, for every step
+    tok = _export_tokens(run_dir, cohort, slides, source=source, out=out / "tokens.npz")
     metrics, figures = {}, []  # column -> token_metrics; PCA figure paths
     for col in group_by:
-        groups = _groups_for(cohort, tok["slide_ids"], col)
+        groups = _groups_for(cohort, slides, tok["slide_ids"], col)
         metrics[col] = token_metrics(tok["tokens"], groups)
         figures.append(str(plot_token_pca(tok["tokens"], groups, out / f"token_pca_{col}.png",
                                           labels=tok["slide_ids"], title=f"calibration token PCA by {col}")))

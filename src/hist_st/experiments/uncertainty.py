@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm, spearmanr
 
+from hist_st.bench import markdown_table
 from hist_st.errors import InputError
 from hist_st.evaluate import fold_model
-from hist_st.experiments.accuracy import markdown_table
 from hist_st.jsonio import write_json
 from hist_st.pl import pyplot, save_figure
 from hist_st.slide import read_cohort_slide
@@ -96,8 +96,9 @@ def run_uncertainty(
             draws = {"mc_dropout": mc_log1p_samples(bundles[0], slide, mc_samples, seed=seed)}  # [K, N, G]
             if len(bundles) > 1:
                 draws["ensemble"] = np.stack([predict_log1p(b, slide)[0] for b in bundles])
+            y = log1p_counts(slide, genes)  # [N, G], the same truth for every method
             for n, d in draws.items():
-                rows[n].append((d.mean(0), d.std(0), log1p_counts(slide, genes)))
+                rows[n].append((d.mean(0), d.std(0), y))
         for n in names:
             per_fold[n].append(tuple(np.concatenate(col) for col in zip(*rows[n])))
     methods: dict[str, Any] = {}

@@ -302,8 +302,9 @@ class STFlowBaseline(Method):
             for j in crops:
                 feats, xy, y = data[items[j]]
                 sel = torch.from_numpy(self._crop(xy.numpy(), rng))
-                f, c, x1 = feats[sel].to(self.device), xy[sel].to(self.device), y[sel].to(self.device)
-                nbr = torch.from_numpy(knn_graph(c.cpu().numpy(), self.n_neighbors)).to(self.device)
+                c = xy[sel]  # [n, 2] on the CPU, where the kNN graph is built
+                nbr = torch.from_numpy(knn_graph(c.numpy(), self.n_neighbors)).to(self.device)
+                f, c, x1 = feats[sel].to(self.device), c.to(self.device), y[sel].to(self.device)
                 t = torch.rand((), generator=gen)
                 x0 = self._prior(tuple(x1.shape), prior_gen)
                 pred = model((1 - t) * x0 + t * x1, f, c, nbr, t.to(self.device))  # x_t on the straight path
@@ -319,8 +320,9 @@ class STFlowBaseline(Method):
 
     @torch.no_grad()
     def _predict(self, slide: Slide) -> np.ndarray:
-        feats, xy = (a.to(self.device) for a in self._slide_arrays(slide))
-        nbr = torch.from_numpy(knn_graph(xy.cpu().numpy(), self.n_neighbors)).to(self.device)
+        feats, xy = self._slide_arrays(slide)
+        nbr = torch.from_numpy(knn_graph(xy.numpy(), self.n_neighbors)).to(self.device)
+        feats, xy = feats.to(self.device), xy.to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.seed_ + 1)
         x = self._prior((slide.n_spots, len(self.genes_)), gen)
         ts = torch.linspace(0.01, 1.0, self.n_steps)

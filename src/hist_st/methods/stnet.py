@@ -214,18 +214,19 @@ class STNetBaseline(Method):
         mean, std = (torch.as_tensor(v, device=x.device).view(1, 3, 1, 1) for v in self.norm_)
         return (x - mean) / std
 
-    def _targets(self, slides: list[Slide]) -> tuple[np.ndarray, np.ndarray]:
-        """Training targets ``[N, G]`` and per-spot ``log(n + Z)`` ``[N]`` (zeros for ``log1p`` targets)."""
-        parts = [stnet_targets(s, self.genes_) if self.targets == "stnet"
-                 else (log1p_targets(s, self.genes_), np.zeros(s.n_spots)) for s in slides]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    def _targets(self, slide: Slide) -> tuple[np.ndarray, np.ndarray]:
+        """The slide's training targets ``[N, G]`` and per-spot ``log(n + Z)`` ``[N]`` (log1p: zeros)."""
+        if self.targets == "stnet":
+            return stnet_targets(slide, self.genes_)
+        return log1p_targets(slide, self.genes_), np.zeros(slide.n_spots)
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         t0 = time.perf_counter()
         imgs_by_slide = [self._get_patches(s) for s in slides]
         imgs = np.concatenate(imgs_by_slide, axis=0)
-        y, log_scale = self._targets(slides)
-        self.log_scale_ = float(log_scale.mean())
+        y_by_slide, scales = zip(*(self._targets(s) for s in slides))  # per slide, reused by the inner folds
+        y = np.concatenate(y_by_slide)
+        self.log_scale_ = float(np.concatenate(scales).mean())
         # ST-Net estimates the per-channel mean / std on (a dozen batches of) training patches.
         sample = imgs[rng.choice(len(imgs), size=min(len(imgs), 384), replace=False)] / 255.0  # float64
         self.norm_ = (sample.mean(axis=(0, 1, 2)).astype(np.float32),
@@ -235,7 +236,7 @@ class STNetBaseline(Method):
         for f, val in enumerate(inner_folds(slides, self.n_inner_folds) if inner else []):
             train_i = [i for i in range(len(slides)) if i not in val]
             x_tr, x_val = (np.concatenate([imgs_by_slide[i] for i in idx]) for idx in (train_i, val))
-            (y_tr, _), (y_val, _) = (self._targets([slides[i] for i in idx]) for idx in (train_i, val))
+            y_tr, y_val = (np.concatenate([y_by_slide[i] for i in idx]) for idx in (train_i, val))
             inner_rng = np.random.default_rng([seed, f + 1])
             sse += self._train(x_tr, y_tr, inner_rng, self.epochs, held_out=(x_val, y_val))[1]
         self.inner_sse_ = sse.tolist() if inner else []
