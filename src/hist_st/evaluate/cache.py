@@ -25,6 +25,7 @@ import numpy as np
 
 from hist_st.jsonio import to_jsonable, write_json
 from hist_st.methods.base import Method
+from hist_st.model.config import RENAMED_KEYS
 from hist_st.slide import Slide
 from hist_st.train.config import TrainConfig, config_to_dict
 
@@ -40,7 +41,7 @@ _COSMETIC = ("progress", "num_workers", "checkpoint_every")
 #: Config keys whose settings give the same numbers bit for bit (tested), added after entries were written.
 _SAME_RESULTS = ("optimizer_in_backward",)
 #: Model keys renamed after entries were written -> the name the entries hold.
-_FIRST_NAMES = {"half_window": "window"}
+_FIRST_NAMES = {new: old for old, new in RENAMED_KEYS.items()}
 _METRIC_KEYS = {"pooled": ("r2", "pcc"), "per_gene": ("pcc", "r2")}
 
 
