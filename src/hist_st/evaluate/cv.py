@@ -73,6 +73,7 @@ def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], pat
             ax.plot([h["epoch"] for h in hist], [h["loss"] for h in hist], label=name, lw=1.5)
     ax.set(xlabel="epoch", ylabel="training MSE (log1p counts)", yscale="log",
            title="HiST training loss per fold")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs on the x axis
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
