@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -171,3 +172,28 @@ def test_the_package_exports_pp_tl_pl_lazily():
     assert hist_st.pp is pp and hist_st.tl is tl and {"pp", "tl", "pl"} <= set(dir(hist_st))
     code = "import sys, hist_st; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+HEART = Path(__file__).resolve().parents[2] / "shared" / "data" / "visium-heart" / "outs"
+
+
+@pytest.mark.skipif(not HEART.is_dir(), reason=f"real Visium folder absent: {HEART}")
+def test_embed_of_scanpy_read_visium_finds_scale_and_resolution_like_prepare(tmp_path):
+    """`scanpy.read_visium` keeps 10x's scale factors in ``uns['spatial']``: `pp.embed` on its lowres image
+    needs no ``um_per_px`` or ``image_scale`` and gives the embeddings `hist-st prepare` writes for the folder."""
+    import scanpy as sc
+
+    out = tmp_path / "cohort"
+    assert main(["prepare", "--format", "spaceranger", "--input", str(HEART), "--out", str(out),
+                 "--encoder", ENCODER, *PATCH, "--no-progress"]) == 0
+    ref = ad.read_h5ad(next(out.glob("*.h5ad")))
+    adata = sc.read_visium(HEART)
+    with pytest.warns(UserWarning, match="enlarged"):
+        pp.embed(adata, HEART / "spatial" / "tissue_lowres_image.png", encoder=ENCODER, patch_px=32,
+                 patch_um_per_px=3.5)
+    params = adata.uns["X_hist_embedding"]["params"]
+    sf = adata.uns["spatial"][next(iter(adata.uns["spatial"]))]["scalefactors"]
+    assert params["image_scale"] == pytest.approx(sf["tissue_lowres_scalef"])
+    assert params["um_per_px"] == pytest.approx(ref.uns["hist_st"]["um_per_px"])
+    emb = adata[ref.obs_names].obsm["X_hist_embedding"]
+    np.testing.assert_allclose(emb, ref.obsm[f"X_{ENCODER}"], rtol=1e-5, atol=1e-6)

@@ -28,12 +28,39 @@ import numpy as np
 from hist_st.embed import embed_slide
 from hist_st.encoders import get_encoder
 from hist_st.errors import InputError
-from hist_st.io._util import attach_lattice, fill_pitch, normalise_technology
+from hist_st.io._util import (
+    VISIUM_PITCH_UM,
+    attach_lattice,
+    derive_hex_um_per_px,
+    fill_pitch,
+    normalise_technology,
+)
+from hist_st.io.spaceranger import resolve_image_scale, um_per_px_from_scalefactors
 from hist_st.slide import Slide, anndata_to_slide
 from hist_st.stain import macenko_normaliser
 from hist_st.wsi import PatchParams, open_slide_image
 
 __all__ = ["embed", "lattice", "spots_of"]
+
+
+def _scalefactors(adata: Any) -> dict[str, float]:
+    """10x's scale factors of the one library in ``uns['spatial']`` (as `scanpy.read_visium` keeps them),
+    or {}."""
+    libraries = [v for v in dict(adata.uns.get("spatial") or {}).values() if isinstance(v, dict)]
+    return dict(libraries[0].get("scalefactors") or {}) if len(libraries) == 1 else {}
+
+
+def _visium_um_per_px(adata: Any) -> float | None:
+    """um/px of a Visium AnnData as `hist-st prepare` reads a Space Ranger folder: from the spot spacing on
+    the array (``obs['array_row', 'array_col']``, 100 um pitch), else from ``spot_diameter_fullres``."""
+    if {"array_row", "array_col"} <= set(adata.obs.columns):
+        rc = adata.obs[["array_row", "array_col"]].to_numpy(np.int64)
+        try:
+            xy = np.asarray(adata.obsm["spatial"], np.float64)
+            return derive_hex_um_per_px(rc, xy, VISIUM_PITCH_UM, "adata")[0]
+        except InputError:  # too few spots on the array
+            pass
+    return um_per_px_from_scalefactors(_scalefactors(adata))
 
 
 def spots_of(adata: Any, *, um_per_px: float | None = None, need_um: bool = False) -> Slide:
@@ -43,7 +70,9 @@ def spots_of(adata: Any, *, um_per_px: float | None = None, need_um: bool = Fals
         adata: An AnnData with ``obsm['spatial']`` ``[N, 2]`` (x, y) full-resolution pixels; a hist-st
             prepared slide also brings its ``uns['hist_st']`` record (um/px, pitch, measured grid).
         um_per_px: Microns per full-resolution pixel (overrides the recorded value; default: the prepared
-            slide's, else the one an earlier `embed` or `lattice` recorded in ``uns[...]['params']``).
+            slide's, else the one an earlier `embed` or `lattice` recorded in ``uns[...]['params']``, else
+            for a Visium AnnData of `scanpy.read_visium` what `hist-st prepare` derives
+            (`_visium_um_per_px`).
         need_um: Refuse when no um per pixel is given or recorded (`lattice`, `hist_st.tl.predict`).
 
     Returns:
@@ -65,6 +94,8 @@ def spots_of(adata: Any, *, um_per_px: float | None = None, need_um: bool = Fals
                     if isinstance(v, dict) and isinstance(v.get("params"), dict) and "um_per_px" in v["params"]}
         if len(recorded) == 1:
             um_per_px = recorded.pop()
+    if um_per_px is None and slide.um_per_px is None and _scalefactors(adata):  # scanpy's read_visium
+        um_per_px = _visium_um_per_px(adata)
     if um_per_px is not None:
         if not (np.isfinite(um_per_px) and um_per_px > 0):
             raise InputError("um_per_px", f"must be a positive number, got {um_per_px}")
@@ -105,7 +136,8 @@ def embed(
         device: ``cpu``, ``cuda``, ... (default: cuda when available).
         um_per_px: Microns per full-resolution pixel (default: recorded in ``adata`` or in the image).
         image_scale: Image pixels per full-resolution pixel when ``image`` is a downscaled copy (Visium
-            hires: ``tissue_hires_scalef``).
+            hires: ``tissue_hires_scalef``; default: found from ``uns['spatial']``'s scale factors and the
+            image's size, as `hist-st prepare` does, else 1).
         patch_px, patch_um_per_px: Patch geometry (default 224 px at 0.5 um/px = 112 um).
         batch_size: Patches per encoder call.
         precision: ``fp32`` or ``bf16``.
@@ -131,6 +163,8 @@ def embed(
             raise InputError(name, f"must be a positive number, got {value}")
     slide = spots_of(adata, um_per_px=um_per_px)
     params = PatchParams(patch_px, patch_um_per_px)
+    if image_scale is None and (sf := _scalefactors(adata)):  # a hires/lowres image: its 10x scale factor
+        image_scale = resolve_image_scale(image, sf, slide.spatial, None)[1]
     slide.image, slide.image_scale = str(image), image_scale
     found: list[str] = []  # image checks first (as `hist-st prepare`): they are cheaper than the encoder
     with open_slide_image(slide, params, found, thumbnail_size=None, um_hint="give um_per_px=") as img:
