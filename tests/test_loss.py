@@ -91,3 +91,46 @@ def test_chunked_head_equals_dense_head():
         torch.testing.assert_close(chunked_head(feats, head, norm, rows=10), dense)
         torch.testing.assert_close(chunked_head(feats.bfloat16(), head, None, rows=7),
                                    head(feats.bfloat16().float()))  # fmt: skip
+
+
+@pytest.mark.parametrize("need", ["all", "head", "features"])
+def test_head_loss_gradients_made_in_forward_match_autograd(need):
+    """The chunked path without a transform (gradients made in forward) against the dense head, for each set
+    of inputs that needs a gradient, without a bias, and with bfloat16 features (bfloat16 gradient)."""
+    feats, head = _setup(n=41, d=10, g=33, seed=3)
+    target = torch.randn(41, 33)
+    feats.requires_grad_(need != "head")
+    head.requires_grad_(need != "features")
+    wanted = [t for t in (feats, head.weight, head.bias) if t.requires_grad]
+    got = torch.autograd.grad(head_loss(feats, head, target, chunk=8) * 3.0, wanted)
+    ref = torch.autograd.grad(F.mse_loss(head(feats), target) * 3.0, wanted)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    nobias = nn.Linear(10, 33, bias=False)
+    half = feats.detach().bfloat16().requires_grad_()
+    (g,) = torch.autograd.grad(head_loss(half, nobias, target, chunk=8), [half])
+    (r,) = torch.autograd.grad(F.mse_loss(nobias(half.float()), target), [half])
+    assert g.dtype == torch.bfloat16
+    torch.testing.assert_close(g, r)
+
+
+def test_head_loss_costs_three_head_products():
+    """Forward and backward of the chunked head cost three ``N x D x G`` products (prediction, input and
+    weight gradients), not the four of a recomputing backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        macs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mm", "addmm", "addmm_"):
+                a, b = args[-2:] if name != "mm" else args[:2]
+                self.macs += a.shape[0] * a.shape[1] * b.shape[1]
+            return func(*args, **(kwargs or {}))
+
+    n, d, g = 64, 16, 40
+    feats, head = _setup(n=n, d=d, g=g)
+    with CountMatmuls() as counter:
+        head_loss(feats, head, torch.randn(n, g), chunk=8).backward()
+    assert counter.macs == 3 * n * d * g

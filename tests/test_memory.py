@@ -1,13 +1,22 @@
 """The allocator policy of train/predict: glibc's default unless HIST_ST_MALLOC asks otherwise."""
 
 import ctypes
+import os
 import subprocess
 import sys
 
 import pytest
 
 from hist_st.errors import InputError
-from hist_st.memory import MALLOC_ENV, MallocPolicy, malloc_policy, parse_malloc, trim_heap
+from hist_st.memory import (
+    MALLOC_ENV,
+    THP_ENV,
+    MallocPolicy,
+    huge_pages_by_default,
+    malloc_policy,
+    parse_malloc,
+    trim_heap,
+)
 
 
 def test_default_policy_leaves_glibc_alone(monkeypatch):
@@ -56,3 +65,36 @@ def test_trim_heap_runs():
     if not hasattr(ctypes.CDLL(None), "malloc_trim"):
         pytest.skip("no glibc malloc_trim here")
     assert trim_heap() in (True, False)
+
+
+def test_huge_pages_on_by_default_unless_the_environment_chose(monkeypatch):
+    monkeypatch.delenv(THP_ENV, raising=False)
+    assert huge_pages_by_default() == "1"
+    monkeypatch.setenv(THP_ENV, "0")
+    assert huge_pages_by_default() == "0"
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "absent"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "absent"
+
+
+@pytest.mark.parametrize("value", ["1", "0"])
+def test_huge_pages_switch_reaches_torch(value):
+    """A 64 MB tensor of a process started with the switch on lies (partly) on huge pages; with it off, on
+    none (where the kernel only honours ``madvise``)."""
+    if _thp_mode() != "madvise":
+        pytest.skip(f"transparent huge pages are {_thp_mode()!r} here, not 'madvise'")
+    code = (
+        "import torch\n"
+        "x = torch.ones(1 << 24)\n"  # 64 MB, touched
+        "rows = [l for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages:')]\n"
+        "print(int(rows[0].split()[1]))\n"
+    )
+    env = {**os.environ, THP_ENV: value}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    huge_kb = int(out.stdout.strip().splitlines()[-1])
+    assert (huge_kb > 0) == (value == "1")

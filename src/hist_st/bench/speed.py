@@ -22,7 +22,7 @@ from hist_st.bench.plots import plot_speed
 from hist_st.data.synthetic import make_slide
 from hist_st.jsonio import write_json
 from hist_st.lattice import continuous_coords, to_lattice
-from hist_st.memory import MallocPolicy, apply_malloc, parse_malloc, trim_heap
+from hist_st.memory import THP_ENV, MallocPolicy, apply_malloc, parse_malloc, trim_heap
 from hist_st.model import HiST, HiSTConfig
 from hist_st.train.config import config_from_dict
 from hist_st.train.loop import build_optimizer, finish_step, forward_loss, step_in_backward
@@ -116,7 +116,7 @@ def measure(s: SpeedSettings) -> dict[str, Any]:
         "tokens_per_level": tokens_per_level, "gflop": flops / 1e9, "achieved_gflops": flops / sec / 1e9,
         "matmul_gflops": fp32, "matmul_bf16_gflops": matmul_gflops(dev, dtype="bfloat16"),
         "fraction_of_matmul": flops / sec / 1e9 / fp32, "peak_rss_gb": mem.rss_peak / GB,
-        "import_rss_gb": mem.rss_before / GB, **cuda,
+        "import_rss_gb": mem.rss_before / GB, "huge_pages": os.environ.get(THP_ENV, "0") == "1", **cuda,
     }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from hist_st import __version__
 from hist_st.errors import InputError
+from hist_st.memory import huge_pages_by_default
 
 #: Modules under hist_st.cli whose `command`s make up ``hist-st``, in the order of its help.
 COMMAND_MODULES: list[str] = ["train", "experiments", "bench"]
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    huge_pages_by_default()  # before torch is imported: tensors of 2 MB+ on huge pages (hist_st.memory)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # ``key=value`` overrides may stand anywhere among the options (argparse takes only their first run)

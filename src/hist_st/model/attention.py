@@ -31,16 +31,22 @@ def _window_logits(
 ) -> torch.Tensor:
     """Logits ``[H*W, S, S]`` of one partition from gathered ``q, k [H, W, S, Dh]``."""
     h, w, size, dh = q.shape
-    bias = part.mask if table is None else table[:, part.rel] + part.mask  # [H|1, W, S, S]
+    if table is None:
+        bias = part.mask
+    else:  # index_select of the flat offsets: the values of ``table[:, part.rel]`` at a quarter of its time
+        bias = table.index_select(1, part.rel.reshape(-1)).view(-1, *part.rel.shape)  # [H, W, S, S]
+        bias = bias + part.mask
     bias = bias.to(q.dtype).expand(h, w, size, size).reshape(h * w, size, size)
     return torch.baddbmm(bias, q.reshape(h * w, size, dh), k.reshape(h * w, size, dh).transpose(1, 2), alpha=scale)
 
 
 def _gather_windows(qkv: torch.Tensor, part: WindowPartition) -> tuple[torch.Tensor, ...]:
-    """``qkv [3, H, N, Dh]`` -> q, k, v ``[H, W, S, Dh]`` in the partition's padded window layout."""
+    """``qkv [3, H, N, Dh]`` -> q, k, v ``[H, W, S, Dh]`` in the partition's padded window layout, at least
+    float32 (bfloat16 is gathered first, then widened: the same values at half the gathered bytes)."""
     three, h, _, dh = qkv.shape
     w, size = part.gather.shape
-    return qkv.index_select(2, part.gather.reshape(-1)).view(three, h, w, size, dh).unbind(0)
+    windows = qkv.index_select(2, part.gather.reshape(-1)).view(three, h, w, size, dh)
+    return windows.to(torch.promote_types(qkv.dtype, torch.float32)).unbind(0)
 
 
 class _Depth:
@@ -69,14 +75,15 @@ class WindowAttentionFn(torch.autograd.Function):
     to that of the token features alone, instead of several ``[H, W, S, S]`` tensors per partition.
 
     Args (forward):
-        qkv: ``[3, H, N, Dh]`` queries, keys, values.
+        qkv: ``[3, H, N, Dh]`` queries, keys, values; bfloat16 is saved as it is and widened to float32
+            window by window, so every product, the softmax and the gradients are float32.
         table: ``[H, R]`` additive logit table by relative offset, or None.
         parts: The partitions (standard, then shifted), disjoint per query.
         scale: Logit scale.
         p_drop: Dropout on the attention probabilities.
 
     Returns:
-        ``[H, N, Dh]``.
+        ``[H, N, Dh]``, at least float32.
     """
 
     @staticmethod
@@ -133,25 +140,33 @@ class WindowAttentionFn(torch.autograd.Function):
         h = qkv.shape[1]
         dout = dout.contiguous()
         delta = (dout * out).sum(-1)  # [H, N]
-        dqkv = torch.zeros_like(qkv)
+        dqkv = torch.empty_like(qkv)  # in qkv's dtype, written whole below: no zero fill
         dtable = torch.zeros_like(table) if table is not None and ctx.needs_input_grad[1] else None
         step = h // 2 if (ctx.n >= WindowAttentionFn.backward_head_chunk_tokens and h % 2 == 0) else h
-        for part, keep in zip(ctx.parts, keeps):
-            w, size = part.gather.shape
-            flat = part.gather.reshape(-1)
-            valid = (part.index < ctx.n).to(qkv.dtype)  # [W, S] real query slots
-            for i in range(0, h, step):
-                hs = slice(i, i + step)
-                kp = keep.view(h, w, size, size)[hs].reshape(-1, size, size) if p_drop > 0 else None
-                _window_backward(qkv[:, hs], None if table is None else table[hs], part, kp, scale, p_drop,
-                                 lse[hs], dout[hs], delta[hs], valid, flat, dqkv[:, hs],
+        for i in range(0, h, step):
+            hs = slice(i, i + step)
+            grads = [  # per partition: dq, dk, dv [h', N, Dh] in token order
+                _window_backward(qkv[:, hs], None if table is None else table[hs], part,
+                                 keep.view(h, *part.mask.shape)[hs].flatten(0, 1) if p_drop > 0 else None,
+                                 scale, p_drop, lse[hs], dout[hs], delta[hs],
                                  None if dtable is None else dtable[hs])
+                for part, keep in zip(ctx.parts, keeps)
+            ]
+            for j in range(3):  # the partitions' float32 sum, written straight into dqkv's dtype and layout
+                if len(grads) == 1:
+                    dqkv[j, hs].copy_(grads[0][j])
+                else:
+                    torch.add(grads[0][j], grads[1][j], out=dqkv[j, hs])
         return dqkv, dtable, None, None, None
 
 
-def _window_backward(qkv, table, part, keep, scale, p_drop, lse, dout, delta, valid, flat, dqkv, dtable) -> None:
-    """One partition's and one head chunk's share of `WindowAttentionFn.backward`, added into ``dqkv [3, h, N,
-    Dh]`` and ``dtable [h, R]`` (views of the whole gradients)."""
+def _window_backward(
+    qkv, table, part, keep, scale, p_drop, lse, dout, delta, dtable
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One partition's and one head chunk's share of `WindowAttentionFn.backward`: ``(dq, dk, dv)``
+    ``[h, N, Dh]`` in token order; ``dtable [h, R]`` (a view of the whole gradient) is added to."""
+    flat = part.gather.reshape(-1)
+    valid = (part.index < qkv.shape[2]).to(torch.promote_types(qkv.dtype, torch.float32))  # [W, S] real queries
     q, k, v = _gather_windows(qkv, part)  # [h, W, S, Dh]
     h, w, size, dh = q.shape
     s = _window_logits(q, k, table, part, scale)
@@ -169,10 +184,12 @@ def _window_backward(qkv, table, part, keep, scale, p_drop, lse, dout, delta, va
     del p, dp, pd
     dq = torch.bmm(ds, k.reshape(h * w, size, dh)) * scale
     dk = torch.bmm(ds.transpose(1, 2), q.reshape(h * w, size, dh)) * scale
-    for i, g in enumerate((dq, dk, dv)):
-        dqkv[i].index_add_(1, flat, g.view(h, w * size, dh))
     if dtable is not None:
         dtable.index_add_(1, part.rel.reshape(-1), ds.view(h, -1))
+    # Each token sits in exactly one slot of the partition, and the gradients of padding slots are zero (their
+    # queries' output gradients are masked by ``valid``, their keys' probabilities are 0): gathering each
+    # token's slot gives what a scatter-add of all slots would, without a zero-filled gradient to add into.
+    return tuple(g.view(h, w * size, dh).index_select(1, part.token_flat) for g in (dq, dk, dv))
 
 
 def _alibi_slopes(heads: int) -> torch.Tensor:
@@ -297,11 +314,12 @@ class DualPathAttention(nn.Module):
         """`WindowAttentionFn` on some or all heads: ``qkv [3, h, N, Dh]``, ``table [h, R]`` -> ``[h, N, Dh]``
         (at least float32)."""
         # Float32 under autocast: the hand-written backward mixes the saved log-sum-exp, the recomputed
-        # logits and the float32 bias table, so it must not see bfloat16 operands.
+        # logits and the float32 bias table, so it must not see bfloat16 operands. A bfloat16 qkv goes in as
+        # it is (saved at half the size) and is widened window by window.
         dtype = torch.promote_types(qkv.dtype, torch.float32)
         with torch.autocast(device_type=qkv.device.type, enabled=False):
-            return WindowAttentionFn.apply(qkv.to(dtype), None if table is None else table.to(dtype), parts,
-                                           self.scale, p_drop)
+            return WindowAttentionFn.apply(qkv, None if table is None else table.to(dtype), parts, self.scale,
+                                           p_drop)
 
     def _head_chunk(self, n: int) -> int:
         """Heads per chunk of the local path on slides of ``head_chunk_tokens`` or more without autograd

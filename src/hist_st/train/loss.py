@@ -2,8 +2,9 @@
 
 A dense head and loss keep the ``[N, G]`` predictions, the difference to the target and their gradient
 alive (at N = 5,000 spots and 2,000 genes 40 MB each, at N = 100,000 0.8 GB each). `head_loss` computes
-the same mean squared error one chunk of ``chunk`` genes at a time and recomputes each chunk's
-predictions in backward, so only ``[N, chunk]`` tensors ever exist.
+the same mean squared error one chunk of ``chunk`` genes at a time, so only ``[N, chunk]`` tensors ever
+exist: without ``transform`` each chunk's gradients are made in forward (`_SSEGradInForward`, three
+products per chunk); with one, each chunk's predictions are recomputed in backward (`_RecomputedSSE`).
 
 ```python
 from hist_st.train.loss import head_loss
@@ -73,6 +74,48 @@ class _RecomputedSSE(torch.autograd.Function):
         return (*out, None, None)
 
 
+class _SSEGradInForward(torch.autograd.Function):
+    """The whole head's sum of squared errors, gene chunk by gene chunk, with its gradients made in forward.
+
+    The loss is the graph's last operation, so ``d sse / d pred = 2 (pred - target)`` is known as soon as a
+    chunk's predictions are: each chunk's input, weight and bias gradients are accumulated at once and the
+    chunk is dropped, and backward only scales them by the incoming gradient. That is three products per
+    chunk (prediction, input gradient, weight gradient) instead of `_RecomputedSSE`'s four, and still no
+    ``[N, G]`` tensor; the held gradients (``[N, D]`` and ``[G, D]``) replace the saved inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, target, chunk):  # noqa: D102
+        need = ctx.needs_input_grad
+        with torch.autocast(device_type=features.device.type, enabled=False):  # float32 even under autocast
+            x, w = features.float(), weight.float()
+            b = None if bias is None else bias.float()
+            dx = torch.zeros_like(x) if need[0] else None
+            dw = torch.empty_like(w) if need[1] else None
+            db = torch.empty_like(b) if b is not None and need[2] else None
+            total = x.new_zeros(())
+            for start in range(0, w.shape[0], chunk):
+                sl = slice(start, min(start + chunk, w.shape[0]))
+                diff = F.linear(x, w[sl], None if b is None else b[sl]).sub_(target[:, sl].float())  # [N, c]
+                total = total + diff.square().sum()
+                diff.mul_(2.0)  # d sse / d pred
+                if dx is not None:
+                    dx.addmm_(diff, w[sl])
+                if dw is not None:
+                    torch.mm(diff.t(), x, out=dw[sl])
+                if db is not None:
+                    torch.sum(diff, 0, out=db[sl])
+        ctx.grads = (dx, dw, db)
+        ctx.dtypes = (features.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        out = [None if g is None else (g * grad).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        ctx.grads = None
+        return (*out, None, None)
+
+
 def head_loss(
     features: Tensor,
     head: nn.Linear,
@@ -86,9 +129,9 @@ def head_loss(
     For each chunk ``c`` of the head's output genes the float32 log1p prediction ``head(features)[:, c]``
     goes through ``transform`` and its squared error against ``target[:, c]`` is summed; the result is
     the mean over all ``M * G`` entries, equal to ``F.mse_loss(transform(head(features)), target)``.
-    Each chunk's activations are recomputed in backward, so no ``[N, G]`` tensor is kept; gradients flow
-    to ``features``, ``head.weight`` and ``head.bias`` (``transform`` is a fixed map: parameters inside
-    it receive no gradient).
+    No ``[N, G]`` tensor is kept (see the module docstring); gradients flow to ``features``,
+    ``head.weight`` and ``head.bias`` (``transform`` is a fixed map: parameters inside it receive no
+    gradient).
 
     Args:
         features: ``[N, D]`` features after the final norm (any float dtype; the head runs in float32).
@@ -115,6 +158,9 @@ def head_loss(
     needs_grad = torch.is_grad_enabled() and (
         features.requires_grad or any(p.requires_grad for p in head.parameters())
     )
+    if needs_grad and transform is None and genes > chunk:
+        sse = _SSEGradInForward.apply(features, head.weight, head.bias, target, chunk)
+        return sse / (target.shape[0] * genes)
     total = features.new_zeros((), dtype=torch.float32)
     for start in range(0, genes, chunk):
         sl = slice(start, min(start + chunk, genes))
