@@ -140,33 +140,27 @@ class WindowAttentionFn(torch.autograd.Function):
         h = qkv.shape[1]
         dout = dout.contiguous()
         delta = (dout * out).sum(-1)  # [H, N]
-        dqkv = torch.empty_like(qkv)  # in qkv's dtype, written whole below: no zero fill
+        # Written whole below (no zero fill), in float32: a bfloat16 qkv's gradient is rounded once at the end
+        dqkv = torch.empty_like(qkv, dtype=torch.promote_types(qkv.dtype, torch.float32))
         dtable = torch.zeros_like(table) if table is not None and ctx.needs_input_grad[1] else None
         step = h // 2 if (ctx.n >= WindowAttentionFn.backward_head_chunk_tokens and h % 2 == 0) else h
-        for i in range(0, h, step):
-            hs = slice(i, i + step)
-            grads = [  # per partition: dq, dk, dv [h', N, Dh] in token order
+        for pi, (part, keep) in enumerate(zip(ctx.parts, keeps)):
+            for i in range(0, h, step):
+                hs = slice(i, i + step)
                 _window_backward(qkv[:, hs], None if table is None else table[hs], part,
                                  keep.view(h, *part.mask.shape)[hs].flatten(0, 1) if p_drop > 0 else None,
-                                 scale, p_drop, lse[hs], dout[hs], delta[hs],
-                                 None if dtable is None else dtable[hs])
-                for part, keep in zip(ctx.parts, keeps)
-            ]
-            for j in range(3):  # the partitions' float32 sum, written straight into dqkv's dtype and layout
-                if len(grads) == 1:
-                    dqkv[j, hs].copy_(grads[0][j])
-                else:
-                    torch.add(grads[0][j], grads[1][j], out=dqkv[j, hs])
-        return dqkv, dtable, None, None, None
+                                 scale, p_drop, lse[hs], dout[hs], delta[hs], dqkv[:, hs],
+                                 None if dtable is None else dtable[hs], first=pi == 0)
+        return dqkv.to(qkv.dtype), dtable, None, None, None
 
 
 def _window_backward(
-    qkv, table, part, keep, scale, p_drop, lse, dout, delta, dtable
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One partition's and one head chunk's share of `WindowAttentionFn.backward`: ``(dq, dk, dv)``
-    ``[h, N, Dh]`` in token order; ``dtable [h, R]`` (a view of the whole gradient) is added to."""
+    qkv, table, part, keep, scale, p_drop, lse, dout, delta, dqkv, dtable, first: bool
+) -> None:
+    """One partition's and one head chunk's share of `WindowAttentionFn.backward`, written (``first``) or
+    added into ``dqkv [3, h, N, Dh]``, and added into ``dtable [h, R]`` (views of the whole gradients)."""
     flat = part.gather.reshape(-1)
-    valid = (part.index < qkv.shape[2]).to(torch.promote_types(qkv.dtype, torch.float32))  # [W, S] real queries
+    valid = (part.index < qkv.shape[2]).to(dqkv.dtype)  # [W, S] real query slots
     q, k, v = _gather_windows(qkv, part)  # [h, W, S, Dh]
     h, w, size, dh = q.shape
     s = _window_logits(q, k, table, part, scale)
@@ -189,7 +183,13 @@ def _window_backward(
     # Each token sits in exactly one slot of the partition, and the gradients of padding slots are zero (their
     # queries' output gradients are masked by ``valid``, their keys' probabilities are 0): gathering each
     # token's slot gives what a scatter-add of all slots would, without a zero-filled gradient to add into.
-    return tuple(g.view(h, w * size, dh).index_select(1, part.token_flat) for g in (dq, dk, dv))
+    # One [h, N, Dh] gather at a time, written at once: the earlier partition's gradients are not held.
+    for j, g in enumerate((dq, dk, dv)):
+        tok = g.view(h, w * size, dh).index_select(1, part.token_flat)
+        if first:
+            dqkv[j].copy_(tok)
+        else:
+            dqkv[j].add_(tok)
 
 
 def _alibi_slopes(heads: int) -> torch.Tensor:
