@@ -177,3 +177,25 @@ def test_window_backward_by_head_halves_gives_the_same_gradients(p_drop: float) 
         WindowAttentionFn.backward_head_chunk_tokens = old
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("p_drop", [0.0, 0.3])
+def test_window_attention_takes_bfloat16_qkv_as_its_float32_copy(p_drop: float) -> None:
+    """Issue 15: a bfloat16 qkv (bf16 autocast) is saved as it is and widened window by window; output and
+    gradients equal those of the float32 copy it used to receive (gradient rounded to bfloat16 once)."""
+    from hist_st.lattice import num_rel_offsets
+    from hist_st.model.attention import WindowAttentionFn
+
+    level = _level()
+    parts = (level.standard, level.shifted)
+    table = torch.randn(4, num_rel_offsets(3) ** 2, requires_grad=True)
+    qkv = torch.randn(3, 4, len(level.coords), 8).bfloat16().requires_grad_()
+    dout = torch.randn(4, len(level.coords), 8)
+    results = []
+    for widen in (False, True):
+        torch.manual_seed(0)  # the same dropout masks
+        out = WindowAttentionFn.apply(qkv.float() if widen else qkv, table, parts, 0.3, p_drop)
+        results.append((out, *torch.autograd.grad(out, (qkv, table), dout)))
+    assert results[0][0].dtype == torch.float32 and results[0][1].dtype == torch.bfloat16
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

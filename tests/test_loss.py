@@ -134,3 +134,11 @@ def test_head_loss_costs_three_head_products():
     with CountMatmuls() as counter:
         head_loss(feats, head, torch.randn(n, g), chunk=8).backward()
     assert counter.macs == 3 * n * d * g
+
+
+def test_head_loss_refuses_a_second_backward_clearly():
+    feats, head = _setup(g=60)
+    loss = head_loss(feats, head, torch.randn(37, 60), chunk=16)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()

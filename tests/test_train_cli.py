@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hist_st.cli import main
+from hist_st.cli.train import LOG
 from hist_st.slide import read_prepared
 from hist_st.train.toy import write_toy_cohort
 
@@ -88,3 +89,10 @@ def test_cli_errors_are_clear(cohort, tmp_path, capsys, argv, message):
     assert main([*argv, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_log_lines_go_to_the_current_stderr(capsys):
+    """Warnings of prepare/predict go to ``sys.stderr`` as it is when they are written, not as it was when the
+    CLI was imported (a closed stream there failed a later in-process call: "I/O operation on closed file")."""
+    LOG("a warning line")
+    assert "a warning line" in capsys.readouterr().err

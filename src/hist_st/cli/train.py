@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from collections import Counter
-from functools import partial
 from pathlib import Path
 
 from hist_st.cli import CONFIG, GENE_SET, NO_PROGRESS, arg, command, main, names, show
@@ -30,7 +29,14 @@ SLIDES = arg("--slides", required=True, type=Path, help="folder of prepared slid
 RUN = arg("--out", required=True, type=Path, help="run directory")
 IDS = arg("--ids", help="only these slide ids: comma-separated, or a file with one per line")
 EACH = "one per --input (spaceranger/anndata)"
-LOG = partial(print, file=sys.stderr)
+
+
+def LOG(message: str) -> None:  # noqa: N802 - a constant-like name, passed as ``log=``
+    """Progress and warning lines on stderr, looked up when written (not bound at import: a redirected or
+    replaced ``sys.stderr``, e.g. in a notebook or under pytest, is honoured)."""
+    print(message, file=sys.stderr)
+
+
 #: Options of train and cv: the HiST config, gene set and label level.
 SETUP = [*CONFIG, arg("--genes", help=f"{GENE_SET}; default hvg:2000"),
          arg("--supervise-at", metavar="spot|coarse<k>", help="where the labels are: spot (default) or "

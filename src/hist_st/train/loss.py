@@ -111,6 +111,9 @@ class _SSEGradInForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
+        if ctx.grads is None:  # freed by the first backward
+            raise RuntimeError("head_loss: a second backward through the same loss (retain_graph=True) is not "
+                               "supported; compute the loss again")
         out = [None if g is None else (g * grad).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
         ctx.grads = None
         return (*out, None, None)
