@@ -174,13 +174,14 @@ def cmd_cv(args: argparse.Namespace) -> None:
     arg("--weights", type=Path, help="patch-encoder weights file (e.g. for uni)"),
     arg("--resolution", choices=("fine", "labels"), help="with --image: fine (default) = one prediction per "
         "pseudo-spot at the model's token pitch; labels = summed over the k x k blocks it was supervised on"),
-    arg("--mc-samples", type=int, default=0, help="MC-dropout passes; adds layers['predicted_std']"),
+    arg("--mc-samples", type=int, default=0, help="MC-dropout passes; adds layers['mc_std']"),
     arg("--seed", type=int, default=0, help="seed of the MC-dropout passes"),
     arg("--device", default="auto", help="auto, cpu, cuda, cuda:1 ..."),
     arg("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)"),
     NO_PROGRESS,
     help="predict prepared slides, or an H&E image alone, with a trained model",
-    description="With --slides: write OUT/<id>.h5ad with layers['predicted'] (counts). With --image: detect "
+    description="With --slides: write OUT/<id>.h5ad (X: predicted counts; layers['log1p'], and "
+    "layers['measured_counts'] where the slide has counts). With --image: detect "
     "tissue, lay pseudo-spots at the model's training pitch and lattice, embed patches with the model's "
     "encoder, predict; write OUT/<slide>.h5ad, gene heatmap PNGs and OUT/summary.json.")
 def cmd_predict(args: argparse.Namespace) -> None:
