@@ -86,9 +86,9 @@ def cmd_efficiency(args: argparse.Namespace) -> None:
     from hist_st.bench.efficiency import SyntheticSlides, Workers, run_efficiency
     from hist_st.bench.scaling import run_scaling
 
+    options = ex.parse_baseline_options(args.baseline_option)
     workers = Workers(methods=args.methods, epochs=args.epochs, seed=args.seed, config=args.config,
-                      overrides=args.overrides, baseline_options=ex.parse_baseline_options(args.baseline_option),
-                      device=args.device,
+                      overrides=args.overrides, baseline_options=options, device=args.device,
                       threads=args.threads, timeout=args.timeout, progress=not args.no_progress)
     if not args.no_table:
         res = run_efficiency(args.out, workers=workers, cohort=args.cohort, genes=args.genes,

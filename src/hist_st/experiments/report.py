@@ -140,10 +140,10 @@ def build_report(spec: ReportSpec) -> Path:
         command=spec.command)) for g in spec.gene_sets}
     first_run = Path(next(iter(acc[first]["cohorts"].values()))["run_dir"])
     base_cfg = build_config(spec.config, spec.overrides)
+    # threads: every method's worker uses HiST's
     workers = Workers(methods=methods, epochs=spec.efficiency_epochs, seed=spec.seed, device=spec.device,
                       config=spec.config, overrides=spec.overrides, progress=spec.progress,
-                      threads=int(base_cfg.threads),
-                      baseline_options=spec.baseline_options)  # threads: every method's worker uses HiST's
+                      threads=int(base_cfg.threads), baseline_options=spec.baseline_options)
     eff = sca = abl = stn = tok = gene_fig = None
     if spec.efficiency:
         eff = step("Table 1", lambda: run_efficiency(runs / "efficiency", workers=workers, cohort=cohort,

@@ -145,22 +145,23 @@ class WindowAttentionFn(torch.autograd.Function):
         dtable = torch.zeros_like(table) if table is not None and ctx.needs_input_grad[1] else None
         step = h // 2 if (ctx.n >= WindowAttentionFn.backward_head_chunk_tokens and h % 2 == 0) else h
         for pi, (part, keep) in enumerate(zip(ctx.parts, keeps)):
+            valid = (part.index < ctx.n).to(dqkv.dtype)  # [W, S] real query slots
             for i in range(0, h, step):
                 hs = slice(i, i + step)
                 _window_backward(qkv[:, hs], None if table is None else table[hs], part,
                                  keep.view(h, *part.mask.shape)[hs].flatten(0, 1) if p_drop > 0 else None,
-                                 scale, p_drop, lse[hs], dout[hs], delta[hs], dqkv[:, hs],
+                                 scale, p_drop, lse[hs], dout[hs], delta[hs], valid, dqkv[:, hs],
                                  None if dtable is None else dtable[hs], first=pi == 0)
         return dqkv.to(qkv.dtype), dtable, None, None, None
 
 
 def _window_backward(
-    qkv, table, part, keep, scale, p_drop, lse, dout, delta, dqkv, dtable, first: bool
+    qkv, table, part, keep, scale, p_drop, lse, dout, delta, valid, dqkv, dtable, first: bool
 ) -> None:
     """One partition's and one head chunk's share of `WindowAttentionFn.backward`, written (``first``) or
-    added into ``dqkv [3, h, N, Dh]``, and added into ``dtable [h, R]`` (views of the whole gradients)."""
+    added into ``dqkv [3, h, N, Dh]``, and added into ``dtable [h, R]`` (views of the whole gradients);
+    ``valid`` ``[W, S]``: 1 at the partition's real query slots."""
     flat = part.gather.reshape(-1)
-    valid = (part.index < qkv.shape[2]).to(dqkv.dtype)  # [W, S] real query slots
     q, k, v = _gather_windows(qkv, part)  # [h, W, S, Dh]
     h, w, size, dh = q.shape
     s = _window_logits(q, k, table, part, scale)
