@@ -57,3 +57,18 @@ def test_bench_encoder_reports_patches_per_second_and_cosine(tmp_path, capsys) -
     assert set(rows) == {"fp32", "bf16"} and all(row["patches_per_s"] > 0 for row in rows.values())
     assert rows["fp32"]["cos_min"] > 0.9999 and rows["bf16"]["cos_min"] > 0.9
     assert r["patches"] == "random pixels" and "patches/s" in capsys.readouterr().out
+
+
+def test_matmul_reference_falls_back_to_the_probe_when_the_product_would_not_fit(monkeypatch) -> None:
+    """`matmul_gflops` times a 512 x 512 product first and reports its rate when the full size would take
+    longer than the budget (bfloat16 without native CPU support runs at ~1 GFLOP/s), else the full size."""
+    from hist_st.bench import harness
+
+    calls = []
+    real = harness.timed_steps
+    monkeypatch.setattr(harness, "timed_steps", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    assert harness.matmul_gflops("cpu", size=16384, budget_s=1e-9) > 0  # 16384^2 would take minutes
+    assert calls == [2]
+    calls.clear()
+    assert harness.matmul_gflops("cpu", size=768, repeats=3, budget_s=1e9) > 0
+    assert calls == [2, 3]

@@ -176,6 +176,48 @@ def test_accuracy_copies_identical_methods_from_other_runs(tmp_path):
         run_accuracy([cohort], tmp_path / "acc3", methods=["ridge"], reuse_from=[cohort], **kw)
 
 
+def test_accuracy_split_over_runs_by_fold(tmp_path, capsys):
+    """--only-folds trains only the named folds of the unchanged split (a table over those folds, saying so);
+    a full run reusing two such runs trains nothing and equals a run that trained every fold itself."""
+    from hist_st.experiments.accuracy import run_accuracy
+
+    cohort = tmp_path / "cohort"
+    make_cohort(cohort, n_slides=6, n_spots=(60, 90), n_genes=16, embed_dim=8, seed=3)
+    kw = dict(methods=["mean", "ridge"], baseline_options={"ridge": {"n_components": 4}}, genes="he:12",
+              folds=3, seed=5, progress=False)
+    whole = run_accuracy([cohort], tmp_path / "whole", **kw)
+    part = run_accuracy([cohort], tmp_path / "part", only_folds=[2], **kw)
+    rest = run_accuracy([cohort], tmp_path / "rest", only_folds=[1, 0], **kw)
+
+    def fold_values(res):
+        return {m: s["per_gene"]["pcc"]["values"] for m, s in res["cohorts"]["cohort"]["methods"].items()}
+
+    assert {m: v for m, v in fold_values(part).items()} == {m: v[2:] for m, v in fold_values(whole).items()}
+    assert fold_values(rest) == {m: v[:2] for m, v in fold_values(whole).items()}
+    assert "3-fold, seed 5; folds 2 only" in part["table"] and part["only_folds"] == [2]
+    assert "Mean ± std over folds 2 of 3." in (tmp_path / "part" / "cohort" / "table.md").read_text()
+    splits = json.loads((tmp_path / "part" / "cohort" / "splits.json").read_text())
+    assert splits["k"] == 3 and splits["only_folds"] == [2] and [f["fold"] for f in splits["folds"]] == [2]
+    assert not (tmp_path / "part" / "cohort" / "fold_0").exists()
+
+    merged = run_accuracy([cohort], tmp_path / "merged", reuse_from=[tmp_path / "part", tmp_path / "rest"], **kw)
+    assert merged["cohorts"]["cohort"]["methods"] == whole["cohorts"]["cohort"]["methods"]
+    assert merged["cohorts"]["cohort"]["reused_from"] == {}  # mixed sources: no single origin to name
+    for i in range(3):
+        got = json.loads((tmp_path / "merged" / "cohort" / f"fold_{i}" / "metrics.json").read_text())
+        assert got == json.loads((tmp_path / "whole" / "cohort" / f"fold_{i}" / "metrics.json").read_text())
+    with pytest.raises(InputError, match=r"--only-folds.*no fold 3: the split has folds \[0, 1, 2\]"):
+        run_accuracy([cohort], tmp_path / "bad", only_folds=[3], **kw)
+    with pytest.raises(InputError, match="name at least one fold"):
+        run_accuracy([cohort], tmp_path / "bad", only_folds=[], **kw)
+    cli = ["bench", "accuracy", "--cohort", str(cohort), "--out", str(tmp_path / "cli"), "--methods", "mean",
+           "--genes", "he:12", "--folds", "3", "--seed", "5", "--no-progress"]
+    assert main([*cli, "--only-folds", "1,x"]) == 2
+    assert "--only-folds: '1,x' is not a comma-separated list of fold numbers" in capsys.readouterr().err
+    assert main([*cli, "--only-folds", "1"]) == 0
+    assert json.loads((tmp_path / "cli" / "accuracy.json").read_text())["only_folds"] == [1]
+
+
 def test_ablation_and_stain_rows_reuse_identical_runs(tmp_path):
     """Table 3's full row and Table 5's token-only row come from Table 2's HiST run only when the config,
     cohort, folds and genes are identical; otherwise they are trained."""

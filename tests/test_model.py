@@ -207,17 +207,28 @@ def test_block_recompute_replays_dropout_and_keeps_only_block_inputs() -> None:
     assert levels == {"none"} and {m.checkpoint for m in model.encoder[0]} == {"block"}
 
 
-def test_inference_path_matches_training_path() -> None:
-    """No-grad inference (chunked FFN, in-place activation) gives the autograd path's output."""
-    model = _model().eval()
+@pytest.mark.parametrize("name", ["paper", "authors-token-path", "two-tokens-gelu"])
+def test_inference_path_matches_training_path(name: str) -> None:
+    """No-grad inference (chunked FFN, in-place activation) gives the autograd path's output and tokens, and
+    leaves every block's input as it was."""
+    model = _model(**VARIANTS[name]).eval()
     lat, feats = _slide()
     batch = model.make_batch(lat, feats)
-    y = model(batch)
+    y, tokens = model(batch, return_tokens=True)
     for m in model.modules():
         if hasattr(m, "ffn_chunk"):
             m.ffn_chunk = 37  # several uneven chunks
     with torch.inference_mode():
-        torch.testing.assert_close(model(batch), y.detach(), rtol=1e-5, atol=1e-5)
+        got, got_tokens = model(batch, return_tokens=True)
+        torch.testing.assert_close(got, y.detach(), rtol=1e-5, atol=1e-5)
+        if tokens is not None:
+            torch.testing.assert_close(got_tokens, tokens.detach(), rtol=1e-5, atol=1e-5)
+        blk, level = model.encoder[0][0], batch.levels[0]
+        x = torch.randn(len(lat), 32)
+        t = model._initial_tokens(x)
+        x0, t0 = x.clone(), None if t is None else t.clone()
+        out, _ = blk(x, level, t)
+        assert torch.equal(x, x0) and (t is None or torch.equal(t, t0)) and out.data_ptr() != x.data_ptr()
 
 
 def test_config_saved_before_issue_16_rebuilds_the_same_model() -> None:

@@ -51,3 +51,12 @@ def test_amp_cpu_trains_in_bf16_and_predicts_close_to_fp32(cohort):
     assert np.abs(a - b).max() < 0.1  # bf16 trunk, float32 head: same model up to bf16 rounding
     with torch.no_grad():
         assert not torch.equal(fp32.bundle.model.head.weight, bf16.bundle.model.head.weight)
+
+
+def test_amp_cpu_warns_on_a_cpu_without_native_bf16(cohort, monkeypatch):
+    """bf16 products without AVX512-BF16 or AMX run in PyTorch's reference loop (~1 GFLOP/s): say so."""
+    from hist_st.train import loop
+
+    monkeypatch.setattr(loop, "native_bf16_cpu", lambda: False)
+    with pytest.warns(UserWarning, match="no native bfloat16 products .* set amp_cpu=false"):
+        train(load_config(None, [*TINY, "epochs=1", "amp_cpu=true"]), cohort)

@@ -74,6 +74,15 @@ def device_name(device: str | torch.device) -> str:
     return f"CPU {model or 'unknown'} ({os.cpu_count()} cores visible, {threads} torch threads)"
 
 
+def native_bf16_cpu() -> bool | None:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX) as PyTorch sees it; None when this
+    torch cannot tell. Without it PyTorch runs bfloat16 products in a reference loop (~1 GFLOP/s)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not all(callable(p) for p in probes):
+        return None
+    return any(p() for p in probes)
+
+
 def seed_everything(seed: int) -> np.random.Generator:
     """Seed Python, NumPy (the legacy global generator) and torch (CPU and CUDA).
 

@@ -52,8 +52,20 @@ def timed_steps(step: Callable[[], Any], device: str, repeats: int, warmup: int 
     return times
 
 
-def matmul_gflops(device: str, size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
-    """Dense ``size x size`` matmul GFLOP/s of this process now (median of ``repeats`` after a warm-up)."""
+def matmul_gflops(
+    device: str, size: int = 2048, repeats: int = 5, dtype: str = "float32", budget_s: float = 10.0
+) -> float:
+    """Dense ``size x size`` matmul GFLOP/s of this process now (median of ``repeats`` after a warm-up).
+
+    A 512 x 512 product is timed first; when ``size`` would take longer than ``budget_s`` at that rate, that
+    product's rate is the answer. On a CPU without native bfloat16 (no AVX512-BF16 or AMX) PyTorch multiplies
+    bfloat16 in a reference loop at about 1 GFLOP/s, where 2048 x 2048 takes minutes.
+    """
+    probe = min(size, 512)
+    a, b = (torch.randn(probe, probe, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    times = timed_steps(lambda: a @ b, device, 2)
+    if (repeats + 1) * 2 * size**3 / (2 * probe**3 / min(times)) > budget_s:
+        return 2 * probe**3 / statistics.median(times) / 1e9
     a, b = (torch.randn(size, size, device=device).to(getattr(torch, dtype)) for _ in range(2))
     return 2 * size**3 / statistics.median(timed_steps(lambda: a @ b, device, repeats)) / 1e9
 

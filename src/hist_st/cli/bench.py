@@ -38,6 +38,8 @@ PLOT_GENES = arg("--plot-genes", type=names,
         "folds of --seed; means over seeds, paired per-fold differences to HiST (OUT/seed_<s>)"),
     arg("--paired-with", action="append", type=Path, metavar="DIR", help="with --seeds: another --seeds "
         "output folder (same seeds and folds); HiST here minus HiST there, per fold (repeatable)"),
+    arg("--only-folds", metavar="I,J,...", help="run only these folds of the split (from 0), e.g. a slow method "
+        "on several machines; a later run with --reuse-from DIR takes them from this folder's cache"),
     *ex.experiment_args(),
     help="Table 2: every method on identical folds, both metric protocols")
 def cmd_accuracy(args: argparse.Namespace) -> None:
@@ -49,12 +51,17 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
     except ValueError:
         problem = f"{args.seeds!r} is not a comma-separated list of integers (e.g. 0,1,2)"
         raise InputError("--seeds", problem) from None
+    try:
+        only = None if args.only_folds is None else list(ints(args.only_folds))
+    except ValueError:
+        raise InputError("--only-folds", f"{args.only_folds!r} is not a comma-separated list of fold numbers "
+                         "(e.g. 2,3)") from None
     if args.paired_with and seeds is None:
         raise InputError("--paired-with", "compares runs over training seeds: give --seeds too (e.g. 0,1,2)")
     kw = dict(vars(ex.experiment_setup(args)), methods=args.methods, reuse=not args.force,
               baseline_options=ex.parse_baseline_options(args.baseline_option), rerun=args.rerun or [],
               write_predictions=not args.no_predictions, reuse_from=args.reuse_from or [],
-              command="hist-st " + shlex.join(sys.argv[1:]))
+              only_folds=only, command="hist-st " + shlex.join(sys.argv[1:]))
     if seeds is None:
         res = run_accuracy(args.cohort, args.out, **kw)
         files = "accuracy.json, table.md, per_gene.csv, per-fold metrics.json"

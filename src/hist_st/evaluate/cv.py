@@ -118,8 +118,9 @@ def run_cv(
     done: dict[str, list[dict[str, Any]]] = {m: [] for m in labels}  # per method, its folds' cache entries
     with fresh_folder(out, enabled=master):
         if master:
+            only = {"only_folds": [int(f["fold"]) for f in plan.folds]} if plan.split_size else {}
             save_folds(plan.folds, out / "splits.json", k=plan.k, seed=plan.seed, group_by=plan.group_by,
-                       slides_dir=str(plan.cohort))
+                       slides_dir=str(plan.cohort), **only)
             if plan.genes is not None:
                 (out / "genes.txt").write_text("\n".join(plan.genes) + "\n")
             for m in methods:
@@ -156,15 +157,17 @@ def run_cv(
         if not master:
             return CVResult(out, plan.embedding, genes_, k=plan.k, group_by=plan.group_by)
         here = out.resolve()
-        reused = {m: e[0]["origin"] for m, e in done.items()  # every fold computed in another folder
-                  if all(Path(x["origin"]).resolve() != here for x in e)}
+        origins = {m: {Path(x["origin"]).resolve() for x in e} for m, e in done.items()}
+        reused = {m: e[0]["origin"] for m, e in done.items()  # every fold computed in one other folder
+                  if len(origins[m]) == 1 and here not in origins[m]}
         result = CVResult(out, plan.embedding, genes_, k=plan.k, group_by=plan.group_by, folds=tuple(records),
                           histories=histories,
                           methods={m: MethodSummary(summarise_folds([r.metrics[m] for r in records]),
                                                     sum(e["seconds"] for e in done[m]), reused.get(m))
                                    for m in labels})
         write_json(result.to_json(), out / "metrics.json")
-        (out / "table.md").write_text(f"{PROTOCOLS} Mean ± std over {plan.k} folds.\n\n" + result.table + "\n")
+        over = f"{plan.k} folds" if not plan.split_size else f"folds {', '.join(str(r.fold) for r in records)} of {plan.k}"
+        (out / "table.md").write_text(f"{PROTOCOLS} Mean ± std over {over}.\n\n" + result.table + "\n")
         if histories:
             plot_loss_curves(histories, out / "loss_curves.png")
         return result

@@ -7,8 +7,8 @@ for every fold) or from each fold's training slides (scope ``train-only``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class Plan:
         embedding: The patch-embedding key every method reads.
         seed: The seed the folds were made with.
         group_by: The group column of the folds (None: by slide).
+        split_size: The number of folds of the split when ``folds`` holds only some of them (`only`); None:
+            ``folds`` is the whole split.
     """
 
     cohort: Path
@@ -46,11 +48,27 @@ class Plan:
     embedding: str
     seed: int
     group_by: str | None = None
+    split_size: int | None = None
 
     @property
     def k(self) -> int:
-        """Number of folds."""
-        return len(self.folds)
+        """Number of folds of the split (``folds`` may hold fewer: `only`)."""
+        return self.split_size or len(self.folds)
+
+    def only(self, numbers: Collection[int]) -> Plan:
+        """This plan with only the folds numbered ``numbers``, the split itself unchanged: one slow
+        cross-validation spread over runs or machines, each training some folds, and a run without it that
+        takes them from their caches (``--reuse-from``).
+
+        Raises:
+            InputError: No number, or one that is not a fold of the split.
+        """
+        have = [int(f["fold"]) for f in self.folds]
+        if not numbers:
+            raise InputError("--only-folds", f"name at least one fold (the split has folds {have})")
+        if missing := sorted(set(numbers) - set(have)):
+            raise InputError("--only-folds", f"no fold {missing[0]}: the split has folds {have}")
+        return replace(self, folds=[f for f in self.folds if int(f["fold"]) in set(numbers)], split_size=self.k)
 
     def train_slides(self, fold: Mapping[str, Any]) -> list[Slide]:
         """The fold's training slides, by sorted id."""

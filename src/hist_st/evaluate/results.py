@@ -51,7 +51,7 @@ class MethodSummary:
     Attributes:
         summary: `hist_st.metrics.summarise_folds` record (both protocols: mean, std, values per fold).
         seconds: Train + predict wall time over the folds (as recorded when a fold came from the cache).
-        reused_from: The run folder that computed every fold, when all were taken from another folder.
+        reused_from: The run folder that computed every fold, when all were taken from one other folder.
     """
 
     summary: Mapping[str, Any]

@@ -165,6 +165,7 @@ def run_accuracy(
     reuse_from: Sequence[str | Path] = (),
     command: str | None = None,
     train_seed: int | None = None,
+    only_folds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run Table 2 on one or more prepared cohorts.
 
@@ -190,6 +191,9 @@ def run_accuracy(
         command: The command line that made this run, recorded in ``accuracy.json``.
         train_seed: Every method's training seed when it differs from the fold seed (`run_accuracy_seeds`
             repeats training with several seeds on the folds of one fold seed).
+        only_folds: Run only these folds of the split (numbers from 0; None: all). The table then covers
+            those folds alone and says so; a later run without it takes them from this folder's cache
+            (``reuse_from``), so one slow method can be spread over machines fold by fold.
 
     Returns:
         ``{"cohorts": {name: {"methods": {display name: summarise_folds(...)}, "seconds": {...},
@@ -214,6 +218,7 @@ def run_accuracy(
     for name, cohort in zip(_cohort_names(cohorts), cohorts):
         cohort, run_dir, t0 = Path(cohort), out / name, time.perf_counter()
         plan = make_plan(cohort, cfg.genes, k=folds, seed=fold_seed, group_by=group_by, embedding=cfg.embedding)
+        plan = plan.only(only_folds) if only_folds is not None else plan
         info = init_distributed(cfg.device) if "hist" in methods else None
         res = run_cv(plan, build_methods(methods, cfg, baseline_options, dist_info=info), run_dir, seed=cfg.seed,
                      write_predictions=write_predictions, dist_info=info, progress=progress, retrain=again,
@@ -228,6 +233,8 @@ def run_accuracy(
                          "n_genes": n_genes, "devices": devices, "reused_from": reused_from,
                          "wall_seconds": time.perf_counter() - t0}
         seeds_label = f"seed {seed}" if recorded_train_seed is None else f"fold seed {seed}, training seed {t_seed}"
+        if only_folds is not None:
+            seeds_label += f"; folds {', '.join(str(int(f['fold'])) for f in plan.folds)} only"
         tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, {seeds_label})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)
     table = f"{PROTOCOLS} Mean ± std over folds (ddof 0).\n\n" + "\n\n".join(tables) + "\n"
@@ -238,7 +245,8 @@ def run_accuracy(
     rows.reindex(columns=["cohort", "method", "gene", "pcc_mean", "r2_mean", "n_folds", *fold_cols]).to_csv(
         out / "per_gene.csv", index=False, lineterminator="\r\n")  # CRLF, as the csv module writes
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,
-               "folds": folds, "seed": seed, "train_seed": recorded_train_seed, "group_by": group_by,
+               "folds": folds, "only_folds": None if only_folds is None else sorted(set(map(int, only_folds))),
+               "seed": seed, "train_seed": recorded_train_seed, "group_by": group_by,
                "config": config_to_dict(cfg), "baseline_options": baseline_options, "command": command}
     write_json(summary, out / "accuracy.json")
     return summary

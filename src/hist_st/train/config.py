@@ -218,7 +218,8 @@ class TrainConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         amp: bf16 autocast on CUDA (ignored on CPU).
         amp_cpu: bf16 autocast of the trunk on the CPU too (head and loss stay float32); pays on CPUs with
-            AMX / AVX512-BF16 (`docs/results/speed.md`), off by default.
+            AMX / AVX512-BF16 (`docs/results/speed.md`), off by default; on other CPUs training warns (bf16
+            products run in PyTorch's reference loop there).
         num_workers: DataLoader workers building augmented lattice batches (0 = main process).
         checkpoint_every: Save a restorable checkpoint every this many epochs (and always at the end).
         progress: Show tqdm progress bars.

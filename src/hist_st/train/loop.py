@@ -20,6 +20,7 @@ import dataclasses
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from hist_st.errors import InputError
 from hist_st.memory import malloc_policy, trim_heap
 from hist_st.model import HiST
 from hist_st.model.config import LEGACY_VALUES
-from hist_st.runtime import package_versions, resolve_device, seed_everything, set_threads
+from hist_st.runtime import native_bf16_cpu, package_versions, resolve_device, seed_everything, set_threads
 from hist_st.slide import Slide
 from hist_st.train.augment import dropout_probability, schedule_strength
 from hist_st.train.checkpoint import (
@@ -499,6 +500,9 @@ def train(
     # --- loop ----------------------------------------------------------------------------------------
     dataset = (AugmentedSlides if block == 1 else CoarseAugmentedSlides)(data, cfg.augment, model.make_batch)
     amp = (bool(cfg.amp) and device.type == "cuda") or (bool(cfg.amp_cpu) and device.type == "cpu")
+    if amp and device.type == "cpu" and native_bf16_cpu() is False:
+        warnings.warn("amp_cpu=true: this CPU has no native bfloat16 products (no AVX512-BF16 or AMX), so PyTorch "
+                      "runs them in a reference loop, many times slower than float32; set amp_cpu=false", stacklevel=2)
     step_losses: list[float] = []
     last_ckpt: Path | None = None
     end_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
