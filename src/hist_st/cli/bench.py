@@ -26,6 +26,14 @@ PLOT_GENES = arg("--plot-genes", type=names,
                  help="comma-separated genes of the map figure (default: the 2 most variable on its slide)")
 
 
+def _int_list(value: str | None, option: str, what: str) -> list[int] | None:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (None stays None), else an `InputError` naming ``option``."""
+    try:
+        return None if value is None else list(ints(value))
+    except ValueError:
+        raise InputError(option, f"{value!r} is not a comma-separated list of {what}") from None
+
+
 @command(
     "bench accuracy", OUT, ex.METHODS, ex.GROUP_BY, ex.BASELINE_OPTION,
     arg("--cohort", required=True, action="append", type=Path, help="prepared cohort (repeatable)"),
@@ -46,16 +54,8 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
     from hist_st.experiments.accuracy import run_accuracy
     from hist_st.experiments.seeds import run_accuracy_seeds
 
-    try:
-        seeds = None if args.seeds is None else list(ints(args.seeds))
-    except ValueError:
-        problem = f"{args.seeds!r} is not a comma-separated list of integers (e.g. 0,1,2)"
-        raise InputError("--seeds", problem) from None
-    try:
-        only = None if args.only_folds is None else list(ints(args.only_folds))
-    except ValueError:
-        raise InputError("--only-folds", f"{args.only_folds!r} is not a comma-separated list of fold numbers "
-                         "(e.g. 2,3)") from None
+    seeds = _int_list(args.seeds, "--seeds", "integers (e.g. 0,1,2)")
+    only = _int_list(args.only_folds, "--only-folds", "fold numbers (e.g. 2,3)")
     if args.paired_with and seeds is None:
         raise InputError("--paired-with", "compares runs over training seeds: give --seeds too (e.g. 0,1,2)")
     kw = dict(vars(ex.experiment_setup(args)), methods=args.methods, reuse=not args.force,

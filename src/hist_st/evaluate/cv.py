@@ -118,7 +118,7 @@ def run_cv(
     done: dict[str, list[dict[str, Any]]] = {m: [] for m in labels}  # per method, its folds' cache entries
     with fresh_folder(out, enabled=master):
         if master:
-            only = {"only_folds": [int(f["fold"]) for f in plan.folds]} if plan.split_size else {}
+            only = {"only_folds": plan.only_folds} if plan.only_folds else {}
             save_folds(plan.folds, out / "splits.json", k=plan.k, seed=plan.seed, group_by=plan.group_by,
                        slides_dir=str(plan.cohort), **only)
             if plan.genes is not None:
@@ -166,7 +166,7 @@ def run_cv(
                                                     sum(e["seconds"] for e in done[m]), reused.get(m))
                                    for m in labels})
         write_json(result.to_json(), out / "metrics.json")
-        over = f"{plan.k} folds" if not plan.split_size else f"folds {', '.join(str(r.fold) for r in records)} of {plan.k}"
+        over = f"folds {', '.join(map(str, plan.only_folds))} of {plan.k}" if plan.only_folds else f"{plan.k} folds"
         (out / "table.md").write_text(f"{PROTOCOLS} Mean ± std over {over}.\n\n" + result.table + "\n")
         if histories:
             plot_loss_curves(histories, out / "loss_curves.png")

@@ -55,6 +55,11 @@ class Plan:
         """Number of folds of the split (``folds`` may hold fewer: `only`)."""
         return self.split_size or len(self.folds)
 
+    @property
+    def only_folds(self) -> list[int] | None:
+        """The numbers of the folds this plan holds when it holds only some of the split (`only`), else None."""
+        return [int(f["fold"]) for f in self.folds] if self.split_size else None
+
     def only(self, numbers: Collection[int]) -> Plan:
         """This plan with only the folds numbered ``numbers``, the split itself unchanged: one slow
         cross-validation spread over runs or machines, each training some folds, and a run without it that
@@ -68,7 +73,8 @@ class Plan:
             raise InputError("--only-folds", f"name at least one fold (the split has folds {have})")
         if missing := sorted(set(numbers) - set(have)):
             raise InputError("--only-folds", f"no fold {missing[0]}: the split has folds {have}")
-        return replace(self, folds=[f for f in self.folds if int(f["fold"]) in set(numbers)], split_size=self.k)
+        wanted = set(numbers)
+        return replace(self, folds=[f for f in self.folds if int(f["fold"]) in wanted], split_size=self.k)
 
     def train_slides(self, fold: Mapping[str, Any]) -> list[Slide]:
         """The fold's training slides, by sorted id."""

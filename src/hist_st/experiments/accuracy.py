@@ -233,8 +233,8 @@ def run_accuracy(
                          "n_genes": n_genes, "devices": devices, "reused_from": reused_from,
                          "wall_seconds": time.perf_counter() - t0}
         seeds_label = f"seed {seed}" if recorded_train_seed is None else f"fold seed {seed}, training seed {t_seed}"
-        if only_folds is not None:
-            seeds_label += f"; folds {', '.join(str(int(f['fold'])) for f in plan.folds)} only"
+        if plan.only_folds:
+            seeds_label += f"; folds {', '.join(map(str, plan.only_folds))} only"
         tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, {seeds_label})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)
     table = f"{PROTOCOLS} Mean ± std over folds (ddof 0).\n\n" + "\n\n".join(tables) + "\n"
