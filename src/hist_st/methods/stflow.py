@@ -16,7 +16,9 @@ Follows the authors' code (``stflow/flow/interpolant.py``, ``stflow/flow/noise.p
 - denoiser: image features ``Linear(C, 128)`` plus a sinusoidal time embedding (MLP to 128); 4 blocks,
   each: attention over the k = 8 nearest spots (self excluded) whose logits come from an MLP on
   ``[q_i, k_j, edge_ij, x_j - x_i]`` per head (the neighbour's expression difference enters every
-  attention logit, so cost grows with G), values and edge features aggregated, an MLP, and a gene head
+  attention logit, so cost grows with G; the MLP's first layer is applied per spot before gathering,
+  `STFlowBlock.attention_logits`: the same function at 1 / (k x heads) of the G-sized products), values and
+  edge features aggregated, an MLP, and a gene head
   ``Linear-GELU-LayerNorm-Dropout-Linear`` predicting ``x1``; the block's prediction is the next block's
   expression input; the output is the mean of the 4 blocks' predictions. Hidden 128, pairwise hidden 128,
   4 heads, dropout 0.2, attention dropout 0.2, SwiGLU MLPs (timm ``SwiGLUPacked`` with LayerNorm).
