@@ -203,7 +203,6 @@ class STFlowBlock(nn.Module):
         h = h + self.mlp(h)
         return self.gene_head(h), h
 
-
     def attention_logits(self, x: torch.Tensor, q: torch.Tensor, kk: torch.Tensor, edge_h: torch.Tensor,
                          nbr: torch.Tensor) -> torch.Tensor:
         """``mlp_attn`` on the message ``[q_i, k_j, edge_ij, x_j - x_i]`` of every edge and head -> ``[N, K, H]``.
