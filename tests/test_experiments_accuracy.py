@@ -218,6 +218,35 @@ def test_accuracy_split_over_runs_by_fold(tmp_path, capsys):
     assert json.loads((tmp_path / "cli" / "accuracy.json").read_text())["only_folds"] == [1]
 
 
+def test_reused_hist_folds_bring_their_predictions(tmp_path, monkeypatch):
+    """HiST folds found with --reuse-from are not trained again: their prediction files are copied from the
+    folder that computed them. Where that folder lacks them, the fold is trained (the result folder must hold
+    the predictions its table was made from)."""
+    from hist_st.experiments.accuracy import run_accuracy
+    from hist_st.methods.hist import HiSTMethod
+
+    cohort = tmp_path / "cohort"
+    make_cohort(cohort, n_slides=4, n_spots=(60, 90), n_genes=16, embed_dim=8, seed=3)
+    kw = dict(methods=["hist"], overrides=TINY, genes="he:12", folds=2, seed=5, progress=False)
+    first = run_accuracy([cohort], tmp_path / "first", only_folds=[1], **kw)
+    fits = []
+    real_fit = HiSTMethod.fit
+    monkeypatch.setattr(HiSTMethod, "fit", lambda self, *a, **k: fits.append(1) or real_fit(self, *a, **k))
+
+    again = run_accuracy([cohort], tmp_path / "again", only_folds=[1], reuse_from=[tmp_path / "first"], **kw)
+    assert fits == []
+    assert again["cohorts"]["cohort"]["methods"] == first["cohorts"]["cohort"]["methods"]
+    src = sorted((tmp_path / "first" / "cohort" / "fold_1" / "predictions").glob("*.h5ad"))
+    dst = sorted((tmp_path / "again" / "cohort" / "fold_1" / "predictions").glob("*.h5ad"))
+    assert src and [p.name for p in dst] == [p.name for p in src]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(src, dst))
+    assert not list((tmp_path / "again" / "cohort" / "fold_1" / "predictions").glob(".*.tmp"))
+
+    src[0].unlink()  # the computing folder lost a prediction: that fold trains again, fold 0 (absent) too
+    run_accuracy([cohort], tmp_path / "third", reuse_from=[tmp_path / "first"], **kw)
+    assert len(fits) == 2
+
+
 def test_ablation_and_stain_rows_reuse_identical_runs(tmp_path):
     """Table 3's full row and Table 5's token-only row come from Table 2's HiST run only when the config,
     cohort, folds and genes are identical; otherwise they are trained."""

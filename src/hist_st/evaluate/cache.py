@@ -129,11 +129,16 @@ class ResultCache:
 
     def get(self, key: str, run_dir: str | Path) -> dict[str, Any] | None:
         """The valid entry named ``key`` (run directory first, then the extra folders), or None."""
+        found = self.find(key, run_dir)
+        return found[0] if found is not None else None
+
+    def find(self, key: str, run_dir: str | Path) -> tuple[dict[str, Any], Path] | None:
+        """`get`'s entry and the run folder whose ``cache/`` holds it (where its other files are), or None."""
         for path in [Path(run_dir) / CACHE_DIR / f"{key}.json", *self._index.get(key, [])]:
             if path.is_file():
                 entry = read_entry(path, key)
                 if entry is not None:
-                    return entry
+                    return entry, path.parent.parent
         return None
 
 

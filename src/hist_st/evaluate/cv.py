@@ -20,6 +20,7 @@ HiST is evaluated at the final epoch (no model selection on test slides).
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ from hist_st.metrics import evaluate_fold, summarise_folds
 from hist_st.outputs import fresh_folder
 from hist_st.pl import pyplot
 from hist_st.runtime import package_versions
-from hist_st.slide import write_prepared
+from hist_st.slide import atomic_write, write_prepared
 from hist_st.train.checkpoint import ModelBundle, load_bundle
 from hist_st.train.config import TrainConfig
 from hist_st.train.data import gene_counts
@@ -113,8 +114,8 @@ def run_cv(
     master = (dist_info or DistInfo()).is_master
     out = Path(out_dir)
     labels = [m.label for m in methods]
-    keys, hits = _cache_lookups(plan, methods, out, seed=seed, cache=cache, retrain=retrain,
-                                need_files=write_predictions)
+    keys, hits, copies = _cache_lookups(plan, methods, out, seed=seed, cache=cache, retrain=retrain,
+                                        need_files=write_predictions)
     done: dict[str, list[dict[str, Any]]] = {m: [] for m in labels}  # per method, its folds' cache entries
     with fresh_folder(out, enabled=master):
         if master:
@@ -133,6 +134,10 @@ def run_cv(
             i = int(f["fold"])
             for method, label in zip(methods, labels):
                 entry = hits.get((i, label))
+                if master:
+                    for src, dst in copies.get((i, label), ()):
+                        with atomic_write(dst) as tmp:
+                            shutil.copyfile(src, tmp)
                 if entry is None and (master or method.distributed):
                     entry = _fit_fold(plan, f, method, out, seed=seed, master=master,
                                       write_predictions=write_predictions, mc_samples=mc_samples)
@@ -200,24 +205,33 @@ def _fit_fold(
 def _cache_lookups(
     plan: Plan, methods: Sequence[Method], out: Path, *, seed: int, cache: ResultCache | None,
     retrain: Collection[str], need_files: bool,
-) -> tuple[dict[tuple[int, str], dict[str, Any]], dict[tuple[int, str], dict[str, Any]]]:
-    """Every (fold, method label)'s cache key fields, and the cache entries found for them, all looked up
-    before anything trains (so every rank of a distributed job takes the same decisions)."""
+) -> tuple[dict[tuple[int, str], dict[str, Any]], dict[tuple[int, str], dict[str, Any]],
+           dict[tuple[int, str], list[tuple[Path, Path]]]]:
+    """Every (fold, method label)'s cache key fields, the cache entries found for them, and the prediction
+    files to copy with an entry found in another run folder, all looked up before anything trains (so every
+    rank of a distributed job takes the same decisions).
+
+    A method that writes prediction files (HiST) is taken from the cache only when its test slides'
+    predictions are in ``out`` already or in the run folder that holds the entry (then copied); otherwise it
+    trains again, so that every result folder holds the predictions its table was made from."""
     fingerprints = {s: slide_fingerprint(slide, plan.embedding) for s, slide in plan.slides.items()}
-    keys, hits = {}, {}
+    keys, hits, copies = {}, {}, {}
     for f in plan.folds:
         i = int(f["fold"])
         for method in methods:
-            keys[i, method.label] = fold_key(method, f, plan.fold_genes[i], embedding=plan.embedding, seed=seed,
-                                             fingerprints=fingerprints)
-            if cache is None or method.label in retrain:
+            key = keys[i, method.label] = fold_key(method, f, plan.fold_genes[i], embedding=plan.embedding,
+                                                   seed=seed, fingerprints=fingerprints)
+            if cache is None or method.label in retrain or (found := cache.find(digest(key), out)) is None:
                 continue
-            files = [out / f"fold_{i}" / "predictions" / f"{s}.h5ad" for s in sorted(f["test"])]
-            if need_files and hasattr(method, "prediction") and not all(p.is_file() for p in files):
-                continue
-            if (entry := cache.get(digest(keys[i, method.label]), out)) is not None:
-                hits[i, method.label] = entry
-    return keys, hits
+            entry, where = found
+            names = [Path(f"fold_{i}") / "predictions" / f"{s}.h5ad" for s in sorted(f["test"])]
+            missing = [n for n in names if not (out / n).is_file()]
+            if need_files and hasattr(method, "prediction") and missing:
+                if not all((where / n).is_file() for n in missing):
+                    continue
+                copies[i, method.label] = [(where / n, out / n) for n in missing]
+            hits[i, method.label] = entry
+    return keys, hits, copies
 
 
 def build_methods(
