@@ -193,13 +193,17 @@ def _fit_fold(
     preds = {s.slide_id: method.predict(s) for s in test}
     if write_predictions and hasattr(method, "prediction"):
         for s in test:
-            write_prepared(method.prediction(s, mc_samples=mc_samples, seed=seed),
-                           fdir / "predictions" / f"{s.slide_id}.h5ad")
+            write_prepared(method.prediction(s, mc_samples=mc_samples, seed=seed), out / prediction_file(i, s.slide_id))
     seconds = time.perf_counter() - t0
     history = method.history_ if method.history_ and isinstance(method.history_[0], Mapping) else []  # HiST
     metrics = evaluate_fold(preds, {s.slide_id: gene_counts(s, genes) for s in test})
     return {"method": method.label, "metrics": metrics, "seconds": seconds, "history": history,
             "origin": str(out)}
+
+
+def prediction_file(fold: int, slide_id: str) -> Path:
+    """Where a run folder holds a method's prediction for a test slide of a fold (relative to the folder)."""
+    return Path(f"fold_{fold}") / "predictions" / f"{slide_id}.h5ad"
 
 
 def _cache_lookups(
@@ -224,9 +228,8 @@ def _cache_lookups(
             if cache is None or method.label in retrain or (found := cache.find(digest(key), out)) is None:
                 continue
             entry, where = found
-            names = [Path(f"fold_{i}") / "predictions" / f"{s}.h5ad" for s in sorted(f["test"])]
-            missing = [n for n in names if not (out / n).is_file()]
-            if need_files and hasattr(method, "prediction") and missing:
+            if need_files and hasattr(method, "prediction"):
+                missing = [n for n in (prediction_file(i, s) for s in sorted(f["test"])) if not (out / n).is_file()]
                 if not all((where / n).is_file() for n in missing):
                     continue
                 copies[i, method.label] = [(where / n, out / n) for n in missing]
