@@ -58,6 +58,7 @@ FAST = {
     "mlp": {"epochs": 3},
     "bleep": {"epochs": 3, "top_k": 5},
     "ridge-robust": {},
+    "depth": {},
     # ST-Net's setting (ST-Net targets, epoch by inner CV) on the packaged CNN: DenseNet's weights are offline
     "stnet": {"patches": _fake_patches(), "input_size": 32, "epochs": 2, "max_steps": 2, "batch_size": 16,
               "backbone": "efficientnet_lite0"},
@@ -72,7 +73,8 @@ def cohort() -> tuple[list[Slide], Slide]:
 
 
 def test_registry_names():
-    assert set(list_methods()) >= {"mean", "ridge", "ridge-robust", "mlp", "bleep", "stnet", "stnet-lite0", "stflow"}
+    assert set(list_methods()) >= {"mean", "ridge", "ridge-robust", "depth", "mlp", "bleep", "stnet", "stnet-lite0",
+                                   "stflow"}
     with pytest.raises(ValueError, match="unknown baseline"):
         get_method("nope")
 
@@ -406,6 +408,58 @@ def test_mlp_feeds_raw_embeddings_and_ridge_robust_drops_flat_channels(cohort):
     hest = get_method("ridge").fit(train, GENES, EMB, seed=7).predict(test)
     assert np.abs(hest - y).mean() > 2 * np.abs(model.predict(test) - y).mean()  # why HEST's row is fragile
 
+
+
+def test_depth_is_each_genes_line_in_log_depth_at_the_probed_depth(cohort):
+    """depth: per gene, the least-squares line of log1p counts on log1p(total counts over all of the slide's
+    genes) (numpy's polyfit), evaluated at the depth that HEST's pipeline, fitted on that one target after
+    dropping flat channels, predicts from the embedding."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train, test = cohort
+    train = [_with_flat_channel(s, 1e-6) for s in train]
+    model = get_method("depth").fit(train, GENES, EMB, seed=7)
+    depth = np.concatenate([np.log1p(np.asarray(s.counts.toarray(), dtype=np.float64).sum(1)) for s in train])
+    y = np.concatenate([log1p_targets(s, GENES) for s in train]).astype(np.float64)
+    lines = np.array([np.polyfit(depth, y[:, g], 1) for g in range(len(GENES))])  # [G, (slope, intercept)]
+    np.testing.assert_allclose(model.slope_, lines[:, 0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.intercept_, lines[:, 1], rtol=1e-4, atol=1e-4)
+    x = np.concatenate([s.embeddings[EMB][:, 1:] for s in train])
+    pipe = Pipeline([("scaler", StandardScaler()), ("PCA", PCA(n_components=7, random_state=7))])
+    z = pipe.fit_transform(x)
+    reg = Ridge(solver="lsqr", alpha=100 / 7, random_state=7, fit_intercept=False, max_iter=1000)
+    reg.fit(z, depth - depth.mean())
+    probed = reg.predict(pipe.transform(test.embeddings[EMB][:, 1:])) + depth.mean()  # [N]
+    np.testing.assert_allclose(model.predict(test), lines[:, 1] + probed[:, None] * lines[:, 0], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_depth_scores_genes_whose_variation_is_depth_alone():
+    """Counts = a spot's depth x a fixed composition, depth linear in the embedding: every gene's variation
+    is depth, so the depth reference recovers it (per-gene Pearson near 1) while the gene-mean floor cannot;
+    and its predictions move together (centred, they have rank 1)."""
+    from hist_st.metrics import per_gene_metrics
+
+    def slide(slide_id: str, seed: int) -> Slide:
+        rng = np.random.default_rng(seed)
+        emb = rng.normal(size=(200, 8)).astype(np.float32)
+        depth = np.exp(6.0 + 0.6 * emb[:, 0] - 0.4 * emb[:, 3])  # [N] molecules per spot
+        share = np.random.default_rng(5).dirichlet(np.ones(12))  # one composition for every spot
+        counts = rng.poisson(depth[:, None] * share).astype(np.float32)
+        return Slide(slide_id=slide_id, spatial=rng.uniform(0, 1e4, size=(200, 2)),
+                     barcodes=np.array([f"{slide_id}-{i}" for i in range(200)], dtype=object),
+                     genes=np.array([f"G{i}" for i in range(12)], dtype=object), counts=sp.csr_matrix(counts),
+                     embeddings={EMB: emb}, um_per_px=1.0).validate()
+
+    train, test = [slide("a", 1), slide("b", 2)], slide("t", 3)
+    pred = get_method("depth").fit(train, GENES, EMB, seed=0).predict(test)
+    truth = test.counts.toarray()[:, [int(g[1:]) for g in GENES]]
+    assert per_gene_metrics(pred, truth)["pcc"] > 0.9
+    assert per_gene_metrics(get_method("mean").fit(train, GENES, EMB).predict(test), truth)["pcc"] == 0.0
+    assert np.linalg.matrix_rank(pred - pred.mean(0), tol=1e-3 * np.abs(pred).max()) == 1
 
 def test_stflow_sampler_follows_the_straight_path():
     """The official update x + dt (x1_hat - x) / (1 - t): with a denoiser that always predicts the same

@@ -16,7 +16,7 @@ from hist_st.pl import map_agreement, plot_genes
 from hist_st.slide import read_prepared
 from hist_st.train.config import parse_overrides
 
-METHODS = arg("--methods", type=names, default="hist,mean,ridge,mlp,bleep,stnet,stflow", help="method names")
+METHODS = arg("--methods", type=names, default="hist,mean,depth,ridge,mlp,bleep,stnet,stflow", help="method names")
 GROUP_BY = arg("--group-by", help="fold by a group column (e.g. patient) instead of by slide")
 BASELINE_OPTION = arg("--baseline-option", action="append", metavar="METHOD.KEY=VALUE",
                       help="baseline option, e.g. stflow.epochs=50 (repeatable)")

@@ -10,8 +10,10 @@ print(res["table"])
 Run directory layout (``OUT``)::
 
     accuracy.json                 per cohort, per method: fold summaries (mean, std, values), seconds
-    table.md                      one Markdown table per cohort, both protocols labelled
-    per_gene.csv                  cohort, method, gene, per-gene PCC/R2 mean over folds and per fold
+    table.md                      one Markdown table per cohort, both protocols labelled, and per-gene PCC
+                                  by fifths of the genes' expression level (`hist_st.evaluate.strata`)
+    per_gene.csv                  cohort, method, gene, its expression level, per-gene PCC/R2 mean over folds
+                                  and per fold
     <cohort>/                     the `run_cv` run directory (splits.json, genes.txt, fold_<i>/metrics.json,
                                   fold_<i>/model.pt and predictions for HiST)
 """
@@ -31,6 +33,7 @@ import pandas as pd
 from hist_st.errors import InputError
 from hist_st.evaluate import PROTOCOLS, build_methods, make_plan, run_cv
 from hist_st.evaluate.cache import ResultCache
+from hist_st.evaluate.strata import expression_level, per_gene_by_level
 from hist_st.jsonio import read_json, write_json
 from hist_st.methods import HiSTMethod, check_methods, method_option_names
 from hist_st.metrics import format_table
@@ -146,6 +149,21 @@ def per_gene_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _by_level(plan: Any, rows: list[dict[str, Any]], methods: list[str]) -> str:
+    """Per-gene PCC by fifths of expression level under a cohort's table; each row gains its gene's level.
+
+    Nothing when the genes differ between folds (no one list to split)."""
+    if plan.genes is None or not rows:
+        return ""
+    level = expression_level(plan.slides.values(), plan.genes)
+    at = dict(zip(map(str, plan.genes), level.tolist()))
+    for row in rows:
+        row["expression_level"] = at.get(str(row["gene"]))
+    return ("\n\nPer-gene PCC by the genes' expression level (mean over all spots of the cohort of "
+            "normalize_total(1e4) + log1p; descriptive, the same for every method): mean over folds and genes.\n\n"
+            + per_gene_by_level(rows, plan.genes, level, methods=methods))
+
+
 def run_accuracy(
     cohorts: Sequence[str | Path],
     out_dir: str | Path,
@@ -235,14 +253,16 @@ def run_accuracy(
         seeds_label = f"seed {seed}" if recorded_train_seed is None else f"fold seed {seed}, training seed {t_seed}"
         if plan.only_folds:
             seeds_label += f"; folds {', '.join(map(str, plan.only_folds))} only"
-        tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, {seeds_label})\n\n" + format_table(ordered))
         per_gene[name] = per_gene_rows(run_dir)
+        tables.append(f"### {name} ({genes}, {n_genes} genes, {folds}-fold, {seeds_label})\n\n" + format_table(ordered)
+                      + _by_level(plan, per_gene[name], list(ordered)))
     table = f"{PROTOCOLS} Mean ± std over folds (ddof 0).\n\n" + "\n\n".join(tables) + "\n"
     (out / "table.md").write_text(table)
     rows = pd.DataFrame([{"cohort": name, **row} for name, by_gene in per_gene.items() for row in by_gene])
     fold_cols = sorted((c for c in rows if c.startswith(("pcc_fold", "r2_fold"))),
                        key=lambda c: (int(c.split("fold")[1]), c))
-    rows.reindex(columns=["cohort", "method", "gene", "pcc_mean", "r2_mean", "n_folds", *fold_cols]).to_csv(
+    rows.reindex(columns=["cohort", "method", "gene", "expression_level", "pcc_mean", "r2_mean", "n_folds",
+                          *fold_cols]).to_csv(
         out / "per_gene.csv", index=False, lineterminator="\r\n")  # CRLF, as the csv module writes
     summary = {"cohorts": results, "table": table, "out_dir": str(out), "genes": genes, "methods": methods,
                "folds": folds, "only_folds": None if only_folds is None else sorted(set(map(int, only_folds))),

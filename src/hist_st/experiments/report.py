@@ -87,7 +87,7 @@ class ReportSpec:
     cohort: str | Path
     docs_dir: str | Path = "docs/results"
     runs_dir: str | Path | None = None
-    methods: Sequence[str] = ("hist", "mean", "ridge", "mlp", "bleep", "stnet", "stflow")
+    methods: Sequence[str] = ("hist", "mean", "depth", "ridge", "mlp", "bleep", "stnet", "stflow")
     gene_sets: Sequence[str] = ("hvg:2000", "he:250")
     folds: int = 4
     seed: int = 0

@@ -24,13 +24,19 @@ from hist_st.methods.base import (
 )
 from hist_st.methods.bleep import BLEEPBaseline, bleep_loss
 from hist_st.methods.hist import HiSTMethod
-from hist_st.methods.simple import MeanBaseline, MLPBaseline, RidgeBaseline, RobustRidgeBaseline
+from hist_st.methods.simple import (
+    DepthBaseline,
+    MeanBaseline,
+    MLPBaseline,
+    RidgeBaseline,
+    RobustRidgeBaseline,
+)
 from hist_st.methods.stflow import STFlowBaseline, STFlowDenoiser
 from hist_st.methods.stnet import PatchSource, STNetBaseline, STNetLite0Baseline, image_patch_source
 
 __all__ = [
     "Method", "check_methods", "get_method", "method_option_names", "list_methods", "register", "variant",
-    "log1p_targets", "slide_embeddings", "HiSTMethod", "MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline",
+    "log1p_targets", "slide_embeddings", "HiSTMethod", "MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline", "DepthBaseline",
     "MLPBaseline", "BLEEPBaseline", "bleep_loss", "STNetBaseline", "STNetLite0Baseline", "PatchSource",
     "image_patch_source", "STFlowBaseline", "STFlowDenoiser",
 ]

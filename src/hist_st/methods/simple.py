@@ -1,4 +1,5 @@
-"""Per-spot baselines on frozen patch embeddings: the gene-mean floor, HEST's ridge probe, an MLP."""
+"""Per-spot baselines on frozen patch embeddings: the gene-mean floor, HEST's ridge probe, sequencing
+depth alone, an MLP."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hist_st.methods.base import Method, log1p_targets, options_of, register, va
 from hist_st.methods.trainer import batched, fit_epochs, shuffled
 from hist_st.slide import Slide
 
-__all__ = ["MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline", "MLPBaseline"]
+__all__ = ["MeanBaseline", "RidgeBaseline", "RobustRidgeBaseline", "DepthBaseline", "MLPBaseline"]
 
 
 @register("mean")
@@ -81,15 +82,21 @@ class RidgeBaseline(Method):
         super().__init__(**options_of(locals()))
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
+        self._fit_probe(*self._xy(slides), seed)
+
+    def _predict(self, slide: Slide) -> np.ndarray:
+        return self._probe(self._x(slide))
+
+    def _fit_probe(self, x: np.ndarray, y: np.ndarray, seed: int) -> None:
+        """Fit the probe from embeddings ``x`` ``[N, C]`` to targets ``y`` ``[N, T]``."""
         from sklearn.decomposition import PCA
         from sklearn.linear_model import Ridge
         from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
 
-        x, y = self._xy(slides)
         self.keep_ = np.flatnonzero(x.std(axis=0) >= self.min_std)  # min_std 0: every channel
         if len(self.keep_) == 0:
-            raise InputError("ridge", f"every embedding channel has training std < min_std={self.min_std}")
+            raise InputError(self.name, f"every embedding channel has training std < min_std={self.min_std}")
         x = x[:, self.keep_]
         k = int(min(self.n_components, x.shape[0], x.shape[1]))
         self.pipe_ = Pipeline([("scaler", StandardScaler()), ("PCA", PCA(n_components=k, random_state=seed))])
@@ -100,8 +107,9 @@ class RidgeBaseline(Method):
         self.reg_ = Ridge(solver="lsqr", alpha=self.alpha_, random_state=seed, fit_intercept=False,
                           max_iter=self.max_iter).fit(z, y - self.y_mean_)
 
-    def _predict(self, slide: Slide) -> np.ndarray:
-        return self.reg_.predict(self.pipe_.transform(self._x(slide)[:, self.keep_])) + self.y_mean_
+    def _probe(self, x: np.ndarray) -> np.ndarray:
+        """The fitted probe's predictions ``[N, T]`` for embeddings ``x`` ``[N, C]``."""
+        return self.reg_.predict(self.pipe_.transform(x[:, self.keep_])) + self.y_mean_
 
 
 @register("ridge-robust")
@@ -110,6 +118,41 @@ class RobustRidgeBaseline(RidgeBaseline):
     """`RidgeBaseline` (HEST's probe) after dropping embedding channels whose training std is below
     ``min_std`` = 1e-3 (why: `RidgeBaseline`): a labelled variant, not HEST's code. Options as
     `RidgeBaseline`."""
+
+
+@register("depth")
+@variant(min_std=1e-3)
+class DepthBaseline(RidgeBaseline):
+    """Sequencing depth alone: each gene's training-spot line in the spot's log library size, at the
+    library size that `RobustRidgeBaseline`'s probe predicts from the embedding.
+
+    A reference, not a published baseline. It knows nothing of what a spot holds, only how many
+    molecules were captured there: every gene's prediction is ``a_g + b_g * l_hat``, where ``l =
+    log1p(total counts of the spot over all of the slide's genes)``, ``(a_g, b_g)`` is the least-squares
+    line of the gene's ``log1p`` counts on ``l`` over the training spots, and ``l_hat`` is ``l`` predicted
+    from the embedding by the ridge probe (channels with training std < ``min_std`` dropped first, target
+    centred). All predictions of a spot move together, so its per-gene Pearson measures how much of each
+    gene's variation is depth: a method whose per-gene score does not exceed this row has not shown that
+    it predicts composition. Options as `RidgeBaseline`.
+    """
+
+    def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
+        x, y = self._xy(slides)
+        depth = np.concatenate([log_depth(s) for s in slides])  # [N]
+        d = depth - depth.mean()
+        self.slope_ = (d @ (y - y.mean(axis=0)) / (d @ d)).astype(np.float32)  # [G]
+        self.intercept_ = (y.mean(axis=0) - self.slope_ * depth.mean()).astype(np.float32)
+        self._fit_probe(x, depth[:, None], seed)
+
+    def _predict(self, slide: Slide) -> np.ndarray:
+        return self.intercept_ + self._probe(self._x(slide)).reshape(-1, 1) * self.slope_  # [N, 1] * [G]
+
+
+def log_depth(slide: Slide) -> np.ndarray:
+    """``log1p`` of each spot's total counts over all of the slide's genes, float64 ``[N]``."""
+    if slide.counts is None:
+        raise InputError(f"slide {slide.slide_id!r}", "has no counts; a training slide needs expression")
+    return np.log1p(np.asarray(slide.counts.sum(axis=1), dtype=np.float64).ravel())
 
 
 @register("mlp")
