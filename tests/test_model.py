@@ -26,6 +26,7 @@ VARIANTS = {
     "neighbour-impl": {"attn_impl": "neighbour"},
     "before-issue-16": {"head_norm": True, "mca_proj": "shared"},
     "authors-token-path": {"tokens": ("max", "mean", "fixed"), "token_update": "block"},
+    "zero-head": {"head_init": "zero"},
 }
 
 
@@ -248,6 +249,32 @@ def test_config_saved_before_issue_16_rebuilds_the_same_model() -> None:
     attn = model.encoder[0][0].attn
     assert attn.kv_mca is not None and attn.q_mca is None and attn.proj_tok is None  # one token: no query
 
+
+def test_zero_head_starts_at_the_training_means_and_learns() -> None:
+    """head_init=zero: the first prediction is the head bias (the training means) at every spot, whatever the
+    input; one AdamW step moves the head's weights off zero, and from then on the backbone gets gradient.
+    A config saved before the option existed rebuilds the random head it was trained with."""
+    from hist_st.errors import InputError
+
+    model = _model(head_init="zero")
+    means = torch.linspace(0.1, 3.0, 7)
+    model.init_head_bias(means)
+    lat, feats = _slide()
+    batch = model.make_batch(lat, feats)
+    torch.testing.assert_close(model(batch), means.expand(len(lat), 7), rtol=0, atol=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    target = torch.randn(len(lat), 7)
+    (model(batch) - target).square().mean().backward()
+    assert model.in_proj.weight.grad.abs().max() == 0  # a zero head passes no gradient back yet
+    opt.step()
+    opt.zero_grad()
+    assert model.head.weight.abs().min() > 0
+    (model(batch) - target).square().mean().backward()
+    assert model.in_proj.weight.grad.abs().max() > 0
+    old = {k: v for k, v in HiSTConfig(in_dim=8, n_genes=3, dim=16, heads=2).to_dict().items() if k != "head_init"}
+    assert HiSTConfig.from_dict(old).head_init == "random"
+    with pytest.raises(InputError, match="model.head_init='ones': choose one of random, zero"):
+        HiSTConfig(in_dim=8, n_genes=3, dim=16, heads=2, head_init="ones")
 
 @pytest.mark.parametrize("device", AUTOCAST_DEVICES)
 def test_head_runs_in_float32_under_autocast(device: str) -> None:

@@ -19,6 +19,7 @@ ATTN_IMPL = ("window", "neighbour", "dense")
 ACTIVATIONS = ("relu", "gelu")
 MCA_PROJ = ("separate", "shared")
 TOKEN_UPDATE = ("attn", "block")
+HEAD_INIT = ("random", "zero")
 
 #: Values of options added after a config could have been saved without them: a saved dict lacking the
 #: key describes a model built with this behaviour (issue 16 changed these defaults).
@@ -95,6 +96,10 @@ class HiSTConfig:
         token_update: Calibration-token update: ``attn`` (the paper's equation
             ``Cb <- Cb + Attn(Cb Wq, [X; Cb] Wk, [X; Cb] Wv)``) or ``block`` (the authors' code: the
             attention output goes through an output projection, then a pre-LN FFN on the tokens).
+        head_init: The head's weights at the start: ``random`` (truncated normal, std 0.02, as every linear
+            layer; the paper is silent, the authors' code builds the head as a plain ``nn.Linear``, random
+            at the start) or ``zero`` (the head starts by predicting its bias, the training means, at every
+            spot; a gene's weights then grow only as far as its gradients agree).
         attn_impl: ``window`` (padded windows, log-sum-exp merge; fastest), ``neighbour`` (fixed-width
             neighbour gather) or ``dense`` (N x N masked reference, for tests only).
     """
@@ -121,6 +126,7 @@ class HiSTConfig:
     head_norm: bool = False
     mca_proj: str = "separate"
     token_update: str = "attn"
+    head_init: str = "random"
     attn_impl: str = "window"
 
     def __post_init__(self) -> None:
@@ -138,6 +144,7 @@ class HiSTConfig:
             "activation": (self.activation, ACTIVATIONS),
             "mca_proj": (self.mca_proj, MCA_PROJ),
             "token_update": (self.token_update, TOKEN_UPDATE),
+            "head_init": (self.head_init, HEAD_INIT),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:

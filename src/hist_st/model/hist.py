@@ -24,7 +24,7 @@ class HiST(nn.Module):
     Encoder: at each resolution, refinement blocks, cache the features, coarsen. Decoder: from the
     second-deepest resolution up, uncoarsen, fuse with the cached encoder features (concatenate and
     project, by default), refine. A linear head predicts log1p expression; its bias starts at the
-    training mean (`init_head_bias`).
+    training mean (`init_head_bias`), its weights at random or at zero (``cfg.head_init``).
 
     Args:
         cfg: The architecture.
@@ -93,6 +93,8 @@ class HiST(nn.Module):
             else None
         )
         self.apply(self._init_weights)
+        if cfg.head_init == "zero":
+            nn.init.zeros_(self.head.weight)
         if self.token_init is not None:
             nn.init.trunc_normal_(self.token_init, std=0.02)
 
