@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from hist_st.train.toy import write_toy_cohort
 
 OVERRIDES = ["model.dim=32", "model.heads=4", "model.dropout=0", "model.attn_dropout=0", "progress=false",
-             "genes.genes=[G00,G01,G02,G03,G04,G05]", "epochs=1", "lr=1e-3", "device=cpu"]
+             "genes.genes=[G00,G01,G02,G03,G04,G05]", "epochs=1", "lr=1e-3", "device=cpu",
+             "model.head_init=random"]  # a zero head would give every other parameter a zero first gradient
 
 
 def _free_port() -> int:

@@ -37,8 +37,10 @@ def _slide(n: int = 300, extent: float = 30.0, seed: int = 0, c: int = 16):
 
 
 def _model(**kw) -> HiST:
+    """A small untrained model with a random head: its output depends on its input (with the default zero
+    head it would be the bias at every spot, and the symmetry tests below would hold trivially)."""
     torch.manual_seed(0)
-    base = dict(in_dim=16, n_genes=7, dim=32, heads=4, dropout=0.0, attn_dropout=0.0)
+    base = dict(in_dim=16, n_genes=7, dim=32, heads=4, dropout=0.0, attn_dropout=0.0, head_init="random")
     return HiST(HiSTConfig(**{**base, **kw}))
 
 
@@ -237,13 +239,16 @@ def test_config_saved_before_issue_16_rebuilds_the_same_model() -> None:
     LayerNorm before the head, MCA sharing W-MSA's q/k/v, residual dropout equal to ``dropout``."""
     new = HiSTConfig(in_dim=8, n_genes=3, dim=16, heads=2)
     old = {k: v for k, v in new.to_dict().items() if k not in ("residual_dropout", "head_norm", "mca_proj",
-                                                                "token_update")}  # fmt: skip
+                                                                "token_update", "head_init")}  # fmt: skip
     legacy = HiSTConfig.from_dict(old)
-    assert (legacy.head_norm, legacy.mca_proj, legacy.token_update) == (True, "shared", "attn")
+    assert (legacy.head_norm, legacy.mca_proj, legacy.token_update, legacy.head_init) == (True, "shared", "attn",
+                                                                                          "random")
     assert legacy.residual_dropout == legacy.dropout == 0.05
     assert isinstance(HiST(legacy).norm_out, torch.nn.LayerNorm)
-    # Defaults (the paper's text): no head LayerNorm, no residual dropout, MCA with its own projections.
+    # Defaults (the paper's text): no head LayerNorm, no residual dropout, MCA with its own projections; the
+    # head starts at zero (inner validation on training slides).
     assert (new.head_norm, new.residual_dropout, new.mca_proj, new.token_update) == (False, 0.0, "separate", "attn")
+    assert new.head_init == "zero" and HiST(new).head.weight.abs().max() == 0
     model = HiST(new)
     assert isinstance(model.norm_out, torch.nn.Identity)
     attn = model.encoder[0][0].attn
@@ -251,9 +256,9 @@ def test_config_saved_before_issue_16_rebuilds_the_same_model() -> None:
 
 
 def test_zero_head_starts_at_the_training_means_and_learns() -> None:
-    """head_init=zero: the first prediction is the head bias (the training means) at every spot, whatever the
-    input; one AdamW step moves the head's weights off zero, and from then on the backbone gets gradient.
-    A config saved before the option existed rebuilds the random head it was trained with."""
+    """head_init=zero (the default): the first prediction is the head bias (the training means) at every spot,
+    whatever the input; one AdamW step moves the head's weights off zero, and from then on the backbone gets
+    gradient. A config saved before the option existed rebuilds the random head it was trained with."""
     from hist_st.errors import InputError
 
     model = _model(head_init="zero")

@@ -23,7 +23,8 @@ HEAD_INIT = ("random", "zero")
 
 #: Values of options added after a config could have been saved without them: a saved dict lacking the
 #: key describes a model built with this behaviour (issue 16 changed these defaults).
-LEGACY_VALUES: dict[str, Any] = {"head_norm": True, "mca_proj": "shared", "token_update": "attn"}
+LEGACY_VALUES: dict[str, Any] = {"head_norm": True, "mca_proj": "shared", "token_update": "attn",
+                                  "head_init": "random"}
 
 
 #: Keys of a saved model dict that were renamed since: old name -> new name.
@@ -96,10 +97,13 @@ class HiSTConfig:
         token_update: Calibration-token update: ``attn`` (the paper's equation
             ``Cb <- Cb + Attn(Cb Wq, [X; Cb] Wk, [X; Cb] Wv)``) or ``block`` (the authors' code: the
             attention output goes through an output projection, then a pre-LN FFN on the tokens).
-        head_init: The head's weights at the start: ``random`` (truncated normal, std 0.02, as every linear
-            layer; the paper is silent, the authors' code builds the head as a plain ``nn.Linear``, random
-            at the start) or ``zero`` (the head starts by predicting its bias, the training means, at every
-            spot; a gene's weights then grow only as far as its gradients agree).
+        head_init: The head's weights at the start: ``zero`` (default: the head starts by predicting its
+            bias, the training means, at every spot, and a gene's weights grow only as far as its gradients
+            agree; chosen by inner validation on training slides, ``docs/results/her2st.md``) or ``random``
+            (truncated normal, std 0.02, as every other linear layer; hist-st before, and the authors' code,
+            which builds the head as a plain ``nn.Linear``; the paper is silent). With a random head, the
+            weights of a gene with little signal stay near their random draw, and its predictions are
+            mostly noise.
         attn_impl: ``window`` (padded windows, log-sum-exp merge; fastest), ``neighbour`` (fixed-width
             neighbour gather) or ``dense`` (N x N masked reference, for tests only).
     """
@@ -126,7 +130,7 @@ class HiSTConfig:
     head_norm: bool = False
     mca_proj: str = "separate"
     token_update: str = "attn"
-    head_init: str = "random"
+    head_init: str = "zero"
     attn_impl: str = "window"
 
     def __post_init__(self) -> None:

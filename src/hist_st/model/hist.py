@@ -24,7 +24,7 @@ class HiST(nn.Module):
     Encoder: at each resolution, refinement blocks, cache the features, coarsen. Decoder: from the
     second-deepest resolution up, uncoarsen, fuse with the cached encoder features (concatenate and
     project, by default), refine. A linear head predicts log1p expression; its bias starts at the
-    training mean (`init_head_bias`), its weights at random or at zero (``cfg.head_init``).
+    training mean (`init_head_bias`), its weights at zero by default (``cfg.head_init``).
 
     Args:
         cfg: The architecture.
