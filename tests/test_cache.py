@@ -102,16 +102,22 @@ def test_corrupted_or_partial_entries_are_ignored_with_a_warning(cohort, tmp_pat
 
 
 def test_hist_keys_survive_added_and_renamed_config_keys():
-    """Entries written before `optimizer_in_backward` existed and before `model.window` became
-    `model.half_window` still match: the key is the one the code before that change computed (digest taken
-    from commit 5baf05b for this config)."""
+    """Entries written before `optimizer_in_backward` and `model.head_init` existed and before `model.window`
+    became `model.half_window` still match: the key is the one the code before that change computed (digest
+    taken from commit 5baf05b for this config, whose head was random). The zero head (the default now) is
+    another key."""
     from hist_st.evaluate.cache import digest, method_signature
     from hist_st.methods import HiSTMethod
     from hist_st.train.config import load_config
 
-    sig = method_signature(HiSTMethod(load_config(None, ["epochs=7"])))
+    assert digest(method_signature(HiSTMethod(load_config(None, ["epochs=7"])))) != (
+        "bb31e26e505be86f332b1c081595b1c133cd36223167e16970deffbbbd2d4c7b")
+    sig = method_signature(HiSTMethod(load_config(None, ["epochs=7", "model.head_init=random"])))
+    assert "head_init" not in sig["options"]["config"]["model"]
     assert "window" in sig["options"]["config"]["model"] and "half_window" not in sig["options"]["config"]["model"]
     assert digest(sig) == "bb31e26e505be86f332b1c081595b1c133cd36223167e16970deffbbbd2d4c7b"
-    same = method_signature(HiSTMethod(load_config(None, ["epochs=7", "optimizer_in_backward=true"])))
+    same = method_signature(HiSTMethod(load_config(None, ["epochs=7", "optimizer_in_backward=true",
+                                                          "model.head_init=random"])))
     assert digest(same) == digest(sig)
-    assert digest(method_signature(HiSTMethod(load_config(None, ["epochs=7", "model.half_window=2"])))) != digest(sig)
+    assert digest(method_signature(HiSTMethod(load_config(None, ["epochs=7", "model.half_window=2",
+                                                                 "model.head_init=random"])))) != digest(sig)

@@ -42,6 +42,9 @@ _COSMETIC = ("progress", "num_workers", "checkpoint_every")
 _SAME_RESULTS = ("optimizer_in_backward",)
 #: Model keys renamed after entries were written -> the name the entries hold.
 _FIRST_NAMES = {new: old for old, new in RENAMED_KEYS.items()}
+#: Model keys added after entries were written -> the value every earlier entry was made with; a config
+#: with that value is keyed without the key, so those entries still match.
+_ADDED_MODEL_KEYS = {"head_init": "random"}
 _METRIC_KEYS = {"pooled": ("r2", "pcc"), "per_gene": ("pcc", "r2")}
 
 
@@ -52,9 +55,11 @@ def digest(obj: Any) -> str:
 
 def _config_signature(cfg: TrainConfig) -> dict[str, Any]:
     """A HiST config as it is keyed, less `_COSMETIC`, `_SAME_RESULTS` and genes, with renamed keys under
-    their first name (`_FIRST_NAMES`): entries written before a key was added or renamed still match."""
+    their first name (`_FIRST_NAMES`) and added model keys left out at their earlier value
+    (`_ADDED_MODEL_KEYS`): entries written before a key was added or renamed still match."""
     d = {key: val for key, val in config_to_dict(cfg).items() if key not in (*_COSMETIC, *_SAME_RESULTS, "genes")}
-    model = {_FIRST_NAMES.get(k, k): v for k, v in (d.get("model") or {}).items()}  # digests sort keys
+    model = {_FIRST_NAMES.get(k, k): v for k, v in (d.get("model") or {}).items()
+             if k not in _ADDED_MODEL_KEYS or v != _ADDED_MODEL_KEYS[k]}  # digests sort keys
     return {**d, "model": model} if "model" in d else d
 
 
