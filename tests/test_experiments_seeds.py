@@ -56,6 +56,18 @@ def test_accuracy_seeds_end_to_end(tmp_path, capsys):
     stamp = model.stat().st_mtime_ns
     assert main(args) == 0
     assert model.stat().st_mtime_ns == stamp
+    # runs of one seed each (here copied from the first run) merge into one table, training nothing
+    singles = []
+    for s in ("5", "6"):
+        singles.append(tmp_path / f"only{s}")
+        one = [a if a != str(out) else str(singles[-1]) for a in args]
+        assert main([*one[:one.index("--seeds")], "--seeds", s, *TINY, "--reuse-from", str(out)]) == 0
+    merged = tmp_path / "merged"
+    two = [a if a != str(out) else str(merged) for a in args]
+    assert main([*two, "--reuse-from", str(singles[0]), "--reuse-from", str(singles[1])]) == 0
+    assert not list(merged.rglob("model.pt"))
+    got = json.loads((merged / "seeds.json").read_text())["cohorts"]["cohort"]["methods"]["HiST"]["per-gene PCC"]
+    np.testing.assert_allclose(got["values"], row["values"])
     # another HiST config on the same seeds and folds, paired with the first run
     other = tmp_path / "acc-other"
     args2 = [a if a != str(out) else str(other) for a in args]

@@ -46,6 +46,9 @@ METRICS = (("pooled", "r2", "pooled R2"), ("pooled", "pcc", "pooled PCC"), ("per
            ("per_gene", "r2", "per-gene R2"))
 
 
+#: The summary file of a `run_accuracy_seeds` folder.
+SEEDS_FILE = "seeds.json"
+
 def seed_summary(values: np.ndarray) -> dict[str, Any]:
     """Row statistics of ``values [S seeds, K folds]``.
 
@@ -136,9 +139,9 @@ def paired_with_runs(
     result: dict[str, Any] = {}
     mine = {label: np.array(rec["methods"][method][label]["values"]) for _, _, label in METRICS}
     for other in map(Path, others):
-        if not (other / "seeds.json").is_file():
+        if not (other / SEEDS_FILE).is_file():
             raise InputError(other, "not a `bench accuracy --seeds` folder (no seeds.json)")
-        orec = read_json(other / "seeds.json").get("cohorts", {}).get(name)
+        orec = read_json(other / SEEDS_FILE).get("cohorts", {}).get(name)
         if orec is None or method not in orec.get("methods", {}):
             raise InputError(other, f"has no {method} results for cohort {name!r}")
         missing = [x for x in rec["seeds"] if x not in orec["seeds"]]
@@ -177,7 +180,8 @@ def run_accuracy_seeds(
         reference: Method whose paired differences to every other method are reported (None: none;
             ignored when not among ``methods``).
         reuse_from: Other output folders to copy identical methods from: `run_accuracy` folders, or
-            `run_accuracy_seeds` folders (their ``seed_<s>`` subfolder is used for seed ``s``).
+            `run_accuracy_seeds` folders (their ``seed_<s>`` subfolder is used for seed ``s``; one without
+            that seed gives nothing to it, so runs of one seed each can be merged).
         paired_with: Other `run_accuracy_seeds` folders (same seeds and folds, e.g. HiST with another
             config): paired differences of ``reference`` here minus ``reference`` there (`paired_with_runs`).
         command: The command line, recorded in ``seeds.json``.
@@ -195,7 +199,8 @@ def run_accuracy_seeds(
     out = Path(out_dir)
     runs: dict[int, dict[str, Any]] = {}
     for s in seeds:
-        sources = [Path(r) / f"seed_{s}" if (Path(r) / f"seed_{s}").is_dir() else Path(r) for r in reuse_from]
+        sources = [Path(r) / f"seed_{s}" if (Path(r) / f"seed_{s}").is_dir() else Path(r) for r in reuse_from
+                   if (Path(r) / f"seed_{s}").is_dir() or not (Path(r) / SEEDS_FILE).is_file()]
         runs[s] = run_accuracy(cohorts, out / f"seed_{s}", methods=methods, seed=seed, train_seed=s,
                                reuse_from=sources, command=command, **kwargs)
     first = runs[seeds[0]]
@@ -218,5 +223,5 @@ def run_accuracy_seeds(
     (out / "table.md").write_text(table)
     runs_out = {str(s): str(out / f"seed_{s}") for s in seeds}
     write_json({"cohorts": cohorts_out, "seeds": seeds, "fold_seed": seed, "methods": list(methods),
-                "reference": ref, "command": command, "runs": runs_out}, out / "seeds.json")
+                "reference": ref, "command": command, "runs": runs_out}, out / SEEDS_FILE)
     return {"cohorts": cohorts_out, "table": table, "out_dir": str(out), "runs": runs}
