@@ -49,6 +49,7 @@ METRICS = (("pooled", "r2", "pooled R2"), ("pooled", "pcc", "pooled PCC"), ("per
 #: The summary file of a `run_accuracy_seeds` folder.
 SEEDS_FILE = "seeds.json"
 
+
 def seed_summary(values: np.ndarray) -> dict[str, Any]:
     """Row statistics of ``values [S seeds, K folds]``.
 
@@ -156,6 +157,18 @@ def paired_with_runs(
     return result
 
 
+def _sources_for_seed(reuse_from: Sequence[str | Path], seed: int) -> list[Path]:
+    """The `run_accuracy` folders of ``reuse_from`` for training seed ``seed``: a seeds folder's
+    ``seed_<seed>`` (none when it lacks that seed), any other folder as it is."""
+    out = []
+    for folder in map(Path, reuse_from):
+        if (folder / f"seed_{seed}").is_dir():
+            out.append(folder / f"seed_{seed}")
+        elif not (folder / SEEDS_FILE).is_file():
+            out.append(folder)
+    return out
+
+
 def run_accuracy_seeds(
     cohorts: Sequence[str | Path],
     out_dir: str | Path,
@@ -199,10 +212,8 @@ def run_accuracy_seeds(
     out = Path(out_dir)
     runs: dict[int, dict[str, Any]] = {}
     for s in seeds:
-        sources = [Path(r) / f"seed_{s}" if (Path(r) / f"seed_{s}").is_dir() else Path(r) for r in reuse_from
-                   if (Path(r) / f"seed_{s}").is_dir() or not (Path(r) / SEEDS_FILE).is_file()]
         runs[s] = run_accuracy(cohorts, out / f"seed_{s}", methods=methods, seed=seed, train_seed=s,
-                               reuse_from=sources, command=command, **kwargs)
+                               reuse_from=_sources_for_seed(reuse_from, s), command=command, **kwargs)
     first = runs[seeds[0]]
     ref = display(reference) if reference in first["methods"] else None
     cohorts_out: dict[str, Any] = {}
