@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,6 +29,7 @@ __all__ = [
     "harmonise_slide",
     "shared_genes",
     "restrict_genes",
+    "log_normalised",
     "rank_hvg",
     "rank_highly_expressed",
     "rank_hest_bench",
@@ -205,14 +207,19 @@ def restrict_genes(slide: Slide, genes: Sequence[str]) -> Slide:
     return slide
 
 
-def _stack_log_normalised(mats: Sequence[sp.spmatrix]) -> sp.csr_matrix:
-    x = sp.vstack([sp.csr_matrix(m, dtype=np.float32) for m in mats]).tocsr()
+def log_normalised(counts: sp.spmatrix | np.ndarray, dtype: Any = np.float32) -> sp.csr_matrix:
+    """``log1p(counts / spot total * 1e4)`` (scanpy's ``normalize_total(1e4)`` + ``log1p``) of a count matrix
+    ``[N, G]``, totals over its own columns; an empty spot stays zero."""
+    x = sp.csr_matrix(counts, dtype=dtype)
     totals = np.asarray(x.sum(axis=1)).ravel()
     scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
-    x = sp.diags(scale.astype(np.float32)) @ x
-    x = sp.csr_matrix(x)
+    x = sp.csr_matrix(sp.diags(scale.astype(dtype)) @ x)
     x.data = np.log1p(x.data)
     return x
+
+
+def _stack_log_normalised(mats: Sequence[sp.spmatrix]) -> sp.csr_matrix:
+    return log_normalised(sp.vstack([sp.csr_matrix(m, dtype=np.float32) for m in mats]).tocsr())
 
 
 def rank_hvg(mats: Sequence[sp.spmatrix], genes: Sequence[str]) -> list[str]:

@@ -21,18 +21,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
+from hist_st.harmonise import log_normalised
 from hist_st.slide import Slide
 
 __all__ = ["expression_level", "per_gene_by_level"]
 
 
-def expression_level(slides: Iterable[Slide], genes: Sequence[str], *, target_sum: float = 1e4) -> np.ndarray:
-    """Each gene's mean of ``log1p(counts / total * target_sum)`` over every spot of ``slides``.
+def expression_level(slides: Iterable[Slide], genes: Sequence[str]) -> np.ndarray:
+    """Each gene's mean of ``log1p(counts / total * 1e4)`` over every spot of ``slides``
+    (`hist_st.harmonise.log_normalised`, the level the ``he:N`` gene ranking sorts by).
 
-    ``total`` is the spot's count over all of its slide's genes (scanpy's ``normalize_total`` + ``log1p``);
-    slides without counts are skipped; columns are picked by name.
+    ``total`` is the spot's count over all of its slide's genes; slides without counts are skipped; columns
+    are picked by name.
 
     Returns:
         float64 ``[G]`` in ``genes`` order (NaN where no slide has counts).
@@ -42,12 +43,9 @@ def expression_level(slides: Iterable[Slide], genes: Sequence[str], *, target_su
         if slide.counts is None:
             continue
         index = {str(g): i for i, g in enumerate(slide.genes)}
-        counts = sp.csr_matrix(slide.counts, dtype=np.float64)
-        total = np.asarray(counts.sum(axis=1)).ravel()
-        scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)  # empty spots: 0
-        picked = sp.diags(scale) @ counts[:, [index[str(g)] for g in genes]]
-        sums += np.asarray(picked.log1p().sum(axis=0)).ravel()
-        n += counts.shape[0]
+        picked = log_normalised(slide.counts, dtype=np.float64)[:, [index[str(g)] for g in genes]]
+        sums += np.asarray(picked.sum(axis=0)).ravel()
+        n += picked.shape[0]
     return sums / n if n else np.full(len(genes), np.nan)
 
 

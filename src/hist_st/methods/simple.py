@@ -138,7 +138,7 @@ class DepthBaseline(RidgeBaseline):
 
     def _fit(self, slides: list[Slide], rng: np.random.Generator, seed: int) -> None:
         x, y = self._xy(slides)
-        depth = np.concatenate([log_depth(s) for s in slides])  # [N]
+        depth = np.concatenate([_log_depth(s) for s in slides])  # [N]; _xy checked that every slide has counts
         d = depth - depth.mean()
         self.slope_ = (d @ (y - y.mean(axis=0)) / (d @ d)).astype(np.float32)  # [G]
         self.intercept_ = (y.mean(axis=0) - self.slope_ * depth.mean()).astype(np.float32)
@@ -148,10 +148,8 @@ class DepthBaseline(RidgeBaseline):
         return self.intercept_ + self._probe(self._x(slide)).reshape(-1, 1) * self.slope_  # [N, 1] * [G]
 
 
-def log_depth(slide: Slide) -> np.ndarray:
+def _log_depth(slide: Slide) -> np.ndarray:
     """``log1p`` of each spot's total counts over all of the slide's genes, float64 ``[N]``."""
-    if slide.counts is None:
-        raise InputError(f"slide {slide.slide_id!r}", "has no counts; a training slide needs expression")
     return np.log1p(np.asarray(slide.counts.sum(axis=1), dtype=np.float64).ravel())
 
 
