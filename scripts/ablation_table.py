@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hist_st.bench import markdown_table
 from hist_st.experiments.seeds import METRICS, SEEDS_FILE
 from hist_st.jsonio import read_json
 
@@ -33,20 +34,17 @@ def main() -> None:
     labels = [label for _, _, label in METRICS if label != "per-gene R2"]
     rows, fold_rows, means = [], [], []
     for run in args.runs:
-        rec = read_json(run / SEEDS_FILE)["cohorts"][args.cohort]
-        (default, diffs), = rec["paired_with"].items()   # one --paired-with per ablation run
-        name = f"`{run.name}` (seeds {','.join(map(str, rec['seeds']))})"
+        rec = read_json(run / SEEDS_FILE)
+        seeds = rec["cohorts"][args.cohort]
+        (diffs,) = seeds["paired_with"].values()   # one --paired-with per ablation run
+        name = f"`{run.name}` (seeds {','.join(map(str, seeds['seeds']))})"
         rows.append([name, *(_cell(diffs[label]) for label in labels)])
         fold_rows.append([name, *(_folds(diffs[label]) for label in labels)])
-        means.append([name, *(f"{rec['methods']['HiST'][label]['mean']:.3f}" for label in labels)])
-    head = "| ablation | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels)
+        means.append([name, *(f"{seeds['methods'][rec['reference']][label]['mean']:.3f}" for label in labels)])
     for title, body in (("ablation minus default: mean over folds (seeds ± std; folds at or above)", rows),
-                        ("per fold (seed means), folds 0 / 1 / 2 / 3", fold_rows),
+                        ("per fold (seed means), in fold order", fold_rows),
                         ("the ablation's own means over folds and seeds", means)):
-        print(f"\n{title}\n\n{head}")
-        for r in body:
-            print("| " + " | ".join(r) + " |")
-
+        print("", title, "", *markdown_table(["ablation", *labels], body), sep="\n")
 
 if __name__ == "__main__":
     main()
