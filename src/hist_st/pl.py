@@ -24,8 +24,8 @@ from hist_st.errors import InputError
 from hist_st.metrics import pearson
 from hist_st.slide import Slide, read_prepared
 
-__all__ = ["VALUES", "normalise_counts", "gene_values", "spot_diameter_px", "map_agreement", "plot_genes", "draw_spots",
-           "pyplot", "save_figure"]
+__all__ = ["VALUES", "normalise_counts", "gene_values", "spot_diameter_px", "map_agreement", "pc1_share",
+           "plot_genes", "draw_spots", "pyplot", "save_figure"]
 
 #: What a map shows: library-size-normalised log expression (default), log1p counts, or counts.
 VALUES = {
@@ -112,7 +112,7 @@ def _measured(slide: Slide, truth: Slide | None) -> sp.csr_matrix | None:
     return sp.csr_matrix(truth.counts)[:, [tpos[str(g)] for g in slide.genes]]
 
 
-def _pc1_share(x: np.ndarray) -> float:
+def pc1_share(x: np.ndarray) -> float:
     """Share of the total variance of ``x`` ``[N, G]`` on its first principal component."""
     x = x - x.mean(0)
     s = np.linalg.svd(x, compute_uv=False)
@@ -150,7 +150,7 @@ def map_agreement(
             "measured": [[pearson(m[:, i], m[:, j]) for j in range(len(genes))] for i in range(len(genes))],
             "predicted": [[pearson(p[:, i], p[:, j]) for j in range(len(genes))] for i in range(len(genes))],
         },
-        "pc1_share": {"measured": _pc1_share(m_all), "predicted": _pc1_share(p_all)},
+        "pc1_share": {"measured": pc1_share(m_all), "predicted": pc1_share(p_all)},
     }
 
 
