@@ -38,9 +38,10 @@ def main() -> None:
         seeds = rec["cohorts"][args.cohort]
         (diffs,) = seeds["paired_with"].values()   # one --paired-with per ablation run
         name = f"`{run.name}` (seeds {','.join(map(str, seeds['seeds']))})"
-        rows.append([name, *(_cell(diffs[label]) for label in labels)])
-        fold_rows.append([name, *(_folds(diffs[label]) for label in labels)])
-        means.append([name, *(f"{seeds['methods'][rec['reference']][label]['mean']:.3f}" for label in labels)])
+        rows.append([name, *(_cell(diffs[label]) if label in diffs else "—" for label in labels)])
+        fold_rows.append([name, *(_folds(diffs[label]) if label in diffs else "—" for label in labels)])
+        means.append([name, *(f"{seeds['methods'][rec['reference']][label]['mean']:.3f}"
+                              if label in seeds['methods'][rec['reference']] else "—" for label in labels)])
     for title, body in (("ablation minus default: mean over folds (seeds ± std; folds at or above)", rows),
                         ("per fold (seed means), in fold order", fold_rows),
                         ("the ablation's own means over folds and seeds", means)):

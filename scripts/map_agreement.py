@@ -6,7 +6,7 @@ each ``run_cv`` folder (``<bench accuracy out>/seed_<s>/<cohort>``, every fold w
 model predicts its test slides; per test slide:
 
 - map r: Pearson, over the slide's spots, of each gene's predicted and measured normalised map, the mean over
-  the genes that vary on the slide (`hist_st.pl.map_agreement`'s per-gene r, for every gene);
+  the genes that vary on the slide (`hist_st.metrics.map_metrics`, the "map PCC" of the accuracy tables);
 - the same on log1p counts (what the accuracy tables score), for comparison;
 - PC1 share: variance of all the model's normalised maps on their first principal component, predicted and
   measured (`hist_st.pl.pc1_share`; near 1 when one pattern drives every predicted map).
@@ -27,8 +27,8 @@ import torch
 from hist_st.evaluate.cv import fold_model
 from hist_st.jsonio import read_json
 from hist_st.methods.base import log1p_targets
-from hist_st.metrics import pearson_columns
-from hist_st.pl import normalise_counts, pc1_share
+from hist_st.metrics import map_metrics, normalise_counts, pearson_columns
+from hist_st.pl import pc1_share
 from hist_st.slide import read_prepared
 from hist_st.train.predict import predict_log1p
 
@@ -41,7 +41,7 @@ def slide_row(bundle, slide) -> tuple[float, float, float, float]:
     y = log1p_targets(slide, bundle.genes).astype(np.float64)
     p_map, m_map = normalise_counts(np.expm1(pred)), normalise_counts(np.expm1(y))
     varies = np.ptp(m_map, axis=0) > 0
-    return (float(np.mean(pearson_columns(p_map[:, varies], m_map[:, varies]))),
+    return (map_metrics(pred, np.expm1(y))["pcc"],
             float(np.mean(pearson_columns(pred[:, varies], y[:, varies]))),
             pc1_share(p_map), pc1_share(m_map))
 

@@ -12,6 +12,8 @@ from hist_st.metrics import (
     STD_DDOF,
     evaluate_fold,
     format_table,
+    map_metrics,
+    normalise_counts,
     per_gene_metrics,
     pooled_metrics,
     summarise_folds,
@@ -89,6 +91,47 @@ def test_evaluate_fold_pools_per_slide_and_concatenates_per_gene():
     assert res["per_gene"]["pcc"] == pytest.approx(cat["pcc"])
     np.testing.assert_allclose(res["per_gene"]["r2_per_gene"], cat["r2_per_gene"])
     assert res["n_spots"] == 95
+    maps = [map_metrics(preds[s], truths[s])["pcc"] for s in ("s1", "s2")]
+    assert res["maps"]["pcc"] == pytest.approx(np.mean(maps))
+    assert [res["per_slide"][s]["map_pcc"] for s in ("s1", "s2")] == pytest.approx(maps)
+
+
+def test_map_metrics_matches_scanpy_normalisation_and_scipy():
+    import anndata as ad
+    import scanpy as sc
+
+    rng = np.random.default_rng(4)
+    pred, counts = _pair(rng, n=50, g=10)
+    counts[:, 3] = 0.0  # a gene never detected on the slide: excluded
+    pred[:7, 5] = -0.3  # negative log1p predictions: expm1 < 0 counts as 0
+    m = map_metrics(pred, sp.csr_matrix(counts))
+
+    def scanpy_maps(x: np.ndarray) -> np.ndarray:
+        a = ad.AnnData(np.maximum(x, 0.0).astype(np.float64))
+        sc.pp.normalize_total(a, target_sum=1e4)
+        sc.pp.log1p(a)
+        return np.asarray(a.X)
+
+    p_ref, m_ref = scanpy_maps(np.expm1(pred)), scanpy_maps(counts)
+    np.testing.assert_allclose(normalise_counts(counts), m_ref, rtol=1e-12)
+    ref = [pearsonr(p_ref[:, j], m_ref[:, j])[0] for j in range(10) if j != 3]
+    assert m["n_evaluated"] == 9 and m["pcc"] == pytest.approx(np.mean(ref), rel=1e-9)
+
+
+def test_map_metrics_divides_out_library_size():
+    rng = np.random.default_rng(5)
+    _, counts = _pair(rng, n=80, g=8)
+    counts += 1.0  # every spot and gene detected: normalisation is exact
+    depth = rng.uniform(0.3, 3.0, size=(80, 1))
+    # the truth at another library size per spot: perfect maps, imperfect log1p counts
+    rescaled = np.log1p(counts * depth)
+    assert map_metrics(rescaled, counts)["pcc"] == pytest.approx(1.0)
+    assert per_gene_metrics(rescaled, counts)["pcc"] < 0.95
+    # library size alone (every gene at its mean times the spot's depth): it scores on log1p counts only
+    depth_only = np.log1p(counts.mean(0) * counts.sum(1, keepdims=True) / counts.sum(1).mean())
+    assert per_gene_metrics(depth_only, counts)["pcc"] > 0.3
+    assert map_metrics(depth_only, counts)["pcc"] == pytest.approx(0.0, abs=1e-6)
+    assert normalise_counts(np.zeros((2, 3))).tolist() == [[0.0] * 3] * 2  # empty spots stay 0
 
 
 def test_summarise_folds_std_and_table():
@@ -104,7 +147,11 @@ def test_summarise_folds_std_and_table():
     assert s["per_gene"]["pcc"]["std"] == pytest.approx(np.std(vals / 2))
     table = format_table({"HiST": s, "ridge": s})
     lines = table.splitlines()
-    assert lines[0] == "| Method | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 |"
+    assert lines[0] == "| Method | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | map PCC |"
     assert len(lines) == 4 and lines[2].startswith("| HiST | 0.263 ± ")
+    assert "maps" not in s and lines[2].endswith(" | — |")  # records written before the maps protocol
+    s_maps = summarise_folds([{**f, "maps": {"pcc": 0.1 * (i + 1)}} for i, f in enumerate(folds)])
+    assert s_maps["maps"]["pcc"]["mean"] == pytest.approx(0.25)
+    assert format_table({"HiST": s_maps}).splitlines()[2].endswith(" | 0.250 ± 0.112 |")
     with pytest.raises(ValueError):
         summarise_folds([])

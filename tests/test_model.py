@@ -278,8 +278,13 @@ def test_zero_head_starts_at_the_training_means_and_learns() -> None:
     assert model.in_proj.weight.grad.abs().max() > 0
     old = {k: v for k, v in HiSTConfig(in_dim=8, n_genes=3, dim=16, heads=2).to_dict().items() if k != "head_init"}
     assert HiSTConfig.from_dict(old).head_init == "random"
-    with pytest.raises(InputError, match="model.head_init='ones': choose one of random, zero"):
+    with pytest.raises(InputError, match="model.head_init='ones': choose one of random, zero, small"):
         HiSTConfig(in_dim=8, n_genes=3, dim=16, heads=2, head_init="ones")
+    # small: the random draw at a tenth of the other layers' std (0.02); the backbone gets gradient at once
+    torch.manual_seed(0)
+    big = HiST(HiSTConfig(in_dim=8, n_genes=2000, dim=64, heads=2, head_init="small"))
+    assert float(big.head.weight.std()) == pytest.approx(0.002, rel=0.03)
+    assert float(big.head.weight.abs().max()) < 6 * 0.002
 
 @pytest.mark.parametrize("device", AUTOCAST_DEVICES)
 def test_head_runs_in_float32_under_autocast(device: str) -> None:

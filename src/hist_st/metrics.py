@@ -1,4 +1,5 @@
-"""Evaluation metrics: the two protocols of SPEC section 3, always reported side by side and labelled.
+"""Evaluation metrics: the two protocols of SPEC section 3, always reported side by side and labelled, and the
+maps protocol.
 
 - **pooled** (the HiST authors' released metric): per test slide, flatten the ``[N, G]`` matrices of
   predicted counts ``relu(expm1(pred_log1p))`` and raw counts into one vector each and compute R2
@@ -10,6 +11,11 @@
   (``--genes hest-bench:50``) and its fixed patient-level splits (``--splits <task>/splits``) can the
   numbers sit beside its published table, and even then HEST-Benchmark lets a constant gene's NaN into
   its mean where this module drops and counts it.
+- **maps** ("map PCC"): what a map shows (`hist_st.pl`): per test slide, predicted and measured counts are
+  each normalised per spot to ``log1p`` of counts per 10k over the scored genes (`normalise_counts`, so a
+  spot's library size is divided out), then Pearson per gene over the slide's spots, averaged over the genes
+  that vary on the slide; averaged over the test slides of a fold. Neither paper reports it; a model can
+  score well on log1p counts by predicting library size, which the maps divide out.
 
 Predictions always enter in log1p space (what the model outputs); truths always enter as raw counts
 (dense or ``scipy.sparse``). Fold summaries are mean and standard deviation over folds with ``ddof=0``
@@ -28,8 +34,10 @@ __all__ = [
     "STD_DDOF",
     "pearson",
     "pearson_columns",
+    "normalise_counts",
     "pooled_metrics",
     "per_gene_metrics",
+    "map_metrics",
     "evaluate_fold",
     "summarise_folds",
     "format_table",
@@ -167,6 +175,48 @@ def per_gene_metrics(pred_log1p: Any, true_counts: Any) -> dict[str, Any]:
     }
 
 
+def normalise_counts(counts: Any, target_sum: float = 1e4) -> np.ndarray:
+    """``log1p(counts / spot total * target_sum)`` per spot, as scanpy's ``normalize_total`` + ``log1p``.
+
+    Args:
+        counts: ``[N, G]`` counts (dense or sparse); negative values (a regression's ``expm1`` of a
+            log1p prediction below 0) count as 0. Spots whose total is 0 stay 0.
+
+    Returns:
+        float64 ``[N, G]``.
+    """
+    x = np.maximum(np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64), 0.0)
+    total = x.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x = np.where(total > 0, x / total * target_sum, 0.0)
+    return np.log1p(x)
+
+
+def map_metrics(pred_log1p: Any, true_counts: Any) -> dict[str, Any]:
+    """Maps protocol for one slide: Pearson per gene of the library-size-normalised maps, over its spots.
+
+    Both matrices are normalised over their ``G`` genes (`normalise_counts` of ``expm1(pred_log1p)`` and of
+    the counts), as `hist_st.pl` draws maps. Genes constant on the slide after normalisation are excluded;
+    a gene whose normalised prediction is constant (but truth is not) scores 0, as in `per_gene_metrics`;
+    here "constant" allows float32 rounding (a range below 1e-5 of the values' size, far below what a colour
+    scale shows), because normalising a float32 prediction that only scales every gene by the spot's library
+    size leaves rounding noise, not a map.
+
+    Returns:
+        ``{"pcc": mean over the evaluated genes (NaN when none), "n_evaluated": int}``.
+
+    Raises:
+        ValueError: On a shape mismatch or non-finite predictions.
+    """
+    pred, true = _check_pair(pred_log1p, true_counts)
+    p, m = normalise_counts(np.expm1(pred)), normalise_counts(true)
+    ok = np.ptp(m, axis=0) > 0  # [G]
+    r = pearson_columns(p[:, ok], m[:, ok])
+    flat = np.ptp(p[:, ok], axis=0) <= 1e-5 * np.maximum(1.0, np.abs(p[:, ok]).max(axis=0, initial=0.0))
+    r[np.isnan(r) | flat] = 0.0  # constant normalised prediction
+    return {"pcc": float(np.mean(r)) if ok.any() else float("nan"), "n_evaluated": int(ok.sum())}
+
+
 def evaluate_fold(preds: Mapping[str, Any], truths: Mapping[str, Any]) -> dict[str, Any]:
     """Score one fold's test slides under both protocols.
 
@@ -179,7 +229,8 @@ def evaluate_fold(preds: Mapping[str, Any], truths: Mapping[str, Any]) -> dict[s
         ``pooled``: ``{"r2", "pcc"}`` means over test slides of the per-slide pooled metrics;
         ``per_gene``: `per_gene_metrics` over the test spots concatenated in sorted slide-id order
         (including the per-gene arrays);
-        ``per_slide``: slide id -> ``{"r2", "pcc", "n_spots"}`` (pooled protocol);
+        ``maps``: ``{"pcc"}`` mean over test slides of `map_metrics`;
+        ``per_slide``: slide id -> ``{"r2", "pcc", "map_pcc", "n_spots"}`` (pooled and maps protocols);
         ``slides``: the sorted slide ids; ``n_spots``: total test spots.
 
     Raises:
@@ -204,7 +255,7 @@ def evaluate_fold(preds: Mapping[str, Any], truths: Mapping[str, Any]) -> dict[s
             raise ValueError(f"slide {sid!r} has {pred.shape[1]} genes, earlier slides have {n_genes}")
         n_genes = pred.shape[1]
         m = pooled_metrics(pred, true)
-        per_slide[sid] = {**m, "n_spots": int(pred.shape[0])}
+        per_slide[sid] = {**m, "map_pcc": map_metrics(pred, true)["pcc"], "n_spots": int(pred.shape[0])}
         pred_list.append(pred)
         true_list.append(true)
     pooled = {k: float(np.mean([per_slide[s][k] for s in slides])) for k in ("r2", "pcc")}
@@ -212,6 +263,7 @@ def evaluate_fold(preds: Mapping[str, Any], truths: Mapping[str, Any]) -> dict[s
     return {
         "pooled": pooled,
         "per_gene": per_gene,
+        "maps": {"pcc": float(np.mean([per_slide[s]["map_pcc"] for s in slides]))},
         "per_slide": per_slide,
         "slides": slides,
         "n_spots": int(sum(p.shape[0] for p in pred_list)),
@@ -225,9 +277,10 @@ def summarise_folds(folds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         folds: `evaluate_fold` results, one per fold.
 
     Returns:
-        ``{"pooled": {"r2": s, "pcc": s}, "per_gene": {"pcc": s, "r2": s}, "n_folds": K, "ddof": 0}``
-        where each ``s`` is ``{"mean": float, "std": float, "values": [K floats]}``; NaN fold values
-        propagate (a NaN in any fold gives a NaN mean).
+        ``{"pooled": {"r2": s, "pcc": s}, "per_gene": {"pcc": s, "r2": s}, "maps": {"pcc": s}, "n_folds": K,
+        "ddof": 0}`` where each ``s`` is ``{"mean": float, "std": float, "values": [K floats]}``; NaN fold
+        values propagate (a NaN in any fold gives a NaN mean). ``maps`` is left out when a fold record lacks
+        it (one written before the maps protocol existed).
 
     Raises:
         ValueError: On an empty list.
@@ -235,9 +288,10 @@ def summarise_folds(folds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if len(folds) == 0:
         raise ValueError("no fold results to summarise")
     out: dict[str, Any] = {"pooled": {}, "per_gene": {}, "n_folds": len(folds), "ddof": STD_DDOF}
-    for proto, key in _PROTOCOL_KEYS:
+    keys = _PROTOCOL_KEYS + ((("maps", "pcc"),) if all("maps" in f for f in folds) else ())
+    for proto, key in keys:
         vals = np.array([float(f[proto][key]) for f in folds], dtype=np.float64)
-        out[proto][key] = {
+        out.setdefault(proto, {})[key] = {
             "mean": float(np.mean(vals)),
             "std": float(np.std(vals, ddof=STD_DDOF)),
             "values": vals.tolist(),
@@ -269,12 +323,13 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], digits: int = 3) -> str:
         digits: Decimals shown.
 
     Returns:
-        A Markdown table with columns Method, pooled R2, pooled PCC, per-gene PCC, per-gene R2 (each
-        "mean ± std" over folds, std with ddof=0).
+        A Markdown table with columns Method, pooled R2, pooled PCC, per-gene PCC, per-gene R2, map PCC (each
+        "mean ± std" over folds, std with ddof=0; "—" for a summary without the maps protocol).
     """
-    header = "| Method | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 |"
-    sep = "|---|---|---|---|---|"
+    header = "| Method | pooled R2 | pooled PCC | per-gene PCC | per-gene R2 | map PCC |"
+    sep = "|---|---|---|---|---|---|"
     lines = [header, sep]
     for method, summary in rows.items():
-        lines.append(f"| {method} | " + " | ".join(protocol_cells(summary, digits)) + " |")
+        maps = _fmt(summary["maps"]["pcc"], digits) if "maps" in summary else "—"
+        lines.append(f"| {method} | " + " | ".join([*protocol_cells(summary, digits), maps]) + " |")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from hist_st.errors import InputError
-from hist_st.metrics import pearson
+from hist_st.metrics import normalise_counts, pearson
 from hist_st.slide import Slide, read_prepared
 
 __all__ = ["VALUES", "normalise_counts", "gene_values", "spot_diameter_px", "map_agreement", "pc1_share",
@@ -53,23 +53,6 @@ def save_figure(fig: Any, path: str | Path, dpi: float | None = None) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     pyplot().close(fig)
     return path
-
-
-def normalise_counts(counts: np.ndarray | sp.spmatrix, target_sum: float = 1e4) -> np.ndarray:
-    """``log1p(counts / spot total * target_sum)`` per spot, as scanpy's ``normalize_total`` + ``log1p``.
-
-    Args:
-        counts: ``[N, G]`` counts (dense or sparse); negative values (a regression's ``expm1`` of a
-            log1p prediction below 0) count as 0. Spots whose total is 0 stay 0.
-
-    Returns:
-        float64 ``[N, G]``.
-    """
-    x = np.maximum(np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64), 0.0)
-    total = x.sum(1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        x = np.where(total > 0, x / total * target_sum, 0.0)
-    return np.log1p(x)
 
 
 def gene_values(counts: np.ndarray | sp.spmatrix, columns: Sequence[int], values: str = "normalised") -> np.ndarray:

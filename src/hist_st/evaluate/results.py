@@ -39,8 +39,9 @@ class FoldRecord:
                 "metrics": metrics}
 
     def brief(self) -> dict[str, Any]:
-        """The fold's entry in the run's ``metrics.json``: pooled metrics and per-gene PCC per method."""
-        return {"fold": self.fold, **{m: {"pooled": r["pooled"], "per_gene_pcc": r["per_gene"]["pcc"]}
+        """The fold's entry in the run's ``metrics.json``: pooled metrics, per-gene PCC and map PCC per method."""
+        return {"fold": self.fold, **{m: {"pooled": r["pooled"], "per_gene_pcc": r["per_gene"]["pcc"],
+                                          **({"map_pcc": r["maps"]["pcc"]} if "maps" in r else {})}
                                       for m, r in self.metrics.items()}}
 
 

@@ -43,7 +43,7 @@ __all__ = ["METRICS", "run_accuracy_seeds", "seed_summary", "paired_differences"
 
 #: (protocol, key, column label) of the metrics summarised over seeds.
 METRICS = (("pooled", "r2", "pooled R2"), ("pooled", "pcc", "pooled PCC"), ("per_gene", "pcc", "per-gene PCC"),
-           ("per_gene", "r2", "per-gene R2"))
+           ("per_gene", "r2", "per-gene R2"), ("maps", "pcc", "map PCC"))
 
 
 #: The summary file of a `run_accuracy_seeds` folder.
@@ -100,7 +100,7 @@ def _diff_cell(d: Mapping[str, Any]) -> str:
 def _table(first: str, rows: Mapping[str, Mapping[str, Any]], cell: Callable[[Mapping[str, Any]], str]) -> list[str]:
     """Markdown lines: a header (``first``, then the `METRICS` labels) and one row per name, ``cell`` of each."""
     labels = [label for _, _, label in METRICS]
-    return markdown_table([first, *labels], ([name, *(cell(v[label]) for label in labels)]
+    return markdown_table([first, *labels], ([name, *(cell(v[label]) if label in v else "—" for label in labels)]
                                              for name, v in rows.items()))
 
 
@@ -138,7 +138,7 @@ def paired_with_runs(
         return [(frozenset(f["train"]), frozenset(f["test"])) for f in load_folds(path)]
 
     result: dict[str, Any] = {}
-    mine = {label: np.array(rec["methods"][method][label]["values"]) for _, _, label in METRICS}
+    mine = {label: np.array(stat["values"]) for label, stat in rec["methods"][method].items()}
     for other in map(Path, others):
         if not (other / SEEDS_FILE).is_file():
             raise InputError(other, "not a `bench accuracy --seeds` folder (no seeds.json)")
@@ -152,8 +152,9 @@ def paired_with_runs(
         for s in rec["seeds"]:
             if fold_sets(other / f"seed_{s}" / name / "splits.json") != fold_sets(out / f"seed_{s}" / name / "splits.json"):
                 raise InputError(other, f"seed {s} used other folds than this run")
-        theirs = {label: np.array(orec["methods"][method][label]["values"])[rows] for _, _, label in METRICS}
-        result[str(other)] = {label: paired_differences(mine[label], theirs[label]) for label in mine}
+        theirs = {label: np.array(orec["methods"][method][label]["values"])[rows]
+                  for label in mine if label in orec["methods"][method]}  # older runs lack map PCC
+        result[str(other)] = {label: paired_differences(mine[label], theirs[label]) for label in theirs}
     return result
 
 
@@ -220,12 +221,14 @@ def run_accuracy_seeds(
     for name in first["cohorts"]:
         per_seed = [runs[s]["cohorts"][name]["methods"] for s in seeds]
         values = {m: {label: np.array([run[m][p][k]["values"] for run in per_seed], dtype=np.float64)
-                      for p, k, label in METRICS} for m in per_seed[0]}  # [S, K] per method and metric
+                      for p, k, label in METRICS if all(k in run[m].get(p, {}) for run in per_seed)}
+                  for m in per_seed[0]}  # [S, K] per method and metric (map PCC: not in records older than it)
         rec: dict[str, Any] = {
             "seeds": seeds, "fold_seed": seed,
             "methods": {m: {label: seed_summary(v) for label, v in by_label.items()}
                         for m, by_label in values.items()},
-            "paired": {m: {label: paired_differences(values[ref][label], v) for label, v in by_label.items()}
+            "paired": {m: {label: paired_differences(values[ref][label], v) for label, v in by_label.items()
+                           if label in values[ref]}
                        for m, by_label in values.items() if ref is not None and m != ref}}
         if paired_with and ref is not None:
             rec["paired_with"] = paired_with_runs(rec, out, name, paired_with, ref)

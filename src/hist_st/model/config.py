@@ -19,7 +19,7 @@ ATTN_IMPL = ("window", "neighbour", "dense")
 ACTIVATIONS = ("relu", "gelu")
 MCA_PROJ = ("separate", "shared")
 TOKEN_UPDATE = ("attn", "block")
-HEAD_INIT = ("random", "zero")
+HEAD_INIT = ("random", "zero", "small")
 
 #: Values of options added after a config could have been saved without them: a saved dict lacking the
 #: key describes a model built with this behaviour (issue 16 changed these defaults).
@@ -103,7 +103,9 @@ class HiSTConfig:
             (truncated normal, std 0.02, as every other linear layer; hist-st before, and the authors' code,
             which builds the head as a plain ``nn.Linear``; the paper is silent). With a random head, the
             weights of a gene with little signal stay near their random draw, and its predictions are
-            mostly noise.
+            mostly noise. ``small``: random with std 0.002, a tenth of the others, so that a gene's random
+            draw (row norm about 0.045 at d = 512) is no larger than what the zero head learns (0.023-0.042
+            on her2st); measured against both in ``docs/results/her2st.md``.
         attn_impl: ``window`` (padded windows, log-sum-exp merge; fastest), ``neighbour`` (fixed-width
             neighbour gather) or ``dense`` (N x N masked reference, for tests only).
     """

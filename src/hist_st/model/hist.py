@@ -95,6 +95,8 @@ class HiST(nn.Module):
         self.apply(self._init_weights)
         if cfg.head_init == "zero":
             nn.init.zeros_(self.head.weight)
+        elif cfg.head_init == "small":
+            nn.init.trunc_normal_(self.head.weight, std=0.002)
         if self.token_init is not None:
             nn.init.trunc_normal_(self.token_init, std=0.02)
 
