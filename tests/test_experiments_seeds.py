@@ -48,6 +48,8 @@ def test_accuracy_seeds_end_to_end(tmp_path, capsys):
     assert hist[0] != hist[1]  # another training seed, another model
     row = rec["cohorts"]["cohort"]["methods"]["HiST"]["per-gene PCC"]
     np.testing.assert_allclose(row["fold_means"], np.mean(hist, axis=0))
+    maps = [r["cohorts"]["cohort"]["methods"]["HiST"]["maps"]["pcc"]["values"] for r in runs]
+    np.testing.assert_allclose(rec["cohorts"]["cohort"]["methods"]["HiST"]["map PCC"]["values"], maps)
     mean_vals = [r["cohorts"]["cohort"]["methods"]["mean"]["per_gene"]["pcc"]["values"] for r in runs]
     diff = rec["cohorts"]["cohort"]["paired"]["mean"]["per-gene PCC"]
     np.testing.assert_allclose(diff["per_fold"], np.mean(np.array(hist) - np.array(mean_vals), axis=0))
@@ -83,6 +85,14 @@ def test_accuracy_seeds_end_to_end(tmp_path, capsys):
     assert main([*args2, "epochs=3", "--seeds", "5", "--paired-with", str(out)]) == 0  # a subset of its seeds
     one = json.loads((other / "seeds.json").read_text())["cohorts"]["cohort"]["paired_with"][str(out)]
     np.testing.assert_allclose(one["pooled PCC"]["per_fold"], mine[0] - theirs[0])
+    # a run from before the maps protocol (no map PCC in its seeds.json) pairs on the other metrics
+    old = json.loads((out / "seeds.json").read_text())
+    old["cohorts"]["cohort"]["methods"]["HiST"].pop("map PCC")
+    (out / "seeds.json").write_text(json.dumps(old))
+    assert main([*args2, "epochs=3", "--paired-with", str(out)]) == 0
+    assert set(json.loads((other / "seeds.json").read_text())["cohorts"]["cohort"]["paired_with"][str(out)]) == {
+        "pooled R2", "pooled PCC", "per-gene PCC", "per-gene R2"}
+    assert (other / "table.md").read_text().splitlines()[-1].endswith("| — |")
     assert main([*args2, "--seeds", "5,7", "--paired-with", str(out)]) == 2  # a seed the other lacks: refused
     assert "trained with seeds [5, 6], lacks seed(s) [7] of this run" in capsys.readouterr().err
     assert main([*args[:-len(TINY) - 2], "--seeds", "1,x", *TINY]) == 2
