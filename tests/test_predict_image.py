@@ -161,6 +161,7 @@ def test_predict_image_end_to_end(setup, tmp_path):
     assert ref["coverage"] == 1.0 and ref["precision"] == 1.0
     c = ref["correlation"]
     assert c["n_pairs"] == n and -1 <= c["pooled_pearson"] <= 1 and -1 <= c["mean_gene_pearson"] <= 1
+    assert -1 <= c["map_pearson"] <= 1
     assert "at_measured_spots" in ref
 
 

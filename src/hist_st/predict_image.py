@@ -37,7 +37,7 @@ from hist_st.encoders import ENCODERS
 from hist_st.errors import InputError
 from hist_st.io.spaceranger import read_scalefactors, um_per_px_from_scalefactors
 from hist_st.jsonio import to_jsonable, write_json
-from hist_st.metrics import pearson, pearson_columns
+from hist_st.metrics import map_metrics, pearson, pearson_columns
 from hist_st.pl import VALUES, normalise_counts, plot_genes
 from hist_st.slide import Slide, is_prediction, read_prepared, write_prepared
 from hist_st.tissue import detect_tissue, grid_phase, pseudo_spot_grid
@@ -190,6 +190,7 @@ def _corr_record(pred_log1p: np.ndarray, meas_log1p: np.ndarray) -> dict[str, An
         "n_genes_correlated": int(ok.sum()),
         "n_genes_constant": int((~ok).sum()),
         "pooled_pearson": pearson(pred_log1p.astype(np.float64), meas_log1p.astype(np.float64)),
+        "map_pearson": map_metrics(pred_log1p, np.expm1(meas_log1p.astype(np.float64)))["pcc"],
         "_per_gene": r,
     }
 
@@ -212,7 +213,8 @@ def compare_to_reference(
         A JSON-able dict: ``match_distance_um``/``_px``, ``coverage`` (fraction of measured spots with a
         pseudo-spot within the distance), ``precision`` (fraction of pseudo-spots with a measured spot within
         it), ``correlation`` (pseudo-spots paired with their nearest measured spot within the distance:
-        mean per-gene and pooled Pearson of log1p prediction vs log1p measured counts), ``per_gene`` and,
+        mean per-gene and pooled Pearson of log1p prediction vs log1p measured counts, and ``map_pearson``:
+        `hist_st.metrics.map_metrics`, the maps' agreement, normalised over the genes both hold), ``per_gene`` and,
         with ``bundle``, ``at_measured_spots``.
     """
     from scipy.spatial import cKDTree

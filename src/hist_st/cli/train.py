@@ -203,7 +203,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if s.get("reference"):
             ref, corr = s["reference"], s["reference"].get("correlation") or {}
             brief["reference"] = {**{k: ref[k] for k in ("coverage", "precision", "match_distance_um")},
-                                  **{k: corr.get(k) for k in ("mean_gene_pearson", "pooled_pearson")}}
+                                  **{k: corr.get(k) for k in ("mean_gene_pearson", "pooled_pearson", "map_pearson")}}
         print(json.dumps({**brief, "total_s": s["timings_s"]["total_s"]}))
         return
     known = set(map(str, bundle.genes))
