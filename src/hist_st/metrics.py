@@ -218,7 +218,7 @@ def map_metrics(pred_log1p: Any, true_counts: Any) -> dict[str, Any]:
 
 
 def evaluate_fold(preds: Mapping[str, Any], truths: Mapping[str, Any]) -> dict[str, Any]:
-    """Score one fold's test slides under both protocols.
+    """Score one fold's test slides under both protocols and the maps protocol.
 
     Args:
         preds: Slide id -> predictions in log1p space ``[N_s, G]``.

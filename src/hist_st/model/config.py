@@ -105,7 +105,7 @@ class HiSTConfig:
             weights of a gene with little signal stay near their random draw, and its predictions are
             mostly noise. ``small``: random with std 0.002, a tenth of the others, so that a gene's random
             draw (row norm about 0.045 at d = 512) is no larger than what the zero head learns (0.023-0.042
-            on her2st); measured against both in ``docs/results/her2st.md``.
+            on her2st); on her2st's inner validation it scored like the zero head (``docs/results/her2st.md``).
         attn_impl: ``window`` (padded windows, log-sum-exp merge; fastest), ``neighbour`` (fixed-width
             neighbour gather) or ``dense`` (N x N masked reference, for tests only).
     """
