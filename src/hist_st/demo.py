@@ -163,7 +163,8 @@ def run_demo(
         f"top {cfg.genes.n_top} HVGs, HiST width {cfg.model.dim} / {cfg.model.heads} heads, {cfg.epochs} epochs "
         f"(scaled down from the paper's 512 / 8 / 100; see hist_st.demo).\n"
         "pooled = per-slide flattened N x G counts (HiST authors' metric, dominated by gene means); "
-        "per-gene = Pearson/R2 per gene in log1p space over all test spots (HEST metric). "
+        "per-gene = Pearson/R2 per gene in log1p space over all test spots (HEST metric); "
+        "map PCC = per test slide, Pearson per gene of the library-size-normalised maps (what the maps show). "
         f"Mean ± std over {k} folds (ddof=0)."
     )
     (out / "table.md").write_text(header + "\n\n" + table + "\n")
