@@ -39,9 +39,10 @@ def slide_row(bundle, slide) -> tuple[float, float, float, float]:
     """The four `COLUMNS` of one held-out slide."""
     pred = predict_log1p(bundle, slide)[0].astype(np.float64)
     y = log1p_targets(slide, bundle.genes).astype(np.float64)
-    p_map, m_map = normalise_counts(np.expm1(pred)), normalise_counts(np.expm1(y))
+    counts = np.expm1(y)
+    p_map, m_map = normalise_counts(np.expm1(pred)), normalise_counts(counts)
     varies = np.ptp(m_map, axis=0) > 0
-    return (map_metrics(pred, np.expm1(y))["pcc"],
+    return (map_metrics(pred, counts)["pcc"],
             float(np.mean(pearson_columns(pred[:, varies], y[:, varies]))),
             pc1_share(p_map), pc1_share(m_map))
 
