@@ -121,3 +121,35 @@ def test_hist_keys_survive_added_and_renamed_config_keys():
     assert digest(same) == digest(sig)
     assert digest(method_signature(HiSTMethod(load_config(None, ["epochs=7", "model.half_window=2",
                                                                  "model.head_init=random"])))) != digest(sig)
+
+
+def test_entries_from_before_the_maps_protocol_gain_it_from_their_prediction_files(cohort, tmp_path):
+    """A cached HiST fold written before map PCC existed is scored from the run's prediction files, to the
+    value training recorded to float32 rounding (1.5e-5 on this 2-epoch toy model); a method without prediction files keeps no map PCC."""
+    from hist_st.methods import HiSTMethod
+    from hist_st.train.config import load_config
+
+    plan = make_plan(cohort, GeneConfig.from_spec("hvg:6"), k=2, seed=1)
+    cfg = load_config(None, ["model.dim=16", "model.heads=2", "model.levels=11-1", "epochs=2", "progress=false"])
+    out = tmp_path / "cv"
+    first = run_cv(plan, [HiSTMethod(cfg), get_method("mean")], out, seed=1, progress=False)
+    for entry in (out / CACHE_DIR).glob("*.json"):  # as written before the maps protocol
+        rec = json.loads(entry.read_text())
+        rec["metrics"].pop("maps")
+        for v in rec["metrics"]["per_slide"].values():
+            v.pop("map_pcc")
+        entry.write_text(json.dumps(rec))
+    again = run_cv(plan, [HiSTMethod(cfg), get_method("mean")], tmp_path / "again", seed=1, progress=False,
+                   cache=ResultCache([out]))
+    assert again.methods["HiST"].reused_from == str(out)
+    for a, b in zip(first.folds, again.folds):
+        assert b.metrics["HiST"]["maps"]["pcc"] == pytest.approx(a.metrics["HiST"]["maps"]["pcc"], abs=1e-4)
+        assert {s: v["map_pcc"] for s, v in b.metrics["HiST"]["per_slide"].items()} == pytest.approx(
+            {s: v["map_pcc"] for s, v in a.metrics["HiST"]["per_slide"].items()}, abs=1e-4)
+        assert "maps" not in b.metrics["mean"]
+    summary = again.summaries()
+    assert summary["HiST"]["maps"]["pcc"]["mean"] == pytest.approx(first.summaries()["HiST"]["maps"]["pcc"]["mean"],
+                                                                   abs=1e-4)
+    assert "maps" not in summary["mean"]
+    rec = json.loads(next((tmp_path / "again" / CACHE_DIR).glob("*.json")).read_text())
+    assert "maps" in rec["metrics"] or rec["method"] == "mean"  # the scored entry is stored

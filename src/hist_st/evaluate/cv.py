@@ -26,6 +26,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from hist_st.errors import InputError
@@ -35,11 +36,11 @@ from hist_st.evaluate.results import CVResult, FoldRecord, MethodSummary
 from hist_st.jsonio import write_json
 from hist_st.methods.base import Method, get_method, list_methods
 from hist_st.methods.hist import HiSTMethod
-from hist_st.metrics import evaluate_fold, summarise_folds
+from hist_st.metrics import evaluate_fold, map_metrics, summarise_folds
 from hist_st.outputs import fresh_folder
 from hist_st.pl import pyplot
 from hist_st.runtime import package_versions
-from hist_st.slide import atomic_write, write_prepared
+from hist_st.slide import atomic_write, read_prepared, write_prepared
 from hist_st.train.checkpoint import ModelBundle, load_bundle
 from hist_st.train.config import TrainConfig
 from hist_st.train.data import gene_counts
@@ -143,6 +144,8 @@ def run_cv(
                                       write_predictions=write_predictions, mc_samples=mc_samples)
                 if entry is None:  # rank 0 alone trains this method, or this rank only helped train it
                     continue
+                if master and "maps" not in entry["metrics"] and hasattr(method, "prediction"):
+                    entry = _with_maps(entry, plan, f, out)  # written before the maps protocol
                 done[label].append(entry)
                 if entry.get("history"):
                     histories[f"fold {i}"] = entry["history"]
@@ -199,6 +202,29 @@ def _fit_fold(
     metrics = evaluate_fold(preds, {s.slide_id: gene_counts(s, genes) for s in test})
     return {"method": method.label, "metrics": metrics, "seconds": seconds, "history": history,
             "origin": str(out)}
+
+
+def _with_maps(entry: dict[str, Any], plan: Plan, fold: Mapping[str, Any], out: Path) -> dict[str, Any]:
+    """``entry`` of a method that writes prediction files (HiST) with the maps protocol
+    (`hist_st.metrics.map_metrics`) scored from the fold's prediction files in ``out``: cache entries written
+    before that protocol existed. Other methods' old entries keep none (their tables show "—").
+
+    The files hold ``relu(expm1(log1p prediction))`` in float32, the counts `map_metrics` makes of the scored
+    prediction, so the score equals the one training would have recorded to float32 rounding (within 1e-4)."""
+    i = int(fold["fold"])
+    genes = [str(g) for g in plan.fold_genes[i]]
+    paths = {s: out / prediction_file(i, s) for s in sorted(fold["test"])}
+    if not all(p.is_file() for p in paths.values()):
+        return entry
+    per_slide = dict(entry["metrics"]["per_slide"])
+    for sid, path in paths.items():
+        pred = read_prepared(path)
+        if [str(g) for g in pred.genes] != genes or pred.predicted is None:
+            raise InputError(path, "prediction file does not hold this fold's genes; rerun with --force")
+        true = gene_counts(plan.slides[sid], genes)
+        per_slide[sid] = {**per_slide[sid], "map_pcc": map_metrics(np.log1p(pred.predicted), true)["pcc"]}
+    maps = {"pcc": float(np.mean([per_slide[s]["map_pcc"] for s in paths]))}
+    return {**entry, "metrics": {**entry["metrics"], "maps": maps, "per_slide": per_slide}}
 
 
 def prediction_file(fold: int, slide_id: str) -> Path:
