@@ -9,7 +9,10 @@ model predicts its test slides; per test slide:
   the genes that vary on the slide (`hist_st.metrics.map_metrics`, the "map PCC" of the accuracy tables);
 - the same on log1p counts (what the accuracy tables score), for comparison;
 - PC1 share: variance of all the model's normalised maps on their first principal component, predicted and
-  measured (`hist_st.pl.pc1_share`; near 1 when one pattern drives every predicted map).
+  measured (`hist_st.pl.pc1_share`; near 1 when one pattern drives every predicted map);
+- measured PC1 ~ depth: |Pearson| over the slide's spots between the measured maps' first principal component
+  and the spot's log library size (log1p of its counts over all genes): how much of what the maps are scored
+  against still follows sequencing depth after normalisation.
 
 Prints one row per folder (mean over its test slides) and, per slide, the mean over the folders.
 
@@ -32,10 +35,18 @@ from hist_st.pl import pc1_share
 from hist_st.slide import read_prepared
 from hist_st.train.predict import predict_log1p
 
-COLUMNS = ("map r (normalised)", "r on log1p counts", "PC1 share predicted", "PC1 share measured")
+COLUMNS = ("map r (normalised)", "r on log1p counts", "PC1 share predicted", "PC1 share measured",
+           "measured PC1 ~ depth")
 
 
-def slide_row(bundle, slide) -> tuple[float, float, float, float]:
+def pc1_depth(maps: np.ndarray, slide) -> float:
+    """|Pearson| between the first principal component of ``maps`` (spots x genes) and the spot's log library
+    size over all of ``slide``'s genes."""
+    u = np.linalg.svd(maps - maps.mean(0), full_matrices=False)[0][:, 0]
+    return float(abs(np.corrcoef(u, np.log1p(np.asarray(slide.counts.sum(1)).ravel()))[0, 1]))
+
+
+def slide_row(bundle, slide) -> tuple[float, ...]:
     """The four `COLUMNS` of one held-out slide."""
     pred = predict_log1p(bundle, slide)[0].astype(np.float64)
     y = log1p_targets(slide, bundle.genes).astype(np.float64)
@@ -44,7 +55,7 @@ def slide_row(bundle, slide) -> tuple[float, float, float, float]:
     varies = np.ptp(m_map, axis=0) > 0
     return (map_metrics(pred, counts)["pcc"],
             float(np.mean(pearson_columns(pred[:, varies], y[:, varies]))),
-            pc1_share(p_map), pc1_share(m_map))
+            pc1_share(p_map), pc1_share(m_map), pc1_depth(m_map, slide))
 
 
 def run_rows(run: Path, slides: dict) -> dict[str, tuple]:
