@@ -47,7 +47,7 @@ def pc1_depth(maps: np.ndarray, slide) -> float:
 
 
 def slide_row(bundle, slide) -> tuple[float, ...]:
-    """The four `COLUMNS` of one held-out slide."""
+    """The `COLUMNS` of one held-out slide."""
     pred = predict_log1p(bundle, slide)[0].astype(np.float64)
     y = log1p_targets(slide, bundle.genes).astype(np.float64)
     counts = np.expm1(y)
