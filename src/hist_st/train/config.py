@@ -183,12 +183,10 @@ def default_model_config() -> Any:
     ``in_dim`` and ``n_genes`` are always overwritten from the data (embedding width, selected genes) when
     a run starts; the run directory's saved config holds the values actually used.
     """
-
     return HiSTConfig(in_dim=1024, n_genes=2000)
 
 
 def _model_config_type() -> type:
-
     return HiSTConfig
 
 
@@ -282,6 +280,7 @@ SUPERVISE_HELP = (
     "'spot' (labels on the slide's own spots) or 'coarse<k>', k >= 2 (labels on k x k blocks of neighbouring "
     "spots, counts summed; the model still predicts every spot)"
 )
+
 
 def block_factor(supervise: str) -> int:
     """Block side ``k`` of a ``supervise`` mode: 1 for ``"spot"``, ``k`` for ``"coarse<k>"``.

@@ -308,7 +308,6 @@ class AugmentedSlides(torch.utils.data.Dataset):
         return len(self.slides)
 
     def __getitem__(self, key: StepKey) -> dict[str, Any]:
-
         s = self.slides[key.index]
         rng = np.random.default_rng([key.seed, key.epoch, key.index, 0xA06])
         xy, keep = augment_coords(s.xy, rng, self.augment, key.strength)

@@ -39,7 +39,6 @@ def read_splits(path: str | Path, slide_ids: Sequence[str] | None = None) -> lis
     """
     p = Path(path)
     if p.is_dir():
-
         return check_folds(read_hest_bench_splits(p), slide_ids, p)
     if not p.is_file():
         raise InputError(p, "splits file not found")
